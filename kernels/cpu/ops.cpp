@@ -1,0 +1,1 @@
+// placeholder: CPU kernels land here

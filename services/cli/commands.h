@@ -1,0 +1,11 @@
+// Each `moemesh` subcommand lives in its own cmd_<name>.cpp and registers itself here.
+#pragma once
+#include <CLI/CLI.hpp>
+
+namespace moemesh::cli {
+
+void add_mkmodel(CLI::App& app);
+void add_generate(CLI::App& app);
+void add_tokenize(CLI::App& app);
+
+}  // namespace moemesh::cli

@@ -1,0 +1,27 @@
+// `moemesh`: the command-line front end. Subcommands register in commands.h.
+#include <spdlog/spdlog.h>
+
+#include <iostream>
+
+#include "core/error.h"
+#include "services/cli/commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"moemesh: a Mixture-of-Experts serving cluster"};
+  app.require_subcommand(1);
+  moemesh::cli::add_mkmodel(app);
+  moemesh::cli::add_generate(app);
+  moemesh::cli::add_tokenize(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const moemesh::Error& e) {
+    std::cerr << "moemesh: error: " << e.what() << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "moemesh: error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
