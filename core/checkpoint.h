@@ -111,6 +111,12 @@ class Checkpoint {
 
   // The HF tensor names this config implies.
   static std::string expert_tensor(const ModelConfig& c, int64_t layer, int64_t expert, const char* which /*gate|up|down*/);
+  struct ExpectedTensor {
+    std::string name;
+    std::vector<int64_t> shape;
+  };
+  // Every tensor the config implies, in the order of the HF module tree (the state-dict order).
+  static std::vector<ExpectedTensor> expected_tensors(const ModelConfig& c);
 
  private:
   Checkpoint() = default;

@@ -1,0 +1,315 @@
+#include "core/checkpoint.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <unordered_map>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/safetensors.h"
+
+namespace moemesh {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? "," : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+int64_t product(const std::vector<int64_t>& s) {
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  return n;
+}
+
+std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
+
+// The MLP sub-module names of one layer: "mlp" for DeepSeek, "block_sparse_moe" for Mixtral.
+std::string mlp_tensor(const std::string& prefix, const ModelConfig& c, const char* which) {
+  std::string w = which;
+  if (c.arch == Arch::Mixtral) {
+    const char* m = w == "gate" ? "w1" : w == "up" ? "w3" : "w2";
+    return prefix + m + ".weight";
+  }
+  return prefix + w + "_proj.weight";
+}
+
+std::string router_tensor(const ModelConfig& c, int64_t layer) {
+  return layer_prefix(layer) + (c.arch == Arch::Mixtral ? "block_sparse_moe.gate.weight" : "mlp.gate.weight");
+}
+
+std::string shared_prefix(int64_t layer) { return layer_prefix(layer) + "mlp.shared_experts."; }
+std::string dense_prefix(int64_t layer) { return layer_prefix(layer) + "mlp."; }
+
+json read_json_file(const fs::path& p) {
+  std::ifstream in(p);
+  if (!in) throw Error(p.filename().string() + ": cannot open");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  try {
+    return json::parse(ss.str());
+  } catch (const json::exception& e) {
+    throw Error(p.filename().string() + ": not valid JSON (" + std::string(e.what()) + ")");
+  }
+}
+
+}  // namespace
+
+int64_t TensorInfo::numel() const { return product(shape); }
+int64_t Weight::numel() const { return product(shape); }
+
+struct Checkpoint::Mapping {
+  void* base = nullptr;
+  size_t length = 0;
+  Weight weight;
+  ~Mapping() {
+    if (base) ::munmap(base, length);
+  }
+};
+
+Checkpoint::~Checkpoint() = default;
+
+std::string Checkpoint::expert_tensor(const ModelConfig& c, int64_t layer, int64_t expert, const char* which) {
+  std::string prefix = layer_prefix(layer) + (c.arch == Arch::Mixtral ? "block_sparse_moe" : "mlp") + ".experts." +
+                       std::to_string(expert) + ".";
+  return mlp_tensor(prefix, c, which);
+}
+
+std::vector<Checkpoint::ExpectedTensor> Checkpoint::expected_tensors(const ModelConfig& c) {
+  std::vector<ExpectedTensor> out;
+  const int64_t h = c.hidden_size;
+  const int64_t qd = c.num_attention_heads * c.head_dim;
+  const int64_t kvd = c.num_key_value_heads * c.head_dim;
+  auto mlp = [&](const std::string& prefix, int64_t width) {
+    out.push_back({mlp_tensor(prefix, c, "gate"), {width, h}});
+    out.push_back({mlp_tensor(prefix, c, "up"), {width, h}});
+    out.push_back({mlp_tensor(prefix, c, "down"), {h, width}});
+  };
+  out.push_back({"model.embed_tokens.weight", {c.vocab_size, h}});
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    std::string p = layer_prefix(l);
+    out.push_back({p + "self_attn.q_proj.weight", {qd, h}});
+    out.push_back({p + "self_attn.k_proj.weight", {kvd, h}});
+    out.push_back({p + "self_attn.v_proj.weight", {kvd, h}});
+    out.push_back({p + "self_attn.o_proj.weight", {h, qd}});
+    if (c.is_moe_layer(l)) {
+      out.push_back({router_tensor(c, l), {c.num_experts, h}});
+      for (int64_t e = 0; e < c.num_experts; ++e) {
+        for (const char* which : {"gate", "up", "down"}) {
+          int64_t w = c.moe_intermediate_size;
+          out.push_back({expert_tensor(c, l, e, which),
+                         std::string(which) == "down" ? std::vector<int64_t>{h, w} : std::vector<int64_t>{w, h}});
+        }
+      }
+      if (c.arch == Arch::DeepSeek && c.n_shared_experts > 0) mlp(shared_prefix(l), c.shared_intermediate_size());
+    } else {
+      mlp(dense_prefix(l), c.intermediate_size);
+    }
+    out.push_back({p + "input_layernorm.weight", {h}});
+    out.push_back({p + "post_attention_layernorm.weight", {h}});
+  }
+  out.push_back({"model.norm.weight", {h}});
+  if (!c.tie_word_embeddings) out.push_back({"lm_head.weight", {c.vocab_size, h}});
+  return out;
+}
+
+std::shared_ptr<Checkpoint> Checkpoint::open(const fs::path& dir) {
+  if (!fs::is_directory(dir)) throw Error(dir.string() + ": no such checkpoint folder");
+  if (!fs::exists(dir / "config.json")) throw Error(dir.string() + ": no config.json (not a Hugging Face checkpoint)");
+  std::shared_ptr<Checkpoint> ck(new Checkpoint());
+  ck->dir_ = dir;
+  ck->config_ = ModelConfig::load(dir / "config.json");
+
+  // Where each tensor lives, and the file to blame for a missing one.
+  std::string missing_blame;
+  auto add = [&](const safetensors::Header& hdr, const safetensors::Entry& e) {
+    TensorInfo t;
+    t.name = e.name;
+    t.dtype = e.dtype;
+    t.shape = e.shape;
+    t.file = hdr.file;
+    t.offset = hdr.data_offset + e.begin;
+    t.nbytes = e.nbytes();
+    ck->tensors_[e.name] = std::move(t);
+  };
+  const fs::path index_path = dir / safetensors::kIndexFile;
+  const fs::path single_path = dir / safetensors::kSingleFile;
+  if (fs::exists(index_path)) {
+    const std::string iname = safetensors::kIndexFile;
+    json index = read_json_file(index_path);
+    if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
+      throw Error(iname + ": no \"weight_map\" object");
+    std::map<std::string, std::vector<std::string>> by_file;  // shard -> tensors
+    for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
+      if (!it.value().is_string()) throw Error(iname + ": weight_map entry for " + it.key() + " is not a file name");
+      std::string f = it.value().get<std::string>();
+      // A shard must sit in the checkpoint folder; refuse paths that would escape it.
+      if (f.empty() || f.find('/') != std::string::npos || f == "." || f == "..")
+        throw Error(iname + ": weight_map entry for " + it.key() + " names a bad file \"" + f + "\"");
+      by_file[f].push_back(it.key());
+    }
+    for (const auto& [f, names] : by_file) {
+      if (!fs::exists(dir / f)) throw Error(f + ": not found (listed in " + iname + ")");
+      safetensors::Header hdr = safetensors::read_header(dir / f);
+      std::unordered_map<std::string, const safetensors::Entry*> entries;
+      for (const auto& e : hdr.tensors) entries[e.name] = &e;
+      for (const std::string& n : names) {
+        auto it = entries.find(n);
+        if (it == entries.end()) throw Error(f + ": tensor " + n + " is missing (" + iname + " places it here)");
+        add(hdr, *it->second);
+      }
+    }
+    missing_blame = iname + ": tensor %s is missing from weight_map";
+  } else if (fs::exists(single_path)) {
+    safetensors::Header hdr = safetensors::read_header(single_path);
+    for (const auto& e : hdr.tensors) add(hdr, e);
+    missing_blame = std::string(safetensors::kSingleFile) + ": tensor %s is missing";
+  } else {
+    throw Error(dir.string() + ": no " + safetensors::kSingleFile + " or " + safetensors::kIndexFile);
+  }
+
+  for (const ExpectedTensor& x : expected_tensors(ck->config_)) {
+    auto it = ck->tensors_.find(x.name);
+    if (it == ck->tensors_.end()) {
+      std::string msg = missing_blame;
+      msg.replace(msg.find("%s"), 2, x.name);
+      throw Error(msg);
+    }
+    const TensorInfo& t = it->second;
+    const std::string where = t.file.filename().string() + ": tensor " + x.name;
+    if (t.dtype != DType::F32 && t.dtype != DType::F16 && t.dtype != DType::BF16)
+      throw Error(where + " has dtype " + std::string(dtype_name(t.dtype)) + ", expected F32, F16 or BF16");
+    if (t.shape != x.shape)
+      throw Error(where + " has shape " + shape_str(t.shape) + ", expected " + shape_str(x.shape) +
+                  " (from config.json)");
+  }
+  return ck;
+}
+
+std::string Checkpoint::name() const {
+  fs::path p = dir_.lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();
+  if (p.filename().empty() || p.filename() == ".") p = fs::absolute(dir_).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();
+  return p.filename().string();
+}
+
+bool Checkpoint::has(const std::string& tensor) const { return tensors_.count(tensor) > 0; }
+
+const TensorInfo& Checkpoint::info(const std::string& tensor) const {
+  auto it = tensors_.find(tensor);
+  if (it == tensors_.end()) throw Error(dir_.filename().string() + ": no tensor " + tensor + " in the checkpoint");
+  return it->second;
+}
+
+Weight Checkpoint::map(const std::string& tensor) const {
+  const TensorInfo& t = info(tensor);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (auto it = mappings_.find(tensor); it != mappings_.end()) return it->second->weight;
+
+  auto m = std::make_unique<Mapping>();
+  m->weight.name = t.name;
+  m->weight.dtype = t.dtype;
+  m->weight.shape = t.shape;
+  const std::string fname = t.file.filename().string();
+  if (t.nbytes == 0) {
+    static const char kEmpty[16] = {};
+    m->weight.data = kEmpty;  // a view must be non-null to count as loaded
+  } else {
+    int fd = ::open(t.file.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw Error(fname + ": cannot open to map tensor " + tensor + ": " + std::strerror(errno));
+    struct stat st {};
+    // The file may have changed since open(); touching pages past its end would be SIGBUS.
+    if (::fstat(fd, &st) != 0 || uint64_t(st.st_size) < t.offset + t.nbytes) {
+      ::close(fd);
+      throw Error(fname + ": file shrank since the checkpoint was opened; tensor " + tensor + " is cut off");
+    }
+    const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
+    const uint64_t start = t.offset / page * page;
+    m->length = size_t(t.offset + t.nbytes - start);
+    void* p = ::mmap(nullptr, m->length, PROT_READ, MAP_PRIVATE, fd, off_t(start));
+    int err = errno;
+    ::close(fd);  // the mapping keeps the file alive
+    if (p == MAP_FAILED) throw Error(fname + ": cannot map tensor " + tensor + ": " + std::strerror(err));
+    m->base = p;
+    m->weight.data = static_cast<const char*>(p) + (t.offset - start);
+  }
+  Weight w = m->weight;
+  mappings_[tensor] = std::move(m);
+  return w;
+}
+
+uint64_t Checkpoint::mapped_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  uint64_t n = 0;
+  for (const auto& [name, m] : mappings_) n += tensors_.at(name).nbytes;
+  return n;
+}
+
+std::vector<std::string> Checkpoint::mapped_tensors() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::string> out;
+  for (const auto& [name, m] : mappings_) out.push_back(name);
+  return out;
+}
+
+ModelWeights Checkpoint::load(const WeightSelection& sel) const {
+  const ModelConfig& c = config_;
+  for (const auto& [layer, expert] : sel.experts)
+    if (layer < 0 || layer >= c.num_hidden_layers || !c.is_moe_layer(layer) || expert < 0 || expert >= c.num_experts)
+      throw Error(name() + ": selection asks for expert " + std::to_string(expert) + " of layer " +
+                  std::to_string(layer) + ", which the model does not have");
+
+  auto mlp = [&](const std::string& prefix) {
+    return MlpWeights{map(mlp_tensor(prefix, c, "gate")), map(mlp_tensor(prefix, c, "up")),
+                      map(mlp_tensor(prefix, c, "down"))};
+  };
+  ModelWeights w;
+  if (sel.dense_parts) {
+    w.embed = map("model.embed_tokens.weight");
+    w.final_norm = map("model.norm.weight");
+    w.lm_head = c.tie_word_embeddings ? w.embed : map("lm_head.weight");
+  }
+  w.layers.resize(size_t(c.num_hidden_layers));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    LayerWeights& L = w.layers[size_t(l)];
+    L.moe = c.is_moe_layer(l);
+    if (L.moe) L.experts.resize(size_t(c.num_experts));
+    const std::string p = layer_prefix(l);
+    if (sel.dense_parts) {
+      L.input_norm = map(p + "input_layernorm.weight");
+      L.post_attention_norm = map(p + "post_attention_layernorm.weight");
+      L.q = map(p + "self_attn.q_proj.weight");
+      L.k = map(p + "self_attn.k_proj.weight");
+      L.v = map(p + "self_attn.v_proj.weight");
+      L.o = map(p + "self_attn.o_proj.weight");
+      if (L.moe) {
+        L.router = map(router_tensor(c, l));
+        if (c.arch == Arch::DeepSeek && c.n_shared_experts > 0) L.shared = mlp(shared_prefix(l));
+      } else {
+        L.dense = mlp(dense_prefix(l));
+      }
+    }
+    if (L.moe)
+      for (int64_t e = 0; e < c.num_experts; ++e)
+        if (sel.wants_expert(l, e))
+          L.experts[size_t(e)] = MlpWeights{map(expert_tensor(c, l, e, "gate")), map(expert_tensor(c, l, e, "up")),
+                                            map(expert_tensor(c, l, e, "down"))};
+  }
+  return w;
+}
+
+}  // namespace moemesh
