@@ -1,0 +1,157 @@
+#include "actors/zmq_bridge.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <caf/actor_companion.hpp>
+#include <spdlog/spdlog.h>
+
+#include "core/error.h"
+
+namespace moemesh::actors {
+
+ZmqBridge::ZmqBridge(caf::actor_system& sys) : sys_(sys) {
+  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (wake_fd_ < 0) throw Error("eventfd failed");
+  companion_handle_ = sys_.spawn<caf::actor_companion>();
+  companion_ = static_cast<caf::actor_companion*>(caf::actor_cast<caf::abstract_actor*>(companion_handle_));
+  companion_->on_enqueue([this](caf::mailbox_element_ptr ptr) {
+    {
+      std::lock_guard<std::mutex> lk(queue_mu_);
+      queue_.push_back(std::move(ptr));
+    }
+    uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(wake_fd_, &one, sizeof one);
+  });
+  companion_->become([this](zmq_send_atom, int socket, FramesPtr frames) {
+    if (frames) send_on(socket, *frames);
+  });
+}
+
+ZmqBridge::~ZmqBridge() {
+  stop();
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+}
+
+int ZmqBridge::add(const SocketSpec& spec) {
+  if (io_.joinable()) throw Error("ZmqBridge::add after start");
+  zmq::socket_t s(ctx_, spec.type);
+  s.set(zmq::sockopt::linger, 0);
+  s.set(zmq::sockopt::sndhwm, spec.send_hwm);
+  s.set(zmq::sockopt::rcvhwm, spec.recv_hwm);
+  if (spec.type == zmq::socket_type::router) s.set(zmq::sockopt::router_mandatory, 1);
+  try {
+    if (spec.bind)
+      s.bind(spec.endpoint);
+    else
+      s.connect(spec.endpoint);
+  } catch (const zmq::error_t& e) {
+    throw Error("socket " + spec.name + ": cannot " + (spec.bind ? "bind " : "connect ") + spec.endpoint + ": " +
+                e.what());
+  }
+  for (const auto& topic : spec.subscribe) s.set(zmq::sockopt::subscribe, topic);
+  specs_.push_back(spec);
+  sockets_.push_back(std::move(s));
+  std::lock_guard<std::mutex> lk(routes_mu_);
+  routes_.emplace_back();
+  return int(sockets_.size()) - 1;
+}
+
+void ZmqBridge::route(int socket, caf::actor target) {
+  std::lock_guard<std::mutex> lk(routes_mu_);
+  routes_.at(socket) = std::move(target);
+}
+
+std::string ZmqBridge::endpoint(int socket) const {
+  return sockets_.at(socket).get(zmq::sockopt::last_endpoint);
+}
+
+void ZmqBridge::start() {
+  if (io_.joinable()) return;
+  io_ = std::thread([this] { run(); });
+}
+
+void ZmqBridge::stop() {
+  if (stop_.exchange(true)) return;
+  uint64_t one = 1;
+  [[maybe_unused]] auto n = ::write(wake_fd_, &one, sizeof one);
+  if (io_.joinable()) io_.join();
+  // The companion leaves the actor system; messages still queued to it are dropped.
+  companion_->on_enqueue(nullptr);
+  companion_->quit();
+  companion_->cleanup(caf::exit_reason::normal, nullptr);
+  companion_handle_ = nullptr;
+}
+
+void ZmqBridge::send_on(int socket, Frames& frames) {
+  if (socket < 0 || size_t(socket) >= sockets_.size() || frames.empty()) return;
+  auto& s = sockets_[socket];
+  try {
+    for (size_t i = 0; i < frames.size(); ++i) {
+      auto flags = zmq::send_flags::dontwait;
+      if (i + 1 < frames.size()) flags = flags | zmq::send_flags::sndmore;
+      if (!s.send(frames[i], flags)) {  // high-water mark reached: drop, never block the I/O thread
+        ++stats_.send_dropped;
+        spdlog::warn("zmq {}: send queue full, message dropped", specs_[socket].name);
+        return;
+      }
+    }
+    ++stats_.sent;
+  } catch (const zmq::error_t& e) {  // EHOSTUNREACH on ROUTER: the peer is gone
+    ++stats_.send_dropped;
+    spdlog::warn("zmq {}: send failed: {}", specs_[socket].name, e.what());
+  }
+}
+
+void ZmqBridge::drain_companion() {
+  std::deque<caf::mailbox_element_ptr> batch;
+  {
+    std::lock_guard<std::mutex> lk(queue_mu_);
+    batch.swap(queue_);
+  }
+  for (auto& m : batch) companion_->activate(nullptr, *m);
+}
+
+void ZmqBridge::run() {
+  std::vector<zmq::pollitem_t> items;
+  for (auto& s : sockets_) items.push_back({s.handle(), 0, ZMQ_POLLIN, 0});
+  items.push_back({nullptr, wake_fd_, ZMQ_POLLIN, 0});
+  while (!stop_.load()) {
+    try {
+      zmq::poll(items.data(), items.size(), std::chrono::milliseconds(200));
+    } catch (const zmq::error_t& e) {
+      if (e.num() == EINTR) continue;
+      throw;
+    }
+    if (items.back().revents & ZMQ_POLLIN) {
+      uint64_t v;
+      [[maybe_unused]] auto n = ::read(wake_fd_, &v, sizeof v);
+    }
+    drain_companion();
+    for (size_t i = 0; i + 1 < items.size(); ++i) {
+      if (!(items[i].revents & ZMQ_POLLIN)) continue;
+      // Drain what is ready now, bounded so one busy socket cannot starve the others.
+      for (int budget = 0; budget < 256; ++budget) {
+        auto frames = std::make_shared<Frames>();
+        zmq::message_t m;
+        if (!sockets_[i].recv(m, zmq::recv_flags::dontwait)) break;
+        frames->push_back(std::move(m));
+        while (frames->back().more()) {
+          zmq::message_t part;
+          (void)sockets_[i].recv(part, zmq::recv_flags::none);
+          frames->push_back(std::move(part));
+        }
+        ++stats_.received;
+        caf::actor target;
+        {
+          std::lock_guard<std::mutex> lk(routes_mu_);
+          target = routes_[i];
+        }
+        if (target) caf::anon_send(target, zmq_recv_atom::value, int(i), std::move(frames));
+      }
+    }
+  }
+  drain_companion();  // flush sends queued before stop
+}
+
+}  // namespace moemesh::actors

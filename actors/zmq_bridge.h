@@ -1,0 +1,101 @@
+// The one owner of a process's ZeroMQ sockets.
+//
+// ZeroMQ sockets are not thread-safe, so a single I/O thread owns them all. Actors talk to
+// the bridge through a CAF actor_companion: messages sent to bridge.actor() are queued and
+// an eventfd wakes the I/O thread, which runs the companion's behaviour there, so sends
+// happen on the owning thread. Inbound multipart messages are delivered to the socket's
+// route target as (zmq_recv_atom, socket index, FramesPtr).
+#pragma once
+#include <atomic>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <caf/all.hpp>
+#include <zmq.hpp>
+
+namespace moemesh::actors {
+
+using Frames = std::vector<zmq::message_t>;
+// CAF 0.17 messages must be copyable; frames are moved once into a shared holder.
+using FramesPtr = std::shared_ptr<Frames>;
+
+using zmq_send_atom = caf::atom_constant<caf::atom("zmqsend")>;
+using zmq_recv_atom = caf::atom_constant<caf::atom("zmqrecv")>;
+
+struct SocketSpec {
+  std::string name;        // for logs and metrics
+  zmq::socket_type type = zmq::socket_type::dealer;
+  std::string endpoint;    // tcp://host:port, tcp://127.0.0.1:* binds a free port
+  bool bind = false;
+  std::vector<std::string> subscribe = {};  // SUB sockets
+  int send_hwm = 10000;
+  int recv_hwm = 10000;
+};
+
+struct BridgeStats {
+  std::atomic<uint64_t> sent{0}, received{0}, send_dropped{0};
+};
+
+class ZmqBridge {
+ public:
+  explicit ZmqBridge(caf::actor_system& sys);
+  ~ZmqBridge();
+  ZmqBridge(const ZmqBridge&) = delete;
+  ZmqBridge& operator=(const ZmqBridge&) = delete;
+
+  // Before start(): adds a socket, returning its index. Throws moemesh::Error on a bad endpoint.
+  int add(const SocketSpec& spec);
+  // Inbound messages of `socket` go to `target` (may be set again later).
+  void route(int socket, caf::actor target);
+  // The endpoint a bound socket really listens on (resolves port 0 / "*").
+  std::string endpoint(int socket) const;
+
+  void start();
+  void stop();  // idempotent; joins the I/O thread
+
+  // Send (zmq_send_atom, int socket, FramesPtr) here. For ROUTER sockets the first frame is
+  // the peer's routing id, as ZeroMQ delivers it.
+  caf::actor actor() const { return companion_handle_; }
+  const BridgeStats& stats() const { return stats_; }
+
+ private:
+  void run();
+  void send_on(int socket, Frames& frames);
+  void drain_companion();
+
+  caf::actor_system& sys_;
+  zmq::context_t ctx_{1};
+  std::vector<SocketSpec> specs_;
+  std::vector<zmq::socket_t> sockets_;
+  std::vector<caf::actor> routes_;
+  mutable std::mutex routes_mu_;
+  caf::actor companion_handle_;
+  caf::actor_companion* companion_ = nullptr;
+  std::mutex queue_mu_;
+  std::deque<caf::mailbox_element_ptr> queue_;
+  int wake_fd_ = -1;
+  std::atomic<bool> stop_{false};
+  std::thread io_;
+  BridgeStats stats_;
+};
+
+// Zero-copy frame over a vector's storage: the vector moves into the message.
+template <class T>
+zmq::message_t frame_of(std::vector<T>&& v) {
+  auto* owner = new std::vector<T>(std::move(v));
+  return zmq::message_t(
+      owner->data(), owner->size() * sizeof(T),
+      [](void*, void* hint) { delete static_cast<std::vector<T>*>(hint); }, owner);
+}
+
+inline zmq::message_t frame_of(const std::vector<uint8_t>& bytes) {
+  return zmq::message_t(bytes.data(), bytes.size());
+}
+
+}  // namespace moemesh::actors
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moemesh::actors::FramesPtr)
