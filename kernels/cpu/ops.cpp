@@ -1,1 +1,207 @@
-// placeholder: CPU kernels land here
+// CPU reference kernels. Matmuls go through cblas_sgemm; F16/BF16 weights are widened a tile of
+// rows at a time into a thread-local scratch so a weight is never copied whole.
+#include "kernels/cpu/ops.h"
+
+#include "core/error.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <vector>
+
+namespace moemesh::cpu {
+namespace {
+
+// The kernels library does not link core, so it carries its own half -> float conversion:
+// one 64K-entry table, built once, exact for every bit pattern (subnormals, inf, NaN).
+float half_bits_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    if (mant == 0) {
+      u = sign;
+    } else {
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400u)) {
+        mant <<= 1;
+        --exp;
+      }
+      mant &= 0x3ffu;
+      u = sign | (exp << 23) | (mant << 13);
+    }
+  } else if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (mant << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+const float* f16_table() {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(65536);
+    for (uint32_t i = 0; i < 65536; ++i) t[i] = half_bits_to_float(uint16_t(i));
+    return t;
+  }();
+  return table.data();
+}
+
+// Widens n elements of a float-typed buffer to f32.
+void widen(DType t, const void* src, float* dst, int64_t n) {
+  switch (t) {
+    case DType::F32:
+      std::memcpy(dst, src, size_t(n) * 4);
+      return;
+    case DType::F16: {
+      const float* table = f16_table();
+      const auto* s = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = table[s[i]];
+      return;
+    }
+    case DType::BF16: {
+      const auto* s = static_cast<const uint16_t*>(src);
+      for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+      return;
+    }
+    default:
+      throw Error("cpu kernels: weights must be F32, F16 or BF16 (got dtype code " + std::to_string(int(t)) + ")");
+  }
+}
+
+// Bytes per element of a float weight type.
+size_t elem_size(DType t) { return t == DType::F32 ? 4 : 2; }
+
+// Scratch for widened weight tiles; reused across calls on the same thread.
+std::vector<float>& tile_scratch() {
+  thread_local std::vector<float> scratch;
+  return scratch;
+}
+
+// Widened weight rows per tile: about 1 MiB of f32, at least 16 rows.
+int64_t tile_rows(int64_t in) { return std::max<int64_t>(16, (int64_t(1) << 18) / std::max<int64_t>(in, 1)); }
+
+}  // namespace
+
+void matmul(const float* x, int64_t rows, int64_t in, const void* w, DType wdtype, int64_t out, float* y) {
+  if (rows <= 0 || out <= 0) return;
+  if (in <= 0) {
+    std::fill(y, y + rows * out, 0.0f);
+    return;
+  }
+  if (wdtype == DType::F32) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(out), int(in), 1.0f, x, int(in),
+                static_cast<const float*>(w), int(in), 0.0f, y, int(out));
+    return;
+  }
+  // Tile over the weight's output rows: widen a tile, multiply it into the matching columns of y.
+  const int64_t tile = std::min(out, tile_rows(in));
+  auto& scratch = tile_scratch();
+  if (int64_t(scratch.size()) < tile * in) scratch.resize(size_t(tile * in));
+  const auto* wb = static_cast<const uint8_t*>(w);
+  const size_t es = elem_size(wdtype);
+  for (int64_t o0 = 0; o0 < out; o0 += tile) {
+    const int64_t n = std::min(tile, out - o0);
+    widen(wdtype, wb + size_t(o0 * in) * es, scratch.data(), n * in);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(n), int(in), 1.0f, x, int(in),
+                scratch.data(), int(in), 0.0f, y + o0, int(out));
+  }
+}
+
+void rmsnorm(const float* x, const void* weight, DType wdtype, int64_t rows, int64_t dim, double eps, float* y) {
+  std::vector<float> wf(static_cast<size_t>(dim));
+  widen(wdtype, weight, wf.data(), dim);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    float* yr = y + r * dim;
+    double ss = 0.0;
+    for (int64_t i = 0; i < dim; ++i) ss += double(xr[i]) * double(xr[i]);
+    // HF: normalise in f32, then multiply by the weight.
+    const float inv = float(1.0 / std::sqrt(ss / double(dim) + eps));
+    for (int64_t i = 0; i < dim; ++i) yr[i] = wf[size_t(i)] * (xr[i] * inv);
+  }
+}
+
+void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions, double theta) {
+  const int64_t half = head_dim / 2;
+  std::vector<double> inv_freq(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) inv_freq[size_t(i)] = 1.0 / std::pow(theta, double(2 * i) / double(head_dim));
+  std::vector<float> cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double a = double(positions[r]) * inv_freq[size_t(i)];
+      cs[size_t(i)] = float(std::cos(a));
+      sn[size_t(i)] = float(std::sin(a));
+    }
+    for (int64_t h = 0; h < n_heads; ++h) {
+      float* v = x + (r * n_heads + h) * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        // x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
+        v[i] = a * cs[size_t(i)] - b * sn[size_t(i)];
+        v[i + half] = b * cs[size_t(i)] + a * sn[size_t(i)];
+      }
+    }
+  }
+}
+
+void silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, float* out) {
+  const int64_t total = rows * n;
+  for (int64_t i = 0; i < total; ++i) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void softmax(float* x, int64_t rows, int64_t n, float temperature) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* xr = x + r * n;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) {
+      xr[i] /= temperature;
+      mx = std::max(mx, xr[i]);
+    }
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      xr[i] = std::exp(xr[i] - mx);
+      sum += xr[i];
+    }
+    const float inv = float(1.0 / sum);
+    for (int64_t i = 0; i < n; ++i) xr[i] *= inv;
+  }
+}
+
+void topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t k, float temperature,
+                 bool renormalize, int32_t* ids, float* weights) {
+  std::vector<float> p(static_cast<size_t>(n_experts));
+  std::vector<int32_t> order(static_cast<size_t>(n_experts));
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(logits + r * n_experts, logits + (r + 1) * n_experts, p.begin());
+    softmax(p.data(), 1, n_experts, temperature);
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+      return p[size_t(a)] != p[size_t(b)] ? p[size_t(a)] > p[size_t(b)] : a < b;
+    });
+    float sum = 0.0f;
+    for (int64_t j = 0; j < k; ++j) sum += p[size_t(order[size_t(j)])];
+    for (int64_t j = 0; j < k; ++j) {
+      ids[r * k + j] = order[size_t(j)];
+      weights[r * k + j] = renormalize ? p[size_t(order[size_t(j)])] / sum : p[size_t(order[size_t(j)])];
+    }
+  }
+}
+
+void embedding(const void* table, DType dtype, int64_t dim, const int32_t* ids, int64_t n, float* out) {
+  const auto* base = static_cast<const uint8_t*>(table);
+  const size_t es = elem_size(dtype);
+  for (int64_t i = 0; i < n; ++i) widen(dtype, base + size_t(ids[i]) * size_t(dim) * es, out + i * dim, dim);
+}
+
+}  // namespace moemesh::cpu

@@ -1,0 +1,55 @@
+#include "kernels/cpu/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "core/error.h"
+
+namespace moemesh::cpu {
+
+void paged_attention(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionShape& s,
+                     const PagedKV& kv, float* out) {
+  if (s.n_kv_heads <= 0 || s.n_heads % s.n_kv_heads != 0)
+    throw Error("attention: n_heads (" + std::to_string(s.n_heads) + ") is not a multiple of n_kv_heads (" +
+                std::to_string(s.n_kv_heads) + ")");
+  const int64_t group = s.n_heads / s.n_kv_heads;
+  const int64_t hd = s.head_dim;
+  const int64_t kv_dim = s.n_kv_heads * hd;
+  const float scale = float(1.0 / std::sqrt(double(hd)));
+  std::vector<float> scores;
+  for (int64_t r = 0; r < n_q; ++r) {
+    const int64_t pos = q_pos[r];
+    const int64_t first = s.sliding_window > 0 ? std::max<int64_t>(0, pos - s.sliding_window + 1) : 0;
+    const int64_t n_keys = pos - first + 1;
+    scores.resize(size_t(n_keys));
+    for (int64_t h = 0; h < s.n_heads; ++h) {
+      const int64_t kvh = h / group;
+      const float* qh = q + (r * s.n_heads + h) * hd;
+      float mx = -INFINITY;
+      for (int64_t j = first; j <= pos; ++j) {
+        const float* kr = kv.k_blocks[j / kv.block_size] + (j % kv.block_size) * kv_dim + kvh * hd;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < hd; ++d) dot += qh[d] * kr[d];
+        dot *= scale;
+        scores[size_t(j - first)] = dot;
+        mx = std::max(mx, dot);
+      }
+      double sum = 0.0;
+      for (auto& sc : scores) {
+        sc = std::exp(sc - mx);
+        sum += sc;
+      }
+      const float inv = float(1.0 / sum);
+      float* oh = out + (r * s.n_heads + h) * hd;
+      std::fill(oh, oh + hd, 0.0f);
+      for (int64_t j = first; j <= pos; ++j) {
+        const float* vr = kv.v_blocks[j / kv.block_size] + (j % kv.block_size) * kv_dim + kvh * hd;
+        const float p = scores[size_t(j - first)] * inv;
+        for (int64_t d = 0; d < hd; ++d) oh[d] += p * vr[d];
+      }
+    }
+  }
+}
+
+}  // namespace moemesh::cpu

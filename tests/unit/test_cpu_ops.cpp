@@ -1,0 +1,236 @@
+// Every CPU kernel against a naive loop (double accumulation) on small random inputs.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "core/dtype.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/ops.h"
+
+using namespace moemesh;
+
+namespace {
+
+std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+// Max |a-b| / max |b|.
+double rel_err(const std::vector<float>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num = std::max(num, std::abs(double(a[i]) - b[i]));
+    den = std::max(den, std::abs(b[i]));
+  }
+  return num / den;
+}
+
+// Stores w as `t` and returns the bytes plus the values as they are after rounding.
+std::vector<uint16_t> narrow(const std::vector<float>& w, DType t, std::vector<float>& rounded) {
+  std::vector<uint16_t> out(w.size());
+  rounded.resize(w.size());
+  for (size_t i = 0; i < w.size(); ++i) {
+    out[i] = t == DType::F16 ? f32_to_f16(w[i]) : f32_to_bf16(w[i]);
+    rounded[i] = t == DType::F16 ? f16_to_f32(out[i]) : bf16_to_f32(out[i]);
+  }
+  return out;
+}
+
+std::vector<double> naive_matmul(const std::vector<float>& x, int64_t rows, int64_t in, const std::vector<float>& w,
+                                 int64_t out) {
+  std::vector<double> y(size_t(rows * out));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      double s = 0;
+      for (int64_t i = 0; i < in; ++i) s += double(x[size_t(r * in + i)]) * w[size_t(o * in + i)];
+      y[size_t(r * out + o)] = s;
+    }
+  return y;
+}
+
+}  // namespace
+
+TEST(CpuOps, MatmulF32) {
+  const int64_t rows = 5, in = 37, out = 23;
+  auto x = randn(size_t(rows * in), 1), w = randn(size_t(out * in), 2);
+  std::vector<float> y(size_t(rows * out));
+  cpu::matmul(x.data(), rows, in, w.data(), DType::F32, out, y.data());
+  EXPECT_LT(rel_err(y, naive_matmul(x, rows, in, w, out)), 1e-6);
+}
+
+// in = 4096 makes a tile 64 rows, so out = 150 covers two full tiles and a partial one.
+TEST(CpuOps, MatmulHalfTypesTiled) {
+  const int64_t rows = 3, in = 4096, out = 150;
+  auto x = randn(size_t(rows * in), 3), w = randn(size_t(out * in), 4, 0.05f);
+  for (DType t : {DType::F16, DType::BF16}) {
+    std::vector<float> rounded;
+    auto bytes = narrow(w, t, rounded);
+    std::vector<float> y(size_t(rows * out));
+    cpu::matmul(x.data(), rows, in, bytes.data(), t, out, y.data());
+    const auto ref = naive_matmul(x, rows, in, rounded, out);
+    EXPECT_LT(rel_err(y, ref), 1e-5) << dtype_name(t);
+    // The rounding is visible: against the unrounded weights the error is much larger.
+    EXPECT_GT(rel_err(y, naive_matmul(x, rows, in, w, out)), 1e-4) << dtype_name(t);
+  }
+}
+
+TEST(CpuOps, RmsNorm) {
+  const int64_t rows = 4, dim = 24;
+  auto x = randn(size_t(rows * dim), 5), w = randn(size_t(dim), 6);
+  std::vector<float> rounded;
+  auto wb = narrow(w, DType::BF16, rounded);
+  std::vector<float> y(x.size()), yb(x.size());
+  cpu::rmsnorm(x.data(), w.data(), DType::F32, rows, dim, 1e-5, y.data());
+  cpu::rmsnorm(x.data(), wb.data(), DType::BF16, rows, dim, 1e-5, yb.data());
+  std::vector<double> ref(x.size()), refb(x.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    double ss = 0;
+    for (int64_t i = 0; i < dim; ++i) ss += double(x[size_t(r * dim + i)]) * x[size_t(r * dim + i)];
+    const double inv = 1.0 / std::sqrt(ss / dim + 1e-5);
+    for (int64_t i = 0; i < dim; ++i) {
+      ref[size_t(r * dim + i)] = x[size_t(r * dim + i)] * inv * w[size_t(i)];
+      refb[size_t(r * dim + i)] = x[size_t(r * dim + i)] * inv * rounded[size_t(i)];
+    }
+  }
+  EXPECT_LT(rel_err(y, ref), 1e-6);
+  EXPECT_LT(rel_err(yb, refb), 1e-6);
+}
+
+// HF: q * cos + rotate_half(q) * sin with cos/sin = cat(freqs, freqs), rotate_half = cat(-x2, x1).
+TEST(CpuOps, RopeRotateHalf) {
+  const int64_t rows = 3, heads = 2, hd = 8;
+  const double theta = 10000.0;
+  auto x = randn(size_t(rows * heads * hd), 7);
+  const std::vector<int32_t> pos = {0, 5, 123};
+  std::vector<float> y = x;
+  cpu::rope(y.data(), rows, heads, hd, pos.data(), theta);
+  std::vector<double> ref(x.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* v = x.data() + (r * heads + h) * hd;
+      for (int64_t i = 0; i < hd; ++i) {
+        const int64_t f = i % (hd / 2);
+        const double ang = pos[size_t(r)] / std::pow(theta, 2.0 * double(f) / double(hd));
+        const double rot = i < hd / 2 ? -double(v[i + hd / 2]) : double(v[i - hd / 2]);
+        ref[size_t((r * heads + h) * hd + i)] = v[i] * std::cos(ang) + rot * std::sin(ang);
+      }
+    }
+  EXPECT_LT(rel_err(y, ref), 1e-6);
+  // Position 0 is the identity.
+  for (int64_t i = 0; i < heads * hd; ++i) EXPECT_EQ(y[size_t(i)], x[size_t(i)]);
+}
+
+TEST(CpuOps, SiluMulAndSoftmax) {
+  auto g = randn(40, 8), u = randn(40, 9);
+  std::vector<float> out(40);
+  cpu::silu_mul(g.data(), u.data(), 4, 10, out.data());
+  std::vector<double> ref(40);
+  for (size_t i = 0; i < 40; ++i) ref[i] = g[i] / (1.0 + std::exp(-double(g[i]))) * u[i];
+  EXPECT_LT(rel_err(out, ref), 1e-6);
+
+  auto s = randn(20, 10, 3.0f);
+  std::vector<float> p = s;
+  cpu::softmax(p.data(), 2, 10, 0.5f);
+  std::vector<double> pref(20);
+  for (int r = 0; r < 2; ++r) {
+    double sum = 0;
+    for (int i = 0; i < 10; ++i) sum += std::exp(s[size_t(r * 10 + i)] / 0.5);
+    for (int i = 0; i < 10; ++i) pref[size_t(r * 10 + i)] = std::exp(s[size_t(r * 10 + i)] / 0.5) / sum;
+  }
+  EXPECT_LT(rel_err(p, pref), 1e-6);
+}
+
+TEST(CpuOps, TopkGating) {
+  // Row 0 has a tie between experts 1 and 3: the lower id comes first.
+  const std::vector<float> logits = {0.1f, 2.0f, -1.0f, 2.0f, 0.5f,  //
+                                     3.0f, 0.0f, 1.0f, -2.0f, 2.5f};
+  std::vector<int32_t> ids(4);
+  std::vector<float> w(4), wn(4);
+  cpu::topk_gating(logits.data(), 2, 5, 2, 1.0f, false, ids.data(), w.data());
+  EXPECT_EQ(ids, (std::vector<int32_t>{1, 3, 0, 4}));
+  double z0 = 0;
+  for (int i = 0; i < 5; ++i) z0 += std::exp(double(logits[size_t(i)]));
+  EXPECT_NEAR(w[0], std::exp(2.0) / z0, 1e-6);
+  EXPECT_EQ(w[0], w[1]);
+  cpu::topk_gating(logits.data(), 2, 5, 2, 1.0f, true, ids.data(), wn.data());
+  EXPECT_NEAR(wn[0] + wn[1], 1.0, 1e-6);
+  EXPECT_NEAR(wn[2], std::exp(3.0) / (std::exp(3.0) + std::exp(2.5)), 1e-6);
+  // Temperature 2 flattens the distribution: the top weight shrinks.
+  std::vector<float> wt(4);
+  cpu::topk_gating(logits.data(), 2, 5, 2, 2.0f, false, ids.data(), wt.data());
+  EXPECT_LT(wt[2], w[2]);
+}
+
+TEST(CpuOps, EmbeddingAllTypes) {
+  const int64_t vocab = 10, dim = 6;
+  auto table = randn(size_t(vocab * dim), 11);
+  const std::vector<int32_t> ids = {3, 0, 9, 3};
+  std::vector<float> out(ids.size() * size_t(dim));
+  cpu::embedding(table.data(), DType::F32, dim, ids.data(), int64_t(ids.size()), out.data());
+  for (size_t i = 0; i < ids.size(); ++i)
+    for (int64_t d = 0; d < dim; ++d) EXPECT_EQ(out[i * size_t(dim) + size_t(d)], table[size_t(ids[i] * dim + d)]);
+  for (DType t : {DType::F16, DType::BF16}) {
+    std::vector<float> rounded;
+    auto bytes = narrow(table, t, rounded);
+    cpu::embedding(bytes.data(), t, dim, ids.data(), int64_t(ids.size()), out.data());
+    for (size_t i = 0; i < ids.size(); ++i)
+      for (int64_t d = 0; d < dim; ++d)
+        EXPECT_EQ(out[i * size_t(dim) + size_t(d)], rounded[size_t(ids[i] * dim + d)]);
+  }
+}
+
+// Paged attention (blocks scattered in a pool) against dense causal GQA attention, with and
+// without a sliding window.
+TEST(CpuOps, PagedAttentionGqaWindow) {
+  const int64_t heads = 4, kv_heads = 2, hd = 8, n = 37, bs = 16, kv_dim = kv_heads * hd;
+  auto q = randn(size_t(n * heads * hd), 12), k = randn(size_t(n * kv_dim), 13), v = randn(size_t(n * kv_dim), 14);
+  // Three blocks stored in reverse order in a pool of four.
+  std::vector<float> kpool(size_t(4 * bs * kv_dim)), vpool(kpool.size());
+  const std::vector<int> table = {3, 1, 0};
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < kv_dim; ++d) {
+      kpool[size_t((table[size_t(j / bs)] * bs + j % bs) * kv_dim + d)] = k[size_t(j * kv_dim + d)];
+      vpool[size_t((table[size_t(j / bs)] * bs + j % bs) * kv_dim + d)] = v[size_t(j * kv_dim + d)];
+    }
+  std::vector<const float*> kp, vp;
+  for (int b : table) {
+    kp.push_back(kpool.data() + b * bs * kv_dim);
+    vp.push_back(vpool.data() + b * bs * kv_dim);
+  }
+  std::vector<int32_t> pos(static_cast<size_t>(n));
+  std::iota(pos.begin(), pos.end(), 0);
+  for (int64_t window : {int64_t(0), int64_t(5)}) {
+    std::vector<float> out(q.size());
+    cpu::paged_attention(q.data(), n, pos.data(), {heads, kv_heads, hd, window}, {kp.data(), vp.data(), bs},
+                         out.data());
+    std::vector<double> ref(q.size());
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t g = h / (heads / kv_heads);
+        std::vector<double> s;
+        const int64_t first = window ? std::max<int64_t>(0, i - window + 1) : 0;
+        for (int64_t j = first; j <= i; ++j) {
+          double dot = 0;
+          for (int64_t d = 0; d < hd; ++d) dot += double(q[size_t((i * heads + h) * hd + d)]) * k[size_t(j * kv_dim + g * hd + d)];
+          s.push_back(dot / std::sqrt(double(hd)));
+        }
+        const double mx = *std::max_element(s.begin(), s.end());
+        double z = 0;
+        for (auto& e : s) z += (e = std::exp(e - mx));
+        for (int64_t d = 0; d < hd; ++d) {
+          double acc = 0;
+          for (int64_t j = first; j <= i; ++j) acc += s[size_t(j - first)] / z * v[size_t(j * kv_dim + g * hd + d)];
+          ref[size_t((i * heads + h) * hd + d)] = acc;
+        }
+      }
+    EXPECT_LT(rel_err(out, ref), 1e-6) << "window " << window;
+  }
+}
