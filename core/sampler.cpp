@@ -1,0 +1,148 @@
+#include "core/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "core/error.h"
+
+namespace moemesh {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Log-softmax in double, returned as float.
+std::vector<float> log_softmax(std::span<const float> logits) {
+  double mx = -std::numeric_limits<double>::infinity();
+  for (float v : logits) mx = std::max(mx, double(v));
+  double sum = 0.0;
+  for (float v : logits) sum += std::exp(double(v) - mx);
+  const double lse = mx + std::log(sum);
+  std::vector<float> out(logits.size());
+  for (size_t i = 0; i < logits.size(); ++i) out[i] = float(double(logits[i]) - lse);
+  return out;
+}
+
+// Token ids sorted by value descending, ties lowest id first.
+std::vector<int32_t> order_desc(std::span<const float> v) {
+  std::vector<int32_t> ids(v.size());
+  std::iota(ids.begin(), ids.end(), 0);
+  std::stable_sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) { return v[size_t(a)] > v[size_t(b)]; });
+  return ids;
+}
+
+int32_t argmax(std::span<const float> v) {
+  int32_t best = 0;
+  for (size_t i = 1; i < v.size(); ++i)
+    if (v[i] > v[size_t(best)]) best = int32_t(i);  // strict: ties keep the lowest id
+  return best;
+}
+
+}  // namespace
+
+void SamplingParams::validate() const {
+  auto bad = [](const std::string& what) { throw Error("sampling: " + what); };
+  if (!(temperature >= 0.0) || !std::isfinite(temperature)) bad("temperature must be >= 0");
+  if (!(top_p > 0.0 && top_p <= 1.0)) bad("top_p must be in (0, 1]");
+  if (!(min_p >= 0.0 && min_p <= 1.0)) bad("min_p must be in [0, 1]");
+  if (!(repetition_penalty > 0.0) || !std::isfinite(repetition_penalty)) bad("repetition_penalty must be > 0");
+  if (!(presence_penalty >= -2.0 && presence_penalty <= 2.0)) bad("presence_penalty must be in [-2, 2]");
+  if (!(frequency_penalty >= -2.0 && frequency_penalty <= 2.0)) bad("frequency_penalty must be in [-2, 2]");
+  if (top_logprobs < 0) bad("top_logprobs must be >= 0");
+}
+
+Sampler::Sampler(SamplingParams params, std::span<const int32_t> prompt, std::vector<int32_t> eos_ids)
+    : params_(std::move(params)), stop_(params_.stop_token_ids), seen_(prompt.begin(), prompt.end()) {
+  params_.validate();
+  if (!params_.ignore_eos) stop_.insert(stop_.end(), eos_ids.begin(), eos_ids.end());
+  std::sort(seen_.begin(), seen_.end());
+  seen_.erase(std::unique(seen_.begin(), seen_.end()), seen_.end());
+  rng_.seed(params_.seed ? *params_.seed : std::random_device{}() ^ (uint64_t(std::random_device{}()) << 32));
+}
+
+double Sampler::uniform(std::mt19937_64& rng) { return double(rng() >> 11) * 0x1.0p-53; }
+
+void Sampler::accept(int32_t id) {
+  output_.push_back(id);
+  ++output_counts_[id];
+  auto it = std::lower_bound(seen_.begin(), seen_.end(), id);
+  if (it == seen_.end() || *it != id) seen_.insert(it, id);
+}
+
+bool Sampler::is_stop(int32_t id) const { return std::find(stop_.begin(), stop_.end(), id) != stop_.end(); }
+
+std::vector<float> Sampler::process(std::span<const float> logits) const {
+  std::vector<float> x(logits.begin(), logits.end());
+  const auto vocab = int64_t(x.size());
+  auto in_vocab = [&](int32_t id) { return id >= 0 && id < vocab; };
+
+  // Hugging Face repetition penalty over prompt + output.
+  if (params_.repetition_penalty != 1.0) {
+    const auto p = float(params_.repetition_penalty);
+    for (int32_t id : seen_)
+      if (in_vocab(id)) x[size_t(id)] = x[size_t(id)] > 0 ? x[size_t(id)] / p : x[size_t(id)] * p;
+  }
+  // OpenAI presence / frequency penalties over output tokens.
+  if (params_.presence_penalty != 0.0 || params_.frequency_penalty != 0.0)
+    for (const auto& [id, count] : output_counts_)
+      if (in_vocab(id))
+        x[size_t(id)] -= float(params_.presence_penalty + params_.frequency_penalty * double(count));
+
+  if (params_.temperature == 0.0) return x;
+  for (float& v : x) v = float(double(v) / params_.temperature);
+
+  if (params_.top_k > 0 && params_.top_k < vocab) {
+    const std::vector<int32_t> order = order_desc(x);
+    for (size_t i = size_t(params_.top_k); i < order.size(); ++i) x[size_t(order[i])] = kNegInf;
+  }
+  if (params_.top_p < 1.0) {
+    // Keep the smallest set of most likely tokens whose probability reaches top_p.
+    const std::vector<float> lp = log_softmax(x);
+    const std::vector<int32_t> order = order_desc(lp);
+    double cum = 0.0;
+    size_t keep = 0;
+    while (keep < order.size() && (keep == 0 || cum < params_.top_p)) cum += std::exp(double(lp[size_t(order[keep++])]));
+    for (size_t i = keep; i < order.size(); ++i) x[size_t(order[i])] = kNegInf;
+  }
+  if (params_.min_p > 0.0) {
+    // Keep tokens whose probability is at least min_p times the most likely one's.
+    const float mx = *std::max_element(x.begin(), x.end());
+    const double cut = double(mx) + std::log(params_.min_p);
+    for (float& v : x)
+      if (double(v) < cut) v = kNegInf;
+  }
+  return x;
+}
+
+SampledToken Sampler::sample(std::span<const float> logits) {
+  if (logits.empty()) throw Error("sampling: empty logits");
+  const std::vector<float> x = process(logits);
+  SampledToken out;
+  if (params_.temperature == 0.0) {
+    out.id = argmax(x);
+  } else {
+    const float mx = *std::max_element(x.begin(), x.end());
+    std::vector<double> cum(x.size());
+    double total = 0.0;
+    for (size_t i = 0; i < x.size(); ++i) {
+      total += x[i] == kNegInf ? 0.0 : std::exp(double(x[i]) - double(mx));
+      cum[i] = total;
+    }
+    const double u = uniform(rng_) * total;
+    // First token whose cumulative mass exceeds u; never one with zero mass.
+    out.id = int32_t(std::upper_bound(cum.begin(), cum.end(), u) - cum.begin());
+    if (out.id >= int32_t(x.size())) out.id = argmax(x);
+  }
+  const std::vector<float> lp = log_softmax(logits);
+  out.logprob = lp[size_t(out.id)];
+  if (params_.top_logprobs > 0) {
+    const std::vector<int32_t> order = order_desc(lp);
+    const size_t n = std::min(order.size(), size_t(params_.top_logprobs));
+    for (size_t i = 0; i < n; ++i) out.top.emplace_back(order[i], lp[size_t(order[i])]);
+  }
+  accept(out.id);
+  return out;
+}
+
+}  // namespace moemesh

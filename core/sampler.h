@@ -1,0 +1,75 @@
+// Per-request token sampling with its own seeded RNG.
+//
+// Order of processing (as Hugging Face's generate): repetition penalty (prompt + output tokens),
+// presence/frequency penalties (output tokens, OpenAI), temperature, top_k, top_p, min_p; then a
+// draw from the remaining distribution. temperature 0 is greedy: argmax of the penalised logits,
+// ties to the lowest id. Logprobs are of the model's raw distribution (log_softmax of the
+// unprocessed logits), as OpenAI and vLLM report them.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <random>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace moemesh {
+
+struct SamplingParams {
+  double temperature = 1.0;         // 0: greedy
+  int64_t top_k = 0;                // 0 (or < 0): off
+  double top_p = 1.0;               // (0, 1]
+  double min_p = 0.0;               // [0, 1]
+  double repetition_penalty = 1.0;  // > 0; 1: off
+  double presence_penalty = 0.0;    // [-2, 2]
+  double frequency_penalty = 0.0;   // [-2, 2]
+  std::vector<int32_t> stop_token_ids;
+  bool ignore_eos = false;
+  std::optional<uint64_t> seed;  // none: a random seed
+  int64_t top_logprobs = 0;      // how many alternatives to report with each token
+
+  // Throws moemesh::Error naming the first bad parameter.
+  void validate() const;
+};
+
+struct SampledToken {
+  int32_t id = 0;
+  float logprob = 0.0f;                              // of the chosen token, raw distribution
+  std::vector<std::pair<int32_t, float>> top;        // top_logprobs best (id, logprob), ties lowest id
+};
+
+class Sampler {
+ public:
+  // prompt: the prompt's token ids (repetition penalty counts them). eos_ids: the model's EOS
+  // tokens, which stop generation unless ignore_eos.
+  Sampler(SamplingParams params, std::span<const int32_t> prompt, std::vector<int32_t> eos_ids = {});
+
+  // Chooses the next token from logits[vocab] and records it as output.
+  SampledToken sample(std::span<const float> logits);
+  // Records a token chosen elsewhere (e.g. forced) as output.
+  void accept(int32_t id);
+  // Whether generating `id` ends the request (stop ids, or EOS unless ignore_eos).
+  bool is_stop(int32_t id) const;
+
+  const SamplingParams& params() const { return params_; }
+  const std::vector<int32_t>& output() const { return output_; }
+
+  // The logits after penalties, temperature and the top_k/top_p/min_p filters (removed tokens
+  // are -inf). With temperature 0 only the penalties apply. Exposed for tests.
+  std::vector<float> process(std::span<const float> logits) const;
+
+  // Uniform double in [0, 1) from the top 53 bits of one mt19937_64 draw.
+  static double uniform(std::mt19937_64& rng);
+
+ private:
+  SamplingParams params_;
+  std::vector<int32_t> stop_;
+  std::unordered_map<int32_t, int64_t> output_counts_;
+  std::vector<int32_t> seen_;  // prompt + output ids, sorted unique (repetition penalty)
+  std::vector<int32_t> output_;
+  std::mt19937_64 rng_;
+};
+
+}  // namespace moemesh
