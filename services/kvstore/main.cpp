@@ -1,0 +1,1 @@
+int main() { return 0; }  // placeholder until the kvstore service lands
