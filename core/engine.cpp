@@ -1,0 +1,154 @@
+#include "core/engine.h"
+
+#include <algorithm>
+#include <string>
+#include <unordered_set>
+
+#include "core/error.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/ops.h"
+
+namespace moemesh {
+
+void attention_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, KvCache& kv,
+                     const BatchLayout& layout, float* x) {
+  const int64_t rows = layout.rows, hidden = cfg.hidden_size, hd = cfg.head_dim;
+  const int64_t q_dim = cfg.num_attention_heads * hd, kv_dim = cfg.num_key_value_heads * hd;
+  std::vector<float> h(size_t(rows * hidden)), q(size_t(rows * q_dim)), k(size_t(rows * kv_dim)),
+      v(size_t(rows * kv_dim)), attn(size_t(rows * q_dim)), o(size_t(rows * hidden));
+  cpu::rmsnorm(x, lw.input_norm.data, lw.input_norm.dtype, rows, hidden, cfg.rms_norm_eps, h.data());
+  cpu::matmul(h.data(), rows, hidden, lw.q.data, lw.q.dtype, q_dim, q.data());
+  cpu::matmul(h.data(), rows, hidden, lw.k.data, lw.k.dtype, kv_dim, k.data());
+  cpu::matmul(h.data(), rows, hidden, lw.v.data, lw.v.dtype, kv_dim, v.data());
+  cpu::rope(q.data(), rows, cfg.num_attention_heads, hd, layout.positions.data(), cfg.rope_theta);
+  cpu::rope(k.data(), rows, cfg.num_key_value_heads, hd, layout.positions.data(), cfg.rope_theta);
+
+  const cpu::AttentionShape shape{cfg.num_attention_heads, cfg.num_key_value_heads, hd,
+                                  cfg.sliding_window.value_or(0)};
+  std::vector<const float*> k_ptrs, v_ptrs;
+  for (const auto& sp : layout.spans) {
+    for (int64_t i = 0; i < sp.n; ++i) {
+      const int64_t row = sp.row0 + i;
+      std::copy_n(k.data() + row * kv_dim, kv_dim, kv.k_row(layer, sp.seq, sp.pos0 + i));
+      std::copy_n(v.data() + row * kv_dim, kv_dim, kv.v_row(layer, sp.seq, sp.pos0 + i));
+    }
+    const cpu::PagedKV view = kv.view(layer, sp.seq, k_ptrs, v_ptrs);
+    cpu::paged_attention(q.data() + sp.row0 * q_dim, sp.n, layout.positions.data() + sp.row0, shape, view,
+                         attn.data() + sp.row0 * q_dim);
+  }
+  cpu::matmul(attn.data(), rows, q_dim, lw.o.data, lw.o.dtype, hidden, o.data());
+  for (int64_t i = 0; i < rows * hidden; ++i) x[i] += o[size_t(i)];
+}
+
+void ffn_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, ExpertExecutor& experts, float* x,
+               int64_t rows) {
+  const int64_t hidden = cfg.hidden_size;
+  std::vector<float> h(size_t(rows * hidden)), y(size_t(rows * hidden), 0.0f);
+  cpu::rmsnorm(x, lw.post_attention_norm.data, lw.post_attention_norm.dtype, rows, hidden, cfg.rms_norm_eps,
+               h.data());
+  if (lw.moe) {
+    const Routing r = route(cfg, lw.router, h.data(), rows);
+    const std::vector<ExpertGroup> groups = group_by_expert(r);
+    std::vector<std::vector<float>> outputs;
+    experts.run(layer, h.data(), hidden, groups, outputs);
+    combine(r, groups, outputs, hidden, y.data());
+    if (lw.shared) {  // DeepSeek: shared experts see the same h, added after the routed sum
+      std::vector<float> s(size_t(rows * hidden));
+      mlp_forward(*lw.shared, h.data(), rows, hidden, s.data());
+      for (int64_t i = 0; i < rows * hidden; ++i) y[size_t(i)] += s[size_t(i)];
+    }
+  } else {
+    if (!lw.dense) throw Error("engine: layer " + std::to_string(layer) + " has no dense MLP loaded");
+    mlp_forward(*lw.dense, h.data(), rows, hidden, y.data());
+  }
+  for (int64_t i = 0; i < rows * hidden; ++i) x[i] += y[size_t(i)];
+}
+
+Engine::Engine(std::shared_ptr<const Checkpoint> ckpt, EngineOptions opts, std::shared_ptr<ExpertExecutor> experts)
+    : Engine(ckpt->config(), ckpt->load(experts ? WeightSelection::attention_side() : WeightSelection::all()), opts,
+             experts, ckpt) {}
+
+Engine::Engine(ModelConfig cfg, ModelWeights weights, EngineOptions opts, std::shared_ptr<ExpertExecutor> experts,
+               std::shared_ptr<const void> owner)
+    : owner_(std::move(owner)), cfg_(std::move(cfg)), weights_(std::move(weights)), experts_(std::move(experts)) {
+  validate();
+  if (!experts_) experts_ = std::make_shared<LocalExpertExecutor>(weights_);
+  kv_ = std::make_unique<KvCache>(cfg_.num_hidden_layers, cfg_.num_key_value_heads * cfg_.head_dim, opts.kv_blocks);
+}
+
+void Engine::validate() {
+  const auto& c = cfg_;
+  if (c.hidden_size <= 0 || c.head_dim <= 0 || c.num_attention_heads <= 0 || c.num_key_value_heads <= 0 ||
+      c.vocab_size <= 0 || c.num_hidden_layers <= 0)
+    throw Error("engine: the model config has a non-positive size");
+  if (c.num_attention_heads % c.num_key_value_heads != 0)
+    throw Error("engine: num_attention_heads " + std::to_string(c.num_attention_heads) +
+                " is not a multiple of num_key_value_heads " + std::to_string(c.num_key_value_heads));
+  if (c.head_dim % 2 != 0) throw Error("engine: head_dim must be even for rotary embeddings");
+  if (weights_.embed.empty() || weights_.final_norm.empty() || weights_.lm_head.empty())
+    throw Error("engine: embeddings, final norm or lm_head not loaded");
+  if (int64_t(weights_.layers.size()) != c.num_hidden_layers)
+    throw Error("engine: " + std::to_string(weights_.layers.size()) + " layers loaded, config has " +
+                std::to_string(c.num_hidden_layers));
+}
+
+std::vector<StepOutput> Engine::step(std::span<const StepInput> batch) {
+  // Validate everything before touching the cache, so a failed step changes nothing.
+  BatchLayout layout;
+  std::unordered_set<SeqId> seen;
+  int64_t blocks = 0;
+  for (const StepInput& in : batch) {
+    if (!kv_->has_sequence(in.seq)) throw Error("engine: unknown sequence " + std::to_string(in.seq));
+    if (!seen.insert(in.seq).second)
+      throw Error("engine: sequence " + std::to_string(in.seq) + " appears twice in one step");
+    if (in.tokens.empty()) throw Error("engine: sequence " + std::to_string(in.seq) + " has no new tokens");
+    for (int32_t t : in.tokens)
+      if (t < 0 || t >= cfg_.vocab_size)
+        throw Error("engine: token id " + std::to_string(t) + " out of range [0, " + std::to_string(cfg_.vocab_size) +
+                    ")");
+    const int64_t pos0 = kv_->length(in.seq), n = int64_t(in.tokens.size());
+    blocks += kv_->blocks_needed(in.seq, pos0 + n);
+    layout.spans.push_back({in.seq, layout.rows, n, pos0});
+    for (int64_t i = 0; i < n; ++i) layout.positions.push_back(int32_t(pos0 + i));
+    layout.rows += n;
+  }
+  if (blocks > kv_->free_blocks())
+    throw Error("kv cache: out of blocks (this step needs " + std::to_string(blocks) + ", " +
+                std::to_string(kv_->free_blocks()) + " of " + std::to_string(kv_->num_blocks()) + " free)");
+  for (const auto& sp : layout.spans) kv_->reserve(sp.seq, sp.pos0 + sp.n);
+
+  const int64_t rows = layout.rows, hidden = cfg_.hidden_size;
+  std::vector<int32_t> ids;
+  ids.reserve(size_t(rows));
+  for (const StepInput& in : batch) ids.insert(ids.end(), in.tokens.begin(), in.tokens.end());
+  std::vector<float> x(size_t(rows * hidden));
+  cpu::embedding(weights_.embed.data, weights_.embed.dtype, hidden, ids.data(), rows, x.data());
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+    const LayerWeights& lw = weights_.layers[size_t(l)];
+    attention_block(cfg_, lw, l, *kv_, layout, x.data());
+    ffn_block(cfg_, lw, l, *experts_, x.data(), rows);
+  }
+  for (const auto& sp : layout.spans) kv_->set_length(sp.seq, sp.pos0 + sp.n);
+
+  // Final norm and lm_head only on the rows whose logits were asked for.
+  std::vector<StepOutput> outs;
+  std::vector<float> sel, normed;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const auto& sp = layout.spans[i];
+    StepOutput out;
+    out.seq = sp.seq;
+    out.n = batch[i].all_logits ? sp.n : 1;
+    const int64_t first_row = sp.row0 + sp.n - out.n;
+    out.first_position = sp.pos0 + (sp.n - out.n);
+    normed.resize(size_t(out.n * hidden));
+    cpu::rmsnorm(x.data() + first_row * hidden, weights_.final_norm.data, weights_.final_norm.dtype, out.n, hidden,
+                 cfg_.rms_norm_eps, normed.data());
+    out.logits.resize(size_t(out.n * cfg_.vocab_size));
+    cpu::matmul(normed.data(), out.n, hidden, weights_.lm_head.data, weights_.lm_head.dtype, cfg_.vocab_size,
+                out.logits.data());
+    outs.push_back(std::move(out));
+  }
+  return outs;
+}
+
+}  // namespace moemesh

@@ -1,0 +1,98 @@
+// The in-process reference engine: a whole model on one CPU, paged KV cache, batched steps.
+// Every other execution path (attention workers + expert hosts) must reproduce its logits.
+//
+// The two halves of a layer are free functions so the attention worker can reuse them with a
+// remote ExpertExecutor:
+//   attention_block  x += o_proj(attention(rope(qkv(rmsnorm(x)))))  (writes the KV cache)
+//   ffn_block        x += moe(rmsnorm(x)) or dense_mlp(rmsnorm(x))
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "core/checkpoint.h"
+#include "core/kv_cache.h"
+#include "core/model_config.h"
+#include "core/moe.h"
+
+namespace moemesh {
+
+// Where each sequence's new tokens sit in a step's batch of rows.
+struct BatchLayout {
+  struct Span {
+    SeqId seq = 0;
+    int64_t row0 = 0;  // first row in the batch
+    int64_t n = 0;     // new tokens of this sequence
+    int64_t pos0 = 0;  // position of the first new token (tokens already cached)
+  };
+  std::vector<Span> spans;
+  std::vector<int32_t> positions;  // per row
+  int64_t rows = 0;
+};
+
+// x [layout.rows, hidden] += attention of layer `layer`. Stores the new K/V rows into kv at the
+// spans' positions (kv must have room reserved) and attends causally over each sequence's cache.
+void attention_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, KvCache& kv,
+                     const BatchLayout& layout, float* x);
+
+// x [rows, hidden] += the layer's FFN on rmsnorm(x): routed experts through `experts` (+ shared
+// experts computed here) for MoE layers, the dense MLP otherwise.
+void ffn_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, ExpertExecutor& experts, float* x,
+               int64_t rows);
+
+struct EngineOptions {
+  int64_t kv_blocks = 256;  // KV pool size in blocks of KvCache::kBlockSize tokens
+};
+
+// One sequence's part of a step.
+struct StepInput {
+  SeqId seq = 0;
+  std::vector<int32_t> tokens;  // new tokens (a prefill chunk, or one decode token)
+  bool all_logits = false;      // logits of every new position, not only the last
+};
+
+struct StepOutput {
+  SeqId seq = 0;
+  int64_t first_position = 0;  // position of the first logits row
+  int64_t n = 0;               // logits rows
+  std::vector<float> logits;   // [n, vocab]
+};
+
+class Engine {
+ public:
+  // Maps the checkpoint's weights: all of them, or only the attention side when routed experts
+  // are computed by `experts`. The config's gating_temperature is taken as it is now.
+  explicit Engine(std::shared_ptr<const Checkpoint> ckpt, EngineOptions opts = {},
+                  std::shared_ptr<ExpertExecutor> experts = nullptr);
+  // Weights owned elsewhere; `owner` keeps their bytes alive. Null `experts`: local experts.
+  Engine(ModelConfig cfg, ModelWeights weights, EngineOptions opts = {},
+         std::shared_ptr<ExpertExecutor> experts = nullptr, std::shared_ptr<const void> owner = nullptr);
+
+  Engine(const Engine&) = delete;  // the local expert executor points into weights_
+  Engine& operator=(const Engine&) = delete;
+
+  const ModelConfig& config() const { return cfg_; }
+  const ModelWeights& weights() const { return weights_; }
+  KvCache& kv_cache() { return *kv_; }
+
+  SeqId create_sequence() { return kv_->create_sequence(); }
+  void free_sequence(SeqId seq) { kv_->free_sequence(seq); }
+  int64_t sequence_length(SeqId seq) const { return kv_->length(seq); }
+
+  // Runs every input's new tokens as rows of one batch through the model and appends them to
+  // their sequences' caches. All-or-nothing: on an error (unknown sequence, bad token id, out of
+  // KV blocks) no cache changes. Outputs are in input order.
+  std::vector<StepOutput> step(std::span<const StepInput> batch);
+
+ private:
+  void validate();
+
+  std::shared_ptr<const void> owner_;
+  ModelConfig cfg_;
+  ModelWeights weights_;
+  std::shared_ptr<ExpertExecutor> experts_;
+  std::unique_ptr<KvCache> kv_;
+};
+
+}  // namespace moemesh

@@ -1,0 +1,124 @@
+#include "core/moe.h"
+
+#include <algorithm>
+#include <numeric>
+#include <string>
+
+#include "core/error.h"
+#include "kernels/cpu/ops.h"
+
+namespace moemesh {
+
+Routing route_from_logits(const ModelConfig& cfg, const float* gate_logits, int64_t rows) {
+  const int64_t n = cfg.num_experts, k = cfg.num_experts_per_tok;
+  if (k <= 0 || k > n)
+    throw Error("moe: num_experts_per_tok " + std::to_string(k) + " is not in 1.." + std::to_string(n));
+  if (!(cfg.gating_temperature > 0.0))
+    throw Error("moe: gating temperature must be > 0 (got " + std::to_string(cfg.gating_temperature) + ")");
+  Routing r;
+  r.rows = rows;
+  r.k = k;
+  r.ids.resize(size_t(rows * k));
+  r.weights.resize(size_t(rows * k));
+  const bool mixtral = cfg.arch == Arch::Mixtral;
+  cpu::topk_gating(gate_logits, rows, n, k, float(cfg.gating_temperature), /*renormalize=*/false, r.ids.data(),
+                   r.weights.data());
+  for (int64_t row = 0; row < rows; ++row) {
+    float* w = r.weights.data() + row * k;
+    float sum = 0.0f;
+    for (int64_t j = 0; j < k; ++j) sum += w[j];
+    if (mixtral) {
+      for (int64_t j = 0; j < k; ++j) w[j] /= sum;
+    } else {
+      if (cfg.norm_topk_prob && k > 1)
+        for (int64_t j = 0; j < k; ++j) w[j] /= (sum + 1e-20f);
+      for (int64_t j = 0; j < k; ++j) w[j] *= float(cfg.routed_scaling_factor);
+    }
+  }
+  return r;
+}
+
+Routing route(const ModelConfig& cfg, const Weight& router, const float* h, int64_t rows) {
+  if (router.empty()) throw Error("moe: router weight is not loaded");
+  std::vector<float> logits(size_t(rows * cfg.num_experts));
+  cpu::matmul(h, rows, cfg.hidden_size, router.data, router.dtype, cfg.num_experts, logits.data());
+  return route_from_logits(cfg, logits.data(), rows);
+}
+
+std::vector<ExpertGroup> group_by_expert(const Routing& r) {
+  std::vector<ExpertGroup> groups;
+  if (r.ids.empty()) return groups;
+  const int32_t max_id = *std::max_element(r.ids.begin(), r.ids.end());
+  std::vector<int32_t> index(size_t(max_id) + 1, -1);  // expert -> position in groups
+  std::vector<int32_t> experts(r.ids.begin(), r.ids.end());
+  std::sort(experts.begin(), experts.end());
+  experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
+  for (int32_t e : experts) {
+    index[size_t(e)] = int32_t(groups.size());
+    groups.push_back(ExpertGroup{e, {}, {}});
+  }
+  for (int64_t row = 0; row < r.rows; ++row)
+    for (int64_t j = 0; j < r.k; ++j) {
+      ExpertGroup& g = groups[size_t(index[size_t(r.ids[size_t(row * r.k + j)])])];
+      g.rows.push_back(int32_t(row));
+      g.slots.push_back(int32_t(j));
+    }
+  return groups;
+}
+
+void gather_rows(const float* h, int64_t hidden, const ExpertGroup& g, std::vector<float>& out) {
+  out.resize(g.rows.size() * size_t(hidden));
+  for (size_t i = 0; i < g.rows.size(); ++i)
+    std::copy(h + g.rows[i] * hidden, h + (g.rows[i] + 1) * hidden, out.begin() + ptrdiff_t(i * size_t(hidden)));
+}
+
+void mlp_forward(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out) {
+  const int64_t inter = w.gate.rows();
+  std::vector<float> gate(size_t(rows * inter)), up(size_t(rows * inter));
+  cpu::matmul(x, rows, hidden, w.gate.data, w.gate.dtype, inter, gate.data());
+  cpu::matmul(x, rows, hidden, w.up.data, w.up.dtype, inter, up.data());
+  cpu::silu_mul(gate.data(), up.data(), rows, inter, gate.data());
+  cpu::matmul(gate.data(), rows, inter, w.down.data, w.down.dtype, hidden, out);
+}
+
+void LocalExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, std::span<const ExpertGroup> groups,
+                              std::vector<std::vector<float>>& outputs) {
+  const LayerWeights& lw = weights_.layers.at(size_t(layer));
+  outputs.resize(groups.size());
+  std::vector<float> x;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const ExpertGroup& g = groups[i];
+    if (g.expert < 0 || size_t(g.expert) >= lw.experts.size() || !lw.experts[size_t(g.expert)])
+      throw Error("moe: expert " + std::to_string(g.expert) + " of layer " + std::to_string(layer) +
+                  " is not loaded here");
+    gather_rows(h, hidden, g, x);
+    outputs[i].resize(x.size());
+    mlp_forward(*lw.experts[size_t(g.expert)], x.data(), int64_t(g.rows.size()), hidden, outputs[i].data());
+  }
+}
+
+void combine(const Routing& r, std::span<const ExpertGroup> groups, const std::vector<std::vector<float>>& outputs,
+             int64_t hidden, float* out) {
+  if (outputs.size() != groups.size())
+    throw Error("moe: " + std::to_string(outputs.size()) + " expert outputs for " + std::to_string(groups.size()) +
+                " groups");
+  // Groups come sorted by expert id (group_by_expert); keep that order whatever the caller did.
+  std::vector<size_t> order(groups.size());
+  std::iota(order.begin(), order.end(), size_t(0));
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return groups[a].expert < groups[b].expert; });
+  for (size_t gi : order) {
+    const ExpertGroup& g = groups[gi];
+    const std::vector<float>& o = outputs[gi];
+    if (o.size() != g.rows.size() * size_t(hidden))
+      throw Error("moe: expert " + std::to_string(g.expert) + " returned " + std::to_string(o.size()) +
+                  " values, expected " + std::to_string(g.rows.size() * size_t(hidden)));
+    for (size_t i = 0; i < g.rows.size(); ++i) {
+      const float w = r.weights[size_t(g.rows[i] * r.k + g.slots[i])];
+      float* dst = out + g.rows[i] * hidden;
+      const float* src = o.data() + i * size_t(hidden);
+      for (int64_t d = 0; d < hidden; ++d) dst[d] += w * src[d];
+    }
+  }
+}
+
+}  // namespace moemesh

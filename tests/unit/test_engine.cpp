@@ -1,0 +1,384 @@
+// The reference engine on tiny random models built in memory: incremental decode equals full
+// recomputation, a batch equals its sequences run alone, the sliding window is respected, the
+// KV pool runs out with a clear error, and the MoE split (route / group / execute / combine)
+// gives the same answer whatever executes the experts.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <deque>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/engine.h"
+#include "core/error.h"
+#include "core/kv_cache.h"
+#include "core/moe.h"
+
+using namespace moemesh;
+
+namespace {
+
+// Owns the bytes the Weight views point at.
+struct TinyModel {
+  ModelConfig cfg;
+  ModelWeights weights;
+  std::deque<std::vector<float>> store;
+  std::mt19937_64 rng{1234};
+
+  Weight make(std::vector<int64_t> shape, float scale, float mean = 0.0f) {
+    int64_t n = 1;
+    for (auto d : shape) n *= d;
+    std::normal_distribution<float> d(mean, scale);
+    auto& v = store.emplace_back(size_t(n));
+    for (auto& x : v) x = d(rng);
+    Weight w;
+    w.dtype = DType::F32;
+    w.shape = std::move(shape);
+    w.data = v.data();
+    return w;
+  }
+  MlpWeights mlp(int64_t inter) {
+    const int64_t h = cfg.hidden_size;
+    return {make({inter, h}, 0.2f), make({inter, h}, 0.2f), make({h, inter}, 0.2f)};
+  }
+};
+
+ModelConfig mixtral_config() {
+  ModelConfig c;
+  c.arch = Arch::Mixtral;
+  c.model_type = "mixtral";
+  c.vocab_size = 64;
+  c.hidden_size = 32;
+  c.intermediate_size = c.moe_intermediate_size = 24;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 8;
+  c.rope_theta = 10000.0;
+  c.num_experts = 4;
+  c.num_experts_per_tok = 2;
+  return c;
+}
+
+ModelConfig deepseek_config() {
+  ModelConfig c = mixtral_config();
+  c.arch = Arch::DeepSeek;
+  c.model_type = "deepseek";
+  c.intermediate_size = 40;
+  c.moe_intermediate_size = 16;
+  c.num_hidden_layers = 3;
+  c.num_experts = 6;
+  c.num_experts_per_tok = 3;
+  c.n_shared_experts = 2;
+  c.first_k_dense_replace = 1;
+  c.norm_topk_prob = false;
+  c.routed_scaling_factor = 1.5;
+  return c;
+}
+
+std::shared_ptr<TinyModel> build(const ModelConfig& cfg) {
+  auto m = std::make_shared<TinyModel>();
+  m->cfg = cfg;
+  const int64_t h = cfg.hidden_size, qd = cfg.num_attention_heads * cfg.head_dim,
+                kvd = cfg.num_key_value_heads * cfg.head_dim;
+  m->weights.embed = m->make({cfg.vocab_size, h}, 1.0f);
+  m->weights.final_norm = m->make({h}, 0.1f, 1.0f);
+  m->weights.lm_head = m->make({cfg.vocab_size, h}, 0.3f);
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+    LayerWeights lw;
+    lw.input_norm = m->make({h}, 0.1f, 1.0f);
+    lw.post_attention_norm = m->make({h}, 0.1f, 1.0f);
+    lw.q = m->make({qd, h}, 0.3f);
+    lw.k = m->make({kvd, h}, 0.3f);
+    lw.v = m->make({kvd, h}, 0.3f);
+    lw.o = m->make({h, qd}, 0.2f);
+    lw.moe = cfg.is_moe_layer(l);
+    if (lw.moe) {
+      lw.router = m->make({cfg.num_experts, h}, 0.5f);
+      for (int64_t e = 0; e < cfg.num_experts; ++e) lw.experts.emplace_back(m->mlp(cfg.moe_intermediate_size));
+      if (cfg.n_shared_experts > 0) lw.shared = m->mlp(cfg.shared_intermediate_size());
+    } else {
+      lw.dense = m->mlp(cfg.intermediate_size);
+    }
+    m->weights.layers.push_back(std::move(lw));
+  }
+  return m;
+}
+
+std::unique_ptr<Engine> engine_for(const std::shared_ptr<TinyModel>& m, int64_t kv_blocks = 64,
+                                   std::shared_ptr<ExpertExecutor> experts = nullptr) {
+  return std::make_unique<Engine>(m->cfg, m->weights, EngineOptions{kv_blocks}, std::move(experts), m);
+}
+
+std::vector<int32_t> tokens(int64_t n, uint64_t seed, int64_t vocab) {
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = int32_t(rng() % uint64_t(vocab));
+  return t;
+}
+
+std::vector<StepOutput> step1(Engine& e, SeqId s, std::vector<int32_t> toks, bool all = false) {
+  const StepInput in{s, std::move(toks), all};
+  return e.step(std::span<const StepInput>(&in, 1));
+}
+
+// max |a - b| / max |b| over one logits row.
+double rel_err(const float* a, const float* b, int64_t n) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    num = std::max(num, double(std::abs(a[i] - b[i])));
+    den = std::max(den, double(std::abs(b[i])));
+  }
+  return num / den;
+}
+
+// Full recomputation of every position, then the same sequence fed as chunks of mixed sizes
+// (crossing block boundaries) and single decode tokens: every position's logits agree.
+void check_incremental(const ModelConfig& cfg) {
+  auto m = build(cfg);
+  const int64_t n = 41, V = cfg.vocab_size;
+  const auto toks = tokens(n, 7, V);
+  auto full_engine = engine_for(m);
+  const SeqId fs = full_engine->create_sequence();
+  const auto full = step1(*full_engine, fs, toks, true).front();
+  ASSERT_EQ(full.n, n);
+  ASSERT_EQ(full.first_position, 0);
+
+  auto inc = engine_for(m);
+  const SeqId s = inc->create_sequence();
+  const std::vector<int64_t> chunks = {7, 10, 1, 1, 13, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  int64_t pos = 0;
+  double worst = 0;
+  for (int64_t c : chunks) {
+    const std::vector<int32_t> part(toks.begin() + pos, toks.begin() + pos + c);
+    const auto out = step1(*inc, s, part, true).front();
+    ASSERT_EQ(out.first_position, pos);
+    for (int64_t i = 0; i < c; ++i)
+      worst = std::max(worst, rel_err(out.logits.data() + i * V, full.logits.data() + (pos + i) * V, V));
+    pos += c;
+  }
+  ASSERT_EQ(pos, n);
+  EXPECT_EQ(inc->sequence_length(s), n);
+  EXPECT_LT(worst, 1e-5);
+}
+
+}  // namespace
+
+TEST(Engine, IncrementalEqualsFullMixtralGqaWindow) {
+  auto cfg = mixtral_config();
+  cfg.sliding_window = 6;
+  check_incremental(cfg);
+}
+
+TEST(Engine, IncrementalEqualsFullDeepSeekSharedDense) { check_incremental(deepseek_config()); }
+
+TEST(Engine, LastPositionLogitsByDefault) {
+  auto m = build(mixtral_config());
+  auto e = engine_for(m);
+  const SeqId s = e->create_sequence();
+  const auto toks = tokens(9, 3, m->cfg.vocab_size);
+  const auto all = step1(*e, s, toks, true).front();
+  auto e2 = engine_for(m);
+  const SeqId s2 = e2->create_sequence();
+  const auto last = step1(*e2, s2, toks).front();
+  ASSERT_EQ(last.n, 1);
+  EXPECT_EQ(last.first_position, 8);
+  EXPECT_LT(rel_err(last.logits.data(), all.logits.data() + 8 * m->cfg.vocab_size, m->cfg.vocab_size), 1e-6);
+}
+
+// Three sequences in one step (a decode token, a prefill chunk continuing a cached prefix, a
+// fresh prefill) give the logits each gets alone.
+TEST(Engine, BatchEqualsEachAlone) {
+  for (const ModelConfig& cfg : {mixtral_config(), deepseek_config()}) {
+    auto m = build(cfg);
+    const int64_t V = cfg.vocab_size;
+    const auto a = tokens(20, 11, V), b = tokens(30, 12, V), c = tokens(5, 13, V);
+    // Alone.
+    std::vector<std::vector<float>> alone;
+    for (const auto* t : {&a, &b, &c}) {
+      auto e = engine_for(m);
+      const SeqId s = e->create_sequence();
+      const auto& seq = *t;
+      // Same split as the batched run: a = 19 + 1, b = 17 + 13, c = 5.
+      const int64_t split = t == &a ? 19 : t == &b ? 17 : 0;
+      if (split) step1(*e, s, std::vector<int32_t>(seq.begin(), seq.begin() + split));
+      alone.push_back(step1(*e, s, std::vector<int32_t>(seq.begin() + split, seq.end()), true).front().logits);
+    }
+    // Batched.
+    auto e = engine_for(m);
+    const SeqId sa = e->create_sequence(), sb = e->create_sequence(), sc = e->create_sequence();
+    const std::vector<StepInput> first = {{sa, std::vector<int32_t>(a.begin(), a.begin() + 19), false},
+                                          {sb, std::vector<int32_t>(b.begin(), b.begin() + 17), false}};
+    e->step(first);
+    const std::vector<StepInput> mixed = {{sa, {a.back()}, true},
+                                          {sb, std::vector<int32_t>(b.begin() + 17, b.end()), true},
+                                          {sc, c, true}};
+    const auto outs = e->step(mixed);
+    ASSERT_EQ(outs.size(), 3u);
+    EXPECT_EQ(outs[0].seq, sa);
+    EXPECT_EQ(outs[1].first_position, 17);
+    for (size_t i = 0; i < 3; ++i) {
+      ASSERT_EQ(outs[i].logits.size(), alone[i].size());
+      for (int64_t r = 0; r < outs[i].n; ++r)
+        EXPECT_LT(rel_err(outs[i].logits.data() + r * V, alone[i].data() + r * V, V), 1e-5) << "seq " << i << " row " << r;
+    }
+  }
+}
+
+// One layer, window 4: logits at position i depend only on tokens i-3..i. Changing token 0
+// changes positions 0..3 and nothing after; without the window it changes everything.
+TEST(Engine, SlidingWindowRespected) {
+  auto cfg = mixtral_config();
+  cfg.num_hidden_layers = 1;
+  const int64_t V = cfg.vocab_size, n = 20;
+  auto t1 = tokens(n, 5, V), t2 = t1;
+  t2[0] = (t1[0] + 1) % int32_t(V);
+  for (std::optional<int64_t> window : {std::optional<int64_t>(4), std::optional<int64_t>()}) {
+    cfg.sliding_window = window;
+    auto m = build(cfg);
+    auto e = engine_for(m);
+    const SeqId s1 = e->create_sequence(), s2 = e->create_sequence();
+    const auto o1 = step1(*e, s1, t1, true).front(), o2 = step1(*e, s2, t2, true).front();
+    for (int64_t i = 0; i < n; ++i) {
+      const double d = rel_err(o1.logits.data() + i * V, o2.logits.data() + i * V, V);
+      if (window && i >= *window)
+        EXPECT_LT(d, 1e-6) << "position " << i << " saw a token outside its window";
+      else
+        EXPECT_GT(d, 1e-4) << "position " << i << " (window " << window.value_or(0) << ")";
+    }
+  }
+}
+
+TEST(Engine, KvPoolExhaustionIsAClearErrorAndChangesNothing) {
+  auto m = build(mixtral_config());
+  auto e = engine_for(m, /*kv_blocks=*/3);  // 48 tokens
+  const SeqId a = e->create_sequence(), b = e->create_sequence();
+  step1(*e, a, tokens(20, 1, 64));  // 2 blocks
+  EXPECT_EQ(e->kv_cache().free_blocks(), 1);
+  try {
+    step1(*e, b, tokens(20, 2, 64));
+    FAIL() << "expected an out-of-blocks error";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("out of blocks"), std::string::npos) << err.what();
+  }
+  EXPECT_EQ(e->sequence_length(b), 0);
+  EXPECT_EQ(e->kv_cache().free_blocks(), 1);
+  // A batch that needs too much fails as a whole: a keeps its length.
+  const std::vector<StepInput> both = {{a, tokens(13, 3, 64), false}, {b, tokens(10, 4, 64), false}};
+  EXPECT_THROW(e->step(both), Error);
+  EXPECT_EQ(e->sequence_length(a), 20);
+  // Freeing a returns its blocks.
+  e->free_sequence(a);
+  EXPECT_EQ(e->kv_cache().free_blocks(), 3);
+  EXPECT_NO_THROW(step1(*e, b, tokens(40, 2, 64)));
+  EXPECT_EQ(e->sequence_length(b), 40);
+}
+
+TEST(Engine, BadInputsAreErrors) {
+  auto m = build(mixtral_config());
+  auto e = engine_for(m);
+  const SeqId s = e->create_sequence();
+  EXPECT_THROW(step1(*e, 999, {1}), Error);
+  EXPECT_THROW(step1(*e, s, {64}), Error);
+  EXPECT_THROW(step1(*e, s, {}), Error);
+  const std::vector<StepInput> dup = {{s, {1}, false}, {s, {2}, false}};
+  EXPECT_THROW(e->step(dup), Error);
+  EXPECT_EQ(e->sequence_length(s), 0);
+  EXPECT_THROW(e->free_sequence(999), Error);
+}
+
+TEST(Moe, RoutingRules) {
+  const std::vector<float> logits = {1.0f, 2.0f, 0.5f, -1.0f};
+  auto cfg = mixtral_config();
+  Routing r = route_from_logits(cfg, logits.data(), 1);
+  EXPECT_EQ(r.ids, (std::vector<int32_t>{1, 0}));
+  EXPECT_NEAR(r.weights[0] + r.weights[1], 1.0, 1e-6);
+  EXPECT_NEAR(r.weights[0], 1.0 / (1.0 + std::exp(-1.0)), 1e-6);
+
+  cfg.arch = Arch::DeepSeek;
+  cfg.norm_topk_prob = false;
+  cfg.routed_scaling_factor = 2.0;
+  r = route_from_logits(cfg, logits.data(), 1);
+  double z = 0;
+  for (float l : logits) z += std::exp(double(l));
+  EXPECT_NEAR(r.weights[0], 2.0 * std::exp(2.0) / z, 1e-6);
+  cfg.norm_topk_prob = true;
+  r = route_from_logits(cfg, logits.data(), 1);
+  EXPECT_NEAR(r.weights[0] + r.weights[1], 2.0, 1e-6);
+
+  // Gating temperature 0.5 sharpens: the top weight grows.
+  cfg = mixtral_config();
+  const float w1 = route_from_logits(cfg, logits.data(), 1).weights[0];
+  cfg.gating_temperature = 0.5;
+  EXPECT_GT(route_from_logits(cfg, logits.data(), 1).weights[0], w1);
+  cfg.gating_temperature = 0;
+  EXPECT_THROW(route_from_logits(cfg, logits.data(), 1), Error);
+}
+
+TEST(Moe, GroupingAndCombineOrderIndependent) {
+  Routing r;
+  r.rows = 3;
+  r.k = 2;
+  r.ids = {2, 0, 0, 1, 2, 1};
+  r.weights = {0.7f, 0.3f, 0.6f, 0.4f, 0.9f, 0.1f};
+  auto groups = group_by_expert(r);
+  ASSERT_EQ(groups.size(), 3u);
+  EXPECT_EQ(groups[0].expert, 0);
+  EXPECT_EQ(groups[0].rows, (std::vector<int32_t>{0, 1}));
+  EXPECT_EQ(groups[0].slots, (std::vector<int32_t>{1, 0}));
+  EXPECT_EQ(groups[2].rows, (std::vector<int32_t>{0, 2}));
+  const int64_t H = 5;
+  std::vector<std::vector<float>> outs;
+  std::mt19937_64 rng(9);
+  std::normal_distribution<float> d;
+  for (const auto& g : groups) {
+    outs.emplace_back(g.rows.size() * H);
+    for (auto& x : outs.back()) x = d(rng);
+  }
+  std::vector<float> y1(3 * H, 0.0f), y2(3 * H, 0.0f);
+  combine(r, groups, outs, H, y1.data());
+  // The same results handed over in another order combine to the same bits.
+  std::vector<ExpertGroup> rg(groups.rbegin(), groups.rend());
+  std::vector<std::vector<float>> ro(outs.rbegin(), outs.rend());
+  combine(r, rg, ro, H, y2.data());
+  EXPECT_EQ(y1, y2);
+  // Row 1 = 0.6 * expert0[row1] + 0.4 * expert1[row1].
+  EXPECT_NEAR(y1[1 * H + 2], 0.6f * outs[0][1 * H + 2] + 0.4f * outs[1][0 * H + 2], 1e-6);
+}
+
+// An executor that computes each row on its own, experts in reverse order (as a remote host
+// answering out of order might): the engine's logits are unchanged.
+class RowByRowExecutor : public ExpertExecutor {
+ public:
+  explicit RowByRowExecutor(const ModelWeights& w) : w_(w) {}
+  int calls = 0;
+  void run(int64_t layer, const float* h, int64_t hidden, std::span<const ExpertGroup> groups,
+           std::vector<std::vector<float>>& outputs) override {
+    ++calls;
+    outputs.assign(groups.size(), {});
+    for (size_t gi = groups.size(); gi-- > 0;) {
+      const auto& g = groups[gi];
+      outputs[gi].resize(g.rows.size() * size_t(hidden));
+      for (size_t i = 0; i < g.rows.size(); ++i)
+        mlp_forward(*w_.layers[size_t(layer)].experts[size_t(g.expert)], h + g.rows[i] * hidden, 1, hidden,
+                    outputs[gi].data() + i * size_t(hidden));
+    }
+  }
+
+ private:
+  const ModelWeights& w_;
+};
+
+TEST(Engine, CustomExpertExecutorGivesTheSameLogits) {
+  auto m = build(deepseek_config());
+  auto exec = std::make_shared<RowByRowExecutor>(m->weights);
+  auto local = engine_for(m), remote = engine_for(m, 64, exec);
+  const auto toks = tokens(12, 21, m->cfg.vocab_size);
+  const auto a = step1(*local, local->create_sequence(), toks, true).front();
+  const auto b = step1(*remote, remote->create_sequence(), toks, true).front();
+  EXPECT_EQ(exec->calls, 2);  // the two MoE layers
+  for (int64_t i = 0; i < a.n; ++i)
+    EXPECT_LT(rel_err(b.logits.data() + i * 64, a.logits.data() + i * 64, 64), 1e-5);
+}
