@@ -1,0 +1,89 @@
+#include "core/placement.h"
+
+#include "core/error.h"
+
+namespace moemesh {
+
+std::vector<const PlacementHost*> PlacementTable::hosts_for(int32_t layer, int32_t expert) const {
+  std::vector<const PlacementHost*> out;
+  for (const auto& h : hosts)
+    if (h.experts.count({layer, expert})) out.push_back(&h);
+  return out;
+}
+
+PlacementPlan::PlacementPlan(std::vector<int32_t> moe_layers, int32_t num_experts, int32_t slots, int32_t replicas) {
+  if (slots < 1) throw Error("placement: need at least one expert host slot");
+  if (replicas < 1) throw Error("placement: --replicas must be at least 1");
+  if (replicas > slots)
+    throw Error("placement: " + std::to_string(replicas) + " replicas need at least as many expert hosts (have " +
+                std::to_string(slots) + ")");
+  slot_experts_.resize(slots);
+  int64_t i = 0;
+  for (int32_t layer : moe_layers)
+    for (int32_t e = 0; e < num_experts; ++e, ++i) {
+      all_.emplace_back(layer, e);
+      for (int32_t r = 0; r < replicas; ++r) slot_experts_[(i + r) % slots].insert({layer, e});
+    }
+}
+
+std::set<ExpertKey> Placement::add_host(const std::string& instance, const std::string& endpoint,
+                                        const std::set<ExpertKey>& pinned, Clock::time_point now) {
+  auto it = hosts_.find(instance);
+  if (it != hosts_.end() && it->second.endpoint == endpoint && (pinned.empty() || pinned == it->second.experts)) {
+    it->second.last_seen = now;  // the same host again (a lost reply): same answer
+    return it->second.experts;
+  }
+  Host h{endpoint, pinned, std::nullopt, now};
+  if (pinned.empty()) {
+    std::set<int32_t> taken;
+    for (const auto& [name, other] : hosts_)
+      if (other.slot && name != instance) taken.insert(*other.slot);
+    int32_t free_slot = -1;
+    for (int32_t s = 0; s < plan_.slots() && free_slot < 0; ++s)
+      if (!taken.count(s)) free_slot = s;
+    // More hosts than slots: extra copies of slots, round robin.
+    if (free_slot < 0) free_slot = int32_t(hosts_.size()) % plan_.slots();
+    h.slot = free_slot;
+    h.experts = plan_.slot(free_slot);
+  }
+  hosts_[instance] = std::move(h);
+  rebuild();
+  return hosts_[instance].experts;
+}
+
+bool Placement::touch(const std::string& instance, Clock::time_point now) {
+  auto it = hosts_.find(instance);
+  if (it == hosts_.end()) return false;
+  it->second.last_seen = now;
+  return true;
+}
+
+std::vector<std::string> Placement::expire(Clock::time_point now, Clock::duration timeout) {
+  std::vector<std::string> dead;
+  for (const auto& [name, h] : hosts_)
+    if (now - h.last_seen > timeout) dead.push_back(name);
+  for (const auto& name : dead) hosts_.erase(name);
+  if (!dead.empty()) rebuild();
+  return dead;
+}
+
+void Placement::remove_host(const std::string& instance) {
+  if (hosts_.erase(instance)) rebuild();
+}
+
+std::vector<ExpertKey> Placement::uncovered() const {
+  std::set<ExpertKey> covered;
+  for (const auto& [name, h] : hosts_) covered.insert(h.experts.begin(), h.experts.end());
+  std::vector<ExpertKey> out;
+  for (const auto& k : plan_.all_experts())
+    if (!covered.count(k)) out.push_back(k);
+  return out;
+}
+
+void Placement::rebuild() {
+  table_.hosts.clear();
+  for (const auto& [name, h] : hosts_) table_.hosts.push_back({name, h.endpoint, h.experts});
+  ++table_.version;
+}
+
+}  // namespace moemesh

@@ -1,0 +1,85 @@
+// Expert placement: which expert host serves which (layer, expert).
+//
+// The coordinator cuts the model's experts into `slots` (one per expected expert host), each
+// expert in `replicas` consecutive slots, so every expert has a home on at least one host and
+// R copies when R hosts or more exist. A host that registers without pinned experts takes the
+// first free slot — or the slot of a host that died, which is how a replacement takes over
+// its experts. The table clients see lists only live hosts.
+#pragma once
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace moemesh {
+
+using ExpertKey = std::pair<int32_t, int32_t>;  // (layer, expert)
+
+struct PlacementHost {
+  std::string instance;
+  std::string endpoint;
+  std::set<ExpertKey> experts;
+};
+
+struct PlacementTable {
+  uint64_t version = 0;
+  std::vector<PlacementHost> hosts;  // live hosts only, ordered by instance
+  // Hosts serving (layer, expert), in table order; empty when none.
+  std::vector<const PlacementHost*> hosts_for(int32_t layer, int32_t expert) const;
+};
+
+class PlacementPlan {
+ public:
+  // moe_layers: the layers that have routed experts. Throws moemesh::Error on bad sizes.
+  PlacementPlan(std::vector<int32_t> moe_layers, int32_t num_experts, int32_t slots, int32_t replicas);
+
+  int32_t slots() const { return int32_t(slot_experts_.size()); }
+  const std::set<ExpertKey>& slot(int32_t i) const { return slot_experts_.at(i); }
+  const std::vector<ExpertKey>& all_experts() const { return all_; }
+
+ private:
+  std::vector<ExpertKey> all_;
+  std::vector<std::set<ExpertKey>> slot_experts_;
+};
+
+// The coordinator's view of expert hosts: registration, liveness, and the table it publishes.
+class Placement {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  explicit Placement(PlacementPlan plan) : plan_(std::move(plan)) {}
+
+  // Registers (or re-registers) a host. Pinned experts are taken as given; otherwise the host
+  // gets a slot. Returns the experts it must serve. Bumps the version when anything changed.
+  std::set<ExpertKey> add_host(const std::string& instance, const std::string& endpoint,
+                               const std::set<ExpertKey>& pinned, Clock::time_point now);
+  // A heartbeat; false when the host is unknown (it must register again).
+  bool touch(const std::string& instance, Clock::time_point now);
+  // Drops hosts silent for longer than timeout; returns their names.
+  std::vector<std::string> expire(Clock::time_point now, Clock::duration timeout);
+  void remove_host(const std::string& instance);
+
+  const PlacementTable& table() const { return table_; }
+  // Experts with no live host (the cluster is not ready while any exist).
+  std::vector<ExpertKey> uncovered() const;
+  const PlacementPlan& plan() const { return plan_; }
+
+ private:
+  struct Host {
+    std::string endpoint;
+    std::set<ExpertKey> experts;
+    std::optional<int32_t> slot;
+    Clock::time_point last_seen;
+  };
+  void rebuild();
+
+  PlacementPlan plan_;
+  std::map<std::string, Host> hosts_;
+  PlacementTable table_;
+};
+
+}  // namespace moemesh

@@ -1,0 +1,64 @@
+// Expert placement: coverage, replicas, slot reuse by a replacement host, expiry.
+#include <gtest/gtest.h>
+
+#include "core/error.h"
+#include "core/placement.h"
+
+using namespace moemesh;
+using namespace std::chrono_literals;
+
+namespace {
+PlacementPlan plan(int slots, int replicas) { return PlacementPlan({1, 2, 3}, 8, slots, replicas); }
+}  // namespace
+
+TEST(Placement, EveryExpertOnExactlyRHosts) {
+  for (int slots : {1, 3, 4}) {
+    for (int r = 1; r <= slots && r <= 2; ++r) {
+      PlacementPlan p = plan(slots, r);
+      std::map<ExpertKey, int> copies;
+      for (int s = 0; s < p.slots(); ++s)
+        for (const auto& k : p.slot(s)) ++copies[k];
+      ASSERT_EQ(copies.size(), 24u);
+      for (const auto& [k, n] : copies) EXPECT_EQ(n, r) << "slots " << slots << " layer " << k.first;
+      // balanced: slot sizes differ by at most one
+      size_t lo = 1000, hi = 0;
+      for (int s = 0; s < p.slots(); ++s) lo = std::min(lo, p.slot(s).size()), hi = std::max(hi, p.slot(s).size());
+      EXPECT_LE(hi - lo, 1u);
+    }
+  }
+  EXPECT_THROW(plan(2, 3), Error);
+}
+
+TEST(Placement, HostsTakeSlotsAndReplacementsInheritThem) {
+  Placement pl(plan(2, 1));
+  auto t0 = Placement::Clock::now();
+  auto a = pl.add_host("a", "tcp://a", {}, t0);
+  EXPECT_EQ(pl.uncovered().size(), 24u - a.size());
+  auto b = pl.add_host("b", "tcp://b", {}, t0);
+  EXPECT_TRUE(pl.uncovered().empty());
+  uint64_t v = pl.table().version;
+  ASSERT_EQ(pl.table().hosts.size(), 2u);
+  EXPECT_EQ(pl.table().hosts_for(2, 5).size(), 1u);
+
+  // a goes silent; b keeps beating
+  pl.touch("b", t0 + 3s);
+  auto dead = pl.expire(t0 + 3s, 2s);
+  ASSERT_EQ(dead, std::vector<std::string>{"a"});
+  EXPECT_GT(pl.table().version, v);
+  EXPECT_EQ(pl.uncovered().size(), a.size());
+  // a replacement gets a's experts
+  auto c = pl.add_host("c", "tcp://c", {}, t0 + 4s);
+  EXPECT_EQ(c, a);
+  EXPECT_TRUE(pl.uncovered().empty());
+}
+
+TEST(Placement, PinnedHostsAndIdempotentRegistration) {
+  Placement pl(plan(2, 1));
+  auto t0 = Placement::Clock::now();
+  std::set<ExpertKey> pinned{{1, 0}, {1, 1}};
+  EXPECT_EQ(pl.add_host("p", "tcp://p", pinned, t0), pinned);
+  uint64_t v = pl.table().version;
+  EXPECT_EQ(pl.add_host("p", "tcp://p", pinned, t0), pinned);  // a retried registration
+  EXPECT_EQ(pl.table().version, v);
+  EXPECT_FALSE(pl.touch("nobody", t0));
+}
