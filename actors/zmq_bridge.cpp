@@ -23,9 +23,17 @@ ZmqBridge::ZmqBridge(caf::actor_system& sys) : sys_(sys) {
     uint64_t one = 1;
     [[maybe_unused]] auto n = ::write(wake_fd_, &one, sizeof one);
   });
-  companion_->become([this](zmq_send_atom, int socket, FramesPtr frames) {
-    if (frames) send_on(socket, *frames);
-  });
+  companion_->become(
+      [this](zmq_send_atom, int socket, FramesPtr frames) {
+        if (frames) send_on(socket, *frames);
+      },
+      [this](zmq_open_atom, const SocketSpec& spec) -> caf::result<int> {
+        try {
+          return open_socket(spec);
+        } catch (const Error& e) {
+          return caf::make_error(caf::sec::runtime_error, e.what());
+        }
+      });
 }
 
 ZmqBridge::~ZmqBridge() {
@@ -34,11 +42,22 @@ ZmqBridge::~ZmqBridge() {
 }
 
 int ZmqBridge::add(const SocketSpec& spec) {
-  if (io_.joinable()) throw Error("ZmqBridge::add after start");
+  if (!io_.joinable()) return open_socket(spec);
+  caf::scoped_actor self{sys_};
+  int index = -1;
+  std::string failure;
+  self->request(companion_handle_, std::chrono::seconds(10), zmq_open_atom::value, spec)
+      .receive([&](int i) { index = i; }, [&](caf::error& e) { failure = sys_.render(e); });
+  if (index < 0) throw Error("socket " + spec.name + ": " + failure);
+  return index;
+}
+
+int ZmqBridge::open_socket(const SocketSpec& spec) {
   zmq::socket_t s(ctx_, spec.type);
   s.set(zmq::sockopt::linger, 0);
   s.set(zmq::sockopt::sndhwm, spec.send_hwm);
   s.set(zmq::sockopt::rcvhwm, spec.recv_hwm);
+  if (!spec.identity.empty()) s.set(zmq::sockopt::routing_id, spec.identity);
   if (spec.type == zmq::socket_type::router) s.set(zmq::sockopt::router_mandatory, 1);
   try {
     if (spec.bind)
@@ -50,20 +69,24 @@ int ZmqBridge::add(const SocketSpec& spec) {
                 e.what());
   }
   for (const auto& topic : spec.subscribe) s.set(zmq::sockopt::subscribe, topic);
-  specs_.push_back(spec);
+  SocketSpec resolved = spec;
+  if (spec.bind) resolved.endpoint = s.get(zmq::sockopt::last_endpoint);
   sockets_.push_back(std::move(s));
-  std::lock_guard<std::mutex> lk(routes_mu_);
+  std::lock_guard<std::mutex> lk(mu_);
+  specs_.push_back(std::move(resolved));
   routes_.emplace_back();
-  return int(sockets_.size()) - 1;
+  items_dirty_ = true;
+  return int(specs_.size()) - 1;
 }
 
 void ZmqBridge::route(int socket, caf::actor target) {
-  std::lock_guard<std::mutex> lk(routes_mu_);
+  std::lock_guard<std::mutex> lk(mu_);
   routes_.at(socket) = std::move(target);
 }
 
 std::string ZmqBridge::endpoint(int socket) const {
-  return sockets_.at(socket).get(zmq::sockopt::last_endpoint);
+  std::lock_guard<std::mutex> lk(mu_);
+  return specs_.at(socket).endpoint;
 }
 
 void ZmqBridge::start() {
@@ -83,6 +106,11 @@ void ZmqBridge::stop() {
   companion_handle_ = nullptr;
 }
 
+std::string ZmqBridge::name_of(int socket) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return specs_.at(socket).name;
+}
+
 void ZmqBridge::send_on(int socket, Frames& frames) {
   if (socket < 0 || size_t(socket) >= sockets_.size() || frames.empty()) return;
   auto& s = sockets_[socket];
@@ -92,14 +120,14 @@ void ZmqBridge::send_on(int socket, Frames& frames) {
       if (i + 1 < frames.size()) flags = flags | zmq::send_flags::sndmore;
       if (!s.send(frames[i], flags)) {  // high-water mark reached: drop, never block the I/O thread
         ++stats_.send_dropped;
-        spdlog::warn("zmq {}: send queue full, message dropped", specs_[socket].name);
+        spdlog::warn("zmq {}: send queue full, message dropped", name_of(socket));
         return;
       }
     }
     ++stats_.sent;
   } catch (const zmq::error_t& e) {  // EHOSTUNREACH on ROUTER: the peer is gone
     ++stats_.send_dropped;
-    spdlog::warn("zmq {}: send failed: {}", specs_[socket].name, e.what());
+    spdlog::warn("zmq {}: send failed: {}", name_of(socket), e.what());
   }
 }
 
@@ -114,9 +142,14 @@ void ZmqBridge::drain_companion() {
 
 void ZmqBridge::run() {
   std::vector<zmq::pollitem_t> items;
-  for (auto& s : sockets_) items.push_back({s.handle(), 0, ZMQ_POLLIN, 0});
-  items.push_back({nullptr, wake_fd_, ZMQ_POLLIN, 0});
   while (!stop_.load()) {
+    if (items_dirty_) {  // sockets opened since the last poll
+      std::lock_guard<std::mutex> lk(mu_);
+      items.clear();
+      for (auto& s : sockets_) items.push_back({s.handle(), 0, ZMQ_POLLIN, 0});
+      items.push_back({nullptr, wake_fd_, ZMQ_POLLIN, 0});
+      items_dirty_ = false;
+    }
     try {
       zmq::poll(items.data(), items.size(), std::chrono::milliseconds(200));
     } catch (const zmq::error_t& e) {
@@ -144,7 +177,7 @@ void ZmqBridge::run() {
         ++stats_.received;
         caf::actor target;
         {
-          std::lock_guard<std::mutex> lk(routes_mu_);
+          std::lock_guard<std::mutex> lk(mu_);
           target = routes_[i];
         }
         if (target) caf::anon_send(target, zmq_recv_atom::value, int(i), std::move(frames));

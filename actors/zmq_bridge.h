@@ -25,6 +25,7 @@ using FramesPtr = std::shared_ptr<Frames>;
 
 using zmq_send_atom = caf::atom_constant<caf::atom("zmqsend")>;
 using zmq_recv_atom = caf::atom_constant<caf::atom("zmqrecv")>;
+using zmq_open_atom = caf::atom_constant<caf::atom("zmqopen")>;
 
 struct SocketSpec {
   std::string name;        // for logs and metrics
@@ -32,6 +33,7 @@ struct SocketSpec {
   std::string endpoint;    // tcp://host:port, tcp://127.0.0.1:* binds a free port
   bool bind = false;
   std::vector<std::string> subscribe = {};  // SUB sockets
+  std::string identity = {};                // ZMQ routing id (DEALER), so a ROUTER peer can address it
   int send_hwm = 10000;
   int recv_hwm = 10000;
 };
@@ -47,7 +49,9 @@ class ZmqBridge {
   ZmqBridge(const ZmqBridge&) = delete;
   ZmqBridge& operator=(const ZmqBridge&) = delete;
 
-  // Before start(): adds a socket, returning its index. Throws moemesh::Error on a bad endpoint.
+  // Adds a socket, returning its index; before or after start() (then the I/O thread opens
+  // it: actors may also request (zmq_open_atom, SocketSpec) -> int from actor()). Throws
+  // moemesh::Error on a bad endpoint.
   int add(const SocketSpec& spec);
   // Inbound messages of `socket` go to `target` (may be set again later).
   void route(int socket, caf::actor target);
@@ -64,15 +68,18 @@ class ZmqBridge {
 
  private:
   void run();
+  int open_socket(const SocketSpec& spec);  // on the owning thread only
   void send_on(int socket, Frames& frames);
   void drain_companion();
+  std::string name_of(int socket) const;
 
   caf::actor_system& sys_;
   zmq::context_t ctx_{1};
-  std::vector<SocketSpec> specs_;
-  std::vector<zmq::socket_t> sockets_;
-  std::vector<caf::actor> routes_;
-  mutable std::mutex routes_mu_;
+  std::deque<zmq::socket_t> sockets_;  // touched by the owning thread only (once started)
+  std::vector<SocketSpec> specs_;       // endpoint resolved at open; guarded by mu_
+  std::vector<caf::actor> routes_;      // guarded by mu_
+  mutable std::mutex mu_;
+  bool items_dirty_ = true;
   caf::actor companion_handle_;
   caf::actor_companion* companion_ = nullptr;
   std::mutex queue_mu_;
@@ -99,3 +106,4 @@ inline zmq::message_t frame_of(const std::vector<uint8_t>& bytes) {
 }  // namespace moemesh::actors
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moemesh::actors::FramesPtr)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moemesh::actors::SocketSpec)

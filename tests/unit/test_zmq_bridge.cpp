@@ -69,3 +69,29 @@ TEST(ZmqBridge, BadEndpointIsAReadableError) {
   ZmqBridge b(sys);
   EXPECT_THROW(b.add({.name = "bad", .type = zmq::socket_type::router, .endpoint = "tcp://no-such-host-xyz:1", .bind = true}), moemesh::Error);
 }
+
+TEST(ZmqBridge, SocketsOpenedAfterStartWithIdentity) {
+  caf::actor_system sys{config()};
+  ZmqBridge server(sys), client(sys);
+  caf::scoped_actor self{sys};
+  server.start();
+  client.start();
+  int srv = server.add({.name = "server", .type = zmq::socket_type::router, .endpoint = "tcp://127.0.0.1:*", .bind = true});
+  server.route(srv, caf::actor_cast<caf::actor>(self));
+  int cli = client.add({.name = "late", .type = zmq::socket_type::dealer, .endpoint = server.endpoint(srv),
+                        .identity = "worker-7"});
+  auto frames = std::make_shared<Frames>();
+  frames->emplace_back(std::string("hello"));
+  self->send(client.actor(), zmq_send_atom::value, cli, frames);
+  self->receive(
+      [&](zmq_recv_atom, int socket, FramesPtr f) {
+        EXPECT_EQ(socket, srv);
+        ASSERT_EQ(f->size(), 2u);
+        EXPECT_EQ((*f)[0].to_string(), "worker-7");  // the ROUTER sees the dealer's identity
+        EXPECT_EQ((*f)[1].to_string(), "hello");
+      },
+      caf::after(std::chrono::seconds(10)) >> [&] { FAIL() << "nothing arrived"; });
+  EXPECT_THROW(client.add({.name = "bad", .type = zmq::socket_type::dealer, .endpoint = "nonsense"}), moemesh::Error);
+  client.stop();
+  server.stop();
+}
