@@ -1,0 +1,179 @@
+// The whole host-callable surface of the CUDA backend (the DeepEP shape): plain functions taking
+// device pointers, sizes and a cudaStream_t, each validating its arguments and returning a Status.
+// This header has no device code, so plain C++ translation units (g++) include it too.
+//
+// Semantics match the CPU reference in kernels/cpu/ops.h: activations are f32 row-major
+// [rows, cols]; weights may be F32, F16 or BF16; accumulation is f32. Every launch is asynchronous
+// on `stream`; a returned Status reports bad arguments and launch errors, not errors that happen
+// later on the device (synchronise and call check_last_error() for those).
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "core/dtype.h"
+
+namespace moemesh::cuda {
+
+// ---------------------------------------------------------------------------------------------
+// Status: ok, or one readable line that says what went wrong and where ("file:line: message").
+
+class Status {
+ public:
+  Status() = default;  // ok
+  static Status error(const char* file, int line, std::string message) {
+    Status s;
+    s.message_ = std::string(file) + ":" + std::to_string(line) + ": " + std::move(message);
+    return s;
+  }
+  bool ok() const { return message_.empty(); }
+  const std::string& message() const { return message_; }
+
+ private:
+  std::string message_;  // empty means ok
+};
+
+// Translates a CUDA / cuBLAS result into a Status carrying the caller's file:line.
+Status from_cuda(cudaError_t err, const char* file, int line, const char* what);
+Status from_cublas(cublasStatus_t st, const char* file, int line, const char* what);
+
+#define MOEMESH_CUDA_ERROR(msg) ::moemesh::cuda::Status::error(__FILE__, __LINE__, (msg))
+#define MOEMESH_CUDA_RETURN_IF_ERROR(expr)              \
+  do {                                                  \
+    ::moemesh::cuda::Status moemesh_status_ = (expr);   \
+    if (!moemesh_status_.ok()) return moemesh_status_;  \
+  } while (0)
+#define MOEMESH_CUDA_TRY(call) \
+  MOEMESH_CUDA_RETURN_IF_ERROR(::moemesh::cuda::from_cuda((call), __FILE__, __LINE__, #call))
+#define MOEMESH_CUBLAS_TRY(call) \
+  MOEMESH_CUDA_RETURN_IF_ERROR(::moemesh::cuda::from_cublas((call), __FILE__, __LINE__, #call))
+
+// ---------------------------------------------------------------------------------------------
+// Devices
+
+// Number of CUDA devices; 0 (never a crash) when there is no driver or no device. Probed once.
+int device_count();
+// Why device_count() is 0: cudaGetErrorString of the probe ("" when it succeeded).
+const char* device_error();
+// The sticky/last launch error as a Status (ok when none).
+Status check_last_error();
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise and row kernels (kernels/cuda/norm_rope_act.cu)
+
+// y = x / sqrt(mean(x^2) + eps) * weight, per row. weight [dim] in F32/F16/BF16.
+Status rmsnorm(const float* x, const void* weight, DType wdtype, int64_t rows, int64_t dim,
+               double eps, float* y, cudaStream_t stream);
+
+// Fused residual add + RMSNorm: x += residual (in place), then y = rmsnorm(x). y may not alias x.
+Status add_rmsnorm(float* x, const float* residual, const void* weight, DType wdtype, int64_t rows,
+                   int64_t dim, double eps, float* y, cudaStream_t stream);
+
+// Rotary embedding in place, HF "rotate_half" (pairs i and i + head_dim/2), on
+// x[rows, n_heads * head_dim]; positions[rows] (device). Angles are computed in double.
+Status rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions,
+            double theta, cudaStream_t stream);
+
+// out[rows, n] = silu(gate) * up. out may alias gate or up.
+Status silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, float* out,
+                cudaStream_t stream);
+
+// Gathers rows of table [vocab, dim] (F32/F16/BF16) into out[n, dim] as f32. ids live on the
+// device, so they cannot be checked here: an id outside [0, vocab) yields a row of NaN (loud,
+// never an out-of-bounds read). Ids are meant to be validated on the host before upload.
+Status embedding(const void* table, DType dtype, int64_t vocab, int64_t dim, const int32_t* ids,
+                 int64_t n, float* out, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Gating (kernels/cuda/gating.cu)
+
+// softmax(logits / temperature) then top-k per row. ids/weights [rows, k], ordered by weight
+// descending, ties: lower expert id first. When renormalize, the k weights sum to 1.
+// n_experts <= kMaxGatingExperts, 1 <= k <= n_experts.
+inline constexpr int64_t kMaxGatingExperts = 2048;
+Status topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t k,
+                   float temperature, bool renormalize, int32_t* ids, float* weights,
+                   cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Dense matmul via cuBLAS (kernels/cuda/gemm.cu)
+
+// y[rows, out] = x[rows, in] · W[out, in]^T (W is a Linear weight, HF layout), f32 accumulate
+// (CUBLAS_COMPUTE_32F: no TF32). With an F16/BF16 W, cuBLAS needs both inputs in that type, so x
+// is first rounded to W's dtype in `workspace` (activations lose precision the way they do in
+// vLLM/SGLang; the output stays f32). `workspace` needs matmul_workspace_bytes(...) bytes (0 for
+// F32: pass nullptr). rows, in and out must each fit in an int (cuBLAS's index type).
+size_t matmul_workspace_bytes(int64_t rows, int64_t in, DType wdtype);
+Status matmul(cublasHandle_t blas, const float* x, int64_t rows, int64_t in, const void* w,
+              DType wdtype, int64_t out, float* y, void* workspace, size_t workspace_bytes,
+              cudaStream_t stream);
+
+// Owns a cuBLAS handle (pure f32 math mode). Create after the device is selected.
+class Blas {
+ public:
+  Blas() = default;
+  ~Blas();
+  Blas(const Blas&) = delete;
+  Blas& operator=(const Blas&) = delete;
+  Status init();
+  cublasHandle_t get() const { return handle_; }
+
+ private:
+  cublasHandle_t handle_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Attention over a paged KV cache (kernels/cuda/attention.cu)
+//
+// KV cache: k_cache and v_cache are each f32 [num_blocks, kKvBlockTokens, n_kv_heads, head_dim]:
+// a token's K (or V) for all KV heads is one contiguous row, so appending a token is one write.
+// Token t of a sequence lives in block block_table[seq][t / 16] at offset t % 16 (its "slot" is
+// block * 16 + offset). block_tables is int32 [n_seqs, max_blocks_per_seq].
+//
+// Queries: q [rows, n_heads, head_dim]. Row r belongs to sequence row_seq[r] and sits at position
+// row_pos[r]; it attends causally to that sequence's cached tokens p with
+//   max(0, row_pos - sliding_window + 1) <= p <= row_pos   (sliding_window 0: no window),
+// i.e. the window counts the query itself (HF Mistral / flash-attn window (W-1, 0)). A decode step
+// is one row per sequence with row_pos = seq_len - 1; a prefill chunk is several rows of one
+// sequence (correct, not tuned for it). The row's own K/V must already be in the cache
+// (paged_kv_write). GQA: query head h reads KV head h / (n_heads / n_kv_heads).
+// out [rows, n_heads, head_dim] = softmax(scale · q·K^T) · V, computed with an online softmax in f32.
+// Device-side data cannot be checked on the host, so a row whose row_seq is outside [0, n_seqs),
+// whose row_pos is negative or beyond its block table (>= max_blocks_per_seq * 16), or that meets
+// a block id outside [0, num_blocks) gets NaN: loud, never an out-of-bounds read.
+
+inline constexpr int64_t kKvBlockTokens = 16;
+inline constexpr int64_t kMaxAttentionHeadDim = 256;
+
+struct PagedAttentionConfig {
+  int64_t n_heads = 0;
+  int64_t n_kv_heads = 0;
+  int64_t head_dim = 0;            // <= kMaxAttentionHeadDim
+  int64_t num_blocks = 0;          // blocks in k_cache / v_cache
+  int64_t max_blocks_per_seq = 0;  // row stride of block_tables
+  float scale = 0.0f;              // usually 1 / sqrt(head_dim)
+  int64_t sliding_window = 0;      // 0: attend to the whole prefix
+
+  // Checks every field; the kernels call it first.
+  Status validate() const;
+  // Sizes, computed in one place.
+  int64_t kv_row_floats() const { return n_kv_heads * head_dim; }  // one token, all KV heads
+  int64_t block_floats() const { return kKvBlockTokens * kv_row_floats(); }
+  size_t cache_bytes() const { return size_t(num_blocks * block_floats()) * sizeof(float); }  // each of K, V
+};
+
+// Writes rows of new keys/values k, v [rows, n_kv_heads, head_dim] into the cache at
+// slots[rows] (slot = block * 16 + offset). A negative slot is skipped (padding rows);
+// a slot beyond the cache is skipped too (never an out-of-bounds write).
+Status paged_kv_write(const PagedAttentionConfig& cfg, const float* k, const float* v, int64_t rows,
+                      const int32_t* slots, float* k_cache, float* v_cache, cudaStream_t stream);
+
+Status paged_attention(const PagedAttentionConfig& cfg, const float* q, int64_t rows,
+                       const int32_t* row_seq, const int32_t* row_pos, const int32_t* block_tables,
+                       int64_t n_seqs, const float* k_cache, const float* v_cache, float* out,
+                       cudaStream_t stream);
+
+}  // namespace moemesh::cuda

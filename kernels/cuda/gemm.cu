@@ -1,0 +1,89 @@
+// y = x · W^T through cublasGemmEx with f32 accumulation. cuBLAS wants both inputs in one type,
+// so with a 16-bit W the activations are first rounded to W's type (a small, memory-bound pass).
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/cuda/common.cuh"
+
+namespace moemesh::cuda {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T>
+__global__ void convert_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = from_f32<T>(src[i]);
+}
+
+cudaDataType_t cuda_type(DType t) {
+  switch (t) {
+    case DType::F16: return CUDA_R_16F;
+    case DType::BF16: return CUDA_R_16BF;
+    default: return CUDA_R_32F;
+  }
+}
+
+}  // namespace
+
+size_t matmul_workspace_bytes(int64_t rows, int64_t in, DType wdtype) {
+  if (wdtype != DType::F16 && wdtype != DType::BF16) return 0;
+  if (rows <= 0 || in <= 0) return 0;
+  return size_t(rows) * size_t(in) * 2;
+}
+
+Status matmul(cublasHandle_t blas, const float* x, int64_t rows, int64_t in, const void* w,
+              DType wdtype, int64_t out, float* y, void* workspace, size_t workspace_bytes,
+              cudaStream_t stream) {
+  MOEMESH_CUDA_REQUIRE_PTR(blas);
+  MOEMESH_CUDA_REQUIRE_PTR(x);
+  MOEMESH_CUDA_REQUIRE_PTR(w);
+  MOEMESH_CUDA_REQUIRE_PTR(y);
+  MOEMESH_CUDA_REQUIRE_POSITIVE(rows);
+  MOEMESH_CUDA_REQUIRE_POSITIVE(in);
+  MOEMESH_CUDA_REQUIRE_POSITIVE(out);
+  MOEMESH_CUDA_REQUIRE_INT(rows);
+  MOEMESH_CUDA_REQUIRE_INT(in);
+  MOEMESH_CUDA_REQUIRE_INT(out);
+  MOEMESH_CUDA_REQUIRE_FLOAT_DTYPE(wdtype);
+  const size_t need = matmul_workspace_bytes(rows, in, wdtype);
+  MOEMESH_CUDA_REQUIRE(workspace_bytes >= need && (need == 0 || workspace != nullptr),
+                       "workspace of " + std::to_string(workspace_bytes) + " bytes at " +
+                           (workspace ? "non-null" : "null") + " pointer; need " +
+                           std::to_string(need) + " (matmul_workspace_bytes)");
+
+  const void* b = x;
+  if (need > 0) {
+    const int64_t n = rows * in;
+    constexpr int kThreads = 256;
+    const unsigned blocks = unsigned(std::min<int64_t>(detail::blocks_for(n, kThreads), 65536));
+    if (wdtype == DType::F16)
+      convert_kernel<<<blocks, kThreads, 0, stream>>>(x, static_cast<__half*>(workspace), n);
+    else
+      convert_kernel<<<blocks, kThreads, 0, stream>>>(x, static_cast<__nv_bfloat16*>(workspace), n);
+    MOEMESH_CUDA_CHECK_LAUNCH();
+    b = workspace;
+  }
+
+  // Row-major y[rows, out] is column-major y^T[out, rows] = W[out, in] · x^T, where W (row-major
+  // [out, in]) reads as column-major [in, out] (op T) and x as column-major [in, rows] (op N).
+  const cudaDataType_t t = cuda_type(wdtype);
+  const float alpha = 1.0f, beta = 0.0f;
+  MOEMESH_CUBLAS_TRY(cublasSetStream(blas, stream));
+  MOEMESH_CUBLAS_TRY(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, int(out), int(rows), int(in),
+                                  &alpha, w, t, int(in), b, t, int(in), &beta, y, CUDA_R_32F,
+                                  int(out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return {};
+}
+
+}  // namespace moemesh::cuda
