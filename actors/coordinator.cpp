@@ -1,0 +1,265 @@
+#include "actors/coordinator.h"
+
+#include <map>
+
+#include <spdlog/spdlog.h>
+
+#include "core/placement.h"
+#include "proto/control.pb.h"
+
+namespace moemesh::actors {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Member {
+  pb::Role role = pb::ROLE_UNKNOWN;
+  std::string data_endpoint, admin_endpoint;
+  Clock::time_point last_seen;
+  pb::Heartbeat last;  // the newest heartbeat
+  uint64_t rows_total = 0;
+  AttentionWorker worker;
+};
+
+struct CoordinatorState {
+  CoordinatorConfig cfg;
+  caf::actor bridge, listener;
+  int control = -1, publish = -1;
+  std::unique_ptr<Placement> placement;
+  std::map<std::string, Member> members;
+  std::vector<AttentionWorker> last_workers;  // as last told to the listener
+  static inline const char* name = "coordinator";
+};
+
+using Self = caf::stateful_actor<CoordinatorState>;
+
+FramesPtr control_frames(const zmq::message_t* peer, const pb::ControlMessage& msg) {
+  auto frames = std::make_shared<Frames>();
+  if (peer) frames->emplace_back(peer->data(), peer->size());
+  std::string bytes = msg.SerializeAsString();
+  frames->emplace_back(bytes.data(), bytes.size());
+  return frames;
+}
+
+pb::PlacementTable table_message(const CoordinatorState& st) {
+  pb::PlacementTable t;
+  const auto& table = st.placement->table();
+  t.set_version(table.version);
+  t.set_num_experts(st.cfg.num_experts);
+  t.set_num_layers(int32_t(st.cfg.moe_layers.size()));
+  for (const auto& h : table.hosts) {
+    auto* e = t.add_hosts();
+    e->set_instance(h.instance);
+    e->set_data_endpoint(h.endpoint);
+    e->set_live(true);
+    for (const auto& [layer, expert] : h.experts) {
+      auto* id = e->add_experts();
+      id->set_layer(layer);
+      id->set_expert(expert);
+    }
+  }
+  return t;
+}
+
+void publish_table(Self* self) {
+  pb::ControlMessage m;
+  *m.mutable_placement() = table_message(self->state);
+  self->send(self->state.bridge, zmq_send_atom::value, self->state.publish, control_frames(nullptr, m));
+}
+
+bool cluster_ready(const CoordinatorState& st) {
+  if (!st.placement->uncovered().empty()) return false;
+  for (const auto& [name, m] : st.members)
+    if (m.role == pb::ATTENTION && m.worker.ready) return true;
+  return false;
+}
+
+// Tells the listener when the ready attention workers (or their endpoints) change.
+void notify_workers(Self* self) {
+  std::vector<AttentionWorker> ready;
+  for (const auto& [name, m] : self->state.members)
+    if (m.role == pb::ATTENTION && m.worker.ready) ready.push_back(m.worker);
+  auto same = [](const AttentionWorker& a, const AttentionWorker& b) {
+    return a.instance == b.instance && a.endpoint == b.endpoint;
+  };
+  if (ready.size() == self->state.last_workers.size() &&
+      std::equal(ready.begin(), ready.end(), self->state.last_workers.begin(), same))
+    return;
+  self->state.last_workers = ready;
+  if (self->state.listener)
+    self->send(self->state.listener, workers_atom::value, WorkerList(std::make_shared<std::vector<AttentionWorker>>(ready)));
+}
+
+void on_register(Self* self, const zmq::message_t& peer, const pb::Register& r) {
+  auto& st = self->state;
+  pb::ControlMessage reply;
+  auto* rr = reply.mutable_register_reply();
+  if (r.instance().empty() || r.role() == pb::ROLE_UNKNOWN) {
+    rr->set_ok(false);
+    rr->set_error("register needs an instance name and a role");
+  } else if (!st.cfg.model_id.empty() && !r.model_id().empty() && r.model_id() != st.cfg.model_id) {
+    rr->set_ok(false);
+    rr->set_error("model mismatch: coordinator serves " + st.cfg.model_id + ", " + r.instance() + " has " +
+                  r.model_id());
+  } else {
+    Member& m = st.members[r.instance()];
+    m.role = r.role();
+    m.data_endpoint = r.data_endpoint();
+    m.admin_endpoint = r.admin_endpoint();
+    m.last_seen = Clock::now();
+    rr->set_ok(true);
+    if (r.role() == pb::EXPERT) {
+      std::set<ExpertKey> pinned;
+      for (const auto& e : r.experts()) pinned.insert({e.layer(), e.expert()});
+      auto assigned = st.placement->add_host(r.instance(), r.data_endpoint(), pinned, m.last_seen);
+      for (const auto& [layer, expert] : assigned) {
+        auto* id = rr->add_assigned();
+        id->set_layer(layer);
+        id->set_expert(expert);
+      }
+      spdlog::info("coordinator: expert host {} at {} serves {} experts (placement v{})", r.instance(),
+                   r.data_endpoint(), assigned.size(), st.placement->table().version);
+    } else if (r.role() == pb::ATTENTION) {
+      m.worker.instance = r.instance();
+      m.worker.endpoint = r.data_endpoint();
+      m.worker.kv_blocks = r.kv_blocks();
+      spdlog::info("coordinator: attention worker {} at {} ({} KV blocks)", r.instance(), r.data_endpoint(),
+                   r.kv_blocks());
+    } else {
+      spdlog::info("coordinator: {} {} at {}", pb::Role_Name(r.role()), r.instance(), r.data_endpoint());
+    }
+    rr->set_placement_version(st.placement->table().version);
+  }
+  self->send(st.bridge, zmq_send_atom::value, st.control, control_frames(&peer, reply));
+  if (rr->ok()) publish_table(self);
+}
+
+void on_heartbeat(Self* self, const zmq::message_t& peer, const pb::Heartbeat& hb) {
+  auto& st = self->state;
+  auto it = st.members.find(hb.instance());
+  if (it == st.members.end()) {  // we expired it, or we restarted: ask it to register again
+    pb::ControlMessage reply;
+    reply.mutable_register_reply()->set_ok(false);
+    reply.mutable_register_reply()->set_error("unknown instance " + hb.instance() + ": register again");
+    self->send(st.bridge, zmq_send_atom::value, st.control, control_frames(&peer, reply));
+    return;
+  }
+  Member& m = it->second;
+  m.last_seen = Clock::now();
+  m.last = hb;
+  for (const auto& l : hb.load()) m.rows_total += l.rows();
+  if (m.role == pb::EXPERT) st.placement->touch(hb.instance(), m.last_seen);
+  if (m.role == pb::ATTENTION) {
+    m.worker.ready = hb.ready();
+    m.worker.kv_free_blocks = hb.kv_free_blocks();
+    notify_workers(self);
+  }
+}
+
+std::string status_bytes(const CoordinatorState& st) {
+  pb::ClusterStatus s;
+  s.set_model_id(st.cfg.model_id);
+  s.set_placement_version(st.placement->table().version);
+  s.set_ready(cluster_ready(st));
+  auto now = Clock::now();
+  for (const auto& [name, m] : st.members) {
+    auto* o = s.add_services();
+    o->set_instance(name);
+    o->set_role(m.role);
+    o->set_data_endpoint(m.data_endpoint);
+    o->set_admin_endpoint(m.admin_endpoint);
+    o->set_live(true);
+    o->set_ready(m.role == pb::ATTENTION ? m.worker.ready : m.last.ready());
+    o->set_last_heartbeat_age_s(std::chrono::duration<double>(now - m.last_seen).count());
+    o->set_rows_total(m.rows_total);
+    o->set_kv_free_blocks(m.last.kv_free_blocks());
+    o->set_resident_bytes(m.last.resident_bytes());
+    o->set_mapped_weight_bytes(m.last.mapped_weight_bytes());
+    for (const auto& h : st.placement->table().hosts)
+      if (h.instance == name)
+        for (const auto& [layer, expert] : h.experts) {
+          auto* id = o->add_experts();
+          id->set_layer(layer);
+          id->set_expert(expert);
+        }
+  }
+  return s.SerializeAsString();
+}
+
+void expire(Self* self) {
+  auto& st = self->state;
+  auto now = Clock::now();
+  bool changed = false;
+  for (auto it = st.members.begin(); it != st.members.end();) {
+    if (now - it->second.last_seen > st.cfg.heartbeat_timeout) {
+      spdlog::warn("coordinator: {} missed its heartbeats, removed", it->first);
+      if (it->second.role == pb::EXPERT) st.placement->remove_host(it->first);
+      it = st.members.erase(it);
+      changed = true;
+    } else {
+      ++it;
+    }
+  }
+  if (changed) notify_workers(self);
+  auto missing = st.placement->uncovered();
+  if (changed && !missing.empty())
+    spdlog::warn("coordinator: {} experts have no live host (e.g. layer {} expert {})", missing.size(),
+                 missing[0].first, missing[0].second);
+}
+
+caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publish, CoordinatorConfig cfg,
+                          caf::actor listener) {
+  auto& st = self->state;
+  st.bridge = bridge->actor();
+  st.control = control;
+  st.publish = publish;
+  st.listener = std::move(listener);
+  st.placement = std::make_unique<Placement>(PlacementPlan(cfg.moe_layers, cfg.num_experts, cfg.expert_hosts, cfg.replicas));
+  st.cfg = std::move(cfg);
+  self->send(self, tick_atom::value);
+  return {
+      [=](zmq_recv_atom, int, FramesPtr frames) {
+        // ROUTER: [peer id, ControlMessage]
+        if (!frames || frames->size() != 2) {
+          spdlog::warn("coordinator: dropped a control message of {} frames", frames ? frames->size() : 0);
+          return;
+        }
+        pb::ControlMessage msg;
+        const auto& body = (*frames)[1];
+        if (!msg.ParseFromArray(body.data(), int(body.size()))) {
+          spdlog::warn("coordinator: dropped an unparsable control message ({} bytes)", body.size());
+          return;
+        }
+        const auto& peer = (*frames)[0];
+        switch (msg.body_case()) {
+          case pb::ControlMessage::kRegister: on_register(self, peer, msg.register_()); break;
+          case pb::ControlMessage::kHeartbeat: on_heartbeat(self, peer, msg.heartbeat()); break;
+          case pb::ControlMessage::kStatusRequest: {
+            pb::ControlMessage reply;
+            reply.mutable_status()->ParseFromString(status_bytes(self->state));
+            self->send(self->state.bridge, zmq_send_atom::value, self->state.control, control_frames(&peer, reply));
+            break;
+          }
+          default: spdlog::warn("coordinator: unexpected control message kind {}", int(msg.body_case()));
+        }
+      },
+      [=](tick_atom) {
+        expire(self);
+        publish_table(self);
+        self->delayed_send(self, self->state.cfg.publish_interval, tick_atom::value);
+      },
+      [=](ready_atom) { return cluster_ready(self->state); },
+      [=](status_atom) { return status_bytes(self->state); },
+  };
+}
+
+}  // namespace
+
+caf::actor spawn_coordinator(caf::actor_system& sys, ZmqBridge& bridge, int control, int publish,
+                             CoordinatorConfig cfg, caf::actor listener) {
+  caf::actor a = sys.spawn(coordinator, &bridge, control, publish, std::move(cfg), std::move(listener));
+  bridge.route(control, a);
+  return a;
+}
+
+}  // namespace moemesh::actors
