@@ -13,6 +13,7 @@ For each case this script
       not failed).
 
 Usage: hf_reference.py --cli PATH [--case NAME ...] [--workdir DIR] [--keep]
+       hf_reference.py --write-only --workdir DIR --case NAME   (just write a checkpoint)
 Exits non-zero when a case fails. Run with /usr/bin/python3 (it has numpy).
 """
 import argparse
@@ -505,7 +506,9 @@ def check_cli_sampling(cli, workdir):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cli", required=True)
+    ap.add_argument("--cli", help="the moemesh binary (not needed with --write-only)")
+    ap.add_argument("--write-only", action="store_true",
+                    help="only write the cases' checkpoints into --workdir/<case> (for C++ tests)")
     ap.add_argument("--case", action="append", help="a case name, cli_errors or cli_sampling (default: all)")
     ap.add_argument("--workdir")
     ap.add_argument("--seed", type=int, default=0)
@@ -514,6 +517,14 @@ def main():
     workdir = a.workdir or tempfile.mkdtemp(prefix="moemesh-ref-")
     os.makedirs(workdir, exist_ok=True)
     names = a.case or list(CASES) + ["cli_errors", "cli_sampling"]
+    if a.write_only:
+        if not a.workdir:
+            ap.error("--write-only needs --workdir")
+        for n in names:
+            build_case(n, workdir, a.seed)
+        return
+    if not a.cli:
+        ap.error("--cli is required")
     ok = True
     try:
         for n in names:

@@ -4,8 +4,13 @@
 // gives the same answer whatever executes the experts.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <deque>
+#include <filesystem>
+#include <stdexcept>
 #include <memory>
 #include <random>
 #include <string>
@@ -381,4 +386,54 @@ TEST(Engine, CustomExpertExecutorGivesTheSameLogits) {
   EXPECT_EQ(exec->calls, 2);  // the two MoE layers
   for (int64_t i = 0; i < a.n; ++i)
     EXPECT_LT(rel_err(b.logits.data() + i * 64, a.logits.data() + i * 64, 64), 1e-5);
+}
+
+// A checkpoint written by the NumPy reference script (not by this project's writer), loaded
+// through Checkpoint: BF16 DeepSeek weights, incremental decode == full recomputation, and an
+// engine that maps only the attention side with experts computed by an outside executor gives
+// the same logits as the one that maps everything.
+namespace {
+
+std::filesystem::path reference_checkpoint(const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() / ("moemesh-test-engine-" + std::to_string(::getpid()));
+  if (!std::filesystem::exists(dir / name / "config.json")) {
+    const std::string cmd = std::string(MOEMESH_PYTHON) + " " + MOEMESH_SOURCE_DIR +
+                            "/tests/reference/hf_reference.py --write-only --workdir " + dir.string() + " --case " +
+                            name;
+    if (std::system(cmd.c_str()) != 0) throw std::runtime_error("failed: " + cmd);
+  }
+  return dir / name;
+}
+
+}  // namespace
+
+TEST(EngineCheckpoint, ReferenceWrittenBf16DeepSeek) {
+  const auto folder = reference_checkpoint("deepseek_bf16_norm");
+  auto ckpt = Checkpoint::open(folder);
+  ASSERT_EQ(ckpt->config().arch, Arch::DeepSeek);
+  const int64_t V = ckpt->config().vocab_size;
+  const auto toks = tokens(30, 17, V);
+
+  Engine full(ckpt);
+  const auto ref = step1(full, full.create_sequence(), toks, true).front();
+  Engine inc(ckpt, EngineOptions{4});
+  const SeqId s = inc.create_sequence();
+  double worst = 0;
+  for (int64_t pos = 0; pos < 30;) {
+    const int64_t n = pos == 0 ? 18 : 1;
+    const auto out = step1(inc, s, std::vector<int32_t>(toks.begin() + pos, toks.begin() + pos + n), true).front();
+    for (int64_t i = 0; i < n; ++i)
+      worst = std::max(worst, rel_err(out.logits.data() + i * V, ref.logits.data() + (pos + i) * V, V));
+    pos += n;
+  }
+  EXPECT_LT(worst, 1e-5);
+
+  // Attention side only: the engine must not map routed experts.
+  const ModelWeights all = ckpt->load(WeightSelection::all());
+  auto ckpt2 = Checkpoint::open(folder);
+  Engine split(ckpt2, {}, std::make_shared<LocalExpertExecutor>(all));
+  for (const auto& t : ckpt2->mapped_tensors()) EXPECT_EQ(t.find(".experts."), std::string::npos) << t;
+  const auto b = step1(split, split.create_sequence(), toks, true).front();
+  for (int64_t i = 0; i < b.n; ++i) EXPECT_LT(rel_err(b.logits.data() + i * V, ref.logits.data() + i * V, V), 1e-6);
+  std::filesystem::remove_all(folder.parent_path());
 }
