@@ -1,0 +1,320 @@
+#include "actors/scheduler.h"
+
+#include <algorithm>
+#include <deque>
+#include <map>
+#include <set>
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "actors/dispatch_frames.h"
+#include "actors/step_server.h"
+#include "actors/step_worker.h"
+#include "core/wire.h"
+#include "proto/dataplane.pb.h"
+
+namespace moemesh::actors {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using sched_tick_atom = caf::atom_constant<caf::atom("schedtick")>;
+
+struct Seq {
+  GenerationRequestPtr req;
+  caf::response_promise promise;
+  std::shared_ptr<GenerationResult> result = std::make_shared<GenerationResult>();
+  std::string worker;      // empty while waiting
+  int64_t prefilled = 0;   // prompt tokens sent so far
+  int attempts = 0;
+};
+
+struct Worker {
+  std::string instance, endpoint;
+  int socket = -1;             // -1 until the bridge opened our DEALER to it
+  uint64_t inflight = 0;       // request id of the step in flight, 0 when idle
+  Clock::time_point sent_at;
+  std::set<uint64_t> running;  // sequences it holds
+  std::vector<uint64_t> to_free;
+  bool listed = true;          // still in the coordinator's list
+};
+
+struct SchedulerState {
+  SchedulerConfig cfg;
+  ZmqBridge* bridge = nullptr;
+  std::map<uint64_t, Seq> seqs;
+  std::deque<uint64_t> waiting;
+  std::map<std::string, Worker> workers;  // by instance
+  std::map<std::string, int> sockets;     // endpoint -> socket, reused across re-registrations
+  uint64_t next_seq = 1, next_request = 1;
+  uint64_t steps = 0, requeued = 0;
+  static inline const char* name = "scheduler";
+};
+
+using Self = caf::stateful_actor<SchedulerState>;
+
+void finish(Self* self, uint64_t id, std::string reason, std::string error = {}) {
+  auto& st = self->state;
+  auto it = st.seqs.find(id);
+  if (it == st.seqs.end()) return;
+  Seq& s = it->second;
+  s.result->finish_reason = std::move(reason);
+  s.result->error = std::move(error);
+  s.result->worker = s.worker;
+  auto wit = st.workers.find(s.worker);
+  if (wit != st.workers.end() && wit->second.running.erase(id)) wit->second.to_free.push_back(id);
+  s.promise.deliver(GenerationResultPtr(s.result));
+  st.seqs.erase(it);
+}
+
+// Back to the queue, from the start: the same seed gives the same tokens again.
+void requeue(Self* self, uint64_t id, const std::string& why) {
+  auto& st = self->state;
+  Seq& s = st.seqs.at(id);
+  if (++s.attempts >= st.cfg.max_attempts) {
+    finish(self, id, "error", "gave up after " + std::to_string(s.attempts) + " attempts: " + why);
+    return;
+  }
+  spdlog::warn("scheduler: sequence {} re-queued ({})", id, why);
+  ++st.requeued;
+  s.result = std::make_shared<GenerationResult>();
+  s.prefilled = 0;
+  s.worker.clear();
+  st.waiting.push_front(id);
+}
+
+void add_chunk(SchedulerState& st, pb::StepRequest& req, uint64_t id, Seq& s, int64_t& budget) {
+  const auto& prompt = s.req->prompt;
+  auto* w = req.add_work();
+  w->set_seq(id);
+  if (s.prefilled < int64_t(prompt.size())) {
+    const int64_t n = std::min<int64_t>(int64_t(prompt.size()) - s.prefilled, std::max<int64_t>(budget, 1));
+    for (int64_t i = 0; i < n; ++i) w->add_tokens(prompt[size_t(s.prefilled + i)]);
+    if (s.prefilled == 0) {
+      w->set_is_first(true);
+      sampling_to_proto(s.req->sampling, w->mutable_sampling());
+      for (int32_t t : prompt) w->add_prompt(t);
+    }
+    s.prefilled += n;
+    budget -= n;
+    w->set_sample(s.prefilled == int64_t(prompt.size()));
+  } else {
+    w->add_tokens(s.result->tokens.back());
+    w->set_sample(true);
+    budget -= 1;
+  }
+  w->set_return_logits(w->sample() && s.req->return_logits);
+  (void)st;
+}
+
+void pump(Self* self) {
+  auto& st = self->state;
+  // Idle workers, least loaded first, so new sequences spread out.
+  std::vector<Worker*> idle;
+  for (auto& [name, w] : st.workers)
+    if (w.listed && w.socket >= 0 && w.inflight == 0) idle.push_back(&w);
+  std::stable_sort(idle.begin(), idle.end(), [](Worker* a, Worker* b) { return a->running.size() < b->running.size(); });
+  for (Worker* w : idle) {
+    pb::StepRequest req;
+    int64_t budget = st.cfg.step_token_budget;
+    for (uint64_t id : w->to_free) req.add_free(id);
+    w->to_free.clear();
+    for (uint64_t id : w->running) add_chunk(st, req, id, st.seqs.at(id), budget);
+    while (!st.waiting.empty() && budget > 0 && int64_t(w->running.size()) < st.cfg.max_running_per_worker) {
+      uint64_t id = st.waiting.front();
+      st.waiting.pop_front();
+      Seq& s = st.seqs.at(id);
+      s.worker = w->instance;
+      w->running.insert(id);
+      add_chunk(st, req, id, s, budget);
+    }
+    if (req.work().empty() && req.free().empty()) continue;
+    const uint64_t rid = st.next_request++;
+    req.set_step(rid);
+    w->inflight = req.work().empty() ? 0 : rid;  // a free-only step needs no answer to go on
+    w->sent_at = Clock::now();
+    ++st.steps;
+    self->send(st.bridge->actor(), zmq_send_atom::value, w->socket,
+               message_frames({}, wire::Kind::StepRequest, rid, req.SerializeAsString(), {}));
+  }
+}
+
+void on_step_response(Self* self, int socket, const Frames& frames) {
+  auto& st = self->state;
+  Worker* w = nullptr;
+  for (auto& [name, cand] : st.workers)
+    if (cand.socket == socket) w = &cand;
+  if (!w) return;
+  wire::Header h;
+  try {
+    h = wire::decode(frame_views(frames, 0));
+  } catch (const wire::WireError& e) {
+    spdlog::error("scheduler: bad frame from {}: {}", w->instance, e.what());
+    return;
+  }
+  if (h.request_id != w->inflight) return;  // a late answer to a step we gave up on
+  w->inflight = 0;
+  if (h.kind == wire::Kind::Error) {
+    pb::ErrorReply e;
+    e.ParseFromString(h.meta);
+    spdlog::error("scheduler: worker {} refused step {}: {} {}", w->instance, h.request_id, e.code(), e.message());
+    for (uint64_t id : std::vector<uint64_t>(w->running.begin(), w->running.end())) {
+      w->running.erase(id);
+      w->to_free.push_back(id);
+      requeue(self, id, "worker error: " + e.message());
+    }
+    pump(self);
+    return;
+  }
+  pb::StepResponse resp;
+  if (h.kind != wire::Kind::StepResponse || !resp.ParseFromString(h.meta)) {
+    spdlog::error("scheduler: unexpected reply from {}", w->instance);
+    pump(self);
+    return;
+  }
+  for (const auto& r : resp.results()) {
+    auto it = st.seqs.find(r.seq());
+    if (it == st.seqs.end() || it->second.worker != w->instance) continue;
+    Seq& s = it->second;
+    if (!r.error().empty()) {
+      w->running.erase(r.seq());  // the worker already freed it
+      if (r.error().rfind("kv_full", 0) == 0)
+        requeue(self, r.seq(), r.error());
+      else
+        finish(self, r.seq(), "error", r.error());
+      continue;
+    }
+    if (r.token() < 0) continue;  // a prefill chunk that did not sample
+    auto& res = *s.result;
+    res.tokens.push_back(r.token());
+    res.logprobs.push_back(r.logprob());
+    std::vector<std::pair<int32_t, float>> top;
+    for (const auto& t : r.top()) top.emplace_back(t.token(), t.logprob());
+    res.top_logprobs.push_back(std::move(top));
+    if (r.logits_tensor() >= 0 && size_t(r.logits_tensor()) + 1 < frames.size()) {
+      const auto& f = frames[size_t(r.logits_tensor()) + 1];
+      std::vector<float> row(f.size() / sizeof(float));
+      std::memcpy(row.data(), f.data(), row.size() * sizeof(float));
+      res.logits.push_back(std::move(row));
+    }
+    const auto& sp = s.req->sampling;
+    const bool eos = !sp.ignore_eos && std::count(st.cfg.eos_ids.begin(), st.cfg.eos_ids.end(), r.token());
+    const bool stop_id = std::count(sp.stop_token_ids.begin(), sp.stop_token_ids.end(), r.token());
+    if (eos || stop_id)
+      finish(self, r.seq(), "stop");
+    else if (int64_t(res.tokens.size()) >= s.req->max_tokens)
+      finish(self, r.seq(), "length");
+  }
+  pump(self);
+}
+
+// The coordinator's list of ready workers: open sockets to new ones, re-queue the sequences
+// of workers that left.
+void on_workers(Self* self, const std::vector<AttentionWorker>& list) {
+  auto& st = self->state;
+  std::set<std::string> present;
+  for (const auto& aw : list) {
+    present.insert(aw.instance);
+    auto [it, added] = st.workers.try_emplace(aw.instance);
+    Worker& w = it->second;
+    w.listed = true;
+    if (!added && w.endpoint == aw.endpoint) continue;
+    w.instance = aw.instance;
+    w.endpoint = aw.endpoint;
+    auto sock = st.sockets.find(aw.endpoint);
+    if (sock != st.sockets.end()) {
+      w.socket = sock->second;
+      continue;
+    }
+    w.socket = -1;
+    SocketSpec spec{.name = "step:" + aw.instance, .type = zmq::socket_type::dealer, .endpoint = aw.endpoint,
+                    .identity = st.cfg.instance};
+    self->request(st.bridge->actor(), std::chrono::seconds(10), zmq_open_atom::value, spec)
+        .then(
+            [=](int socket) {
+              self->state.sockets[aw.endpoint] = socket;
+              self->state.bridge->route(socket, caf::actor_cast<caf::actor>(self));
+              auto wi = self->state.workers.find(aw.instance);
+              if (wi != self->state.workers.end() && wi->second.endpoint == aw.endpoint) wi->second.socket = socket;
+              spdlog::info("scheduler: attention worker {} at {}", aw.instance, aw.endpoint);
+              pump(self);
+            },
+            [=](caf::error& e) {
+              spdlog::error("scheduler: cannot connect to {}: {}", aw.endpoint, self->system().render(e));
+            });
+  }
+  for (auto& [name, w] : st.workers) {
+    if (present.count(name) || !w.listed) continue;
+    w.listed = false;
+    w.inflight = 0;
+    for (uint64_t id : std::vector<uint64_t>(w.running.begin(), w.running.end())) {
+      w.running.erase(id);
+      requeue(self, id, "attention worker " + name + " left");
+    }
+  }
+  pump(self);
+}
+
+caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
+  self->state.cfg = std::move(cfg);
+  self->state.bridge = bridge;
+  self->delayed_send(self, std::chrono::milliseconds(500), sched_tick_atom::value);
+  return {
+      [=](generate_atom, GenerationRequestPtr req) -> caf::result<GenerationResultPtr> {
+        auto& st = self->state;
+        const uint64_t id = st.next_seq++;
+        auto rp = self->make_response_promise();
+        if (req->prompt.empty() || req->max_tokens < 1) {
+          auto r = std::make_shared<GenerationResult>();
+          r->finish_reason = "error";
+          r->error = req->prompt.empty() ? "empty prompt" : "max_tokens must be at least 1";
+          return GenerationResultPtr(r);
+        }
+        Seq s;
+        s.req = std::move(req);
+        s.promise = rp;
+        st.seqs.emplace(id, std::move(s));
+        st.waiting.push_back(id);
+        pump(self);
+        return caf::delegated<GenerationResultPtr>();
+      },
+      [=](zmq_recv_atom, int socket, FramesPtr frames) {
+        if (frames) on_step_response(self, socket, *frames);
+      },
+      [=](workers_atom, WorkerList list) {
+        if (list) on_workers(self, *list);
+      },
+      [=](sched_tick_atom) {
+        auto& st = self->state;
+        const auto now = Clock::now();
+        for (auto& [name, w] : st.workers) {
+          if (w.inflight == 0 || now - w.sent_at < st.cfg.step_timeout) continue;
+          spdlog::error("scheduler: step {} on {} timed out", w.inflight, name);
+          w.inflight = 0;
+          for (uint64_t id : std::vector<uint64_t>(w.running.begin(), w.running.end())) {
+            w.running.erase(id);
+            w.to_free.push_back(id);
+            requeue(self, id, "step timed out on " + name);
+          }
+        }
+        pump(self);
+        self->delayed_send(self, std::chrono::milliseconds(500), sched_tick_atom::value);
+      },
+      [=](sched_stats_atom) {
+        auto& st = self->state;
+        size_t running = 0;
+        for (const auto& [n, w] : st.workers) running += w.running.size();
+        nlohmann::json j{{"waiting", st.waiting.size()}, {"running", running}, {"steps", st.steps},
+                         {"requeued", st.requeued}};
+        return j.dump();
+      },
+  };
+}
+
+}  // namespace
+
+caf::actor spawn_scheduler(caf::actor_system& sys, ZmqBridge& bridge, SchedulerConfig cfg) {
+  return sys.spawn(scheduler, &bridge, std::move(cfg));
+}
+
+}  // namespace moemesh::actors
