@@ -21,7 +21,7 @@ namespace moemesh::cuda {
 // ---------------------------------------------------------------------------------------------
 // Status: ok, or one readable line that says what went wrong and where ("file:line: message").
 
-class Status {
+class [[nodiscard]] Status {
  public:
   Status() = default;  // ok
   static Status error(const char* file, int line, std::string message) {
@@ -73,7 +73,8 @@ Status add_rmsnorm(float* x, const float* residual, const void* weight, DType wd
                    int64_t dim, double eps, float* y, cudaStream_t stream);
 
 // Rotary embedding in place, HF "rotate_half" (pairs i and i + head_dim/2), on
-// x[rows, n_heads * head_dim]; positions[rows] (device). Angles are computed in double.
+// x[rows, n_heads * head_dim]; positions[rows] (device). sin/cos in double, the rotation in f32,
+// as in the CPU reference.
 Status rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions,
             double theta, cudaStream_t stream);
 
