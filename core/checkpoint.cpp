@@ -211,7 +211,7 @@ bool Checkpoint::has(const std::string& tensor) const { return tensors_.count(te
 
 const TensorInfo& Checkpoint::info(const std::string& tensor) const {
   auto it = tensors_.find(tensor);
-  if (it == tensors_.end()) throw Error(dir_.filename().string() + ": no tensor " + tensor + " in the checkpoint");
+  if (it == tensors_.end()) throw Error(name() + ": no tensor " + tensor + " in the checkpoint");
   return it->second;
 }
 
