@@ -262,14 +262,14 @@ caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
   return {
       [=](generate_atom, GenerationRequestPtr req) -> caf::result<GenerationResultPtr> {
         auto& st = self->state;
-        const uint64_t id = st.next_seq++;
-        auto rp = self->make_response_promise();
         if (req->prompt.empty() || req->max_tokens < 1) {
           auto r = std::make_shared<GenerationResult>();
           r->finish_reason = "error";
           r->error = req->prompt.empty() ? "empty prompt" : "max_tokens must be at least 1";
           return GenerationResultPtr(r);
         }
+        const uint64_t id = st.next_seq++;
+        auto rp = self->make_response_promise();
         Seq s;
         s.req = std::move(req);
         s.promise = rp;

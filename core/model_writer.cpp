@@ -1,10 +1,13 @@
 #include "core/model_writer.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <exception>
 #include <fstream>
 #include <numbers>
 #include <sstream>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -143,9 +146,9 @@ fs::path default_tokenizer_dir(Arch arch) {
 // ---------------------------------------------------------------------------------------------
 // Random numbers
 
-TensorRng::TensorRng(uint64_t seed, std::string_view tensor_name) {
+TensorRng::TensorRng(uint64_t seed, std::string_view tensor_name, uint64_t block) {
   uint64_t sm = seed;
-  uint64_t mixed = splitmix64(sm) ^ fnv1a64(tensor_name);
+  uint64_t mixed = (splitmix64(sm) ^ fnv1a64(tensor_name)) + block * 0xd1b54a32d192ed03ull;
   for (uint64_t& s : s_) s = splitmix64(mixed);
 }
 
@@ -175,23 +178,73 @@ double TensorRng::next_normal() {  // Box-Muller, both outputs used
   return r * std::cos(a);
 }
 
-TensorInit::TensorInit(uint64_t seed, const std::string& name, const std::vector<int64_t>& shape) : rng_(seed, name) {
+TensorInit::TensorInit(uint64_t seed, std::string name, const std::vector<int64_t>& shape)
+    : seed_(seed), name_(std::move(name)) {
   const double fan_in = shape.size() >= 2 ? double(shape[1]) : 1.0;
-  if (shape.size() == 1 && ends_with(name, "norm.weight")) {
+  if (shape.size() == 1 && ends_with(name_, "norm.weight")) {
     mean_ = 1.0;  // RMSNorm scales near 1, a little noise so a wrong norm is noticed
     std_ = 0.05;
-  } else if (name == "model.embed_tokens.weight") {
+  } else if (name_ == "model.embed_tokens.weight") {
     std_ = 0.1;  // the first RMSNorm rescales; small keeps tied lm_head logits moderate
-  } else if (ends_with(name, "block_sparse_moe.gate.weight") || ends_with(name, "mlp.gate.weight")) {
+  } else if (ends_with(name_, "block_sparse_moe.gate.weight") || ends_with(name_, "mlp.gate.weight")) {
     std_ = 2.0 / std::sqrt(fan_in);  // router: logits of std ~2 so routing is decisive, not uniform
   } else {
     std_ = 1.0 / std::sqrt(fan_in);  // Linear: keeps activations at unit scale
   }
 }
 
-void TensorInit::fill(float* out, size_t n) {
-  for (size_t i = 0; i < n; ++i) out[i] = float(mean_ + std_ * rng_.next_normal());
+void TensorInit::fill(uint64_t start, float* out, size_t n) const {
+  uint64_t i = start;
+  const uint64_t end = start + n;
+  while (i < end) {
+    const uint64_t block = i / kBlock;
+    const uint64_t block_end = std::min(end, (block + 1) * kBlock);
+    TensorRng rng(seed_, name_, block);
+    for (uint64_t skip = block * kBlock; skip < i; ++skip) rng.next_normal();  // unaligned start
+    for (; i < block_end; ++i) *out++ = float(mean_ + std_ * rng.next_normal());
+  }
 }
+
+namespace {
+
+// Generates a shard's tensors in parallel pieces and writes them in file order.
+void write_shard(safetensors::Writer& w, uint64_t seed, unsigned threads) {
+  struct Piece {
+    const safetensors::TensorSpec* spec;
+    uint64_t start, count;
+  };
+  constexpr uint64_t kPiece = 16 * TensorInit::kBlock;  // 1M values, block aligned
+  std::vector<Piece> pieces;
+  for (const auto& s : w.order()) {
+    const uint64_t numel = s.nbytes() / dtype_size(s.dtype);
+    for (uint64_t at = 0; at < numel; at += kPiece) pieces.push_back({&s, at, std::min(kPiece, numel - at)});
+  }
+  std::vector<std::vector<char>> out(threads);
+  std::vector<std::vector<float>> tmp(threads);
+  std::vector<std::exception_ptr> failed(threads);
+  auto make = [&](size_t slot, const Piece& p) {
+    try {
+      tmp[slot].resize(p.count);
+      TensorInit(seed, p.spec->name, p.spec->shape).fill(p.start, tmp[slot].data(), p.count);
+      out[slot].resize(p.count * dtype_size(p.spec->dtype));
+      from_f32(p.spec->dtype, tmp[slot].data(), out[slot].data(), p.count);
+    } catch (...) {
+      failed[slot] = std::current_exception();
+    }
+  };
+  for (size_t i = 0; i < pieces.size(); i += threads) {
+    const size_t n = std::min<size_t>(threads, pieces.size() - i);
+    std::vector<std::thread> pool;
+    for (size_t k = 1; k < n; ++k) pool.emplace_back(make, k, pieces[i + k]);
+    make(0, pieces[i]);
+    for (auto& t : pool) t.join();
+    for (auto& e : failed)
+      if (e) std::rethrow_exception(e);
+    for (size_t k = 0; k < n; ++k) w.write(out[k].data(), out[k].size());
+  }
+}
+
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------
 // The model folder
@@ -235,20 +288,12 @@ WriteSummary write_model(const ModelConfig& config, const fs::path& dir, const W
     sum.tensor_bytes += specs.back().nbytes();
   }
   auto shards = safetensors::plan_shards(specs, opts.shard_bytes);
-  std::vector<float> buf(size_t(1) << 20);
+  const unsigned threads =
+      opts.threads ? opts.threads : std::clamp(std::thread::hardware_concurrency(), 1u, 16u);
   for (size_t i = 0; i < shards.size(); ++i) {
     const std::string fname = shards.size() == 1 ? safetensors::kSingleFile : safetensors::shard_file_name(i, shards.size());
     safetensors::Writer w(dir / fname, shards[i]);
-    for (const auto& s : w.order()) {
-      TensorInit init(opts.seed, s.name, s.shape);
-      uint64_t left = s.nbytes() / dtype_size(s.dtype);
-      while (left > 0) {
-        size_t n = size_t(std::min<uint64_t>(left, buf.size()));
-        init.fill(buf.data(), n);
-        w.write_f32(buf.data(), n);
-        left -= n;
-      }
-    }
+    write_shard(w, opts.seed, threads);
     w.finish();
     sum.files.push_back(fname);
   }

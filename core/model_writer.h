@@ -35,10 +35,10 @@ TokenizerFiles read_tokenizer_files(const std::filesystem::path& file_or_dir);
 // $MOEMESH_CACHE or the compiled-in cache folder. Throws with a hint to run scripts/bootstrap.
 std::filesystem::path default_tokenizer_dir(Arch arch);
 
-// Deterministic normal numbers for one tensor.
+// Deterministic normal numbers for one block of one tensor.
 class TensorRng {
  public:
-  TensorRng(uint64_t seed, std::string_view tensor_name);
+  TensorRng(uint64_t seed, std::string_view tensor_name, uint64_t block = 0);
   uint64_t next_u64();
   double next_normal();
 
@@ -48,17 +48,27 @@ class TensorRng {
   bool has_spare_ = false;
 };
 
-// The initial values of tensor `name` (its shape says the fan-in): n values, continuing the
-// tensor's stream (call repeatedly to fill a large tensor in chunks).
+// The initial values of tensor `name` (its name and shape choose the scale). Element i comes
+// from the stream of block i / kBlock, so blocks can be generated in parallel and the values
+// depend on (seed, name) alone.
 class TensorInit {
  public:
-  TensorInit(uint64_t seed, const std::string& name, const std::vector<int64_t>& shape);
-  void fill(float* out, size_t n);
+  static constexpr uint64_t kBlock = 1 << 16;
+  TensorInit(uint64_t seed, std::string name, const std::vector<int64_t>& shape);
+  // Elements [start, start + n).
+  void fill(uint64_t start, float* out, size_t n) const;
+  // The next n elements (call repeatedly to fill a tensor in chunks).
+  void fill(float* out, size_t n) {
+    fill(pos_, out, n);
+    pos_ += n;
+  }
   double mean() const { return mean_; }
   double stddev() const { return std_; }
 
  private:
-  TensorRng rng_;
+  uint64_t seed_;
+  std::string name_;
+  uint64_t pos_ = 0;
   double mean_ = 0, std_ = 1;
 };
 
@@ -66,6 +76,7 @@ struct WriteOptions {
   DType dtype = DType::BF16;
   uint64_t seed = 0;
   uint64_t shard_bytes = kDefaultShardBytes;
+  unsigned threads = 0;  // 0: one per core (at most 16); the output does not depend on it
 };
 
 struct WriteSummary {

@@ -345,6 +345,25 @@ TEST_F(CheckpointTest, WriterIsDeterministic) {
   o.seed = 8;
   fs::path c = make("c", Arch::Mixtral, o);
   EXPECT_NE(read_text(a / "model.safetensors"), read_text(c / "model.safetensors"));
+  // The thread count does not change a byte (values are per (seed, name, block)).
+  o.seed = 7;
+  o.threads = 1;
+  fs::path t1 = make("t1", Arch::DeepSeek, o);
+  o.threads = 5;
+  fs::path t5 = make("t5", Arch::DeepSeek, o);
+  EXPECT_EQ(read_text(t1 / "model.safetensors"), read_text(t5 / "model.safetensors"));
+  // Filling from an unaligned start gives the same values as filling from 0.
+  std::vector<int64_t> shape{300000, 4};
+  std::vector<float> all(200000), part(70000);
+  TensorInit(3, "w", shape).fill(0, all.data(), all.size());
+  TensorInit(3, "w", shape).fill(100000, part.data(), part.size());
+  EXPECT_EQ(0, std::memcmp(all.data() + 100000, part.data(), part.size() * 4));
+  TensorInit chunked(3, "w", shape);
+  chunked.fill(part.data(), 12345);
+  chunked.fill(part.data() + 12345, 50000);
+  EXPECT_EQ(0, std::memcmp(all.data(), part.data(), 62345 * 4));
+  o.seed = 8;
+  o.threads = 0;
   // Known values pin the PRNG so a change to it is noticed (it defines every mkmodel model).
   TensorRng r(0, "x");
   uint64_t first = r.next_u64();
