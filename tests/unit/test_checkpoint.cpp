@@ -367,6 +367,12 @@ TEST_F(CheckpointTest, WriterIsDeterministic) {
   // Known values pin the PRNG so a change to it is noticed (it defines every mkmodel model).
   TensorRng r(0, "x");
   uint64_t first = r.next_u64();
+  EXPECT_EQ(first, 6867485715700156993ull);
+  EXPECT_DOUBLE_EQ(r.next_normal(), -1.7353778428157129);
+  float pinned[3];
+  TensorInit(1, "model.layers.0.self_attn.q_proj.weight", {64, 64}).fill(70000, pinned, 3);
+  EXPECT_FLOAT_EQ(pinned[0], -0.0626199841f);
+  EXPECT_FLOAT_EQ(pinned[2], 0.214415818f);
   TensorRng r2(0, "x");
   EXPECT_EQ(r2.next_u64(), first);
   TensorRng r3(0, "y");
