@@ -1,0 +1,115 @@
+#include "actors/service_runtime.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <iostream>
+#include <thread>
+
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include "core/error.h"
+
+namespace moemesh::actors {
+namespace {
+
+sigset_t shutdown_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  return set;
+}
+
+std::string hostname() {
+  char buf[256] = {};
+  if (gethostname(buf, sizeof buf - 1) != 0) return "localhost";
+  return buf;
+}
+
+}  // namespace
+
+int default_threads() {
+  int hw = int(std::thread::hardware_concurrency());
+  return std::clamp(hw, 1, 4);
+}
+
+ServiceRuntime::ServiceRuntime(std::string service, int default_admin_port)
+    : service_(std::move(service)), app_("moemesh-" + service_), registry_(std::make_shared<prometheus::Registry>()) {
+  sigset_t set = shutdown_signals();
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  signal(SIGPIPE, SIG_IGN);  // a peer that hangs up must not kill the process
+
+  flags_.admin_port = default_admin_port;
+  app_.set_config("--config", "", "TOML or INI file setting any of these options by long name");
+  app_.add_option("--log-level", flags_.log_level, "trace, debug, info, warn or error")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}))
+      ->envname("MOEMESH_LOG_LEVEL")
+      ->capture_default_str();
+  app_.add_option("--threads", flags_.threads, "actor scheduler threads (default: min(4, cores))")
+      ->check(CLI::Range(1, 1024))
+      ->envname("MOEMESH_THREADS");
+  app_.add_option("--admin-address", flags_.admin_address, "address of /metrics, /healthz, /readyz")
+      ->capture_default_str();
+  app_.add_option("--admin-port", flags_.admin_port, "port of /metrics, /healthz, /readyz (0: any free port)")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
+  app_.add_option("--instance", flags_.instance, "this process's unique name (default: <service>-<host>-<pid>)")
+      ->envname("MOEMESH_INSTANCE");
+}
+
+ServiceRuntime::~ServiceRuntime() {
+  shutdown();
+  system_.reset();  // waits until every actor has terminated
+}
+
+std::optional<int> ServiceRuntime::start(int argc, const char* const* argv) {
+  try {
+    app_.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app_.exit(e);
+  }
+  if (flags_.threads == 0) flags_.threads = default_threads();
+  if (flags_.instance.empty()) flags_.instance = service_ + "-" + hostname() + "-" + std::to_string(getpid());
+
+  // Not registered by name: a second runtime in one process (tests) must not clash.
+  auto logger = std::make_shared<spdlog::logger>(service_, std::make_shared<spdlog::sinks::stderr_color_sink_mt>());
+  logger->set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%-5l%$ [" + service_ + " " + flags_.instance + "] %v");
+  logger->set_level(spdlog::level::from_str(flags_.log_level));
+  spdlog::set_default_logger(logger);
+
+  cfg_ = std::make_unique<caf::actor_system_config>();
+  cfg_->set("scheduler.max-threads", flags_.threads);
+  system_ = std::make_unique<caf::actor_system>(*cfg_);
+
+  try {
+    admin_ = std::make_unique<AdminServer>(AdminOptions{flags_.admin_address, uint16_t(flags_.admin_port)}, registry_);
+    admin_->start();
+  } catch (const std::exception& e) {
+    std::cerr << "moemesh-" << service_ << ": " << e.what() << "\n";
+    return 1;
+  }
+  spdlog::info("started: {} scheduler threads, admin on {}:{}", flags_.threads, flags_.admin_address, admin_->port());
+  return std::nullopt;
+}
+
+int ServiceRuntime::wait_for_shutdown() {
+  sigset_t set = shutdown_signals();
+  int sig = 0;
+  while (sigwait(&set, &sig) != 0) {
+  }
+  spdlog::info("{} received, shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  return sig;
+}
+
+void ServiceRuntime::request_shutdown() { kill(getpid(), SIGTERM); }
+
+void ServiceRuntime::shutdown() {
+  if (admin_) admin_->stop();
+  for (auto it = owned_.rbegin(); it != owned_.rend(); ++it) caf::anon_send_exit(*it, caf::exit_reason::user_shutdown);
+  owned_.clear();
+}
+
+}  // namespace moemesh::actors
