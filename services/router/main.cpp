@@ -1,1 +1,93 @@
-int main() { return 0; }  // placeholder until the router service lands
+// moemesh-router: the OpenAI-compatible gateway, the scheduler and the cluster coordinator.
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+
+#include "actors/coordinator.h"
+#include "actors/openai_frontend.h"
+#include "actors/scheduler.h"
+#include "actors/service_runtime.h"
+#include "actors/zmq_bridge.h"
+#include "core/model_config.h"
+#include "core/tokenizer.h"
+
+using namespace moemesh;
+using namespace moemesh::actors;
+
+int main(int argc, char** argv) {
+  ServiceRuntime rt("router", 9100);
+  std::string model_dir, served_name, http_address = "0.0.0.0";
+  std::string control = "tcp://0.0.0.0:5550", placement = "tcp://0.0.0.0:5551";
+  int port = 8000, expert_hosts = 1, replicas = 1, heartbeat_timeout_ms = 2000, http_threads = 2;
+  int64_t step_budget = 512;
+  auto& cli = rt.cli();
+  cli.add_option("--model", model_dir, "checkpoint folder (config.json, tokenizer)")->required();
+  cli.add_option("--served-model-name", served_name, "model name in the API (default: the folder's name)");
+  cli.add_option("--port", port, "OpenAI API port");
+  cli.add_option("--http-address", http_address, "OpenAI API address");
+  cli.add_option("--http-threads", http_threads, "API server threads");
+  cli.add_option("--control", control, "coordinator endpoint (bound ROUTER)");
+  cli.add_option("--placement", placement, "placement publisher endpoint (bound PUB)");
+  cli.add_option("--expert-hosts", expert_hosts, "expert hosts the placement is cut for")->check(CLI::PositiveNumber);
+  cli.add_option("--replicas", replicas, "copies of every expert")->check(CLI::PositiveNumber);
+  cli.add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms, "silence after which a member is dropped");
+  cli.add_option("--step-token-budget", step_budget, "prefill + decode tokens per worker step");
+  if (auto rc = rt.start(argc, argv)) return *rc;
+
+  try {
+    const std::filesystem::path dir = std::filesystem::absolute(model_dir).lexically_normal();
+    ModelConfig mc = ModelConfig::load(dir / "config.json");
+    std::shared_ptr<const Tokenizer> tok;
+    if (std::filesystem::exists(dir / "tokenizer.json")) tok = Tokenizer::from_dir(dir);
+    if (served_name.empty()) served_name = (dir.filename().empty() ? dir.parent_path() : dir).filename().string();
+
+    ZmqBridge bridge(rt.system());
+    const int control_sock = bridge.add({.name = "control", .type = zmq::socket_type::router, .endpoint = control, .bind = true});
+    const int pub_sock = bridge.add({.name = "placement", .type = zmq::socket_type::pub, .endpoint = placement, .bind = true});
+    bridge.start();
+
+    SchedulerConfig sc;
+    sc.instance = rt.instance();
+    sc.step_token_budget = step_budget;
+    for (int64_t id : mc.eos_token_ids) sc.eos_ids.push_back(int32_t(id));
+    caf::actor scheduler = spawn_scheduler(rt.system(), bridge, sc);
+
+    CoordinatorConfig cc;
+    cc.model_id = served_name;
+    for (int64_t l = 0; l < mc.num_hidden_layers; ++l)
+      if (mc.is_moe_layer(l)) cc.moe_layers.push_back(int32_t(l));
+    cc.num_experts = int32_t(mc.num_experts);
+    cc.expert_hosts = expert_hosts;
+    cc.replicas = replicas;
+    cc.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
+    caf::actor coordinator = spawn_coordinator(rt.system(), bridge, control_sock, pub_sock, cc, scheduler);
+    rt.stop_on_shutdown(scheduler);
+    rt.stop_on_shutdown(coordinator);
+
+    rt.admin().set_readiness([&rt, coordinator]() -> Readiness {
+      caf::scoped_actor self{rt.system()};
+      Readiness r{false, "coordinator did not answer"};
+      self->request(coordinator, std::chrono::milliseconds(500), ready_atom::value)
+          .receive([&](bool ok) { r = {ok, ok ? "" : "waiting for attention workers and expert hosts"}; },
+                   [&](caf::error&) {});
+      return r;
+    });
+
+    http::HttpServer api({.address = http_address, .port = uint16_t(port), .threads = http_threads, .name = "api"});
+    install_openai_routes(api, rt.system(),
+                          {served_name, tok, mc.max_position_embeddings, mc.vocab_size, scheduler});
+    api.start();
+    spdlog::info("router: serving {} on http://{}:{} (control {}, placement {}, {} expert host slots x{} replicas)",
+                 served_name, http_address, api.port(), bridge.endpoint(control_sock), bridge.endpoint(pub_sock),
+                 expert_hosts, replicas);
+    rt.wait_for_shutdown();
+    spdlog::info("router: shutting down");
+    api.stop();
+    rt.shutdown();
+    bridge.stop();
+  } catch (const std::exception& e) {
+    spdlog::error("router: {}", e.what());
+    return 1;
+  }
+  return 0;
+}

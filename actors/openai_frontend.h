@@ -1,0 +1,26 @@
+// The router's OpenAI-compatible HTTP API: POST /v1/completions and GET /v1/models.
+// Validation and response shapes live in core/openai_api; this file tokenizes, hands the
+// request to the scheduler actor and answers when it is done, without blocking the HTTP threads.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <caf/all.hpp>
+
+#include "actors/http_server.h"
+#include "core/tokenizer.h"
+
+namespace moemesh::actors {
+
+struct FrontendConfig {
+  std::string served_model;
+  std::shared_ptr<const Tokenizer> tokenizer;  // may be null: then prompts must be token ids
+  int64_t max_context = 4096;                  // prompt + max_tokens may not exceed it
+  int64_t vocab_size = 0;
+  caf::actor scheduler;
+};
+
+void install_openai_routes(http::HttpServer& server, caf::actor_system& sys, FrontendConfig cfg);
+
+}  // namespace moemesh::actors
