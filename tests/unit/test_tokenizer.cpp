@@ -333,5 +333,29 @@ TEST(Tokenizer, BadInputsGiveReadableErrors) {
   }
 }
 
+TEST(TokenizeCli, EncodeDecodeAndChat) {
+  auto dir = tokenizer_dir("llama2");
+  ASSERT_TRUE(std::filesystem::exists(dir / "tokenizer.json")) << dir << " missing: run scripts/bootstrap";
+  TempDir tmp;
+  auto chat = tmp.write("chat.json", R"([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])");
+  std::string cli = std::string("'") + MOEMESH_CLI + "' tokenize --tokenizer '" + dir.string() + "' ";
+  int status = 0;
+  EXPECT_EQ(testing::run_capture(cli + "--text 'Hello, world!'", &status), "1,22557,28725,1526,28808\n");
+  EXPECT_EQ(status, 0);
+  EXPECT_EQ(testing::run_capture(cli + "--text 'Hello, world!' --no-special", &status), "22557,28725,1526,28808\n");
+  EXPECT_EQ(testing::run_capture(cli + "--ids 1,22557,28725 --no-special", &status), "Hello,\n");
+  json j = json::parse(testing::run_capture(cli + "--chat '" + chat.string() + "' --chat-template mixtral --json", &status));
+  EXPECT_EQ(j.at("prompt"), "<s>[INST] Hi [/INST]Yo</s>");
+  auto tok = Tokenizer::from_dir(dir);
+  EXPECT_EQ(j.at("ids").get<std::vector<int32_t>>(), tok->encode("<s>[INST] Hi [/INST]Yo</s>", false));
+  // Errors: one readable line on stderr, non-zero exit.
+  std::string err = testing::run_capture(cli + "--ids 1,x 2>&1", &status);
+  EXPECT_NE(status, 0);
+  EXPECT_NE(err.find("is not a token id"), std::string::npos) << err;
+  err = testing::run_capture(cli + "--chat '" + chat.string() + "' 2>&1", &status);
+  EXPECT_NE(status, 0);
+  EXPECT_NE(err.find("no chat_template"), std::string::npos) << err;
+}
+
 }  // namespace
 }  // namespace moemesh
