@@ -665,9 +665,9 @@ class AddedTokenMatcher {
       }
       size_t b = i, e = best_end;
       if (best->lstrip)
-        while (b > plain_begin && is_space_char(static_cast<unsigned char>(s[b - 1]))) --b;
+        while (b > plain_begin && is_ascii_space(s[b - 1])) --b;
       if (best->rstrip)
-        while (e < s.size() && is_space_char(static_cast<unsigned char>(s[e]))) ++e;
+        while (e < s.size() && is_ascii_space(s[e])) ++e;
       if (b > plain_begin) emit(s.substr(plain_begin, b - plain_begin), nullptr);
       emit(std::string_view(best->content), best);
       plain_begin = i = e;
@@ -676,6 +676,8 @@ class AddedTokenMatcher {
   }
 
  private:
+  // Byte-wise scan, so only ASCII whitespace: a UTF-8 continuation byte must never match.
+  static bool is_ascii_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
   static bool is_word_byte(unsigned char c) { return std::isalnum(c) || c == '_' || c >= 0x80; }
   static bool single_word_ok(std::string_view s, size_t b, size_t e) {
     return (b == 0 || !is_word_byte(s[b - 1])) && (e >= s.size() || !is_word_byte(s[e]));
