@@ -147,7 +147,12 @@ std::shared_ptr<Checkpoint> Checkpoint::open(const fs::path& dir) {
   };
   const fs::path index_path = dir / safetensors::kIndexFile;
   const fs::path single_path = dir / safetensors::kSingleFile;
-  if (fs::exists(index_path)) {
+  // transformers prefers the single file when both exist; so do we.
+  if (fs::exists(single_path)) {
+    safetensors::Header hdr = safetensors::read_header(single_path);
+    for (const auto& e : hdr.tensors) add(hdr, e);
+    missing_blame = std::string(safetensors::kSingleFile) + ": tensor %s is missing";
+  } else if (fs::exists(index_path)) {
     const std::string iname = safetensors::kIndexFile;
     json index = read_json_file(index_path);
     if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
@@ -173,10 +178,6 @@ std::shared_ptr<Checkpoint> Checkpoint::open(const fs::path& dir) {
       }
     }
     missing_blame = iname + ": tensor %s is missing from weight_map";
-  } else if (fs::exists(single_path)) {
-    safetensors::Header hdr = safetensors::read_header(single_path);
-    for (const auto& e : hdr.tensors) add(hdr, e);
-    missing_blame = std::string(safetensors::kSingleFile) + ": tensor %s is missing";
   } else {
     throw Error(dir.string() + ": no " + safetensors::kSingleFile + " or " + safetensors::kIndexFile);
   }

@@ -268,6 +268,12 @@ TEST_F(CheckpointTest, ShardedCheckpoints) {
     EXPECT_EQ(0, std::memcmp(a.data, b.data, ck->info(name).nbytes)) << name;
   }
 
+  // Both layouts present: the single file wins, as in transformers.
+  fs::path both = root_ / "both";
+  fs::copy(d, both);
+  fs::copy_file(one / "model.safetensors", both / "model.safetensors");
+  EXPECT_EQ(Checkpoint::open(both)->info("lm_head.weight").file.filename(), "model.safetensors");
+
   // Damage: a shard gone.
   fs::path gone = root_ / "gone";
   fs::copy(d, gone);
