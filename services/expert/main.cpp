@@ -100,7 +100,7 @@ int serve(const Flags& f) {
     sigwait(&stop_signals, &sig);
     spdlog::info("expert host: signal {}, shutting down", sig);
     bridge.stop();
-    caf::anon_send_exit(batcher, caf::exit_reason::user_shutdown);
+    actors::stop_expert_batcher(sys, batcher);
   }  // the pool finishes queued batches before `experts` goes away
   return 0;
 }

@@ -1,0 +1,255 @@
+#include "actors/expert_batcher.h"
+
+#include <spdlog/spdlog.h>
+
+#include "actors/dispatch_frames.h"
+#include "core/error.h"
+
+namespace moemesh::actors {
+
+using flush_atom = caf::atom_constant<caf::atom("flush")>;
+using batch_done_atom = caf::atom_constant<caf::atom("batchdone")>;
+
+// ---- BatchQueue ----
+
+BatchJobPtr BatchQueue::add(int32_t layer, PendingRequest req, Clock::time_point now) {
+  last_seen_[req.peer] = now;
+  for (auto it = last_seen_.begin(); it != last_seen_.end();)
+    it = now - it->second > opts_.peer_memory ? last_seen_.erase(it) : std::next(it);
+
+  Open& open = open_[layer];
+  if (!open.job) {
+    open.job = std::make_shared<BatchJob>();
+    open.job->layer = layer;
+    open.job->queued = now;
+  }
+  for (const auto& g : req.groups) open.rows += g.rows;
+  open.peers.insert(req.peer);
+  open.job->requests.push_back(std::move(req));
+
+  bool everyone_in = true;
+  for (const auto& [peer, seen] : last_seen_)
+    if (!open.peers.count(peer)) everyone_in = false;
+  if (!everyone_in && open.rows < opts_.max_batch_rows) return nullptr;
+  BatchJobPtr job = std::move(open.job);
+  open_.erase(layer);
+  return job;
+}
+
+std::vector<BatchJobPtr> BatchQueue::take_due(Clock::time_point now) {
+  std::vector<BatchJobPtr> due;
+  for (auto it = open_.begin(); it != open_.end();) {
+    if (now >= it->second.job->queued + opts_.window) {
+      due.push_back(std::move(it->second.job));
+      it = open_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return due;
+}
+
+size_t BatchQueue::queued_requests() const {
+  size_t n = 0;
+  for (const auto& [layer, open] : open_) n += open.job->requests.size();
+  return n;
+}
+
+// ---- ExpertLoad ----
+
+void ExpertLoad::add(int32_t layer, int32_t expert, uint64_t rows) {
+  std::lock_guard<std::mutex> lk(mu_);
+  rows_[{layer, expert}] += rows;
+}
+
+std::map<ExpertKey, uint64_t> ExpertLoad::drain() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return std::exchange(rows_, {});
+}
+
+// ---- metrics ----
+
+namespace {
+
+prometheus::Histogram& histogram(prometheus::Registry& reg, const std::string& name, const std::string& help,
+                                 prometheus::Histogram::BucketBoundaries buckets) {
+  return prometheus::BuildHistogram().Name(name).Help(help).Register(reg).Add({}, std::move(buckets));
+}
+
+}  // namespace
+
+ExpertHostMetrics::ExpertHostMetrics(prometheus::Registry& reg)
+    : bad_requests(prometheus::BuildCounter()
+                       .Name("moemesh_expert_bad_requests_total")
+                       .Help("Dispatch messages answered with an error reply, by reason")
+                       .Register(reg)),
+      requests(prometheus::BuildCounter()
+                   .Name("moemesh_expert_requests_total")
+                   .Help("DispatchRequests accepted")
+                   .Register(reg)
+                   .Add({})),
+      rows(prometheus::BuildCounter()
+               .Name("moemesh_expert_rows_total")
+               .Help("Rows computed, per layer and expert")
+               .Register(reg)),
+      batches(prometheus::BuildCounter()
+                  .Name("moemesh_expert_batches_total")
+                  .Help("Batches computed (requests of one layer merged)")
+                  .Register(reg)
+                  .Add({})),
+      batch_requests(histogram(reg, "moemesh_expert_batch_requests", "Requests merged into one batch",
+                               {1, 2, 3, 4, 6, 8, 12, 16, 32})),
+      batch_rows(histogram(reg, "moemesh_expert_batch_rows", "Rows in one batch (all experts)",
+                           {1, 4, 16, 64, 256, 1024, 4096, 16384})),
+      queue_seconds(histogram(reg, "moemesh_expert_queue_wait_seconds",
+                              "Time from a batch's first request to the start of its compute",
+                              {1e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.05})),
+      compute_seconds(histogram(reg, "moemesh_expert_compute_seconds", "Compute time of one batch",
+                                {1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1})),
+      queued_requests(prometheus::BuildGauge()
+                          .Name("moemesh_expert_queued_requests")
+                          .Help("Requests waiting for their batch to start")
+                          .Register(reg)
+                          .Add({})),
+      mapped_weight_bytes(prometheus::BuildGauge()
+                              .Name("moemesh_expert_mapped_weight_bytes")
+                              .Help("Bytes of expert weights mapped from the checkpoint")
+                              .Register(reg)
+                              .Add({})) {}
+
+// ---- the actor ----
+
+namespace {
+
+// What the host itself can serve (the codec checked the message's own consistency).
+void check_servable(const dispatch::Request& r, const HostedExperts& experts) {
+  const ModelConfig& c = experts.config();
+  if (r.layer < 0 || r.layer >= c.num_hidden_layers || !c.is_moe_layer(r.layer))
+    throw dispatch::DecodeError(r.request_id, std::string(dispatch::kBadLayer),
+                                "layer " + std::to_string(r.layer) + " has no routed experts in this model (" +
+                                    std::to_string(c.num_hidden_layers) + " layers)");
+  if (r.hidden != experts.hidden())
+    throw dispatch::DecodeError(r.request_id, std::string(dispatch::kBadHidden),
+                                "rows of width " + std::to_string(r.hidden) + ", this model's hidden size is " +
+                                    std::to_string(experts.hidden()));
+  for (const auto& g : r.groups)
+    if (!experts.holds(r.layer, g.expert))
+      throw dispatch::DecodeError(r.request_id, std::string(dispatch::kUnknownExpert),
+                                  "expert " + std::to_string(g.expert) + " of layer " + std::to_string(r.layer) +
+                                      " is not held by this host");
+}
+
+struct BatcherState {
+  ExpertBatcherDeps deps;
+  std::unique_ptr<BatchQueue> queue;
+  std::map<ExpertKey, prometheus::Counter*> rows_counters;
+  static inline const char* name = "expert_batcher";
+};
+
+using Self = caf::stateful_actor<BatcherState>;
+
+void reply(Self* self, FramesPtr frames) {
+  self->send(self->state.deps.bridge, zmq_send_atom::value, self->state.deps.socket, std::move(frames));
+}
+
+void start(Self* self, BatchJobPtr job) {
+  auto& st = self->state;
+  st.deps.metrics->queued_requests.Set(double(st.queue->queued_requests()));
+  caf::actor me = caf::actor_cast<caf::actor>(self);
+  run_batch(*st.deps.experts, *st.deps.pool, std::move(job),
+            [me](BatchJobPtr done) { caf::anon_send(me, batch_done_atom::value, std::move(done)); });
+}
+
+void on_request(Self* self, FramesPtr frames) {
+  auto& st = self->state;
+  if (!frames || frames->empty()) return;
+  const std::string peer = (*frames)[0].to_string();
+  try {
+    auto views = frame_views(*frames, 1);
+    dispatch::Request r = dispatch::decode_request(views);
+    check_servable(r, *st.deps.experts);
+    PendingRequest p;
+    p.peer = peer;
+    p.request_id = r.request_id;
+    p.groups = std::move(r.groups);
+    p.rows.resize(size_t(r.total_rows * r.hidden));
+    dispatch::copy_floats(r.rows, 0, p.rows.size(), p.rows.data());
+    st.deps.metrics->requests.Increment();
+    const auto now = BatchQueue::Clock::now();
+    const size_t open_before = st.queue->open_batches();
+    if (BatchJobPtr job = st.queue->add(r.layer, std::move(p), now)) {
+      start(self, std::move(job));
+    } else {
+      st.deps.metrics->queued_requests.Set(double(st.queue->queued_requests()));
+      if (st.queue->open_batches() > open_before)  // a new batch opened: wake up when its window ends
+        self->delayed_send(self, st.deps.options.window, flush_atom::value);
+    }
+  } catch (const dispatch::DecodeError& e) {
+    st.deps.metrics->bad_request(e.code());
+    spdlog::debug("expert: bad request {} ({}): {}", e.request_id(), e.code(), e.what());
+    reply(self, to_frames(dispatch::encode_error(e.request_id(), e.code(), e.what()), peer));
+  }
+}
+
+void on_done(Self* self, BatchJobPtr job) {
+  auto& st = self->state;
+  auto& m = *st.deps.metrics;
+  using secs = std::chrono::duration<double>;
+  m.batches.Increment();
+  m.batch_requests.Observe(double(job->requests.size()));
+  m.queue_seconds.Observe(secs(job->started - job->queued).count());
+  m.compute_seconds.Observe(secs(job->finished - job->started).count());
+  int64_t total = 0;
+  const int64_t hidden = st.deps.experts->hidden();
+  for (size_t i = 0; i < job->requests.size(); ++i) {
+    PendingRequest& req = job->requests[i];
+    if (!job->error.empty()) {
+      m.bad_request(std::string(dispatch::kInternal));
+      reply(self, to_frames(dispatch::encode_error(req.request_id, dispatch::kInternal, job->error), req.peer));
+      continue;
+    }
+    for (const auto& g : req.groups) {
+      total += g.rows;
+      auto& counter = st.rows_counters[{job->layer, g.expert}];
+      if (!counter)
+        counter = &m.rows.Add({{"layer", std::to_string(job->layer)}, {"expert", std::to_string(g.expert)}});
+      counter->Increment(double(g.rows));
+      if (st.deps.load) st.deps.load->add(job->layer, g.expert, uint64_t(g.rows));
+    }
+    reply(self, to_frames(dispatch::encode_response(req.request_id, job->layer, hidden, std::move(job->outputs[i])),
+                          req.peer));
+  }
+  m.batch_rows.Observe(double(total));
+  if (!job->error.empty()) spdlog::error("expert: batch of layer {} failed: {}", job->layer, job->error);
+}
+
+caf::behavior batcher(Self* self, ExpertBatcherDeps deps) {
+  self->state.queue = std::make_unique<BatchQueue>(deps.options);
+  self->state.deps = std::move(deps);
+  return {
+      [self](zmq_recv_atom, int, FramesPtr frames) { on_request(self, std::move(frames)); },
+      [self](flush_atom) {
+        for (auto& job : self->state.queue->take_due(BatchQueue::Clock::now())) start(self, std::move(job));
+        // A batch opened later than this timer's has its own timer still pending.
+      },
+      [self](batch_done_atom, BatchJobPtr job) { on_done(self, std::move(job)); },
+  };
+}
+
+}  // namespace
+
+caf::actor spawn_expert_batcher(caf::actor_system& sys, ExpertBatcherDeps deps) {
+  if (!deps.experts || !deps.pool || !deps.metrics || !deps.bridge)
+    throw Error("expert batcher: experts, pool, metrics and bridge are required");
+  return sys.spawn(batcher, std::move(deps));
+}
+
+void stop_expert_batcher(caf::actor_system& sys, const caf::actor& batcher) {
+  if (!batcher) return;
+  caf::scoped_actor self{sys};
+  self->monitor(batcher);
+  self->send_exit(batcher, caf::exit_reason::user_shutdown);
+  self->receive([](const caf::down_msg&) {});
+}
+
+}  // namespace moemesh::actors

@@ -1,0 +1,91 @@
+// The expert host's compute side: the experts it holds, a pool of compute threads (never the
+// actor scheduler's), and batched execution (one mlp_forward per expert over the rows of every
+// request in a batch).
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/checkpoint.h"
+#include "core/dispatch_codec.h"
+#include "core/expert_set.h"
+
+namespace moemesh::actors {
+
+// Fixed-size thread pool; tasks run in submission order, several at a time.
+class ComputePool {
+ public:
+  explicit ComputePool(int threads);
+  ~ComputePool();  // runs what is queued, then joins
+  ComputePool(const ComputePool&) = delete;
+  ComputePool& operator=(const ComputePool&) = delete;
+
+  void submit(std::function<void()> task);
+  int threads() const { return int(threads_.size()); }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> tasks_;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
+};
+
+// The experts one host serves, mapped from the checkpoint (only those tensors).
+class HostedExperts {
+ public:
+  // Throws moemesh::Error when the set names experts the model does not have.
+  HostedExperts(std::shared_ptr<Checkpoint> ckpt, ExpertSet experts);
+
+  const ModelConfig& config() const { return ckpt_->config(); }
+  int64_t hidden() const { return config().hidden_size; }
+  const ExpertSet& experts() const { return experts_; }
+  bool holds(int32_t layer, int32_t expert) const { return experts_.count({layer, expert}) > 0; }
+  const MlpWeights& mlp(int32_t layer, int32_t expert) const;  // holds() must be true
+  uint64_t mapped_bytes() const { return ckpt_->mapped_bytes(); }
+  // The bytes these experts' tensors take in the checkpoint (what mapped_bytes() must equal).
+  uint64_t expected_bytes() const;
+
+ private:
+  std::shared_ptr<Checkpoint> ckpt_;
+  ExpertSet experts_;
+  ModelWeights weights_;
+};
+
+// One accepted request waiting in or running with a batch.
+struct PendingRequest {
+  std::string peer;  // ROUTER routing id of the sender
+  uint64_t request_id = 0;
+  std::vector<dispatch::Group> groups;
+  std::vector<float> rows;  // [sum(groups.rows), hidden]
+};
+
+// A batch of requests for one layer, and (after compute) their outputs in request order.
+struct BatchJob {
+  int32_t layer = 0;
+  std::vector<PendingRequest> requests;
+  std::vector<std::vector<float>> outputs;  // per request, [its rows, hidden]
+  std::string error;                        // non-empty: the batch failed (all its requests)
+  int experts = 0;                          // distinct experts computed (one mlp_forward each)
+  std::chrono::steady_clock::time_point queued, started, finished;
+
+  // private to run_batch
+  std::atomic<int> remaining{0};
+  std::mutex error_mu;
+};
+using BatchJobPtr = std::shared_ptr<BatchJob>;
+
+// Runs the batch on the pool: per expert, the rows of every request are concatenated (in
+// request order), computed with one mlp_forward and split back. Experts run as parallel pool
+// tasks; `done` is called once, on a pool thread, when the last one finishes.
+void run_batch(const HostedExperts& experts, ComputePool& pool, BatchJobPtr job, std::function<void(BatchJobPtr)> done);
+
+}  // namespace moemesh::actors

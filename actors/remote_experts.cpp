@@ -1,0 +1,267 @@
+#include "actors/remote_experts.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <random>
+#include <set>
+
+#include <spdlog/spdlog.h>
+
+#include "actors/dispatch_frames.h"
+#include "core/dispatch_codec.h"
+#include "core/error.h"
+#include "proto/control.pb.h"
+
+namespace moemesh::actors {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// One request to one host, as seen by the waiting run().
+struct Outcome {
+  bool done = false;
+  std::string error;  // empty: `reply` is a good DispatchResponse
+  FramesPtr frames;   // keeps reply's views alive
+  dispatch::Reply reply;
+};
+
+struct Call {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<Outcome> outcomes;
+  size_t pending = 0;
+};
+
+}  // namespace
+
+struct RemoteExpertExecutor::Inflight {
+  std::mutex mu;  // taken before any Call::mu
+  std::map<uint64_t, std::pair<std::shared_ptr<Call>, size_t>> waiting;
+  std::shared_ptr<RemoteExpertsStats> stats;
+
+  // On the receiving actor: decode and hand the reply to its waiting call. The outcome is set
+  // under `mu`, so once run() has withdrawn a request no late reply can touch it.
+  void deliver(const FramesPtr& frames) {
+    auto views = frame_views(*frames);
+    dispatch::Reply reply;
+    std::string error;
+    uint64_t id = 0;
+    try {
+      reply = dispatch::decode_reply(views);
+      id = reply.request_id;
+      if (!reply.ok) error = "error reply " + reply.error_code + ": " + reply.error_message;
+    } catch (const dispatch::DecodeError& e) {
+      id = e.request_id();
+      error = std::string("undecodable reply (") + e.code() + "): " + e.what();
+      ++stats->bad_replies;
+    }
+    std::lock_guard<std::mutex> lk(mu);
+    auto it = waiting.find(id);
+    if (it == waiting.end()) {
+      if (id != 0) ++stats->late_replies;
+      return;
+    }
+    auto [call, index] = it->second;
+    waiting.erase(it);
+    std::lock_guard<std::mutex> clk(call->mu);
+    Outcome& o = call->outcomes[index];
+    o.done = true;
+    o.error = std::move(error);
+    o.frames = frames;
+    o.reply = std::move(reply);
+    if (--call->pending == 0) call->cv.notify_all();
+  }
+};
+
+PlacementTable placement_from_proto(const pb::PlacementTable& msg) {
+  PlacementTable t;
+  t.version = msg.version();
+  for (const auto& h : msg.hosts()) {
+    if (!h.live()) continue;
+    PlacementHost host{h.instance(), h.data_endpoint(), {}};
+    for (const auto& e : h.experts()) host.experts.insert({e.layer(), e.expert()});
+    t.hosts.push_back(std::move(host));
+  }
+  return t;
+}
+
+RemoteExpertExecutor::RemoteExpertExecutor(caf::actor_system& sys, RemoteExpertsOptions opts)
+    : sys_(sys),
+      opts_(std::move(opts)),
+      stats_(std::make_shared<RemoteExpertsStats>()),
+      inflight_(std::make_shared<Inflight>()),
+      bridge_(sys),
+      table_(std::make_shared<PlacementTable>()) {
+  inflight_->stats = stats_;
+  // Ids start at a random point so replies meant for an earlier process never match.
+  std::random_device rd;
+  next_id_ = ((uint64_t(rd()) << 32) | rd()) | 1;
+  receiver_ = sys_.spawn([inflight = inflight_]() -> caf::behavior {
+    return {[inflight](zmq_recv_atom, int, FramesPtr frames) {
+      if (frames && !frames->empty()) inflight->deliver(frames);
+    }};
+  });
+  bridge_.start();
+}
+
+RemoteExpertExecutor::~RemoteExpertExecutor() {
+  bridge_.stop();
+  caf::anon_send_exit(receiver_, caf::exit_reason::user_shutdown);
+}
+
+void RemoteExpertExecutor::set_placement(PlacementTable table) {
+  auto next = std::make_shared<const PlacementTable>(std::move(table));
+  std::lock_guard<std::mutex> lk(table_mu_);
+  table_ = std::move(next);
+}
+
+std::shared_ptr<const PlacementTable> RemoteExpertExecutor::placement() const {
+  std::lock_guard<std::mutex> lk(table_mu_);
+  return table_;
+}
+
+int RemoteExpertExecutor::socket_for(const std::string& endpoint) {
+  std::lock_guard<std::mutex> lk(sockets_mu_);
+  if (auto it = sockets_.find(endpoint); it != sockets_.end()) return it->second;
+  int s = bridge_.add({.name = "expert " + endpoint, .type = zmq::socket_type::dealer, .endpoint = endpoint,
+                       .identity = opts_.identity});
+  bridge_.route(s, receiver_);
+  sockets_[endpoint] = s;
+  return s;
+}
+
+bool RemoteExpertExecutor::suspect(const std::string& endpoint) {
+  std::lock_guard<std::mutex> lk(suspects_mu_);
+  auto it = suspect_until_.find(endpoint);
+  return it != suspect_until_.end() && Clock::now() < it->second;
+}
+
+void RemoteExpertExecutor::mark_failed(const std::string& endpoint) {
+  std::lock_guard<std::mutex> lk(suspects_mu_);
+  suspect_until_[endpoint] = Clock::now() + opts_.suspect_for;
+}
+
+void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, std::span<const ExpertGroup> groups,
+                               std::vector<std::vector<float>>& outputs) {
+  const auto table = placement();
+  outputs.assign(groups.size(), {});
+  std::vector<size_t> todo;
+  for (size_t i = 0; i < groups.size(); ++i)
+    if (!groups[i].rows.empty()) todo.push_back(i);
+
+  std::map<std::string, std::string> failed;  // endpoint -> why, within this call
+  const std::string where = "layer " + std::to_string(layer);
+
+  while (!todo.empty()) {
+    // Assign every pending group to one live, not-yet-failed host.
+    struct Target {
+      const PlacementHost* host;
+      std::vector<size_t> groups;
+      int64_t rows = 0;
+    };
+    std::vector<Target> targets;
+    for (size_t gi : todo) {
+      const ExpertGroup& g = groups[gi];
+      std::vector<const PlacementHost*> cands;
+      for (const PlacementHost* c : table->hosts_for(int32_t(layer), g.expert))
+        if (!failed.count(c->endpoint)) cands.push_back(c);
+      if (cands.empty()) {
+        std::string msg = where + ": ";
+        if (failed.empty()) {
+          msg += "no expert host serves expert " + std::to_string(g.expert) + " (placement version " +
+                 std::to_string(table->version) + ")";
+        } else {
+          for (const auto& [ep, why] : failed) msg += "expert host " + ep + " failed: " + why + "; ";
+          msg += "no other replica of expert " + std::to_string(g.expert);
+        }
+        throw Error(msg);
+      }
+      // Least rows already given to it in this call; healthy before suspect; ties rotate.
+      const size_t n = cands.size();
+      const size_t rot = size_t((uint64_t(layer) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(g.expert) * 0xC2B2AE3D27D4EB4Full) ^
+                                opts_.salt) % n;
+      const PlacementHost* best = nullptr;
+      std::pair<int, int64_t> best_score{0, 0};
+      for (size_t j = 0; j < n; ++j) {
+        const PlacementHost* c = cands[(rot + j) % n];
+        int64_t assigned = 0;
+        for (const Target& t : targets)
+          if (t.host == c) assigned = t.rows;
+        const std::pair<int, int64_t> score{suspect(c->endpoint) ? 1 : 0, assigned};
+        if (!best || score < best_score) best = c, best_score = score;
+      }
+      auto it = std::find_if(targets.begin(), targets.end(), [&](const Target& t) { return t.host == best; });
+      if (it == targets.end()) it = targets.insert(targets.end(), Target{best, {}, 0});
+      it->groups.push_back(gi);
+      it->rows += int64_t(g.rows.size());
+    }
+
+    // One request per host.
+    auto call = std::make_shared<Call>();
+    call->outcomes.resize(targets.size());
+    call->pending = targets.size();
+    std::vector<uint64_t> ids(targets.size());
+    for (size_t k = 0; k < targets.size(); ++k) {
+      const Target& t = targets[k];
+      std::vector<dispatch::Group> meta;
+      std::vector<float> rows, one;
+      rows.reserve(size_t(t.rows * hidden));
+      for (size_t gi : t.groups) {
+        gather_rows(h, hidden, groups[gi], one);
+        rows.insert(rows.end(), one.begin(), one.end());
+        meta.push_back({groups[gi].expert, int32_t(groups[gi].rows.size())});
+      }
+      const int socket = socket_for(t.host->endpoint);
+      ids[k] = next_id_++;
+      if (ids[k] == 0) ids[k] = next_id_++;
+      {
+        std::lock_guard<std::mutex> lk(inflight_->mu);
+        inflight_->waiting[ids[k]] = {call, k};
+      }
+      auto frames = to_frames(dispatch::encode_request(ids[k], int32_t(layer), meta, hidden, std::move(rows), table->version));
+      caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket, std::move(frames));
+      ++stats_->requests;
+    }
+
+    {
+      std::unique_lock<std::mutex> lk(call->mu);
+      call->cv.wait_until(lk, Clock::now() + opts_.deadline, [&] { return call->pending == 0; });
+    }
+    {
+      std::lock_guard<std::mutex> lk(inflight_->mu);  // withdraw what did not answer in time
+      for (uint64_t id : ids) inflight_->waiting.erase(id);
+    }
+
+    std::vector<size_t> next;
+    std::lock_guard<std::mutex> lk(call->mu);
+    for (size_t k = 0; k < targets.size(); ++k) {
+      const Target& t = targets[k];
+      Outcome& o = call->outcomes[k];
+      std::string error = !o.done ? "no reply within " + std::to_string(opts_.deadline.count()) + " ms" : o.error;
+      if (error.empty() && (o.reply.rows != t.rows || o.reply.hidden != hidden || o.reply.layer != layer))
+        error = "reply of " + std::to_string(o.reply.rows) + "x" + std::to_string(o.reply.hidden) + " for layer " +
+                std::to_string(o.reply.layer) + ", expected " + std::to_string(t.rows) + "x" + std::to_string(hidden);
+      if (!error.empty()) {
+        spdlog::warn("expert dispatch {}: host {} ({}) failed: {}", where, t.host->instance, t.host->endpoint, error);
+        failed[t.host->endpoint] = t.host->instance + ": " + error;
+        mark_failed(t.host->endpoint);
+        ++stats_->host_failures;
+        next.insert(next.end(), t.groups.begin(), t.groups.end());
+        continue;
+      }
+      size_t offset = 0;
+      for (size_t gi : t.groups) {
+        const size_t count = groups[gi].rows.size() * size_t(hidden);
+        outputs[gi].resize(count);
+        dispatch::copy_floats(o.reply.outputs, offset, count, outputs[gi].data());
+        offset += count;
+      }
+    }
+    stats_->retries += next.size();
+    std::sort(next.begin(), next.end());
+    todo = std::move(next);
+  }
+}
+
+}  // namespace moemesh::actors
