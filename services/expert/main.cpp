@@ -1,29 +1,32 @@
 // moemesh-expert: serves the FFN weights of a set of (layer, expert) pairs.
 //
 //   moemesh-expert --model DIR --experts "0:0-3,1:*" --listen tcp://127.0.0.1:5601
+//   moemesh-expert --model DIR --router tcp://router:5550 --listen tcp://0.0.0.0:5601 --advertise tcp://host-3:5601
 //
 // Maps only its experts' tensors, answers DispatchRequests on a ROUTER socket (the batcher
 // merges requests of one layer from several attention workers) and computes on a pool of
-// --compute-threads threads.
-#include <pthread.h>
-#include <signal.h>
-
-#include <cstdio>
+// --compute-threads threads. With --router it registers with the coordinator and sends
+// heartbeats (with per-expert load); without --experts it serves what the coordinator assigns.
+#include <atomic>
+#include <chrono>
+#include <future>
 #include <memory>
 #include <optional>
 #include <string>
 
-#include <CLI/CLI.hpp>
-#include <caf/all.hpp>
-#include <prometheus/registry.h>
 #include <spdlog/spdlog.h>
 
+#include "actors/control_client.h"
 #include "actors/expert_batcher.h"
 #include "actors/expert_compute.h"
+#include "actors/service_runtime.h"
 #include "actors/zmq_bridge.h"
 #include "core/checkpoint.h"
 #include "core/error.h"
 #include "core/expert_set.h"
+
+using namespace moemesh;
+using namespace moemesh::actors;
 
 namespace {
 
@@ -31,109 +34,159 @@ struct Flags {
   std::string model;
   std::optional<std::string> experts;
   std::string listen = "tcp://127.0.0.1:5601";
+  std::string advertise;  // what peers connect to; default: the bound endpoint
   std::string router;
-  int admin_port = 0;
+  std::string served_name;
   int compute_threads = 2;
-  int scheduler_threads = 2;
   int64_t batch_window_us = 200;
   int64_t max_batch_rows = 8192;
-  std::string log_level = "info";
+  int64_t register_timeout_s = 300;
 };
 
-// Which experts to serve: --experts, or (without it) the coordinator's assignment.
-moemesh::ExpertSet resolve_experts(const Flags& f, const moemesh::ModelConfig& cfg) {
-  if (f.experts) return moemesh::parse_expert_spec(*f.experts, cfg);
-  // TODO(control_client): register with --router and serve RegisterReply.assigned once
-  // actors/control_client lands; until then the set must be given.
-  if (f.router.empty()) throw moemesh::Error("--experts is required when no --router coordinator is given");
-  throw moemesh::Error("--experts is required: assignment by the coordinator (--router " + f.router +
-                       ") is not wired in this build yet");
+pb::Register registration(const ServiceRuntime& rt, const std::string& endpoint,
+                          const std::string& model_id, const ExpertSet* pinned) {
+  pb::Register r;
+  r.set_instance(rt.instance());
+  r.set_role(pb::EXPERT);
+  r.set_data_endpoint(endpoint);
+  r.set_model_id(model_id);
+  r.set_pid(uint32_t(::getpid()));
+  if (pinned)
+    for (const auto& [l, e] : *pinned) {
+      auto* id = r.add_experts();
+      id->set_layer(l);
+      id->set_expert(e);
+    }
+  return r;
 }
 
-// Blocks SIGTERM/SIGINT in every thread (call before any thread starts) and waits for one.
-sigset_t block_stop_signals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  return set;
-}
-
-int serve(const Flags& f) {
-  using namespace moemesh;
-  const sigset_t stop_signals = block_stop_signals();
+int serve(ServiceRuntime& rt, const Flags& f) {
+  if (f.compute_threads < 1) throw Error("--compute-threads must be at least 1");
+  if (f.batch_window_us < 0) throw Error("--batch-window-us must not be negative");
+  if (f.max_batch_rows < 1) throw Error("--max-batch-rows must be at least 1");
+  if (!f.experts && f.router.empty()) throw Error("--experts is required when no --router coordinator is given");
 
   auto ckpt = Checkpoint::open(f.model);
-  ExpertSet set = resolve_experts(f, ckpt->config());
-  if (set.empty()) throw Error("--experts: the set is empty");
-  actors::HostedExperts experts(ckpt, set);
-  spdlog::info("expert host: model {} ({} layers, hidden {}), serving {} experts: {}", ckpt->name(),
+  const std::string model_id = f.served_name.empty() ? ckpt->name() : f.served_name;
+  std::optional<ExpertSet> pinned;
+  if (f.experts) {
+    pinned = parse_expert_spec(*f.experts, ckpt->config());
+    if (pinned->empty()) throw Error("--experts: the set is empty");
+  }
+
+  ExpertHostMetrics metrics(rt.metrics());
+  ExpertLoad load;
+  std::atomic<bool> ready{false};
+  std::atomic<uint64_t> mapped{0};
+  rt.admin().set_readiness([&ready]() -> Readiness {
+    return ready ? Readiness{true, ""} : Readiness{false, "loading expert weights"};
+  });
+
+  ZmqBridge bridge(rt.system());
+  const int data = bridge.add({.name = "dispatch", .type = zmq::socket_type::router, .endpoint = f.listen, .bind = true});
+  const std::string endpoint = f.advertise.empty() ? bridge.endpoint(data) : f.advertise;
+
+  // The coordinator: registration (its reply may assign our experts) and heartbeats.
+  std::promise<pb::RegisterReply> registered;
+  std::atomic<bool> got_reply{false};
+  caf::actor control;
+  if (!f.router.empty()) {
+    ControlClientOptions co;
+    co.control_endpoint = f.router;
+    co.registration = registration(rt, endpoint, model_id, pinned ? &*pinned : nullptr);
+    ControlCallbacks cb;
+    cb.on_registered = [&](const pb::RegisterReply& r) {
+      if (!r.ok()) {  // the client registers again; say why meanwhile
+        spdlog::error("expert host: the coordinator rejected the registration: {}", r.error());
+        return;
+      }
+      if (!got_reply.exchange(true)) registered.set_value(r);
+    };
+    cb.fill_heartbeat = [&](pb::Heartbeat& hb) {
+      hb.set_ready(ready);
+      hb.set_mapped_weight_bytes(mapped);
+      for (const auto& [key, rows] : load.drain()) {
+        auto* l = hb.add_load();
+        l->set_layer(key.first);
+        l->set_expert(key.second);
+        l->set_rows(rows);
+      }
+    };
+    control = spawn_control_client(rt.system(), bridge, co, cb);
+  }
+  bridge.start();
+
+  ExpertSet set;
+  if (pinned) {
+    set = *pinned;
+  } else {
+    spdlog::info("expert host: asking the coordinator at {} which experts to serve", f.router);
+    auto fut = registered.get_future();
+    if (fut.wait_for(std::chrono::seconds(f.register_timeout_s)) != std::future_status::ready)
+      throw Error("the coordinator at " + f.router + " did not accept the registration within " +
+                  std::to_string(f.register_timeout_s) + " s");
+    const pb::RegisterReply reply = fut.get();
+    for (const auto& id : reply.assigned()) set.insert({id.layer(), id.expert()});
+    if (set.empty()) throw Error("the coordinator assigned no experts to this host");
+  }
+
+  HostedExperts experts(ckpt, set);
+  mapped = experts.mapped_bytes();
+  metrics.mapped_weight_bytes.Set(double(experts.mapped_bytes()));
+  spdlog::info("expert host: model {} ({} layers, hidden {}), serving {} experts: {}", model_id,
                ckpt->config().num_hidden_layers, experts.hidden(), set.size(), format_expert_set(set));
   // Tests read this line: the host must map exactly its experts' tensors.
   spdlog::info("expert host: mapped_weight_bytes={} expected_bytes={}", experts.mapped_bytes(),
                experts.expected_bytes());
 
-  auto registry = std::make_shared<prometheus::Registry>();
-  actors::ExpertHostMetrics metrics(*registry);
-  metrics.mapped_weight_bytes.Set(double(experts.mapped_bytes()));
-  actors::ExpertLoad load;
-
-  caf::actor_system_config cfg;
-  cfg.set("scheduler.max-threads", f.scheduler_threads);
-  caf::actor_system sys{cfg};
   {
-    actors::ComputePool pool(f.compute_threads);
-    actors::ZmqBridge bridge(sys);
-    const int data = bridge.add({.name = "dispatch", .type = zmq::socket_type::router, .endpoint = f.listen, .bind = true});
-    actors::ExpertBatcherDeps deps{&experts, &pool, &metrics, &load, bridge.actor(), data,
-                                   {std::chrono::microseconds(f.batch_window_us), f.max_batch_rows}};
-    caf::actor batcher = actors::spawn_expert_batcher(sys, deps);
+    ComputePool pool(f.compute_threads);
+    BatcherOptions bo;
+    bo.window = std::chrono::microseconds(f.batch_window_us);
+    bo.max_batch_rows = f.max_batch_rows;
+    caf::actor batcher = spawn_expert_batcher(rt.system(), {&experts, &pool, &metrics, &load, bridge.actor(), data, bo});
     bridge.route(data, batcher);
-    bridge.start();
-    spdlog::info("expert host: listening on {} ({} compute threads)", bridge.endpoint(data), f.compute_threads);
-    // TODO(admin_server, control_client): /metrics + /healthz + /readyz on --admin-port, and
-    // registration + heartbeats (with `load`) to --router, once those actors land.
-    if (f.admin_port) spdlog::warn("--admin-port {}: the admin server is not wired in this build yet", f.admin_port);
+    ready = true;
+    spdlog::info("expert host: listening on {} (advertised as {}, {} compute threads)", bridge.endpoint(data), endpoint,
+                 f.compute_threads);
 
-    int sig = 0;
-    sigwait(&stop_signals, &sig);
+    const int sig = rt.wait_for_shutdown();
     spdlog::info("expert host: signal {}, shutting down", sig);
+    ready = false;
+    if (control) caf::anon_send_exit(control, caf::exit_reason::user_shutdown);
     bridge.stop();
-    actors::stop_expert_batcher(sys, batcher);
-  }  // the pool finishes queued batches before `experts` goes away
+    stop_expert_batcher(rt.system(), batcher);
+  }  // the pool finishes queued batches here, before `experts` goes away
+  rt.shutdown();
   return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  ServiceRuntime rt("expert", 9300);
   Flags f;
-  int64_t window_us = f.batch_window_us;
-  CLI::App app{"moemesh-expert: serves the routed experts of a MoE model over ZeroMQ"};
-  app.add_option("--model", f.model, "checkpoint folder (Hugging Face layout)")->required();
-  app.add_option("--experts", f.experts,
+  auto& cli = rt.cli();
+  cli.add_option("--model", f.model, "checkpoint folder (Hugging Face layout)")->required();
+  cli.add_option("--experts", f.experts,
                  "experts to serve: all | LAYER:EXPERT items, each part N, N-M or * (e.g. \"0:0-3,1:*\"); "
-                 "absent: the coordinator assigns them");
-  app.add_option("--listen", f.listen, "ROUTER endpoint to bind (tcp://127.0.0.1:* picks a free port)")
+                 "absent: the coordinator (--router) assigns them");
+  cli.add_option("--listen", f.listen, "ROUTER endpoint to bind (tcp://127.0.0.1:* picks a free port)")
       ->capture_default_str();
-  app.add_option("--router", f.router, "coordinator control endpoint (tcp://host:port)");
-  app.add_option("--admin-port", f.admin_port, "port of /metrics, /healthz, /readyz (0: none)");
-  app.add_option("--compute-threads", f.compute_threads, "expert compute threads")->capture_default_str();
-  app.add_option("--scheduler-threads", f.scheduler_threads, "CAF scheduler threads")->capture_default_str();
-  app.add_option("--batch-window-us", window_us, "how long a layer's batch waits for more requests")
+  cli.add_option("--advertise", f.advertise, "endpoint peers connect to (default: the bound one)");
+  cli.add_option("--router", f.router, "coordinator control endpoint (tcp://host:port)");
+  cli.add_option("--served-model-name", f.served_name, "model id told to the coordinator (default: the folder's name)");
+  cli.add_option("--compute-threads", f.compute_threads, "expert compute threads")->capture_default_str();
+  cli.add_option("--batch-window-us", f.batch_window_us, "how long a layer's batch waits for more requests")
       ->capture_default_str();
-  app.add_option("--max-batch-rows", f.max_batch_rows, "a batch with this many rows runs at once")->capture_default_str();
-  app.add_option("--log-level", f.log_level, "trace|debug|info|warn|error")->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
-  f.batch_window_us = window_us;
-  spdlog::set_level(spdlog::level::from_str(f.log_level));
+  cli.add_option("--max-batch-rows", f.max_batch_rows, "a batch with this many rows runs at once")->capture_default_str();
+  cli.add_option("--register-timeout-s", f.register_timeout_s, "how long to wait for the coordinator's assignment")
+      ->capture_default_str();
+  if (auto rc = rt.start(argc, argv)) return *rc;
   try {
-    if (f.compute_threads < 1) throw moemesh::Error("--compute-threads must be at least 1");
-    if (f.batch_window_us < 0) throw moemesh::Error("--batch-window-us must not be negative");
-    if (f.max_batch_rows < 1) throw moemesh::Error("--max-batch-rows must be at least 1");
-    return serve(f);
+    return serve(rt, f);
   } catch (const std::exception& e) {
+    spdlog::error("expert host: {}", e.what());
     std::fprintf(stderr, "moemesh-expert: %s\n", e.what());
     return 1;
   }

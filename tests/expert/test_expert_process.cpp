@@ -3,7 +3,10 @@
 // line, exits 0 on SIGTERM, and a killed host's experts are served by a replica.
 #include <gtest/gtest.h>
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/wait.h>
@@ -126,6 +129,27 @@ class Proc {
   bool eof_ = false;
 };
 
+// GET http://127.0.0.1:port/path, the whole response (headers and body).
+std::string http_get(int port, const std::string& path) {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(uint16_t(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+    ::close(fd);
+    return "";
+  }
+  const std::string req = "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+  (void)!::write(fd, req.data(), req.size());
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(fd, buf, sizeof buf)) > 0) out.append(buf, size_t(n));
+  ::close(fd);
+  return out;
+}
+
 fs::path* model_dir = nullptr;
 
 class ExpertProcess : public ::testing::Test {
@@ -149,8 +173,9 @@ class ExpertProcess : public ::testing::Test {
   }
 
   static std::unique_ptr<Proc> start(const std::string& experts) {
-    std::vector<std::string> args{MOEMESH_EXPERT_BIN, "--model", model_dir->string(), "--listen", "tcp://127.0.0.1:*",
-                                  "--compute-threads", "1"};
+    std::vector<std::string> args{MOEMESH_EXPERT_BIN, "--model",         model_dir->string(), "--listen",
+                                  "tcp://127.0.0.1:*", "--compute-threads", "1",                 "--admin-address",
+                                  "127.0.0.1",         "--admin-port",      "0"};
     if (!experts.empty()) args.insert(args.end(), {"--experts", experts});
     return std::make_unique<Proc>(args);
   }
@@ -305,6 +330,16 @@ TEST_F(ExpertProcess, MapsOnlyItsExpertsAndSurvivesGarbage) {
       EXPECT_NEAR(got[size_t(offset * hidden + i)], want_rows[size_t(i)], 1e-6 * std::max(1.0f, std::abs(want_rows[size_t(i)])));
     offset += g.rows;
   }
+
+  // The same facts on /metrics, and ready.
+  const std::string admin = p->wait_for(R"(admin on 127\.0\.0\.1:(\d+))");
+  ASSERT_FALSE(admin.empty()) << p->output();
+  const std::string metrics = http_get(std::stoi(admin), "/metrics");
+  EXPECT_NE(metrics.find("moemesh_expert_mapped_weight_bytes " + std::to_string(want)), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("moemesh_expert_bad_requests_total{reason=\"bad_hidden\"} 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("moemesh_expert_bad_requests_total{reason=\"unknown_expert\"} 1"), std::string::npos);
+  EXPECT_NE(metrics.find("moemesh_expert_requests_total 1"), std::string::npos);
+  EXPECT_NE(http_get(std::stoi(admin), "/readyz").find("200 OK"), std::string::npos);
 
   p->signal(SIGTERM);
   EXPECT_EQ(p->wait_exit(), 0) << p->output();
