@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <iostream>
 #include <thread>
 
@@ -62,7 +63,17 @@ ServiceRuntime::ServiceRuntime(std::string service, int default_admin_port)
 
 ServiceRuntime::~ServiceRuntime() {
   shutdown();
-  system_.reset();  // waits until every actor has terminated
+  if (!system_) return;
+  // Give the actors time to finish what they hold; but an actor nobody told to stop (an early
+  // error exit) must not keep the process alive forever.
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (system_->registry().running() > 0 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  if (system_->registry().running() > 0) {
+    spdlog::warn("{} actors still running at exit; not waiting for them", system_->registry().running());
+    system_->await_actors_before_shutdown(false);
+  }
+  system_.reset();
 }
 
 std::optional<int> ServiceRuntime::start(int argc, const char* const* argv) {

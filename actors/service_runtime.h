@@ -73,7 +73,8 @@ class ServiceRuntime {
 
   // Actors to stop (in reverse order of registration) in shutdown().
   void stop_on_shutdown(caf::actor a) { owned_.push_back(std::move(a)); }
-  // Stops the admin server and the registered actors; the destructor waits for every actor.
+  // Stops the admin server and the registered actors (idempotent). The destructor calls it,
+  // then waits for every actor to terminate, up to 5 s (an error exit must not hang).
   void shutdown();
 
  private:

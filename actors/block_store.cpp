@@ -1,0 +1,332 @@
+#include "actors/block_store.h"
+
+#include <chrono>
+#include <cstring>
+
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <spdlog/spdlog.h>
+
+#include "core/error.h"
+#include "core/wire.h"
+#include "proto/dataplane.pb.h"
+
+namespace moemesh::actors {
+
+// ---- BlockStore ----------------------------------------------------------------------------
+
+StoredBlock StoredBlock::copy_of(DType dtype, std::vector<int64_t> shape, std::span<const uint8_t> bytes) {
+  auto owned = std::make_shared<std::vector<uint8_t>>(bytes.begin(), bytes.end());
+  StoredBlock b{dtype, std::move(shape), nullptr, owned->data(), owned->size()};
+  b.owner = std::move(owned);
+  return b;
+}
+
+void BlockStore::touch(Entry& e) { lru_.splice(lru_.begin(), lru_, e.lru); }
+
+void BlockStore::evict_one() {
+  auto it = map_.find(lru_.back());
+  stats_.bytes -= it->second.block.size;
+  stats_.blocks -= 1;
+  stats_.evictions += 1;
+  map_.erase(it);
+  lru_.pop_back();
+}
+
+BlockStore::Put BlockStore::put(const BlockKey& key, StoredBlock block) {
+  if (auto it = map_.find(key); it != map_.end()) {
+    touch(it->second);
+    ++stats_.present;
+    return Put::Present;
+  }
+  if (block.size > budget_) {
+    ++stats_.too_large;
+    return Put::TooLarge;
+  }
+  while (stats_.bytes + block.size > budget_) evict_one();
+  lru_.push_front(key);
+  stats_.bytes += block.size;
+  stats_.blocks += 1;
+  ++stats_.stored;
+  map_.emplace(key, Entry{std::move(block), lru_.begin()});
+  return Put::Stored;
+}
+
+std::optional<StoredBlock> BlockStore::get(const BlockKey& key) {
+  auto it = map_.find(key);
+  if (it == map_.end()) {
+    ++stats_.misses;
+    return std::nullopt;
+  }
+  ++stats_.hits;
+  touch(it->second);
+  return it->second.block;
+}
+
+std::vector<StoredBlock> BlockStore::get_chain(std::span<const BlockKey> chain, size_t limit) {
+  std::vector<StoredBlock> out;
+  for (const BlockKey& key : chain) {
+    if (out.size() >= limit) break;
+    auto it = map_.find(key);
+    if (it == map_.end()) break;
+    touch(it->second);
+    out.push_back(it->second.block);
+  }
+  stats_.hits += out.size();
+  stats_.misses += chain.size() - out.size();
+  return out;
+}
+
+// ---- the actor ------------------------------------------------------------------------------
+
+namespace {
+
+// Blocks this small are copied out of their frame: a small ZeroMQ message may share (and pin)
+// a whole receive buffer, which the byte budget would not see.
+constexpr size_t kZeroCopyMinBytes = 64 << 10;
+
+// A request that decoded but cannot be served; reason is the metric label.
+struct Rejected : std::runtime_error {
+  Rejected(std::string reason, const std::string& what) : std::runtime_error(what), reason(std::move(reason)) {}
+  std::string reason;
+};
+
+struct Metrics {
+  explicit Metrics(prometheus::Registry& r)
+      : bytes(prometheus::BuildGauge().Name("moemesh_kvstore_bytes").Help("Bytes of KV blocks held.").Register(r).Add({})),
+        blocks(prometheus::BuildGauge().Name("moemesh_kvstore_blocks").Help("KV blocks held.").Register(r).Add({})),
+        budget(prometheus::BuildGauge()
+                   .Name("moemesh_kvstore_budget_bytes")
+                   .Help("Byte budget of the memory tier.")
+                   .Register(r)
+                   .Add({})),
+        hits(prometheus::BuildCounter()
+                 .Name("moemesh_kvstore_hits_total")
+                 .Help("Blocks asked for and returned.")
+                 .Register(r)
+                 .Add({})),
+        misses(prometheus::BuildCounter()
+                   .Name("moemesh_kvstore_misses_total")
+                   .Help("Blocks asked for and not returned (absent, or after the first absent one of a chain).")
+                   .Register(r)
+                   .Add({})),
+        evictions(prometheus::BuildCounter()
+                      .Name("moemesh_kvstore_evictions_total")
+                      .Help("Blocks evicted to stay within the budget.")
+                      .Register(r)
+                      .Add({})),
+        puts(prometheus::BuildCounter()
+                 .Name("moemesh_kvstore_put_blocks_total")
+                 .Help("Blocks offered, by result (stored, present, too_large).")
+                 .Register(r)),
+        bad_frames(prometheus::BuildCounter()
+                       .Name("moemesh_kvstore_bad_frames_total")
+                       .Help("Messages answered with an error, by reason.")
+                       .Register(r)),
+        put_seconds(latency(r, "moemesh_kvstore_put_duration_seconds", "Time to store one KvPut message.")),
+        get_seconds(latency(r, "moemesh_kvstore_get_duration_seconds", "Time to answer one KvGet message.")),
+        stored(puts.Add({{"result", "stored"}})),
+        present(puts.Add({{"result", "present"}})),
+        too_large(puts.Add({{"result", "too_large"}})) {}
+
+  static prometheus::Histogram& latency(prometheus::Registry& r, const char* name, const char* help) {
+    return prometheus::BuildHistogram()
+        .Name(name)
+        .Help(help)
+        .Register(r)
+        .Add({}, prometheus::Histogram::BucketBoundaries{1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+                                                         1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1});
+  }
+
+  prometheus::Gauge &bytes, &blocks, &budget;
+  prometheus::Counter &hits, &misses, &evictions;
+  prometheus::Family<prometheus::Counter>& puts;
+  prometheus::Family<prometheus::Counter>& bad_frames;
+  prometheus::Histogram &put_seconds, &get_seconds;
+  prometheus::Counter &stored, &present, &too_large;
+};
+
+struct StoreState {
+  std::unique_ptr<BlockStore> store;
+  std::shared_ptr<prometheus::Registry> registry;  // outlives the metric references below
+  std::unique_ptr<Metrics> metrics;
+  std::shared_ptr<BlockStoreGauges> gauges;
+  BlockStoreStats published;  // what the counters already show
+  caf::actor bridge;
+  int socket = -1;
+};
+
+using Self = caf::stateful_actor<StoreState>;
+
+void publish(StoreState& s) {
+  const auto& now = s.store->stats();
+  auto& m = *s.metrics;
+  m.hits.Increment(double(now.hits - s.published.hits));
+  m.misses.Increment(double(now.misses - s.published.misses));
+  m.evictions.Increment(double(now.evictions - s.published.evictions));
+  m.stored.Increment(double(now.stored - s.published.stored));
+  m.present.Increment(double(now.present - s.published.present));
+  m.too_large.Increment(double(now.too_large - s.published.too_large));
+  m.bytes.Set(double(now.bytes));
+  m.blocks.Set(double(now.blocks));
+  if (s.gauges) {
+    s.gauges->bytes = now.bytes;
+    s.gauges->blocks = now.blocks;
+  }
+  s.published = now;
+}
+
+void reply(Self* self, zmq::message_t&& peer, const wire::Header& h, std::vector<zmq::message_t> tensors = {}) {
+  auto frames = std::make_shared<Frames>();
+  frames->push_back(std::move(peer));
+  frames->push_back(frame_of(wire::encode_header(h)));
+  for (auto& t : tensors) frames->push_back(std::move(t));
+  self->send(self->state.bridge, zmq_send_atom::value, self->state.socket, std::move(frames));
+}
+
+void reply_error(Self* self, zmq::message_t&& peer, uint64_t request_id, const std::string& reason,
+                 const std::string& message) {
+  self->state.metrics->bad_frames.Add({{"reason", reason}}).Increment();
+  spdlog::debug("kvstore: request {} rejected ({}): {}", request_id, reason, message);
+  pb::ErrorReply err;
+  err.set_code(reason);
+  err.set_message(message);
+  wire::Header h;
+  h.kind = wire::Kind::Error;
+  h.request_id = request_id;
+  h.meta = err.SerializeAsString();
+  reply(self, std::move(peer), h);
+}
+
+std::vector<BlockKey> parse_keys(const google::protobuf::RepeatedPtrField<std::string>& keys) {
+  std::vector<BlockKey> out;
+  out.reserve(keys.size());
+  for (int i = 0; i < keys.size(); ++i) {
+    if (keys[i].size() != BlockKey::kBytes)
+      throw Rejected("bad_key", "key " + std::to_string(i) + " has " + std::to_string(keys[i].size()) +
+                                    " bytes, expected " + std::to_string(BlockKey::kBytes));
+    out.push_back(BlockKey::from_bytes(keys[i]));
+  }
+  return out;
+}
+
+void handle_put(Self* self, zmq::message_t&& peer, const wire::Header& h, Frames& frames) {
+  auto t0 = std::chrono::steady_clock::now();
+  pb::KvPut put;
+  if (!put.ParseFromString(h.meta)) throw wire::WireError(wire::ErrorCode::BadMeta, "KvPut metadata does not parse");
+  if (size_t(put.keys_size()) != h.tensors.size())
+    throw Rejected("bad_request", "KvPut has " + std::to_string(put.keys_size()) + " keys but " +
+                                      std::to_string(h.tensors.size()) + " tensor frames");
+  auto keys = parse_keys(put.keys());
+  auto& store = *self->state.store;
+  pb::KvPut ack;
+  ack.set_model_id(put.model_id());
+  for (size_t i = 0; i < keys.size(); ++i) {
+    zmq::message_t& frame = frames[2 + i];  // [peer, header, tensors...]
+    const auto& desc = h.tensors[i];
+    StoredBlock block;
+    if (frame.size() < kZeroCopyMinBytes) {
+      block = StoredBlock::copy_of(desc.dtype, desc.shape, {static_cast<const uint8_t*>(frame.data()), frame.size()});
+    } else {
+      auto owned = std::make_shared<zmq::message_t>(std::move(frame));
+      block = StoredBlock{desc.dtype, desc.shape, nullptr, static_cast<const uint8_t*>(owned->data()), owned->size()};
+      block.owner = std::move(owned);
+    }
+    if (store.put(keys[i], std::move(block)) != BlockStore::Put::TooLarge) *ack.add_keys() = put.keys(int(i));
+  }
+  publish(self->state);
+  wire::Header out;
+  out.kind = wire::Kind::KvPut;
+  out.request_id = h.request_id;
+  std::memcpy(out.trace_id, h.trace_id, sizeof out.trace_id);
+  out.meta = ack.SerializeAsString();
+  reply(self, std::move(peer), out);
+  self->state.metrics->put_seconds.Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+}
+
+void handle_get(Self* self, zmq::message_t&& peer, const wire::Header& h) {
+  auto t0 = std::chrono::steady_clock::now();
+  pb::KvGet get;
+  if (!get.ParseFromString(h.meta)) throw wire::WireError(wire::ErrorCode::BadMeta, "KvGet metadata does not parse");
+  if (!h.tensors.empty()) throw Rejected("bad_request", "KvGet carries no tensor frames");
+  auto keys = parse_keys(get.keys());
+  auto blocks = self->state.store->get_chain(keys, wire::kMaxTensors);
+  publish(self->state);
+
+  pb::KvGetReply meta;
+  meta.set_found(int32_t(blocks.size()));
+  wire::Header out;
+  out.kind = wire::Kind::KvGetReply;
+  out.request_id = h.request_id;
+  std::memcpy(out.trace_id, h.trace_id, sizeof out.trace_id);
+  out.meta = meta.SerializeAsString();
+  std::vector<zmq::message_t> tensors;
+  for (const auto& b : blocks) {
+    out.tensors.push_back({b.dtype, b.shape});
+    // Zero-copy: the frame holds a reference to the block until ZeroMQ has sent it.
+    auto* hold = new std::shared_ptr<const void>(b.owner);
+    tensors.emplace_back(
+        const_cast<uint8_t*>(b.data), b.size,
+        [](void*, void* hint) { delete static_cast<std::shared_ptr<const void>*>(hint); }, hold);
+  }
+  reply(self, std::move(peer), out, std::move(tensors));
+  self->state.metrics->get_seconds.Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+}
+
+void handle(Self* self, Frames& frames) {
+  if (frames.empty()) return;  // a ROUTER always gives the peer's id: nothing to answer
+  zmq::message_t peer = std::move(frames[0]);
+  if (frames.size() < 2) return reply_error(self, std::move(peer), 0, "truncated", "message has no header frame");
+  std::vector<wire::Frame> spans;
+  for (size_t i = 1; i < frames.size(); ++i)
+    spans.emplace_back(static_cast<const uint8_t*>(frames[i].data()), frames[i].size());
+  uint64_t request_id = 0;
+  try {
+    request_id = wire::decode_header(spans[0]).request_id;
+  } catch (const wire::WireError&) {
+  }
+  try {
+    wire::Header h = wire::decode(spans);
+    switch (h.kind) {
+      case wire::Kind::KvPut: return handle_put(self, std::move(peer), h, frames);
+      case wire::Kind::KvGet: return handle_get(self, std::move(peer), h);
+      default:
+        throw Rejected("bad_request", std::string("the KV store serves KvPut and KvGet, not ") + wire::kind_name(h.kind));
+    }
+  } catch (const wire::WireError& e) {
+    reply_error(self, std::move(peer), request_id, wire::error_code_name(e.code()), e.what());
+  } catch (const Rejected& e) {
+    reply_error(self, std::move(peer), request_id, e.reason, e.what());
+  } catch (const std::exception& e) {  // a bug, not bad input: answer it and keep serving
+    spdlog::error("kvstore: request {} failed: {}", request_id, e.what());
+    reply_error(self, std::move(peer), request_id, "internal", e.what());
+  }
+}
+
+caf::behavior block_store(Self* self, BlockStoreOptions opts, caf::actor bridge, int socket) {
+  auto& s = self->state;
+  s.store = std::make_unique<BlockStore>(opts.budget_bytes);
+  s.registry = std::move(opts.registry);
+  s.metrics = std::make_unique<Metrics>(*s.registry);
+  s.metrics->budget.Set(double(opts.budget_bytes));
+  s.gauges = std::move(opts.gauges);
+  s.bridge = std::move(bridge);
+  s.socket = socket;
+  return {
+      [self](zmq_recv_atom, int, FramesPtr frames) {
+        if (frames) handle(self, *frames);
+      },
+  };
+}
+
+}  // namespace
+
+caf::actor spawn_block_store(caf::actor_system& sys, ZmqBridge& bridge, int socket, BlockStoreOptions opts) {
+  if (!opts.registry) opts.registry = std::make_shared<prometheus::Registry>();
+  auto actor = sys.spawn(block_store, std::move(opts), bridge.actor(), socket);
+  bridge.route(socket, actor);
+  return actor;
+}
+
+}  // namespace moemesh::actors

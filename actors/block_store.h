@@ -1,0 +1,98 @@
+// The KV store's memory tier: content-addressed KV blocks (see core/prefix_hash.h) under a
+// byte budget, evicted least-recently-used first (a get counts as a use).
+//
+// BlockStore is a plain class (unit-tested alone); spawn_block_store wraps it in an actor
+// that serves the data-plane protocol on a ROUTER socket of the bridge:
+//   KvPut{model_id, keys} + one tensor frame per key
+//       -> KvPut{model_id, keys actually held} with the same request_id, no tensors (the ack)
+//   KvGet{model_id, keys: a chain}
+//       -> KvGetReply{found} + the tensor frames of the longest present prefix of the chain
+//          (at most wire::kMaxTensors blocks: a longer chain is asked again from there)
+//   anything undecodable or unexpected
+//       -> Error + ErrorReply{code, message} (request_id 0 when the header was unreadable),
+//          counted in moemesh_kvstore_bad_frames_total{reason}; the store carries on.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <optional>
+#include <span>
+#include <unordered_map>
+#include <vector>
+
+#include <caf/all.hpp>
+#include <prometheus/registry.h>
+
+#include "actors/zmq_bridge.h"
+#include "core/dtype.h"
+#include "core/prefix_hash.h"
+
+namespace moemesh::actors {
+
+// One block's tensor: its bytes stay with whoever owns them (a received frame, a vector),
+// shared, so a block being sent survives its own eviction.
+struct StoredBlock {
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  std::shared_ptr<const void> owner;
+  const uint8_t* data = nullptr;
+  size_t size = 0;
+
+  static StoredBlock copy_of(DType dtype, std::vector<int64_t> shape, std::span<const uint8_t> bytes);
+};
+
+struct BlockStoreStats {
+  uint64_t hits = 0, misses = 0, evictions = 0;
+  uint64_t stored = 0, present = 0, too_large = 0;  // puts, by outcome
+  uint64_t bytes = 0, blocks = 0;                   // held now
+};
+
+class BlockStore {
+ public:
+  explicit BlockStore(uint64_t budget_bytes) : budget_(budget_bytes) {}
+
+  enum class Put { Stored, Present, TooLarge };
+  // Stores a block, evicting the least recently used ones to make room. A key already held
+  // keeps its block (same key, same content) and counts as used. A block over the whole
+  // budget is refused.
+  Put put(const BlockKey& key, StoredBlock block);
+  // The block, counted as a hit (and used) or a miss.
+  std::optional<StoredBlock> get(const BlockKey& key);
+  // The longest held prefix of `chain` (at most `limit` blocks): hits for those returned,
+  // misses for the rest of the chain.
+  std::vector<StoredBlock> get_chain(std::span<const BlockKey> chain, size_t limit = SIZE_MAX);
+  bool contains(const BlockKey& key) const { return map_.count(key) > 0; }  // no use, no count
+
+  const BlockStoreStats& stats() const { return stats_; }
+  uint64_t budget() const { return budget_; }
+
+ private:
+  struct Entry {
+    StoredBlock block;
+    std::list<BlockKey>::iterator lru;
+  };
+  void touch(Entry& e);
+  void evict_one();
+
+  uint64_t budget_;
+  std::list<BlockKey> lru_;  // front: most recently used
+  std::unordered_map<BlockKey, Entry> map_;
+  BlockStoreStats stats_;
+};
+
+// Read by other threads (heartbeats, readiness) while the actor updates them.
+struct BlockStoreGauges {
+  std::atomic<uint64_t> bytes{0}, blocks{0};
+};
+
+struct BlockStoreOptions {
+  uint64_t budget_bytes = 1ull << 30;
+  std::shared_ptr<prometheus::Registry> registry;  // moemesh_kvstore_* metrics go here
+  std::shared_ptr<BlockStoreGauges> gauges;        // optional
+};
+
+// Serves the protocol above on `socket` (a bound ROUTER of `bridge`) and routes it here.
+caf::actor spawn_block_store(caf::actor_system& sys, ZmqBridge& bridge, int socket, BlockStoreOptions opts);
+
+}  // namespace moemesh::actors
