@@ -87,14 +87,21 @@ struct ResponderState {
 // touched only on the connection's strand.
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(tcp::socket socket, const HttpServer::Core& core)
-      : stream_(std::move(socket)), read_timer_(stream_.get_executor()), core_(core) {}
+  Session(tcp::socket socket, const HttpServer::Core& core, std::weak_ptr<HttpServer::Core> core_ref,
+          std::string peer)
+      : stream_(std::move(socket)),
+        read_timer_(stream_.get_executor()),
+        core_(core),
+        core_ref_(std::move(core_ref)),
+        peer_(std::move(peer)) {}
 
   void run() { read_next(); }
 
-  // Queues bytes of the current response; `last` marks its end.
-  void write(std::string bytes, bool last) {
+  // Queues bytes of the current response; `last` marks its end, after which the connection
+  // reads the next request or, without keep-alive, closes.
+  void write(std::string bytes, bool last, bool keep_alive = false) {
     if (closed_) return;
+    if (last) keep_alive_ = keep_alive;
     queued_ += bytes.size();
     outq_.push_back({std::move(bytes), last});
     if (queued_ > kMaxQueuedBytes) {
@@ -156,7 +163,7 @@ class Session : public std::enable_shared_from_this<Session> {
     stream_.expires_never();  // the handler may take its time; writes set their own deadline
 
     auto state = std::make_shared<detail::ResponderState>();
-    state->core = core_ptr();
+    state->core = core_ref_.lock();
     state->session = shared_from_this();
     state->keep_alive = msg.keep_alive();
     state->version = msg.version();
@@ -218,7 +225,7 @@ class Session : public std::enable_shared_from_this<Session> {
     if (!outq_.empty()) return write_next();
     if (!done.last) return stream_.expires_never();  // a stream waiting for its next chunk
     current_.reset();
-    if (close_after_ || !keep_alive_of_current_) return close();
+    if (close_after_ || !keep_alive_) return close();
     read_next();
   }
 
@@ -228,31 +235,22 @@ class Session : public std::enable_shared_from_this<Session> {
     read_timer_.cancel();
     beast::error_code ec;
     stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
-    stream_.close();
-    outq_.clear();
+    stream_.close();  // a write in flight completes with an error; its buffer stays until then
     if (auto s = current_.lock()) s->notify_closed();
   }
-
-  std::shared_ptr<HttpServer::Core> core_ptr();
 
   beast::tcp_stream stream_;
   net::steady_timer read_timer_;
   const HttpServer::Core& core_;
+  std::weak_ptr<HttpServer::Core> core_ref_;  // for responders, which keep the io_context alive
+  std::string peer_;
   beast::flat_buffer buf_;
   std::optional<bhttp::request_parser<bhttp::string_body>> parser_;
   std::deque<Out> outq_;
   size_t queued_ = 0;
-  bool writing_ = false, closed_ = false, close_after_ = false, timed_out_ = false;
+  bool writing_ = false, closed_ = false, close_after_ = false, timed_out_ = false, keep_alive_ = false;
   std::weak_ptr<detail::ResponderState> current_;
-  std::string peer_;
-
- public:
-  bool keep_alive_of_current_ = true;
-  std::weak_ptr<HttpServer::Core> core_weak;
-  void set_peer(std::string p) { peer_ = std::move(p); }
 };
-
-std::shared_ptr<HttpServer::Core> Session::core_ptr() { return core_weak.lock(); }
 
 namespace detail {
 
@@ -275,10 +273,8 @@ ResponderState::~ResponderState() {
 
 void ResponderState::post(std::string bytes, bool last) {
   bool ka = keep_alive;
-  net::post(session->executor(), [s = session, b = std::move(bytes), last, ka]() mutable {
-    if (last) s->keep_alive_of_current_ = ka;
-    s->write(std::move(b), last);
-  });
+  net::post(session->executor(),
+            [s = session, b = std::move(bytes), last, ka]() mutable { s->write(std::move(b), last, ka); });
 }
 
 void ResponderState::notify_closed() {
@@ -377,10 +373,8 @@ void HttpServer::Core::accept() {
     } else {
       beast::error_code pec;
       auto ep = socket.remote_endpoint(pec);
-      auto session = std::make_shared<Session>(std::move(socket), *this);
-      session->set_peer(pec ? "?" : ep.address().to_string() + ":" + std::to_string(ep.port()));
-      session->core_weak = self.lock();
-      session->run();
+      std::string peer = pec ? "?" : ep.address().to_string() + ":" + std::to_string(ep.port());
+      std::make_shared<Session>(std::move(socket), *this, self, std::move(peer))->run();
     }
     accept();
   });

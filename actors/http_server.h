@@ -66,7 +66,8 @@ class Responder {
 
   // True once the client is gone (a write failed or the connection closed): stop producing.
   bool closed() const;
-  // Called once, on the server's thread, when the client goes away before end().
+  // Called once when the client goes away before the response ended: on the server's thread,
+  // or right away if it is already gone.
   void on_close(std::function<void()> fn);
 
  private:
