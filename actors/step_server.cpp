@@ -51,6 +51,7 @@ FramesPtr handle(const Frames& in, StepWorker& worker, StepServerStats& stats) {
     std::vector<std::vector<float>> logits;
     pb::StepResponse resp = worker.run(req, logits);
     ++stats.steps;
+    stats.kv_free_blocks = worker.free_blocks();
     return message_frames(peer, wire::Kind::StepResponse, request_id, resp.SerializeAsString(), std::move(logits),
                           h.trace_id);
   } catch (const wire::WireError& e) {

@@ -17,6 +17,7 @@ class ComputePool;
 
 struct StepServerStats {
   std::atomic<uint64_t> steps{0}, bad_frames{0};
+  std::atomic<int64_t> kv_free_blocks{0};  // after the latest step
 };
 
 caf::actor spawn_step_server(caf::actor_system& sys, ZmqBridge& bridge, int socket, std::shared_ptr<StepWorker> worker,

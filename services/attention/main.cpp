@@ -1,1 +1,113 @@
-int main() { return 0; }  // placeholder until the attention service lands
+// moemesh-attention: an attention worker. It holds embeddings, attention, routers, shared and
+// dense MLPs, lm_head and the paged KV cache of its sequences; routed experts are computed on
+// expert hosts found through the coordinator's placement table.
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+
+#include "actors/control_client.h"
+#include "actors/expert_compute.h"
+#include "actors/remote_experts.h"
+#include "actors/service_runtime.h"
+#include "actors/step_server.h"
+#include "actors/step_worker.h"
+#include "actors/zmq_bridge.h"
+#include "core/checkpoint.h"
+#include "core/engine.h"
+
+using namespace moemesh;
+using namespace moemesh::actors;
+
+int main(int argc, char** argv) {
+  ServiceRuntime rt("attention", 9200);
+  std::string model_dir, listen = "tcp://127.0.0.1:*", advertise, control = "tcp://127.0.0.1:5550",
+                         placement = "tcp://127.0.0.1:5551";
+  int64_t kv_blocks = 1024;
+  int dispatch_timeout_ms = 10000;
+  double gating_temperature = 1.0;
+  auto& cli = rt.cli();
+  cli.add_option("--model", model_dir, "checkpoint folder")->required();
+  cli.add_option("--listen", listen, "step endpoint to bind (ROUTER)");
+  cli.add_option("--advertise", advertise, "endpoint peers use to reach --listen (default: the bound one)");
+  cli.add_option("--router", control, "coordinator control endpoint");
+  cli.add_option("--placement", placement, "coordinator placement publisher endpoint");
+  cli.add_option("--kv-blocks", kv_blocks, "KV cache size in blocks of 16 tokens")->check(CLI::PositiveNumber);
+  cli.add_option("--dispatch-timeout-ms", dispatch_timeout_ms, "deadline of one expert dispatch round");
+  cli.add_option("--gating-temperature", gating_temperature, "gate logits are divided by it before softmax");
+  if (auto rc = rt.start(argc, argv)) return *rc;
+
+  try {
+    auto ckpt = Checkpoint::open(model_dir);
+    ckpt->mutable_config().gating_temperature = gating_temperature;
+    const ModelConfig& mc = ckpt->config();
+
+    RemoteExpertsOptions ro;
+    ro.deadline = std::chrono::milliseconds(dispatch_timeout_ms);
+    ro.identity = rt.instance();
+    ro.salt = std::hash<std::string>{}(rt.instance());
+    auto remote = std::make_shared<RemoteExpertExecutor>(rt.system(), ro);
+    auto engine = std::make_shared<Engine>(ckpt, EngineOptions{kv_blocks}, remote);
+    std::vector<int32_t> eos;
+    for (int64_t id : mc.eos_token_ids) eos.push_back(int32_t(id));
+    auto worker = std::make_shared<StepWorker>(engine, eos);
+    auto pool = std::make_shared<ComputePool>(1);  // one step at a time: the worker owns the KV cache
+    auto stats = std::make_shared<StepServerStats>();
+    stats->kv_free_blocks = worker->free_blocks();
+    spdlog::info("attention: {} mapped {:.1f} MiB (no routed experts), KV cache {} blocks", model_dir,
+                 double(ckpt->mapped_bytes()) / (1 << 20), kv_blocks);
+
+    ZmqBridge bridge(rt.system());
+    const int step_sock = bridge.add({.name = "steps", .type = zmq::socket_type::router, .endpoint = listen, .bind = true});
+    if (advertise.empty()) advertise = bridge.endpoint(step_sock);
+
+    // Ready once every routed expert has a live host in the newest placement table.
+    auto covered = std::make_shared<std::atomic<bool>>(false);
+    auto all_covered = [&mc](const PlacementTable& t) {
+      for (int64_t l = 0; l < mc.num_hidden_layers; ++l)
+        if (mc.is_moe_layer(l))
+          for (int64_t e = 0; e < mc.num_experts; ++e)
+            if (t.hosts_for(int32_t(l), int32_t(e)).empty()) return false;
+      return true;
+    };
+
+    ControlClientOptions co;
+    co.control_endpoint = control;
+    co.placement_endpoint = placement;
+    co.registration.set_instance(rt.instance());
+    co.registration.set_role(pb::ATTENTION);
+    co.registration.set_data_endpoint(advertise);
+    co.registration.set_admin_endpoint(std::to_string(rt.admin().port()));
+    co.registration.set_kv_blocks(kv_blocks);
+    co.registration.set_pid(uint32_t(getpid()));
+    ControlCallbacks cb;
+    cb.fill_heartbeat = [covered, stats](pb::Heartbeat& hb) {
+      hb.set_ready(covered->load());
+      hb.set_kv_free_blocks(stats->kv_free_blocks.load());
+    };
+    cb.on_placement = [remote, covered, all_covered](const pb::PlacementTable& t) {
+      PlacementTable table = placement_from_proto(t);
+      const bool ok = all_covered(table);
+      remote->set_placement(std::move(table));
+      if (ok != covered->exchange(ok))
+        spdlog::info("attention: placement v{}: {}", t.version(), ok ? "every expert has a host" : "experts missing");
+    };
+    caf::actor client = spawn_control_client(rt.system(), bridge, co, cb);
+    bridge.start();
+    caf::actor server = spawn_step_server(rt.system(), bridge, step_sock, worker, pool, stats);
+    rt.stop_on_shutdown(server);
+    rt.stop_on_shutdown(client);
+    rt.admin().set_readiness([covered]() -> Readiness {
+      return covered->load() ? Readiness{true, ""} : Readiness{false, "waiting for a placement that covers every expert"};
+    });
+    spdlog::info("attention: steps on {}, coordinator {}", advertise, control);
+    rt.wait_for_shutdown();
+    spdlog::info("attention: shutting down");
+    rt.shutdown();
+    pool.reset();  // finishes the step in flight
+    bridge.stop();
+  } catch (const std::exception& e) {
+    spdlog::error("attention: {}", e.what());
+    return 1;
+  }
+  return 0;
+}
