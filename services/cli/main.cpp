@@ -12,6 +12,8 @@ int main(int argc, char** argv) {
   moemesh::cli::add_mkmodel(app);
   moemesh::cli::add_generate(app);
   moemesh::cli::add_tokenize(app);
+  moemesh::cli::add_up(app);
+  moemesh::cli::add_status(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

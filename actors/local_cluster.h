@@ -1,0 +1,71 @@
+// `moemesh up`: a whole cluster as separate processes on this machine.
+//
+// It starts the KV store, the router (coordinator), the expert hosts and the attention
+// workers with free loopback ports, sizes their threads so that together they fit the
+// machine's cores, waits until the coordinator reports every expert served and every
+// attention worker ready, and stops everything on SIGINT/SIGTERM (SIGTERM first, SIGKILL
+// after a grace period).
+#pragma once
+#include <filesystem>
+#include <string>
+#include <sys/types.h>
+#include <vector>
+
+namespace moemesh::actors {
+
+struct LocalClusterOptions {
+  std::filesystem::path model;
+  std::filesystem::path bin_dir;  // where moemesh-<service> binaries are; empty: next to this one
+  std::filesystem::path log_dir;  // one log file per process; empty: a fresh temp folder
+  int attention = 2;
+  int experts = 2;
+  int replicas = 1;
+  bool kvstore = true;
+  std::string host = "127.0.0.1";
+  int port = 8000;          // OpenAI API
+  int control_port = 5550;  // coordinator; placement publisher on control_port + 1
+  int admin_port = 9100;    // router admin; other processes get free ports
+  int cores = 0;            // 0: this machine's
+  int startup_timeout_s = 120;
+  std::string log_level = "info";
+  std::vector<std::string> router_args;  // extra flags passed through
+};
+
+class LocalCluster {
+ public:
+  explicit LocalCluster(LocalClusterOptions opts);
+  ~LocalCluster();  // stops what is still running
+
+  // Starts every process and waits until the cluster is ready; throws moemesh::Error naming
+  // the process that failed (with the tail of its log).
+  void start();
+  // Blocks until SIGINT/SIGTERM (returns 0) or the router exits (returns 1). Reports other
+  // processes that exit.
+  int run_until_signal();
+  void stop();
+
+  std::string api_url() const;
+  std::string control_endpoint() const;
+  std::string summary() const;  // endpoints and log folder, for the user
+
+ private:
+  struct Proc {
+    std::string name;
+    pid_t pid = -1;
+    std::filesystem::path log;
+    std::string admin;  // host:port
+  };
+  void spawn(const std::string& name, const std::string& binary, std::vector<std::string> args, int blas_threads,
+             int admin_port);
+  std::string binary(const std::string& service) const;
+  std::string log_tail(const Proc& p) const;
+  void check_alive();
+
+  LocalClusterOptions opts_;
+  std::vector<Proc> procs_;
+};
+
+// A TCP port on 127.0.0.1 that was free a moment ago.
+int pick_free_port();
+
+}  // namespace moemesh::actors

@@ -1,0 +1,70 @@
+// `moemesh up`: the whole cluster on this machine (see actors/local_cluster.h).
+#include <signal.h>
+
+#include <filesystem>
+#include <iostream>
+
+#include "actors/local_cluster.h"
+#include "core/error.h"
+#include "core/model_config.h"
+#include "core/model_writer.h"
+#include "services/cli/commands.h"
+
+namespace moemesh::cli {
+namespace fs = std::filesystem;
+
+namespace {
+
+// The default model: a small random-weight Mixtral with the real Mixtral tokenizer, made once
+// in bootstrap's cache folder.
+fs::path default_model() {
+  const fs::path cache = default_tokenizer_dir(Arch::Mixtral).parent_path().parent_path();
+  const fs::path dir = cache / "models" / "default-mixtral-small";
+  if (fs::exists(dir / "config.json")) return dir;
+  std::cout << "moemesh up: generating the default model in " << dir.string() << std::endl;
+  const std::string self = fs::read_symlink("/proc/self/exe").string();
+  const std::string cmd = "'" + self + "' mkmodel --arch mixtral --preset small --seed 1 --out '" + dir.string() + "'";
+  if (std::system(cmd.c_str()) != 0) throw Error("generating the default model failed (" + cmd + ")");
+  return dir;
+}
+
+}  // namespace
+
+void add_up(CLI::App& app) {
+  auto opts = std::make_shared<actors::LocalClusterOptions>();
+  auto model = std::make_shared<std::string>();
+  CLI::App* up = app.add_subcommand("up", "Start a whole cluster (router, attention workers, expert hosts, KV store) on this machine");
+  up->add_option("--model", *model, "checkpoint folder (default: generate the default model)");
+  up->add_option("--attention", opts->attention, "attention workers")->capture_default_str();
+  up->add_option("--experts", opts->experts, "expert hosts")->capture_default_str();
+  up->add_option("--replicas", opts->replicas, "copies of every expert")->capture_default_str();
+  up->add_option("--port", opts->port, "OpenAI API port")->capture_default_str();
+  up->add_option("--control-port", opts->control_port, "coordinator port (placement on the next one)")->capture_default_str();
+  up->add_option("--admin-port", opts->admin_port, "router /metrics port")->capture_default_str();
+  up->add_option("--host", opts->host, "address every process binds")->capture_default_str();
+  up->add_option("--bin-dir", opts->bin_dir, "where the moemesh-<service> binaries are");
+  up->add_option("--log-dir", opts->log_dir, "one log file per process (default: a temp folder)");
+  up->add_option("--cores", opts->cores, "cores to share out (default: this machine's)");
+  up->add_option("--log-level", opts->log_level, "services' log level")->capture_default_str();
+  up->add_option("--startup-timeout", opts->startup_timeout_s, "seconds to wait for readiness")->capture_default_str();
+  up->add_flag("!--no-kvstore", opts->kvstore, "run without the KV store (no prefix cache)");
+  up->callback([opts, model] {
+    opts->model = model->empty() ? default_model() : fs::path(*model);
+    if (!fs::exists(opts->model / "config.json")) throw Error(opts->model.string() + ": no config.json (not a checkpoint folder)");
+    // Block the signals before starting children: run_until_signal() takes them synchronously.
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    actors::LocalCluster cluster(*opts);
+    cluster.start();
+    std::cout << cluster.summary() << std::flush;
+    const int rc = cluster.run_until_signal();
+    std::cout << "moemesh up: stopping the cluster" << std::endl;
+    cluster.stop();
+    if (rc != 0) throw Error("the router exited; cluster stopped");
+  });
+}
+
+}  // namespace moemesh::cli
