@@ -216,32 +216,34 @@ int LocalCluster::run_until_signal() {
 }
 
 void LocalCluster::stop() {
-  // Front to back: the router first (no new work), then workers, experts, the KV store.
-  std::vector<Proc*> order;
-  for (auto it = procs_.rbegin(); it != procs_.rend(); ++it)
-    if (it->name == "router") order.insert(order.begin(), &*it);
-    else order.push_back(&*it);
-  for (Proc* p : order)
-    if (p->pid > 0) ::kill(p->pid, SIGTERM);
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  for (Proc* p : order) {
-    while (p->pid > 0) {
-      int status = 0;
-      pid_t r = ::waitpid(p->pid, &status, WNOHANG);
-      if (r == p->pid || r < 0) {
-        p->pid = -1;
-        break;
+  // The router first: it drains (accepted requests finish on the workers), then the rest.
+  auto stop_all = [this](bool router, std::chrono::seconds grace) {
+    std::vector<Proc*> group;
+    for (auto& p : procs_)
+      if (p.pid > 0 && (p.name == "router") == router) group.push_back(&p);
+    for (Proc* p : group) ::kill(p->pid, SIGTERM);
+    const auto deadline = std::chrono::steady_clock::now() + grace;
+    for (Proc* p : group) {
+      while (p->pid > 0) {
+        int status = 0;
+        pid_t r = ::waitpid(p->pid, &status, WNOHANG);
+        if (r == p->pid || r < 0) {
+          p->pid = -1;
+          break;
+        }
+        if (std::chrono::steady_clock::now() > deadline) {
+          spdlog::warn("up: {} did not stop in time, killing it", p->name);
+          ::kill(p->pid, SIGKILL);
+          ::waitpid(p->pid, &status, 0);
+          p->pid = -1;
+          break;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
       }
-      if (std::chrono::steady_clock::now() > deadline) {
-        spdlog::warn("up: {} did not stop in time, killing it", p->name);
-        ::kill(p->pid, SIGKILL);
-        ::waitpid(p->pid, &status, 0);
-        p->pid = -1;
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
-  }
+  };
+  stop_all(true, std::chrono::seconds(40));
+  stop_all(false, std::chrono::seconds(10));
 }
 
 }  // namespace moemesh::actors

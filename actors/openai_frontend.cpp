@@ -31,6 +31,8 @@ uint64_t random_seed() {
 }
 
 void completions(const http::Request& req, http::Responder res, caf::actor_system& sys, const FrontendConfig& cfg) {
+  if (cfg.draining->load())
+    return send_error(res, ApiError(503, "server_error", "the server is shutting down; retry on another replica"));
   json body = json::parse(req.body, nullptr, false);
   if (body.is_discarded()) return send_error(res, openai::invalid_request("the request body is not valid JSON"));
   openai::CompletionRequest cr;

@@ -2,6 +2,7 @@
 // Validation and response shapes live in core/openai_api; this file tokenizes, hands the
 // request to the scheduler actor and answers when it is done, without blocking the HTTP threads.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -19,6 +20,8 @@ struct FrontendConfig {
   int64_t max_context = 4096;                  // prompt + max_tokens may not exceed it
   int64_t vocab_size = 0;
   caf::actor scheduler;
+  // Set on SIGTERM: new requests get 503 while the ones in flight finish.
+  std::shared_ptr<std::atomic<bool>> draining = std::make_shared<std::atomic<bool>>(false);
 };
 
 void install_openai_routes(http::HttpServer& server, caf::actor_system& sys, FrontendConfig cfg);

@@ -2,6 +2,9 @@
 #include <spdlog/spdlog.h>
 
 #include <filesystem>
+#include <thread>
+
+#include <nlohmann/json.hpp>
 
 #include "actors/coordinator.h"
 #include "actors/openai_frontend.h"
@@ -20,6 +23,7 @@ int main(int argc, char** argv) {
   std::string control = "tcp://0.0.0.0:5550", placement = "tcp://0.0.0.0:5551";
   int port = 8000, expert_hosts = 1, replicas = 1, heartbeat_timeout_ms = 2000, http_threads = 2;
   int64_t step_budget = 512;
+  int drain_timeout_s = 30;
   auto& cli = rt.cli();
   cli.add_option("--model", model_dir, "checkpoint folder (config.json, tokenizer)")->required();
   cli.add_option("--served-model-name", served_name, "model name in the API (default: the folder's name)");
@@ -32,6 +36,7 @@ int main(int argc, char** argv) {
   cli.add_option("--replicas", replicas, "copies of every expert")->check(CLI::PositiveNumber);
   cli.add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms, "silence after which a member is dropped");
   cli.add_option("--step-token-budget", step_budget, "prefill + decode tokens per worker step");
+  cli.add_option("--drain-timeout-s", drain_timeout_s, "on SIGTERM, how long requests in flight may finish");
   if (auto rc = rt.start(argc, argv)) return *rc;
 
   try {
@@ -74,13 +79,31 @@ int main(int argc, char** argv) {
     });
 
     http::HttpServer api({.address = http_address, .port = uint16_t(port), .threads = http_threads, .name = "api"});
-    install_openai_routes(api, rt.system(),
-                          {served_name, tok, mc.max_position_embeddings, mc.vocab_size, scheduler});
+    FrontendConfig fc{served_name, tok, mc.max_position_embeddings, mc.vocab_size, scheduler};
+    auto draining = fc.draining;
+    install_openai_routes(api, rt.system(), fc);
     api.start();
     spdlog::info("router: serving {} on http://{}:{} (control {}, placement {}, {} expert host slots x{} replicas)",
                  served_name, http_address, api.port(), bridge.endpoint(control_sock), bridge.endpoint(pub_sock),
                  expert_hosts, replicas);
     rt.wait_for_shutdown();
+    // Drain: refuse new requests, let the accepted ones finish (nothing accepted is lost).
+    draining->store(true);
+    spdlog::info("router: draining (up to {} s)", drain_timeout_s);
+    {
+      caf::scoped_actor self{rt.system()};
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(drain_timeout_s);
+      bool idle = false;
+      while (!idle && std::chrono::steady_clock::now() < deadline) {
+        self->request(scheduler, std::chrono::seconds(1), sched_stats_atom::value)
+            .receive([&](const std::string& js) {
+              auto j = nlohmann::json::parse(js);
+              idle = j["waiting"] == 0 && j["running"] == 0;
+            }, [&](caf::error&) { idle = true; });
+        if (!idle) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+      if (!idle) spdlog::warn("router: requests still in flight after {} s; stopping anyway", drain_timeout_s);
+    }
     spdlog::info("router: shutting down");
     api.stop();
     rt.shutdown();
