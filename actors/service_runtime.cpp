@@ -1,9 +1,15 @@
 #include "actors/service_runtime.h"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/signalfd.h>
 #include <unistd.h>
 
+#include <cerrno>
+
 #include <algorithm>
+#include <cstring>
 #include <chrono>
 #include <iostream>
 #include <thread>
@@ -24,6 +30,32 @@ sigset_t shutdown_signals() {
   return set;
 }
 
+// Threads started before main (OpenBLAS starts its pool when the library loads) do not have
+// the signals blocked; if the kernel hands SIGTERM to one of them, this handler passes it on
+// through a pipe instead of the default action killing the process.
+int g_signal_pipe[2] = {-1, -1};
+
+void forward_signal(int sig) {
+  int saved = errno;
+  unsigned char b = static_cast<unsigned char>(sig);
+  [[maybe_unused]] auto n = ::write(g_signal_pipe[1], &b, 1);
+  errno = saved;
+}
+
+void install_forwarding_handler() {
+  static bool installed = [] {
+    if (pipe2(g_signal_pipe, O_CLOEXEC | O_NONBLOCK) != 0) return false;
+    struct sigaction sa {};
+    sa.sa_handler = forward_signal;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, nullptr);
+    sigaction(SIGINT, &sa, nullptr);
+    return true;
+  }();
+  (void)installed;
+}
+
 std::string hostname() {
   char buf[256] = {};
   if (gethostname(buf, sizeof buf - 1) != 0) return "localhost";
@@ -41,6 +73,8 @@ ServiceRuntime::ServiceRuntime(std::string service, int default_admin_port)
     : service_(std::move(service)), app_("moemesh-" + service_), registry_(std::make_shared<prometheus::Registry>()) {
   sigset_t set = shutdown_signals();
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  signal_fd_ = signalfd(-1, &set, SFD_CLOEXEC);
+  install_forwarding_handler();
   signal(SIGPIPE, SIG_IGN);  // a peer that hangs up must not kill the process
 
   flags_.admin_port = default_admin_port;
@@ -63,6 +97,7 @@ ServiceRuntime::ServiceRuntime(std::string service, int default_admin_port)
 
 ServiceRuntime::~ServiceRuntime() {
   shutdown();
+  if (signal_fd_ >= 0) ::close(signal_fd_);
   if (!system_) return;
   // Give the actors time to finish what they hold; but an actor nobody told to stop (an early
   // error exit) must not keep the process alive forever.
@@ -107,9 +142,22 @@ std::optional<int> ServiceRuntime::start(int argc, const char* const* argv) {
 }
 
 int ServiceRuntime::wait_for_shutdown() {
-  sigset_t set = shutdown_signals();
+  // Blocked signals queue on the signalfd; ones delivered to a thread that had them unblocked
+  // arrive through the handler's pipe.
   int sig = 0;
-  while (sigwait(&set, &sig) != 0) {
+  while (sig == 0) {
+    pollfd fds[2] = {{signal_fd_, POLLIN, 0}, {g_signal_pipe[0], POLLIN, 0}};
+    if (poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      throw Error(std::string("waiting for signals failed: ") + std::strerror(errno));
+    }
+    if (fds[0].revents & POLLIN) {
+      signalfd_siginfo info{};
+      if (::read(signal_fd_, &info, sizeof info) == sizeof info) sig = int(info.ssi_signo);
+    } else if (fds[1].revents & POLLIN) {
+      unsigned char b = 0;
+      if (::read(g_signal_pipe[0], &b, 1) == 1) sig = b;
+    }
   }
   spdlog::info("{} received, shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
   return sig;

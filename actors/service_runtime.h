@@ -5,8 +5,9 @@
 //   - spdlog configured (stderr, level, service/instance in each line);
 //   - the caf::actor_system (caf::io is never loaded: ZeroMQ is the only wire);
 //   - the admin server (/metrics, /healthz, /readyz) on its own port;
-//   - SIGTERM/SIGINT blocked in every thread, taken synchronously by wait_for_shutdown(), so a
-//     main finishes its in-flight work and returns 0.
+//   - SIGTERM/SIGINT blocked in every thread and read from a signalfd by wait_for_shutdown()
+//     (threads that predate main, like OpenBLAS's pool, get a handler that forwards them), so
+//     a main finishes its in-flight work and returns 0.
 //
 //   int main(int argc, char** argv) {
 //     moemesh::actors::ServiceRuntime rt("kvstore", 9400);
@@ -45,7 +46,7 @@ int default_threads();
 class ServiceRuntime {
  public:
   // Blocks SIGTERM/SIGINT (and ignores SIGPIPE) for this thread and every thread started
-  // after it: construct it first thing in main().
+  // after it, and forwards them from older threads: construct it first thing in main().
   ServiceRuntime(std::string service, int default_admin_port);
   ~ServiceRuntime();
   ServiceRuntime(const ServiceRuntime&) = delete;
@@ -86,6 +87,7 @@ class ServiceRuntime {
   std::unique_ptr<caf::actor_system> system_;
   std::unique_ptr<AdminServer> admin_;
   std::vector<caf::actor> owned_;
+  int signal_fd_ = -1;
 };
 
 }  // namespace moemesh::actors

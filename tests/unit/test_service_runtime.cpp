@@ -5,6 +5,8 @@
 #include <csignal>
 #include <cstdlib>
 #include <fstream>
+#include <future>
+#include <thread>
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
@@ -139,4 +141,26 @@ TEST(ServiceRuntime, WaitsForSigterm) {
   EXPECT_EQ(rt.wait_for_shutdown(), SIGTERM);
   std::raise(SIGINT);
   EXPECT_EQ(rt.wait_for_shutdown(), SIGINT);
+}
+
+TEST(ServiceRuntime, SigtermDeliveredToAThreadWithoutTheMask) {
+  // Like OpenBLAS's pool, started before main: SIGTERM is not blocked there, so the kernel
+  // delivers it to that thread; it must still reach wait_for_shutdown, not kill the process.
+  ServiceRuntime rt("test", 0);
+  ASSERT_FALSE(start(rt, {"--admin-address", "127.0.0.1"}).has_value());
+  std::promise<void> unblocked;
+  std::atomic<bool> done{false};
+  std::thread old([&] {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_UNBLOCK, &set, nullptr);
+    unblocked.set_value();
+    while (!done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  });
+  unblocked.get_future().wait();
+  ServiceRuntime::request_shutdown();
+  EXPECT_EQ(rt.wait_for_shutdown(), SIGTERM);
+  done = true;
+  old.join();
 }
