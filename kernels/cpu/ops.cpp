@@ -16,39 +16,12 @@
 namespace moemesh::cpu {
 namespace {
 
-// The kernels library does not link core, so it carries its own half -> float conversion:
-// one 64K-entry table, built once, exact for every bit pattern (subnormals, inf, NaN).
-float half_bits_to_float(uint16_t h) {
-  uint32_t sign = uint32_t(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t mant = h & 0x3ffu;
-  uint32_t u;
-  if (exp == 0) {
-    if (mant == 0) {
-      u = sign;
-    } else {
-      exp = 127 - 15 + 1;
-      while (!(mant & 0x400u)) {
-        mant <<= 1;
-        --exp;
-      }
-      mant &= 0x3ffu;
-      u = sign | (exp << 23) | (mant << 13);
-    }
-  } else if (exp == 0x1f) {
-    u = sign | 0x7f800000u | (mant << 13);
-  } else {
-    u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
+// Half -> float through one 64K-entry table, built once: exact for every bit pattern and
+// cheaper than converting bit by bit in the matmul's widening loop.
 const float* f16_table() {
   static const std::vector<float> table = [] {
     std::vector<float> t(65536);
-    for (uint32_t i = 0; i < 65536; ++i) t[i] = half_bits_to_float(uint16_t(i));
+    for (uint32_t i = 0; i < 65536; ++i) t[i] = f16_to_f32(uint16_t(i));
     return t;
   }();
   return table.data();
