@@ -1,9 +1,12 @@
 #include "actors/coordinator.h"
 
+#include <algorithm>
+#include <deque>
 #include <map>
 
 #include <spdlog/spdlog.h>
 
+#include "actors/metrics_util.h"
 #include "core/placement.h"
 #include "proto/control.pb.h"
 
@@ -11,6 +14,102 @@ namespace moemesh::actors {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+const char* role_label(pb::Role r) {
+  switch (r) {
+    case pb::ATTENTION: return "attention";
+    case pb::EXPERT: return "expert";
+    case pb::KVSTORE: return "kvstore";
+    default: return "unknown";
+  }
+}
+
+// Rows per (layer, expert) that heartbeats reported within the last `window`: a sliding sum,
+// so the imbalance gauge follows the recent load and forgets old bursts.
+class LoadWindow {
+ public:
+  void add(Clock::time_point t, const pb::Heartbeat& hb) {
+    std::vector<std::pair<ExpertKey, uint64_t>> rows;
+    for (const auto& l : hb.load())
+      if (l.rows() > 0) rows.push_back({{l.layer(), l.expert()}, l.rows()});
+    if (rows.empty()) return;
+    for (const auto& [k, n] : rows) totals_[k] += n;
+    entries_.emplace_back(t, std::move(rows));
+  }
+  void expire(Clock::time_point now, Clock::duration window) {
+    while (!entries_.empty() && now - entries_.front().first > window) {
+      for (const auto& [k, n] : entries_.front().second)
+        if ((totals_[k] -= n) == 0) totals_.erase(k);
+      entries_.pop_front();
+    }
+  }
+  // max / mean of the rows of the layer's experts (idle experts count as 0); 0 when the
+  // layer computed nothing in the window.
+  double imbalance(int32_t layer, int32_t num_experts) const {
+    uint64_t max = 0, sum = 0;
+    for (auto it = totals_.lower_bound({layer, 0}); it != totals_.end() && it->first.first == layer; ++it) {
+      max = std::max(max, it->second);
+      sum += it->second;
+    }
+    if (sum == 0 || num_experts <= 0) return 0;
+    return double(max) / (double(sum) / num_experts);
+  }
+
+ private:
+  std::deque<std::pair<Clock::time_point, std::vector<std::pair<ExpertKey, uint64_t>>>> entries_;
+  std::map<ExpertKey, uint64_t> totals_;
+};
+
+// The coordinator's series (docs/metrics.md), refreshed on every tick.
+struct CoordinatorMetrics {
+  CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg, const CoordinatorConfig& cfg)
+      : registry(std::move(reg)),
+        live_hosts(metrics::gauge_family(*registry, "moemesh_coordinator_live_hosts",
+                                         "Registered members that sent a heartbeat within the timeout, by role.")),
+        expected_expert_hosts(metrics::gauge_family(*registry, "moemesh_coordinator_expected_expert_hosts",
+                                                    "Expert host slots the placement is cut for (--expert-hosts).")
+                                  .Add({})),
+        placement_version(metrics::gauge_family(*registry, "moemesh_coordinator_placement_version",
+                                                "Version of the newest placement table.")
+                              .Add({})),
+        host_experts(metrics::gauge_family(*registry, "moemesh_coordinator_host_experts",
+                                           "Experts (layer, expert pairs) each live expert host serves.")),
+        expert_replicas(metrics::gauge_family(*registry, "moemesh_coordinator_expert_replicas",
+                                              "Live expert hosts serving each (layer, expert); 0: no live host.")),
+        uncovered(metrics::gauge_family(*registry, "moemesh_coordinator_uncovered_experts",
+                                        "Routed experts with no live host (the cluster is not ready while any exist).")
+                      .Add({})),
+        imbalance(metrics::gauge_family(*registry, "moemesh_coordinator_expert_load_imbalance_ratio",
+                                        "Per MoE layer, max / mean of the rows computed per expert over the load window "
+                                        "(1: balanced; 0: no rows in the window).")),
+        expired(metrics::counter_family(*registry, "moemesh_coordinator_expired_members_total",
+                                        "Members removed because they missed their heartbeats, by role.")) {
+    expected_expert_hosts.Set(cfg.expert_hosts);
+    for (pb::Role r : {pb::ATTENTION, pb::EXPERT, pb::KVSTORE}) {
+      live[r] = &live_hosts.Add({{"role", role_label(r)}});
+      expired_by_role[r] = &expired.Add({{"role", role_label(r)}});
+    }
+    for (int32_t layer : cfg.moe_layers) {
+      imbalance_by_layer[layer] = &imbalance.Add({{"layer", std::to_string(layer)}});
+      for (int32_t e = 0; e < cfg.num_experts; ++e)
+        replicas[{layer, e}] = &expert_replicas.Add({{"layer", std::to_string(layer)}, {"expert", std::to_string(e)}});
+    }
+  }
+
+  std::shared_ptr<prometheus::Registry> registry;  // outlives the references below
+  prometheus::Family<prometheus::Gauge>& live_hosts;
+  prometheus::Gauge& expected_expert_hosts;
+  prometheus::Gauge& placement_version;
+  prometheus::Family<prometheus::Gauge>&host_experts, &expert_replicas;
+  prometheus::Gauge& uncovered;
+  prometheus::Family<prometheus::Gauge>& imbalance;
+  prometheus::Family<prometheus::Counter>& expired;
+  std::map<pb::Role, prometheus::Gauge*> live;
+  std::map<pb::Role, prometheus::Counter*> expired_by_role;
+  std::map<int32_t, prometheus::Gauge*> imbalance_by_layer;
+  std::map<ExpertKey, prometheus::Gauge*> replicas;
+  std::map<std::string, prometheus::Gauge*> per_host;  // host_experts series of live hosts
+};
 
 struct Member {
   pb::Role role = pb::ROLE_UNKNOWN;
@@ -28,6 +127,8 @@ struct CoordinatorState {
   std::unique_ptr<Placement> placement;
   std::map<std::string, Member> members;
   std::vector<AttentionWorker> last_workers;  // as last told to the listener
+  LoadWindow load;
+  std::unique_ptr<CoordinatorMetrics> metrics;  // null without a registry
   static inline const char* name = "coordinator";
 };
 
@@ -148,6 +249,7 @@ void on_heartbeat(Self* self, const zmq::message_t& peer, const pb::Heartbeat& h
   m.last_seen = Clock::now();
   m.last = hb;
   for (const auto& l : hb.load()) m.rows_total += l.rows();
+  if (m.role == pb::EXPERT) st.load.add(m.last_seen, hb);
   if (m.role == pb::EXPERT) st.placement->touch(hb.instance(), m.last_seen);
   if (m.role == pb::ATTENTION) {
     m.worker.ready = hb.ready();
@@ -194,6 +296,8 @@ void expire(Self* self) {
     if (now - it->second.last_seen > st.cfg.heartbeat_timeout) {
       spdlog::warn("coordinator: {} missed its heartbeats, removed", it->first);
       if (it->second.role == pb::EXPERT) st.placement->remove_host(it->first);
+      if (st.metrics && st.metrics->expired_by_role.count(it->second.role))
+        st.metrics->expired_by_role[it->second.role]->Increment();
       it = st.members.erase(it);
       changed = true;
     } else {
@@ -207,6 +311,37 @@ void expire(Self* self) {
                  missing[0].first, missing[0].second);
 }
 
+void publish_metrics(CoordinatorState& st) {
+  st.load.expire(Clock::now(), st.cfg.load_window);
+  if (!st.metrics) return;
+  auto& m = *st.metrics;
+  std::map<pb::Role, int> live;
+  for (const auto& [name, member] : st.members) ++live[member.role];
+  for (auto& [role, g] : m.live) g->Set(live[role]);
+  const PlacementTable& table = st.placement->table();
+  m.placement_version.Set(double(table.version));
+  std::map<ExpertKey, int> copies;
+  std::map<std::string, prometheus::Gauge*> hosts;
+  for (const auto& h : table.hosts) {
+    for (const auto& k : h.experts) ++copies[k];
+    auto it = m.per_host.find(h.instance);
+    prometheus::Gauge* g = it != m.per_host.end() ? it->second : &m.host_experts.Add({{"host", h.instance}});
+    g->Set(double(h.experts.size()));
+    hosts[h.instance] = g;
+  }
+  for (auto& [name, g] : m.per_host)  // a host that left takes its series with it
+    if (!hosts.count(name)) m.host_experts.Remove(g);
+  m.per_host = std::move(hosts);
+  int uncovered = 0;
+  for (auto& [key, g] : m.replicas) {
+    const int n = copies.count(key) ? copies[key] : 0;
+    g->Set(n);
+    uncovered += n == 0;
+  }
+  m.uncovered.Set(uncovered);
+  for (auto& [layer, g] : m.imbalance_by_layer) g->Set(st.load.imbalance(layer, st.cfg.num_experts));
+}
+
 caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publish, CoordinatorConfig cfg,
                           caf::actor listener) {
   auto& st = self->state;
@@ -216,6 +351,7 @@ caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publis
   st.listener = std::move(listener);
   st.placement = std::make_unique<Placement>(PlacementPlan(cfg.moe_layers, cfg.num_experts, cfg.expert_hosts, cfg.replicas));
   st.cfg = std::move(cfg);
+  if (st.cfg.metrics) st.metrics = std::make_unique<CoordinatorMetrics>(st.cfg.metrics, st.cfg);
   self->send(self, tick_atom::value);
   return {
       [=](zmq_recv_atom, int, FramesPtr frames) {
@@ -246,6 +382,7 @@ caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publis
       [=](tick_atom) {
         expire(self);
         publish_table(self);
+        publish_metrics(self->state);
         self->delayed_send(self, self->state.cfg.publish_interval, tick_atom::value);
       },
       [=](ready_atom) { return cluster_ready(self->state); },

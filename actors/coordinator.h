@@ -12,6 +12,7 @@
 #include <vector>
 
 #include <caf/all.hpp>
+#include <prometheus/registry.h>
 
 #include "actors/zmq_bridge.h"
 
@@ -25,6 +26,10 @@ struct CoordinatorConfig {
   int32_t replicas = 1;
   std::chrono::milliseconds heartbeat_timeout{2000};
   std::chrono::milliseconds publish_interval{500};
+  // Where the moemesh_coordinator_* metrics go (docs/metrics.md); none without it.
+  std::shared_ptr<prometheus::Registry> metrics;
+  // The expert load-imbalance gauge looks at the rows the heartbeats reported in this window.
+  std::chrono::milliseconds load_window{60000};
 };
 
 struct AttentionWorker {

@@ -115,7 +115,17 @@ ExpertHostMetrics::ExpertHostMetrics(prometheus::Registry& reg)
                               .Name("moemesh_expert_mapped_weight_bytes")
                               .Help("Bytes of expert weights mapped from the checkpoint")
                               .Register(reg)
-                              .Add({})) {}
+                              .Add({})),
+      received_bytes(prometheus::BuildCounter()
+                         .Name("moemesh_expert_received_bytes_total")
+                         .Help("Bytes of dispatch messages received (header and tensor frames)")
+                         .Register(reg)
+                         .Add({})),
+      sent_bytes(prometheus::BuildCounter()
+                     .Name("moemesh_expert_sent_bytes_total")
+                     .Help("Bytes of replies sent (header and tensor frames)")
+                     .Register(reg)
+                     .Add({})) {}
 
 // ---- the actor ----
 
@@ -148,7 +158,15 @@ struct BatcherState {
 
 using Self = caf::stateful_actor<BatcherState>;
 
+// Bytes of a ROUTER message without its routing-id frame.
+double payload_bytes(const Frames& frames) {
+  size_t n = 0;
+  for (size_t i = 1; i < frames.size(); ++i) n += frames[i].size();
+  return double(n);
+}
+
 void reply(Self* self, FramesPtr frames) {
+  self->state.deps.metrics->sent_bytes.Increment(payload_bytes(*frames));
   self->send(self->state.deps.bridge, zmq_send_atom::value, self->state.deps.socket, std::move(frames));
 }
 
@@ -164,6 +182,7 @@ void on_request(Self* self, FramesPtr frames) {
   auto& st = self->state;
   if (!frames || frames->empty()) return;
   const std::string peer = (*frames)[0].to_string();
+  st.deps.metrics->received_bytes.Increment(payload_bytes(*frames));
   try {
     auto views = frame_views(*frames, 1);
     dispatch::Request r = dispatch::decode_request(views);

@@ -85,6 +85,8 @@ struct ExpertHostMetrics {
   prometheus::Histogram& compute_seconds;                  // moemesh_expert_compute_seconds
   prometheus::Gauge& queued_requests;                      // moemesh_expert_queued_requests
   prometheus::Gauge& mapped_weight_bytes;                  // moemesh_expert_mapped_weight_bytes
+  prometheus::Counter& received_bytes;                     // moemesh_expert_received_bytes_total
+  prometheus::Counter& sent_bytes;                         // moemesh_expert_sent_bytes_total
 };
 
 struct ExpertBatcherDeps {

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "actors/metrics_util.h"
 #include "actors/scheduler.h"
 #include "core/openai_api.h"
 
@@ -14,6 +15,62 @@ namespace {
 
 using nlohmann::json;
 using openai::ApiError;
+
+// Why a request was refused before it was queued (the rejected_requests_total label). Only
+// "draining" happens today; the tenant gate will add rate_limit and quota.
+constexpr const char* kRejectReasons[] = {"rate_limit", "quota", "draining"};
+
+// The request-level series (docs/metrics.md). Thread-safe: prometheus-cpp's Family::Add and
+// the metrics themselves may be used from any HTTP or actor thread.
+struct FrontendMetrics {
+  FrontendMetrics(std::shared_ptr<prometheus::Registry> reg, const std::string& model)
+      : registry(std::move(reg)),
+        model(model),
+        requests(metrics::counter_family(*registry, "moemesh_router_requests_total",
+                                         "Completion requests answered, by tenant, model, HTTP status and finish reason "
+                                         "(none: refused before generation).")),
+        prompt_tokens(metrics::counter_family(*registry, "moemesh_router_prompt_tokens_total",
+                                              "Prompt tokens of completed requests.")),
+        completion_tokens(metrics::counter_family(*registry, "moemesh_router_completion_tokens_total",
+                                                  "Generated tokens of completed requests.")),
+        rejected(metrics::counter_family(*registry, "moemesh_router_rejected_requests_total",
+                                         "Requests refused before they were queued, by tenant and reason.")),
+        duration(metrics::histogram_family(*registry, "moemesh_router_request_duration_seconds",
+                                           "End-to-end latency of a completion request that reached the scheduler, "
+                                           "from arrival to the response.")) {
+    const std::string t = metrics::kDefaultTenant;
+    // Zero series up front, so rates and ratios exist before the first request.
+    for (const char* fr : {"stop", "length"}) requests.Add({{"tenant", t}, {"model", model}, {"status", "200"}, {"finish_reason", fr}});
+    requests.Add({{"tenant", t}, {"model", model}, {"status", "500"}, {"finish_reason", "error"}});
+    prompt_tokens.Add({{"tenant", t}, {"model", model}});
+    completion_tokens.Add({{"tenant", t}, {"model", model}});
+    for (const char* r : kRejectReasons) rejected.Add({{"tenant", t}, {"reason", r}});
+    duration.Add({{"tenant", t}}, metrics::request_latency_buckets());
+  }
+
+  void answered(const std::string& tenant, int status, const std::string& finish_reason) {
+    requests.Add({{"tenant", tenant}, {"model", model}, {"status", std::to_string(status)}, {"finish_reason", finish_reason}})
+        .Increment();
+  }
+  void completed(const std::string& tenant, int64_t prompt, int64_t completion) {
+    prompt_tokens.Add({{"tenant", tenant}, {"model", model}}).Increment(double(prompt));
+    completion_tokens.Add({{"tenant", tenant}, {"model", model}}).Increment(double(completion));
+  }
+  void finished(const std::string& tenant, std::chrono::steady_clock::time_point arrival) {
+    duration.Add({{"tenant", tenant}}, metrics::request_latency_buckets())
+        .Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - arrival).count());
+  }
+
+  std::shared_ptr<prometheus::Registry> registry;  // outlives the families below
+  std::string model;
+  prometheus::Family<prometheus::Counter>&requests, &prompt_tokens, &completion_tokens, &rejected;
+  prometheus::Family<prometheus::Histogram>& duration;
+};
+
+struct Frontend {
+  FrontendConfig cfg;
+  std::unique_ptr<FrontendMetrics> metrics;  // null without a registry
+};
 
 int64_t unix_now() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
@@ -25,16 +82,29 @@ void send_json(http::Responder& r, int status, const json& body, http::HeaderLis
 
 void send_error(http::Responder& r, const ApiError& e) { send_json(r, e.status(), e.to_json()); }
 
+// An error answer before generation, counted.
+void refuse(http::Responder& r, const ApiError& e, FrontendMetrics* m, const std::string& tenant) {
+  if (m) m->answered(tenant, e.status(), "none");
+  send_error(r, e);
+}
+
 uint64_t random_seed() {
   static thread_local std::mt19937_64 rng{std::random_device{}()};
   return rng();
 }
 
-void completions(const http::Request& req, http::Responder res, caf::actor_system& sys, const FrontendConfig& cfg) {
-  if (cfg.draining->load())
-    return send_error(res, ApiError(503, "server_error", "the server is shutting down; retry on another replica"));
+void completions(const http::Request& req, http::Responder res, caf::actor_system& sys,
+                 const std::shared_ptr<const Frontend>& fe) {
+  const auto arrival = std::chrono::steady_clock::now();
+  const FrontendConfig& cfg = fe->cfg;
+  FrontendMetrics* m = fe->metrics.get();
+  const std::string tenant = metrics::kDefaultTenant;
+  if (cfg.draining->load()) {
+    if (m) m->rejected.Add({{"tenant", tenant}, {"reason", "draining"}}).Increment();
+    return refuse(res, ApiError(503, "server_error", "the server is shutting down; retry on another replica"), m, tenant);
+  }
   json body = json::parse(req.body, nullptr, false);
-  if (body.is_discarded()) return send_error(res, openai::invalid_request("the request body is not valid JSON"));
+  if (body.is_discarded()) return refuse(res, openai::invalid_request("the request body is not valid JSON"), m, tenant);
   openai::CompletionRequest cr;
   try {
     cr = openai::parse_completion_request(body);
@@ -43,32 +113,38 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
                                                        cfg.served_model + "')",
                      "model", "model_not_found");
   } catch (const ApiError& e) {
-    return send_error(res, e);
+    return refuse(res, e, m, tenant);
   }
   auto gen = std::make_shared<GenerationRequest>();
   if (cr.prompt_text) {
     if (!cfg.tokenizer)
-      return send_error(res, openai::invalid_request("this model has no tokenizer: send the prompt as token ids", "prompt"));
+      return refuse(res, openai::invalid_request("this model has no tokenizer: send the prompt as token ids", "prompt"), m,
+                    tenant);
     gen->prompt = cfg.tokenizer->encode(*cr.prompt_text, true);
   } else {
     for (int32_t t : cr.prompt_ids)
       if (t >= cfg.vocab_size)
-        return send_error(res, openai::invalid_request("token id " + std::to_string(t) + " is outside the vocabulary (" +
-                                                           std::to_string(cfg.vocab_size) + " tokens)",
-                                                       "prompt"));
+        return refuse(res,
+                      openai::invalid_request("token id " + std::to_string(t) + " is outside the vocabulary (" +
+                                                  std::to_string(cfg.vocab_size) + " tokens)",
+                                              "prompt"),
+                      m, tenant);
     gen->prompt = cr.prompt_ids;
   }
   const int64_t prompt_tokens = int64_t(gen->prompt.size());
   if (prompt_tokens + cr.max_tokens > cfg.max_context)
-    return send_error(res, openai::invalid_request("this model's maximum context length is " +
-                                                       std::to_string(cfg.max_context) + " tokens; the prompt has " +
-                                                       std::to_string(prompt_tokens) + " and max_tokens asks for " +
-                                                       std::to_string(cr.max_tokens),
-                                                   "prompt"));
+    return refuse(res,
+                  openai::invalid_request("this model's maximum context length is " + std::to_string(cfg.max_context) +
+                                              " tokens; the prompt has " + std::to_string(prompt_tokens) +
+                                              " and max_tokens asks for " + std::to_string(cr.max_tokens),
+                                          "prompt"),
+                  m, tenant);
   gen->sampling = cr.sampling;
   if (!gen->sampling.seed) gen->sampling.seed = random_seed();  // a resubmission must repeat itself
   gen->max_tokens = cr.max_tokens;
   gen->return_logits = cr.return_logits;
+  gen->tenant = tenant;
+  gen->arrival = arrival;
 
   const std::string id = "cmpl-" + std::to_string(random_seed() >> 16);
   auto tokenizer = cfg.tokenizer;
@@ -80,8 +156,16 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
     self->request(scheduler, caf::infinite, generate_atom::value, GenerationRequestPtr(gen))
         .then(
             [=](GenerationResultPtr r) mutable {
-              if (r->finish_reason == "error")
+              FrontendMetrics* metrics = fe->metrics.get();  // the captured `fe` keeps it alive
+              if (metrics) metrics->finished(tenant, arrival);
+              if (r->finish_reason == "error") {
+                if (metrics) metrics->answered(tenant, 500, "error");
                 return send_error(res, ApiError(500, "server_error", "generation failed: " + r->error));
+              }
+              if (metrics) {
+                metrics->answered(tenant, 200, r->finish_reason);
+                metrics->completed(tenant, prompt_tokens, int64_t(r->tokens.size()));
+              }
               openai::CompletionChoice c;
               c.token_ids = r->tokens;
               c.text = tokenizer ? tokenizer->decode(r->tokens, true) : std::string();
@@ -93,7 +177,9 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
                                                     r->cached_tokens, with_ids));
             },
             [=](caf::error& e) mutable {
-              send_error(res, ApiError(503, "server_error", "the scheduler is unavailable: " + self->system().render(e)));
+              FrontendMetrics* metrics = fe->metrics.get();
+              refuse(res, ApiError(503, "server_error", "the scheduler is unavailable: " + self->system().render(e)),
+                     metrics, tenant);
             });
   });
 }
@@ -101,12 +187,14 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
 }  // namespace
 
 void install_openai_routes(http::HttpServer& server, caf::actor_system& sys, FrontendConfig cfg) {
-  auto shared = std::make_shared<FrontendConfig>(std::move(cfg));
+  auto shared = std::make_shared<Frontend>();
+  if (cfg.metrics) shared->metrics = std::make_unique<FrontendMetrics>(cfg.metrics, cfg.served_model);
+  shared->cfg = std::move(cfg);
   const int64_t created = unix_now();
   server.route("POST", "/v1/completions",
-               [&sys, shared](const http::Request& req, http::Responder res) { completions(req, res, sys, *shared); });
+               [&sys, shared](const http::Request& req, http::Responder res) { completions(req, res, sys, shared); });
   server.route("GET", "/v1/models", [shared, created](const http::Request&, http::Responder res) {
-    send_json(res, 200, openai::models_response(shared->served_model, created));
+    send_json(res, 200, openai::models_response(shared->cfg.served_model, created));
   });
 }
 

@@ -8,6 +8,7 @@
 #include <string>
 
 #include <caf/all.hpp>
+#include <prometheus/registry.h>
 
 #include "actors/http_server.h"
 #include "core/tokenizer.h"
@@ -22,6 +23,8 @@ struct FrontendConfig {
   caf::actor scheduler;
   // Set on SIGTERM: new requests get 503 while the ones in flight finish.
   std::shared_ptr<std::atomic<bool>> draining = std::make_shared<std::atomic<bool>>(false);
+  // Where the moemesh_router_* request metrics go (docs/metrics.md); none without it.
+  std::shared_ptr<prometheus::Registry> metrics;
 };
 
 void install_openai_routes(http::HttpServer& server, caf::actor_system& sys, FrontendConfig cfg);

@@ -8,6 +8,7 @@
 #include <spdlog/spdlog.h>
 
 #include "actors/dispatch_frames.h"
+#include "actors/metrics_util.h"
 #include "core/dispatch_codec.h"
 #include "core/error.h"
 #include "proto/control.pb.h"
@@ -21,7 +22,9 @@ using Clock = std::chrono::steady_clock;
 // One request to one host, as seen by the waiting run().
 struct Outcome {
   bool done = false;
-  std::string error;  // empty: `reply` is a good DispatchResponse
+  Clock::time_point arrived;
+  std::string error;   // empty: `reply` is a good DispatchResponse
+  std::string reason;  // with an error: error_reply or bad_reply (the metric label)
   FramesPtr frames;   // keeps reply's views alive
   dispatch::Reply reply;
 };
@@ -33,33 +36,92 @@ struct Call {
   size_t pending = 0;
 };
 
+// Why a request to a host failed (the failures/retries label).
+constexpr const char* kFailureReasons[] = {"timeout", "error_reply", "bad_reply"};
+
 }  // namespace
+
+struct RemoteExpertExecutor::Metrics {
+  struct Host {
+    prometheus::Counter* requests;
+    prometheus::Histogram* round_trip;
+    std::map<std::string, prometheus::Counter*> failures;
+  };
+
+  explicit Metrics(std::shared_ptr<prometheus::Registry> reg)
+      : registry(std::move(reg)),
+        requests(metrics::counter_family(*registry, "moemesh_attention_dispatch_requests_total",
+                                         "DispatchRequests sent, by expert host.")),
+        round_trip(metrics::histogram_family(*registry, "moemesh_attention_dispatch_round_trip_seconds",
+                                             "Time from sending a DispatchRequest to its good reply, by expert host.")),
+        failures(metrics::counter_family(*registry, "moemesh_attention_dispatch_failures_total",
+                                         "DispatchRequests that failed, by expert host and reason "
+                                         "(timeout, error_reply, bad_reply).")),
+        retried(metrics::counter_family(*registry, "moemesh_attention_dispatch_failovers_total",
+                                        "Expert groups re-sent to another replica after a failed request, by reason.")),
+        exhausted(metrics::counter_family(*registry, "moemesh_attention_dispatch_exhausted_total",
+                                          "Layer dispatches given up (the step fails), by reason (no_host, "
+                                          "replicas_exhausted).")),
+        late(metrics::counter_family(*registry, "moemesh_attention_dispatch_late_replies_total",
+                                     "Replies that arrived after their deadline (dropped).")
+                 .Add({})) {
+    for (const char* r : kFailureReasons) retried_by[r] = &retried.Add({{"reason", r}});
+    for (const char* r : {"no_host", "replicas_exhausted"}) exhausted_by[r] = &exhausted.Add({{"reason", r}});
+  }
+
+  Host& host(const std::string& name) {
+    std::lock_guard<std::mutex> lk(mu);
+    auto [it, added] = hosts.try_emplace(name);
+    if (added) {
+      const prometheus::Labels l{{"host", name}};
+      it->second.requests = &requests.Add(l);
+      it->second.round_trip = &round_trip.Add(l, metrics::rpc_latency_buckets());
+      for (const char* r : kFailureReasons) it->second.failures[r] = &failures.Add({{"host", name}, {"reason", r}});
+    }
+    return it->second;
+  }
+
+  std::shared_ptr<prometheus::Registry> registry;  // outlives the references below
+  prometheus::Family<prometheus::Counter>& requests;
+  prometheus::Family<prometheus::Histogram>& round_trip;
+  prometheus::Family<prometheus::Counter>&failures, &retried, &exhausted;
+  prometheus::Counter& late;
+  std::map<std::string, prometheus::Counter*> retried_by, exhausted_by;  // fixed after construction
+  std::mutex mu;
+  std::map<std::string, Host> hosts;  // entries are never erased: references stay valid
+};
 
 struct RemoteExpertExecutor::Inflight {
   std::mutex mu;  // taken before any Call::mu
   std::map<uint64_t, std::pair<std::shared_ptr<Call>, size_t>> waiting;
   std::shared_ptr<RemoteExpertsStats> stats;
+  std::shared_ptr<Metrics> metrics;  // may be null
 
   // On the receiving actor: decode and hand the reply to its waiting call. The outcome is set
   // under `mu`, so once run() has withdrawn a request no late reply can touch it.
   void deliver(const FramesPtr& frames) {
     auto views = frame_views(*frames);
+    const auto arrived = Clock::now();
     dispatch::Reply reply;
-    std::string error;
+    std::string error, reason;
     uint64_t id = 0;
     try {
       reply = dispatch::decode_reply(views);
       id = reply.request_id;
-      if (!reply.ok) error = "error reply " + reply.error_code + ": " + reply.error_message;
+      if (!reply.ok) error = "error reply " + reply.error_code + ": " + reply.error_message, reason = "error_reply";
     } catch (const dispatch::DecodeError& e) {
       id = e.request_id();
       error = std::string("undecodable reply (") + e.code() + "): " + e.what();
+      reason = "bad_reply";
       ++stats->bad_replies;
     }
     std::lock_guard<std::mutex> lk(mu);
     auto it = waiting.find(id);
     if (it == waiting.end()) {
-      if (id != 0) ++stats->late_replies;
+      if (id != 0) {
+        ++stats->late_replies;
+        if (metrics) metrics->late.Increment();
+      }
       return;
     }
     auto [call, index] = it->second;
@@ -67,7 +129,9 @@ struct RemoteExpertExecutor::Inflight {
     std::lock_guard<std::mutex> clk(call->mu);
     Outcome& o = call->outcomes[index];
     o.done = true;
+    o.arrived = arrived;
     o.error = std::move(error);
+    o.reason = std::move(reason);
     o.frames = frames;
     o.reply = std::move(reply);
     if (--call->pending == 0) call->cv.notify_all();
@@ -94,6 +158,10 @@ RemoteExpertExecutor::RemoteExpertExecutor(caf::actor_system& sys, RemoteExperts
       bridge_(sys),
       table_(std::make_shared<PlacementTable>()) {
   inflight_->stats = stats_;
+  if (opts_.metrics) {
+    metrics_ = std::make_shared<Metrics>(opts_.metrics);
+    inflight_->metrics = metrics_;
+  }
   // Ids start at a random point so replies meant for an earlier process never match.
   std::random_device rd;
   next_id_ = ((uint64_t(rd()) << 32) | rd()) | 1;
@@ -168,6 +236,7 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
         if (!failed.count(c->endpoint)) cands.push_back(c);
       if (cands.empty()) {
         std::string msg = where + ": ";
+        if (metrics_) metrics_->exhausted_by[failed.empty() ? "no_host" : "replicas_exhausted"]->Increment();
         if (failed.empty()) {
           msg += "no expert host serves expert " + std::to_string(g.expert) + " (placement version " +
                  std::to_string(table->version) + ")";
@@ -202,6 +271,7 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
     call->outcomes.resize(targets.size());
     call->pending = targets.size();
     std::vector<uint64_t> ids(targets.size());
+    std::vector<Clock::time_point> sent(targets.size());
     for (size_t k = 0; k < targets.size(); ++k) {
       const Target& t = targets[k];
       std::vector<dispatch::Group> meta;
@@ -220,8 +290,10 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
         inflight_->waiting[ids[k]] = {call, k};
       }
       auto frames = to_frames(dispatch::encode_request(ids[k], int32_t(layer), meta, hidden, std::move(rows), table->version));
+      sent[k] = Clock::now();
       caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket, std::move(frames));
       ++stats_->requests;
+      if (metrics_) metrics_->host(t.host->instance).requests->Increment();
     }
 
     {
@@ -239,9 +311,19 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       const Target& t = targets[k];
       Outcome& o = call->outcomes[k];
       std::string error = !o.done ? "no reply within " + std::to_string(opts_.deadline.count()) + " ms" : o.error;
-      if (error.empty() && (o.reply.rows != t.rows || o.reply.hidden != hidden || o.reply.layer != layer))
+      std::string reason = !o.done ? "timeout" : o.reason;
+      if (error.empty() && (o.reply.rows != t.rows || o.reply.hidden != hidden || o.reply.layer != layer)) {
         error = "reply of " + std::to_string(o.reply.rows) + "x" + std::to_string(o.reply.hidden) + " for layer " +
                 std::to_string(o.reply.layer) + ", expected " + std::to_string(t.rows) + "x" + std::to_string(hidden);
+        reason = "bad_reply";
+      }
+      if (metrics_) {
+        auto& hm = metrics_->host(t.host->instance);
+        if (error.empty())
+          hm.round_trip->Observe(std::chrono::duration<double>(o.arrived - sent[k]).count());
+        else
+          hm.failures.at(reason)->Increment(), metrics_->retried_by.at(reason)->Increment(double(t.groups.size()));
+      }
       if (!error.empty()) {
         spdlog::warn("expert dispatch {}: host {} ({}) failed: {}", where, t.host->instance, t.host->endpoint, error);
         failed[t.host->endpoint] = t.host->instance + ": " + error;

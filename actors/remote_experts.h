@@ -21,6 +21,7 @@
 #include <string>
 
 #include <caf/all.hpp>
+#include <prometheus/registry.h>
 
 #include "actors/zmq_bridge.h"
 #include "core/moe.h"
@@ -37,6 +38,8 @@ struct RemoteExpertsOptions {
   std::chrono::milliseconds suspect_for{10000};  // a host that failed is tried last for this long
   std::string identity;                          // DEALER routing id prefix (empty: ZeroMQ picks)
   uint64_t salt = 0;                             // spreads replica choice across clients
+  // Where the moemesh_attention_dispatch_* metrics go (docs/metrics.md); none without it.
+  std::shared_ptr<prometheus::Registry> metrics;
 };
 
 struct RemoteExpertsStats {
@@ -66,6 +69,7 @@ class RemoteExpertExecutor : public ExpertExecutor {
   const RemoteExpertsStats& stats() const { return *stats_; }
 
   struct Inflight;  // requests awaiting replies (shared with the receiving actor)
+  struct Metrics;   // per-host series, made on first use
 
  private:
   int socket_for(const std::string& endpoint);
@@ -76,6 +80,7 @@ class RemoteExpertExecutor : public ExpertExecutor {
   RemoteExpertsOptions opts_;
   std::shared_ptr<RemoteExpertsStats> stats_;
   std::shared_ptr<Inflight> inflight_;
+  std::shared_ptr<Metrics> metrics_;  // null without a registry; shared with the receiving actor
   ZmqBridge bridge_;
   caf::actor receiver_;
   std::atomic<uint64_t> next_id_;

@@ -19,6 +19,66 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 using sched_tick_atom = caf::atom_constant<caf::atom("schedtick")>;
+using secs = std::chrono::duration<double>;
+
+// Why a running sequence went back to the queue (the preemptions_total label).
+constexpr const char* kPreemptReasons[] = {"kv_full", "worker_lost", "worker_error", "step_timeout"};
+
+// The scheduler's series (docs/metrics.md). Per-tenant histograms are made on first use and
+// cached: the tenant label is bounded (configured tenants only).
+struct SchedulerMetrics {
+  explicit SchedulerMetrics(std::shared_ptr<prometheus::Registry> reg)
+      : registry(std::move(reg)),
+        queue_time(metrics::histogram_family(*registry, "moemesh_router_queue_time_seconds",
+                                             "Time from arrival at the router to the first step that admits the request.")),
+        ttft(metrics::histogram_family(*registry, "moemesh_router_time_to_first_token_seconds",
+                                       "Time from arrival at the router to the first generated token.")),
+        itl(metrics::histogram_family(*registry, "moemesh_router_inter_token_latency_seconds",
+                                      "Time between two consecutive generated tokens of one request.")),
+        running(metrics::gauge_family(*registry, "moemesh_router_requests_running",
+                                      "Requests admitted to an attention worker and not finished.")
+                    .Add({})),
+        waiting(metrics::gauge_family(*registry, "moemesh_router_requests_waiting",
+                                      "Requests queued in the router, not yet admitted (including preempted ones).")
+                    .Add({})),
+        preempted(metrics::gauge_family(*registry, "moemesh_router_requests_preempted",
+                                        "Queued requests that were preempted at least once (sent back to the queue).")
+                      .Add({})),
+        preemptions(metrics::counter_family(*registry, "moemesh_router_preemptions_total",
+                                            "Running requests sent back to the queue, by reason.")),
+        steps(metrics::counter_family(*registry, "moemesh_router_steps_total", "StepRequests sent to attention workers.")
+                  .Add({})),
+        step_tokens(metrics::histogram_family(*registry, "moemesh_router_step_tokens",
+                                              "Tokens (prefill chunks + decode tokens) in one StepRequest.")
+                        .Add({}, metrics::step_token_buckets())),
+        step_seconds(metrics::histogram_family(*registry, "moemesh_router_step_duration_seconds",
+                                               "Round trip of one StepRequest, from send to the worker's answer.")
+                         .Add({}, metrics::rpc_latency_buckets())) {
+    for (const char* r : kPreemptReasons) preemptions.Add({{"reason", r}});
+    per_tenant(metrics::kDefaultTenant);  // the series exist before the first request
+  }
+
+  struct Tenant {
+    prometheus::Histogram *queue_time, *ttft, *itl;
+  };
+  Tenant& per_tenant(const std::string& tenant) {
+    auto [it, added] = tenants.try_emplace(tenant);
+    if (added) {
+      const prometheus::Labels l{{"tenant", tenant}};
+      it->second = {&queue_time.Add(l, metrics::request_latency_buckets()), &ttft.Add(l, metrics::request_latency_buckets()),
+                    &itl.Add(l, metrics::token_latency_buckets())};
+    }
+    return it->second;
+  }
+
+  std::shared_ptr<prometheus::Registry> registry;  // outlives the references below
+  prometheus::Family<prometheus::Histogram>&queue_time, &ttft, &itl;
+  prometheus::Gauge &running, &waiting, &preempted;
+  prometheus::Family<prometheus::Counter>& preemptions;
+  prometheus::Counter& steps;
+  prometheus::Histogram &step_tokens, &step_seconds;
+  std::map<std::string, Tenant> tenants;
+};
 
 struct Seq {
   GenerationRequestPtr req;
@@ -27,6 +87,8 @@ struct Seq {
   std::string worker;      // empty while waiting
   int64_t prefilled = 0;   // prompt tokens sent so far
   int attempts = 0;
+  bool admitted_once = false, first_token_seen = false;  // queue time and TTFT count once
+  Clock::time_point last_token_at;
 };
 
 struct Worker {
@@ -48,6 +110,7 @@ struct SchedulerState {
   std::map<std::string, int> sockets;     // endpoint -> socket, reused across re-registrations
   uint64_t next_seq = 1, next_request = 1;
   uint64_t steps = 0, requeued = 0;
+  std::unique_ptr<SchedulerMetrics> metrics;  // null without a registry
   static inline const char* name = "scheduler";
 };
 
@@ -67,20 +130,32 @@ void finish(Self* self, uint64_t id, std::string reason, std::string error = {})
   st.seqs.erase(it);
 }
 
-// Back to the queue, from the start: the same seed gives the same tokens again.
-void requeue(Self* self, uint64_t id, const std::string& why) {
+// Back to the queue, from the start: the same seed gives the same tokens again. `reason` is one
+// of kPreemptReasons.
+void requeue(Self* self, uint64_t id, const char* reason, const std::string& why) {
   auto& st = self->state;
   Seq& s = st.seqs.at(id);
   if (++s.attempts >= st.cfg.max_attempts) {
     finish(self, id, "error", "gave up after " + std::to_string(s.attempts) + " attempts: " + why);
     return;
   }
+  if (st.metrics) st.metrics->preemptions.Add({{"reason", reason}}).Increment();
   spdlog::warn("scheduler: sequence {} re-queued ({})", id, why);
   ++st.requeued;
   s.result = std::make_shared<GenerationResult>();
   s.prefilled = 0;
   s.worker.clear();
   st.waiting.push_front(id);
+}
+
+void publish_gauges(SchedulerState& st) {
+  if (!st.metrics) return;
+  size_t running = 0, preempted = 0;
+  for (const auto& [n, w] : st.workers) running += w.running.size();
+  for (uint64_t id : st.waiting) preempted += st.seqs.at(id).attempts > 0;
+  st.metrics->running.Set(double(running));
+  st.metrics->waiting.Set(double(st.waiting.size()));
+  st.metrics->preempted.Set(double(preempted));
 }
 
 void add_chunk(SchedulerState& st, pb::StepRequest& req, uint64_t id, Seq& s, int64_t& budget) {
@@ -126,6 +201,10 @@ void pump(Self* self) {
       Seq& s = st.seqs.at(id);
       s.worker = w->instance;
       w->running.insert(id);
+      if (!s.admitted_once && st.metrics) {
+        st.metrics->per_tenant(s.req->tenant).queue_time->Observe(secs(Clock::now() - s.req->arrival).count());
+        s.admitted_once = true;
+      }
       add_chunk(st, req, id, s, budget);
     }
     if (req.work().empty() && req.free().empty()) continue;
@@ -134,9 +213,14 @@ void pump(Self* self) {
     w->inflight = req.work().empty() ? 0 : rid;  // a free-only step needs no answer to go on
     w->sent_at = Clock::now();
     ++st.steps;
+    if (st.metrics) {
+      st.metrics->steps.Increment();
+      st.metrics->step_tokens.Observe(double(st.cfg.step_token_budget - budget));
+    }
     self->send(st.bridge->actor(), zmq_send_atom::value, w->socket,
                message_frames({}, wire::Kind::StepRequest, rid, req.SerializeAsString(), {}));
   }
+  publish_gauges(st);
 }
 
 void on_step_response(Self* self, int socket, const Frames& frames) {
@@ -154,6 +238,8 @@ void on_step_response(Self* self, int socket, const Frames& frames) {
   }
   if (h.request_id != w->inflight) return;  // a late answer to a step we gave up on
   w->inflight = 0;
+  const auto now = Clock::now();
+  if (st.metrics) st.metrics->step_seconds.Observe(secs(now - w->sent_at).count());
   if (h.kind == wire::Kind::Error) {
     pb::ErrorReply e;
     e.ParseFromString(h.meta);
@@ -161,7 +247,7 @@ void on_step_response(Self* self, int socket, const Frames& frames) {
     for (uint64_t id : std::vector<uint64_t>(w->running.begin(), w->running.end())) {
       w->running.erase(id);
       w->to_free.push_back(id);
-      requeue(self, id, "worker error: " + e.message());
+      requeue(self, id, "worker_error", "worker error: " + e.message());
     }
     pump(self);
     return;
@@ -179,7 +265,7 @@ void on_step_response(Self* self, int socket, const Frames& frames) {
     if (!r.error().empty()) {
       w->running.erase(r.seq());  // the worker already freed it
       if (r.error().rfind("kv_full", 0) == 0)
-        requeue(self, r.seq(), r.error());
+        requeue(self, r.seq(), "kv_full", r.error());
       else
         finish(self, r.seq(), "error", r.error());
       continue;
@@ -188,6 +274,15 @@ void on_step_response(Self* self, int socket, const Frames& frames) {
     auto& res = *s.result;
     res.tokens.push_back(r.token());
     res.logprobs.push_back(r.logprob());
+    if (st.metrics) {
+      auto& tm = st.metrics->per_tenant(s.req->tenant);
+      if (!s.first_token_seen)
+        tm.ttft->Observe(secs(now - s.req->arrival).count());
+      else if (res.tokens.size() > 1)  // a re-queued request's replayed first token is no inter-token gap
+        tm.itl->Observe(secs(now - s.last_token_at).count());
+      s.first_token_seen = true;
+      s.last_token_at = now;
+    }
     std::vector<std::pair<int32_t, float>> top;
     for (const auto& t : r.top()) top.emplace_back(t.token(), t.logprob());
     res.top_logprobs.push_back(std::move(top));
@@ -249,7 +344,7 @@ void on_workers(Self* self, const std::vector<AttentionWorker>& list) {
     w.inflight = 0;
     for (uint64_t id : std::vector<uint64_t>(w.running.begin(), w.running.end())) {
       w.running.erase(id);
-      requeue(self, id, "attention worker " + name + " left");
+      requeue(self, id, "worker_lost", "attention worker " + name + " left");
     }
   }
   pump(self);
@@ -258,6 +353,7 @@ void on_workers(Self* self, const std::vector<AttentionWorker>& list) {
 caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
   self->state.cfg = std::move(cfg);
   self->state.bridge = bridge;
+  if (self->state.cfg.metrics) self->state.metrics = std::make_unique<SchedulerMetrics>(self->state.cfg.metrics);
   self->delayed_send(self, std::chrono::milliseconds(500), sched_tick_atom::value);
   return {
       [=](generate_atom, GenerationRequestPtr req) -> caf::result<GenerationResultPtr> {
@@ -294,7 +390,7 @@ caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
           for (uint64_t id : std::vector<uint64_t>(w.running.begin(), w.running.end())) {
             w.running.erase(id);
             w.to_free.push_back(id);
-            requeue(self, id, "step timed out on " + name);
+            requeue(self, id, "step_timeout", "step timed out on " + name);
           }
         }
         pump(self);

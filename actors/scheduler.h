@@ -15,8 +15,10 @@
 #include <vector>
 
 #include <caf/all.hpp>
+#include <prometheus/registry.h>
 
 #include "actors/coordinator.h"
+#include "actors/metrics_util.h"
 #include "actors/zmq_bridge.h"
 #include "core/sampler.h"
 
@@ -27,6 +29,9 @@ struct GenerationRequest {
   SamplingParams sampling;  // the router always sets a seed
   int64_t max_tokens = 16;
   bool return_logits = false;  // the logits of every sampled position (tests, debugging)
+  std::string tenant = metrics::kDefaultTenant;  // metric label only
+  // When the router received the request: queue time and time to first token count from here.
+  std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
 };
 
 struct GenerationResult {
@@ -53,6 +58,8 @@ struct SchedulerConfig {
   std::chrono::milliseconds step_timeout{30000};
   std::vector<int32_t> eos_ids;
   int max_attempts = 3;  // a request re-queued more often than this fails
+  // Where the moemesh_router_* scheduler metrics go (docs/metrics.md); none without it.
+  std::shared_ptr<prometheus::Registry> metrics;
 };
 
 // (generate_atom, GenerationRequestPtr) -> GenerationResultPtr, answered when the request ends.

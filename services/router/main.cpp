@@ -23,7 +23,7 @@ int main(int argc, char** argv) {
   std::string control = "tcp://0.0.0.0:5550", placement = "tcp://0.0.0.0:5551";
   int port = 8000, expert_hosts = 1, replicas = 1, heartbeat_timeout_ms = 2000, http_threads = 2;
   int64_t step_budget = 512;
-  int drain_timeout_s = 30;
+  int drain_timeout_s = 30, load_window_s = 60;
   auto& cli = rt.cli();
   cli.add_option("--model", model_dir, "checkpoint folder (config.json, tokenizer)")->required();
   cli.add_option("--served-model-name", served_name, "model name in the API (default: the folder's name)");
@@ -37,6 +37,9 @@ int main(int argc, char** argv) {
   cli.add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms, "silence after which a member is dropped");
   cli.add_option("--step-token-budget", step_budget, "prefill + decode tokens per worker step");
   cli.add_option("--drain-timeout-s", drain_timeout_s, "on SIGTERM, how long requests in flight may finish");
+  cli.add_option("--load-window-s", load_window_s, "window of the expert load-imbalance gauge")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   if (auto rc = rt.start(argc, argv)) return *rc;
 
   try {
@@ -54,6 +57,7 @@ int main(int argc, char** argv) {
     SchedulerConfig sc;
     sc.instance = rt.instance();
     sc.step_token_budget = step_budget;
+    sc.metrics = rt.metrics_ptr();
     for (int64_t id : mc.eos_token_ids) sc.eos_ids.push_back(int32_t(id));
     caf::actor scheduler = spawn_scheduler(rt.system(), bridge, sc);
 
@@ -65,6 +69,8 @@ int main(int argc, char** argv) {
     cc.expert_hosts = expert_hosts;
     cc.replicas = replicas;
     cc.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
+    cc.metrics = rt.metrics_ptr();
+    cc.load_window = std::chrono::seconds(load_window_s);
     caf::actor coordinator = spawn_coordinator(rt.system(), bridge, control_sock, pub_sock, cc, scheduler);
     rt.stop_on_shutdown(scheduler);
     rt.stop_on_shutdown(coordinator);
@@ -79,7 +85,13 @@ int main(int argc, char** argv) {
     });
 
     http::HttpServer api({.address = http_address, .port = uint16_t(port), .threads = http_threads, .name = "api"});
-    FrontendConfig fc{served_name, tok, mc.max_position_embeddings, mc.vocab_size, scheduler};
+    FrontendConfig fc;
+    fc.served_model = served_name;
+    fc.tokenizer = tok;
+    fc.max_context = mc.max_position_embeddings;
+    fc.vocab_size = mc.vocab_size;
+    fc.scheduler = scheduler;
+    fc.metrics = rt.metrics_ptr();
     auto draining = fc.draining;
     install_openai_routes(api, rt.system(), fc);
     api.start();
