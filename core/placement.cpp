@@ -34,7 +34,10 @@ std::set<ExpertKey> Placement::add_host(const std::string& instance, const std::
     return it->second.experts;
   }
   Host h{endpoint, pinned, std::nullopt, now};
-  if (pinned.empty()) {
+  if (pinned.empty() && last_slot_.count(instance)) {
+    h.slot = last_slot_[instance];
+    h.experts = plan_.slot(*h.slot);
+  } else if (pinned.empty()) {
     std::set<int32_t> taken;
     for (const auto& [name, other] : hosts_)
       if (other.slot && name != instance) taken.insert(*other.slot);
@@ -45,6 +48,7 @@ std::set<ExpertKey> Placement::add_host(const std::string& instance, const std::
     if (free_slot < 0) free_slot = int32_t(hosts_.size()) % plan_.slots();
     h.slot = free_slot;
     h.experts = plan_.slot(free_slot);
+    last_slot_[instance] = free_slot;
   }
   hosts_[instance] = std::move(h);
   rebuild();

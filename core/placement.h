@@ -54,7 +54,7 @@ class Placement {
   explicit Placement(PlacementPlan plan) : plan_(std::move(plan)) {}
 
   // Registers (or re-registers) a host. Pinned experts are taken as given; otherwise the host
-  // gets a slot. Returns the experts it must serve. Bumps the version when anything changed.
+  // gets the slot it had before, if any, else the first free slot. Returns the experts it must serve. Bumps the version when anything changed.
   std::set<ExpertKey> add_host(const std::string& instance, const std::string& endpoint,
                                const std::set<ExpertKey>& pinned, Clock::time_point now);
   // A heartbeat; false when the host is unknown (it must register again).
@@ -79,6 +79,9 @@ class Placement {
 
   PlacementPlan plan_;
   std::map<std::string, Host> hosts_;
+  // The slot each host last had, kept after it expires: a host that comes back still serves
+  // (and has loaded) its old slot's experts, so it gets that slot again.
+  std::map<std::string, int32_t> last_slot_;
   PlacementTable table_;
 };
 

@@ -62,3 +62,16 @@ TEST(Placement, PinnedHostsAndIdempotentRegistration) {
   EXPECT_EQ(pl.table().version, v);
   EXPECT_FALSE(pl.touch("nobody", t0));
 }
+
+TEST(Placement, AHostThatComesBackGetsItsOldSlot) {
+  // Both hosts go silent and come back in the other order: each must serve what it loaded.
+  Placement pl(plan(2, 1));
+  auto t0 = Placement::Clock::now();
+  auto a = pl.add_host("a", "tcp://a", {}, t0);
+  auto b = pl.add_host("b", "tcp://b", {}, t0);
+  ASSERT_NE(a, b);
+  EXPECT_EQ(pl.expire(t0 + 5s, 2s).size(), 2u);
+  EXPECT_EQ(pl.add_host("b", "tcp://b", {}, t0 + 6s), b);
+  EXPECT_EQ(pl.add_host("a", "tcp://a", {}, t0 + 6s), a);
+  EXPECT_TRUE(pl.uncovered().empty());
+}
