@@ -394,7 +394,8 @@ caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publis
 
 caf::actor spawn_coordinator(caf::actor_system& sys, ZmqBridge& bridge, int control, int publish,
                              CoordinatorConfig cfg, caf::actor listener) {
-  caf::actor a = sys.spawn(coordinator, &bridge, control, publish, std::move(cfg), std::move(listener));
+  // Its own thread: heartbeats must be stamped on time even when the router is busy.
+  caf::actor a = sys.spawn<caf::detached>(coordinator, &bridge, control, publish, std::move(cfg), std::move(listener));
   bridge.route(control, a);
   return a;
 }
