@@ -9,3 +9,15 @@ add_test(NAME observability_metrics_contract
                  --cli $<TARGET_FILE:moemesh> --contract ${CMAKE_SOURCE_DIR}/docs/metrics.md
                  --promtool ${MOEMESH_PROMTOOL})
 set_tests_properties(observability_metrics_contract PROPERTIES LABELS integration TIMEOUT 180)
+
+add_test(NAME observability_rules_check
+         COMMAND ${MOEMESH_PROMTOOL} check rules
+                 ${CMAKE_SOURCE_DIR}/dashboards/rules/moemesh-recording.yaml
+                 ${CMAKE_SOURCE_DIR}/dashboards/rules/moemesh-alerts.yaml)
+add_test(NAME observability_rules_unit
+         COMMAND ${MOEMESH_PROMTOOL} test rules alerts.test.yaml
+         WORKING_DIRECTORY ${CMAKE_CURRENT_LIST_DIR})
+add_test(NAME observability_dashboards_source
+         COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/make_dashboards.py --check ${CMAKE_SOURCE_DIR}/dashboards)
+set_tests_properties(observability_rules_check observability_rules_unit observability_dashboards_source
+                     PROPERTIES LABELS unit TIMEOUT 60)
