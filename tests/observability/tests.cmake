@@ -21,3 +21,9 @@ add_test(NAME observability_dashboards_source
          COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/make_dashboards.py --check ${CMAKE_SOURCE_DIR}/dashboards)
 set_tests_properties(observability_rules_check observability_rules_unit observability_dashboards_source
                      PROPERTIES LABELS unit TIMEOUT 60)
+
+# The real-Prometheus test (Debian's prometheus package; scripts/bootstrap installs it).
+add_test(NAME observability_prometheus
+         COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/test_prometheus.py
+                 --cli $<TARGET_FILE:moemesh> --source-dir ${CMAKE_SOURCE_DIR} --prometheus ${MOEMESH_PROMETHEUS})
+set_tests_properties(observability_prometheus PROPERTIES LABELS integration TIMEOUT 120)
