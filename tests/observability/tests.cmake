@@ -27,3 +27,8 @@ add_test(NAME observability_prometheus
          COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/test_prometheus.py
                  --cli $<TARGET_FILE:moemesh> --source-dir ${CMAKE_SOURCE_DIR} --prometheus ${MOEMESH_PROMETHEUS})
 set_tests_properties(observability_prometheus PROPERTIES LABELS integration TIMEOUT 120)
+
+# The attention side's dispatch metrics against in-process expert hosts.
+add_executable(test_dispatch_metrics ${CMAKE_CURRENT_LIST_DIR}/test_dispatch_metrics.cpp)
+target_link_libraries(test_dispatch_metrics PRIVATE moemesh_core moemesh_actors GTest::gtest GTest::gtest_main)
+gtest_discover_tests(test_dispatch_metrics PROPERTIES LABELS unit DISCOVERY_TIMEOUT 60)
