@@ -34,8 +34,65 @@ FramesPtr error_frames(const std::string& peer, uint64_t request_id, const std::
 
 namespace {
 
+prometheus::Counter& counter(prometheus::Registry& r, const std::string& name, const std::string& help,
+                             const prometheus::Labels& labels = {}) {
+  return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add(labels);
+}
+
+}  // namespace
+
+StepServerMetrics::StepServerMetrics(prometheus::Registry& r, std::shared_ptr<const KvClient> kv)
+    : kv_(std::move(kv)),
+      query_tokens_(counter(r, "moemesh_attention_prefix_cache_query_tokens_total",
+                            "Prompt tokens of new sequences looked up in the KV store.")),
+      hit_tokens_(counter(r, "moemesh_attention_prefix_cache_hit_tokens_total",
+                          "Prompt tokens whose KV was restored from the KV store.")),
+      computed_(counter(r, "moemesh_attention_prefill_tokens_computed_total",
+                        "Prompt tokens run through the model (not restored from the prefix cache).")),
+      skipped_(counter(r, "moemesh_attention_prefill_tokens_skipped_total",
+                       "Prompt tokens sent in step chunks but not computed: already restored from the prefix cache.")),
+      published_(counter(r, "moemesh_attention_prefix_cache_published_blocks_total",
+                         "KV blocks of finished sequences offered to the KV store.")),
+      fetch_failures_(counter(r, "moemesh_attention_kvstore_failures_total",
+                              "KV store requests that failed (timeout, error or bad reply), by operation.",
+                              {{"op", "fetch"}})),
+      publish_failures_(counter(r, "moemesh_attention_kvstore_failures_total",  // same family (registry merges)
+                                "KV store requests that failed (timeout, error or bad reply), by operation.",
+                                {{"op", "publish"}})),
+      mb_step_seconds_(counter(r, "moemesh_attention_microbatch_step_seconds_total",
+                               "Wall time of steps run as two micro-batches.")),
+      mb_overlap_seconds_(counter(r, "moemesh_attention_microbatch_overlap_seconds_total",
+                                  "Time in two-micro-batch steps when one half had experts in flight while the other "
+                                  "computed.")),
+      overlap_ratio_(prometheus::BuildGauge()
+                         .Name("moemesh_attention_microbatch_overlap_ratio")
+                         .Help("Latest two-micro-batch step: overlap time / step time (0-1).")
+                         .Register(r)
+                         .Add({})) {}
+
+void StepServerMetrics::update(const StepWorkerCounts& c) {
+  query_tokens_.Increment(double(c.prefix_query_tokens - seen_.prefix_query_tokens));
+  hit_tokens_.Increment(double(c.prefix_hit_tokens - seen_.prefix_hit_tokens));
+  computed_.Increment(double(c.prompt_tokens_computed - seen_.prompt_tokens_computed));
+  skipped_.Increment(double(c.prompt_tokens_skipped - seen_.prompt_tokens_skipped));
+  published_.Increment(double(c.published_blocks - seen_.published_blocks));
+  mb_step_seconds_.Increment(c.microbatch_step_seconds - seen_.microbatch_step_seconds);
+  mb_overlap_seconds_.Increment(c.microbatch_overlap_seconds - seen_.microbatch_overlap_seconds);
+  if (c.microbatch_steps != seen_.microbatch_steps) overlap_ratio_.Set(c.last_overlap_ratio);
+  seen_ = c;
+  if (kv_) {
+    const uint64_t f = kv_->stats().fetch_failures.load(), p = kv_->stats().publish_failures.load();
+    fetch_failures_.Increment(double(f - seen_fetch_failures_));
+    publish_failures_.Increment(double(p - seen_publish_failures_));
+    seen_fetch_failures_ = f;
+    seen_publish_failures_ = p;
+  }
+}
+
+namespace {
+
 // Decodes and runs one step; returns the reply frames. Never throws.
-FramesPtr handle(const Frames& in, StepWorker& worker, StepServerStats& stats) {
+FramesPtr handle(const Frames& in, StepWorker& worker, StepServerStats& stats, StepServerMetrics* metrics) {
   std::string peer = in.empty() ? std::string() : in[0].to_string();
   uint64_t request_id = 0;
   try {
@@ -52,6 +109,7 @@ FramesPtr handle(const Frames& in, StepWorker& worker, StepServerStats& stats) {
     pb::StepResponse resp = worker.run(req, logits);
     ++stats.steps;
     stats.kv_free_blocks = worker.free_blocks();
+    if (metrics) metrics->update(worker.counts());
     return message_frames(peer, wire::Kind::StepResponse, request_id, resp.SerializeAsString(), std::move(logits),
                           h.trace_id);
   } catch (const wire::WireError& e) {
@@ -67,12 +125,17 @@ FramesPtr handle(const Frames& in, StepWorker& worker, StepServerStats& stats) {
 }  // namespace
 
 caf::actor spawn_step_server(caf::actor_system& sys, ZmqBridge& bridge, int socket, std::shared_ptr<StepWorker> worker,
-                             std::shared_ptr<ComputePool> pool, std::shared_ptr<StepServerStats> stats) {
+                             std::shared_ptr<ComputePool> pool, std::shared_ptr<StepServerStats> stats,
+                             std::shared_ptr<StepServerMetrics> metrics) {
   caf::actor out = bridge.actor();
+  // The actor must not own the pool: its destructor joins the step in flight, which awaits
+  // expert replies delivered by other actors — never block an actor thread on that.
+  std::weak_ptr<ComputePool> weak_pool = pool;
   caf::actor a = sys.spawn([=](caf::event_based_actor*) -> caf::behavior {
     return {[=](zmq_recv_atom, int, FramesPtr frames) {
       // Compute off the actor threads; the reply goes straight to the bridge.
-      pool->submit([=] { caf::anon_send(out, zmq_send_atom::value, socket, handle(*frames, *worker, *stats)); });
+      if (auto p = weak_pool.lock())
+        p->submit([=] { caf::anon_send(out, zmq_send_atom::value, socket, handle(*frames, *worker, *stats, metrics.get())); });
     }};
   });
   bridge.route(socket, a);

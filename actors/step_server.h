@@ -6,7 +6,11 @@
 #include <memory>
 
 #include <caf/all.hpp>
+#include <prometheus/counter.h>
+#include <prometheus/gauge.h>
+#include <prometheus/registry.h>
 
+#include "actors/kv_client.h"
 #include "actors/step_worker.h"
 #include "actors/zmq_bridge.h"
 #include "core/wire.h"
@@ -20,8 +24,29 @@ struct StepServerStats {
   std::atomic<int64_t> kv_free_blocks{0};  // after the latest step
 };
 
+// The worker's prefix-cache and micro-batch counters as Prometheus metrics, brought up to date
+// after each step (on the compute thread).
+class StepServerMetrics {
+ public:
+  // kv: the KV store client whose failures are exported (null: none).
+  StepServerMetrics(prometheus::Registry& registry, std::shared_ptr<const KvClient> kv = nullptr);
+  void update(const StepWorkerCounts& c);
+
+ private:
+  std::shared_ptr<const KvClient> kv_;
+  prometheus::Counter &query_tokens_, &hit_tokens_, &computed_, &skipped_, &published_;
+  prometheus::Counter &fetch_failures_, &publish_failures_;
+  prometheus::Counter &mb_step_seconds_, &mb_overlap_seconds_;
+  prometheus::Gauge& overlap_ratio_;
+  StepWorkerCounts seen_;  // what the counters already show
+  uint64_t seen_fetch_failures_ = 0, seen_publish_failures_ = 0;
+};
+
+// The caller keeps `pool` alive (the actor holds it weakly): destroy it after the actor is gone,
+// off the actor threads, to finish the step in flight.
 caf::actor spawn_step_server(caf::actor_system& sys, ZmqBridge& bridge, int socket, std::shared_ptr<StepWorker> worker,
-                             std::shared_ptr<ComputePool> pool, std::shared_ptr<StepServerStats> stats);
+                             std::shared_ptr<ComputePool> pool, std::shared_ptr<StepServerStats> stats,
+                             std::shared_ptr<StepServerMetrics> metrics = nullptr);
 
 // Frames of a data-plane message: [peer id if any], header, tensors (moved in, zero-copy).
 FramesPtr message_frames(const std::string& peer, wire::Kind kind, uint64_t request_id, const std::string& meta,

@@ -1,8 +1,12 @@
 #include "actors/step_worker.h"
 
+#include <algorithm>
+#include <span>
+
 #include <spdlog/spdlog.h>
 
 #include "core/error.h"
+#include "core/prefix_hash.h"
 
 namespace moemesh::actors {
 
@@ -36,25 +40,61 @@ void sampling_to_proto(const SamplingParams& s, pb::SamplingParams* p) {
   p->set_top_logprobs(int32_t(s.top_logprobs));
 }
 
-StepWorker::StepWorker(std::shared_ptr<Engine> engine, std::vector<int32_t> eos_ids)
-    : engine_(std::move(engine)), eos_ids_(std::move(eos_ids)) {}
+StepWorker::StepWorker(std::shared_ptr<Engine> engine, std::vector<int32_t> eos_ids, StepWorkerOptions opts)
+    : engine_(std::move(engine)), eos_ids_(std::move(eos_ids)), opts_(std::move(opts)) {
+  if (opts_.micro_batches != 1 && opts_.micro_batches != 2)
+    throw Error("micro_batches must be 1 or 2, got " + std::to_string(opts_.micro_batches));
+}
 
-void StepWorker::release(uint64_t seq) {
+void StepWorker::release(uint64_t seq, bool publish) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;
+  if (publish && opts_.prefix_store) publish_blocks(it->second);
   engine_->free_sequence(it->second.id);
   seqs_.erase(it);
+}
+
+void StepWorker::restore_prefix(Seq& s, int64_t max_blocks) {
+  // At least the last prompt token is computed: its logits are the first sample.
+  const int64_t want = std::min((s.prompt_len - 1) / kBlockTokens, max_blocks);
+  if (want <= 0) return;
+  const auto keys = prefix_block_keys(opts_.model_id, std::span(s.tokens).first(size_t(want * kBlockTokens)));
+  KvCache& kv = engine_->kv_cache();
+  const auto blocks = opts_.prefix_store->fetch(keys, size_t(kv.block_floats()));
+  if (blocks.empty()) return;
+  const int64_t n = std::min<int64_t>(int64_t(blocks.size()), want);
+  kv.reserve(s.id, n * kBlockTokens);
+  for (int64_t b = 0; b < n; ++b) kv.write_block(s.id, b, blocks[size_t(b)].data());
+  kv.set_length(s.id, n * kBlockTokens);
+  s.restored = n * kBlockTokens;
+}
+
+void StepWorker::publish_blocks(const Seq& s) {
+  KvCache& kv = engine_->kv_cache();
+  const int64_t full = std::min<int64_t>(kv.length(s.id), int64_t(s.tokens.size())) / kBlockTokens;
+  const int64_t first = s.restored / kBlockTokens;  // those came from the store
+  if (full <= first) return;
+  try {
+    auto keys = prefix_block_keys(opts_.model_id, std::span(s.tokens).first(size_t(full * kBlockTokens)));
+    std::vector<std::vector<float>> blocks;
+    for (int64_t b = first; b < full; ++b) kv.read_block(s.id, b, blocks.emplace_back(size_t(kv.block_floats())).data());
+    opts_.prefix_store->publish(std::span(keys).subspan(size_t(first)), std::move(blocks));
+    counts_.published_blocks += uint64_t(full - first);
+  } catch (const std::exception& e) {  // the store is an optimisation: never fail a step for it
+    spdlog::warn("prefix cache: publishing sequence {} failed: {}", s.id, e.what());
+  }
 }
 
 pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::vector<float>>& logits) {
   pb::StepResponse resp;
   resp.set_step(req.step());
-  for (uint64_t seq : req.free()) release(seq);
+  for (uint64_t seq : req.free()) release(seq, /*publish=*/true);
 
   const ModelConfig& cfg = engine_->config();
   KvCache& kv = engine_->kv_cache();
   std::vector<StepInput> inputs;
   std::vector<const pb::SeqWork*> admitted;
+  std::map<uint64_t, int64_t> cached;  // first chunks' restored tokens, for their results
   int64_t blocks_left = kv.free_blocks();
   auto fail = [&](const pb::SeqWork& w, const std::string& why) {
     auto* r = resp.add_results();
@@ -83,35 +123,93 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
         sp.validate();
         std::vector<int32_t> prompt(w.prompt().begin(), w.prompt().end());
         if (prompt.empty()) prompt.assign(w.tokens().begin(), w.tokens().end());
-        seqs_.emplace(w.seq(), Seq{engine_->create_sequence(), Sampler(sp, prompt, eos_ids_)});
+        Seq s{engine_->create_sequence(), Sampler(sp, prompt, eos_ids_), prompt, int64_t(prompt.size())};
+        seqs_.emplace(w.seq(), std::move(s));
       } catch (const Error& e) {
         fail(w, e.what());
         continue;
+      }
+      Seq& s = seqs_.at(w.seq());
+      if (opts_.prefix_store && w.prompt_size() > 0) {
+        counts_.prefix_query_tokens += uint64_t(s.prompt_len);
+        const int64_t free_before = kv.free_blocks();
+        try {
+          restore_prefix(s, blocks_left);
+        } catch (const std::exception& e) {  // compute it all instead
+          spdlog::warn("prefix cache: restoring sequence {} failed: {}", w.seq(), e.what());
+          kv.set_length(s.id, 0);
+          s.restored = 0;
+        }
+        blocks_left -= free_before - kv.free_blocks();
+        counts_.prefix_hit_tokens += uint64_t(s.restored);
+        cached[w.seq()] = s.restored;
       }
     } else if (!seqs_.count(w.seq())) {
       fail(w, "unknown sequence " + std::to_string(w.seq()) + " (not started on this worker)");
       continue;
     }
-    const Seq& s = seqs_.at(w.seq());
-    const int64_t need = kv.blocks_needed(s.id, kv.length(s.id) + w.tokens_size());
+    Seq& s = seqs_.at(w.seq());
+
+    // This chunk covers positions [fed, fed + n); those below `restored` are in the cache already.
+    const int64_t n = w.tokens_size();
+    bool mismatch = false;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t pos = s.fed + i;
+      const int32_t t = w.tokens(int(i));
+      if (pos < int64_t(s.tokens.size())) {
+        mismatch |= pos < s.restored && s.tokens[size_t(pos)] != t;
+        s.tokens[size_t(pos)] = t;
+      } else {
+        s.tokens.push_back(t);
+      }
+    }
+    if (mismatch) {
+      fail(w, "sequence " + std::to_string(w.seq()) + ": chunk tokens differ from the prompt of its first chunk");
+      continue;
+    }
+    const int64_t skip = std::clamp<int64_t>(s.restored - s.fed, 0, n);
+    const int64_t prompt_in_chunk = std::clamp<int64_t>(s.prompt_len - s.fed, 0, n);
+    if (skip == n) {  // all restored: nothing to compute for it in this step
+      if (w.sample()) {
+        fail(w, "sequence " + std::to_string(w.seq()) + ": asked to sample a position restored from the prefix cache");
+        continue;
+      }
+      s.fed += n;
+      counts_.prompt_tokens_skipped += uint64_t(skip);
+      auto* r = resp.add_results();
+      r->set_seq(w.seq());
+      r->set_token(-1);
+      r->set_logits_tensor(-1);
+      if (auto c = cached.find(w.seq()); c != cached.end()) r->set_cached_tokens(int32_t(c->second));
+      continue;
+    }
+    const int64_t need = kv.blocks_needed(s.id, kv.length(s.id) + (n - skip));
     if (need > blocks_left) {
       fail(w, "kv_full: no KV blocks left on this worker");
       continue;
     }
     blocks_left -= need;
-    inputs.push_back({s.id, std::vector<int32_t>(w.tokens().begin(), w.tokens().end()), false});
+    inputs.push_back({s.id, std::vector<int32_t>(w.tokens().begin() + skip, w.tokens().end()), false});
     admitted.push_back(&w);
-    if (w.is_first() || !w.sample()) prompt_tokens_computed_ += w.tokens_size();
+    s.fed += n;
+    counts_.prompt_tokens_skipped += uint64_t(std::min(skip, prompt_in_chunk));
+    counts_.prompt_tokens_computed += uint64_t(std::max<int64_t>(prompt_in_chunk - skip, 0));
   }
   if (inputs.empty()) return resp;
 
   std::vector<StepOutput> outs;
   try {
-    outs = engine_->step(inputs);
+    outs = engine_->step(inputs, {opts_.micro_batches});
   } catch (const Error& e) {  // checked above, so this is unexpected: fail the whole step
     spdlog::error("step {}: {}", req.step(), e.what());
     for (const auto* w : admitted) fail(*w, e.what());
     return resp;
+  }
+  if (const MicroBatchTiming& t = engine_->last_timing(); t.micro_batches == 2) {
+    ++counts_.microbatch_steps;
+    counts_.microbatch_step_seconds += t.step_seconds;
+    counts_.microbatch_overlap_seconds += t.overlap_seconds;
+    counts_.last_overlap_ratio = t.step_seconds > 0 ? std::min(1.0, t.overlap_seconds / t.step_seconds) : 0.0;
   }
   for (size_t i = 0; i < admitted.size(); ++i) {
     const pb::SeqWork& w = *admitted[i];
@@ -120,6 +218,7 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
     r->set_seq(w.seq());
     r->set_token(-1);
     r->set_logits_tensor(-1);
+    if (auto c = cached.find(w.seq()); c != cached.end()) r->set_cached_tokens(int32_t(c->second));
     const std::span<const float> row(outs[i].logits.data(), size_t(cfg.vocab_size));
     if (w.return_logits()) {
       r->set_logits_tensor(int32_t(logits.size()));

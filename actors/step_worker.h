@@ -4,13 +4,26 @@
 // engine was built with) and each sequence's sampler. Problems of one sequence (unknown id,
 // bad token, no KV room) fail that sequence only — it is freed and its result carries the
 // error — and the rest of the step goes on. Not thread-safe: one compute thread calls it.
+//
+// Prefix cache (when a PrefixStore is given): on a sequence's first chunk the whole prompt's
+// full 16-token blocks are keyed (core/prefix_hash.h) and the longest stored prefix is copied
+// into the sequence's KV cache, always leaving the last prompt token to compute so there are
+// logits to sample. Prompt positions already restored are skipped in every chunk that covers
+// them (the router sends the prompt in chunks and does not know). When the router frees a
+// sequence, its full blocks (prompt and generated tokens) not restored from the store are
+// offered to it.
+//
+// Micro-batches: with micro_batches == 2 a step of two or more sequences runs as two halves on
+// two threads (Engine::step), so one half's attention overlaps the other's expert round trip.
 #pragma once
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
+#include "actors/kv_client.h"
 #include "core/engine.h"
 #include "core/sampler.h"
 #include "proto/dataplane.pb.h"
@@ -20,9 +33,28 @@ namespace moemesh::actors {
 SamplingParams sampling_from_proto(const pb::SamplingParams& p);
 void sampling_to_proto(const SamplingParams& s, pb::SamplingParams* p);
 
+struct StepWorkerOptions {
+  std::shared_ptr<PrefixStore> prefix_store;  // null: no prefix cache
+  std::string model_id;                       // namespaces the block keys
+  int micro_batches = 2;                      // 1, or 2 (used for steps of >= 2 sequences)
+};
+
+// Totals since start (read on the compute thread, or after it is done with a step).
+struct StepWorkerCounts {
+  uint64_t prefix_query_tokens = 0;     // prompt tokens of first chunks looked up in the store
+  uint64_t prefix_hit_tokens = 0;       // of them, restored from the store
+  uint64_t prompt_tokens_computed = 0;  // prompt positions run through the model
+  uint64_t prompt_tokens_skipped = 0;   // prompt positions sent by the router but already restored
+  uint64_t published_blocks = 0;        // blocks offered to the store
+  uint64_t microbatch_steps = 0;        // steps run as two micro-batches
+  double microbatch_step_seconds = 0;   // their wall time
+  double microbatch_overlap_seconds = 0;  // of it, one half's experts in flight while the other computed
+  double last_overlap_ratio = 0;        // of the latest such step
+};
+
 class StepWorker {
  public:
-  StepWorker(std::shared_ptr<Engine> engine, std::vector<int32_t> eos_ids);
+  StepWorker(std::shared_ptr<Engine> engine, std::vector<int32_t> eos_ids, StepWorkerOptions opts = {});
 
   // logits: receives the logits rows asked for (SeqResult.logits_tensor indexes it).
   pb::StepResponse run(const pb::StepRequest& req, std::vector<std::vector<float>>& logits);
@@ -30,19 +62,30 @@ class StepWorker {
   int64_t free_blocks() const { return engine_->kv_cache().free_blocks(); }
   int64_t num_blocks() const { return engine_->kv_cache().num_blocks(); }
   size_t sequences() const { return seqs_.size(); }
-  uint64_t prompt_tokens_computed() const { return prompt_tokens_computed_; }
+  uint64_t prompt_tokens_computed() const { return counts_.prompt_tokens_computed; }
+  uint64_t prompt_tokens_skipped() const { return counts_.prompt_tokens_skipped; }
+  const StepWorkerCounts& counts() const { return counts_; }
 
  private:
   struct Seq {
     SeqId id = 0;
     Sampler sampler;
+    std::vector<int32_t> tokens;  // as far as known: the prompt, then each decode token fed
+    int64_t prompt_len = 0;
+    int64_t fed = 0;       // positions the router has sent so far
+    int64_t restored = 0;  // leading positions copied from the store (whole blocks)
   };
-  void release(uint64_t seq);
+  // Frees the sequence; with `publish`, first offers its new full blocks to the store.
+  void release(uint64_t seq, bool publish = false);
+  // Copies the longest stored prefix of the prompt into s's cache, taking at most max_blocks.
+  void restore_prefix(Seq& s, int64_t max_blocks);
+  void publish_blocks(const Seq& s);
 
   std::shared_ptr<Engine> engine_;
   std::vector<int32_t> eos_ids_;
+  StepWorkerOptions opts_;
   std::map<uint64_t, Seq> seqs_;  // by the router's sequence id
-  uint64_t prompt_tokens_computed_ = 0;
+  StepWorkerCounts counts_;
 };
 
 }  // namespace moemesh::actors

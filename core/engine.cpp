@@ -1,6 +1,10 @@
 #include "core/engine.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <exception>
+#include <future>
 #include <string>
 #include <unordered_set>
 
@@ -92,11 +96,58 @@ void Engine::validate() {
                 std::to_string(c.num_hidden_layers));
 }
 
-std::vector<StepOutput> Engine::step(std::span<const StepInput> batch) {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using Interval = std::pair<Clock::time_point, Clock::time_point>;
+
+// Records when the experts of one micro-batch were in flight.
+class TimedExecutor : public ExpertExecutor {
+ public:
+  TimedExecutor(ExpertExecutor& inner, std::vector<Interval>& log) : inner_(inner), log_(log) {}
+  void run(int64_t layer, const float* h, int64_t hidden, std::span<const ExpertGroup> groups,
+           std::vector<std::vector<float>>& outputs) override {
+    const auto t0 = Clock::now();
+    try {
+      inner_.run(layer, h, hidden, groups, outputs);
+    } catch (...) {
+      log_.emplace_back(t0, Clock::now());
+      throw;
+    }
+    log_.emplace_back(t0, Clock::now());
+  }
+
+ private:
+  ExpertExecutor& inner_;
+  std::vector<Interval>& log_;
+};
+
+// Seconds during which `busy` (sorted, disjoint) overlaps the part of `window` outside `own`
+// (the other micro-batch computing rather than waiting for its experts).
+double overlap_seconds(const std::vector<Interval>& busy, Interval window, const std::vector<Interval>& own) {
+  std::vector<Interval> computing;
+  Clock::time_point t = window.first;
+  for (const auto& [a, b] : own) {
+    if (a > t) computing.emplace_back(t, std::min(a, window.second));
+    t = std::max(t, b);
+  }
+  if (t < window.second) computing.emplace_back(t, window.second);
+  double sum = 0;
+  for (const auto& [a, b] : busy)
+    for (const auto& [c, d] : computing) {
+      const auto lo = std::max(a, c), hi = std::min(b, d);
+      if (lo < hi) sum += std::chrono::duration<double>(hi - lo).count();
+    }
+  return sum;
+}
+
+}  // namespace
+
+std::vector<StepOutput> Engine::step(std::span<const StepInput> batch, StepOptions opts) {
   // Validate everything before touching the cache, so a failed step changes nothing.
-  BatchLayout layout;
   std::unordered_set<SeqId> seen;
   int64_t blocks = 0;
+  std::vector<int64_t> rows_of;
   for (const StepInput& in : batch) {
     if (!kv_->has_sequence(in.seq)) throw Error("engine: unknown sequence " + std::to_string(in.seq));
     if (!seen.insert(in.seq).second)
@@ -106,38 +157,92 @@ std::vector<StepOutput> Engine::step(std::span<const StepInput> batch) {
       if (t < 0 || t >= cfg_.vocab_size)
         throw Error("engine: token id " + std::to_string(t) + " out of range [0, " + std::to_string(cfg_.vocab_size) +
                     ")");
-    const int64_t pos0 = kv_->length(in.seq), n = int64_t(in.tokens.size());
-    blocks += kv_->blocks_needed(in.seq, pos0 + n);
-    layout.spans.push_back({in.seq, layout.rows, n, pos0});
-    for (int64_t i = 0; i < n; ++i) layout.positions.push_back(int32_t(pos0 + i));
-    layout.rows += n;
+    blocks += kv_->blocks_needed(in.seq, kv_->length(in.seq) + int64_t(in.tokens.size()));
+    rows_of.push_back(int64_t(in.tokens.size()));
   }
   if (blocks > kv_->free_blocks())
     throw Error("kv cache: out of blocks (this step needs " + std::to_string(blocks) + ", " +
                 std::to_string(kv_->free_blocks()) + " of " + std::to_string(kv_->num_blocks()) + " free)");
-  for (const auto& sp : layout.spans) kv_->reserve(sp.seq, sp.pos0 + sp.n);
+  // All reservations happen here, on this thread: the micro-batches below only read the
+  // sequence table and write K/V rows of their own sequences.
+  for (const StepInput& in : batch) kv_->reserve(in.seq, kv_->length(in.seq) + int64_t(in.tokens.size()));
 
+  std::vector<StepOutput> outs;
+  timing_ = {};
+  if (opts.micro_batches < 2 || batch.size() < 2) {
+    outs = forward(batch, *experts_);
+  } else {
+    // Two contiguous halves with rows as even as possible (input order is kept).
+    int64_t total = 0, before = 0;
+    for (int64_t r : rows_of) total += r;
+    size_t split = 1;
+    int64_t best = -1;
+    for (size_t k = 1; k < batch.size(); ++k) {
+      before += rows_of[k - 1];
+      const int64_t imbalance = std::abs(total - 2 * before);
+      if (best < 0 || imbalance < best) best = imbalance, split = k;
+    }
+    std::vector<Interval> log0, log1;
+    TimedExecutor ex0(*experts_, log0), ex1(*experts_, log1);
+    const auto t0 = Clock::now();
+    Clock::time_point end1;
+    auto second = std::async(std::launch::async, [&] {
+      auto r = forward(batch.subspan(split), ex1);
+      end1 = Clock::now();
+      return r;
+    });
+    std::exception_ptr error;
+    try {
+      outs = forward(batch.first(split), ex0);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    const auto end0 = Clock::now();
+    std::vector<StepOutput> rest;
+    try {
+      rest = second.get();  // always joined, even when the first half failed
+    } catch (...) {
+      if (!error) error = std::current_exception();
+    }
+    if (error) std::rethrow_exception(error);
+    const auto t1 = Clock::now();
+    for (auto& o : rest) outs.push_back(std::move(o));
+    timing_.micro_batches = 2;
+    timing_.step_seconds = std::chrono::duration<double>(t1 - t0).count();
+    timing_.overlap_seconds = overlap_seconds(log0, {t0, end1}, log1) + overlap_seconds(log1, {t0, end0}, log0);
+  }
+  for (const StepInput& in : batch) kv_->set_length(in.seq, kv_->length(in.seq) + int64_t(in.tokens.size()));
+  return outs;
+}
+
+std::vector<StepOutput> Engine::forward(std::span<const StepInput> part, ExpertExecutor& experts) {
+  BatchLayout layout;
+  for (const StepInput& in : part) {
+    const int64_t pos0 = kv_->length(in.seq), n = int64_t(in.tokens.size());
+    layout.spans.push_back({in.seq, layout.rows, n, pos0});
+    for (int64_t i = 0; i < n; ++i) layout.positions.push_back(int32_t(pos0 + i));
+    layout.rows += n;
+  }
   const int64_t rows = layout.rows, hidden = cfg_.hidden_size;
   std::vector<int32_t> ids;
   ids.reserve(size_t(rows));
-  for (const StepInput& in : batch) ids.insert(ids.end(), in.tokens.begin(), in.tokens.end());
+  for (const StepInput& in : part) ids.insert(ids.end(), in.tokens.begin(), in.tokens.end());
   std::vector<float> x(size_t(rows * hidden));
   cpu::embedding(weights_.embed.data, weights_.embed.dtype, hidden, ids.data(), rows, x.data());
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
     const LayerWeights& lw = weights_.layers[size_t(l)];
     attention_block(cfg_, lw, l, *kv_, layout, x.data());
-    ffn_block(cfg_, lw, l, *experts_, x.data(), rows);
+    ffn_block(cfg_, lw, l, experts, x.data(), rows);
   }
-  for (const auto& sp : layout.spans) kv_->set_length(sp.seq, sp.pos0 + sp.n);
 
   // Final norm and lm_head only on the rows whose logits were asked for.
   std::vector<StepOutput> outs;
-  std::vector<float> sel, normed;
-  for (size_t i = 0; i < batch.size(); ++i) {
+  std::vector<float> normed;
+  for (size_t i = 0; i < part.size(); ++i) {
     const auto& sp = layout.spans[i];
     StepOutput out;
     out.seq = sp.seq;
-    out.n = batch[i].all_logits ? sp.n : 1;
+    out.n = part[i].all_logits ? sp.n : 1;
     const int64_t first_row = sp.row0 + sp.n - out.n;
     out.first_position = sp.pos0 + (sp.n - out.n);
     normed.resize(size_t(out.n * hidden));

@@ -52,6 +52,22 @@ struct StepInput {
   bool all_logits = false;      // logits of every new position, not only the last
 };
 
+struct StepOptions {
+  // 2: the batch's sequences are split into two halves (by rows) that run on two threads, so
+  // the attention of one overlaps the expert round trip of the other. Each half is computed
+  // exactly as a batch of its own; logits equal the one-batch path up to sgemm row-count effects.
+  // Used only when the batch has at least two sequences.
+  int micro_batches = 1;
+};
+
+// How the latest step spent its time (micro_batches == 2 only; zeros otherwise).
+struct MicroBatchTiming {
+  int micro_batches = 1;
+  double step_seconds = 0;
+  // Time during which one micro-batch had its experts in flight while the other computed.
+  double overlap_seconds = 0;
+};
+
 struct StepOutput {
   SeqId seq = 0;
   int64_t first_position = 0;  // position of the first logits row
@@ -82,17 +98,22 @@ class Engine {
 
   // Runs every input's new tokens as rows of one batch through the model and appends them to
   // their sequences' caches. All-or-nothing: on an error (unknown sequence, bad token id, out of
-  // KV blocks) no cache changes. Outputs are in input order.
-  std::vector<StepOutput> step(std::span<const StepInput> batch);
+  // KV blocks) no cache changes. Outputs are in input order. KV cache room is reserved for
+  // the whole batch up front, so the micro-batches only read the pool's bookkeeping.
+  std::vector<StepOutput> step(std::span<const StepInput> batch, StepOptions opts = {});
+  const MicroBatchTiming& last_timing() const { return timing_; }
 
  private:
   void validate();
+  // Runs inputs (already validated, room reserved) through the model; leaves lengths alone.
+  std::vector<StepOutput> forward(std::span<const StepInput> part, ExpertExecutor& experts);
 
   std::shared_ptr<const void> owner_;
   ModelConfig cfg_;
   ModelWeights weights_;
   std::shared_ptr<ExpertExecutor> experts_;
   std::unique_ptr<KvCache> kv_;
+  MicroBatchTiming timing_;
 };
 
 }  // namespace moemesh

@@ -1,5 +1,6 @@
 #include "core/kv_cache.h"
 
+#include <algorithm>
 #include <string>
 
 #include "core/error.h"
@@ -80,6 +81,31 @@ float* KvCache::k_row(int64_t layer, SeqId id, int64_t pos) {
 float* KvCache::v_row(int64_t layer, SeqId id, int64_t pos) {
   const Sequence& s = seq(id);
   return block_ptr(layer, s.blocks.at(size_t(pos / kBlockSize)), true) + (pos % kBlockSize) * kv_dim_;
+}
+
+namespace {
+void check_block(int64_t index, size_t blocks, SeqId id) {
+  if (index < 0 || size_t(index) >= blocks)
+    throw Error("kv cache: block " + std::to_string(index) + " of sequence " + std::to_string(id) + " is not reserved (" +
+                std::to_string(blocks) + " are)");
+}
+}  // namespace
+
+void KvCache::read_block(SeqId id, int64_t index, float* out) const {
+  const Sequence& s = seq(id);
+  check_block(index, s.blocks.size(), id);
+  // K and V of one block in one layer are adjacent in the pool: one copy per layer.
+  const size_t per_layer = size_t(2 * kBlockSize * kv_dim_);
+  for (int64_t l = 0; l < n_layers_; ++l)
+    std::copy_n(block_ptr(l, s.blocks[size_t(index)], false), per_layer, out + size_t(l) * per_layer);
+}
+
+void KvCache::write_block(SeqId id, int64_t index, const float* in) {
+  const Sequence& s = seq(id);
+  check_block(index, s.blocks.size(), id);
+  const size_t per_layer = size_t(2 * kBlockSize * kv_dim_);
+  for (int64_t l = 0; l < n_layers_; ++l)
+    std::copy_n(in + size_t(l) * per_layer, per_layer, block_ptr(l, s.blocks[size_t(index)], false));
 }
 
 cpu::PagedKV KvCache::view(int64_t layer, SeqId id, std::vector<const float*>& k_ptrs,

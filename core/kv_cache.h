@@ -40,6 +40,13 @@ class KvCache {
   cpu::PagedKV view(int64_t layer, SeqId seq, std::vector<const float*>& k_ptrs,
                     std::vector<const float*>& v_ptrs) const;
 
+  // Whole blocks, for the prefix cache: block `index` of a sequence across every layer, laid out
+  // [n_layers, 2 (K, V), kBlockSize, kv_dim] f32 (block_floats() floats). read_block needs the
+  // block reserved; write_block fills a reserved block (set_length then marks it written).
+  int64_t block_floats() const { return n_layers_ * 2 * kBlockSize * kv_dim_; }
+  void read_block(SeqId seq, int64_t index, float* out) const;
+  void write_block(SeqId seq, int64_t index, const float* in);
+
   int64_t num_blocks() const { return num_blocks_; }
   int64_t free_blocks() const { return int64_t(free_.size()); }
   int64_t kv_dim() const { return kv_dim_; }

@@ -7,6 +7,7 @@
 
 #include "actors/control_client.h"
 #include "actors/expert_compute.h"
+#include "actors/kv_client.h"
 #include "actors/remote_experts.h"
 #include "actors/service_runtime.h"
 #include "actors/step_server.h"
@@ -25,6 +26,8 @@ int main(int argc, char** argv) {
   int64_t kv_blocks = 1024;
   int dispatch_timeout_ms = 10000;
   double gating_temperature = 1.0;
+  std::string kvstore, model_id;
+  int kvstore_timeout_ms = 500, micro_batches = 2;
   auto& cli = rt.cli();
   cli.add_option("--model", model_dir, "checkpoint folder")->required();
   cli.add_option("--listen", listen, "step endpoint to bind (ROUTER)");
@@ -34,6 +37,14 @@ int main(int argc, char** argv) {
   cli.add_option("--kv-blocks", kv_blocks, "KV cache size in blocks of 16 tokens")->check(CLI::PositiveNumber);
   cli.add_option("--dispatch-timeout-ms", dispatch_timeout_ms, "deadline of one expert dispatch round");
   cli.add_option("--gating-temperature", gating_temperature, "gate logits are divided by it before softmax");
+  cli.add_option("--kvstore", kvstore, "KV store endpoint (tcp://HOST:PORT) for the prefix cache; none: no prefix cache");
+  cli.add_option("--kvstore-timeout-ms", kvstore_timeout_ms, "deadline of one KV store fetch")
+      ->check(CLI::Range(1, 60000));
+  cli.add_option("--model-id", model_id, "names the model's KV blocks in the store (default: the checkpoint folder's name)");
+  cli.add_option("--micro-batches", micro_batches,
+                 "2: a step's sequences run as two halves whose attention and expert round trips overlap")
+      ->check(CLI::IsMember({1, 2}))
+      ->capture_default_str();
   if (auto rc = rt.start(argc, argv)) return *rc;
 
   try {
@@ -49,12 +60,31 @@ int main(int argc, char** argv) {
     auto engine = std::make_shared<Engine>(ckpt, EngineOptions{kv_blocks}, remote);
     std::vector<int32_t> eos;
     for (int64_t id : mc.eos_token_ids) eos.push_back(int32_t(id));
-    auto worker = std::make_shared<StepWorker>(engine, eos);
+    StepWorkerOptions wo;
+    wo.micro_batches = micro_batches;
+    std::shared_ptr<KvClient> kv;
+    if (!kvstore.empty()) {
+      if (model_id.empty()) {
+        const auto dir = std::filesystem::absolute(model_dir).lexically_normal();
+        model_id = (dir.filename().empty() ? dir.parent_path() : dir).filename().string();
+      }
+      KvClientOptions ko;
+      ko.endpoint = kvstore;
+      ko.model_id = model_id;
+      ko.deadline = std::chrono::milliseconds(kvstore_timeout_ms);
+      ko.block_shape = {mc.num_hidden_layers, 2, KvCache::kBlockSize, mc.num_key_value_heads * mc.head_dim};
+      kv = std::make_shared<KvClient>(rt.system(), ko);
+      wo.prefix_store = kv;
+      wo.model_id = model_id;
+    }
+    auto worker = std::make_shared<StepWorker>(engine, eos, wo);
+    auto metrics = std::make_shared<StepServerMetrics>(rt.metrics(), kv);
     auto pool = std::make_shared<ComputePool>(1);  // one step at a time: the worker owns the KV cache
     auto stats = std::make_shared<StepServerStats>();
     stats->kv_free_blocks = worker->free_blocks();
-    spdlog::info("attention: {} mapped {:.1f} MiB (no routed experts), KV cache {} blocks", model_dir,
-                 double(ckpt->mapped_bytes()) / (1 << 20), kv_blocks);
+    spdlog::info("attention: {} mapped {:.1f} MiB (no routed experts), KV cache {} blocks, {} micro-batch(es), {}",
+                 model_dir, double(ckpt->mapped_bytes()) / (1 << 20), kv_blocks, micro_batches,
+                 kv ? "prefix cache in " + kvstore + " as " + model_id : std::string("no prefix cache"));
 
     ZmqBridge bridge(rt.system());
     const int step_sock = bridge.add({.name = "steps", .type = zmq::socket_type::router, .endpoint = listen, .bind = true});
@@ -93,7 +123,7 @@ int main(int argc, char** argv) {
     };
     caf::actor client = spawn_control_client(rt.system(), bridge, co, cb);
     bridge.start();
-    caf::actor server = spawn_step_server(rt.system(), bridge, step_sock, worker, pool, stats);
+    caf::actor server = spawn_step_server(rt.system(), bridge, step_sock, worker, pool, stats, metrics);
     rt.stop_on_shutdown(server);
     rt.stop_on_shutdown(client);
     rt.admin().set_readiness([covered]() -> Readiness {
@@ -103,8 +133,15 @@ int main(int argc, char** argv) {
     rt.wait_for_shutdown();
     spdlog::info("attention: shutting down");
     rt.shutdown();
+    {
+      // Once the step server is gone, nothing else submits; finishing the step in flight here
+      // (not on an actor thread) leaves the actor threads free to deliver its expert replies.
+      caf::scoped_actor self{rt.system()};
+      self->wait_for(server);
+    }
     pool.reset();  // finishes the step in flight
     bridge.stop();
+    kv.reset();
   } catch (const std::exception& e) {
     spdlog::error("attention: {}", e.what());
     return 1;

@@ -1,0 +1,233 @@
+#include "actors/kv_client.h"
+
+#include <condition_variable>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <random>
+
+#include <spdlog/spdlog.h>
+
+#include "actors/dispatch_frames.h"
+#include "core/error.h"
+#include "core/wire.h"
+#include "proto/dataplane.pb.h"
+
+namespace moemesh::actors {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// A store answers at most this many blocks per KvGet (and we put at most this many per KvPut).
+constexpr size_t kBlocksPerMessage = 16;
+
+int64_t now_ns() { return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count(); }
+
+struct Call {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  FramesPtr frames;  // the reply
+};
+
+}  // namespace
+
+struct KvClient::Inflight {
+  std::mutex mu;
+  std::map<uint64_t, std::shared_ptr<Call>> fetches;
+  std::map<uint64_t, size_t> puts;  // request id -> blocks sent, until acked or given up
+  std::shared_ptr<KvClientStats> stats;
+
+  // On the receiving actor: hand a KvGet reply to its waiting fetch, count a KvPut's ack.
+  void deliver(const FramesPtr& frames) {
+    uint64_t id = 0;
+    wire::Kind kind = wire::Kind::Error;
+    std::string meta;
+    try {
+      wire::Header h = wire::decode_header({static_cast<const uint8_t*>((*frames)[0].data()), (*frames)[0].size()});
+      id = h.request_id;
+      kind = h.kind;
+      meta = std::move(h.meta);
+    } catch (const wire::WireError& e) {
+      spdlog::warn("kvstore client: undecodable reply: {}", e.what());
+      return;
+    }
+    std::unique_lock<std::mutex> lk(mu);
+    if (auto it = fetches.find(id); it != fetches.end()) {
+      auto call = it->second;
+      fetches.erase(it);
+      lk.unlock();
+      std::lock_guard<std::mutex> clk(call->mu);
+      call->done = true;
+      call->frames = frames;
+      call->cv.notify_all();
+      return;
+    }
+    if (auto it = puts.find(id); it != puts.end()) {
+      puts.erase(it);
+      lk.unlock();
+      if (kind == wire::Kind::KvPut) {
+        pb::KvPut ack;
+        if (ack.ParseFromString(meta)) stats->acked_blocks += uint64_t(ack.keys_size());
+      } else {
+        ++stats->publish_failures;
+        pb::ErrorReply err;
+        err.ParseFromString(meta);
+        spdlog::warn("kvstore client: put refused: {} {}", err.code(), err.message());
+      }
+      return;
+    }
+    ++stats->late_replies;
+  }
+};
+
+KvClient::KvClient(caf::actor_system& sys, KvClientOptions opts)
+    : opts_(std::move(opts)),
+      stats_(std::make_shared<KvClientStats>()),
+      inflight_(std::make_shared<Inflight>()),
+      bridge_(sys) {
+  inflight_->stats = stats_;
+  std::random_device rd;  // ids start at a random point: replies meant for an earlier process never match
+  next_id_ = ((uint64_t(rd()) << 32) | rd()) | 1;
+  // A bounded queue: while the store is away, puts beyond it are dropped (and counted by the bridge).
+  socket_ = bridge_.add({.name = "kvstore " + opts_.endpoint, .type = zmq::socket_type::dealer,
+                         .endpoint = opts_.endpoint, .identity = opts_.identity, .send_hwm = 64, .recv_hwm = 1000});
+  receiver_ = sys.spawn([inflight = inflight_]() -> caf::behavior {
+    return {[inflight](zmq_recv_atom, int, FramesPtr frames) {
+      if (frames && !frames->empty()) inflight->deliver(frames);
+    }};
+  });
+  bridge_.route(socket_, receiver_);
+  bridge_.start();
+}
+
+KvClient::~KvClient() {
+  bridge_.stop();
+  caf::anon_send_exit(receiver_, caf::exit_reason::user_shutdown);
+}
+
+bool KvClient::backing_off() { return now_ns() < skip_until_ns_.load(); }
+
+void KvClient::failed(const std::string& why) {
+  ++stats_->fetch_failures;
+  skip_until_ns_ = now_ns() + std::chrono::duration_cast<std::chrono::nanoseconds>(opts_.backoff).count();
+  spdlog::warn("kvstore client: {} ({}); prefix cache off for {} ms", why, opts_.endpoint, opts_.backoff.count());
+}
+
+std::vector<std::vector<float>> KvClient::fetch(std::span<const BlockKey> keys, size_t block_floats) {
+  std::vector<std::vector<float>> blocks;
+  if (keys.empty()) return blocks;
+  if (backing_off()) {
+    ++stats_->skipped_fetches;
+    return blocks;
+  }
+  ++stats_->fetches;
+  // The chain is asked in rounds: each reply holds at most kBlocksPerMessage blocks, and a round
+  // that comes back short ends the chain.
+  while (blocks.size() < keys.size()) {
+    const auto chain = keys.subspan(blocks.size(), std::min(kBlocksPerMessage, keys.size() - blocks.size()));
+    pb::KvGet get;
+    get.set_model_id(opts_.model_id);
+    for (const BlockKey& k : chain) *get.add_keys() = k.to_bytes();
+    wire::Header h;
+    h.kind = wire::Kind::KvGet;
+    h.request_id = next_id_++;
+    h.meta = get.SerializeAsString();
+    auto call = std::make_shared<Call>();
+    {
+      std::lock_guard<std::mutex> lk(inflight_->mu);
+      inflight_->fetches[h.request_id] = call;
+    }
+    auto frames = std::make_shared<Frames>();
+    frames->push_back(frame_of(wire::encode_header(h)));
+    caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket_, std::move(frames));
+
+    bool done;
+    {
+      std::unique_lock<std::mutex> lk(call->mu);
+      done = call->cv.wait_for(lk, opts_.deadline, [&] { return call->done; });
+    }
+    if (!done) {
+      std::lock_guard<std::mutex> lk(inflight_->mu);  // withdraw it: a late reply is only counted
+      inflight_->fetches.erase(h.request_id);
+      failed("no KvGet reply within " + std::to_string(opts_.deadline.count()) + " ms");
+      return blocks;
+    }
+    size_t found = 0;
+    try {
+      wire::Header r = wire::decode(frame_views(*call->frames));
+      if (r.kind == wire::Kind::Error) {
+        pb::ErrorReply err;
+        err.ParseFromString(r.meta);
+        throw Error("KvGet refused: " + err.code() + ": " + err.message());
+      }
+      pb::KvGetReply meta;
+      if (r.kind != wire::Kind::KvGetReply || !meta.ParseFromString(r.meta))
+        throw Error(std::string("unexpected reply to KvGet: ") + wire::kind_name(r.kind));
+      if (!meta.error().empty()) throw Error("KvGet failed: " + meta.error());
+      if (meta.found() < 0 || size_t(meta.found()) > chain.size() || size_t(meta.found()) != r.tensors.size())
+        throw Error("KvGetReply says " + std::to_string(meta.found()) + " blocks for a chain of " +
+                    std::to_string(chain.size()) + " with " + std::to_string(r.tensors.size()) + " tensors");
+      found = size_t(meta.found());
+      for (size_t i = 0; i < found; ++i) {
+        // A block of another shape (another model under the same id, another layout) is unusable.
+        const auto& d = r.tensors[i];
+        const zmq::message_t& f = (*call->frames)[1 + i];
+        if (d.dtype != DType::F32 || f.size() != block_floats * sizeof(float))
+          throw Error("block " + std::to_string(blocks.size()) + " has " + std::to_string(f.size()) +
+                      " bytes, expected " + std::to_string(block_floats * sizeof(float)));
+        std::vector<float>& b = blocks.emplace_back(block_floats);
+        std::memcpy(b.data(), f.data(), f.size());
+      }
+    } catch (const std::exception& e) {  // WireError or Error: keep the whole blocks before it
+      failed(e.what());
+      stats_->fetched_blocks += blocks.size();
+      return blocks;
+    }
+    if (found < chain.size()) break;
+  }
+  stats_->fetched_blocks += blocks.size();
+  return blocks;
+}
+
+std::vector<int64_t> KvClient::shape_for(size_t floats) const {
+  int64_t n = opts_.block_shape.empty() ? 0 : 1;
+  for (int64_t d : opts_.block_shape) n *= d;
+  return n == int64_t(floats) ? opts_.block_shape : std::vector<int64_t>{int64_t(floats)};
+}
+
+void KvClient::publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks) {
+  if (keys.size() != blocks.size()) {
+    spdlog::error("kvstore client: publish of {} keys with {} blocks ignored", keys.size(), blocks.size());
+    return;
+  }
+  if (keys.empty() || backing_off()) return;  // a store that does not answer gets no puts either
+  for (size_t first = 0; first < keys.size(); first += kBlocksPerMessage) {
+    const size_t n = std::min(kBlocksPerMessage, keys.size() - first);
+    pb::KvPut put;
+    put.set_model_id(opts_.model_id);
+    wire::Header h;
+    h.kind = wire::Kind::KvPut;
+    h.request_id = next_id_++;
+    auto frames = std::make_shared<Frames>();
+    frames->emplace_back();  // the header, once the descriptors are known
+    for (size_t i = first; i < first + n; ++i) {
+      *put.add_keys() = keys[i].to_bytes();
+      h.tensors.push_back({DType::F32, shape_for(blocks[i].size())});
+      frames->push_back(frame_of(std::move(blocks[i])));
+    }
+    h.meta = put.SerializeAsString();
+    (*frames)[0] = frame_of(wire::encode_header(h));
+    {
+      std::lock_guard<std::mutex> lk(inflight_->mu);
+      // Acks that never came (a store restarted mid-put) are forgotten rather than kept forever.
+      if (inflight_->puts.size() > 4096) inflight_->puts.clear();
+      inflight_->puts[h.request_id] = n;
+    }
+    caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket_, std::move(frames));
+    stats_->published_blocks += n;
+  }
+}
+
+}  // namespace moemesh::actors

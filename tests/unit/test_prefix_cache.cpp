@@ -1,0 +1,422 @@
+// The prefix cache: whole KV blocks out of and into the paged cache, a sequence restored from
+// stored blocks decoding exactly as a full recomputation, the StepWorker skipping the restored
+// prompt positions in every chunk the router sends, and the KV store client against the real
+// block store actor on loopback (multi-round chains, partial prefixes, bad blocks, a dead store).
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include <caf/all.hpp>
+
+#include "actors/block_store.h"
+#include "actors/kv_client.h"
+#include "actors/step_worker.h"
+#include "actors/zmq_bridge.h"
+#include "core/checkpoint.h"
+#include "core/engine.h"
+#include "core/error.h"
+#include "core/kv_cache.h"
+#include "core/model_presets.h"
+#include "core/model_writer.h"
+#include "core/prefix_hash.h"
+
+using namespace moemesh;
+using namespace moemesh::actors;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::vector<int32_t> random_tokens(size_t n, uint64_t seed, int64_t vocab) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> d(3, int32_t(vocab - 1));
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = d(rng);
+  return t;
+}
+
+// ||got - want|| / ||want||, as vectors.
+double rel_diff(std::span<const float> got, std::span<const float> want) {
+  EXPECT_EQ(got.size(), want.size());
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < std::min(got.size(), want.size()); ++i) {
+    err += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    norm += double(want[i]) * want[i];
+  }
+  return std::sqrt(err / std::max(norm, 1e-30));
+}
+
+// A KV store in a map: the longest stored prefix of a chain.
+class MapStore : public PrefixStore {
+ public:
+  std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats) override {
+    ++fetches;
+    std::vector<std::vector<float>> out;
+    for (const auto& k : keys) {
+      auto it = blocks.find(k);
+      if (it == blocks.end() || it->second.size() != block_floats) break;
+      out.push_back(it->second);
+    }
+    return out;
+  }
+  void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> bs) override {
+    for (size_t i = 0; i < keys.size(); ++i) blocks[keys[i]] = std::move(bs[i]);
+  }
+  std::unordered_map<BlockKey, std::vector<float>> blocks;
+  int fetches = 0;
+};
+
+class PrefixCache : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    std::string tmpl = (fs::temp_directory_path() / "moemesh-prefix-XXXXXX").string();
+    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+    dir_ = new fs::path(tmpl);
+    ModelConfig c = model_preset(Arch::Mixtral, "tiny");
+    c.vocab_size = 128;
+    c.bos_token_id = 1;
+    c.eos_token_ids = {2};
+    WriteOptions o;
+    o.dtype = DType::F32;
+    o.seed = 7;
+    write_model(c, *dir_ / "mixtral", o);
+  }
+  static void TearDownTestSuite() {
+    fs::remove_all(*dir_);
+    delete dir_;
+  }
+  void SetUp() override { ckpt_ = Checkpoint::open(*dir_ / "mixtral"); }
+  std::shared_ptr<Engine> engine(int64_t blocks = 64) { return std::make_shared<Engine>(ckpt_, EngineOptions{blocks}); }
+  int64_t vocab() const { return ckpt_->config().vocab_size; }
+
+  static fs::path* dir_;
+  std::shared_ptr<Checkpoint> ckpt_;
+};
+fs::path* PrefixCache::dir_ = nullptr;
+
+// What the router sees of one request, run the way the scheduler runs it: the prompt in chunks
+// (the first carries the whole prompt), then one decode token per step, then a free.
+struct Generation {
+  std::vector<int32_t> tokens;
+  std::vector<std::vector<float>> logits;  // of each sampled position
+  int32_t cached_tokens = -1;              // from the first chunk's result
+  int unsampled_results = 0;               // chunk results without a token
+};
+
+Generation generate(StepWorker& w, uint64_t seq, const std::vector<int32_t>& prompt, const std::vector<size_t>& chunks,
+             int new_tokens) {
+  Generation run;
+  uint64_t step = 1;
+  auto one = [&](pb::StepRequest& req) {
+    req.set_step(step++);
+    std::vector<std::vector<float>> logits;
+    pb::StepResponse resp = w.run(req, logits);
+    EXPECT_EQ(resp.results_size(), req.work_size());
+    for (const auto& r : resp.results()) {
+      EXPECT_TRUE(r.error().empty()) << r.error();
+      if (req.work(0).is_first()) run.cached_tokens = r.cached_tokens();
+      if (r.token() < 0) {
+        ++run.unsampled_results;
+        continue;
+      }
+      run.tokens.push_back(r.token());
+      EXPECT_GE(r.logits_tensor(), 0);
+      if (r.logits_tensor() >= 0) run.logits.push_back(logits.at(size_t(r.logits_tensor())));
+    }
+  };
+  size_t at = 0;
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    pb::StepRequest req;
+    auto* wk = req.add_work();
+    wk->set_seq(seq);
+    for (size_t i = 0; i < chunks[c]; ++i) wk->add_tokens(prompt[at + i]);
+    if (c == 0) {
+      wk->set_is_first(true);
+      wk->mutable_sampling()->set_ignore_eos(true);  // temperature 0: greedy
+      for (int32_t t : prompt) wk->add_prompt(t);
+    }
+    at += chunks[c];
+    wk->set_sample(at == prompt.size());
+    wk->set_return_logits(wk->sample());
+    one(req);
+  }
+  EXPECT_EQ(at, prompt.size());
+  while (int(run.tokens.size()) < new_tokens) {
+    pb::StepRequest req;
+    auto* wk = req.add_work();
+    wk->set_seq(seq);
+    wk->add_tokens(run.tokens.back());
+    wk->set_sample(true);
+    wk->set_return_logits(true);
+    one(req);
+  }
+  pb::StepRequest free;
+  free.set_step(step++);
+  free.add_free(seq);
+  std::vector<std::vector<float>> none;
+  w.run(free, none);
+  return run;
+}
+
+void expect_same_run(const Generation& got, const Generation& want) {
+  EXPECT_EQ(got.tokens, want.tokens);
+  ASSERT_EQ(got.logits.size(), want.logits.size());
+  for (size_t i = 0; i < got.logits.size(); ++i) EXPECT_LE(rel_diff(got.logits[i], want.logits[i]), 1e-5) << "token " << i;
+}
+
+}  // namespace
+
+TEST(KvCacheBlocks, ReadAndWriteWholeBlocksAcrossLayers) {
+  const int64_t layers = 3, kv_dim = 4, bs = KvCache::kBlockSize;
+  KvCache kv(layers, kv_dim, 8);
+  EXPECT_EQ(kv.block_floats(), layers * 2 * bs * kv_dim);
+  SeqId a = kv.create_sequence();
+  kv.reserve(a, 2 * bs + 3);
+  auto value = [](int64_t l, int64_t kvsel, int64_t pos, int64_t d) { return float(l * 10000 + kvsel * 1000 + pos * 10 + d); };
+  for (int64_t l = 0; l < layers; ++l)
+    for (int64_t p = 0; p < 2 * bs + 3; ++p)
+      for (int64_t d = 0; d < kv_dim; ++d) {
+        kv.k_row(l, a, p)[d] = value(l, 0, p, d);
+        kv.v_row(l, a, p)[d] = value(l, 1, p, d);
+      }
+  // Block 1 holds positions 16..31 as [layer][K|V][16][kv_dim].
+  std::vector<float> block(size_t(kv.block_floats()));
+  kv.read_block(a, 1, block.data());
+  size_t i = 0;
+  for (int64_t l = 0; l < layers; ++l)
+    for (int64_t s = 0; s < 2; ++s)
+      for (int64_t p = bs; p < 2 * bs; ++p)
+        for (int64_t d = 0; d < kv_dim; ++d) ASSERT_EQ(block[i++], value(l, s, p, d)) << l << " " << s << " " << p;
+
+  SeqId b = kv.create_sequence();
+  kv.reserve(b, bs);
+  kv.write_block(b, 0, block.data());
+  for (int64_t l = 0; l < layers; ++l)
+    for (int64_t p = 0; p < bs; ++p) {
+      EXPECT_EQ(kv.k_row(l, b, p)[1], value(l, 0, bs + p, 1));
+      EXPECT_EQ(kv.v_row(l, b, p)[3], value(l, 1, bs + p, 3));
+    }
+  EXPECT_THROW(kv.read_block(a, 3, block.data()), Error);  // 35 tokens: blocks 0..2 reserved
+  EXPECT_THROW(kv.write_block(b, 1, block.data()), Error);
+  EXPECT_THROW(kv.read_block(a, -1, block.data()), Error);
+}
+
+TEST_F(PrefixCache, RestoredBlocksThenDecodeEqualFullRecomputation) {
+  const auto prompt = random_tokens(100, 11, vocab());
+  auto full = engine(), restored = engine();
+  const int64_t V = vocab();
+
+  // Reference: the whole prompt at once (logits of every position), then greedy decode.
+  SeqId a = full->create_sequence();
+  std::vector<StepInput> in{{a, prompt, true}};
+  auto ref = full->step(in);
+  ASSERT_EQ(ref[0].n, 100);
+  std::vector<std::vector<float>> blocks;
+  for (int64_t b = 0; b < 6; ++b)
+    full->kv_cache().read_block(a, b, blocks.emplace_back(size_t(full->kv_cache().block_floats())).data());
+
+  // The same sequence from 6 restored blocks (96 tokens): compute the last 4 positions only.
+  SeqId s = restored->create_sequence();
+  KvCache& kv = restored->kv_cache();
+  kv.reserve(s, 96);
+  for (int64_t b = 0; b < 6; ++b) kv.write_block(s, b, blocks[size_t(b)].data());
+  kv.set_length(s, 96);
+  std::vector<StepInput> rest{{s, std::vector<int32_t>(prompt.begin() + 96, prompt.end()), true}};
+  auto got = restored->step(rest);
+  ASSERT_EQ(got[0].n, 4);
+  EXPECT_EQ(got[0].first_position, 96);
+  for (int64_t r = 0; r < 4; ++r)
+    EXPECT_LE(rel_diff(std::span(got[0].logits).subspan(size_t(r * V), size_t(V)),
+                       std::span(ref[0].logits).subspan(size_t((96 + r) * V), size_t(V))),
+              1e-5)
+        << "position " << 96 + r;
+
+  // Incremental decode on both agrees token by token.
+  auto argmax = [&](std::span<const float> row) { return int32_t(std::max_element(row.begin(), row.end()) - row.begin()); };
+  int32_t ta = argmax(std::span(ref[0].logits).subspan(size_t(99 * V)));
+  int32_t tb = argmax(std::span(got[0].logits).subspan(size_t(3 * V)));
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_EQ(ta, tb) << "decode step " << i;
+    std::vector<StepInput> da{{a, {ta}, false}}, db{{s, {tb}, false}};
+    auto oa = full->step(da), ob = restored->step(db);
+    EXPECT_LE(rel_diff(ob[0].logits, oa[0].logits), 1e-5) << "decode step " << i;
+    ta = argmax(oa[0].logits);
+    tb = argmax(ob[0].logits);
+  }
+  EXPECT_EQ(kv.length(s), full->kv_cache().length(a));
+}
+
+TEST_F(PrefixCache, WorkerSkipsRestoredPromptPositionsInEveryChunk) {
+  auto store = std::make_shared<MapStore>();
+  StepWorker w(engine(), {2}, {store, "tiny", 1});
+  const auto prompt = random_tokens(100, 21, vocab());
+
+  Generation first = generate(w, 1, prompt, {40, 40, 20}, 6);
+  EXPECT_EQ(first.cached_tokens, 0);
+  EXPECT_EQ(w.counts().prefix_query_tokens, 100u);
+  EXPECT_EQ(w.counts().prefix_hit_tokens, 0u);
+  EXPECT_EQ(w.prompt_tokens_computed(), 100u);
+  EXPECT_EQ(w.prompt_tokens_skipped(), 0u);
+  // Freed with 105 positions cached (the last sampled token was never fed): 6 full blocks.
+  EXPECT_EQ(w.counts().published_blocks, 6u);
+  EXPECT_EQ(store->blocks.size(), 6u);
+  EXPECT_EQ(w.sequences(), 0u);
+  EXPECT_EQ(w.free_blocks(), w.num_blocks());
+
+  // Again on the same worker: 96 positions come from the store, the chunks that cover them are
+  // skipped, only 4 prompt positions are computed, and the output is the same.
+  Generation second = generate(w, 2, prompt, {40, 40, 20}, 6);
+  EXPECT_EQ(second.cached_tokens, 96);
+  EXPECT_EQ(second.unsampled_results, 2);
+  EXPECT_EQ(w.counts().prefix_hit_tokens, 96u);
+  EXPECT_EQ(w.prompt_tokens_computed(), 104u);
+  EXPECT_EQ(w.prompt_tokens_skipped(), 96u);
+  expect_same_run(second, first);
+  EXPECT_EQ(w.counts().published_blocks, 6u);  // nothing new: blocks 0-5 came from the store
+
+  // On a fresh worker (another process in the cluster), with chunks cut elsewhere.
+  StepWorker other(engine(), {2}, {store, "tiny", 1});
+  Generation third = generate(other, 7, prompt, {16, 50, 30, 4}, 6);
+  EXPECT_EQ(third.cached_tokens, 96);
+  EXPECT_EQ(other.prompt_tokens_computed(), 4u);
+  EXPECT_EQ(other.prompt_tokens_skipped(), 96u);
+  expect_same_run(third, first);
+
+  // A prompt sharing 64 tokens restores 4 blocks and computes the rest.
+  auto branch = prompt;
+  branch.resize(70);
+  branch[66] = (branch[66] + 1) % int32_t(vocab());
+  branch[64] = (branch[64] + 1) % int32_t(vocab());
+  StepWorker fresh(engine(), {2}, {nullptr, "", 1});
+  Generation plain = generate(fresh, 1, branch, {70}, 3);
+  Generation cached = generate(other, 8, branch, {70}, 3);
+  EXPECT_EQ(cached.cached_tokens, 64);
+  EXPECT_EQ(other.prompt_tokens_computed(), 4u + 6u);
+  expect_same_run(cached, plain);
+
+  // Another model id shares nothing.
+  StepWorker stranger(engine(), {2}, {store, "another-model", 1});
+  Generation own = generate(stranger, 1, prompt, {100}, 2);
+  EXPECT_EQ(own.cached_tokens, 0);
+  EXPECT_EQ(stranger.prompt_tokens_computed(), 100u);
+}
+
+TEST_F(PrefixCache, APromptOfWholeBlocksKeepsItsLastTokenToCompute) {
+  auto store = std::make_shared<MapStore>();
+  StepWorker w(engine(), {2}, {store, "tiny", 1});
+  const auto prompt = random_tokens(32, 5, vocab());
+  Generation first = generate(w, 1, prompt, {32}, 2);  // 33 positions at free: 2 blocks published
+  EXPECT_EQ(store->blocks.size(), 2u);
+  Generation second = generate(w, 2, prompt, {32}, 2);
+  EXPECT_EQ(second.cached_tokens, 16);  // not 32: the 32nd token's logits are needed
+  expect_same_run(second, first);
+
+  // Prompts under one block are never looked up in vain... and still counted as queried.
+  const uint64_t fetches = uint64_t(store->fetches);
+  generate(w, 3, random_tokens(16, 6, vocab()), {16}, 1);
+  EXPECT_EQ(uint64_t(store->fetches), fetches);
+}
+
+// ---- KvClient against the real block store actor ----------------------------------------------
+
+namespace {
+
+caf::actor_system_config& config() {
+  static caf::actor_system_config cfg;
+  cfg.set("scheduler.max-threads", 2);
+  return cfg;
+}
+
+std::vector<BlockKey> chain(size_t n, int32_t salt) {
+  std::vector<int32_t> t(n * kBlockTokens);
+  for (size_t i = 0; i < t.size(); ++i) t[i] = int32_t(i) * 7 + salt;
+  return prefix_block_keys("m", t);
+}
+
+std::vector<float> block_of(size_t i, size_t floats) {
+  std::vector<float> b(floats);
+  for (size_t j = 0; j < floats; ++j) b[j] = float(i * 1000 + j);
+  return b;
+}
+
+bool wait_for(const std::function<bool()>& ok) {
+  for (int i = 0; i < 1000 && !ok(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  return ok();
+}
+
+}  // namespace
+
+TEST(KvClientTest, PublishesAndFetchesChainsThroughTheBlockStore) {
+  caf::actor_system sys{config()};
+  ZmqBridge bridge(sys);
+  const int sock = bridge.add({.name = "kv", .type = zmq::socket_type::router, .endpoint = "tcp://127.0.0.1:*", .bind = true});
+  BlockStoreOptions bo;
+  bo.budget_bytes = 1 << 20;
+  caf::actor store = spawn_block_store(sys, bridge, sock, bo);
+  bridge.start();
+
+  constexpr size_t kFloats = 2 * 2 * 16 * 4;
+  KvClient client(sys, {bridge.endpoint(sock), "m", std::chrono::milliseconds(5000), std::chrono::milliseconds(5000), "",
+                        {2, 2, 16, 4}});
+  const auto keys = chain(40, 1);  // more than one KvGet round
+  EXPECT_TRUE(client.fetch(keys, kFloats).empty());  // nothing stored yet: a clean miss
+  EXPECT_EQ(client.stats().fetch_failures.load(), 0u);
+
+  std::vector<std::vector<float>> blocks;
+  for (size_t i = 0; i < keys.size(); ++i) blocks.push_back(block_of(i, kFloats));
+  client.publish(keys, blocks);
+  EXPECT_EQ(client.stats().published_blocks.load(), 40u);
+  ASSERT_TRUE(wait_for([&] { return client.stats().acked_blocks.load() == 40; }));
+
+  auto got = client.fetch(keys, kFloats);
+  ASSERT_EQ(got.size(), 40u);
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i], blocks[i]) << "block " << i;
+
+  // A chain that leaves the stored one after 20 blocks gets those 20.
+  auto mixed = keys;
+  mixed.resize(20);
+  for (const auto& k : chain(5, 2)) mixed.push_back(k);
+  EXPECT_EQ(client.fetch(mixed, kFloats).size(), 20u);
+  EXPECT_EQ(client.stats().fetch_failures.load(), 0u);
+
+  // Blocks of another size are unusable: counted as a failure, nothing returned, and the client
+  // backs off instead of asking again.
+  EXPECT_TRUE(client.fetch(keys, kFloats / 2).empty());
+  EXPECT_EQ(client.stats().fetch_failures.load(), 1u);
+  EXPECT_TRUE(client.fetch(keys, kFloats).empty());
+  EXPECT_EQ(client.stats().skipped_fetches.load(), 1u);
+
+  bridge.stop();
+  caf::anon_send_exit(store, caf::exit_reason::user_shutdown);
+}
+
+TEST(KvClientTest, ADeadStoreCostsOneDeadlineThenIsSkipped) {
+  caf::actor_system sys{config()};
+  // A port nobody listens on (bound and closed again by a throwaway socket).
+  std::string endpoint;
+  {
+    zmq::context_t ctx;
+    zmq::socket_t s(ctx, zmq::socket_type::router);
+    s.bind("tcp://127.0.0.1:*");
+    endpoint = s.get(zmq::sockopt::last_endpoint);
+  }
+  KvClient client(sys, {endpoint, "m", std::chrono::milliseconds(100), std::chrono::milliseconds(60000), "", {}});
+  const auto keys = chain(3, 1);
+  EXPECT_TRUE(client.fetch(keys, 64).empty());
+  EXPECT_EQ(client.stats().fetch_failures.load(), 1u);
+  EXPECT_TRUE(client.fetch(keys, 64).empty());
+  EXPECT_EQ(client.stats().fetches.load(), 1u);
+  EXPECT_EQ(client.stats().skipped_fetches.load(), 1u);
+  client.publish(keys, {block_of(0, 64), block_of(1, 64), block_of(2, 64)});  // dropped while backing off
+  EXPECT_EQ(client.stats().published_blocks.load(), 0u);
+}
