@@ -8,6 +8,7 @@
 
 #include "actors/metrics_util.h"
 #include "actors/scheduler.h"
+#include "actors/trace_span.h"
 #include "core/openai_api.h"
 
 namespace moemesh::actors {
@@ -80,12 +81,33 @@ void send_json(http::Responder& r, int status, const json& body, http::HeaderLis
   r.send({status, "application/json", body.dump(), std::move(headers)});
 }
 
-void send_error(http::Responder& r, const ApiError& e) { send_json(r, e.status(), e.to_json()); }
+void send_error(http::Responder& r, const ApiError& e, http::HeaderList headers = {}) {
+  send_json(r, e.status(), e.to_json(), std::move(headers));
+}
 
-// An error answer before generation, counted.
-void refuse(http::Responder& r, const ApiError& e, FrontendMetrics* m, const std::string& tenant) {
+// One request's trace: its context (from the client's traceparent, or new), when it started, and
+// the span line logged when it is answered.
+struct RequestTrace {
+  trace::Context ctx;
+  std::string peer;
+  std::chrono::system_clock::time_point start = std::chrono::system_clock::now();
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+
+  http::HeaderList headers() const { return {{"traceparent", trace::traceparent(ctx)}}; }
+  void done(int status, const std::string& finish_reason, nlohmann::json attrs = nlohmann::json::object()) const {
+    attrs["peer"] = peer;
+    attrs["status"] = status;
+    attrs["finish_reason"] = finish_reason;
+    trace::log_span("router", "completion", ctx, start, std::chrono::steady_clock::now() - t0, std::move(attrs));
+  }
+};
+
+// An error answer before generation, counted and traced.
+void refuse(http::Responder& r, const ApiError& e, FrontendMetrics* m, const std::string& tenant,
+            const RequestTrace& tr) {
   if (m) m->answered(tenant, e.status(), "none");
-  send_error(r, e);
+  tr.done(e.status(), "none");
+  send_error(r, e, tr.headers());
 }
 
 uint64_t random_seed() {
@@ -99,12 +121,13 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
   const FrontendConfig& cfg = fe->cfg;
   FrontendMetrics* m = fe->metrics.get();
   const std::string tenant = metrics::kDefaultTenant;
+  RequestTrace tr{trace::from_header(req.header("traceparent")), req.peer};
   if (cfg.draining->load()) {
     if (m) m->rejected.Add({{"tenant", tenant}, {"reason", "draining"}}).Increment();
-    return refuse(res, ApiError(503, "server_error", "the server is shutting down; retry on another replica"), m, tenant);
+    return refuse(res, ApiError(503, "server_error", "the server is shutting down; retry on another replica"), m, tenant, tr);
   }
   json body = json::parse(req.body, nullptr, false);
-  if (body.is_discarded()) return refuse(res, openai::invalid_request("the request body is not valid JSON"), m, tenant);
+  if (body.is_discarded()) return refuse(res, openai::invalid_request("the request body is not valid JSON"), m, tenant, tr);
   openai::CompletionRequest cr;
   try {
     cr = openai::parse_completion_request(body);
@@ -113,13 +136,13 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
                                                        cfg.served_model + "')",
                      "model", "model_not_found");
   } catch (const ApiError& e) {
-    return refuse(res, e, m, tenant);
+    return refuse(res, e, m, tenant, tr);
   }
   auto gen = std::make_shared<GenerationRequest>();
   if (cr.prompt_text) {
     if (!cfg.tokenizer)
       return refuse(res, openai::invalid_request("this model has no tokenizer: send the prompt as token ids", "prompt"), m,
-                    tenant);
+                    tenant, tr);
     gen->prompt = cfg.tokenizer->encode(*cr.prompt_text, true);
   } else {
     for (int32_t t : cr.prompt_ids)
@@ -128,7 +151,7 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
                       openai::invalid_request("token id " + std::to_string(t) + " is outside the vocabulary (" +
                                                   std::to_string(cfg.vocab_size) + " tokens)",
                                               "prompt"),
-                      m, tenant);
+                      m, tenant, tr);
     gen->prompt = cr.prompt_ids;
   }
   const int64_t prompt_tokens = int64_t(gen->prompt.size());
@@ -138,7 +161,7 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
                                               " tokens; the prompt has " + std::to_string(prompt_tokens) +
                                               " and max_tokens asks for " + std::to_string(cr.max_tokens),
                                           "prompt"),
-                  m, tenant);
+                  m, tenant, tr);
   gen->sampling = cr.sampling;
   if (!gen->sampling.seed) gen->sampling.seed = random_seed();  // a resubmission must repeat itself
   gen->max_tokens = cr.max_tokens;
@@ -158,10 +181,15 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
             [=](GenerationResultPtr r) mutable {
               FrontendMetrics* metrics = fe->metrics.get();  // the captured `fe` keeps it alive
               if (metrics) metrics->finished(tenant, arrival);
+              const nlohmann::json attrs = {{"worker", r->worker},
+                                            {"prompt_tokens", prompt_tokens},
+                                            {"completion_tokens", r->tokens.size()}};
               if (r->finish_reason == "error") {
                 if (metrics) metrics->answered(tenant, 500, "error");
-                return send_error(res, ApiError(500, "server_error", "generation failed: " + r->error));
+                tr.done(500, "error", attrs);
+                return send_error(res, ApiError(500, "server_error", "generation failed: " + r->error), tr.headers());
               }
+              tr.done(200, r->finish_reason, attrs);
               if (metrics) {
                 metrics->answered(tenant, 200, r->finish_reason);
                 metrics->completed(tenant, prompt_tokens, int64_t(r->tokens.size()));
@@ -174,12 +202,13 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
               if (gen->sampling.top_logprobs > 0 || body.contains("logprobs")) c.logprobs = r->logprobs;
               send_json(res, 200,
                         openai::completion_response(id, unix_now(), model, {c}, prompt_tokens, int64_t(r->tokens.size()),
-                                                    r->cached_tokens, with_ids));
+                                                    r->cached_tokens, with_ids),
+                        tr.headers());
             },
             [=](caf::error& e) mutable {
               FrontendMetrics* metrics = fe->metrics.get();
               refuse(res, ApiError(503, "server_error", "the scheduler is unavailable: " + self->system().render(e)),
-                     metrics, tenant);
+                     metrics, tenant, tr);
             });
   });
 }

@@ -35,15 +35,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(url, body=None, timeout=30.0, headers=None):
-    """(status, bytes) of one request."""
+def http(url, body=None, timeout=30.0, headers=None, with_headers=False):
+    """(status, bytes) of one request; (status, bytes, response headers) with_headers."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
+            out = r.status, r.read(), dict(r.headers)
     except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        out = e.code, e.read(), dict(e.headers)
+    return out if with_headers else out[:2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,12 +134,14 @@ class Cluster:
         self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, preexec_fn=_die_with_parent)
         self.services = {}
+        self.pids = []  # the children moemesh up reported, to reap if it cannot stop them
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             text = open(self.out_path, encoding="utf-8", errors="replace").read()
             if "logs " in text and "metrics" in text:
-                for m in re.finditer(r"^\s+(\S+)\s+pid \d+\s+http://(\S+)/metrics", text, re.M):
-                    self.services[m.group(1)] = m.group(2)
+                for m in re.finditer(r"^\s+(\S+)\s+pid (\d+)\s+http://(\S+)/metrics", text, re.M):
+                    self.services[m.group(1)] = m.group(3)
+                    self.pids.append(int(m.group(2)))
                 break
             if self.proc.poll() is not None:
                 raise TestFailure(f"moemesh up exited {self.proc.returncode}:\n{text}\n{self.logs()}")
@@ -170,13 +173,27 @@ class Cluster:
         return "\n".join(out)
 
     def stop(self):
+        """SIGTERM to moemesh up (it stops the services in order); whatever is left after 20 s is
+        killed by pid and reported as a problem (a service that does not exit on SIGTERM)."""
+        self.stuck = []
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"moemesh-" not in f.read():
+                        continue  # the pid was reused by something else
+                os.kill(pid, signal.SIGKILL)
+                self.stuck.append(pid)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
+        if self.stuck:
+            log(f"killed services that did not exit after SIGTERM: pids {self.stuck}")
         self._out.close()
 
     def __enter__(self):

@@ -6,6 +6,7 @@ appears, the traffic-driven ones moved, and `promtool check metrics` accepts eve
   test_metrics_contract.py --cli build/services/cli/moemesh --contract docs/metrics.md [--promtool P]
 """
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from obs_cluster import Cluster, TestFailure, drive_traffic, load_contract, log, parse_metrics, tmpdir, total  # noqa: E402
+from obs_cluster import Cluster, TestFailure, drive_traffic, http, load_contract, log, parse_metrics, tmpdir, total  # noqa: E402
 
 # Metrics that must have moved after drive_traffic(), per service (the acceptance: "moves when
 # traffic flows"). Planned metrics are checked only once the contract marks them stable.
@@ -70,6 +71,33 @@ def check_service(name, service, fams, contract, problems, pending):
             problems.append(f"{name}: {metric} did not move under traffic")
 
 
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def check_trace(cluster, problems):
+    """A client's traceparent: the router answers in the same trace and logs its span as one JSON line."""
+    status, _, headers = http(cluster.api("/v1/completions"), {"prompt": "trace me", "max_tokens": 2},
+                              headers={"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}, with_headers=True)
+    tp = {k.lower(): v for k, v in headers.items()}.get("traceparent", "")
+    if status != 200 or not tp.startswith(f"00-{TRACE_ID}-") or tp.endswith("-00f067aa0ba902b7-01"):
+        problems.append(f"traceparent: answered {status} with traceparent {tp!r}")
+        return
+    router_log = os.path.join(cluster.log_dir, "router.log")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for line in open(router_log, errors="replace"):
+            if TRACE_ID in line and line.startswith("{"):
+                span = json.loads(line)
+                want = {"span": "completion", "service": "router", "trace_id": TRACE_ID,
+                        "parent_span_id": "00f067aa0ba902b7", "span_id": tp.split("-")[2], "status": 200}
+                bad = {k: span.get(k) for k, v in want.items() if span.get(k) != v}
+                if bad or not span.get("duration_s", 0) > 0:
+                    problems.append(f"trace span line {span} differs from {want}")
+                return
+        time.sleep(0.2)
+    problems.append(f"no span line with trace id {TRACE_ID} in {router_log}")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--cli", required=True)
@@ -85,6 +113,7 @@ def main():
         with Cluster(args.cli, tmp, attention=1, experts=2) as cluster:
             n = drive_traffic(cluster)
             log(f"{n} completions answered")
+            check_trace(cluster, problems)
             time.sleep(2.5)  # heartbeats (expert load) reach the coordinator
             for name in cluster.services:
                 service = Cluster.service_of(name)

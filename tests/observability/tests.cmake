@@ -32,3 +32,7 @@ set_tests_properties(observability_prometheus PROPERTIES LABELS integration TIME
 add_executable(test_dispatch_metrics ${CMAKE_CURRENT_LIST_DIR}/test_dispatch_metrics.cpp)
 target_link_libraries(test_dispatch_metrics PRIVATE moemesh_core moemesh_actors GTest::gtest GTest::gtest_main)
 gtest_discover_tests(test_dispatch_metrics PROPERTIES LABELS unit DISCOVERY_TIMEOUT 60)
+
+add_executable(test_trace_span ${CMAKE_CURRENT_LIST_DIR}/test_trace_span.cpp)
+target_link_libraries(test_trace_span PRIVATE moemesh_actors GTest::gtest GTest::gtest_main)
+gtest_discover_tests(test_trace_span PROPERTIES LABELS unit DISCOVERY_TIMEOUT 60)

@@ -1,0 +1,44 @@
+// W3C Trace Context (https://www.w3.org/TR/trace-context/) for requests, and span log lines.
+//
+// The router takes the `traceparent` header of an HTTP request (or starts a new trace when it is
+// absent or malformed), answers with its own `traceparent` (same trace id, the router's span id),
+// and logs each span as ONE JSON line on stderr, so a slow request can be found by trace id in
+// every process's log:
+//   {"span":"completion","service":"router","trace_id":"4bf9...","span_id":"00f0...",
+//    "parent_span_id":"a2fb...","start_unix_s":1732803000.123456,"duration_s":0.042,"peer":"...", ...}
+#pragma once
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+namespace moemesh::actors::trace {
+
+struct Context {
+  std::array<uint8_t, 16> trace_id{};  // never all zero once made
+  uint64_t span_id = 0;                // this hop's span
+  uint64_t parent_span_id = 0;         // the caller's span; 0 at the root
+  uint8_t flags = 1;                   // sampled
+};
+
+// "00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>"; nullopt when malformed or when an id
+// is all zeros (the spec's invalid values). The result has a fresh span_id.
+std::optional<Context> parse_traceparent(std::string_view header);
+// A new root trace.
+Context new_trace();
+// From the header when valid, else a new root.
+Context from_header(std::string_view header);
+// The header that names this span as the parent of the next hop.
+std::string traceparent(const Context& c);
+std::string hex(const uint8_t* bytes, size_t n);
+
+// Logs one span line: the context's ids, start, duration, service, plus `attrs` (an object).
+void log_span(const std::string& service, const std::string& name, const Context& c,
+              std::chrono::system_clock::time_point start, std::chrono::steady_clock::duration duration,
+              nlohmann::json attrs = nlohmann::json::object());
+
+}  // namespace moemesh::actors::trace
