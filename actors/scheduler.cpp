@@ -270,6 +270,7 @@ void on_step_response(Self* self, int socket, const Frames& frames) {
         finish(self, r.seq(), "error", r.error());
       continue;
     }
+    if (r.cached_tokens() > 0) s.result->cached_tokens = r.cached_tokens();
     if (r.token() < 0) continue;  // a prefill chunk that did not sample
     auto& res = *s.result;
     res.tokens.push_back(r.token());

@@ -73,7 +73,7 @@ ServiceRuntime::ServiceRuntime(std::string service, int default_admin_port)
     : service_(std::move(service)), app_("moemesh-" + service_), registry_(std::make_shared<prometheus::Registry>()) {
   sigset_t set = shutdown_signals();
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  signal_fd_ = signalfd(-1, &set, SFD_CLOEXEC);
+  signal_fd_ = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
   install_forwarding_handler();
   signal(SIGPIPE, SIG_IGN);  // a peer that hangs up must not kill the process
 
@@ -98,6 +98,9 @@ ServiceRuntime::ServiceRuntime(std::string service, int default_admin_port)
 ServiceRuntime::~ServiceRuntime() {
   shutdown();
   if (signal_fd_ >= 0) ::close(signal_fd_);
+  // The admin server's readiness check may hold actor handles: drop them first, or a detached
+  // actor they point to could never be destroyed and the actor system would wait for it forever.
+  admin_.reset();
   if (!system_) return;
   // Give the actors time to finish what they hold; but an actor nobody told to stop (an early
   // error exit) must not keep the process alive forever.
@@ -151,10 +154,13 @@ int ServiceRuntime::wait_for_shutdown() {
       if (errno == EINTR) continue;
       throw Error(std::string("waiting for signals failed: ") + std::strerror(errno));
     }
+    // Non-blocking reads: a signal seen pending here may still be taken by a thread that never
+    // blocked it (OpenBLAS's pool predates main) and then arrive through the pipe instead.
     if (fds[0].revents & POLLIN) {
       signalfd_siginfo info{};
       if (::read(signal_fd_, &info, sizeof info) == sizeof info) sig = int(info.ssi_signo);
-    } else if (fds[1].revents & POLLIN) {
+    }
+    if (sig == 0 && (fds[1].revents & POLLIN)) {
       unsigned char b = 0;
       if (::read(g_signal_pipe[0], &b, 1) == 1) sig = b;
     }
@@ -166,7 +172,10 @@ int ServiceRuntime::wait_for_shutdown() {
 void ServiceRuntime::request_shutdown() { kill(getpid(), SIGTERM); }
 
 void ServiceRuntime::shutdown() {
-  if (admin_) admin_->stop();
+  if (admin_) {
+    admin_->stop();
+    admin_->set_readiness(nullptr);
+  }
   for (auto it = owned_.rbegin(); it != owned_.rend(); ++it) caf::anon_send_exit(*it, caf::exit_reason::user_shutdown);
   owned_.clear();
 }

@@ -1,5 +1,9 @@
 #include "actors/step_server.h"
 
+#include <chrono>
+
+#include "actors/metrics_util.h"
+
 #include <cstring>
 
 #include <spdlog/spdlog.h>
@@ -68,7 +72,23 @@ StepServerMetrics::StepServerMetrics(prometheus::Registry& r, std::shared_ptr<co
                          .Name("moemesh_attention_microbatch_overlap_ratio")
                          .Help("Latest two-micro-batch step: overlap time / step time (0-1).")
                          .Register(r)
-                         .Add({})) {}
+                         .Add({})),
+      step_seconds_(metrics::histogram_family(r, "moemesh_attention_step_duration_seconds",
+                                              "Wall time of one step on the worker.")
+                        .Add({}, metrics::rpc_latency_buckets())),
+      kv_used_(metrics::gauge_family(r, "moemesh_attention_kv_blocks", "KV cache blocks, used and free.")
+                   .Add({{"state", "used"}})),
+      kv_free_(metrics::gauge_family(r, "moemesh_attention_kv_blocks", "KV cache blocks, used and free.")
+                   .Add({{"state", "free"}})),
+      kv_usage_(metrics::gauge_family(r, "moemesh_attention_kv_usage_ratio", "Used / total KV cache blocks (0-1).")
+                    .Add({})) {}
+
+void StepServerMetrics::observe_step(double seconds, int64_t free_blocks, int64_t total_blocks) {
+  step_seconds_.Observe(seconds);
+  kv_used_.Set(double(total_blocks - free_blocks));
+  kv_free_.Set(double(free_blocks));
+  kv_usage_.Set(total_blocks > 0 ? double(total_blocks - free_blocks) / double(total_blocks) : 0.0);
+}
 
 void StepServerMetrics::update(const StepWorkerCounts& c) {
   query_tokens_.Increment(double(c.prefix_query_tokens - seen_.prefix_query_tokens));
@@ -106,10 +126,15 @@ FramesPtr handle(const Frames& in, StepWorker& worker, StepServerStats& stats, S
     if (!req.ParseFromString(h.meta))
       return ++stats.bad_frames, error_frames(peer, request_id, "bad_meta", "StepRequest metadata does not parse");
     std::vector<std::vector<float>> logits;
+    const auto t0 = std::chrono::steady_clock::now();
     pb::StepResponse resp = worker.run(req, logits);
     ++stats.steps;
     stats.kv_free_blocks = worker.free_blocks();
-    if (metrics) metrics->update(worker.counts());
+    if (metrics) {
+      metrics->update(worker.counts());
+      metrics->observe_step(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                            worker.free_blocks(), worker.num_blocks());
+    }
     return message_frames(peer, wire::Kind::StepResponse, request_id, resp.SerializeAsString(), std::move(logits),
                           h.trace_id);
   } catch (const wire::WireError& e) {

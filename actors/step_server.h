@@ -31,6 +31,8 @@ class StepServerMetrics {
   // kv: the KV store client whose failures are exported (null: none).
   StepServerMetrics(prometheus::Registry& registry, std::shared_ptr<const KvClient> kv = nullptr);
   void update(const StepWorkerCounts& c);
+  // One step's wall time and the KV pool after it.
+  void observe_step(double seconds, int64_t free_blocks, int64_t total_blocks);
 
  private:
   std::shared_ptr<const KvClient> kv_;
@@ -38,6 +40,8 @@ class StepServerMetrics {
   prometheus::Counter &fetch_failures_, &publish_failures_;
   prometheus::Counter &mb_step_seconds_, &mb_overlap_seconds_;
   prometheus::Gauge& overlap_ratio_;
+  prometheus::Histogram& step_seconds_;
+  prometheus::Gauge &kv_used_, &kv_free_, &kv_usage_;
   StepWorkerCounts seen_;  // what the counters already show
   uint64_t seen_fetch_failures_ = 0, seen_publish_failures_ = 0;
 };

@@ -56,6 +56,7 @@ int main(int argc, char** argv) {
     ro.deadline = std::chrono::milliseconds(dispatch_timeout_ms);
     ro.identity = rt.instance();
     ro.salt = std::hash<std::string>{}(rt.instance());
+    ro.metrics = rt.metrics_ptr();
     auto remote = std::make_shared<RemoteExpertExecutor>(rt.system(), ro);
     auto engine = std::make_shared<Engine>(ckpt, EngineOptions{kv_blocks}, remote);
     std::vector<int32_t> eos;
