@@ -17,9 +17,22 @@ namespace {
 using nlohmann::json;
 using openai::ApiError;
 
-// Why a request was refused before it was queued (the rejected_requests_total label). Only
-// "draining" happens today; the tenant gate will add rate_limit and quota.
+// Why a request was refused before it was queued (the rejected_requests_total label):
+// rate_limit (RPM/TPM/concurrency), quota (max_tokens, models), draining (SIGTERM).
 constexpr const char* kRejectReasons[] = {"rate_limit", "quota", "draining"};
+
+// The tenant gate's reasons, folded into the bounded label above ("auth" is counted by status).
+const char* reject_reason(const std::string& admission_reason) {
+  if (admission_reason == "rpm" || admission_reason == "tpm" || admission_reason == "concurrency") return "rate_limit";
+  return "quota";
+}
+
+// "Authorization: Bearer KEY" (OpenAI clients), or "x-api-key: KEY".
+std::string api_key(const http::Request& req) {
+  std::string h = req.header("authorization");
+  if (h.size() > 7 && (h.compare(0, 7, "Bearer ") == 0 || h.compare(0, 7, "bearer ") == 0)) return h.substr(7);
+  return req.header("x-api-key");
+}
 
 // The request-level series (docs/metrics.md). Thread-safe: prometheus-cpp's Family::Add and
 // the metrics themselves may be used from any HTTP or actor thread.
@@ -120,7 +133,7 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
   const auto arrival = std::chrono::steady_clock::now();
   const FrontendConfig& cfg = fe->cfg;
   FrontendMetrics* m = fe->metrics.get();
-  const std::string tenant = metrics::kDefaultTenant;
+  std::string tenant = metrics::kDefaultTenant;
   RequestTrace tr{trace::from_header(req.header("traceparent")), req.peer};
   if (cfg.draining->load()) {
     if (m) m->rejected.Add({{"tenant", tenant}, {"reason", "draining"}}).Increment();
@@ -162,6 +175,26 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
                                               " and max_tokens asks for " + std::to_string(cr.max_tokens),
                                           "prompt"),
                   m, tenant, tr);
+  // The tenant gate: key, model, size and rate limits; tokens are charged now, refunded at the end.
+  const Admission adm = cfg.tenants->admit(api_key(req), cr.model.empty() ? cfg.served_model : cr.model, prompt_tokens,
+                                           cr.max_tokens);
+  if (!adm.ok) {
+    if (!adm.tenant.empty()) tenant = adm.tenant;
+    if (m && adm.status != 401) m->rejected.Add({{"tenant", tenant}, {"reason", reject_reason(adm.reason)}}).Increment();
+    const bool limit = adm.status == 429;
+    ApiError e(adm.status,
+               adm.status == 401 ? "authentication_error" : limit ? "rate_limit_error" : "invalid_request_error",
+               adm.message, adm.reason == "max_tokens" ? "max_tokens" : adm.reason == "model" ? "model" : "",
+               adm.status == 401 ? "invalid_api_key" : limit ? "rate_limit_exceeded" : "");
+    if (m) m->answered(tenant, e.status(), "none");
+    tr.done(e.status(), "none");
+    auto headers = tr.headers();
+    if (limit) headers.emplace_back("Retry-After", std::to_string(adm.retry_after_s));
+    return send_error(res, e, std::move(headers));
+  }
+  tenant = adm.tenant;
+  auto tenants = cfg.tenants;
+  const int64_t max_tokens = cr.max_tokens;
   gen->sampling = cr.sampling;
   if (!gen->sampling.seed) gen->sampling.seed = random_seed();  // a resubmission must repeat itself
   gen->max_tokens = cr.max_tokens;
@@ -179,6 +212,7 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
     self->request(scheduler, caf::infinite, generate_atom::value, GenerationRequestPtr(gen))
         .then(
             [=](GenerationResultPtr r) mutable {
+              tenants->finish(tenant, max_tokens, int64_t(r->tokens.size()));
               FrontendMetrics* metrics = fe->metrics.get();  // the captured `fe` keeps it alive
               if (metrics) metrics->finished(tenant, arrival);
               const nlohmann::json attrs = {{"worker", r->worker},
@@ -206,6 +240,7 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
                         tr.headers());
             },
             [=](caf::error& e) mutable {
+              tenants->finish(tenant, max_tokens, 0);
               FrontendMetrics* metrics = fe->metrics.get();
               refuse(res, ApiError(503, "server_error", "the scheduler is unavailable: " + self->system().render(e)),
                      metrics, tenant, tr);

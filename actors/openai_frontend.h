@@ -11,6 +11,7 @@
 #include <prometheus/registry.h>
 
 #include "actors/http_server.h"
+#include "core/tenants.h"
 #include "core/tokenizer.h"
 
 namespace moemesh::actors {
@@ -25,6 +26,8 @@ struct FrontendConfig {
   std::shared_ptr<std::atomic<bool>> draining = std::make_shared<std::atomic<bool>>(false);
   // Where the moemesh_router_* request metrics go (docs/metrics.md); none without it.
   std::shared_ptr<prometheus::Registry> metrics;
+  // API keys and limits; open (every request is tenant "default") when empty.
+  std::shared_ptr<TenantRegistry> tenants = std::make_shared<TenantRegistry>();
 };
 
 void install_openai_routes(http::HttpServer& server, caf::actor_system& sys, FrontendConfig cfg);

@@ -27,6 +27,7 @@ sigset_t shutdown_signals() {
   sigemptyset(&set);
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);  // reload, when the service asked for it (on_reload)
   return set;
 }
 
@@ -51,6 +52,7 @@ void install_forwarding_handler() {
     sigemptyset(&sa.sa_mask);
     sigaction(SIGTERM, &sa, nullptr);
     sigaction(SIGINT, &sa, nullptr);
+    sigaction(SIGHUP, &sa, nullptr);
     return true;
   }();
   (void)installed;
@@ -148,7 +150,20 @@ int ServiceRuntime::wait_for_shutdown() {
   // Blocked signals queue on the signalfd; ones delivered to a thread that had them unblocked
   // arrive through the handler's pipe.
   int sig = 0;
-  while (sig == 0) {
+  while (sig == 0 || sig == SIGHUP) {
+    if (sig == SIGHUP) {
+      if (on_reload_) {
+        spdlog::info("SIGHUP received, reloading");
+        try {
+          on_reload_();
+        } catch (const std::exception& e) {  // a bad file keeps the old configuration
+          spdlog::error("reload failed, keeping the previous configuration: {}", e.what());
+        }
+      } else {
+        spdlog::info("SIGHUP received; nothing to reload");
+      }
+      sig = 0;
+    }
     pollfd fds[2] = {{signal_fd_, POLLIN, 0}, {g_signal_pipe[0], POLLIN, 0}};
     if (poll(fds, 2, -1) < 0) {
       if (errno == EINTR) continue;

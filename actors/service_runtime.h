@@ -18,6 +18,7 @@
 //     rt.shutdown();
 //   }
 #pragma once
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -69,6 +70,8 @@ class ServiceRuntime {
 
   // Blocks until SIGTERM or SIGINT arrives; returns its number.
   int wait_for_shutdown();
+  // Called on SIGHUP, from wait_for_shutdown()'s thread; an exception keeps the old state.
+  void on_reload(std::function<void()> fn) { on_reload_ = std::move(fn); }
   // Asks this process to shut down (as if it got SIGTERM).
   static void request_shutdown();
 
@@ -87,6 +90,7 @@ class ServiceRuntime {
   std::unique_ptr<caf::actor_system> system_;
   std::unique_ptr<AdminServer> admin_;
   std::vector<caf::actor> owned_;
+  std::function<void()> on_reload_;
   int signal_fd_ = -1;
 };
 

@@ -9,5 +9,6 @@ void add_generate(CLI::App& app);
 void add_tokenize(CLI::App& app);
 void add_up(CLI::App& app);
 void add_status(CLI::App& app);
+void add_hash_key(CLI::App& app);
 
 }  // namespace moemesh::cli

@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   moemesh::cli::add_tokenize(app);
   moemesh::cli::add_up(app);
   moemesh::cli::add_status(app);
+  moemesh::cli::add_hash_key(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -12,6 +12,7 @@
 #include "actors/service_runtime.h"
 #include "actors/zmq_bridge.h"
 #include "core/model_config.h"
+#include "core/tenants.h"
 #include "core/tokenizer.h"
 
 using namespace moemesh;
@@ -24,6 +25,7 @@ int main(int argc, char** argv) {
   int port = 8000, expert_hosts = 1, replicas = 1, heartbeat_timeout_ms = 2000, http_threads = 2;
   int64_t step_budget = 512;
   int drain_timeout_s = 30, load_window_s = 60;
+  std::string tenants_file;
   auto& cli = rt.cli();
   cli.add_option("--model", model_dir, "checkpoint folder (config.json, tokenizer)")->required();
   cli.add_option("--served-model-name", served_name, "model name in the API (default: the folder's name)");
@@ -36,6 +38,7 @@ int main(int argc, char** argv) {
   cli.add_option("--replicas", replicas, "copies of every expert")->check(CLI::PositiveNumber);
   cli.add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms, "silence after which a member is dropped");
   cli.add_option("--step-token-budget", step_budget, "prefill + decode tokens per worker step");
+  cli.add_option("--tenants", tenants_file, "tenants file (JSON: API key hashes and limits); reloaded on SIGHUP; none: open API");
   cli.add_option("--drain-timeout-s", drain_timeout_s, "on SIGTERM, how long requests in flight may finish");
   cli.add_option("--load-window-s", load_window_s, "window of the expert load-imbalance gauge")
       ->check(CLI::PositiveNumber)
@@ -90,6 +93,16 @@ int main(int argc, char** argv) {
     fc.tokenizer = tok;
     fc.max_context = mc.max_position_embeddings;
     fc.vocab_size = mc.vocab_size;
+    if (!tenants_file.empty()) {
+      fc.tenants = std::make_shared<TenantRegistry>(load_tenants(tenants_file));
+      spdlog::info("router: {} tenants from {}", fc.tenants->size(), tenants_file);
+      rt.on_reload([reg = fc.tenants, tenants_file] {
+        reg->reload(load_tenants(tenants_file));
+        spdlog::info("router: reloaded {} tenants from {}", reg->size(), tenants_file);
+      });
+    } else {
+      spdlog::warn("router: no --tenants file: the API is open to anyone who can reach it (local mode)");
+    }
     fc.scheduler = scheduler;
     fc.metrics = rt.metrics_ptr();
     auto draining = fc.draining;
