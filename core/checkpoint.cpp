@@ -23,11 +23,7 @@ using nlohmann::json;
 
 namespace {
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? "," : "") + std::to_string(s[i]);
-  return out + "]";
-}
+using safetensors::shape_str;
 
 int64_t product(const std::vector<int64_t>& s) {
   int64_t n = 1;

@@ -14,6 +14,7 @@
 #include "core/chat_templates.h"
 #include "core/checkpoint.h"
 #include "core/error.h"
+#include "core/tokenizer.h"
 #include "core/safetensors.h"
 
 #ifndef MOEMESH_DEFAULT_CACHE_DIR
@@ -65,14 +66,6 @@ bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
 }
 
-// A token's content in tokenizer_config.json: "<s>" or {"content": "<s>", ...}.
-std::optional<std::string> token_content(const json& cfg, const char* key) {
-  if (!cfg.contains(key)) return std::nullopt;
-  const json& v = cfg[key];
-  if (v.is_string()) return v.get<std::string>();
-  if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
-  return std::nullopt;
-}
 
 }  // namespace
 
@@ -122,8 +115,8 @@ TokenizerFiles read_tokenizer_files(const fs::path& file_or_dir) {
 
   if (!t.tokenizer_config.empty()) {
     json cfg = read_json(t.tokenizer_config);
-    if (auto b = token_content(cfg, "bos_token")) t.bos_id = id_of(*b);
-    if (auto e = token_content(cfg, "eos_token")) t.eos_id = id_of(*e);
+    if (auto b = config_token_content(cfg, "bos_token")) t.bos_id = id_of(*b);
+    if (auto e = config_token_content(cfg, "eos_token")) t.eos_id = id_of(*e);
     t.has_chat_template = cfg.contains("chat_template") && !cfg["chat_template"].is_null();
   }
   return t;

@@ -18,13 +18,13 @@ namespace moemesh::safetensors {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-namespace {
-
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? "," : "") + std::to_string(s[i]);
   return out + "]";
 }
+
+namespace {
 
 // Element count with overflow detection (a hostile header must not wrap around).
 bool checked_numel(const std::vector<int64_t>& shape, uint64_t& out) {

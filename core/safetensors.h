@@ -16,6 +16,9 @@
 
 namespace moemesh::safetensors {
 
+// "[2,3]": a shape as error messages print it.
+std::string shape_str(const std::vector<int64_t>& shape);
+
 // Largest header accepted (the reference implementation's limit).
 inline constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 

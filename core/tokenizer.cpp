@@ -863,13 +863,6 @@ class BpeModel {
 
 // ---------------------------------------------------------------------------------------------
 
-std::optional<std::string> token_content(const json& cfg, const char* key) {
-  if (!cfg.contains(key)) return std::nullopt;
-  const json& v = cfg[key];
-  if (v.is_string()) return v.get<std::string>();
-  if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
-  return std::nullopt;
-}
 
 // Reference clean-up of English tokenization artefacts (transformers' clean_up_tokenization).
 std::string clean_up_tokenization(std::string s) {
@@ -1015,8 +1008,8 @@ class HfTokenizer final : public Tokenizer {
   }
 
   void read_config(const json& cfg) {
-    if (auto t = token_content(cfg, "bos_token")) bos_ = *t;
-    if (auto t = token_content(cfg, "eos_token")) eos_ = *t;
+    if (auto t = config_token_content(cfg, "bos_token")) bos_ = *t;
+    if (auto t = config_token_content(cfg, "eos_token")) eos_ = *t;
     if (cfg.empty()) {
       // No tokenizer_config.json: recognise the usual names of well-known families.
       for (const char* b : {"<s>", "<|begin_of_text|>", "<｜begin▁of▁sentence｜>", "<bos>"})
@@ -1159,6 +1152,14 @@ std::string StreamDecoder::flush() {
   std::string out = text.compare(0, prefix.size(), prefix) == 0 ? text.substr(prefix.size()) : text;
   emitted_bytes_ += out.size();
   return out;
+}
+
+std::optional<std::string> config_token_content(const nlohmann::json& cfg, const char* key) {
+  if (!cfg.contains(key)) return std::nullopt;
+  const nlohmann::json& v = cfg[key];
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
+  return std::nullopt;
 }
 
 }  // namespace moemesh

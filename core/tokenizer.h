@@ -15,6 +15,9 @@
 
 namespace moemesh {
 
+// A token named in tokenizer_config.json: "<s>" or {"content": "<s>", ...}.
+std::optional<std::string> config_token_content(const nlohmann::json& cfg, const char* key);
+
 class Tokenizer {
  public:
   // Reads dir/tokenizer.json and, when present, dir/tokenizer_config.json.
