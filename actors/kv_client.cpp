@@ -93,11 +93,14 @@ KvClient::KvClient(caf::actor_system& sys, KvClientOptions opts)
   // A bounded queue: while the store is away, puts beyond it are dropped (and counted by the bridge).
   socket_ = bridge_.add({.name = "kvstore " + opts_.endpoint, .type = zmq::socket_type::dealer,
                          .endpoint = opts_.endpoint, .identity = opts_.identity, .send_hwm = 64, .recv_hwm = 1000});
-  receiver_ = sys.spawn([inflight = inflight_]() -> caf::behavior {
-    return {[inflight](zmq_recv_atom, int, FramesPtr frames) {
-      if (frames && !frames->empty()) inflight->deliver(frames);
-    }};
-  });
+  // State as a spawn argument, not a capture: CAF 0.17 trips UBSan on argument-less function actors.
+  receiver_ = sys.spawn(
+      [](caf::event_based_actor*, std::shared_ptr<Inflight> inflight) -> caf::behavior {
+        return {[inflight](zmq_recv_atom, int, FramesPtr frames) {
+          if (frames && !frames->empty()) inflight->deliver(frames);
+        }};
+      },
+      inflight_);
   bridge_.route(socket_, receiver_);
   bridge_.start();
 }

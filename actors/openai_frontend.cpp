@@ -208,7 +208,8 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
   const bool with_ids = cr.return_token_ids;
   caf::actor scheduler = cfg.scheduler;
   // A short-lived actor awaits the scheduler's answer, so no HTTP thread blocks.
-  sys.spawn([=](caf::event_based_actor* self) mutable {
+  // The scheduler is a spawn argument: CAF 0.17 trips UBSan on argument-less function actors.
+  sys.spawn([=](caf::event_based_actor* self, caf::actor scheduler) mutable {
     self->request(scheduler, caf::infinite, generate_atom::value, GenerationRequestPtr(gen))
         .then(
             [=](GenerationResultPtr r) mutable {
@@ -245,7 +246,7 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
               refuse(res, ApiError(503, "server_error", "the scheduler is unavailable: " + self->system().render(e)),
                      metrics, tenant, tr);
             });
-  });
+  }, scheduler);
 }
 
 }  // namespace

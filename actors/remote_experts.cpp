@@ -165,11 +165,12 @@ RemoteExpertExecutor::RemoteExpertExecutor(caf::actor_system& sys, RemoteExperts
   // Ids start at a random point so replies meant for an earlier process never match.
   std::random_device rd;
   next_id_ = ((uint64_t(rd()) << 32) | rd()) | 1;
-  receiver_ = sys_.spawn([inflight = inflight_]() -> caf::behavior {
+  // State as a spawn argument, not a capture: CAF 0.17 trips UBSan on argument-less function actors.
+  receiver_ = sys_.spawn([](caf::event_based_actor*, std::shared_ptr<Inflight> inflight) -> caf::behavior {
     return {[inflight](zmq_recv_atom, int, FramesPtr frames) {
       if (frames && !frames->empty()) inflight->deliver(frames);
     }};
-  });
+  }, inflight_);
   bridge_.start();
 }
 

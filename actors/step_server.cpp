@@ -156,13 +156,17 @@ caf::actor spawn_step_server(caf::actor_system& sys, ZmqBridge& bridge, int sock
   // The actor must not own the pool: its destructor joins the step in flight, which awaits
   // expert replies delivered by other actors — never block an actor thread on that.
   std::weak_ptr<ComputePool> weak_pool = pool;
-  caf::actor a = sys.spawn([=](caf::event_based_actor*) -> caf::behavior {
-    return {[=](zmq_recv_atom, int, FramesPtr frames) {
-      // Compute off the actor threads; the reply goes straight to the bridge.
-      if (auto p = weak_pool.lock())
-        p->submit([=] { caf::anon_send(out, zmq_send_atom::value, socket, handle(*frames, *worker, *stats, metrics.get())); });
-    }};
-  });
+  // `out` is a spawn argument: CAF 0.17 trips UBSan on argument-less function actors.
+  caf::actor a = sys.spawn(
+      [=](caf::event_based_actor*, caf::actor out) -> caf::behavior {
+        return {[=](zmq_recv_atom, int, FramesPtr frames) {
+          // Compute off the actor threads; the reply goes straight to the bridge.
+          if (auto p = weak_pool.lock())
+            p->submit(
+                [=] { caf::anon_send(out, zmq_send_atom::value, socket, handle(*frames, *worker, *stats, metrics.get())); });
+        }};
+      },
+      out);
   bridge.route(socket, a);
   return a;
 }
