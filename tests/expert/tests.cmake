@@ -4,4 +4,4 @@ target_link_libraries(test_expert_process PRIVATE moemesh_core moemesh_actors GT
 target_compile_definitions(test_expert_process PRIVATE MOEMESH_EXPERT_BIN="$<TARGET_FILE:moemesh-expert>")
 add_dependencies(test_expert_process moemesh-expert)
 add_test(NAME expert_host_process COMMAND test_expert_process)
-set_tests_properties(expert_host_process PROPERTIES LABELS integration TIMEOUT 180)
+set_tests_properties(expert_host_process PROPERTIES LABELS integration RUN_SERIAL TRUE TIMEOUT 180)

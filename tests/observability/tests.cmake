@@ -8,7 +8,7 @@ add_test(NAME observability_metrics_contract
          COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/test_metrics_contract.py
                  --cli $<TARGET_FILE:moemesh> --contract ${CMAKE_SOURCE_DIR}/docs/metrics.md
                  --promtool ${MOEMESH_PROMTOOL})
-set_tests_properties(observability_metrics_contract PROPERTIES LABELS integration TIMEOUT 180)
+set_tests_properties(observability_metrics_contract PROPERTIES LABELS integration RUN_SERIAL TRUE TIMEOUT 180)
 
 add_test(NAME observability_rules_check
          COMMAND ${MOEMESH_PROMTOOL} check rules
@@ -26,7 +26,7 @@ set_tests_properties(observability_rules_check observability_rules_unit observab
 add_test(NAME observability_prometheus
          COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/test_prometheus.py
                  --cli $<TARGET_FILE:moemesh> --source-dir ${CMAKE_SOURCE_DIR} --prometheus ${MOEMESH_PROMETHEUS})
-set_tests_properties(observability_prometheus PROPERTIES LABELS integration TIMEOUT 120)
+set_tests_properties(observability_prometheus PROPERTIES LABELS integration RUN_SERIAL TRUE TIMEOUT 120)
 
 # The attention side's dispatch metrics against in-process expert hosts.
 add_executable(test_dispatch_metrics ${CMAKE_CURRENT_LIST_DIR}/test_dispatch_metrics.cpp)

@@ -8,4 +8,4 @@ target_compile_definitions(test_prefix_process PRIVATE
   MOEMESH_ATTENTION="$<TARGET_FILE:moemesh-attention>"
   MOEMESH_KVSTORE="$<TARGET_FILE:moemesh-kvstore>")
 add_dependencies(test_prefix_process moemesh-router moemesh-expert moemesh-attention moemesh-kvstore)
-gtest_discover_tests(test_prefix_process PROPERTIES LABELS integration TIMEOUT 60 DISCOVERY_TIMEOUT 60)
+gtest_discover_tests(test_prefix_process PROPERTIES LABELS integration RUN_SERIAL TRUE TIMEOUT 60 DISCOVERY_TIMEOUT 60)
