@@ -219,6 +219,11 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
               const nlohmann::json attrs = {{"worker", r->worker},
                                             {"prompt_tokens", prompt_tokens},
                                             {"completion_tokens", r->tokens.size()}};
+              if (r->finish_reason == "error" && r->bad_request) {
+                if (metrics) metrics->answered(tenant, 400, "error");
+                tr.done(400, "error", attrs);
+                return send_error(res, openai::invalid_request(r->error, "prompt"), tr.headers());
+              }
               if (r->finish_reason == "error") {
                 if (metrics) metrics->answered(tenant, 500, "error");
                 tr.done(500, "error", attrs);

@@ -99,6 +99,7 @@ struct Worker {
   std::set<uint64_t> running;  // sequences it holds
   std::vector<uint64_t> to_free;
   bool listed = true;          // still in the coordinator's list
+  int64_t kv_blocks = 0;       // its KV cache size, as it registered
 };
 
 struct SchedulerState {
@@ -314,6 +315,7 @@ void on_workers(Self* self, const std::vector<AttentionWorker>& list) {
     auto [it, added] = st.workers.try_emplace(aw.instance);
     Worker& w = it->second;
     w.listed = true;
+    w.kv_blocks = aw.kv_blocks;
     if (!added && w.endpoint == aw.endpoint) continue;
     w.instance = aw.instance;
     w.endpoint = aw.endpoint;
@@ -363,6 +365,21 @@ caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
           auto r = std::make_shared<GenerationResult>();
           r->finish_reason = "error";
           r->error = req->prompt.empty() ? "empty prompt" : "max_tokens must be at least 1";
+          return GenerationResultPtr(r);
+        }
+        // A sequence must fit one worker's KV cache: refuse at once what no worker could ever hold,
+        // instead of failing it after retries.
+        int64_t most_tokens = 0;
+        for (const auto& [name, w] : st.workers)
+          if (w.listed) most_tokens = std::max(most_tokens, w.kv_blocks * 16);
+        const int64_t need = int64_t(req->prompt.size()) + req->max_tokens;
+        if (most_tokens > 0 && need > most_tokens) {
+          auto r = std::make_shared<GenerationResult>();
+          r->finish_reason = "error";
+          r->bad_request = true;
+          r->error = "the prompt (" + std::to_string(req->prompt.size()) + " tokens) plus max_tokens (" +
+                     std::to_string(req->max_tokens) + ") need " + std::to_string(need) +
+                     " tokens of KV cache; the largest attention worker holds " + std::to_string(most_tokens);
           return GenerationResultPtr(r);
         }
         const uint64_t id = st.next_seq++;

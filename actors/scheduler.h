@@ -41,6 +41,7 @@ struct GenerationResult {
   std::vector<std::vector<float>> logits;  // when asked
   std::string finish_reason;               // "stop", "length" or "error"
   std::string error;
+  bool bad_request = false;  // the request itself can never be served (the front end answers 400)
   int64_t cached_tokens = 0;
   std::string worker;  // the attention worker that served it
 };

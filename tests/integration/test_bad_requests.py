@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """bad_requests: the router's OpenAI API answers bad requests with OpenAI-shaped errors
 ({"error": {"message", "type", "param", "code"}}): 400 for bad JSON and bad parameters (naming
-the parameter), 404 for an unknown model, 400 for a prompt longer than the context; GET
+the parameter), 404 for an unknown model, 400 for a prompt longer than the context or than any
+worker's KV cache; GET
 /v1/models lists the served model (the folder's name, or --served-model-name). A prompt
 of three KV blocks is still served afterwards, and matches the reference.
 """
@@ -44,7 +45,7 @@ def test(args, tmp):
     ctx, vocab = cfg["max_position_embeddings"], cfg["vocab_size"]
 
     with H.Cluster(args, tmp, model, tag="bad") as c:
-        c.up(attention=1, experts=1)
+        c.up(attention=1, experts=1, attention_extra=("--kv-blocks", "64"))  # 1024 tokens of KV
         ok = {"prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0}
 
         # /v1/models: the folder's name.
@@ -94,6 +95,11 @@ def test(args, tmp):
                      param="prompt", message_has=str(ctx))
         expect_error(c, "text prompt over the context", {"prompt": "hello world " * ctx, "max_tokens": 1}, 400,
                      param="prompt", message_has=str(ctx))
+
+        # Within the context but more than any worker's KV cache: refused at once, not after retries.
+        e = expect_error(c, "prompt + max_tokens over the KV cache", {"prompt": [5] * 1000, "max_tokens": 100}, 400,
+                         param="prompt", message_has="KV cache")
+        H.check("1024" in e["message"], f"the KV error does not say the capacity: {e}")
 
         # After all that, the served model by name and a prompt that fills the context exactly.
         st, ans = c.complete(dict(ok, model="tiny-mixtral", return_token_ids=True))
