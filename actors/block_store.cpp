@@ -241,8 +241,9 @@ void handle_put(Self* self, zmq::message_t&& peer, const wire::Header& h, Frames
   out.request_id = h.request_id;
   std::memcpy(out.trace_id, h.trace_id, sizeof out.trace_id);
   out.meta = ack.SerializeAsString();
-  reply(self, std::move(peer), out);
+  // Observed before the reply leaves, so a client that scrapes after its answer sees it counted.
   self->state.metrics->put_seconds.Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  reply(self, std::move(peer), out);
 }
 
 void handle_get(Self* self, zmq::message_t&& peer, const wire::Header& h) {
@@ -270,8 +271,8 @@ void handle_get(Self* self, zmq::message_t&& peer, const wire::Header& h) {
         const_cast<uint8_t*>(b.data), b.size,
         [](void*, void* hint) { delete static_cast<std::shared_ptr<const void>*>(hint); }, hold);
   }
-  reply(self, std::move(peer), out, std::move(tensors));
   self->state.metrics->get_seconds.Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  reply(self, std::move(peer), out, std::move(tensors));
 }
 
 void handle(Self* self, Frames& frames) {
