@@ -1,6 +1,9 @@
 #include "actors/control_client.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <fstream>
 
 #include <spdlog/spdlog.h>
 
@@ -43,6 +46,13 @@ void send_register(Self* self) {
   }
 }
 
+uint64_t resident_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  uint64_t size = 0, resident = 0;
+  statm >> size >> resident;
+  return resident * uint64_t(sysconf(_SC_PAGESIZE));
+}
+
 void send_heartbeat(Self* self) {
   auto& s = self->state;
   pb::ControlMessage msg;
@@ -52,6 +62,7 @@ void send_heartbeat(Self* self) {
   hb.set_seq(++s.seq);
   hb.set_placement_version(s.placement_version);
   hb.set_ready(true);
+  hb.set_resident_bytes(resident_bytes());  // `moemesh status` shows it for every member
   if (s.cb.fill_heartbeat) s.cb.fill_heartbeat(hb);
   send_control(self, msg);
   if (!s.heartbeat_armed) {
