@@ -193,6 +193,8 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
     return send_error(res, e, std::move(headers));
   }
   tenant = adm.tenant;
+  gen->weight = adm.weight;
+  gen->priority = adm.priority;
   auto tenants = cfg.tenants;
   const int64_t max_tokens = cr.max_tokens;
   gen->sampling = cr.sampling;

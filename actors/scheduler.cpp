@@ -11,6 +11,7 @@
 #include "actors/dispatch_frames.h"
 #include "actors/step_server.h"
 #include "actors/step_worker.h"
+#include "core/fair_queue.h"
 #include "core/wire.h"
 #include "proto/dataplane.pb.h"
 
@@ -106,7 +107,7 @@ struct SchedulerState {
   SchedulerConfig cfg;
   ZmqBridge* bridge = nullptr;
   std::map<uint64_t, Seq> seqs;
-  std::deque<uint64_t> waiting;
+  FairQueue waiting;  // token-fair across tenants, priority first (core/fair_queue.h)
   std::map<std::string, Worker> workers;  // by instance
   std::map<std::string, int> sockets;     // endpoint -> socket, reused across re-registrations
   uint64_t next_seq = 1, next_request = 1;
@@ -146,14 +147,14 @@ void requeue(Self* self, uint64_t id, const char* reason, const std::string& why
   s.result = std::make_shared<GenerationResult>();
   s.prefilled = 0;
   s.worker.clear();
-  st.waiting.push_front(id);
+  st.waiting.push_front(id, s.req->tenant, s.req->weight, s.req->priority);
 }
 
 void publish_gauges(SchedulerState& st) {
   if (!st.metrics) return;
   size_t running = 0, preempted = 0;
   for (const auto& [n, w] : st.workers) running += w.running.size();
-  for (uint64_t id : st.waiting) preempted += st.seqs.at(id).attempts > 0;
+  for (const auto& [id, s] : st.seqs) preempted += s.attempts > 0 && s.worker.empty();
   st.metrics->running.Set(double(running));
   st.metrics->waiting.Set(double(st.waiting.size()));
   st.metrics->preempted.Set(double(preempted));
@@ -173,6 +174,7 @@ void add_chunk(SchedulerState& st, pb::StepRequest& req, uint64_t id, Seq& s, in
     }
     s.prefilled += n;
     budget -= n;
+    st.waiting.charge(s.req->tenant, n, 0);  // service is counted as it is given
     w->set_sample(s.prefilled == int64_t(prompt.size()));
   } else {
     w->add_tokens(s.result->tokens.back());
@@ -180,7 +182,6 @@ void add_chunk(SchedulerState& st, pb::StepRequest& req, uint64_t id, Seq& s, in
     budget -= 1;
   }
   w->set_return_logits(w->sample() && s.req->return_logits);
-  (void)st;
 }
 
 void pump(Self* self) {
@@ -197,8 +198,7 @@ void pump(Self* self) {
     w->to_free.clear();
     for (uint64_t id : w->running) add_chunk(st, req, id, st.seqs.at(id), budget);
     while (!st.waiting.empty() && budget > 0 && int64_t(w->running.size()) < st.cfg.max_running_per_worker) {
-      uint64_t id = st.waiting.front();
-      st.waiting.pop_front();
+      uint64_t id = *st.waiting.pop();
       Seq& s = st.seqs.at(id);
       s.worker = w->instance;
       w->running.insert(id);
@@ -275,6 +275,7 @@ void on_step_response(Self* self, int socket, const Frames& frames) {
     if (r.token() < 0) continue;  // a prefill chunk that did not sample
     auto& res = *s.result;
     res.tokens.push_back(r.token());
+    st.waiting.charge(s.req->tenant, 0, 1);
     res.logprobs.push_back(r.logprob());
     if (st.metrics) {
       auto& tm = st.metrics->per_tenant(s.req->tenant);
@@ -388,7 +389,7 @@ caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
         s.req = std::move(req);
         s.promise = rp;
         st.seqs.emplace(id, std::move(s));
-        st.waiting.push_back(id);
+        st.waiting.push(id, st.seqs.at(id).req->tenant, st.seqs.at(id).req->weight, st.seqs.at(id).req->priority);
         pump(self);
         return caf::delegated<GenerationResultPtr>();
       },

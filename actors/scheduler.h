@@ -21,6 +21,7 @@
 #include "actors/metrics_util.h"
 #include "actors/zmq_bridge.h"
 #include "core/sampler.h"
+#include "core/tenants.h"
 
 namespace moemesh::actors {
 
@@ -29,7 +30,9 @@ struct GenerationRequest {
   SamplingParams sampling;  // the router always sets a seed
   int64_t max_tokens = 16;
   bool return_logits = false;  // the logits of every sampled position (tests, debugging)
-  std::string tenant = metrics::kDefaultTenant;  // metric label only
+  std::string tenant = metrics::kDefaultTenant;  // fair-share account and metric label
+  double weight = 1.0;                           // the tenant's share of service
+  Priority priority = Priority::Normal;          // orders admission
   // When the router received the request: queue time and time to first token count from here.
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
 };
