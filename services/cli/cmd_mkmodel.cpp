@@ -163,8 +163,10 @@ void add_mkmodel(CLI::App& app) {
   mk->add_option("--shard-size", a->shard_size, "largest weight file, bytes or 500MB/2GB (default 2GB)");
   mk->add_option("--sliding-window", a->sliding_window, "mixtral: attention window in positions (default: none)");
   mk->callback([a] { run_mkmodel(*a); });
+}
 
-  // Registered here until commands.h grows an add_inspect; it is a checkpoint tool all the same.
+// `inspect` shares this file's checkpoint helpers.
+void add_inspect(CLI::App& app) {
   auto dir = std::make_shared<std::string>();
   auto check = std::make_shared<bool>(false);
   CLI::App* ins = app.add_subcommand("inspect", "Validate a checkpoint folder and print its shape");

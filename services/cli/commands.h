@@ -5,6 +5,7 @@
 namespace moemesh::cli {
 
 void add_mkmodel(CLI::App& app);
+void add_inspect(CLI::App& app);
 void add_generate(CLI::App& app);
 void add_tokenize(CLI::App& app);
 void add_up(CLI::App& app);

@@ -10,6 +10,7 @@ int main(int argc, char** argv) {
   CLI::App app{"moemesh: a Mixture-of-Experts serving cluster"};
   app.require_subcommand(1);
   moemesh::cli::add_mkmodel(app);
+  moemesh::cli::add_inspect(app);
   moemesh::cli::add_generate(app);
   moemesh::cli::add_tokenize(app);
   moemesh::cli::add_up(app);
