@@ -16,6 +16,7 @@
 #include "core/model_presets.h"
 #include "core/model_writer.h"
 #include "core/moe.h"
+#include "tests/support/in_process_expert_host.h"
 
 using namespace moemesh;
 using namespace moemesh::actors;
@@ -29,40 +30,11 @@ caf::actor_system_config& config() {
   return cfg;
 }
 
-// One expert host as moemesh-expert wires it (batcher, compute pool, ROUTER on loopback).
-class Host {
+// One expert host, as moemesh-expert wires it, inside this process (1 compute thread).
+class Host : public moemesh::testing::InProcessExpertHost {
  public:
   Host(caf::actor_system& sys, const fs::path& model, const std::string& spec, std::string name)
-      : sys_(sys), name_(std::move(name)), ckpt_(Checkpoint::open(model)),
-        experts_(ckpt_, parse_expert_spec(spec, ckpt_->config())), metrics_(registry_), pool_(1), bridge_(sys) {
-    int s = bridge_.add({.name = name_, .type = zmq::socket_type::router, .endpoint = "tcp://127.0.0.1:*", .bind = true});
-    batcher_ = spawn_expert_batcher(sys, {&experts_, &pool_, &metrics_, nullptr, bridge_.actor(), s, {}});
-    bridge_.route(s, batcher_);
-    bridge_.start();
-    endpoint_ = bridge_.endpoint(s);
-  }
-  ~Host() { kill(); }
-  void kill() {
-    if (!batcher_) return;
-    bridge_.stop();
-    stop_expert_batcher(sys_, batcher_);
-    batcher_ = nullptr;
-  }
-  PlacementHost entry(const std::string& claimed = "") const {
-    return {name_, endpoint_, claimed.empty() ? experts_.experts() : parse_expert_spec(claimed, experts_.config())};
-  }
-
- private:
-  caf::actor_system& sys_;
-  std::string name_;
-  std::shared_ptr<Checkpoint> ckpt_;
-  HostedExperts experts_;
-  prometheus::Registry registry_;
-  ExpertHostMetrics metrics_;
-  ComputePool pool_;
-  ZmqBridge bridge_;
-  caf::actor batcher_;
-  std::string endpoint_;
+      : InProcessExpertHost(sys, model, spec, std::move(name), 1) {}
 };
 
 // The value of one series in the registry's exposition (0 when absent).

@@ -16,6 +16,7 @@
 #include "core/model_presets.h"
 #include "core/model_writer.h"
 #include "core/moe.h"
+#include "tests/support/in_process_expert_host.h"
 
 using namespace moemesh;
 using namespace moemesh::actors;
@@ -29,47 +30,11 @@ caf::actor_system_config& config() {
   return cfg;
 }
 
-// One expert host, as moemesh-expert wires it, inside this process.
-class Host {
+// One expert host, as moemesh-expert wires it, inside this process (2 compute threads).
+class Host : public moemesh::testing::InProcessExpertHost {
  public:
   Host(caf::actor_system& sys, const fs::path& model, const std::string& spec, std::string name)
-      : sys_(sys), name_(std::move(name)), ckpt_(Checkpoint::open(model)),
-        experts_(ckpt_, parse_expert_spec(spec, ckpt_->config())), metrics_(registry_), pool_(2), bridge_(sys) {
-    int s = bridge_.add({.name = name_, .type = zmq::socket_type::router, .endpoint = "tcp://127.0.0.1:*", .bind = true});
-    batcher_ = spawn_expert_batcher(sys, {&experts_, &pool_, &metrics_, nullptr, bridge_.actor(), s, {}});
-    bridge_.route(s, batcher_);
-    bridge_.start();
-    endpoint_ = bridge_.endpoint(s);
-  }
-  ~Host() { kill(); }
-
-  // Stops answering (as a dead process would: the port goes away).
-  void kill() {
-    if (!batcher_) return;
-    bridge_.stop();
-    stop_expert_batcher(sys_, batcher_);
-    batcher_ = nullptr;
-  }
-  // What it tells the placement it serves (which may be a lie, for error tests).
-  PlacementHost entry(const std::string& claimed_spec = "") const {
-    return {name_, endpoint_,
-            claimed_spec.empty() ? experts_.experts() : parse_expert_spec(claimed_spec, experts_.config())};
-  }
-  const HostedExperts& experts() const { return experts_; }
-  double bad_requests(const std::string& reason) { return metrics_.bad_requests.Add({{"reason", reason}}).Value(); }
-  double requests() const { return metrics_.requests.Value(); }
-
- private:
-  caf::actor_system& sys_;
-  std::string name_;
-  std::shared_ptr<Checkpoint> ckpt_;
-  HostedExperts experts_;
-  prometheus::Registry registry_;
-  ExpertHostMetrics metrics_;
-  ComputePool pool_;
-  ZmqBridge bridge_;
-  caf::actor batcher_;
-  std::string endpoint_;
+      : InProcessExpertHost(sys, model, spec, std::move(name), 2) {}
 };
 
 // A random batch for one layer, routed as the model would route it.
