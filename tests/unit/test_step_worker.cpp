@@ -20,6 +20,7 @@
 #include "core/model_presets.h"
 #include "core/model_writer.h"
 #include "core/moe.h"
+#include "tests/support/numeric.h"
 
 using namespace moemesh;
 using namespace moemesh::actors;
@@ -27,23 +28,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::vector<int32_t> random_tokens(size_t n, uint64_t seed, int64_t vocab) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int32_t> d(3, int32_t(vocab - 1));
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = d(rng);
-  return t;
-}
-
-double rel_diff(std::span<const float> got, std::span<const float> want) {
-  EXPECT_EQ(got.size(), want.size());
-  double err = 0, norm = 0;
-  for (size_t i = 0; i < std::min(got.size(), want.size()); ++i) {
-    err += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
-    norm += double(want[i]) * want[i];
-  }
-  return std::sqrt(err / std::max(norm, 1e-30));
-}
+using moemesh::testing::random_tokens;
+using moemesh::testing::rel_diff;
 
 int32_t argmax(std::span<const float> row) { return int32_t(std::max_element(row.begin(), row.end()) - row.begin()); }
 

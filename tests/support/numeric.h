@@ -1,0 +1,34 @@
+// Small helpers shared by tests that compare model outputs.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <span>
+#include <vector>
+
+namespace moemesh::testing {
+
+// n token ids in [3, vocab), deterministic from the seed (0..2 are left to BOS/EOS/UNK).
+inline std::vector<int32_t> random_tokens(size_t n, uint64_t seed, int64_t vocab) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> d(3, int32_t(vocab - 1));
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = d(rng);
+  return t;
+}
+
+// ||got - want|| / ||want||, as vectors.
+inline double rel_diff(std::span<const float> got, std::span<const float> want) {
+  EXPECT_EQ(got.size(), want.size());
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < std::min(got.size(), want.size()); ++i) {
+    err += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    norm += double(want[i]) * want[i];
+  }
+  return std::sqrt(err / std::max(norm, 1e-30));
+}
+
+}  // namespace moemesh::testing
