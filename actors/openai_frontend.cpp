@@ -203,6 +203,7 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
   gen->return_logits = cr.return_logits;
   gen->tenant = tenant;
   gen->arrival = arrival;
+  gen->traceparent = trace::traceparent(tr.ctx);
 
   const std::string id = "cmpl-" + std::to_string(random_seed() >> 16);
   auto tokenizer = cfg.tokenizer;

@@ -171,6 +171,8 @@ void add_chunk(SchedulerState& st, pb::StepRequest& req, uint64_t id, Seq& s, in
       w->set_is_first(true);
       sampling_to_proto(s.req->sampling, w->mutable_sampling());
       for (int32_t t : prompt) w->add_prompt(t);
+      w->set_cache_salt(s.req->cache_salt);
+      w->set_traceparent(s.req->traceparent);
     }
     s.prefilled += n;
     budget -= n;

@@ -32,7 +32,10 @@ struct GenerationRequest {
   bool return_logits = false;  // the logits of every sampled position (tests, debugging)
   std::string tenant = metrics::kDefaultTenant;  // fair-share account and metric label
   double weight = 1.0;                           // the tenant's share of service
-  Priority priority = Priority::Normal;          // orders admission
+  Priority priority = Priority::Normal;          // orders admission and preemption
+  // Prefix-cache namespace: requests with different salts never share cached blocks.
+  std::string cache_salt;
+  std::string traceparent;  // W3C trace context, passed to the attention worker
   // When the router received the request: queue time and time to first token count from here.
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
 };
