@@ -12,6 +12,7 @@
 #include "actors/step_server.h"
 #include "actors/step_worker.h"
 #include "core/fair_queue.h"
+#include "core/prefix_hash.h"
 #include "core/wire.h"
 #include "proto/dataplane.pb.h"
 
@@ -86,11 +87,26 @@ struct Seq {
   caf::response_promise promise;
   std::shared_ptr<GenerationResult> result = std::make_shared<GenerationResult>();
   std::string worker;      // empty while waiting
-  int64_t prefilled = 0;   // prompt tokens sent so far
-  int attempts = 0;
+  int64_t prefilled = 0;   // context positions sent so far
+  int64_t resumed = 0;     // generated tokens that are part of the context (after a preemption)
+  int attempts = 0;        // failures (worker lost, error, timeout); preemptions do not count
   bool admitted_once = false, first_token_seen = false;  // queue time and TTFT count once
   Clock::time_point last_token_at;
+
+  // The context the worker prefills: the prompt, then the tokens generated before a preemption.
+  int64_t context_len() const { return int64_t(req->prompt.size()) + resumed; }
+  int32_t context_at(int64_t i) const {
+    const auto p = int64_t(req->prompt.size());
+    return i < p ? req->prompt[size_t(i)] : result->tokens[size_t(i - p)];
+  }
+  bool prefilling() const { return prefilled < context_len(); }
+  // KV positions it holds after its next step: the whole context is reserved while it prefills.
+  int64_t kv_tokens_next_step() const {
+    return prefilling() ? context_len() + 1 : context_len() + int64_t(result->tokens.size()) - resumed;
+  }
 };
+
+int64_t blocks_for(int64_t tokens) { return (tokens + kBlockTokens - 1) / kBlockTokens; }
 
 struct Worker {
   std::string instance, endpoint;
@@ -100,7 +116,7 @@ struct Worker {
   std::set<uint64_t> running;  // sequences it holds
   std::vector<uint64_t> to_free;
   bool listed = true;          // still in the coordinator's list
-  int64_t kv_blocks = 0;       // its KV cache size, as it registered
+  int64_t kv_blocks = 0;       // its KV cache size, as it registered (0: unknown)
 };
 
 struct SchedulerState {
@@ -114,6 +130,12 @@ struct SchedulerState {
   uint64_t steps = 0, requeued = 0;
   std::unique_ptr<SchedulerMetrics> metrics;  // null without a registry
   static inline const char* name = "scheduler";
+
+  int64_t blocks_next_step(const Worker& w) const {
+    int64_t n = 0;
+    for (uint64_t id : w.running) n += blocks_for(seqs.at(id).kv_tokens_next_step());
+    return n;
+  }
 };
 
 using Self = caf::stateful_actor<SchedulerState>;
@@ -128,23 +150,24 @@ void finish(Self* self, uint64_t id, std::string reason, std::string error = {})
   s.result->worker = s.worker;
   auto wit = st.workers.find(s.worker);
   if (wit != st.workers.end() && wit->second.running.erase(id)) wit->second.to_free.push_back(id);
+  if (s.worker.empty()) st.waiting.remove(id);
   s.promise.deliver(GenerationResultPtr(s.result));
   st.seqs.erase(it);
 }
 
-// Back to the queue, from the start: the same seed gives the same tokens again. `reason` is one
-// of kPreemptReasons.
-void requeue(Self* self, uint64_t id, const char* reason, const std::string& why) {
+// Back to the queue, first in its tenant's line; it resumes from where it was (see the header).
+// `reason` is one of kPreemptReasons; only failures count towards max_attempts.
+void requeue(Self* self, uint64_t id, const char* reason, const std::string& why, bool failure = true) {
   auto& st = self->state;
   Seq& s = st.seqs.at(id);
-  if (++s.attempts >= st.cfg.max_attempts) {
+  if (failure && ++s.attempts >= st.cfg.max_attempts) {
     finish(self, id, "error", "gave up after " + std::to_string(s.attempts) + " attempts: " + why);
     return;
   }
   if (st.metrics) st.metrics->preemptions.Add({{"reason", reason}}).Increment();
-  spdlog::warn("scheduler: sequence {} re-queued ({})", id, why);
+  spdlog::log(failure ? spdlog::level::warn : spdlog::level::debug, "scheduler: sequence {} re-queued ({})", id, why);
   ++st.requeued;
-  s.result = std::make_shared<GenerationResult>();
+  s.resumed = int64_t(s.result->tokens.size());
   s.prefilled = 0;
   s.worker.clear();
   st.waiting.push_front(id, s.req->tenant, s.req->weight, s.req->priority);
@@ -154,75 +177,124 @@ void publish_gauges(SchedulerState& st) {
   if (!st.metrics) return;
   size_t running = 0, preempted = 0;
   for (const auto& [n, w] : st.workers) running += w.running.size();
-  for (const auto& [id, s] : st.seqs) preempted += s.attempts > 0 && s.worker.empty();
+  for (const auto& [id, s] : st.seqs) preempted += s.resumed + s.attempts > 0 && s.worker.empty();
   st.metrics->running.Set(double(running));
   st.metrics->waiting.Set(double(st.waiting.size()));
   st.metrics->preempted.Set(double(preempted));
 }
 
-void add_chunk(SchedulerState& st, pb::StepRequest& req, uint64_t id, Seq& s, int64_t& budget) {
-  const auto& prompt = s.req->prompt;
+bool usable(const Worker& w) { return w.listed && w.socket >= 0; }
+
+// KV pressure on an idle worker: preempt the newest sequences of the lowest priority until the
+// rest fit its next step (one always stays: a lone sequence that cannot fit fails on its own).
+void make_room(Self* self, Worker& w) {
+  auto& st = self->state;
+  if (w.kv_blocks <= 0) return;
+  while (w.running.size() > 1 && st.blocks_next_step(w) > w.kv_blocks) {
+    auto victim = std::max_element(w.running.begin(), w.running.end(), [&](uint64_t a, uint64_t b) {
+      const auto pa = st.seqs.at(a).req->priority, pb = st.seqs.at(b).req->priority;
+      return pa != pb ? pa < pb : a < b;  // lowest priority (largest enum), then newest (largest id)
+    });
+    const uint64_t id = *victim;
+    w.running.erase(victim);
+    w.to_free.push_back(id);
+    requeue(self, id, "kv_full", "KV cache of " + w.instance + " is full", /*failure=*/false);
+  }
+}
+
+// Places waiting sequences, in fair order, on the usable worker with the most free KV blocks
+// that has room for the sequence's context; stops at the first that fits nowhere (no overtaking,
+// so fairness and priorities hold).
+void place_waiting(Self* self) {
+  auto& st = self->state;
+  while (auto id = st.waiting.peek()) {
+    Seq& s = st.seqs.at(*id);
+    Worker* best = nullptr;
+    int64_t best_free = 0;
+    for (auto& [name, w] : st.workers) {
+      if (!usable(w) || int64_t(w.running.size()) >= st.cfg.max_running_per_worker) continue;
+      const int64_t free = w.kv_blocks > 0 ? w.kv_blocks - st.blocks_next_step(w) : INT64_MAX / 2;
+      if (free < blocks_for(s.kv_tokens_next_step())) continue;
+      // Ties (equal free blocks) go to the worker with fewer sequences, so work spreads out.
+      if (!best || free > best_free || (free == best_free && w.running.size() < best->running.size())) {
+        best = &w;
+        best_free = free;
+      }
+    }
+    if (!best) break;
+    st.waiting.pop();
+    s.worker = best->instance;
+    best->running.insert(*id);
+    if (!s.admitted_once && st.metrics) {
+      st.metrics->per_tenant(s.req->tenant).queue_time->Observe(secs(Clock::now() - s.req->arrival).count());
+      s.admitted_once = true;
+    }
+  }
+}
+
+// A prefill chunk of the context (at most `budget` tokens; none when the budget is spent).
+void add_prefill(SchedulerState& st, pb::StepRequest& req, uint64_t id, Seq& s, int64_t& budget) {
+  if (budget <= 0) return;
   auto* w = req.add_work();
   w->set_seq(id);
-  if (s.prefilled < int64_t(prompt.size())) {
-    const int64_t n = std::min<int64_t>(int64_t(prompt.size()) - s.prefilled, std::max<int64_t>(budget, 1));
-    for (int64_t i = 0; i < n; ++i) w->add_tokens(prompt[size_t(s.prefilled + i)]);
-    if (s.prefilled == 0) {
-      w->set_is_first(true);
-      sampling_to_proto(s.req->sampling, w->mutable_sampling());
-      for (int32_t t : prompt) w->add_prompt(t);
-      w->set_cache_salt(s.req->cache_salt);
-      w->set_traceparent(s.req->traceparent);
-    }
-    s.prefilled += n;
-    budget -= n;
-    st.waiting.charge(s.req->tenant, n, 0);  // service is counted as it is given
-    w->set_sample(s.prefilled == int64_t(prompt.size()));
-  } else {
-    w->add_tokens(s.result->tokens.back());
-    w->set_sample(true);
-    budget -= 1;
+  const int64_t n = std::min(s.context_len() - s.prefilled, budget);
+  for (int64_t i = 0; i < n; ++i) w->add_tokens(s.context_at(s.prefilled + i));
+  if (s.prefilled == 0) {
+    w->set_is_first(true);
+    sampling_to_proto(s.req->sampling, w->mutable_sampling());
+    for (int32_t t : s.req->prompt) w->add_prompt(t);
+    for (int64_t i = 0; i < s.resumed; ++i) w->add_generated(s.result->tokens[size_t(i)]);
+    w->set_cache_salt(s.req->cache_salt);
+    w->set_traceparent(s.req->traceparent);
   }
+  s.prefilled += n;
+  budget -= n;
+  st.waiting.charge(s.req->tenant, n, 0);  // service is counted as it is given
+  w->set_sample(!s.prefilling());
   w->set_return_logits(w->sample() && s.req->return_logits);
+}
+
+void add_decode(pb::StepRequest& req, uint64_t id, const Seq& s, int64_t& budget) {
+  auto* w = req.add_work();
+  w->set_seq(id);
+  w->add_tokens(s.result->tokens.back());
+  w->set_sample(true);
+  w->set_return_logits(s.req->return_logits);
+  budget -= 1;
+}
+
+void send_step(Self* self, Worker& w) {
+  auto& st = self->state;
+  pb::StepRequest req;
+  int64_t budget = st.cfg.step_token_budget;
+  for (uint64_t id : w.to_free) req.add_free(id);
+  w.to_free.clear();
+  // Decode tokens first: running sequences never wait behind a long prompt.
+  for (uint64_t id : w.running)
+    if (!st.seqs.at(id).prefilling()) add_decode(req, id, st.seqs.at(id), budget);
+  for (uint64_t id : w.running)
+    if (st.seqs.at(id).prefilling()) add_prefill(st, req, id, st.seqs.at(id), budget);
+  if (req.work().empty() && req.free().empty()) return;
+  const uint64_t rid = st.next_request++;
+  req.set_step(rid);
+  w.inflight = req.work().empty() ? 0 : rid;  // a free-only step needs no answer to go on
+  w.sent_at = Clock::now();
+  ++st.steps;
+  if (st.metrics) {
+    st.metrics->steps.Increment();
+    st.metrics->step_tokens.Observe(double(st.cfg.step_token_budget - budget));
+  }
+  self->send(st.bridge->actor(), zmq_send_atom::value, w.socket,
+             message_frames({}, wire::Kind::StepRequest, rid, req.SerializeAsString(), {}));
 }
 
 void pump(Self* self) {
   auto& st = self->state;
-  // Idle workers, least loaded first, so new sequences spread out.
-  std::vector<Worker*> idle;
   for (auto& [name, w] : st.workers)
-    if (w.listed && w.socket >= 0 && w.inflight == 0) idle.push_back(&w);
-  std::stable_sort(idle.begin(), idle.end(), [](Worker* a, Worker* b) { return a->running.size() < b->running.size(); });
-  for (Worker* w : idle) {
-    pb::StepRequest req;
-    int64_t budget = st.cfg.step_token_budget;
-    for (uint64_t id : w->to_free) req.add_free(id);
-    w->to_free.clear();
-    for (uint64_t id : w->running) add_chunk(st, req, id, st.seqs.at(id), budget);
-    while (!st.waiting.empty() && budget > 0 && int64_t(w->running.size()) < st.cfg.max_running_per_worker) {
-      uint64_t id = *st.waiting.pop();
-      Seq& s = st.seqs.at(id);
-      s.worker = w->instance;
-      w->running.insert(id);
-      if (!s.admitted_once && st.metrics) {
-        st.metrics->per_tenant(s.req->tenant).queue_time->Observe(secs(Clock::now() - s.req->arrival).count());
-        s.admitted_once = true;
-      }
-      add_chunk(st, req, id, s, budget);
-    }
-    if (req.work().empty() && req.free().empty()) continue;
-    const uint64_t rid = st.next_request++;
-    req.set_step(rid);
-    w->inflight = req.work().empty() ? 0 : rid;  // a free-only step needs no answer to go on
-    w->sent_at = Clock::now();
-    ++st.steps;
-    if (st.metrics) {
-      st.metrics->steps.Increment();
-      st.metrics->step_tokens.Observe(double(st.cfg.step_token_budget - budget));
-    }
-    self->send(st.bridge->actor(), zmq_send_atom::value, w->socket,
-               message_frames({}, wire::Kind::StepRequest, rid, req.SerializeAsString(), {}));
-  }
+    if (usable(w) && w.inflight == 0) make_room(self, w);
+  place_waiting(self);
+  for (auto& [name, w] : st.workers)
+    if (usable(w) && w.inflight == 0) send_step(self, w);
   publish_gauges(st);
 }
 
@@ -273,7 +345,7 @@ void on_step_response(Self* self, int socket, const Frames& frames) {
         finish(self, r.seq(), "error", r.error());
       continue;
     }
-    if (r.cached_tokens() > 0) s.result->cached_tokens = r.cached_tokens();
+    if (r.cached_tokens() > 0 && s.resumed == 0) s.result->cached_tokens = r.cached_tokens();
     if (r.token() < 0) continue;  // a prefill chunk that did not sample
     auto& res = *s.result;
     res.tokens.push_back(r.token());
@@ -290,6 +362,14 @@ void on_step_response(Self* self, int socket, const Frames& frames) {
     }
     std::vector<std::pair<int32_t, float>> top;
     for (const auto& t : r.top()) top.emplace_back(t.token(), t.logprob());
+    if (s.req->listener) {
+      auto ev = std::make_shared<TokenEvent>();
+      ev->index = s.req->index;
+      ev->token = r.token();
+      ev->logprob = r.logprob();
+      ev->top = top;
+      self->send(s.req->listener, gen_token_atom::value, TokenEventPtr(std::move(ev)));
+    }
     res.top_logprobs.push_back(std::move(top));
     if (r.logits_tensor() >= 0 && size_t(r.logits_tensor()) + 1 < frames.size()) {
       const auto& f = frames[size_t(r.logits_tensor()) + 1];
@@ -374,7 +454,7 @@ caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
         // instead of failing it after retries.
         int64_t most_tokens = 0;
         for (const auto& [name, w] : st.workers)
-          if (w.listed) most_tokens = std::max(most_tokens, w.kv_blocks * 16);
+          if (w.listed) most_tokens = std::max(most_tokens, w.kv_blocks * kBlockTokens);
         const int64_t need = int64_t(req->prompt.size()) + req->max_tokens;
         if (most_tokens > 0 && need > most_tokens) {
           auto r = std::make_shared<GenerationResult>();
@@ -394,6 +474,13 @@ caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
         st.waiting.push(id, st.seqs.at(id).req->tenant, st.seqs.at(id).req->weight, st.seqs.at(id).req->priority);
         pump(self);
         return caf::delegated<GenerationResultPtr>();
+      },
+      [=](gen_cancel_atom, caf::actor listener) {
+        std::vector<uint64_t> ids;
+        for (const auto& [id, s] : self->state.seqs)
+          if (s.req->listener == listener) ids.push_back(id);
+        for (uint64_t id : ids) finish(self, id, "cancelled");
+        if (!ids.empty()) pump(self);  // frees their KV blocks now if the worker is idle
       },
       [=](zmq_recv_atom, int socket, FramesPtr frames) {
         if (frames) on_step_response(self, socket, *frames);

@@ -1,12 +1,21 @@
 // The router's scheduler: iteration-level batching over the attention workers.
 //
-// Requests wait in a queue; every attention worker with no step in flight gets the next
-// StepRequest: one decode token for each of its running sequences, plus prefill chunks of
-// newly admitted sequences under a per-step token budget (long prompts are chunked, so they
-// do not stall decoding). Sampling happens on the worker with the request's seed; the
-// scheduler appends tokens, applies max_tokens / EOS / stop ids, and frees finished
-// sequences with the worker's next step. A worker that disappears or stops answering has its
-// sequences re-queued from the start (same seed, so the same output): nothing accepted is lost.
+// Requests wait in a token-fair queue (core/fair_queue.h). A waiting request is placed on the
+// attention worker with the most free KV blocks that can hold its context (the scheduler
+// keeps each worker's block count from the tokens it sent). Every worker with no step in
+// flight gets the next StepRequest: one decode token for each of its running sequences, then
+// prefill chunks under a per-step token budget (long prompts are chunked, so they do not stall
+// decoding). Sampling happens on the worker with the request's seed; the scheduler appends
+// tokens, applies max_tokens / EOS / stop ids, and frees finished sequences with the worker's
+// next step.
+//
+// Preemption: when a worker's running sequences will not fit its KV cache in the next step,
+// the newest sequences of the lowest priority go back to the queue; their blocks are offered
+// to the KV store as they are freed. A preempted sequence resumes later, on any worker, by
+// prefilling prompt + the tokens it already generated (mostly restored from the KV store)
+// with its sampler replayed to the same position: the output is identical, and tokens already
+// streamed are not sent again. A worker that disappears or stops answering has its sequences
+// resumed the same way: nothing accepted is lost.
 #pragma once
 #include <chrono>
 #include <cstdint>
@@ -36,6 +45,10 @@ struct GenerationRequest {
   // Prefix-cache namespace: requests with different salts never share cached blocks.
   std::string cache_salt;
   std::string traceparent;  // W3C trace context, passed to the attention worker
+  // Streaming: when set, gets a (gen_token_atom, TokenEventPtr) per generated token, and may
+  // send (gen_cancel_atom, listener) to end its requests early (client gone, stop string).
+  caf::actor listener;
+  int index = 0;  // the choice this request produces (n > 1), echoed in its token events
   // When the router received the request: queue time and time to first token count from here.
   std::chrono::steady_clock::time_point arrival = std::chrono::steady_clock::now();
 };
@@ -45,17 +58,28 @@ struct GenerationResult {
   std::vector<float> logprobs;
   std::vector<std::vector<std::pair<int32_t, float>>> top_logprobs;
   std::vector<std::vector<float>> logits;  // when asked
-  std::string finish_reason;               // "stop", "length" or "error"
+  std::string finish_reason;               // "stop", "length", "cancelled" or "error"
   std::string error;
   bool bad_request = false;  // the request itself can never be served (the front end answers 400)
   int64_t cached_tokens = 0;
   std::string worker;  // the attention worker that served it
 };
 
+// One generated token, as it is sampled.
+struct TokenEvent {
+  int index = 0;  // GenerationRequest::index
+  int32_t token = 0;
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top;
+};
+
 using GenerationRequestPtr = std::shared_ptr<const GenerationRequest>;
 using GenerationResultPtr = std::shared_ptr<const GenerationResult>;
+using TokenEventPtr = std::shared_ptr<const TokenEvent>;
 
 using generate_atom = caf::atom_constant<caf::atom("generate")>;
+using gen_token_atom = caf::atom_constant<caf::atom("gentoken")>;
+using gen_cancel_atom = caf::atom_constant<caf::atom("gencancel")>;
 using sched_stats_atom = caf::atom_constant<caf::atom("schedstat")>;
 
 struct SchedulerConfig {
@@ -70,6 +94,8 @@ struct SchedulerConfig {
 };
 
 // (generate_atom, GenerationRequestPtr) -> GenerationResultPtr, answered when the request ends.
+// (gen_cancel_atom, caf::actor listener) ends every request of that listener ("cancelled"),
+// freeing its KV blocks on the worker.
 // (workers_atom, WorkerList) from the coordinator updates the worker set.
 // (sched_stats_atom) -> std::string: JSON counters {waiting, running, steps, requeued}.
 caf::actor spawn_scheduler(caf::actor_system& sys, ZmqBridge& bridge, SchedulerConfig cfg);
@@ -78,3 +104,4 @@ caf::actor spawn_scheduler(caf::actor_system& sys, ZmqBridge& bridge, SchedulerC
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moemesh::actors::GenerationRequestPtr)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moemesh::actors::GenerationResultPtr)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moemesh::actors::TokenEventPtr)

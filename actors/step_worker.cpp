@@ -58,7 +58,7 @@ void StepWorker::restore_prefix(Seq& s, int64_t max_blocks) {
   // At least the last prompt token is computed: its logits are the first sample.
   const int64_t want = std::min((s.prompt_len - 1) / kBlockTokens, max_blocks);
   if (want <= 0) return;
-  const auto keys = prefix_block_keys(opts_.model_id, std::span(s.tokens).first(size_t(want * kBlockTokens)));
+  const auto keys = prefix_block_keys(s.key_ns, std::span(s.tokens).first(size_t(want * kBlockTokens)));
   KvCache& kv = engine_->kv_cache();
   const auto blocks = opts_.prefix_store->fetch(keys, size_t(kv.block_floats()));
   if (blocks.empty()) return;
@@ -75,7 +75,7 @@ void StepWorker::publish_blocks(const Seq& s) {
   const int64_t first = s.restored / kBlockTokens;  // those came from the store
   if (full <= first) return;
   try {
-    auto keys = prefix_block_keys(opts_.model_id, std::span(s.tokens).first(size_t(full * kBlockTokens)));
+    auto keys = prefix_block_keys(s.key_ns, std::span(s.tokens).first(size_t(full * kBlockTokens)));
     std::vector<std::vector<float>> blocks;
     for (int64_t b = first; b < full; ++b) kv.read_block(s.id, b, blocks.emplace_back(size_t(kv.block_floats())).data());
     opts_.prefix_store->publish(std::span(keys).subspan(size_t(first)), std::move(blocks));
@@ -123,7 +123,14 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
         sp.validate();
         std::vector<int32_t> prompt(w.prompt().begin(), w.prompt().end());
         if (prompt.empty()) prompt.assign(w.tokens().begin(), w.tokens().end());
-        Seq s{engine_->create_sequence(), Sampler(sp, prompt, eos_ids_), prompt, int64_t(prompt.size())};
+        Sampler sampler(sp, prompt, eos_ids_);
+        // A resumed sequence: its context is prompt + what it generated before it was preempted.
+        sampler.replay(std::span(w.generated().data(), size_t(w.generated_size())));
+        std::vector<int32_t> context = prompt;
+        context.insert(context.end(), w.generated().begin(), w.generated().end());
+        const int64_t context_len = int64_t(context.size());
+        std::string key_ns = w.cache_salt().empty() ? opts_.model_id : opts_.model_id + '\x1f' + w.cache_salt();
+        Seq s{engine_->create_sequence(), std::move(sampler), std::move(context), context_len, 0, 0, std::move(key_ns)};
         seqs_.emplace(w.seq(), std::move(s));
       } catch (const Error& e) {
         fail(w, e.what());

@@ -13,6 +13,9 @@
 // sequence, its full blocks (prompt and generated tokens) not restored from the store are
 // offered to it.
 //
+// Requests carry a cache salt (the router gives each tenant its own): blocks are keyed under
+// model id + salt, so one tenant's prompts never hit another's cached blocks.
+//
 // Micro-batches: with micro_batches == 2 a step of two or more sequences runs as two halves on
 // two threads (Engine::step), so one half's attention overlaps the other's expert round trip.
 #pragma once
@@ -71,9 +74,10 @@ class StepWorker {
     SeqId id = 0;
     Sampler sampler;
     std::vector<int32_t> tokens;  // as far as known: the prompt, then each decode token fed
-    int64_t prompt_len = 0;
+    int64_t prompt_len = 0;  // the context to prefill: prompt, plus generated tokens when resumed
     int64_t fed = 0;       // positions the router has sent so far
     int64_t restored = 0;  // leading positions copied from the store (whole blocks)
+    std::string key_ns;    // prefix-cache key namespace: model id, plus the request's cache salt
   };
   // Frees the sequence; with `publish`, first offers its new full blocks to the store.
   void release(uint64_t seq, bool publish = false);

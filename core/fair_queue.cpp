@@ -2,73 +2,81 @@
 
 #include <algorithm>
 #include <limits>
+#include <utility>
 
 namespace moemesh {
 
-FairQueue::Tenant& FairQueue::enter(const std::string& name, double weight, Priority priority) {
-  auto [it, fresh] = tenants_.try_emplace(name);
-  Tenant& t = it->second;
+bool FairQueue::Tenant::idle() const { return best_class() == kClasses; }
+
+int FairQueue::Tenant::best_class() const {
+  int c = 0;
+  while (c < kClasses && queue[c].empty()) ++c;
+  return c;
+}
+
+FairQueue::Tenant& FairQueue::enter(const std::string& name, double weight) {
+  Tenant& t = tenants_[name];
   t.weight = weight > 0 ? weight : 1.0;
-  t.priority = priority;
-  if (t.queue.empty()) {
+  if (t.idle()) {
     // Lift an idle tenant to the smallest counter among the backlogged ones: no saved-up credit.
     double lo = std::numeric_limits<double>::infinity();
     for (const auto& [n, o] : tenants_)
-      if (!o.queue.empty()) lo = std::min(lo, o.counter);
+      if (!o.idle()) lo = std::min(lo, o.counter);
     if (lo != std::numeric_limits<double>::infinity()) t.counter = std::max(t.counter, lo);
   }
-  (void)fresh;
   return t;
 }
 
 void FairQueue::push(uint64_t id, const std::string& tenant, double weight, Priority priority) {
-  enter(tenant, weight, priority).queue.push_back(id);
+  enter(tenant, weight).queue[int(priority)].push_back(id);
   ++size_;
 }
 
 void FairQueue::push_front(uint64_t id, const std::string& tenant, double weight, Priority priority) {
-  enter(tenant, weight, priority).queue.push_front(id);
+  enter(tenant, weight).queue[int(priority)].push_front(id);
   ++size_;
 }
 
-const std::string* FairQueue::choose() const {
-  const std::string* best = nullptr;
-  const Tenant* bt = nullptr;
+// The highest priority class with waiting requests; within it, the tenant with the least service.
+const FairQueue::Tenant* FairQueue::choose() const {
+  const Tenant* best = nullptr;
   for (const auto& [name, t] : tenants_) {
-    if (t.queue.empty()) continue;
-    if (!bt || t.priority < bt->priority || (t.priority == bt->priority && t.counter < bt->counter)) {
-      best = &name;
-      bt = &t;
-    }
+    const int c = t.best_class();
+    if (c == kClasses) continue;
+    const int bc = best ? best->best_class() : kClasses;
+    if (!best || c < bc || (c == bc && t.counter < best->counter)) best = &t;
   }
   return best;
 }
 
+FairQueue::Tenant* FairQueue::choose() { return const_cast<Tenant*>(std::as_const(*this).choose()); }
+
 std::optional<uint64_t> FairQueue::peek() const {
-  const std::string* name = choose();
-  if (!name) return std::nullopt;
-  return tenants_.at(*name).queue.front();
+  const Tenant* t = choose();
+  if (!t) return std::nullopt;
+  return t->queue[t->best_class()].front();
 }
 
 std::optional<uint64_t> FairQueue::pop() {
-  const std::string* name = choose();
-  if (!name) return std::nullopt;
-  Tenant& t = tenants_.at(*name);
-  uint64_t id = t.queue.front();
-  t.queue.pop_front();
+  Tenant* t = choose();
+  if (!t) return std::nullopt;
+  auto& q = t->queue[t->best_class()];
+  const uint64_t id = q.front();
+  q.pop_front();
   --size_;
   return id;
 }
 
 bool FairQueue::remove(uint64_t id) {
-  for (auto& [name, t] : tenants_) {
-    auto it = std::find(t.queue.begin(), t.queue.end(), id);
-    if (it != t.queue.end()) {
-      t.queue.erase(it);
-      --size_;
-      return true;
+  for (auto& [name, t] : tenants_)
+    for (auto& q : t.queue) {
+      auto it = std::find(q.begin(), q.end(), id);
+      if (it != q.end()) {
+        q.erase(it);
+        --size_;
+        return true;
+      }
     }
-  }
   return false;
 }
 

@@ -27,8 +27,9 @@ class FairQueue {
  public:
   explicit FairQueue(FairCosts costs = {}) : costs_(costs) {}
 
+  // `priority` is the request's own (its tenant's class, possibly lowered per request).
   void push(uint64_t id, const std::string& tenant, double weight, Priority priority);
-  // Front of a tenant's queue (a preempted request goes back first).
+  // Front of its tenant's queue at that priority (a preempted request goes back first).
   void push_front(uint64_t id, const std::string& tenant, double weight, Priority priority);
   std::optional<uint64_t> pop();
   std::optional<uint64_t> peek() const;
@@ -41,14 +42,17 @@ class FairQueue {
   double counter(const std::string& tenant) const;
 
  private:
+  static constexpr int kClasses = 3;  // Priority::High, Normal, Low
   struct Tenant {
     double weight = 1.0;
-    Priority priority = Priority::Normal;
     double counter = 0;
-    std::deque<uint64_t> queue;
+    std::deque<uint64_t> queue[kClasses];  // FIFO per priority class
+    bool idle() const;
+    int best_class() const;  // highest priority class with a waiting request; kClasses when idle
   };
-  Tenant& enter(const std::string& tenant, double weight, Priority priority);
-  const std::string* choose() const;
+  Tenant& enter(const std::string& tenant, double weight);
+  Tenant* choose();
+  const Tenant* choose() const;
 
   FairCosts costs_;
   std::map<std::string, Tenant> tenants_;

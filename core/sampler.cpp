@@ -70,6 +70,13 @@ void Sampler::accept(int32_t id) {
   if (it == seen_.end() || *it != id) seen_.insert(it, id);
 }
 
+void Sampler::replay(std::span<const int32_t> generated) {
+  for (int32_t id : generated) {
+    if (params_.temperature != 0.0) (void)uniform(rng_);  // sample() draws once per token
+    accept(id);
+  }
+}
+
 bool Sampler::is_stop(int32_t id) const { return std::find(stop_.begin(), stop_.end(), id) != stop_.end(); }
 
 std::vector<float> Sampler::process(std::span<const float> logits) const {

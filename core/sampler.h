@@ -50,6 +50,10 @@ class Sampler {
   SampledToken sample(std::span<const float> logits);
   // Records a token chosen elsewhere (e.g. forced) as output.
   void accept(int32_t id);
+  // Brings a fresh sampler to where one that had sampled `generated` would be: the same
+  // penalties and the same RNG position (one draw per sampled token unless greedy), so a
+  // preempted sequence resumed elsewhere draws exactly what it would have drawn.
+  void replay(std::span<const int32_t> generated);
   // Whether generating `id` ends the request (stop ids, or EOS unless ignore_eos).
   bool is_stop(int32_t id) const;
 

@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   std::string control = "tcp://0.0.0.0:5550", placement = "tcp://0.0.0.0:5551";
   int port = 8000, expert_hosts = 1, replicas = 1, heartbeat_timeout_ms = 2000, http_threads = 2;
   int64_t step_budget = 512;
+  int64_t max_running = 64;
   int drain_timeout_s = 30, load_window_s = 60;
   std::string tenants_file;
   auto& cli = rt.cli();
@@ -38,6 +39,9 @@ int main(int argc, char** argv) {
   cli.add_option("--replicas", replicas, "copies of every expert")->check(CLI::PositiveNumber);
   cli.add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms, "silence after which a member is dropped");
   cli.add_option("--step-token-budget", step_budget, "prefill + decode tokens per worker step");
+  cli.add_option("--max-running-per-worker", max_running, "sequences one attention worker holds at once")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   cli.add_option("--tenants", tenants_file, "tenants file (JSON: API key hashes and limits); reloaded on SIGHUP; none: open API");
   cli.add_option("--drain-timeout-s", drain_timeout_s, "on SIGTERM, how long requests in flight may finish");
   cli.add_option("--load-window-s", load_window_s, "window of the expert load-imbalance gauge")
@@ -60,6 +64,7 @@ int main(int argc, char** argv) {
     SchedulerConfig sc;
     sc.instance = rt.instance();
     sc.step_token_budget = step_budget;
+    sc.max_running_per_worker = max_running;
     sc.metrics = rt.metrics_ptr();
     for (int64_t id : mc.eos_token_ids) sc.eos_ids.push_back(int32_t(id));
     caf::actor scheduler = spawn_scheduler(rt.system(), bridge, sc);

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <vector>
 
 #include "core/error.h"
 #include "core/fair_queue.h"
@@ -187,4 +188,17 @@ TEST(FairQueue, PriorityFirstThenRemove) {
   EXPECT_EQ(*q.pop(), 1u);
   EXPECT_TRUE(q.empty());
   EXPECT_FALSE(q.pop().has_value());
+}
+
+TEST(FairQueue, RequestLoweredBelowItsTenantWaitsBehindNormalWork) {
+  FairQueue q;
+  q.push(1, "a", 1, Priority::Low);     // tenant a lowered this one request
+  q.push(2, "a", 1, Priority::Normal);  // a's normal request still goes ahead of it
+  q.push(3, "b", 1, Priority::Normal);
+  q.push_front(4, "a", 1, Priority::Low);  // a preempted low request: first among a's low ones
+  EXPECT_EQ(*q.peek(), 2u);
+  std::vector<uint64_t> order;
+  while (auto id = q.pop()) order.push_back(*id);
+  ASSERT_EQ(order.size(), 4u);
+  EXPECT_EQ(std::vector<uint64_t>(order.begin() + 2, order.end()), (std::vector<uint64_t>{4, 1}));
 }
