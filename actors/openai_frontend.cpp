@@ -6,9 +6,11 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include "actors/completion_session.h"
 #include "actors/metrics_util.h"
 #include "actors/scheduler.h"
 #include "actors/trace_span.h"
+#include "core/error.h"
 #include "core/openai_api.h"
 
 namespace moemesh::actors {
@@ -128,8 +130,34 @@ uint64_t random_seed() {
   return rng();
 }
 
-void completions(const http::Request& req, http::Responder res, caf::actor_system& sys,
-                 const std::shared_ptr<const Frontend>& fe) {
+// The prompt's token ids: the chat template over the messages, the text, or the ids as given.
+std::vector<int32_t> prompt_tokens(const openai::CompletionRequest& cr, const FrontendConfig& cfg) {
+  if (cr.chat || cr.prompt_text) {
+    if (!cfg.tokenizer)
+      throw openai::invalid_request(cr.chat ? "this model has no tokenizer, so it cannot serve chat requests"
+                                            : "this model has no tokenizer: send the prompt as token ids",
+                                    cr.chat ? "messages" : "prompt");
+    if (!cr.chat) return cfg.tokenizer->encode(*cr.prompt_text, true);
+    std::string text;
+    try {
+      text = cfg.tokenizer->apply_chat_template(cr.messages, /*add_generation_prompt=*/true);
+    } catch (const Error& e) {  // no template, or the template raised (e.g. roles out of order)
+      throw openai::invalid_request(std::string("the chat template refused these messages: ") + e.what(), "messages");
+    }
+    return cfg.tokenizer->encode(text, false);  // the template writes the BOS itself
+  }
+  for (int32_t t : cr.prompt_ids)
+    if (t >= cfg.vocab_size)
+      throw openai::invalid_request("token id " + std::to_string(t) + " is outside the vocabulary (" +
+                                        std::to_string(cfg.vocab_size) + " tokens)",
+                                    "prompt");
+  return cr.prompt_ids;
+}
+
+// POST /v1/completions and /v1/chat/completions: validate, admit, then hand the request to a
+// completion session (actors/completion_session.h), which answers it.
+void serve(const http::Request& req, http::Responder res, caf::actor_system& sys,
+           const std::shared_ptr<const Frontend>& fe, bool chat) {
   const auto arrival = std::chrono::steady_clock::now();
   const FrontendConfig& cfg = fe->cfg;
   FrontendMetrics* m = fe->metrics.get();
@@ -142,42 +170,28 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
   json body = json::parse(req.body, nullptr, false);
   if (body.is_discarded()) return refuse(res, openai::invalid_request("the request body is not valid JSON"), m, tenant, tr);
   openai::CompletionRequest cr;
+  std::vector<int32_t> prompt;
   try {
-    cr = openai::parse_completion_request(body);
+    cr = chat ? openai::parse_chat_request(body) : openai::parse_completion_request(body);
     if (!cr.model.empty() && cr.model != cfg.served_model)
       throw ApiError(404, "invalid_request_error", "the model '" + cr.model + "' does not exist (this server has '" +
                                                        cfg.served_model + "')",
                      "model", "model_not_found");
+    prompt = prompt_tokens(cr, cfg);
+    if (int64_t(prompt.size()) + cr.max_tokens > cfg.max_context)
+      throw ApiError(400, "invalid_request_error",
+                     "this model's maximum context length is " + std::to_string(cfg.max_context) +
+                         " tokens; the prompt has " + std::to_string(prompt.size()) + " and max_tokens asks for " +
+                         std::to_string(cr.max_tokens),
+                     chat ? "messages" : "prompt", "context_length_exceeded");
   } catch (const ApiError& e) {
     return refuse(res, e, m, tenant, tr);
   }
-  auto gen = std::make_shared<GenerationRequest>();
-  if (cr.prompt_text) {
-    if (!cfg.tokenizer)
-      return refuse(res, openai::invalid_request("this model has no tokenizer: send the prompt as token ids", "prompt"), m,
-                    tenant, tr);
-    gen->prompt = cfg.tokenizer->encode(*cr.prompt_text, true);
-  } else {
-    for (int32_t t : cr.prompt_ids)
-      if (t >= cfg.vocab_size)
-        return refuse(res,
-                      openai::invalid_request("token id " + std::to_string(t) + " is outside the vocabulary (" +
-                                                  std::to_string(cfg.vocab_size) + " tokens)",
-                                              "prompt"),
-                      m, tenant, tr);
-    gen->prompt = cr.prompt_ids;
-  }
-  const int64_t prompt_tokens = int64_t(gen->prompt.size());
-  if (prompt_tokens + cr.max_tokens > cfg.max_context)
-    return refuse(res,
-                  openai::invalid_request("this model's maximum context length is " + std::to_string(cfg.max_context) +
-                                              " tokens; the prompt has " + std::to_string(prompt_tokens) +
-                                              " and max_tokens asks for " + std::to_string(cr.max_tokens),
-                                          "prompt"),
-                  m, tenant, tr);
+  const int64_t n_prompt = int64_t(prompt.size());
+  const int64_t charged = cr.max_tokens * cr.n;  // every choice may use all of max_tokens
   // The tenant gate: key, model, size and rate limits; tokens are charged now, refunded at the end.
-  const Admission adm = cfg.tenants->admit(api_key(req), cr.model.empty() ? cfg.served_model : cr.model, prompt_tokens,
-                                           cr.max_tokens);
+  const Admission adm = cfg.tenants->admit(api_key(req), cr.model.empty() ? cfg.served_model : cr.model, n_prompt,
+                                           charged);
   if (!adm.ok) {
     if (!adm.tenant.empty()) tenant = adm.tenant;
     if (m && adm.status != 401) m->rejected.Add({{"tenant", tenant}, {"reason", reject_reason(adm.reason)}}).Increment();
@@ -193,68 +207,39 @@ void completions(const http::Request& req, http::Responder res, caf::actor_syste
     return send_error(res, e, std::move(headers));
   }
   tenant = adm.tenant;
-  gen->weight = adm.weight;
-  gen->priority = adm.priority;
-  auto tenants = cfg.tenants;
-  const int64_t max_tokens = cr.max_tokens;
-  gen->sampling = cr.sampling;
-  if (!gen->sampling.seed) gen->sampling.seed = random_seed();  // a resubmission must repeat itself
-  gen->max_tokens = cr.max_tokens;
-  gen->return_logits = cr.return_logits;
-  gen->tenant = tenant;
-  gen->arrival = arrival;
-  gen->traceparent = trace::traceparent(tr.ctx);
 
-  const std::string id = "cmpl-" + std::to_string(random_seed() >> 16);
-  auto tokenizer = cfg.tokenizer;
-  const std::string model = cfg.served_model;
-  const bool with_ids = cr.return_token_ids;
-  caf::actor scheduler = cfg.scheduler;
-  // A short-lived actor awaits the scheduler's answer, so no HTTP thread blocks.
-  // The scheduler is a spawn argument: CAF 0.17 trips UBSan on argument-less function actors.
-  sys.spawn([=](caf::event_based_actor* self, caf::actor scheduler) mutable {
-    self->request(scheduler, caf::infinite, generate_atom::value, GenerationRequestPtr(gen))
-        .then(
-            [=](GenerationResultPtr r) mutable {
-              tenants->finish(tenant, max_tokens, int64_t(r->tokens.size()));
-              FrontendMetrics* metrics = fe->metrics.get();  // the captured `fe` keeps it alive
-              if (metrics) metrics->finished(tenant, arrival);
-              const nlohmann::json attrs = {{"worker", r->worker},
-                                            {"prompt_tokens", prompt_tokens},
-                                            {"completion_tokens", r->tokens.size()}};
-              if (r->finish_reason == "error" && r->bad_request) {
-                if (metrics) metrics->answered(tenant, 400, "error");
-                tr.done(400, "error", attrs);
-                return send_error(res, openai::invalid_request(r->error, "prompt"), tr.headers());
-              }
-              if (r->finish_reason == "error") {
-                if (metrics) metrics->answered(tenant, 500, "error");
-                tr.done(500, "error", attrs);
-                return send_error(res, ApiError(500, "server_error", "generation failed: " + r->error), tr.headers());
-              }
-              tr.done(200, r->finish_reason, attrs);
-              if (metrics) {
-                metrics->answered(tenant, 200, r->finish_reason);
-                metrics->completed(tenant, prompt_tokens, int64_t(r->tokens.size()));
-              }
-              openai::CompletionChoice c;
-              c.token_ids = r->tokens;
-              c.text = tokenizer ? tokenizer->decode(r->tokens, true) : std::string();
-              c.finish_reason = r->finish_reason;
-              c.logits = r->logits;
-              if (gen->sampling.top_logprobs > 0 || body.contains("logprobs")) c.logprobs = r->logprobs;
-              send_json(res, 200,
-                        openai::completion_response(id, unix_now(), model, {c}, prompt_tokens, int64_t(r->tokens.size()),
-                                                    r->cached_tokens, with_ids),
-                        tr.headers());
-            },
-            [=](caf::error& e) mutable {
-              tenants->finish(tenant, max_tokens, 0);
-              FrontendMetrics* metrics = fe->metrics.get();
-              refuse(res, ApiError(503, "server_error", "the scheduler is unavailable: " + self->system().render(e)),
-                     metrics, tenant, tr);
-            });
-  }, scheduler);
+  SessionSpec spec;
+  GenerationRequest& gen = spec.base;
+  gen.prompt = std::move(prompt);
+  gen.sampling = cr.sampling;
+  if (!gen.sampling.seed) gen.sampling.seed = random_seed();  // a resubmission must repeat itself
+  gen.max_tokens = cr.max_tokens;
+  gen.return_logits = cr.return_logits;
+  gen.tenant = tenant;
+  gen.weight = adm.weight;
+  // A request may lower its tenant's priority class, never raise it.
+  gen.priority = cr.priority ? std::max(*cr.priority, adm.priority) : adm.priority;
+  gen.cache_salt = adm.cache_salt;
+  gen.traceparent = trace::traceparent(tr.ctx);
+  gen.arrival = arrival;
+  spec.id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(random_seed() >> 16);
+  spec.model = cfg.served_model;
+  spec.created = unix_now();
+  spec.tokenizer = cfg.tokenizer;
+  spec.headers = tr.headers();
+  spec.request = std::move(cr);
+  auto tenants = cfg.tenants;
+  spec.on_done = [fe, tenants, tenant, charged, n_prompt, arrival, tr](const SessionOutcome& o) {
+    tenants->finish(tenant, charged, o.completion_tokens);
+    if (FrontendMetrics* metrics = fe->metrics.get()) {  // the captured `fe` keeps it alive
+      metrics->finished(tenant, arrival);
+      metrics->answered(tenant, o.status, o.finish_reason);
+      if (o.status == 200) metrics->completed(tenant, n_prompt, o.completion_tokens);
+    }
+    tr.done(o.status, o.finish_reason,
+            {{"worker", o.worker}, {"prompt_tokens", n_prompt}, {"completion_tokens", o.completion_tokens}});
+  };
+  start_completion_session(sys, cfg.scheduler, std::move(res), std::move(spec));
 }
 
 }  // namespace
@@ -265,7 +250,9 @@ void install_openai_routes(http::HttpServer& server, caf::actor_system& sys, Fro
   shared->cfg = std::move(cfg);
   const int64_t created = unix_now();
   server.route("POST", "/v1/completions",
-               [&sys, shared](const http::Request& req, http::Responder res) { completions(req, res, sys, shared); });
+               [&sys, shared](const http::Request& req, http::Responder res) { serve(req, res, sys, shared, false); });
+  server.route("POST", "/v1/chat/completions",
+               [&sys, shared](const http::Request& req, http::Responder res) { serve(req, res, sys, shared, true); });
   server.route("GET", "/v1/models", [shared, created](const http::Request&, http::Responder res) {
     send_json(res, 200, openai::models_response(shared->cfg.served_model, created));
   });

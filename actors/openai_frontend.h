@@ -1,6 +1,7 @@
-// The router's OpenAI-compatible HTTP API: POST /v1/completions and GET /v1/models.
-// Validation and response shapes live in core/openai_api; this file tokenizes, hands the
-// request to the scheduler actor and answers when it is done, without blocking the HTTP threads.
+// The router's OpenAI-compatible HTTP API: POST /v1/completions, POST /v1/chat/completions and
+// GET /v1/models. Validation and response shapes live in core/openai_api; this file tokenizes
+// (through the chat template for chat), applies the tenant gate and hands the request to a
+// completion session actor (actors/completion_session.h), which streams or answers it.
 #pragma once
 #include <atomic>
 #include <cstdint>

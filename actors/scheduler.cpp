@@ -444,27 +444,33 @@ caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
   return {
       [=](generate_atom, GenerationRequestPtr req) -> caf::result<GenerationResultPtr> {
         auto& st = self->state;
-        if (req->prompt.empty() || req->max_tokens < 1) {
+        auto refuse = [](int status, std::string why) {
           auto r = std::make_shared<GenerationResult>();
           r->finish_reason = "error";
-          r->error = req->prompt.empty() ? "empty prompt" : "max_tokens must be at least 1";
+          r->refused_status = status;
+          r->error = std::move(why);
           return GenerationResultPtr(r);
-        }
+        };
+        if (req->prompt.empty()) return refuse(400, "empty prompt");
+        if (req->max_tokens < 1) return refuse(400, "max_tokens must be at least 1");
         // A sequence must fit one worker's KV cache: refuse at once what no worker could ever hold,
         // instead of failing it after retries.
         int64_t most_tokens = 0;
-        for (const auto& [name, w] : st.workers)
+        bool any_worker = false;
+        for (const auto& [name, w] : st.workers) {
+          any_worker |= w.listed;
           if (w.listed) most_tokens = std::max(most_tokens, w.kv_blocks * kBlockTokens);
-        const int64_t need = int64_t(req->prompt.size()) + req->max_tokens;
-        if (most_tokens > 0 && need > most_tokens) {
-          auto r = std::make_shared<GenerationResult>();
-          r->finish_reason = "error";
-          r->bad_request = true;
-          r->error = "the prompt (" + std::to_string(req->prompt.size()) + " tokens) plus max_tokens (" +
-                     std::to_string(req->max_tokens) + ") need " + std::to_string(need) +
-                     " tokens of KV cache; the largest attention worker holds " + std::to_string(most_tokens);
-          return GenerationResultPtr(r);
         }
+        if (!any_worker) return refuse(503, "no attention worker is ready yet; retry shortly");
+        if (st.waiting.size() >= st.cfg.max_waiting)
+          return refuse(503, "the server is overloaded (" + std::to_string(st.waiting.size()) +
+                                 " requests queued); retry later");
+        const int64_t need = int64_t(req->prompt.size()) + req->max_tokens;
+        if (most_tokens > 0 && need > most_tokens)
+          return refuse(400, "the prompt (" + std::to_string(req->prompt.size()) + " tokens) plus max_tokens (" +
+                                 std::to_string(req->max_tokens) + ") need " + std::to_string(need) +
+                                 " tokens of KV cache; the largest attention worker holds " +
+                                 std::to_string(most_tokens));
         const uint64_t id = st.next_seq++;
         auto rp = self->make_response_promise();
         Seq s;
@@ -475,10 +481,10 @@ caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
         pump(self);
         return caf::delegated<GenerationResultPtr>();
       },
-      [=](gen_cancel_atom, caf::actor listener) {
+      [=](gen_cancel_atom, caf::actor listener, int index) {
         std::vector<uint64_t> ids;
         for (const auto& [id, s] : self->state.seqs)
-          if (s.req->listener == listener) ids.push_back(id);
+          if (s.req->listener == listener && (index < 0 || s.req->index == index)) ids.push_back(id);
         for (uint64_t id : ids) finish(self, id, "cancelled");
         if (!ids.empty()) pump(self);  // frees their KV blocks now if the worker is idle
       },

@@ -60,7 +60,9 @@ struct GenerationResult {
   std::vector<std::vector<float>> logits;  // when asked
   std::string finish_reason;               // "stop", "length", "cancelled" or "error"
   std::string error;
-  bool bad_request = false;  // the request itself can never be served (the front end answers 400)
+  // Refused as a whole, with this HTTP status: 400 (no worker's KV cache could hold it) or
+  // 503 (no attention worker ready, or the queue is full); 0 otherwise.
+  int refused_status = 0;
   int64_t cached_tokens = 0;
   std::string worker;  // the attention worker that served it
 };
@@ -86,6 +88,7 @@ struct SchedulerConfig {
   std::string instance = "router";     // our routing identity towards the workers
   int64_t step_token_budget = 512;     // prefill + decode tokens per worker step
   int64_t max_running_per_worker = 64;
+  size_t max_waiting = 4096;  // more queued requests than this: new ones get 503
   std::chrono::milliseconds step_timeout{30000};
   std::vector<int32_t> eos_ids;
   int max_attempts = 3;  // a request re-queued more often than this fails
@@ -94,8 +97,8 @@ struct SchedulerConfig {
 };
 
 // (generate_atom, GenerationRequestPtr) -> GenerationResultPtr, answered when the request ends.
-// (gen_cancel_atom, caf::actor listener) ends every request of that listener ("cancelled"),
-// freeing its KV blocks on the worker.
+// (gen_cancel_atom, caf::actor listener, int index) ends that listener's request of that index,
+// or all of its requests with index -1 ("cancelled"), freeing their KV blocks on the worker.
 // (workers_atom, WorkerList) from the coordinator updates the worker set.
 // (sched_stats_atom) -> std::string: JSON counters {waiting, running, steps, requeued}.
 caf::actor spawn_scheduler(caf::actor_system& sys, ZmqBridge& bridge, SchedulerConfig cfg);

@@ -99,6 +99,11 @@ std::vector<TenantSpec> load_tenants(const std::filesystem::path& file) {
         if (!t["priority"].is_string()) throw Error("field \"priority\" must be a string");
         s.priority = parse_priority(t["priority"]);
       }
+      if (t.contains("prefix_cache")) {
+        if (t["prefix_cache"] != "private" && t["prefix_cache"] != "shared")
+          throw Error("field \"prefix_cache\" must be \"private\" or \"shared\"");
+        s.shared_prefix_cache = t["prefix_cache"] == "shared";
+      }
       if (t.contains("models")) {
         if (!t["models"].is_array() || t["models"].empty()) throw Error("field \"models\" must be a non-empty list");
         s.models.clear();
@@ -209,6 +214,7 @@ Admission TenantRegistry::admit(const std::string& api_key, const std::string& m
   a.tenant = st.spec.name;
   a.weight = st.spec.weight;
   a.priority = st.spec.priority;
+  if (!st.spec.shared_prefix_cache) a.cache_salt = "tenant:" + st.spec.name;
   if (!st.spec.allows_model(model))
     return deny(404, "model", "the model '" + model + "' does not exist or you do not have access to it");
   if (st.spec.max_tokens > 0 && max_tokens > st.spec.max_tokens)

@@ -38,6 +38,9 @@ struct TenantSpec {
   int64_t max_concurrent = 0;
   int64_t max_tokens = 0;
   std::vector<std::string> models{"*"};
+  // "prefix_cache": "private" (default: its prompts never share cached KV blocks with another
+  // tenant's, so cache timing cannot leak them) or "shared" (shares with the other shared tenants).
+  bool shared_prefix_cache = false;
   bool allows_model(const std::string& model) const;
 };
 
@@ -72,6 +75,7 @@ struct Admission {
   std::string tenant;
   double weight = 1.0;
   Priority priority = Priority::Normal;
+  std::string cache_salt;  // prefix-cache namespace of the request: "" shared, else per tenant
 };
 
 class TenantRegistry {

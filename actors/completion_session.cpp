@@ -1,0 +1,255 @@
+#include "actors/completion_session.h"
+
+#include <optional>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/text_stream.h"
+
+namespace moemesh::actors {
+namespace {
+
+using nlohmann::json;
+using client_gone_atom = caf::atom_constant<caf::atom("clientgone")>;
+
+struct Choice {
+  explicit Choice(TextStream t) : text(std::move(t)) {}
+  TextStream text;
+  std::vector<openai::TokenLogprob> logprobs;  // every token received (when asked)
+  size_t streamed_logprobs = 0;                // of them, already sent in a chunk
+  int64_t streamed_chars = 0;                  // text sent so far (completions' text_offset)
+  size_t tokens = 0;                           // received
+  bool stopped = false;                        // a stop string matched; cancelled in the scheduler
+  bool done = false;
+  std::string finish_reason;
+  GenerationResultPtr result;
+};
+
+struct SessionState {
+  SessionSpec spec;
+  http::Responder res{nullptr};
+  caf::actor scheduler;
+  std::vector<Choice> choices;
+  openai::TokenText token_text;
+  size_t remaining = 0;
+  bool streaming = false;  // headers sent
+  bool answered = false;   // an error was sent instead of the response
+  int error_status = 0;    // its status
+  bool client_gone = false;
+  static inline const char* name = "completion_session";
+};
+
+using Self = caf::stateful_actor<SessionState>;
+
+int64_t utf8_chars(const std::string& s) {
+  int64_t n = 0;
+  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+  return n;
+}
+
+void write_event(SessionState& st, const json& j) { st.res.write("data: " + j.dump() + "\n\n"); }
+
+void start_stream(SessionState& st) {
+  if (st.streaming) return;
+  st.streaming = true;
+  st.res.start_stream(200, "text/event-stream", st.spec.headers);
+  if (!st.spec.request.chat) return;
+  // Chat streams open every choice with the assistant role, as OpenAI's do.
+  for (size_t i = 0; i < st.choices.size(); ++i)
+    write_event(st, openai::chat_chunk(st.spec.id, st.spec.created, st.spec.model, int(i),
+                                       json{{"role", "assistant"}, {"content", ""}}, nullptr, std::nullopt,
+                                       st.token_text, st.spec.request.include_usage));
+}
+
+// Sends a choice's new text (and the logprobs of the tokens received since its last chunk).
+void stream_delta(SessionState& st, int i, const std::string& text, const std::optional<std::string>& finish) {
+  Choice& c = st.choices[size_t(i)];
+  if (text.empty() && !finish && (!st.spec.request.logprobs || c.streamed_logprobs == c.logprobs.size())) return;
+  start_stream(st);
+  const std::vector<openai::TokenLogprob> lp(c.logprobs.begin() + long(c.streamed_logprobs), c.logprobs.end());
+  const auto* lpp = st.spec.request.logprobs ? &lp : nullptr;
+  c.streamed_logprobs = c.logprobs.size();
+  const auto& r = st.spec.request;
+  if (r.chat)
+    write_event(st, openai::chat_chunk(st.spec.id, st.spec.created, st.spec.model, i,
+                                       text.empty() ? json::object() : json{{"content", text}}, lpp, finish,
+                                       st.token_text, r.include_usage));
+  else
+    write_event(st, openai::completion_chunk(st.spec.id, st.spec.created, st.spec.model, i, text, lpp, finish,
+                                             st.token_text, c.streamed_chars, r.include_usage));
+  c.streamed_chars += utf8_chars(text);
+}
+
+void on_token(Self* self, int i, int32_t token, float logprob, std::vector<std::pair<int32_t, float>> top) {
+  auto& st = self->state;
+  Choice& c = st.choices[size_t(i)];
+  ++c.tokens;
+  if (c.done || c.stopped || st.answered) return;
+  if (st.spec.request.logprobs) c.logprobs.push_back({token, logprob, std::move(top)});
+  const std::string text = c.text.push(token);
+  if (c.text.stopped()) {
+    // The stop string is not part of the answer, and generating past it is wasted work.
+    c.stopped = true;
+    self->send(st.scheduler, gen_cancel_atom::value, caf::actor_cast<caf::actor>(self), i);
+    if (st.spec.request.logprobs) c.logprobs.resize(size_t(c.text.tokens()));
+  }
+  if (st.spec.request.stream && !st.client_gone) stream_delta(st, i, text, std::nullopt);
+}
+
+int64_t completion_tokens(const Choice& c) {
+  // A stop string ends the answer at the token that completed it.
+  return c.stopped ? c.text.tokens() : int64_t(c.result ? c.result->tokens.size() : c.tokens);
+}
+
+void send_error(SessionState& st, int status, const char* type, const std::string& message, const char* param = "") {
+  openai::ApiError e(status, type, message, param);
+  if (st.streaming) {  // too late for a status: the error goes as an event, then the stream ends
+    write_event(st, e.to_json());
+    return;
+  }
+  st.answered = true;
+  st.error_status = status;
+  st.res.send({status, "application/json", e.to_json().dump(), st.spec.headers});
+}
+
+// Every choice has its result: answer (or close the stream) and report the outcome.
+void complete(Self* self) {
+  auto& st = self->state;
+  const auto& r = st.spec.request;
+  SessionOutcome out;
+  for (const Choice& c : st.choices) out.completion_tokens += completion_tokens(c);
+  const Choice& first = st.choices.front();
+  out.finish_reason = first.finish_reason;
+  out.worker = first.result ? first.result->worker : "";
+  if (st.client_gone) {
+    out.status = 499;  // nginx's "client closed request": nothing was lost, nobody listened
+    out.finish_reason = "cancelled";
+  } else if (st.answered) {
+    out.status = st.error_status;
+    out.finish_reason = "error";
+  } else if (st.streaming || r.stream) {
+    if (r.include_usage) {
+      const int64_t cached = first.result ? first.result->cached_tokens : 0;
+      write_event(st, openai::usage_chunk(r.chat, st.spec.id, st.spec.created, st.spec.model,
+                                          int64_t(st.spec.base.prompt.size()), out.completion_tokens, cached));
+    }
+    start_stream(st);
+    st.res.write("data: [DONE]\n\n");
+    st.res.end();
+  } else {
+    std::vector<openai::CompletionChoice> cs;
+    for (const Choice& c : st.choices) {
+      openai::CompletionChoice oc;
+      const auto n = size_t(completion_tokens(c));
+      oc.text = c.text.text();
+      oc.token_ids.assign(c.result->tokens.begin(), c.result->tokens.begin() + long(n));
+      oc.with_logprobs = r.logprobs.has_value();
+      oc.logprobs.assign(c.logprobs.begin(), c.logprobs.begin() + long(std::min(n, c.logprobs.size())));
+      oc.logits.assign(c.result->logits.begin(), c.result->logits.begin() + long(std::min(n, c.result->logits.size())));
+      oc.finish_reason = c.finish_reason;
+      cs.push_back(std::move(oc));
+    }
+    const int64_t prompt = int64_t(st.spec.base.prompt.size());
+    const int64_t cached = first.result->cached_tokens;
+    const json body = r.chat ? openai::chat_response(st.spec.id, st.spec.created, st.spec.model, cs, prompt,
+                                                     out.completion_tokens, cached, r.return_token_ids, st.token_text)
+                             : openai::completion_response(st.spec.id, st.spec.created, st.spec.model, cs, prompt,
+                                                           out.completion_tokens, cached, r.return_token_ids,
+                                                           st.token_text);
+    st.res.send({200, "application/json", body.dump(), st.spec.headers});
+  }
+  if (st.spec.on_done) st.spec.on_done(out);
+  self->quit();
+}
+
+void on_result(Self* self, int i, GenerationResultPtr res) {
+  auto& st = self->state;
+  Choice& c = st.choices[size_t(i)];
+  // Tokens whose events have not arrived (or never will) are taken from the result.
+  for (size_t k = c.tokens; k < res->tokens.size(); ++k)
+    on_token(self, i, res->tokens[k], k < res->logprobs.size() ? res->logprobs[k] : 0.0f,
+             k < res->top_logprobs.size() ? res->top_logprobs[k] : std::vector<std::pair<int32_t, float>>{});
+  c.result = res;
+  c.done = true;
+  if (c.stopped) {
+    c.finish_reason = "stop";
+  } else if (res->finish_reason == "error") {
+    c.finish_reason = "error";
+    if (!st.answered && !st.client_gone) {
+      if (res->refused_status == 400)
+        send_error(st, 400, "invalid_request_error", res->error, "prompt");
+      else if (res->refused_status == 503)
+        send_error(st, 503, "server_error", res->error);
+      else
+        send_error(st, 500, "server_error", "generation failed: " + res->error);
+      // One failed choice fails the request: the others stop too.
+      self->send(st.scheduler, gen_cancel_atom::value, caf::actor_cast<caf::actor>(self), -1);
+    }
+  } else {
+    c.finish_reason = res->finish_reason;
+    const std::string rest = c.text.finish();
+    if (c.text.stopped()) c.finish_reason = "stop";  // the held-back tail completed a stop string
+    if (st.spec.request.stream && !st.client_gone && !st.answered) stream_delta(st, i, rest, c.finish_reason);
+  }
+  if (c.stopped && st.spec.request.stream && !st.client_gone && !st.answered) stream_delta(st, i, "", c.finish_reason);
+  if (--st.remaining == 0) complete(self);
+}
+
+caf::behavior session(Self* self, caf::actor scheduler, http::Responder res, std::shared_ptr<SessionSpec> spec) {
+  auto& st = self->state;
+  st.spec = std::move(*spec);
+  st.res = res;
+  st.scheduler = scheduler;
+  auto tok = st.spec.tokenizer;
+  st.token_text = [tok](int32_t id) {
+    if (!tok) return "token_id:" + std::to_string(id);
+    const int32_t one[1] = {id};
+    return tok->decode(one, false);
+  };
+  const int n = std::max(1, st.spec.request.n);
+  for (int i = 0; i < n; ++i) st.choices.emplace_back(TextStream(tok, st.spec.request.stop));
+  st.remaining = size_t(n);
+
+  // The client may leave at any time: the HTTP thread tells us, and we tell the scheduler.
+  const caf::weak_actor_ptr weak = caf::actor_cast<caf::weak_actor_ptr>(self);
+  st.res.on_close([weak] {
+    if (auto strong = weak.lock()) caf::anon_send(caf::actor_cast<caf::actor>(strong), client_gone_atom::value);
+  });
+
+  for (int i = 0; i < n; ++i) {
+    auto g = std::make_shared<GenerationRequest>(st.spec.base);
+    g->listener = caf::actor_cast<caf::actor>(self);
+    g->index = i;
+    g->sampling.seed = st.spec.base.sampling.seed.value_or(0) + uint64_t(i);
+    self->request(scheduler, caf::infinite, generate_atom::value, GenerationRequestPtr(std::move(g)))
+        .then([=](GenerationResultPtr r) { on_result(self, i, std::move(r)); },
+              [=](caf::error& e) {
+                auto r = std::make_shared<GenerationResult>();
+                r->finish_reason = "error";
+                r->refused_status = 503;
+                r->error = "the scheduler is unavailable: " + self->system().render(e);
+                on_result(self, i, std::move(r));
+              });
+  }
+  return {
+      [=](gen_token_atom, TokenEventPtr ev) {
+        if (ev && ev->index >= 0 && ev->index < int(self->state.choices.size()))
+          on_token(self, ev->index, ev->token, ev->logprob, ev->top);
+      },
+      [=](client_gone_atom) {
+        auto& s = self->state;
+        if (s.client_gone) return;
+        s.client_gone = true;
+        self->send(s.scheduler, gen_cancel_atom::value, caf::actor_cast<caf::actor>(self), -1);
+      },
+  };
+}
+
+}  // namespace
+
+void start_completion_session(caf::actor_system& sys, caf::actor scheduler, http::Responder res, SessionSpec spec) {
+  sys.spawn(session, std::move(scheduler), std::move(res), std::make_shared<SessionSpec>(std::move(spec)));
+}
+
+}  // namespace moemesh::actors

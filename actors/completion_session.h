@@ -1,0 +1,44 @@
+// One OpenAI completion or chat request after validation and admission: a short-lived actor
+// that runs its n choices through the scheduler and answers the client, either as one JSON
+// body or as Server-Sent Events while the tokens arrive.
+//
+// Each choice's tokens go through a TextStream (core/text_stream.h): it decides which text is
+// final and matches stop strings across token boundaries; a choice that hits a stop string is
+// cancelled in the scheduler at once (its KV blocks are freed) and ends with "stop". A client
+// that goes away cancels every choice. No HTTP thread waits: the Responder is completed from
+// the actor.
+#pragma once
+#include <functional>
+#include <memory>
+#include <string>
+
+#include <caf/all.hpp>
+
+#include "actors/http_server.h"
+#include "actors/scheduler.h"
+#include "core/openai_api.h"
+#include "core/tokenizer.h"
+
+namespace moemesh::actors {
+
+// How the request ended, for the caller's metrics, tenant accounting and trace span.
+struct SessionOutcome {
+  int status = 200;           // 499 when the client went away
+  std::string finish_reason;  // of the first choice: stop, length, cancelled, error, none
+  int64_t completion_tokens = 0;  // over all choices
+  std::string worker;             // of the first choice
+};
+
+struct SessionSpec {
+  openai::CompletionRequest request;  // stream, chat, n, stop, logprobs, ...
+  GenerationRequest base;             // choice i gets seed base.seed + i
+  std::string id, model;
+  int64_t created = 0;
+  std::shared_ptr<const Tokenizer> tokenizer;  // may be null (token-id prompts)
+  http::HeaderList headers;                    // sent with the response (traceparent)
+  std::function<void(const SessionOutcome&)> on_done;  // once, when the request has ended
+};
+
+void start_completion_session(caf::actor_system& sys, caf::actor scheduler, http::Responder res, SessionSpec spec);
+
+}  // namespace moemesh::actors
