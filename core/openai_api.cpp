@@ -1,5 +1,10 @@
 #include "core/openai_api.h"
 
+#include <algorithm>
+#include <cmath>
+
+#include "core/unicode.h"
+
 namespace moemesh::openai {
 
 using nlohmann::json;
@@ -48,29 +53,14 @@ bool boolean(const json& body, const char* key, bool dflt) {
 
 }  // namespace
 
-CompletionRequest parse_completion_request(const json& body) {
-  if (!body.is_object()) throw invalid_request("the request body must be a JSON object");
-  CompletionRequest r;
+namespace {
+
+// Parameters that /v1/completions and /v1/chat/completions share.
+void parse_common(const json& body, CompletionRequest& r) {
   if (body.contains("model")) {
     if (!body["model"].is_string()) throw invalid_request("'model' must be a string", "model");
     r.model = body["model"].get<std::string>();
   }
-  if (!body.contains("prompt")) throw invalid_request("'prompt' is required", "prompt");
-  const json& p = body["prompt"];
-  if (p.is_string()) {
-    r.prompt_text = p.get<std::string>();
-  } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
-    for (const auto& t : p) {
-      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() > INT32_MAX)
-        throw invalid_request("'prompt' token ids must be non-negative integers", "prompt");
-      r.prompt_ids.push_back(t.get<int32_t>());
-    }
-  } else if (p.is_array() && p.size() == 1 && p[0].is_string()) {
-    r.prompt_text = p[0].get<std::string>();
-  } else {
-    throw invalid_request("'prompt' must be a string or a list of token ids (batches are not supported)", "prompt");
-  }
-  if (r.prompt_text && r.prompt_text->empty()) throw invalid_request("'prompt' is empty", "prompt");
   r.max_tokens = integer(body, "max_tokens", 1, 1 << 20, 16);
   r.max_tokens = integer(body, "max_completion_tokens", 1, 1 << 20, r.max_tokens);
   auto& s = r.sampling;
@@ -90,46 +80,301 @@ CompletionRequest parse_completion_request(const json& body) {
   if (body.contains("stop_token_ids") && !body["stop_token_ids"].is_null()) {
     if (!body["stop_token_ids"].is_array()) throw invalid_request("'stop_token_ids' must be a list", "stop_token_ids");
     for (const auto& t : body["stop_token_ids"]) {
-      if (!t.is_number_integer()) throw invalid_request("'stop_token_ids' must hold integers", "stop_token_ids");
+      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() > INT32_MAX)
+        throw invalid_request("'stop_token_ids' must hold non-negative integers", "stop_token_ids");
       s.stop_token_ids.push_back(t.get<int32_t>());
     }
   }
-  if (body.contains("logprobs") && !body["logprobs"].is_null()) {
-    r.logprobs = int(integer(body, "logprobs", 0, 20, 0));
-    s.top_logprobs = *r.logprobs;
+  if (body.contains("stop") && !body["stop"].is_null()) {
+    const json& st = body["stop"];
+    if (st.is_string()) {
+      r.stop.push_back(st.get<std::string>());
+    } else if (st.is_array()) {
+      if (st.size() > 4) throw invalid_request("'stop' may hold at most 4 strings", "stop");
+      for (const auto& x : st) {
+        if (!x.is_string()) throw invalid_request("'stop' must be a string or a list of strings", "stop");
+        r.stop.push_back(x.get<std::string>());
+      }
+    } else {
+      throw invalid_request("'stop' must be a string or a list of strings", "stop");
+    }
+    for (const auto& x : r.stop)
+      if (x.empty()) throw invalid_request("'stop' strings must not be empty", "stop");
   }
-  const int64_t n = integer(body, "n", 1, 1, 1);
-  (void)n;  // n > 1 comes with the serving work; refused above until then
+  r.n = int(integer(body, "n", 1, 16, 1));
   r.stream = boolean(body, "stream", false);
-  if (r.stream) throw invalid_request("'stream' is not supported yet", "stream");
+  if (body.contains("stream_options") && !body["stream_options"].is_null()) {
+    const json& so = body["stream_options"];
+    if (!r.stream) throw invalid_request("'stream_options' is only allowed when 'stream' is true", "stream_options");
+    if (!so.is_object()) throw invalid_request("'stream_options' must be an object", "stream_options");
+    if (so.contains("include_usage") && !so["include_usage"].is_null() && !so["include_usage"].is_boolean())
+      throw invalid_request("'stream_options.include_usage' must be a boolean", "stream_options");
+    r.include_usage = boolean(so, "include_usage", false);
+  }
+  if (body.contains("priority") && !body["priority"].is_null()) {
+    if (!body["priority"].is_string()) throw invalid_request("'priority' must be a string", "priority");
+    try {
+      r.priority = parse_priority(body["priority"].get<std::string>());
+    } catch (const Error& e) {
+      throw invalid_request(std::string("'priority': ") + e.what(), "priority");
+    }
+  }
   r.return_token_ids = boolean(body, "return_token_ids", false);
   r.return_logits = boolean(body, "return_logits", false);
-  if (body.contains("user") && body["user"].is_string()) r.user = body["user"].get<std::string>();
+  if (body.contains("user") && !body["user"].is_null()) {
+    if (!body["user"].is_string()) throw invalid_request("'user' must be a string", "user");
+    r.user = body["user"].get<std::string>();
+  }
+}
+
+const char* const kRoles[] = {"system", "user", "assistant", "tool", "developer"};
+
+// A message's content: a string, or text parts joined by newlines (as vLLM joins them).
+std::string message_content(const json& content, const std::string& where) {
+  if (content.is_string()) return content.get<std::string>();
+  if (!content.is_array())
+    throw invalid_request("'" + where + ".content' must be a string or a list of content parts", "messages");
+  std::string text;
+  for (size_t i = 0; i < content.size(); ++i) {
+    const json& part = content[i];
+    const std::string at = where + ".content[" + std::to_string(i) + "]";
+    if (!part.is_object() || !part.contains("type") || !part["type"].is_string())
+      throw invalid_request("'" + at + "' must be an object with a 'type'", "messages");
+    if (part["type"] != "text")
+      throw invalid_request("'" + at + "': content parts of type '" + part["type"].get<std::string>() +
+                                "' are not supported (only 'text')",
+                            "messages");
+    if (!part.contains("text") || !part["text"].is_string())
+      throw invalid_request("'" + at + ".text' must be a string", "messages");
+    if (i) text += '\n';
+    text += part["text"].get<std::string>();
+  }
+  return text;
+}
+
+json parse_messages(const json& body) {
+  if (!body.contains("messages") || body["messages"].is_null()) throw invalid_request("'messages' is required", "messages");
+  const json& ms = body["messages"];
+  if (!ms.is_array() || ms.empty()) throw invalid_request("'messages' must be a non-empty list", "messages");
+  json out = json::array();
+  for (size_t i = 0; i < ms.size(); ++i) {
+    const std::string where = "messages[" + std::to_string(i) + "]";
+    if (!ms[i].is_object()) throw invalid_request("'" + where + "' must be an object", "messages");
+    json m = ms[i];
+    if (!m.contains("role") || !m["role"].is_string())
+      throw invalid_request("'" + where + ".role' must be a string", "messages");
+    const std::string role = m["role"].get<std::string>();
+    if (std::find(std::begin(kRoles), std::end(kRoles), role) == std::end(kRoles))
+      throw invalid_request("'" + where + ".role' must be one of system, user, assistant, tool, developer (got '" +
+                                role + "')",
+                            "messages");
+    if (!m.contains("content")) throw invalid_request("'" + where + ".content' is required", "messages");
+    m["content"] = message_content(m["content"], where);
+    out.push_back(std::move(m));
+  }
+  return out;
+}
+
+}  // namespace
+
+CompletionRequest parse_completion_request(const json& body) {
+  if (!body.is_object()) throw invalid_request("the request body must be a JSON object");
+  CompletionRequest r;
+  if (!body.contains("prompt")) throw invalid_request("'prompt' is required", "prompt");
+  const json& p = body["prompt"];
+  if (p.is_string()) {
+    r.prompt_text = p.get<std::string>();
+  } else if (p.is_array() && !p.empty() && p[0].is_number_integer()) {
+    for (const auto& t : p) {
+      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() > INT32_MAX)
+        throw invalid_request("'prompt' token ids must be non-negative integers", "prompt");
+      r.prompt_ids.push_back(t.get<int32_t>());
+    }
+  } else if (p.is_array() && p.size() == 1 && p[0].is_string()) {
+    r.prompt_text = p[0].get<std::string>();
+  } else {
+    throw invalid_request("'prompt' must be a string or a list of token ids (batches are not supported)", "prompt");
+  }
+  if (r.prompt_text && r.prompt_text->empty()) throw invalid_request("'prompt' is empty", "prompt");
+  parse_common(body, r);
+  if (body.contains("logprobs") && !body["logprobs"].is_null()) {
+    r.logprobs = int(integer(body, "logprobs", 0, 20, 0));
+    r.sampling.top_logprobs = *r.logprobs;
+  }
+  if (body.contains("best_of") && !body["best_of"].is_null()) {
+    if (!body["best_of"].is_number_integer() || body["best_of"].get<int64_t>() != r.n)
+      throw invalid_request("'best_of' must equal 'n' (best-of sampling is not supported)", "best_of");
+  }
+  r.echo = boolean(body, "echo", false);
+  if (r.echo) throw invalid_request("'echo' is not supported", "echo");
   return r;
+}
+
+CompletionRequest parse_chat_request(const json& body) {
+  if (!body.is_object()) throw invalid_request("the request body must be a JSON object");
+  if (body.contains("prompt")) throw invalid_request("'prompt' is not a chat parameter: send 'messages'", "prompt");
+  CompletionRequest r;
+  r.chat = true;
+  r.messages = parse_messages(body);
+  parse_common(body, r);
+  const bool logprobs = boolean(body, "logprobs", false);
+  const bool has_top = body.contains("top_logprobs") && !body["top_logprobs"].is_null();
+  const int top = int(integer(body, "top_logprobs", 0, 20, 0));
+  if (has_top && !logprobs) throw invalid_request("'top_logprobs' requires 'logprobs': true", "top_logprobs");
+  if (logprobs) {
+    r.logprobs = top;
+    r.sampling.top_logprobs = top;
+  }
+  return r;
+}
+
+namespace {
+
+// JSON has no -inf: clamp as OpenAI and vLLM do.
+double finite_logprob(float lp) { return std::isfinite(lp) ? double(lp) : -9999.0; }
+
+std::string text_of(const TokenText& token_text, int32_t id) {
+  return token_text ? token_text(id) : "token_id:" + std::to_string(id);
+}
+
+int64_t count_chars(std::string_view s) {
+  return std::count_if(s.begin(), s.end(), [](char c) { return (static_cast<unsigned char>(c) & 0xC0) != 0x80; });
+}
+
+json envelope(const std::string& id, const char* object, int64_t created, const std::string& model) {
+  return json{{"id", id}, {"object", object}, {"created", created}, {"model", model}};
+}
+
+json finish_json(const std::optional<std::string>& finish_reason) {
+  return finish_reason ? json(*finish_reason) : json(nullptr);
+}
+
+// A non-streaming response: chat choices carry a message, completion choices a text.
+json full_response(const char* object, bool chat, const std::string& id, int64_t created, const std::string& model,
+                   const std::vector<CompletionChoice>& choices, int64_t prompt_tokens, int64_t completion_tokens,
+                   int64_t cached_tokens, bool with_token_ids, const TokenText& token_text) {
+  json cs = json::array();
+  for (size_t i = 0; i < choices.size(); ++i) {
+    const auto& c = choices[i];
+    json o{{"index", i}};
+    if (chat)
+      o["message"] = json{{"role", "assistant"}, {"content", c.text}};
+    else
+      o["text"] = c.text;
+    o["finish_reason"] = c.finish_reason.empty() ? json(nullptr) : json(c.finish_reason);
+    o["logprobs"] = !c.with_logprobs ? json(nullptr)
+                    : chat          ? chat_logprobs(c.logprobs, token_text)
+                                    : completion_logprobs(c.logprobs, token_text);
+    if (with_token_ids) o["token_ids"] = c.token_ids;
+    if (!c.logits.empty()) o["logits"] = c.logits;
+    cs.push_back(std::move(o));
+  }
+  json j = envelope(id, object, created, model);
+  j["choices"] = std::move(cs);
+  j["usage"] = usage_json(prompt_tokens, completion_tokens, cached_tokens);
+  return j;
+}
+
+json chunk(const char* object, const std::string& id, int64_t created, const std::string& model, json choice,
+           bool include_usage) {
+  json j = envelope(id, object, created, model);
+  j["choices"] = json::array({std::move(choice)});
+  if (include_usage) j["usage"] = nullptr;
+  return j;
+}
+
+}  // namespace
+
+json usage_json(int64_t prompt_tokens, int64_t completion_tokens, int64_t cached_tokens) {
+  return json{{"prompt_tokens", prompt_tokens},
+              {"completion_tokens", completion_tokens},
+              {"total_tokens", prompt_tokens + completion_tokens},
+              {"prompt_tokens_details", {{"cached_tokens", cached_tokens}}}};
+}
+
+json completion_logprobs(const std::vector<TokenLogprob>& lp, const TokenText& token_text, int64_t text_offset) {
+  json tokens = json::array(), token_logprobs = json::array(), top_logprobs = json::array(), offsets = json::array();
+  for (const auto& t : lp) {
+    const std::string text = utf8::lossy(text_of(token_text, t.id));
+    tokens.push_back(text);
+    token_logprobs.push_back(finite_logprob(t.logprob));
+    offsets.push_back(text_offset);
+    text_offset += count_chars(text);
+    if (t.top.empty()) {
+      top_logprobs.push_back(nullptr);
+      continue;
+    }
+    json top = json::object();
+    for (const auto& [id, l] : t.top) {
+      std::string k = utf8::lossy(text_of(token_text, id));
+      if (!top.contains(k)) top[k] = finite_logprob(l);  // two ids with one text: keep the likelier
+    }
+    top_logprobs.push_back(std::move(top));
+  }
+  return json{{"tokens", tokens}, {"token_logprobs", token_logprobs}, {"top_logprobs", top_logprobs},
+              {"text_offset", offsets}};
+}
+
+json chat_logprobs(const std::vector<TokenLogprob>& lp, const TokenText& token_text) {
+  // "bytes" carries the token's raw text, so clients can rebuild characters split over tokens.
+  auto entry = [&](int32_t id, float l) {
+    const std::string raw = text_of(token_text, id);
+    json bytes = json::array();
+    for (unsigned char c : raw) bytes.push_back(int(c));
+    return json{{"token", utf8::lossy(raw)}, {"logprob", finite_logprob(l)}, {"bytes", std::move(bytes)}};
+  };
+  json content = json::array();
+  for (const auto& t : lp) {
+    json e = entry(t.id, t.logprob);
+    e["top_logprobs"] = json::array();
+    for (const auto& [id, l] : t.top) e["top_logprobs"].push_back(entry(id, l));
+    content.push_back(std::move(e));
+  }
+  return json{{"content", std::move(content)}};
 }
 
 json completion_response(const std::string& id, int64_t created, const std::string& model,
                          const std::vector<CompletionChoice>& choices, int64_t prompt_tokens,
-                         int64_t completion_tokens, int64_t cached_tokens, bool with_token_ids) {
-  json cs = json::array();
-  for (size_t i = 0; i < choices.size(); ++i) {
-    const auto& c = choices[i];
-    json o{{"index", i}, {"text", c.text}, {"finish_reason", c.finish_reason}, {"logprobs", nullptr}};
-    if (with_token_ids) o["token_ids"] = c.token_ids;
-    if (!c.logprobs.empty()) o["logprobs"] = json{{"token_logprobs", c.logprobs}};
-    if (!c.logits.empty()) o["logits"] = c.logits;
-    cs.push_back(std::move(o));
-  }
-  return json{{"id", id},
-              {"object", "text_completion"},
-              {"created", created},
-              {"model", model},
-              {"choices", cs},
-              {"usage",
-               {{"prompt_tokens", prompt_tokens},
-                {"completion_tokens", completion_tokens},
-                {"total_tokens", prompt_tokens + completion_tokens},
-                {"prompt_tokens_details", {{"cached_tokens", cached_tokens}}}}}};
+                         int64_t completion_tokens, int64_t cached_tokens, bool with_token_ids,
+                         const TokenText& token_text) {
+  return full_response("text_completion", false, id, created, model, choices, prompt_tokens, completion_tokens,
+                       cached_tokens, with_token_ids, token_text);
+}
+
+json chat_response(const std::string& id, int64_t created, const std::string& model,
+                   const std::vector<CompletionChoice>& choices, int64_t prompt_tokens, int64_t completion_tokens,
+                   int64_t cached_tokens, bool with_token_ids, const TokenText& token_text) {
+  return full_response("chat.completion", true, id, created, model, choices, prompt_tokens, completion_tokens,
+                       cached_tokens, with_token_ids, token_text);
+}
+
+json completion_chunk(const std::string& id, int64_t created, const std::string& model, int index,
+                      const std::string& text, const std::vector<TokenLogprob>* logprobs,
+                      const std::optional<std::string>& finish_reason, const TokenText& token_text,
+                      int64_t text_offset, bool include_usage) {
+  json c{{"index", index},
+         {"text", text},
+         {"finish_reason", finish_json(finish_reason)},
+         {"logprobs", logprobs ? completion_logprobs(*logprobs, token_text, text_offset) : json(nullptr)}};
+  return chunk("text_completion", id, created, model, std::move(c), include_usage);
+}
+
+json chat_chunk(const std::string& id, int64_t created, const std::string& model, int index, const json& delta,
+                const std::vector<TokenLogprob>* logprobs, const std::optional<std::string>& finish_reason,
+                const TokenText& token_text, bool include_usage) {
+  json c{{"index", index},
+         {"delta", delta},
+         {"finish_reason", finish_json(finish_reason)},
+         {"logprobs", logprobs ? chat_logprobs(*logprobs, token_text) : json(nullptr)}};
+  return chunk("chat.completion.chunk", id, created, model, std::move(c), include_usage);
+}
+
+json usage_chunk(bool chat, const std::string& id, int64_t created, const std::string& model, int64_t prompt,
+                 int64_t completion, int64_t cached) {
+  json j = envelope(id, chat ? "chat.completion.chunk" : "text_completion", created, model);
+  j["choices"] = json::array();
+  j["usage"] = usage_json(prompt, completion, cached);
+  return j;
 }
 
 json models_response(const std::string& model, int64_t created) {

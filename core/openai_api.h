@@ -2,6 +2,7 @@
 // from HTTP and actors so they can be tested on their own.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -10,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/sampler.h"
+#include "core/tenants.h"
 
 namespace moemesh::openai {
 
@@ -37,24 +39,79 @@ struct CompletionRequest {
   bool return_token_ids = false;    // vLLM's extension: each choice carries its token ids
   bool return_logits = false;       // moemesh debug extension: the logits of each sampled position
   bool stream = false;
-  std::optional<int> logprobs;      // completions API: number of top logprobs
+  std::optional<int> logprobs;      // set when logprobs were asked: how many top alternatives
   std::string user;
+  std::vector<std::string> stop;    // "stop": a string or a list of up to 4 non-empty strings
+  int n = 1;                        // "n": 1..16
+  bool include_usage = false;       // "stream_options": {"include_usage": true} (only with stream)
+  std::optional<Priority> priority; // "priority": "high" | "normal" | "low"
+  bool chat = false;                // set by parse_chat_request
+  nlohmann::json messages;          // chat: the validated messages, each content a plain string
+  bool echo = false;                // completions "echo": true is refused
 };
 
 // Validates a /v1/completions body; throws ApiError (400) naming the bad parameter.
 CompletionRequest parse_completion_request(const nlohmann::json& body);
+// Validates a /v1/chat/completions body (messages instead of prompt; logprobs is a boolean and
+// top_logprobs the count); throws ApiError (400) naming the bad parameter.
+CompletionRequest parse_chat_request(const nlohmann::json& body);
+
+// One sampled token with its logprob and the top alternatives (id, logprob), best first.
+struct TokenLogprob {
+  int32_t id = 0;
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top;
+};
+// A token's text (the frontend passes the tokenizer's piece decode).
+using TokenText = std::function<std::string(int32_t)>;
 
 struct CompletionChoice {
   std::string text;
   std::vector<int32_t> token_ids;
-  std::vector<float> logprobs;
+  std::vector<TokenLogprob> logprobs;
+  bool with_logprobs = false;  // logprobs were asked: "logprobs" is an object, else null
   std::vector<std::vector<float>> logits;
   std::string finish_reason;
 };
 
+// {prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details: {cached_tokens}}
+nlohmann::json usage_json(int64_t prompt_tokens, int64_t completion_tokens, int64_t cached_tokens);
+
+// Logprobs of tokens in OpenAI's legacy completions shape: {tokens, token_logprobs,
+// top_logprobs ({text: logprob} or null), text_offset}; offsets count characters from text_offset.
+nlohmann::json completion_logprobs(const std::vector<TokenLogprob>& lp, const TokenText& token_text,
+                                   int64_t text_offset = 0);
+// Logprobs in the chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}.
+nlohmann::json chat_logprobs(const std::vector<TokenLogprob>& lp, const TokenText& token_text);
+
+// /v1/completions, non-streaming: object "text_completion".
 nlohmann::json completion_response(const std::string& id, int64_t created, const std::string& model,
                                    const std::vector<CompletionChoice>& choices, int64_t prompt_tokens,
-                                   int64_t completion_tokens, int64_t cached_tokens, bool with_token_ids);
+                                   int64_t completion_tokens, int64_t cached_tokens, bool with_token_ids,
+                                   const TokenText& token_text);
+// /v1/chat/completions, non-streaming: object "chat.completion", choices[i] = {index,
+// message: {role: "assistant", content}, finish_reason, logprobs}.
+nlohmann::json chat_response(const std::string& id, int64_t created, const std::string& model,
+                             const std::vector<CompletionChoice>& choices, int64_t prompt_tokens,
+                             int64_t completion_tokens, int64_t cached_tokens, bool with_token_ids,
+                             const TokenText& token_text);
+
+// Streaming chunk of /v1/completions: object "text_completion", choices: [{index, text,
+// finish_reason (null until the last), logprobs}]. text_offset: characters this choice sent
+// before this chunk (for logprobs.text_offset). include_usage adds "usage": null.
+nlohmann::json completion_chunk(const std::string& id, int64_t created, const std::string& model, int index,
+                                const std::string& text, const std::vector<TokenLogprob>* logprobs,
+                                const std::optional<std::string>& finish_reason, const TokenText& token_text,
+                                int64_t text_offset = 0, bool include_usage = false);
+// Streaming chunk of /v1/chat/completions: object "chat.completion.chunk", choices: [{index,
+// delta, finish_reason, logprobs}]. A choice's first delta is {"role": "assistant", "content": ""}.
+nlohmann::json chat_chunk(const std::string& id, int64_t created, const std::string& model, int index,
+                          const nlohmann::json& delta, const std::vector<TokenLogprob>* logprobs,
+                          const std::optional<std::string>& finish_reason, const TokenText& token_text,
+                          bool include_usage = false);
+// The last chunk of a stream with include_usage: choices [] and usage.
+nlohmann::json usage_chunk(bool chat, const std::string& id, int64_t created, const std::string& model,
+                           int64_t prompt, int64_t completion, int64_t cached);
 
 nlohmann::json models_response(const std::string& model, int64_t created);
 
