@@ -153,7 +153,8 @@ std::string message_content(const json& content, const std::string& where) {
 }
 
 json parse_messages(const json& body) {
-  if (!body.contains("messages") || body["messages"].is_null()) throw invalid_request("'messages' is required", "messages");
+  if (!body.contains("messages") || body["messages"].is_null())
+    throw invalid_request("'messages' is required", "messages");
   const json& ms = body["messages"];
   if (!ms.is_array() || ms.empty()) throw invalid_request("'messages' must be a non-empty list", "messages");
   json out = json::array();
@@ -250,7 +251,7 @@ json finish_json(const std::optional<std::string>& finish_reason) {
 }
 
 // A non-streaming response: chat choices carry a message, completion choices a text.
-json full_response(const char* object, bool chat, const std::string& id, int64_t created, const std::string& model,
+json full_response(bool chat, const std::string& id, int64_t created, const std::string& model,
                    const std::vector<CompletionChoice>& choices, int64_t prompt_tokens, int64_t completion_tokens,
                    int64_t cached_tokens, bool with_token_ids, const TokenText& token_text) {
   json cs = json::array();
@@ -269,7 +270,7 @@ json full_response(const char* object, bool chat, const std::string& id, int64_t
     if (!c.logits.empty()) o["logits"] = c.logits;
     cs.push_back(std::move(o));
   }
-  json j = envelope(id, object, created, model);
+  json j = envelope(id, chat ? "chat.completion" : "text_completion", created, model);
   j["choices"] = std::move(cs);
   j["usage"] = usage_json(prompt_tokens, completion_tokens, cached_tokens);
   return j;
@@ -337,14 +338,14 @@ json completion_response(const std::string& id, int64_t created, const std::stri
                          const std::vector<CompletionChoice>& choices, int64_t prompt_tokens,
                          int64_t completion_tokens, int64_t cached_tokens, bool with_token_ids,
                          const TokenText& token_text) {
-  return full_response("text_completion", false, id, created, model, choices, prompt_tokens, completion_tokens,
+  return full_response(false, id, created, model, choices, prompt_tokens, completion_tokens,
                        cached_tokens, with_token_ids, token_text);
 }
 
 json chat_response(const std::string& id, int64_t created, const std::string& model,
                    const std::vector<CompletionChoice>& choices, int64_t prompt_tokens, int64_t completion_tokens,
                    int64_t cached_tokens, bool with_token_ids, const TokenText& token_text) {
-  return full_response("chat.completion", true, id, created, model, choices, prompt_tokens, completion_tokens,
+  return full_response(true, id, created, model, choices, prompt_tokens, completion_tokens,
                        cached_tokens, with_token_ids, token_text);
 }
 
@@ -378,8 +379,8 @@ json usage_chunk(bool chat, const std::string& id, int64_t created, const std::s
 }
 
 json models_response(const std::string& model, int64_t created) {
-  return json{{"object", "list"},
-              {"data", json::array({json{{"id", model}, {"object", "model"}, {"created", created}, {"owned_by", "moemesh"}}})}};
+  json m{{"id", model}, {"object", "model"}, {"created", created}, {"owned_by", "moemesh"}};
+  return json{{"object", "list"}, {"data", json::array({std::move(m)})}};
 }
 
 }  // namespace moemesh::openai
