@@ -293,14 +293,15 @@ json usage_json(int64_t prompt_tokens, int64_t completion_tokens, int64_t cached
               {"prompt_tokens_details", {{"cached_tokens", cached_tokens}}}};
 }
 
-json completion_logprobs(const std::vector<TokenLogprob>& lp, const TokenText& token_text, int64_t text_offset) {
+json completion_logprobs(const std::vector<TokenLogprob>& lp, const TokenText& token_text, int64_t* text_offset) {
+  int64_t offset = text_offset ? *text_offset : 0;
   json tokens = json::array(), token_logprobs = json::array(), top_logprobs = json::array(), offsets = json::array();
   for (const auto& t : lp) {
     const std::string text = utf8::lossy(text_of(token_text, t.id));
     tokens.push_back(text);
     token_logprobs.push_back(finite_logprob(t.logprob));
-    offsets.push_back(text_offset);
-    text_offset += count_chars(text);
+    offsets.push_back(offset);
+    offset += count_chars(text);
     if (t.top.empty()) {
       top_logprobs.push_back(nullptr);
       continue;
@@ -312,6 +313,7 @@ json completion_logprobs(const std::vector<TokenLogprob>& lp, const TokenText& t
     }
     top_logprobs.push_back(std::move(top));
   }
+  if (text_offset) *text_offset = offset;
   return json{{"tokens", tokens}, {"token_logprobs", token_logprobs}, {"top_logprobs", top_logprobs},
               {"text_offset", offsets}};
 }
@@ -352,7 +354,7 @@ json chat_response(const std::string& id, int64_t created, const std::string& mo
 json completion_chunk(const std::string& id, int64_t created, const std::string& model, int index,
                       const std::string& text, const std::vector<TokenLogprob>* logprobs,
                       const std::optional<std::string>& finish_reason, const TokenText& token_text,
-                      int64_t text_offset, bool include_usage) {
+                      int64_t* text_offset, bool include_usage) {
   json c{{"index", index},
          {"text", text},
          {"finish_reason", finish_json(finish_reason)},
