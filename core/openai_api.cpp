@@ -153,7 +153,8 @@ std::string message_content(const json& content, const std::string& where) {
 }
 
 json parse_messages(const json& body) {
-  if (!body.contains("messages") || body["messages"].is_null()) throw invalid_request("'messages' is required", "messages");
+  if (!body.contains("messages") || body["messages"].is_null())
+    throw invalid_request("'messages' is required", "messages");
   const json& ms = body["messages"];
   if (!ms.is_array() || ms.empty()) throw invalid_request("'messages' must be a non-empty list", "messages");
   json out = json::array();
@@ -250,7 +251,7 @@ json finish_json(const std::optional<std::string>& finish_reason) {
 }
 
 // A non-streaming response: chat choices carry a message, completion choices a text.
-json full_response(const char* object, bool chat, const std::string& id, int64_t created, const std::string& model,
+json full_response(bool chat, const std::string& id, int64_t created, const std::string& model,
                    const std::vector<CompletionChoice>& choices, int64_t prompt_tokens, int64_t completion_tokens,
                    int64_t cached_tokens, bool with_token_ids, const TokenText& token_text) {
   json cs = json::array();
@@ -269,7 +270,7 @@ json full_response(const char* object, bool chat, const std::string& id, int64_t
     if (!c.logits.empty()) o["logits"] = c.logits;
     cs.push_back(std::move(o));
   }
-  json j = envelope(id, object, created, model);
+  json j = envelope(id, chat ? "chat.completion" : "text_completion", created, model);
   j["choices"] = std::move(cs);
   j["usage"] = usage_json(prompt_tokens, completion_tokens, cached_tokens);
   return j;
@@ -292,14 +293,15 @@ json usage_json(int64_t prompt_tokens, int64_t completion_tokens, int64_t cached
               {"prompt_tokens_details", {{"cached_tokens", cached_tokens}}}};
 }
 
-json completion_logprobs(const std::vector<TokenLogprob>& lp, const TokenText& token_text, int64_t text_offset) {
+json completion_logprobs(const std::vector<TokenLogprob>& lp, const TokenText& token_text, int64_t* text_offset) {
+  int64_t offset = text_offset ? *text_offset : 0;
   json tokens = json::array(), token_logprobs = json::array(), top_logprobs = json::array(), offsets = json::array();
   for (const auto& t : lp) {
     const std::string text = utf8::lossy(text_of(token_text, t.id));
     tokens.push_back(text);
     token_logprobs.push_back(finite_logprob(t.logprob));
-    offsets.push_back(text_offset);
-    text_offset += count_chars(text);
+    offsets.push_back(offset);
+    offset += count_chars(text);
     if (t.top.empty()) {
       top_logprobs.push_back(nullptr);
       continue;
@@ -311,6 +313,7 @@ json completion_logprobs(const std::vector<TokenLogprob>& lp, const TokenText& t
     }
     top_logprobs.push_back(std::move(top));
   }
+  if (text_offset) *text_offset = offset;
   return json{{"tokens", tokens}, {"token_logprobs", token_logprobs}, {"top_logprobs", top_logprobs},
               {"text_offset", offsets}};
 }
@@ -337,21 +340,21 @@ json completion_response(const std::string& id, int64_t created, const std::stri
                          const std::vector<CompletionChoice>& choices, int64_t prompt_tokens,
                          int64_t completion_tokens, int64_t cached_tokens, bool with_token_ids,
                          const TokenText& token_text) {
-  return full_response("text_completion", false, id, created, model, choices, prompt_tokens, completion_tokens,
+  return full_response(false, id, created, model, choices, prompt_tokens, completion_tokens,
                        cached_tokens, with_token_ids, token_text);
 }
 
 json chat_response(const std::string& id, int64_t created, const std::string& model,
                    const std::vector<CompletionChoice>& choices, int64_t prompt_tokens, int64_t completion_tokens,
                    int64_t cached_tokens, bool with_token_ids, const TokenText& token_text) {
-  return full_response("chat.completion", true, id, created, model, choices, prompt_tokens, completion_tokens,
+  return full_response(true, id, created, model, choices, prompt_tokens, completion_tokens,
                        cached_tokens, with_token_ids, token_text);
 }
 
 json completion_chunk(const std::string& id, int64_t created, const std::string& model, int index,
                       const std::string& text, const std::vector<TokenLogprob>* logprobs,
                       const std::optional<std::string>& finish_reason, const TokenText& token_text,
-                      int64_t text_offset, bool include_usage) {
+                      int64_t* text_offset, bool include_usage) {
   json c{{"index", index},
          {"text", text},
          {"finish_reason", finish_json(finish_reason)},
@@ -378,8 +381,8 @@ json usage_chunk(bool chat, const std::string& id, int64_t created, const std::s
 }
 
 json models_response(const std::string& model, int64_t created) {
-  return json{{"object", "list"},
-              {"data", json::array({json{{"id", model}, {"object", "model"}, {"created", created}, {"owned_by", "moemesh"}}})}};
+  json m{{"id", model}, {"object", "model"}, {"created", created}, {"owned_by", "moemesh"}};
+  return json{{"object", "list"}, {"data", json::array({std::move(m)})}};
 }
 
 }  // namespace moemesh::openai

@@ -78,9 +78,10 @@ struct CompletionChoice {
 nlohmann::json usage_json(int64_t prompt_tokens, int64_t completion_tokens, int64_t cached_tokens);
 
 // Logprobs of tokens in OpenAI's legacy completions shape: {tokens, token_logprobs,
-// top_logprobs ({text: logprob} or null), text_offset}; offsets count characters from text_offset.
+// top_logprobs ({text: logprob} or null), text_offset}. Offsets count characters of the token
+// texts, starting at *text_offset (0 when null), which is advanced past these tokens.
 nlohmann::json completion_logprobs(const std::vector<TokenLogprob>& lp, const TokenText& token_text,
-                                   int64_t text_offset = 0);
+                                   int64_t* text_offset = nullptr);
 // Logprobs in the chat shape: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}.
 nlohmann::json chat_logprobs(const std::vector<TokenLogprob>& lp, const TokenText& token_text);
 
@@ -97,12 +98,13 @@ nlohmann::json chat_response(const std::string& id, int64_t created, const std::
                              const TokenText& token_text);
 
 // Streaming chunk of /v1/completions: object "text_completion", choices: [{index, text,
-// finish_reason (null until the last), logprobs}]. text_offset: characters this choice sent
-// before this chunk (for logprobs.text_offset). include_usage adds "usage": null.
+// finish_reason (null until the last), logprobs}]. text_offset: one counter per choice, kept
+// across its chunks so logprobs.text_offset continues (see completion_logprobs); include_usage
+// adds "usage": null.
 nlohmann::json completion_chunk(const std::string& id, int64_t created, const std::string& model, int index,
                                 const std::string& text, const std::vector<TokenLogprob>* logprobs,
                                 const std::optional<std::string>& finish_reason, const TokenText& token_text,
-                                int64_t text_offset = 0, bool include_usage = false);
+                                int64_t* text_offset = nullptr, bool include_usage = false);
 // Streaming chunk of /v1/chat/completions: object "chat.completion.chunk", choices: [{index,
 // delta, finish_reason, logprobs}]. A choice's first delta is {"role": "assistant", "content": ""}.
 nlohmann::json chat_chunk(const std::string& id, int64_t created, const std::string& model, int index,

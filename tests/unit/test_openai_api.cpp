@@ -301,13 +301,15 @@ TEST(OpenAiApi, CompletionResponseShape) {
 TEST(OpenAiApi, CompletionLogprobsShape) {
   const float inf = std::numeric_limits<float>::infinity();
   std::vector<TokenLogprob> lp{{1, -0.25f, {}}, {22, -inf, {{22, -1.f}, {5, -2.f}}}, {3, -1.f, {{3, -1.f}, {3, -3.f}}}};
-  json j = completion_logprobs(lp, piece, 10);
+  int64_t offset = 10;
+  json j = completion_logprobs(lp, piece, &offset);
   EXPECT_EQ(j["tokens"], json({"t1", "t22", "t3"}));
   EXPECT_EQ(j["token_logprobs"], json({-0.25, -9999.0, -1.0}));  // -inf clamped: JSON has no infinity
   EXPECT_TRUE(j["top_logprobs"][0].is_null());
   EXPECT_EQ(j["top_logprobs"][1], (json{{"t22", -1.0}, {"t5", -2.0}}));
   EXPECT_EQ(j["top_logprobs"][2], (json{{"t3", -1.0}}));  // one text twice: the likelier stays
-  EXPECT_EQ(j["text_offset"], json({10, 12, 15}));           // characters, continuing from text_offset
+  EXPECT_EQ(j["text_offset"], json({10, 12, 15}));           // characters, continuing from the counter
+  EXPECT_EQ(offset, 17);
   // Without a token text function tokens are named by id.
   EXPECT_EQ(completion_logprobs({{4, -1.f, {}}}, nullptr)["tokens"], json({"token_id:4"}));
 }
@@ -360,10 +362,12 @@ TEST(OpenAiApi, CompletionChunkShape) {
   EXPECT_TRUE(j["choices"][0]["logprobs"].is_null());
   EXPECT_FALSE(j.contains("usage"));
   std::vector<TokenLogprob> lp{{1, -1.f, {}}};
-  j = completion_chunk("cmpl-2", 5, "m", 0, "t1", &lp, std::string("stop"), piece, 4, true);
+  int64_t offset = 4;
+  j = completion_chunk("cmpl-2", 5, "m", 0, "t1", &lp, std::string("stop"), piece, &offset, true);
   EXPECT_EQ(j["choices"][0]["finish_reason"], "stop");
   EXPECT_EQ(j["choices"][0]["logprobs"]["tokens"], json({"t1"}));
   EXPECT_EQ(j["choices"][0]["logprobs"]["text_offset"], json({4}));
+  EXPECT_EQ(offset, 6);
   ASSERT_TRUE(j.contains("usage"));
   EXPECT_TRUE(j["usage"].is_null());
 }

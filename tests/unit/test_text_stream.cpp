@@ -21,13 +21,21 @@ std::shared_ptr<const Tokenizer> load(const std::string& name) {
   return Tokenizer::from_dir(dir);
 }
 
-std::string show(const std::string& s) { return nlohmann::json(s).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace); }
+std::string show(const std::string& s) {
+  return nlohmann::json(s).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
 
 // Texts whose encodings hold multi-byte characters split over several tokens, leading spaces,
 // and words that tokenize into several pieces.
 const std::vector<std::string> kTexts = {
-    "Hello world", " leading space", "我爱自然语言处理：龘靐齉，饕餮。", "Hi 😀🎉👍🏽 there 👨‍👩‍👧‍👦!",
-    "🤖 和 𠀀 mixed 🇫🇷", "  two spaces\nnew line\ttab", "naïve café Ωμέγα ∑ ≠", "END of TEXT...",
+    "Hello world",
+    " leading space",
+    "我爱自然语言处理：龘靐齉，饕餮。",
+    "Hi 😀🎉👍🏽 there 👨‍👩‍👧‍👦!",
+    "🤖 和 𠀀 mixed 🇫🇷",
+    "  two spaces\nnew line\ttab",
+    "naïve café Ωμέγα ∑ ≠",
+    "END of TEXT...",
 };
 
 // A random generated-looking sequence: slices of real encodings (cut anywhere, so they may
@@ -85,13 +93,25 @@ Streamed stream_all(TextStream& ts, const std::vector<int32_t>& ids) {
   return s;
 }
 
-class TextStreamTok : public ::testing::TestWithParam<std::string> {
+// Fixtures on one real tokenizer; a missing cache is a failure, never a silent pass.
+template <class Base>
+class OnTokenizer : public Base {
  protected:
-  void SetUp() override {
-    tok_ = load(GetParam());
-    ASSERT_TRUE(tok_) << tokenizer_dir(GetParam()) << " is missing: run scripts/bootstrap";
+  void use(const std::string& name) {
+    tok_ = load(name);
+    ASSERT_TRUE(tok_) << tokenizer_dir(name) << " is missing: run scripts/bootstrap";
   }
   std::shared_ptr<const Tokenizer> tok_;
+};
+
+class TextStreamTok : public OnTokenizer<::testing::TestWithParam<std::string>> {
+  void SetUp() override { use(GetParam()); }
+};
+class Llama2Stream : public OnTokenizer<::testing::Test> {
+  void SetUp() override { use("llama2"); }
+};
+class DeepSeekStream : public OnTokenizer<::testing::Test> {
+  void SetUp() override { use("deepseek_v3"); }
 };
 
 TEST_P(TextStreamTok, WithoutStopStringsPiecesAddUpToTheFullDecode) {
@@ -180,17 +200,16 @@ std::vector<std::string> pieces(TextStream& ts, const std::vector<int32_t>& ids)
   return out;
 }
 
-TEST(TextStream, StopStringSplitOverTokensStopsAtTheCompletingToken) {
-  auto tok = load("llama2");
-  ASSERT_TRUE(tok) << "run scripts/bootstrap";
-  auto ids = tok->encode("The answer is 42. Observation: none", false);
+TEST_F(Llama2Stream, StopStringSplitOverTokensStopsAtTheCompletingToken) {
+  auto ids = tok_->encode("The answer is 42. Observation: none", false);
   // Find how many tokens "Observation" needs, so the test knows where the match completes.
-  TextStream ts(tok, {"Observation:"});
+  TextStream ts(tok_, {"Observation:"});
   auto out = pieces(ts, ids);
   ASSERT_TRUE(ts.stopped());
   EXPECT_EQ(ts.text(), "The answer is 42. ");
   size_t need = 0;
-  while (tok->decode(std::span<const int32_t>(ids).first(need), true).find("Observation:") == std::string::npos) ++need;
+  auto seen = [&](size_t k) { return tok_->decode(std::span<const int32_t>(ids).first(k), true); };
+  while (seen(need).find("Observation:") == std::string::npos) ++need;
   EXPECT_EQ(ts.tokens(), int64_t(need));
   EXPECT_GE(need, 3u) << "the stop string should span several tokens";
   EXPECT_EQ(ts.push(ids[0]), "");  // nothing after a stop
@@ -198,18 +217,15 @@ TEST(TextStream, StopStringSplitOverTokensStopsAtTheCompletingToken) {
   EXPECT_EQ(ts.text(), "The answer is 42. ");
 }
 
-TEST(TextStream, HeldTailIsReleasedWhenItStopsMatching) {
-  auto tok = load("llama2");
-  ASSERT_TRUE(tok) << "run scripts/bootstrap";
-  // "Obs" could start "Observation:", so it is held until " ervation" proves otherwise... here it
-  // continues with "ession", which releases it.
-  auto ids = tok->encode("Obsession is fine", false);
-  TextStream ts(tok, {"Observation:"});
+TEST_F(Llama2Stream, HeldTailIsReleasedWhenItStopsMatching) {
+  // The first pieces could start "Observation:" and are held; "...session" rules that out.
+  auto ids = tok_->encode("Obsession is fine", false);
+  TextStream ts(tok_, {"Observation:"});
   std::string got;
   bool held_some = false;
   for (int32_t id : ids) {
     std::string piece = ts.push(id);
-    std::string now = tok->decode(std::span<const int32_t>(ids).first(size_t(ts.tokens())), true);
+    std::string now = tok_->decode(std::span<const int32_t>(ids).first(size_t(ts.tokens())), true);
     held_some = held_some || got.size() + piece.size() < now.size();
     got += piece;
   }
@@ -219,11 +235,9 @@ TEST(TextStream, HeldTailIsReleasedWhenItStopsMatching) {
   EXPECT_EQ(got, "Obsession is fine");
 }
 
-TEST(TextStream, FinishReleasesAPartialStopString) {
-  auto tok = load("deepseek_v3");
-  ASSERT_TRUE(tok) << "run scripts/bootstrap";
-  auto ids = tok->encode("wait for </ans", false);
-  TextStream ts(tok, {"</answer>"});
+TEST_F(DeepSeekStream, FinishReleasesAPartialStopString) {
+  auto ids = tok_->encode("wait for </ans", false);
+  TextStream ts(tok_, {"</answer>"});
   std::string got;
   for (int32_t id : ids) got += ts.push(id);
   EXPECT_EQ(got, "wait for ");  // "</ans" might still become the stop string
@@ -232,26 +246,22 @@ TEST(TextStream, FinishReleasesAPartialStopString) {
   EXPECT_FALSE(ts.stopped());
 }
 
-TEST(TextStream, EarliestMatchWinsOverTheFirstListed) {
-  auto tok = load("deepseek_v3");
-  ASSERT_TRUE(tok) << "run scripts/bootstrap";
-  auto ids = tok->encode("alpha beta gamma delta", false);
-  TextStream ts(tok, {"gamma delta", "ta ga", "zzz", ""});
+TEST_F(DeepSeekStream, EarliestMatchWinsOverTheFirstListed) {
+  auto ids = tok_->encode("alpha beta gamma delta", false);
+  TextStream ts(tok_, {"gamma delta", "ta ga", "zzz", ""});
   pieces(ts, ids);
   ASSERT_TRUE(ts.stopped());
   EXPECT_EQ(ts.text(), "alpha be");
   // A stop string at the very start leaves nothing.
-  TextStream first(tok, {"alpha"});
+  TextStream first(tok_, {"alpha"});
   pieces(first, ids);
   EXPECT_TRUE(first.stopped());
   EXPECT_EQ(first.text(), "");
 }
 
-TEST(TextStream, MultiByteStopStringAcrossByteFallbackTokens) {
-  auto tok = load("llama2");
-  ASSERT_TRUE(tok) << "run scripts/bootstrap";
-  auto ids = tok->encode("ok 😀🎉 more", false);
-  TextStream ts(tok, {"🎉"});
+TEST_F(Llama2Stream, MultiByteStopStringAcrossByteFallbackTokens) {
+  auto ids = tok_->encode("ok 😀🎉 more", false);
+  TextStream ts(tok_, {"🎉"});
   pieces(ts, ids);
   ASSERT_TRUE(ts.stopped());
   EXPECT_EQ(ts.text(), "ok 😀");
@@ -259,18 +269,16 @@ TEST(TextStream, MultiByteStopStringAcrossByteFallbackTokens) {
 
 // A valid character from byte tokens becomes U+FFFD per byte when a stray byte follows it in the
 // same run (as HF's ByteFallback does), so it must not be sent before the run ends.
-TEST(TextStream, ByteFallbackRunIsHeldUntilItCloses) {
-  auto tok = load("llama2");
-  ASSERT_TRUE(tok) << "run scripts/bootstrap";
+TEST_F(Llama2Stream, ByteFallbackRunIsHeldUntilItCloses) {
   std::vector<int32_t> ids;
-  for (const char* b : {"<0xE4>", "<0xB8>", "<0xAD>", "<0x80>"}) ids.push_back(*tok->token_to_id(b));
-  ids.push_back(tok->encode("a", false).back());
-  TextStream ts(tok, {});
+  for (const char* b : {"<0xE4>", "<0xB8>", "<0xAD>", "<0x80>"}) ids.push_back(*tok_->token_to_id(b));
+  ids.push_back(tok_->encode("a", false).back());
+  TextStream ts(tok_, {});
   std::string got;
   for (size_t i = 0; i + 1 < ids.size(); ++i) got += ts.push(ids[i]);
   EXPECT_EQ(got, "");
   got += ts.push(ids.back());
-  EXPECT_EQ(got, tok->decode(ids, true));
+  EXPECT_EQ(got, tok_->decode(ids, true));
   EXPECT_EQ(got, "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD a");
 }
 
