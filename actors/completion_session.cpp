@@ -18,7 +18,7 @@ struct Choice {
   TextStream text;
   std::vector<openai::TokenLogprob> logprobs;  // every token received (when asked)
   size_t streamed_logprobs = 0;                // of them, already sent in a chunk
-  int64_t streamed_chars = 0;                  // text sent so far (completions' text_offset)
+  int64_t text_offset = 0;                     // completions' logprobs.text_offset, across chunks
   size_t tokens = 0;                           // received
   bool stopped = false;                        // a stop string matched; cancelled in the scheduler
   bool done = false;
@@ -41,12 +41,6 @@ struct SessionState {
 };
 
 using Self = caf::stateful_actor<SessionState>;
-
-int64_t utf8_chars(const std::string& s) {
-  int64_t n = 0;
-  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
-  return n;
-}
 
 void write_event(SessionState& st, const json& j) { st.res.write("data: " + j.dump() + "\n\n"); }
 
@@ -77,8 +71,7 @@ void stream_delta(SessionState& st, int i, const std::string& text, const std::o
                                        st.token_text, r.include_usage));
   else
     write_event(st, openai::completion_chunk(st.spec.id, st.spec.created, st.spec.model, i, text, lpp, finish,
-                                             st.token_text, c.streamed_chars, r.include_usage));
-  c.streamed_chars += utf8_chars(text);
+                                             st.token_text, &c.text_offset, r.include_usage));
 }
 
 void on_token(Self* self, int i, int32_t token, float logprob, std::vector<std::pair<int32_t, float>> top) {
