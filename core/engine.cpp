@@ -9,61 +9,31 @@
 #include <unordered_set>
 
 #include "core/error.h"
-#include "kernels/cpu/attention.h"
-#include "kernels/cpu/ops.h"
 
 namespace moemesh {
 
-void attention_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, KvCache& kv,
-                     const BatchLayout& layout, float* x) {
-  const int64_t rows = layout.rows, hidden = cfg.hidden_size, hd = cfg.head_dim;
-  const int64_t q_dim = cfg.num_attention_heads * hd, kv_dim = cfg.num_key_value_heads * hd;
-  std::vector<float> h(size_t(rows * hidden)), q(size_t(rows * q_dim)), k(size_t(rows * kv_dim)),
-      v(size_t(rows * kv_dim)), attn(size_t(rows * q_dim)), o(size_t(rows * hidden));
-  cpu::rmsnorm(x, lw.input_norm.data, lw.input_norm.dtype, rows, hidden, cfg.rms_norm_eps, h.data());
-  cpu::matmul(h.data(), rows, hidden, lw.q.data, lw.q.dtype, q_dim, q.data());
-  cpu::matmul(h.data(), rows, hidden, lw.k.data, lw.k.dtype, kv_dim, k.data());
-  cpu::matmul(h.data(), rows, hidden, lw.v.data, lw.v.dtype, kv_dim, v.data());
-  cpu::rope(q.data(), rows, cfg.num_attention_heads, hd, layout.positions.data(), cfg.rope_theta);
-  cpu::rope(k.data(), rows, cfg.num_key_value_heads, hd, layout.positions.data(), cfg.rope_theta);
-
-  const cpu::AttentionShape shape{cfg.num_attention_heads, cfg.num_key_value_heads, hd,
-                                  cfg.sliding_window.value_or(0)};
-  std::vector<const float*> k_ptrs, v_ptrs;
-  for (const auto& sp : layout.spans) {
-    for (int64_t i = 0; i < sp.n; ++i) {
-      const int64_t row = sp.row0 + i;
-      std::copy_n(k.data() + row * kv_dim, kv_dim, kv.k_row(layer, sp.seq, sp.pos0 + i));
-      std::copy_n(v.data() + row * kv_dim, kv_dim, kv.v_row(layer, sp.seq, sp.pos0 + i));
-    }
-    const cpu::PagedKV view = kv.view(layer, sp.seq, k_ptrs, v_ptrs);
-    cpu::paged_attention(q.data() + sp.row0 * q_dim, sp.n, layout.positions.data() + sp.row0, shape, view,
-                         attn.data() + sp.row0 * q_dim);
-  }
-  cpu::matmul(attn.data(), rows, q_dim, lw.o.data, lw.o.dtype, hidden, o.data());
-  for (int64_t i = 0; i < rows * hidden; ++i) x[i] += o[size_t(i)];
-}
-
-void ffn_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, ExpertExecutor& experts, float* x,
-               int64_t rows) {
+void ffn_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, ComputeBackend& backend,
+               ExpertExecutor& experts, float* x, int64_t rows) {
   const int64_t hidden = cfg.hidden_size;
   std::vector<float> h(size_t(rows * hidden)), y(size_t(rows * hidden), 0.0f);
-  cpu::rmsnorm(x, lw.post_attention_norm.data, lw.post_attention_norm.dtype, rows, hidden, cfg.rms_norm_eps,
-               h.data());
+  backend.rmsnorm(x, lw.post_attention_norm, rows, cfg.rms_norm_eps, h.data());
   if (lw.moe) {
-    const Routing r = route(cfg, lw.router, h.data(), rows);
+    if (lw.router.empty()) throw Error("moe: router weight is not loaded");
+    std::vector<float> gate(size_t(rows * cfg.num_experts));
+    backend.matmul(h.data(), rows, lw.router, gate.data());
+    const Routing r = route_from_logits(cfg, gate.data(), rows);
     const std::vector<ExpertGroup> groups = group_by_expert(r);
     std::vector<std::vector<float>> outputs;
     experts.run(layer, h.data(), hidden, groups, outputs);
     combine(r, groups, outputs, hidden, y.data());
     if (lw.shared) {  // DeepSeek: shared experts see the same h, added after the routed sum
       std::vector<float> s(size_t(rows * hidden));
-      mlp_forward(*lw.shared, h.data(), rows, hidden, s.data());
+      backend.mlp(*lw.shared, h.data(), rows, hidden, s.data());
       for (int64_t i = 0; i < rows * hidden; ++i) y[size_t(i)] += s[size_t(i)];
     }
   } else {
     if (!lw.dense) throw Error("engine: layer " + std::to_string(layer) + " has no dense MLP loaded");
-    mlp_forward(*lw.dense, h.data(), rows, hidden, y.data());
+    backend.mlp(*lw.dense, h.data(), rows, hidden, y.data());
   }
   for (int64_t i = 0; i < rows * hidden; ++i) x[i] += y[size_t(i)];
 }
@@ -74,10 +44,15 @@ Engine::Engine(std::shared_ptr<const Checkpoint> ckpt, EngineOptions opts, std::
 
 Engine::Engine(ModelConfig cfg, ModelWeights weights, EngineOptions opts, std::shared_ptr<ExpertExecutor> experts,
                std::shared_ptr<const void> owner)
-    : owner_(std::move(owner)), cfg_(std::move(cfg)), weights_(std::move(weights)), experts_(std::move(experts)) {
+    : owner_(std::move(owner)),
+      cfg_(std::move(cfg)),
+      weights_(std::move(weights)),
+      backend_(opts.backend ? std::move(opts.backend) : cpu_backend()),
+      experts_(std::move(experts)) {
   validate();
-  if (!experts_) experts_ = std::make_shared<LocalExpertExecutor>(weights_);
-  kv_ = std::make_unique<KvCache>(cfg_.num_hidden_layers, cfg_.num_key_value_heads * cfg_.head_dim, opts.kv_blocks);
+  if (!experts_) experts_ = std::make_shared<LocalExpertExecutor>(weights_, backend_);
+  kv_ = backend_->make_kv_cache(cfg_.num_hidden_layers, cfg_.num_key_value_heads * cfg_.head_dim, opts.kv_blocks,
+                                KvCacheFormat{opts.kv_dtype, cfg_.num_key_value_heads});
 }
 
 void Engine::validate() {
@@ -228,11 +203,11 @@ std::vector<StepOutput> Engine::forward(std::span<const StepInput> part, ExpertE
   ids.reserve(size_t(rows));
   for (const StepInput& in : part) ids.insert(ids.end(), in.tokens.begin(), in.tokens.end());
   std::vector<float> x(size_t(rows * hidden));
-  cpu::embedding(weights_.embed.data, weights_.embed.dtype, hidden, ids.data(), rows, x.data());
+  backend_->embedding(weights_.embed, ids.data(), rows, x.data());
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
     const LayerWeights& lw = weights_.layers[size_t(l)];
-    attention_block(cfg_, lw, l, *kv_, layout, x.data());
-    ffn_block(cfg_, lw, l, experts, x.data(), rows);
+    backend_->attention_block(cfg_, lw, l, *kv_, layout, x.data());
+    ffn_block(cfg_, lw, l, *backend_, experts, x.data(), rows);
   }
 
   // Final norm and lm_head only on the rows whose logits were asked for.
@@ -246,11 +221,9 @@ std::vector<StepOutput> Engine::forward(std::span<const StepInput> part, ExpertE
     const int64_t first_row = sp.row0 + sp.n - out.n;
     out.first_position = sp.pos0 + (sp.n - out.n);
     normed.resize(size_t(out.n * hidden));
-    cpu::rmsnorm(x.data() + first_row * hidden, weights_.final_norm.data, weights_.final_norm.dtype, out.n, hidden,
-                 cfg_.rms_norm_eps, normed.data());
+    backend_->rmsnorm(x.data() + first_row * hidden, weights_.final_norm, out.n, cfg_.rms_norm_eps, normed.data());
     out.logits.resize(size_t(out.n * cfg_.vocab_size));
-    cpu::matmul(normed.data(), out.n, hidden, weights_.lm_head.data, weights_.lm_head.dtype, cfg_.vocab_size,
-                out.logits.data());
+    backend_->matmul(normed.data(), out.n, weights_.lm_head, out.logits.data());
     outs.push_back(std::move(out));
   }
   return outs;

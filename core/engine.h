@@ -1,10 +1,10 @@
 // The in-process reference engine: a whole model on one CPU, paged KV cache, batched steps.
 // Every other execution path (attention workers + expert hosts) must reproduce its logits.
 //
-// The two halves of a layer are free functions so the attention worker can reuse them with a
-// remote ExpertExecutor:
-//   attention_block  x += o_proj(attention(rope(qkv(rmsnorm(x)))))  (writes the KV cache)
-//   ffn_block        x += moe(rmsnorm(x)) or dense_mlp(rmsnorm(x))
+// The compute runs on a ComputeBackend (core/compute_backend.h; CPU unless EngineOptions says
+// otherwise); per layer:
+//   backend.attention_block  x += o_proj(attention(rope(qkv(rmsnorm(x)))))  (writes the KV cache)
+//   ffn_block                x += moe(rmsnorm(x)) or dense_mlp(rmsnorm(x))
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -12,37 +12,22 @@
 #include <vector>
 
 #include "core/checkpoint.h"
+#include "core/compute_backend.h"
 #include "core/kv_cache.h"
 #include "core/model_config.h"
 #include "core/moe.h"
 
 namespace moemesh {
 
-// Where each sequence's new tokens sit in a step's batch of rows.
-struct BatchLayout {
-  struct Span {
-    SeqId seq = 0;
-    int64_t row0 = 0;  // first row in the batch
-    int64_t n = 0;     // new tokens of this sequence
-    int64_t pos0 = 0;  // position of the first new token (tokens already cached)
-  };
-  std::vector<Span> spans;
-  std::vector<int32_t> positions;  // per row
-  int64_t rows = 0;
-};
-
-// x [layout.rows, hidden] += attention of layer `layer`. Stores the new K/V rows into kv at the
-// spans' positions (kv must have room reserved) and attends causally over each sequence's cache.
-void attention_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, KvCache& kv,
-                     const BatchLayout& layout, float* x);
-
 // x [rows, hidden] += the layer's FFN on rmsnorm(x): routed experts through `experts` (+ shared
-// experts computed here) for MoE layers, the dense MLP otherwise.
-void ffn_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, ExpertExecutor& experts, float* x,
-               int64_t rows);
+// experts computed here) for MoE layers, the dense MLP otherwise. Gating (top-k) runs on the host.
+void ffn_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, ComputeBackend& backend,
+               ExpertExecutor& experts, float* x, int64_t rows);
 
 struct EngineOptions {
   int64_t kv_blocks = 256;  // KV pool size in blocks of KvCache::kBlockSize tokens
+  KvDType kv_dtype = KvDType::F32;  // INT8: ~1/4 of the memory, logits within docs/gpu.md's bound
+  std::shared_ptr<ComputeBackend> backend = nullptr;  // null: the CPU backend
 };
 
 // One sequence's part of a step.
@@ -89,6 +74,7 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   const ModelConfig& config() const { return cfg_; }
+  ComputeBackend& backend() { return *backend_; }
   const ModelWeights& weights() const { return weights_; }
   KvCache& kv_cache() { return *kv_; }
 
@@ -111,6 +97,7 @@ class Engine {
   std::shared_ptr<const void> owner_;
   ModelConfig cfg_;
   ModelWeights weights_;
+  std::shared_ptr<ComputeBackend> backend_;
   std::shared_ptr<ExpertExecutor> experts_;
   std::unique_ptr<KvCache> kv_;
   MicroBatchTiming timing_;

@@ -1,8 +1,18 @@
 // Paged KV cache: a preallocated pool of fixed-size blocks (16 tokens each) shared by all
 // sequences. A sequence owns a block table; one block id covers every layer (as in vLLM), so
-// growing a sequence by a token takes at most one block from the pool. K and V are f32.
+// growing a sequence by a token takes at most one block from the pool.
+//
+// Storage is f32, or INT8 with one f32 scale per (token, kv head): symmetric, scale = amax/127
+// (docs/gpu.md says why per token-head). The prefix cache always moves whole blocks as f32
+// (read_block dequantises, write_block quantises), so the KV store's wire format does not
+// depend on a worker's storage.
+//
+// A backend may keep the storage elsewhere (the CUDA backend's device pool): it derives from
+// KvCache with host_storage = false, keeps this class's bookkeeping (block tables, lengths) and
+// overrides read_block/write_block.
 #pragma once
 #include <cstdint>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -12,12 +22,31 @@ namespace moemesh {
 
 using SeqId = int64_t;
 
+enum class KvDType { F32, Int8 };
+// "f32" | "int8"; anything else is a moemesh::Error naming the accepted values.
+KvDType parse_kv_dtype(std::string_view s);
+std::string_view kv_dtype_name(KvDType t);
+
+struct KvCacheFormat {
+  KvDType dtype = KvDType::F32;
+  int64_t kv_heads = 1;  // INT8 scales are per kv head: kv_dim must be a multiple of it
+};
+
+// Pointer tables for one (layer, sequence) attention view; reused across calls.
+struct KvViewScratch {
+  std::vector<const float*> k, v, k_scale, v_scale;
+  std::vector<const int8_t*> k_q, v_q;
+};
+
 class KvCache {
  public:
   static constexpr int64_t kBlockSize = 16;
 
   // kv_dim = num_key_value_heads * head_dim. Throws moemesh::Error on bad sizes.
-  KvCache(int64_t n_layers, int64_t kv_dim, int64_t num_blocks);
+  KvCache(int64_t n_layers, int64_t kv_dim, int64_t num_blocks, KvCacheFormat format = {});
+  virtual ~KvCache() = default;
+  KvCache(const KvCache&) = delete;
+  KvCache& operator=(const KvCache&) = delete;
 
   SeqId create_sequence();
   void free_sequence(SeqId seq);  // returns its blocks to the pool; unknown id -> Error
@@ -31,26 +60,44 @@ class KvCache {
   void reserve(SeqId seq, int64_t new_len);
   // Marks positions [length, new_len) as written (after every layer stored them).
   void set_length(SeqId seq, int64_t new_len);
+  // The sequence's block ids in order (valid until the next reserve/free).
+  const std::vector<int32_t>& block_table(SeqId seq) const;
 
-  // Row of K (or V) for (layer, seq, position): kv_dim floats. The position must be reserved.
+  // Stores one token's K and V (kv_dim floats each) at (layer, seq, pos): copied, or quantised.
+  // The position must be reserved. Host storage only.
+  void write_row(int64_t layer, SeqId seq, int64_t pos, const float* k, const float* v);
+  // Row of K (or V) for (layer, seq, position): kv_dim floats. F32 host storage only.
   float* k_row(int64_t layer, SeqId seq, int64_t pos);
   float* v_row(int64_t layer, SeqId seq, int64_t pos);
-  // Block pointers of one sequence in one layer, for the attention kernel. Valid until the
-  // next reserve/free.
-  cpu::PagedKV view(int64_t layer, SeqId seq, std::vector<const float*>& k_ptrs,
-                    std::vector<const float*>& v_ptrs) const;
+  // Block pointers of one sequence in one layer, for the attention kernel (f32 or INT8 fields
+  // set by the dtype). Valid until the next reserve/free. Host storage only.
+  cpu::PagedKV view(int64_t layer, SeqId seq, KvViewScratch& scratch) const;
 
   // Whole blocks, for the prefix cache: block `index` of a sequence across every layer, laid out
   // [n_layers, 2 (K, V), kBlockSize, kv_dim] f32 (block_floats() floats). read_block needs the
   // block reserved; write_block fills a reserved block (set_length then marks it written).
   int64_t block_floats() const { return n_layers_ * 2 * kBlockSize * kv_dim_; }
-  void read_block(SeqId seq, int64_t index, float* out) const;
-  void write_block(SeqId seq, int64_t index, const float* in);
+  virtual void read_block(SeqId seq, int64_t index, float* out) const;
+  virtual void write_block(SeqId seq, int64_t index, const float* in);
+
+  // Bytes one block takes in storage, every layer, K and V, scales included.
+  int64_t bytes_per_block() const;
 
   int64_t num_blocks() const { return num_blocks_; }
   int64_t free_blocks() const { return int64_t(free_.size()); }
   int64_t kv_dim() const { return kv_dim_; }
   int64_t n_layers() const { return n_layers_; }
+  const KvCacheFormat& format() const { return format_; }
+  KvDType dtype() const { return format_.dtype; }
+
+ protected:
+  // host_storage = false: bookkeeping only (a backend holds the K/V elsewhere).
+  KvCache(int64_t n_layers, int64_t kv_dim, int64_t num_blocks, KvCacheFormat format, bool host_storage);
+  // Index of (layer, block, K|V) among the pool's [layer][block][k|v] slabs of kBlockSize rows.
+  size_t slab(int64_t layer, int32_t block, bool value) const {
+    return (size_t(layer) * size_t(num_blocks_) + size_t(block)) * 2 + (value ? 1 : 0);
+  }
+  int32_t block_of(SeqId seq, int64_t index) const;  // checked: the block must be reserved
 
  private:
   struct Sequence {
@@ -59,11 +106,20 @@ class KvCache {
   };
   const Sequence& seq(SeqId id) const;
   Sequence& seq(SeqId id);
+  void require_host(const char* what) const;
   float* block_ptr(int64_t layer, int32_t block, bool value) const;
+  // INT8: quantises / dequantises kBlockSize rows of one slab.
+  void quantise_rows(size_t slab_index, int64_t first_row, int64_t n_rows, const float* in);
+  void dequantise_rows(size_t slab_index, float* out) const;
 
   int64_t n_layers_, kv_dim_, num_blocks_;
-  // [layer][block][k|v][kBlockSize][kv_dim]
+  KvCacheFormat format_;
+  bool host_storage_;
+  // [layer][block][k|v][kBlockSize][kv_dim] (f32), or the same in int8 plus
+  // [layer][block][k|v][kBlockSize][kv_heads] f32 scales.
   mutable std::vector<float> pool_;
+  mutable std::vector<int8_t> qpool_;
+  mutable std::vector<float> scales_;
   std::vector<int32_t> free_;  // a stack: the most recently freed block is reused first
   std::unordered_map<SeqId, Sequence> seqs_;
   SeqId next_id_ = 1;

@@ -81,6 +81,9 @@ void mlp_forward(const MlpWeights& w, const float* x, int64_t rows, int64_t hidd
   cpu::matmul(gate.data(), rows, inter, w.down.data, w.down.dtype, hidden, out);
 }
 
+LocalExpertExecutor::LocalExpertExecutor(const ModelWeights& weights, std::shared_ptr<ComputeBackend> backend)
+    : weights_(weights), backend_(backend ? std::move(backend) : cpu_backend()) {}
+
 void LocalExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, std::span<const ExpertGroup> groups,
                               std::vector<std::vector<float>>& outputs) {
   const LayerWeights& lw = weights_.layers.at(size_t(layer));
@@ -93,7 +96,7 @@ void LocalExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, std
                   " is not loaded here");
     gather_rows(h, hidden, g, x);
     outputs[i].resize(x.size());
-    mlp_forward(*lw.experts[size_t(g.expert)], x.data(), int64_t(g.rows.size()), hidden, outputs[i].data());
+    backend_->mlp(*lw.experts[size_t(g.expert)], x.data(), int64_t(g.rows.size()), hidden, outputs[i].data());
   }
 }
 

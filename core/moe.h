@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/checkpoint.h"
+#include "core/compute_backend.h"
 #include "core/model_config.h"
 
 namespace moemesh {
@@ -55,15 +56,17 @@ class ExpertExecutor {
                    std::vector<std::vector<float>>& outputs) = 0;
 };
 
-// Runs the experts in-process from mapped weights (which must outlive it).
+// Runs the experts in-process from mapped weights (which must outlive it) on a backend (null:
+// the CPU).
 class LocalExpertExecutor : public ExpertExecutor {
  public:
-  explicit LocalExpertExecutor(const ModelWeights& weights) : weights_(weights) {}
+  explicit LocalExpertExecutor(const ModelWeights& weights, std::shared_ptr<ComputeBackend> backend = nullptr);
   void run(int64_t layer, const float* h, int64_t hidden, std::span<const ExpertGroup> groups,
            std::vector<std::vector<float>>& outputs) override;
 
  private:
   const ModelWeights& weights_;
+  std::shared_ptr<ComputeBackend> backend_;
 };
 
 // out[rows, hidden] += Σ_k weight[row, slot] * outputs[group][i], visiting groups by expert id

@@ -8,14 +8,48 @@
 
 namespace moemesh::cpu {
 
-void paged_attention(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionShape& s,
-                     const PagedKV& kv, float* out) {
-  if (s.n_kv_heads <= 0 || s.n_heads % s.n_kv_heads != 0)
-    throw Error("attention: n_heads (" + std::to_string(s.n_heads) + ") is not a multiple of n_kv_heads (" +
-                std::to_string(s.n_kv_heads) + ")");
+namespace {
+
+// Reads K/V rows of an f32 cache.
+struct F32Rows {
+  const PagedKV& kv;
+  int64_t kv_dim, hd;
+  float dot(const float* qh, int64_t j, int64_t kvh) const {
+    const float* kr = kv.k_blocks[j / kv.block_size] + (j % kv.block_size) * kv_dim + kvh * hd;
+    float dot = 0.0f;
+    for (int64_t d = 0; d < hd; ++d) dot += qh[d] * kr[d];
+    return dot;
+  }
+  void add_value(float* oh, float p, int64_t j, int64_t kvh) const {
+    const float* vr = kv.v_blocks[j / kv.block_size] + (j % kv.block_size) * kv_dim + kvh * hd;
+    for (int64_t d = 0; d < hd; ++d) oh[d] += p * vr[d];
+  }
+};
+
+// Reads K/V rows of an INT8 cache: integer row times its (token, head) scale.
+struct Int8Rows {
+  const PagedKV& kv;
+  int64_t kv_dim, hd, kv_heads;
+  float dot(const float* qh, int64_t j, int64_t kvh) const {
+    const int64_t b = j / kv.block_size, t = j % kv.block_size;
+    const int8_t* kr = kv.k_q[b] + t * kv_dim + kvh * hd;
+    float dot = 0.0f;
+    for (int64_t d = 0; d < hd; ++d) dot += qh[d] * float(kr[d]);
+    return dot * kv.k_scale[b][t * kv_heads + kvh];
+  }
+  void add_value(float* oh, float p, int64_t j, int64_t kvh) const {
+    const int64_t b = j / kv.block_size, t = j % kv.block_size;
+    const int8_t* vr = kv.v_q[b] + t * kv_dim + kvh * hd;
+    const float ps = p * kv.v_scale[b][t * kv_heads + kvh];
+    for (int64_t d = 0; d < hd; ++d) oh[d] += ps * float(vr[d]);
+  }
+};
+
+template <class Rows>
+void attend(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionShape& s, const Rows& rows,
+            float* out) {
   const int64_t group = s.n_heads / s.n_kv_heads;
   const int64_t hd = s.head_dim;
-  const int64_t kv_dim = s.n_kv_heads * hd;
   const float scale = float(1.0 / std::sqrt(double(hd)));
   std::vector<float> scores;
   for (int64_t r = 0; r < n_q; ++r) {
@@ -28,9 +62,7 @@ void paged_attention(const float* q, int64_t n_q, const int32_t* q_pos, const At
       const float* qh = q + (r * s.n_heads + h) * hd;
       float mx = -INFINITY;
       for (int64_t j = first; j <= pos; ++j) {
-        const float* kr = kv.k_blocks[j / kv.block_size] + (j % kv.block_size) * kv_dim + kvh * hd;
-        float dot = 0.0f;
-        for (int64_t d = 0; d < hd; ++d) dot += qh[d] * kr[d];
+        float dot = rows.dot(qh, j, kvh);
         dot *= scale;
         scores[size_t(j - first)] = dot;
         mx = std::max(mx, dot);
@@ -43,12 +75,25 @@ void paged_attention(const float* q, int64_t n_q, const int32_t* q_pos, const At
       const float inv = float(1.0 / sum);
       float* oh = out + (r * s.n_heads + h) * hd;
       std::fill(oh, oh + hd, 0.0f);
-      for (int64_t j = first; j <= pos; ++j) {
-        const float* vr = kv.v_blocks[j / kv.block_size] + (j % kv.block_size) * kv_dim + kvh * hd;
-        const float p = scores[size_t(j - first)] * inv;
-        for (int64_t d = 0; d < hd; ++d) oh[d] += p * vr[d];
-      }
+      for (int64_t j = first; j <= pos; ++j) rows.add_value(oh, scores[size_t(j - first)] * inv, j, kvh);
     }
+  }
+}
+
+}  // namespace
+
+void paged_attention(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionShape& s,
+                     const PagedKV& kv, float* out) {
+  if (s.n_kv_heads <= 0 || s.n_heads % s.n_kv_heads != 0)
+    throw Error("attention: n_heads (" + std::to_string(s.n_heads) + ") is not a multiple of n_kv_heads (" +
+                std::to_string(s.n_kv_heads) + ")");
+  const int64_t kv_dim = s.n_kv_heads * s.head_dim;
+  if (kv.k_blocks) {
+    attend(q, n_q, q_pos, s, F32Rows{kv, kv_dim, s.head_dim}, out);
+  } else {
+    if (!kv.k_q || !kv.v_q || !kv.k_scale || !kv.v_scale)
+      throw Error("attention: the KV view has neither f32 nor complete INT8 block pointers");
+    attend(q, n_q, q_pos, s, Int8Rows{kv, kv_dim, s.head_dim, s.n_kv_heads}, out);
   }
 }
 

@@ -82,6 +82,9 @@ Status rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int
 Status silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, float* out,
                 cudaStream_t stream);
 
+// x[n] += y[n] (the residual add after attention / the MLP).
+Status add_inplace(float* x, const float* y, int64_t n, cudaStream_t stream);
+
 // Gathers rows of table [vocab, dim] (F32/F16/BF16) into out[n, dim] as f32. ids live on the
 // device, so they cannot be checked here: an id outside [0, vocab) yields a row of NaN (loud,
 // never an out-of-bounds read). Ids are meant to be validated on the host before upload.
@@ -176,5 +179,29 @@ Status paged_attention(const PagedAttentionConfig& cfg, const float* q, int64_t 
                        const int32_t* row_seq, const int32_t* row_pos, const int32_t* block_tables,
                        int64_t n_seqs, const float* k_cache, const float* v_cache, float* out,
                        cudaStream_t stream);
+
+// INT8 KV cache: k_q/v_q int8 [num_blocks, 16, n_kv_heads, head_dim] and k_scale/v_scale f32
+// [num_blocks, 16, n_kv_heads]: one symmetric scale per (token, kv head), scale = max|x| / 127,
+// q = round-half-even(x / scale) clamped to [-127, 127] (0 for an all-zero head), exactly the CPU
+// format of kernels/cpu/kv_int8.h. Slots, block tables, windows and NaN-on-bad-input as above.
+struct Int8KvCache {
+  int8_t* k_q = nullptr;
+  int8_t* v_q = nullptr;
+  float* k_scale = nullptr;
+  float* v_scale = nullptr;
+  size_t values_bytes(const PagedAttentionConfig& c) const { return size_t(c.num_blocks * c.block_floats()); }
+  size_t scales_bytes(const PagedAttentionConfig& c) const {
+    return size_t(c.num_blocks * kKvBlockTokens * c.n_kv_heads) * sizeof(float);
+  }
+};
+
+// Quantises rows of k, v [rows, n_kv_heads, head_dim] into the cache at slots[rows].
+Status paged_kv_write_int8(const PagedAttentionConfig& cfg, const float* k, const float* v, int64_t rows,
+                           const int32_t* slots, const Int8KvCache& cache, cudaStream_t stream);
+
+// paged_attention over an INT8 cache: scores scale_k · (q · k_q), values scale_v · v_q.
+Status paged_attention_int8(const PagedAttentionConfig& cfg, const float* q, int64_t rows,
+                            const int32_t* row_seq, const int32_t* row_pos, const int32_t* block_tables,
+                            int64_t n_seqs, const Int8KvCache& cache, float* out, cudaStream_t stream);
 
 }  // namespace moemesh::cuda

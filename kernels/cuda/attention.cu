@@ -1,6 +1,7 @@
-// Attention over a paged f32 KV cache (layout and semantics: api.cuh). One block per (query row,
-// query head), 4 warps splitting the attended tokens 32 at a time, online softmax in f32; the
-// warps' partial (max, sum, acc) are merged at the end (flash-decoding within one block).
+// Attention over a paged KV cache, f32 or INT8 (layout and semantics: api.cuh). One block per
+// (query row, query head), 4 warps splitting the attended tokens 32 at a time, online softmax in
+// f32; the warps' partial (max, sum, acc) are merged at the end (flash-decoding within one block).
+// The cache type is a template parameter (F32Cache / Int8Cache): one kernel body for both.
 #include <algorithm>
 #include <cmath>
 
@@ -12,13 +13,53 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 
+// f32 rows: K dot products with 16-byte loads.
+struct F32Cache {
+  const float* __restrict__ k;
+  const float* __restrict__ v;
+  __device__ __forceinline__ float k_dot(const float4* q4, size_t off, int slot_head, int head_dim) const {
+    (void)slot_head;
+    const float4* k4 = reinterpret_cast<const float4*>(k + off);
+    float dot = 0.0f;
+    for (int d = 0; d < head_dim / 4; ++d) {
+      const float4 a = q4[d], b = k4[d];
+      dot += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+    }
+    return dot;
+  }
+  __device__ __forceinline__ float v_scale(int slot_head) const {
+    (void)slot_head;
+    return 1.0f;
+  }
+  __device__ __forceinline__ float v_at(size_t off) const { return v[off]; }
+};
+
+// INT8 rows: 4-byte loads of 4 values, the (token, head) scale applied once per dot product.
+struct Int8Cache {
+  const int8_t* __restrict__ k;
+  const int8_t* __restrict__ v;
+  const float* __restrict__ ks;
+  const float* __restrict__ vs;
+  __device__ __forceinline__ float k_dot(const float4* q4, size_t off, int slot_head, int head_dim) const {
+    const char4* k4 = reinterpret_cast<const char4*>(k + off);
+    float dot = 0.0f;
+    for (int d = 0; d < head_dim / 4; ++d) {
+      const float4 a = q4[d];
+      const char4 b = k4[d];
+      dot += a.x * float(b.x) + a.y * float(b.y) + a.z * float(b.z) + a.w * float(b.w);
+    }
+    return dot * ks[slot_head];
+  }
+  __device__ __forceinline__ float v_scale(int slot_head) const { return vs[slot_head]; }
+  __device__ __forceinline__ float v_at(size_t off) const { return float(v[off]); }
+};
+
 // kPerLane = ceil(head_dim / 32), as a template so the accumulator stays in registers.
-template <int kPerLane>
+template <int kPerLane, class Cache>
 __global__ void __launch_bounds__(kThreads)
     paged_attention_kernel(const float* __restrict__ q, const int32_t* __restrict__ row_seq,
                            const int32_t* __restrict__ row_pos,
-                           const int32_t* __restrict__ block_tables, int n_seqs,
-                           const float* __restrict__ k_cache, const float* __restrict__ v_cache,
+                           const int32_t* __restrict__ block_tables, int n_seqs, Cache cache,
                            float* __restrict__ out, int n_heads, int group, int n_kv_heads,
                            int head_dim, int num_blocks, int max_blocks_per_seq, float scale,
                            int sliding_window) {
@@ -61,12 +102,8 @@ __global__ void __launch_bounds__(kThreads)
         bad = 1;  // benign race: every writer stores 1
       } else {
         slot = blk * int(kKvBlockTokens) + t % int(kKvBlockTokens);
-        const float4* k4 = reinterpret_cast<const float4*>(k_cache + slot * kv_stride + size_t(kvh) * head_dim);
-        float dot = 0.0f;
-        for (int d = 0; d < head_dim / 4; ++d) {
-          const float4 a = q4[d], b = k4[d];
-          dot += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
-        }
+        const float dot =
+            cache.k_dot(q4, slot * kv_stride + size_t(kvh) * head_dim, slot * n_kv_heads + kvh, head_dim);
         s = dot * scale;
       }
     }
@@ -84,11 +121,12 @@ __global__ void __launch_bounds__(kThreads)
       const int si = __shfl_sync(0xffffffffu, slot, i);
       const float pi = __shfl_sync(0xffffffffu, p, i);
       if (si < 0) continue;  // uniform across the warp
-      const float* vrow = v_cache + si * kv_stride + size_t(kvh) * head_dim;
+      const size_t vrow = si * kv_stride + size_t(kvh) * head_dim;
+      const float pv = pi * cache.v_scale(si * n_kv_heads + kvh);  // f32: pi * 1.0f == pi
 #pragma unroll
       for (int j = 0; j < kPerLane; ++j) {
         const int d = lane + 32 * j;
-        if (d < head_dim) acc[j] += pi * vrow[d];
+        if (d < head_dim) acc[j] += pv * cache.v_at(vrow + d);
       }
     }
   }
@@ -126,6 +164,29 @@ __global__ void paged_kv_write_kernel(const float* __restrict__ k, const float* 
   for (int i = threadIdx.x; i < row_floats; i += blockDim.x) {
     k_cache[dst + i] = k[src + i];
     v_cache[dst + i] = v[src + i];
+  }
+}
+
+// One warp per (row, kv head): the head's max |x| over the warp, then each lane quantises its
+// values (round half to even, as std::nearbyint on the CPU).
+__global__ void paged_kv_write_int8_kernel(const float* __restrict__ k, const float* __restrict__ v,
+                                           const int32_t* __restrict__ slots, int n_kv_heads, int head_dim,
+                                           int64_t n_slots, Int8KvCache cache) {
+  const int32_t slot = slots[blockIdx.x];
+  if (slot < 0 || slot >= n_slots) return;
+  const int h = blockIdx.y, lane = threadIdx.x;
+  const size_t src = (size_t(blockIdx.x) * n_kv_heads + h) * head_dim;
+  const size_t dst = (size_t(slot) * n_kv_heads + h) * head_dim;
+  for (int which = 0; which < 2; ++which) {
+    const float* x = (which == 0 ? k : v) + src;
+    int8_t* qd = (which == 0 ? cache.k_q : cache.v_q) + dst;
+    float amax = 0.0f;
+    for (int d = lane; d < head_dim; d += 32) amax = fmaxf(amax, fabsf(x[d]));
+    amax = detail::warp_max(amax);
+    const float s = amax / 127.0f;
+    if (lane == 0) (which == 0 ? cache.k_scale : cache.v_scale)[size_t(slot) * n_kv_heads + h] = s;
+    for (int d = lane; d < head_dim; d += 32)
+      qd[d] = s > 0.0f ? int8_t(fminf(fmaxf(rintf(x[d] / s), -127.0f), 127.0f)) : int8_t(0);
   }
 }
 
@@ -172,17 +233,18 @@ Status paged_kv_write(const PagedAttentionConfig& cfg, const float* k, const flo
   return {};
 }
 
-Status paged_attention(const PagedAttentionConfig& cfg, const float* q, int64_t rows,
-                       const int32_t* row_seq, const int32_t* row_pos, const int32_t* block_tables,
-                       int64_t n_seqs, const float* k_cache, const float* v_cache, float* out,
-                       cudaStream_t stream) {
+namespace {
+
+// Shared checks and launch of paged_attention_kernel for either cache type.
+template <class Cache>
+Status launch_paged_attention(const PagedAttentionConfig& cfg, const float* q, int64_t rows,
+                              const int32_t* row_seq, const int32_t* row_pos, const int32_t* block_tables,
+                              int64_t n_seqs, Cache cache, float* out, cudaStream_t stream) {
   MOEMESH_CUDA_RETURN_IF_ERROR(cfg.validate());
   MOEMESH_CUDA_REQUIRE_PTR(q);
   MOEMESH_CUDA_REQUIRE_PTR(row_seq);
   MOEMESH_CUDA_REQUIRE_PTR(row_pos);
   MOEMESH_CUDA_REQUIRE_PTR(block_tables);
-  MOEMESH_CUDA_REQUIRE_PTR(k_cache);
-  MOEMESH_CUDA_REQUIRE_PTR(v_cache);
   MOEMESH_CUDA_REQUIRE_PTR(out);
   MOEMESH_CUDA_REQUIRE_POSITIVE(rows);
   MOEMESH_CUDA_REQUIRE_INT(rows);
@@ -192,14 +254,56 @@ Status paged_attention(const PagedAttentionConfig& cfg, const float* q, int64_t 
   const int per_lane = int((cfg.head_dim + 31) / 32);
   auto launch = [&](auto kernel) {
     kernel<<<grid, kThreads, 0, stream>>>(
-        q, row_seq, row_pos, block_tables, int(n_seqs), k_cache, v_cache, out, int(cfg.n_heads),
+        q, row_seq, row_pos, block_tables, int(n_seqs), cache, out, int(cfg.n_heads),
         int(cfg.n_heads / cfg.n_kv_heads), int(cfg.n_kv_heads), int(cfg.head_dim),
         int(cfg.num_blocks), int(cfg.max_blocks_per_seq), cfg.scale, int(cfg.sliding_window));
   };
-  if (per_lane <= 1) launch(paged_attention_kernel<1>);
-  else if (per_lane <= 2) launch(paged_attention_kernel<2>);
-  else if (per_lane <= 4) launch(paged_attention_kernel<4>);
-  else launch(paged_attention_kernel<8>);
+  if (per_lane <= 1) launch(paged_attention_kernel<1, Cache>);
+  else if (per_lane <= 2) launch(paged_attention_kernel<2, Cache>);
+  else if (per_lane <= 4) launch(paged_attention_kernel<4, Cache>);
+  else launch(paged_attention_kernel<8, Cache>);
+  MOEMESH_CUDA_CHECK_LAUNCH();
+  return {};
+}
+
+}  // namespace
+
+Status paged_attention(const PagedAttentionConfig& cfg, const float* q, int64_t rows,
+                       const int32_t* row_seq, const int32_t* row_pos, const int32_t* block_tables,
+                       int64_t n_seqs, const float* k_cache, const float* v_cache, float* out,
+                       cudaStream_t stream) {
+  MOEMESH_CUDA_REQUIRE_PTR(k_cache);
+  MOEMESH_CUDA_REQUIRE_PTR(v_cache);
+  return launch_paged_attention(cfg, q, rows, row_seq, row_pos, block_tables, n_seqs, F32Cache{k_cache, v_cache},
+                                out, stream);
+}
+
+Status paged_attention_int8(const PagedAttentionConfig& cfg, const float* q, int64_t rows,
+                            const int32_t* row_seq, const int32_t* row_pos, const int32_t* block_tables,
+                            int64_t n_seqs, const Int8KvCache& cache, float* out, cudaStream_t stream) {
+  MOEMESH_CUDA_REQUIRE_PTR(cache.k_q);
+  MOEMESH_CUDA_REQUIRE_PTR(cache.v_q);
+  MOEMESH_CUDA_REQUIRE_PTR(cache.k_scale);
+  MOEMESH_CUDA_REQUIRE_PTR(cache.v_scale);
+  return launch_paged_attention(cfg, q, rows, row_seq, row_pos, block_tables, n_seqs,
+                                Int8Cache{cache.k_q, cache.v_q, cache.k_scale, cache.v_scale}, out, stream);
+}
+
+Status paged_kv_write_int8(const PagedAttentionConfig& cfg, const float* k, const float* v, int64_t rows,
+                           const int32_t* slots, const Int8KvCache& cache, cudaStream_t stream) {
+  MOEMESH_CUDA_RETURN_IF_ERROR(cfg.validate());
+  MOEMESH_CUDA_REQUIRE_PTR(k);
+  MOEMESH_CUDA_REQUIRE_PTR(v);
+  MOEMESH_CUDA_REQUIRE_PTR(slots);
+  MOEMESH_CUDA_REQUIRE_PTR(cache.k_q);
+  MOEMESH_CUDA_REQUIRE_PTR(cache.v_q);
+  MOEMESH_CUDA_REQUIRE_PTR(cache.k_scale);
+  MOEMESH_CUDA_REQUIRE_PTR(cache.v_scale);
+  MOEMESH_CUDA_REQUIRE_POSITIVE(rows);
+  MOEMESH_CUDA_REQUIRE_INT(rows);
+  const dim3 grid{unsigned(rows), unsigned(cfg.n_kv_heads)};
+  paged_kv_write_int8_kernel<<<grid, 32, 0, stream>>>(k, v, slots, int(cfg.n_kv_heads), int(cfg.head_dim),
+                                                      cfg.num_blocks * kKvBlockTokens, cache);
   MOEMESH_CUDA_CHECK_LAUNCH();
   return {};
 }

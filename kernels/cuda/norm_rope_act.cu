@@ -123,6 +123,11 @@ __global__ void silu_mul_kernel(const float* gate, const float* up, float* out, 
   }
 }
 
+__global__ void add_inplace_kernel(float* x, const float* y, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    x[i] += y[i];
+}
+
 // ---- Embedding: one block per id.
 template <typename T>
 __global__ void embedding_kernel(const T* __restrict__ table, int64_t vocab, int dim,
@@ -184,6 +189,17 @@ Status silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, flo
   // Grid-stride loop; a few waves of blocks are enough to saturate memory.
   const unsigned blocks = unsigned(std::min<int64_t>(detail::blocks_for(total, kThreads), 65536));
   silu_mul_kernel<<<blocks, kThreads, 0, stream>>>(gate, up, out, total);
+  MOEMESH_CUDA_CHECK_LAUNCH();
+  return {};
+}
+
+Status add_inplace(float* x, const float* y, int64_t n, cudaStream_t stream) {
+  MOEMESH_CUDA_REQUIRE_PTR(x);
+  MOEMESH_CUDA_REQUIRE_PTR(y);
+  MOEMESH_CUDA_REQUIRE_POSITIVE(n);
+  constexpr int kThreads = 256;
+  const unsigned blocks = unsigned(std::min<int64_t>(detail::blocks_for(n, kThreads), 65536));
+  add_inplace_kernel<<<blocks, kThreads, 0, stream>>>(x, y, n);
   MOEMESH_CUDA_CHECK_LAUNCH();
   return {};
 }

@@ -13,6 +13,7 @@
 #include "actors/step_server.h"
 #include "actors/step_worker.h"
 #include "actors/zmq_bridge.h"
+#include "core/backend_factory.h"
 #include "core/checkpoint.h"
 #include "core/engine.h"
 
@@ -28,6 +29,7 @@ int main(int argc, char** argv) {
   double gating_temperature = 1.0;
   std::string kvstore, model_id;
   int kvstore_timeout_ms = 500, micro_batches = 2;
+  std::string kv_dtype = "f32", device = "cpu";
   auto& cli = rt.cli();
   cli.add_option("--model", model_dir, "checkpoint folder")->required();
   cli.add_option("--listen", listen, "step endpoint to bind (ROUTER)");
@@ -35,6 +37,10 @@ int main(int argc, char** argv) {
   cli.add_option("--router", control, "coordinator control endpoint");
   cli.add_option("--placement", placement, "coordinator placement publisher endpoint");
   cli.add_option("--kv-blocks", kv_blocks, "KV cache size in blocks of 16 tokens")->check(CLI::PositiveNumber);
+  cli.add_option("--kv-dtype", kv_dtype, "KV cache storage: f32, or int8 (~1/4 of the memory, one scale per token and kv head)")
+      ->check(CLI::IsMember({"f32", "int8"}))
+      ->capture_default_str();
+  cli.add_option("--device", device, "compute backend: cpu, cuda (= cuda:0) or cuda:N")->capture_default_str();
   cli.add_option("--dispatch-timeout-ms", dispatch_timeout_ms, "deadline of one expert dispatch round");
   cli.add_option("--gating-temperature", gating_temperature, "gate logits are divided by it before softmax");
   cli.add_option("--kvstore", kvstore, "KV store endpoint (tcp://HOST:PORT) for the prefix cache; none: no prefix cache");
@@ -48,6 +54,8 @@ int main(int argc, char** argv) {
   if (auto rc = rt.start(argc, argv)) return *rc;
 
   try {
+    // First, so a missing device fails at once ("no CUDA device: ...") before weights load.
+    auto backend = make_compute_backend(parse_device(device));
     auto ckpt = Checkpoint::open(model_dir);
     ckpt->mutable_config().gating_temperature = gating_temperature;
     const ModelConfig& mc = ckpt->config();
@@ -58,7 +66,7 @@ int main(int argc, char** argv) {
     ro.salt = std::hash<std::string>{}(rt.instance());
     ro.metrics = rt.metrics_ptr();
     auto remote = std::make_shared<RemoteExpertExecutor>(rt.system(), ro);
-    auto engine = std::make_shared<Engine>(ckpt, EngineOptions{kv_blocks}, remote);
+    auto engine = std::make_shared<Engine>(ckpt, EngineOptions{kv_blocks, parse_kv_dtype(kv_dtype), backend}, remote);
     std::vector<int32_t> eos;
     for (int64_t id : mc.eos_token_ids) eos.push_back(int32_t(id));
     StepWorkerOptions wo;
@@ -83,8 +91,9 @@ int main(int argc, char** argv) {
     auto pool = std::make_shared<ComputePool>(1);  // one step at a time: the worker owns the KV cache
     auto stats = std::make_shared<StepServerStats>();
     stats->kv_free_blocks = worker->free_blocks();
-    spdlog::info("attention: {} mapped {:.1f} MiB (no routed experts), KV cache {} blocks, {} micro-batch(es), {}",
-                 model_dir, double(ckpt->mapped_bytes()) / (1 << 20), kv_blocks, micro_batches,
+    spdlog::info("attention: {} mapped {:.1f} MiB (no routed experts), KV cache {} blocks ({}, {:.1f} MiB), compute on {}, {} micro-batch(es), {}",
+                 model_dir, double(ckpt->mapped_bytes()) / (1 << 20), kv_blocks, kv_dtype,
+                 double(engine->kv_cache().bytes_per_block() * kv_blocks) / (1 << 20), backend->name(), micro_batches,
                  kv ? "prefix cache in " + kvstore + " as " + model_id : std::string("no prefix cache"));
 
     ZmqBridge bridge(rt.system());

@@ -21,6 +21,7 @@
 #include "actors/expert_compute.h"
 #include "actors/service_runtime.h"
 #include "actors/zmq_bridge.h"
+#include "core/backend_factory.h"
 #include "core/checkpoint.h"
 #include "core/error.h"
 #include "core/expert_set.h"
@@ -37,6 +38,7 @@ struct Flags {
   std::string advertise;  // what peers connect to; default: the bound endpoint
   std::string router;
   std::string served_name;
+  std::string device = "cpu";
   int compute_threads = 2;
   int64_t batch_window_us = 200;
   int64_t max_batch_rows = 8192;
@@ -65,6 +67,10 @@ int serve(ServiceRuntime& rt, const Flags& f) {
   if (f.batch_window_us < 0) throw Error("--batch-window-us must not be negative");
   if (f.max_batch_rows < 1) throw Error("--max-batch-rows must be at least 1");
   if (!f.experts && f.router.empty()) throw Error("--experts is required when no --router coordinator is given");
+  // First, so a missing device fails at once ("no CUDA device: ...") before weights load.
+  const auto backend = make_compute_backend(parse_device(f.device));
+  if (backend != cpu_backend())  // see docs/gpu.md: run_batch (actors/expert_compute) still calls mlp_forward
+    throw Error("expert compute on " + backend->name() + " is not wired yet: the batcher runs the CPU SwiGLU");
 
   auto ckpt = Checkpoint::open(f.model);
   const std::string model_id = f.served_name.empty() ? ckpt->name() : f.served_name;
@@ -176,6 +182,7 @@ int main(int argc, char** argv) {
   cli.add_option("--advertise", f.advertise, "endpoint peers connect to (default: the bound one)");
   cli.add_option("--router", f.router, "coordinator control endpoint (tcp://host:port)");
   cli.add_option("--served-model-name", f.served_name, "model id told to the coordinator (default: the folder's name)");
+  cli.add_option("--device", f.device, "compute backend: cpu, cuda (= cuda:0) or cuda:N")->capture_default_str();
   cli.add_option("--compute-threads", f.compute_threads, "expert compute threads")->capture_default_str();
   cli.add_option("--batch-window-us", f.batch_window_us, "how long a layer's batch waits for more requests")
       ->capture_default_str();

@@ -27,6 +27,7 @@
 
 #include "core/dtype.h"
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/kv_int8.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/api.cuh"
 
@@ -513,6 +514,89 @@ TEST_P(GpuAttention, MatchesCpu) {
     const float* o = &bad_out[size_t(r) * q_row];
     EXPECT_TRUE(std::all_of(o, o + q_row, [](float v) { return std::isnan(v); })) << "bad row " << r;
   }
+}
+
+// INT8 cache: paged_kv_write_int8 stores exactly the CPU format's bytes and scales
+// (kernels/cpu/kv_int8.h), and paged_attention_int8 matches the CPU INT8 path within 1e-5.
+TEST_P(GpuAttention, Int8MatchesCpuInt8) {
+  const auto c = GetParam();
+  constexpr int kB = int(mc::kKvBlockTokens);
+  const std::vector<int> seq_lens = {1, 17, 300};
+  const int n_seqs = int(seq_lens.size()), max_blocks = 19;
+  int num_blocks = 3;  // spares
+  for (int len : seq_lens) num_blocks += (len + kB - 1) / kB;
+  mc::PagedAttentionConfig cfg;
+  cfg.n_heads = c.n_heads, cfg.n_kv_heads = c.n_kv_heads, cfg.head_dim = c.head_dim;
+  cfg.num_blocks = num_blocks, cfg.max_blocks_per_seq = max_blocks;
+  cfg.scale = float(1.0 / std::sqrt(double(c.head_dim)));
+  cfg.sliding_window = c.window;
+
+  // Blocks handed out from the top down, so tables are not the identity.
+  std::vector<int32_t> tables(size_t(n_seqs) * max_blocks, -1), slots;
+  int next = num_blocks - 1;
+  for (int s = 0; s < n_seqs; ++s) {
+    for (int b = 0; b < (seq_lens[size_t(s)] + kB - 1) / kB; ++b) tables[size_t(s) * max_blocks + size_t(b)] = next--;
+    for (int t = 0; t < seq_lens[size_t(s)]; ++t)
+      slots.push_back(tables[size_t(s) * max_blocks + size_t(t / kB)] * kB + t % kB);
+  }
+  const int64_t row = cfg.kv_row_floats(), n_tok = int64_t(slots.size());
+  const auto k_rows = random_floats(rng_, size_t(n_tok * row)), v_rows = random_floats(rng_, size_t(n_tok * row));
+
+  // CPU: quantise each token and place it at its slot.
+  const size_t values = size_t(num_blocks) * kB * size_t(row), scales = size_t(num_blocks) * kB * size_t(c.n_kv_heads);
+  std::vector<int8_t> kq(values), vq(values), tq(static_cast<size_t>(row));
+  std::vector<float> ks(scales), vs(scales), ts(static_cast<size_t>(c.n_kv_heads));
+  for (int64_t i = 0; i < n_tok; ++i)
+    for (int which = 0; which < 2; ++which) {
+      cpu::quantize_kv_int8((which ? v_rows : k_rows).data() + i * row, 1, c.n_kv_heads, c.head_dim, tq.data(), ts.data());
+      std::copy(tq.begin(), tq.end(), (which ? vq : kq).begin() + ptrdiff_t(slots[size_t(i)] * row));
+      std::copy(ts.begin(), ts.end(), (which ? vs : ks).begin() + ptrdiff_t(slots[size_t(i)] * c.n_kv_heads));
+    }
+
+  DeviceVec<int8_t> dkq(values), dvq(values);
+  DeviceVec<float> dks(scales), dvs(scales), dkr(k_rows), dvr(v_rows);
+  CUDA_OK(cudaMemset(dkq.get(), 0, values));
+  CUDA_OK(cudaMemset(dvq.get(), 0, values));
+  CUDA_OK(cudaMemset(dks.get(), 0, scales * 4));
+  CUDA_OK(cudaMemset(dvs.get(), 0, scales * 4));
+  DeviceVec<int32_t> dslots(slots);
+  const mc::Int8KvCache cache{dkq.get(), dvq.get(), dks.get(), dvs.get()};
+  STATUS_OK(mc::paged_kv_write_int8(cfg, dkr.get(), dvr.get(), n_tok, dslots.get(), cache, stream_));
+  sync();
+  EXPECT_TRUE(dkq.download() == kq && dvq.download() == vq) << "int8 values differ from the CPU quantisation";
+  EXPECT_TRUE(dks.download() == ks && dvs.download() == vs) << "scales differ from the CPU quantisation";
+
+  // Decode rows of every sequence plus prefill positions of the longest.
+  std::vector<int32_t> row_seq, row_pos;
+  for (int s = 0; s < n_seqs; ++s) row_seq.push_back(s), row_pos.push_back(seq_lens[size_t(s)] - 1);
+  for (int p : {0, 15, 16, 200}) row_seq.push_back(n_seqs - 1), row_pos.push_back(p);
+  const int rows = int(row_seq.size());
+  const auto q = random_floats(rng_, size_t(rows) * c.n_heads * c.head_dim);
+  const size_t q_row = size_t(c.n_heads) * c.head_dim;
+  std::vector<float> ref(q.size());
+  const cpu::AttentionShape shape{c.n_heads, c.n_kv_heads, c.head_dim, c.window};
+  for (int r = 0; r < rows; ++r) {
+    std::vector<const int8_t*> kb, vb;
+    std::vector<const float*> ksb, vsb;
+    const int s = row_seq[size_t(r)];
+    for (int b = 0; b < max_blocks && tables[size_t(s) * max_blocks + size_t(b)] >= 0; ++b) {
+      const size_t blk = size_t(tables[size_t(s) * max_blocks + size_t(b)]);
+      kb.push_back(&kq[blk * kB * size_t(row)]);
+      vb.push_back(&vq[blk * kB * size_t(row)]);
+      ksb.push_back(&ks[blk * kB * size_t(c.n_kv_heads)]);
+      vsb.push_back(&vs[blk * kB * size_t(c.n_kv_heads)]);
+    }
+    cpu::PagedKV kv;
+    kv.block_size = kB;
+    kv.k_q = kb.data(), kv.v_q = vb.data(), kv.k_scale = ksb.data(), kv.v_scale = vsb.data();
+    cpu::paged_attention(q.data() + r * q_row, 1, &row_pos[size_t(r)], shape, kv, ref.data() + r * q_row);
+  }
+  DeviceVec<float> dq(q), dout(q.size());
+  DeviceVec<int32_t> dseq(row_seq), dpos(row_pos), dtables(tables);
+  STATUS_OK(mc::paged_attention_int8(cfg, dq.get(), rows, dseq.get(), dpos.get(), dtables.get(), n_seqs, cache,
+                                     dout.get(), stream_));
+  sync();
+  expect_close(dout.download(), ref, 1e-5, "paged_attention_int8 head_dim " + std::to_string(c.head_dim));
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, GpuAttention,

@@ -1,7 +1,31 @@
+# --device selection and the backend factory: built everywhere (label unit), CUDA or not.
+include(GoogleTest)
+add_executable(test_compute_backend ${CMAKE_CURRENT_LIST_DIR}/test_compute_backend.cpp)
+target_link_libraries(test_compute_backend PRIVATE moemesh_backend GTest::gtest GTest::gtest_main)
+gtest_discover_tests(test_compute_backend PROPERTIES LABELS unit DISCOVERY_TIMEOUT 60)
+
+# Dispatch payload transports (ZeroMQ everywhere; the NCCL pair test where NCCL was found).
+add_executable(test_transport ${CMAKE_CURRENT_LIST_DIR}/test_transport.cpp)
+target_link_libraries(test_transport PRIVATE moemesh_actors GTest::gtest GTest::gtest_main)
+if(TARGET moemesh_nccl_transport)
+  target_link_libraries(test_transport PRIVATE moemesh_nccl_transport)
+  target_compile_definitions(test_transport PRIVATE MOEMESH_TEST_NCCL)
+endif()
+gtest_discover_tests(test_transport PROPERTIES LABELS "unit;gpu" DISCOVERY_TIMEOUT 60)
+
+# The services refuse a missing CUDA device with one clear line and a non-zero exit (the device
+# is checked before the model is opened, so the model path does not matter).
+set(MOEMESH_DEVICE_CHECK "out=$(\"$@\" --model /nonexistent --device cuda:99 --admin-port 0 2>&1); rc=$?; echo \"$out\"; [ $rc -ne 0 ] && [ $rc -lt 128 ] && grep -q 'no CUDA device: ' <<<\"$out\"")
+add_test(NAME attention_device_cuda_fails_cleanly
+         COMMAND bash -c "${MOEMESH_DEVICE_CHECK}" _ $<TARGET_FILE:moemesh-attention>)
+add_test(NAME expert_device_cuda_fails_cleanly
+         COMMAND bash -c "${MOEMESH_DEVICE_CHECK}" _ $<TARGET_FILE:moemesh-expert> --experts all)
+set_tests_properties(attention_device_cuda_fails_cleanly expert_device_cuda_fails_cleanly
+                     PROPERTIES LABELS unit TIMEOUT 60)
+
 # GPU tests (ctest label "gpu"): the CUDA kernels against the CPU reference. Built whenever nvcc
 # is found; tests that need a device skip themselves ("no CUDA device: ...") and pass without one.
 if(MOEMESH_HAVE_CUDA)
-  include(GoogleTest)
 
   add_executable(test_gpu_kernels ${CMAKE_CURRENT_LIST_DIR}/test_gpu_kernels.cpp)
   # moemesh_core for the dtype conversions used to build F16/BF16 inputs.
@@ -9,6 +33,11 @@ if(MOEMESH_HAVE_CUDA)
                         GTest::gtest GTest::gtest_main)
   # Discovery runs the binary at build time (--gtest_list_tests): it needs no device.
   gtest_discover_tests(test_gpu_kernels NO_PRETTY_VALUES PROPERTIES LABELS gpu DISCOVERY_TIMEOUT 60)
+
+  # The whole tiny model on the CUDA backend against the CPU engine.
+  add_executable(test_gpu_model ${CMAKE_CURRENT_LIST_DIR}/test_gpu_model.cpp)
+  target_link_libraries(test_gpu_model PRIVATE moemesh_backend moemesh_cuda GTest::gtest GTest::gtest_main)
+  gtest_discover_tests(test_gpu_model PROPERTIES LABELS gpu DISCOVERY_TIMEOUT 60)
 
   # The built library carries sm_90 SASS and compute_90 PTX for every kernel (no device needed).
   add_test(NAME gpu_fatbin_targets

@@ -1,0 +1,93 @@
+#include "core/compute_backend.h"
+
+#include <algorithm>
+#include <charconv>
+#include <string>
+
+#include "core/error.h"
+#include "core/moe.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/ops.h"
+
+namespace moemesh {
+
+std::string DeviceSpec::str() const { return kind == Kind::Cpu ? "cpu" : "cuda:" + std::to_string(index); }
+
+DeviceSpec parse_device(std::string_view s) {
+  if (s == "cpu") return {};
+  if (s == "cuda") return {DeviceSpec::Kind::Cuda, 0};
+  if (s.starts_with("cuda:")) {
+    const std::string_view n = s.substr(5);
+    int index = -1;
+    const auto [end, ec] = std::from_chars(n.data(), n.data() + n.size(), index);
+    if (ec == std::errc() && end == n.data() + n.size() && !n.empty() && index >= 0)
+      return {DeviceSpec::Kind::Cuda, index};
+  }
+  throw Error("unknown device \"" + std::string(s) + "\" (expected cpu, cuda or cuda:N)");
+}
+
+namespace {
+
+class CpuBackend final : public ComputeBackend {
+ public:
+  std::string name() const override { return "cpu"; }
+
+  std::unique_ptr<KvCache> make_kv_cache(int64_t n_layers, int64_t kv_dim, int64_t num_blocks,
+                                         KvCacheFormat format) override {
+    return std::make_unique<KvCache>(n_layers, kv_dim, num_blocks, format);
+  }
+
+  void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out) override {
+    cpu::embedding(table.data, table.dtype, table.cols(), ids, n, out);
+  }
+
+  void rmsnorm(const float* x, const Weight& w, int64_t rows, double eps, float* y) override {
+    cpu::rmsnorm(x, w.data, w.dtype, rows, w.rows(), eps, y);
+  }
+
+  void matmul(const float* x, int64_t rows, const Weight& w, float* y) override {
+    cpu::matmul(x, rows, w.cols(), w.data, w.dtype, w.rows(), y);
+  }
+
+  void attention_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, KvCache& kv,
+                       const BatchLayout& layout, float* x) override {
+    const int64_t rows = layout.rows, hidden = cfg.hidden_size, hd = cfg.head_dim;
+    const int64_t q_dim = cfg.num_attention_heads * hd, kv_dim = cfg.num_key_value_heads * hd;
+    std::vector<float> h(size_t(rows * hidden)), q(size_t(rows * q_dim)), k(size_t(rows * kv_dim)),
+        v(size_t(rows * kv_dim)), attn(size_t(rows * q_dim)), o(size_t(rows * hidden));
+    cpu::rmsnorm(x, lw.input_norm.data, lw.input_norm.dtype, rows, hidden, cfg.rms_norm_eps, h.data());
+    cpu::matmul(h.data(), rows, hidden, lw.q.data, lw.q.dtype, q_dim, q.data());
+    cpu::matmul(h.data(), rows, hidden, lw.k.data, lw.k.dtype, kv_dim, k.data());
+    cpu::matmul(h.data(), rows, hidden, lw.v.data, lw.v.dtype, kv_dim, v.data());
+    cpu::rope(q.data(), rows, cfg.num_attention_heads, hd, layout.positions.data(), cfg.rope_theta);
+    cpu::rope(k.data(), rows, cfg.num_key_value_heads, hd, layout.positions.data(), cfg.rope_theta);
+
+    const cpu::AttentionShape shape{cfg.num_attention_heads, cfg.num_key_value_heads, hd,
+                                    cfg.sliding_window.value_or(0)};
+    KvViewScratch scratch;
+    for (const auto& sp : layout.spans) {
+      for (int64_t i = 0; i < sp.n; ++i) {
+        const int64_t row = sp.row0 + i;
+        kv.write_row(layer, sp.seq, sp.pos0 + i, k.data() + row * kv_dim, v.data() + row * kv_dim);
+      }
+      const cpu::PagedKV view = kv.view(layer, sp.seq, scratch);
+      cpu::paged_attention(q.data() + sp.row0 * q_dim, sp.n, layout.positions.data() + sp.row0, shape, view,
+                           attn.data() + sp.row0 * q_dim);
+    }
+    cpu::matmul(attn.data(), rows, q_dim, lw.o.data, lw.o.dtype, hidden, o.data());
+    for (int64_t i = 0; i < rows * hidden; ++i) x[i] += o[size_t(i)];
+  }
+
+  void mlp(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out) override {
+    mlp_forward(w, x, rows, hidden, out);
+  }
+};
+
+}  // namespace
+
+std::shared_ptr<ComputeBackend> cpu_backend() {
+  static const auto backend = std::make_shared<CpuBackend>();
+  return backend;
+}
+
+}  // namespace moemesh

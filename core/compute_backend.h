@@ -1,0 +1,72 @@
+// One compute interface for the model's work, chosen at start-up (`--device cpu|cuda[:N]`).
+// The Engine (and so the attention worker) and the expert host's SwiGLU call only this; which
+// backend runs is decided once, by make_compute_backend (core/backend_factory.h).
+//
+// The granularity is the engine's: whole attention halves of a layer and whole SwiGLU MLPs,
+// with activations in host memory between calls (the expert dispatch needs host rows for
+// ZeroMQ anyway). A backend keeps its weights where it computes: the CUDA backend uploads each
+// weight once, on first use, and keeps the KV blocks in a preallocated device pool (its
+// make_kv_cache). The CPU backend is the reference: its numerics are the engine's.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/checkpoint.h"
+#include "core/kv_cache.h"
+#include "core/model_config.h"
+
+namespace moemesh {
+
+// Where each sequence's new tokens sit in a step's batch of rows.
+struct BatchLayout {
+  struct Span {
+    SeqId seq = 0;
+    int64_t row0 = 0;  // first row in the batch
+    int64_t n = 0;     // new tokens of this sequence
+    int64_t pos0 = 0;  // position of the first new token (tokens already cached)
+  };
+  std::vector<Span> spans;
+  std::vector<int32_t> positions;  // per row
+  int64_t rows = 0;
+};
+
+struct DeviceSpec {
+  enum class Kind { Cpu, Cuda };
+  Kind kind = Kind::Cpu;
+  int index = 0;  // CUDA device ordinal
+  std::string str() const;  // "cpu", "cuda:0"
+};
+// "cpu", "cuda" (= cuda:0) or "cuda:N"; anything else is a moemesh::Error naming the forms.
+DeviceSpec parse_device(std::string_view s);
+
+class ComputeBackend {
+ public:
+  virtual ~ComputeBackend() = default;
+  // "cpu", or "cuda:0 (NVIDIA H200)".
+  virtual std::string name() const = 0;
+
+  // The KV cache whose storage this backend's attention reads and writes.
+  virtual std::unique_ptr<KvCache> make_kv_cache(int64_t n_layers, int64_t kv_dim, int64_t num_blocks,
+                                                 KvCacheFormat format) = 0;
+
+  // out[n, dim] = rows `ids` of the table (ids already validated).
+  virtual void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out) = 0;
+  // y = rmsnorm(x) * w, per row.
+  virtual void rmsnorm(const float* x, const Weight& w, int64_t rows, double eps, float* y) = 0;
+  // y[rows, w.rows()] = x[rows, w.cols()] · W^T.
+  virtual void matmul(const float* x, int64_t rows, const Weight& w, float* y) = 0;
+  // x [layout.rows, hidden] += o_proj(attention(rope(qkv(rmsnorm(x))))) of layer `layer`; stores
+  // the new K/V rows into kv (room reserved, a cache from make_kv_cache) at the spans' positions.
+  virtual void attention_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, KvCache& kv,
+                               const BatchLayout& layout, float* x) = 0;
+  // SwiGLU: out[rows, hidden] = down(silu(gate(x)) * up(x)).
+  virtual void mlp(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out) = 0;
+};
+
+// The CPU reference backend (stateless: one instance serves every thread).
+std::shared_ptr<ComputeBackend> cpu_backend();
+
+}  // namespace moemesh

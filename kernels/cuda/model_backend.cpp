@@ -1,0 +1,325 @@
+#include "kernels/cuda/model_backend.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "core/error.h"
+#include "kernels/cpu/kv_int8.h"
+#include "kernels/cuda/api.cuh"
+
+namespace moemesh {
+namespace {
+
+void check(const cuda::Status& s) {
+  if (!s.ok()) throw Error("cuda backend: " + s.message());
+}
+#define MOEMESH_CUDA_BACKEND_CHECK(call) check(::moemesh::cuda::from_cuda((call), __FILE__, __LINE__, #call))
+
+// One cudaMalloc'd buffer, freed on destruction.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) { MOEMESH_CUDA_BACKEND_CHECK(cudaMalloc(&p_, bytes)); }
+  ~DeviceBuffer() {
+    if (p_) cudaFree(p_);
+  }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr, o.bytes_ = 0; }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(bytes_, o.bytes_);
+    return *this;
+  }
+  void* get() const { return p_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// KV blocks in device memory; KvCache keeps the block tables and lengths on the host.
+// Layout per layer: the kernels' [num_blocks, 16, kv_heads, head_dim] for K and for V
+// (+ [num_blocks, 16, kv_heads] scales for INT8).
+class DeviceKvCache final : public KvCache {
+ public:
+  DeviceKvCache(int64_t n_layers, int64_t kv_dim, int64_t num_blocks, KvCacheFormat format)
+      : KvCache(n_layers, kv_dim, num_blocks, format, /*host_storage=*/false) {
+    const size_t values = size_t(num_blocks * kBlockSize * kv_dim);
+    value_bytes_ = values * (format.dtype == KvDType::F32 ? sizeof(float) : 1);
+    scale_bytes_ = format.dtype == KvDType::F32 ? 0 : size_t(num_blocks * kBlockSize * format.kv_heads) * sizeof(float);
+    pool_ = DeviceBuffer(size_t(n_layers) * 2 * (value_bytes_ + scale_bytes_));
+    MOEMESH_CUDA_BACKEND_CHECK(cudaMemset(pool_.get(), 0, pool_.bytes()));
+  }
+
+  // K (value = false) or V values of one layer; scales follow the values of each (layer, K|V).
+  char* values(int64_t layer, bool value) const {
+    return static_cast<char*>(pool_.get()) + (size_t(layer) * 2 + (value ? 1 : 0)) * (value_bytes_ + scale_bytes_);
+  }
+  float* scales(int64_t layer, bool value) const { return reinterpret_cast<float*>(values(layer, value) + value_bytes_); }
+  cuda::Int8KvCache int8(int64_t layer) const {
+    return {reinterpret_cast<int8_t*>(values(layer, false)), reinterpret_cast<int8_t*>(values(layer, true)),
+            scales(layer, false), scales(layer, true)};
+  }
+
+  // The prefix cache's f32 frames: [n_layers, 2, kBlockSize, kv_dim].
+  void read_block(SeqId seq, int64_t index, float* out) const override {
+    const int32_t block = block_of(seq, index);
+    const size_t rows = size_t(kBlockSize), slab = rows * size_t(kv_dim());
+    for (int64_t l = 0; l < n_layers(); ++l)
+      for (int kv = 0; kv < 2; ++kv) {
+        float* dst = out + (size_t(l) * 2 + size_t(kv)) * slab;
+        if (dtype() == KvDType::F32) {
+          MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpy(dst, values(l, kv) + size_t(block) * slab * sizeof(float),
+                                                slab * sizeof(float), cudaMemcpyDeviceToHost));
+        } else {
+          std::vector<int8_t> q(slab);
+          std::vector<float> s(rows * size_t(format().kv_heads));
+          MOEMESH_CUDA_BACKEND_CHECK(
+              cudaMemcpy(q.data(), values(l, kv) + size_t(block) * slab, slab, cudaMemcpyDeviceToHost));
+          MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpy(s.data(), scales(l, kv) + size_t(block) * s.size(),
+                                                s.size() * sizeof(float), cudaMemcpyDeviceToHost));
+          cpu::dequantize_kv_int8(q.data(), s.data(), kBlockSize, format().kv_heads, kv_dim() / format().kv_heads,
+                                  dst);
+        }
+      }
+  }
+
+  void write_block(SeqId seq, int64_t index, const float* in) override {
+    const int32_t block = block_of(seq, index);
+    const size_t rows = size_t(kBlockSize), slab = rows * size_t(kv_dim());
+    for (int64_t l = 0; l < n_layers(); ++l)
+      for (int kv = 0; kv < 2; ++kv) {
+        const float* src = in + (size_t(l) * 2 + size_t(kv)) * slab;
+        if (dtype() == KvDType::F32) {
+          MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpy(values(l, kv) + size_t(block) * slab * sizeof(float), src,
+                                                slab * sizeof(float), cudaMemcpyHostToDevice));
+        } else {
+          std::vector<int8_t> q(slab);
+          std::vector<float> s(rows * size_t(format().kv_heads));
+          cpu::quantize_kv_int8(src, kBlockSize, format().kv_heads, kv_dim() / format().kv_heads, q.data(), s.data());
+          MOEMESH_CUDA_BACKEND_CHECK(
+              cudaMemcpy(values(l, kv) + size_t(block) * slab, q.data(), slab, cudaMemcpyHostToDevice));
+          MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpy(scales(l, kv) + size_t(block) * s.size(), s.data(),
+                                                s.size() * sizeof(float), cudaMemcpyHostToDevice));
+        }
+      }
+  }
+
+ private:
+  size_t value_bytes_ = 0, scale_bytes_ = 0;
+  DeviceBuffer pool_;
+};
+
+class CudaBackend final : public ComputeBackend {
+ public:
+  explicit CudaBackend(int index) : index_(index) {
+    cudaDeviceProp prop{};
+    MOEMESH_CUDA_BACKEND_CHECK(cudaGetDeviceProperties(&prop, index));
+    name_ = "cuda:" + std::to_string(index) + " (" + prop.name + ")";
+    MOEMESH_CUDA_BACKEND_CHECK(cudaSetDevice(index));
+    MOEMESH_CUDA_BACKEND_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    check(blas_.init());
+  }
+  ~CudaBackend() override {
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return name_; }
+
+  std::unique_ptr<KvCache> make_kv_cache(int64_t n_layers, int64_t kv_dim, int64_t num_blocks,
+                                         KvCacheFormat format) override {
+    std::lock_guard lock(mu_);
+    select();
+    return std::make_unique<DeviceKvCache>(n_layers, kv_dim, num_blocks, format);
+  }
+
+  void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out) override {
+    std::lock_guard lock(mu_);
+    select();
+    const int64_t dim = table.cols();
+    int32_t* d_ids = upload(kIds, ids, size_t(n));
+    float* d_out = scratch<float>(kOut, size_t(n * dim));
+    check(cuda::embedding(weight(table), table.dtype, table.rows(), dim, d_ids, n, d_out, stream_));
+    download(out, d_out, size_t(n * dim));
+  }
+
+  void rmsnorm(const float* x, const Weight& w, int64_t rows, double eps, float* y) override {
+    std::lock_guard lock(mu_);
+    select();
+    const size_t n = size_t(rows * w.rows());
+    float* d_x = upload(kX, x, n);
+    float* d_y = scratch<float>(kOut, n);
+    check(cuda::rmsnorm(d_x, weight(w), w.dtype, rows, w.rows(), eps, d_y, stream_));
+    download(y, d_y, n);
+  }
+
+  void matmul(const float* x, int64_t rows, const Weight& w, float* y) override {
+    std::lock_guard lock(mu_);
+    select();
+    float* d_x = upload(kX, x, size_t(rows * w.cols()));
+    float* d_y = scratch<float>(kOut, size_t(rows * w.rows()));
+    gemm(d_x, rows, w, d_y);
+    download(y, d_y, size_t(rows * w.rows()));
+  }
+
+  void attention_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, KvCache& kv,
+                       const BatchLayout& layout, float* x) override {
+    auto* dkv = dynamic_cast<DeviceKvCache*>(&kv);
+    if (!dkv) throw Error("cuda backend: the KV cache was not made by this backend (make_kv_cache)");
+    std::lock_guard lock(mu_);
+    select();
+    const int64_t rows = layout.rows, hidden = cfg.hidden_size, hd = cfg.head_dim;
+    const int64_t q_dim = cfg.num_attention_heads * hd, kv_dim = cfg.num_key_value_heads * hd;
+
+    // Host-side indices: row -> sequence (its span), positions, cache slots, block tables.
+    int64_t max_blocks = 1;
+    for (const auto& sp : layout.spans) max_blocks = std::max<int64_t>(max_blocks, int64_t(kv.block_table(sp.seq).size()));
+    row_seq_.assign(size_t(rows), 0);
+    slots_.assign(size_t(rows), -1);
+    tables_.assign(layout.spans.size() * size_t(max_blocks), 0);
+    for (size_t s = 0; s < layout.spans.size(); ++s) {
+      const auto& sp = layout.spans[s];
+      const auto& table = kv.block_table(sp.seq);
+      std::copy(table.begin(), table.end(), tables_.begin() + ptrdiff_t(s * size_t(max_blocks)));
+      for (int64_t i = 0; i < sp.n; ++i) {
+        const int64_t pos = sp.pos0 + i;
+        row_seq_[size_t(sp.row0 + i)] = int32_t(s);
+        slots_[size_t(sp.row0 + i)] = table.at(size_t(pos / KvCache::kBlockSize)) * int32_t(KvCache::kBlockSize) +
+                                      int32_t(pos % KvCache::kBlockSize);
+      }
+    }
+    int32_t* d_pos = upload(kPos, layout.positions.data(), size_t(rows));
+    int32_t* d_row_seq = upload(kRowSeq, row_seq_.data(), size_t(rows));
+    int32_t* d_slots = upload(kSlots, slots_.data(), size_t(rows));
+    int32_t* d_tables = upload(kTables, tables_.data(), tables_.size());
+    float* d_x = upload(kX, x, size_t(rows * hidden));
+    float* d_h = scratch<float>(kH, size_t(rows * hidden));
+    float* d_q = scratch<float>(kQ, size_t(rows * q_dim));
+    float* d_k = scratch<float>(kK, size_t(rows * kv_dim));
+    float* d_v = scratch<float>(kV, size_t(rows * kv_dim));
+    float* d_attn = scratch<float>(kAttn, size_t(rows * q_dim));
+    float* d_o = scratch<float>(kOut, size_t(rows * hidden));
+
+    check(cuda::rmsnorm(d_x, weight(lw.input_norm), lw.input_norm.dtype, rows, hidden, cfg.rms_norm_eps, d_h, stream_));
+    gemm(d_h, rows, lw.q, d_q);
+    gemm(d_h, rows, lw.k, d_k);
+    gemm(d_h, rows, lw.v, d_v);
+    check(cuda::rope(d_q, rows, cfg.num_attention_heads, hd, d_pos, cfg.rope_theta, stream_));
+    check(cuda::rope(d_k, rows, cfg.num_key_value_heads, hd, d_pos, cfg.rope_theta, stream_));
+
+    cuda::PagedAttentionConfig ac;
+    ac.n_heads = cfg.num_attention_heads;
+    ac.n_kv_heads = cfg.num_key_value_heads;
+    ac.head_dim = hd;
+    ac.num_blocks = kv.num_blocks();
+    ac.max_blocks_per_seq = max_blocks;
+    ac.scale = float(1.0 / std::sqrt(double(hd)));
+    ac.sliding_window = cfg.sliding_window.value_or(0);
+    const int64_t n_seqs = int64_t(layout.spans.size());
+    if (kv.dtype() == KvDType::F32) {
+      auto* k_cache = reinterpret_cast<float*>(dkv->values(layer, false));
+      auto* v_cache = reinterpret_cast<float*>(dkv->values(layer, true));
+      check(cuda::paged_kv_write(ac, d_k, d_v, rows, d_slots, k_cache, v_cache, stream_));
+      check(cuda::paged_attention(ac, d_q, rows, d_row_seq, d_pos, d_tables, n_seqs, k_cache, v_cache, d_attn, stream_));
+    } else {
+      const cuda::Int8KvCache cache = dkv->int8(layer);
+      check(cuda::paged_kv_write_int8(ac, d_k, d_v, rows, d_slots, cache, stream_));
+      check(cuda::paged_attention_int8(ac, d_q, rows, d_row_seq, d_pos, d_tables, n_seqs, cache, d_attn, stream_));
+    }
+    gemm(d_attn, rows, lw.o, d_o);
+    check(cuda::add_inplace(d_x, d_o, rows * hidden, stream_));
+    download(x, d_x, size_t(rows * hidden));
+  }
+
+  void mlp(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out) override {
+    std::lock_guard lock(mu_);
+    select();
+    const int64_t inter = w.gate.rows();
+    float* d_x = upload(kX, x, size_t(rows * hidden));
+    float* d_gate = scratch<float>(kQ, size_t(rows * inter));
+    float* d_up = scratch<float>(kK, size_t(rows * inter));
+    float* d_out = scratch<float>(kOut, size_t(rows * hidden));
+    gemm(d_x, rows, w.gate, d_gate);
+    gemm(d_x, rows, w.up, d_up);
+    check(cuda::silu_mul(d_gate, d_up, rows, inter, d_gate, stream_));
+    gemm(d_gate, rows, w.down, d_out);
+    download(out, d_out, size_t(rows * hidden));
+  }
+
+ private:
+  // Scratch buffers by role; each grows to the largest request and is then reused.
+  enum Slot { kX, kH, kQ, kK, kV, kAttn, kOut, kIds, kPos, kRowSeq, kSlots, kTables, kGemmWork, kSlotCount };
+
+  void select() { MOEMESH_CUDA_BACKEND_CHECK(cudaSetDevice(index_)); }
+
+  template <class T>
+  T* scratch(Slot slot, size_t n) {
+    DeviceBuffer& b = scratch_[slot];
+    const size_t bytes = std::max<size_t>(n * sizeof(T), 256);
+    if (b.bytes() < bytes) {
+      MOEMESH_CUDA_BACKEND_CHECK(cudaStreamSynchronize(stream_));  // the old buffer may be in use
+      b = DeviceBuffer(std::max(bytes, b.bytes() * 2));
+    }
+    return static_cast<T*>(b.get());
+  }
+
+  template <class T>
+  T* upload(Slot slot, const T* host, size_t n) {
+    T* d = scratch<T>(slot, n);
+    MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpyAsync(d, host, n * sizeof(T), cudaMemcpyHostToDevice, stream_));
+    return d;
+  }
+
+  void download(float* host, const float* dev, size_t n) {
+    MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpyAsync(host, dev, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    MOEMESH_CUDA_BACKEND_CHECK(cudaStreamSynchronize(stream_));
+    check(cuda::check_last_error());
+  }
+
+  // The device copy of a weight, uploaded on first use.
+  const void* weight(const Weight& w) {
+    if (w.empty()) throw Error("cuda backend: weight " + w.name + " is not loaded");
+    auto it = weights_.find(w.data);
+    if (it == weights_.end()) {
+      const size_t bytes = size_t(w.numel()) * dtype_size(w.dtype);
+      DeviceBuffer b(bytes);
+      MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpy(b.get(), w.data, bytes, cudaMemcpyHostToDevice));
+      it = weights_.emplace(w.data, std::move(b)).first;
+    }
+    return it->second.get();
+  }
+
+  void gemm(const float* d_x, int64_t rows, const Weight& w, float* d_y) {
+    const size_t ws = cuda::matmul_workspace_bytes(rows, w.cols(), w.dtype);
+    void* work = ws ? scratch<char>(kGemmWork, ws) : nullptr;
+    check(cuda::matmul(blas_.get(), d_x, rows, w.cols(), weight(w), w.dtype, w.rows(), d_y, work, ws, stream_));
+  }
+
+  int index_;
+  std::string name_;
+  std::mutex mu_;
+  cudaStream_t stream_ = nullptr;
+  cuda::Blas blas_;
+  std::unordered_map<const void*, DeviceBuffer> weights_;
+  DeviceBuffer scratch_[kSlotCount];
+  std::vector<int32_t> row_seq_, slots_, tables_;
+};
+
+}  // namespace
+
+std::shared_ptr<ComputeBackend> make_cuda_backend(int index) {
+  const int count = cuda::device_count();
+  if (count == 0) throw Error(std::string("no CUDA device: ") + cuda::device_error());
+  if (index < 0 || index >= count)
+    throw Error("no CUDA device: cuda:" + std::to_string(index) + " requested, " + std::to_string(count) +
+                " device(s) present");
+  return std::make_shared<CudaBackend>(index);
+}
+
+}  // namespace moemesh
