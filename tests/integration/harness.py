@@ -32,6 +32,7 @@ import time
 import traceback
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 
 import numpy as np
 
@@ -112,6 +113,60 @@ def http(port, path, body=None, method=None, timeout=60.0, raw_body=None, header
         return status, json.loads(payload)
     except ValueError:
         return status, payload
+
+
+def stream(port, path, body, headers=None, timeout=60.0, stop_after=None):
+    """POST body (with "stream": true) and read the Server-Sent Events. Returns (status, events):
+    events are the parsed `data:` payloads (dicts, and the string "[DONE]"); a non-200 answer gives
+    (status, parsed JSON body). stop_after=k hangs up after k events, as a client that goes away."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        if r.status != 200:
+            return r.status, json.loads(r.read())
+        check(r.getheader("Content-Type", "").startswith("text/event-stream"),
+              f"a stream answered with Content-Type {r.getheader('Content-Type')}")
+        events = []
+        while True:
+            line = r.readline()  # http.client undoes the chunked transfer encoding
+            if not line:
+                break
+            if not line.startswith(b"data: "):
+                continue
+            data = line[len(b"data: "):].strip()
+            events.append("[DONE]" if data == b"[DONE]" else json.loads(data))
+            if events[-1] == "[DONE]" or (stop_after and len(events) >= stop_after):
+                break
+        return 200, events
+    finally:
+        if conn.sock:  # a hard close, so the server sees the client leave
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+
+
+def stream_text(events, index=0, chat=False):
+    """The text of one choice, joined from its stream chunks."""
+    out = ""
+    for e in events:
+        if not isinstance(e, dict):
+            continue
+        for c in e.get("choices", []):
+            if c["index"] == index:
+                out += (c["delta"].get("content") or "") if chat else c["text"]
+    return out
+
+
+def tenants_file(path, cli, tenants):
+    """Writes a router --tenants file: tenants are (name, [api keys], {extra fields})."""
+    doc = {"tenants": []}
+    for name, keys, extra in tenants:
+        t = {"name": name, "api_key_sha256": [cli.run("hash-key", k).strip() for k in keys]}
+        t.update(extra)
+        doc["tenants"].append(t)
+    with open(path, "w") as f:
+        json.dump(doc, f)
+    return path
 
 
 def raw_http(port, payload: bytes, timeout=5.0, half_close=True) -> bytes:

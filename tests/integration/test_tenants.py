@@ -16,16 +16,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 
 
-def tenants_file(path, cli, tenants):
-    doc = {"tenants": []}
-    for name, keys, extra in tenants:
-        t = {"name": name, "api_key_sha256": [cli.run("hash-key", k).strip() for k in keys]}
-        t.update(extra)
-        doc["tenants"].append(t)
-    with open(path, "w") as f:
-        json.dump(doc, f)
-
-
 def call(c, key, body):
     headers = {"Content-Type": "application/json"}
     if key:
@@ -37,7 +27,7 @@ def test(args, tmp):
     cli = H.Cli(args.cli, dict(os.environ, OPENBLAS_NUM_THREADS="1"))
     model = cli.mkmodel("mixtral", os.path.join(tmp, "tiny-mixtral"), seed=6)
     path = os.path.join(tmp, "tenants.json")
-    tenants_file(path, cli, [("acme", ["key-acme"], {"max_tokens": 8, "requests_per_minute": 3}),
+    H.tenants_file(path, cli, [("acme", ["key-acme"], {"max_tokens": 8, "requests_per_minute": 3}),
                              ("beta", ["key-beta"], {"models": ["another-model"]})])
     body = {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0, "return_token_ids": True}
     with H.Cluster(args, tmp, model, tag="tenants") as c:
@@ -68,7 +58,7 @@ def test(args, tmp):
             H.check(err["type"] == "rate_limit_error" and err["code"] == "rate_limit_exceeded", f"429 body: {err}")
 
         # Reload: acme's key is replaced by a new one, beta may now use the served model.
-        tenants_file(path, cli, [("acme", ["key-acme-2"], {"max_tokens": 8}),
+        H.tenants_file(path, cli, [("acme", ["key-acme-2"], {"max_tokens": 8}),
                                  ("beta", ["key-beta"], {"models": ["*"]})])
         c.router.popen.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 10

@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""openai_client: `moemesh up` (the README's local cluster: router, attention worker, expert
+hosts, KV store as separate processes) answers the official `openai` npm client: completion,
+chat, streaming chat (same content as unstreamed, usage in the last chunk) and a bad parameter
+raised as the client's BadRequestError. Driven by openai_client.mjs under node.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test(args, tmp):
+    node_modules = os.path.join(args.cache_dir, "js", "node_modules")
+    H.check(shutil.which("node") and os.path.isdir(os.path.join(node_modules, "openai")),
+            f"node or the openai package is missing ({node_modules}); run scripts/bootstrap")
+    cli = H.Cli(args.cli, dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    model = cli.mkmodel("mixtral", os.path.join(tmp, "tiny-mixtral"), seed=2)
+    port, control, admin = H.free_port(), H.free_port(), H.free_port()
+    up = H.Proc("up", [args.cli, "up", "--model", model, "--attention", "1", "--experts", "2", "--port", str(port),
+                       "--control-port", str(control), "--admin-port", str(admin), "--cores", "2",
+                       "--bin-dir", os.path.dirname(args.router), "--log-dir", os.path.join(tmp, "logs")],
+                os.path.join(tmp, "up.log"), dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            H.check(up.alive(), f"moemesh up exited early:\n{up.log_text()}")
+            try:
+                if H.http(port, "/v1/models", timeout=2)[0] == 200 and H.http(
+                        port, "/v1/completions", {"prompt": [1, 2], "max_tokens": 1}, timeout=10)[0] == 200:
+                    break
+            except OSError:
+                pass
+            H.check(time.monotonic() < deadline, f"moemesh up not serving within 60 s:\n{up.log_text()}")
+            time.sleep(0.3)
+        served = H.http(port, "/v1/models")[1]["data"][0]["id"]
+        p = subprocess.run(["node", os.path.join(HERE, "openai_client.mjs"), f"http://127.0.0.1:{port}", served],
+                           capture_output=True, text=True, timeout=120, env=dict(os.environ, NODE_PACKAGES=node_modules))
+        print(p.stdout, p.stderr, flush=True)
+        H.check(p.returncode == 0 and "openai client: OK" in p.stdout, "the openai client run failed (above)")
+        rc, secs = up.terminate_and_wait(timeout=30)
+        H.check(rc == 0, f"moemesh up exited {rc} on SIGTERM")
+    except BaseException:
+        print(up.log_text()[-4000:], flush=True)
+        raise
+    finally:
+        up.kill()
+
+
+if __name__ == "__main__":
+    H.main(test, lambda p: p.add_argument("--cache-dir", required=True))
