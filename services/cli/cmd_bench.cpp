@@ -99,10 +99,11 @@ struct Reply {
 };
 
 // Sends `req` and passes the response body to `on_body` piece by piece as it arrives; everything
-// (connect included) must finish by `deadline`.
-net::awaitable<void> exchange(const tcp::resolver::results_type& endpoints, const bhttp::request<bhttp::string_body>& req,
+// (connect included) must finish by `deadline`. Parameters are by value where a caller may pass a
+// temporary: a coroutine outlives its caller's full expression when co_spawned.
+net::awaitable<void> exchange(const tcp::resolver::results_type& endpoints, bhttp::request<bhttp::string_body> req,
                               Clock::time_point deadline, Reply& reply,
-                              const std::function<void(std::string_view)>& on_body) {
+                              std::function<void(std::string_view)> on_body) {
   beast::tcp_stream stream(co_await net::this_coro::executor);
   beast::error_code ec;
   auto tok = net::redirect_error(net::use_awaitable, ec);
@@ -243,9 +244,11 @@ class Bench {
     net::io_context ioc(a_.threads);
     start_ = Clock::now();
     if (a_.rate > 0) {
-      net::co_spawn(ioc, open_loop(), net::detached);
+      net::co_spawn(ioc, open_loop(ioc), net::detached);
     } else {
-      for (int c = 0; c < a_.concurrency; ++c) net::co_spawn(ioc, closed_loop(), net::detached);
+      // Each request's coroutine runs on its own strand: a Beast stream's timeout handler and
+      // its I/O handlers must not run at once on two of the io_context's threads.
+      for (int c = 0; c < a_.concurrency; ++c) net::co_spawn(net::make_strand(ioc), closed_loop(), net::detached);
     }
     std::atomic<int> running{a_.threads};
     std::vector<std::thread> threads;
@@ -320,16 +323,15 @@ class Bench {
 
   double since_start(Clock::time_point t) const { return std::chrono::duration<double>(t - start_).count(); }
 
-  net::awaitable<void> open_loop() {
-    auto ex = co_await net::this_coro::executor;
-    net::steady_timer timer(ex);
+  net::awaitable<void> open_loop(net::io_context& ioc) {
+    net::steady_timer timer(co_await net::this_coro::executor);
     std::mt19937_64 rng(a_.seed ^ 0x9e3779b97f4a7c15ull);  // arrivals: their own stream
     std::exponential_distribution<double> gap(a_.rate);
     double t = 0;
     for (size_t i = 0; more(i, t); ++i, t += gap(rng)) {
       timer.expires_at(start_ + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(t)));
       co_await timer.async_wait(net::use_awaitable);
-      net::co_spawn(ex, run_one(i), net::detached);
+      net::co_spawn(net::make_strand(ioc), run_one(i), net::detached);
     }
   }
 
@@ -376,7 +378,8 @@ class Bench {
   void settle(bench::Outcome& o, const Reply& reply, const StreamAccount& sse, const std::string& body) {
     const bool streamed = reply.status == 200 && reply.event_stream;
     if (!reply.failure.empty() && !(streamed && sse.done)) {
-      o.failure = streamed ? "incomplete_stream" : reply.failure;
+      // A stream cut short is "incomplete_stream" unless our own deadline cut it.
+      o.failure = streamed && reply.failure != "timeout" ? "incomplete_stream" : reply.failure;
       o.error = reply.error;
       return;
     }
@@ -458,6 +461,12 @@ std::string first_model(const BenchArgs& a, const tcp::resolver::results_type& e
   return j["data"][0]["id"];
 }
 
+std::string number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
 void check(const BenchArgs& a) {
   if ((a.rate > 0) == (a.concurrency > 0)) throw Error("give exactly one of --rate R (open loop) or --concurrency C");
   if (a.rate < 0) throw Error("--rate must be > 0");
@@ -487,10 +496,10 @@ void run_bench(BenchArgs a) {
 
   Bench bench(a, model, endpoints, tenants);
   std::cerr << "moemesh bench: POST " << a.url << bench.path() << " model " << model << ", "
-            << (a.rate > 0 ? "rate " + std::to_string(a.rate) + "/s (Poisson)"
+            << (a.rate > 0 ? "rate " + number(a.rate) + "/s (Poisson)"
                            : "concurrency " + std::to_string(a.concurrency))
             << ", " << (a.requests ? std::to_string(a.requests) + " requests" : "no request limit")
-            << (a.duration_s > 0 ? ", at most " + std::to_string(a.duration_s) + " s" : "") << "\n";
+            << (a.duration_s > 0 ? ", at most " + number(a.duration_s) + " s" : "") << "\n";
   const auto outcomes = bench.run();
   json report = bench::make_report(outcomes, tenants);
   report["config"] = {{"url", a.url},
@@ -540,10 +549,9 @@ void add_bench(CLI::App& app) {
   cmd->add_flag("--text-prompts", a->text_prompts, "send random words instead of token-id arrays");
   cmd->add_option("--tenant", a->tenants, "API key with an optional weight, KEY[:WEIGHT]; repeatable");
   cmd->add_option("--seed", a->seed, "seed for prompts, lengths, tenants and arrivals")->capture_default_str();
-  cmd->add_flag("--stream,!--no-stream", a->stream, "stream (needed for TTFT and inter-token latency)")
-      ->capture_default_str();
-  cmd->add_flag("--ignore-eos,!--no-ignore-eos", a->ignore_eos, "send ignore_eos: true (exact output lengths)")
-      ->capture_default_str();
+  cmd->add_flag("--stream,!--no-stream", a->stream, "stream, the default (TTFT and inter-token latency need it)");
+  cmd->add_flag("--ignore-eos,!--no-ignore-eos", a->ignore_eos,
+                "send ignore_eos: true, the default (exact output lengths; a vLLM extension)");
   cmd->add_option("--json", a->json_path, "also write the report as JSON to this file");
   cmd->add_option("--timeout-s", a->timeout_s, "per-request deadline")->capture_default_str();
   cmd->add_option("--temperature", a->temperature, "sampling temperature")->capture_default_str();
