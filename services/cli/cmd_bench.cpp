@@ -495,7 +495,7 @@ void run_bench(BenchArgs a) {
   const std::string model = a.model.empty() ? first_model(a, endpoints, tenants.front().key) : a.model;
 
   Bench bench(a, model, endpoints, tenants);
-  std::cerr << "moemesh bench: POST " << a.url << bench.path() << " model " << model << ", "
+  std::cerr << "moemesh bench: POST http://" << t.host << ":" << t.port << bench.path() << " model " << model << ", "
             << (a.rate > 0 ? "rate " + number(a.rate) + "/s (Poisson)"
                            : "concurrency " + std::to_string(a.concurrency))
             << ", " << (a.requests ? std::to_string(a.requests) + " requests" : "no request limit")
