@@ -11,5 +11,6 @@ void add_tokenize(CLI::App& app);
 void add_up(CLI::App& app);
 void add_status(CLI::App& app);
 void add_hash_key(CLI::App& app);
+void add_bench(CLI::App& app);
 
 }  // namespace moemesh::cli

@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   moemesh::cli::add_up(app);
   moemesh::cli::add_status(app);
   moemesh::cli::add_hash_key(app);
+  moemesh::cli::add_bench(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

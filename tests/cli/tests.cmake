@@ -1,3 +1,6 @@
 add_test(NAME cli_mkmodel_generate
          COMMAND ${CMAKE_CURRENT_LIST_DIR}/mkmodel_generate.sh $<TARGET_FILE:moemesh> ${SYSTEM_PYTHON})
 set_tests_properties(cli_mkmodel_generate PROPERTIES LABELS unit TIMEOUT 120 ENVIRONMENT OPENBLAS_NUM_THREADS=1)
+add_test(NAME cli_bench_fake_server
+         COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/bench_fake_server.py $<TARGET_FILE:moemesh>)
+set_tests_properties(cli_bench_fake_server PROPERTIES LABELS unit TIMEOUT 120)
