@@ -115,10 +115,11 @@ def http(port, path, body=None, method=None, timeout=60.0, raw_body=None, header
         return status, payload
 
 
-def stream(port, path, body, headers=None, timeout=60.0, stop_after=None):
+def stream(port, path, body, headers=None, timeout=60.0, stop_after=None, times=None):
     """POST body (with "stream": true) and read the Server-Sent Events. Returns (status, events):
     events are the parsed `data:` payloads (dicts, and the string "[DONE]"); a non-200 answer gives
-    (status, parsed JSON body). stop_after=k hangs up after k events, as a client that goes away."""
+    (status, parsed JSON body). stop_after=k hangs up after k events, as a client that goes away.
+    times: a list that gets each event's arrival (time.monotonic())."""
     conn = HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
@@ -136,6 +137,8 @@ def stream(port, path, body, headers=None, timeout=60.0, stop_after=None):
                 continue
             data = line[len(b"data: "):].strip()
             events.append("[DONE]" if data == b"[DONE]" else json.loads(data))
+            if times is not None:
+                times.append(time.monotonic())
             if events[-1] == "[DONE]" or (stop_after and len(events) >= stop_after):
                 break
         return 200, events
@@ -453,10 +456,11 @@ class Cluster:
         self.start_router(experts, replicas, router_extra)
         for _ in range(experts):
             self.start_expert()
-        for _ in range(attention):
-            self.start_attention(attention_extra)
         for _ in range(kvstore):
             self.start_kvstore()
+        kv = ("--kvstore", self.kvstores[0].endpoint) if self.kvstores else ()
+        for _ in range(attention):
+            self.start_attention((*kv, *attention_extra))
         self.wait_ready(timeout)
         log(f"cluster {self.tag} ready in {time.monotonic() - t0:.1f} s "
             f"({attention} attention, {experts} expert hosts x{replicas}, {kvstore} kvstore)")

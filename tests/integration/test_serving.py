@@ -90,13 +90,13 @@ def n_and_logprobs(c):
 
 
 def chat(c):
-    body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}],
+    body = {"messages": [{"role": "user", "content": "Hello there!"}],
             "max_completion_tokens": 10, "temperature": 0, "ignore_eos": True}
     st, a = H.http(c.api_port, CHAT, body)
     H.check(st == 200 and a["object"] == "chat.completion", f"chat: {st} {a}")
     msg = a["choices"][0]["message"]
     H.check(msg["role"] == "assistant" and isinstance(msg["content"], str), f"chat message: {msg}")
-    H.check(a["usage"]["prompt_tokens"] > 8 and a["usage"]["completion_tokens"] == 10, f"chat usage: {a['usage']}")
+    H.check(a["usage"]["prompt_tokens"] > 5 and a["usage"]["completion_tokens"] == 10, f"chat usage: {a['usage']}")
     st, ev = H.stream(c.api_port, CHAT, dict(body, stream=True, stream_options={"include_usage": True}))
     H.check(st == 200 and ev[0]["object"] == "chat.completion.chunk", f"chat stream: {st} {ev[:1]}")
     H.check(ev[0]["choices"][0]["delta"].get("role") == "assistant", f"first delta: {ev[0]}")
