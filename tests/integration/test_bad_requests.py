@@ -2,8 +2,7 @@
 """bad_requests: the router's OpenAI API answers bad requests with OpenAI-shaped errors
 ({"error": {"message", "type", "param", "code"}}): 400 for bad JSON and bad parameters (naming
 the parameter), 404 for an unknown model, 400 for a prompt longer than the context or than any
-worker's KV cache; GET
-/v1/models lists the served model (the folder's name, or --served-model-name). A prompt
+worker's KV cache, 503 when no attention worker is ready; GET /v1/models lists the served model (the folder's name, or --served-model-name). A prompt
 of three KV blocks is still served afterwards, and matches the reference.
 """
 import json
@@ -80,6 +79,16 @@ def test(args, tmp):
             ("stop_token_ids not a list", {"prompt": [1], "stop_token_ids": 3}, "stop_token_ids"),
             ("model not a string", {"prompt": [1], "model": 3}, "model"),
             ("return_logits not a boolean", {"prompt": [1], "return_logits": "yes"}, "return_logits"),
+            ("n 0", {"prompt": [1], "n": 0}, "n"),
+            ("n 17", {"prompt": [1], "n": 17}, "n"),
+            ("five stop strings", {"prompt": [1], "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+            ("stop not a string", {"prompt": [1], "stop": 5}, "stop"),
+            ("stream_options without stream", {"prompt": [1], "stream_options": {"include_usage": True}},
+             "stream_options"),
+            ("unknown priority", {"prompt": [1], "priority": "urgent"}, "priority"),
+            ("logprobs 21", {"prompt": [1], "logprobs": 21}, "logprobs"),
+            ("echo", {"prompt": [1], "echo": True}, "echo"),
+            ("bad parameter on a stream (JSON, not SSE)", {"prompt": [1], "stream": True, "top_p": 2}, "top_p"),
         ]
         for name, body, param in bad:
             expect_error(c, name, body, 400, param=param)
@@ -123,6 +132,8 @@ def test(args, tmp):
             H.check(st == 200 and ids == ["my-moe"], f"--served-model-name my-moe: /v1/models HTTP {st} lists {ids}")
             expect_error(c2, "folder name after --served-model-name", dict(ok, model="tiny-mixtral"), 404,
                          param="model", code="model_not_found")
+            # No attention worker has joined this router: not ready, 503 at once (not a hang).
+            expect_error(c2, "no attention worker", ok, 503, type_="server_error", message_has="no attention worker")
     H.log("bad requests: every answer was the expected OpenAI error")
 
 
