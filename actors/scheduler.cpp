@@ -1,6 +1,9 @@
 #include "actors/scheduler.h"
 
 #include <algorithm>
+#include <cstring>
+#include <tuple>
+#include <unordered_map>
 #include <deque>
 #include <map>
 #include <set>
@@ -89,6 +92,7 @@ struct Seq {
   std::string worker;      // empty while waiting
   int64_t prefilled = 0;   // context positions sent so far
   int64_t resumed = 0;     // generated tokens that are part of the context (after a preemption)
+  std::vector<BlockKey> prefix;  // its prompt's full blocks (salted), for prefix affinity
   int attempts = 0;        // failures (worker lost, error, timeout); preemptions do not count
   bool admitted_once = false, first_token_seen = false;  // queue time and TTFT count once
   Clock::time_point last_token_at;
@@ -108,6 +112,43 @@ struct Seq {
 
 int64_t blocks_for(int64_t tokens) { return (tokens + kBlockTokens - 1) / kBlockTokens; }
 
+// The prompt-prefix blocks a worker was sent recently (bounded, oldest forgotten first): a new
+// request goes preferably where its prefix is, as that worker's memory tier likely still holds it.
+class RecentPrefixes {
+ public:
+  void add(const std::vector<BlockKey>& keys) {
+    for (const BlockKey& k : keys) {
+      auto [it, fresh] = stamp_.try_emplace(k, 0);
+      it->second = ++clock_;
+      order_.emplace_back(clock_, k);
+    }
+    while (stamp_.size() > kMaxKeys && !order_.empty()) {  // forget the least recently sent
+      auto [t, k] = order_.front();
+      order_.pop_front();
+      if (auto it = stamp_.find(k); it != stamp_.end() && it->second == t) stamp_.erase(it);
+    }
+  }
+  // How many leading blocks of `keys` this worker was sent.
+  size_t matching(const std::vector<BlockKey>& keys) const {
+    size_t n = 0;
+    while (n < keys.size() && stamp_.count(keys[n])) ++n;
+    return n;
+  }
+
+ private:
+  static constexpr size_t kMaxKeys = 8192;
+  struct Hash {
+    size_t operator()(const BlockKey& k) const {
+      size_t h;
+      std::memcpy(&h, k.bytes.data(), sizeof h);
+      return h;
+    }
+  };
+  std::unordered_map<BlockKey, uint64_t, Hash> stamp_;
+  std::deque<std::pair<uint64_t, BlockKey>> order_;
+  uint64_t clock_ = 0;
+};
+
 struct Worker {
   std::string instance, endpoint;
   int socket = -1;             // -1 until the bridge opened our DEALER to it
@@ -117,6 +158,7 @@ struct Worker {
   std::vector<uint64_t> to_free;
   bool listed = true;          // still in the coordinator's list
   int64_t kv_blocks = 0;       // its KV cache size, as it registered (0: unknown)
+  RecentPrefixes prefixes;     // prompt blocks placed on it (prefix affinity)
 };
 
 struct SchedulerState {
@@ -202,29 +244,31 @@ void make_room(Self* self, Worker& w) {
   }
 }
 
-// Places waiting sequences, in fair order, on the usable worker with the most free KV blocks
-// that has room for the sequence's context; stops at the first that fits nowhere (no overtaking,
-// so fairness and priorities hold).
+// Places waiting sequences, in fair order, on a usable worker with room for the sequence's
+// context: the one that was sent the longest part of its prompt's prefix, then the one with the
+// most free KV blocks, then the one with fewest sequences. Stops at the first sequence that fits
+// nowhere (no overtaking, so fairness and priorities hold).
 void place_waiting(Self* self) {
   auto& st = self->state;
   while (auto id = st.waiting.peek()) {
     Seq& s = st.seqs.at(*id);
     Worker* best = nullptr;
-    int64_t best_free = 0;
+    std::tuple<size_t, int64_t, int64_t> best_score;  // (prefix blocks, free blocks, -sequences)
     for (auto& [name, w] : st.workers) {
       if (!usable(w) || int64_t(w.running.size()) >= st.cfg.max_running_per_worker) continue;
       const int64_t free = w.kv_blocks > 0 ? w.kv_blocks - st.blocks_next_step(w) : INT64_MAX / 2;
       if (free < blocks_for(s.kv_tokens_next_step())) continue;
-      // Ties (equal free blocks) go to the worker with fewer sequences, so work spreads out.
-      if (!best || free > best_free || (free == best_free && w.running.size() < best->running.size())) {
+      const auto score = std::make_tuple(w.prefixes.matching(s.prefix), free, -int64_t(w.running.size()));
+      if (!best || score > best_score) {
         best = &w;
-        best_free = free;
+        best_score = score;
       }
     }
     if (!best) break;
     st.waiting.pop();
     s.worker = best->instance;
     best->running.insert(*id);
+    best->prefixes.add(s.prefix);
     if (!s.admitted_once && st.metrics) {
       st.metrics->per_tenant(s.req->tenant).queue_time->Observe(secs(Clock::now() - s.req->arrival).count());
       s.admitted_once = true;
@@ -474,6 +518,9 @@ caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
         const uint64_t id = st.next_seq++;
         auto rp = self->make_response_promise();
         Seq s;
+        // Only blocks before the last prompt token can be restored (that one is always computed).
+        const auto restorable = (req->prompt.size() - 1) / size_t(kBlockTokens) * size_t(kBlockTokens);
+        s.prefix = prefix_block_keys(req->cache_salt, std::span(req->prompt).first(restorable));
         s.req = std::move(req);
         s.promise = rp;
         st.seqs.emplace(id, std::move(s));

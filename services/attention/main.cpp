@@ -12,6 +12,7 @@
 #include "actors/service_runtime.h"
 #include "actors/step_server.h"
 #include "actors/step_worker.h"
+#include "actors/tiered_prefix_store.h"
 #include "actors/zmq_bridge.h"
 #include "core/backend_factory.h"
 #include "core/checkpoint.h"
@@ -29,6 +30,7 @@ int main(int argc, char** argv) {
   double gating_temperature = 1.0;
   std::string kvstore, model_id;
   int kvstore_timeout_ms = 500, micro_batches = 2;
+  int64_t local_prefix_mb = 64;
   std::string kv_dtype = "f32", device = "cpu";
   auto& cli = rt.cli();
   cli.add_option("--model", model_dir, "checkpoint folder")->required();
@@ -44,6 +46,10 @@ int main(int argc, char** argv) {
   cli.add_option("--dispatch-timeout-ms", dispatch_timeout_ms, "deadline of one expert dispatch round");
   cli.add_option("--gating-temperature", gating_temperature, "gate logits are divided by it before softmax");
   cli.add_option("--kvstore", kvstore, "KV store endpoint (tcp://HOST:PORT) for the prefix cache; none: no prefix cache");
+  cli.add_option("--local-prefix-cache-mb", local_prefix_mb,
+                 "prefix-cache blocks kept in this process's memory, in front of the KV store (0: none)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   cli.add_option("--kvstore-timeout-ms", kvstore_timeout_ms, "deadline of one KV store fetch")
       ->check(CLI::Range(1, 60000));
   cli.add_option("--model-id", model_id, "names the model's KV blocks in the store (default: the checkpoint folder's name)");
@@ -72,18 +78,20 @@ int main(int argc, char** argv) {
     StepWorkerOptions wo;
     wo.micro_batches = micro_batches;
     std::shared_ptr<KvClient> kv;
+    if (model_id.empty()) {
+      const auto dir = std::filesystem::absolute(model_dir).lexically_normal();
+      model_id = (dir.filename().empty() ? dir.parent_path() : dir).filename().string();
+    }
     if (!kvstore.empty()) {
-      if (model_id.empty()) {
-        const auto dir = std::filesystem::absolute(model_dir).lexically_normal();
-        model_id = (dir.filename().empty() ? dir.parent_path() : dir).filename().string();
-      }
       KvClientOptions ko;
       ko.endpoint = kvstore;
       ko.model_id = model_id;
       ko.deadline = std::chrono::milliseconds(kvstore_timeout_ms);
       ko.block_shape = {mc.num_hidden_layers, 2, KvCache::kBlockSize, mc.num_key_value_heads * mc.head_dim};
       kv = std::make_shared<KvClient>(rt.system(), ko);
-      wo.prefix_store = kv;
+    }
+    if (kv || local_prefix_mb > 0) {
+      wo.prefix_store = std::make_shared<TieredPrefixStore>(kv, uint64_t(local_prefix_mb) << 20);
       wo.model_id = model_id;
     }
     auto worker = std::make_shared<StepWorker>(engine, eos, wo);
@@ -94,7 +102,9 @@ int main(int argc, char** argv) {
     spdlog::info("attention: {} mapped {:.1f} MiB (no routed experts), KV cache {} blocks ({}, {:.1f} MiB), compute on {}, {} micro-batch(es), {}",
                  model_dir, double(ckpt->mapped_bytes()) / (1 << 20), kv_blocks, kv_dtype,
                  double(engine->kv_cache().bytes_per_block() * kv_blocks) / (1 << 20), backend->name(), micro_batches,
-                 kv ? "prefix cache in " + kvstore + " as " + model_id : std::string("no prefix cache"));
+                 !wo.prefix_store ? std::string("no prefix cache")
+                                  : fmt::format("prefix cache: {} MiB in memory{}", local_prefix_mb,
+                                                kv ? ", then the KV store " + kvstore + " as " + model_id : ""));
 
     ZmqBridge bridge(rt.system());
     const int step_sock = bridge.add({.name = "steps", .type = zmq::socket_type::router, .endpoint = listen, .bind = true});

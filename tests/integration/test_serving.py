@@ -7,6 +7,7 @@
 - /v1/chat/completions (the checkpoint's chat template) streamed and not, with chat logprobs;
 - a client that hangs up mid-stream cancels its request: the attention worker's KV blocks
   return to free and the router counts it as 499/cancelled;
+- a request is placed on the attention worker that holds its prompt's prefix (prefix affinity);
 - 64 concurrent streaming requests on the small model all complete with correct usage, and
   greedy outputs equal those of the same requests sent one at a time.
 """
@@ -127,6 +128,21 @@ def disconnect_frees_kv(c):
     H.check(counter(c.router, "moemesh_router_completion_tokens_total") < 300, "the cancelled request ran on")
 
 
+def prefix_affinity(c):
+    # Two prompts with distinct 48-token prefixes, sent together, land on the two workers. Sent
+    # again (new suffixes, one at a time), each must go back to the worker that holds its prefix:
+    # there is no KV store here, so a hit can only come from that worker's memory tier.
+    prefixes = [[(i * 31 + j * 7) % 400 + 2 for j in range(48)] for i in (1, 2)]
+    first = H.run_in_threads(lambda p: c.complete({"prompt": p + [9], "max_tokens": 24, "ignore_eos": True}), prefixes)
+    H.check(all(st == 200 for st, _ in first), f"affinity first round: {first}")
+    for p in prefixes:
+        st, a = c.complete({"prompt": p + [11, 12], "max_tokens": 2})
+        H.check(st == 200 and a["usage"]["prompt_tokens_details"]["cached_tokens"] == 48,
+                f"a request sharing a 48-token prefix was not placed where that prefix is cached: {a}")
+    hits = [p.metric("moemesh_attention_prefix_cache_hit_tokens_total") for p in c.attention]
+    H.check(hits == [48, 48], f"prefix hits per worker {hits}: both workers should have served one prefix")
+
+
 def concurrent_streams(args, tmp, cli):
     model = cli.mkmodel("mixtral", os.path.join(tmp, "small-mixtral"), seed=4, preset="small")
     bodies = [{"prompt": [(7 * i + j) % 500 + 1 for j in range(6 + i % 13)], "max_tokens": 12 + i % 5,
@@ -134,6 +150,7 @@ def concurrent_streams(args, tmp, cli):
     with H.Cluster(args, tmp, model, tag="streams") as c:
         c.up(attention=2, experts=2)
         c.wait_scheduler_connected()
+        prefix_affinity(c)
         alone = []
         for b in bodies:
             st, a = c.complete(b)
