@@ -1116,43 +1116,6 @@ std::shared_ptr<Tokenizer> Tokenizer::from_dir(const std::filesystem::path& dir)
 }
 
 // ---------------------------------------------------------------------------------------------
-// StreamDecoder: decodes a sliding window (the tokens emitted last, as context, then the
-// pending ones) and returns what the pending tokens add, the way TGI/vLLM detokenize. Decoding
-// with context keeps decoder rules that look at neighbours (leading-space strip) consistent.
-
-StreamDecoder::StreamDecoder(std::shared_ptr<const Tokenizer> tok, bool skip_special_tokens)
-    : tok_(std::move(tok)), skip_special_(skip_special_tokens) {
-  if (!tok_) throw Error("StreamDecoder: no tokenizer");
-}
-
-std::string StreamDecoder::push(int32_t id) {
-  ids_.push_back(id);
-  std::span<const int32_t> all(ids_);
-  std::string prefix = tok_->decode(all.first(context_tokens_), skip_special_);
-  std::string text = tok_->decode(all, skip_special_);
-  if (text.size() <= prefix.size()) return {};
-  // Hold back text that ends inside a character: partial bytes decode to U+FFFD.
-  std::string_view tail(text);
-  if (tail.ends_with(utf8::kReplacement) || utf8::incomplete_tail(tail) > 0) return {};
-  std::string out = text.compare(0, prefix.size(), prefix) == 0 ? text.substr(prefix.size()) : text;
-  // Slide: the tokens just emitted become the context of the next window.
-  ids_.erase(ids_.begin(), ids_.begin() + static_cast<std::ptrdiff_t>(context_tokens_));
-  context_tokens_ = ids_.size();
-  emitted_bytes_ += out.size();
-  return out;
-}
-
-std::string StreamDecoder::flush() {
-  std::span<const int32_t> all(ids_);
-  std::string prefix = tok_->decode(all.first(context_tokens_), skip_special_);
-  std::string text = tok_->decode(all, skip_special_);
-  ids_.clear();
-  context_tokens_ = 0;
-  if (text.size() <= prefix.size()) return {};
-  std::string out = text.compare(0, prefix.size(), prefix) == 0 ? text.substr(prefix.size()) : text;
-  emitted_bytes_ += out.size();
-  return out;
-}
 
 std::optional<std::string> config_token_content(const nlohmann::json& cfg, const char* key) {
   if (!cfg.contains(key)) return std::nullopt;

@@ -45,21 +45,4 @@ class Tokenizer {
   virtual std::string apply_chat_template(const nlohmann::json& messages, bool add_generation_prompt) const = 0;
 };
 
-// Incremental detokenizer for streaming: push() returns the text that is final so far and
-// never ends inside a UTF-8 character; flush() returns what is left. Concatenated pushes +
-// flush equal decode(all ids). Cost per push is bounded by a small window, not the history.
-class StreamDecoder {
- public:
-  explicit StreamDecoder(std::shared_ptr<const Tokenizer> tok, bool skip_special_tokens = true);
-  std::string push(int32_t id);
-  std::string flush();
-
- private:
-  std::shared_ptr<const Tokenizer> tok_;
-  bool skip_special_;
-  std::vector<int32_t> ids_;     // window: already-emitted context tokens, then pending ones
-  size_t emitted_bytes_ = 0;      // total bytes returned so far
-  size_t context_tokens_ = 0;     // leading ids_ whose text was already returned
-};
-
 }  // namespace moemesh

@@ -13,6 +13,7 @@
 #include "core/engine.h"
 #include "core/error.h"
 #include "core/sampler.h"
+#include "core/text_stream.h"
 #include "core/tokenizer.h"
 #include "services/cli/commands.h"
 
@@ -79,8 +80,8 @@ void run_generate(GenerateArgs& a) {
   Engine engine(ckpt, opts);
   const SeqId seq = engine.create_sequence();
 
-  std::unique_ptr<StreamDecoder> stream;
-  if (!a.json && tok) stream = std::make_unique<StreamDecoder>(tok);
+  std::unique_ptr<TextStream> stream;
+  if (!a.json && tok) stream = std::make_unique<TextStream>(tok, std::vector<std::string>{});
 
   nlohmann::json logits_rows = nlohmann::json::array();
   auto run = [&](std::vector<int32_t> tokens) {
@@ -118,7 +119,7 @@ void run_generate(GenerateArgs& a) {
     if (a.logits) j["logits"] = std::move(logits_rows);
     std::cout << j.dump() << "\n";
   } else if (stream) {
-    std::cout << stream->flush() << "\n";
+    std::cout << stream->finish() << "\n";
   } else {  // no tokenizer: print the ids
     for (size_t i = 0; i < output.size(); ++i) std::cout << (i ? " " : "") << output[i];
     std::cout << "\n";

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "core/error.h"
+#include "core/text_stream.h"
 #include "core/tokenizer.h"
 #include "core/unicode.h"
 #include "tests/tokenizer/js_reference.h"
@@ -143,25 +144,26 @@ TEST(Tokenizer, DeepSeekV3LoadsFastAndKnowsItsSpecials) {
   EXPECT_EQ(tok->decode(std::vector<int32_t>{ids[1], 129000}, false), "hi");
 }
 
-// Streams ids one at a time; every chunk must be whole UTF-8 and the chunks must add up to
+// Streams ids one at a time through TextStream (core/text_stream.h, what the router and
+// `moemesh generate` stream with); every chunk must be whole UTF-8 and the chunks must add up to
 // the full decode. Returns how many pushes returned nothing (held back).
-size_t check_stream(std::shared_ptr<const Tokenizer> tok, const std::vector<int32_t>& ids, bool skip) {
-  StreamDecoder sd(tok, skip);
+size_t check_stream(std::shared_ptr<const Tokenizer> tok, const std::vector<int32_t>& ids) {
+  TextStream ts(tok, {});
   std::string all;
   size_t held = 0;
   for (int32_t id : ids) {
-    std::string chunk = sd.push(id);
+    std::string chunk = ts.push(id);
     EXPECT_TRUE(utf8::valid(chunk)) << "push returned broken UTF-8: " << json(chunk).dump(-1, ' ', true);
     EXPECT_EQ(chunk.find(utf8::kReplacement), std::string::npos) << "push returned U+FFFD";
     if (chunk.empty()) ++held;
     all += chunk;
   }
-  all += sd.flush();
-  EXPECT_EQ(all, tok->decode(ids, skip));
+  all += ts.finish();
+  EXPECT_EQ(all, tok->decode(ids, true));
   return held;
 }
 
-TEST(StreamDecoder, EmojiAndChineseNeverSplitCharacters) {
+TEST(TextStreamTokenizers, EmojiAndChineseNeverSplitCharacters) {
   for (std::string name : {"llama2", "deepseek_v3"}) {
     SCOPED_TRACE(name);
     auto dir = tokenizer_dir(name);
@@ -171,21 +173,12 @@ TEST(StreamDecoder, EmojiAndChineseNeverSplitCharacters) {
     // vocabularies; common Chinese words are whole tokens.
     for (std::string text : {"Hi 😀🎉👍🏽 there 👨‍👩‍👧‍👦!", "我爱自然语言处理：龘靐齉，饕餮。", "🤖 和 𠀀 mixed 🇫🇷"}) {
       SCOPED_TRACE(text);
-      auto ids = tok->encode(text, true);
-      check_stream(tok, ids, true);
-      size_t held_raw = check_stream(tok, ids, false);
-      EXPECT_GT(held_raw, 0u);  // some pushes had to wait for the rest of a character
-      // Manual decode of the streamed text equals the original (skip drops BOS).
-      StreamDecoder sd(tok, true);
-      std::string out;
-      for (int32_t id : ids) out += sd.push(id);
-      out += sd.flush();
-      EXPECT_EQ(out, text);
+      EXPECT_GT(check_stream(tok, tok->encode(text, true)), 0u);  // some pushes waited for a character's rest
     }
   }
 }
 
-TEST(StreamDecoder, WholeCorpusStreamsLikeFullDecode) {
+TEST(TextStreamTokenizers, WholeCorpusStreamsLikeFullDecode) {
   std::ifstream in(testing::corpus_path());
   ASSERT_TRUE(in) << testing::corpus_path();
   json corpus = json::parse(in);
@@ -198,29 +191,26 @@ TEST(StreamDecoder, WholeCorpusStreamsLikeFullDecode) {
     for (const auto& t : corpus.at("texts")) {
       std::string text = t;
       SCOPED_TRACE(text);
-      auto ids = tok->encode(text, true);
-      check_stream(tok, ids, true);
-      check_stream(tok, ids, false);
+      check_stream(tok, tok->encode(text, true));
       joined += text + "</s><｜end▁of▁sentence｜>";
     }
-    check_stream(tok, tok->encode(joined, true), true);  // specials mid-stream
+    check_stream(tok, tok->encode(joined, true));  // specials mid-stream
   }
 }
 
-TEST(StreamDecoder, FlushReturnsDanglingBytes) {
+TEST(TextStreamTokenizers, FinishReturnsDanglingBytes) {
   auto dir = tokenizer_dir("llama2");
   ASSERT_TRUE(std::filesystem::exists(dir / "tokenizer.json")) << dir << " missing: run scripts/bootstrap";
   std::shared_ptr<const Tokenizer> tok = Tokenizer::from_dir(dir);
   auto ids = tok->encode("a🤖", false);
   ASSERT_GE(ids.size(), 3u);
-  StreamDecoder sd(tok);
+  TextStream ts(tok, {});
   std::string out;
-  for (size_t i = 0; i + 1 < ids.size(); ++i) out += sd.push(ids[i]);  // stop before the last byte
+  for (size_t i = 0; i + 1 < ids.size(); ++i) out += ts.push(ids[i]);  // stop before the last byte
   EXPECT_EQ(out, "a");
-  std::string rest = sd.flush();
+  std::string rest = ts.finish();
   EXPECT_FALSE(rest.empty());
   EXPECT_TRUE(utf8::valid(rest));
-  EXPECT_EQ(sd.flush(), "");
 }
 
 // --- Synthetic tokenizer.json files --------------------------------------------------------
