@@ -57,12 +57,15 @@ int main(int argc, char** argv) {
     ro.identity = rt.instance();
     ro.salt = std::hash<std::string>{}(rt.instance());
     ro.metrics = rt.metrics_ptr();
+    auto expert_waits = std::make_shared<ExpertWaitLog>();  // the steps' expert_wait phase
+    ro.waits = expert_waits;
     auto remote = std::make_shared<RemoteExpertExecutor>(rt.system(), ro);
     auto engine = std::make_shared<Engine>(ckpt, EngineOptions{kv_blocks}, remote);
     std::vector<int32_t> eos;
     for (int64_t id : mc.eos_token_ids) eos.push_back(int32_t(id));
     StepWorkerOptions wo;
     wo.micro_batches = micro_batches;
+    wo.expert_waits = expert_waits;
     std::shared_ptr<KvClient> kv;
     if (!kvstore.empty()) {
       if (model_id.empty()) {

@@ -34,5 +34,10 @@ target_link_libraries(test_dispatch_metrics PRIVATE moemesh_core moemesh_actors 
 gtest_discover_tests(test_dispatch_metrics PROPERTIES LABELS unit DISCOVERY_TIMEOUT 60)
 
 add_executable(test_trace_span ${CMAKE_CURRENT_LIST_DIR}/test_trace_span.cpp)
-target_link_libraries(test_trace_span PRIVATE moemesh_actors GTest::gtest GTest::gtest_main)
+target_link_libraries(test_trace_span PRIVATE moemesh_core moemesh_actors GTest::gtest GTest::gtest_main)
 gtest_discover_tests(test_trace_span PROPERTIES LABELS unit DISCOVERY_TIMEOUT 60)
+
+# The attention step's phases (expert_wait, sampling, attention) and its sequences' trace spans.
+add_executable(test_step_tracing ${CMAKE_CURRENT_LIST_DIR}/test_step_tracing.cpp)
+target_link_libraries(test_step_tracing PRIVATE moemesh_core moemesh_actors GTest::gtest GTest::gtest_main)
+gtest_discover_tests(test_step_tracing PROPERTIES LABELS unit DISCOVERY_TIMEOUT 60)
