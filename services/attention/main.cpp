@@ -76,6 +76,7 @@ int main(int argc, char** argv) {
       ko.endpoint = kvstore;
       ko.model_id = model_id;
       ko.deadline = std::chrono::milliseconds(kvstore_timeout_ms);
+      ko.identity = rt.instance();  // the store's spans name this worker as their peer
       ko.block_shape = {mc.num_hidden_layers, 2, KvCache::kBlockSize, mc.num_key_value_heads * mc.head_dim};
       kv = std::make_shared<KvClient>(rt.system(), ko);
       wo.prefix_store = kv;

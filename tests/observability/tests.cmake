@@ -22,6 +22,11 @@ add_test(NAME observability_dashboards_source
 set_tests_properties(observability_rules_check observability_rules_unit observability_dashboards_source
                      PROPERTIES LABELS unit TIMEOUT 60)
 
+# One request's trace id through router, attention, expert hosts and KV store (span log lines).
+add_test(NAME observability_trace_spans
+         COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/test_trace_spans.py --cli $<TARGET_FILE:moemesh>)
+set_tests_properties(observability_trace_spans PROPERTIES LABELS integration RUN_SERIAL TRUE TIMEOUT 120)
+
 # The real-Prometheus test (Debian's prometheus package; scripts/bootstrap installs it).
 add_test(NAME observability_prometheus
          COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/test_prometheus.py
