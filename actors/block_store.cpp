@@ -2,13 +2,16 @@
 
 #include <chrono>
 #include <cstring>
+#include <optional>
 
 #include <prometheus/counter.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
 #include <spdlog/spdlog.h>
 
+#include "actors/trace_span.h"
 #include "core/error.h"
+#include "core/trace_ref.h"
 #include "core/wire.h"
 #include "proto/dataplane.pb.h"
 
@@ -219,6 +222,8 @@ void handle_put(Self* self, zmq::message_t&& peer, const wire::Header& h, Frames
     throw Rejected("bad_request", "KvPut has " + std::to_string(put.keys_size()) + " keys but " +
                                       std::to_string(h.tensors.size()) + " tensor frames");
   auto keys = parse_keys(put.keys());
+  std::optional<trace::OpenSpan> span;
+  if (auto parent = trace_from_proto(put.trace())) span.emplace(trace::child_of(*parent));
   auto& store = *self->state.store;
   pb::KvPut ack;
   ack.set_model_id(put.model_id());
@@ -243,6 +248,9 @@ void handle_put(Self* self, zmq::message_t&& peer, const wire::Header& h, Frames
   out.meta = ack.SerializeAsString();
   // Observed before the reply leaves, so a client that scrapes after its answer sees it counted.
   self->state.metrics->put_seconds.Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  if (span)
+    span->finish("kvstore", "kv_put", {{"peer", trace::peer_name(peer.to_string_view())}, {"model_id", put.model_id()},
+                                       {"blocks", keys.size()}, {"held", ack.keys_size()}});
   reply(self, std::move(peer), out);
 }
 
@@ -252,6 +260,8 @@ void handle_get(Self* self, zmq::message_t&& peer, const wire::Header& h) {
   if (!get.ParseFromString(h.meta)) throw wire::WireError(wire::ErrorCode::BadMeta, "KvGet metadata does not parse");
   if (!h.tensors.empty()) throw Rejected("bad_request", "KvGet carries no tensor frames");
   auto keys = parse_keys(get.keys());
+  std::optional<trace::OpenSpan> span;
+  if (auto parent = trace_from_proto(get.trace())) span.emplace(trace::child_of(*parent));
   auto blocks = self->state.store->get_chain(keys, wire::kMaxTensors);
   publish(self->state);
 
@@ -272,6 +282,9 @@ void handle_get(Self* self, zmq::message_t&& peer, const wire::Header& h) {
         [](void*, void* hint) { delete static_cast<std::shared_ptr<const void>*>(hint); }, hold);
   }
   self->state.metrics->get_seconds.Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  if (span)
+    span->finish("kvstore", "kv_get", {{"peer", trace::peer_name(peer.to_string_view())}, {"model_id", get.model_id()},
+                                       {"blocks", keys.size()}, {"found", blocks.size()}});
   reply(self, std::move(peer), out, std::move(tensors));
 }
 

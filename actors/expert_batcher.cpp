@@ -165,6 +165,26 @@ double payload_bytes(const Frames& frames) {
   return double(n);
 }
 
+void log_dispatch_span(const BatchJob& job, const PendingRequest& req) {
+  if (!req.span) return;
+  using secs = std::chrono::duration<double>;
+  int64_t rows = 0;
+  for (const auto& g : req.groups) rows += g.rows;
+  nlohmann::json attrs = {{"peer", trace::peer_name(req.peer)},
+                          {"layer", job.layer},
+                          {"experts", req.groups.size()},
+                          {"rows", rows},
+                          {"batch_requests", job.requests.size()},
+                          {"queue_wait_s", secs(job.started - job.queued).count()},
+                          {"compute_s", secs(job.finished - job.started).count()}};
+  if (req.traces.size() > 1) {
+    attrs["links"] = nlohmann::json::array();
+    for (size_t i = 1; i < req.traces.size(); ++i) attrs["links"].push_back(trace::link(req.traces[i]));
+  }
+  if (!job.error.empty()) attrs["error"] = job.error;
+  req.span->finish("expert", "dispatch", std::move(attrs));
+}
+
 void reply(Self* self, FramesPtr frames) {
   self->state.deps.metrics->sent_bytes.Increment(payload_bytes(*frames));
   self->send(self->state.deps.bridge, zmq_send_atom::value, self->state.deps.socket, std::move(frames));
@@ -192,6 +212,8 @@ void on_request(Self* self, FramesPtr frames) {
     p.request_id = r.request_id;
     p.groups = std::move(r.groups);
     p.rows.resize(size_t(r.total_rows * r.hidden));
+    if (!r.traces.empty()) p.span.emplace(trace::child_of(r.traces.front()));
+    p.traces = std::move(r.traces);
     dispatch::copy_floats(r.rows, 0, p.rows.size(), p.rows.data());
     st.deps.metrics->requests.Increment();
     const auto now = BatchQueue::Clock::now();
@@ -225,18 +247,22 @@ void on_done(Self* self, BatchJobPtr job) {
     if (!job->error.empty()) {
       m.bad_request(std::string(dispatch::kInternal));
       reply(self, to_frames(dispatch::encode_error(req.request_id, dispatch::kInternal, job->error), req.peer));
+      log_dispatch_span(*job, req);
       continue;
     }
     for (const auto& g : req.groups) {
       total += g.rows;
-      auto& counter = st.rows_counters[{job->layer, g.expert}];
-      if (!counter)
-        counter = &m.rows.Add({{"layer", std::to_string(job->layer)}, {"expert", std::to_string(g.expert)}});
-      counter->Increment(double(g.rows));
+      if (st.deps.per_expert_rows) {
+        auto& counter = st.rows_counters[{job->layer, g.expert}];
+        if (!counter)
+          counter = &m.rows.Add({{"layer", std::to_string(job->layer)}, {"expert", std::to_string(g.expert)}});
+        counter->Increment(double(g.rows));
+      }
       if (st.deps.load) st.deps.load->add(job->layer, g.expert, uint64_t(g.rows));
     }
     reply(self, to_frames(dispatch::encode_response(req.request_id, job->layer, hidden, std::move(job->outputs[i])),
                           req.peer));
+    log_dispatch_span(*job, req);
   }
   m.batch_rows.Observe(double(total));
   if (!job->error.empty()) spdlog::error("expert: batch of layer {} failed: {}", job->layer, job->error);

@@ -2,6 +2,9 @@
 // are validated, merged per layer into batches, computed on the compute pool (run_batch) and
 // answered through the bridge. Never blocks: compute results come back as messages.
 //
+// Each request that names traces gets a span ("dispatch", peer: the attention worker) from its
+// arrival to its reply, under the first trace, with the others as links.
+//
 // Batching (BatchQueue): requests for the same layer from several attention workers are
 // merged, so each expert runs one grouped GEMM over all their rows. A layer's open batch runs
 //   - at once when every peer that sent anything within `peer_memory` is already in it
@@ -97,6 +100,7 @@ struct ExpertBatcherDeps {
   caf::actor bridge;           // sends replies on `socket` (the ROUTER)
   int socket = 0;
   BatcherOptions options;
+  bool per_expert_rows = true;  // moemesh_expert_rows_total{layer, expert} (off: --no-expert-metrics)
 };
 
 // Route the ROUTER socket's inbound messages to the returned actor.

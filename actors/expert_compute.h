@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "actors/trace_span.h"
 #include "core/checkpoint.h"
 #include "core/dispatch_codec.h"
 #include "core/expert_set.h"
@@ -66,6 +67,9 @@ struct PendingRequest {
   uint64_t request_id = 0;
   std::vector<dispatch::Group> groups;
   std::vector<float> rows;  // [sum(groups.rows), hidden]
+  // When the request names traces: this host's span under the first, the others as links.
+  std::optional<trace::OpenSpan> span;
+  std::vector<TraceRef> traces;
 };
 
 // A batch of requests for one layer, and (after compute) their outputs in request order.

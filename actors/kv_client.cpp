@@ -118,7 +118,8 @@ void KvClient::failed(const std::string& why) {
   spdlog::warn("kvstore client: {} ({}); prefix cache off for {} ms", why, opts_.endpoint, opts_.backoff.count());
 }
 
-std::vector<std::vector<float>> KvClient::fetch(std::span<const BlockKey> keys, size_t block_floats) {
+std::vector<std::vector<float>> KvClient::fetch(std::span<const BlockKey> keys, size_t block_floats,
+                                                const TraceRef& trace) {
   std::vector<std::vector<float>> blocks;
   if (keys.empty()) return blocks;
   if (backing_off()) {
@@ -133,6 +134,7 @@ std::vector<std::vector<float>> KvClient::fetch(std::span<const BlockKey> keys, 
     pb::KvGet get;
     get.set_model_id(opts_.model_id);
     for (const BlockKey& k : chain) *get.add_keys() = k.to_bytes();
+    if (trace.valid()) trace_to_proto(trace, get.mutable_trace());
     wire::Header h;
     h.kind = wire::Kind::KvGet;
     h.request_id = next_id_++;
@@ -200,7 +202,7 @@ std::vector<int64_t> KvClient::shape_for(size_t floats) const {
   return n == int64_t(floats) ? opts_.block_shape : std::vector<int64_t>{int64_t(floats)};
 }
 
-void KvClient::publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks) {
+void KvClient::publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks, const TraceRef& trace) {
   if (keys.size() != blocks.size()) {
     spdlog::error("kvstore client: publish of {} keys with {} blocks ignored", keys.size(), blocks.size());
     return;
@@ -210,6 +212,7 @@ void KvClient::publish(std::span<const BlockKey> keys, std::vector<std::vector<f
     const size_t n = std::min(kBlocksPerMessage, keys.size() - first);
     pb::KvPut put;
     put.set_model_id(opts_.model_id);
+    if (trace.valid()) trace_to_proto(trace, put.mutable_trace());
     wire::Header h;
     h.kind = wire::Kind::KvPut;
     h.request_id = next_id_++;

@@ -23,6 +23,7 @@
 
 #include "actors/zmq_bridge.h"
 #include "core/prefix_hash.h"
+#include "core/trace_ref.h"
 
 namespace moemesh::actors {
 
@@ -32,9 +33,12 @@ class PrefixStore {
   virtual ~PrefixStore() = default;
   // The blocks of the longest stored prefix of the chain `keys`, in order, each of exactly
   // `block_floats` floats ([layers, 2, kBlockTokens, kv_dim]). Never throws.
-  virtual std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats) = 0;
+  // `trace`: the sequence's span, named in the request so the store logs its span under it.
+  virtual std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats,
+                                                const TraceRef& trace = {}) = 0;
   // Offers blocks (keys[i] names blocks[i]); returns without waiting for the store. Never throws.
-  virtual void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks) = 0;
+  virtual void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks,
+                       const TraceRef& trace = {}) = 0;
 };
 
 struct KvClientOptions {
@@ -65,8 +69,10 @@ class KvClient : public PrefixStore {
   KvClient(const KvClient&) = delete;
   KvClient& operator=(const KvClient&) = delete;
 
-  std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats) override;
-  void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks) override;
+  std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats,
+                                        const TraceRef& trace = {}) override;
+  void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks,
+               const TraceRef& trace = {}) override;
 
   const KvClientOptions& options() const { return opts_; }
   const KvClientStats& stats() const { return *stats_; }

@@ -10,6 +10,7 @@
 #include "actors/dispatch_frames.h"
 #include "actors/metrics_util.h"
 #include "core/dispatch_codec.h"
+#include "core/engine.h"
 #include "core/error.h"
 #include "proto/control.pb.h"
 
@@ -38,6 +39,24 @@ struct Call {
 
 // Why a request to a host failed (the failures/retries label).
 constexpr const char* kFailureReasons[] = {"timeout", "error_reply", "bad_reply"};
+
+// The traces of the forward pass's sequences whose rows are among `rows` (row indices of the
+// pass's batch), distinct, at most dispatch::kMaxTraces.
+std::vector<TraceRef> traces_of_rows(std::span<const StepInput> inputs, const std::vector<int32_t>& rows) {
+  std::vector<TraceRef> out;
+  if (inputs.empty() || rows.empty()) return out;
+  std::vector<int64_t> ends;  // input i owns rows [ends[i-1], ends[i])
+  int64_t end = 0;
+  for (const StepInput& in : inputs) ends.push_back(end += int64_t(in.tokens.size()));
+  for (int32_t row : rows) {
+    const size_t i = size_t(std::upper_bound(ends.begin(), ends.end(), int64_t(row)) - ends.begin());
+    if (i >= inputs.size() || !inputs[i].trace.valid()) continue;
+    if (std::find(out.begin(), out.end(), inputs[i].trace) != out.end()) continue;
+    out.push_back(inputs[i].trace);
+    if (out.size() == dispatch::kMaxTraces) break;
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -277,12 +296,15 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       const Target& t = targets[k];
       std::vector<dispatch::Group> meta;
       std::vector<float> rows, one;
+      std::vector<int32_t> row_ids;
       rows.reserve(size_t(t.rows * hidden));
       for (size_t gi : t.groups) {
         gather_rows(h, hidden, groups[gi], one);
         rows.insert(rows.end(), one.begin(), one.end());
         meta.push_back({groups[gi].expert, int32_t(groups[gi].rows.size())});
+        row_ids.insert(row_ids.end(), groups[gi].rows.begin(), groups[gi].rows.end());
       }
+      const auto traces = traces_of_rows(current_forward_inputs(), row_ids);
       const int socket = socket_for(t.host->endpoint);
       ids[k] = next_id_++;
       if (ids[k] == 0) ids[k] = next_id_++;
@@ -290,7 +312,8 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
         std::lock_guard<std::mutex> lk(inflight_->mu);
         inflight_->waiting[ids[k]] = {call, k};
       }
-      auto frames = to_frames(dispatch::encode_request(ids[k], int32_t(layer), meta, hidden, std::move(rows), table->version));
+      auto frames = to_frames(
+          dispatch::encode_request(ids[k], int32_t(layer), meta, hidden, std::move(rows), table->version, traces));
       sent[k] = Clock::now();
       caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket, std::move(frames));
       ++stats_->requests;
@@ -298,8 +321,10 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
     }
 
     {
+      const auto wait0 = Clock::now();
       std::unique_lock<std::mutex> lk(call->mu);
-      call->cv.wait_until(lk, Clock::now() + opts_.deadline, [&] { return call->pending == 0; });
+      call->cv.wait_until(lk, wait0 + opts_.deadline, [&] { return call->pending == 0; });
+      if (opts_.waits) opts_.waits->record(wait0, Clock::now());
     }
     {
       std::lock_guard<std::mutex> lk(inflight_->mu);  // withdraw what did not answer in time

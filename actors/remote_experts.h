@@ -8,6 +8,11 @@
 // moemesh::Error naming the host and the layer. Results are placed per group, so the caller's
 // combine() never sees arrival order.
 //
+// Each request names the traces of the sequences whose rows it carries (at most
+// dispatch::kMaxTraces; the engine's current_forward_inputs() says whose rows are whose), so the
+// expert host can log its span under theirs. The time run() spends blocked on replies is
+// recorded in `waits` (the step's expert_wait phase, actors/step_phases.h).
+//
 // run() blocks its calling (compute) thread on a condition variable, fulfilled by a small
 // actor that receives the replies from the bridge; never call it from inside an actor.
 // set_placement() may be called at any time from any thread.
@@ -23,6 +28,7 @@
 #include <caf/all.hpp>
 #include <prometheus/registry.h>
 
+#include "actors/step_phases.h"
 #include "actors/zmq_bridge.h"
 #include "core/moe.h"
 #include "core/placement.h"
@@ -40,6 +46,7 @@ struct RemoteExpertsOptions {
   uint64_t salt = 0;                             // spreads replica choice across clients
   // Where the moemesh_attention_dispatch_* metrics go (docs/metrics.md); none without it.
   std::shared_ptr<prometheus::Registry> metrics;
+  std::shared_ptr<ExpertWaitLog> waits;  // where run() records its blocked time; null: not recorded
 };
 
 struct RemoteExpertsStats {

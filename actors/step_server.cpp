@@ -43,6 +43,13 @@ prometheus::Counter& counter(prometheus::Registry& r, const std::string& name, c
   return prometheus::BuildCounter().Name(name).Help(help).Register(r).Add(labels);
 }
 
+prometheus::Histogram& phase_histogram(prometheus::Registry& r, const std::string& phase) {
+  return metrics::histogram_family(r, "moemesh_attention_step_phase_seconds",
+                                   "Wall time of one step by phase: expert_wait (no lane computing, awaiting expert "
+                                   "hosts), sampling, attention (the rest); the phases add up to the step.")
+      .Add({{"phase", phase}}, metrics::rpc_latency_buckets());
+}
+
 }  // namespace
 
 StepServerMetrics::StepServerMetrics(prometheus::Registry& r, std::shared_ptr<const KvClient> kv)
@@ -76,6 +83,9 @@ StepServerMetrics::StepServerMetrics(prometheus::Registry& r, std::shared_ptr<co
       step_seconds_(metrics::histogram_family(r, "moemesh_attention_step_duration_seconds",
                                               "Wall time of one step on the worker.")
                         .Add({}, metrics::rpc_latency_buckets())),
+      phase_attention_(phase_histogram(r, "attention")),
+      phase_expert_wait_(phase_histogram(r, "expert_wait")),
+      phase_sampling_(phase_histogram(r, "sampling")),
       kv_used_(metrics::gauge_family(r, "moemesh_attention_kv_blocks", "KV cache blocks, used and free.")
                    .Add({{"state", "used"}})),
       kv_free_(metrics::gauge_family(r, "moemesh_attention_kv_blocks", "KV cache blocks, used and free.")
@@ -88,6 +98,12 @@ void StepServerMetrics::observe_step(double seconds, int64_t free_blocks, int64_
   kv_used_.Set(double(total_blocks - free_blocks));
   kv_free_.Set(double(free_blocks));
   kv_usage_.Set(total_blocks > 0 ? double(total_blocks - free_blocks) / double(total_blocks) : 0.0);
+}
+
+void StepServerMetrics::observe_phases(const StepPhases& p) {
+  phase_attention_.Observe(p.attention);
+  phase_expert_wait_.Observe(p.expert_wait);
+  phase_sampling_.Observe(p.sampling);
 }
 
 void StepServerMetrics::update(const StepWorkerCounts& c) {
@@ -134,6 +150,7 @@ FramesPtr handle(const Frames& in, StepWorker& worker, StepServerStats& stats, S
       metrics->update(worker.counts());
       metrics->observe_step(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
                             worker.free_blocks(), worker.num_blocks());
+      metrics->observe_phases(worker.last_phases());
     }
     return message_frames(peer, wire::Kind::StepResponse, request_id, resp.SerializeAsString(), std::move(logits),
                           h.trace_id);

@@ -33,6 +33,8 @@ class StepServerMetrics {
   void update(const StepWorkerCounts& c);
   // One step's wall time and the KV pool after it.
   void observe_step(double seconds, int64_t free_blocks, int64_t total_blocks);
+  // The same step's wall time split into phases (actors/step_phases.h).
+  void observe_phases(const StepPhases& p);
 
  private:
   std::shared_ptr<const KvClient> kv_;
@@ -41,6 +43,7 @@ class StepServerMetrics {
   prometheus::Counter &mb_step_seconds_, &mb_overlap_seconds_;
   prometheus::Gauge& overlap_ratio_;
   prometheus::Histogram& step_seconds_;
+  prometheus::Histogram &phase_attention_, &phase_expert_wait_, &phase_sampling_;
   prometheus::Gauge &kv_used_, &kv_free_, &kv_usage_;
   StepWorkerCounts seen_;  // what the counters already show
   uint64_t seen_fetch_failures_ = 0, seen_publish_failures_ = 0;

@@ -1,6 +1,7 @@
 #include "actors/step_worker.h"
 
 #include <algorithm>
+#include <chrono>
 #include <span>
 
 #include <spdlog/spdlog.h>
@@ -46,10 +47,14 @@ StepWorker::StepWorker(std::shared_ptr<Engine> engine, std::vector<int32_t> eos_
     throw Error("micro_batches must be 1 or 2, got " + std::to_string(opts_.micro_batches));
 }
 
-void StepWorker::release(uint64_t seq, bool publish) {
+void StepWorker::release(uint64_t seq, bool publish, const char* end) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;
   if (publish && opts_.prefix_store) publish_blocks(it->second);
+  if (const Seq& s = it->second; s.span)
+    s.span->finish("attention", "sequence",
+                   {{"peer", "router"}, {"seq", seq}, {"end", end}, {"prompt_tokens", s.prompt_len},
+                    {"generated_tokens", s.generated}, {"cached_tokens", s.restored}, {"steps", s.steps}});
   engine_->free_sequence(it->second.id);
   seqs_.erase(it);
 }
@@ -60,7 +65,7 @@ void StepWorker::restore_prefix(Seq& s, int64_t max_blocks) {
   if (want <= 0) return;
   const auto keys = prefix_block_keys(s.key_ns, std::span(s.tokens).first(size_t(want * kBlockTokens)));
   KvCache& kv = engine_->kv_cache();
-  const auto blocks = opts_.prefix_store->fetch(keys, size_t(kv.block_floats()));
+  const auto blocks = opts_.prefix_store->fetch(keys, size_t(kv.block_floats()), s.trace());
   if (blocks.empty()) return;
   const int64_t n = std::min<int64_t>(int64_t(blocks.size()), want);
   kv.reserve(s.id, n * kBlockTokens);
@@ -78,7 +83,7 @@ void StepWorker::publish_blocks(const Seq& s) {
     auto keys = prefix_block_keys(s.key_ns, std::span(s.tokens).first(size_t(full * kBlockTokens)));
     std::vector<std::vector<float>> blocks;
     for (int64_t b = first; b < full; ++b) kv.read_block(s.id, b, blocks.emplace_back(size_t(kv.block_floats())).data());
-    opts_.prefix_store->publish(std::span(keys).subspan(size_t(first)), std::move(blocks));
+    opts_.prefix_store->publish(std::span(keys).subspan(size_t(first)), std::move(blocks), s.trace());
     counts_.published_blocks += uint64_t(full - first);
   } catch (const std::exception& e) {  // the store is an optimisation: never fail a step for it
     spdlog::warn("prefix cache: publishing sequence {} failed: {}", s.id, e.what());
@@ -86,6 +91,7 @@ void StepWorker::publish_blocks(const Seq& s) {
 }
 
 pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::vector<float>>& logits) {
+  StepPhaseTimer phase_timer(phases_);
   pb::StepResponse resp;
   resp.set_step(req.step());
   for (uint64_t seq : req.free()) release(seq, /*publish=*/true);
@@ -102,7 +108,7 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
     r->set_token(-1);
     r->set_logits_tensor(-1);
     r->set_error(why);
-    release(w.seq());
+    release(w.seq(), false, "failed");
   };
 
   for (const pb::SeqWork& w : req.work()) {
@@ -117,7 +123,7 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
       continue;
     }
     if (w.is_first()) {
-      if (seqs_.count(w.seq())) release(w.seq());  // a resubmission starts over
+      if (seqs_.count(w.seq())) release(w.seq(), false, "restarted");  // a resubmission starts over
       try {
         SamplingParams sp = sampling_from_proto(w.sampling());
         sp.validate();
@@ -131,6 +137,7 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
         const int64_t context_len = int64_t(context.size());
         std::string key_ns = w.cache_salt().empty() ? opts_.model_id : opts_.model_id + '\x1f' + w.cache_salt();
         Seq s{engine_->create_sequence(), std::move(sampler), std::move(context), context_len, 0, 0, std::move(key_ns)};
+        if (auto c = trace::parse_traceparent(w.traceparent())) s.span.emplace(*c);
         seqs_.emplace(w.seq(), std::move(s));
       } catch (const Error& e) {
         fail(w, e.what());
@@ -156,6 +163,7 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
       continue;
     }
     Seq& s = seqs_.at(w.seq());
+    ++s.steps;
 
     // This chunk covers positions [fed, fed + n); those below `restored` are in the cache already.
     const int64_t n = w.tokens_size();
@@ -196,7 +204,7 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
       continue;
     }
     blocks_left -= need;
-    inputs.push_back({s.id, std::vector<int32_t>(w.tokens().begin() + skip, w.tokens().end()), false});
+    inputs.push_back({s.id, std::vector<int32_t>(w.tokens().begin() + skip, w.tokens().end()), false, s.trace()});
     admitted.push_back(&w);
     s.fed += n;
     counts_.prompt_tokens_skipped += uint64_t(std::min(skip, prompt_in_chunk));
@@ -212,6 +220,7 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
     for (const auto* w : admitted) fail(*w, e.what());
     return resp;
   }
+  if (opts_.expert_waits) phases_.expert_wait = blocked_seconds(engine_->last_lanes(), opts_.expert_waits->take());
   if (const MicroBatchTiming& t = engine_->last_timing(); t.micro_batches == 2) {
     ++counts_.microbatch_steps;
     counts_.microbatch_step_seconds += t.step_seconds;
@@ -232,7 +241,10 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
       logits.emplace_back(row.begin(), row.end());
     }
     if (w.sample()) {
+      const auto t0 = std::chrono::steady_clock::now();
       SampledToken t = s.sampler.sample(row);
+      phases_.sampling += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      ++s.generated;
       r->set_token(t.id);
       r->set_logprob(t.logprob);
       for (const auto& [id, lp] : t.top) {

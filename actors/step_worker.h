@@ -16,6 +16,10 @@
 // Requests carry a cache salt (the router gives each tenant its own): blocks are keyed under
 // model id + salt, so one tenant's prompts never hit another's cached blocks.
 //
+// Tracing: a sequence whose first chunk carries a traceparent gets a span ("sequence", peer
+// router) from its first chunk until it is freed, logged as one JSON line (actors/trace_span.h);
+// its expert dispatches and KV store requests name that span as their parent.
+//
 // Micro-batches: with micro_batches == 2 a step of two or more sequences runs as two halves on
 // two threads (Engine::step), so one half's attention overlaps the other's expert round trip.
 #pragma once
@@ -27,6 +31,8 @@
 #include <vector>
 
 #include "actors/kv_client.h"
+#include "actors/step_phases.h"
+#include "actors/trace_span.h"
 #include "core/engine.h"
 #include "core/sampler.h"
 #include "proto/dataplane.pb.h"
@@ -40,6 +46,7 @@ struct StepWorkerOptions {
   std::shared_ptr<PrefixStore> prefix_store;  // null: no prefix cache
   std::string model_id;                       // namespaces the block keys
   int micro_batches = 2;                      // 1, or 2 (used for steps of >= 2 sequences)
+  std::shared_ptr<ExpertWaitLog> expert_waits;  // what the expert executor recorded; null: not measured
 };
 
 // Totals since start (read on the compute thread, or after it is done with a step).
@@ -68,6 +75,8 @@ class StepWorker {
   uint64_t prompt_tokens_computed() const { return counts_.prompt_tokens_computed; }
   uint64_t prompt_tokens_skipped() const { return counts_.prompt_tokens_skipped; }
   const StepWorkerCounts& counts() const { return counts_; }
+  // The latest run()'s wall time by phase (actors/step_phases.h).
+  const StepPhases& last_phases() const { return phases_; }
 
  private:
   struct Seq {
@@ -78,9 +87,13 @@ class StepWorker {
     int64_t fed = 0;       // positions the router has sent so far
     int64_t restored = 0;  // leading positions copied from the store (whole blocks)
     std::string key_ns;    // prefix-cache key namespace: model id, plus the request's cache salt
+    std::optional<trace::OpenSpan> span{};  // when the router sent a traceparent
+    int64_t steps = 0, generated = 0;     // span attributes
+    TraceRef trace() const { return span ? trace::ref_of(span->ctx) : TraceRef{}; }
   };
-  // Frees the sequence; with `publish`, first offers its new full blocks to the store.
-  void release(uint64_t seq, bool publish = false);
+  // Frees the sequence; with `publish`, first offers its new full blocks to the store. `end`
+  // says why, in its span.
+  void release(uint64_t seq, bool publish = false, const char* end = "freed");
   // Copies the longest stored prefix of the prompt into s's cache, taking at most max_blocks.
   void restore_prefix(Seq& s, int64_t max_blocks);
   void publish_blocks(const Seq& s);
@@ -90,6 +103,7 @@ class StepWorker {
   StepWorkerOptions opts_;
   std::map<uint64_t, Seq> seqs_;  // by the router's sequence id
   StepWorkerCounts counts_;
+  StepPhases phases_;
 };
 
 }  // namespace moemesh::actors

@@ -31,7 +31,8 @@ void TieredPrefixStore::keep(const BlockKey& key, std::vector<float> block) {
   stats_.bytes += size;
 }
 
-std::vector<std::vector<float>> TieredPrefixStore::fetch(std::span<const BlockKey> keys, size_t block_floats) {
+std::vector<std::vector<float>> TieredPrefixStore::fetch(std::span<const BlockKey> keys, size_t block_floats,
+                                                         const TraceRef& trace) {
   std::vector<std::vector<float>> out;
   {
     std::lock_guard lock(mu_);
@@ -46,7 +47,7 @@ std::vector<std::vector<float>> TieredPrefixStore::fetch(std::span<const BlockKe
   if (!remote_ || out.size() == keys.size()) return out;
   // The store is asked without the lock: a fetch can wait for its deadline.
   const size_t have = out.size();
-  auto more = remote_->fetch(keys.subspan(have), block_floats);
+  auto more = remote_->fetch(keys.subspan(have), block_floats, trace);
   std::lock_guard lock(mu_);
   stats_.remote_hit_blocks += more.size();
   for (size_t i = 0; i < more.size(); ++i) {
@@ -56,12 +57,13 @@ std::vector<std::vector<float>> TieredPrefixStore::fetch(std::span<const BlockKe
   return out;
 }
 
-void TieredPrefixStore::publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks) {
+void TieredPrefixStore::publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks,
+                                const TraceRef& trace) {
   {
     std::lock_guard lock(mu_);
     for (size_t i = 0; i < keys.size() && i < blocks.size(); ++i) keep(keys[i], blocks[i]);
   }
-  if (remote_) remote_->publish(keys, std::move(blocks));
+  if (remote_) remote_->publish(keys, std::move(blocks), trace);
 }
 
 TieredPrefixStats TieredPrefixStore::stats() const {

@@ -29,8 +29,10 @@ class TieredPrefixStore : public PrefixStore {
   // remote may be null (memory only). budget_bytes 0 keeps nothing in memory.
   TieredPrefixStore(std::shared_ptr<PrefixStore> remote, uint64_t budget_bytes);
 
-  std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats) override;
-  void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks) override;
+  std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats,
+                                        const TraceRef& trace = {}) override;
+  void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks,
+               const TraceRef& trace = {}) override;
 
   TieredPrefixStats stats() const;
 

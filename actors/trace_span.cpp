@@ -4,6 +4,7 @@
 #include <mutex>
 #include <random>
 
+
 namespace moemesh::actors::trace {
 namespace {
 
@@ -76,6 +77,26 @@ Context from_header(std::string_view header) {
 
 std::string traceparent(const Context& c) {
   return "00-" + hex(c.trace_id.data(), c.trace_id.size()) + "-" + hex64(c.span_id) + "-" + hex(&c.flags, 1);
+}
+
+TraceRef ref_of(const Context& c) { return {c.trace_id, c.span_id}; }
+
+Context child_of(const TraceRef& parent) {
+  Context c;
+  c.trace_id = parent.trace_id;
+  c.parent_span_id = parent.span_id;
+  c.span_id = random_u64();
+  return c;
+}
+
+std::string peer_name(std::string_view id) {
+  for (unsigned char c : id)
+    if (c < 0x20 || c > 0x7e) return "0x" + hex(reinterpret_cast<const uint8_t*>(id.data()), id.size());
+  return std::string(id);
+}
+
+nlohmann::json link(const TraceRef& r) {
+  return {{"trace_id", hex(r.trace_id.data(), r.trace_id.size())}, {"span_id", hex64(r.span_id)}};
 }
 
 void log_span(const std::string& service, const std::string& name, const Context& c,

@@ -16,6 +16,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/trace_ref.h"
+
 namespace moemesh::actors::trace {
 
 struct Context {
@@ -36,9 +38,32 @@ Context from_header(std::string_view header);
 std::string traceparent(const Context& c);
 std::string hex(const uint8_t* bytes, size_t n);
 
+// What this span tells the next hop: the trace and this span's id (the next span's parent).
+TraceRef ref_of(const Context& c);
+// A span of this process under `parent`: same trace, a fresh span id.
+Context child_of(const TraceRef& parent);
+// A ZeroMQ routing id as a span's peer: the sender's instance name, or hex when ZeroMQ made it up.
+std::string peer_name(std::string_view routing_id);
+// {"trace_id": ..., "span_id": ...}: a span's link to another trace it served (batched work).
+nlohmann::json link(const TraceRef& r);
+
 // Logs one span line: the context's ids, start, duration, service, plus `attrs` (an object).
 void log_span(const std::string& service, const std::string& name, const Context& c,
               std::chrono::system_clock::time_point start, std::chrono::steady_clock::duration duration,
               nlohmann::json attrs = nlohmann::json::object());
+
+// A span being timed: it starts when made and is logged (one line) by finish().
+struct OpenSpan {
+  explicit OpenSpan(Context c)
+      : ctx(c), start(std::chrono::system_clock::now()), t0(std::chrono::steady_clock::now()) {}
+  void finish(const std::string& service, const std::string& name,
+              nlohmann::json attrs = nlohmann::json::object()) const {
+    log_span(service, name, ctx, start, std::chrono::steady_clock::now() - t0, std::move(attrs));
+  }
+
+  Context ctx;
+  std::chrono::system_clock::time_point start;
+  std::chrono::steady_clock::time_point t0;
+};
 
 }  // namespace moemesh::actors::trace

@@ -49,10 +49,13 @@ void check_matrix(const wire::Header& h, int64_t expect_rows, const char* what) 
 }  // namespace
 
 Message encode_request(uint64_t request_id, int32_t layer, std::span<const Group> groups, int64_t hidden,
-                       std::vector<float> rows, uint64_t placement_version) {
+                       std::vector<float> rows, uint64_t placement_version, std::span<const TraceRef> traces) {
+  if (traces.size() > kMaxTraces)
+    throw Error("dispatch: " + std::to_string(traces.size()) + " traces, at most " + std::to_string(kMaxTraces));
   pb::DispatchRequest meta;
   meta.set_layer(layer);
   meta.set_placement_version(placement_version);
+  for (const TraceRef& t : traces) trace_to_proto(t, meta.add_traces());
   int64_t total = 0;
   for (const Group& g : groups) {
     auto* e = meta.add_groups();
@@ -110,6 +113,8 @@ Request decode_request(std::span<const wire::Frame> frames) {
   r.request_id = h.request_id;
   r.layer = meta.layer();
   r.placement_version = meta.placement_version();
+  for (int i = 0; i < meta.traces_size() && size_t(i) < kMaxTraces; ++i)
+    if (auto t = trace_from_proto(meta.traces(i))) r.traces.push_back(*t);
   if (meta.groups().empty()) throw DecodeError(h.request_id, code_of(wire::ErrorCode::BadMeta), "no expert groups");
   std::set<int32_t> seen;
   for (const auto& g : meta.groups()) {

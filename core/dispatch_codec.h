@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/trace_ref.h"
 #include "core/wire.h"
 
 namespace moemesh::dispatch {
@@ -54,9 +55,14 @@ class DecodeError : public Error {
   std::string code_;
 };
 
-// rows: [sum(groups.rows), hidden] f32, grouped in the order of `groups`.
+// A request names at most this many traces (of the sequences whose rows it carries).
+inline constexpr size_t kMaxTraces = 8;
+
+// rows: [sum(groups.rows), hidden] f32, grouped in the order of `groups`. traces: at most
+// kMaxTraces (more is an error).
 Message encode_request(uint64_t request_id, int32_t layer, std::span<const Group> groups, int64_t hidden,
-                       std::vector<float> rows, uint64_t placement_version = 0);
+                       std::vector<float> rows, uint64_t placement_version = 0,
+                       std::span<const TraceRef> traces = {});
 // outputs: [total, hidden] f32.
 Message encode_response(uint64_t request_id, int32_t layer, int64_t hidden, std::vector<float> outputs);
 Message encode_error(uint64_t request_id, std::string_view code, std::string_view message);
@@ -71,6 +77,7 @@ struct Request {
   int64_t total_rows = 0;
   int64_t hidden = 0;
   wire::Frame rows;  // [total_rows, hidden] f32
+  std::vector<TraceRef> traces;  // the valid ones of the first kMaxTraces sent (tracing never fails a request)
 };
 
 struct Reply {

@@ -76,6 +76,14 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using Interval = std::pair<Clock::time_point, Clock::time_point>;
 
+thread_local std::span<const StepInput> forward_inputs;
+
+// Publishes a forward pass's inputs to its thread for as long as it runs.
+struct ForwardInputsScope {
+  explicit ForwardInputsScope(std::span<const StepInput> part) { forward_inputs = part; }
+  ~ForwardInputsScope() { forward_inputs = {}; }
+};
+
 // Records when the experts of one micro-batch were in flight.
 class TimedExecutor : public ExpertExecutor {
  public:
@@ -118,6 +126,8 @@ double overlap_seconds(const std::vector<Interval>& busy, Interval window, const
 
 }  // namespace
 
+std::span<const StepInput> current_forward_inputs() { return forward_inputs; }
+
 std::vector<StepOutput> Engine::step(std::span<const StepInput> batch, StepOptions opts) {
   // Validate everything before touching the cache, so a failed step changes nothing.
   std::unordered_set<SeqId> seen;
@@ -144,8 +154,11 @@ std::vector<StepOutput> Engine::step(std::span<const StepInput> batch, StepOptio
 
   std::vector<StepOutput> outs;
   timing_ = {};
+  lanes_ = {};
+  lanes_.start = Clock::now();
   if (opts.micro_batches < 2 || batch.size() < 2) {
     outs = forward(batch, *experts_);
+    lanes_.lanes.emplace_back(std::this_thread::get_id(), Clock::now());
   } else {
     // Two contiguous halves with rows as even as possible (input order is kept).
     int64_t total = 0, before = 0;
@@ -161,7 +174,9 @@ std::vector<StepOutput> Engine::step(std::span<const StepInput> batch, StepOptio
     TimedExecutor ex0(*experts_, log0), ex1(*experts_, log1);
     const auto t0 = Clock::now();
     Clock::time_point end1;
+    std::thread::id thread1;
     auto second = std::async(std::launch::async, [&] {
+      thread1 = std::this_thread::get_id();
       auto r = forward(batch.subspan(split), ex1);
       end1 = Clock::now();
       return r;
@@ -185,12 +200,15 @@ std::vector<StepOutput> Engine::step(std::span<const StepInput> batch, StepOptio
     timing_.micro_batches = 2;
     timing_.step_seconds = std::chrono::duration<double>(t1 - t0).count();
     timing_.overlap_seconds = overlap_seconds(log0, {t0, end1}, log1) + overlap_seconds(log1, {t0, end0}, log0);
+    lanes_.lanes = {{std::this_thread::get_id(), end0}, {thread1, end1}};
   }
+  lanes_.end = Clock::now();
   for (const StepInput& in : batch) kv_->set_length(in.seq, kv_->length(in.seq) + int64_t(in.tokens.size()));
   return outs;
 }
 
 std::vector<StepOutput> Engine::forward(std::span<const StepInput> part, ExpertExecutor& experts) {
+  ForwardInputsScope scope(part);
   BatchLayout layout;
   for (const StepInput& in : part) {
     const int64_t pos0 = kv_->length(in.seq), n = int64_t(in.tokens.size());

@@ -6,9 +6,12 @@
 //   backend.attention_block  x += o_proj(attention(rope(qkv(rmsnorm(x)))))  (writes the KV cache)
 //   ffn_block                x += moe(rmsnorm(x)) or dense_mlp(rmsnorm(x))
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "core/checkpoint.h"
@@ -16,6 +19,7 @@
 #include "core/kv_cache.h"
 #include "core/model_config.h"
 #include "core/moe.h"
+#include "core/trace_ref.h"
 
 namespace moemesh {
 
@@ -35,6 +39,21 @@ struct StepInput {
   SeqId seq = 0;
   std::vector<int32_t> tokens;  // new tokens (a prefill chunk, or one decode token)
   bool all_logits = false;      // logits of every new position, not only the last
+  // Opaque to the engine: the request these rows serve, so an ExpertExecutor that traces can
+  // name it (actors/remote_experts.cpp puts it in its DispatchRequests).
+  TraceRef trace{};
+};
+
+// The inputs of the forward pass running on the calling thread, in row order (their tokens
+// are the rows an ExpertExecutor's groups index); empty outside Engine::step.
+std::span<const StepInput> current_forward_inputs();
+
+// Which threads ran the latest step's forward passes ("lanes": one, or two with micro-batches)
+// and when each finished, so a caller can split the step's wall time into phases.
+struct StepLanes {
+  using Clock = std::chrono::steady_clock;
+  Clock::time_point start, end;
+  std::vector<std::pair<std::thread::id, Clock::time_point>> lanes;  // thread, when its pass ended
 };
 
 struct StepOptions {
@@ -88,6 +107,7 @@ class Engine {
   // the whole batch up front, so the micro-batches only read the pool's bookkeeping.
   std::vector<StepOutput> step(std::span<const StepInput> batch, StepOptions opts = {});
   const MicroBatchTiming& last_timing() const { return timing_; }
+  const StepLanes& last_lanes() const { return lanes_; }
 
  private:
   void validate();
@@ -101,6 +121,7 @@ class Engine {
   std::shared_ptr<ExpertExecutor> experts_;
   std::unique_ptr<KvCache> kv_;
   MicroBatchTiming timing_;
+  StepLanes lanes_;
 };
 
 }  // namespace moemesh

@@ -71,12 +71,15 @@ int main(int argc, char** argv) {
     ro.identity = rt.instance();
     ro.salt = std::hash<std::string>{}(rt.instance());
     ro.metrics = rt.metrics_ptr();
+    auto expert_waits = std::make_shared<ExpertWaitLog>();  // the steps' expert_wait phase
+    ro.waits = expert_waits;
     auto remote = std::make_shared<RemoteExpertExecutor>(rt.system(), ro);
     auto engine = std::make_shared<Engine>(ckpt, EngineOptions{kv_blocks, parse_kv_dtype(kv_dtype), backend}, remote);
     std::vector<int32_t> eos;
     for (int64_t id : mc.eos_token_ids) eos.push_back(int32_t(id));
     StepWorkerOptions wo;
     wo.micro_batches = micro_batches;
+    wo.expert_waits = expert_waits;
     std::shared_ptr<KvClient> kv;
     if (model_id.empty()) {
       const auto dir = std::filesystem::absolute(model_dir).lexically_normal();
@@ -87,6 +90,7 @@ int main(int argc, char** argv) {
       ko.endpoint = kvstore;
       ko.model_id = model_id;
       ko.deadline = std::chrono::milliseconds(kvstore_timeout_ms);
+      ko.identity = rt.instance();  // the store's spans name this worker as their peer
       ko.block_shape = {mc.num_hidden_layers, 2, KvCache::kBlockSize, mc.num_key_value_heads * mc.head_dim};
       kv = std::make_shared<KvClient>(rt.system(), ko);
     }

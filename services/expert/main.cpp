@@ -43,6 +43,7 @@ struct Flags {
   int64_t batch_window_us = 200;
   int64_t max_batch_rows = 8192;
   int64_t register_timeout_s = 300;
+  bool expert_metrics = true;
 };
 
 pb::Register registration(const ServiceRuntime& rt, const std::string& endpoint,
@@ -150,7 +151,9 @@ int serve(ServiceRuntime& rt, const Flags& f) {
     BatcherOptions bo;
     bo.window = std::chrono::microseconds(f.batch_window_us);
     bo.max_batch_rows = f.max_batch_rows;
-    caf::actor batcher = spawn_expert_batcher(rt.system(), {&experts, &pool, &metrics, &load, bridge.actor(), data, bo});
+    // Without per-expert metrics: no rows_total{layer, expert} series and no load in heartbeats.
+    caf::actor batcher = spawn_expert_batcher(rt.system(), {&experts, &pool, &metrics, f.expert_metrics ? &load : nullptr,
+                                                            bridge.actor(), data, bo, f.expert_metrics});
     bridge.route(data, batcher);
     ready = true;
     spdlog::info("expert host: listening on {} (advertised as {}, {} compute threads)", bridge.endpoint(data), endpoint,
@@ -189,6 +192,9 @@ int main(int argc, char** argv) {
   cli.add_option("--max-batch-rows", f.max_batch_rows, "a batch with this many rows runs at once")->capture_default_str();
   cli.add_option("--register-timeout-s", f.register_timeout_s, "how long to wait for the coordinator's assignment")
       ->capture_default_str();
+  cli.add_flag("!--no-expert-metrics", f.expert_metrics,
+               "no per-expert load metrics: moemesh_expert_rows_total{layer,expert} and the heartbeats' load "
+               "(the coordinator's imbalance gauge) stay empty");
   if (auto rc = rt.start(argc, argv)) return *rc;
   try {
     return serve(rt, f);

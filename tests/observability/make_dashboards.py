@@ -28,6 +28,12 @@ def quantile(q, metric, by="", sel=NS):
     return f"histogram_quantile({q}, sum by ({by}) ({rate(metric + '_bucket', sel)}))"
 
 
+def error_ratio(sel, by=""):
+    """5xx / all requests; 0 (not empty) while there are requests but no 5xx series yet."""
+    errors, every = (f"sum {by}({rate('moemesh_router_requests_total', sel + s)})" for s in (S5XX, ""))
+    return f"({errors} or {every} * 0) / {every}"
+
+
 def avg_hist(metric, by="", sel=NS):
     grp = f" by ({by})" if by else ""
     return f"sum{grp} ({rate(metric + '_sum', sel)}) / sum{grp} ({rate(metric + '_count', sel)})"
@@ -119,9 +125,7 @@ def overview():
             unit="reqps")
     b.panel("Tokens per second", [(f"sum({rate('moemesh_router_prompt_tokens_total', sel)})", "prompt"),
                                   (f"sum({rate('moemesh_router_completion_tokens_total', sel)})", "completion")])
-    b.panel("Error ratio (5xx / all)",
-            [(f"sum({rate('moemesh_router_requests_total', sel + S5XX)}) / "
-              f"sum({rate('moemesh_router_requests_total', sel)})", "5xx")], unit="percentunit")
+    b.panel("Error ratio (5xx / all)", [(error_ratio(sel, ""), "5xx")], unit="percentunit")
     b.panel("Finish reasons", [(f"sum by (finish_reason) ({rate('moemesh_router_requests_total', sel)})",
                                 "{{finish_reason}}")], unit="reqps")
     b.row("Latency")
@@ -238,9 +242,7 @@ def tenants():
     b.panel("Rejections by tenant and reason",
             [(f"sum by (tenant, reason) ({rate('moemesh_router_rejected_requests_total', sel)})",
               "{{tenant}} {{reason}}")], unit="reqps")
-    b.panel("Error ratio by tenant",
-            [(f"sum by (tenant) ({rate('moemesh_router_requests_total', sel + S5XX)}) / "
-              f"sum by (tenant) ({rate('moemesh_router_requests_total', sel)})", "{{tenant}}")], unit="percentunit")
+    b.panel("Error ratio by tenant", [(error_ratio(sel, "by (tenant) "), "{{tenant}}")], unit="percentunit")
     b.panel("Time to first token p99 by tenant",
             [(quantile(0.99, "moemesh_router_time_to_first_token_seconds", "tenant", sel), "{{tenant}}")], unit="s",
             w=8)

@@ -1,38 +1,24 @@
-"""Helpers of the observability tests: a real local cluster (`moemesh up`), traffic, scrapes,
-the metric contract (docs/metrics.md) and a Prometheus text-format parser. Stdlib only."""
+"""Helpers of the observability tests: a real local cluster (one process per service), traffic,
+scrapes, span lines, the metric contract (docs/metrics.md), a Prometheus text-format parser and
+the scripts' common main. Stdlib only."""
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
+import shutil
 import signal
-import socket
 import subprocess
+import sys
 import tempfile
-import time
+import types
 import urllib.error
 import urllib.request
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent():
-    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: no orphan cluster if the test dies
-
-
-class TestFailure(AssertionError):
-    pass
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
+import harness as H  # noqa: E402  (process start-up, shared with the integration tests)
+from harness import TestFailure, free_port, log  # noqa: E402,F401
+from test_tenants import tenants_file  # noqa: E402
 
 
 def http(url, body=None, timeout=30.0, headers=None, with_headers=False):
@@ -111,43 +97,57 @@ def total(fams, name, **match):
 # the cluster
 
 
-class Cluster:
-    """`moemesh up` on loopback with free ports; .services = {name: admin "host:port"}."""
+def service_binaries(cli):
+    """{service: path} of moemesh-<service> next to the CLI: installed side by side, or in the
+    build tree (build/services/cli/moemesh -> build/services/<service>/moemesh-<service>)."""
+    here = os.path.dirname(os.path.abspath(cli))
+    out = {}
+    for svc in ("router", "attention", "expert", "kvstore"):
+        for path in (os.path.join(here, f"moemesh-{svc}"), os.path.join(here, "..", svc, f"moemesh-{svc}")):
+            if os.path.exists(path):
+                out[svc] = os.path.abspath(path)
+                break
+        else:
+            raise TestFailure(f"moemesh-{svc} not found next to {cli}: build it")
+    return out
 
-    def __init__(self, cli, tmp, attention=1, experts=2, replicas=1):
+
+def write_tenants(path, cli, tenants):
+    """A router --tenants file: tenants = {name: api key} (no limits); keys hashed by `moemesh hash-key`."""
+    tenants_file(path, H.Cli(cli, dict(os.environ)), [(name, [key], {}) for name, key in tenants.items()])
+
+
+class Cluster:
+    """A real cluster on loopback, one process per service (tests/integration/harness.py starts
+    them): router + coordinator, expert hosts, a KV store and attention workers using it.
+    .services = {name: admin "host:port"}; each process logs to .log_path(name).
+
+    model: a checkpoint folder (default: a tiny f32 Mixtral written into tmp); tenants: a router
+    --tenants file; expert_extra: flags for every expert host."""
+
+    def __init__(self, cli, tmp, attention=1, experts=2, replicas=1, model=None, tenants=None, expert_extra=(),
+                 tag="obs", timeout=60.0):
         self.cli, self.tmp = cli, tmp
-        self.model = os.path.join(tmp, "tiny")
+        self.model = model or os.path.join(tmp, "tiny")
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
         if not os.path.exists(os.path.join(self.model, "config.json")):
             subprocess.run([cli, "mkmodel", "--arch", "mixtral", "--preset", "tiny", "--seed", "1", "--out", self.model,
                             "--dtype", "f32"], check=True, capture_output=True, env=env, timeout=120)
-        self.api_port, self.control_port, self.admin_port = free_port(), free_port(), free_port()
-        while self.control_port + 1 in (self.api_port, self.admin_port):
-            self.control_port = free_port()
-        self.log_dir = os.path.join(tmp, "logs")
-        argv = [cli, "up", "--model", self.model, "--port", str(self.api_port), "--control-port",
-                str(self.control_port), "--admin-port", str(self.admin_port), "--attention", str(attention), "--experts",
-                str(experts), "--replicas", str(replicas), "--cores", "2", "--log-dir", self.log_dir,
-                "--host", "127.0.0.1", "--startup-timeout", "60"]
-        self.out_path = os.path.join(tmp, "up.out")
-        self._out = open(self.out_path, "wb")
-        self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, preexec_fn=_die_with_parent)
-        self.services = {}
-        self.pids = []  # the children moemesh up reported, to reap if it cannot stop them
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            text = open(self.out_path, encoding="utf-8", errors="replace").read()
-            if "logs " in text and "metrics" in text:
-                for m in re.finditer(r"^\s+(\S+)\s+pid (\d+)\s+http://(\S+)/metrics", text, re.M):
-                    self.services[m.group(1)] = m.group(3)
-                    self.pids.append(int(m.group(2)))
-                break
-            if self.proc.poll() is not None:
-                raise TestFailure(f"moemesh up exited {self.proc.returncode}:\n{text}\n{self.logs()}")
-            time.sleep(0.2)
-        if not self.services:
-            raise TestFailure("moemesh up did not report a ready cluster in 90 s:\n" + self.logs())
+        args = types.SimpleNamespace(cli=cli, **service_binaries(cli))
+        self.h = H.Cluster(args, tmp, self.model, tag=tag)
+        try:
+            self.h.start_router(experts, replicas, ("--tenants", tenants) if tenants else ())
+            kv = self.h.start_kvstore()
+            for _ in range(experts):
+                self.h.start_expert(expert_extra)
+            for _ in range(attention):
+                self.h.start_attention(("--kvstore", kv.endpoint))
+            self.h.wait_ready(timeout)
+        except (H.TestFailure, TestFailure) as e:
+            self.h.__exit__(type(e), e, None)
+            raise TestFailure(f"cluster did not start: {e}") from e
+        self.api_port = self.h.api_port
+        self.services = {p.name: f"127.0.0.1:{p.admin_port}" for p in self.h.procs}
         log(f"cluster up: {', '.join(f'{k}={v}' for k, v in self.services.items())}")
 
     @staticmethod
@@ -158,6 +158,9 @@ class Cluster:
     def api(self, path):
         return f"http://127.0.0.1:{self.api_port}{path}"
 
+    def log_path(self, name):
+        return next(p.log_path for p in self.h.procs if p.name == name)
+
     def scrape(self, name):
         status, body = http(f"http://{self.services[name]}/metrics", timeout=5)
         if status != 200:
@@ -166,35 +169,24 @@ class Cluster:
 
     def logs(self):
         out = []
-        if os.path.isdir(self.log_dir):
-            for fn in sorted(os.listdir(self.log_dir)):
-                with open(os.path.join(self.log_dir, fn), errors="replace") as f:
-                    out.append(f"--- {fn}\n" + "".join(f.readlines()[-30:]))
+        for p in self.h.procs:
+            out.append(f"--- {p.name}\n" + "".join(p.log_text().splitlines(True)[-30:]))
         return "\n".join(out)
 
     def stop(self):
-        """SIGTERM to moemesh up (it stops the services in order); whatever is left after 20 s is
-        killed by pid and reported as a problem (a service that does not exit on SIGTERM)."""
+        """SIGTERM to every service; one that does not exit within 10 s is a problem (killed, reported)."""
         self.stuck = []
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        for p in reversed(self.h.procs):
+            if p.alive():
+                p.popen.send_signal(signal.SIGTERM)
+        for p in self.h.procs:
             try:
-                self.proc.wait(20)
+                p.popen.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in self.pids:
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"moemesh-" not in f.read():
-                        continue  # the pid was reused by something else
-                os.kill(pid, signal.SIGKILL)
-                self.stuck.append(pid)
-            except (FileNotFoundError, ProcessLookupError, PermissionError):
-                pass
+                self.stuck.append(p.name)
         if self.stuck:
-            log(f"killed services that did not exit after SIGTERM: pids {self.stuck}")
-        self._out.close()
+            log(f"services that did not exit after SIGTERM (killed): {self.stuck}")
+        self.h.kill_all()
 
     def __enter__(self):
         return self
@@ -233,3 +225,35 @@ def drive_traffic(cluster, rounds=2, max_tokens=12):
 
 def tmpdir(prefix):
     return tempfile.mkdtemp(prefix=prefix)
+
+
+def span_lines(path):
+    """The JSON span lines (actors/trace_span.h) of a service's log."""
+    out = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+    return out
+
+
+def run_main(body, prefix, passed, keep=False):
+    """The scripts' main: body(tmp, problems) in a fresh temp folder (removed unless keep);
+    prints every problem and returns 1, or prints `passed` and returns 0."""
+    tmp = tmpdir(prefix)
+    problems = []
+    try:
+        body(tmp, problems)
+    except TestFailure as e:
+        problems.append(str(e))
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if problems:
+        print("\n".join(["FAIL:"] + [f"  {p}" for p in problems]), flush=True)
+        return 1
+    log(f"PASS: {passed}")
+    return 0

@@ -6,7 +6,6 @@ appears, the traffic-driven ones moved, and `promtool check metrics` accepts eve
   test_metrics_contract.py --cli build/services/cli/moemesh --contract docs/metrics.md [--promtool P]
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from obs_cluster import Cluster, TestFailure, drive_traffic, http, load_contract, log, parse_metrics, tmpdir, total  # noqa: E402
+from obs_cluster import Cluster, drive_traffic, http, load_contract, log, parse_metrics, run_main, span_lines, total  # noqa: E402
 
 # Metrics that must have moved after drive_traffic(), per service (the acceptance: "moves when
 # traffic flows"). Planned metrics are checked only once the contract marks them stable.
@@ -82,12 +81,11 @@ def check_trace(cluster, problems):
     if status != 200 or not tp.startswith(f"00-{TRACE_ID}-") or tp.endswith("-00f067aa0ba902b7-01"):
         problems.append(f"traceparent: answered {status} with traceparent {tp!r}")
         return
-    router_log = os.path.join(cluster.log_dir, "router.log")
+    router_log = cluster.log_path("router")
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        for line in open(router_log, errors="replace"):
-            if TRACE_ID in line and line.startswith("{"):
-                span = json.loads(line)
+        for span in span_lines(router_log):
+            if span.get("trace_id") == TRACE_ID:
                 want = {"span": "completion", "service": "router", "trace_id": TRACE_ID,
                         "parent_span_id": "00f067aa0ba902b7", "span_id": tp.split("-")[2], "status": 200}
                 bad = {k: span.get(k) for k, v in want.items() if span.get(k) != v}
@@ -107,9 +105,9 @@ def main():
     args = p.parse_args()
     contract = load_contract(args.contract)
     log(f"contract: {len(contract)} metrics ({sum(c['status'] == 'planned' for c in contract.values())} planned)")
-    tmp = tmpdir("moemesh-obs-contract-")
-    problems, pending = [], set()
-    try:
+    pending = set()
+
+    def body(tmp, problems):
         with Cluster(args.cli, tmp, attention=1, experts=2) as cluster:
             n = drive_traffic(cluster)
             log(f"{n} completions answered")
@@ -118,8 +116,7 @@ def main():
             for name in cluster.services:
                 service = Cluster.service_of(name)
                 text = cluster.scrape(name)
-                dump = os.path.join(tmp, f"{name}.prom")
-                with open(dump, "w") as f:
+                with open(os.path.join(tmp, f"{name}.prom"), "w") as f:
                     f.write(text)
                 lint = subprocess.run([args.promtool, "check", "metrics"], input=text, capture_output=True, text=True)
                 if lint.returncode != 0:
@@ -127,21 +124,12 @@ def main():
                 fams = parse_metrics(text)
                 log(f"{name}: {sum(1 for f in fams if f.startswith('moemesh_'))} moemesh_* families")
                 check_service(name, service, fams, contract, problems, pending)
-    finally:
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if pending:
-        log("pending (planned, not exported yet): " + ", ".join(sorted(pending)))
-    if problems:
-        print("\n".join(["FAIL:"] + [f"  {p}" for p in problems]))
-        return 1
-    log("PASS: every stable metric present with its labels, nothing undocumented, promtool clean")
-    return 0
+        if pending:
+            log("pending (planned, not exported yet): " + ", ".join(sorted(pending)))
+
+    return run_main(body, "moemesh-obs-contract-",
+                    "every stable metric present with its labels, nothing undocumented, promtool clean", args.keep)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except TestFailure as e:
-        print(f"FAIL: {e}")
-        sys.exit(1)
+    sys.exit(main())

@@ -22,6 +22,11 @@ add_test(NAME observability_dashboards_source
 set_tests_properties(observability_rules_check observability_rules_unit observability_dashboards_source
                      PROPERTIES LABELS unit TIMEOUT 60)
 
+# One request's trace id through router, attention, expert hosts and KV store (span log lines).
+add_test(NAME observability_trace_spans
+         COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/test_trace_spans.py --cli $<TARGET_FILE:moemesh>)
+set_tests_properties(observability_trace_spans PROPERTIES LABELS integration RUN_SERIAL TRUE TIMEOUT 120)
+
 # The real-Prometheus test (Debian's prometheus package; scripts/bootstrap installs it).
 add_test(NAME observability_prometheus
          COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/test_prometheus.py
@@ -34,5 +39,10 @@ target_link_libraries(test_dispatch_metrics PRIVATE moemesh_core moemesh_actors 
 gtest_discover_tests(test_dispatch_metrics PROPERTIES LABELS unit DISCOVERY_TIMEOUT 60)
 
 add_executable(test_trace_span ${CMAKE_CURRENT_LIST_DIR}/test_trace_span.cpp)
-target_link_libraries(test_trace_span PRIVATE moemesh_actors GTest::gtest GTest::gtest_main)
+target_link_libraries(test_trace_span PRIVATE moemesh_core moemesh_actors GTest::gtest GTest::gtest_main)
 gtest_discover_tests(test_trace_span PROPERTIES LABELS unit DISCOVERY_TIMEOUT 60)
+
+# The attention step's phases (expert_wait, sampling, attention) and its sequences' trace spans.
+add_executable(test_step_tracing ${CMAKE_CURRENT_LIST_DIR}/test_step_tracing.cpp)
+target_link_libraries(test_step_tracing PRIVATE moemesh_core moemesh_actors GTest::gtest GTest::gtest_main)
+gtest_discover_tests(test_step_tracing PROPERTIES LABELS unit DISCOVERY_TIMEOUT 60)

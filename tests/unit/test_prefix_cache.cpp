@@ -44,7 +44,8 @@ using moemesh::testing::rel_diff;
 // A KV store in a map: the longest stored prefix of a chain.
 class MapStore : public PrefixStore {
  public:
-  std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats) override {
+  std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats,
+                                        const TraceRef& = {}) override {
     ++fetches;
     std::vector<std::vector<float>> out;
     for (const auto& k : keys) {
@@ -54,7 +55,7 @@ class MapStore : public PrefixStore {
     }
     return out;
   }
-  void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> bs) override {
+  void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> bs, const TraceRef& = {}) override {
     for (size_t i = 0; i < keys.size(); ++i) blocks[keys[i]] = std::move(bs[i]);
   }
   std::unordered_map<BlockKey, std::vector<float>> blocks;

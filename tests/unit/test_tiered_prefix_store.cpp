@@ -18,7 +18,7 @@ struct MapStore : PrefixStore {
   std::map<std::string, std::vector<float>> blocks;
   std::vector<size_t> asked;  // chain lengths of each fetch
   size_t published = 0;
-  std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t) override {
+  std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t, const TraceRef&) override {
     asked.push_back(keys.size());
     std::vector<std::vector<float>> out;
     for (const auto& k : keys) {
@@ -28,7 +28,7 @@ struct MapStore : PrefixStore {
     }
     return out;
   }
-  void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> b) override {
+  void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> b, const TraceRef&) override {
     for (size_t i = 0; i < keys.size(); ++i) blocks[keys[i].to_bytes()] = b[i];
     published += keys.size();
   }
