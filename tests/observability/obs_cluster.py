@@ -18,7 +18,6 @@ import urllib.request
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
 import harness as H  # noqa: E402  (process start-up, shared with the integration tests)
 from harness import TestFailure, free_port, log  # noqa: E402,F401
-from test_tenants import tenants_file  # noqa: E402
 
 
 def http(url, body=None, timeout=30.0, headers=None, with_headers=False):
@@ -114,7 +113,7 @@ def service_binaries(cli):
 
 def write_tenants(path, cli, tenants):
     """A router --tenants file: tenants = {name: api key} (no limits); keys hashed by `moemesh hash-key`."""
-    tenants_file(path, H.Cli(cli, dict(os.environ)), [(name, [key], {}) for name, key in tenants.items()])
+    H.tenants_file(path, H.Cli(cli, dict(os.environ)), [(name, [key], {}) for name, key in tenants.items()])
 
 
 class Cluster:
@@ -141,7 +140,8 @@ class Cluster:
             for _ in range(experts):
                 self.h.start_expert(expert_extra)
             for _ in range(attention):
-                self.h.start_attention(("--kvstore", kv.endpoint))
+                # No memory tier: every prefix lookup reaches the KV store, whose series must move.
+                self.h.start_attention(("--kvstore", kv.endpoint, "--local-prefix-cache-mb", "0"))
             self.h.wait_ready(timeout)
         except (H.TestFailure, TestFailure) as e:
             self.h.__exit__(type(e), e, None)

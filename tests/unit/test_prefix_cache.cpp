@@ -162,6 +162,15 @@ void expect_same_run(const Generation& got, const Generation& want) {
 
 }  // namespace
 
+// Options for a worker with one micro-batch and the given prefix store.
+StepWorkerOptions one_batch(std::shared_ptr<PrefixStore> store, std::string model_id) {
+  StepWorkerOptions o;
+  o.prefix_store = std::move(store);
+  o.model_id = std::move(model_id);
+  o.micro_batches = 1;
+  return o;
+}
+
 TEST(KvCacheBlocks, ReadAndWriteWholeBlocksAcrossLayers) {
   const int64_t layers = 3, kv_dim = 4, bs = KvCache::kBlockSize;
   KvCache kv(layers, kv_dim, 8);
@@ -244,7 +253,7 @@ TEST_F(PrefixCache, RestoredBlocksThenDecodeEqualFullRecomputation) {
 
 TEST_F(PrefixCache, WorkerSkipsRestoredPromptPositionsInEveryChunk) {
   auto store = std::make_shared<MapStore>();
-  StepWorker w(engine(), {2}, {store, "tiny", 1});
+  StepWorker w(engine(), {2}, one_batch(store, "tiny"));
   const auto prompt = random_tokens(100, 21, vocab());
 
   Generation first = generate(w, 1, prompt, {40, 40, 20}, 6);
@@ -271,7 +280,7 @@ TEST_F(PrefixCache, WorkerSkipsRestoredPromptPositionsInEveryChunk) {
   EXPECT_EQ(w.counts().published_blocks, 6u);  // nothing new: blocks 0-5 came from the store
 
   // On a fresh worker (another process in the cluster), with chunks cut elsewhere.
-  StepWorker other(engine(), {2}, {store, "tiny", 1});
+  StepWorker other(engine(), {2}, one_batch(store, "tiny"));
   Generation third = generate(other, 7, prompt, {16, 50, 30, 4}, 6);
   EXPECT_EQ(third.cached_tokens, 96);
   EXPECT_EQ(other.prompt_tokens_computed(), 4u);
@@ -283,7 +292,7 @@ TEST_F(PrefixCache, WorkerSkipsRestoredPromptPositionsInEveryChunk) {
   branch.resize(70);
   branch[66] = (branch[66] + 1) % int32_t(vocab());
   branch[64] = (branch[64] + 1) % int32_t(vocab());
-  StepWorker fresh(engine(), {2}, {nullptr, "", 1});
+  StepWorker fresh(engine(), {2}, one_batch(nullptr, ""));
   Generation plain = generate(fresh, 1, branch, {70}, 3);
   Generation cached = generate(other, 8, branch, {70}, 3);
   EXPECT_EQ(cached.cached_tokens, 64);
@@ -291,7 +300,7 @@ TEST_F(PrefixCache, WorkerSkipsRestoredPromptPositionsInEveryChunk) {
   expect_same_run(cached, plain);
 
   // Another model id shares nothing.
-  StepWorker stranger(engine(), {2}, {store, "another-model", 1});
+  StepWorker stranger(engine(), {2}, one_batch(store, "another-model"));
   Generation own = generate(stranger, 1, prompt, {100}, 2);
   EXPECT_EQ(own.cached_tokens, 0);
   EXPECT_EQ(stranger.prompt_tokens_computed(), 100u);
@@ -299,7 +308,7 @@ TEST_F(PrefixCache, WorkerSkipsRestoredPromptPositionsInEveryChunk) {
 
 TEST_F(PrefixCache, APromptOfWholeBlocksKeepsItsLastTokenToCompute) {
   auto store = std::make_shared<MapStore>();
-  StepWorker w(engine(), {2}, {store, "tiny", 1});
+  StepWorker w(engine(), {2}, one_batch(store, "tiny"));
   const auto prompt = random_tokens(32, 5, vocab());
   Generation first = generate(w, 1, prompt, {32}, 2);  // 33 positions at free: 2 blocks published
   EXPECT_EQ(store->blocks.size(), 2u);

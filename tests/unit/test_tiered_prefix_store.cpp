@@ -64,7 +64,7 @@ TEST(TieredPrefixStore, MemoryServesWhatWasPublishedAndForwardsToTheStore) {
 TEST(TieredPrefixStore, TheStoreIsAskedOnlyForTheRestAndItsBlocksAreKept) {
   auto remote = std::make_shared<MapStore>();
   const auto keys = chain(5, 4);
-  remote->publish(keys, blocks_of(4, 0));  // the store has all 4 (another worker published them)
+  remote->publish(keys, blocks_of(4, 0), {});  // the store has all 4 (another worker published them)
   TieredPrefixStore t(remote, 1 << 20);
   t.publish(std::span(keys).first(1), blocks_of(1, 0));  // memory has the first
   auto got = t.fetch(keys, kFloats);
