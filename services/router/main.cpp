@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   int port = 8000, expert_hosts = 1, replicas = 1, heartbeat_timeout_ms = 2000, http_threads = 2;
   int64_t step_budget = 512;
   int64_t max_running = 64;
+  size_t max_waiting = 4096;
   int drain_timeout_s = 30, load_window_s = 60;
   std::string tenants_file;
   auto& cli = rt.cli();
@@ -40,6 +41,9 @@ int main(int argc, char** argv) {
   cli.add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms, "silence after which a member is dropped");
   cli.add_option("--step-token-budget", step_budget, "prefill + decode tokens per worker step");
   cli.add_option("--max-running-per-worker", max_running, "sequences one attention worker holds at once")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cli.add_option("--max-waiting", max_waiting, "queued requests past which new ones get 503")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   cli.add_option("--tenants", tenants_file, "tenants file (JSON: API key hashes and limits); reloaded on SIGHUP; none: open API");
@@ -65,6 +69,7 @@ int main(int argc, char** argv) {
     sc.instance = rt.instance();
     sc.step_token_budget = step_budget;
     sc.max_running_per_worker = max_running;
+    sc.max_waiting = max_waiting;
     sc.metrics = rt.metrics_ptr();
     for (int64_t id : mc.eos_token_ids) sc.eos_ids.push_back(int32_t(id));
     caf::actor scheduler = spawn_scheduler(rt.system(), bridge, sc);
