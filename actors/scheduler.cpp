@@ -94,6 +94,7 @@ struct Seq {
   int64_t resumed = 0;     // generated tokens that are part of the context (after a preemption)
   std::vector<BlockKey> prefix;  // its prompt's full blocks (salted), for prefix affinity
   int attempts = 0;        // failures (worker lost, error, timeout); preemptions do not count
+  int requeues = 0;        // times sent back to the queue, for any reason
   bool admitted_once = false, first_token_seen = false;  // queue time and TTFT count once
   Clock::time_point last_token_at;
 
@@ -209,6 +210,7 @@ void requeue(Self* self, uint64_t id, const char* reason, const std::string& why
   if (st.metrics) st.metrics->preemptions.Add({{"reason", reason}}).Increment();
   spdlog::log(failure ? spdlog::level::warn : spdlog::level::debug, "scheduler: sequence {} re-queued ({})", id, why);
   ++st.requeued;
+  ++s.requeues;
   s.resumed = int64_t(s.result->tokens.size());
   s.prefilled = 0;
   s.worker.clear();
@@ -219,7 +221,7 @@ void publish_gauges(SchedulerState& st) {
   if (!st.metrics) return;
   size_t running = 0, preempted = 0;
   for (const auto& [n, w] : st.workers) running += w.running.size();
-  for (const auto& [id, s] : st.seqs) preempted += s.resumed + s.attempts > 0 && s.worker.empty();
+  for (const auto& [id, s] : st.seqs) preempted += s.requeues > 0 && s.worker.empty();
   st.metrics->running.Set(double(running));
   st.metrics->waiting.Set(double(st.waiting.size()));
   st.metrics->preempted.Set(double(preempted));
