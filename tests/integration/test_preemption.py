@@ -6,10 +6,14 @@ in the KV store and resumes them later (prompt + tokens generated so far, sample
 - every request completes, greedy and seeded-sampled alike, with output identical to the same
   request sent alone (and streamed outputs are not repeated after a resume);
 - moemesh_router_preemptions_total{reason="kv_full"} moved, and the worker restored resumed
-  sequences' blocks from the KV store (prefix-cache hit tokens moved).
+  sequences' blocks from the KV store (prefix-cache hit tokens moved);
+- priorities order admission and preemption: of 4 low-priority requests ("priority": "low",
+  lowered per request) sent just before 3 normal ones, at most one (the oldest, which may keep
+  its place) finishes before the normal ones; the others are the ones preempted to make room.
 """
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
@@ -62,7 +66,35 @@ def test(args, tmp):
         hits = c.attention[0].metric("moemesh_attention_prefix_cache_hit_tokens_total") or 0
         H.check(hits > 0, "resumed sequences restored nothing from the KV store")
         H.log(f"preemption: {kv_full:.0f} preemptions, {hits:.0f} tokens restored, all 8 outputs identical")
+        priorities(c)
         c.check_all_alive()
+
+
+def priorities(c):
+    # 3 normal requests fill the 12 blocks at their longest (60 tokens = 4 blocks each).
+    ends = {}
+
+    def run(item):
+        name, body, delay = item
+        time.sleep(delay)
+        st, a = c.complete(body, timeout=120)
+        H.check(st == 200, f"{name}: {st} {a}")
+        ends[name] = time.monotonic()
+
+    def body(i, **extra):
+        return {"prompt": [(13 * i + j) % 250 + 2 for j in range(20)], "max_tokens": 40, "ignore_eos": True,
+                "temperature": 0, **extra}
+    items = [(f"low-{i}", body(i, priority="low"), 0.0) for i in range(4)]
+    items += [(f"normal-{i}", body(10 + i), 0.02) for i in range(3)]
+    H.run_in_threads(run, items)
+    # The oldest low request may keep its place (preempting the newer ones made room), so one low
+    # request may finish first; without priorities the normal ones, being newest, would be the
+    # ones preempted and all four low ones would finish first.
+    last_normal = max(t for n, t in ends.items() if n.startswith("normal"))
+    early_lows = [n for n, t in ends.items() if n.startswith("low") and t < last_normal]
+    H.check(len(early_lows) <= 1, f"low-priority requests {early_lows} finished before the normal ones: "
+                                  f"{sorted(ends, key=ends.get)}")
+    H.log(f"priorities: finishing order {sorted(ends, key=ends.get)}")
 
 
 if __name__ == "__main__":
