@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """serving: the OpenAI API's streaming and generation options against a real cluster.
 
-- /v1/completions streamed (SSE, include_usage) gives the same text and usage as unstreamed;
+- /v1/completions streamed (SSE, include_usage) gives the same text and usage as unstreamed,
+  and curl sees well-formed `data:` events ending in `data: [DONE]`;
 - stop strings end the text right before their first match, also when split across tokens, in
   both modes; n choices are indexed, seeded and counted in usage; logprobs have OpenAI's shapes;
 - /v1/chat/completions (the checkpoint's chat template) streamed and not, with chat logprobs;
@@ -11,7 +12,10 @@
 - 64 concurrent streaming requests on the small model all complete with correct usage, and
   greedy outputs equal those of the same requests sent one at a time.
 """
+import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 
@@ -51,6 +55,21 @@ def completions_stream_matches(c):
     H.check(finals[-1] == "length" and all(f is None for f in finals[:-1]), f"finish reasons {finals}")
     H.check(all(e["object"] == "text_completion" and e["id"] == ev[0]["id"] for e in ev[:-1]), "chunk ids/objects")
     return body, text
+
+
+def raw_sse_with_curl(c, body, text):
+    # The bytes on the wire, as curl -N shows them: "data: {json}" events separated by blank lines,
+    # ending with "data: [DONE]".
+    curl = shutil.which("curl")
+    H.check(curl, "curl is not installed (scripts/bootstrap installs it)")
+    out = subprocess.run([curl, "-sN", "-H", "Content-Type: application/json", "-d",
+                          json.dumps(dict(body, stream=True)), f"http://127.0.0.1:{c.api_port}{COMPLETIONS}"],
+                         capture_output=True, text=True, timeout=60).stdout
+    events = [e for e in out.split("\n\n") if e]
+    H.check(all(e.startswith("data: ") and "\n" not in e for e in events), f"not SSE events: {out[:300]!r}")
+    H.check(events[-1] == "data: [DONE]", f"curl's stream ends with {events[-1]!r}")
+    streamed = "".join(json.loads(e[len("data: "):])["choices"][0]["text"] for e in events[:-1])
+    H.check(streamed == text, f"curl's streamed text {streamed!r} != {text!r}")
 
 
 def stop_strings(c, body, text):
@@ -176,6 +195,7 @@ def test(args, tmp):
         c.up(attention=1, experts=2)
         c.wait_scheduler_connected()
         body, text = completions_stream_matches(c)
+        raw_sse_with_curl(c, body, text)
         stop_strings(c, body, text)
         n_and_logprobs(c)
         chat(c)
