@@ -1,5 +1,6 @@
 #include "actors/openai_frontend.h"
 
+#include <algorithm>
 #include <chrono>
 #include <random>
 
@@ -18,6 +19,10 @@ namespace {
 
 using nlohmann::json;
 using openai::ApiError;
+
+// A chat request without max_tokens generates at most this many tokens (and no more than the
+// context leaves); an explicit max_tokens may ask for more.
+constexpr int64_t kChatDefaultMaxTokens = 1024;
 
 // Why a request was refused before it was queued (the rejected_requests_total label):
 // rate_limit (RPM/TPM/concurrency), quota (max_tokens, models), draining (SIGTERM).
@@ -178,6 +183,10 @@ void serve(const http::Request& req, http::Responder res, caf::actor_system& sys
                                                        cfg.served_model + "')",
                      "model", "model_not_found");
     prompt = prompt_tokens(cr, cfg);
+    // Chat clients rarely send max_tokens (OpenAI's default is "up to the context"): the answer may
+    // use what the context leaves, up to kChatDefaultMaxTokens.
+    if (cr.chat && !cr.max_tokens_given)
+      cr.max_tokens = std::clamp<int64_t>(cfg.max_context - int64_t(prompt.size()), 1, kChatDefaultMaxTokens);
     if (int64_t(prompt.size()) + cr.max_tokens > cfg.max_context)
       throw ApiError(400, "invalid_request_error",
                      "this model's maximum context length is " + std::to_string(cfg.max_context) +

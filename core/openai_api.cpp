@@ -63,6 +63,8 @@ void parse_common(const json& body, CompletionRequest& r) {
   }
   r.max_tokens = integer(body, "max_tokens", 1, 1 << 20, 16);
   r.max_tokens = integer(body, "max_completion_tokens", 1, 1 << 20, r.max_tokens);
+  auto given = [&](const char* k) { return body.contains(k) && !body[k].is_null(); };
+  r.max_tokens_given = given("max_tokens") || given("max_completion_tokens");
   auto& s = r.sampling;
   s.temperature = number(body, "temperature", 0, 2, 1.0);
   s.top_p = number(body, "top_p", 0, 1, 1.0);

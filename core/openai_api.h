@@ -35,6 +35,7 @@ struct CompletionRequest {
   std::optional<std::string> prompt_text;
   std::vector<int32_t> prompt_ids;  // when the prompt was given as token ids
   int64_t max_tokens = 16;
+  bool max_tokens_given = false;    // false: the server picks (completions: 16; chat: see the frontend)
   SamplingParams sampling;          // seed set only when the client gave one
   bool return_token_ids = false;    // vLLM's extension: each choice carries its token ids
   bool return_logits = false;       // moemesh debug extension: the logits of each sampled position

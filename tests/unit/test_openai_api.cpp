@@ -69,6 +69,7 @@ TEST(OpenAiApi, TextAndTokenPrompts) {
 TEST(OpenAiApi, Defaults) {
   for (const auto& r : {parse_completion_request(completion({})), parse_chat_request(chat({}))}) {
     EXPECT_EQ(r.max_tokens, 16);
+    EXPECT_FALSE(r.max_tokens_given);  // the frontend picks chat's default from the context
     EXPECT_EQ(r.n, 1);
     EXPECT_TRUE(r.stop.empty());
     EXPECT_FALSE(r.stream);
@@ -79,6 +80,12 @@ TEST(OpenAiApi, Defaults) {
     EXPECT_FALSE(r.echo);
     EXPECT_TRUE(r.user.empty());
   }
+}
+
+TEST(OpenAiApi, MaxTokensGivenEitherWay) {
+  EXPECT_TRUE(parse_chat_request(chat({{"max_tokens", 5}})).max_tokens_given);
+  EXPECT_TRUE(parse_chat_request(chat({{"max_completion_tokens", 5}})).max_tokens_given);
+  EXPECT_FALSE(parse_chat_request(chat({{"max_tokens", nullptr}})).max_tokens_given);
 }
 
 TEST(OpenAiApi, BadPromptsAreNamed) {
