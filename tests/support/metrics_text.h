@@ -1,7 +1,5 @@
-// Reading metric values in tests: one series of a prometheus-cpp registry, or an unlabelled sample
-// of a /metrics text dump.
+// Reading metric values in tests: one series of a prometheus-cpp registry.
 #pragma once
-#include <regex>
 #include <string>
 
 #include <prometheus/registry.h>
@@ -21,13 +19,6 @@ inline double series_value(prometheus::Registry& reg, const std::string& name, c
     }
   }
   return 0;
-}
-
-// The value of an unlabelled sample in a /metrics dump (-1 when absent).
-inline double sample_value(const std::string& dump, const std::string& name) {
-  std::smatch m;
-  if (std::regex_search(dump, m, std::regex("(^|\\n)" + name + " ([0-9.eE+-]+)"))) return std::stod(m[2].str());
-  return -1;
 }
 
 }  // namespace moemesh::testing
