@@ -1,43 +1,15 @@
 // Tiny models for tests: the "tiny" preset with a test vocabulary, BOS 1 and EOS 2, written into
 // temporary folders that are removed with their owner.
 #pragma once
-#include <stdlib.h>
-
-#include <cerrno>
 #include <cstdint>
-#include <cstring>
 #include <filesystem>
 #include <string>
-#include <system_error>
 
-#include "core/error.h"
 #include "core/model_presets.h"
 #include "core/model_writer.h"
+#include "tests/support/temp_dir.h"
 
 namespace moemesh::testing {
-
-// A fresh folder <temp>/<prefix>-XXXXXX, removed with everything in it on destruction.
-class TempDir {
- public:
-  explicit TempDir(const std::string& prefix) {
-    std::string tmpl = (std::filesystem::temp_directory_path() / (prefix + "-XXXXXX")).string();
-    if (::mkdtemp(tmpl.data()) == nullptr)
-      throw Error("cannot create the temporary folder " + tmpl + ": " + std::strerror(errno));
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;  // a destructor must not throw; a leftover temp folder is harmless
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  const std::filesystem::path& path() const { return path_; }
-  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  std::filesystem::path path_;
-};
 
 // The tiny preset of `arch` with `vocab` tokens, BOS 1 and EOS 2.
 inline ModelConfig tiny_config(Arch arch, int64_t vocab) {

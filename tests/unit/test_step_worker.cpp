@@ -18,6 +18,7 @@
 #include "core/model_writer.h"
 #include "core/moe.h"
 #include "tests/support/numeric.h"
+#include "tests/support/temp_dir.h"
 #include "tests/support/tiny_model.h"
 
 using namespace moemesh;
