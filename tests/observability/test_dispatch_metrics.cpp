@@ -24,16 +24,11 @@ namespace fs = std::filesystem;
 
 namespace {
 
+using moemesh::testing::series_value;
 using moemesh::testing::TinyModel;
 using moemesh::testing::two_thread_config;
-using moemesh::testing::series_value;
-
 // One expert host, as moemesh-expert wires it, inside this process (1 compute thread).
-class Host : public moemesh::testing::InProcessExpertHost {
- public:
-  Host(caf::actor_system& sys, const fs::path& model, const std::string& spec, std::string name)
-      : InProcessExpertHost(sys, model, spec, std::move(name), 1) {}
-};
+using Host = moemesh::testing::InProcessExpertHost;
 
 class DispatchMetrics : public ::testing::Test {
  protected:
