@@ -24,13 +24,12 @@
 #include "actors/remote_experts.h"
 #include "core/dispatch_codec.h"
 #include "core/expert_set.h"
-#include "core/model_presets.h"
-#include "core/model_writer.h"
 #include "core/moe.h"
 #include "proto/dataplane.pb.h"
+#include "tests/support/actor_config.h"
+#include "tests/support/tiny_model.h"
 
 using namespace moemesh;
-namespace fs = std::filesystem;
 
 namespace {
 
@@ -150,30 +149,17 @@ std::string http_get(int port, const std::string& path) {
   return out;
 }
 
-fs::path* model_dir = nullptr;
+std::unique_ptr<moemesh::testing::TinyModel> tiny;  // hidden 64, 2 layers, 8 experts
 
 class ExpertProcess : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    std::string tmpl = (fs::temp_directory_path() / "moemesh-xp-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    model_dir = new fs::path(fs::path(tmpl) / "tiny");
-    ModelConfig c = model_preset(Arch::Mixtral, "tiny");  // hidden 64, 2 layers, 8 experts
-    c.vocab_size = 64;
-    c.bos_token_id = 1;
-    c.eos_token_ids = {2};
-    WriteOptions o;
-    o.dtype = DType::F32;
-    o.seed = 1;
-    write_model(c, *model_dir, o);
+    tiny = std::make_unique<moemesh::testing::TinyModel>(Arch::Mixtral, /*seed=*/1, /*vocab=*/64);
   }
-  static void TearDownTestSuite() {
-    fs::remove_all(model_dir->parent_path());
-    delete model_dir;
-  }
+  static void TearDownTestSuite() { tiny.reset(); }
 
   static std::unique_ptr<Proc> start(const std::string& experts) {
-    std::vector<std::string> args{MOEMESH_EXPERT_BIN, "--model",         model_dir->string(), "--listen",
+    std::vector<std::string> args{MOEMESH_EXPERT_BIN, "--model",         tiny->path().string(), "--listen",
                                   "tcp://127.0.0.1:*", "--compute-threads", "1",                 "--admin-address",
                                   "127.0.0.1",         "--admin-port",      "0"};
     if (!experts.empty()) args.insert(args.end(), {"--experts", experts});
@@ -234,7 +220,7 @@ TEST_F(ExpertProcess, MapsOnlyItsExpertsAndSurvivesGarbage) {
   ASSERT_FALSE(endpoint.empty()) << p->output();
 
   // Mapped bytes = the sum of exactly those experts' tensors, computed here independently.
-  auto ckpt = Checkpoint::open(*model_dir);
+  auto ckpt = Checkpoint::open(tiny->path());
   const ModelConfig& c = ckpt->config();
   uint64_t want = 0;
   for (const auto& [l, e] : parse_expert_spec(spec, c))
@@ -360,14 +346,12 @@ TEST_F(ExpertProcess, AKilledHostsExpertsAreServedByItsReplica) {
   const std::string ea = a->wait_for(R"(listening on (tcp://\S+))"), eb = b->wait_for(R"(listening on (tcp://\S+))");
   ASSERT_FALSE(ea.empty()) << a->output();
   ASSERT_FALSE(eb.empty()) << b->output();
-  auto ckpt = Checkpoint::open(*model_dir);
+  auto ckpt = Checkpoint::open(tiny->path());
   const ModelConfig& c = ckpt->config();
   ModelWeights all = ckpt->load();
   LocalExpertExecutor local(all);
 
-  caf::actor_system_config cfg;
-  cfg.set("scheduler.max-threads", 2);
-  caf::actor_system sys{cfg};
+  caf::actor_system sys{moemesh::testing::two_thread_config()};
   actors::RemoteExpertsOptions o;
   o.deadline = std::chrono::milliseconds(2000);
   actors::RemoteExpertExecutor remote(sys, o);

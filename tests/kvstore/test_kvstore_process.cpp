@@ -15,47 +15,22 @@
 #include <random>
 #include <thread>
 
-#include <boost/asio.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
 #include <zmq.hpp>
 
 #include "core/prefix_hash.h"
 #include "proto/control.pb.h"
 #include "core/wire.h"
 #include "proto/dataplane.pb.h"
+#include "tests/support/http_client.h"
 
 extern char** environ;
 
 using namespace moemesh;
-namespace net = boost::asio;
-namespace bhttp = boost::beast::http;
 
 namespace {
 
-uint16_t free_port() {
-  net::io_context ioc;
-  net::ip::tcp::acceptor a(ioc, {net::ip::make_address("127.0.0.1"), 0});
-  return a.local_endpoint().port();
-}
-
-// GET on the admin port; status 0 when nothing answers (yet).
-std::pair<unsigned, std::string> http_get(uint16_t port, const std::string& target) {
-  try {
-    net::io_context ioc;
-    net::ip::tcp::socket sock(ioc);
-    sock.connect({net::ip::make_address("127.0.0.1"), port});
-    bhttp::request<bhttp::string_body> req{bhttp::verb::get, target, 11};
-    req.set(bhttp::field::host, "localhost");
-    bhttp::write(sock, req);
-    boost::beast::flat_buffer buf;
-    bhttp::response<bhttp::string_body> res;
-    bhttp::read(sock, buf, res);
-    return {res.result_int(), res.body()};
-  } catch (const std::exception&) {
-    return {0, ""};
-  }
-}
+using moemesh::testing::free_port;
+using moemesh::testing::http_get;  // on the admin port; status 0 when nothing answers (yet)
 
 struct Reply {
   wire::Header header;

@@ -4,9 +4,7 @@
 // executor (only the sequences of its own micro-batch).
 #include <gtest/gtest.h>
 
-#include <unistd.h>
-
-#include <filesystem>
+#include <memory>
 #include <mutex>
 #include <set>
 #include <sstream>
@@ -19,13 +17,11 @@
 #include "actors/trace_span.h"
 #include "core/checkpoint.h"
 #include "core/engine.h"
-#include "core/model_presets.h"
-#include "core/model_writer.h"
 #include "core/moe.h"
+#include "tests/support/tiny_model.h"
 
 using namespace moemesh;
 using namespace moemesh::actors;
-namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
@@ -139,24 +135,11 @@ class WatchingExperts : public ExpertExecutor {
 class StepTracing : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    std::string tmpl = (fs::temp_directory_path() / "moemesh-trace-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = new fs::path(tmpl);
-    ModelConfig c = model_preset(Arch::Mixtral, "tiny");
-    c.vocab_size = 128;
-    c.bos_token_id = 1;
-    c.eos_token_ids = {2};
-    WriteOptions o;
-    o.dtype = DType::F32;
-    o.seed = 5;
-    write_model(c, *dir_, o);
+    model_ = std::make_unique<moemesh::testing::TinyModel>(Arch::Mixtral, /*seed=*/5, /*vocab=*/128);
   }
-  static void TearDownTestSuite() {
-    fs::remove_all(*dir_);
-    delete dir_;
-  }
+  static void TearDownTestSuite() { model_.reset(); }
   void SetUp() override {
-    auto ckpt = Checkpoint::open(*dir_);
+    auto ckpt = Checkpoint::open(model_->path());
     log_ = std::make_shared<ExpertWaitLog>();
     experts_ = std::make_shared<WatchingExperts>(ckpt->load(), log_);
     StepWorkerOptions o;
@@ -186,12 +169,11 @@ class StepTracing : public ::testing::Test {
     return worker_->run(req, logits);
   }
 
-  static fs::path* dir_;
+  static inline std::unique_ptr<moemesh::testing::TinyModel> model_;
   std::shared_ptr<ExpertWaitLog> log_;
   std::shared_ptr<WatchingExperts> experts_;
   std::unique_ptr<StepWorker> worker_;
 };
-fs::path* StepTracing::dir_ = nullptr;
 
 std::vector<nlohmann::json> span_lines(const std::string& text) {
   std::vector<nlohmann::json> out;

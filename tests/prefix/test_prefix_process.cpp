@@ -26,51 +26,21 @@
 #include <regex>
 #include <thread>
 
-#include <boost/asio.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
 #include <nlohmann/json.hpp>
 
-#include "core/model_presets.h"
-#include "core/model_writer.h"
+#include "tests/support/http_client.h"
+#include "tests/support/temp_dir.h"
+#include "tests/support/tiny_model.h"
 
 using namespace moemesh;
 namespace fs = std::filesystem;
-namespace net = boost::asio;
 namespace bhttp = boost::beast::http;
 using json = nlohmann::json;
 
 namespace {
 
-uint16_t free_port() {
-  net::io_context ioc;
-  net::ip::tcp::acceptor a(ioc, {net::ip::make_address("127.0.0.1"), 0});
-  return a.local_endpoint().port();
-}
-
-// status 0 when nothing answers (yet).
-std::pair<unsigned, std::string> http(uint16_t port, bhttp::verb verb, const std::string& target,
-                                      const std::string& body = {}) {
-  try {
-    net::io_context ioc;
-    net::ip::tcp::socket sock(ioc);
-    sock.connect({net::ip::make_address("127.0.0.1"), port});
-    bhttp::request<bhttp::string_body> req{verb, target, 11};
-    req.set(bhttp::field::host, "localhost");
-    if (!body.empty()) {
-      req.set(bhttp::field::content_type, "application/json");
-      req.body() = body;
-      req.prepare_payload();
-    }
-    bhttp::write(sock, req);
-    boost::beast::flat_buffer buf;
-    bhttp::response<bhttp::string_body> res;
-    bhttp::read(sock, buf, res);
-    return {res.result_int(), res.body()};
-  } catch (const std::exception&) {
-    return {0, ""};
-  }
-}
+using moemesh::testing::free_port;
+using moemesh::testing::http_get;  // status 0 when nothing answers (yet)
 
 // The value of an unlabelled sample in a /metrics dump (-1 when absent).
 double metric(const std::string& dump, const std::string& name) {
@@ -168,18 +138,8 @@ void expect_same(const Completion& got, const Completion& want, const std::strin
 class PrefixCluster : public ::testing::Test {
  protected:
   void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "moemesh-prefix-proc-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
-    ModelConfig c = model_preset(Arch::Mixtral, "tiny");  // hidden 64, 2 layers, 8 experts, top-2
-    c.vocab_size = 128;
-    c.bos_token_id = 1;
-    c.eos_token_ids = {2};
-    WriteOptions o;
-    o.dtype = DType::F32;
-    o.seed = 5;
-    write_model(c, dir_ / "tiny-moe", o);
     const std::string model = (dir_ / "tiny-moe").string();
+    moemesh::testing::write_tiny_model(model, Arch::Mixtral, /*seed=*/5, /*vocab=*/128);
 
     // A port picked here can be taken by someone else before the child binds it: then the
     // child exits, and the cluster is started again on other ports.
@@ -224,9 +184,9 @@ class PrefixCluster : public ::testing::Test {
             0);
 
     for (int i = 0; i < 1200; ++i) {  // a limit for a slow machine, not a timing assertion
-      if (http(router_admin_, bhttp::verb::get, "/readyz").first == 200 &&
-          http(attention_admin_, bhttp::verb::get, "/readyz").first == 200 &&
-          http(kv_admin_, bhttp::verb::get, "/readyz").first == 200)
+      if (http_get(router_admin_, "/readyz").first == 200 &&
+          http_get(attention_admin_, "/readyz").first == 200 &&
+          http_get(kv_admin_, "/readyz").first == 200)
         return true;
       for (auto& p : procs_)
         if (!p->running()) {
@@ -258,7 +218,6 @@ class PrefixCluster : public ::testing::Test {
 
   void TearDown() override {
     stop_all(/*check=*/true);
-    fs::remove_all(dir_);
   }
 
   std::string logs() {
@@ -270,7 +229,7 @@ class PrefixCluster : public ::testing::Test {
   Completion complete(const std::vector<int32_t>& prompt, int max_tokens) {
     json body{{"prompt", prompt},          {"max_tokens", max_tokens},  {"temperature", 0},
               {"ignore_eos", true},        {"return_logits", true},     {"return_token_ids", true}};
-    auto [status, text] = http(api_, bhttp::verb::post, "/v1/completions", body.dump());
+    auto [status, text] = moemesh::testing::http_status_body(api_, bhttp::verb::post, "/v1/completions", body.dump());
     Completion c;
     EXPECT_EQ(status, 200u) << text;
     if (status != 200) return c;
@@ -281,10 +240,10 @@ class PrefixCluster : public ::testing::Test {
     return c;
   }
 
-  std::string attention_metrics() { return http(attention_admin_, bhttp::verb::get, "/metrics").second; }
-  std::string kv_metrics() { return http(kv_admin_, bhttp::verb::get, "/metrics").second; }
+  std::string attention_metrics() { return http_get(attention_admin_, "/metrics").second; }
+  std::string kv_metrics() { return http_get(kv_admin_, "/metrics").second; }
 
-  fs::path dir_;
+  const moemesh::testing::TempDir dir_{"moemesh-prefix-proc"};  // the model and the processes' logs
   uint16_t api_ = 0, router_admin_ = 0, attention_admin_ = 0, kv_admin_ = 0;
   std::vector<std::unique_ptr<Proc>> procs_;
 };

@@ -20,6 +20,15 @@ inline std::vector<int32_t> random_tokens(size_t n, uint64_t seed, int64_t vocab
   return t;
 }
 
+// n samples of N(0, scale^2), deterministic from the seed.
+inline std::vector<float> normals(size_t n, uint64_t seed, float scale = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
 // ||got - want|| / ||want||, as vectors.
 inline double rel_diff(std::span<const float> got, std::span<const float> want) {
   EXPECT_EQ(got.size(), want.size());

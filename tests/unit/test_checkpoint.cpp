@@ -2,7 +2,6 @@
 // damage, per-tensor mapping (an expert-only selection maps only those experts), and the model
 // writer behind `moemesh mkmodel` (deterministic, seeded per tensor, valid presets).
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
@@ -17,6 +16,7 @@
 #include "core/model_presets.h"
 #include "core/model_writer.h"
 #include "core/safetensors.h"
+#include "tests/support/temp_dir.h"
 
 namespace fs = std::filesystem;
 namespace st = moemesh::safetensors;
@@ -52,13 +52,6 @@ std::string read_text(const fs::path& p) {
 
 class CheckpointTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "moemesh-ck-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    root_ = tmpl;
-  }
-  void TearDown() override { fs::remove_all(root_); }
-
   fs::path make(const std::string& name, Arch arch, WriteOptions o = {}) {
     fs::path d = root_ / name;
     write_model(small_config(arch), d, o);
@@ -79,7 +72,7 @@ class CheckpointTest : public ::testing::Test {
     std::ofstream(p, std::ios::trunc) << j.dump(2);
   }
 
-  fs::path root_;
+  const moemesh::testing::TempDir root_{"moemesh-ck"};
 };
 
 }  // namespace

@@ -9,17 +9,14 @@
 #include <thread>
 
 #include "actors/control_client.h"
+#include "tests/support/actor_config.h"
 
 using namespace moemesh;
 using namespace moemesh::actors;
 
 namespace {
 
-caf::actor_system_config& config() {
-  static caf::actor_system_config cfg;
-  cfg.set("scheduler.max-threads", 2);
-  return cfg;
-}
+using moemesh::testing::two_thread_config;
 
 // The coordinator's side, on the test thread.
 struct FakeCoordinator {
@@ -141,7 +138,7 @@ ControlCallbacks callbacks(Seen& seen) {
 
 TEST(ControlClient, RegistersHeartbeatsAndFollowsPlacement) {
   FakeCoordinator coord;
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   ZmqBridge bridge(sys);
   Seen seen;
   auto client = spawn_control_client(sys, bridge, options(coord), callbacks(seen));
@@ -211,7 +208,7 @@ TEST(ControlClient, WaitsForACoordinatorThatStartsLater) {
     FakeCoordinator probe;
     endpoint = probe.router_ep;
   }
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   ZmqBridge bridge(sys);
   Seen seen;
   ControlClientOptions opts;

@@ -10,18 +10,13 @@
 #include "core/dtype.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/ops.h"
+#include "tests/support/numeric.h"
 
 using namespace moemesh;
 
 namespace {
 
-std::vector<float> randn(size_t n, uint64_t seed, float scale = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
+using moemesh::testing::normals;
 
 // Max |a-b| / max |b|.
 double rel_err(const std::vector<float>& a, const std::vector<double>& b) {
@@ -60,7 +55,7 @@ std::vector<double> naive_matmul(const std::vector<float>& x, int64_t rows, int6
 
 TEST(CpuOps, MatmulF32) {
   const int64_t rows = 5, in = 37, out = 23;
-  auto x = randn(size_t(rows * in), 1), w = randn(size_t(out * in), 2);
+  auto x = normals(size_t(rows * in), 1), w = normals(size_t(out * in), 2);
   std::vector<float> y(size_t(rows * out));
   cpu::matmul(x.data(), rows, in, w.data(), DType::F32, out, y.data());
   EXPECT_LT(rel_err(y, naive_matmul(x, rows, in, w, out)), 1e-6);
@@ -69,7 +64,7 @@ TEST(CpuOps, MatmulF32) {
 // in = 4096 makes a tile 64 rows, so out = 150 covers two full tiles and a partial one.
 TEST(CpuOps, MatmulHalfTypesTiled) {
   const int64_t rows = 3, in = 4096, out = 150;
-  auto x = randn(size_t(rows * in), 3), w = randn(size_t(out * in), 4, 0.05f);
+  auto x = normals(size_t(rows * in), 3), w = normals(size_t(out * in), 4, 0.05f);
   for (DType t : {DType::F16, DType::BF16}) {
     std::vector<float> rounded;
     auto bytes = narrow(w, t, rounded);
@@ -84,7 +79,7 @@ TEST(CpuOps, MatmulHalfTypesTiled) {
 
 TEST(CpuOps, RmsNorm) {
   const int64_t rows = 4, dim = 24;
-  auto x = randn(size_t(rows * dim), 5), w = randn(size_t(dim), 6);
+  auto x = normals(size_t(rows * dim), 5), w = normals(size_t(dim), 6);
   std::vector<float> rounded;
   auto wb = narrow(w, DType::BF16, rounded);
   std::vector<float> y(x.size()), yb(x.size());
@@ -108,7 +103,7 @@ TEST(CpuOps, RmsNorm) {
 TEST(CpuOps, RopeRotateHalf) {
   const int64_t rows = 3, heads = 2, hd = 8;
   const double theta = 10000.0;
-  auto x = randn(size_t(rows * heads * hd), 7);
+  auto x = normals(size_t(rows * heads * hd), 7);
   const std::vector<int32_t> pos = {0, 5, 123};
   std::vector<float> y = x;
   cpu::rope(y.data(), rows, heads, hd, pos.data(), theta);
@@ -129,14 +124,14 @@ TEST(CpuOps, RopeRotateHalf) {
 }
 
 TEST(CpuOps, SiluMulAndSoftmax) {
-  auto g = randn(40, 8), u = randn(40, 9);
+  auto g = normals(40, 8), u = normals(40, 9);
   std::vector<float> out(40);
   cpu::silu_mul(g.data(), u.data(), 4, 10, out.data());
   std::vector<double> ref(40);
   for (size_t i = 0; i < 40; ++i) ref[i] = g[i] / (1.0 + std::exp(-double(g[i]))) * u[i];
   EXPECT_LT(rel_err(out, ref), 1e-6);
 
-  auto s = randn(20, 10, 3.0f);
+  auto s = normals(20, 10, 3.0f);
   std::vector<float> p = s;
   cpu::softmax(p.data(), 2, 10, 0.5f);
   std::vector<double> pref(20);
@@ -171,7 +166,7 @@ TEST(CpuOps, TopkGating) {
 
 TEST(CpuOps, EmbeddingAllTypes) {
   const int64_t vocab = 10, dim = 6;
-  auto table = randn(size_t(vocab * dim), 11);
+  auto table = normals(size_t(vocab * dim), 11);
   const std::vector<int32_t> ids = {3, 0, 9, 3};
   std::vector<float> out(ids.size() * size_t(dim));
   cpu::embedding(table.data(), DType::F32, dim, ids.data(), int64_t(ids.size()), out.data());
@@ -191,7 +186,7 @@ TEST(CpuOps, EmbeddingAllTypes) {
 // without a sliding window.
 TEST(CpuOps, PagedAttentionGqaWindow) {
   const int64_t heads = 4, kv_heads = 2, hd = 8, n = 37, bs = 16, kv_dim = kv_heads * hd;
-  auto q = randn(size_t(n * heads * hd), 12), k = randn(size_t(n * kv_dim), 13), v = randn(size_t(n * kv_dim), 14);
+  auto q = normals(size_t(n * heads * hd), 12), k = normals(size_t(n * kv_dim), 13), v = normals(size_t(n * kv_dim), 14);
   // Three blocks stored in reverse order in a pool of four.
   std::vector<float> kpool(size_t(4 * bs * kv_dim)), vpool(kpool.size());
   const std::vector<int> table = {3, 1, 0};

@@ -2,22 +2,17 @@
 // compute (rows of several requests concatenated per expert) against each row computed alone.
 #include <gtest/gtest.h>
 
-#include <stdlib.h>
-
 #include <cmath>
-#include <filesystem>
 #include <future>
 #include <random>
 
 #include "actors/expert_batcher.h"
 #include "actors/expert_compute.h"
-#include "core/model_presets.h"
-#include "core/model_writer.h"
 #include "core/moe.h"
+#include "tests/support/tiny_model.h"
 
 using namespace moemesh;
 using namespace moemesh::actors;
-namespace fs = std::filesystem;
 using Clock = BatchQueue::Clock;
 using std::chrono::microseconds;
 
@@ -103,25 +98,11 @@ TEST(BatchQueue, SilentPeersAreForgotten) {
 
 class BatchedCompute : public ::testing::Test {
  protected:
-  void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "moemesh-eb-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
-    ModelConfig c = model_preset(Arch::Mixtral, "tiny");
-    c.vocab_size = 64;
-    c.bos_token_id = 1;
-    c.eos_token_ids = {2};
-    WriteOptions o;
-    o.dtype = DType::F32;
-    o.seed = 1;
-    write_model(c, dir_, o);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-  fs::path dir_;
+  const moemesh::testing::TinyModel model_{Arch::Mixtral, /*seed=*/1, /*vocab=*/64};  // written for each test
 };
 
 TEST_F(BatchedCompute, MapsOnlyItsExperts) {
-  auto ckpt = Checkpoint::open(dir_);
+  auto ckpt = Checkpoint::open(model_.path());
   HostedExperts hosted(ckpt, parse_expert_spec("0:1-2,1:5", ckpt->config()));
   EXPECT_EQ(ckpt->mapped_tensors().size(), 9u);  // 3 experts x gate/up/down
   EXPECT_EQ(hosted.mapped_bytes(), hosted.expected_bytes());
@@ -132,7 +113,7 @@ TEST_F(BatchedCompute, MapsOnlyItsExperts) {
 }
 
 TEST_F(BatchedCompute, MergedRowsGiveTheSameOutputsAsEachRowAlone) {
-  auto ckpt = Checkpoint::open(dir_);
+  auto ckpt = Checkpoint::open(model_.path());
   const int64_t hidden = ckpt->config().hidden_size;
   HostedExperts hosted(ckpt, all_experts(ckpt->config()));
   ComputePool pool(3);
@@ -187,7 +168,7 @@ TEST_F(BatchedCompute, MergedRowsGiveTheSameOutputsAsEachRowAlone) {
 }
 
 TEST_F(BatchedCompute, AFailingExpertFailsTheBatchNotTheProcess) {
-  auto ckpt = Checkpoint::open(dir_);
+  auto ckpt = Checkpoint::open(model_.path());
   HostedExperts hosted(ckpt, parse_expert_spec("0:0", ckpt->config()));
   ComputePool pool(1);
   auto job = std::make_shared<BatchJob>();

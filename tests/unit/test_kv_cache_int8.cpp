@@ -19,17 +19,7 @@
 
 using namespace moemesh;
 
-namespace {
-
-std::vector<float> normals(size_t n, uint64_t seed, float scale = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(n);
-  for (auto& x : v) x = d(rng);
-  return v;
-}
-
-}  // namespace
+using moemesh::testing::normals;
 
 TEST(KvInt8, QuantisationErrorIsHalfAStepPerHead) {
   const int64_t rows = 5, heads = 3, hd = 16;

@@ -4,11 +4,8 @@
 // block store actor on loopback (multi-round chains, partial prefixes, bad blocks, a dead store).
 #include <gtest/gtest.h>
 
-#include <unistd.h>
-
 #include <chrono>
 #include <cmath>
-#include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
@@ -27,19 +24,20 @@
 #include "core/engine.h"
 #include "core/error.h"
 #include "core/kv_cache.h"
-#include "core/model_presets.h"
-#include "core/model_writer.h"
 #include "core/prefix_hash.h"
+#include "tests/support/actor_config.h"
 #include "tests/support/numeric.h"
+#include "tests/support/tiny_model.h"
 
 using namespace moemesh;
 using namespace moemesh::actors;
-namespace fs = std::filesystem;
 
 namespace {
 
 using moemesh::testing::random_tokens;
 using moemesh::testing::rel_diff;
+using moemesh::testing::TinyModel;
+using moemesh::testing::two_thread_config;
 
 // A KV store in a map: the longest stored prefix of a chain.
 class MapStore : public PrefixStore {
@@ -64,31 +62,15 @@ class MapStore : public PrefixStore {
 
 class PrefixCache : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {
-    std::string tmpl = (fs::temp_directory_path() / "moemesh-prefix-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = new fs::path(tmpl);
-    ModelConfig c = model_preset(Arch::Mixtral, "tiny");
-    c.vocab_size = 128;
-    c.bos_token_id = 1;
-    c.eos_token_ids = {2};
-    WriteOptions o;
-    o.dtype = DType::F32;
-    o.seed = 7;
-    write_model(c, *dir_ / "mixtral", o);
-  }
-  static void TearDownTestSuite() {
-    fs::remove_all(*dir_);
-    delete dir_;
-  }
-  void SetUp() override { ckpt_ = Checkpoint::open(*dir_ / "mixtral"); }
+  static void SetUpTestSuite() { model_ = std::make_unique<TinyModel>(Arch::Mixtral, /*seed=*/7, /*vocab=*/128); }
+  static void TearDownTestSuite() { model_.reset(); }
+  void SetUp() override { ckpt_ = Checkpoint::open(model_->path()); }
   std::shared_ptr<Engine> engine(int64_t blocks = 64) { return std::make_shared<Engine>(ckpt_, EngineOptions{blocks}); }
   int64_t vocab() const { return ckpt_->config().vocab_size; }
 
-  static fs::path* dir_;
+  static inline std::unique_ptr<TinyModel> model_;
   std::shared_ptr<Checkpoint> ckpt_;
 };
-fs::path* PrefixCache::dir_ = nullptr;
 
 // What the router sees of one request, run the way the scheduler runs it: the prompt in chunks
 // (the first carries the whole prompt), then one decode token per step, then a free.
@@ -326,12 +308,6 @@ TEST_F(PrefixCache, APromptOfWholeBlocksKeepsItsLastTokenToCompute) {
 
 namespace {
 
-caf::actor_system_config& config() {
-  static caf::actor_system_config cfg;
-  cfg.set("scheduler.max-threads", 2);
-  return cfg;
-}
-
 std::vector<BlockKey> chain(size_t n, int32_t salt) {
   std::vector<int32_t> t(n * kBlockTokens);
   for (size_t i = 0; i < t.size(); ++i) t[i] = int32_t(i) * 7 + salt;
@@ -352,7 +328,7 @@ bool wait_for(const std::function<bool()>& ok) {
 }  // namespace
 
 TEST(KvClientTest, PublishesAndFetchesChainsThroughTheBlockStore) {
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   ZmqBridge bridge(sys);
   const int sock = bridge.add({.name = "kv", .type = zmq::socket_type::router, .endpoint = "tcp://127.0.0.1:*", .bind = true});
   BlockStoreOptions bo;
@@ -396,7 +372,7 @@ TEST(KvClientTest, PublishesAndFetchesChainsThroughTheBlockStore) {
 }
 
 TEST(KvClientTest, ADeadStoreCostsOneDeadlineThenIsSkipped) {
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   // A port nobody listens on (bound and closed again by a throwaway socket).
   std::string endpoint;
   {

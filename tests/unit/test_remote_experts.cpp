@@ -3,20 +3,19 @@
 // failover to a replica when a host dies, error replies, placement swaps under load.
 #include <gtest/gtest.h>
 
-#include <stdlib.h>
-
 #include <cmath>
 #include <filesystem>
+#include <memory>
 #include <random>
 #include <thread>
 
 #include "actors/expert_batcher.h"
 #include "actors/remote_experts.h"
 #include "core/error.h"
-#include "core/model_presets.h"
-#include "core/model_writer.h"
 #include "core/moe.h"
+#include "tests/support/actor_config.h"
 #include "tests/support/in_process_expert_host.h"
+#include "tests/support/tiny_model.h"
 
 using namespace moemesh;
 using namespace moemesh::actors;
@@ -24,11 +23,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-caf::actor_system_config& config() {
-  static caf::actor_system_config cfg;
-  cfg.set("scheduler.max-threads", 2);
-  return cfg;
-}
+using moemesh::testing::TinyModel;
+using moemesh::testing::two_thread_config;
 
 // One expert host, as moemesh-expert wires it, inside this process (2 compute threads).
 class Host : public moemesh::testing::InProcessExpertHost {
@@ -86,30 +82,16 @@ void expect_close(const std::vector<std::vector<float>>& got, const std::vector<
 
 class RemoteExperts : public ::testing::Test {
  protected:
-  static void SetUpTestSuite() {
-    std::string tmpl = (fs::temp_directory_path() / "moemesh-rx-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = new fs::path(tmpl);
-    ModelConfig c = model_preset(Arch::Mixtral, "tiny");  // hidden 64, 2 layers, 8 experts, top-2
-    c.vocab_size = 64;
-    c.bos_token_id = 1;
-    c.eos_token_ids = {2};
-    WriteOptions o;
-    o.dtype = DType::F32;
-    o.seed = 1;
-    write_model(c, *dir_ / "mixtral", o);
-  }
-  static void TearDownTestSuite() {
-    fs::remove_all(*dir_);
-    delete dir_;
-  }
+  // hidden 64, 2 layers, 8 experts, top-2
+  static void SetUpTestSuite() { model_ = std::make_unique<TinyModel>(Arch::Mixtral, /*seed=*/1, /*vocab=*/64); }
+  static void TearDownTestSuite() { model_.reset(); }
   void SetUp() override {
-    ckpt_ = Checkpoint::open(*dir_ / "mixtral");
+    ckpt_ = Checkpoint::open(model());
     weights_ = std::make_unique<ModelWeights>(ckpt_->load());
     local_ = std::make_unique<LocalExpertExecutor>(*weights_);
   }
   const ModelConfig& cfg() const { return ckpt_->config(); }
-  fs::path model() const { return *dir_ / "mixtral"; }
+  fs::path model() const { return model_->path(); }
 
   // Runs one random call of `rows` rows on `layer` both ways and compares.
   void check_layer(RemoteExpertExecutor& remote, int64_t layer, int64_t rows, std::mt19937& rng) {
@@ -120,18 +102,17 @@ class RemoteExperts : public ::testing::Test {
     expect_close(got, want, cfg().hidden_size, agreement_);
   }
 
-  static fs::path* dir_;
+  static inline std::unique_ptr<TinyModel> model_;
   std::shared_ptr<Checkpoint> ckpt_;
   std::unique_ptr<ModelWeights> weights_;
   std::unique_ptr<LocalExpertExecutor> local_;
   Agreement agreement_;
 };
-fs::path* RemoteExperts::dir_ = nullptr;
 
 }  // namespace
 
 TEST_F(RemoteExperts, TwoHostsWithHalfTheExpertsEachMatchTheLocalExecutor) {
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   Host a(sys, model(), "*:0-3", "host-a"), b(sys, model(), "*:4-7", "host-b");
   // Each maps only its half: 2 layers x 4 experts x 3 tensors.
   const uint64_t per_expert = uint64_t(3 * cfg().hidden_size * cfg().moe_intermediate_size * 4);
@@ -153,7 +134,7 @@ TEST_F(RemoteExperts, TwoHostsWithHalfTheExpertsEachMatchTheLocalExecutor) {
 }
 
 TEST_F(RemoteExperts, ADeadHostsExpertsAreServedByTheirReplica) {
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   Host a(sys, model(), "all", "host-a"), b(sys, model(), "all", "host-b");
   RemoteExpertsOptions o;
   o.deadline = std::chrono::milliseconds(1500);
@@ -174,7 +155,7 @@ TEST_F(RemoteExperts, ADeadHostsExpertsAreServedByTheirReplica) {
 }
 
 TEST_F(RemoteExperts, AnErrorReplyIsRetriedOnAReplica) {
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   // a claims layer 0's experts 4-7 as well but holds only 0-3: it answers unknown_expert.
   Host a(sys, model(), "0:0-3", "host-a"), b(sys, model(), "0:4-7", "host-b");
   RemoteExpertExecutor remote(sys);
@@ -193,7 +174,7 @@ TEST_F(RemoteExperts, AnErrorReplyIsRetriedOnAReplica) {
 }
 
 TEST_F(RemoteExperts, AnErrorReplyWithoutReplicaNamesTheHostAndLayer) {
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   Host a(sys, model(), "0:0-3", "host-a");
   RemoteExpertExecutor remote(sys);
   remote.set_placement({1, {a.entry("0:*")}});
@@ -220,7 +201,7 @@ TEST_F(RemoteExperts, AnErrorReplyWithoutReplicaNamesTheHostAndLayer) {
 }
 
 TEST_F(RemoteExperts, AnExpertWithNoHostIsAnError) {
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   RemoteExpertExecutor remote(sys);
   std::mt19937 rng(4);
   LayerCall call = random_call(cfg(), 3, rng);
@@ -234,7 +215,7 @@ TEST_F(RemoteExperts, AnExpertWithNoHostIsAnError) {
 }
 
 TEST_F(RemoteExperts, PlacementSwapsWhileCallsRun) {
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   Host a(sys, model(), "all", "host-a"), b(sys, model(), "all", "host-b");
   RemoteExpertExecutor remote(sys);
   const std::vector<PlacementTable> tables{{1, {a.entry()}}, {2, {b.entry()}}, {3, {a.entry(), b.entry()}},

@@ -1,7 +1,6 @@
 // Safetensors: round trips in every float dtype, the exact on-disk layout, strict rejection of
 // corrupt headers, HF sharding and the index file.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -12,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/safetensors.h"
+#include "tests/support/temp_dir.h"
 
 namespace fs = std::filesystem;
 namespace st = moemesh::safetensors;
@@ -23,13 +23,6 @@ namespace {
 
 class Safetensors : public ::testing::Test {
  protected:
-  void SetUp() override {
-    std::string tmpl = (fs::temp_directory_path() / "moemesh-st-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = tmpl;
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-
   std::vector<char> read_all(const fs::path& p) {
     std::ifstream in(p, std::ios::binary);
     return {std::istreambuf_iterator<char>(in), {}};
@@ -56,7 +49,7 @@ class Safetensors : public ::testing::Test {
     }
   }
 
-  fs::path dir_;
+  const moemesh::testing::TempDir dir_{"moemesh-st"};
 };
 
 std::vector<float> sample_values(size_t n, unsigned seed) {
@@ -250,7 +243,7 @@ TEST_F(Safetensors, ShardPlanFollowsHuggingFace) {
   EXPECT_EQ(st::shard_file_name(1, 3), "model-00002-of-00003.safetensors");
   EXPECT_EQ(st::shard_file_name(0, 12), "model-00001-of-00012.safetensors");
 
-  st::write_index(dir_, shards);
+  st::write_index(dir_.path(), shards);
   std::ifstream in(dir_ / st::kIndexFile);
   json idx = json::parse(in);
   EXPECT_EQ(idx["metadata"]["total_size"], 40 * 3 + 400 + 20);

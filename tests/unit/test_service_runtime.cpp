@@ -8,30 +8,18 @@
 #include <future>
 #include <thread>
 
-#include <boost/asio.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
 #include <prometheus/counter.h>
 
 #include "actors/service_runtime.h"
+#include "tests/support/http_client.h"
 
 using namespace moemesh::actors;
-namespace net = boost::asio;
 namespace bhttp = boost::beast::http;
 
 namespace {
 
 bhttp::response<bhttp::string_body> get(uint16_t port, const std::string& target) {
-  net::io_context ioc;
-  net::ip::tcp::socket sock(ioc);
-  sock.connect({net::ip::make_address("127.0.0.1"), port});
-  bhttp::request<bhttp::string_body> req{bhttp::verb::get, target, 11};
-  req.set(bhttp::field::host, "localhost");
-  bhttp::write(sock, req);
-  boost::beast::flat_buffer buf;
-  bhttp::response<bhttp::string_body> res;
-  bhttp::read(sock, buf, res);
-  return res;
+  return moemesh::testing::http_request(port, bhttp::verb::get, target);
 }
 
 std::optional<int> start(ServiceRuntime& rt, std::vector<std::string> args) {

@@ -4,11 +4,8 @@
 // and the overlap the step measured stays within the step.
 #include <gtest/gtest.h>
 
-#include <unistd.h>
-
 #include <atomic>
 #include <cmath>
-#include <filesystem>
 #include <memory>
 #include <random>
 #include <vector>
@@ -21,15 +18,17 @@
 #include "core/model_writer.h"
 #include "core/moe.h"
 #include "tests/support/numeric.h"
+#include "tests/support/temp_dir.h"
+#include "tests/support/tiny_model.h"
 
 using namespace moemesh;
 using namespace moemesh::actors;
-namespace fs = std::filesystem;
 
 namespace {
 
 using moemesh::testing::random_tokens;
 using moemesh::testing::rel_diff;
+using moemesh::testing::TempDir;
 
 int32_t argmax(std::span<const float> row) { return int32_t(std::max_element(row.begin(), row.end()) - row.begin()); }
 
@@ -57,34 +56,20 @@ class FlakyExperts : public ExpertExecutor {
 class MicroBatches : public ::testing::TestWithParam<Arch> {
  protected:
   static void SetUpTestSuite() {
-    std::string tmpl = (fs::temp_directory_path() / "moemesh-mb-XXXXXX").string();
-    ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
-    dir_ = new fs::path(tmpl);
-    for (Arch a : {Arch::Mixtral, Arch::DeepSeek}) {
-      ModelConfig c = model_preset(a, "tiny");
-      c.vocab_size = 128;
-      c.bos_token_id = 1;
-      c.eos_token_ids = {2};
-      WriteOptions o;
-      o.dtype = DType::F32;
-      o.seed = 3;
-      write_model(c, *dir_ / std::string(arch_name(a)), o);
-    }
+    dir_ = std::make_unique<TempDir>("moemesh-mb");
+    for (Arch a : {Arch::Mixtral, Arch::DeepSeek})
+      moemesh::testing::write_tiny_model(*dir_ / std::string(arch_name(a)), a, /*seed=*/3, /*vocab=*/128);
   }
-  static void TearDownTestSuite() {
-    fs::remove_all(*dir_);
-    delete dir_;
-  }
+  static void TearDownTestSuite() { dir_.reset(); }
   void SetUp() override { ckpt_ = Checkpoint::open(*dir_ / std::string(arch_name(GetParam()))); }
   std::shared_ptr<Engine> engine(std::shared_ptr<ExpertExecutor> experts = nullptr) {
     return std::make_shared<Engine>(ckpt_, EngineOptions{128}, std::move(experts));
   }
   int64_t vocab() const { return ckpt_->config().vocab_size; }
 
-  static fs::path* dir_;
+  static inline std::unique_ptr<TempDir> dir_;
   std::shared_ptr<Checkpoint> ckpt_;
 };
-fs::path* MicroBatches::dir_ = nullptr;
 
 }  // namespace
 
@@ -151,7 +136,7 @@ TEST_P(MicroBatches, AFailureInEitherHalfChangesNoSequence) {
 }
 
 TEST_P(MicroBatches, StepWorkerOutputsAreTheSameWithOneOrTwo) {
-  StepWorker w1(engine(), {2}, {nullptr, "", 1}), w2(engine(), {2}, {nullptr, "", 2});
+  StepWorker w1(engine(), {2}, {nullptr, "", 1, nullptr}), w2(engine(), {2}, {nullptr, "", 2, nullptr});
   std::vector<std::vector<int32_t>> prompts;
   for (size_t i = 0; i < 4; ++i) prompts.push_back(random_tokens(10 + 13 * i, 50 + i, vocab()));
   std::vector<int32_t> last(prompts.size(), -1);
@@ -218,14 +203,12 @@ INSTANTIATE_TEST_SUITE_P(Archs, MicroBatches, ::testing::Values(Arch::Mixtral, A
 TEST(StepWorkerOptionsTest, MicroBatchesIsOneOrTwo) {
   ModelConfig c = model_preset(Arch::Mixtral, "tiny");
   c.vocab_size = 64;
-  std::string tmpl = (fs::temp_directory_path() / "moemesh-mbopt-XXXXXX").string();
-  ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+  const TempDir dir("moemesh-mbopt");
   WriteOptions o;
   o.dtype = DType::F32;
-  write_model(c, fs::path(tmpl) / "m", o);
-  auto eng = std::make_shared<Engine>(Checkpoint::open(fs::path(tmpl) / "m"), EngineOptions{8});
-  EXPECT_THROW(StepWorker(eng, {}, {nullptr, "", 3}), Error);
-  EXPECT_THROW(StepWorker(eng, {}, {nullptr, "", 0}), Error);
-  EXPECT_NO_THROW(StepWorker(eng, {}, {nullptr, "", 1}));
-  fs::remove_all(tmpl);
+  write_model(c, dir / "m", o);
+  auto eng = std::make_shared<Engine>(Checkpoint::open(dir / "m"), EngineOptions{8});
+  EXPECT_THROW(StepWorker(eng, {}, {nullptr, "", 3, nullptr}), Error);
+  EXPECT_THROW(StepWorker(eng, {}, {nullptr, "", 0, nullptr}), Error);
+  EXPECT_NO_THROW(StepWorker(eng, {}, {nullptr, "", 1, nullptr}));
 }

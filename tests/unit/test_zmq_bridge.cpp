@@ -7,6 +7,7 @@
 
 #include "actors/zmq_bridge.h"
 #include "core/error.h"
+#include "tests/support/actor_config.h"
 
 using namespace moemesh::actors;
 
@@ -19,16 +20,12 @@ caf::behavior echo(caf::event_based_actor*, caf::actor bridge) {
   }};
 }
 
-caf::actor_system_config& config() {
-  static caf::actor_system_config cfg;
-  cfg.set("scheduler.max-threads", 2);
-  return cfg;
-}
+using moemesh::testing::two_thread_config;
 
 }  // namespace
 
 TEST(ZmqBridge, RequestReplyOverLoopback) {
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   ZmqBridge server(sys), client(sys);
   int srv = server.add({.name = "server", .type = zmq::socket_type::router, .endpoint = "tcp://127.0.0.1:*", .bind = true});
   int cli = client.add({.name = "client", .type = zmq::socket_type::dealer, .endpoint = server.endpoint(srv)});
@@ -68,13 +65,13 @@ TEST(ZmqBridge, RequestReplyOverLoopback) {
 }
 
 TEST(ZmqBridge, BadEndpointIsAReadableError) {
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   ZmqBridge b(sys);
   EXPECT_THROW(b.add({.name = "bad", .type = zmq::socket_type::router, .endpoint = "tcp://no-such-host-xyz:1", .bind = true}), moemesh::Error);
 }
 
 TEST(ZmqBridge, SocketsOpenedAfterStartWithIdentity) {
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   ZmqBridge server(sys), client(sys);
   caf::scoped_actor self{sys};
   server.start();
