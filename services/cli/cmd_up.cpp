@@ -48,7 +48,14 @@ void add_up(CLI::App& app) {
   up->add_option("--log-level", opts->log_level, "services' log level")->capture_default_str();
   up->add_option("--startup-timeout", opts->startup_timeout_s, "seconds to wait for readiness")->capture_default_str();
   up->add_flag("!--no-kvstore", opts->kvstore, "run without the KV store (no prefix cache)");
-  up->callback([opts, model] {
+  auto tenants = std::make_shared<std::string>();
+  up->add_option("--tenants", *tenants, "router tenants file (API keys and limits); none: open API")
+      ->check(CLI::ExistingFile);
+  up->callback([opts, model, tenants] {
+    if (!tenants->empty()) {
+      opts->router_args.push_back("--tenants");
+      opts->router_args.push_back(fs::absolute(*tenants).string());
+    }
     opts->model = model->empty() ? default_model() : fs::path(*model);
     if (!fs::exists(opts->model / "config.json")) throw Error(opts->model.string() + ": no config.json (not a checkpoint folder)");
     // Block the signals before starting children: run_until_signal() takes them synchronously.
