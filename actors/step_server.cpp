@@ -52,8 +52,15 @@ prometheus::Histogram& phase_histogram(prometheus::Registry& r, const std::strin
 
 }  // namespace
 
-StepServerMetrics::StepServerMetrics(prometheus::Registry& r, std::shared_ptr<const KvClient> kv)
+StepServerMetrics::StepServerMetrics(prometheus::Registry& r, std::shared_ptr<const KvClient> kv,
+                                     std::shared_ptr<const TieredPrefixStore> tier)
     : kv_(std::move(kv)),
+      tier_(std::move(tier)),
+      tier_bytes_(metrics::gauge_family(r, "moemesh_attention_prefix_cache_memory_bytes",
+                                        "Bytes of KV blocks held in this worker's memory tier of the prefix cache.")
+                      .Add({})),
+      tier_hits_(counter(r, "moemesh_attention_prefix_cache_memory_hit_blocks_total",
+                         "Prefix-cache blocks served from this worker's memory tier (no KV store round trip).")),
       query_tokens_(counter(r, "moemesh_attention_prefix_cache_query_tokens_total",
                             "Prompt tokens of new sequences looked up in the KV store.")),
       hit_tokens_(counter(r, "moemesh_attention_prefix_cache_hit_tokens_total",
@@ -116,6 +123,12 @@ void StepServerMetrics::update(const StepWorkerCounts& c) {
   mb_overlap_seconds_.Increment(c.microbatch_overlap_seconds - seen_.microbatch_overlap_seconds);
   if (c.microbatch_steps != seen_.microbatch_steps) overlap_ratio_.Set(c.last_overlap_ratio);
   seen_ = c;
+  if (tier_) {
+    const TieredPrefixStats t = tier_->stats();
+    tier_bytes_.Set(double(t.bytes));
+    tier_hits_.Increment(double(t.local_hit_blocks - seen_tier_hits_));
+    seen_tier_hits_ = t.local_hit_blocks;
+  }
   if (kv_) {
     const uint64_t f = kv_->stats().fetch_failures.load(), p = kv_->stats().publish_failures.load();
     fetch_failures_.Increment(double(f - seen_fetch_failures_));

@@ -11,6 +11,7 @@
 #include <prometheus/registry.h>
 
 #include "actors/kv_client.h"
+#include "actors/tiered_prefix_store.h"
 #include "actors/step_worker.h"
 #include "actors/zmq_bridge.h"
 #include "core/wire.h"
@@ -28,8 +29,10 @@ struct StepServerStats {
 // after each step (on the compute thread).
 class StepServerMetrics {
  public:
-  // kv: the KV store client whose failures are exported (null: none).
-  StepServerMetrics(prometheus::Registry& registry, std::shared_ptr<const KvClient> kv = nullptr);
+  // kv: the KV store client whose failures are exported (null: none); tier: the prefix cache's
+  // memory tier whose size and hits are exported (null: none).
+  StepServerMetrics(prometheus::Registry& registry, std::shared_ptr<const KvClient> kv = nullptr,
+                    std::shared_ptr<const TieredPrefixStore> tier = nullptr);
   void update(const StepWorkerCounts& c);
   // One step's wall time and the KV pool after it.
   void observe_step(double seconds, int64_t free_blocks, int64_t total_blocks);
@@ -38,6 +41,10 @@ class StepServerMetrics {
 
  private:
   std::shared_ptr<const KvClient> kv_;
+  std::shared_ptr<const TieredPrefixStore> tier_;
+  prometheus::Gauge& tier_bytes_;
+  prometheus::Counter& tier_hits_;
+  uint64_t seen_tier_hits_ = 0;
   prometheus::Counter &query_tokens_, &hit_tokens_, &computed_, &skipped_, &published_;
   prometheus::Counter &fetch_failures_, &publish_failures_;
   prometheus::Counter &mb_step_seconds_, &mb_overlap_seconds_;

@@ -94,12 +94,14 @@ int main(int argc, char** argv) {
       ko.block_shape = {mc.num_hidden_layers, 2, KvCache::kBlockSize, mc.num_key_value_heads * mc.head_dim};
       kv = std::make_shared<KvClient>(rt.system(), ko);
     }
+    std::shared_ptr<TieredPrefixStore> tier;
     if (kv || local_prefix_mb > 0) {
-      wo.prefix_store = std::make_shared<TieredPrefixStore>(kv, uint64_t(local_prefix_mb) << 20);
+      tier = std::make_shared<TieredPrefixStore>(kv, uint64_t(local_prefix_mb) << 20);
+      wo.prefix_store = tier;
       wo.model_id = model_id;
     }
     auto worker = std::make_shared<StepWorker>(engine, eos, wo);
-    auto metrics = std::make_shared<StepServerMetrics>(rt.metrics(), kv);
+    auto metrics = std::make_shared<StepServerMetrics>(rt.metrics(), kv, tier);
     auto pool = std::make_shared<ComputePool>(1);  // one step at a time: the worker owns the KV cache
     auto stats = std::make_shared<StepServerStats>();
     stats->kv_free_blocks = worker->free_blocks();
