@@ -70,8 +70,6 @@ int serve(ServiceRuntime& rt, const Flags& f) {
   if (!f.experts && f.router.empty()) throw Error("--experts is required when no --router coordinator is given");
   // First, so a missing device fails at once ("no CUDA device: ...") before weights load.
   const auto backend = make_compute_backend(parse_device(f.device));
-  if (backend != cpu_backend())  // see docs/gpu.md: run_batch (actors/expert_compute) still calls mlp_forward
-    throw Error("expert compute on " + backend->name() + " is not wired yet: the batcher runs the CPU SwiGLU");
 
   auto ckpt = Checkpoint::open(f.model);
   const std::string model_id = f.served_name.empty() ? ckpt->name() : f.served_name;
@@ -137,12 +135,14 @@ int serve(ServiceRuntime& rt, const Flags& f) {
     if (set.empty()) throw Error("the coordinator assigned no experts to this host");
   }
 
-  HostedExperts experts(ckpt, set);
+  HostedExperts experts(ckpt, set, backend);
   mapped = experts.mapped_bytes();
   metrics.mapped_weight_bytes.Set(double(experts.mapped_bytes()));
+  spdlog::info("expert host: computing on {}", backend->name());
+  // Tests read this line (and the next): keep its shape.
   spdlog::info("expert host: model {} ({} layers, hidden {}), serving {} experts: {}", model_id,
                ckpt->config().num_hidden_layers, experts.hidden(), set.size(), format_expert_set(set));
-  // Tests read this line: the host must map exactly its experts' tensors.
+  // The host must map exactly its experts' tensors.
   spdlog::info("expert host: mapped_weight_bytes={} expected_bytes={}", experts.mapped_bytes(),
                experts.expected_bytes());
 
