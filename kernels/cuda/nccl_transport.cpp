@@ -52,7 +52,7 @@ class NcclTransport final : public actors::Transport {
   }
 
   std::vector<std::vector<float>> receive(std::span<const size_t> floats,
-                                          std::vector<std::vector<float>>&& frames) override {
+                                          std::span<const actors::PayloadFrame> frames) override {
     if (!frames.empty())
       throw Error("transport nccl: " + std::to_string(frames.size()) + " payload frames arrived over ZeroMQ");
     std::vector<std::vector<float>> out;
