@@ -70,6 +70,9 @@ struct TransportCaps {
   bool gpu = false;   // computes on a CUDA device
   bool nccl = false;  // built with NCCL and willing to join a communicator
 };
+// The size of an NCCL unique id (NCCL_UNIQUE_ID_BYTES), checked wherever one travels.
+inline constexpr size_t kNcclUniqueIdBytes = 128;
+
 // NCCL only when both peers are GPU processes with NCCL; ZeroMQ otherwise.
 TransportKind choose_transport(const TransportCaps& self, const TransportCaps& peer);
 

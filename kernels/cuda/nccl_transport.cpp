@@ -19,6 +19,8 @@ void cuda_check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw Error(std::string("transport nccl: ") + what + ": " + cudaGetErrorString(e));
 }
 
+static_assert(sizeof(ncclUniqueId) == actors::kNcclUniqueIdBytes, "the control plane carries 128-byte ids");
+
 class NcclTransport final : public actors::Transport {
  public:
   NcclTransport(const std::string& id_bytes, int rank, int device) : peer_(1 - rank) {

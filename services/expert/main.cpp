@@ -46,14 +46,17 @@ struct Flags {
   bool expert_metrics = true;
 };
 
-pb::Register registration(const ServiceRuntime& rt, const std::string& endpoint,
-                          const std::string& model_id, const ExpertSet* pinned) {
+pb::Register registration(const ServiceRuntime& rt, const std::string& endpoint, const std::string& model_id,
+                          const ExpertSet* pinned, bool gpu) {
   pb::Register r;
   r.set_instance(rt.instance());
   r.set_role(pb::EXPERT);
   r.set_data_endpoint(endpoint);
   r.set_model_id(model_id);
   r.set_pid(uint32_t(::getpid()));
+  // Its GPU, for the pair rule; nccl stays false until the NCCL payload path is safe to turn on
+  // (docs/gpu.md), so every pair keeps ZeroMQ.
+  r.set_gpu(gpu);
   if (pinned)
     for (const auto& [l, e] : *pinned) {
       auto* id = r.add_experts();
@@ -98,7 +101,7 @@ int serve(ServiceRuntime& rt, const Flags& f) {
   if (!f.router.empty()) {
     ControlClientOptions co;
     co.control_endpoint = f.router;
-    co.registration = registration(rt, endpoint, model_id, pinned ? &*pinned : nullptr);
+    co.registration = registration(rt, endpoint, model_id, pinned ? &*pinned : nullptr, backend != cpu_backend());
     ControlCallbacks cb;
     cb.on_registered = [&](const pb::RegisterReply& r) {
       if (!r.ok()) {  // the client registers again; say why meanwhile
