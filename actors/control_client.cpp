@@ -12,6 +12,7 @@ namespace {
 
 using register_tick_atom = caf::atom_constant<caf::atom("ctlreg")>;
 using heartbeat_tick_atom = caf::atom_constant<caf::atom("ctlhb")>;
+using control_send_atom = caf::atom_constant<caf::atom("ctlsend")>;
 
 struct ControlState {
   ControlClientOptions opts;
@@ -28,11 +29,13 @@ struct ControlState {
 
 using Self = caf::stateful_actor<ControlState>;
 
-void send_control(Self* self, const pb::ControlMessage& msg) {
+void send_bytes(Self* self, const std::string& bytes) {
   auto frames = std::make_shared<Frames>();
-  frames->emplace_back(msg.SerializeAsString());
+  frames->emplace_back(bytes.data(), bytes.size());
   self->send(self->state.bridge, zmq_send_atom::value, self->state.dealer, std::move(frames));
 }
+
+void send_control(Self* self, const pb::ControlMessage& msg) { send_bytes(self, msg.SerializeAsString()); }
 
 void send_register(Self* self) {
   auto& s = self->state;
@@ -118,6 +121,13 @@ caf::behavior control_client(Self* self, ControlClientOptions opts, ControlCallb
         self->state.heartbeat_armed = false;
         if (self->state.registered) send_heartbeat(self);
       },
+      [self](control_send_atom, const std::string& bytes) {
+        if (!self->state.registered) {
+          spdlog::warn("control: not registered yet, a message to the coordinator was dropped");
+          return;
+        }
+        send_bytes(self, bytes);
+      },
       [self](zmq_recv_atom, int socket, FramesPtr frames) {
         auto& s = self->state;
         // One frame is the message; a ROUTER peer may put an empty delimiter before it, a PUB
@@ -131,6 +141,9 @@ caf::behavior control_client(Self* self, ControlClientOptions opts, ControlCallb
         }
         if (socket == s.dealer && msg.has_register_reply())
           on_register_reply(self, msg.register_reply());
+        else if (socket == s.dealer && msg.has_nccl_pair_id()) {
+          if (s.cb.on_nccl_pair) s.cb.on_nccl_pair(msg.nccl_pair_id());
+        }
         else if (msg.has_placement())
           on_placement(self, msg.placement());
         else
@@ -158,6 +171,10 @@ caf::actor spawn_control_client(caf::actor_system& sys, ZmqBridge& bridge, Contr
   bridge.route(dealer, actor);
   if (sub >= 0) bridge.route(sub, actor);
   return actor;
+}
+
+void send_to_coordinator(const caf::actor& client, const pb::ControlMessage& msg) {
+  caf::anon_send(client, control_send_atom::value, msg.SerializeAsString());
 }
 
 }  // namespace moemesh::actors

@@ -37,6 +37,7 @@ struct ControlCallbacks {
   std::function<void(pb::Heartbeat&)> fill_heartbeat;
   std::function<void(const pb::RegisterReply&)> on_registered;
   std::function<void(const pb::PlacementTable&)> on_placement;  // each newer table, in order
+  std::function<void(const pb::NcclPairId&)> on_nccl_pair;      // relayed NCCL bootstrap steps
 };
 
 // Adds the DEALER (and SUB) sockets to `bridge`, which must not be started yet, and spawns the
@@ -44,5 +45,10 @@ struct ControlCallbacks {
 // Stop it with anon_send_exit. Throws moemesh::Error on a bad endpoint.
 caf::actor spawn_control_client(caf::actor_system& sys, ZmqBridge& bridge, ControlClientOptions opts,
                                 ControlCallbacks callbacks);
+
+// Sends one message to the coordinator on the client's DEALER (from any thread), e.g. an
+// NcclPairId step. Dropped while the client is not registered (the coordinator would not
+// know the sender).
+void send_to_coordinator(const caf::actor& client, const pb::ControlMessage& msg);
 
 }  // namespace moemesh::actors

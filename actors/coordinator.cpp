@@ -7,6 +7,7 @@
 #include <spdlog/spdlog.h>
 
 #include "actors/metrics_util.h"
+#include "actors/transport.h"
 #include "core/placement.h"
 #include "proto/control.pb.h"
 
@@ -114,6 +115,8 @@ struct CoordinatorMetrics {
 struct Member {
   pb::Role role = pb::ROLE_UNKNOWN;
   std::string data_endpoint, admin_endpoint;
+  std::string control_peer;  // routing id of its control DEALER (where relayed messages go)
+  TransportCaps caps;        // what it registered (gpu, nccl)
   Clock::time_point last_seen;
   pb::Heartbeat last;  // the newest heartbeat
   uint64_t rows_total = 0;
@@ -153,6 +156,10 @@ pb::PlacementTable table_message(const CoordinatorState& st) {
     e->set_instance(h.instance);
     e->set_data_endpoint(h.endpoint);
     e->set_live(true);
+    if (auto m = st.members.find(h.instance); m != st.members.end()) {
+      e->set_gpu(m->second.caps.gpu);
+      e->set_nccl(m->second.caps.nccl);
+    }
     for (const auto& [layer, expert] : h.experts) {
       auto* id = e->add_experts();
       id->set_layer(layer);
@@ -207,6 +214,8 @@ void on_register(Self* self, const zmq::message_t& peer, const pb::Register& r) 
     m.role = r.role();
     m.data_endpoint = r.data_endpoint();
     m.admin_endpoint = r.admin_endpoint();
+    m.control_peer = peer.to_string();
+    m.caps = {r.gpu(), r.nccl()};
     m.last_seen = Clock::now();
     rr->set_ok(true);
     if (r.role() == pb::EXPERT) {
@@ -256,6 +265,62 @@ void on_heartbeat(Self* self, const zmq::message_t& peer, const pb::Heartbeat& h
     m.worker.kv_free_blocks = hb.kv_free_blocks();
     notify_workers(self);
   }
+}
+
+// Why the pair may not use NCCL ("" when it may): both registered in their roles, both with a
+// GPU and NCCL (choose_transport), and an id of ncclUniqueId's size.
+std::string nccl_pair_refusal(const CoordinatorState& st, const pb::NcclPairId& m) {
+  auto worker = st.members.find(m.attention_instance());
+  auto host = st.members.find(m.expert_instance());
+  if (worker == st.members.end() || worker->second.role != pb::ATTENTION)
+    return "no attention worker " + m.attention_instance() + " is registered";
+  if (host == st.members.end() || host->second.role != pb::EXPERT)
+    return "no expert host " + m.expert_instance() + " is registered";
+  if (choose_transport(worker->second.caps, host->second.caps) != TransportKind::Nccl)
+    return "the pair rule picks ZeroMQ: NCCL needs gpu and nccl on both sides (worker gpu=" +
+           std::to_string(worker->second.caps.gpu) + " nccl=" + std::to_string(worker->second.caps.nccl) +
+           ", host gpu=" + std::to_string(host->second.caps.gpu) + " nccl=" + std::to_string(host->second.caps.nccl) +
+           ")";
+  if (m.unique_id().size() != kNcclUniqueIdBytes)
+    return "the NCCL unique id has " + std::to_string(m.unique_id().size()) + " bytes, expected " +
+           std::to_string(kNcclUniqueIdBytes);
+  return {};
+}
+
+// Relays one step of a pair's NCCL bootstrap (proto/control.proto: NcclPairId). Only the
+// worker may offer and only the host may answer, each from its registered control socket.
+void on_nccl_pair(Self* self, const zmq::message_t& peer, const pb::NcclPairId& m) {
+  auto& st = self->state;
+  auto send_to = [&](const std::string& routing_id, const pb::NcclPairId& body) {
+    pb::ControlMessage out;
+    *out.mutable_nccl_pair_id() = body;
+    const zmq::message_t to(routing_id.data(), routing_id.size());
+    self->send(st.bridge, zmq_send_atom::value, st.control, control_frames(&to, out));
+  };
+  const bool offer = m.stage() == pb::NcclPairId::OFFER;
+  const std::string& sender = offer ? m.attention_instance() : m.expert_instance();
+  auto from = st.members.find(sender);
+  if (from == st.members.end() || from->second.control_peer != peer.to_string()) {
+    spdlog::warn("coordinator: NCCL pair message for {} <-> {} from a peer that is not {}: dropped",
+                 m.attention_instance(), m.expert_instance(), sender);
+    return;
+  }
+  if (!offer) {  // the host's answer goes to the worker as it is
+    spdlog::info("coordinator: NCCL pair {} <-> {}: {}", m.attention_instance(), m.expert_instance(),
+                 m.stage() == pb::NcclPairId::JOINED ? std::string("joined") : "rejected by the host: " + m.error());
+    if (auto w = st.members.find(m.attention_instance()); w != st.members.end()) send_to(w->second.control_peer, m);
+    return;
+  }
+  if (const std::string why = nccl_pair_refusal(st, m); !why.empty()) {
+    spdlog::info("coordinator: NCCL pair {} <-> {} refused: {}", m.attention_instance(), m.expert_instance(), why);
+    pb::NcclPairId no = m;
+    no.set_stage(pb::NcclPairId::REJECTED);
+    no.clear_unique_id();
+    no.set_error(why);
+    send_to(from->second.control_peer, no);
+    return;
+  }
+  send_to(st.members.at(m.expert_instance()).control_peer, m);
 }
 
 std::string status_bytes(const CoordinatorState& st) {
@@ -370,6 +435,7 @@ caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publis
         switch (msg.body_case()) {
           case pb::ControlMessage::kRegister: on_register(self, peer, msg.register_()); break;
           case pb::ControlMessage::kHeartbeat: on_heartbeat(self, peer, msg.heartbeat()); break;
+          case pb::ControlMessage::kNcclPairId: on_nccl_pair(self, peer, msg.nccl_pair_id()); break;
           case pb::ControlMessage::kStatusRequest: {
             pb::ControlMessage reply;
             reply.mutable_status()->ParseFromString(status_bytes(self->state));

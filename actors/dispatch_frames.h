@@ -1,8 +1,10 @@
-// dispatch::Message <-> ZeroMQ frames, shared by the expert host and its clients.
+// dispatch::Message <-> ZeroMQ frames, shared by the expert host and its clients; the tensor
+// payloads of dispatch messages go through the peer pair's Transport (actors/transport.h).
 #pragma once
 #include <string>
 #include <vector>
 
+#include "actors/transport.h"
 #include "actors/zmq_bridge.h"
 #include "core/dispatch_codec.h"
 
@@ -16,6 +18,27 @@ inline FramesPtr to_frames(dispatch::Message&& m, const std::string& peer = {}) 
   frames->push_back(frame_of(m.header));
   for (auto& t : m.tensors) frames->push_back(frame_of(std::move(t)));
   return frames;
+}
+
+// The message as frames with its payloads sent by `transport` (ZeroMQ: every tensor as a
+// frame, byte for byte what the overload above makes; NCCL: the header alone).
+inline FramesPtr to_frames(dispatch::Message&& m, Transport& transport, const std::string& peer = {}) {
+  m.tensors = transport.send(std::move(m.tensors));
+  return to_frames(std::move(m), peer);
+}
+
+inline dispatch::Payload payload_of(const Transport& transport) {
+  return transport.payload_in_frames() ? dispatch::Payload::InFrames : dispatch::Payload::Elsewhere;
+}
+
+// A decoded message's one tensor (`floats` long) through `transport`: copied out of its frame
+// (ZeroMQ: `frame` is the codec's rows/outputs view) or received from the peer (NCCL).
+inline std::vector<float> receive_tensor(Transport& transport, size_t floats, wire::Frame frame) {
+  const size_t sizes[] = {floats};
+  const PayloadFrame frames[] = {frame};
+  return std::move(
+      transport.receive(sizes, transport.payload_in_frames() ? std::span(frames) : std::span<const PayloadFrame>{})
+          .at(0));
 }
 
 // Read-only views of frames[first..], for the dispatch decoders.

@@ -151,6 +151,8 @@ void check_servable(const dispatch::Request& r, const HostedExperts& experts) {
 
 struct BatcherState {
   ExpertBatcherDeps deps;
+  PeerTransports zmq_only;  // the transports when deps.transports is null
+  const PeerTransports& transports() const { return deps.transports ? *deps.transports : zmq_only; }
   std::unique_ptr<BatchQueue> queue;
   std::map<ExpertKey, prometheus::Counter*> rows_counters;
   static inline const char* name = "expert_batcher";
@@ -205,16 +207,22 @@ void on_request(Self* self, FramesPtr frames) {
   st.deps.metrics->received_bytes.Increment(payload_bytes(*frames));
   try {
     auto views = frame_views(*frames, 1);
-    dispatch::Request r = dispatch::decode_request(views);
-    check_servable(r, *st.deps.experts);
+    const auto transport = st.transports().of(peer);
+    dispatch::Request r = dispatch::decode_request(views, payload_of(*transport));
     PendingRequest p;
+    // Before the host's own checks: a rejected request's rows must still be taken off a pair
+    // transport, or its next payload would be read as this one's.
+    try {
+      p.rows = receive_tensor(*transport, size_t(r.total_rows * r.hidden), r.rows);
+    } catch (const Error& e) {
+      throw dispatch::DecodeError(r.request_id, std::string(dispatch::kInternal), e.what());
+    }
+    check_servable(r, *st.deps.experts);
     p.peer = peer;
     p.request_id = r.request_id;
     p.groups = std::move(r.groups);
-    p.rows.resize(size_t(r.total_rows * r.hidden));
     if (!r.traces.empty()) p.span.emplace(trace::child_of(r.traces.front()));
     p.traces = std::move(r.traces);
-    dispatch::copy_floats(r.rows, 0, p.rows.size(), p.rows.data());
     st.deps.metrics->requests.Increment();
     const auto now = BatchQueue::Clock::now();
     const size_t open_before = st.queue->open_batches();
@@ -261,7 +269,7 @@ void on_done(Self* self, BatchJobPtr job) {
       if (st.deps.load) st.deps.load->add(job->layer, g.expert, uint64_t(g.rows));
     }
     reply(self, to_frames(dispatch::encode_response(req.request_id, job->layer, hidden, std::move(job->outputs[i])),
-                          req.peer));
+                          *st.transports().of(req.peer), req.peer));
     log_dispatch_span(*job, req);
   }
   m.batch_rows.Observe(double(total));

@@ -1,6 +1,7 @@
 // The expert host's request path: DispatchRequests arrive from the bridge's ROUTER socket,
 // are validated, merged per layer into batches, computed on the compute pool (run_batch) and
-// answered through the bridge. Never blocks: compute results come back as messages.
+// answered through the bridge. Never blocks: compute results come back as messages. The rows
+// and the results go through the peer's Transport (ZeroMQ frames unless a pair transport is set).
 //
 // Each request that names traces gets a span ("dispatch", peer: the attention worker) from its
 // arrival to its reply, under the first trace, with the others as links.
@@ -29,6 +30,7 @@
 #include <prometheus/registry.h>
 
 #include "actors/expert_compute.h"
+#include "actors/transport.h"
 #include "actors/zmq_bridge.h"
 
 namespace moemesh::actors {
@@ -101,6 +103,9 @@ struct ExpertBatcherDeps {
   int socket = 0;
   BatcherOptions options;
   bool per_expert_rows = true;  // moemesh_expert_rows_total{layer, expert} (off: --no-expert-metrics)
+  // How rows and results travel with each attention worker (keyed by its routing id); null:
+  // ZeroMQ frames with every peer. Outlives the actor.
+  const PeerTransports* transports = nullptr;
 };
 
 // Route the ROUTER socket's inbound messages to the returned actor.

@@ -3,7 +3,6 @@
 #include <map>
 
 #include "core/error.h"
-#include "core/moe.h"
 
 namespace moemesh::actors {
 
@@ -42,8 +41,10 @@ void ComputePool::submit(std::function<void()> task) {
   cv_.notify_one();
 }
 
-HostedExperts::HostedExperts(std::shared_ptr<Checkpoint> ckpt, ExpertSet experts)
-    : ckpt_(std::move(ckpt)), experts_(std::move(experts)) {
+HostedExperts::HostedExperts(std::shared_ptr<Checkpoint> ckpt, ExpertSet experts,
+                             std::shared_ptr<ComputeBackend> backend)
+    : ckpt_(std::move(ckpt)), experts_(std::move(experts)), backend_(std::move(backend)) {
+  if (!backend_) throw Error("expert host: no compute backend");
   std::set<std::pair<int64_t, int64_t>> sel(experts_.begin(), experts_.end());
   weights_ = ckpt_->load(WeightSelection::only_experts(std::move(sel)));
 }
@@ -80,7 +81,7 @@ void compute_expert(const HostedExperts& experts, BatchJob& job, int32_t expert,
     std::copy_n(rows.begin() + s.offset * hidden, s.count * hidden, x.begin() + at * hidden);
     at += s.count;
   }
-  mlp_forward(experts.mlp(job.layer, expert), x.data(), total, hidden, y.data());
+  experts.backend().mlp(experts.mlp(job.layer, expert), x.data(), total, hidden, y.data());
   at = 0;
   for (const Slice& s : slices) {  // experts write disjoint ranges of the outputs
     std::copy_n(y.begin() + at * hidden, s.count * hidden, job.outputs[s.req].begin() + s.offset * hidden);

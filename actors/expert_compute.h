@@ -1,6 +1,6 @@
-// The expert host's compute side: the experts it holds, a pool of compute threads (never the
-// actor scheduler's), and batched execution (one mlp_forward per expert over the rows of every
-// request in a batch).
+// The expert host's compute side: the experts it holds, the compute backend they run on
+// (`--device`), a pool of compute threads (never the actor scheduler's), and batched execution
+// (one backend MLP per expert over the rows of every request in a batch).
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -16,6 +16,7 @@
 
 #include "actors/trace_span.h"
 #include "core/checkpoint.h"
+#include "core/compute_backend.h"
 #include "core/dispatch_codec.h"
 #include "core/expert_set.h"
 
@@ -40,17 +41,20 @@ class ComputePool {
   std::vector<std::thread> threads_;
 };
 
-// The experts one host serves, mapped from the checkpoint (only those tensors).
+// The experts one host serves, mapped from the checkpoint (only those tensors), and the backend
+// that computes them (the CPU reference unless `--device` names another).
 class HostedExperts {
  public:
   // Throws moemesh::Error when the set names experts the model does not have.
-  HostedExperts(std::shared_ptr<Checkpoint> ckpt, ExpertSet experts);
+  HostedExperts(std::shared_ptr<Checkpoint> ckpt, ExpertSet experts,
+                std::shared_ptr<ComputeBackend> backend = cpu_backend());
 
   const ModelConfig& config() const { return ckpt_->config(); }
   int64_t hidden() const { return config().hidden_size; }
   const ExpertSet& experts() const { return experts_; }
   bool holds(int32_t layer, int32_t expert) const { return experts_.count({layer, expert}) > 0; }
   const MlpWeights& mlp(int32_t layer, int32_t expert) const;  // holds() must be true
+  ComputeBackend& backend() const { return *backend_; }
   uint64_t mapped_bytes() const { return ckpt_->mapped_bytes(); }
   // The bytes these experts' tensors take in the checkpoint (what mapped_bytes() must equal).
   uint64_t expected_bytes() const;
@@ -59,6 +63,7 @@ class HostedExperts {
   std::shared_ptr<Checkpoint> ckpt_;
   ExpertSet experts_;
   ModelWeights weights_;
+  std::shared_ptr<ComputeBackend> backend_;
 };
 
 // One accepted request waiting in or running with a batch.
@@ -78,7 +83,7 @@ struct BatchJob {
   std::vector<PendingRequest> requests;
   std::vector<std::vector<float>> outputs;  // per request, [its rows, hidden]
   std::string error;                        // non-empty: the batch failed (all its requests)
-  int experts = 0;                          // distinct experts computed (one mlp_forward each)
+  int experts = 0;                          // distinct experts computed (one backend MLP each)
   std::chrono::steady_clock::time_point queued, started, finished;
 
   // private to run_batch
@@ -88,7 +93,8 @@ struct BatchJob {
 using BatchJobPtr = std::shared_ptr<BatchJob>;
 
 // Runs the batch on the pool: per expert, the rows of every request are concatenated (in
-// request order), computed with one mlp_forward and split back. Experts run as parallel pool
+// request order), computed with one ComputeBackend::mlp (CPU: mlp_forward; CUDA: three cuBLAS
+// GEMMs, calls serialised by the backend) and split back. Experts run as parallel pool
 // tasks; `done` is called once, on a pool thread, when the last one finishes.
 void run_batch(const HostedExperts& experts, ComputePool& pool, BatchJobPtr job, std::function<void(BatchJobPtr)> done);
 

@@ -27,7 +27,7 @@ struct Outcome {
   std::string error;   // empty: `reply` is a good DispatchResponse
   std::string reason;  // with an error: error_reply or bad_reply (the metric label)
   FramesPtr frames;   // keeps reply's views alive
-  dispatch::Reply reply;
+  dispatch::Reply reply;  // its outputs still to be received through the host's transport
 };
 
 struct Call {
@@ -113,19 +113,27 @@ struct RemoteExpertExecutor::Metrics {
 struct RemoteExpertExecutor::Inflight {
   std::mutex mu;  // taken before any Call::mu
   std::map<uint64_t, std::pair<std::shared_ptr<Call>, size_t>> waiting;
+  std::map<int, std::string> endpoints;  // bridge socket -> host endpoint (the transports' key)
+  std::shared_ptr<PeerTransports> transports;
   std::shared_ptr<RemoteExpertsStats> stats;
   std::shared_ptr<Metrics> metrics;  // may be null
 
-  // On the receiving actor: decode and hand the reply to its waiting call. The outcome is set
-  // under `mu`, so once run() has withdrawn a request no late reply can touch it.
-  void deliver(const FramesPtr& frames) {
+  // On the receiving actor: decode the header (the payload's place depends on the host's
+  // transport) and hand the reply to its waiting call. The outcome is set under `mu`, so once
+  // run() has withdrawn a request no late reply can touch it.
+  void deliver(int socket, const FramesPtr& frames) {
     auto views = frame_views(*frames);
     const auto arrived = Clock::now();
+    dispatch::Payload payload = dispatch::Payload::InFrames;
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      if (auto it = endpoints.find(socket); it != endpoints.end()) payload = payload_of(*transports->of(it->second));
+    }
     dispatch::Reply reply;
     std::string error, reason;
     uint64_t id = 0;
     try {
-      reply = dispatch::decode_reply(views);
+      reply = dispatch::decode_reply(views, payload);
       id = reply.request_id;
       if (!reply.ok) error = "error reply " + reply.error_code + ": " + reply.error_message, reason = "error_reply";
     } catch (const dispatch::DecodeError& e) {
@@ -176,6 +184,8 @@ RemoteExpertExecutor::RemoteExpertExecutor(caf::actor_system& sys, RemoteExperts
       inflight_(std::make_shared<Inflight>()),
       bridge_(sys),
       table_(std::make_shared<PlacementTable>()) {
+  if (!opts_.transports) opts_.transports = std::make_shared<PeerTransports>();
+  inflight_->transports = opts_.transports;
   inflight_->stats = stats_;
   if (opts_.metrics) {
     metrics_ = std::make_shared<Metrics>(opts_.metrics);
@@ -186,8 +196,8 @@ RemoteExpertExecutor::RemoteExpertExecutor(caf::actor_system& sys, RemoteExperts
   next_id_ = ((uint64_t(rd()) << 32) | rd()) | 1;
   // State as a spawn argument, not a capture: CAF 0.17 trips UBSan on argument-less function actors.
   receiver_ = sys_.spawn([](caf::event_based_actor*, std::shared_ptr<Inflight> inflight) -> caf::behavior {
-    return {[inflight](zmq_recv_atom, int, FramesPtr frames) {
-      if (frames && !frames->empty()) inflight->deliver(frames);
+    return {[inflight](zmq_recv_atom, int socket, FramesPtr frames) {
+      if (frames && !frames->empty()) inflight->deliver(socket, frames);
     }};
   }, inflight_);
   bridge_.start();
@@ -214,6 +224,10 @@ int RemoteExpertExecutor::socket_for(const std::string& endpoint) {
   if (auto it = sockets_.find(endpoint); it != sockets_.end()) return it->second;
   int s = bridge_.add({.name = "expert " + endpoint, .type = zmq::socket_type::dealer, .endpoint = endpoint,
                        .identity = opts_.identity});
+  {
+    std::lock_guard<std::mutex> ilk(inflight_->mu);
+    inflight_->endpoints[s] = endpoint;
+  }
   bridge_.route(s, receiver_);
   sockets_[endpoint] = s;
   return s;
@@ -292,6 +306,7 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
     call->pending = targets.size();
     std::vector<uint64_t> ids(targets.size());
     std::vector<Clock::time_point> sent(targets.size());
+    std::vector<std::shared_ptr<Transport>> via(targets.size());  // the results come back the same way
     for (size_t k = 0; k < targets.size(); ++k) {
       const Target& t = targets[k];
       std::vector<dispatch::Group> meta;
@@ -312,8 +327,10 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
         std::lock_guard<std::mutex> lk(inflight_->mu);
         inflight_->waiting[ids[k]] = {call, k};
       }
+      via[k] = opts_.transports->of(t.host->endpoint);
       auto frames = to_frames(
-          dispatch::encode_request(ids[k], int32_t(layer), meta, hidden, std::move(rows), table->version, traces));
+          dispatch::encode_request(ids[k], int32_t(layer), meta, hidden, std::move(rows), table->version, traces),
+          *via[k]);
       sent[k] = Clock::now();
       caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket, std::move(frames));
       ++stats_->requests;
@@ -343,6 +360,15 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
                 std::to_string(o.reply.layer) + ", expected " + std::to_string(t.rows) + "x" + std::to_string(hidden);
         reason = "bad_reply";
       }
+      std::vector<float> result;  // [t.rows, hidden], grouped as sent
+      if (error.empty()) {
+        try {
+          result = receive_tensor(*via[k], size_t(t.rows * hidden), o.reply.outputs);
+        } catch (const Error& e) {
+          error = e.what();
+          reason = "bad_reply";
+        }
+      }
       if (metrics_) {
         auto& hm = metrics_->host(t.host->instance);
         if (error.empty())
@@ -358,11 +384,14 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
         next.insert(next.end(), t.groups.begin(), t.groups.end());
         continue;
       }
+      if (t.groups.size() == 1) {  // the whole result is the one group's
+        outputs[t.groups[0]] = std::move(result);
+        continue;
+      }
       size_t offset = 0;
       for (size_t gi : t.groups) {
         const size_t count = groups[gi].rows.size() * size_t(hidden);
-        outputs[gi].resize(count);
-        dispatch::copy_floats(o.reply.outputs, offset, count, outputs[gi].data());
+        outputs[gi].assign(result.begin() + ptrdiff_t(offset), result.begin() + ptrdiff_t(offset + count));
         offset += count;
       }
     }

@@ -6,7 +6,8 @@
 // experts' rows. Replies are awaited with a deadline; a host that times out or answers with an
 // error has its experts retried on another replica, and when none is left run() throws
 // moemesh::Error naming the host and the layer. Results are placed per group, so the caller's
-// combine() never sees arrival order.
+// combine() never sees arrival order. Rows and results go through each host's Transport
+// (ZeroMQ frames unless a pair transport is set in `transports`); the header is always ZeroMQ.
 //
 // Each request names the traces of the sequences whose rows it carries (at most
 // dispatch::kMaxTraces; the engine's current_forward_inputs() says whose rows are whose), so the
@@ -29,6 +30,7 @@
 #include <prometheus/registry.h>
 
 #include "actors/step_phases.h"
+#include "actors/transport.h"
 #include "actors/zmq_bridge.h"
 #include "core/moe.h"
 #include "core/placement.h"
@@ -47,6 +49,8 @@ struct RemoteExpertsOptions {
   // Where the moemesh_attention_dispatch_* metrics go (docs/metrics.md); none without it.
   std::shared_ptr<prometheus::Registry> metrics;
   std::shared_ptr<ExpertWaitLog> waits;  // where run() records its blocked time; null: not recorded
+  // How rows and results travel with each host (keyed by its endpoint); null: ZeroMQ frames.
+  std::shared_ptr<PeerTransports> transports;
 };
 
 struct RemoteExpertsStats {
@@ -74,6 +78,7 @@ class RemoteExpertExecutor : public ExpertExecutor {
            std::vector<std::vector<float>>& outputs) override;
 
   const RemoteExpertsStats& stats() const { return *stats_; }
+  PeerTransports& transports() { return *opts_.transports; }
 
   struct Inflight;  // requests awaiting replies (shared with the receiving actor)
   struct Metrics;   // per-host series, made on first use

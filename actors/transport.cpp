@@ -1,5 +1,6 @@
 #include "actors/transport.h"
 
+#include <cstring>
 #include <string>
 
 #include "core/error.h"
@@ -13,15 +14,35 @@ std::vector<std::vector<float>> ZmqTransport::send(std::vector<std::vector<float
 }
 
 std::vector<std::vector<float>> ZmqTransport::receive(std::span<const size_t> floats,
-                                                      std::vector<std::vector<float>>&& frames) {
+                                                      std::span<const PayloadFrame> frames) {
   if (frames.size() != floats.size())
     throw Error("transport zmq: " + std::to_string(frames.size()) + " payload frames for " +
                 std::to_string(floats.size()) + " tensors in the header");
-  for (size_t i = 0; i < frames.size(); ++i)
-    if (frames[i].size() != floats[i])
-      throw Error("transport zmq: tensor " + std::to_string(i) + " has " + std::to_string(frames[i].size()) +
-                  " floats, the header says " + std::to_string(floats[i]));
-  return std::move(frames);
+  std::vector<std::vector<float>> out;
+  for (size_t i = 0; i < frames.size(); ++i) {
+    if (frames[i].size() != floats[i] * sizeof(float))
+      throw Error("transport zmq: tensor " + std::to_string(i) + " frame has " + std::to_string(frames[i].size()) +
+                  " bytes, the header says " + std::to_string(floats[i]) + " floats");
+    auto& t = out.emplace_back(floats[i]);
+    std::memcpy(t.data(), frames[i].data(), frames[i].size());  // frames need not be float-aligned
+  }
+  return out;
+}
+
+PeerTransports::PeerTransports() : zmq_(std::make_shared<ZmqTransport>()) {}
+
+std::shared_ptr<Transport> PeerTransports::of(const std::string& peer) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = pairs_.find(peer);
+  return it == pairs_.end() ? zmq_ : it->second;
+}
+
+void PeerTransports::set(const std::string& peer, std::shared_ptr<Transport> transport) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (transport)
+    pairs_[peer] = std::move(transport);
+  else
+    pairs_.erase(peer);
 }
 
 TransportKind choose_transport(const TransportCaps& self, const TransportCaps& peer) {

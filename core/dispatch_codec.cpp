@@ -19,15 +19,27 @@ Message with_header(wire::Header& h, std::vector<float> tensor, int64_t rows, in
 }
 
 // The wire checks, with the request id reported whenever the header itself was readable.
-wire::Header decode_checked(std::span<const wire::Frame> frames) {
+// Payloads elsewhere: the header must come alone.
+wire::Header decode_checked(std::span<const wire::Frame> frames, Payload payload) {
   if (frames.empty()) throw DecodeError(0, code_of(wire::ErrorCode::BadFrameCount), "empty message");
   uint64_t id = 0;
   try {
-    id = wire::decode_header(frames[0]).request_id;
-    return wire::decode(frames);
+    wire::Header h = wire::decode_header(frames[0]);
+    id = h.request_id;
+    if (payload == Payload::InFrames) return wire::decode(frames);
+    if (frames.size() != 1)
+      throw wire::WireError(wire::ErrorCode::BadFrameCount,
+                            std::string(wire::kind_name(h.kind)) + " carries " + std::to_string(frames.size() - 1) +
+                                " tensor frames, but its payload travels outside ZeroMQ");
+    return h;
   } catch (const wire::WireError& e) {
     throw DecodeError(id, code_of(e.code()), e.what());
   }
+}
+
+// The tensor frame, when the payload came in frames.
+wire::Frame payload_frame(std::span<const wire::Frame> frames, Payload payload) {
+  return payload == Payload::InFrames ? frames[1] : wire::Frame{};
 }
 
 // The one f32 [rows, hidden] tensor of a request or response (expect_rows < 0: any).
@@ -101,8 +113,8 @@ Message encode_error(uint64_t request_id, std::string_view code, std::string_vie
   return m;
 }
 
-Request decode_request(std::span<const wire::Frame> frames) {
-  const wire::Header h = decode_checked(frames);
+Request decode_request(std::span<const wire::Frame> frames, Payload payload) {
+  const wire::Header h = decode_checked(frames, payload);
   if (h.kind != wire::Kind::DispatchRequest)
     throw DecodeError(h.request_id, std::string(kBadRequest),
                       std::string("expected a DispatchRequest, got ") + wire::kind_name(h.kind));
@@ -127,12 +139,12 @@ Request decode_request(std::span<const wire::Frame> frames) {
   }
   check_matrix(h, r.total_rows, "DispatchRequest");
   r.hidden = h.tensors[0].shape[1];
-  r.rows = frames[1];
+  r.rows = payload_frame(frames, payload);
   return r;
 }
 
-Reply decode_reply(std::span<const wire::Frame> frames) {
-  const wire::Header h = decode_checked(frames);
+Reply decode_reply(std::span<const wire::Frame> frames, Payload payload) {
+  const wire::Header h = decode_checked(frames, payload);
   Reply r;
   r.request_id = h.request_id;
   if (h.kind == wire::Kind::Error) {
@@ -154,7 +166,7 @@ Reply decode_reply(std::span<const wire::Frame> frames) {
   r.layer = meta.layer();
   r.rows = h.tensors[0].shape[0];
   r.hidden = h.tensors[0].shape[1];
-  r.outputs = frames[1];
+  r.outputs = payload_frame(frames, payload);
   if (!meta.error().empty()) {  // a response may also carry an error string
     r.ok = false;
     r.error_code = std::string(kInternal);

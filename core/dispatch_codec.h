@@ -76,7 +76,7 @@ struct Request {
   std::vector<Group> groups;
   int64_t total_rows = 0;
   int64_t hidden = 0;
-  wire::Frame rows;  // [total_rows, hidden] f32
+  wire::Frame rows;  // [total_rows, hidden] f32 (Payload::InFrames)
   std::vector<TraceRef> traces;  // the valid ones of the first kMaxTraces sent (tracing never fails a request)
 };
 
@@ -86,13 +86,18 @@ struct Reply {
   int32_t layer = 0;
   int64_t rows = 0;
   int64_t hidden = 0;
-  wire::Frame outputs;  // [rows, hidden] f32 when ok
+  wire::Frame outputs;  // [rows, hidden] f32 when ok (Payload::InFrames)
   std::string error_code, error_message;  // when !ok
 };
 
+// Where a message's tensor payloads travel (actors/transport.h): as ZeroMQ frames after the
+// header, checked here against its descriptors, or outside ZeroMQ (NCCL), when the header must
+// come alone and the caller receives the tensor through its transport (rows/outputs stay empty).
+enum class Payload { InFrames, Elsewhere };
+
 // frames: header, then tensor frames (a ROUTER's identity frame already stripped).
-Request decode_request(std::span<const wire::Frame> frames);
-Reply decode_reply(std::span<const wire::Frame> frames);
+Request decode_request(std::span<const wire::Frame> frames, Payload payload = Payload::InFrames);
+Reply decode_reply(std::span<const wire::Frame> frames, Payload payload = Payload::InFrames);
 
 // Copies `count` floats starting at float index `first` of a tensor frame into dst.
 void copy_floats(wire::Frame frame, size_t first, size_t count, float* dst);

@@ -19,6 +19,8 @@ void cuda_check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw Error(std::string("transport nccl: ") + what + ": " + cudaGetErrorString(e));
 }
 
+static_assert(sizeof(ncclUniqueId) == actors::kNcclUniqueIdBytes, "the control plane carries 128-byte ids");
+
 class NcclTransport final : public actors::Transport {
  public:
   NcclTransport(const std::string& id_bytes, int rank, int device) : peer_(1 - rank) {
@@ -52,7 +54,7 @@ class NcclTransport final : public actors::Transport {
   }
 
   std::vector<std::vector<float>> receive(std::span<const size_t> floats,
-                                          std::vector<std::vector<float>>&& frames) override {
+                                          std::span<const actors::PayloadFrame> frames) override {
     if (!frames.empty())
       throw Error("transport nccl: " + std::to_string(frames.size()) + " payload frames arrived over ZeroMQ");
     std::vector<std::vector<float>> out;

@@ -135,6 +135,9 @@ int main(int argc, char** argv) {
     co.registration.set_admin_endpoint(std::to_string(rt.admin().port()));
     co.registration.set_kv_blocks(kv_blocks);
     co.registration.set_pid(uint32_t(getpid()));
+    // Its GPU, for the pair rule; nccl stays false until the NCCL payload path is safe to turn on
+    // (docs/gpu.md: the send/header order and concurrent micro-batches), so pairs keep ZeroMQ.
+    co.registration.set_gpu(parse_device(device).kind == DeviceSpec::Kind::Cuda);
     ControlCallbacks cb;
     cb.fill_heartbeat = [covered, stats](pb::Heartbeat& hb) {
       hb.set_ready(covered->load());

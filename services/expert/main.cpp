@@ -46,14 +46,17 @@ struct Flags {
   bool expert_metrics = true;
 };
 
-pb::Register registration(const ServiceRuntime& rt, const std::string& endpoint,
-                          const std::string& model_id, const ExpertSet* pinned) {
+pb::Register registration(const ServiceRuntime& rt, const std::string& endpoint, const std::string& model_id,
+                          const ExpertSet* pinned, bool gpu) {
   pb::Register r;
   r.set_instance(rt.instance());
   r.set_role(pb::EXPERT);
   r.set_data_endpoint(endpoint);
   r.set_model_id(model_id);
   r.set_pid(uint32_t(::getpid()));
+  // Its GPU, for the pair rule; nccl stays false until the NCCL payload path is safe to turn on
+  // (docs/gpu.md), so every pair keeps ZeroMQ.
+  r.set_gpu(gpu);
   if (pinned)
     for (const auto& [l, e] : *pinned) {
       auto* id = r.add_experts();
@@ -70,8 +73,6 @@ int serve(ServiceRuntime& rt, const Flags& f) {
   if (!f.experts && f.router.empty()) throw Error("--experts is required when no --router coordinator is given");
   // First, so a missing device fails at once ("no CUDA device: ...") before weights load.
   const auto backend = make_compute_backend(parse_device(f.device));
-  if (backend != cpu_backend())  // see docs/gpu.md: run_batch (actors/expert_compute) still calls mlp_forward
-    throw Error("expert compute on " + backend->name() + " is not wired yet: the batcher runs the CPU SwiGLU");
 
   auto ckpt = Checkpoint::open(f.model);
   const std::string model_id = f.served_name.empty() ? ckpt->name() : f.served_name;
@@ -100,7 +101,7 @@ int serve(ServiceRuntime& rt, const Flags& f) {
   if (!f.router.empty()) {
     ControlClientOptions co;
     co.control_endpoint = f.router;
-    co.registration = registration(rt, endpoint, model_id, pinned ? &*pinned : nullptr);
+    co.registration = registration(rt, endpoint, model_id, pinned ? &*pinned : nullptr, backend != cpu_backend());
     ControlCallbacks cb;
     cb.on_registered = [&](const pb::RegisterReply& r) {
       if (!r.ok()) {  // the client registers again; say why meanwhile
@@ -137,12 +138,14 @@ int serve(ServiceRuntime& rt, const Flags& f) {
     if (set.empty()) throw Error("the coordinator assigned no experts to this host");
   }
 
-  HostedExperts experts(ckpt, set);
+  HostedExperts experts(ckpt, set, backend);
   mapped = experts.mapped_bytes();
   metrics.mapped_weight_bytes.Set(double(experts.mapped_bytes()));
+  spdlog::info("expert host: computing on {}", backend->name());
+  // Tests read this line (and the next): keep its shape.
   spdlog::info("expert host: model {} ({} layers, hidden {}), serving {} experts: {}", model_id,
                ckpt->config().num_hidden_layers, experts.hidden(), set.size(), format_expert_set(set));
-  // Tests read this line: the host must map exactly its experts' tensors.
+  // The host must map exactly its experts' tensors.
   spdlog::info("expert host: mapped_weight_bytes={} expected_bytes={}", experts.mapped_bytes(),
                experts.expected_bytes());
 

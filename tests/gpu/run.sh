@@ -61,7 +61,7 @@ step configure 120 "$LOG_DIR/configure.log" \
 grep -q "moemesh: CUDA kernels ON" "$LOG_DIR/configure.log" || fail "configure did not enable CUDA (see configure.log)"
 
 step build 300 "$LOG_DIR/build.log" \
-  cmake --build "$BUILD" --parallel "$JOBS" --target moemesh_cuda test_gpu_kernels test_gpu_model test_compute_backend test_transport bench_gpu_kernels ||
+  cmake --build "$BUILD" --parallel "$JOBS" --target moemesh_cuda test_gpu_kernels test_gpu_model test_gpu_experts test_compute_backend test_transport bench_gpu_kernels ||
   fail "build (see build.log)"
 
 # Device code actually embedded: cuobjdump where the toolkit has it, our own reader otherwise.

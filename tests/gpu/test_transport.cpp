@@ -3,10 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <future>
+#include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
+#include "actors/dispatch_frames.h"
 #include "actors/transport.h"
+#include "core/dispatch_codec.h"
 #include "core/error.h"
 #ifdef MOEMESH_TEST_NCCL
 #include "kernels/cuda/api.cuh"
@@ -16,18 +20,77 @@
 using namespace moemesh;
 using namespace moemesh::actors;
 
+namespace {
+
+// The received frames' bytes, as the bridge would hand them over.
+std::vector<PayloadFrame> bytes_of(const std::vector<std::vector<float>>& frames) {
+  std::vector<PayloadFrame> out;
+  for (const auto& f : frames) out.emplace_back(reinterpret_cast<const uint8_t*>(f.data()), f.size() * sizeof(float));
+  return out;
+}
+
+}  // namespace
+
 TEST(Transport, ZmqCarriesPayloadsAsFramesAndChecksTheHeader) {
   ZmqTransport t;
   EXPECT_EQ(t.kind(), TransportKind::Zmq);
+  EXPECT_TRUE(t.payload_in_frames());
   std::vector<std::vector<float>> tensors = {{1, 2, 3}, {4}};
+  const float* first = tensors[0].data();
   auto frames = t.send(std::move(tensors));
   ASSERT_EQ(frames.size(), 2u);
+  EXPECT_EQ(frames[0].data(), first) << "moved into the frames, not copied";
   const std::vector<size_t> sizes = {3, 1};
-  auto back = t.receive(sizes, std::move(frames));
+  auto back = t.receive(sizes, bytes_of(frames));
   EXPECT_EQ(back, (std::vector<std::vector<float>>{{1, 2, 3}, {4}}));
   const std::vector<size_t> wrong = {3, 2};
-  EXPECT_THROW(t.receive(wrong, {{1, 2, 3}, {4}}), Error);
-  EXPECT_THROW(t.receive(sizes, {{1, 2, 3}}), Error);
+  EXPECT_THROW(t.receive(wrong, bytes_of(frames)), Error);
+  EXPECT_THROW(t.receive(sizes, bytes_of({{1, 2, 3}})), Error);
+  // A frame whose length is not whole floats.
+  const uint8_t odd[5] = {};
+  const std::vector<PayloadFrame> ragged = {PayloadFrame(odd, 5)};
+  const std::vector<size_t> one = {1};
+  EXPECT_THROW(t.receive(one, ragged), Error);
+}
+
+// What goes on the wire does not change with the Transport layer: the ZeroMQ transport's frames
+// are, byte for byte, the plain encoding (header, then each tensor as one frame).
+TEST(Transport, ZmqFramesAreByteIdenticalToThePlainEncoding) {
+  const std::vector<dispatch::Group> groups{{2, 1}, {6, 2}};
+  std::vector<float> rows(3 * 4);
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = float(i) - 5.5f;
+  ZmqTransport zmq;
+  auto via = to_frames(dispatch::encode_request(9, 1, groups, 4, rows, 3), zmq, "peer-1");
+  auto plain = to_frames(dispatch::encode_request(9, 1, groups, 4, rows, 3), "peer-1");
+  ASSERT_EQ(via->size(), 3u);
+  ASSERT_EQ(via->size(), plain->size());
+  for (size_t i = 0; i < via->size(); ++i) EXPECT_EQ((*via)[i].to_string(), (*plain)[i].to_string()) << "frame " << i;
+  // And back: the receiver's tensor is the rows sent.
+  auto views = frame_views(*via, 1);
+  const dispatch::Request r = dispatch::decode_request(views, payload_of(zmq));
+  EXPECT_EQ(receive_tensor(zmq, rows.size(), r.rows), rows);
+}
+
+// A stand-in for a pair transport (what NCCL is to PeerTransports).
+class FakePairTransport final : public Transport {
+ public:
+  TransportKind kind() const override { return TransportKind::Nccl; }
+  std::vector<std::vector<float>> send(std::vector<std::vector<float>>&&) override { return {}; }
+  std::vector<std::vector<float>> receive(std::span<const size_t>, std::span<const PayloadFrame>) override {
+    return {};
+  }
+};
+
+TEST(Transport, PeersUseZeroMqUntilAPairTransportIsSet) {
+  PeerTransports peers;
+  EXPECT_EQ(peers.of("worker-a")->kind(), TransportKind::Zmq);
+  auto pair = std::make_shared<FakePairTransport>();
+  peers.set("worker-a", pair);
+  EXPECT_EQ(peers.of("worker-a"), pair);
+  EXPECT_FALSE(peers.of("worker-a")->payload_in_frames());
+  EXPECT_EQ(peers.of("worker-b")->kind(), TransportKind::Zmq) << "other peers keep ZeroMQ";
+  peers.set("worker-a", nullptr);
+  EXPECT_EQ(peers.of("worker-a")->kind(), TransportKind::Zmq);
 }
 
 TEST(Transport, NcclOnlyBetweenTwoGpuPeersWithNccl) {
@@ -49,7 +112,7 @@ TEST(TransportNccl, TwoRanksExchangePayloads) {
   auto peer = std::async(std::launch::async, [&] {
     auto t = make_nccl_transport(id, 1, 1);
     const std::vector<size_t> sizes = {4, 2};
-    auto rows = t->receive(sizes, {});
+    auto rows = t->receive(sizes, std::span<const PayloadFrame>{});
     for (auto& r : rows)
       for (auto& x : r) x *= 2;
     EXPECT_TRUE(t->send(std::move(rows)).empty());
@@ -58,7 +121,7 @@ TEST(TransportNccl, TwoRanksExchangePayloads) {
   EXPECT_EQ(t->kind(), TransportKind::Nccl);
   EXPECT_TRUE(t->send({{1, 2, 3, 4}, {5, 6}}).empty()) << "NCCL payloads never go as ZeroMQ frames";
   const std::vector<size_t> sizes = {4, 2};
-  EXPECT_EQ(t->receive(sizes, {}), (std::vector<std::vector<float>>{{2, 4, 6, 8}, {10, 12}}));
+  EXPECT_EQ(t->receive(sizes, std::span<const PayloadFrame>{}), (std::vector<std::vector<float>>{{2, 4, 6, 8}, {10, 12}}));
   peer.get();
 }
 #endif

@@ -39,6 +39,11 @@ if(MOEMESH_HAVE_CUDA)
   target_link_libraries(test_gpu_model PRIVATE moemesh_backend moemesh_cuda GTest::gtest GTest::gtest_main)
   gtest_discover_tests(test_gpu_model PROPERTIES LABELS gpu DISCOVERY_TIMEOUT 60)
 
+  # An expert host's batch on the CUDA backend against the CPU backend.
+  add_executable(test_gpu_experts ${CMAKE_CURRENT_LIST_DIR}/test_gpu_experts.cpp)
+  target_link_libraries(test_gpu_experts PRIVATE moemesh_backend moemesh_actors moemesh_cuda GTest::gtest GTest::gtest_main)
+  gtest_discover_tests(test_gpu_experts PROPERTIES LABELS gpu DISCOVERY_TIMEOUT 60)
+
   # The built library carries sm_90 SASS and compute_90 PTX for every kernel (no device needed).
   add_test(NAME gpu_fatbin_targets
            COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/list_fatbin.py

@@ -11,6 +11,7 @@
 
 #include "actors/expert_batcher.h"
 #include "actors/expert_compute.h"
+#include "actors/transport.h"
 #include "actors/zmq_bridge.h"
 #include "core/checkpoint.h"
 #include "core/expert_set.h"
@@ -20,8 +21,10 @@ namespace moemesh::testing {
 
 class InProcessExpertHost {
  public:
+  // transports: how rows and results travel with each attention worker (null: ZeroMQ frames).
   InProcessExpertHost(caf::actor_system& sys, const std::filesystem::path& model, const std::string& spec,
-                      std::string name, int compute_threads = 1)
+                      std::string name, int compute_threads = 1,
+                      const actors::PeerTransports* transports = nullptr)
       : sys_(sys),
         name_(std::move(name)),
         ckpt_(Checkpoint::open(model)),
@@ -30,7 +33,9 @@ class InProcessExpertHost {
         pool_(compute_threads),
         bridge_(sys) {
     int s = bridge_.add({.name = name_, .type = zmq::socket_type::router, .endpoint = "tcp://127.0.0.1:*", .bind = true});
-    batcher_ = actors::spawn_expert_batcher(sys, {&experts_, &pool_, &metrics_, nullptr, bridge_.actor(), s, {}});
+    actors::ExpertBatcherDeps deps{&experts_, &pool_, &metrics_, nullptr, bridge_.actor(), s, {}};
+    deps.transports = transports;
+    batcher_ = actors::spawn_expert_batcher(sys, std::move(deps));
     bridge_.route(s, batcher_);
     bridge_.start();
     endpoint_ = bridge_.endpoint(s);
@@ -52,6 +57,7 @@ class InProcessExpertHost {
   const actors::HostedExperts& experts() const { return experts_; }
   double bad_requests(const std::string& reason) { return metrics_.bad_requests.Add({{"reason", reason}}).Value(); }
   double requests() const { return metrics_.requests.Value(); }
+  double received_bytes() const { return metrics_.received_bytes.Value(); }  // ZeroMQ frames only
 
  private:
   caf::actor_system& sys_;

@@ -210,3 +210,41 @@ TEST(DispatchCodec, RandomBytesNeverEscapeAsAnythingButDecodeError) {
     }
   }
 }
+
+// Payloads outside ZeroMQ (a pair transport): the header comes alone and is checked in full;
+// a tensor frame beside it is an error, and so is a header whose shape disagrees with its groups.
+TEST(DispatchCodec, HeaderAloneWhenThePayloadTravelsElsewhere) {
+  const std::vector<Group> groups{{5, 2}, {1, 3}};
+  Received r(encode_request(77, 3, groups, 4, iota_floats(5 * 4), 9));
+  const auto header_only = std::vector<wire::Frame>{r.frames()[0]};
+  Request q = decode_request(header_only, Payload::Elsewhere);
+  EXPECT_EQ(q.request_id, 77u);
+  EXPECT_EQ(q.total_rows, 5);
+  EXPECT_EQ(q.hidden, 4);
+  EXPECT_TRUE(q.rows.empty());
+  try {
+    decode_request(r.frames(), Payload::Elsewhere);
+    ADD_FAILURE() << "a tensor frame beside a header whose payload travels elsewhere";
+  } catch (const DecodeError& e) {
+    EXPECT_EQ(e.code(), "bad_frame_count");
+    EXPECT_EQ(e.request_id(), 77u);
+  }
+  EXPECT_THROW(decode_request(header_only), DecodeError) << "in frames (the default), the tensor is missing";
+  using wire::Kind;
+  const Received bad_shape = forged(Kind::DispatchRequest, 6, request_meta(0, {{1, 3}}), {{DType::F32, {2, 4}}}, {});
+  try {
+    decode_request(bad_shape.frames(), Payload::Elsewhere);
+    ADD_FAILURE() << "a shape that disagrees with the groups";
+  } catch (const DecodeError& e) {
+    EXPECT_EQ(e.code(), "bad_tensor");
+  }
+
+  Received resp(encode_response(12, 1, 8, iota_floats(6 * 8)));
+  Reply p = decode_reply(std::vector<wire::Frame>{resp.frames()[0]}, Payload::Elsewhere);
+  EXPECT_TRUE(p.ok);
+  EXPECT_EQ(p.rows, 6);
+  EXPECT_TRUE(p.outputs.empty());
+  EXPECT_THROW(decode_reply(resp.frames(), Payload::Elsewhere), DecodeError);
+  Received err(encode_error(12, kInternal, "boom"));
+  EXPECT_EQ(decode_reply(err.frames(), Payload::Elsewhere).error_code, "internal");
+}

@@ -1,7 +1,9 @@
 // The expert host's batching: the BatchQueue policy (driven by explicit times), and batched
-// compute (rows of several requests concatenated per expert) against each row computed alone.
+// compute (rows of several requests concatenated per expert) against each row computed alone, on
+// the host's compute backend.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cmath>
 #include <future>
 #include <random>
@@ -177,4 +179,74 @@ TEST_F(BatchedCompute, AFailingExpertFailsTheBatchNotTheProcess) {
   std::promise<BatchJobPtr> done;
   run_batch(hosted, pool, job, [&](BatchJobPtr j) { done.set_value(std::move(j)); });
   EXPECT_NE(done.get_future().get()->error.find("expert 3 of layer 0"), std::string::npos);
+}
+
+namespace {
+
+// The CPU backend, counting the MLP calls and the rows they carry (run_batch must go through the
+// host's backend, which is how `--device cuda` reaches the experts).
+class CountingBackend final : public ComputeBackend {
+ public:
+  std::string name() const override { return "counting cpu"; }
+  std::unique_ptr<KvCache> make_kv_cache(int64_t n_layers, int64_t kv_dim, int64_t num_blocks,
+                                         KvCacheFormat format) override {
+    return cpu_->make_kv_cache(n_layers, kv_dim, num_blocks, format);
+  }
+  void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out) override {
+    cpu_->embedding(table, ids, n, out);
+  }
+  void rmsnorm(const float* x, const Weight& w, int64_t rows, double eps, float* y) override {
+    cpu_->rmsnorm(x, w, rows, eps, y);
+  }
+  void matmul(const float* x, int64_t rows, const Weight& w, float* y) override { cpu_->matmul(x, rows, w, y); }
+  void attention_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, KvCache& kv,
+                       const BatchLayout& layout, float* x) override {
+    cpu_->attention_block(cfg, lw, layer, kv, layout, x);
+  }
+  void mlp(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out) override {
+    calls.fetch_add(1);
+    rows_seen.fetch_add(rows);
+    cpu_->mlp(w, x, rows, hidden, out);
+  }
+  std::atomic<int> calls{0};
+  std::atomic<int64_t> rows_seen{0};
+
+ private:
+  std::shared_ptr<ComputeBackend> cpu_ = cpu_backend();
+};
+
+}  // namespace
+
+TEST_F(BatchedCompute, ExpertsComputeOnTheHostsBackend) {
+  auto ckpt = Checkpoint::open(dir_);
+  const int64_t hidden = ckpt->config().hidden_size;
+  auto backend = std::make_shared<CountingBackend>();
+  HostedExperts hosted(ckpt, all_experts(ckpt->config()), backend);
+  HostedExperts reference(ckpt, all_experts(ckpt->config()));  // the default: the CPU backend
+  ComputePool pool(2);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  auto make_job = [&] {
+    auto job = std::make_shared<BatchJob>();
+    job->layer = 0;
+    job->requests.push_back(req("a", 1, {{1, 2}, {3, 1}}, hidden));
+    job->requests.push_back(req("b", 2, {{3, 4}}, hidden));
+    return job;
+  };
+  auto job = make_job(), ref_job = make_job();
+  for (size_t i = 0; i < job->requests.size(); ++i) {
+    for (float& x : job->requests[i].rows) x = nd(rng);
+    ref_job->requests[i].rows = job->requests[i].rows;
+  }
+  auto run = [&](const HostedExperts& h, BatchJobPtr j) {
+    std::promise<BatchJobPtr> done;
+    run_batch(h, pool, std::move(j), [&](BatchJobPtr r) { done.set_value(std::move(r)); });
+    return done.get_future().get();
+  };
+  BatchJobPtr out = run(hosted, job), ref = run(reference, ref_job);
+  ASSERT_TRUE(out->error.empty()) << out->error;
+  EXPECT_EQ(backend->calls.load(), 2) << "one backend MLP per distinct expert (1 and 3)";
+  EXPECT_EQ(backend->rows_seen.load(), 7);
+  EXPECT_EQ(out->outputs, ref->outputs) << "the CPU backend is the reference: the same numbers";
+  EXPECT_EQ(&reference.backend(), cpu_backend().get());
 }

@@ -4,9 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <condition_variable>
+#include <deque>
 #include <filesystem>
 #include <memory>
 #include <random>
+#include <mutex>
+#include <span>
 #include <thread>
 
 #include "actors/expert_batcher.h"
@@ -247,4 +251,81 @@ TEST_F(RemoteExperts, PlacementSwapsWhileCallsRun) {
   swapper.join();
   EXPECT_EQ(remote.stats().host_failures.load(), 0u);
   EXPECT_GE(remote.placement()->version, 1u);
+}
+
+namespace {
+
+// One end of an in-memory pair transport (what an NCCL communicator is to a peer pair): send
+// queues the tensors for the other end and leaves nothing for ZeroMQ; receive takes them in order.
+class LoopbackEnd final : public Transport {
+ public:
+  struct Queue {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<std::vector<float>> tensors;
+  };
+  LoopbackEnd(std::shared_ptr<Queue> out, std::shared_ptr<Queue> in) : out_(std::move(out)), in_(std::move(in)) {}
+  TransportKind kind() const override { return TransportKind::Nccl; }
+  std::vector<std::vector<float>> send(std::vector<std::vector<float>>&& tensors) override {
+    {
+      std::lock_guard<std::mutex> lk(out_->mu);
+      for (auto& t : tensors) out_->tensors.push_back(std::move(t));
+    }
+    out_->cv.notify_all();
+    return {};
+  }
+  std::vector<std::vector<float>> receive(std::span<const size_t> floats,
+                                          std::span<const PayloadFrame> frames) override {
+    if (!frames.empty()) throw Error("loopback: payload frames came over ZeroMQ");
+    std::vector<std::vector<float>> got;
+    std::unique_lock<std::mutex> lk(in_->mu);
+    for (size_t n : floats) {
+      in_->cv.wait(lk, [&] { return !in_->tensors.empty(); });
+      got.push_back(std::move(in_->tensors.front()));
+      in_->tensors.pop_front();
+      if (got.back().size() != n) throw Error("loopback: tensor of the wrong size");
+    }
+    received += got.size();
+    return got;
+  }
+  size_t received = 0;
+
+ private:
+  std::shared_ptr<Queue> out_, in_;
+};
+
+}  // namespace
+
+// The payloads go through the pair's Transport: with a pair transport set on both sides, only
+// the headers cross ZeroMQ and the results still equal the local executor's.
+TEST_F(RemoteExperts, PayloadsTravelThroughThePairTransport) {
+  caf::actor_system sys{config()};
+  auto to_host = std::make_shared<LoopbackEnd::Queue>(), to_worker = std::make_shared<LoopbackEnd::Queue>();
+  auto worker_end = std::make_shared<LoopbackEnd>(to_host, to_worker);
+  auto host_end = std::make_shared<LoopbackEnd>(to_worker, to_host);
+  PeerTransports host_side;
+  host_side.set("worker-1", host_end);  // the worker's DEALER routing id
+  Host zmq_host(sys, model(), "all", "host-zmq");
+  moemesh::testing::InProcessExpertHost pair_host(sys, model(), "all", "host-pair", 2, &host_side);
+
+  RemoteExpertsOptions o;
+  o.identity = "worker-1";
+  RemoteExpertExecutor remote(sys, o);
+  remote.transports().set(pair_host.entry().endpoint, worker_end);
+  std::mt19937 rng(21);
+  remote.set_placement({1, {pair_host.entry()}});
+  for (int64_t rows : {1, 7, 40}) check_layer(remote, rows % 2, rows, rng);
+  EXPECT_EQ(remote.stats().host_failures.load(), 0u);
+  EXPECT_EQ(pair_host.requests(), 3);
+  EXPECT_EQ(host_end->received, 3u);
+  EXPECT_EQ(worker_end->received, 3u);
+  const double pair_bytes = pair_host.received_bytes();
+
+  // The same calls over plain ZeroMQ carry the rows in frames.
+  remote.set_placement({2, {zmq_host.entry()}});
+  for (int64_t rows : {1, 7, 40}) check_layer(remote, rows % 2, rows, rng);
+  EXPECT_EQ(zmq_host.requests(), 3);
+  const double rows_bytes = double((1 + 7 + 40) * cfg().hidden_size * 4);
+  EXPECT_GE(zmq_host.received_bytes(), pair_bytes + rows_bytes) << "ZeroMQ: headers and rows";
+  EXPECT_LT(pair_bytes, rows_bytes) << "pair transport: only headers on ZeroMQ";
 }

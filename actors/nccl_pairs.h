@@ -1,0 +1,53 @@
+// Both ends of the NCCL bootstrap of dispatch pairs (proto/control.proto: NcclPairId), on top
+// of the control client: an attention worker offers a pair to each expert host with which the
+// pair rule (choose_transport) picks NCCL, the coordinator relays the unique id, and each side
+// switches the pair's entry in its PeerTransports once the communicator exists (the host when
+// its join returns, the worker when the host says JOINED). Anything else leaves the pair on
+// ZeroMQ: a host or coordinator that refuses, or a join that fails ("no CUDA device: ...").
+//
+// Joining blocks until the peer joins too (ncclCommInitRank), so it runs on its own thread.
+#pragma once
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "actors/transport.h"
+#include "proto/control.pb.h"
+
+namespace moemesh::actors {
+
+struct NcclPairOptions {
+  std::string instance;  // this process's registered name (workers: also its DEALER routing id)
+  pb::Role role = pb::ROLE_UNKNOWN;  // ATTENTION offers and is rank 0; EXPERT answers and is rank 1
+  TransportCaps caps;                // what this process registered
+  std::function<std::string()> make_id;  // a fresh ncclUniqueId (workers)
+  // Joins the pair's two-rank communicator; throws moemesh::Error. Null: built without NCCL.
+  std::function<std::shared_ptr<Transport>(const std::string& unique_id, int rank)> join;
+  std::function<void(const pb::ControlMessage&)> send;  // to the coordinator (send_to_coordinator)
+  std::shared_ptr<PeerTransports> transports;           // where a joined pair is switched
+};
+
+class NcclPairs {
+ public:
+  explicit NcclPairs(NcclPairOptions opts);
+
+  // Workers: offers a pair to each host of the table that the pair rule gives NCCL, once per host.
+  void on_placement(const pb::PlacementTable& table);
+  // Both: one relayed bootstrap step (the control client's on_nccl_pair).
+  void on_message(const pb::NcclPairId& msg);
+
+  // Where a pair stands, by the peer's instance: "offered", "joined", "rejected: why"; "" if none.
+  std::string state(const std::string& peer_instance) const;
+
+ private:
+  struct Shared;  // outlives this object in the join threads
+  void join_async(const std::string& peer_instance, const std::string& id, int rank,
+                  std::function<void(std::shared_ptr<Transport>, const std::string& error)> then);
+
+  NcclPairOptions opts_;
+  std::shared_ptr<Shared> shared_;
+};
+
+}  // namespace moemesh::actors

@@ -1,0 +1,74 @@
+// An expert host's batch on the CUDA backend (`moemesh-expert --device cuda`) against the same
+// batch on the CPU backend: every expert of a layer, requests of uneven sizes, f32 weights (so
+// cuBLAS and the CPU sgemm differ only by summation order). Skips with "no CUDA device: ...".
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <future>
+#include <random>
+#include <string>
+
+#include "actors/expert_compute.h"
+#include "core/backend_factory.h"
+#include "core/model_presets.h"
+#include "core/model_writer.h"
+#include "kernels/cuda/api.cuh"
+#include "tests/support/numeric.h"
+
+using namespace moemesh;
+using namespace moemesh::actors;
+
+TEST(GpuExperts, BatchOnCudaMatchesCpu) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::device_error();
+  const auto dir = std::filesystem::temp_directory_path() / ("moemesh-gpu-experts-" + std::to_string(::getpid()));
+  ModelConfig cfg = model_preset(Arch::Mixtral, "tiny");
+  cfg.vocab_size = 256;
+  WriteOptions o;
+  o.dtype = DType::F32;
+  write_model(cfg, dir, o);
+  auto ckpt = Checkpoint::open(dir);
+  const int64_t hidden = ckpt->config().hidden_size;
+  HostedExperts gpu(ckpt, all_experts(ckpt->config()), make_compute_backend(parse_device("cuda:0")));
+  HostedExperts cpu(ckpt, all_experts(ckpt->config()));
+  ComputePool pool(2);  // two threads into one backend: its mutex serialises them
+
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  auto job_of = [&](const HostedExperts& h, const std::vector<std::vector<dispatch::Group>>& shapes,
+                    const std::vector<std::vector<float>>& rows) {
+    auto job = std::make_shared<BatchJob>();
+    job->layer = 1;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      PendingRequest r;
+      r.peer = "p" + std::to_string(i);
+      r.request_id = i + 1;
+      r.groups = shapes[i];
+      r.rows = rows[i];
+      job->requests.push_back(std::move(r));
+    }
+    std::promise<BatchJobPtr> done;
+    run_batch(h, pool, job, [&](BatchJobPtr j) { done.set_value(std::move(j)); });
+    return done.get_future().get();
+  };
+  const std::vector<std::vector<dispatch::Group>> shapes{{{0, 3}, {4, 1}}, {{4, 7}, {2, 2}}, {{1, 64}, {7, 16}}};
+  std::vector<std::vector<float>> rows;
+  for (const auto& s : shapes) {
+    int64_t n = 0;
+    for (const auto& g : s) n += g.rows;
+    auto& r = rows.emplace_back(size_t(n * hidden));
+    for (float& x : r) x = nd(rng);
+  }
+  const BatchJobPtr a = job_of(gpu, shapes, rows), b = job_of(cpu, shapes, rows);
+  ASSERT_TRUE(a->error.empty()) << a->error;
+  ASSERT_TRUE(b->error.empty()) << b->error;
+  double worst = 0;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    ASSERT_EQ(a->outputs[i].size(), b->outputs[i].size());
+    worst = std::max(worst, moemesh::testing::rel_diff(a->outputs[i], b->outputs[i]));
+  }
+  std::printf("%s: expert batch worst relative difference %.3g\n", gpu.backend().name().c_str(), worst);
+  EXPECT_LT(worst, 1e-5);
+  std::filesystem::remove_all(dir);
+}
