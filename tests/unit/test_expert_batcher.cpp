@@ -218,7 +218,7 @@ class CountingBackend final : public ComputeBackend {
 }  // namespace
 
 TEST_F(BatchedCompute, ExpertsComputeOnTheHostsBackend) {
-  auto ckpt = Checkpoint::open(dir_);
+  auto ckpt = Checkpoint::open(model_.path());
   const int64_t hidden = ckpt->config().hidden_size;
   auto backend = std::make_shared<CountingBackend>();
   HostedExperts hosted(ckpt, all_experts(ckpt->config()), backend);

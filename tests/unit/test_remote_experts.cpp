@@ -299,7 +299,7 @@ class LoopbackEnd final : public Transport {
 // The payloads go through the pair's Transport: with a pair transport set on both sides, only
 // the headers cross ZeroMQ and the results still equal the local executor's.
 TEST_F(RemoteExperts, PayloadsTravelThroughThePairTransport) {
-  caf::actor_system sys{config()};
+  caf::actor_system sys{two_thread_config()};
   auto to_host = std::make_shared<LoopbackEnd::Queue>(), to_worker = std::make_shared<LoopbackEnd::Queue>();
   auto worker_end = std::make_shared<LoopbackEnd>(to_host, to_worker);
   auto host_end = std::make_shared<LoopbackEnd>(to_worker, to_host);
