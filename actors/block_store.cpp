@@ -9,6 +9,7 @@
 #include <prometheus/histogram.h>
 #include <spdlog/spdlog.h>
 
+#include "actors/block_store_disk.h"
 #include "actors/trace_span.h"
 #include "core/error.h"
 #include "core/trace_ref.h"
@@ -26,15 +27,29 @@ StoredBlock StoredBlock::copy_of(DType dtype, std::vector<int64_t> shape, std::s
   return b;
 }
 
+BlockStore::BlockStore(uint64_t budget_bytes, std::unique_ptr<BlockDiskTier> disk)
+    : budget_(budget_bytes), disk_(std::move(disk)) {}
+
+BlockStore::~BlockStore() = default;
+
 void BlockStore::touch(Entry& e) { lru_.splice(lru_.begin(), lru_, e.lru); }
 
 void BlockStore::evict_one() {
   auto it = map_.find(lru_.back());
+  if (disk_) disk_->put(it->first, it->second.block);  // spill; a failed write only loses a cached block
   stats_.bytes -= it->second.block.size;
   stats_.blocks -= 1;
   stats_.evictions += 1;
   map_.erase(it);
   lru_.pop_back();
+}
+
+void BlockStore::insert(const BlockKey& key, StoredBlock block) {
+  while (stats_.bytes + block.size > budget_) evict_one();
+  lru_.push_front(key);
+  stats_.bytes += block.size;
+  stats_.blocks += 1;
+  map_.emplace(key, Entry{std::move(block), lru_.begin()});
 }
 
 BlockStore::Put BlockStore::put(const BlockKey& key, StoredBlock block) {
@@ -47,34 +62,37 @@ BlockStore::Put BlockStore::put(const BlockKey& key, StoredBlock block) {
     ++stats_.too_large;
     return Put::TooLarge;
   }
-  while (stats_.bytes + block.size > budget_) evict_one();
-  lru_.push_front(key);
-  stats_.bytes += block.size;
-  stats_.blocks += 1;
+  insert(key, std::move(block));
   ++stats_.stored;
-  map_.emplace(key, Entry{std::move(block), lru_.begin()});
   return Put::Stored;
 }
 
-std::optional<StoredBlock> BlockStore::get(const BlockKey& key) {
-  auto it = map_.find(key);
-  if (it == map_.end()) {
-    ++stats_.misses;
-    return std::nullopt;
+std::optional<StoredBlock> BlockStore::lookup(const BlockKey& key) {
+  if (auto it = map_.find(key); it != map_.end()) {
+    touch(it->second);
+    return it->second.block;
   }
-  ++stats_.hits;
-  touch(it->second);
-  return it->second.block;
+  if (!disk_) return std::nullopt;
+  auto block = disk_->get(key);
+  if (!block) return std::nullopt;
+  ++stats_.disk_hits;
+  if (block->size <= budget_) insert(key, *block);  // promote: the next get is served from memory
+  return block;
+}
+
+std::optional<StoredBlock> BlockStore::get(const BlockKey& key) {
+  auto block = lookup(key);
+  ++(block ? stats_.hits : stats_.misses);
+  return block;
 }
 
 std::vector<StoredBlock> BlockStore::get_chain(std::span<const BlockKey> chain, size_t limit) {
   std::vector<StoredBlock> out;
   for (const BlockKey& key : chain) {
     if (out.size() >= limit) break;
-    auto it = map_.find(key);
-    if (it == map_.end()) break;
-    touch(it->second);
-    out.push_back(it->second.block);
+    auto block = lookup(key);
+    if (!block) break;
+    out.push_back(std::move(*block));
   }
   stats_.hits += out.size();
   stats_.misses += chain.size() - out.size();

@@ -1,5 +1,8 @@
-// The KV store's memory tier: content-addressed KV blocks (see core/prefix_hash.h) under a
-// byte budget, evicted least-recently-used first (a get counts as a use).
+// The KV store: content-addressed KV blocks (see core/prefix_hash.h) in a memory tier under a
+// byte budget, evicted least-recently-used first (a get counts as a use), and optionally a disk
+// tier (actors/block_store_disk.h) below it: blocks evicted from memory are written there, and a
+// get that misses memory reads the disk and promotes a hit back into memory (the file stays, so
+// a block evicted again is not rewritten).
 //
 // BlockStore is a plain class (unit-tested alone); spawn_block_store wraps it in an actor
 // that serves the data-plane protocol on a ROUTER socket of the bridge:
@@ -18,6 +21,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -43,26 +47,32 @@ struct StoredBlock {
 };
 
 struct BlockStoreStats {
-  uint64_t hits = 0, misses = 0, evictions = 0;
+  uint64_t hits = 0, misses = 0, evictions = 0;  // hits of both tiers; evictions from memory
+  uint64_t disk_hits = 0;                         // of `hits`, read from the disk tier
   uint64_t stored = 0, present = 0, too_large = 0;  // puts, by outcome
-  uint64_t bytes = 0, blocks = 0;                   // held now
+  uint64_t bytes = 0, blocks = 0;                   // held in memory now
 };
+
+class BlockDiskTier;
 
 class BlockStore {
  public:
-  explicit BlockStore(uint64_t budget_bytes) : budget_(budget_bytes) {}
+  // `disk` (optional) receives the blocks evicted from memory.
+  explicit BlockStore(uint64_t budget_bytes, std::unique_ptr<BlockDiskTier> disk = nullptr);
+  ~BlockStore();
 
   enum class Put { Stored, Present, TooLarge };
   // Stores a block, evicting the least recently used ones to make room. A key already held
   // keeps its block (same key, same content) and counts as used. A block over the whole
   // budget is refused.
   Put put(const BlockKey& key, StoredBlock block);
-  // The block, counted as a hit (and used) or a miss.
+  // The block, counted as a hit (and used) or a miss. A disk hit is promoted into memory.
   std::optional<StoredBlock> get(const BlockKey& key);
   // The longest held prefix of `chain` (at most `limit` blocks): hits for those returned,
   // misses for the rest of the chain.
   std::vector<StoredBlock> get_chain(std::span<const BlockKey> chain, size_t limit = SIZE_MAX);
-  bool contains(const BlockKey& key) const { return map_.count(key) > 0; }  // no use, no count
+  bool contains(const BlockKey& key) const { return map_.count(key) > 0; }  // in memory; no use, no count
+  const BlockDiskTier* disk() const { return disk_.get(); }                 // null without a disk tier
 
   const BlockStoreStats& stats() const { return stats_; }
   uint64_t budget() const { return budget_; }
@@ -74,8 +84,11 @@ class BlockStore {
   };
   void touch(Entry& e);
   void evict_one();
+  void insert(const BlockKey& key, StoredBlock block);  // absent, fits the budget
+  std::optional<StoredBlock> lookup(const BlockKey& key);  // either tier, uncounted
 
   uint64_t budget_;
+  std::unique_ptr<BlockDiskTier> disk_;
   std::list<BlockKey> lru_;  // front: most recently used
   std::unordered_map<BlockKey, Entry> map_;
   BlockStoreStats stats_;
@@ -88,6 +101,8 @@ struct BlockStoreGauges {
 
 struct BlockStoreOptions {
   uint64_t budget_bytes = 1ull << 30;
+  std::string disk_dir;            // the disk tier's directory (with disk_budget_bytes > 0)
+  uint64_t disk_budget_bytes = 0;  // 0: no disk tier
   std::shared_ptr<prometheus::Registry> registry;  // moemesh_kvstore_* metrics go here
   std::shared_ptr<BlockStoreGauges> gauges;        // optional
 };

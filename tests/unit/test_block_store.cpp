@@ -1,10 +1,20 @@
 // BlockStore: byte budget, LRU eviction with gets refreshing recency, longest-prefix chain
-// lookups, counters, and blocks that outlive their eviction while someone still holds them.
+// lookups, counters, and blocks that outlive their eviction while someone still holds them;
+// the disk tier: spill on eviction, promotion on a hit, its own LRU and budget, re-indexing on
+// restart, corrupt and torn files detected and dropped.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <numeric>
+#include <random>
 
 #include "actors/block_store.h"
+#include "actors/block_store_disk.h"
+#include "core/error.h"
 
 using namespace moemesh;
 using namespace moemesh::actors;
@@ -106,4 +116,210 @@ TEST(BlockStore, AHeldBlockOutlivesItsEviction) {
   s.put(k[1], block(100, 6));  // evicts k0
   EXPECT_FALSE(s.contains(k[0]));
   EXPECT_EQ(held->data[50], 5);  // still readable: the holder shares ownership
+}
+
+// ---- the disk tier --------------------------------------------------------------------------
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct TempDir {
+  fs::path path = fs::temp_directory_path() /
+                  ("moemesh-kvdisk-" + std::to_string(::getpid()) + "-" + std::to_string(std::random_device{}()));
+  TempDir() { fs::create_directories(path); }
+  ~TempDir() { fs::remove_all(path); }
+  size_t files() const { return size_t(std::distance(fs::directory_iterator(path), fs::directory_iterator())); }
+};
+
+// Memory for `mem` bytes of blocks; the disk budget counts whole files (header + payload).
+BlockStore tiered(const TempDir& d, uint64_t mem, uint64_t disk) {
+  return BlockStore(mem, std::make_unique<BlockDiskTier>(d.path, disk));
+}
+
+// One 100-byte block's file: header (with a one-dim shape) plus payload.
+uint64_t file_bytes_of_100() {
+  TempDir d;
+  BlockDiskTier t(d.path, 1 << 20);
+  t.put(chain(1)[0], block(100, 0));
+  return t.stats().bytes;
+}
+
+}  // namespace
+
+TEST(BlockStoreDisk, EvictedBlocksSpillToDiskAndAreServedFromThere) {
+  TempDir d;
+  auto s = tiered(d, 200, 1 << 20);
+  auto k = chain(3);
+  for (int i = 0; i < 3; ++i) s.put(k[i], block(100, uint8_t(10 + i)));
+  EXPECT_FALSE(s.contains(k[0]));  // evicted from memory...
+  ASSERT_TRUE(s.disk()->contains(k[0]));  // ...into a file named by the key
+  EXPECT_TRUE(fs::exists(d.path / (k[0].hex() + ".kvb")));
+  EXPECT_EQ(s.disk()->stats().written, 1u);
+
+  auto got = s.get(k[0]);
+  ASSERT_TRUE(got);
+  EXPECT_EQ(got->size, 100u);
+  EXPECT_EQ(got->data[0], 10);
+  EXPECT_EQ(got->data[99], 10);
+  EXPECT_EQ(got->shape, std::vector<int64_t>{25});
+  EXPECT_EQ(got->dtype, DType::F32);
+  EXPECT_EQ(s.stats().hits, 1u);
+  EXPECT_EQ(s.stats().disk_hits, 1u);
+  // Promoted: back in memory (evicting k1 to disk in turn), and the next get is a memory hit.
+  EXPECT_TRUE(s.contains(k[0]));
+  EXPECT_FALSE(s.contains(k[1]));
+  EXPECT_TRUE(s.disk()->contains(k[1]));
+  ASSERT_TRUE(s.get(k[0]));
+  EXPECT_EQ(s.stats().disk_hits, 1u);
+  EXPECT_EQ(s.stats().hits, 2u);
+}
+
+TEST(BlockStoreDisk, ChainsRunAcrossBothTiers) {
+  TempDir d;
+  auto s = tiered(d, 200, 1 << 20);
+  auto k = chain(4);
+  for (int i = 0; i < 3; ++i) s.put(k[i], block(100, uint8_t(i)));  // k0 on disk, k1 k2 in memory
+  auto got = s.get_chain(k);
+  ASSERT_EQ(got.size(), 3u);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(got[i].data[0], i);
+  EXPECT_EQ(s.stats().hits, 3u);
+  EXPECT_EQ(s.stats().misses, 1u);
+  EXPECT_GE(s.stats().disk_hits, 1u);
+}
+
+TEST(BlockStoreDisk, DiskEvictsLeastRecentlyUsedFilesWithinItsBudget) {
+  TempDir d;
+  const uint64_t f = file_bytes_of_100();
+  auto s = tiered(d, 100, 2 * f);  // memory holds one block, disk two
+  auto k = chain(5);
+  for (int i = 0; i < 3; ++i) s.put(k[i], block(100, uint8_t(i)));  // disk: k0 k1; memory: k2
+  EXPECT_EQ(s.disk()->stats().blocks, 2u);
+  ASSERT_TRUE(s.get(k[0]));  // promoted; k2 spills and k1 is the oldest file, so it goes
+  EXPECT_TRUE(s.disk()->contains(k[0]));  // the file stays after promotion
+  EXPECT_TRUE(s.disk()->contains(k[2]));
+  EXPECT_FALSE(s.disk()->contains(k[1]));
+  EXPECT_FALSE(fs::exists(s.disk()->path_of(k[1])));
+  EXPECT_EQ(s.disk()->stats().evictions, 1u);
+  EXPECT_LE(s.disk()->stats().bytes, s.disk()->budget());
+  EXPECT_EQ(d.files(), 2u);
+  // Evicting k0 from memory again rewrites nothing: its file is there.
+  const auto written = s.disk()->stats().written;
+  s.put(k[3], block(100, 3));
+  EXPECT_EQ(s.disk()->stats().written, written);
+  EXPECT_FALSE(s.get(k[1]));
+}
+
+TEST(BlockStoreDisk, ABlockOverTheDiskBudgetIsNotWritten) {
+  TempDir d;
+  auto s = tiered(d, 1000, 50);
+  auto k = chain(2);
+  s.put(k[0], block(1000, 1));
+  s.put(k[1], block(1000, 2));  // evicts k0, which does not fit on disk
+  EXPECT_FALSE(s.disk()->contains(k[0]));
+  EXPECT_EQ(s.disk()->stats().bytes, 0u);
+  EXPECT_EQ(d.files(), 0u);
+}
+
+TEST(BlockStoreDisk, ARestartReindexesTheDirectoryNewestFirstWithinTheBudget) {
+  TempDir d;
+  const uint64_t f = file_bytes_of_100();
+  auto k = chain(4);
+  {
+    auto s = tiered(d, 100, 10 * f);
+    for (int i = 0; i < 4; ++i) s.put(k[i], block(100, uint8_t(20 + i)));  // k0..k2 on disk
+  }
+  // Make the order unambiguous (mtime granularity): k0 oldest, k2 newest.
+  const auto now = fs::file_time_type::clock::now();
+  for (int i = 0; i < 3; ++i) fs::last_write_time(d.path / (k[i].hex() + ".kvb"), now - std::chrono::hours(3 - i));
+  {
+    BlockDiskTier t(d.path, 10 * f);
+    EXPECT_EQ(t.stats().blocks, 3u);
+    auto got = t.get(k[1]);
+    ASSERT_TRUE(got);
+    EXPECT_EQ(got->data[42], 21);
+  }
+  // A smaller budget after the restart keeps the newest files and deletes the rest.
+  for (int i = 0; i < 3; ++i) fs::last_write_time(d.path / (k[i].hex() + ".kvb"), now - std::chrono::hours(3 - i));
+  BlockDiskTier t(d.path, 2 * f);
+  EXPECT_EQ(t.stats().blocks, 2u);
+  EXPECT_FALSE(t.contains(k[0]));
+  EXPECT_TRUE(t.contains(k[1]));
+  EXPECT_TRUE(t.contains(k[2]));
+  EXPECT_FALSE(fs::exists(d.path / (k[0].hex() + ".kvb")));
+  // The store on top serves them from disk.
+  auto s = BlockStore(1000, std::make_unique<BlockDiskTier>(d.path, 2 * f));
+  auto got = s.get(k[2]);
+  ASSERT_TRUE(got);
+  EXPECT_EQ(got->data[0], 22);
+}
+
+TEST(BlockStoreDisk, ACorruptFileIsDetectedCountedAndDeleted) {
+  TempDir d;
+  auto k = chain(2);
+  fs::path file;
+  {
+    auto s = tiered(d, 100, 1 << 20);
+    s.put(k[0], block(100, 7));
+    s.put(k[1], block(100, 8));  // k0 to disk
+    file = s.disk()->path_of(k[0]);
+  }
+  {  // flip one payload byte: the size and header still look right
+    std::fstream io(file, std::ios::in | std::ios::out | std::ios::binary);
+    io.seekp(-10, std::ios::end);
+    io.put(char(0x55));
+  }
+  auto s = tiered(d, 100, 1 << 20);
+  ASSERT_TRUE(s.disk()->contains(k[0]));  // the header indexes fine...
+  EXPECT_FALSE(s.get(k[0]));              // ...but it is never served
+  EXPECT_EQ(s.disk()->stats().bad_checksum, 1u);
+  EXPECT_FALSE(s.disk()->contains(k[0]));
+  EXPECT_FALSE(fs::exists(file));
+  EXPECT_EQ(s.stats().misses, 1u);
+}
+
+TEST(BlockStoreDisk, UnreadableFilesAndTornTempFilesAreDroppedAtStartUp) {
+  TempDir d;
+  auto k = chain(3);
+  {
+    auto s = tiered(d, 100, 1 << 20);
+    for (int i = 0; i < 3; ++i) s.put(k[i], block(100, uint8_t(i)));  // k0 k1 on disk
+  }
+  fs::resize_file(d.path / (k[0].hex() + ".kvb"), 30);  // truncated: header cut short
+  std::ofstream(d.path / (k[2].hex() + ".kvb.tmp")) << "half a block";  // a crash mid-write
+  std::ofstream(d.path / "README") << "not ours";  // other files are left alone
+  BlockDiskTier t(d.path, 1 << 20);
+  EXPECT_EQ(t.stats().blocks, 1u);
+  EXPECT_TRUE(t.contains(k[1]));
+  EXPECT_FALSE(t.contains(k[0]));
+  EXPECT_FALSE(t.contains(k[2]));
+  EXPECT_EQ(t.stats().bad_header, 1u);
+  EXPECT_FALSE(fs::exists(d.path / (k[0].hex() + ".kvb")));
+  EXPECT_FALSE(fs::exists(d.path / (k[2].hex() + ".kvb.tmp")));
+  EXPECT_TRUE(fs::exists(d.path / "README"));
+}
+
+TEST(BlockStoreDisk, AFileUnderTheWrongNameIsNotServedForThatKey) {
+  TempDir d;
+  auto k = chain(3);
+  {
+    auto s = tiered(d, 100, 1 << 20);
+    s.put(k[0], block(100, 1));
+    s.put(k[1], block(100, 2));  // k0 to disk
+  }
+  fs::rename(d.path / (k[0].hex() + ".kvb"), d.path / (k[2].hex() + ".kvb"));
+  BlockDiskTier t(d.path, 1 << 20);
+  EXPECT_FALSE(t.contains(k[2]));
+  EXPECT_EQ(t.stats().bad_header, 1u);
+}
+
+TEST(BlockStoreDisk, AnUnusableDirectoryIsAClearError) {
+  TempDir d;
+  std::ofstream(d.path / "file") << "x";
+  try {
+    BlockDiskTier t(d.path / "file", 1000);
+    FAIL() << "expected an error";
+  } catch (const moemesh::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--disk-dir"), std::string::npos) << e.what();
+  }
 }
