@@ -52,6 +52,13 @@ void BlockStore::insert(const BlockKey& key, StoredBlock block) {
   map_.emplace(key, Entry{std::move(block), lru_.begin()});
 }
 
+size_t BlockStore::spill_all() {
+  if (!disk_) return 0;
+  const uint64_t before = disk_->stats().written;
+  for (auto it = lru_.rbegin(); it != lru_.rend(); ++it) disk_->put(*it, map_.at(*it).block);
+  return size_t(disk_->stats().written - before);
+}
+
 BlockStore::Put BlockStore::put(const BlockKey& key, StoredBlock block) {
   if (auto it = map_.find(key); it != map_.end()) {
     touch(it->second);
@@ -113,30 +120,37 @@ struct Rejected : std::runtime_error {
   std::string reason;
 };
 
+// The tiered series carry tier="memory" and, with a disk tier, tier="disk" (no disk series without one).
 struct Metrics {
-  explicit Metrics(prometheus::Registry& r)
-      : bytes(prometheus::BuildGauge().Name("moemesh_kvstore_bytes").Help("Bytes of KV blocks held.").Register(r).Add({})),
-        blocks(prometheus::BuildGauge().Name("moemesh_kvstore_blocks").Help("KV blocks held.").Register(r).Add({})),
-        budget(prometheus::BuildGauge()
-                   .Name("moemesh_kvstore_budget_bytes")
-                   .Help("Byte budget of the memory tier.")
-                   .Register(r)
-                   .Add({})),
-        hits(prometheus::BuildCounter()
-                 .Name("moemesh_kvstore_hits_total")
-                 .Help("Blocks asked for and returned.")
-                 .Register(r)
-                 .Add({})),
+  Metrics(prometheus::Registry& r, bool disk_tier)
+      : bytes_family(prometheus::BuildGauge()
+                         .Name("moemesh_kvstore_bytes")
+                         .Help("Bytes of KV blocks held, by tier (disk: whole files).")
+                         .Register(r)),
+        blocks_family(prometheus::BuildGauge().Name("moemesh_kvstore_blocks").Help("KV blocks held, by tier.").Register(r)),
+        budget_family(prometheus::BuildGauge()
+                          .Name("moemesh_kvstore_budget_bytes")
+                          .Help("Byte budget, by tier.")
+                          .Register(r)),
+        hits_family(prometheus::BuildCounter()
+                        .Name("moemesh_kvstore_hits_total")
+                        .Help("Blocks asked for and returned, by the tier that held them.")
+                        .Register(r)),
+        evictions_family(prometheus::BuildCounter()
+                             .Name("moemesh_kvstore_evictions_total")
+                             .Help("Blocks evicted to stay within a tier's budget (from memory: to disk when "
+                                   "there is a disk tier).")
+                             .Register(r)),
+        disk_errors(prometheus::BuildCounter()
+                        .Name("moemesh_kvstore_disk_errors_total")
+                        .Help("Disk tier files found bad (bad_header, checksum) or failed I/O (io), by reason; "
+                              "each such file is deleted.")
+                        .Register(r)),
         misses(prometheus::BuildCounter()
                    .Name("moemesh_kvstore_misses_total")
                    .Help("Blocks asked for and not returned (absent, or after the first absent one of a chain).")
                    .Register(r)
                    .Add({})),
-        evictions(prometheus::BuildCounter()
-                      .Name("moemesh_kvstore_evictions_total")
-                      .Help("Blocks evicted to stay within the budget.")
-                      .Register(r)
-                      .Add({})),
         puts(prometheus::BuildCounter()
                  .Name("moemesh_kvstore_put_blocks_total")
                  .Help("Blocks offered, by result (stored, present, too_large).")
@@ -149,7 +163,20 @@ struct Metrics {
         get_seconds(latency(r, "moemesh_kvstore_get_duration_seconds", "Time to answer one KvGet message.")),
         stored(puts.Add({{"result", "stored"}})),
         present(puts.Add({{"result", "present"}})),
-        too_large(puts.Add({{"result", "too_large"}})) {}
+        too_large(puts.Add({{"result", "too_large"}})),
+        memory(tier(prometheus::Labels{{"tier", "memory"}})) {
+    if (disk_tier) disk = tier(prometheus::Labels{{"tier", "disk"}});
+  }
+
+  // One tier's series.
+  struct Tier {
+    prometheus::Gauge *bytes, *blocks, *budget;
+    prometheus::Counter *hits, *evictions;
+  };
+  Tier tier(const prometheus::Labels& l) {
+    return {&bytes_family.Add(l), &blocks_family.Add(l), &budget_family.Add(l), &hits_family.Add(l),
+            &evictions_family.Add(l)};
+  }
 
   static prometheus::Histogram& latency(prometheus::Registry& r, const char* name, const char* help) {
     return prometheus::BuildHistogram()
@@ -160,37 +187,66 @@ struct Metrics {
                                                          1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1});
   }
 
-  prometheus::Gauge &bytes, &blocks, &budget;
-  prometheus::Counter &hits, &misses, &evictions;
+  prometheus::Family<prometheus::Gauge>&bytes_family, &blocks_family, &budget_family;
+  prometheus::Family<prometheus::Counter>&hits_family, &evictions_family, &disk_errors;
+  prometheus::Counter& misses;
   prometheus::Family<prometheus::Counter>& puts;
   prometheus::Family<prometheus::Counter>& bad_frames;
   prometheus::Histogram &put_seconds, &get_seconds;
   prometheus::Counter &stored, &present, &too_large;
+  Tier memory;
+  std::optional<Tier> disk;
 };
 
 struct StoreState {
-  std::unique_ptr<BlockStore> store;
+  // CAF destroys the state when the actor exits: a graceful shutdown keeps the memory tier on disk.
+  ~StoreState() {
+    if (!store || !store->disk()) return;
+    auto t0 = std::chrono::steady_clock::now();
+    size_t n = store->spill_all();
+    spdlog::info("kvstore: wrote {} blocks from memory to the disk tier at exit in {:.3f} s", n,
+                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::shared_ptr<BlockStore> store;  // shared only to pass it in: CAF copies spawn arguments
   std::shared_ptr<prometheus::Registry> registry;  // outlives the metric references below
   std::unique_ptr<Metrics> metrics;
   std::shared_ptr<BlockStoreGauges> gauges;
   BlockStoreStats published;  // what the counters already show
+  DiskTierStats published_disk;
   caf::actor bridge;
   int socket = -1;
 };
 
 using Self = caf::stateful_actor<StoreState>;
 
+// Counts on-event: the series appears with the first error of its reason.
+void count_disk_errors(Metrics& m, const char* reason, uint64_t now, uint64_t before) {
+  if (now > before) m.disk_errors.Add({{"reason", reason}}).Increment(double(now - before));
+}
+
 void publish(StoreState& s) {
   const auto& now = s.store->stats();
   auto& m = *s.metrics;
-  m.hits.Increment(double(now.hits - s.published.hits));
+  m.memory.hits->Increment(double((now.hits - now.disk_hits) - (s.published.hits - s.published.disk_hits)));
   m.misses.Increment(double(now.misses - s.published.misses));
-  m.evictions.Increment(double(now.evictions - s.published.evictions));
+  m.memory.evictions->Increment(double(now.evictions - s.published.evictions));
   m.stored.Increment(double(now.stored - s.published.stored));
   m.present.Increment(double(now.present - s.published.present));
   m.too_large.Increment(double(now.too_large - s.published.too_large));
-  m.bytes.Set(double(now.bytes));
-  m.blocks.Set(double(now.blocks));
+  m.memory.bytes->Set(double(now.bytes));
+  m.memory.blocks->Set(double(now.blocks));
+  if (const BlockDiskTier* disk = s.store->disk(); disk && m.disk) {
+    const auto& d = disk->stats();
+    const auto& was = s.published_disk;
+    m.disk->hits->Increment(double(now.disk_hits - s.published.disk_hits));
+    m.disk->evictions->Increment(double(d.evictions - was.evictions));
+    m.disk->bytes->Set(double(d.bytes));
+    m.disk->blocks->Set(double(d.blocks));
+    count_disk_errors(m, "bad_header", d.bad_header, was.bad_header);
+    count_disk_errors(m, "checksum", d.bad_checksum, was.bad_checksum);
+    count_disk_errors(m, "io", d.io, was.io);
+    s.published_disk = d;
+  }
   if (s.gauges) {
     s.gauges->bytes = now.bytes;
     s.gauges->blocks = now.blocks;
@@ -336,12 +392,16 @@ void handle(Self* self, Frames& frames) {
   }
 }
 
-caf::behavior block_store(Self* self, BlockStoreOptions opts, caf::actor bridge, int socket) {
+caf::behavior block_store(Self* self, BlockStoreOptions opts, caf::actor bridge, int socket,
+                          std::shared_ptr<BlockStore> store) {
   auto& s = self->state;
-  s.store = std::make_unique<BlockStore>(opts.budget_bytes);
+  const bool has_disk = store->disk() != nullptr;
+  s.store = std::move(store);
   s.registry = std::move(opts.registry);
-  s.metrics = std::make_unique<Metrics>(*s.registry);
-  s.metrics->budget.Set(double(opts.budget_bytes));
+  s.metrics = std::make_unique<Metrics>(*s.registry, has_disk);
+  s.metrics->memory.budget->Set(double(opts.budget_bytes));
+  if (has_disk) s.metrics->disk->budget->Set(double(opts.disk_budget_bytes));
+  publish(s);  // what the disk tier found at start-up
   s.gauges = std::move(opts.gauges);
   s.bridge = std::move(bridge);
   s.socket = socket;
@@ -356,7 +416,14 @@ caf::behavior block_store(Self* self, BlockStoreOptions opts, caf::actor bridge,
 
 caf::actor spawn_block_store(caf::actor_system& sys, ZmqBridge& bridge, int socket, BlockStoreOptions opts) {
   if (!opts.registry) opts.registry = std::make_shared<prometheus::Registry>();
-  auto actor = sys.spawn(block_store, std::move(opts), bridge.actor(), socket);
+  // Opened (and indexed) here, so an unusable directory fails the caller, not the actor.
+  std::unique_ptr<BlockDiskTier> disk;
+  if (opts.disk_budget_bytes > 0) {
+    if (opts.disk_dir.empty()) throw Error("--disk-budget-bytes needs --disk-dir");
+    disk = std::make_unique<BlockDiskTier>(opts.disk_dir, opts.disk_budget_bytes);
+  }
+  auto store = std::make_shared<BlockStore>(opts.budget_bytes, std::move(disk));
+  auto actor = sys.spawn(block_store, std::move(opts), bridge.actor(), socket, std::move(store));
   bridge.route(socket, actor);
   return actor;
 }

@@ -71,6 +71,10 @@ class BlockStore {
   // The longest held prefix of `chain` (at most `limit` blocks): hits for those returned,
   // misses for the rest of the chain.
   std::vector<StoredBlock> get_chain(std::span<const BlockKey> chain, size_t limit = SIZE_MAX);
+  // Writes every block held in memory to the disk tier (least recently used first, so recency
+  // carries over); for a graceful shutdown, so a restart keeps the whole cache. Returns the
+  // number written (0 without a disk tier).
+  size_t spill_all();
   bool contains(const BlockKey& key) const { return map_.count(key) > 0; }  // in memory; no use, no count
   const BlockDiskTier* disk() const { return disk_.get(); }                 // null without a disk tier
 

@@ -1,5 +1,6 @@
 // moemesh-kvstore: content-addressed KV blocks (prefix cache, offloaded sequences) in memory,
-// under a byte budget, served over ZeroMQ (protocol in actors/block_store.h).
+// under a byte budget, optionally spilling to a disk tier (--disk-dir, --disk-budget-bytes),
+// served over ZeroMQ (protocol in actors/block_store.h).
 #include <unistd.h>
 
 #include <cstdlib>
@@ -17,7 +18,8 @@ using namespace moemesh::actors;
 int main(int argc, char** argv) {
   ServiceRuntime rt("kvstore", 9400);
   std::string listen = "tcp://127.0.0.1:5600", advertise, control;
-  uint64_t budget = 1ull << 30;
+  uint64_t budget = 1ull << 30, disk_budget = 0;
+  std::string disk_dir;
   int heartbeat_ms = 500;
   auto& cli = rt.cli();
   cli.add_option("--listen", listen, "endpoint to bind (ROUTER); tcp://HOST:* picks a free port")->capture_default_str();
@@ -26,6 +28,11 @@ int main(int argc, char** argv) {
       ->check([](const std::string& v) {
         return std::strtoull(v.c_str(), nullptr, 10) > 0 ? std::string() : std::string("must be at least 1 byte");
       })
+      ->capture_default_str();
+  cli.add_option("--disk-dir", disk_dir,
+                 "directory of the disk tier (one file per block; kept across restarts)");
+  cli.add_option("--disk-budget-bytes", disk_budget,
+                 "disk for KV blocks evicted from memory (whole files); 0: no disk tier")
       ->capture_default_str();
   cli.add_option("--router", control, "coordinator control endpoint; when set, register and send heartbeats");
   cli.add_option("--heartbeat-ms", heartbeat_ms, "heartbeat interval")->check(CLI::Range(10, 60000));
@@ -38,7 +45,8 @@ int main(int argc, char** argv) {
     if (advertise.empty()) advertise = bound;
 
     auto gauges = std::make_shared<BlockStoreGauges>();
-    caf::actor store = spawn_block_store(rt.system(), bridge, sock, {budget, rt.metrics_ptr(), gauges});
+    caf::actor store = spawn_block_store(rt.system(), bridge, sock,
+                                         {budget, disk_dir, disk_budget, rt.metrics_ptr(), gauges});
     caf::actor client;
     if (!control.empty()) {
       ControlClientOptions co;
@@ -57,7 +65,8 @@ int main(int argc, char** argv) {
     rt.stop_on_shutdown(store);
     if (client) rt.stop_on_shutdown(client);
     rt.admin().set_readiness([] { return Readiness{true, ""}; });  // bound above: serving
-    spdlog::info("kvstore: serving on {} (budget {} MiB){}", bound, budget >> 20,
+    spdlog::info("kvstore: serving on {} (budget {} MiB{}){}", bound, budget >> 20,
+                 disk_budget ? fmt::format(", disk {} MiB in {}", disk_budget >> 20, disk_dir) : "",
                  control.empty() ? "" : ", coordinator " + control);
 
     rt.wait_for_shutdown();

@@ -323,3 +323,19 @@ TEST(BlockStoreDisk, AnUnusableDirectoryIsAClearError) {
     EXPECT_NE(std::string(e.what()).find("--disk-dir"), std::string::npos) << e.what();
   }
 }
+
+TEST(BlockStoreDisk, SpillAllKeepsTheMemoryTierForTheNextStart) {
+  TempDir d;
+  auto k = chain(3);
+  {
+    auto s = tiered(d, 200, 1 << 20);
+    for (int i = 0; i < 3; ++i) s.put(k[i], block(100, uint8_t(30 + i)));  // k0 on disk already
+    EXPECT_EQ(s.spill_all(), 2u);
+    EXPECT_EQ(s.spill_all(), 0u);  // nothing new to write
+  }
+  auto s = tiered(d, 200, 1 << 20);
+  auto got = s.get_chain(k);
+  ASSERT_EQ(got.size(), 3u);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(got[i].data[7], 30 + i);
+  EXPECT_EQ(s.stats().disk_hits, 3u);
+}
