@@ -1,7 +1,8 @@
 // The real moemesh-kvstore binary on loopback, driven over ZeroMQ like an attention worker
 // would: put/get/evict, garbage of every kind (random bytes, truncated frames, wrong version,
 // wrong kind, bad metadata, missing tensor frames) answered with error replies while the
-// process stays up and keeps answering correctly, metrics on /metrics, and SIGTERM -> exit 0.
+// process stays up and keeps answering correctly, metrics on /metrics, and SIGTERM -> exit 0;
+// with a disk tier, blocks kept across a restart and a corrupt file counted, never served.
 #include <gtest/gtest.h>
 
 #include <signal.h>
@@ -11,6 +12,8 @@
 
 #include <chrono>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <numeric>
 #include <random>
 #include <thread>
@@ -46,6 +49,16 @@ class KvStoreProcess : public ::testing::Test {
     kv_port_ = free_port();
     admin_port_ = free_port();
     endpoint_ = "tcp://127.0.0.1:" + std::to_string(kv_port_);
+    start();
+    sock_.set(zmq::sockopt::linger, 0);
+    sock_.set(zmq::sockopt::rcvtimeo, 10000);
+    sock_.connect(endpoint_);
+  }
+
+  void TearDown() override { stop(); }
+
+  // Starts the store on the ports picked in SetUp and waits until it is ready.
+  void start() {
     std::vector<std::string> args = {MOEMESH_KVSTORE,
                                      "--listen", endpoint_,
                                      "--admin-address", "127.0.0.1",
@@ -66,13 +79,10 @@ class KvStoreProcess : public ::testing::Test {
       ASSERT_TRUE(alive()) << "moemesh-kvstore exited during startup";
     }
     ASSERT_TRUE(ready) << "moemesh-kvstore never became ready";
-
-    sock_.set(zmq::sockopt::linger, 0);
-    sock_.set(zmq::sockopt::rcvtimeo, 10000);
-    sock_.connect(endpoint_);
   }
 
-  void TearDown() override {
+  // SIGTERM, and expects a clean exit within 10 s.
+  void stop() {
     if (pid_ <= 0) return;
     kill(pid_, SIGTERM);
     int status = 0;
@@ -88,6 +98,7 @@ class KvStoreProcess : public ::testing::Test {
       return;
     }
     EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "exit status " << status;
+    pid_ = -1;
   }
 
   virtual std::vector<std::string> extra_args() { return {}; }
@@ -205,9 +216,9 @@ TEST_F(KvStoreProcess, PutThenGetTheLongestPrefix) {
   EXPECT_TRUE(none.tensors.empty());
 
   std::string m = metrics();
-  EXPECT_NE(m.find("moemesh_kvstore_blocks 3"), std::string::npos) << m;
-  EXPECT_NE(m.find("moemesh_kvstore_bytes " + std::to_string(3 * kBlockBytes)), std::string::npos) << m;
-  EXPECT_NE(m.find("moemesh_kvstore_hits_total 3"), std::string::npos) << m;
+  EXPECT_NE(m.find("moemesh_kvstore_blocks{tier=\"memory\"} 3"), std::string::npos) << m;
+  EXPECT_NE(m.find("moemesh_kvstore_bytes{tier=\"memory\"} " + std::to_string(3 * kBlockBytes)), std::string::npos) << m;
+  EXPECT_NE(m.find("moemesh_kvstore_hits_total{tier=\"memory\"} 3"), std::string::npos) << m;
   EXPECT_NE(m.find("moemesh_kvstore_misses_total 4"), std::string::npos) << m;
   EXPECT_NE(m.find("moemesh_kvstore_get_duration_seconds_count 2"), std::string::npos) << m;
   EXPECT_NE(m.find("moemesh_kvstore_put_duration_seconds_count 1"), std::string::npos) << m;
@@ -233,8 +244,8 @@ TEST_F(KvStoreProcess, EvictsLeastRecentlyUsedBeyondTheBudget) {
   ASSERT_EQ(r.tensors.size(), 1u);
   EXPECT_EQ(r.tensors[0].to_string(), block_bytes(4));
   std::string m = metrics();
-  EXPECT_NE(m.find("moemesh_kvstore_evictions_total 2"), std::string::npos) << m;
-  EXPECT_NE(m.find("moemesh_kvstore_bytes " + std::to_string(kBudget)), std::string::npos) << m;
+  EXPECT_NE(m.find("moemesh_kvstore_evictions_total{tier=\"memory\"} 2"), std::string::npos) << m;
+  EXPECT_NE(m.find("moemesh_kvstore_bytes{tier=\"memory\"} " + std::to_string(kBudget)), std::string::npos) << m;
 }
 
 TEST_F(KvStoreProcess, GarbageGetsErrorRepliesAndTheStoreStaysUp) {
@@ -324,8 +335,9 @@ TEST_F(KvStoreProcess, AdminEndpoints) {
   EXPECT_EQ(http_get(admin_port_, "/readyz").first, 200u);
   std::string m = metrics();
   EXPECT_NE(m.find("moemesh_build_info{"), std::string::npos);
-  EXPECT_NE(m.find("moemesh_kvstore_budget_bytes " + std::to_string(kBudget)), std::string::npos) << m;
+  EXPECT_NE(m.find("moemesh_kvstore_budget_bytes{tier=\"memory\"} " + std::to_string(kBudget)), std::string::npos) << m;
   EXPECT_NE(m.find("process_resident_memory_bytes"), std::string::npos);
+  EXPECT_EQ(m.find("tier=\"disk\""), std::string::npos) << "no disk tier, no disk series\n" << m;
 }
 
 namespace {
@@ -374,4 +386,73 @@ TEST_F(KvStoreWithCoordinator, RegistersAsKvStoreAndReportsItsBytes) {
     reported = m.has_heartbeat() && m.heartbeat().resident_bytes() == 2 * kBlockBytes;
   }
   EXPECT_TRUE(reported) << "no heartbeat reported the stored bytes";
+}
+
+namespace {
+// With a disk tier: blocks evicted from memory go to files, and a restart on the same directory
+// keeps serving everything put before it (the memory tier is written out on SIGTERM).
+class KvStoreWithDisk : public KvStoreProcess {
+ protected:
+  ~KvStoreWithDisk() override { std::filesystem::remove_all(dir_); }
+  std::vector<std::string> extra_args() override {
+    return {"--disk-dir", dir_.string(), "--disk-budget-bytes", std::to_string(16 * kBlockBytes)};
+  }
+  size_t block_files() const {
+    size_t n = 0;
+    for (const auto& e : std::filesystem::directory_iterator(dir_)) n += e.path().extension() == ".kvb";
+    return n;
+  }
+  const std::filesystem::path dir_ = std::filesystem::temp_directory_path() /
+                                     ("moemesh-kvdisk-proc-" + std::to_string(getpid()) + "-" +
+                                      std::to_string(std::random_device{}()));
+};
+}  // namespace
+
+TEST_F(KvStoreWithDisk, ServesEvictedBlocksFromDiskAndKeepsThemAcrossARestart) {
+  auto ks = keys(6);
+  put(1, ks);  // the memory budget holds four: ks[0] and ks[1] go to disk
+  EXPECT_EQ(block_files(), 2u);
+  std::string m = metrics();
+  EXPECT_NE(m.find("moemesh_kvstore_blocks{tier=\"disk\"} 2"), std::string::npos) << m;
+  EXPECT_NE(m.find("moemesh_kvstore_budget_bytes{tier=\"disk\"} " + std::to_string(16 * kBlockBytes)),
+            std::string::npos) << m;
+
+  stop();
+  EXPECT_EQ(block_files(), 6u) << "the memory tier is written out on SIGTERM";
+  start();
+  ASSERT_TRUE(alive());
+
+  Reply r = get(2, ks);
+  ASSERT_EQ(r.header.kind, wire::Kind::KvGetReply);
+  pb::KvGetReply meta;
+  ASSERT_TRUE(meta.ParseFromString(r.header.meta));
+  ASSERT_EQ(meta.found(), 6);
+  ASSERT_EQ(r.tensors.size(), 6u);
+  for (size_t i = 0; i < 6; ++i) {
+    EXPECT_EQ(r.tensors[i].to_string(), block_bytes(i)) << i;
+    EXPECT_EQ(r.header.tensors[i].shape, (std::vector<int64_t>{2, 2, 16, int64_t(kBlockBytes / 4 / 64)}));
+  }
+  m = metrics();
+  EXPECT_NE(m.find("moemesh_kvstore_hits_total{tier=\"disk\"} 6"), std::string::npos) << m;
+  EXPECT_EQ(m.find("moemesh_kvstore_disk_errors_total"), std::string::npos) << m;
+}
+
+TEST_F(KvStoreWithDisk, ACorruptFileIsCountedAndNotServedAfterARestart) {
+  auto ks = keys(2);
+  put(1, ks);
+  stop();
+  ASSERT_EQ(block_files(), 2u);
+  {  // flip a payload byte of the first block
+    std::fstream io(dir_ / (ks[0].hex() + ".kvb"), std::ios::in | std::ios::out | std::ios::binary);
+    io.seekp(-1, std::ios::end);
+    io.put('!');
+  }
+  start();
+  Reply r = get(2, ks);
+  pb::KvGetReply meta;
+  ASSERT_TRUE(meta.ParseFromString(r.header.meta));
+  EXPECT_EQ(meta.found(), 0);
+  EXPECT_EQ(block_files(), 1u);
+  std::string m = metrics();
+  EXPECT_NE(m.find("moemesh_kvstore_disk_errors_total{reason=\"checksum\"} 1"), std::string::npos) << m;
 }
