@@ -279,14 +279,24 @@ def kv_cache():
     b.panel("KV store request failures", [(f"sum by (op) ({rate('moemesh_attention_kvstore_failures_total')})",
                                            "{{op}}")], unit="ops")
     b.row("KV store")
-    b.panel("KV store usage (bytes / budget)",
-            [(f"sum(moemesh_kvstore_bytes{{{NS}}}) / sum(moemesh_kvstore_budget_bytes{{{NS}}})", "usage")],
+    # The tiered series (memory; disk with --disk-budget-bytes) are kept apart: a block promoted
+    # from disk is held by both tiers, so summing bytes or blocks over them would count it twice.
+    b.panel("KV store usage by tier (bytes / budget)",
+            [(f"sum by (tier) (moemesh_kvstore_bytes{{{NS}}}) / sum by (tier) (moemesh_kvstore_budget_bytes{{{NS}}})",
+              "{{tier}}")],
             unit="percentunit", w=8)
-    b.panel("KV store blocks", [(f"sum by (instance) (moemesh_kvstore_blocks{{{NS}}})", "{{instance}}")], w=8)
+    b.panel("KV store blocks", [(f"sum by (instance, tier) (moemesh_kvstore_blocks{{{NS}}})", "{{instance}} {{tier}}")],
+            w=8)
     b.panel("KV store hit ratio (blocks)",
             [(f"sum({rate('moemesh_kvstore_hits_total')}) / (sum({rate('moemesh_kvstore_hits_total')}) + "
               f"sum({rate('moemesh_kvstore_misses_total')}))", "hits")], unit="percentunit", w=8)
-    b.panel("Evictions", [(f"sum({rate('moemesh_kvstore_evictions_total')})", "evictions")], unit="ops", w=8)
+    b.panel("KV store hits by tier", [(f"sum by (tier) ({rate('moemesh_kvstore_hits_total')})", "{{tier}}")],
+            unit="ops", w=8)
+    b.panel("Evictions by tier", [(f"sum by (tier) ({rate('moemesh_kvstore_evictions_total')})", "{{tier}}")],
+            unit="ops", w=8)
+    b.panel("KV store disk errors", [(f"sum by (reason) ({rate('moemesh_kvstore_disk_errors_total')})", "{{reason}}")],
+            unit="ops", w=8, must=False, description="Disk tier files deleted as bad (bad_header, checksum) or "
+                                                     "failed writes and reads (io). Empty without errors.")
     b.panel("Puts by result", [(f"sum by (result) ({rate('moemesh_kvstore_put_blocks_total')})", "{{result}}")],
             unit="ops", w=8)
     b.panel("Put / get latency p99", [(quantile(0.99, "moemesh_kvstore_put_duration_seconds"), "put"),

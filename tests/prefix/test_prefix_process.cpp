@@ -273,7 +273,7 @@ TEST_F(PrefixCluster, ASecondRunOfALongPromptSkipsItsPrefill) {
   // the store. Wait for them (bounded) before asking again.
   bool stored = false;
   for (int i = 0; i < 400 && !stored; ++i) {
-    stored = metric(kv_metrics(), "moemesh_kvstore_blocks") >= 6;
+    stored = metric(kv_metrics(), R"(moemesh_kvstore_blocks\{tier="memory"\})") >= 6;
     if (!stored) std::this_thread::sleep_for(std::chrono::milliseconds(25));
   }
   ASSERT_TRUE(stored) << kv_metrics();
