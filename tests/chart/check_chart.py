@@ -49,6 +49,7 @@ VARIANTS = {
                             scalers={"hot": "hpa", "layer1": "hpa", "fixed": None}),
     "autoscaling-none": dict(values=["autoscaling.yaml"], apis=[MON], hosts=5,
                              scalers={"hot": None, "layer1": "hpa", "fixed": None}),
+    "kvstore-memory-only": dict(values=["kvstore-memory-only.yaml"], apis=[MON], hosts=2, scalers={"default": None}),
 }
 
 # bad/FILE -> the values path the schema error must name.
@@ -59,6 +60,7 @@ BAD_VALUES = {
     "misspelt-key.yaml": "/router",
     "bad-quantity.yaml": "/kvstore/resources/limits/memory",
     "bad-experts.yaml": "/expert/pools/0/experts",
+    "bad-disk-budget.yaml": "/kvstore/persistence/budgetBytes",
 }
 
 # --set values that the templates themselves must refuse, with a part of the message.
@@ -418,9 +420,18 @@ def check_kvstore(docs, variant):
         ensure(not kv and not flag(main_container(att)["args"], "--kvstore"), "kvstore disabled")
         return
     ensure(len(kv) == 1, "one KV store StatefulSet")
+    args = main_container(kv[0])["args"]
+    if variant == "kvstore-memory-only":  # persistence disabled: no claim, no disk tier flags
+        ensure(not kv[0]["spec"].get("volumeClaimTemplates"), "no disk-tier PVC without persistence")
+        ensure(flag(args, "--disk-dir") is None and flag(args, "--disk-budget-bytes") is None, "no disk tier flags")
+        return
     vct = kv[0]["spec"]["volumeClaimTemplates"]
     ensure(vct and vct[0]["metadata"]["name"] == "disk-tier", "KV store disk-tier PVC")
-    ensure(any(m["name"] == "disk-tier" for m in main_container(kv[0])["volumeMounts"]), "disk tier mounted")
+    mount = next((m for m in main_container(kv[0])["volumeMounts"] if m["name"] == "disk-tier"), None)
+    ensure(mount is not None, "disk tier mounted")
+    ensure(flag(args, "--disk-dir") == mount["mountPath"], f"--disk-dir={flag(args, '--disk-dir')} is the mount")
+    want = {"cpu": "193273528320"}.get(variant, "48318382080")  # cpu.yaml's 180 GiB, else the default 45 GiB
+    ensure(flag(args, "--disk-budget-bytes") == want, f"--disk-budget-bytes={flag(args, '--disk-budget-bytes')}")
     ensure(flag(main_container(att)["args"], "--kvstore").startswith(f"tcp://{kv[0]['metadata']['name']}-0."), "attention uses shard 0")
 
 
