@@ -276,6 +276,15 @@ def kv_cache():
              (f"sum({rate('moemesh_attention_prefix_cache_hit_tokens_total')})", "restored from KV store")])
     b.panel("Preemptions by reason", [(f"sum by (reason) ({rate('moemesh_router_preemptions_total')})", "{{reason}}")],
             unit="ops")
+    b.panel("Prefix cache memory tier (bytes held)",
+            [(f"sum by (instance) (moemesh_attention_prefix_cache_memory_bytes{{{NS}}})", "{{instance}}")],
+            unit="bytes", must=False, description="Blocks each worker keeps in memory in front of the KV store "
+                                                  "(--local-prefix-cache-mb); 0 when the tier is off.")
+    b.panel("Prefix blocks served from memory vs the KV store",
+            [(f"sum({rate('moemesh_attention_prefix_cache_memory_hit_blocks_total')})", "memory tier"),
+             (f"sum({rate('moemesh_kvstore_hits_total')})", "KV store")],
+            unit="ops", must=False, description="Where restored prefix blocks came from. Prefix affinity in the "
+                                                "router keeps the memory share high.")
     b.panel("KV store request failures", [(f"sum by (op) ({rate('moemesh_attention_kvstore_failures_total')})",
                                            "{{op}}")], unit="ops")
     b.row("KV store")
