@@ -103,7 +103,9 @@ void send_error(SessionState& st, int status, const char* type, const std::strin
   }
   st.answered = true;
   st.error_status = status;
-  st.res.send({status, "application/json", e.to_json().dump(), st.spec.headers});
+  auto headers = st.spec.headers;
+  if (status == 503) headers.emplace_back("Retry-After", "1");  // not ready or overloaded: soon
+  st.res.send({status, "application/json", e.to_json().dump(), std::move(headers)});
 }
 
 // Every choice has its result: answer (or close the stream) and report the outcome.

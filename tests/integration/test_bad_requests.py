@@ -134,6 +134,11 @@ def test(args, tmp):
                          param="model", code="model_not_found")
             # No attention worker has joined this router: not ready, 503 at once (not a hang).
             expect_error(c2, "no attention worker", ok, 503, type_="server_error", message_has="no attention worker")
+            raw = H.raw_http(c2.api_port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: 27\r\nConnection: close\r\n\r\n"
+                             b'{"prompt": [1], "n": 1}    ')
+            H.check(H.status_of(raw) == 503 and b"\r\nretry-after: 1\r\n" in raw.lower(),
+                    f"a 503 without Retry-After: {raw[:300]!r}")
     H.log("bad requests: every answer was the expected OpenAI error")
 
 
