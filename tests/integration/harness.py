@@ -73,6 +73,22 @@ def free_port() -> int:
             return port
 
 
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 are both free right now (moemesh up binds its placement
+    publisher on the control port + 1)."""
+    while True:
+        p = free_port()
+        if p + 1 in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        _handed_out.add(p + 1)
+        return p
+
+
 # ---------------------------------------------------------------------------------------------
 # arguments shared by every test script
 

@@ -22,7 +22,7 @@ def test(args, tmp):
             f"node or the openai package is missing ({node_modules}); run scripts/bootstrap")
     cli = H.Cli(args.cli, dict(os.environ, OPENBLAS_NUM_THREADS="1"))
     model = cli.mkmodel("mixtral", os.path.join(tmp, "tiny-mixtral"), seed=2)
-    port, control, admin = H.free_port(), H.free_port(), H.free_port()
+    port, control, admin = H.free_port(), H.free_port_pair(), H.free_port()
     up = H.Proc("up", [args.cli, "up", "--model", model, "--attention", "1", "--experts", "2", "--port", str(port),
                        "--control-port", str(control), "--admin-port", str(admin), "--cores", "2",
                        "--bin-dir", os.path.dirname(args.router), "--log-dir", os.path.join(tmp, "logs")],
