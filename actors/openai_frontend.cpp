@@ -127,7 +127,9 @@ void refuse(http::Responder& r, const ApiError& e, FrontendMetrics* m, const std
             const RequestTrace& tr) {
   if (m) m->answered(tenant, e.status(), "none");
   tr.done(e.status(), "none");
-  send_error(r, e, tr.headers());
+  auto headers = tr.headers();
+  if (e.status() == 503) headers.emplace_back("Retry-After", "1");  // draining: another replica, soon
+  send_error(r, e, std::move(headers));
 }
 
 uint64_t random_seed() {
