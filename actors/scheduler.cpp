@@ -138,14 +138,7 @@ class RecentPrefixes {
 
  private:
   static constexpr size_t kMaxKeys = 8192;
-  struct Hash {
-    size_t operator()(const BlockKey& k) const {
-      size_t h;
-      std::memcpy(&h, k.bytes.data(), sizeof h);
-      return h;
-    }
-  };
-  std::unordered_map<BlockKey, uint64_t, Hash> stamp_;
+  std::unordered_map<BlockKey, uint64_t> stamp_;  // key -> when it was last sent
   std::deque<std::pair<uint64_t, BlockKey>> order_;
   uint64_t clock_ = 0;
 };

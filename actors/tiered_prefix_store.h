@@ -7,12 +7,10 @@
 // prefix (prefix affinity): there, a hit costs a copy instead of a round trip. Thread-safe.
 #pragma once
 #include <cstdint>
-#include <list>
 #include <memory>
 #include <mutex>
-#include <string>
-#include <unordered_map>
 
+#include "actors/block_store.h"
 #include "actors/kv_client.h"
 
 namespace moemesh::actors {
@@ -37,18 +35,10 @@ class TieredPrefixStore : public PrefixStore {
   TieredPrefixStats stats() const;
 
  private:
-  struct KeyHash {
-    size_t operator()(const BlockKey& k) const;
-  };
-  using Lru = std::list<std::pair<BlockKey, std::vector<float>>>;  // most recent first
-  void keep(const BlockKey& key, std::vector<float> block);  // under mu_
-
   std::shared_ptr<PrefixStore> remote_;
-  uint64_t budget_;
   mutable std::mutex mu_;
-  Lru lru_;
-  std::unordered_map<BlockKey, Lru::iterator, KeyHash> index_;
-  TieredPrefixStats stats_;
+  BlockStore memory_;  // the same LRU-under-a-budget the KV store keeps (no disk tier)
+  uint64_t local_hits_ = 0, remote_hits_ = 0;
 };
 
 }  // namespace moemesh::actors
