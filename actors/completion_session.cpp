@@ -42,6 +42,9 @@ struct SessionState {
 
 using Self = caf::stateful_actor<SessionState>;
 
+// Whether token text still goes out as stream chunks (not after an error answer or a hang-up).
+bool streams_to_client(const SessionState& st) { return st.spec.request.stream && !st.client_gone && !st.answered; }
+
 void write_event(SessionState& st, const json& j) { st.res.write("data: " + j.dump() + "\n\n"); }
 
 void start_stream(SessionState& st) {
@@ -87,7 +90,7 @@ void on_token(Self* self, int i, int32_t token, float logprob, std::vector<std::
     self->send(st.scheduler, gen_cancel_atom::value, caf::actor_cast<caf::actor>(self), i);
     if (st.spec.request.logprobs) c.logprobs.resize(size_t(c.text.tokens()));
   }
-  if (st.spec.request.stream && !st.client_gone) stream_delta(st, i, text, std::nullopt);
+  if (streams_to_client(st)) stream_delta(st, i, text, std::nullopt);
 }
 
 int64_t completion_tokens(const Choice& c) {
@@ -169,6 +172,7 @@ void on_result(Self* self, int i, GenerationResultPtr res) {
   c.done = true;
   if (c.stopped) {
     c.finish_reason = "stop";
+    if (streams_to_client(st)) stream_delta(st, i, "", c.finish_reason);
   } else if (res->finish_reason == "error") {
     c.finish_reason = "error";
     if (!st.answered && !st.client_gone) {
@@ -185,9 +189,8 @@ void on_result(Self* self, int i, GenerationResultPtr res) {
     c.finish_reason = res->finish_reason;
     const std::string rest = c.text.finish();
     if (c.text.stopped()) c.finish_reason = "stop";  // the held-back tail completed a stop string
-    if (st.spec.request.stream && !st.client_gone && !st.answered) stream_delta(st, i, rest, c.finish_reason);
+    if (streams_to_client(st)) stream_delta(st, i, rest, c.finish_reason);
   }
-  if (c.stopped && st.spec.request.stream && !st.client_gone && !st.answered) stream_delta(st, i, "", c.finish_reason);
   if (--st.remaining == 0) complete(self);
 }
 
