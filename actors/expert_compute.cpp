@@ -1,5 +1,6 @@
 #include "actors/expert_compute.h"
 
+#include <algorithm>
 #include <map>
 
 #include "core/error.h"
@@ -69,23 +70,39 @@ struct Slice {
   size_t req;
   int64_t offset, count;
 };
+struct ExpertSlices {
+  int32_t expert;
+  std::vector<Slice> slices;
+};
 
-void compute_expert(const HostedExperts& experts, BatchJob& job, int32_t expert, const std::vector<Slice>& slices) {
-  const int64_t hidden = experts.hidden();
-  int64_t total = 0;
-  for (const Slice& s : slices) total += s.count;
-  std::vector<float> x(size_t(total * hidden)), y(size_t(total * hidden));
-  int64_t at = 0;
-  for (const Slice& s : slices) {
-    const auto& rows = job.requests[s.req].rows;
-    std::copy_n(rows.begin() + s.offset * hidden, s.count * hidden, x.begin() + at * hidden);
-    at += s.count;
+// The batch's rows, request after request, and where each request starts in them.
+struct BatchRows {
+  std::vector<float> x;
+  std::vector<int64_t> first_row;  // per request
+  int64_t rows = 0;
+};
+
+// One backend call for some experts of the batch: each expert over its rows of every request,
+// results split back into the requests' outputs (experts write disjoint ranges of them).
+void compute_experts(const HostedExperts& hosted, BatchJob& job, const BatchRows& batch,
+                     const std::vector<ExpertSlices>& part) {
+  const int64_t hidden = hosted.hidden();
+  std::vector<std::vector<int32_t>> rows(part.size());
+  std::vector<std::vector<float>> results(part.size());
+  std::vector<ExpertRows> calls;
+  for (size_t i = 0; i < part.size(); ++i) {
+    for (const Slice& s : part[i].slices)
+      for (int64_t j = 0; j < s.count; ++j) rows[i].push_back(int32_t(batch.first_row[s.req] + s.offset + j));
+    results[i].resize(rows[i].size() * size_t(hidden));
+    calls.push_back({&hosted.mlp(job.layer, part[i].expert), rows[i], results[i].data()});
   }
-  experts.backend().mlp(experts.mlp(job.layer, expert), x.data(), total, hidden, y.data());
-  at = 0;
-  for (const Slice& s : slices) {  // experts write disjoint ranges of the outputs
-    std::copy_n(y.begin() + at * hidden, s.count * hidden, job.outputs[s.req].begin() + s.offset * hidden);
-    at += s.count;
+  hosted.backend().grouped_mlp(batch.x.data(), batch.rows, hidden, calls);
+  for (size_t i = 0; i < part.size(); ++i) {
+    int64_t at = 0;
+    for (const Slice& s : part[i].slices) {
+      std::copy_n(results[i].begin() + at * hidden, s.count * hidden, job.outputs[s.req].begin() + s.offset * hidden);
+      at += s.count;
+    }
   }
 }
 
@@ -94,6 +111,7 @@ void compute_expert(const HostedExperts& experts, BatchJob& job, int32_t expert,
 void run_batch(const HostedExperts& experts, ComputePool& pool, BatchJobPtr job, std::function<void(BatchJobPtr)> done) {
   const int64_t hidden = experts.hidden();
   std::map<int32_t, std::vector<Slice>> per_expert;  // ordered by expert id
+  auto batch = std::make_shared<BatchRows>();
   job->outputs.resize(job->requests.size());
   for (size_t r = 0; r < job->requests.size(); ++r) {
     const PendingRequest& req = job->requests[r];
@@ -103,6 +121,9 @@ void run_batch(const HostedExperts& experts, ComputePool& pool, BatchJobPtr job,
       offset += g.rows;
     }
     job->outputs[r].assign(size_t(offset * hidden), 0.0f);
+    batch->first_row.push_back(batch->rows);
+    batch->rows += offset;
+    batch->x.insert(batch->x.end(), req.rows.begin(), req.rows.begin() + offset * hidden);
   }
   job->experts = int(per_expert.size());
   job->started = std::chrono::steady_clock::now();
@@ -111,15 +132,24 @@ void run_batch(const HostedExperts& experts, ComputePool& pool, BatchJobPtr job,
     done(job);
     return;
   }
-  job->remaining = int(per_expert.size());
+  // As many backend calls as the backend can use at once (CPU: one per expert, in parallel on the
+  // pool; CUDA: one grouped call for the whole layer), experts dealt round-robin.
+  const size_t calls = size_t(std::min<int64_t>(int64_t(per_expert.size()), experts.backend().useful_concurrency()));
+  std::vector<std::vector<ExpertSlices>> parts(calls);
+  size_t i = 0;
+  for (auto& [expert, slices] : per_expert) parts[i++ % calls].push_back({expert, std::move(slices)});
+  job->remaining = int(calls);
   auto shared_done = std::make_shared<std::function<void(BatchJobPtr)>>(std::move(done));
-  for (auto& [expert, slices] : per_expert)
-    pool.submit([&experts, job, expert = expert, slices = std::move(slices), shared_done] {
+  for (auto& part : parts)
+    pool.submit([&experts, job, batch, part = std::move(part), shared_done] {
       try {
-        compute_expert(experts, *job, expert, slices);
+        compute_experts(experts, *job, *batch, part);
       } catch (const std::exception& e) {
+        std::string which;
+        for (const auto& p : part) which += (which.empty() ? "" : ", ") + std::to_string(p.expert);
         std::lock_guard<std::mutex> lk(job->error_mu);
-        job->error = "expert " + std::to_string(expert) + " of layer " + std::to_string(job->layer) + ": " + e.what();
+        job->error = (part.size() == 1 ? "expert " : "experts ") + which + " of layer " + std::to_string(job->layer) +
+                     ": " + e.what();
       }
       if (job->remaining.fetch_sub(1) == 1) {
         job->finished = std::chrono::steady_clock::now();

@@ -83,7 +83,7 @@ struct BatchJob {
   std::vector<PendingRequest> requests;
   std::vector<std::vector<float>> outputs;  // per request, [its rows, hidden]
   std::string error;                        // non-empty: the batch failed (all its requests)
-  int experts = 0;                          // distinct experts computed (one backend MLP each)
+  int experts = 0;                          // distinct experts computed
   std::chrono::steady_clock::time_point queued, started, finished;
 
   // private to run_batch
@@ -92,10 +92,11 @@ struct BatchJob {
 };
 using BatchJobPtr = std::shared_ptr<BatchJob>;
 
-// Runs the batch on the pool: per expert, the rows of every request are concatenated (in
-// request order), computed with one ComputeBackend::mlp (CPU: mlp_forward; CUDA: three cuBLAS
-// GEMMs, calls serialised by the backend) and split back. Experts run as parallel pool
-// tasks; `done` is called once, on a pool thread, when the last one finishes.
+// Runs the batch on the pool: every expert computes the rows of every request that chose it (in
+// request order) through ComputeBackend::grouped_mlp, split into as many calls as the backend
+// can use at once (CPU: one per expert, as parallel pool tasks, each an mlp_forward; CUDA: one
+// call whose three projections are grouped GEMMs over all the experts); the results are split
+// back per request. `done` is called once, on a pool thread, when the last call finishes.
 void run_batch(const HostedExperts& experts, ComputePool& pool, BatchJobPtr job, std::function<void(BatchJobPtr)> done);
 
 }  // namespace moemesh::actors

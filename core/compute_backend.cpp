@@ -26,6 +26,21 @@ DeviceSpec parse_device(std::string_view s) {
   throw Error("unknown device \"" + std::string(s) + "\" (expected cpu, cuda or cuda:N)");
 }
 
+void ComputeBackend::grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts) {
+  std::vector<float> gathered;
+  for (const ExpertRows& e : experts) {
+    if (!e.weights || !e.out) throw Error("grouped mlp: an expert without weights or output");
+    gathered.resize(e.rows.size() * size_t(hidden));
+    for (size_t i = 0; i < e.rows.size(); ++i) {
+      const int32_t r = e.rows[i];
+      if (r < 0 || r >= x_rows)
+        throw Error("grouped mlp: row " + std::to_string(r) + " outside the " + std::to_string(x_rows) + " rows of x");
+      std::copy_n(x + int64_t(r) * hidden, hidden, gathered.begin() + ptrdiff_t(i * size_t(hidden)));
+    }
+    if (!e.rows.empty()) mlp(*e.weights, gathered.data(), int64_t(e.rows.size()), hidden, e.out);
+  }
+}
+
 namespace {
 
 class CpuBackend final : public ComputeBackend {

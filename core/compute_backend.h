@@ -9,7 +9,9 @@
 // make_kv_cache). The CPU backend is the reference: its numerics are the engine's.
 #pragma once
 #include <cstdint>
+#include <limits>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -31,6 +33,14 @@ struct BatchLayout {
   std::vector<Span> spans;
   std::vector<int32_t> positions;  // per row
   int64_t rows = 0;
+};
+
+// One expert's share of a grouped MLP call: the rows of x it computes (any order, repeats
+// allowed) and where its [rows.size(), hidden] results go.
+struct ExpertRows {
+  const MlpWeights* weights = nullptr;
+  std::span<const int32_t> rows;
+  float* out = nullptr;
 };
 
 struct DeviceSpec {
@@ -64,6 +74,15 @@ class ComputeBackend {
                                const BatchLayout& layout, float* x) = 0;
   // SwiGLU: out[rows, hidden] = down(silu(gate(x)) * up(x)).
   virtual void mlp(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out) = 0;
+  // The SwiGLU MLPs of several experts of one layer in one call, each over its rows of
+  // x[x_rows, hidden] (the rows are gathered by the backend). The default is one mlp() per
+  // expert; the CUDA backend gathers on the device and runs each projection of all the experts
+  // as one grouped GEMM.
+  virtual void grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts);
+  // How many calls are worth running at once from several threads: a CPU backend computes on the
+  // calling thread (no limit); a GPU backend serialises its calls, so splitting work across
+  // threads only adds launches.
+  virtual int useful_concurrency() const { return std::numeric_limits<int>::max(); }
 };
 
 // The CPU reference backend (stateless: one instance serves every thread).

@@ -88,16 +88,19 @@ void LocalExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, std
                               std::vector<std::vector<float>>& outputs) {
   const LayerWeights& lw = weights_.layers.at(size_t(layer));
   outputs.resize(groups.size());
-  std::vector<float> x;
+  std::vector<ExpertRows> experts;
+  experts.reserve(groups.size());
+  int64_t h_rows = 0;
   for (size_t i = 0; i < groups.size(); ++i) {
     const ExpertGroup& g = groups[i];
     if (g.expert < 0 || size_t(g.expert) >= lw.experts.size() || !lw.experts[size_t(g.expert)])
       throw Error("moe: expert " + std::to_string(g.expert) + " of layer " + std::to_string(layer) +
                   " is not loaded here");
-    gather_rows(h, hidden, g, x);
-    outputs[i].resize(x.size());
-    backend_->mlp(*lw.experts[size_t(g.expert)], x.data(), int64_t(g.rows.size()), hidden, outputs[i].data());
+    outputs[i].resize(g.rows.size() * size_t(hidden));
+    experts.push_back({&*lw.experts[size_t(g.expert)], g.rows, outputs[i].data()});
+    for (int32_t r : g.rows) h_rows = std::max<int64_t>(h_rows, int64_t(r) + 1);
   }
+  backend_->grouped_mlp(h, h_rows, hidden, experts);
 }
 
 void combine(const Routing& r, std::span<const ExpertGroup> groups, const std::vector<std::vector<float>>& outputs,

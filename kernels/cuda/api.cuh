@@ -82,6 +82,10 @@ Status rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int
 Status silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, float* out,
                 cudaStream_t stream);
 
+// silu_mul with gate, up and out in `dtype` (F32/F16/BF16; the math in f32, rounded once).
+Status silu_mul_as(const void* gate, const void* up, int64_t rows, int64_t n, void* out, DType dtype,
+                   cudaStream_t stream);
+
 // x[n] += y[n] (the residual add after attention / the MLP).
 Status add_inplace(float* x, const float* y, int64_t n, cudaStream_t stream);
 
@@ -115,6 +119,15 @@ Status matmul(cublasHandle_t blas, const float* x, int64_t rows, int64_t in, con
               DType wdtype, int64_t out, float* y, void* workspace, size_t workspace_bytes,
               cudaStream_t stream);
 
+// The experts of a layer in one cuBLAS call (cublasGemmGroupedBatchedEx): for each group i,
+// y[i][rows[i], out] = x[i][rows[i], in] · w[i][out, in]^T, every matrix in `dtype` (F32, F16 or
+// BF16: cuBLAS's grouped GEMM wants one type throughout), f32 accumulation. rows, x, w and y are
+// host arrays of `groups` entries (x/w/y: device matrices); device_pointers is device scratch for
+// 3 * groups pointers, which must stay untouched until the GEMM has run on `stream`.
+Status grouped_matmul(cublasHandle_t blas, int64_t groups, const int64_t* rows, int64_t in, int64_t out,
+                      const void* const* x, const void* const* w, void* const* y, DType dtype,
+                      void** device_pointers, cudaStream_t stream);
+
 // Owns a cuBLAS handle (pure f32 math mode). Create after the device is selected.
 class Blas {
  public:
@@ -128,6 +141,17 @@ class Blas {
  private:
   cublasHandle_t handle_ = nullptr;
 };
+
+// ---------------------------------------------------------------------------------------------
+// Expert rows (kernels/cuda/moe.cu)
+
+// out[n, dim] (in out_dtype: F32/F16/BF16) = rows index[n] of x[x_rows, dim] (f32): the rows of
+// every expert of a layer, expert after expert, as the grouped GEMM reads them. An index outside
+// [0, x_rows) yields a row of NaN (index lives on the device and cannot be checked here).
+Status gather_rows(const float* x, int64_t x_rows, int64_t dim, const int32_t* index, int64_t n, void* out,
+                   DType out_dtype, cudaStream_t stream);
+// out[n] (f32) = in[n] (F32/F16/BF16).
+Status widen_to_f32(const void* in, DType dtype, int64_t n, float* out, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // Attention over a paged KV cache (kernels/cuda/attention.cu)

@@ -36,6 +36,37 @@ __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// out[b] = rows index[b] of src[n_src, dim], converted from S to D; one block per output row. An
+// index outside [0, n_src) gives a row of NaN: loud, never an out-of-bounds read (indices live on
+// the device). The embedding lookup and the experts' row gather.
+template <typename S, typename D>
+__global__ void gather_rows_kernel(const S* __restrict__ src, int64_t n_src, int dim, const int32_t* __restrict__ index,
+                                   D* __restrict__ out) {
+  const int32_t r = index[blockIdx.x];
+  D* o = out + size_t(blockIdx.x) * dim;
+  if (r < 0 || r >= n_src) {
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = from_f32<D>(__int_as_float(0x7fc00000));
+    return;
+  }
+  const S* row = src + size_t(r) * dim;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = from_f32<D>(to_f32(row[i]));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

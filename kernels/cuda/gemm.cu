@@ -1,7 +1,9 @@
 // y = x · W^T through cublasGemmEx with f32 accumulation. cuBLAS wants both inputs in one type,
 // so with a 16-bit W the activations are first rounded to W's type (a small, memory-bound pass).
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <vector>
 
 #include "kernels/cuda/common.cuh"
 
@@ -9,21 +11,10 @@ namespace moemesh::cuda {
 namespace {
 
 template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <typename T>
 __global__ void convert_kernel(const float* __restrict__ src, T* __restrict__ dst, int64_t n) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
-    dst[i] = from_f32<T>(src[i]);
+    dst[i] = detail::from_f32<T>(src[i]);
 }
 
 cudaDataType_t cuda_type(DType t) {
@@ -83,6 +74,52 @@ Status matmul(cublasHandle_t blas, const float* x, int64_t rows, int64_t in, con
   MOEMESH_CUBLAS_TRY(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, int(out), int(rows), int(in),
                                   &alpha, w, t, int(in), b, t, int(in), &beta, y, CUDA_R_32F,
                                   int(out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return {};
+}
+
+Status grouped_matmul(cublasHandle_t blas, int64_t groups, const int64_t* rows, int64_t in, int64_t out,
+                      const void* const* x, const void* const* w, void* const* y, DType dtype,
+                      void** device_pointers, cudaStream_t stream) {
+  MOEMESH_CUDA_REQUIRE_PTR(blas);
+  MOEMESH_CUDA_REQUIRE_PTR(rows);
+  MOEMESH_CUDA_REQUIRE_PTR(x);
+  MOEMESH_CUDA_REQUIRE_PTR(w);
+  MOEMESH_CUDA_REQUIRE_PTR(y);
+  MOEMESH_CUDA_REQUIRE_PTR(device_pointers);
+  MOEMESH_CUDA_REQUIRE_POSITIVE(groups);
+  MOEMESH_CUDA_REQUIRE_POSITIVE(in);
+  MOEMESH_CUDA_REQUIRE_POSITIVE(out);
+  MOEMESH_CUDA_REQUIRE_INT(groups);
+  MOEMESH_CUDA_REQUIRE_INT(in);
+  MOEMESH_CUDA_REQUIRE_INT(out);
+  MOEMESH_CUDA_REQUIRE_FLOAT_DTYPE(dtype);
+  const size_t g = size_t(groups);
+  // The problem descriptions are host arrays; the matrix pointers must be on the device.
+  std::vector<cublasOperation_t> op_w(g, CUBLAS_OP_T), op_x(g, CUBLAS_OP_N);
+  std::vector<int> m(g, int(out)), n(g), k(g, int(in)), ld_w(g, int(in)), ld_x(g, int(in)), ld_y(g, int(out)),
+      size(g, 1);
+  std::vector<float> alpha(g, 1.0f), beta(g, 0.0f);
+  std::vector<const void*> pointers(3 * g);
+  for (size_t i = 0; i < g; ++i) {
+    MOEMESH_CUDA_REQUIRE(rows[i] > 0 && rows[i] <= INT_MAX,
+                         "group " + std::to_string(i) + " has " + std::to_string(rows[i]) + " rows");
+    MOEMESH_CUDA_REQUIRE(x[i] && w[i] && y[i], "group " + std::to_string(i) + " has a null matrix");
+    n[i] = int(rows[i]);
+    pointers[i] = w[i];
+    pointers[g + i] = x[i];
+    pointers[2 * g + i] = y[i];
+  }
+  // Pageable source: the copy is staged before cudaMemcpyAsync returns, so `pointers` may go.
+  MOEMESH_CUDA_TRY(cudaMemcpyAsync(device_pointers, pointers.data(), pointers.size() * sizeof(void*),
+                                   cudaMemcpyHostToDevice, stream));
+  const void* const* d = device_pointers;
+  // Per group, as matmul(): column-major y^T[out, rows] = W[out, in] (op T) · x^T[in, rows] (op N).
+  const cudaDataType_t t = cuda_type(dtype);
+  MOEMESH_CUBLAS_TRY(cublasSetStream(blas, stream));
+  MOEMESH_CUBLAS_TRY(cublasGemmGroupedBatchedEx(blas, op_w.data(), op_x.data(), m.data(), n.data(), k.data(),
+                                                alpha.data(), d, t, ld_w.data(), d + g, t, ld_x.data(), beta.data(),
+                                                device_pointers + 2 * g, t, ld_y.data(), int(groups), size.data(),
+                                                CUBLAS_COMPUTE_32F));
   return {};
 }
 

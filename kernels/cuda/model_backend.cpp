@@ -252,9 +252,86 @@ class CudaBackend final : public ComputeBackend {
     download(out, d_out, size_t(rows * hidden));
   }
 
+  // Gathers every expert's rows on the device (in the weights' dtype), then gate, up and down are
+  // each one grouped GEMM over all the experts; results come back per expert.
+  void grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts) override {
+    std::vector<const ExpertRows*> live;
+    for (const ExpertRows& e : experts) {
+      if (!e.weights || !e.out) throw Error("grouped mlp: an expert without weights or output");
+      if (!e.rows.empty()) live.push_back(&e);
+    }
+    if (live.empty()) return;
+    const MlpWeights& first = *live[0]->weights;
+    const DType t = first.gate.dtype;
+    const int64_t inter = first.gate.rows();
+    for (const ExpertRows* e : live) {
+      const MlpWeights& w = *e->weights;
+      if (w.gate.dtype != t || w.up.dtype != t || w.down.dtype != t || w.gate.rows() != inter ||
+          w.gate.cols() != hidden)
+        return ComputeBackend::grouped_mlp(x, x_rows, hidden, experts);  // mixed experts: one mlp each
+    }
+    std::lock_guard lock(mu_);
+    select();
+    const int64_t groups = int64_t(live.size());
+    std::vector<int64_t> counts, offsets;
+    gather_index_.clear();
+    for (const ExpertRows* e : live) {
+      offsets.push_back(int64_t(gather_index_.size()));
+      counts.push_back(int64_t(e->rows.size()));
+      for (int32_t r : e->rows) {
+        if (r < 0 || r >= x_rows)
+          throw Error("grouped mlp: row " + std::to_string(r) + " outside the " + std::to_string(x_rows) +
+                      " rows of x");
+        gather_index_.push_back(r);
+      }
+    }
+    const int64_t total = int64_t(gather_index_.size());
+    const size_t elt = dtype_size(t);
+    const float* d_x = upload(kX, x, size_t(x_rows * hidden));
+    const int32_t* d_index = upload(kIds, gather_index_.data(), gather_index_.size());
+    char* d_xg = scratch<char>(kH, size_t(total * hidden) * elt);
+    char* d_gate = scratch<char>(kQ, size_t(total * inter) * elt);
+    char* d_up = scratch<char>(kK, size_t(total * inter) * elt);
+    char* d_y = scratch<char>(kV, size_t(total * hidden) * elt);
+    void** d_pointers = scratch<void*>(kPointers, size_t(3 * groups));
+    check(cuda::gather_rows(d_x, x_rows, hidden, d_index, total, d_xg, t, stream_));
+
+    // One grouped GEMM: per expert, rows at `in` (width in_dim) times `which` weight into `out`.
+    std::vector<const void*> xs(static_cast<size_t>(groups)), ws(static_cast<size_t>(groups));
+    std::vector<void*> ys(static_cast<size_t>(groups));
+    auto project = [&](const char* in, int64_t in_dim, const Weight MlpWeights::*which, char* out, int64_t out_dim) {
+      for (int64_t i = 0; i < groups; ++i) {
+        xs[size_t(i)] = in + size_t(offsets[size_t(i)] * in_dim) * elt;
+        ws[size_t(i)] = weight(live[size_t(i)]->weights->*which);
+        ys[size_t(i)] = out + size_t(offsets[size_t(i)] * out_dim) * elt;
+      }
+      check(cuda::grouped_matmul(blas_.get(), groups, counts.data(), in_dim, out_dim, xs.data(), ws.data(), ys.data(),
+                                 t, d_pointers, stream_));
+    };
+    project(d_xg, hidden, &MlpWeights::gate, d_gate, inter);
+    project(d_xg, hidden, &MlpWeights::up, d_up, inter);
+    check(cuda::silu_mul_as(d_gate, d_up, total, inter, d_gate, t, stream_));
+    project(d_gate, inter, &MlpWeights::down, d_y, hidden);
+    const float* d_out = reinterpret_cast<const float*>(d_y);
+    if (t != DType::F32) {
+      float* wide = scratch<float>(kOut, size_t(total * hidden));
+      check(cuda::widen_to_f32(d_y, t, total * hidden, wide, stream_));
+      d_out = wide;
+    }
+    for (int64_t i = 0; i < groups; ++i)
+      MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpyAsync(live[size_t(i)]->out, d_out + offsets[size_t(i)] * hidden,
+                                                 size_t(counts[size_t(i)] * hidden) * sizeof(float),
+                                                 cudaMemcpyDeviceToHost, stream_));
+    MOEMESH_CUDA_BACKEND_CHECK(cudaStreamSynchronize(stream_));
+    check(cuda::check_last_error());
+  }
+
+  // Calls are serialised on one stream: one grouped call beats several threads taking turns.
+  int useful_concurrency() const override { return 1; }
+
  private:
   // Scratch buffers by role; each grows to the largest request and is then reused.
-  enum Slot { kX, kH, kQ, kK, kV, kAttn, kOut, kIds, kPos, kRowSeq, kSlots, kTables, kGemmWork, kSlotCount };
+  enum Slot { kX, kH, kQ, kK, kV, kAttn, kOut, kIds, kPos, kRowSeq, kSlots, kTables, kGemmWork, kPointers, kSlotCount };
 
   void select() { MOEMESH_CUDA_BACKEND_CHECK(cudaSetDevice(index_)); }
 
@@ -308,7 +385,7 @@ class CudaBackend final : public ComputeBackend {
   cuda::Blas blas_;
   std::unordered_map<const void*, DeviceBuffer> weights_;
   DeviceBuffer scratch_[kSlotCount];
-  std::vector<int32_t> row_seq_, slots_, tables_;
+  std::vector<int32_t> row_seq_, slots_, tables_, gather_index_;
 };
 
 }  // namespace

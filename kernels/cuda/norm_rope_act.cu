@@ -8,6 +8,7 @@
 namespace moemesh::cuda {
 namespace {
 
+using detail::from_f32;
 using detail::to_f32;
 
 // ---- RMSNorm: one block per row. With kResidual, x += r is written back before normalising.
@@ -115,11 +116,12 @@ __global__ void rope_kernel(float* x, int64_t pairs_per_row, int half, int head_
   h[i + half] = x2 * c + x1 * s;
 }
 
-__global__ void silu_mul_kernel(const float* gate, const float* up, float* out, int64_t total) {
+template <typename T>
+__global__ void silu_mul_kernel(const T* gate, const T* up, T* out, int64_t total) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const float g = gate[i];
-    out[i] = g / (1.0f + expf(-g)) * up[i];
+    const float g = to_f32(gate[i]);
+    out[i] = from_f32<T>(g / (1.0f + expf(-g)) * to_f32(up[i]));
   }
 }
 
@@ -128,19 +130,6 @@ __global__ void add_inplace_kernel(float* x, const float* y, int64_t n) {
     x[i] += y[i];
 }
 
-// ---- Embedding: one block per id.
-template <typename T>
-__global__ void embedding_kernel(const T* __restrict__ table, int64_t vocab, int dim,
-                                 const int32_t* __restrict__ ids, float* __restrict__ out) {
-  const int32_t id = ids[blockIdx.x];
-  float* o = out + size_t(blockIdx.x) * dim;
-  if (id < 0 || id >= vocab) {
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __int_as_float(0x7fc00000);  // NaN
-    return;
-  }
-  const T* row = table + size_t(id) * dim;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = to_f32(row[i]);
-}
 
 }  // namespace
 
@@ -178,6 +167,12 @@ Status rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int
 
 Status silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, float* out,
                 cudaStream_t stream) {
+  return silu_mul_as(gate, up, rows, n, out, DType::F32, stream);
+}
+
+Status silu_mul_as(const void* gate, const void* up, int64_t rows, int64_t n, void* out, DType dtype,
+                   cudaStream_t stream) {
+  MOEMESH_CUDA_REQUIRE_FLOAT_DTYPE(dtype);
   MOEMESH_CUDA_REQUIRE_PTR(gate);
   MOEMESH_CUDA_REQUIRE_PTR(up);
   MOEMESH_CUDA_REQUIRE_PTR(out);
@@ -188,7 +183,11 @@ Status silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, flo
   constexpr int kThreads = 256;
   // Grid-stride loop; a few waves of blocks are enough to saturate memory.
   const unsigned blocks = unsigned(std::min<int64_t>(detail::blocks_for(total, kThreads), 65536));
-  silu_mul_kernel<<<blocks, kThreads, 0, stream>>>(gate, up, out, total);
+  detail::dispatch_float(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    silu_mul_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(gate), static_cast<const T*>(up),
+                                                     static_cast<T*>(out), total);
+  });
   MOEMESH_CUDA_CHECK_LAUNCH();
   return {};
 }
@@ -218,7 +217,7 @@ Status embedding(const void* table, DType dtype, int64_t vocab, int64_t dim, con
   const int threads = dim >= 256 ? 256 : int((dim + 31) / 32 * 32);
   detail::dispatch_float(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    embedding_kernel<T><<<unsigned(n), threads, 0, stream>>>(static_cast<const T*>(table), vocab,
+    detail::gather_rows_kernel<T, float><<<unsigned(n), threads, 0, stream>>>(static_cast<const T*>(table), vocab,
                                                              int(dim), ids, out);
   });
   MOEMESH_CUDA_CHECK_LAUNCH();

@@ -1,6 +1,8 @@
 // An expert host's batch on the CUDA backend (`moemesh-expert --device cuda`) against the same
 // batch on the CPU backend: every expert of a layer, requests of uneven sizes, f32 weights (so
-// cuBLAS and the CPU sgemm differ only by summation order). Skips with "no CUDA device: ...".
+// cuBLAS and the CPU sgemm differ only by summation order); and the backend's grouped MLP (one
+// grouped GEMM per projection over a layer's experts) with F32 and BF16 weights. Skips with
+// "no CUDA device: ...".
 #include <gtest/gtest.h>
 
 #include <unistd.h>
@@ -71,4 +73,50 @@ TEST(GpuExperts, BatchOnCudaMatchesCpu) {
   std::printf("%s: expert batch worst relative difference %.3g\n", gpu.backend().name().c_str(), worst);
   EXPECT_LT(worst, 1e-5);
   std::filesystem::remove_all(dir);
+}
+
+// grouped_mlp on the device (rows gathered there, three grouped GEMMs) against the CPU backend's
+// (one mlp_forward per expert), on rows given in any order with repeats and an expert with none.
+// BF16: the grouped GEMM keeps every matrix in BF16 (x, gate/up, their SwiGLU, the output are
+// each rounded once: unit roundoff 2^-8), so the normwise bound is 2e-2; F32 differs only by
+// summation order.
+TEST(GpuExperts, GroupedMlpMatchesCpu) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::device_error();
+  for (DType dtype : {DType::F32, DType::BF16}) {
+    const auto dir = std::filesystem::temp_directory_path() /
+                     ("moemesh-gpu-grouped-" + std::to_string(::getpid()) + std::string(dtype_name(dtype)));
+    ModelConfig cfg = model_preset(Arch::Mixtral, "tiny");
+    cfg.vocab_size = 256;
+    WriteOptions o;
+    o.dtype = dtype;
+    write_model(cfg, dir, o);
+    auto ckpt = Checkpoint::open(dir);
+    const ModelWeights weights = ckpt->load(WeightSelection{});
+    const int64_t hidden = cfg.hidden_size, x_rows = 40;
+    std::mt19937 rng(11);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float> x(size_t(x_rows * hidden));
+    for (float& v : x) v = nd(rng);
+    const std::vector<std::vector<int32_t>> rows{{39, 0, 5, 5, 17}, {}, {1}, {2, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 20}};
+    auto run = [&](ComputeBackend& backend) {
+      std::vector<std::vector<float>> out(rows.size());
+      std::vector<ExpertRows> experts;
+      for (size_t e = 0; e < rows.size(); ++e) {
+        out[e].assign(rows[e].size() * size_t(hidden), std::nanf(""));
+        experts.push_back({&*weights.layers[1].experts[e], rows[e], out[e].data()});
+      }
+      backend.grouped_mlp(x.data(), x_rows, hidden, experts);
+      return out;
+    };
+    const auto gpu = run(*make_compute_backend(parse_device("cuda:0")));
+    const auto cpu = run(*cpu_backend());
+    const double bound = dtype == DType::F32 ? 1e-5 : 2e-2;
+    for (size_t e = 0; e < rows.size(); ++e) {
+      if (rows[e].empty()) continue;
+      const double d = moemesh::testing::rel_diff(gpu[e], cpu[e]);
+      std::printf("grouped mlp %s expert %zu: relative difference %.3g\n", dtype_name(dtype).data(), e, d);
+      EXPECT_LT(d, bound) << dtype_name(dtype) << " expert " << e;
+    }
+    std::filesystem::remove_all(dir);
+  }
 }

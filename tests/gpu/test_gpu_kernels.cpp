@@ -189,6 +189,16 @@ TEST(GpuArgs, RejectedBeforeLaunch) {
   auto* fake_blas = reinterpret_cast<cublasHandle_t>(uintptr_t(256));
   expect_error(mc::matmul(fake_blas, fake, 2, 8, fake, DType::BF16, 8, fake, nullptr, 0, nullptr),
                "matmul_workspace_bytes");
+  const int64_t rows2[] = {3, 0};
+  const void* const ptrs[] = {fake, fake};
+  void* const outs[] = {fake, fake};
+  void** dptrs = reinterpret_cast<void**>(fake);
+  expect_error(mc::grouped_matmul(fake_blas, 2, rows2, 8, 8, ptrs, ptrs, outs, DType::BF16, dptrs, nullptr),
+               "group 1 has 0 rows");
+  expect_error(mc::grouped_matmul(fake_blas, 2, rows2, 8, 8, ptrs, ptrs, outs, DType::I8, dptrs, nullptr),
+               "F32, F16 or BF16");
+  expect_error(mc::gather_rows(fake, 4, 8, ifake, 0, fake, DType::F32, nullptr), "n must be > 0");
+  expect_error(mc::silu_mul_as(fake, fake, 1, 8, fake, DType::I32, nullptr), "F32, F16 or BF16");
   EXPECT_EQ(mc::matmul_workspace_bytes(2, 8, DType::BF16), 32u);
   EXPECT_EQ(mc::matmul_workspace_bytes(2, 8, DType::F32), 0u);
 
@@ -293,6 +303,34 @@ TEST_F(Gpu, SiluMulMatchesCpu) {
   STATUS_OK(mc::silu_mul(dg.get(), du.get(), rows, n, dg.get(), stream_));
   sync();
   expect_close(dg.download(), ref, 1e-5, "silu_mul in place");
+}
+
+// Rows gathered by index (repeats, any order) in each dtype, then widened back: the round trip is
+// the dtype's rounding of each value; a bad index gives a NaN row.
+TEST_F(Gpu, GatherRowsAndWiden) {
+  const int x_rows = 50, dim = 300;
+  const auto x = random_floats(rng_, size_t(x_rows) * dim);
+  const std::vector<int32_t> index{7, 0, 49, 7, 12, 3};
+  for (DType t : {DType::F32, DType::F16, DType::BF16}) {
+    DeviceVec<float> dx(x), wide(index.size() * dim);
+    DeviceVec<int32_t> didx(index);
+    DeviceVec<uint8_t> narrow(index.size() * dim * moemesh::dtype_size(t));
+    STATUS_OK(mc::gather_rows(dx.get(), x_rows, dim, didx.get(), int64_t(index.size()), narrow.get(), t, stream_));
+    STATUS_OK(mc::widen_to_f32(narrow.get(), t, int64_t(index.size()) * dim, wide.get(), stream_));
+    sync();
+    std::vector<float> ref(index.size() * dim);
+    for (size_t i = 0; i < index.size(); ++i) {
+      std::vector<float> row(x.begin() + index[i] * dim, x.begin() + (index[i] + 1) * dim);
+      const auto bytes = encode(t, row);
+      moemesh::to_f32(t, bytes.data(), ref.data() + i * dim, size_t(dim));
+    }
+    EXPECT_EQ(wide.download(), ref) << dtype_str(t);
+  }
+  DeviceVec<float> dx(x), out(static_cast<size_t>(dim));
+  DeviceVec<int32_t> bad(std::vector<int32_t>{x_rows});
+  STATUS_OK(mc::gather_rows(dx.get(), x_rows, dim, bad.get(), 1, out.get(), DType::F32, stream_));
+  sync();
+  for (float v : out.download()) ASSERT_TRUE(std::isnan(v));
 }
 
 TEST_F(Gpu, EmbeddingMatchesCpu) {

@@ -6,6 +6,8 @@
 #include <atomic>
 #include <cmath>
 #include <future>
+#include <limits>
+#include <span>
 #include <random>
 
 #include "actors/expert_batcher.h"
@@ -208,8 +210,14 @@ class CountingBackend final : public ComputeBackend {
     rows_seen.fetch_add(rows);
     cpu_->mlp(w, x, rows, hidden, out);
   }
-  std::atomic<int> calls{0};
+  void grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts) override {
+    grouped_calls.fetch_add(1);
+    ComputeBackend::grouped_mlp(x, x_rows, hidden, experts);
+  }
+  int useful_concurrency() const override { return concurrency; }
+  std::atomic<int> calls{0}, grouped_calls{0};
   std::atomic<int64_t> rows_seen{0};
+  int concurrency = std::numeric_limits<int>::max();
 
  private:
   std::shared_ptr<ComputeBackend> cpu_ = cpu_backend();
@@ -217,10 +225,14 @@ class CountingBackend final : public ComputeBackend {
 
 }  // namespace
 
+// A backend that serialises its calls (CUDA) gets the whole batch in one grouped call; one that
+// computes on the caller's thread (CPU) gets one call per expert, run in parallel on the pool.
 TEST_F(BatchedCompute, ExpertsComputeOnTheHostsBackend) {
+  for (const int concurrency : {std::numeric_limits<int>::max(), 1}) {
   auto ckpt = Checkpoint::open(model_.path());
   const int64_t hidden = ckpt->config().hidden_size;
   auto backend = std::make_shared<CountingBackend>();
+  backend->concurrency = concurrency;
   HostedExperts hosted(ckpt, all_experts(ckpt->config()), backend);
   HostedExperts reference(ckpt, all_experts(ckpt->config()));  // the default: the CPU backend
   ComputePool pool(2);
@@ -248,5 +260,7 @@ TEST_F(BatchedCompute, ExpertsComputeOnTheHostsBackend) {
   EXPECT_EQ(backend->calls.load(), 2) << "one backend MLP per distinct expert (1 and 3)";
   EXPECT_EQ(backend->rows_seen.load(), 7);
   EXPECT_EQ(out->outputs, ref->outputs) << "the CPU backend is the reference: the same numbers";
+  EXPECT_EQ(backend->grouped_calls.load(), concurrency == 1 ? 1 : 2) << "concurrency " << concurrency;
   EXPECT_EQ(&reference.backend(), cpu_backend().get());
+  }
 }
