@@ -77,6 +77,14 @@ StepServerMetrics::StepServerMetrics(prometheus::Registry& r, std::shared_ptr<co
       publish_failures_(counter(r, "moemesh_attention_kvstore_failures_total",  // same family (registry merges)
                                 "KV store requests that failed (timeout, error or bad reply), by operation.",
                                 {{"op", "publish"}})),
+      sampled_summary_(counter(r, "moemesh_attention_sampled_tokens_total",
+                               "Tokens sampled, by what the sampler read: a logits summary (top-k and normalisers "
+                               "from the device) or the full logits row.",
+                               {{"from", "summary"}})),
+      sampled_full_row_(counter(r, "moemesh_attention_sampled_tokens_total",  // same family
+                                "Tokens sampled, by what the sampler read: a logits summary (top-k and normalisers "
+                                "from the device) or the full logits row.",
+                                {{"from", "full_row"}})),
       mb_step_seconds_(counter(r, "moemesh_attention_microbatch_step_seconds_total",
                                "Wall time of steps run as two micro-batches.")),
       mb_overlap_seconds_(counter(r, "moemesh_attention_microbatch_overlap_seconds_total",
@@ -119,6 +127,8 @@ void StepServerMetrics::update(const StepWorkerCounts& c) {
   computed_.Increment(double(c.prompt_tokens_computed - seen_.prompt_tokens_computed));
   skipped_.Increment(double(c.prompt_tokens_skipped - seen_.prompt_tokens_skipped));
   published_.Increment(double(c.published_blocks - seen_.published_blocks));
+  sampled_summary_.Increment(double(c.sampled_from_summary - seen_.sampled_from_summary));
+  sampled_full_row_.Increment(double(c.sampled_from_full_row - seen_.sampled_from_full_row));
   mb_step_seconds_.Increment(c.microbatch_step_seconds - seen_.microbatch_step_seconds);
   mb_overlap_seconds_.Increment(c.microbatch_overlap_seconds - seen_.microbatch_overlap_seconds);
   if (c.microbatch_steps != seen_.microbatch_steps) overlap_ratio_.Set(c.last_overlap_ratio);

@@ -47,6 +47,7 @@ class StepServerMetrics {
   uint64_t seen_tier_hits_ = 0;
   prometheus::Counter &query_tokens_, &hit_tokens_, &computed_, &skipped_, &published_;
   prometheus::Counter &fetch_failures_, &publish_failures_;
+  prometheus::Counter &sampled_summary_, &sampled_full_row_;
   prometheus::Counter &mb_step_seconds_, &mb_overlap_seconds_;
   prometheus::Gauge& overlap_ratio_;
   prometheus::Histogram& step_seconds_;

@@ -205,6 +205,7 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
     }
     blocks_left -= need;
     inputs.push_back({s.id, std::vector<int32_t>(w.tokens().begin() + skip, w.tokens().end()), false, s.trace()});
+    if (opts_.sample_from_summaries && w.sample() && !w.return_logits()) inputs.back().summary = s.sampler.logits_request();
     admitted.push_back(&w);
     s.fed += n;
     counts_.prompt_tokens_skipped += uint64_t(std::min(skip, prompt_in_chunk));
@@ -235,14 +236,21 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
     r->set_token(-1);
     r->set_logits_tensor(-1);
     if (auto c = cached.find(w.seq()); c != cached.end()) r->set_cached_tokens(int32_t(c->second));
-    const std::span<const float> row(outs[i].logits.data(), size_t(cfg.vocab_size));
     if (w.return_logits()) {
       r->set_logits_tensor(int32_t(logits.size()));
-      logits.emplace_back(row.begin(), row.end());
+      logits.push_back(outs[i].logits);
     }
     if (w.sample()) {
       const auto t0 = std::chrono::steady_clock::now();
-      SampledToken t = s.sampler.sample(row);
+      std::optional<SampledToken> chosen;
+      if (outs[i].summary) chosen = s.sampler.sample_from(*inputs[i].summary, *outs[i].summary);
+      if (chosen) {
+        ++counts_.sampled_from_summary;
+      } else {
+        ++counts_.sampled_from_full_row;
+        chosen = s.sampler.sample(outs[i].summary ? engine_->full_logits(outs[i]) : outs[i].logits);
+      }
+      const SampledToken& t = *chosen;
       phases_.sampling += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       ++s.generated;
       r->set_token(t.id);

@@ -47,6 +47,9 @@ struct StepWorkerOptions {
   std::string model_id;                       // namespaces the block keys
   int micro_batches = 2;                      // 1, or 2 (used for steps of >= 2 sequences)
   std::shared_ptr<ExpertWaitLog> expert_waits;  // what the expert executor recorded; null: not measured
+  // Sample from the backend's logits summaries (core/logits_summary.h) and fetch a full row only
+  // when a summary cannot decide: on a GPU the logits then stay on the device.
+  bool sample_from_summaries = false;
 };
 
 // Totals since start (read on the compute thread, or after it is done with a step).
@@ -60,6 +63,8 @@ struct StepWorkerCounts {
   double microbatch_step_seconds = 0;   // their wall time
   double microbatch_overlap_seconds = 0;  // of it, one half's experts in flight while the other computed
   double last_overlap_ratio = 0;        // of the latest such step
+  uint64_t sampled_from_summary = 0;    // tokens chosen from a logits summary
+  uint64_t sampled_from_full_row = 0;   // tokens chosen from a full logits row
 };
 
 class StepWorker {

@@ -41,6 +41,20 @@ void ComputeBackend::grouped_mlp(const float* x, int64_t x_rows, int64_t hidden,
   }
 }
 
+std::vector<LogitsSummary> ComputeBackend::logits_summaries(const float* x, int64_t rows, const Weight& lm_head,
+                                                            std::span<const LogitsRequest> requests) {
+  if (int64_t(requests.size()) != rows)
+    throw Error("logits summaries: " + std::to_string(requests.size()) + " requests for " + std::to_string(rows) +
+                " rows");
+  const int64_t vocab = lm_head.rows();
+  std::vector<float> logits(size_t(rows * vocab));
+  matmul(x, rows, lm_head, logits.data());
+  std::vector<LogitsSummary> out;
+  for (int64_t r = 0; r < rows; ++r)
+    out.push_back(summarise_logits(std::span(logits).subspan(size_t(r * vocab), size_t(vocab)), requests[size_t(r)]));
+  return out;
+}
+
 namespace {
 
 class CpuBackend final : public ComputeBackend {

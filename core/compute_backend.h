@@ -18,6 +18,7 @@
 
 #include "core/checkpoint.h"
 #include "core/kv_cache.h"
+#include "core/logits_summary.h"
 #include "core/model_config.h"
 
 namespace moemesh {
@@ -79,6 +80,12 @@ class ComputeBackend {
   // expert; the CUDA backend gathers on the device and runs each projection of all the experts
   // as one grouped GEMM.
   virtual void grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts);
+  // Per row of x [rows, lm_head.cols()] (final-normed hidden states): its lm_head logits
+  // summarised as requests[row] asks (core/logits_summary.h). The default computes the rows with
+  // matmul() and summarises them on the host; the CUDA backend keeps the logits on the device and
+  // copies back only the summaries.
+  virtual std::vector<LogitsSummary> logits_summaries(const float* x, int64_t rows, const Weight& lm_head,
+                                                      std::span<const LogitsRequest> requests);
   // How many calls are worth running at once from several threads: a CPU backend computes on the
   // calling thread (no limit); a GPU backend serialises its calls, so splitting work across
   // threads only adds launches.

@@ -228,23 +228,47 @@ std::vector<StepOutput> Engine::forward(std::span<const StepInput> part, ExpertE
     ffn_block(cfg_, lw, l, *backend_, experts, x.data(), rows);
   }
 
-  // Final norm and lm_head only on the rows whose logits were asked for.
-  std::vector<StepOutput> outs;
+  // Final norm and lm_head only on the rows whose logits were asked for; the rows that want a
+  // summary go through the backend together.
+  std::vector<StepOutput> outs(part.size());
   std::vector<float> normed;
+  std::vector<size_t> summarised;
   for (size_t i = 0; i < part.size(); ++i) {
     const auto& sp = layout.spans[i];
-    StepOutput out;
+    StepOutput& out = outs[i];
     out.seq = sp.seq;
     out.n = part[i].all_logits ? sp.n : 1;
     const int64_t first_row = sp.row0 + sp.n - out.n;
     out.first_position = sp.pos0 + (sp.n - out.n);
     normed.resize(size_t(out.n * hidden));
     backend_->rmsnorm(x.data() + first_row * hidden, weights_.final_norm, out.n, cfg_.rms_norm_eps, normed.data());
+    if (part[i].summary && !part[i].all_logits) {
+      out.final_hidden = normed;
+      summarised.push_back(i);
+      continue;
+    }
     out.logits.resize(size_t(out.n * cfg_.vocab_size));
     backend_->matmul(normed.data(), out.n, weights_.lm_head, out.logits.data());
-    outs.push_back(std::move(out));
+  }
+  if (!summarised.empty()) {
+    std::vector<float> rows;
+    std::vector<LogitsRequest> requests;
+    for (size_t i : summarised) {
+      rows.insert(rows.end(), outs[i].final_hidden.begin(), outs[i].final_hidden.end());
+      requests.push_back(*part[i].summary);
+    }
+    auto summaries = backend_->logits_summaries(rows.data(), int64_t(summarised.size()), weights_.lm_head, requests);
+    for (size_t j = 0; j < summarised.size(); ++j) outs[summarised[j]].summary = std::move(summaries[j]);
   }
   return outs;
+}
+
+std::vector<float> Engine::full_logits(const StepOutput& out) {
+  if (out.final_hidden.size() != size_t(cfg_.hidden_size))
+    throw Error("engine: full logits need the final hidden row of a summarised output");
+  std::vector<float> logits(size_t(cfg_.vocab_size));
+  backend_->matmul(out.final_hidden.data(), 1, weights_.lm_head, logits.data());
+  return logits;
 }
 
 }  // namespace moemesh

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <thread>
 #include <utility>
@@ -17,6 +18,7 @@
 #include "core/checkpoint.h"
 #include "core/compute_backend.h"
 #include "core/kv_cache.h"
+#include "core/logits_summary.h"
 #include "core/model_config.h"
 #include "core/moe.h"
 #include "core/trace_ref.h"
@@ -42,6 +44,9 @@ struct StepInput {
   // Opaque to the engine: the request these rows serve, so an ExpertExecutor that traces can
   // name it (actors/remote_experts.cpp puts it in its DispatchRequests).
   TraceRef trace{};
+  // Instead of the last position's logits, their summary for a sampler (core/logits_summary.h):
+  // on a GPU backend the row never leaves the device. Ignored with all_logits.
+  std::optional<LogitsRequest> summary{};
 };
 
 // The inputs of the forward pass running on the calling thread, in row order (their tokens
@@ -76,7 +81,9 @@ struct StepOutput {
   SeqId seq = 0;
   int64_t first_position = 0;  // position of the first logits row
   int64_t n = 0;               // logits rows
-  std::vector<float> logits;   // [n, vocab]
+  std::vector<float> logits;   // [n, vocab]; empty when a summary was asked for
+  std::optional<LogitsSummary> summary;
+  std::vector<float> final_hidden;  // with a summary: the final-normed row, for Engine::full_logits
 };
 
 class Engine {
@@ -106,6 +113,8 @@ class Engine {
   // KV blocks) no cache changes. Outputs are in input order. KV cache room is reserved for
   // the whole batch up front, so the micro-batches only read the pool's bookkeeping.
   std::vector<StepOutput> step(std::span<const StepInput> batch, StepOptions opts = {});
+  // The full logits row of an output that carries a summary (when the summary cannot decide).
+  std::vector<float> full_logits(const StepOutput& out);
   const MicroBatchTiming& last_timing() const { return timing_; }
   const StepLanes& last_lanes() const { return lanes_; }
 

@@ -79,22 +79,31 @@ void Sampler::replay(std::span<const int32_t> generated) {
 
 bool Sampler::is_stop(int32_t id) const { return std::find(stop_.begin(), stop_.end(), id) != stop_.end(); }
 
+bool Sampler::penalties_on() const {
+  return params_.repetition_penalty != 1.0 || params_.presence_penalty != 0.0 || params_.frequency_penalty != 0.0;
+}
+
+float Sampler::penalised(int32_t id, float x) const {
+  if (params_.repetition_penalty != 1.0 && std::binary_search(seen_.begin(), seen_.end(), id)) {
+    const auto p = float(params_.repetition_penalty);
+    x = x > 0 ? x / p : x * p;
+  }
+  if (params_.presence_penalty != 0.0 || params_.frequency_penalty != 0.0)
+    if (auto it = output_counts_.find(id); it != output_counts_.end())
+      x -= float(params_.presence_penalty + params_.frequency_penalty * double(it->second));
+  return x;
+}
+
 std::vector<float> Sampler::process(std::span<const float> logits) const {
   std::vector<float> x(logits.begin(), logits.end());
   const auto vocab = int64_t(x.size());
   auto in_vocab = [&](int32_t id) { return id >= 0 && id < vocab; };
 
-  // Hugging Face repetition penalty over prompt + output.
-  if (params_.repetition_penalty != 1.0) {
-    const auto p = float(params_.repetition_penalty);
+  // Hugging Face repetition penalty over prompt + output, OpenAI presence / frequency penalties
+  // over output tokens (a subset of seen_).
+  if (penalties_on())
     for (int32_t id : seen_)
-      if (in_vocab(id)) x[size_t(id)] = x[size_t(id)] > 0 ? x[size_t(id)] / p : x[size_t(id)] * p;
-  }
-  // OpenAI presence / frequency penalties over output tokens.
-  if (params_.presence_penalty != 0.0 || params_.frequency_penalty != 0.0)
-    for (const auto& [id, count] : output_counts_)
-      if (in_vocab(id))
-        x[size_t(id)] -= float(params_.presence_penalty + params_.frequency_penalty * double(count));
+      if (in_vocab(id)) x[size_t(id)] = penalised(id, x[size_t(id)]);
 
   if (params_.temperature == 0.0) return x;
   for (float& v : x) v = float(double(v) / params_.temperature);
@@ -148,6 +157,124 @@ SampledToken Sampler::sample(std::span<const float> logits) {
     const size_t n = std::min(order.size(), size_t(params_.top_logprobs));
     for (size_t i = 0; i < n; ++i) out.top.emplace_back(order[i], lp[size_t(order[i])]);
   }
+  accept(out.id);
+  return out;
+}
+
+LogitsRequest Sampler::logits_request() const {
+  LogitsRequest r;
+  const int64_t top_k = params_.top_k > 0 && params_.top_k <= 1024 ? params_.top_k : 0;
+  r.k = std::max<int64_t>({64, params_.top_logprobs, top_k});
+  r.temperature = params_.temperature;
+  if (params_.repetition_penalty != 1.0)
+    r.watch = seen_;
+  else if (penalties_on())
+    for (const auto& [id, count] : output_counts_) r.watch.push_back(id);
+  return r;
+}
+
+// Mirrors process() and sample() step by step on the known tokens (the top k and the watched
+// ones). Every other token has a logit <= the k-th largest and no penalty, so after temperature
+// it is at most `bound`; each filter either provably removes all of them or gives up.
+std::optional<SampledToken> Sampler::sample_from(const LogitsRequest& request, const LogitsSummary& summary) {
+  const size_t k = summary.top_ids.size();
+  if (k == 0 || summary.top_values.size() != k || summary.watch_values.size() != request.watch.size())
+    return std::nullopt;
+  const int64_t vocab = summary.vocab;
+  const bool all_top = int64_t(k) >= vocab;
+  if (size_t(params_.top_logprobs) > k && !all_top) return std::nullopt;
+
+  struct Known {
+    int32_t id;
+    float raw, v;  // v: penalised, then over the temperature
+  };
+  std::vector<Known> known;
+  for (size_t i = 0; i < k; ++i) known.push_back({summary.top_ids[i], summary.top_values[i], 0});
+  for (size_t i = 0; i < request.watch.size(); ++i)
+    if (request.watch[i] >= 0 && request.watch[i] < vocab) known.push_back({request.watch[i], summary.watch_values[i], 0});
+  std::sort(known.begin(), known.end(), [](const Known& a, const Known& b) { return a.id < b.id; });
+  known.erase(std::unique(known.begin(), known.end(), [](const Known& a, const Known& b) { return a.id == b.id; }),
+              known.end());
+  // Every penalised token must be known: a request made before the last token is refused.
+  if (request.watch != logits_request().watch) return std::nullopt;
+  const double t = params_.temperature;
+  for (Known& c : known) {
+    c.v = penalised(c.id, c.raw);
+    if (t != 0.0) c.v = float(double(c.v) / t);
+  }
+  bool unknown = int64_t(known.size()) < vocab;  // tokens whose logits the summary does not hold
+  const float floor = summary.top_values[k - 1];
+  const float bound = t != 0.0 ? float(double(floor) / t) : floor;
+
+  SampledToken out;
+  if (t == 0.0) {
+    const Known* best = &known[0];
+    for (const Known& c : known)
+      if (c.v > best->v) best = &c;  // in id order, strict: ties keep the lowest id
+    if (unknown && !(best->v > bound)) return std::nullopt;
+    out.id = best->id;
+  } else {
+    std::vector<Known> kept = known;  // by value descending, ties lowest id first (order_desc)
+    std::stable_sort(kept.begin(), kept.end(), [](const Known& a, const Known& b) { return a.v > b.v; });
+    if (params_.top_k > 0 && params_.top_k < vocab) {
+      if (int64_t(kept.size()) >= params_.top_k) {
+        if (unknown && !(kept[size_t(params_.top_k - 1)].v > bound)) return std::nullopt;
+        kept.resize(size_t(params_.top_k));
+      } else if (unknown) {
+        return std::nullopt;
+      }
+      unknown = false;
+    }
+    if (params_.top_p < 1.0) {
+      // log_softmax over what is kept; the unknown tokens' mass is the whole row's (lse_scaled)
+      // less the known tokens' unpenalised share.
+      double mx = kept[0].v;
+      if (unknown) mx = std::max(mx, double(bound));
+      double mass = 0;
+      for (const Known& c : kept) mass += std::exp(double(c.v) - mx);
+      if (unknown) {
+        double known_raw = 0;
+        for (const Known& c : known) known_raw += std::exp(double(c.raw) / t - mx);
+        mass += std::max(0.0, std::exp(summary.lse_scaled - mx) - known_raw);
+      }
+      const double lse = mx + std::log(mass);
+      double cum = 0.0;
+      size_t keep = 0;
+      while (keep < kept.size() && (keep == 0 || cum < params_.top_p)) {
+        if (unknown && !(kept[keep].v > bound)) return std::nullopt;  // unknown tokens could come first
+        cum += std::exp(double(float(double(kept[keep++].v) - lse)));
+      }
+      if (unknown && cum < params_.top_p) return std::nullopt;  // the nucleus reaches unknown tokens
+      kept.resize(keep);
+      unknown = false;
+    }
+    if (params_.min_p > 0.0) {
+      if (unknown && !(kept[0].v >= bound)) return std::nullopt;
+      const double cut = double(kept[0].v) + std::log(params_.min_p);
+      std::erase_if(kept, [&](const Known& c) { return double(c.v) < cut; });
+      if (unknown && !(double(bound) < cut)) return std::nullopt;
+      unknown = false;
+    }
+    if (unknown) return std::nullopt;  // no cut: the draw needs every token's mass
+    std::sort(kept.begin(), kept.end(), [](const Known& a, const Known& b) { return a.id < b.id; });
+    float mx = kept[0].v;
+    for (const Known& c : kept) mx = std::max(mx, c.v);
+    std::vector<double> cum;
+    double total = 0.0;
+    for (const Known& c : kept) cum.push_back(total += std::exp(double(c.v) - double(mx)));
+    const double u = uniform(rng_) * total;
+    const size_t at = size_t(std::upper_bound(cum.begin(), cum.end(), u) - cum.begin());
+    if (at < kept.size()) {
+      out.id = kept[at].id;
+    } else {  // argmax, ties lowest id
+      out.id = std::find_if(kept.begin(), kept.end(), [&](const Known& c) { return c.v == mx; })->id;
+    }
+  }
+  const auto raw = std::lower_bound(known.begin(), known.end(), Known{out.id, 0, 0},
+                                    [](const Known& a, const Known& b) { return a.id < b.id; });
+  out.logprob = float(double(raw->raw) - summary.lse);
+  for (size_t i = 0; i < std::min(k, size_t(params_.top_logprobs)); ++i)
+    out.top.emplace_back(summary.top_ids[i], float(double(summary.top_values[i]) - summary.lse));
   accept(out.id);
   return out;
 }

@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "core/logits_summary.h"
+
 namespace moemesh {
 
 struct SamplingParams {
@@ -48,6 +50,13 @@ class Sampler {
 
   // Chooses the next token from logits[vocab] and records it as output.
   SampledToken sample(std::span<const float> logits);
+  // What this sampler needs of its next row of logits when the row stays on the device.
+  LogitsRequest logits_request() const;
+  // The token sample() would choose from the row that `summary` summarises (asked for with
+  // `request`, made by logits_request() since the last token), when the summary decides it:
+  // greedy with a clear winner, or a top_k / top_p / min_p cut that stays among the known
+  // tokens. Otherwise nullopt, with nothing drawn or recorded: call sample() with the full row.
+  std::optional<SampledToken> sample_from(const LogitsRequest& request, const LogitsSummary& summary);
   // Records a token chosen elsewhere (e.g. forced) as output.
   void accept(int32_t id);
   // Brings a fresh sampler to where one that had sampled `generated` would be: the same
@@ -68,6 +77,10 @@ class Sampler {
   static double uniform(std::mt19937_64& rng);
 
  private:
+  bool penalties_on() const;
+  // The logit of `id` after the repetition and presence/frequency penalties.
+  float penalised(int32_t id, float logit) const;
+
   SamplingParams params_;
   std::vector<int32_t> stop_;
   std::unordered_map<int32_t, int64_t> output_counts_;

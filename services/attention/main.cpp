@@ -31,7 +31,7 @@ int main(int argc, char** argv) {
   std::string kvstore, model_id;
   int kvstore_timeout_ms = 500, micro_batches = 2;
   int64_t local_prefix_mb = 64;
-  std::string kv_dtype = "f32", device = "cpu";
+  std::string kv_dtype = "f32", device = "cpu", summaries = "auto";
   auto& cli = rt.cli();
   cli.add_option("--model", model_dir, "checkpoint folder")->required();
   cli.add_option("--listen", listen, "step endpoint to bind (ROUTER)");
@@ -43,6 +43,11 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"f32", "int8"}))
       ->capture_default_str();
   cli.add_option("--device", device, "compute backend: cpu, cuda (= cuda:0) or cuda:N")->capture_default_str();
+  cli.add_option("--logits-summaries", summaries,
+                 "sample from top-k + normaliser summaries of the logits, fetching a full row only when a summary "
+                 "cannot decide: on, off, or auto (on with a CUDA device, where the logits then stay on it)")
+      ->check(CLI::IsMember({"auto", "on", "off"}))
+      ->capture_default_str();
   cli.add_option("--dispatch-timeout-ms", dispatch_timeout_ms, "deadline of one expert dispatch round");
   cli.add_option("--gating-temperature", gating_temperature, "gate logits are divided by it before softmax");
   cli.add_option("--kvstore", kvstore, "KV store endpoint (tcp://HOST:PORT) for the prefix cache; none: no prefix cache");
@@ -80,6 +85,8 @@ int main(int argc, char** argv) {
     StepWorkerOptions wo;
     wo.micro_batches = micro_batches;
     wo.expert_waits = expert_waits;
+    wo.sample_from_summaries =
+        summaries == "on" || (summaries == "auto" && parse_device(device).kind == DeviceSpec::Kind::Cuda);
     std::shared_ptr<KvClient> kv;
     if (model_id.empty()) {
       const auto dir = std::filesystem::absolute(model_dir).lexically_normal();
@@ -105,9 +112,10 @@ int main(int argc, char** argv) {
     auto pool = std::make_shared<ComputePool>(1);  // one step at a time: the worker owns the KV cache
     auto stats = std::make_shared<StepServerStats>();
     stats->kv_free_blocks = worker->free_blocks();
-    spdlog::info("attention: {} mapped {:.1f} MiB (no routed experts), KV cache {} blocks ({}, {:.1f} MiB), compute on {}, {} micro-batch(es), {}",
+    spdlog::info("attention: {} mapped {:.1f} MiB (no routed experts), KV cache {} blocks ({}, {:.1f} MiB), compute on {}{}, {} micro-batch(es), {}",
                  model_dir, double(ckpt->mapped_bytes()) / (1 << 20), kv_blocks, kv_dtype,
-                 double(engine->kv_cache().bytes_per_block() * kv_blocks) / (1 << 20), backend->name(), micro_batches,
+                 double(engine->kv_cache().bytes_per_block() * kv_blocks) / (1 << 20), backend->name(),
+                 wo.sample_from_summaries ? " (sampling from logits summaries)" : "", micro_batches,
                  !wo.prefix_store ? std::string("no prefix cache")
                                   : fmt::format("prefix cache: {} MiB in memory{}", local_prefix_mb,
                                                 kv ? ", then the KV store " + kvstore + " as " + model_id : ""));

@@ -3,10 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <map>
+#include <optional>
+#include <random>
 #include <vector>
 
 #include "core/error.h"
+#include "core/logits_summary.h"
 #include "core/sampler.h"
 
 using namespace moemesh;
@@ -241,4 +245,101 @@ TEST(Sampler, ReplayResumesExactlyWhereTheOriginalWas) {
     for (int i = 0; i < 10; ++i) fresh.push_back(not_replayed.sample(logits).id);
     EXPECT_NE(fresh, rest) << "temperature " << temperature;
   }
+}
+
+// sample_from on a summary of the row (what a GPU returns instead of the row) chooses exactly
+// what sample() chooses on the full row, or declines and leaves the sampler untouched; and it
+// decides the cases it should (greedy, top_k, top_p / min_p on a peaked row) by itself.
+TEST(Sampler, SummaryDecidesLikeTheFullRow) {
+  struct Case {
+    const char* name;
+    SamplingParams p;
+    double min_decided;  // share of steps sample_from must decide alone (peaked rows)
+  };
+  auto params = [](double t, int64_t top_k, double top_p, double min_p, double rep, double pres, double freq,
+                   int64_t logprobs) {
+    SamplingParams p;
+    p.temperature = t;
+    p.top_k = top_k;
+    p.top_p = top_p;
+    p.min_p = min_p;
+    p.repetition_penalty = rep;
+    p.presence_penalty = pres;
+    p.frequency_penalty = freq;
+    p.top_logprobs = logprobs;
+    return p;
+  };
+  const std::vector<Case> cases = {
+      {"greedy", params(0, 0, 1, 0, 1, 0, 0, 0), 1.0},
+      {"greedy+repetition", params(0, 0, 1, 0, 1.3, 0, 0, 3), 1.0},
+      {"greedy+repetition<1", params(0, 0, 1, 0, 0.8, 0, 0, 0), 1.0},
+      {"top_k", params(0.8, 20, 1, 0, 1, 0, 0, 0), 1.0},
+      {"top_p", params(1.0, 0, 0.9, 0, 1, 0, 0, 2), 0.8},
+      {"min_p", params(0.7, 0, 1, 0.1, 1, 0, 0, 0), 0.8},
+      {"everything", params(0.9, 40, 0.95, 0.05, 1.2, 0.5, 0.3, 5), 1.0},
+      {"top_p+penalties", params(1.0, 0, 0.8, 0, 1.1, -0.5, 0.2, 0), 0.8},
+      {"plain temperature", params(1.2, 0, 1, 0, 1, 0, 0, 0), 0.0},
+  };
+  const int64_t vocab = 300;
+  const std::vector<int32_t> prompt{5, 17, 17, 42, 299, 0};
+  for (const Case& c : cases)
+    for (uint64_t seed = 0; seed < 4; ++seed) {
+      SamplingParams p = c.p;
+      p.seed = seed;
+      Sampler full(p, prompt), summarised(p, prompt);
+      std::mt19937 rng(uint32_t(seed * 31 + 7));
+      std::normal_distribution<float> nd(0.0f, 1.0f);
+      std::uniform_int_distribution<int32_t> token(0, int32_t(vocab - 1));
+      int peaked_steps = 0, peaked_decided = 0, declined = 0;
+      for (int step = 0; step < 30; ++step) {
+        const bool peaked = step % 5 != 4;  // every fifth row is flat
+        std::vector<float> row(static_cast<size_t>(vocab));
+        for (float& x : row) x = nd(rng) * (peaked ? 1.5f : 0.05f);
+        if (peaked) {
+          for (int j = 0; j < 3; ++j) row[size_t(token(rng))] += 7.0f;
+          row[size_t(prompt[size_t(step) % prompt.size()])] += 6.0f;  // a penalised token near the top
+        }
+        const SampledToken want = full.sample(row);
+        const LogitsRequest req = summarised.logits_request();
+        std::optional<SampledToken> got = summarised.sample_from(req, summarise_logits(row, req));
+        if (peaked) ++peaked_steps;
+        if (got) {
+          peaked_decided += peaked ? 1 : 0;
+        } else {
+          ++declined;
+          got = summarised.sample(row);
+        }
+        ASSERT_EQ(got->id, want.id) << c.name << " seed " << seed << " step " << step;
+        ASSERT_EQ(got->logprob, want.logprob) << c.name;
+        ASSERT_EQ(got->top, want.top) << c.name;
+      }
+      EXPECT_EQ(summarised.output(), full.output());
+      EXPECT_GE(peaked_decided, int(c.min_decided * peaked_steps)) << c.name << " seed " << seed;
+      if (c.min_decided == 0.0) {
+        EXPECT_EQ(declined, 30) << c.name << ": no cut, so every draw needs the full row";
+      }
+      std::printf("%s seed %d: %d of %d peaked rows decided, %d declined\n", c.name, int(seed), peaked_decided,
+                  peaked_steps, declined);
+    }
+}
+
+TEST(Sampler, SummaryRequestWatchesWhatThePenaltiesTouch) {
+  SamplingParams p;
+  p.top_k = 2000;
+  p.top_logprobs = 80;
+  EXPECT_EQ(Sampler(p, std::vector<int32_t>{3, 1}).logits_request().k, 80) << "top_k beyond 1024 is not fetched";
+  EXPECT_TRUE(Sampler(p, std::vector<int32_t>{3, 1}).logits_request().watch.empty());
+  p.repetition_penalty = 1.1;
+  EXPECT_EQ(Sampler(p, std::vector<int32_t>{3, 1, 3}).logits_request().watch, (std::vector<int32_t>{1, 3}));
+  p.repetition_penalty = 1.0;
+  p.presence_penalty = 0.5;
+  Sampler s(p, std::vector<int32_t>{3, 1});
+  s.accept(9);
+  EXPECT_EQ(s.logits_request().watch, (std::vector<int32_t>{9})) << "presence: output tokens only";
+  // A request from before the last token no longer covers the penalised tokens: declined.
+  const LogitsRequest old = s.logits_request();
+  s.accept(4);
+  std::vector<float> row(20, 0.0f);
+  row[4] = 9.0f;
+  EXPECT_FALSE(s.sample_from(old, summarise_logits(row, old)).has_value());
 }

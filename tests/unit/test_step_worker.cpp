@@ -197,6 +197,60 @@ TEST_P(MicroBatches, StepWorkerOutputsAreTheSameWithOneOrTwo) {
   EXPECT_EQ(w2.counts().microbatch_steps, 6u);
 }
 
+// Sampling from the backend's logits summaries (what --logits-summaries does on a GPU) chooses the
+// tokens the full rows choose, for greedy, top_k, top_p with penalties and plain temperature
+// sampling (which always needs the full row).
+TEST_P(MicroBatches, SamplingFromSummariesChoosesTheSameTokens) {
+  StepWorkerOptions with;
+  with.sample_from_summaries = true;
+  StepWorker rows(engine(), {2}), summaries(engine(), {2}, with);
+  const size_t n = 4;
+  std::vector<std::vector<int32_t>> prompts;
+  for (size_t i = 0; i < n; ++i) prompts.push_back(random_tokens(9 + 5 * i, 70 + i, vocab()));
+  std::vector<int32_t> last(n, -1);
+  for (int step = 0; step < 10; ++step) {
+    pb::StepRequest req;
+    req.set_step(uint64_t(step) + 1);
+    for (size_t i = 0; i < n; ++i) {
+      auto* wk = req.add_work();
+      wk->set_seq(i + 1);
+      wk->set_sample(true);
+      if (step > 0) {
+        wk->add_tokens(last[i]);
+        continue;
+      }
+      wk->set_is_first(true);
+      for (int32_t t : prompts[i]) wk->add_prompt(t), wk->add_tokens(t);
+      auto* sp = wk->mutable_sampling();
+      sp->set_ignore_eos(true);
+      sp->set_seed(11 + i);
+      sp->set_top_logprobs(2);
+      if (i == 0) sp->set_temperature(0);
+      if (i == 1) sp->set_temperature(0.8f), sp->set_top_k(10);
+      if (i == 2) sp->set_top_p(0.5f), sp->set_repetition_penalty(1.3f), sp->set_presence_penalty(0.4f);
+      if (i == 3) sp->set_temperature(1.1f);
+    }
+    std::vector<std::vector<float>> l1, l2;
+    const auto a = rows.run(req, l1), b = summaries.run(req, l2);
+    ASSERT_EQ(a.results_size(), int(n));
+    ASSERT_EQ(b.results_size(), int(n));
+    for (size_t i = 0; i < n; ++i) {
+      const auto &x = a.results(int(i)), &y = b.results(int(i));
+      ASSERT_TRUE(x.error().empty() && y.error().empty()) << x.error() << y.error();
+      EXPECT_EQ(y.token(), x.token()) << "step " << step << " seq " << i + 1;
+      EXPECT_EQ(y.logprob(), x.logprob());
+      ASSERT_EQ(y.top_size(), x.top_size());
+      for (int t = 0; t < x.top_size(); ++t) EXPECT_EQ(y.top(t).token(), x.top(t).token());
+      last[i] = x.token();
+    }
+  }
+  EXPECT_EQ(rows.counts().sampled_from_summary, 0u);
+  EXPECT_EQ(rows.counts().sampled_from_full_row, 40u);
+  EXPECT_EQ(summaries.counts().sampled_from_summary + summaries.counts().sampled_from_full_row, 40u);
+  EXPECT_GE(summaries.counts().sampled_from_summary, 10u) << "greedy at least decides from the summary";
+  EXPECT_GE(summaries.counts().sampled_from_full_row, 10u) << "plain temperature needs the full row";
+}
+
 INSTANTIATE_TEST_SUITE_P(Archs, MicroBatches, ::testing::Values(Arch::Mixtral, Arch::DeepSeek),
                          [](const auto& info) { return std::string(arch_name(info.param)); });
 
