@@ -46,12 +46,15 @@ struct Options {
   int cpu_steps = 8;   // timed decode steps on the CPU backend at batch > 1 (slow; batch 1 runs `steps`)
   std::vector<int> batches = {1, 8, 32};
   fs::path model_dir;  // empty: a temporary folder, removed at exit
+  // The backend measured against the CPU one. "cpu" runs the whole bench without a GPU: a check
+  // of the bench itself (its rows then compare the CPU backend with itself).
+  std::string device = "cuda:0";
 };
 
 [[noreturn]] void usage(const std::string& why) {
   throw Error(why +
               "\nusage: bench_gpu_model [--preset tiny|small|medium] [--layers N] [--vocab N] [--prompt N]"
-              " [--steps N] [--cpu-steps N] [--batches 1,8,32] [--model-dir DIR]");
+              " [--steps N] [--cpu-steps N] [--batches 1,8,32] [--model-dir DIR] [--device cuda:N|cpu]");
 }
 
 int positive(const std::string& flag, const std::string& v) {
@@ -66,7 +69,8 @@ Options parse(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     static const std::vector<std::string> known = {"--preset", "--vocab",     "--layers",    "--prompt",
-                                                   "--steps",  "--cpu-steps", "--model-dir", "--batches"};
+                                                   "--steps",  "--cpu-steps", "--model-dir", "--batches",
+                                                   "--device"};
     if (std::find(known.begin(), known.end(), flag) == known.end()) usage("unknown option " + flag);
     if (i + 1 >= argc) usage(flag + " needs a value");
     const std::string v = argv[++i];
@@ -77,6 +81,7 @@ Options parse(int argc, char** argv) {
     else if (flag == "--steps") o.steps = positive(flag, v);
     else if (flag == "--cpu-steps") o.cpu_steps = positive(flag, v);
     else if (flag == "--model-dir") o.model_dir = v;
+    else if (flag == "--device") o.device = v;
     else {
       o.batches.clear();
       for (size_t start = 0; start <= v.size();) {
@@ -139,14 +144,15 @@ Run measure(Engine& engine, const std::vector<std::vector<int32_t>>& prompts, in
   return r;
 }
 
-// Runs every batch on one engine after a warm-up (weights uploaded, handles made) with a prompt
-// of `prompt` tokens: the first step of an engine pays the one-time costs, not the table.
-// steps_at(batch): the timed decode steps at that batch.
+// Runs every batch on one engine after an untimed warm-up (a prefill and a decode step of
+// warm_batch sequences), so that one-time costs (weights uploaded or paged in, handles made,
+// device buffers grown to their final size) stay out of the table. steps_at(batch): the timed
+// decode steps at that batch.
 std::vector<Run> measure_all(Engine& engine, const std::string& backend, KvDType kv,
                              const std::vector<std::vector<int32_t>>& prompts, const std::vector<int>& batches,
-                             const std::function<int(int)>& steps_at) {
+                             int warm_batch, const std::function<int(int)>& steps_at) {
   std::fprintf(stderr, "bench_gpu_model: %s, %s KV cache\n", backend.c_str(), std::string(kv_dtype_name(kv)).c_str());
-  measure(engine, prompts, 1, 1);
+  measure(engine, prompts, warm_batch, 1);
   std::vector<Run> runs;
   for (int b : batches) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -168,7 +174,8 @@ struct TempDir {
 };
 
 int bench(const Options& o) {
-  if (cuda::device_count() == 0) {
+  const DeviceSpec device = parse_device(o.device);
+  if (device.kind == DeviceSpec::Kind::Cuda && cuda::device_count() == 0) {
     std::printf("no CUDA device: %s\n", cuda::device_error());
     return 2;
   }
@@ -190,22 +197,25 @@ int bench(const Options& o) {
   std::vector<std::vector<int32_t>> prompts(size_t(max_batch), std::vector<int32_t>(size_t(o.prompt)));
   for (auto& p : prompts)
     for (auto& t : p) t = token(rng);
-  // Room for the largest batch (prompt, warm-up and timed decode tokens), plus one sequence spare.
+  // Room for the largest batch: prompt, warm-up and timed decode tokens.
   const int64_t per_seq = (o.prompt + 1 + std::max(o.steps, o.cpu_steps) + KvCache::kBlockSize - 1) / KvCache::kBlockSize;
-  const int64_t kv_blocks = per_seq * (max_batch + 1);
+  const int64_t kv_blocks = per_seq * max_batch;
 
   auto ckpt = Checkpoint::open(dir);
-  const auto cuda_backend = make_compute_backend(parse_device("cuda:0"));
+  const auto device_backend = make_compute_backend(device);
+  const std::string device_name = device.str();
   std::vector<Run> cpu, gpu;
   {
     Engine e(ckpt, EngineOptions{kv_blocks, KvDType::F32});
     // Batch 1 runs every step: its tokens are the reference for the CUDA ones.
-    cpu = measure_all(e, "cpu", KvDType::F32, prompts, o.batches,
+    // Warm-up at batch 1: the CPU backend keeps no per-shape state, and a 128-token prompt
+    // routes to every expert, so every weight page is touched.
+    cpu = measure_all(e, "cpu", KvDType::F32, prompts, o.batches, 1,
                       [&](int batch) { return batch == 1 ? o.steps : o.cpu_steps; });
   }
   for (KvDType kv : {KvDType::F32, KvDType::Int8}) {
-    Engine e(ckpt, EngineOptions{kv_blocks, kv, cuda_backend});
-    const auto runs = measure_all(e, "cuda", kv, prompts, o.batches, [&](int) { return o.steps; });
+    Engine e(ckpt, EngineOptions{kv_blocks, kv, device_backend});
+    const auto runs = measure_all(e, device_name, kv, prompts, o.batches, max_batch, [&](int) { return o.steps; });
     gpu.insert(gpu.end(), runs.begin(), runs.end());
   }
   // The reference for the INT8 rows' tokens: the CPU engine with the INT8 cache, batch 1 only.
@@ -216,12 +226,14 @@ int bench(const Options& o) {
   }
 
   std::printf("## Whole model through Engine: CPU vs CUDA backend\n\n");
-  std::printf("device: %s; model: %s Mixtral preset, %lld layers, vocab %lld, f32 weights, %.2fB parameters;\n",
-              cuda_backend->name().c_str(), o.preset.c_str(), (long long)cfg.num_hidden_layers,
-              (long long)cfg.vocab_size, double(written.params) / 1e9);
+  std::printf("device: %s; model: %s Mixtral preset, %lld layers, vocab %lld, f32 weights, %.1fM parameters;\n",
+              device_backend->name().c_str(), o.preset.c_str(), (long long)cfg.num_hidden_layers,
+              (long long)cfg.vocab_size, double(written.params) / 1e6);
   std::printf("prompt %d tokens per sequence, prefilled in one step; decode: greedy, 1 warm-up step, then %d timed\n"
-              "steps (the CPU backend at batch > 1: %d, it is slow; a rate per step all the same).\n\n",
-              o.prompt, o.steps, o.cpu_steps);
+              "steps (the CPU backend at batch > 1: %d, it is slow; a rate per step all the same). Each engine first\n"
+              "runs an untimed prefill + decode step (%s: at batch %d, so its buffers have their final size; cpu: at\n"
+              "batch 1). decode vs cpu: decode tok/s over the CPU backend's (f32 KV cache) at the same batch.\n\n",
+              o.prompt, o.steps, o.cpu_steps, device_name.c_str(), max_batch);
   std::printf("| backend | kv dtype | batch | prefill tok/s | decode tok/s | decode vs cpu |\n");
   std::printf("|---------|----------|------:|--------------:|-------------:|--------------:|\n");
   const auto cpu_at = [&](int batch) {
@@ -249,12 +261,13 @@ int bench(const Options& o) {
     const size_t n = std::min(ref->tokens.size(), g.tokens.size());
     const auto diff = std::mismatch(ref->tokens.begin(), ref->tokens.begin() + long(n), g.tokens.begin());
     if (diff.first == ref->tokens.begin() + long(n)) {
-      std::printf("greedy tokens, batch 1, %s KV cache: cuda equals cpu (%zu tokens)\n", g.kv.c_str(), n);
+      std::printf("greedy tokens, batch 1, %s KV cache: %s equals cpu (%zu tokens)\n", g.kv.c_str(),
+                  device_name.c_str(), n);
     } else {
       const size_t at = size_t(diff.first - ref->tokens.begin());
-      std::printf("FAILED: greedy tokens, batch 1, %s KV cache: cuda differs from cpu at token %zu of %zu "
-                  "(cpu %d, cuda %d; cpu's top-2 logit margin there %.3g)\n",
-                  g.kv.c_str(), at, n, *diff.first, *diff.second, ref->margins[at]);
+      std::printf("FAILED: greedy tokens, batch 1, %s KV cache: %s differs from cpu at token %zu of %zu "
+                  "(cpu %d, device %d; cpu's top-2 logit margin there %.3g)\n",
+                  g.kv.c_str(), device_name.c_str(), at, n, *diff.first, *diff.second, ref->margins[at]);
       ++failed;
     }
   }
