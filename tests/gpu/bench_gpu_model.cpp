@@ -4,7 +4,8 @@
 // step warms up, then `steps` greedy decode steps are timed (wall clock). Prints a Markdown
 // table; checks that batch 1's greedy tokens on CUDA equal the CPU engine's (same KV dtype).
 // Run by tests/gpu/run.sh. Exit status: 0 done and tokens equal, 1 a mismatch or an error,
-// 2 no CUDA device (nothing measured).
+// 2 no CUDA device (nothing measured). `--device cpu` puts the CPU backend in CUDA's place: the
+// whole flow without a GPU, to check the benchmark itself.
 //
 // Model: the "medium" Mixtral preset (hidden 1024, 8 layers, 8 experts top-2) with a 32000
 // vocabulary, written in f32 (0.64B parameters, 2.6 GB): f32 weights keep cuBLAS and the CPU
@@ -60,7 +61,8 @@ struct Options {
 int positive(const std::string& flag, const std::string& v) {
   char* end = nullptr;
   const long n = std::strtol(v.c_str(), &end, 10);
-  if (v.empty() || *end != '\0' || n <= 0 || n > 1'000'000) usage(flag + " needs a positive integer, got \"" + v + "\"");
+  if (v.empty() || *end != '\0' || n <= 0 || n > 1'000'000)
+    usage(flag + " needs a positive integer, got \"" + v + "\"");
   return int(n);
 }
 
@@ -112,7 +114,7 @@ float margin(const StepOutput& out, int64_t vocab) {
 
 struct Run {
   std::string backend, kv;
-  int batch = 0, steps = 0;
+  int batch = 0;
   double prefill_tps = 0, decode_tps = 0;
   std::vector<int32_t> tokens;  // sequence 0's greedy tokens: after the prefill, then each decode step
   std::vector<float> margins;   // the CPU-side diagnosis of a mismatch
@@ -126,7 +128,6 @@ Run measure(Engine& engine, const std::vector<std::vector<int32_t>>& prompts, in
   for (int b = 0; b < batch; ++b) in[size_t(b)] = StepInput{engine.create_sequence(), prompts[size_t(b)], false};
   Run r;
   r.batch = batch;
-  r.steps = steps;
   const auto run_step = [&] {
     const auto out = engine.step(in);
     for (size_t b = 0; b < in.size(); ++b) in[b].tokens = {argmax(out[b], vocab)};
@@ -144,15 +145,16 @@ Run measure(Engine& engine, const std::vector<std::vector<int32_t>>& prompts, in
   return r;
 }
 
-// Runs every batch on one engine after an untimed warm-up (a prefill and a decode step of
-// warm_batch sequences), so that one-time costs (weights uploaded or paged in, handles made,
-// device buffers grown to their final size) stay out of the table. steps_at(batch): the timed
-// decode steps at that batch.
+// Runs every batch on one engine after an untimed warm-up (a prefill and a decode step at the
+// largest batch), so that one-time costs (weights uploaded or paged in, handles made, buffers
+// grown to their final size) stay out of the table. steps_at(batch): the timed decode steps.
 std::vector<Run> measure_all(Engine& engine, const std::string& backend, KvDType kv,
                              const std::vector<std::vector<int32_t>>& prompts, const std::vector<int>& batches,
-                             int warm_batch, const std::function<int(int)>& steps_at) {
+                             const std::function<int(int)>& steps_at) {
   std::fprintf(stderr, "bench_gpu_model: %s, %s KV cache\n", backend.c_str(), std::string(kv_dtype_name(kv)).c_str());
-  measure(engine, prompts, warm_batch, 1);
+  const auto warm = std::chrono::steady_clock::now();
+  measure(engine, prompts, *std::max_element(batches.begin(), batches.end()), 1);
+  std::fprintf(stderr, "  warm-up: %.1f s\n", seconds_since(warm));
   std::vector<Run> runs;
   for (int b : batches) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -189,6 +191,7 @@ int bench(const Options& o) {
   wo.dtype = DType::F32;
   auto t0 = std::chrono::steady_clock::now();
   const WriteSummary written = write_model(cfg, dir, wo);
+  ::sync();  // the written gigabytes' writeback would otherwise compete with the first timed steps
   std::fprintf(stderr, "bench_gpu_model: model written in %.1f s\n", seconds_since(t0));
 
   std::mt19937 rng(7);
@@ -198,7 +201,8 @@ int bench(const Options& o) {
   for (auto& p : prompts)
     for (auto& t : p) t = token(rng);
   // Room for the largest batch: prompt, warm-up and timed decode tokens.
-  const int64_t per_seq = (o.prompt + 1 + std::max(o.steps, o.cpu_steps) + KvCache::kBlockSize - 1) / KvCache::kBlockSize;
+  const int64_t tokens = o.prompt + 1 + std::max(o.steps, o.cpu_steps);
+  const int64_t per_seq = (tokens + KvCache::kBlockSize - 1) / KvCache::kBlockSize;
   const int64_t kv_blocks = per_seq * max_batch;
 
   auto ckpt = Checkpoint::open(dir);
@@ -208,21 +212,21 @@ int bench(const Options& o) {
   {
     Engine e(ckpt, EngineOptions{kv_blocks, KvDType::F32});
     // Batch 1 runs every step: its tokens are the reference for the CUDA ones.
-    // Warm-up at batch 1: the CPU backend keeps no per-shape state, and a 128-token prompt
-    // routes to every expert, so every weight page is touched.
-    cpu = measure_all(e, "cpu", KvDType::F32, prompts, o.batches, 1,
+    cpu = measure_all(e, "cpu", KvDType::F32, prompts, o.batches,
                       [&](int batch) { return batch == 1 ? o.steps : o.cpu_steps; });
   }
   for (KvDType kv : {KvDType::F32, KvDType::Int8}) {
     Engine e(ckpt, EngineOptions{kv_blocks, kv, device_backend});
-    const auto runs = measure_all(e, device_name, kv, prompts, o.batches, max_batch, [&](int) { return o.steps; });
+    const auto runs = measure_all(e, device_name, kv, prompts, o.batches, [&](int) { return o.steps; });
     gpu.insert(gpu.end(), runs.begin(), runs.end());
   }
   // The reference for the INT8 rows' tokens: the CPU engine with the INT8 cache, batch 1 only.
   std::optional<Run> cpu_int8;
   {
     Engine e(ckpt, EngineOptions{kv_blocks, KvDType::Int8});
+    const auto t = std::chrono::steady_clock::now();
     cpu_int8 = measure(e, prompts, 1, o.steps);
+    std::fprintf(stderr, "bench_gpu_model: cpu, int8 KV cache, batch 1 (token reference): %.1f s\n", seconds_since(t));
   }
 
   std::printf("## Whole model through Engine: CPU vs CUDA backend\n\n");
@@ -231,9 +235,9 @@ int bench(const Options& o) {
               (long long)cfg.vocab_size, double(written.params) / 1e6);
   std::printf("prompt %d tokens per sequence, prefilled in one step; decode: greedy, 1 warm-up step, then %d timed\n"
               "steps (the CPU backend at batch > 1: %d, it is slow; a rate per step all the same). Each engine first\n"
-              "runs an untimed prefill + decode step (%s: at batch %d, so its buffers have their final size; cpu: at\n"
-              "batch 1). decode vs cpu: decode tok/s over the CPU backend's (f32 KV cache) at the same batch.\n\n",
-              o.prompt, o.steps, o.cpu_steps, device_name.c_str(), max_batch);
+              "runs an untimed prefill + decode step at batch %d (weights uploaded, buffers at their final size).\n"
+              "decode vs cpu: decode tok/s over the CPU backend's (f32 KV cache) at the same batch.\n\n",
+              o.prompt, o.steps, o.cpu_steps, max_batch);
   std::printf("| backend | kv dtype | batch | prefill tok/s | decode tok/s | decode vs cpu |\n");
   std::printf("|---------|----------|------:|--------------:|-------------:|--------------:|\n");
   const auto cpu_at = [&](int batch) {
@@ -247,6 +251,8 @@ int bench(const Options& o) {
 
   // Batch 1's greedy tokens on CUDA against the CPU engine with the same KV dtype.
   std::printf("\n");
+  if (std::find(o.batches.begin(), o.batches.end(), 1) == o.batches.end())
+    std::printf("greedy tokens: not compared (no batch 1 in --batches)\n");
   int failed = 0;
   for (const Run& g : gpu) {
     if (g.batch != 1) continue;
