@@ -2,15 +2,17 @@
 # GPU check, on a machine with an NVIDIA GPU and the project's build dependencies:
 # configure (Release, CUDA on), build the CUDA parts and the GPU tests, run `ctest -L gpu`, list
 # the embedded device code, and print a benchmark table (kernel time against the memory
-# roofline). Every step has a time limit; the whole run stays well under 8 minutes.
+# roofline), then the whole medium model through Engine on the CPU and the CUDA backend
+# (prefill and decode tokens/s at batch 1, 8, 32; batch 1's greedy tokens must match).
+# Every step has a time limit; the whole run stays well under 8 minutes.
 #
 #   tests/gpu/run.sh LOG_DIR [--build-only]
 #
-# Logs in LOG_DIR: nvidia-smi.txt, configure.log, build.log, fatbin.txt, ctest.log, bench.md,
-# summary.txt. Exit status: 0 all passed on a GPU; 1 a step failed; 2 no GPU here (everything
-# was built and the device-free checks passed, the kernel tests skipped). --build-only stops
-# after the build and the device-free checks, and exits 0 when they pass (for machines without a
-# GPU). Environment: BUILD_DIR (default <repo>/build-gpu), JOBS (default: all cores).
+# Logs in LOG_DIR: nvidia-smi.txt, configure.log, build.log, fatbin.txt, ctest.log, bench.md
+# (both benchmarks' tables), bench_model.log (the model benchmark's progress), summary.txt.
+# Exit status: 0 all passed on a GPU; 1 a step failed; 2 no GPU here (everything was built and
+# the device-free checks passed, the kernel tests skipped). --build-only stops after the build
+# and the device-free checks, and exits 0 when they pass (for machines without a GPU). Environment: BUILD_DIR (default <repo>/build-gpu), JOBS (default: all cores).
 set -uo pipefail
 
 if [[ $# -lt 1 || "$1" == -* ]]; then
@@ -61,7 +63,7 @@ step configure 120 "$LOG_DIR/configure.log" \
 grep -q "moemesh: CUDA kernels ON" "$LOG_DIR/configure.log" || fail "configure did not enable CUDA (see configure.log)"
 
 step build 300 "$LOG_DIR/build.log" \
-  cmake --build "$BUILD" --parallel "$JOBS" --target moemesh_cuda test_gpu_kernels test_gpu_model test_gpu_experts test_compute_backend test_transport bench_gpu_kernels ||
+  cmake --build "$BUILD" --parallel "$JOBS" --target moemesh_cuda test_gpu_kernels test_gpu_model test_gpu_experts test_compute_backend test_transport bench_gpu_kernels bench_gpu_model ||
   fail "build (see build.log)"
 
 # Device code actually embedded: cuobjdump where the toolkit has it, our own reader otherwise.
@@ -99,6 +101,13 @@ fi
 
 BENCH=$(find "$BUILD" -name bench_gpu_kernels -type f -perm -u+x -print -quit)
 step bench 120 "$LOG_DIR/bench.md" "$BENCH" || fail "benchmark (see bench.md)"
+# The model benchmark's table is appended to bench.md; its progress lines go to bench_model.log.
+BENCH_MODEL=$(find "$BUILD" -name bench_gpu_model -type f -perm -u+x -print -quit)
+echo >>"$LOG_DIR/bench.md"
+# shellcheck disable=SC2016 # $1 and $2 are the inner shell's arguments
+step bench-model 150 "$LOG_DIR/bench_model.log" \
+  bash -c 'exec "$1" >>"$2"' _ "$BENCH_MODEL" "$LOG_DIR/bench.md" ||
+  fail "model benchmark (see bench.md and bench_model.log)"
 cat "$LOG_DIR/bench.md"
 note "all passed"
 exit 0

@@ -53,4 +53,9 @@ if(MOEMESH_HAVE_CUDA)
   # Kernel time against the measured memory-bandwidth roofline; run by tests/gpu/run.sh, not ctest.
   add_executable(bench_gpu_kernels ${CMAKE_CURRENT_LIST_DIR}/bench_gpu_kernels.cpp)
   target_link_libraries(bench_gpu_kernels PRIVATE moemesh_cuda moemesh_core)
+
+  # Prefill and decode tokens/s of a generated model through Engine, CPU vs CUDA backend; run by
+  # tests/gpu/run.sh, not ctest (without a device it prints "no CUDA device: ..." and exits 2).
+  add_executable(bench_gpu_model ${CMAKE_CURRENT_LIST_DIR}/bench_gpu_model.cpp)
+  target_link_libraries(bench_gpu_model PRIVATE moemesh_backend moemesh_cuda)
 endif()
