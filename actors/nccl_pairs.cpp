@@ -30,12 +30,12 @@ std::string NcclPairs::state(const std::string& peer_instance) const {
 
 void NcclPairs::join_async(const std::string& peer_instance, const std::string& id, int rank,
                            std::function<void(std::shared_ptr<Transport>, const std::string&)> then) {
-  // Detached, holding only copies: a join whose peer never comes blocks in NCCL for good.
-  std::thread([join = opts_.join, id, rank, peer_instance, then = std::move(then)] {
+  // Detached, holding only copies: the join may outlive this object (until its timeout).
+  std::thread([join = opts_.join, timeout = opts_.join_timeout, id, rank, peer_instance, then = std::move(then)] {
     std::shared_ptr<Transport> t;
     std::string error;
     try {
-      t = join(id, rank);
+      t = join(id, rank, timeout);
     } catch (const std::exception& e) {
       error = e.what();
     }
