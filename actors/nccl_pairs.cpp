@@ -4,9 +4,30 @@
 
 #include <spdlog/spdlog.h>
 
+#include "actors/control_client.h"
 #include "core/error.h"
 
 namespace moemesh::actors {
+
+void CoordinatorLink::attach(caf::actor client) {
+  std::lock_guard<std::mutex> lk(mu_);
+  client_ = std::move(client);
+}
+
+void CoordinatorLink::send(const pb::ControlMessage& m) {
+  caf::actor client;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    client = client_;
+  }
+  if (client) send_to_coordinator(client, m);
+}
+
+TransportCaps service_caps(bool cuda, bool built_with_nccl, const std::string& transport_flag) {
+  if (transport_flag != "auto" && transport_flag != "zmq")
+    throw Error("--transport: \"" + transport_flag + "\", expected auto or zmq");
+  return {cuda, cuda && built_with_nccl && transport_flag == "auto"};
+}
 
 struct NcclPairs::Shared {
   std::mutex mu;

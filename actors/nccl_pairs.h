@@ -15,6 +15,8 @@
 #include <mutex>
 #include <string>
 
+#include <caf/all.hpp>
+
 #include "actors/transport.h"
 #include "proto/control.pb.h"
 
@@ -33,6 +35,22 @@ struct NcclPairOptions {
   std::function<void(const pb::ControlMessage&)> send;  // to the coordinator (send_to_coordinator)
   std::shared_ptr<PeerTransports> transports;           // where a joined pair is switched
 };
+
+// The control client a service spawns after making the callbacks that send through it: what is
+// sent before attach() is dropped, as before registration (send_to_coordinator).
+class CoordinatorLink {
+ public:
+  void attach(caf::actor client);
+  void send(const pb::ControlMessage& m);
+
+ private:
+  std::mutex mu_;
+  caf::actor client_;
+};
+
+// What a service registers for the pair rule: gpu when it computes on CUDA; nccl only when it
+// also can join (built with NCCL) and its --transport is "auto" ("zmq": never offer nor accept).
+TransportCaps service_caps(bool cuda, bool built_with_nccl, const std::string& transport_flag);
 
 class NcclPairs {
  public:

@@ -24,4 +24,11 @@ std::string nccl_unique_id();
 std::unique_ptr<actors::Transport> make_nccl_transport(const std::string& unique_id, int rank, int device,
                                                        std::chrono::milliseconds join_timeout);
 
+// make_nccl_transport on `device`, as NcclPairOptions::join calls it.
+inline auto nccl_join_on(int device) {
+  return [device](const std::string& id, int rank, std::chrono::milliseconds timeout) {
+    return std::shared_ptr<actors::Transport>(make_nccl_transport(id, rank, device, timeout));
+  };
+}
+
 }  // namespace moemesh
