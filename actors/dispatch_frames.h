@@ -1,6 +1,7 @@
 // dispatch::Message <-> ZeroMQ frames, shared by the expert host and its clients; the tensor
 // payloads of dispatch messages go through the peer pair's Transport (actors/transport.h).
 #pragma once
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,17 @@ inline FramesPtr to_frames(dispatch::Message&& m, const std::string& peer = {}) 
 inline FramesPtr to_frames(dispatch::Message&& m, Transport& transport, const std::string& peer = {}) {
   m.tensors = transport.send(std::move(m.tensors));
   return to_frames(std::move(m), peer);
+}
+
+// Sends `m` to `peer`: its payloads through `transport`, then `enqueue(frames)` queues the header
+// (with the ZeroMQ payload frames) on the socket, both under the pair's send lock: two threads
+// dispatching to one host cannot swap the order of headers and payloads on the pair. (ZeroMQ
+// payloads travel inside their message: no lock.)
+template <class Enqueue>
+void send_message(dispatch::Message&& m, Transport& transport, const std::string& peer, Enqueue&& enqueue) {
+  std::unique_lock<std::mutex> lk(transport.send_order(), std::defer_lock);
+  if (!transport.payload_in_frames()) lk.lock();
+  enqueue(to_frames(std::move(m), transport, peer));
 }
 
 inline dispatch::Payload payload_of(const Transport& transport) {

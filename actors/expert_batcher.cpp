@@ -9,6 +9,7 @@ namespace moemesh::actors {
 
 using flush_atom = caf::atom_constant<caf::atom("flush")>;
 using batch_done_atom = caf::atom_constant<caf::atom("batchdone")>;
+using rows_in_atom = caf::atom_constant<caf::atom("rowsin")>;
 
 // ---- BatchQueue ----
 
@@ -129,6 +130,23 @@ ExpertHostMetrics::ExpertHostMetrics(prometheus::Registry& reg)
 
 // ---- the actor ----
 
+// A request whose rows were received from a pair transport off the actor thread.
+struct BatcherRowsIn {
+  FramesPtr frames;  // keeps the request's views alive
+  std::string peer;
+  dispatch::Request request;
+  std::shared_ptr<Transport> carrier;
+  std::vector<float> rows;
+  std::string error;  // the receive failed
+};
+using RowsInPtr = std::shared_ptr<BatcherRowsIn>;
+
+}  // namespace moemesh::actors
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moemesh::actors::RowsInPtr)
+
+namespace moemesh::actors {
+
 namespace {
 
 // What the host itself can serve (the codec checked the message's own consistency).
@@ -155,6 +173,13 @@ struct BatcherState {
   const PeerTransports& transports() const { return deps.transports ? *deps.transports : zmq_only; }
   std::unique_ptr<BatchQueue> queue;
   std::map<ExpertKey, prometheus::Counter*> rows_counters;
+  // How each accepted request came (peer, request id): its reply goes back the same way, so a
+  // request sent before the pair switched is not answered over the new transport.
+  std::map<std::pair<std::string, uint64_t>, std::shared_ptr<Transport>> came_by;
+  // One receiving thread per pair transport (a pool of one: FIFO), so the actor never blocks
+  // in a receive and each pair's payloads are taken in the order their headers arrived.
+  // Declared last: destroyed first, finishing the receives still queued.
+  std::map<const Transport*, std::unique_ptr<ComputePool>> receivers;
   static inline const char* name = "expert_batcher";
 };
 
@@ -200,6 +225,37 @@ void start(Self* self, BatchJobPtr job) {
             [me](BatchJobPtr done) { caf::anon_send(me, batch_done_atom::value, std::move(done)); });
 }
 
+void bad_request(Self* self, const std::string& peer, const dispatch::DecodeError& e) {
+  self->state.deps.metrics->bad_request(e.code());
+  spdlog::debug("expert: bad request {} ({}): {}", e.request_id(), e.code(), e.what());
+  reply(self, to_frames(dispatch::encode_error(e.request_id(), e.code(), e.what()), peer));
+}
+
+// The request with its rows: checked against what this host serves, then queued for its batch.
+void accept(Self* self, const std::string& peer, dispatch::Request&& r, std::vector<float>&& rows,
+            std::shared_ptr<Transport> carrier) {
+  auto& st = self->state;
+  PendingRequest p;
+  p.rows = std::move(rows);
+  check_servable(r, *st.deps.experts);
+  p.peer = peer;
+  p.request_id = r.request_id;
+  st.came_by[{peer, r.request_id}] = std::move(carrier);
+  p.groups = std::move(r.groups);
+  if (!r.traces.empty()) p.span.emplace(trace::child_of(r.traces.front()));
+  p.traces = std::move(r.traces);
+  st.deps.metrics->requests.Increment();
+  const auto now = BatchQueue::Clock::now();
+  const size_t open_before = st.queue->open_batches();
+  if (BatchJobPtr job = st.queue->add(r.layer, std::move(p), now)) {
+    start(self, std::move(job));
+  } else {
+    st.deps.metrics->queued_requests.Set(double(st.queue->queued_requests()));
+    if (st.queue->open_batches() > open_before)  // a new batch opened: wake up when its window ends
+      self->delayed_send(self, st.deps.options.window, flush_atom::value);
+  }
+}
+
 void on_request(Self* self, FramesPtr frames) {
   auto& st = self->state;
   if (!frames || frames->empty()) return;
@@ -207,36 +263,44 @@ void on_request(Self* self, FramesPtr frames) {
   st.deps.metrics->received_bytes.Increment(payload_bytes(*frames));
   try {
     auto views = frame_views(*frames, 1);
-    const auto transport = st.transports().of(peer);
-    dispatch::Request r = dispatch::decode_request(views, payload_of(*transport));
-    PendingRequest p;
-    // Before the host's own checks: a rejected request's rows must still be taken off a pair
-    // transport, or its next payload would be read as this one's.
-    try {
-      p.rows = receive_tensor(*transport, size_t(r.total_rows * r.hidden), r.rows);
-    } catch (const Error& e) {
-      throw dispatch::DecodeError(r.request_id, std::string(dispatch::kInternal), e.what());
+    auto carrier = st.transports().carrying(peer, views.size());
+    dispatch::Request r = dispatch::decode_request(views, payload_of(*carrier));
+    const size_t floats = size_t(r.total_rows * r.hidden);
+    if (carrier->payload_in_frames()) {
+      std::vector<float> rows;
+      try {
+        rows = receive_tensor(*carrier, floats, r.rows);
+      } catch (const Error& e) {
+        throw dispatch::DecodeError(r.request_id, std::string(dispatch::kInternal), e.what());
+      }
+      accept(self, peer, std::move(r), std::move(rows), std::move(carrier));
+      return;
     }
-    check_servable(r, *st.deps.experts);
-    p.peer = peer;
-    p.request_id = r.request_id;
-    p.groups = std::move(r.groups);
-    if (!r.traces.empty()) p.span.emplace(trace::child_of(r.traces.front()));
-    p.traces = std::move(r.traces);
-    st.deps.metrics->requests.Increment();
-    const auto now = BatchQueue::Clock::now();
-    const size_t open_before = st.queue->open_batches();
-    if (BatchJobPtr job = st.queue->add(r.layer, std::move(p), now)) {
-      start(self, std::move(job));
-    } else {
-      st.deps.metrics->queued_requests.Set(double(st.queue->queued_requests()));
-      if (st.queue->open_batches() > open_before)  // a new batch opened: wake up when its window ends
-        self->delayed_send(self, st.deps.options.window, flush_atom::value);
-    }
+    // Received before the host's own checks: a rejected request's rows must still be taken off
+    // the pair, or its next payload would be read as this one's.
+    auto& pool = st.receivers[carrier.get()];
+    if (!pool) pool = std::make_unique<ComputePool>(1);
+    auto in = std::make_shared<BatcherRowsIn>(BatcherRowsIn{frames, peer, std::move(r), carrier, {}, {}});
+    pool->submit([in, floats, me = caf::actor_cast<caf::actor>(self)] {
+      try {
+        in->rows = receive_tensor(*in->carrier, floats, {});
+      } catch (const std::exception& e) {
+        in->error = e.what();
+      }
+      caf::anon_send(me, rows_in_atom::value, in);
+    });
   } catch (const dispatch::DecodeError& e) {
-    st.deps.metrics->bad_request(e.code());
-    spdlog::debug("expert: bad request {} ({}): {}", e.request_id(), e.code(), e.what());
-    reply(self, to_frames(dispatch::encode_error(e.request_id(), e.code(), e.what()), peer));
+    bad_request(self, peer, e);
+  }
+}
+
+void on_rows_in(Self* self, const RowsInPtr& in) {
+  try {
+    if (!in->error.empty())
+      throw dispatch::DecodeError(in->request.request_id, std::string(dispatch::kInternal), in->error);
+    accept(self, in->peer, std::move(in->request), std::move(in->rows), in->carrier);
+  } catch (const dispatch::DecodeError& e) {
+    bad_request(self, in->peer, e);
   }
 }
 
@@ -252,6 +316,9 @@ void on_done(Self* self, BatchJobPtr job) {
   const int64_t hidden = st.deps.experts->hidden();
   for (size_t i = 0; i < job->requests.size(); ++i) {
     PendingRequest& req = job->requests[i];
+    std::shared_ptr<Transport> via;
+    if (auto it = st.came_by.find({req.peer, req.request_id}); it != st.came_by.end())
+      via = std::move(it->second), st.came_by.erase(it);
     if (!job->error.empty()) {
       m.bad_request(std::string(dispatch::kInternal));
       reply(self, to_frames(dispatch::encode_error(req.request_id, dispatch::kInternal, job->error), req.peer));
@@ -268,8 +335,9 @@ void on_done(Self* self, BatchJobPtr job) {
       }
       if (st.deps.load) st.deps.load->add(job->layer, g.expert, uint64_t(g.rows));
     }
-    reply(self, to_frames(dispatch::encode_response(req.request_id, job->layer, hidden, std::move(job->outputs[i])),
-                          *st.transports().of(req.peer), req.peer));
+    if (!via) via = st.transports().of(req.peer);
+    send_message(dispatch::encode_response(req.request_id, job->layer, hidden, std::move(job->outputs[i])), *via,
+                 req.peer, [self](FramesPtr frames) { reply(self, std::move(frames)); });
     log_dispatch_span(*job, req);
   }
   m.batch_rows.Observe(double(total));
@@ -286,6 +354,7 @@ caf::behavior batcher(Self* self, ExpertBatcherDeps deps) {
         // A batch opened later than this timer's has its own timer still pending.
       },
       [self](batch_done_atom, BatchJobPtr job) { on_done(self, std::move(job)); },
+      [self](rows_in_atom, const RowsInPtr& in) { on_rows_in(self, in); },
   };
 }
 

@@ -4,9 +4,30 @@
 
 #include <spdlog/spdlog.h>
 
+#include "actors/control_client.h"
 #include "core/error.h"
 
 namespace moemesh::actors {
+
+void CoordinatorLink::attach(caf::actor client) {
+  std::lock_guard<std::mutex> lk(mu_);
+  client_ = std::move(client);
+}
+
+void CoordinatorLink::send(const pb::ControlMessage& m) {
+  caf::actor client;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    client = client_;
+  }
+  if (client) send_to_coordinator(client, m);
+}
+
+TransportCaps service_caps(bool cuda, bool built_with_nccl, const std::string& transport_flag) {
+  if (transport_flag != "auto" && transport_flag != "zmq")
+    throw Error("--transport: \"" + transport_flag + "\", expected auto or zmq");
+  return {cuda, cuda && built_with_nccl && transport_flag == "auto"};
+}
 
 struct NcclPairs::Shared {
   std::mutex mu;
@@ -30,12 +51,12 @@ std::string NcclPairs::state(const std::string& peer_instance) const {
 
 void NcclPairs::join_async(const std::string& peer_instance, const std::string& id, int rank,
                            std::function<void(std::shared_ptr<Transport>, const std::string&)> then) {
-  // Detached, holding only copies: a join whose peer never comes blocks in NCCL for good.
-  std::thread([join = opts_.join, id, rank, peer_instance, then = std::move(then)] {
+  // Detached, holding only copies: the join may outlive this object (until its timeout).
+  std::thread([join = opts_.join, timeout = opts_.join_timeout, id, rank, peer_instance, then = std::move(then)] {
     std::shared_ptr<Transport> t;
     std::string error;
     try {
-      t = join(id, rank);
+      t = join(id, rank, timeout);
     } catch (const std::exception& e) {
       error = e.what();
     }

@@ -27,7 +27,10 @@ struct Outcome {
   std::string error;   // empty: `reply` is a good DispatchResponse
   std::string reason;  // with an error: error_reply or bad_reply (the metric label)
   FramesPtr frames;   // keeps reply's views alive
-  dispatch::Reply reply;  // its outputs still to be received through the host's transport
+  dispatch::Reply reply;
+  std::shared_ptr<Transport> carrier;  // what carries reply's outputs
+  bool received = false;               // outputs already taken off a pair transport (else in frames)
+  std::vector<float> outputs;
 };
 
 struct Call {
@@ -118,22 +121,27 @@ struct RemoteExpertExecutor::Inflight {
   std::shared_ptr<RemoteExpertsStats> stats;
   std::shared_ptr<Metrics> metrics;  // may be null
 
-  // On the receiving actor: decode the header (the payload's place depends on the host's
-  // transport) and hand the reply to its waiting call. The outcome is set under `mu`, so once
-  // run() has withdrawn a request no late reply can touch it.
+  // On the receiving actor (a thread of its own): decode the header (the payload's place
+  // depends on how the message came) and hand the reply to its waiting call. A payload on a pair
+  // transport is taken off here, in the order the headers arrive, whether or not anybody still
+  // waits for it (a late reply's payload must not be read as the next one's). The outcome is set
+  // under `mu`, so once run() has withdrawn a request no late reply can touch it.
   void deliver(int socket, const FramesPtr& frames) {
     auto views = frame_views(*frames);
     const auto arrived = Clock::now();
-    dispatch::Payload payload = dispatch::Payload::InFrames;
+    std::shared_ptr<Transport> carrier;
     {
       std::lock_guard<std::mutex> lk(mu);
-      if (auto it = endpoints.find(socket); it != endpoints.end()) payload = payload_of(*transports->of(it->second));
+      auto it = endpoints.find(socket);
+      carrier = transports->carrying(it != endpoints.end() ? it->second : std::string(), frames->size());
     }
     dispatch::Reply reply;
     std::string error, reason;
     uint64_t id = 0;
+    bool received = false;
+    std::vector<float> outputs;
     try {
-      reply = dispatch::decode_reply(views, payload);
+      reply = dispatch::decode_reply(views, payload_of(*carrier));
       id = reply.request_id;
       if (!reply.ok) error = "error reply " + reply.error_code + ": " + reply.error_message, reason = "error_reply";
     } catch (const dispatch::DecodeError& e) {
@@ -141,6 +149,15 @@ struct RemoteExpertExecutor::Inflight {
       error = std::string("undecodable reply (") + e.code() + "): " + e.what();
       reason = "bad_reply";
       ++stats->bad_replies;
+    }
+    if (error.empty() && !carrier->payload_in_frames()) {
+      try {
+        outputs = receive_tensor(*carrier, size_t(reply.rows * reply.hidden), {});
+        received = true;
+      } catch (const Error& e) {
+        error = e.what();
+        reason = "bad_reply";
+      }
     }
     std::lock_guard<std::mutex> lk(mu);
     auto it = waiting.find(id);
@@ -161,6 +178,9 @@ struct RemoteExpertExecutor::Inflight {
     o.reason = std::move(reason);
     o.frames = frames;
     o.reply = std::move(reply);
+    o.carrier = std::move(carrier);
+    o.received = received;
+    o.outputs = std::move(outputs);
     if (--call->pending == 0) call->cv.notify_all();
   }
 };
@@ -195,7 +215,8 @@ RemoteExpertExecutor::RemoteExpertExecutor(caf::actor_system& sys, RemoteExperts
   std::random_device rd;
   next_id_ = ((uint64_t(rd()) << 32) | rd()) | 1;
   // State as a spawn argument, not a capture: CAF 0.17 trips UBSan on argument-less function actors.
-  receiver_ = sys_.spawn([](caf::event_based_actor*, std::shared_ptr<Inflight> inflight) -> caf::behavior {
+  // Detached: receiving from a pair transport blocks until the payload is here.
+  receiver_ = sys_.spawn<caf::detached>([](caf::event_based_actor*, std::shared_ptr<Inflight> inflight) -> caf::behavior {
     return {[inflight](zmq_recv_atom, int socket, FramesPtr frames) {
       if (frames && !frames->empty()) inflight->deliver(socket, frames);
     }};
@@ -306,7 +327,6 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
     call->pending = targets.size();
     std::vector<uint64_t> ids(targets.size());
     std::vector<Clock::time_point> sent(targets.size());
-    std::vector<std::shared_ptr<Transport>> via(targets.size());  // the results come back the same way
     for (size_t k = 0; k < targets.size(); ++k) {
       const Target& t = targets[k];
       std::vector<dispatch::Group> meta;
@@ -327,12 +347,13 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
         std::lock_guard<std::mutex> lk(inflight_->mu);
         inflight_->waiting[ids[k]] = {call, k};
       }
-      via[k] = opts_.transports->of(t.host->endpoint);
-      auto frames = to_frames(
+      const auto via = opts_.transports->of(t.host->endpoint);
+      send_message(
           dispatch::encode_request(ids[k], int32_t(layer), meta, hidden, std::move(rows), table->version, traces),
-          *via[k]);
-      sent[k] = Clock::now();
-      caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket, std::move(frames));
+          *via, {}, [&](FramesPtr frames) {
+            sent[k] = Clock::now();
+            caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket, std::move(frames));
+          });
       ++stats_->requests;
       if (metrics_) metrics_->host(t.host->instance).requests->Increment();
     }
@@ -363,7 +384,8 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       std::vector<float> result;  // [t.rows, hidden], grouped as sent
       if (error.empty()) {
         try {
-          result = receive_tensor(*via[k], size_t(t.rows * hidden), o.reply.outputs);
+          result = o.received ? std::move(o.outputs)
+                              : receive_tensor(*o.carrier, size_t(t.rows * hidden), o.reply.outputs);
         } catch (const Error& e) {
           error = e.what();
           reason = "bad_reply";

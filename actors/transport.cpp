@@ -37,6 +37,10 @@ std::shared_ptr<Transport> PeerTransports::of(const std::string& peer) const {
   return it == pairs_.end() ? zmq_ : it->second;
 }
 
+std::shared_ptr<Transport> PeerTransports::carrying(const std::string& peer, size_t frames) const {
+  return frames > 1 ? zmq_ : of(peer);
+}
+
 void PeerTransports::set(const std::string& peer, std::shared_ptr<Transport> transport) {
   std::lock_guard<std::mutex> lk(mu_);
   if (transport)

@@ -37,6 +37,14 @@ class Transport {
   // communicator (NCCL, `frames` empty). Throws moemesh::Error when they do not match the header.
   virtual std::vector<std::vector<float>> receive(std::span<const size_t> floats,
                                                   std::span<const PayloadFrame> frames) = 0;
+
+  // Held from a message's payload send until its header is queued on the ZeroMQ socket
+  // (dispatch_frames.h: send_message), so that concurrent senders to one peer put headers and
+  // payloads on the pair in the same order; the receiver takes payloads in header order.
+  std::mutex& send_order() { return send_order_; }
+
+ private:
+  std::mutex send_order_;
 };
 
 // Payloads as ZeroMQ frames (what every peer pair can do).
@@ -56,6 +64,10 @@ class PeerTransports {
  public:
   PeerTransports();
   std::shared_ptr<Transport> of(const std::string& peer) const;
+  // What carries the payloads of a message received from `peer` in `frames` ZeroMQ frames
+  // (header included): ZeroMQ when payload frames followed the header, else the pair's transport.
+  // Decided per message, so a message sent just before the pair switched is still read right.
+  std::shared_ptr<Transport> carrying(const std::string& peer, size_t frames) const;
   // Null goes back to ZeroMQ.
   void set(const std::string& peer, std::shared_ptr<Transport> transport);
 

@@ -8,6 +8,7 @@
 #include "actors/control_client.h"
 #include "actors/expert_compute.h"
 #include "actors/kv_client.h"
+#include "actors/nccl_pairs.h"
 #include "actors/remote_experts.h"
 #include "actors/service_runtime.h"
 #include "actors/step_server.h"
@@ -17,6 +18,12 @@
 #include "core/backend_factory.h"
 #include "core/checkpoint.h"
 #include "core/engine.h"
+#ifdef MOEMESH_HAVE_NCCL
+#include "kernels/cuda/nccl_transport.h"
+constexpr bool kBuiltWithNccl = true;
+#else
+constexpr bool kBuiltWithNccl = false;
+#endif
 
 using namespace moemesh;
 using namespace moemesh::actors;
@@ -48,6 +55,12 @@ int main(int argc, char** argv) {
                  "cannot decide: on, off, or auto (on with a CUDA device, where the logits then stay on it)")
       ->check(CLI::IsMember({"auto", "on", "off"}))
       ->capture_default_str();
+  std::string transport = "auto";
+  cli.add_option("--transport", transport,
+                 "dispatch payloads: auto (NCCL with expert hosts that also compute on a GPU with NCCL, "
+                 "else ZeroMQ) or zmq (always ZeroMQ)")
+      ->check(CLI::IsMember({"auto", "zmq"}))
+      ->capture_default_str();
   cli.add_option("--dispatch-timeout-ms", dispatch_timeout_ms, "deadline of one expert dispatch round");
   cli.add_option("--gating-temperature", gating_temperature, "gate logits are divided by it before softmax");
   cli.add_option("--kvstore", kvstore, "KV store endpoint (tcp://HOST:PORT) for the prefix cache; none: no prefix cache");
@@ -66,7 +79,9 @@ int main(int argc, char** argv) {
 
   try {
     // First, so a missing device fails at once ("no CUDA device: ...") before weights load.
-    auto backend = make_compute_backend(parse_device(device));
+    const DeviceSpec dev = parse_device(device);
+    auto backend = make_compute_backend(dev);
+    const TransportCaps caps = service_caps(dev.kind == DeviceSpec::Kind::Cuda, kBuiltWithNccl, transport);
     auto ckpt = Checkpoint::open(model_dir);
     ckpt->mutable_config().gating_temperature = gating_temperature;
     const ModelConfig& mc = ckpt->config();
@@ -78,6 +93,23 @@ int main(int argc, char** argv) {
     ro.metrics = rt.metrics_ptr();
     auto expert_waits = std::make_shared<ExpertWaitLog>();  // the steps' expert_wait phase
     ro.waits = expert_waits;
+    ro.transports = std::make_shared<PeerTransports>();
+    // NCCL pairs with the expert hosts (joins on threads of their own), or none: all ZeroMQ.
+    auto link = std::make_shared<CoordinatorLink>();
+    std::shared_ptr<NcclPairs> pairs;
+    if (caps.nccl) {
+      NcclPairOptions no;
+      no.instance = rt.instance();
+      no.role = pb::ATTENTION;
+      no.caps = caps;
+#ifdef MOEMESH_HAVE_NCCL
+      no.make_id = nccl_unique_id;
+      no.join = nccl_join_on(dev.index);
+#endif
+      no.send = [link](const pb::ControlMessage& m) { link->send(m); };
+      no.transports = ro.transports;
+      pairs = std::make_shared<NcclPairs>(std::move(no));
+    }
     auto remote = std::make_shared<RemoteExpertExecutor>(rt.system(), ro);
     auto engine = std::make_shared<Engine>(ckpt, EngineOptions{kv_blocks, parse_kv_dtype(kv_dtype), backend}, remote);
     std::vector<int32_t> eos;
@@ -143,22 +175,24 @@ int main(int argc, char** argv) {
     co.registration.set_admin_endpoint(std::to_string(rt.admin().port()));
     co.registration.set_kv_blocks(kv_blocks);
     co.registration.set_pid(uint32_t(getpid()));
-    // Its GPU, for the pair rule; nccl stays false until the NCCL payload path is safe to turn on
-    // (docs/gpu.md: the send/header order and concurrent micro-batches), so pairs keep ZeroMQ.
-    co.registration.set_gpu(parse_device(device).kind == DeviceSpec::Kind::Cuda);
+    co.registration.set_gpu(caps.gpu);  // for the pair rule
+    co.registration.set_nccl(caps.nccl);
     ControlCallbacks cb;
     cb.fill_heartbeat = [covered, stats](pb::Heartbeat& hb) {
       hb.set_ready(covered->load());
       hb.set_kv_free_blocks(stats->kv_free_blocks.load());
     };
-    cb.on_placement = [remote, covered, all_covered](const pb::PlacementTable& t) {
+    cb.on_placement = [remote, covered, all_covered, pairs](const pb::PlacementTable& t) {
+      if (pairs) pairs->on_placement(t);
       PlacementTable table = placement_from_proto(t);
       const bool ok = all_covered(table);
       remote->set_placement(std::move(table));
       if (ok != covered->exchange(ok))
         spdlog::info("attention: placement v{}: {}", t.version(), ok ? "every expert has a host" : "experts missing");
     };
+    if (pairs) cb.on_nccl_pair = [pairs](const pb::NcclPairId& m) { pairs->on_message(m); };
     caf::actor client = spawn_control_client(rt.system(), bridge, co, cb);
+    link->attach(client);
     bridge.start();
     caf::actor server = spawn_step_server(rt.system(), bridge, step_sock, worker, pool, stats, metrics);
     rt.stop_on_shutdown(server);

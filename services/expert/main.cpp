@@ -18,6 +18,7 @@
 
 #include "actors/control_client.h"
 #include "actors/expert_batcher.h"
+#include "actors/nccl_pairs.h"
 #include "actors/expert_compute.h"
 #include "actors/service_runtime.h"
 #include "actors/zmq_bridge.h"
@@ -25,6 +26,12 @@
 #include "core/checkpoint.h"
 #include "core/error.h"
 #include "core/expert_set.h"
+#ifdef MOEMESH_HAVE_NCCL
+#include "kernels/cuda/nccl_transport.h"
+constexpr bool kBuiltWithNccl = true;
+#else
+constexpr bool kBuiltWithNccl = false;
+#endif
 
 using namespace moemesh;
 using namespace moemesh::actors;
@@ -39,6 +46,7 @@ struct Flags {
   std::string router;
   std::string served_name;
   std::string device = "cpu";
+  std::string transport = "auto";
   int compute_threads = 2;
   int64_t batch_window_us = 200;
   int64_t max_batch_rows = 8192;
@@ -47,16 +55,15 @@ struct Flags {
 };
 
 pb::Register registration(const ServiceRuntime& rt, const std::string& endpoint, const std::string& model_id,
-                          const ExpertSet* pinned, bool gpu) {
+                          const ExpertSet* pinned, TransportCaps caps) {
   pb::Register r;
   r.set_instance(rt.instance());
   r.set_role(pb::EXPERT);
   r.set_data_endpoint(endpoint);
   r.set_model_id(model_id);
   r.set_pid(uint32_t(::getpid()));
-  // Its GPU, for the pair rule; nccl stays false until the NCCL payload path is safe to turn on
-  // (docs/gpu.md), so every pair keeps ZeroMQ.
-  r.set_gpu(gpu);
+  r.set_gpu(caps.gpu);  // for the pair rule
+  r.set_nccl(caps.nccl);
   if (pinned)
     for (const auto& [l, e] : *pinned) {
       auto* id = r.add_experts();
@@ -72,7 +79,25 @@ int serve(ServiceRuntime& rt, const Flags& f) {
   if (f.max_batch_rows < 1) throw Error("--max-batch-rows must be at least 1");
   if (!f.experts && f.router.empty()) throw Error("--experts is required when no --router coordinator is given");
   // First, so a missing device fails at once ("no CUDA device: ...") before weights load.
-  const auto backend = make_compute_backend(parse_device(f.device));
+  const DeviceSpec dev = parse_device(f.device);
+  const auto backend = make_compute_backend(dev);
+  const TransportCaps caps = service_caps(dev.kind == DeviceSpec::Kind::Cuda, kBuiltWithNccl, f.transport);
+  // NCCL pairs with the attention workers (joins on threads of their own), or none: all ZeroMQ.
+  auto transports = std::make_shared<PeerTransports>();
+  auto link = std::make_shared<CoordinatorLink>();
+  std::shared_ptr<NcclPairs> pairs;
+  if (caps.nccl && !f.router.empty()) {
+    NcclPairOptions no;
+    no.instance = rt.instance();
+    no.role = pb::EXPERT;
+    no.caps = caps;
+#ifdef MOEMESH_HAVE_NCCL
+    no.join = nccl_join_on(dev.index);
+#endif
+    no.send = [link](const pb::ControlMessage& m) { link->send(m); };
+    no.transports = transports;
+    pairs = std::make_shared<NcclPairs>(std::move(no));
+  }
 
   auto ckpt = Checkpoint::open(f.model);
   const std::string model_id = f.served_name.empty() ? ckpt->name() : f.served_name;
@@ -101,7 +126,7 @@ int serve(ServiceRuntime& rt, const Flags& f) {
   if (!f.router.empty()) {
     ControlClientOptions co;
     co.control_endpoint = f.router;
-    co.registration = registration(rt, endpoint, model_id, pinned ? &*pinned : nullptr, backend != cpu_backend());
+    co.registration = registration(rt, endpoint, model_id, pinned ? &*pinned : nullptr, caps);
     ControlCallbacks cb;
     cb.on_registered = [&](const pb::RegisterReply& r) {
       if (!r.ok()) {  // the client registers again; say why meanwhile
@@ -120,7 +145,9 @@ int serve(ServiceRuntime& rt, const Flags& f) {
         l->set_rows(rows);
       }
     };
+    if (pairs) cb.on_nccl_pair = [pairs](const pb::NcclPairId& m) { pairs->on_message(m); };
     control = spawn_control_client(rt.system(), bridge, co, cb);
+    link->attach(control);
   }
   bridge.start();
 
@@ -155,8 +182,9 @@ int serve(ServiceRuntime& rt, const Flags& f) {
     bo.window = std::chrono::microseconds(f.batch_window_us);
     bo.max_batch_rows = f.max_batch_rows;
     // Without per-expert metrics: no rows_total{layer, expert} series and no load in heartbeats.
-    caf::actor batcher = spawn_expert_batcher(rt.system(), {&experts, &pool, &metrics, f.expert_metrics ? &load : nullptr,
-                                                            bridge.actor(), data, bo, f.expert_metrics});
+    caf::actor batcher =
+        spawn_expert_batcher(rt.system(), {&experts, &pool, &metrics, f.expert_metrics ? &load : nullptr, bridge.actor(),
+                                           data, bo, f.expert_metrics, transports.get()});
     bridge.route(data, batcher);
     ready = true;
     spdlog::info("expert host: listening on {} (advertised as {}, {} compute threads)", bridge.endpoint(data), endpoint,
@@ -189,6 +217,11 @@ int main(int argc, char** argv) {
   cli.add_option("--router", f.router, "coordinator control endpoint (tcp://host:port)");
   cli.add_option("--served-model-name", f.served_name, "model id told to the coordinator (default: the folder's name)");
   cli.add_option("--device", f.device, "compute backend: cpu, cuda (= cuda:0) or cuda:N")->capture_default_str();
+  cli.add_option("--transport", f.transport,
+                 "dispatch payloads: auto (NCCL with attention workers that also compute on a GPU with NCCL, "
+                 "else ZeroMQ) or zmq (always ZeroMQ)")
+      ->check(CLI::IsMember({"auto", "zmq"}))
+      ->capture_default_str();
   cli.add_option("--compute-threads", f.compute_threads, "expert compute threads")->capture_default_str();
   cli.add_option("--batch-window-us", f.batch_window_us, "how long a layer's batch waits for more requests")
       ->capture_default_str();

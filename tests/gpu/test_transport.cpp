@@ -2,6 +2,7 @@
 // send/recv between two ranks (built where NCCL is; runs only with two CUDA devices).
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <future>
 #include <memory>
 #include <span>
@@ -103,6 +104,8 @@ TEST(Transport, NcclOnlyBetweenTwoGpuPeersWithNccl) {
 }
 
 #ifdef MOEMESH_TEST_NCCL
+using namespace std::chrono_literals;
+
 // Two ranks in one process (one thread and one device each): rows one way, results back.
 TEST(TransportNccl, TwoRanksExchangePayloads) {
   if (cuda::device_count() < 2)
@@ -110,18 +113,52 @@ TEST(TransportNccl, TwoRanksExchangePayloads) {
                  << cuda::device_error();
   const std::string id = nccl_unique_id();
   auto peer = std::async(std::launch::async, [&] {
-    auto t = make_nccl_transport(id, 1, 1);
+    auto t = make_nccl_transport(id, 1, 1, 30s);
     const std::vector<size_t> sizes = {4, 2};
     auto rows = t->receive(sizes, std::span<const PayloadFrame>{});
     for (auto& r : rows)
       for (auto& x : r) x *= 2;
     EXPECT_TRUE(t->send(std::move(rows)).empty());
   });
-  auto t = make_nccl_transport(id, 0, 0);
+  auto t = make_nccl_transport(id, 0, 0, 30s);
   EXPECT_EQ(t->kind(), TransportKind::Nccl);
   EXPECT_TRUE(t->send({{1, 2, 3, 4}, {5, 6}}).empty()) << "NCCL payloads never go as ZeroMQ frames";
   const std::vector<size_t> sizes = {4, 2};
   EXPECT_EQ(t->receive(sizes, std::span<const PayloadFrame>{}), (std::vector<std::vector<float>>{{2, 4, 6, 8}, {10, 12}}));
   peer.get();
+}
+
+// Sends never wait for the receiver: both ranks queue several 16 MB payloads (far above NCCL's
+// eager size) before either receives, then each takes them in order.
+TEST(TransportNccl, LargeSendsQueueBeforeTheReceiverPosts) {
+  if (cuda::device_count() < 2)
+    GTEST_SKIP() << "no CUDA device: the NCCL pair test needs two devices (" << cuda::device_count() << " here) "
+                 << cuda::device_error();
+  const std::string id = nccl_unique_id();
+  constexpr size_t kFloats = size_t(4) << 20;
+  auto exchange = [&](int rank) {
+    auto t = make_nccl_transport(id, rank, rank, 30s);
+    for (int m = 0; m < 3; ++m) t->send({std::vector<float>(kFloats, float(rank * 10 + m))});
+    const std::vector<size_t> sizes = {kFloats};
+    for (int m = 0; m < 3; ++m) {
+      auto got = t->receive(sizes, std::span<const PayloadFrame>{});
+      EXPECT_EQ(got.at(0).front(), float((1 - rank) * 10 + m));
+      EXPECT_EQ(got.at(0).back(), float((1 - rank) * 10 + m));
+    }
+  };
+  auto peer = std::async(std::launch::async, exchange, 1);
+  exchange(0);
+  peer.get();
+}
+
+// A rank whose peer never joins gives up after the timeout (one device is enough).
+TEST(TransportNccl, AJoinWithoutPeerTimesOut) {
+  if (cuda::device_count() < 1) GTEST_SKIP() << "no CUDA device: " << cuda::device_error();
+  try {
+    make_nccl_transport(nccl_unique_id(), 0, 0, 2s);
+    FAIL() << "joined without a peer";
+  } catch (const Error& e) {
+    EXPECT_STREQ(e.what(), "transport nccl: the peer did not join within 2 s");
+  }
 }
 #endif

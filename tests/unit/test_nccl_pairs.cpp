@@ -54,15 +54,17 @@ class FakeCommunicator final : public Transport {
   int rank;
 };
 
-// Pairs two ranks that join with the same id, blocking like ncclCommInitRank until both came.
+// Pairs two ranks that join with the same id, waiting like make_nccl_transport until both came
+// or the timeout passed.
 class FakeNccl {
  public:
-  std::shared_ptr<Transport> join(const std::string& id, int rank) {
+  std::shared_ptr<Transport> join(const std::string& id, int rank, std::chrono::milliseconds timeout) {
     std::unique_lock<std::mutex> lk(mu_);
     joined_[id] |= 1 << rank;
     ++joins_;
     cv_.notify_all();
-    if (!cv_.wait_for(lk, 20s, [&] { return joined_[id] == 3; })) throw Error("fake nccl: the peer never joined");
+    if (!cv_.wait_for(lk, timeout, [&] { return joined_[id] == 3; }))
+      throw Error("transport nccl: the peer did not join within " + std::to_string(timeout.count()) + " ms");
     return std::make_shared<FakeCommunicator>(rank);
   }
   int joins() {
@@ -103,7 +105,10 @@ class Member {
       id.resize(kNcclUniqueIdBytes, '\0');
       return id;
     };
-    if (nccl) no.join = [nccl](const std::string& id, int rank) { return nccl->join(id, rank); };
+    if (nccl)
+      no.join = [nccl](const std::string& id, int rank, std::chrono::milliseconds timeout) {
+        return nccl->join(id, rank, timeout);
+      };
     no.send = [this](const pb::ControlMessage& m) { send_to_coordinator(client_, m); };
     no.transports = transports;
     pairs = std::make_unique<NcclPairs>(std::move(no));
@@ -271,7 +276,7 @@ TEST(NcclPairs, AFailedJoinLeavesThePairOnZeroMq) {
   o.instance = "exp-0";
   o.role = pb::EXPERT;
   o.caps = {true, true};
-  o.join = [](const std::string&, int) -> std::shared_ptr<Transport> {
+  o.join = [](const std::string&, int, std::chrono::milliseconds) -> std::shared_ptr<Transport> {
     throw Error("no CUDA device: CUDA driver version is insufficient");
   };
   o.send = [&](const pb::ControlMessage& m) {
@@ -316,7 +321,9 @@ TEST(NcclPairs, WorkersOfferOnlyWhereThePairRulePicksNccl) {
   o.role = pb::ATTENTION;
   o.caps = {true, true};
   o.make_id = [] { return std::string(kNcclUniqueIdBytes, 'z'); };
-  o.join = [](const std::string&, int) -> std::shared_ptr<Transport> { throw Error("no CUDA device: none"); };
+  o.join = [](const std::string&, int, std::chrono::milliseconds) -> std::shared_ptr<Transport> {
+    throw Error("no CUDA device: none");
+  };
   o.send = [&](const pb::ControlMessage& m) { offers += m.nccl_pair_id().stage() == pb::NcclPairId::OFFER; };
   o.transports = std::make_shared<PeerTransports>();
   pb::PlacementTable t;
@@ -342,4 +349,45 @@ TEST(NcclPairs, WorkersOfferOnlyWhereThePairRulePicksNccl) {
   NcclPairs cpu_worker(o);
   cpu_worker.on_placement(t);
   EXPECT_EQ(offers, 1) << "a CPU worker offers nothing";
+}
+
+// A host that never joins (it refused, or never got the offer): the worker's join gives up at
+// the configured timeout and the pair stays on ZeroMQ, as after a failed join.
+TEST(NcclPairs, AJoinWhosePeerNeverComesTimesOut) {
+  FakeNccl nccl;
+  int offers = 0;
+  NcclPairOptions o;
+  o.instance = "attn-0";
+  o.role = pb::ATTENTION;
+  o.caps = {true, true};
+  o.make_id = [] { return std::string(kNcclUniqueIdBytes, 't'); };
+  o.join = [&nccl](const std::string& id, int rank, std::chrono::milliseconds timeout) {
+    return nccl.join(id, rank, timeout);
+  };
+  o.join_timeout = 200ms;
+  o.send = [&](const pb::ControlMessage& m) { offers += m.nccl_pair_id().stage() == pb::NcclPairId::OFFER; };
+  o.transports = std::make_shared<PeerTransports>();
+  EXPECT_EQ(NcclPairOptions{}.join_timeout, 30s) << "the default";
+  pb::PlacementTable t;
+  t.set_version(1);
+  auto* h = t.add_hosts();
+  h->set_instance("exp-silent");
+  h->set_data_endpoint("tcp://exp-silent");
+  h->set_live(true);
+  h->set_gpu(true);
+  h->set_nccl(true);
+  NcclPairs worker(o);
+  worker.on_placement(t);
+  EXPECT_EQ(offers, 1);
+  ASSERT_TRUE(eventually([&] { return worker.state("exp-silent") != "offered"; })) << worker.state("exp-silent");
+  EXPECT_EQ(worker.state("exp-silent"), "rejected: transport nccl: the peer did not join within 200 ms");
+  EXPECT_EQ(o.transports->of("tcp://exp-silent")->kind(), TransportKind::Zmq);
+  // A JOINED arriving after the timeout does not switch the pair.
+  pb::NcclPairId joined;
+  joined.set_stage(pb::NcclPairId::JOINED);
+  joined.set_attention_instance("attn-0");
+  joined.set_expert_instance("exp-silent");
+  worker.on_message(joined);
+  EXPECT_EQ(o.transports->of("tcp://exp-silent")->kind(), TransportKind::Zmq);
+  EXPECT_EQ(nccl.joins(), 1);
 }

@@ -4,8 +4,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <condition_variable>
-#include <deque>
 #include <filesystem>
 #include <memory>
 #include <random>
@@ -15,9 +13,11 @@
 
 #include "actors/expert_batcher.h"
 #include "actors/remote_experts.h"
+#include "core/dispatch_codec.h"
 #include "core/error.h"
 #include "core/moe.h"
 #include "tests/support/actor_config.h"
+#include "tests/support/fifo_pair_transport.h"
 #include "tests/support/in_process_expert_host.h"
 #include "tests/support/tiny_model.h"
 
@@ -253,72 +253,29 @@ TEST_F(RemoteExperts, PlacementSwapsWhileCallsRun) {
   EXPECT_GE(remote.placement()->version, 1u);
 }
 
-namespace {
-
-// One end of an in-memory pair transport (what an NCCL communicator is to a peer pair): send
-// queues the tensors for the other end and leaves nothing for ZeroMQ; receive takes them in order.
-class LoopbackEnd final : public Transport {
- public:
-  struct Queue {
-    std::mutex mu;
-    std::condition_variable cv;
-    std::deque<std::vector<float>> tensors;
-  };
-  LoopbackEnd(std::shared_ptr<Queue> out, std::shared_ptr<Queue> in) : out_(std::move(out)), in_(std::move(in)) {}
-  TransportKind kind() const override { return TransportKind::Nccl; }
-  std::vector<std::vector<float>> send(std::vector<std::vector<float>>&& tensors) override {
-    {
-      std::lock_guard<std::mutex> lk(out_->mu);
-      for (auto& t : tensors) out_->tensors.push_back(std::move(t));
-    }
-    out_->cv.notify_all();
-    return {};
-  }
-  std::vector<std::vector<float>> receive(std::span<const size_t> floats,
-                                          std::span<const PayloadFrame> frames) override {
-    if (!frames.empty()) throw Error("loopback: payload frames came over ZeroMQ");
-    std::vector<std::vector<float>> got;
-    std::unique_lock<std::mutex> lk(in_->mu);
-    for (size_t n : floats) {
-      in_->cv.wait(lk, [&] { return !in_->tensors.empty(); });
-      got.push_back(std::move(in_->tensors.front()));
-      in_->tensors.pop_front();
-      if (got.back().size() != n) throw Error("loopback: tensor of the wrong size");
-    }
-    received += got.size();
-    return got;
-  }
-  size_t received = 0;
-
- private:
-  std::shared_ptr<Queue> out_, in_;
-};
-
-}  // namespace
+using moemesh::testing::FifoPair;
 
 // The payloads go through the pair's Transport: with a pair transport set on both sides, only
 // the headers cross ZeroMQ and the results still equal the local executor's.
 TEST_F(RemoteExperts, PayloadsTravelThroughThePairTransport) {
   caf::actor_system sys{two_thread_config()};
-  auto to_host = std::make_shared<LoopbackEnd::Queue>(), to_worker = std::make_shared<LoopbackEnd::Queue>();
-  auto worker_end = std::make_shared<LoopbackEnd>(to_host, to_worker);
-  auto host_end = std::make_shared<LoopbackEnd>(to_worker, to_host);
+  FifoPair pair;
   PeerTransports host_side;
-  host_side.set("worker-1", host_end);  // the worker's DEALER routing id
+  host_side.set("worker-1", pair.host);  // the worker's DEALER routing id
   Host zmq_host(sys, model(), "all", "host-zmq");
   moemesh::testing::InProcessExpertHost pair_host(sys, model(), "all", "host-pair", 2, &host_side);
 
   RemoteExpertsOptions o;
   o.identity = "worker-1";
   RemoteExpertExecutor remote(sys, o);
-  remote.transports().set(pair_host.entry().endpoint, worker_end);
+  remote.transports().set(pair_host.entry().endpoint, pair.worker);
   std::mt19937 rng(21);
   remote.set_placement({1, {pair_host.entry()}});
   for (int64_t rows : {1, 7, 40}) check_layer(remote, rows % 2, rows, rng);
   EXPECT_EQ(remote.stats().host_failures.load(), 0u);
   EXPECT_EQ(pair_host.requests(), 3);
-  EXPECT_EQ(host_end->received, 3u);
-  EXPECT_EQ(worker_end->received, 3u);
+  EXPECT_EQ(pair.host->received(), 3u);
+  EXPECT_EQ(pair.worker->received(), 3u);
   const double pair_bytes = pair_host.received_bytes();
 
   // The same calls over plain ZeroMQ carry the rows in frames.
@@ -328,4 +285,158 @@ TEST_F(RemoteExperts, PayloadsTravelThroughThePairTransport) {
   const double rows_bytes = double((1 + 7 + 40) * cfg().hidden_size * 4);
   EXPECT_GE(zmq_host.received_bytes(), pair_bytes + rows_bytes) << "ZeroMQ: headers and rows";
   EXPECT_LT(pair_bytes, rows_bytes) << "pair transport: only headers on ZeroMQ";
+  EXPECT_EQ(pair.unreceived(), 0u);
+}
+
+// Waits up to 30 s for `done` (what another thread does); false if it never happened.
+template <class F>
+bool eventually(F done) {
+  for (int i = 0; i < 3000; ++i) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return done();
+}
+
+// The worker side of a FifoPair dispatch: its routing id is the host side's key for the pair.
+std::unique_ptr<RemoteExpertExecutor> pair_worker(caf::actor_system& sys, const std::string& endpoint,
+                                                  std::shared_ptr<Transport> end,
+                                                  std::chrono::milliseconds deadline = std::chrono::seconds(30)) {
+  RemoteExpertsOptions o;
+  o.identity = "worker-1";
+  o.deadline = deadline;
+  auto remote = std::make_unique<RemoteExpertExecutor>(sys, o);
+  remote->transports().set(endpoint, std::move(end));
+  return remote;
+}
+
+// The attention worker's two micro-batches dispatch to the same host at once: headers and
+// payloads stay in one order on the pair, so every result is right and nothing is left over.
+TEST_F(RemoteExperts, TwoMicroBatchThreadsShareOnePair) {
+  caf::actor_system sys{two_thread_config()};
+  FifoPair pair;
+  PeerTransports host_side;
+  host_side.set("worker-1", pair.host);
+  moemesh::testing::InProcessExpertHost host(sys, model(), "all", "host-pair", 2, &host_side);
+  auto remote = pair_worker(sys, host.entry().endpoint, pair.worker);
+  remote->set_placement({1, {host.entry()}});
+
+  constexpr int kCalls = 15;
+  std::vector<std::thread> micro_batches;
+  std::vector<Agreement> agreements(2);
+  for (int m = 0; m < 2; ++m)
+    micro_batches.emplace_back([&, m] {
+      std::mt19937 rng(100 + m);
+      for (int i = 0; i < kCalls; ++i) {
+        LayerCall call = random_call(cfg(), 1 + (i * 7 + m * 3) % 23, rng);  // sizes differ between the threads
+        std::vector<std::vector<float>> got, want;
+        remote->run(i % 2, call.h.data(), cfg().hidden_size, call.groups, got);
+        local_->run(i % 2, call.h.data(), cfg().hidden_size, call.groups, want);
+        expect_close(got, want, cfg().hidden_size, agreements[size_t(m)]);
+      }
+    });
+  for (auto& t : micro_batches) t.join();
+  EXPECT_EQ(remote->stats().host_failures.load(), 0u);
+  EXPECT_EQ(host.requests(), 2 * kCalls);
+  EXPECT_EQ(pair.host->received(), size_t(2 * kCalls));
+  EXPECT_EQ(pair.worker->received(), size_t(2 * kCalls));
+  EXPECT_EQ(pair.unreceived(), 0u);
+}
+
+// Payloads of 4 MB and more each way (NCCL would not send these eagerly).
+TEST_F(RemoteExperts, LargePayloadsCrossThePair) {
+  caf::actor_system sys{two_thread_config()};
+  FifoPair pair;
+  PeerTransports host_side;
+  host_side.set("worker-1", pair.host);
+  moemesh::testing::InProcessExpertHost host(sys, model(), "all", "host-pair", 2, &host_side);
+  auto remote = pair_worker(sys, host.entry().endpoint, pair.worker);
+  remote->set_placement({1, {host.entry()}});
+  std::mt19937 rng(5);
+  // top-2: 2 * 8192 rows of 64 floats = 4 MiB of rows to the host, the same back.
+  const int64_t rows = 8192;
+  ASSERT_GE(2 * rows * cfg().hidden_size * int64_t(sizeof(float)), int64_t(4) << 20);
+  for (int i = 0; i < 2; ++i) check_layer(*remote, i, rows, rng);
+  EXPECT_EQ(remote->stats().host_failures.load(), 0u);
+  EXPECT_EQ(pair.host->received(), 2u);
+  EXPECT_EQ(pair.unreceived(), 0u);
+}
+
+// A request the host rejects (an expert it does not hold) still has its rows taken off the
+// pair: the next request's rows are its own and its results right.
+TEST_F(RemoteExperts, ARejectedRequestsPayloadIsDrained) {
+  caf::actor_system sys{two_thread_config()};
+  FifoPair pair;
+  PeerTransports host_side;
+  host_side.set("worker-1", pair.host);
+  moemesh::testing::InProcessExpertHost half(sys, model(), "0:0-3,1:0-3", "host-half", 2, &host_side);
+  Host rest(sys, model(), "0:4-7,1:4-7", "host-rest");
+  auto remote = pair_worker(sys, half.entry().endpoint, pair.worker);
+  std::mt19937 rng(9);
+  // The half host claims every expert: its requests name experts 4-7 too and are rejected.
+  remote->set_placement({1, {half.entry("all")}});
+  LayerCall call = random_call(cfg(), 24, rng);
+  std::vector<std::vector<float>> got;
+  EXPECT_THROW(remote->run(0, call.h.data(), cfg().hidden_size, call.groups, got), Error);
+  EXPECT_EQ(half.bad_requests(std::string(dispatch::kUnknownExpert)), 1);
+  EXPECT_EQ(pair.host->received(), 1u) << "the rejected request's rows were taken off the pair";
+
+  remote->set_placement({2, {half.entry(), rest.entry()}});
+  for (int i = 0; i < 3; ++i) check_layer(*remote, i % 2, 24, rng);
+  EXPECT_EQ(half.bad_requests(std::string(dispatch::kUnknownExpert)), 1);
+  EXPECT_EQ(pair.unreceived(), 0u);
+}
+
+// A reply that comes after the caller's deadline still has its results taken off the pair (and
+// dropped): the next step's results are right. While the pair's receive is held, the host's
+// actor keeps serving a ZeroMQ worker (no receive blocks it).
+TEST_F(RemoteExperts, ALateReplysPayloadIsDrained) {
+  caf::actor_system sys{two_thread_config()};
+  FifoPair pair;
+  PeerTransports host_side;
+  host_side.set("worker-1", pair.host);
+  moemesh::testing::InProcessExpertHost host(sys, model(), "all", "host-pair", 2, &host_side);
+  auto remote = pair_worker(sys, host.entry().endpoint, pair.worker, std::chrono::milliseconds(2000));
+  remote->set_placement({1, {host.entry()}});
+  RemoteExpertsOptions zo;
+  zo.identity = "worker-zmq";
+  RemoteExpertExecutor zmq_worker(sys, zo);
+  zmq_worker.set_placement({1, {host.entry()}});
+  std::mt19937 rng(13);
+
+  pair.host->hold();  // the host cannot take the rows off the pair yet
+  LayerCall call = random_call(cfg(), 16, rng);
+  std::vector<std::vector<float>> got;
+  try {
+    remote->run(1, call.h.data(), cfg().hidden_size, call.groups, got);
+    FAIL() << "answered while the host could not receive";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no reply within 2000 ms"), std::string::npos) << e.what();
+  }
+  check_layer(zmq_worker, 1, 16, rng);  // the host's actor is not stuck in the pair's receive
+  EXPECT_EQ(zmq_worker.stats().host_failures.load(), 0u);
+
+  pair.host->resume();  // the request is served now, its reply is late
+  ASSERT_TRUE(eventually([&] { return remote->stats().late_replies.load() == 1; }));
+  EXPECT_EQ(pair.unreceived(), 0u) << "the late reply's results were taken off the pair";
+  for (int i = 0; i < 3; ++i) check_layer(*remote, 1, 16, rng);  // same sizes: a stale payload would fit
+  EXPECT_EQ(pair.unreceived(), 0u);
+}
+
+// Around a switch the two sides' tables differ for a moment: a message whose payload came in
+// frames is read from the frames and answered the same way, whatever the receiver's pair is.
+TEST_F(RemoteExperts, AMessageSentBeforeThePairSwitchedIsReadFromItsFrames) {
+  caf::actor_system sys{two_thread_config()};
+  FifoPair pair;
+  PeerTransports host_side;
+  host_side.set("worker-1", pair.host);  // the host switched, the worker not yet
+  moemesh::testing::InProcessExpertHost host(sys, model(), "all", "host-pair", 2, &host_side);
+  RemoteExpertsOptions o;
+  o.identity = "worker-1";
+  RemoteExpertExecutor remote(sys, o);
+  remote.set_placement({1, {host.entry()}});
+  std::mt19937 rng(17);
+  for (int i = 0; i < 2; ++i) check_layer(remote, i, 12, rng);
+  EXPECT_EQ(remote.stats().host_failures.load(), 0u);
+  EXPECT_EQ(pair.host->received() + pair.worker->received() + pair.unreceived(), 0u) << "nothing went over the pair";
 }
