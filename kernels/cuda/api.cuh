@@ -154,6 +154,21 @@ Status gather_rows(const float* x, int64_t x_rows, int64_t dim, const int32_t* i
 Status widen_to_f32(const void* in, DType dtype, int64_t n, float* out, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
+// Logits summaries for sampling (kernels/cuda/sampling.cu; host reference: core/logits_summary.h)
+
+inline constexpr int64_t kMaxSummaryTopK = 1024;
+
+// Per row r of logits [rows, vocab]: top_ids/top_values [rows, k] the k largest, by value
+// descending, ties lowest id (1 <= k <= min(vocab, kMaxSummaryTopK)); lse[r] = log Σ exp(x);
+// lse_scaled[r] = log Σ exp(x / temperature[r]) (temperature[r] <= 0: the same as lse). For j in
+// [watch_offsets[r], watch_offsets[r + 1]): watch_values[j] = logits[r, watch_ids[j]], -inf for
+// an id outside [0, vocab). watch_offsets has rows + 1 entries; watch_ids / watch_values may be
+// null when every row watches nothing.
+Status logits_summary(const float* logits, int64_t rows, int64_t vocab, int64_t k, const float* temperature,
+                      const int32_t* watch_ids, const int32_t* watch_offsets, int32_t* top_ids, float* top_values,
+                      float* lse, float* lse_scaled, float* watch_values, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
 // Attention over a paged KV cache (kernels/cuda/attention.cu)
 //
 // KV cache: k_cache and v_cache are each f32 [num_blocks, kKvBlockTokens, n_kv_heads, head_dim]:

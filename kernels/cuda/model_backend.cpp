@@ -326,12 +326,68 @@ class CudaBackend final : public ComputeBackend {
     check(cuda::check_last_error());
   }
 
+  // lm_head on the device, then each row summarised there: only k ids and values, two normalisers
+  // and the watched logits come back, never the [rows, vocab] logits.
+  std::vector<LogitsSummary> logits_summaries(const float* x, int64_t rows, const Weight& lm_head,
+                                              std::span<const LogitsRequest> requests) override {
+    if (int64_t(requests.size()) != rows)
+      throw Error("logits summaries: " + std::to_string(requests.size()) + " requests for " + std::to_string(rows) +
+                  " rows");
+    const int64_t vocab = lm_head.rows();
+    int64_t k = 1;
+    std::vector<float> temperatures;
+    std::vector<int32_t> watch{0};  // rows + 1 offsets, then the ids
+    for (const LogitsRequest& r : requests) {
+      k = std::max(k, std::min({r.k, vocab, cuda::kMaxSummaryTopK}));
+      temperatures.push_back(float(r.temperature));
+      watch.push_back(watch.back() + int32_t(r.watch.size()));
+    }
+    for (const LogitsRequest& r : requests) watch.insert(watch.end(), r.watch.begin(), r.watch.end());
+    const size_t watched = watch.size() - size_t(rows) - 1;
+
+    std::lock_guard lock(mu_);
+    select();
+    const float* d_x = upload(kX, x, size_t(rows * lm_head.cols()));
+    float* d_logits = scratch<float>(kLogits, size_t(rows * vocab));
+    gemm(d_x, rows, lm_head, d_logits);
+    const float* d_temps = upload(kH, temperatures.data(), temperatures.size());
+    const int32_t* d_watch = upload(kIds, watch.data(), watch.size());
+    // Results in one float buffer: top values [rows, k], lse [rows], lse_scaled [rows], watched.
+    const size_t floats = size_t(rows * k + 2 * rows) + watched;
+    float* d_out = scratch<float>(kOut, floats);
+    int32_t* d_top_ids = scratch<int32_t>(kSlots, size_t(rows * k));
+    check(cuda::logits_summary(d_logits, rows, vocab, k, d_temps, watched ? d_watch + rows + 1 : nullptr, d_watch,
+                               d_top_ids, d_out, d_out + rows * k, d_out + rows * k + rows,
+                               watched ? d_out + rows * k + 2 * rows : nullptr, stream_));
+    std::vector<float> out(floats);
+    std::vector<int32_t> top_ids(size_t(rows * k));
+    MOEMESH_CUDA_BACKEND_CHECK(
+        cudaMemcpyAsync(top_ids.data(), d_top_ids, top_ids.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+    download(out.data(), d_out, floats);
+
+    std::vector<LogitsSummary> summaries(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) {
+      LogitsSummary& s = summaries[size_t(r)];
+      const LogitsRequest& req = requests[size_t(r)];
+      const size_t n = size_t(std::min({req.k, vocab, k}));
+      s.vocab = vocab;
+      s.top_ids.assign(top_ids.begin() + r * k, top_ids.begin() + r * k + ptrdiff_t(n));
+      s.top_values.assign(out.begin() + r * k, out.begin() + r * k + ptrdiff_t(n));
+      s.lse = out[size_t(rows * k + r)];
+      const double scaled = out[size_t(rows * k + rows + r)];
+      s.lse_scaled = req.temperature > 0 ? scaled : s.lse;
+      const auto first = out.begin() + rows * k + 2 * rows + (watch[size_t(r)]);
+      s.watch_values.assign(first, first + ptrdiff_t(req.watch.size()));
+    }
+    return summaries;
+  }
+
   // Calls are serialised on one stream: one grouped call beats several threads taking turns.
   int useful_concurrency() const override { return 1; }
 
  private:
   // Scratch buffers by role; each grows to the largest request and is then reused.
-  enum Slot { kX, kH, kQ, kK, kV, kAttn, kOut, kIds, kPos, kRowSeq, kSlots, kTables, kGemmWork, kPointers, kSlotCount };
+  enum Slot { kX, kH, kQ, kK, kV, kAttn, kOut, kIds, kPos, kRowSeq, kSlots, kTables, kGemmWork, kPointers, kLogits, kSlotCount };
 
   void select() { MOEMESH_CUDA_BACKEND_CHECK(cudaSetDevice(index_)); }
 

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/logits_summary.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/kv_int8.h"
 #include "kernels/cpu/ops.h"
@@ -199,6 +200,12 @@ TEST(GpuArgs, RejectedBeforeLaunch) {
                "F32, F16 or BF16");
   expect_error(mc::gather_rows(fake, 4, 8, ifake, 0, fake, DType::F32, nullptr), "n must be > 0");
   expect_error(mc::silu_mul_as(fake, fake, 1, 8, fake, DType::I32, nullptr), "F32, F16 or BF16");
+  int32_t* ifake_out = reinterpret_cast<int32_t*>(uintptr_t(256));
+  expect_error(mc::logits_summary(fake, 2, 10, 11, fake, ifake, ifake, ifake_out, fake, fake, fake, fake, nullptr),
+               "k must be in [1, min(vocab");
+  expect_error(mc::logits_summary(fake, 2, 5000, mc::kMaxSummaryTopK + 1, fake, ifake, ifake, ifake_out, fake, fake,
+                                  fake, fake, nullptr),
+               "k must be in");
   EXPECT_EQ(mc::matmul_workspace_bytes(2, 8, DType::BF16), 32u);
   EXPECT_EQ(mc::matmul_workspace_bytes(2, 8, DType::F32), 0u);
 
@@ -331,6 +338,47 @@ TEST_F(Gpu, GatherRowsAndWiden) {
   STATUS_OK(mc::gather_rows(dx.get(), x_rows, dim, bad.get(), 1, out.get(), DType::F32, stream_));
   sync();
   for (float v : out.download()) ASSERT_TRUE(std::isnan(v));
+}
+
+// The logits summary against core/logits_summary's host reference on the same logits: top ids and
+// values exact (ties to the lowest id included: whole rows of equal values are planted), the
+// normalisers within 1e-5 (f32 sums on the device, double on the host), watched values exact.
+TEST_F(Gpu, LogitsSummaryMatchesCpu) {
+  const int rows = 4, vocab = 32003, k = 70;
+  auto logits = random_floats(rng_, size_t(rows) * vocab, 3.0f);
+  for (int i = 0; i < 100; ++i) logits[size_t(vocab) + size_t(i * 7)] = 9.5f;  // row 1: a 100-way tie at the top
+  for (int i = 0; i < vocab; ++i) logits[size_t(3) * vocab + i] = 0.25f;    // row 3: all equal
+  const std::vector<float> temps{1.0f, 0.7f, 0.0f, 1.6f};
+  const std::vector<std::vector<int32_t>> watch{{5, 5, 31999}, {}, {-1, 32003, 0}, {17}};
+  std::vector<int32_t> watch_flat{0};
+  for (const auto& w : watch) watch_flat.push_back(watch_flat.back() + int32_t(w.size()));
+  for (const auto& w : watch) watch_flat.insert(watch_flat.end(), w.begin(), w.end());
+  const int watched = watch_flat.back();
+  DeviceVec<float> dl(logits), dt(temps), top_values(size_t(rows) * k), lse(rows), lse_t(rows),
+      wv(static_cast<size_t>(watched));
+  DeviceVec<int32_t> dw(watch_flat), top_ids(size_t(rows) * k);
+  STATUS_OK(mc::logits_summary(dl.get(), rows, vocab, k, dt.get(), dw.get() + rows + 1, dw.get(), top_ids.get(),
+                               top_values.get(), lse.get(), lse_t.get(), wv.get(), stream_));
+  sync();
+  const std::vector<int32_t> ids = top_ids.download();
+  const std::vector<float> values = top_values.download(), l = lse.download(), lt = lse_t.download(), w = wv.download();
+  for (int r = 0; r < rows; ++r) {
+    moemesh::LogitsRequest req;
+    req.k = k;
+    req.temperature = temps[size_t(r)];
+    req.watch = watch[size_t(r)];
+    const auto want = moemesh::summarise_logits(
+        std::span<const float>(logits.data() + size_t(r) * vocab, size_t(vocab)), req);
+    EXPECT_EQ(std::vector<int32_t>(ids.begin() + r * k, ids.begin() + (r + 1) * k), want.top_ids) << "row " << r;
+    EXPECT_EQ(std::vector<float>(values.begin() + r * k, values.begin() + (r + 1) * k), want.top_values);
+    EXPECT_NEAR(l[size_t(r)], want.lse, 1e-5 * std::max(1.0, std::fabs(want.lse))) << "row " << r;
+    if (temps[size_t(r)] > 0) {
+      EXPECT_NEAR(lt[size_t(r)], want.lse_scaled, 1e-5 * std::max(1.0, std::fabs(want.lse_scaled)));
+    }
+    EXPECT_EQ(std::vector<float>(w.begin() + watch_flat[size_t(r)], w.begin() + watch_flat[size_t(r) + 1]),
+              want.watch_values)
+        << "row " << r;
+  }
 }
 
 TEST_F(Gpu, EmbeddingMatchesCpu) {

@@ -1,7 +1,8 @@
 // The whole tiny model on the CUDA backend against the CPU engine (f32 weights, so cuBLAS and the
 // CPU sgemm differ only by summation order): logits within 1e-4 relative and identical greedy
 // paths, with an f32 and an INT8 KV cache, plus the prefix-cache frames of a device cache.
-// Skips with "no CUDA device: ..." where there is none.
+// The backend's logits summaries (lm_head and the summary on the device) against the host summary
+// of the same backend's logits. Skips with "no CUDA device: ..." where there is none.
 #include <gtest/gtest.h>
 
 #include <unistd.h>
@@ -78,3 +79,40 @@ INSTANTIATE_TEST_SUITE_P(TinyModels, GpuModel,
                          });
 
 }  // namespace
+
+// logits_summaries on the device against summarise_logits of the logits the same backend's matmul
+// gives (the same GEMM, so the comparison is exact but for the normalisers' f32 sums): per-row k,
+// temperatures and watch lists, as the step worker asks for them.
+TEST(GpuLogitsSummaries, MatchTheHostSummaryOfTheSameLogits) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::device_error();
+  const auto dir = std::filesystem::temp_directory_path() / ("moemesh-gpu-summary-" + std::to_string(::getpid()));
+  ModelConfig cfg = model_preset(Arch::Mixtral, "tiny");
+  cfg.vocab_size = 3000;
+  WriteOptions o;
+  o.dtype = DType::BF16;
+  write_model(cfg, dir, o);
+  auto ckpt = Checkpoint::open(dir);
+  const ModelWeights w = ckpt->load(WeightSelection{});
+  auto gpu = make_compute_backend(parse_device("cuda:0"));
+  const int64_t rows = 3, hidden = cfg.hidden_size, vocab = cfg.vocab_size;
+  const std::vector<float> x = moemesh::testing::normals(size_t(rows * hidden), 9);
+  std::vector<LogitsRequest> req(3);
+  req[0].k = 64;
+  req[1] = {5, 0.0, {7, 2999, 7}};
+  req[2] = {200, 0.6, {0, 1, 2, 3}};
+  const auto got = gpu->logits_summaries(x.data(), rows, w.lm_head, req);
+  std::vector<float> logits(size_t(rows * vocab));
+  gpu->matmul(x.data(), rows, w.lm_head, logits.data());
+  ASSERT_EQ(got.size(), size_t(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto want = summarise_logits(std::span<const float>(logits).subspan(size_t(r * vocab), size_t(vocab)),
+                                       req[size_t(r)]);
+    EXPECT_EQ(got[size_t(r)].vocab, vocab);
+    EXPECT_EQ(got[size_t(r)].top_ids, want.top_ids) << "row " << r;
+    EXPECT_EQ(got[size_t(r)].top_values, want.top_values) << "row " << r;
+    EXPECT_NEAR(got[size_t(r)].lse, want.lse, 1e-5 * std::max(1.0, std::fabs(want.lse)));
+    EXPECT_NEAR(got[size_t(r)].lse_scaled, want.lse_scaled, 1e-5 * std::max(1.0, std::fabs(want.lse_scaled)));
+    EXPECT_EQ(got[size_t(r)].watch_values, want.watch_values) << "row " << r;
+  }
+  std::filesystem::remove_all(dir);
+}

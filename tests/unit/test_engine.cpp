@@ -196,6 +196,37 @@ TEST(Engine, LastPositionLogitsByDefault) {
   EXPECT_LT(rel_err(last.logits.data(), all.logits.data() + 8 * m->cfg.vocab_size, m->cfg.vocab_size), 1e-6);
 }
 
+// Inputs that ask for a logits summary get it (the host summary of the row they would have got),
+// and the others their logits, in input order; full_logits gives the row back.
+TEST(Engine, SummariesInPlaceOfLogits) {
+  auto m = build(mixtral_config());
+  const int64_t V = m->cfg.vocab_size;
+  const auto a = tokens(7, 21, V), b = tokens(4, 22, V), c = tokens(9, 23, V);
+  auto plain = engine_for(m), summarised = engine_for(m);
+  std::vector<StepInput> in;
+  for (const auto* t : {&a, &b, &c}) in.push_back({plain->create_sequence(), *t, false});
+  const auto want = plain->step(in);
+  const LogitsRequest req{5, 0.7, {3, 0}};
+  in.clear();
+  for (const auto* t : {&a, &b, &c}) in.push_back({summarised->create_sequence(), *t, false});
+  in[0].summary = req;
+  in[2].summary = req;
+  const auto got = summarised->step(in);
+  ASSERT_EQ(got.size(), 3u);
+  EXPECT_EQ(got[1].logits, want[1].logits);
+  EXPECT_FALSE(got[1].summary.has_value());
+  for (size_t i : {size_t(0), size_t(2)}) {
+    ASSERT_TRUE(got[i].summary.has_value()) << i;
+    EXPECT_TRUE(got[i].logits.empty());
+    const LogitsSummary s = summarise_logits(want[i].logits, req);
+    EXPECT_EQ(got[i].summary->top_ids, s.top_ids);
+    EXPECT_EQ(got[i].summary->watch_values, s.watch_values);
+    EXPECT_DOUBLE_EQ(got[i].summary->lse_scaled, s.lse_scaled);
+    EXPECT_EQ(summarised->full_logits(got[i]), want[i].logits);
+  }
+  EXPECT_THROW(summarised->full_logits(got[1]), Error) << "no final hidden row without a summary";
+}
+
 // Three sequences in one step (a decode token, a prefill chunk continuing a cached prefix, a
 // fresh prefill) give the logits each gets alone.
 TEST(Engine, BatchEqualsEachAlone) {
