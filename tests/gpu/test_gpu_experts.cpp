@@ -18,6 +18,7 @@
 #include "core/model_writer.h"
 #include "kernels/cuda/api.cuh"
 #include "tests/support/numeric.h"
+#include "tests/support/tiny_model.h"
 
 using namespace moemesh;
 using namespace moemesh::actors;
@@ -83,14 +84,9 @@ TEST(GpuExperts, BatchOnCudaMatchesCpu) {
 TEST(GpuExperts, GroupedMlpMatchesCpu) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::device_error();
   for (DType dtype : {DType::F32, DType::BF16}) {
-    const auto dir = std::filesystem::temp_directory_path() /
-                     ("moemesh-gpu-grouped-" + std::to_string(::getpid()) + std::string(dtype_name(dtype)));
-    ModelConfig cfg = model_preset(Arch::Mixtral, "tiny");
-    cfg.vocab_size = 256;
-    WriteOptions o;
-    o.dtype = dtype;
-    write_model(cfg, dir, o);
-    auto ckpt = Checkpoint::open(dir);
+    const moemesh::testing::TinyModel model(Arch::Mixtral, /*seed=*/5, /*vocab=*/256, dtype);
+    auto ckpt = Checkpoint::open(model.path());
+    const ModelConfig& cfg = ckpt->config();
     const ModelWeights weights = ckpt->load(WeightSelection{});
     const int64_t hidden = cfg.hidden_size, x_rows = 40;
     std::mt19937 rng(11);
@@ -117,6 +113,5 @@ TEST(GpuExperts, GroupedMlpMatchesCpu) {
       std::printf("grouped mlp %s expert %zu: relative difference %.3g\n", dtype_name(dtype).data(), e, d);
       EXPECT_LT(d, bound) << dtype_name(dtype) << " expert " << e;
     }
-    std::filesystem::remove_all(dir);
   }
 }

@@ -18,6 +18,7 @@
 #include "core/model_writer.h"
 #include "kernels/cuda/api.cuh"
 #include "tests/support/numeric.h"
+#include "tests/support/tiny_model.h"
 
 using namespace moemesh;
 
@@ -85,13 +86,9 @@ INSTANTIATE_TEST_SUITE_P(TinyModels, GpuModel,
 // temperatures and watch lists, as the step worker asks for them.
 TEST(GpuLogitsSummaries, MatchTheHostSummaryOfTheSameLogits) {
   if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::device_error();
-  const auto dir = std::filesystem::temp_directory_path() / ("moemesh-gpu-summary-" + std::to_string(::getpid()));
-  ModelConfig cfg = model_preset(Arch::Mixtral, "tiny");
-  cfg.vocab_size = 3000;
-  WriteOptions o;
-  o.dtype = DType::BF16;
-  write_model(cfg, dir, o);
-  auto ckpt = Checkpoint::open(dir);
+  const moemesh::testing::TinyModel model(Arch::Mixtral, /*seed=*/4, /*vocab=*/3000, DType::BF16);
+  auto ckpt = Checkpoint::open(model.path());
+  const ModelConfig& cfg = ckpt->config();
   const ModelWeights w = ckpt->load(WeightSelection{});
   auto gpu = make_compute_backend(parse_device("cuda:0"));
   const int64_t rows = 3, hidden = cfg.hidden_size, vocab = cfg.vocab_size;
@@ -114,5 +111,4 @@ TEST(GpuLogitsSummaries, MatchTheHostSummaryOfTheSameLogits) {
     EXPECT_NEAR(got[size_t(r)].lse_scaled, want.lse_scaled, 1e-5 * std::max(1.0, std::fabs(want.lse_scaled)));
     EXPECT_EQ(got[size_t(r)].watch_values, want.watch_values) << "row " << r;
   }
-  std::filesystem::remove_all(dir);
 }
