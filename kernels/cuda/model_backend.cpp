@@ -116,6 +116,24 @@ class DeviceKvCache final : public KvCache {
   DeviceBuffer pool_;
 };
 
+// Scratch buffers by role; each grows to the largest request and is then reused.
+enum Slot { kX, kH, kQ, kK, kV, kAttn, kOut, kIds, kPos, kRowSeq, kSlots, kTables, kGemmWork, kPointers, kLogits, kSlotCount };
+
+// What one call computes with: its stream, cuBLAS handle, scratch and host index buffers. Calls
+// from different threads (the engine's two micro-batches) take different lanes, so one's copies
+// overlap the other's kernels on the device; a lane is reused by later calls.
+struct Lane {
+  cudaStream_t stream = nullptr;
+  cuda::Blas blas;
+  DeviceBuffer scratch[kSlotCount];
+  std::vector<int32_t> row_seq, slots, tables, gather_index;
+  Lane() = default;
+  Lane(const Lane&) = delete;
+  ~Lane() {
+    if (stream) cudaStreamDestroy(stream);
+  }
+};
+
 class CudaBackend final : public ComputeBackend {
  public:
   explicit CudaBackend(int index) : index_(index) {
@@ -123,95 +141,89 @@ class CudaBackend final : public ComputeBackend {
     MOEMESH_CUDA_BACKEND_CHECK(cudaGetDeviceProperties(&prop, index));
     name_ = "cuda:" + std::to_string(index) + " (" + prop.name + ")";
     MOEMESH_CUDA_BACKEND_CHECK(cudaSetDevice(index));
-    MOEMESH_CUDA_BACKEND_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    check(blas_.init());
-  }
-  ~CudaBackend() override {
-    if (stream_) cudaStreamDestroy(stream_);
   }
 
   std::string name() const override { return name_; }
 
   std::unique_ptr<KvCache> make_kv_cache(int64_t n_layers, int64_t kv_dim, int64_t num_blocks,
                                          KvCacheFormat format) override {
-    std::lock_guard lock(mu_);
     select();
     return std::make_unique<DeviceKvCache>(n_layers, kv_dim, num_blocks, format);
   }
 
   void embedding(const Weight& table, const int32_t* ids, int64_t n, float* out) override {
-    std::lock_guard lock(mu_);
-    select();
+    Lease lease = take_lane();
+    Lane& L = *lease.lane;
     const int64_t dim = table.cols();
-    int32_t* d_ids = upload(kIds, ids, size_t(n));
-    float* d_out = scratch<float>(kOut, size_t(n * dim));
-    check(cuda::embedding(weight(table), table.dtype, table.rows(), dim, d_ids, n, d_out, stream_));
-    download(out, d_out, size_t(n * dim));
+    int32_t* d_ids = upload(L, kIds, ids, size_t(n));
+    float* d_out = scratch<float>(L, kOut, size_t(n * dim));
+    check(cuda::embedding(weight(table), table.dtype, table.rows(), dim, d_ids, n, d_out, L.stream));
+    download(L, out, d_out, size_t(n * dim));
   }
 
   void rmsnorm(const float* x, const Weight& w, int64_t rows, double eps, float* y) override {
-    std::lock_guard lock(mu_);
-    select();
+    Lease lease = take_lane();
+    Lane& L = *lease.lane;
     const size_t n = size_t(rows * w.rows());
-    float* d_x = upload(kX, x, n);
-    float* d_y = scratch<float>(kOut, n);
-    check(cuda::rmsnorm(d_x, weight(w), w.dtype, rows, w.rows(), eps, d_y, stream_));
-    download(y, d_y, n);
+    float* d_x = upload(L, kX, x, n);
+    float* d_y = scratch<float>(L, kOut, n);
+    check(cuda::rmsnorm(d_x, weight(w), w.dtype, rows, w.rows(), eps, d_y, L.stream));
+    download(L, y, d_y, n);
   }
 
   void matmul(const float* x, int64_t rows, const Weight& w, float* y) override {
-    std::lock_guard lock(mu_);
-    select();
-    float* d_x = upload(kX, x, size_t(rows * w.cols()));
-    float* d_y = scratch<float>(kOut, size_t(rows * w.rows()));
-    gemm(d_x, rows, w, d_y);
-    download(y, d_y, size_t(rows * w.rows()));
+    Lease lease = take_lane();
+    Lane& L = *lease.lane;
+    float* d_x = upload(L, kX, x, size_t(rows * w.cols()));
+    float* d_y = scratch<float>(L, kOut, size_t(rows * w.rows()));
+    gemm(L, d_x, rows, w, d_y);
+    download(L, y, d_y, size_t(rows * w.rows()));
   }
 
   void attention_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, KvCache& kv,
                        const BatchLayout& layout, float* x) override {
     auto* dkv = dynamic_cast<DeviceKvCache*>(&kv);
     if (!dkv) throw Error("cuda backend: the KV cache was not made by this backend (make_kv_cache)");
-    std::lock_guard lock(mu_);
-    select();
+    Lease lease = take_lane();
+    Lane& L = *lease.lane;
     const int64_t rows = layout.rows, hidden = cfg.hidden_size, hd = cfg.head_dim;
     const int64_t q_dim = cfg.num_attention_heads * hd, kv_dim = cfg.num_key_value_heads * hd;
 
     // Host-side indices: row -> sequence (its span), positions, cache slots, block tables.
     int64_t max_blocks = 1;
     for (const auto& sp : layout.spans) max_blocks = std::max<int64_t>(max_blocks, int64_t(kv.block_table(sp.seq).size()));
-    row_seq_.assign(size_t(rows), 0);
-    slots_.assign(size_t(rows), -1);
-    tables_.assign(layout.spans.size() * size_t(max_blocks), 0);
+    L.row_seq.assign(size_t(rows), 0);
+    L.slots.assign(size_t(rows), -1);
+    L.tables.assign(layout.spans.size() * size_t(max_blocks), 0);
     for (size_t s = 0; s < layout.spans.size(); ++s) {
       const auto& sp = layout.spans[s];
       const auto& table = kv.block_table(sp.seq);
-      std::copy(table.begin(), table.end(), tables_.begin() + ptrdiff_t(s * size_t(max_blocks)));
+      std::copy(table.begin(), table.end(), L.tables.begin() + ptrdiff_t(s * size_t(max_blocks)));
       for (int64_t i = 0; i < sp.n; ++i) {
         const int64_t pos = sp.pos0 + i;
-        row_seq_[size_t(sp.row0 + i)] = int32_t(s);
-        slots_[size_t(sp.row0 + i)] = table.at(size_t(pos / KvCache::kBlockSize)) * int32_t(KvCache::kBlockSize) +
+        L.row_seq[size_t(sp.row0 + i)] = int32_t(s);
+        L.slots[size_t(sp.row0 + i)] = table.at(size_t(pos / KvCache::kBlockSize)) * int32_t(KvCache::kBlockSize) +
                                       int32_t(pos % KvCache::kBlockSize);
       }
     }
-    int32_t* d_pos = upload(kPos, layout.positions.data(), size_t(rows));
-    int32_t* d_row_seq = upload(kRowSeq, row_seq_.data(), size_t(rows));
-    int32_t* d_slots = upload(kSlots, slots_.data(), size_t(rows));
-    int32_t* d_tables = upload(kTables, tables_.data(), tables_.size());
-    float* d_x = upload(kX, x, size_t(rows * hidden));
-    float* d_h = scratch<float>(kH, size_t(rows * hidden));
-    float* d_q = scratch<float>(kQ, size_t(rows * q_dim));
-    float* d_k = scratch<float>(kK, size_t(rows * kv_dim));
-    float* d_v = scratch<float>(kV, size_t(rows * kv_dim));
-    float* d_attn = scratch<float>(kAttn, size_t(rows * q_dim));
-    float* d_o = scratch<float>(kOut, size_t(rows * hidden));
+    int32_t* d_pos = upload(L, kPos, layout.positions.data(), size_t(rows));
+    int32_t* d_row_seq = upload(L, kRowSeq, L.row_seq.data(), size_t(rows));
+    int32_t* d_slots = upload(L, kSlots, L.slots.data(), size_t(rows));
+    int32_t* d_tables = upload(L, kTables, L.tables.data(), L.tables.size());
+    float* d_x = upload(L, kX, x, size_t(rows * hidden));
+    float* d_h = scratch<float>(L, kH, size_t(rows * hidden));
+    float* d_q = scratch<float>(L, kQ, size_t(rows * q_dim));
+    float* d_k = scratch<float>(L, kK, size_t(rows * kv_dim));
+    float* d_v = scratch<float>(L, kV, size_t(rows * kv_dim));
+    float* d_attn = scratch<float>(L, kAttn, size_t(rows * q_dim));
+    float* d_o = scratch<float>(L, kOut, size_t(rows * hidden));
 
-    check(cuda::rmsnorm(d_x, weight(lw.input_norm), lw.input_norm.dtype, rows, hidden, cfg.rms_norm_eps, d_h, stream_));
-    gemm(d_h, rows, lw.q, d_q);
-    gemm(d_h, rows, lw.k, d_k);
-    gemm(d_h, rows, lw.v, d_v);
-    check(cuda::rope(d_q, rows, cfg.num_attention_heads, hd, d_pos, cfg.rope_theta, stream_));
-    check(cuda::rope(d_k, rows, cfg.num_key_value_heads, hd, d_pos, cfg.rope_theta, stream_));
+    check(cuda::rmsnorm(d_x, weight(lw.input_norm), lw.input_norm.dtype, rows, hidden, cfg.rms_norm_eps, d_h, L.stream));
+    gemm(L, d_h, rows, lw.q, d_q);
+    gemm(L, d_h, rows, lw.k, d_k);
+    gemm(L, d_h, rows, lw.v, d_v);
+    check(cuda::rope(d_q, rows, cfg.num_attention_heads, hd, d_pos, cfg.rope_theta, L.stream));
+    check(cuda::rope(d_k, rows, cfg.num_key_value_heads, hd, d_pos, cfg.rope_theta, L.stream));
 
     cuda::PagedAttentionConfig ac;
     ac.n_heads = cfg.num_attention_heads;
@@ -225,31 +237,31 @@ class CudaBackend final : public ComputeBackend {
     if (kv.dtype() == KvDType::F32) {
       auto* k_cache = reinterpret_cast<float*>(dkv->values(layer, false));
       auto* v_cache = reinterpret_cast<float*>(dkv->values(layer, true));
-      check(cuda::paged_kv_write(ac, d_k, d_v, rows, d_slots, k_cache, v_cache, stream_));
-      check(cuda::paged_attention(ac, d_q, rows, d_row_seq, d_pos, d_tables, n_seqs, k_cache, v_cache, d_attn, stream_));
+      check(cuda::paged_kv_write(ac, d_k, d_v, rows, d_slots, k_cache, v_cache, L.stream));
+      check(cuda::paged_attention(ac, d_q, rows, d_row_seq, d_pos, d_tables, n_seqs, k_cache, v_cache, d_attn, L.stream));
     } else {
       const cuda::Int8KvCache cache = dkv->int8(layer);
-      check(cuda::paged_kv_write_int8(ac, d_k, d_v, rows, d_slots, cache, stream_));
-      check(cuda::paged_attention_int8(ac, d_q, rows, d_row_seq, d_pos, d_tables, n_seqs, cache, d_attn, stream_));
+      check(cuda::paged_kv_write_int8(ac, d_k, d_v, rows, d_slots, cache, L.stream));
+      check(cuda::paged_attention_int8(ac, d_q, rows, d_row_seq, d_pos, d_tables, n_seqs, cache, d_attn, L.stream));
     }
-    gemm(d_attn, rows, lw.o, d_o);
-    check(cuda::add_inplace(d_x, d_o, rows * hidden, stream_));
-    download(x, d_x, size_t(rows * hidden));
+    gemm(L, d_attn, rows, lw.o, d_o);
+    check(cuda::add_inplace(d_x, d_o, rows * hidden, L.stream));
+    download(L, x, d_x, size_t(rows * hidden));
   }
 
   void mlp(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out) override {
-    std::lock_guard lock(mu_);
-    select();
+    Lease lease = take_lane();
+    Lane& L = *lease.lane;
     const int64_t inter = w.gate.rows();
-    float* d_x = upload(kX, x, size_t(rows * hidden));
-    float* d_gate = scratch<float>(kQ, size_t(rows * inter));
-    float* d_up = scratch<float>(kK, size_t(rows * inter));
-    float* d_out = scratch<float>(kOut, size_t(rows * hidden));
-    gemm(d_x, rows, w.gate, d_gate);
-    gemm(d_x, rows, w.up, d_up);
-    check(cuda::silu_mul(d_gate, d_up, rows, inter, d_gate, stream_));
-    gemm(d_gate, rows, w.down, d_out);
-    download(out, d_out, size_t(rows * hidden));
+    float* d_x = upload(L, kX, x, size_t(rows * hidden));
+    float* d_gate = scratch<float>(L, kQ, size_t(rows * inter));
+    float* d_up = scratch<float>(L, kK, size_t(rows * inter));
+    float* d_out = scratch<float>(L, kOut, size_t(rows * hidden));
+    gemm(L, d_x, rows, w.gate, d_gate);
+    gemm(L, d_x, rows, w.up, d_up);
+    check(cuda::silu_mul(d_gate, d_up, rows, inter, d_gate, L.stream));
+    gemm(L, d_gate, rows, w.down, d_out);
+    download(L, out, d_out, size_t(rows * hidden));
   }
 
   // Gathers every expert's rows on the device (in the weights' dtype), then gate, up and down are
@@ -270,31 +282,31 @@ class CudaBackend final : public ComputeBackend {
           w.gate.cols() != hidden)
         return ComputeBackend::grouped_mlp(x, x_rows, hidden, experts);  // mixed experts: one mlp each
     }
-    std::lock_guard lock(mu_);
-    select();
+    Lease lease = take_lane();
+    Lane& L = *lease.lane;
     const int64_t groups = int64_t(live.size());
     std::vector<int64_t> counts, offsets;
-    gather_index_.clear();
+    L.gather_index.clear();
     for (const ExpertRows* e : live) {
-      offsets.push_back(int64_t(gather_index_.size()));
+      offsets.push_back(int64_t(L.gather_index.size()));
       counts.push_back(int64_t(e->rows.size()));
       for (int32_t r : e->rows) {
         if (r < 0 || r >= x_rows)
           throw Error("grouped mlp: row " + std::to_string(r) + " outside the " + std::to_string(x_rows) +
                       " rows of x");
-        gather_index_.push_back(r);
+        L.gather_index.push_back(r);
       }
     }
-    const int64_t total = int64_t(gather_index_.size());
+    const int64_t total = int64_t(L.gather_index.size());
     const size_t elt = dtype_size(t);
-    const float* d_x = upload(kX, x, size_t(x_rows * hidden));
-    const int32_t* d_index = upload(kIds, gather_index_.data(), gather_index_.size());
-    char* d_xg = scratch<char>(kH, size_t(total * hidden) * elt);
-    char* d_gate = scratch<char>(kQ, size_t(total * inter) * elt);
-    char* d_up = scratch<char>(kK, size_t(total * inter) * elt);
-    char* d_y = scratch<char>(kV, size_t(total * hidden) * elt);
-    void** d_pointers = scratch<void*>(kPointers, size_t(3 * groups));
-    check(cuda::gather_rows(d_x, x_rows, hidden, d_index, total, d_xg, t, stream_));
+    const float* d_x = upload(L, kX, x, size_t(x_rows * hidden));
+    const int32_t* d_index = upload(L, kIds, L.gather_index.data(), L.gather_index.size());
+    char* d_xg = scratch<char>(L, kH, size_t(total * hidden) * elt);
+    char* d_gate = scratch<char>(L, kQ, size_t(total * inter) * elt);
+    char* d_up = scratch<char>(L, kK, size_t(total * inter) * elt);
+    char* d_y = scratch<char>(L, kV, size_t(total * hidden) * elt);
+    void** d_pointers = scratch<void*>(L, kPointers, size_t(3 * groups));
+    check(cuda::gather_rows(d_x, x_rows, hidden, d_index, total, d_xg, t, L.stream));
 
     // One grouped GEMM: per expert, rows at `in` (width in_dim) times `which` weight into `out`.
     std::vector<const void*> xs(static_cast<size_t>(groups)), ws(static_cast<size_t>(groups));
@@ -305,24 +317,24 @@ class CudaBackend final : public ComputeBackend {
         ws[size_t(i)] = weight(live[size_t(i)]->weights->*which);
         ys[size_t(i)] = out + size_t(offsets[size_t(i)] * out_dim) * elt;
       }
-      check(cuda::grouped_matmul(blas_.get(), groups, counts.data(), in_dim, out_dim, xs.data(), ws.data(), ys.data(),
-                                 t, d_pointers, stream_));
+      check(cuda::grouped_matmul(L.blas.get(), groups, counts.data(), in_dim, out_dim, xs.data(), ws.data(), ys.data(),
+                                 t, d_pointers, L.stream));
     };
     project(d_xg, hidden, &MlpWeights::gate, d_gate, inter);
     project(d_xg, hidden, &MlpWeights::up, d_up, inter);
-    check(cuda::silu_mul_as(d_gate, d_up, total, inter, d_gate, t, stream_));
+    check(cuda::silu_mul_as(d_gate, d_up, total, inter, d_gate, t, L.stream));
     project(d_gate, inter, &MlpWeights::down, d_y, hidden);
     const float* d_out = reinterpret_cast<const float*>(d_y);
     if (t != DType::F32) {
-      float* wide = scratch<float>(kOut, size_t(total * hidden));
-      check(cuda::widen_to_f32(d_y, t, total * hidden, wide, stream_));
+      float* wide = scratch<float>(L, kOut, size_t(total * hidden));
+      check(cuda::widen_to_f32(d_y, t, total * hidden, wide, L.stream));
       d_out = wide;
     }
     for (int64_t i = 0; i < groups; ++i)
       MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpyAsync(live[size_t(i)]->out, d_out + offsets[size_t(i)] * hidden,
                                                  size_t(counts[size_t(i)] * hidden) * sizeof(float),
-                                                 cudaMemcpyDeviceToHost, stream_));
-    MOEMESH_CUDA_BACKEND_CHECK(cudaStreamSynchronize(stream_));
+                                                 cudaMemcpyDeviceToHost, L.stream));
+    MOEMESH_CUDA_BACKEND_CHECK(cudaStreamSynchronize(L.stream));
     check(cuda::check_last_error());
   }
 
@@ -345,25 +357,25 @@ class CudaBackend final : public ComputeBackend {
     for (const LogitsRequest& r : requests) watch.insert(watch.end(), r.watch.begin(), r.watch.end());
     const size_t watched = watch.size() - size_t(rows) - 1;
 
-    std::lock_guard lock(mu_);
-    select();
-    const float* d_x = upload(kX, x, size_t(rows * lm_head.cols()));
-    float* d_logits = scratch<float>(kLogits, size_t(rows * vocab));
-    gemm(d_x, rows, lm_head, d_logits);
-    const float* d_temps = upload(kH, temperatures.data(), temperatures.size());
-    const int32_t* d_watch = upload(kIds, watch.data(), watch.size());
+    Lease lease = take_lane();
+    Lane& L = *lease.lane;
+    const float* d_x = upload(L, kX, x, size_t(rows * lm_head.cols()));
+    float* d_logits = scratch<float>(L, kLogits, size_t(rows * vocab));
+    gemm(L, d_x, rows, lm_head, d_logits);
+    const float* d_temps = upload(L, kH, temperatures.data(), temperatures.size());
+    const int32_t* d_watch = upload(L, kIds, watch.data(), watch.size());
     // Results in one float buffer: top values [rows, k], lse [rows], lse_scaled [rows], watched.
     const size_t floats = size_t(rows * k + 2 * rows) + watched;
-    float* d_out = scratch<float>(kOut, floats);
-    int32_t* d_top_ids = scratch<int32_t>(kSlots, size_t(rows * k));
+    float* d_out = scratch<float>(L, kOut, floats);
+    int32_t* d_top_ids = scratch<int32_t>(L, kSlots, size_t(rows * k));
     check(cuda::logits_summary(d_logits, rows, vocab, k, d_temps, watched ? d_watch + rows + 1 : nullptr, d_watch,
                                d_top_ids, d_out, d_out + rows * k, d_out + rows * k + rows,
-                               watched ? d_out + rows * k + 2 * rows : nullptr, stream_));
+                               watched ? d_out + rows * k + 2 * rows : nullptr, L.stream));
     std::vector<float> out(floats);
     std::vector<int32_t> top_ids(size_t(rows * k));
     MOEMESH_CUDA_BACKEND_CHECK(
-        cudaMemcpyAsync(top_ids.data(), d_top_ids, top_ids.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
-    download(out.data(), d_out, floats);
+        cudaMemcpyAsync(top_ids.data(), d_top_ids, top_ids.size() * sizeof(int32_t), cudaMemcpyDeviceToHost, L.stream));
+    download(L, out.data(), d_out, floats);
 
     std::vector<LogitsSummary> summaries(static_cast<size_t>(rows));
     for (int64_t r = 0; r < rows; ++r) {
@@ -386,38 +398,65 @@ class CudaBackend final : public ComputeBackend {
   int useful_concurrency() const override { return 1; }
 
  private:
-  // Scratch buffers by role; each grows to the largest request and is then reused.
-  enum Slot { kX, kH, kQ, kK, kV, kAttn, kOut, kIds, kPos, kRowSeq, kSlots, kTables, kGemmWork, kPointers, kLogits, kSlotCount };
-
   void select() { MOEMESH_CUDA_BACKEND_CHECK(cudaSetDevice(index_)); }
 
+  // A free lane (made when none is), returned when the call ends.
+  struct Lease {
+    CudaBackend* owner;
+    std::unique_ptr<Lane> lane;
+    Lease(CudaBackend* o, std::unique_ptr<Lane> l) : owner(o), lane(std::move(l)) {}
+    Lease(const Lease&) = delete;
+    ~Lease() {
+      std::lock_guard lock(owner->lanes_mu_);
+      owner->free_lanes_.push_back(std::move(lane));
+    }
+  };
+  Lease take_lane() {
+    select();
+    std::unique_ptr<Lane> lane;
+    {
+      std::lock_guard lock(lanes_mu_);
+      if (!free_lanes_.empty()) {
+        lane = std::move(free_lanes_.back());
+        free_lanes_.pop_back();
+      }
+    }
+    if (!lane) {
+      lane = std::make_unique<Lane>();
+      MOEMESH_CUDA_BACKEND_CHECK(cudaStreamCreateWithFlags(&lane->stream, cudaStreamNonBlocking));
+      check(lane->blas.init());
+    }
+    return Lease(this, std::move(lane));
+  }
+
   template <class T>
-  T* scratch(Slot slot, size_t n) {
-    DeviceBuffer& b = scratch_[slot];
+  T* scratch(Lane& L, Slot slot, size_t n) {
+    DeviceBuffer& b = L.scratch[slot];
     const size_t bytes = std::max<size_t>(n * sizeof(T), 256);
     if (b.bytes() < bytes) {
-      MOEMESH_CUDA_BACKEND_CHECK(cudaStreamSynchronize(stream_));  // the old buffer may be in use
+      MOEMESH_CUDA_BACKEND_CHECK(cudaStreamSynchronize(L.stream));  // the old buffer may be in use
       b = DeviceBuffer(std::max(bytes, b.bytes() * 2));
     }
     return static_cast<T*>(b.get());
   }
 
   template <class T>
-  T* upload(Slot slot, const T* host, size_t n) {
-    T* d = scratch<T>(slot, n);
-    MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpyAsync(d, host, n * sizeof(T), cudaMemcpyHostToDevice, stream_));
+  T* upload(Lane& L, Slot slot, const T* host, size_t n) {
+    T* d = scratch<T>(L, slot, n);
+    MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpyAsync(d, host, n * sizeof(T), cudaMemcpyHostToDevice, L.stream));
     return d;
   }
 
-  void download(float* host, const float* dev, size_t n) {
-    MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpyAsync(host, dev, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
-    MOEMESH_CUDA_BACKEND_CHECK(cudaStreamSynchronize(stream_));
+  void download(Lane& L, float* host, const float* dev, size_t n) {
+    MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpyAsync(host, dev, n * sizeof(float), cudaMemcpyDeviceToHost, L.stream));
+    MOEMESH_CUDA_BACKEND_CHECK(cudaStreamSynchronize(L.stream));
     check(cuda::check_last_error());
   }
 
   // The device copy of a weight, uploaded on first use.
   const void* weight(const Weight& w) {
     if (w.empty()) throw Error("cuda backend: weight " + w.name + " is not loaded");
+    std::lock_guard lock(weights_mu_);
     auto it = weights_.find(w.data);
     if (it == weights_.end()) {
       const size_t bytes = size_t(w.numel()) * dtype_size(w.dtype);
@@ -428,20 +467,18 @@ class CudaBackend final : public ComputeBackend {
     return it->second.get();
   }
 
-  void gemm(const float* d_x, int64_t rows, const Weight& w, float* d_y) {
+  void gemm(Lane& L, const float* d_x, int64_t rows, const Weight& w, float* d_y) {
     const size_t ws = cuda::matmul_workspace_bytes(rows, w.cols(), w.dtype);
-    void* work = ws ? scratch<char>(kGemmWork, ws) : nullptr;
-    check(cuda::matmul(blas_.get(), d_x, rows, w.cols(), weight(w), w.dtype, w.rows(), d_y, work, ws, stream_));
+    void* work = ws ? scratch<char>(L, kGemmWork, ws) : nullptr;
+    check(cuda::matmul(L.blas.get(), d_x, rows, w.cols(), weight(w), w.dtype, w.rows(), d_y, work, ws, L.stream));
   }
 
   int index_;
   std::string name_;
-  std::mutex mu_;
-  cudaStream_t stream_ = nullptr;
-  cuda::Blas blas_;
+  std::mutex weights_mu_;
   std::unordered_map<const void*, DeviceBuffer> weights_;
-  DeviceBuffer scratch_[kSlotCount];
-  std::vector<int32_t> row_seq_, slots_, tables_, gather_index_;
+  std::mutex lanes_mu_;
+  std::vector<std::unique_ptr<Lane>> free_lanes_;
 };
 
 }  // namespace

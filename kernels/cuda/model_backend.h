@@ -6,8 +6,10 @@
 //   (f32 or INT8 + scales); the block tables stay on the host (KvCache's bookkeeping).
 // - Scratch: device buffers grow to the largest step seen and are reused (no cudaMalloc in a
 //   step once the largest batch has run).
-// - One stream per backend (one backend per worker); calls are serialised by a mutex (the
-//   engine's two micro-batches share it) and each call synchronises before returning host rows.
+// - Lanes: each call takes a free lane (its own stream, cuBLAS handle and scratch; made when none
+//   is free, then reused), so calls from several threads (the engine's two micro-batches) run
+//   side by side on the device, one's copies overlapping the other's kernels. Each call
+//   synchronises its lane's stream before returning host rows.
 #pragma once
 #include <memory>
 

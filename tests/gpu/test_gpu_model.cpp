@@ -1,7 +1,7 @@
 // The whole tiny model on the CUDA backend against the CPU engine (f32 weights, so cuBLAS and the
 // CPU sgemm differ only by summation order): logits within 1e-4 relative and identical greedy
-// paths, with an f32 and an INT8 KV cache, plus the prefix-cache frames of a device cache.
-// The backend's logits summaries (lm_head and the summary on the device) against the host summary
+// paths, with an f32 and an INT8 KV cache, plus the prefix-cache frames of a device cache, and
+// with two micro-batches running side by side on two lanes of the backend. The backend's logits summaries (lm_head and the summary on the device) against the host summary
 // of the same backend's logits. Skips with "no CUDA device: ..." where there is none.
 #include <gtest/gtest.h>
 
@@ -69,6 +69,39 @@ TEST_P(GpuModel, MatchesCpuEngine) {
   cpu.kv_cache().read_block(a, 0, fa.data());
   gpu.kv_cache().read_block(b, 0, fb.data());
   EXPECT_LT(moemesh::testing::rel_diff(fb, fa), kv == KvDType::F32 ? 1e-5 : 2e-2);
+}
+
+// Two micro-batches on two threads take two lanes of the backend (streams, cuBLAS handles and
+// scratch of their own) and run side by side: the logits equal the CPU engine's, step after step.
+TEST_P(GpuModel, TwoMicroBatchesOnTwoLanes) {
+  const KvDType kv = std::get<1>(GetParam());
+  auto ckpt = Checkpoint::open(dir_);
+  Engine cpu(ckpt, EngineOptions{32, kv});
+  Engine gpu(ckpt, EngineOptions{32, kv, make_compute_backend(parse_device("cuda:0"))});
+  std::vector<SeqId> sc, sg;
+  std::vector<std::vector<int32_t>> next;
+  for (int i = 0; i < 4; ++i) {
+    sc.push_back(cpu.create_sequence());
+    sg.push_back(gpu.create_sequence());
+    next.push_back(moemesh::testing::random_tokens(size_t(5 + 7 * i), uint64_t(40 + i), 256));
+  }
+  double worst = 0;
+  for (int step = 0; step < 6; ++step) {
+    std::vector<StepInput> ic, ig;
+    for (size_t i = 0; i < 4; ++i) {
+      ic.push_back({sc[i], next[i], false});
+      ig.push_back({sg[i], next[i], false});
+    }
+    const auto x = cpu.step(ic, {1});
+    const auto y = gpu.step(ig, {2});
+    ASSERT_EQ(gpu.last_timing().micro_batches, 2);
+    for (size_t i = 0; i < 4; ++i) {
+      worst = std::max(worst, moemesh::testing::rel_diff(y[i].logits, x[i].logits));
+      next[i] = {int32_t(std::max_element(x[i].logits.begin(), x[i].logits.end()) - x[i].logits.begin())};
+    }
+  }
+  std::printf("%s, two micro-batches: worst relative logits difference %.3g\n", gpu.backend().name().c_str(), worst);
+  EXPECT_LT(worst, 1e-4);
 }
 
 INSTANTIATE_TEST_SUITE_P(TinyModels, GpuModel,
