@@ -1,5 +1,6 @@
 // The dispatch payload transports: ZeroMQ frames (everywhere), the per-pair choice, and NCCL
-// send/recv between two ranks (built where NCCL is; runs only with two CUDA devices).
+// send/recv between two ranks, in one process and in two (built where NCCL is; runs only with
+// two CUDA devices).
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -14,6 +15,12 @@
 #include "core/dispatch_codec.h"
 #include "core/error.h"
 #ifdef MOEMESH_TEST_NCCL
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+
 #include "kernels/cuda/api.cuh"
 #include "kernels/cuda/nccl_transport.h"
 #endif
@@ -149,6 +156,41 @@ TEST(TransportNccl, LargeSendsQueueBeforeTheReceiverPosts) {
   auto peer = std::async(std::launch::async, exchange, 1);
   exchange(0);
   peer.get();
+}
+
+// Two processes, one device each (tests/gpu/nccl_echo_peer.cpp is rank 1): 1 MiB of rows one
+// way, doubled back, then a one-float acknowledgement.
+TEST(TransportNccl, TwoProcessesExchangePayloads) {
+  if (cuda::device_count() < 2)
+    GTEST_SKIP() << "no CUDA device: the NCCL pair test needs two devices (" << cuda::device_count() << " here) "
+                 << cuda::device_error();
+  const std::string id = nccl_unique_id();
+  std::string hex;
+  for (unsigned char c : id) {
+    char b[3];
+    std::snprintf(b, sizeof b, "%02x", c);
+    hex += b;
+  }
+  constexpr size_t kFloats = size_t(1) << 18;
+  const std::string n = std::to_string(kFloats);
+  std::string peer = MOEMESH_NCCL_ECHO_PEER;
+  char* child_argv[] = {peer.data(), hex.data(), const_cast<char*>(n.c_str()), nullptr};
+  pid_t pid = 0;
+  ASSERT_EQ(posix_spawn(&pid, peer.c_str(), nullptr, nullptr, child_argv, environ), 0) << peer;
+  std::vector<float> rows(kFloats);
+  for (size_t i = 0; i < kFloats; ++i) rows[i] = float(i % 1000);
+  {
+    auto t = make_nccl_transport(id, 0, 0, 30s);
+    t->send({rows});
+    const size_t sizes[] = {kFloats};
+    const auto back = t->receive(sizes, std::span<const PayloadFrame>{});
+    for (float& x : rows) x *= 2;
+    EXPECT_EQ(back.at(0), rows);
+    t->send({{1.0f}});
+    int status = 0;
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the peer process failed";
+  }
 }
 
 // A rank whose peer never joins gives up after the timeout (one device is enough).

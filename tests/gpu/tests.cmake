@@ -10,6 +10,11 @@ target_link_libraries(test_transport PRIVATE moemesh_actors GTest::gtest GTest::
 if(TARGET moemesh_nccl_transport)
   target_link_libraries(test_transport PRIVATE moemesh_nccl_transport)
   target_compile_definitions(test_transport PRIVATE MOEMESH_TEST_NCCL)
+  # The other process of TransportNccl.TwoProcessesExchangePayloads.
+  add_executable(nccl_echo_peer ${CMAKE_CURRENT_LIST_DIR}/nccl_echo_peer.cpp)
+  target_link_libraries(nccl_echo_peer PRIVATE moemesh_nccl_transport)
+  add_dependencies(test_transport nccl_echo_peer)
+  target_compile_definitions(test_transport PRIVATE MOEMESH_NCCL_ECHO_PEER="$<TARGET_FILE:nccl_echo_peer>")
 endif()
 gtest_discover_tests(test_transport PROPERTIES LABELS "unit;gpu" DISCOVERY_TIMEOUT 60)
 
