@@ -230,27 +230,36 @@ std::optional<SampledToken> Sampler::sample_from(const LogitsRequest& request, c
       // less the known tokens' unpenalised share.
       double mx = kept[0].v;
       if (unknown) mx = std::max(mx, double(bound));
+      std::vector<Known> by_id = kept;  // process() sums and ranks in id order
+      std::sort(by_id.begin(), by_id.end(), [](const Known& a, const Known& b) { return a.id < b.id; });
       double mass = 0;
-      for (const Known& c : kept) mass += std::exp(double(c.v) - mx);
+      for (const Known& c : by_id) mass += std::exp(double(c.v) - mx);
       if (unknown) {
         double known_raw = 0;
         for (const Known& c : known) known_raw += std::exp(double(c.raw) / t - mx);
         mass += std::max(0.0, std::exp(summary.lse_scaled - mx) - known_raw);
       }
       const double lse = mx + std::log(mass);
+      // Ranked by log-probability (as rounded to float), ties lowest id: order_desc(log_softmax).
+      std::vector<std::pair<float, Known>> ranked;
+      for (const Known& c : by_id) ranked.emplace_back(float(double(c.v) - lse), c);
+      std::stable_sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
       double cum = 0.0;
       size_t keep = 0;
-      while (keep < kept.size() && (keep == 0 || cum < params_.top_p)) {
-        if (unknown && !(kept[keep].v > bound)) return std::nullopt;  // unknown tokens could come first
-        cum += std::exp(double(float(double(kept[keep++].v) - lse)));
+      while (keep < ranked.size() && (keep == 0 || cum < params_.top_p)) {
+        if (unknown && !(ranked[keep].second.v > bound)) return std::nullopt;  // unknown tokens could come first
+        cum += std::exp(double(ranked[keep++].first));
       }
+      kept.clear();
+      for (size_t i = 0; i < keep; ++i) kept.push_back(ranked[i].second);
       if (unknown && cum < params_.top_p) return std::nullopt;  // the nucleus reaches unknown tokens
-      kept.resize(keep);
       unknown = false;
     }
     if (params_.min_p > 0.0) {
-      if (unknown && !(kept[0].v >= bound)) return std::nullopt;
-      const double cut = double(kept[0].v) + std::log(params_.min_p);
+      float vmax = kept[0].v;
+      for (const Known& c : kept) vmax = std::max(vmax, c.v);
+      if (unknown && !(vmax >= bound)) return std::nullopt;
+      const double cut = double(vmax) + std::log(params_.min_p);
       std::erase_if(kept, [&](const Known& c) { return double(c.v) < cut; });
       if (unknown && !(double(bound) < cut)) return std::nullopt;
       unknown = false;
