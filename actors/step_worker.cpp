@@ -205,7 +205,8 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
     }
     blocks_left -= need;
     inputs.push_back({s.id, std::vector<int32_t>(w.tokens().begin() + skip, w.tokens().end()), false, s.trace()});
-    if (opts_.sample_from_summaries && w.sample() && !w.return_logits()) inputs.back().summary = s.sampler.logits_request();
+    if (opts_.sample_from_summaries && w.sample() && !w.return_logits() && s.sampler.can_decide_from_summary())
+      inputs.back().summary = s.sampler.logits_request();
     admitted.push_back(&w);
     s.fed += n;
     counts_.prompt_tokens_skipped += uint64_t(std::min(skip, prompt_in_chunk));
@@ -248,7 +249,8 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
         ++counts_.sampled_from_summary;
       } else {
         ++counts_.sampled_from_full_row;
-        chosen = s.sampler.sample(outs[i].summary ? engine_->full_logits(outs[i]) : outs[i].logits);
+        chosen = outs[i].summary ? s.sampler.sample_full_row(engine_->full_logits(outs[i]))
+                                 : s.sampler.sample(outs[i].logits);
       }
       const SampledToken& t = *chosen;
       phases_.sampling += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

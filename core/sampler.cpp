@@ -133,6 +133,21 @@ std::vector<float> Sampler::process(std::span<const float> logits) const {
 
 SampledToken Sampler::sample(std::span<const float> logits) {
   if (logits.empty()) throw Error("sampling: empty logits");
+  // process() sorts the whole vocabulary for top_k and top_p (and scans it for greedy): there a
+  // partial sort of the summary is far cheaper. Without those it is already one pass.
+  if (params_.temperature == 0.0 || params_.top_k > 0 || params_.top_p < 1.0) {
+    const LogitsRequest request = logits_request();
+    if (auto t = sample_from(request, summarise_logits(logits, request))) return std::move(*t);
+  }
+  return sample_full_row(logits);
+}
+
+bool Sampler::can_decide_from_summary() const {
+  return params_.temperature == 0.0 || params_.top_k > 0 || params_.top_p < 1.0 || params_.min_p > 0.0;
+}
+
+SampledToken Sampler::sample_full_row(std::span<const float> logits) {
+  if (logits.empty()) throw Error("sampling: empty logits");
   const std::vector<float> x = process(logits);
   SampledToken out;
   if (params_.temperature == 0.0) {
@@ -163,8 +178,10 @@ SampledToken Sampler::sample(std::span<const float> logits) {
 
 LogitsRequest Sampler::logits_request() const {
   LogitsRequest r;
+  // A top_p nucleus often reaches past the 64 most likely tokens; a top_k cut never does.
   const int64_t top_k = params_.top_k > 0 && params_.top_k <= 1024 ? params_.top_k : 0;
-  r.k = std::max<int64_t>({64, params_.top_logprobs, top_k});
+  const int64_t base = params_.top_p < 1.0 && top_k == 0 ? 256 : 64;
+  r.k = std::max<int64_t>({base, params_.top_logprobs, top_k});
   r.temperature = params_.temperature;
   if (params_.repetition_penalty != 1.0)
     r.watch = seen_;

@@ -48,8 +48,16 @@ class Sampler {
   // tokens, which stop generation unless ignore_eos.
   Sampler(SamplingParams params, std::span<const int32_t> prompt, std::vector<int32_t> eos_ids = {});
 
-  // Chooses the next token from logits[vocab] and records it as output.
+  // Chooses the next token from logits[vocab] and records it as output. Greedy, top_k and top_p
+  // first try the row's summary (a partial sort instead of sorting the vocabulary; see
+  // docs/performance.md), which chooses exactly what sample_full_row would; otherwise, or when
+  // the summary cannot decide, sample_full_row.
   SampledToken sample(std::span<const float> logits);
+  // The reference: process() over the whole row, then the draw.
+  SampledToken sample_full_row(std::span<const float> logits);
+  // Whether sample_from can ever decide for these parameters (plain temperature sampling, with no
+  // cut, always needs the whole row).
+  bool can_decide_from_summary() const;
   // What this sampler needs of its next row of logits when the row stays on the device.
   LogitsRequest logits_request() const;
   // The token sample() would choose from the row that `summary` summarises (asked for with

@@ -248,8 +248,9 @@ TEST(Sampler, ReplayResumesExactlyWhereTheOriginalWas) {
 }
 
 // sample_from on a summary of the row (what a GPU returns instead of the row) chooses exactly
-// what sample() chooses on the full row, or declines and leaves the sampler untouched; and it
-// decides the cases it should (greedy, top_k, top_p / min_p on a peaked row) by itself.
+// what sample_full_row() chooses, or declines and leaves the sampler untouched; and it decides
+// the cases it should (greedy, top_k, top_p / min_p on a peaked row) by itself. (sample() takes
+// the same path on the host, so this is also what makes it exact.)
 TEST(Sampler, SummaryDecidesLikeTheFullRow) {
   struct Case {
     const char* name;
@@ -299,7 +300,7 @@ TEST(Sampler, SummaryDecidesLikeTheFullRow) {
           for (int j = 0; j < 3; ++j) row[size_t(token(rng))] += 7.0f;
           row[size_t(prompt[size_t(step) % prompt.size()])] += 6.0f;  // a penalised token near the top
         }
-        const SampledToken want = full.sample(row);
+        const SampledToken want = full.sample_full_row(row);
         const LogitsRequest req = summarised.logits_request();
         std::optional<SampledToken> got = summarised.sample_from(req, summarise_logits(row, req));
         if (peaked) ++peaked_steps;
@@ -307,13 +308,14 @@ TEST(Sampler, SummaryDecidesLikeTheFullRow) {
           peaked_decided += peaked ? 1 : 0;
         } else {
           ++declined;
-          got = summarised.sample(row);
+          got = summarised.sample_full_row(row);
         }
         ASSERT_EQ(got->id, want.id) << c.name << " seed " << seed << " step " << step;
         ASSERT_EQ(got->logprob, want.logprob) << c.name;
         ASSERT_EQ(got->top, want.top) << c.name;
       }
       EXPECT_EQ(summarised.output(), full.output());
+      EXPECT_EQ(summarised.can_decide_from_summary(), c.min_decided > 0.0) << c.name;
       EXPECT_GE(peaked_decided, int(c.min_decided * peaked_steps)) << c.name << " seed " << seed;
       if (c.min_decided == 0.0) {
         EXPECT_EQ(declined, 30) << c.name << ": no cut, so every draw needs the full row";
