@@ -66,15 +66,17 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(16) float q_s[kMaxAttentionHeadDim];
   __shared__ float part_m[kWarps], part_l[kWarps];
   __shared__ float part_acc[kWarps][kMaxAttentionHeadDim];
-  __shared__ int bad;
+  __shared__ int bad, bad_block;  // bad: read once after the first sync, never written after it
 
   const int row = blockIdx.x, h = blockIdx.y, kvh = h / group;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const size_t q_off = (size_t(row) * n_heads + h) * head_dim;
   const int seq = row_seq[row], pos = row_pos[row];
 
-  if (threadIdx.x == 0) bad = seq < 0 || seq >= n_seqs || pos < 0 ||
-                              pos >= max_blocks_per_seq * int(kKvBlockTokens);
+  if (threadIdx.x == 0) {
+    bad = seq < 0 || seq >= n_seqs || pos < 0 || pos >= max_blocks_per_seq * int(kKvBlockTokens);
+    bad_block = 0;
+  }
   for (int d = threadIdx.x; d < head_dim; d += kThreads) q_s[d] = q[q_off + d];
   __syncthreads();
   if (bad) {
@@ -99,7 +101,7 @@ __global__ void __launch_bounds__(kThreads)
     if (t <= pos) {
       const int blk = table[t / kKvBlockTokens];
       if (blk < 0 || blk >= num_blocks) {
-        bad = 1;  // benign race: every writer stores 1
+        bad_block = 1;  // every writer stores 1; read only after the merge's __syncthreads
       } else {
         slot = blk * int(kKvBlockTokens) + t % int(kKvBlockTokens);
         const float dot =
@@ -150,7 +152,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int d = threadIdx.x; d < head_dim; d += kThreads) {
     float o = 0.0f;
     for (int w = 0; w < kWarps; ++w) o += part_acc[w][d] * f[w];
-    out[q_off + d] = bad ? __int_as_float(0x7fc00000) : o / L;
+    out[q_off + d] = bad_block ? __int_as_float(0x7fc00000) : o / L;
   }
 }
 

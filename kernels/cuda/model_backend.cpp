@@ -6,7 +6,8 @@
 #include <cmath>
 #include <mutex>
 #include <string>
-#include <unordered_map>
+#include <map>
+#include <tuple>
 #include <vector>
 
 #include "core/error.h"
@@ -21,18 +22,29 @@ void check(const cuda::Status& s) {
 }
 #define MOEMESH_CUDA_BACKEND_CHECK(call) check(::moemesh::cuda::from_cuda((call), __FILE__, __LINE__, #call))
 
-// One cudaMalloc'd buffer, freed on destruction.
+// One device buffer, freed on destruction. With a stream it is allocated and freed in that
+// stream's order (cudaMallocAsync / cudaFreeAsync): no device-wide synchronisation, which a
+// cudaFree would impose on every stream, NCCL's pending sends included.
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) { MOEMESH_CUDA_BACKEND_CHECK(cudaMalloc(&p_, bytes)); }
-  ~DeviceBuffer() {
-    if (p_) cudaFree(p_);
+  explicit DeviceBuffer(size_t bytes, cudaStream_t stream = nullptr) : bytes_(bytes), stream_(stream) {
+    if (stream_)
+      MOEMESH_CUDA_BACKEND_CHECK(cudaMallocAsync(&p_, bytes, stream_));
+    else
+      MOEMESH_CUDA_BACKEND_CHECK(cudaMalloc(&p_, bytes));
   }
-  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_) { o.p_ = nullptr, o.bytes_ = 0; }
+  ~DeviceBuffer() {
+    if (p_ && stream_)
+      cudaFreeAsync(p_, stream_);
+    else if (p_)
+      cudaFree(p_);
+  }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_), stream_(o.stream_) { o.p_ = nullptr, o.bytes_ = 0; }
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
     std::swap(p_, o.p_);
     std::swap(bytes_, o.bytes_);
+    std::swap(stream_, o.stream_);
     return *this;
   }
   void* get() const { return p_; }
@@ -41,7 +53,13 @@ class DeviceBuffer {
  private:
   void* p_ = nullptr;
   size_t bytes_ = 0;
+  cudaStream_t stream_ = nullptr;
 };
+
+// Synchronous copies from pageable host memory return once the bytes are staged, before they
+// reach the device; the lanes' non-blocking streams do not wait for the legacy stream that
+// carries them, so whoever copies that way waits here before a lane may read the data.
+void wait_for_legacy_copies() { MOEMESH_CUDA_BACKEND_CHECK(cudaStreamSynchronize(cudaStreamLegacy)); }
 
 // KV blocks in device memory; KvCache keeps the block tables and lengths on the host.
 // Layout per layer: the kernels' [num_blocks, 16, kv_heads, head_dim] for K and for V
@@ -55,6 +73,7 @@ class DeviceKvCache final : public KvCache {
     scale_bytes_ = format.dtype == KvDType::F32 ? 0 : size_t(num_blocks * kBlockSize * format.kv_heads) * sizeof(float);
     pool_ = DeviceBuffer(size_t(n_layers) * 2 * (value_bytes_ + scale_bytes_));
     MOEMESH_CUDA_BACKEND_CHECK(cudaMemset(pool_.get(), 0, pool_.bytes()));
+    wait_for_legacy_copies();
   }
 
   // K (value = false) or V values of one layer; scales follow the values of each (layer, K|V).
@@ -109,6 +128,7 @@ class DeviceKvCache final : public KvCache {
                                                 s.size() * sizeof(float), cudaMemcpyHostToDevice));
         }
       }
+    wait_for_legacy_copies();
   }
 
  private:
@@ -123,15 +143,17 @@ enum Slot { kX, kH, kQ, kK, kV, kAttn, kOut, kIds, kPos, kRowSeq, kSlots, kTable
 // from different threads (the engine's two micro-batches) take different lanes, so one's copies
 // overlap the other's kernels on the device; a lane is reused by later calls.
 struct Lane {
+  // Declared first, so destroyed last: the handle and the stream-ordered frees below use it.
+  struct OwnedStream {
+    cudaStream_t s = nullptr;
+    ~OwnedStream() {
+      if (s) cudaStreamDestroy(s);
+    }
+  } owned;
   cudaStream_t stream = nullptr;
   cuda::Blas blas;
   DeviceBuffer scratch[kSlotCount];
   std::vector<int32_t> row_seq, slots, tables, gather_index;
-  Lane() = default;
-  Lane(const Lane&) = delete;
-  ~Lane() {
-    if (stream) cudaStreamDestroy(stream);
-  }
 };
 
 class CudaBackend final : public ComputeBackend {
@@ -350,6 +372,7 @@ class CudaBackend final : public ComputeBackend {
     std::vector<float> temperatures;
     std::vector<int32_t> watch{0};  // rows + 1 offsets, then the ids
     for (const LogitsRequest& r : requests) {
+      if (r.k < 1) throw Error("logits summary: k must be >= 1 (got " + std::to_string(r.k) + ")");
       k = std::max(k, std::min({r.k, vocab, cuda::kMaxSummaryTopK}));
       temperatures.push_back(float(r.temperature));
       watch.push_back(watch.back() + int32_t(r.watch.size()));
@@ -394,7 +417,8 @@ class CudaBackend final : public ComputeBackend {
     return summaries;
   }
 
-  // Calls are serialised on one stream: one grouped call beats several threads taking turns.
+  // One grouped call for a batch's experts beats splitting them across threads (the GEMMs would
+  // be smaller); separate batches still run side by side on their own lanes.
   int useful_concurrency() const override { return 1; }
 
  private:
@@ -423,7 +447,8 @@ class CudaBackend final : public ComputeBackend {
     }
     if (!lane) {
       lane = std::make_unique<Lane>();
-      MOEMESH_CUDA_BACKEND_CHECK(cudaStreamCreateWithFlags(&lane->stream, cudaStreamNonBlocking));
+      MOEMESH_CUDA_BACKEND_CHECK(cudaStreamCreateWithFlags(&lane->owned.s, cudaStreamNonBlocking));
+      lane->stream = lane->owned.s;
       check(lane->blas.init());
     }
     return Lease(this, std::move(lane));
@@ -433,10 +458,7 @@ class CudaBackend final : public ComputeBackend {
   T* scratch(Lane& L, Slot slot, size_t n) {
     DeviceBuffer& b = L.scratch[slot];
     const size_t bytes = std::max<size_t>(n * sizeof(T), 256);
-    if (b.bytes() < bytes) {
-      MOEMESH_CUDA_BACKEND_CHECK(cudaStreamSynchronize(L.stream));  // the old buffer may be in use
-      b = DeviceBuffer(std::max(bytes, b.bytes() * 2));
-    }
+    if (b.bytes() < bytes) b = DeviceBuffer(std::max(bytes, b.bytes() * 2), L.stream);  // the old one freed in stream order
     return static_cast<T*>(b.get());
   }
 
@@ -457,12 +479,16 @@ class CudaBackend final : public ComputeBackend {
   const void* weight(const Weight& w) {
     if (w.empty()) throw Error("cuda backend: weight " + w.name + " is not loaded");
     std::lock_guard lock(weights_mu_);
-    auto it = weights_.find(w.data);
+    // Keyed by what the bytes are, not only where: a later tensor mapped at a reused address
+    // gets its own copy.
+    const WeightKey key{w.data, w.numel(), w.dtype};
+    auto it = weights_.find(key);
     if (it == weights_.end()) {
       const size_t bytes = size_t(w.numel()) * dtype_size(w.dtype);
       DeviceBuffer b(bytes);
       MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpy(b.get(), w.data, bytes, cudaMemcpyHostToDevice));
-      it = weights_.emplace(w.data, std::move(b)).first;
+      wait_for_legacy_copies();
+      it = weights_.emplace(key, std::move(b)).first;
     }
     return it->second.get();
   }
@@ -476,7 +502,8 @@ class CudaBackend final : public ComputeBackend {
   int index_;
   std::string name_;
   std::mutex weights_mu_;
-  std::unordered_map<const void*, DeviceBuffer> weights_;
+  using WeightKey = std::tuple<const void*, int64_t, DType>;
+  std::map<WeightKey, DeviceBuffer> weights_;
   std::mutex lanes_mu_;
   std::vector<std::unique_ptr<Lane>> free_lanes_;
 };

@@ -4,12 +4,14 @@
 #include <nccl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <deque>
 #include <mutex>
 #include <sstream>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "core/error.h"
 #include "kernels/cuda/api.cuh"
@@ -119,11 +121,12 @@ class NcclTransport final : public actors::Transport {
     for (size_t n : floats) {
       auto& t = out.emplace_back(n);
       if (n == 0) continue;
-      if (n > recv_cap_) {
-        if (recv_buf_) cudaFree(recv_buf_);
+      if (n > recv_cap_) {  // stream-ordered: a cudaFree would wait for this rank's pending sends
+        if (recv_buf_) cuda_check(cudaFreeAsync(recv_buf_, recv_stream_), "cudaFreeAsync");
         recv_buf_ = nullptr;
         recv_cap_ = std::max(n, recv_cap_ * 2);
-        cuda_check(cudaMalloc(&recv_buf_, recv_cap_ * sizeof(float)), "cudaMalloc");
+        cuda_check(cudaMallocAsync(reinterpret_cast<void**>(&recv_buf_), recv_cap_ * sizeof(float), recv_stream_),
+                   "cudaMallocAsync");
       }
       nccl_check(ncclRecv(recv_buf_, n, ncclFloat, peer_, recv_comm_, recv_stream_), "ncclRecv");
       settle(recv_comm_, "ncclRecv");
@@ -161,13 +164,17 @@ class NcclTransport final : public actors::Transport {
       pick = &slots_.emplace_back(s);
     }
     if (floats > pick->cap) {
-      if (pick->device) cudaFree(pick->device);
-      if (pick->host) cudaFreeHost(pick->host);
+      // No cudaFree / cudaFreeHost while sends may be pending: both synchronise the device, and
+      // a pending ncclSend waits for the peer, which may itself be waiting on us. The device
+      // buffer is freed in stream order; the pinned one is kept until the transport goes.
+      if (pick->device) cuda_check(cudaFreeAsync(pick->device, send_stream_), "cudaFreeAsync");
+      if (pick->host) retired_host_.push_back(pick->host);
       pick->device = nullptr;
       pick->host = nullptr;
-      pick->cap = floats;
-      cuda_check(cudaMalloc(&pick->device, floats * sizeof(float)), "cudaMalloc");
-      cuda_check(cudaMallocHost(&pick->host, floats * sizeof(float)), "cudaMallocHost");
+      pick->cap = std::max(floats, pick->cap * 2);
+      cuda_check(cudaMallocAsync(reinterpret_cast<void**>(&pick->device), pick->cap * sizeof(float), send_stream_),
+                 "cudaMallocAsync");
+      cuda_check(cudaMallocHost(&pick->host, pick->cap * sizeof(float)), "cudaMallocHost");
     }
     return *pick;
   }
@@ -179,10 +186,17 @@ class NcclTransport final : public actors::Transport {
     throw Error(s.str());
   }
 
-  // `abort`: after a failed or timed-out join (ncclCommDestroy would wait for the peer).
+  // `abort`: after a failed or timed-out join (ncclCommDestroy would wait for the peer). Sends
+  // still pending after kDrainTimeout (a peer that went away) abort the communicators too.
+  static constexpr auto kDrainTimeout = std::chrono::seconds(10);
   void release(bool abort) {
     cudaSetDevice(device_);
-    if (!abort && send_stream_) cudaStreamSynchronize(send_stream_);
+    if (!abort && send_stream_) {
+      const auto deadline = Clock::now() + kDrainTimeout;
+      while (cudaStreamQuery(send_stream_) == cudaErrorNotReady && Clock::now() < deadline)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      abort = cudaStreamQuery(send_stream_) == cudaErrorNotReady;
+    }
     for (ncclComm_t* c : {&split_, &base_})
       if (*c) {
         if (abort)
@@ -197,6 +211,8 @@ class NcclTransport final : public actors::Transport {
       if (s.done) cudaEventDestroy(s.done);
     }
     slots_.clear();
+    for (float* h : retired_host_) cudaFreeHost(h);
+    retired_host_.clear();
     if (recv_buf_) cudaFree(recv_buf_);
     recv_buf_ = nullptr;
     for (cudaStream_t* s : {&send_stream_, &recv_stream_})
@@ -210,6 +226,7 @@ class NcclTransport final : public actors::Transport {
   cudaStream_t send_stream_ = nullptr, recv_stream_ = nullptr;
   std::mutex send_mu_;  // send_comm_, send_stream_, slots_
   std::deque<Slot> slots_;
+  std::vector<float*> retired_host_;  // pinned buffers outgrown while sends were pending
   std::mutex recv_mu_;  // recv_comm_, recv_stream_, recv_buf_
   float* recv_buf_ = nullptr;
   size_t recv_cap_ = 0;

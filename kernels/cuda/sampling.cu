@@ -62,9 +62,9 @@ __global__ void __launch_bounds__(kThreads)
   }
   s1 = detail::block_sum(s1);
   st = detail::block_sum(st);
-  if (threadIdx.x == 0) {
-    lse[row] = mx + logf(s1);
-    lse_scaled[row] = mx / t + logf(st);
+  if (threadIdx.x == 0) {  // an infinite maximum is its own log-sum (as the host reference says)
+    lse[row] = isfinite(mx) ? mx + logf(s1) : mx;
+    lse_scaled[row] = isfinite(mx) ? mx / t + logf(st) : mx / t;
   }
 
   // The k largest, one block-wide pass each.

