@@ -206,7 +206,10 @@ std::optional<SampledToken> Sampler::sample_from(const LogitsRequest& request, c
     float raw, v;  // v: penalised, then over the temperature
   };
   std::vector<Known> known;
-  for (size_t i = 0; i < k; ++i) known.push_back({summary.top_ids[i], summary.top_values[i], 0});
+  for (size_t i = 0; i < k; ++i) {
+    if (summary.top_ids[i] < 0 || summary.top_ids[i] >= vocab) return std::nullopt;  // e.g. a row of NaN
+    known.push_back({summary.top_ids[i], summary.top_values[i], 0});
+  }
   for (size_t i = 0; i < request.watch.size(); ++i)
     if (request.watch[i] >= 0 && request.watch[i] < vocab) known.push_back({request.watch[i], summary.watch_values[i], 0});
   std::sort(known.begin(), known.end(), [](const Known& a, const Known& b) { return a.id < b.id; });
