@@ -152,14 +152,18 @@ void LocalCluster::start() {
                                   "--threads", "1"};
   router.insert(router.end(), opts_.router_args.begin(), opts_.router_args.end());
   spawn("router", binary("router"), router, 1, opts_.admin_port);
+  // The n-th compute process's --device: attention workers take the first GPUs.
+  auto device = [this](int n) {
+    return opts_.device == "cpu" ? std::string("cpu") : fmt::format("cuda:{}", n % opts_.gpus);
+  };
   for (int i = 0; i < opts_.experts; ++i)
     spawn(fmt::format("expert-{}", i), binary("expert"),
           {"--model", model, "--listen", fmt::format("tcp://{}:{}", opts_.host, pick_free_port()), "--router", control,
-           "--compute-threads", std::to_string(share), "--threads", "1"},
+           "--compute-threads", std::to_string(share), "--threads", "1", "--device", device(opts_.attention + i)},
           1, pick_free_port());
   for (int i = 0; i < opts_.attention; ++i) {
     std::vector<std::string> a{"--model", model, "--listen", fmt::format("tcp://{}:{}", opts_.host, pick_free_port()),
-                               "--router", control, "--placement", placement, "--threads", "1"};
+                               "--router", control, "--placement", placement, "--threads", "1", "--device", device(i)};
     a.insert(a.end(), kv_endpoint.begin(), kv_endpoint.end());
     spawn(fmt::format("attention-{}", i), binary("attention"), a, share, pick_free_port());
   }

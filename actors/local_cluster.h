@@ -28,6 +28,10 @@ struct LocalClusterOptions {
   int cores = 0;            // 0: this machine's
   int startup_timeout_s = 120;
   std::string log_level = "info";
+  // "cpu", or "cuda": attention workers and expert hosts compute on cuda:0 .. cuda:gpus-1,
+  // dealt round-robin (attention workers first).
+  std::string device = "cpu";
+  int gpus = 1;
   std::vector<std::string> router_args;  // extra flags passed through
 };
 

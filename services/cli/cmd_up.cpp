@@ -48,6 +48,14 @@ void add_up(CLI::App& app) {
   up->add_option("--log-level", opts->log_level, "services' log level")->capture_default_str();
   up->add_option("--startup-timeout", opts->startup_timeout_s, "seconds to wait for readiness")->capture_default_str();
   up->add_flag("!--no-kvstore", opts->kvstore, "run without the KV store (no prefix cache)");
+  up->add_option("--device", opts->device,
+                 "where attention workers and expert hosts compute: cpu, or cuda (spread over --gpus devices, "
+                 "attention workers first)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  up->add_option("--gpus", opts->gpus, "CUDA devices to spread the processes over with --device cuda")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   auto tenants = std::make_shared<std::string>();
   up->add_option("--tenants", *tenants, "router tenants file (API keys and limits); none: open API")
       ->check(CLI::ExistingFile);
