@@ -159,6 +159,7 @@ pb::PlacementTable table_message(const CoordinatorState& st) {
     if (auto m = st.members.find(h.instance); m != st.members.end()) {
       e->set_gpu(m->second.caps.gpu);
       e->set_nccl(m->second.caps.nccl);
+      e->set_gpu_id(m->second.caps.gpu_id);
     }
     for (const auto& [layer, expert] : h.experts) {
       auto* id = e->add_experts();
@@ -215,7 +216,7 @@ void on_register(Self* self, const zmq::message_t& peer, const pb::Register& r) 
     m.data_endpoint = r.data_endpoint();
     m.admin_endpoint = r.admin_endpoint();
     m.control_peer = peer.to_string();
-    m.caps = {r.gpu(), r.nccl()};
+    m.caps = {r.gpu(), r.nccl(), r.gpu_id()};
     m.last_seen = Clock::now();
     rr->set_ok(true);
     if (r.role() == pb::EXPERT) {
@@ -277,10 +278,10 @@ std::string nccl_pair_refusal(const CoordinatorState& st, const pb::NcclPairId& 
   if (host == st.members.end() || host->second.role != pb::EXPERT)
     return "no expert host " + m.expert_instance() + " is registered";
   if (choose_transport(worker->second.caps, host->second.caps) != TransportKind::Nccl)
-    return "the pair rule picks ZeroMQ: NCCL needs gpu and nccl on both sides (worker gpu=" +
-           std::to_string(worker->second.caps.gpu) + " nccl=" + std::to_string(worker->second.caps.nccl) +
-           ", host gpu=" + std::to_string(host->second.caps.gpu) + " nccl=" + std::to_string(host->second.caps.nccl) +
-           ")";
+    return "the pair rule picks ZeroMQ: NCCL needs gpu and nccl on both sides, on different GPUs (worker gpu=" +
+           std::to_string(worker->second.caps.gpu) + " nccl=" + std::to_string(worker->second.caps.nccl) + " " +
+           worker->second.caps.gpu_id + ", host gpu=" + std::to_string(host->second.caps.gpu) +
+           " nccl=" + std::to_string(host->second.caps.nccl) + " " + host->second.caps.gpu_id + ")";
   if (m.unique_id().size() != kNcclUniqueIdBytes)
     return "the NCCL unique id has " + std::to_string(m.unique_id().size()) + " bytes, expected " +
            std::to_string(kNcclUniqueIdBytes);

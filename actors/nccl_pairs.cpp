@@ -23,10 +23,10 @@ void CoordinatorLink::send(const pb::ControlMessage& m) {
   if (client) send_to_coordinator(client, m);
 }
 
-TransportCaps service_caps(bool cuda, bool built_with_nccl, const std::string& transport_flag) {
+TransportCaps service_caps(bool cuda, bool built_with_nccl, const std::string& transport_flag, std::string gpu_id) {
   if (transport_flag != "auto" && transport_flag != "zmq")
     throw Error("--transport: \"" + transport_flag + "\", expected auto or zmq");
-  return {cuda, cuda && built_with_nccl && transport_flag == "auto"};
+  return {cuda, cuda && built_with_nccl && transport_flag == "auto", std::move(gpu_id)};
 }
 
 struct NcclPairs::Shared {
@@ -68,7 +68,7 @@ void NcclPairs::join_async(const std::string& peer_instance, const std::string& 
 void NcclPairs::on_placement(const pb::PlacementTable& table) {
   if (opts_.role != pb::ATTENTION || !opts_.join || !opts_.make_id) return;
   for (const auto& h : table.hosts()) {
-    if (!h.live() || choose_transport(opts_.caps, {h.gpu(), h.nccl()}) != TransportKind::Nccl) continue;
+    if (!h.live() || choose_transport(opts_.caps, {h.gpu(), h.nccl(), h.gpu_id()}) != TransportKind::Nccl) continue;
     {
       std::lock_guard<std::mutex> lk(shared_->mu);
       if (shared_->state.count(h.instance())) continue;  // offered once; a rejection stays ZeroMQ

@@ -49,8 +49,10 @@ class CoordinatorLink {
 };
 
 // What a service registers for the pair rule: gpu when it computes on CUDA; nccl only when it
-// also can join (built with NCCL) and its --transport is "auto" ("zmq": never offer nor accept).
-TransportCaps service_caps(bool cuda, bool built_with_nccl, const std::string& transport_flag);
+// also can join (built with NCCL) and its --transport is "auto" ("zmq": never offer nor accept);
+// gpu_id, the device's UUID (ComputeBackend::device_id), so peers on one GPU keep ZeroMQ.
+TransportCaps service_caps(bool cuda, bool built_with_nccl, const std::string& transport_flag,
+                           std::string gpu_id = {});
 
 class NcclPairs {
  public:

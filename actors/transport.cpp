@@ -50,7 +50,8 @@ void PeerTransports::set(const std::string& peer, std::shared_ptr<Transport> tra
 }
 
 TransportKind choose_transport(const TransportCaps& self, const TransportCaps& peer) {
-  return self.gpu && self.nccl && peer.gpu && peer.nccl ? TransportKind::Nccl : TransportKind::Zmq;
+  const bool same_gpu = !self.gpu_id.empty() && self.gpu_id == peer.gpu_id;
+  return self.gpu && self.nccl && peer.gpu && peer.nccl && !same_gpu ? TransportKind::Nccl : TransportKind::Zmq;
 }
 
 }  // namespace moemesh::actors

@@ -79,13 +79,15 @@ class PeerTransports {
 
 // What one side of a pair offers (from its registration with the coordinator).
 struct TransportCaps {
-  bool gpu = false;   // computes on a CUDA device
-  bool nccl = false;  // built with NCCL and willing to join a communicator
+  bool gpu = false;    // computes on a CUDA device
+  bool nccl = false;   // built with NCCL and willing to join a communicator
+  std::string gpu_id{};  // the device's UUID; empty: unknown
 };
 // The size of an NCCL unique id (NCCL_UNIQUE_ID_BYTES), checked wherever one travels.
 inline constexpr size_t kNcclUniqueIdBytes = 128;
 
-// NCCL only when both peers are GPU processes with NCCL; ZeroMQ otherwise.
+// NCCL only when both peers are GPU processes with NCCL on different GPUs (NCCL cannot put two
+// ranks of a communicator on one device); ZeroMQ otherwise.
 TransportKind choose_transport(const TransportCaps& self, const TransportCaps& peer);
 
 }  // namespace moemesh::actors

@@ -58,6 +58,8 @@ class ComputeBackend {
   virtual ~ComputeBackend() = default;
   // "cpu", or "cuda:0 (NVIDIA H200)".
   virtual std::string name() const = 0;
+  // The device's identity across processes (a GPU's UUID, "GPU-..."); empty for the CPU.
+  virtual std::string device_id() const { return {}; }
 
   // The KV cache whose storage this backend's attention reads and writes.
   virtual std::unique_ptr<KvCache> make_kv_cache(int64_t n_layers, int64_t kv_dim, int64_t num_blocks,

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <mutex>
 #include <string>
 #include <map>
@@ -162,10 +163,17 @@ class CudaBackend final : public ComputeBackend {
     cudaDeviceProp prop{};
     MOEMESH_CUDA_BACKEND_CHECK(cudaGetDeviceProperties(&prop, index));
     name_ = "cuda:" + std::to_string(index) + " (" + prop.name + ")";
+    // nvidia-smi's form: GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx.
+    char uuid[64];
+    const auto* b = reinterpret_cast<const unsigned char*>(prop.uuid.bytes);
+    std::snprintf(uuid, sizeof uuid, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
+                  b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+    device_id_ = uuid;
     MOEMESH_CUDA_BACKEND_CHECK(cudaSetDevice(index));
   }
 
   std::string name() const override { return name_; }
+  std::string device_id() const override { return device_id_; }
 
   std::unique_ptr<KvCache> make_kv_cache(int64_t n_layers, int64_t kv_dim, int64_t num_blocks,
                                          KvCacheFormat format) override {
@@ -500,7 +508,7 @@ class CudaBackend final : public ComputeBackend {
   }
 
   int index_;
-  std::string name_;
+  std::string name_, device_id_;
   std::mutex weights_mu_;
   using WeightKey = std::tuple<const void*, int64_t, DType>;
   std::map<WeightKey, DeviceBuffer> weights_;

@@ -81,7 +81,8 @@ int main(int argc, char** argv) {
     // First, so a missing device fails at once ("no CUDA device: ...") before weights load.
     const DeviceSpec dev = parse_device(device);
     auto backend = make_compute_backend(dev);
-    const TransportCaps caps = service_caps(dev.kind == DeviceSpec::Kind::Cuda, kBuiltWithNccl, transport);
+    const TransportCaps caps =
+        service_caps(dev.kind == DeviceSpec::Kind::Cuda, kBuiltWithNccl, transport, backend->device_id());
     auto ckpt = Checkpoint::open(model_dir);
     ckpt->mutable_config().gating_temperature = gating_temperature;
     const ModelConfig& mc = ckpt->config();
@@ -177,6 +178,7 @@ int main(int argc, char** argv) {
     co.registration.set_pid(uint32_t(getpid()));
     co.registration.set_gpu(caps.gpu);  // for the pair rule
     co.registration.set_nccl(caps.nccl);
+    co.registration.set_gpu_id(caps.gpu_id);
     ControlCallbacks cb;
     cb.fill_heartbeat = [covered, stats](pb::Heartbeat& hb) {
       hb.set_ready(covered->load());

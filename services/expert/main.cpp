@@ -64,6 +64,7 @@ pb::Register registration(const ServiceRuntime& rt, const std::string& endpoint,
   r.set_pid(uint32_t(::getpid()));
   r.set_gpu(caps.gpu);  // for the pair rule
   r.set_nccl(caps.nccl);
+  r.set_gpu_id(caps.gpu_id);
   if (pinned)
     for (const auto& [l, e] : *pinned) {
       auto* id = r.add_experts();
@@ -81,7 +82,8 @@ int serve(ServiceRuntime& rt, const Flags& f) {
   // First, so a missing device fails at once ("no CUDA device: ...") before weights load.
   const DeviceSpec dev = parse_device(f.device);
   const auto backend = make_compute_backend(dev);
-  const TransportCaps caps = service_caps(dev.kind == DeviceSpec::Kind::Cuda, kBuiltWithNccl, f.transport);
+  const TransportCaps caps =
+      service_caps(dev.kind == DeviceSpec::Kind::Cuda, kBuiltWithNccl, f.transport, backend->device_id());
   // NCCL pairs with the attention workers (joins on threads of their own), or none: all ZeroMQ.
   auto transports = std::make_shared<PeerTransports>();
   auto link = std::make_shared<CoordinatorLink>();

@@ -107,6 +107,11 @@ TEST(Transport, NcclOnlyBetweenTwoGpuPeersWithNccl) {
   EXPECT_EQ(choose_transport(gpu, cpu), TransportKind::Zmq);
   EXPECT_EQ(choose_transport(cpu, gpu), TransportKind::Zmq);
   EXPECT_EQ(choose_transport(gpu, gpu_no_nccl), TransportKind::Zmq);
+  // Two processes on one GPU (NCCL cannot put both ranks there) keep ZeroMQ; unknown ids pair.
+  const TransportCaps on_a{true, true, "GPU-a"}, also_on_a{true, true, "GPU-a"}, on_b{true, true, "GPU-b"};
+  EXPECT_EQ(choose_transport(on_a, also_on_a), TransportKind::Zmq);
+  EXPECT_EQ(choose_transport(on_a, on_b), TransportKind::Nccl);
+  EXPECT_EQ(choose_transport(on_a, gpu), TransportKind::Nccl);
   EXPECT_EQ(transport_name(TransportKind::Nccl), "nccl");
 }
 

@@ -93,6 +93,7 @@ class Member {
     co.registration.set_data_endpoint("tcp://" + instance + ":7000");
     co.registration.set_gpu(caps.gpu);
     co.registration.set_nccl(caps.nccl);
+    co.registration.set_gpu_id(caps.gpu_id);
     co.heartbeat_interval = 50ms;
     co.register_retry = 20ms;
     NcclPairOptions no;
@@ -216,18 +217,20 @@ TEST(NcclPairs, CoordinatorRelaysTheIdAndOnlyGpuNcclPairsSwitch) {
   const std::string ctl = coordinator.control(), pub = coordinator.placement();
 
   FakeNccl nccl;
-  const TransportCaps gpu_nccl{true, true}, cpu{false, false};
-  Member gpu_host(sys, ctl, pub, "exp-gpu", pb::EXPERT, gpu_nccl, &nccl);
+  const TransportCaps on_gpu1{true, true, "GPU-1"}, on_gpu0{true, true, "GPU-0"}, cpu{false, false};
+  Member gpu_host(sys, ctl, pub, "exp-gpu", pb::EXPERT, on_gpu1, &nccl);
   Member cpu_host(sys, ctl, pub, "exp-cpu", pb::EXPERT, cpu, nullptr);
-  ASSERT_TRUE(eventually([&] { return gpu_host.registered() && cpu_host.registered(); }));
-  Member worker(sys, ctl, pub, "attn-0", pb::ATTENTION, gpu_nccl, &nccl);
+  Member twin_host(sys, ctl, pub, "exp-twin", pb::EXPERT, on_gpu0, &nccl);  // on the worker's GPU
+  ASSERT_TRUE(eventually([&] { return gpu_host.registered() && cpu_host.registered() && twin_host.registered(); }));
+  Member worker(sys, ctl, pub, "attn-0", pb::ATTENTION, on_gpu0, &nccl);
 
   // The Register capabilities reach the placement table.
-  ASSERT_TRUE(eventually([&] { return worker.table().hosts_size() == 2; }));
+  ASSERT_TRUE(eventually([&] { return worker.table().hosts_size() == 3; }));
   const pb::PlacementTable table = worker.table();
   for (const auto& h : table.hosts()) {
-    EXPECT_EQ(h.gpu(), h.instance() == "exp-gpu") << h.instance();
-    EXPECT_EQ(h.nccl(), h.instance() == "exp-gpu") << h.instance();
+    EXPECT_EQ(h.gpu(), h.instance() != "exp-cpu") << h.instance();
+    EXPECT_EQ(h.nccl(), h.instance() != "exp-cpu") << h.instance();
+    EXPECT_EQ(h.gpu_id(), h.instance() == "exp-gpu" ? "GPU-1" : h.instance() == "exp-twin" ? "GPU-0" : "");
   }
 
   // GPU+NCCL on both sides: offered, relayed, joined by both ranks, switched on both sides.
@@ -242,16 +245,24 @@ TEST(NcclPairs, CoordinatorRelaysTheIdAndOnlyGpuNcclPairsSwitch) {
   EXPECT_EQ(relayed->unique_id().substr(0, 9), std::string("attn-0#0\0", 9)) << "the worker's id, verbatim";
   EXPECT_TRUE(last_about(worker, "exp-gpu", pb::NcclPairId::JOINED));
 
-  // The CPU host: the worker never offers, the pair stays ZeroMQ.
+  // The CPU host, and the host on the worker's own GPU: never offered, the pairs stay ZeroMQ.
   EXPECT_EQ(worker.pairs->state("exp-cpu"), "");
   EXPECT_EQ(worker.transports->of("tcp://exp-cpu:7000")->kind(), TransportKind::Zmq);
   EXPECT_TRUE(cpu_host.seen().empty());
+  EXPECT_EQ(worker.pairs->state("exp-twin"), "");
+  EXPECT_EQ(worker.transports->of("tcp://exp-twin:7000")->kind(), TransportKind::Zmq);
+  EXPECT_EQ(nccl.joins(), 2) << "only the pair on two GPUs joined";
 
   // An offer that breaks the pair rule is refused by the coordinator, never relayed.
   worker.send(offer("attn-0", "exp-cpu", std::string(kNcclUniqueIdBytes, 'x')));
   ASSERT_TRUE(eventually([&] { return bool(last_about(worker, "exp-cpu", pb::NcclPairId::REJECTED)); }));
   EXPECT_NE(last_about(worker, "exp-cpu", pb::NcclPairId::REJECTED)->error().find("pair rule picks ZeroMQ"),
             std::string::npos);
+  worker.send(offer("attn-0", "exp-twin", std::string(kNcclUniqueIdBytes, 'x')));
+  ASSERT_TRUE(eventually([&] { return bool(last_about(worker, "exp-twin", pb::NcclPairId::REJECTED)); }));
+  EXPECT_NE(last_about(worker, "exp-twin", pb::NcclPairId::REJECTED)->error().find("on different GPUs"),
+            std::string::npos);
+  EXPECT_TRUE(twin_host.seen().empty());
   // A malformed id and an unknown host are refused too.
   worker.send(offer("attn-0", "exp-gpu", "short"));
   worker.send(offer("attn-0", "exp-nobody", std::string(kNcclUniqueIdBytes, 'x')));
