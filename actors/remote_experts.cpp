@@ -334,7 +334,7 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       std::vector<int32_t> row_ids;
       rows.reserve(size_t(t.rows * hidden));
       for (size_t gi : t.groups) {
-        gather_rows(h, hidden, groups[gi], one);
+        gather_rows(h, hidden, groups[gi].rows, one);
         rows.insert(rows.end(), one.begin(), one.end());
         meta.push_back({groups[gi].expert, int32_t(groups[gi].rows.size())});
         row_ids.insert(row_ids.end(), groups[gi].rows.begin(), groups[gi].rows.end());

@@ -26,26 +26,35 @@ DeviceSpec parse_device(std::string_view s) {
   throw Error("unknown device \"" + std::string(s) + "\" (expected cpu, cuda or cuda:N)");
 }
 
-void ComputeBackend::grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts) {
-  std::vector<float> gathered;
+void ComputeBackend::check_expert_rows(int64_t x_rows, std::span<const ExpertRows> experts) {
   for (const ExpertRows& e : experts) {
     if (!e.weights || !e.out) throw Error("grouped mlp: an expert without weights or output");
-    gathered.resize(e.rows.size() * size_t(hidden));
-    for (size_t i = 0; i < e.rows.size(); ++i) {
-      const int32_t r = e.rows[i];
+    for (int32_t r : e.rows)
       if (r < 0 || r >= x_rows)
         throw Error("grouped mlp: row " + std::to_string(r) + " outside the " + std::to_string(x_rows) + " rows of x");
-      std::copy_n(x + int64_t(r) * hidden, hidden, gathered.begin() + ptrdiff_t(i * size_t(hidden)));
-    }
-    if (!e.rows.empty()) mlp(*e.weights, gathered.data(), int64_t(e.rows.size()), hidden, e.out);
+  }
+}
+
+void ComputeBackend::check_logits_requests(int64_t rows, std::span<const LogitsRequest> requests) {
+  if (int64_t(requests.size()) != rows)
+    throw Error("logits summaries: " + std::to_string(requests.size()) + " requests for " + std::to_string(rows) +
+                " rows");
+  for (const LogitsRequest& r : requests) check_logits_request(r);
+}
+
+void ComputeBackend::grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts) {
+  check_expert_rows(x_rows, experts);
+  std::vector<float> gathered;
+  for (const ExpertRows& e : experts) {
+    if (e.rows.empty()) continue;
+    gather_rows(x, hidden, e.rows, gathered);
+    mlp(*e.weights, gathered.data(), int64_t(e.rows.size()), hidden, e.out);
   }
 }
 
 std::vector<LogitsSummary> ComputeBackend::logits_summaries(const float* x, int64_t rows, const Weight& lm_head,
                                                             std::span<const LogitsRequest> requests) {
-  if (int64_t(requests.size()) != rows)
-    throw Error("logits summaries: " + std::to_string(requests.size()) + " requests for " + std::to_string(rows) +
-                " rows");
+  check_logits_requests(rows, requests);
   const int64_t vocab = lm_head.rows();
   std::vector<float> logits(size_t(rows * vocab));
   matmul(x, rows, lm_head, logits.data());

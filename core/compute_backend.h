@@ -92,6 +92,12 @@ class ComputeBackend {
   // calling thread (no limit); a GPU backend serialises its calls, so splitting work across
   // threads only adds launches.
   virtual int useful_concurrency() const { return std::numeric_limits<int>::max(); }
+
+ protected:
+  // The argument checks every implementation of grouped_mlp / logits_summaries makes first;
+  // moemesh::Error naming what is wrong.
+  static void check_expert_rows(int64_t x_rows, std::span<const ExpertRows> experts);
+  static void check_logits_requests(int64_t rows, std::span<const LogitsRequest> requests);
 };
 
 // The CPU reference backend (stateless: one instance serves every thread).

@@ -240,10 +240,12 @@ std::vector<StepOutput> Engine::forward(std::span<const StepInput> part, ExpertE
     out.n = part[i].all_logits ? sp.n : 1;
     const int64_t first_row = sp.row0 + sp.n - out.n;
     out.first_position = sp.pos0 + (sp.n - out.n);
-    normed.resize(size_t(out.n * hidden));
-    backend_->rmsnorm(x.data() + first_row * hidden, weights_.final_norm, out.n, cfg_.rms_norm_eps, normed.data());
-    if (part[i].summary && !part[i].all_logits) {
-      out.final_hidden = normed;
+    // A summarised row keeps its final hidden state (Engine::full_logits may need it).
+    const bool summary = part[i].summary && !part[i].all_logits;
+    std::vector<float>& h = summary ? out.final_hidden : normed;
+    h.resize(size_t(out.n * hidden));
+    backend_->rmsnorm(x.data() + first_row * hidden, weights_.final_norm, out.n, cfg_.rms_norm_eps, h.data());
+    if (summary) {
       summarised.push_back(i);
       continue;
     }

@@ -23,9 +23,13 @@ double log_sum_exp(std::span<const float> v, double t) {
 
 }  // namespace
 
+void check_logits_request(const LogitsRequest& request) {
+  if (request.k < 1) throw Error("logits summary: k must be >= 1 (got " + std::to_string(request.k) + ")");
+}
+
 LogitsSummary summarise_logits(std::span<const float> logits, const LogitsRequest& request) {
   if (logits.empty()) throw Error("logits summary: empty row");
-  if (request.k < 1) throw Error("logits summary: k must be >= 1 (got " + std::to_string(request.k) + ")");
+  check_logits_request(request);
   LogitsSummary s;
   s.vocab = int64_t(logits.size());
   const size_t k = size_t(std::min<int64_t>(request.k, s.vocab));

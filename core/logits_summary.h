@@ -15,6 +15,9 @@ struct LogitsRequest {
   int64_t k = 64;               // how many of the largest logits
   double temperature = 1.0;     // for lse_scaled (0: greedy, lse_scaled = lse)
   std::vector<int32_t> watch;   // ids whose logits are wanted whatever their rank
+  // Opaque to backends: the requesting Sampler's output length when it asked (what lets it
+  // refuse a request made before its last token without rebuilding `watch`).
+  size_t made_at = 0;
 };
 
 struct LogitsSummary {
@@ -25,6 +28,9 @@ struct LogitsSummary {
   double lse_scaled = 0;            // log Σ exp(logit / temperature)
   std::vector<float> watch_values;  // the logits of request.watch, in its order (-inf: not a token)
 };
+
+// Throws moemesh::Error when k < 1 (every backend checks requests with it).
+void check_logits_request(const LogitsRequest& request);
 
 // The summary of one row on the host (the CPU backend's, and the reference for the CUDA kernel).
 // Throws moemesh::Error for an empty row or k < 1.

@@ -66,10 +66,10 @@ std::vector<ExpertGroup> group_by_expert(const Routing& r) {
   return groups;
 }
 
-void gather_rows(const float* h, int64_t hidden, const ExpertGroup& g, std::vector<float>& out) {
-  out.resize(g.rows.size() * size_t(hidden));
-  for (size_t i = 0; i < g.rows.size(); ++i)
-    std::copy(h + g.rows[i] * hidden, h + (g.rows[i] + 1) * hidden, out.begin() + ptrdiff_t(i * size_t(hidden)));
+void gather_rows(const float* h, int64_t hidden, std::span<const int32_t> rows, std::vector<float>& out) {
+  out.resize(rows.size() * size_t(hidden));
+  for (size_t i = 0; i < rows.size(); ++i)
+    std::copy(h + rows[i] * hidden, h + (rows[i] + 1) * hidden, out.begin() + ptrdiff_t(i * size_t(hidden)));
 }
 
 void mlp_forward(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out) {

@@ -41,8 +41,9 @@ struct ExpertGroup {
 // Groups ordered by expert id; rows within a group ascending. Experts nobody chose are absent.
 std::vector<ExpertGroup> group_by_expert(const Routing& r);
 
-// Copies the rows of a group out of h into a contiguous [group.rows.size(), hidden] buffer.
-void gather_rows(const float* h, int64_t hidden, const ExpertGroup& g, std::vector<float>& out);
+// Copies rows `rows` of h (any order, repeats allowed) into a contiguous [rows.size(), hidden]
+// buffer.
+void gather_rows(const float* h, int64_t hidden, std::span<const int32_t> rows, std::vector<float>& out);
 
 // SwiGLU MLP: out[rows, hidden] = down(silu(gate(x)) * up(x)); x [rows, hidden].
 void mlp_forward(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out);

@@ -183,6 +183,7 @@ LogitsRequest Sampler::logits_request() const {
   const int64_t base = params_.top_p < 1.0 && top_k == 0 ? 256 : 64;
   r.k = std::max<int64_t>({base, params_.top_logprobs, top_k});
   r.temperature = params_.temperature;
+  r.made_at = output_.size();
   if (params_.repetition_penalty != 1.0)
     r.watch = seen_;
   else if (penalties_on())
@@ -216,7 +217,7 @@ std::optional<SampledToken> Sampler::sample_from(const LogitsRequest& request, c
   known.erase(std::unique(known.begin(), known.end(), [](const Known& a, const Known& b) { return a.id == b.id; }),
               known.end());
   // Every penalised token must be known: a request made before the last token is refused.
-  if (request.watch != logits_request().watch) return std::nullopt;
+  if (request.made_at != output_.size()) return std::nullopt;
   const double t = params_.temperature;
   for (Known& c : known) {
     c.v = penalised(c.id, c.raw);

@@ -297,11 +297,10 @@ class CudaBackend final : public ComputeBackend {
   // Gathers every expert's rows on the device (in the weights' dtype), then gate, up and down are
   // each one grouped GEMM over all the experts; results come back per expert.
   void grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts) override {
+    check_expert_rows(x_rows, experts);
     std::vector<const ExpertRows*> live;
-    for (const ExpertRows& e : experts) {
-      if (!e.weights || !e.out) throw Error("grouped mlp: an expert without weights or output");
+    for (const ExpertRows& e : experts)
       if (!e.rows.empty()) live.push_back(&e);
-    }
     if (live.empty()) return;
     const MlpWeights& first = *live[0]->weights;
     const DType t = first.gate.dtype;
@@ -320,12 +319,7 @@ class CudaBackend final : public ComputeBackend {
     for (const ExpertRows* e : live) {
       offsets.push_back(int64_t(L.gather_index.size()));
       counts.push_back(int64_t(e->rows.size()));
-      for (int32_t r : e->rows) {
-        if (r < 0 || r >= x_rows)
-          throw Error("grouped mlp: row " + std::to_string(r) + " outside the " + std::to_string(x_rows) +
-                      " rows of x");
-        L.gather_index.push_back(r);
-      }
+      L.gather_index.insert(L.gather_index.end(), e->rows.begin(), e->rows.end());
     }
     const int64_t total = int64_t(L.gather_index.size());
     const size_t elt = dtype_size(t);
@@ -372,15 +366,12 @@ class CudaBackend final : public ComputeBackend {
   // and the watched logits come back, never the [rows, vocab] logits.
   std::vector<LogitsSummary> logits_summaries(const float* x, int64_t rows, const Weight& lm_head,
                                               std::span<const LogitsRequest> requests) override {
-    if (int64_t(requests.size()) != rows)
-      throw Error("logits summaries: " + std::to_string(requests.size()) + " requests for " + std::to_string(rows) +
-                  " rows");
+    check_logits_requests(rows, requests);
     const int64_t vocab = lm_head.rows();
     int64_t k = 1;
     std::vector<float> temperatures;
     std::vector<int32_t> watch{0};  // rows + 1 offsets, then the ids
     for (const LogitsRequest& r : requests) {
-      if (r.k < 1) throw Error("logits summary: k must be >= 1 (got " + std::to_string(r.k) + ")");
       k = std::max(k, std::min({r.k, vocab, cuda::kMaxSummaryTopK}));
       temperatures.push_back(float(r.temperature));
       watch.push_back(watch.back() + int32_t(r.watch.size()));

@@ -19,6 +19,7 @@
 #include "actors/transport.h"
 #include "actors/zmq_bridge.h"
 #include "core/error.h"
+#include "tests/support/eventually.h"
 
 using namespace moemesh;
 using namespace moemesh::actors;
@@ -32,16 +33,7 @@ caf::actor_system_config& config() {
   return cfg;
 }
 
-// Polls `pred` for up to 20 s (a bound on a hang, not a timing assertion).
-template <class F>
-bool eventually(F pred) {
-  const auto until = std::chrono::steady_clock::now() + 20s;
-  while (std::chrono::steady_clock::now() < until) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(5ms);
-  }
-  return pred();
-}
+using moemesh::testing::eventually;
 
 class FakeCommunicator final : public Transport {
  public:

@@ -26,6 +26,7 @@
 #include "core/kv_cache.h"
 #include "core/prefix_hash.h"
 #include "tests/support/actor_config.h"
+#include "tests/support/eventually.h"
 #include "tests/support/numeric.h"
 #include "tests/support/tiny_model.h"
 
@@ -320,10 +321,8 @@ std::vector<float> block_of(size_t i, size_t floats) {
   return b;
 }
 
-bool wait_for(const std::function<bool()>& ok) {
-  for (int i = 0; i < 1000 && !ok(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  return ok();
-}
+// Up to 10 s for what another thread does.
+bool wait_for(const std::function<bool()>& ok) { return moemesh::testing::eventually(ok, std::chrono::seconds(10)); }
 
 }  // namespace
 

@@ -17,6 +17,7 @@
 #include "core/error.h"
 #include "core/moe.h"
 #include "tests/support/actor_config.h"
+#include "tests/support/eventually.h"
 #include "tests/support/fifo_pair_transport.h"
 #include "tests/support/in_process_expert_host.h"
 #include "tests/support/tiny_model.h"
@@ -255,18 +256,21 @@ TEST_F(RemoteExperts, PlacementSwapsWhileCallsRun) {
 
 using moemesh::testing::FifoPair;
 
+// The worker's DEALER routing id: what the host side's PeerTransports know it by.
+constexpr const char* kPairWorker = "worker-1";
+
 // The payloads go through the pair's Transport: with a pair transport set on both sides, only
 // the headers cross ZeroMQ and the results still equal the local executor's.
 TEST_F(RemoteExperts, PayloadsTravelThroughThePairTransport) {
   caf::actor_system sys{two_thread_config()};
   FifoPair pair;
   PeerTransports host_side;
-  host_side.set("worker-1", pair.host);  // the worker's DEALER routing id
+  host_side.set(kPairWorker, pair.host);
   Host zmq_host(sys, model(), "all", "host-zmq");
   moemesh::testing::InProcessExpertHost pair_host(sys, model(), "all", "host-pair", 2, &host_side);
 
   RemoteExpertsOptions o;
-  o.identity = "worker-1";
+  o.identity = kPairWorker;
   RemoteExpertExecutor remote(sys, o);
   remote.transports().set(pair_host.entry().endpoint, pair.worker);
   std::mt19937 rng(21);
@@ -288,14 +292,10 @@ TEST_F(RemoteExperts, PayloadsTravelThroughThePairTransport) {
   EXPECT_EQ(pair.unreceived(), 0u);
 }
 
-// Waits up to 30 s for `done` (what another thread does); false if it never happened.
+// Up to 30 s for what another thread does.
 template <class F>
 bool eventually(F done) {
-  for (int i = 0; i < 3000; ++i) {
-    if (done()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return done();
+  return moemesh::testing::eventually(done, std::chrono::seconds(30));
 }
 
 // The worker side of a FifoPair dispatch: its routing id is the host side's key for the pair.
@@ -303,7 +303,7 @@ std::unique_ptr<RemoteExpertExecutor> pair_worker(caf::actor_system& sys, const 
                                                   std::shared_ptr<Transport> end,
                                                   std::chrono::milliseconds deadline = std::chrono::seconds(30)) {
   RemoteExpertsOptions o;
-  o.identity = "worker-1";
+  o.identity = kPairWorker;
   o.deadline = deadline;
   auto remote = std::make_unique<RemoteExpertExecutor>(sys, o);
   remote->transports().set(endpoint, std::move(end));
@@ -316,7 +316,7 @@ TEST_F(RemoteExperts, TwoMicroBatchThreadsShareOnePair) {
   caf::actor_system sys{two_thread_config()};
   FifoPair pair;
   PeerTransports host_side;
-  host_side.set("worker-1", pair.host);
+  host_side.set(kPairWorker, pair.host);
   moemesh::testing::InProcessExpertHost host(sys, model(), "all", "host-pair", 2, &host_side);
   auto remote = pair_worker(sys, host.entry().endpoint, pair.worker);
   remote->set_placement({1, {host.entry()}});
@@ -348,7 +348,7 @@ TEST_F(RemoteExperts, LargePayloadsCrossThePair) {
   caf::actor_system sys{two_thread_config()};
   FifoPair pair;
   PeerTransports host_side;
-  host_side.set("worker-1", pair.host);
+  host_side.set(kPairWorker, pair.host);
   moemesh::testing::InProcessExpertHost host(sys, model(), "all", "host-pair", 2, &host_side);
   auto remote = pair_worker(sys, host.entry().endpoint, pair.worker);
   remote->set_placement({1, {host.entry()}});
@@ -368,7 +368,7 @@ TEST_F(RemoteExperts, ARejectedRequestsPayloadIsDrained) {
   caf::actor_system sys{two_thread_config()};
   FifoPair pair;
   PeerTransports host_side;
-  host_side.set("worker-1", pair.host);
+  host_side.set(kPairWorker, pair.host);
   moemesh::testing::InProcessExpertHost half(sys, model(), "0:0-3,1:0-3", "host-half", 2, &host_side);
   Host rest(sys, model(), "0:4-7,1:4-7", "host-rest");
   auto remote = pair_worker(sys, half.entry().endpoint, pair.worker);
@@ -394,7 +394,7 @@ TEST_F(RemoteExperts, ALateReplysPayloadIsDrained) {
   caf::actor_system sys{two_thread_config()};
   FifoPair pair;
   PeerTransports host_side;
-  host_side.set("worker-1", pair.host);
+  host_side.set(kPairWorker, pair.host);
   moemesh::testing::InProcessExpertHost host(sys, model(), "all", "host-pair", 2, &host_side);
   auto remote = pair_worker(sys, host.entry().endpoint, pair.worker, std::chrono::milliseconds(2000));
   remote->set_placement({1, {host.entry()}});
@@ -429,10 +429,10 @@ TEST_F(RemoteExperts, AMessageSentBeforeThePairSwitchedIsReadFromItsFrames) {
   caf::actor_system sys{two_thread_config()};
   FifoPair pair;
   PeerTransports host_side;
-  host_side.set("worker-1", pair.host);  // the host switched, the worker not yet
+  host_side.set(kPairWorker, pair.host);  // the host switched, the worker not yet
   moemesh::testing::InProcessExpertHost host(sys, model(), "all", "host-pair", 2, &host_side);
   RemoteExpertsOptions o;
-  o.identity = "worker-1";
+  o.identity = kPairWorker;
   RemoteExpertExecutor remote(sys, o);
   remote.set_placement({1, {host.entry()}});
   std::mt19937 rng(17);
