@@ -12,5 +12,7 @@ void add_up(CLI::App& app);
 void add_status(CLI::App& app);
 void add_hash_key(CLI::App& app);
 void add_bench(CLI::App& app);
+void add_bench_engine(CLI::App& app);
+void add_export_gguf(CLI::App& app);
 
 }  // namespace moemesh::cli

@@ -17,6 +17,8 @@ int main(int argc, char** argv) {
   moemesh::cli::add_status(app);
   moemesh::cli::add_hash_key(app);
   moemesh::cli::add_bench(app);
+  moemesh::cli::add_bench_engine(app);
+  moemesh::cli::add_export_gguf(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
