@@ -71,7 +71,7 @@ std::string LocalCluster::control_endpoint() const {
 }
 
 void LocalCluster::spawn(const std::string& name, const std::string& bin, std::vector<std::string> args,
-                         int blas_threads, int admin_port) {
+                         int admin_port) {
   Proc p{name, -1, opts_.log_dir / (name + ".log"), fmt::format("{}:{}", opts_.host, admin_port)};
   args.insert(args.begin(), bin);
   for (const std::string& a : {std::string("--instance"), name, std::string("--admin-port"), std::to_string(admin_port),
@@ -80,16 +80,6 @@ void LocalCluster::spawn(const std::string& name, const std::string& bin, std::v
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
-  // BLAS threads are the compute: give each process its share of the cores, not all of them.
-  std::vector<std::string> env_store;
-  for (char** e = environ; *e; ++e)
-    if (std::string_view(*e).rfind("OPENBLAS_NUM_THREADS=", 0) != 0 && std::string_view(*e).rfind("OMP_NUM_THREADS=", 0) != 0)
-      env_store.emplace_back(*e);
-  env_store.push_back("OPENBLAS_NUM_THREADS=" + std::to_string(blas_threads));
-  env_store.push_back("OMP_NUM_THREADS=" + std::to_string(blas_threads));
-  std::vector<char*> envp;
-  for (auto& e : env_store) envp.push_back(e.data());
-  envp.push_back(nullptr);
 
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
@@ -103,7 +93,7 @@ void LocalCluster::spawn(const std::string& name, const std::string& bin, std::v
   posix_spawnattr_setsigmask(&attr, &none);  // we block SIGINT/SIGTERM; the children must not
   posix_spawnattr_setpgroup(&attr, 0);       // Ctrl-C reaches us only; we stop them in order
   posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP);
-  int rc = posix_spawn(&p.pid, bin.c_str(), &fa, &attr, argv.data(), envp.data());
+  int rc = posix_spawn(&p.pid, bin.c_str(), &fa, &attr, argv.data(), environ);
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&attr);
   if (rc != 0) throw Error("cannot start " + bin + ": " + std::strerror(rc));
@@ -143,7 +133,7 @@ void LocalCluster::start() {
   std::vector<std::string> kv_endpoint;
   if (opts_.kvstore) {
     const std::string ep = fmt::format("tcp://{}:{}", opts_.host, pick_free_port());
-    spawn("kvstore-0", binary("kvstore"), {"--listen", ep, "--router", control, "--threads", "1"}, 1, pick_free_port());
+    spawn("kvstore-0", binary("kvstore"), {"--listen", ep, "--router", control, "--threads", "1"}, pick_free_port());
     kv_endpoint = {"--kvstore", ep};
   }
   std::vector<std::string> router{"--model", model, "--port", std::to_string(opts_.port), "--http-address",
@@ -151,7 +141,7 @@ void LocalCluster::start() {
                                   std::to_string(opts_.experts), "--replicas", std::to_string(opts_.replicas),
                                   "--threads", "1"};
   router.insert(router.end(), opts_.router_args.begin(), opts_.router_args.end());
-  spawn("router", binary("router"), router, 1, opts_.admin_port);
+  spawn("router", binary("router"), router, opts_.admin_port);
   // The n-th compute process's --device: attention workers take the first GPUs.
   auto device = [this](int n) {
     return opts_.device == "cpu" ? std::string("cpu") : fmt::format("cuda:{}", n % opts_.gpus);
@@ -160,12 +150,13 @@ void LocalCluster::start() {
     spawn(fmt::format("expert-{}", i), binary("expert"),
           {"--model", model, "--listen", fmt::format("tcp://{}:{}", opts_.host, pick_free_port()), "--router", control,
            "--compute-threads", std::to_string(share), "--threads", "1", "--device", device(opts_.attention + i)},
-          1, pick_free_port());
+          pick_free_port());
   for (int i = 0; i < opts_.attention; ++i) {
     std::vector<std::string> a{"--model", model, "--listen", fmt::format("tcp://{}:{}", opts_.host, pick_free_port()),
-                               "--router", control, "--placement", placement, "--threads", "1", "--device", device(i)};
+                               "--router", control, "--placement", placement, "--threads", "1", "--device", device(i),
+                               "--compute-threads", std::to_string(share)};
     a.insert(a.end(), kv_endpoint.begin(), kv_endpoint.end());
-    spawn(fmt::format("attention-{}", i), binary("attention"), a, share, pick_free_port());
+    spawn(fmt::format("attention-{}", i), binary("attention"), a, pick_free_port());
   }
 
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(opts_.startup_timeout_s);

@@ -59,7 +59,7 @@ class LocalCluster {
     std::filesystem::path log;
     std::string admin;  // host:port
   };
-  void spawn(const std::string& name, const std::string& binary, std::vector<std::string> args, int blas_threads,
+  void spawn(const std::string& name, const std::string& binary, std::vector<std::string> args,
              int admin_port);
   std::string binary(const std::string& service) const;
   std::string log_tail(const Proc& p) const;

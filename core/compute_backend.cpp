@@ -6,7 +6,9 @@
 
 #include "core/error.h"
 #include "core/moe.h"
+#include "core/weight_jobs.h"
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/gemm.h"
 #include "kernels/cpu/ops.h"
 
 namespace moemesh {
@@ -84,7 +86,8 @@ class CpuBackend final : public ComputeBackend {
   }
 
   void matmul(const float* x, int64_t rows, const Weight& w, float* y) override {
-    cpu::matmul(x, rows, w.cols(), w.data, w.dtype, w.rows(), y);
+    const cpu::MatmulJob j = projection_job(x, rows, w, y);
+    cpu::matmul(std::span(&j, 1));
   }
 
   void attention_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, KvCache& kv,
@@ -92,11 +95,11 @@ class CpuBackend final : public ComputeBackend {
     const int64_t rows = layout.rows, hidden = cfg.hidden_size, hd = cfg.head_dim;
     const int64_t q_dim = cfg.num_attention_heads * hd, kv_dim = cfg.num_key_value_heads * hd;
     std::vector<float> h(size_t(rows * hidden)), q(size_t(rows * q_dim)), k(size_t(rows * kv_dim)),
-        v(size_t(rows * kv_dim)), attn(size_t(rows * q_dim)), o(size_t(rows * hidden));
+        v(size_t(rows * kv_dim)), attn(size_t(rows * q_dim));
     cpu::rmsnorm(x, lw.input_norm.data, lw.input_norm.dtype, rows, hidden, cfg.rms_norm_eps, h.data());
-    cpu::matmul(h.data(), rows, hidden, lw.q.data, lw.q.dtype, q_dim, q.data());
-    cpu::matmul(h.data(), rows, hidden, lw.k.data, lw.k.dtype, kv_dim, k.data());
-    cpu::matmul(h.data(), rows, hidden, lw.v.data, lw.v.dtype, kv_dim, v.data());
+    const cpu::MatmulJob qkv[] = {projection_job(h.data(), rows, lw.q, q.data()), projection_job(h.data(), rows, lw.k, k.data()),
+                                  projection_job(h.data(), rows, lw.v, v.data())};
+    cpu::matmul(qkv);
     cpu::rope(q.data(), rows, cfg.num_attention_heads, hd, layout.positions.data(), cfg.rope_theta);
     cpu::rope(k.data(), rows, cfg.num_key_value_heads, hd, layout.positions.data(), cfg.rope_theta);
 
@@ -112,13 +115,38 @@ class CpuBackend final : public ComputeBackend {
       cpu::paged_attention(q.data() + sp.row0 * q_dim, sp.n, layout.positions.data() + sp.row0, shape, view,
                            attn.data() + sp.row0 * q_dim);
     }
-    cpu::matmul(attn.data(), rows, q_dim, lw.o.data, lw.o.dtype, hidden, o.data());
-    for (int64_t i = 0; i < rows * hidden; ++i) x[i] += o[size_t(i)];
+    // x += o_proj(attn): the residual add is the product's epilogue.
+    cpu::MatmulJob o = projection_job(attn.data(), rows, lw.o, x);
+    o.epilogue = cpu::MatmulJob::Epilogue::Add;
+    cpu::matmul(std::span(&o, 1));
   }
 
   void mlp(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out) override {
     mlp_forward(w, x, rows, hidden, out);
   }
+
+  // Every expert's gate and up projections in one parallel section (reading each expert's rows
+  // of x in place), then every down projection in another.
+  void grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts) override {
+    check_expert_rows(x_rows, experts);
+    std::vector<std::vector<float>> act(experts.size());
+    std::vector<cpu::MatmulJob> jobs;
+    for (size_t i = 0; i < experts.size(); ++i) {
+      const ExpertRows& e = experts[i];
+      act[i].resize(e.rows.size() * size_t(e.weights->gate.rows()));
+      jobs.push_back(swiglu_job(x, hidden, e.rows, *e.weights, act[i].data()));
+    }
+    cpu::matmul(jobs);
+    jobs.clear();
+    for (size_t i = 0; i < experts.size(); ++i) {
+      const ExpertRows& e = experts[i];
+      jobs.push_back(projection_job(act[i].data(), int64_t(e.rows.size()), e.weights->down, e.out));
+    }
+    cpu::matmul(jobs);
+  }
+
+  // The CPU kernels spread one call over the compute pool; more calls at once only share it.
+  int useful_concurrency() const override { return 1; }
 };
 
 }  // namespace

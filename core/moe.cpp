@@ -5,6 +5,8 @@
 #include <string>
 
 #include "core/error.h"
+#include "core/weight_jobs.h"
+#include "kernels/cpu/gemm.h"
 #include "kernels/cpu/ops.h"
 
 namespace moemesh {
@@ -41,7 +43,8 @@ Routing route_from_logits(const ModelConfig& cfg, const float* gate_logits, int6
 Routing route(const ModelConfig& cfg, const Weight& router, const float* h, int64_t rows) {
   if (router.empty()) throw Error("moe: router weight is not loaded");
   std::vector<float> logits(size_t(rows * cfg.num_experts));
-  cpu::matmul(h, rows, cfg.hidden_size, router.data, router.dtype, cfg.num_experts, logits.data());
+  const cpu::MatmulJob j = projection_job(h, rows, router, logits.data());
+  cpu::matmul(std::span(&j, 1));
   return route_from_logits(cfg, logits.data(), rows);
 }
 
@@ -73,12 +76,11 @@ void gather_rows(const float* h, int64_t hidden, std::span<const int32_t> rows, 
 }
 
 void mlp_forward(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out) {
-  const int64_t inter = w.gate.rows();
-  std::vector<float> gate(size_t(rows * inter)), up(size_t(rows * inter));
-  cpu::matmul(x, rows, hidden, w.gate.data, w.gate.dtype, inter, gate.data());
-  cpu::matmul(x, rows, hidden, w.up.data, w.up.dtype, inter, up.data());
-  cpu::silu_mul(gate.data(), up.data(), rows, inter, gate.data());
-  cpu::matmul(gate.data(), rows, inter, w.down.data, w.down.dtype, hidden, out);
+  std::vector<float> act(size_t(rows * w.gate.rows()));
+  const cpu::MatmulJob gate_up = swiglu_job(x, hidden, rows, w, act.data());
+  cpu::matmul(std::span(&gate_up, 1));
+  const cpu::MatmulJob down = projection_job(act.data(), rows, w.down, out);
+  cpu::matmul(std::span(&down, 1));
 }
 
 LocalExpertExecutor::LocalExpertExecutor(const ModelWeights& weights, std::shared_ptr<ComputeBackend> backend)

@@ -1,10 +1,7 @@
-// CPU reference kernels. Matmuls go through cblas_sgemm; F16/BF16 weights are widened a tile of
-// rows at a time into a thread-local scratch so a weight is never copied whole.
 #include "kernels/cpu/ops.h"
 
 #include "core/error.h"
-
-#include <cblas.h>
+#include "kernels/cpu/gemm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -17,7 +14,7 @@ namespace moemesh::cpu {
 namespace {
 
 // Half -> float through one 64K-entry table, built once: exact for every bit pattern and
-// cheaper than converting bit by bit in the matmul's widening loop.
+// cheaper than converting bit by bit (embedding rows, norm weights).
 const float* f16_table() {
   static const std::vector<float> table = [] {
     std::vector<float> t(65536);
@@ -49,44 +46,7 @@ void widen(DType t, const void* src, float* dst, int64_t n) {
   }
 }
 
-// Bytes per element of a float weight type.
-size_t elem_size(DType t) { return t == DType::F32 ? 4 : 2; }
-
-// Scratch for widened weight tiles; reused across calls on the same thread.
-std::vector<float>& tile_scratch() {
-  thread_local std::vector<float> scratch;
-  return scratch;
-}
-
-// Widened weight rows per tile: about 1 MiB of f32, at least 16 rows.
-int64_t tile_rows(int64_t in) { return std::max<int64_t>(16, (int64_t(1) << 18) / std::max<int64_t>(in, 1)); }
-
 }  // namespace
-
-void matmul(const float* x, int64_t rows, int64_t in, const void* w, DType wdtype, int64_t out, float* y) {
-  if (rows <= 0 || out <= 0) return;
-  if (in <= 0) {
-    std::fill(y, y + rows * out, 0.0f);
-    return;
-  }
-  if (wdtype == DType::F32) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(out), int(in), 1.0f, x, int(in),
-                static_cast<const float*>(w), int(in), 0.0f, y, int(out));
-    return;
-  }
-  // Tile over the weight's output rows: widen a tile, multiply it into the matching columns of y.
-  const int64_t tile = std::min(out, tile_rows(in));
-  auto& scratch = tile_scratch();
-  if (int64_t(scratch.size()) < tile * in) scratch.resize(size_t(tile * in));
-  const auto* wb = static_cast<const uint8_t*>(w);
-  const size_t es = elem_size(wdtype);
-  for (int64_t o0 = 0; o0 < out; o0 += tile) {
-    const int64_t n = std::min(tile, out - o0);
-    widen(wdtype, wb + size_t(o0 * in) * es, scratch.data(), n * in);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(n), int(in), 1.0f, x, int(in),
-                scratch.data(), int(in), 0.0f, y + o0, int(out));
-  }
-}
 
 void rmsnorm(const float* x, const void* weight, DType wdtype, int64_t rows, int64_t dim, double eps, float* y) {
   std::vector<float> wf(static_cast<size_t>(dim));
@@ -128,8 +88,7 @@ void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32
 void silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, float* out) {
   const int64_t total = rows * n;
   for (int64_t i = 0; i < total; ++i) {
-    const float g = gate[i];
-    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+    out[i] = silu(gate[i]) * up[i];
   }
 }
 
@@ -173,7 +132,7 @@ void topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t k
 
 void embedding(const void* table, DType dtype, int64_t dim, const int32_t* ids, int64_t n, float* out) {
   const auto* base = static_cast<const uint8_t*>(table);
-  const size_t es = elem_size(dtype);
+  const size_t es = dtype_size(dtype);
   for (int64_t i = 0; i < n; ++i) widen(dtype, base + size_t(ids[i]) * size_t(dim) * es, out + i * dim, dim);
 }
 

@@ -1,6 +1,6 @@
-// CPU compute kernels: the reference every other backend is checked against.
-// Activations are f32, row-major [rows, cols]. Weights may be F32, F16 or BF16
-// (converted block by block, never copied whole); accumulation is f32.
+// CPU element-wise and row kernels: the reference every other backend is checked against.
+// Activations are f32, row-major [rows, cols]. Weights may be F32, F16 or BF16; accumulation is
+// f32. Matrix products are in kernels/cpu/gemm.h.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -8,9 +8,6 @@
 #include "core/dtype.h"
 
 namespace moemesh::cpu {
-
-// y[rows, out] = x[rows, in] · W[out, in]^T  (W is a Linear weight, HF layout)
-void matmul(const float* x, int64_t rows, int64_t in, const void* w, DType wdtype, int64_t out, float* y);
 
 // y = x / sqrt(mean(x^2) + eps) * weight, per row. weight may be F32/F16/BF16.
 void rmsnorm(const float* x, const void* weight, DType wdtype, int64_t rows, int64_t dim, double eps, float* y);

@@ -18,6 +18,7 @@
 #include "core/backend_factory.h"
 #include "core/checkpoint.h"
 #include "core/engine.h"
+#include "kernels/cpu/thread_pool.h"
 #ifdef MOEMESH_HAVE_NCCL
 #include "kernels/cuda/nccl_transport.h"
 constexpr bool kBuiltWithNccl = true;
@@ -36,7 +37,7 @@ int main(int argc, char** argv) {
   int dispatch_timeout_ms = 10000;
   double gating_temperature = 1.0;
   std::string kvstore, model_id;
-  int kvstore_timeout_ms = 500, micro_batches = 2;
+  int kvstore_timeout_ms = 500, micro_batches = 2, compute_threads = 0;
   int64_t local_prefix_mb = 64;
   std::string kv_dtype = "f32", device = "cpu", summaries = "auto";
   auto& cli = rt.cli();
@@ -71,6 +72,9 @@ int main(int argc, char** argv) {
   cli.add_option("--kvstore-timeout-ms", kvstore_timeout_ms, "deadline of one KV store fetch")
       ->check(CLI::Range(1, 60000));
   cli.add_option("--model-id", model_id, "names the model's KV blocks in the store (default: the checkpoint folder's name)");
+  cli.add_option("--compute-threads", compute_threads,
+                 "threads of the CPU kernels' pool (default: the CPUs this process may use)")
+      ->check(CLI::PositiveNumber);
   cli.add_option("--micro-batches", micro_batches,
                  "2: a step's sequences run as two halves whose attention and expert round trips overlap")
       ->check(CLI::IsMember({1, 2}))
@@ -78,6 +82,7 @@ int main(int argc, char** argv) {
   if (auto rc = rt.start(argc, argv)) return *rc;
 
   try {
+    if (compute_threads > 0) cpu::set_compute_threads(compute_threads);
     // First, so a missing device fails at once ("no CUDA device: ...") before weights load.
     const DeviceSpec dev = parse_device(device);
     auto backend = make_compute_backend(dev);

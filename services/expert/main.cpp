@@ -26,6 +26,7 @@
 #include "core/checkpoint.h"
 #include "core/error.h"
 #include "core/expert_set.h"
+#include "kernels/cpu/thread_pool.h"
 #ifdef MOEMESH_HAVE_NCCL
 #include "kernels/cuda/nccl_transport.h"
 constexpr bool kBuiltWithNccl = true;
@@ -179,6 +180,7 @@ int serve(ServiceRuntime& rt, const Flags& f) {
                experts.expected_bytes());
 
   {
+    cpu::set_compute_threads(f.compute_threads);  // the kernels' pool: one call uses them all
     ComputePool pool(f.compute_threads);
     BatcherOptions bo;
     bo.window = std::chrono::microseconds(f.batch_window_us);
@@ -224,7 +226,7 @@ int main(int argc, char** argv) {
                  "else ZeroMQ) or zmq (always ZeroMQ)")
       ->check(CLI::IsMember({"auto", "zmq"}))
       ->capture_default_str();
-  cli.add_option("--compute-threads", f.compute_threads, "expert compute threads")->capture_default_str();
+  cli.add_option("--compute-threads", f.compute_threads, "threads of the CPU kernels' pool (and batches computed at once)")->capture_default_str();
   cli.add_option("--batch-window-us", f.batch_window_us, "how long a layer's batch waits for more requests")
       ->capture_default_str();
   cli.add_option("--max-batch-rows", f.max_batch_rows, "a batch with this many rows runs at once")->capture_default_str();

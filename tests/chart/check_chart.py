@@ -432,6 +432,8 @@ def check_kvstore(docs, variant):
     ensure(flag(args, "--disk-dir") == mount["mountPath"], f"--disk-dir={flag(args, '--disk-dir')} is the mount")
     want = {"cpu": "193273528320"}.get(variant, "48318382080")  # cpu.yaml's 180 GiB, else the default 45 GiB
     ensure(flag(args, "--disk-budget-bytes") == want, f"--disk-budget-bytes={flag(args, '--disk-budget-bytes')}")
+    ensure(flag(main_container(att)["args"], "--compute-threads") == "$(MOEMESH_CPU_LIMIT)",
+           "attention's kernel threads follow its CPU limit")
     ensure(flag(main_container(att)["args"], "--kvstore").startswith(f"tcp://{kv[0]['metadata']['name']}-0."), "attention uses shard 0")
 
 

@@ -9,6 +9,8 @@
 #include <span>
 #include <vector>
 
+#include "core/dtype.h"
+
 namespace moemesh::testing {
 
 // n token ids in [3, vocab), deterministic from the seed (0..2 are left to BOS/EOS/UNK).
@@ -27,6 +29,17 @@ inline std::vector<float> normals(size_t n, uint64_t seed, float scale = 1.0f) {
   std::vector<float> v(n);
   for (auto& x : v) x = d(rng);
   return v;
+}
+
+// Stores w as `t` and returns the bytes plus the values as they are after rounding.
+inline std::vector<uint16_t> narrow(const std::vector<float>& w, DType t, std::vector<float>& rounded) {
+  std::vector<uint16_t> out(w.size());
+  rounded.resize(w.size());
+  for (size_t i = 0; i < w.size(); ++i) {
+    out[i] = t == DType::F16 ? f32_to_f16(w[i]) : f32_to_bf16(w[i]);
+    rounded[i] = t == DType::F16 ? f16_to_f32(out[i]) : bf16_to_f32(out[i]);
+  }
+  return out;
 }
 
 // ||got - want|| / ||want||, as vectors.

@@ -1,4 +1,4 @@
-// Every CPU kernel against a naive loop (double accumulation) on small random inputs.
+// Every CPU row and element-wise kernel against a naive loop (double accumulation) on small random inputs.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -16,6 +16,7 @@ using namespace moemesh;
 
 namespace {
 
+using moemesh::testing::narrow;
 using moemesh::testing::normals;
 
 // Max |a-b| / max |b|.
@@ -28,54 +29,7 @@ double rel_err(const std::vector<float>& a, const std::vector<double>& b) {
   return num / den;
 }
 
-// Stores w as `t` and returns the bytes plus the values as they are after rounding.
-std::vector<uint16_t> narrow(const std::vector<float>& w, DType t, std::vector<float>& rounded) {
-  std::vector<uint16_t> out(w.size());
-  rounded.resize(w.size());
-  for (size_t i = 0; i < w.size(); ++i) {
-    out[i] = t == DType::F16 ? f32_to_f16(w[i]) : f32_to_bf16(w[i]);
-    rounded[i] = t == DType::F16 ? f16_to_f32(out[i]) : bf16_to_f32(out[i]);
-  }
-  return out;
-}
-
-std::vector<double> naive_matmul(const std::vector<float>& x, int64_t rows, int64_t in, const std::vector<float>& w,
-                                 int64_t out) {
-  std::vector<double> y(size_t(rows * out));
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t o = 0; o < out; ++o) {
-      double s = 0;
-      for (int64_t i = 0; i < in; ++i) s += double(x[size_t(r * in + i)]) * w[size_t(o * in + i)];
-      y[size_t(r * out + o)] = s;
-    }
-  return y;
-}
-
 }  // namespace
-
-TEST(CpuOps, MatmulF32) {
-  const int64_t rows = 5, in = 37, out = 23;
-  auto x = normals(size_t(rows * in), 1), w = normals(size_t(out * in), 2);
-  std::vector<float> y(size_t(rows * out));
-  cpu::matmul(x.data(), rows, in, w.data(), DType::F32, out, y.data());
-  EXPECT_LT(rel_err(y, naive_matmul(x, rows, in, w, out)), 1e-6);
-}
-
-// in = 4096 makes a tile 64 rows, so out = 150 covers two full tiles and a partial one.
-TEST(CpuOps, MatmulHalfTypesTiled) {
-  const int64_t rows = 3, in = 4096, out = 150;
-  auto x = normals(size_t(rows * in), 3), w = normals(size_t(out * in), 4, 0.05f);
-  for (DType t : {DType::F16, DType::BF16}) {
-    std::vector<float> rounded;
-    auto bytes = narrow(w, t, rounded);
-    std::vector<float> y(size_t(rows * out));
-    cpu::matmul(x.data(), rows, in, bytes.data(), t, out, y.data());
-    const auto ref = naive_matmul(x, rows, in, rounded, out);
-    EXPECT_LT(rel_err(y, ref), 1e-5) << dtype_name(t);
-    // The rounding is visible: against the unrounded weights the error is much larger.
-    EXPECT_GT(rel_err(y, naive_matmul(x, rows, in, w, out)), 1e-4) << dtype_name(t);
-  }
-}
 
 TEST(CpuOps, RmsNorm) {
   const int64_t rows = 4, dim = 24;

@@ -1,0 +1,52 @@
+// Matrix products with weights read in their stored type (F32, F16, BF16): y = x · Wᵀ.
+//
+// Activations x are f32 rows; W is a Linear weight [out, in] (Hugging Face layout) that is
+// converted to f32 inside the inner loop, in registers, and never copied. Accumulation is f32.
+// Each output value is a function of its weight row and its x row alone (the same k order
+// whatever the batch, the tile or the thread split), so a row's result does not depend on which
+// other rows share the batch. Work is split by output columns over the compute pool
+// (kernels/cpu/thread_pool.h): each thread streams its own slice of the weights once per panel
+// of rows, so batch 1 reads every weight byte once and a batch of rows reuses each loaded
+// weight across the rows (register tiles of up to 4 weight rows × 6 x rows).
+#pragma once
+#include <cstdint>
+#include <span>
+
+#include "core/dtype.h"
+
+namespace moemesh::cpu {
+
+struct MatmulJob {
+  enum class Epilogue {
+    Store,   // y = x·Wᵀ
+    Add,     // y += x·Wᵀ (a residual add fused into the product)
+    SwiGlu,  // y = silu(x·Wᵀ) ⊙ (x·W_upᵀ): an MLP's gate and up projections in one pass over x
+  };
+  const float* x = nullptr;
+  int64_t rows = 0;  // rows of the product
+  int64_t in = 0;    // W's columns = the length of an x row
+  // When set, row r of the product reads x row x_rows[r] (a gather, e.g. an expert's tokens).
+  const int32_t* x_rows = nullptr;
+  int64_t ldx = 0;  // floats between x rows; 0: in
+  const void* w = nullptr;
+  DType wdtype = DType::F32;
+  int64_t out = 0;  // W's rows
+  float* y = nullptr;
+  int64_t ldy = 0;  // floats between y rows; 0: out
+  Epilogue epilogue = Epilogue::Store;
+  const void* w_up = nullptr;  // SwiGlu only: same shape and dtype as w
+};
+
+// Runs every job; all of them share one parallel section (q, k and v of a layer, or the gate and
+// up projections of all its experts, cost one hand-out of work, not one each). Throws
+// moemesh::Error, before computing anything, for a job with a null pointer, a negative size or
+// a weight type other than F32/F16/BF16.
+void matmul(std::span<const MatmulJob> jobs);
+
+// One job: y[rows, out] = x[rows, in] · W[out, in]ᵀ.
+void matmul(const float* x, int64_t rows, int64_t in, const void* w, DType wdtype, int64_t out, float* y);
+
+// SiLU as the MLP applies it: g / (1 + e^-g).
+inline float silu(float g) { return g / (1.0f + __builtin_expf(-g)); }
+
+}  // namespace moemesh::cpu

@@ -1,0 +1,45 @@
+// AVX2 + FMA + F16C kernel (compiled with those flags only; chosen at run time from CPUID).
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include "kernels/cpu/gemm_block.h"
+#include "kernels/cpu/gemm_tile.h"
+
+namespace moemesh::cpu {
+namespace {
+
+struct Avx2Vec {
+  static constexpr int lanes = 8;
+  static constexpr int rn_max = 3;  // 4×3 accumulators + 3 x vectors + 1 weight fit 16 registers
+  using reg = __m256;
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  template <DType DT>
+  static reg load_w(const typename WeightElem<DT>::type* p) {
+    if constexpr (DT == DType::F32) {
+      return _mm256_loadu_ps(p);
+    } else if constexpr (DT == DType::F16) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    } else {  // bf16 is the high half of an f32
+      const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+    }
+  }
+  static reg fma(reg a, reg b, reg acc) { return _mm256_fmadd_ps(a, b, acc); }
+  static float hsum(reg a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+}  // namespace
+
+void gemm_block_avx2(const void* w, DType dt, int64_t in, const float* const* xr, int64_t nrows, int64_t nout,
+                     float* c, int64_t ldc) {
+  GemmTiles<Avx2Vec>::run(w, dt, in, xr, nrows, nout, c, ldc);
+}
+
+}  // namespace moemesh::cpu
+#endif

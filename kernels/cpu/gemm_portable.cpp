@@ -1,0 +1,65 @@
+// The portable kernel: plain C++ on 8-float vectors, the reference the SIMD kernels are tested
+// against and what runs on CPUs without AVX2.
+#include "kernels/cpu/gemm_block.h"
+#include "kernels/cpu/gemm_tile.h"
+
+namespace moemesh::cpu {
+namespace {
+
+struct PortableVec {
+  static constexpr int lanes = 8;
+  static constexpr int rn_max = 4;
+  struct reg {
+    float v[lanes];
+  };
+  static reg zero() { return reg{}; }
+  static reg load(const float* p) {
+    reg r;
+    for (int i = 0; i < lanes; ++i) r.v[i] = p[i];
+    return r;
+  }
+  template <DType DT>
+  static reg load_w(const typename WeightElem<DT>::type* p) {
+    reg r;
+    for (int i = 0; i < lanes; ++i) {
+      if constexpr (DT == DType::F32)
+        r.v[i] = p[i];
+      else if constexpr (DT == DType::F16)
+        r.v[i] = f16_to_f32(p[i]);
+      else
+        r.v[i] = bf16_to_f32(p[i]);
+    }
+    return r;
+  }
+  static reg fma(reg a, reg b, reg acc) {
+    for (int i = 0; i < lanes; ++i) acc.v[i] += a.v[i] * b.v[i];
+    return acc;
+  }
+  static float hsum(reg a) {  // pairwise, like the SIMD reductions
+    for (int w = lanes / 2; w >= 1; w /= 2)
+      for (int i = 0; i < w; ++i) a.v[i] += a.v[i + w];
+    return a.v[0];
+  }
+};
+
+}  // namespace
+
+void gemm_block_portable(const void* w, DType dt, int64_t in, const float* const* xr, int64_t nrows, int64_t nout,
+                         float* c, int64_t ldc) {
+  GemmTiles<PortableVec>::run(w, dt, in, xr, nrows, nout, c, ldc);
+}
+
+GemmBlockFn gemm_block_for(Isa isa) {
+  switch (isa) {
+#if defined(__x86_64__)
+    case Isa::Avx512:
+      return gemm_block_avx512;
+    case Isa::Avx2:
+      return gemm_block_avx2;
+#endif
+    default:
+      return gemm_block_portable;
+  }
+}
+
+}  // namespace moemesh::cpu

@@ -1,0 +1,125 @@
+// The register-tiled inner kernel of kernels/cpu/gemm, written once over a vector type V and
+// compiled per ISA (gemm_portable.cpp, gemm_avx2.cpp, gemm_avx512.cpp, each with its own -m
+// flags). V provides: reg, lanes, rn_max, zero(), load(const float*), load_w<DType>(const void*),
+// fma(a, b, acc), hsum(reg).
+//
+// A tile keeps RM weight rows × RN x rows of accumulators in registers; per step of `lanes`
+// columns it loads the RN x vectors once and each weight vector once (converted to f32 in
+// registers) and does RM·RN FMAs. Every accumulator sums its columns in the same order with the
+// same tail, whatever RM and RN are, so results do not depend on the tiling.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "core/dtype.h"
+
+// The tile's loops have compile-time trip counts; unrolled, the accumulators live in registers.
+#define MOEMESH_UNROLL _Pragma("GCC unroll 32")
+
+namespace moemesh::cpu {
+
+template <DType DT>
+struct WeightElem;
+template <>
+struct WeightElem<DType::F32> {
+  using type = float;
+};
+template <>
+struct WeightElem<DType::F16> {
+  using type = uint16_t;
+};
+template <>
+struct WeightElem<DType::BF16> {
+  using type = uint16_t;
+};
+
+template <class V>
+struct GemmTiles {
+  static constexpr int L = V::lanes;
+  using R = typename V::reg;
+
+  template <DType DT, int RM, int RN>
+  static void tile(const typename WeightElem<DT>::type* w, int64_t in, const float* const* xr, float* c,
+                   int64_t ldc) {
+    using E = typename WeightElem<DT>::type;
+    R acc[RM][RN];
+    MOEMESH_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      MOEMESH_UNROLL
+      for (int r = 0; r < RN; ++r) acc[i][r] = V::zero();
+    }
+    int64_t k = 0;
+    for (; k + L <= in; k += L) {
+      R xv[RN];
+      MOEMESH_UNROLL
+      for (int r = 0; r < RN; ++r) xv[r] = V::load(xr[r] + k);
+      MOEMESH_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        const R wv = V::template load_w<DT>(w + i * in + k);
+        MOEMESH_UNROLL
+        for (int r = 0; r < RN; ++r) acc[i][r] = V::fma(wv, xv[r], acc[i][r]);
+      }
+    }
+    if (k < in) {  // the last columns, zero-padded to a whole vector
+      const int64_t n = in - k;
+      alignas(64) float xpad[RN][L] = {};
+      alignas(64) E wpad[L] = {};
+      for (int r = 0; r < RN; ++r) std::memcpy(xpad[r], xr[r] + k, size_t(n) * sizeof(float));
+      for (int i = 0; i < RM; ++i) {
+        std::memcpy(wpad, w + i * in + k, size_t(n) * sizeof(E));
+        const R wv = V::template load_w<DT>(wpad);
+        for (int r = 0; r < RN; ++r) acc[i][r] = V::fma(wv, V::load(xpad[r]), acc[i][r]);
+      }
+    }
+    for (int i = 0; i < RM; ++i)
+      for (int r = 0; r < RN; ++r) c[r * ldc + i] = V::hsum(acc[i][r]);
+  }
+
+  // One weight row block of RM rows against every x row, RN at a time.
+  template <DType DT, int RM>
+  static void rows_block(const typename WeightElem<DT>::type* w, int64_t in, const float* const* xr, int64_t nrows,
+                         float* c, int64_t ldc) {
+    int64_t r = 0;
+    for (; r + V::rn_max <= nrows; r += V::rn_max) tile<DT, RM, V::rn_max>(w, in, xr + r, c + r * ldc, ldc);
+    rest<DT, RM, V::rn_max - 1>(w, in, xr + r, nrows - r, c + r * ldc, ldc);
+  }
+
+  // The last nrows (< RN + 1) rows.
+  template <DType DT, int RM, int RN>
+  static void rest(const typename WeightElem<DT>::type* w, int64_t in, const float* const* xr, int64_t nrows,
+                   float* c, int64_t ldc) {
+    if constexpr (RN > 0) {
+      if (nrows == RN) return tile<DT, RM, RN>(w, in, xr, c, ldc);
+      rest<DT, RM, RN - 1>(w, in, xr, nrows, c, ldc);
+    }
+  }
+
+  template <DType DT>
+  static void block(const void* wv, int64_t in, const float* const* xr, int64_t nrows, int64_t nout, float* c,
+                    int64_t ldc) {
+    const auto* w = static_cast<const typename WeightElem<DT>::type*>(wv);
+    int64_t o = 0;
+    if (nrows == 1) {  // decode: 8 weight rows in flight hide the FMA latency
+      for (; o + 8 <= nout; o += 8) tile<DT, 8, 1>(w + o * in, in, xr, c + o, ldc);
+    } else {
+      for (; o + 4 <= nout; o += 4) rows_block<DT, 4>(w + o * in, in, xr, nrows, c + o, ldc);
+    }
+    for (; o < nout; ++o) rows_block<DT, 1>(w + o * in, in, xr, nrows, c + o, ldc);
+  }
+
+  static void run(const void* w, DType dt, int64_t in, const float* const* xr, int64_t nrows, int64_t nout, float* c,
+                  int64_t ldc) {
+    switch (dt) {
+      case DType::F32:
+        return block<DType::F32>(w, in, xr, nrows, nout, c, ldc);
+      case DType::F16:
+        return block<DType::F16>(w, in, xr, nrows, nout, c, ldc);
+      case DType::BF16:
+        return block<DType::BF16>(w, in, xr, nrows, nout, c, ldc);
+      default:
+        return;  // gemm.cpp accepts only the three
+    }
+  }
+};
+
+}  // namespace moemesh::cpu
