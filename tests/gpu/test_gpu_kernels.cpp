@@ -29,6 +29,7 @@
 #include "core/logits_summary.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/kv_int8.h"
+#include "kernels/cpu/gemm.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/api.cuh"
 
