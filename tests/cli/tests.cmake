@@ -4,3 +4,6 @@ set_tests_properties(cli_mkmodel_generate PROPERTIES LABELS unit TIMEOUT 120 ENV
 add_test(NAME cli_bench_fake_server
          COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/bench_fake_server.py $<TARGET_FILE:moemesh>)
 set_tests_properties(cli_bench_fake_server PROPERTIES LABELS unit TIMEOUT 120)
+add_test(NAME bench_engine_cli
+         COMMAND ${CMAKE_CURRENT_LIST_DIR}/bench_engine.sh $<TARGET_FILE:moemesh> ${SYSTEM_PYTHON})
+set_tests_properties(bench_engine_cli PROPERTIES LABELS integration TIMEOUT 120)
