@@ -3,7 +3,6 @@
 // per token, so it can go no faster than (read bandwidth) / (active bytes per token); the ratio
 // of the measured speed to that bound says how much of the memory system the kernels use.
 // Only the Engine API is used, so it measures whatever kernels the engine runs on.
-#include <dlfcn.h>
 #include <sched.h>
 
 #include <algorithm>
@@ -30,6 +29,7 @@
 #include "core/model_config.h"
 #include "core/model_presets.h"
 #include "kernels/cpu/membw.h"
+#include "kernels/cpu/thread_pool.h"
 #include "services/cli/commands.h"
 
 namespace moemesh::cli {
@@ -133,14 +133,6 @@ uint64_t last_level_cache_bytes() {
   uint64_t total = 0;
   for (const auto& [cpus, size] : instances) total += size;
   return total;
-}
-
-// Sets how many threads the engine's compute uses.
-void set_engine_threads(int n) {
-  // TODO(set_compute_threads): call moemesh::cpu::set_compute_threads(n) (kernels/cpu/thread_pool.h) here once it lands, and drop the OpenBLAS lookup below.
-  // Until then the matmuls are OpenBLAS's. Looked up rather than linked so another BLAS still builds.
-  using SetThreads = void (*)(int);
-  if (auto f = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"))) f(n);
 }
 
 // Bytes read per token at batch 1, by part of the model, in print order.
@@ -302,7 +294,7 @@ void run_bench_engine(const BenchEngineArgs& a) {
     throw Error("--prefill-tokens " + std::to_string(a.prefill_tokens) + " is more than the model's " +
                 std::to_string(cfg.max_position_embeddings) + " positions");
 
-  set_engine_threads(threads);
+  cpu::set_compute_threads(threads);
   // KV room for the largest measurement; sequences are freed between measurements.
   auto blocks = [](int64_t len) { return (len + KvCache::kBlockSize - 1) / KvCache::kBlockSize + 1; };
   EngineOptions opts;
