@@ -19,7 +19,7 @@
 #include "core/checkpoint.h"
 #include "core/engine.h"
 #ifdef MOEMESH_HAVE_NCCL
-#include "kernels/cuda/nccl_transport.h"
+#include "actors/nccl_transport.h"
 constexpr bool kBuiltWithNccl = true;
 #else
 constexpr bool kBuiltWithNccl = false;

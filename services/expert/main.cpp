@@ -27,7 +27,7 @@
 #include "core/error.h"
 #include "core/expert_set.h"
 #ifdef MOEMESH_HAVE_NCCL
-#include "kernels/cuda/nccl_transport.h"
+#include "actors/nccl_transport.h"
 constexpr bool kBuiltWithNccl = true;
 #else
 constexpr bool kBuiltWithNccl = false;
