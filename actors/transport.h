@@ -1,9 +1,10 @@
 // How the tensor payloads of a dispatch message (the rows sent to an expert host, the results
 // sent back) travel between one pair of peers. The header frame (core/wire.h: ids, tensor
 // descriptors, metadata) always goes over ZeroMQ; the payloads follow it as ZeroMQ frames
-// (ZmqTransport) or go GPU to GPU with NCCL send/recv (kernels/cuda/nccl_transport.h), in the
+// (ZmqTransport) or go GPU to GPU with NCCL send/recv (actors/nccl_transport.h), in the
 // order of the header's descriptors. The choice is per peer pair (choose_transport), so a cluster
-// can mix CPU and GPU hosts. No ZeroMQ types here, so the NCCL side builds without actors/.
+// can mix CPU and GPU hosts. No ZeroMQ types here, so the NCCL side (actors/nccl_transport)
+// builds without the rest of actors/ (moemesh_actors).
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -46,7 +46,7 @@ double best_of(int reps, Fn fn) {
 std::vector<uint8_t> random_weight(DType t, int64_t n) {
   std::mt19937 rng(1);
   std::normal_distribution<float> d(0.0f, 0.05f);
-  std::vector<float> f(size_t(n));
+  std::vector<float> f(static_cast<size_t>(n));
   for (float& v : f) v = d(rng);
   std::vector<uint8_t> out(size_t(n) * dtype_size(t));
   from_f32(t, f.data(), out.data(), size_t(n));

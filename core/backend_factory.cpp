@@ -2,7 +2,7 @@
 
 #include "core/error.h"
 #ifdef MOEMESH_WITH_CUDA
-#include "kernels/cuda/model_backend.h"
+#include "core/backends/cuda_backend.h"
 #endif
 
 namespace moemesh {

@@ -28,7 +28,7 @@
 #include "core/expert_set.h"
 #include "kernels/cpu/thread_pool.h"
 #ifdef MOEMESH_HAVE_NCCL
-#include "kernels/cuda/nccl_transport.h"
+#include "actors/nccl_transport.h"
 constexpr bool kBuiltWithNccl = true;
 #else
 constexpr bool kBuiltWithNccl = false;

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/cuda/nccl_transport.h"
+#include "actors/nccl_transport.h"
 
 int main(int argc, char** argv) {
   if (argc != 3) {

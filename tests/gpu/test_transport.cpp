@@ -22,7 +22,7 @@
 #include <cstdio>
 
 #include "kernels/cuda/api.cuh"
-#include "kernels/cuda/nccl_transport.h"
+#include "actors/nccl_transport.h"
 #endif
 
 using namespace moemesh;

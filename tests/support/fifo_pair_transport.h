@@ -1,4 +1,4 @@
-// A stand-in for an NCCL pair (kernels/cuda/nccl_transport.h) with its semantics and no GPU:
+// A stand-in for an NCCL pair (actors/nccl_transport.h) with its semantics and no GPU:
 // the payloads never travel in ZeroMQ frames; send returns at once, queueing them for the other
 // end; receive blocks until the other end's next payload and takes them strictly in the order
 // they were sent (a size other than the one sent is an error, as a mismatched ncclRecv would

@@ -1,4 +1,4 @@
-#include "kernels/cuda/nccl_transport.h"
+#include "actors/nccl_transport.h"
 
 #include <cuda_runtime.h>
 #include <nccl.h>

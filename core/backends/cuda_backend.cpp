@@ -1,4 +1,4 @@
-#include "kernels/cuda/model_backend.h"
+#include "core/backends/cuda_backend.h"
 
 #include <cuda_runtime.h>
 
