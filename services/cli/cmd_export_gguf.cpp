@@ -109,7 +109,7 @@ GgufVocab read_vocab(const std::filesystem::path& dir, int64_t vocab_size) {
                           json_has_type(t.value("decoder", nlohmann::json()), "ByteLevel");
   v.model = byte_level ? "gpt2" : "llama";
 
-  std::vector<std::optional<std::string>> by_id(size_t(vocab_size));
+  std::vector<std::optional<std::string>> by_id(static_cast<size_t>(vocab_size));
   auto place = [&](const std::string& text, int64_t id) {
     if (id < 0 || id >= vocab_size)
       throw fail("token \"" + text + "\" has id " + std::to_string(id) + ", outside the model's vocab_size " +
