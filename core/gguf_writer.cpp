@@ -100,7 +100,6 @@ uint64_t Writer::add_tensor(const std::string& name, TensorType type, const std:
   require_header_open("add_tensor");
   if (name.empty() || name.size() > kMaxTensorName)
     throw Error("gguf: tensor name \"" + name + "\" must have 1 to " + std::to_string(kMaxTensorName) + " characters");
-  if (!names_.insert(name).second) throw Error("gguf: tensor \"" + name + "\" added twice");
   if (shape.empty() || shape.size() > kMaxDims)
     throw Error("gguf: tensor " + name + " has " + std::to_string(shape.size()) + " dimensions (1 to 4 allowed)");
   uint64_t n = 1;
@@ -109,6 +108,8 @@ uint64_t Writer::add_tensor(const std::string& name, TensorType type, const std:
     if (n > std::numeric_limits<uint64_t>::max() / uint64_t(d)) throw Error("gguf: tensor " + name + " is too large");
     n *= uint64_t(d);
   }
+  // Only a tensor that passed every check reserves its name.
+  if (!names_.insert(name).second) throw Error("gguf: tensor \"" + name + "\" added twice");
   Tensor t{name, type, shape, data_size_, n * tensor_type_size(type)};
   const uint64_t a = alignment_;
   data_size_ += (t.nbytes + a - 1) / a * a;

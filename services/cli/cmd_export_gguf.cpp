@@ -141,7 +141,7 @@ GgufVocab read_vocab(const std::filesystem::path& dir, int64_t vocab_size) {
     for (size_t i = 0; i < merges.size(); ++i) {
       const auto sp = merges[i].find(' ');
       if (sp == std::string::npos) throw fail("merge \"" + merges[i] + "\" has no space");
-      merge_score.emplace(merges[i].substr(0, sp) + merges[i].substr(sp + 1), -float(i));
+      merge_score.emplace(merges[i].substr(0, sp) + merges[i].substr(sp + 1), 0.0f - float(i));
     }
 
   const std::string unk = m.value("unk_token", std::string());

@@ -87,7 +87,7 @@ def main():
             ours = last_json(run([a.cli, "generate", "--model", model, "--prompt-ids", ids, "--max-tokens",
                                   str(a.tokens), "--temperature", "0", "--ignore-eos", "--json"]))["output_ids"]
             theirs = last_json(run([node, MJS, "--model", gguf, "--greedy", "--prompt-ids", ids, "--max-tokens",
-                                    str(a.tokens), "--threads", "2"], env=env))["output_ids"]
+                                    str(a.tokens), "--threads", "1"], env=env))["output_ids"]
             if len(ours) != a.tokens or len(theirs) != a.tokens:
                 print(f"FAIL: prompt {prompt[:8]}...: expected {a.tokens} tokens, moemesh {len(ours)}, "
                       f"llama.cpp {len(theirs)}")
