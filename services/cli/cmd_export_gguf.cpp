@@ -2,11 +2,13 @@
 // converter (convert_hf_to_gguf.py) writes the same model, so llama.cpp can be measured on the
 // same weights as moemesh and used as a numerical oracle.
 //
-// Mixtral becomes llama.cpp's "llama" architecture: per-expert w1/w3/w2 are stacked into one
-// 3-D tensor per projection (ffn_gate_exps/ffn_up_exps/ffn_down_exps, experts outermost), and
-// the Q and K rows are permuted from HF's rotate-half RoPE layout to ggml's interleaved one.
+// Mixtral becomes llama.cpp's "llama" architecture, DeepSeek-MoE its "deepseek" (dense lead
+// layers, shared experts as ffn_*_shexp). Per-expert gate/up/down are stacked into one 3-D
+// tensor per projection (ffn_gate_exps/ffn_up_exps/ffn_down_exps, experts outermost), and the
+// Q and K rows are permuted from HF's rotate-half RoPE layout to ggml's interleaved one.
 // Norms, other 1-D tensors and the router (ffn_gate_inp) stay f32, as the converter keeps them.
 #include <algorithm>
+#include <cstdint>
 #include <cctype>
 #include <cstring>
 #include <fstream>
@@ -74,9 +76,15 @@ struct GgufVocab {
   std::string chat_template;
 };
 
+// A string field that may be absent or null ("" then).
+std::string str_or_empty(const nlohmann::json& obj, const char* key) {
+  auto it = obj.find(key);
+  return it != obj.end() && it->is_string() ? it->get<std::string>() : std::string();
+}
+
 bool json_has_type(const nlohmann::json& node, const std::string& type) {
   if (!node.is_object()) return false;
-  if (node.value("type", "") == type) return true;
+  if (str_or_empty(node, "type") == type) return true;
   for (const char* list : {"pretokenizers", "decoders", "normalizers"})
     if (node.contains(list) && node[list].is_array())
       for (const auto& sub : node[list])
@@ -90,7 +98,17 @@ bool is_byte_token(const std::string& s) {
          std::isxdigit(static_cast<unsigned char>(s[4]));
 }
 
+GgufVocab read_vocab_json(const std::filesystem::path& dir, int64_t vocab_size);
+
 GgufVocab read_vocab(const std::filesystem::path& dir, int64_t vocab_size) {
+  try {
+    return read_vocab_json(dir, vocab_size);
+  } catch (const nlohmann::json::exception& e) {  // a field of the wrong type
+    throw Error((dir / "tokenizer.json").string() + ": unexpected content: " + e.what());
+  }
+}
+
+GgufVocab read_vocab_json(const std::filesystem::path& dir, int64_t vocab_size) {
   const auto tok_file = dir / "tokenizer.json";
   if (!std::filesystem::exists(tok_file))
     throw Error(tok_file.string() + ": missing (GGUF carries the vocabulary; llama.cpp cannot load a model without one)");
@@ -98,8 +116,8 @@ GgufVocab read_vocab(const std::filesystem::path& dir, int64_t vocab_size) {
   const auto fail = [&](const std::string& what) { return Error(tok_file.string() + ": " + what); };
   if (!t.contains("model") || !t["model"].is_object()) throw fail("no \"model\" object");
   const nlohmann::json& m = t["model"];
-  if (m.value("type", "") != "BPE")
-    throw fail("tokenizer model \"" + m.value("type", "") + "\" is not supported by export-gguf (BPE only)");
+  if (str_or_empty(m, "type") != "BPE")
+    throw fail("tokenizer model \"" + str_or_empty(m, "type") + "\" is not supported by export-gguf (BPE only)");
   if (!m.contains("vocab") || !m["vocab"].is_object()) throw fail("no model.vocab object");
 
   GgufVocab v;
@@ -122,7 +140,7 @@ GgufVocab read_vocab(const std::filesystem::path& dir, int64_t vocab_size) {
     for (const auto& a : t["added_tokens"]) {
       const int64_t id = a.at("id").get<int64_t>();
       place(a.at("content").get<std::string>(), id);
-      added[id] = a.value("special", false);
+      added[id] = a.contains("special") && a["special"].is_boolean() && a["special"].get<bool>();
     }
 
   // Merges: "a b" strings, or ["a", "b"] pairs in newer tokenizers.
@@ -144,7 +162,7 @@ GgufVocab read_vocab(const std::filesystem::path& dir, int64_t vocab_size) {
       merge_score.emplace(merges[i].substr(0, sp) + merges[i].substr(sp + 1), 0.0f - float(i));
     }
 
-  const std::string unk = m.value("unk_token", std::string());
+  const std::string unk = str_or_empty(m, "unk_token");
   v.tokens.resize(size_t(vocab_size));
   v.types.resize(size_t(vocab_size));
   if (!byte_level) v.scores.resize(size_t(vocab_size));
@@ -257,11 +275,23 @@ struct ExportArgs {
 void run_export(const ExportArgs& a) {
   auto ck = Checkpoint::open(a.model);
   const ModelConfig& c = ck->config();
-  if (c.arch != Arch::Mixtral)
-    throw Error("export-gguf: " + a.model + " is a " + c.model_type + " checkpoint; only mixtral is supported so far");
-  if (c.sliding_window && *c.sliding_window < c.max_position_embeddings)
+  const bool mixtral = c.arch == Arch::Mixtral;
+  // llama.cpp's architecture and the metadata prefix: Mixtral is a "llama" with experts.
+  const std::string arch = mixtral ? "llama" : "deepseek";
+  if (mixtral && c.sliding_window && *c.sliding_window < c.max_position_embeddings)
     std::cerr << "export-gguf: warning: sliding_window " << *c.sliding_window
               << " is not carried by llama.cpp's llama architecture; outputs differ past that many positions\n";
+  if (!mixtral) {
+    // llama.cpp's deepseek: softmax, top-k, no renormalisation, every layer after the dense lead is MoE.
+    if (c.norm_topk_prob)
+      throw Error("export-gguf: " + a.model + ": norm_topk_prob true is not what llama.cpp's deepseek computes");
+    if (c.moe_layer_freq != 1)
+      throw Error("export-gguf: " + a.model + ": moe_layer_freq " + std::to_string(c.moe_layer_freq) +
+                  " (llama.cpp's deepseek needs 1)");
+    if (c.routed_scaling_factor != 1.0)
+      std::cerr << "export-gguf: warning: routed_scaling_factor " << c.routed_scaling_factor
+                << " becomes deepseek.expert_weights_scale\n";
+  }
 
   std::optional<TensorType> forced;
   if (a.dtype != "keep") forced = tensor_type_of(parse_float_dtype(a.dtype), "--dtype");
@@ -274,38 +304,53 @@ void run_export(const ExportArgs& a) {
   const TensorType main_type = matrix_type(w.embed);
 
   gguf::Writer g(a.out);
-  g.set_string("general.architecture", "llama");
+  auto u32 = [&](const std::string& key, int64_t v) {
+    if (v < 0 || v > int64_t(UINT32_MAX)) throw Error("export-gguf: " + key + " = " + std::to_string(v) + " does not fit");
+    g.set_u32(key, uint32_t(v));
+  };
+  const std::string A = arch + ".";
+  g.set_string("general.architecture", arch);
   g.set_string("general.type", "model");
   g.set_string("general.name", ck->name());
-  g.set_u32("llama.block_count", uint32_t(c.num_hidden_layers));
-  g.set_u32("llama.context_length", uint32_t(c.max_position_embeddings));
-  g.set_u32("llama.embedding_length", uint32_t(c.hidden_size));
-  g.set_u32("llama.feed_forward_length", uint32_t(c.moe_intermediate_size));
-  g.set_u32("llama.attention.head_count", uint32_t(c.num_attention_heads));
-  g.set_u32("llama.attention.head_count_kv", uint32_t(c.num_key_value_heads));
-  g.set_f32("llama.rope.freq_base", float(c.rope_theta));
-  g.set_f32("llama.attention.layer_norm_rms_epsilon", float(c.rms_norm_eps));
-  g.set_u32("llama.expert_count", uint32_t(c.num_experts));
-  g.set_u32("llama.expert_used_count", uint32_t(c.num_experts_per_tok));
+  u32(A + "block_count", c.num_hidden_layers);
+  u32(A + "context_length", c.max_position_embeddings);
+  u32(A + "embedding_length", c.hidden_size);
+  u32(A + "feed_forward_length", mixtral ? c.moe_intermediate_size : c.intermediate_size);
+  u32(A + "attention.head_count", c.num_attention_heads);
+  u32(A + "attention.head_count_kv", c.num_key_value_heads);
+  g.set_f32(A + "rope.freq_base", float(c.rope_theta));
+  g.set_f32(A + "attention.layer_norm_rms_epsilon", float(c.rms_norm_eps));
+  u32(A + "expert_count", c.num_experts);
+  u32(A + "expert_used_count", c.num_experts_per_tok);
   g.set_u32("general.file_type", main_type == TensorType::F32   ? kFileTypeAllF32
                                  : main_type == TensorType::F16 ? kFileTypeMostlyF16
                                                                 : kFileTypeMostlyBF16);
-  g.set_u32("llama.vocab_size", uint32_t(c.vocab_size));
-  g.set_u32("llama.rope.dimension_count", uint32_t(c.head_dim));
+  u32(A + "vocab_size", c.vocab_size);
+  u32(A + "rope.dimension_count", c.head_dim);
   if (c.head_dim * c.num_attention_heads != c.hidden_size) {  // llama.cpp assumes hidden/heads otherwise
-    g.set_u32("llama.attention.key_length", uint32_t(c.head_dim));
-    g.set_u32("llama.attention.value_length", uint32_t(c.head_dim));
+    u32(A + "attention.key_length", c.head_dim);
+    u32(A + "attention.value_length", c.head_dim);
+  }
+  if (!mixtral) {
+    g.set_string(A + "rope.scaling.type", "none");
+    u32(A + "leading_dense_block_count", c.first_k_dense_replace);
+    u32(A + "expert_feed_forward_length", c.moe_intermediate_size);
+    g.set_f32(A + "expert_weights_scale", float(c.routed_scaling_factor));
+    u32(A + "expert_shared_count", c.n_shared_experts);
   }
   g.set_u32("general.quantization_version", 2);
 
   g.set_string("tokenizer.ggml.model", vocab.model);
+  // Byte-level BPE needs a pre-tokenizer name; "default" is GPT-2's split (what llama.cpp assumes
+  // when there is none). Token ids are exact either way; text may split differently.
+  if (vocab.model == "gpt2") g.set_string("tokenizer.ggml.pre", "default");
   g.set_strings("tokenizer.ggml.tokens", vocab.tokens);
   if (!vocab.scores.empty()) g.set_f32s("tokenizer.ggml.scores", vocab.scores);
   g.set_i32s("tokenizer.ggml.token_type", vocab.types);
   if (!vocab.merges.empty()) g.set_strings("tokenizer.ggml.merges", vocab.merges);
-  if (c.bos_token_id) g.set_u32("tokenizer.ggml.bos_token_id", uint32_t(*c.bos_token_id));
-  if (!c.eos_token_ids.empty()) g.set_u32("tokenizer.ggml.eos_token_id", uint32_t(c.eos_token_ids.front()));
-  if (vocab.unk_id) g.set_u32("tokenizer.ggml.unknown_token_id", uint32_t(*vocab.unk_id));
+  if (c.bos_token_id) u32("tokenizer.ggml.bos_token_id", *c.bos_token_id);
+  if (!c.eos_token_ids.empty()) u32("tokenizer.ggml.eos_token_id", c.eos_token_ids.front());
+  if (vocab.unk_id) u32("tokenizer.ggml.unknown_token_id", *vocab.unk_id);
   g.set_bool("tokenizer.ggml.add_bos_token", vocab.add_bos);
   g.set_bool("tokenizer.ggml.add_eos_token", vocab.add_eos);
   if (!vocab.chat_template.empty()) g.set_string("tokenizer.chat_template", vocab.chat_template);
@@ -330,34 +375,48 @@ void run_export(const ExportArgs& a) {
     const TensorType t = keep_f32 || shape.size() == 1 ? TensorType::F32 : matrix_type(x);
     plan.push_back({std::move(name), t, std::move(shape), {&x}, order});
   };
+  // A SwiGLU MLP as three tensors named ffn_{gate,up,down}<suffix> (dense MLP or shared experts).
+  auto mlp = [&](const std::string& b, const std::string& suffix, const MlpWeights& m, int64_t width) {
+    plain(b + "ffn_gate" + suffix + ".weight", m.gate, {width, h});
+    plain(b + "ffn_up" + suffix + ".weight", m.up, {width, h});
+    plain(b + "ffn_down" + suffix + ".weight", m.down, {h, width});
+  };
   plain("token_embd.weight", w.embed, {c.vocab_size, h});
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& L = w.layers[size_t(l)];
-    const std::string b = "blk." + std::to_string(l) + ".";
+    const std::string b = "blk." + std::to_string(l) + ".", where = "export-gguf: layer " + std::to_string(l);
     plain(b + "attn_norm.weight", L.input_norm, {h});
     plain(b + "attn_q.weight", L.q, {q_rows, h}, false, &q_order);
     plain(b + "attn_k.weight", L.k, {kv_rows, h}, false, &k_order);
     plain(b + "attn_v.weight", L.v, {kv_rows, h});
     plain(b + "attn_output.weight", L.o, {h, q_rows});
     plain(b + "ffn_norm.weight", L.post_attention_norm, {h});
-    if (!L.moe) throw Error("export-gguf: layer " + std::to_string(l) + " is not a MoE layer; a Mixtral has no dense layers");
+    if (!L.moe) {
+      if (!L.dense) throw Error(where + ": neither MoE nor a dense MLP");
+      mlp(b, "", *L.dense, c.intermediate_size);
+      continue;
+    }
     plain(b + "ffn_gate_inp.weight", L.router, {E, h}, /*keep_f32=*/true);
-    if (int64_t(L.experts.size()) != E) throw Error("export-gguf: layer " + std::to_string(l) + ": experts not loaded");
+    if (int64_t(L.experts.size()) != E) throw Error(where + ": experts not loaded");
     // gate (w1), up (w3), down (w2): the converter's order within a block.
     for (const char* which : {"gate", "up", "down"}) {
       Item it{b + "ffn_" + which + "_exps.weight", TensorType::F32, {}, {}, nullptr};
       const bool down = std::strcmp(which, "down") == 0;
       const std::vector<int64_t> one = down ? std::vector<int64_t>{h, ff} : std::vector<int64_t>{ff, h};
       for (int64_t e = 0; e < E; ++e) {
-        const auto& mlp = L.experts[size_t(e)];
-        if (!mlp) throw Error("export-gguf: layer " + std::to_string(l) + " expert " + std::to_string(e) + " not loaded");
-        const Weight& x = which[0] == 'g' ? mlp->gate : which[0] == 'u' ? mlp->up : mlp->down;
+        const auto& m = L.experts[size_t(e)];
+        if (!m) throw Error(where + " expert " + std::to_string(e) + " not loaded");
+        const Weight& x = which[0] == 'g' ? m->gate : which[0] == 'u' ? m->up : m->down;
         check_shape(x, one);
         it.parts.push_back(&x);
       }
       it.type = matrix_type(*it.parts.front());
       it.shape = {E, one[0], one[1]};
       plan.push_back(std::move(it));
+    }
+    if (c.n_shared_experts > 0) {
+      if (!L.shared) throw Error(where + ": shared experts not loaded");
+      mlp(b, "_shexp", *L.shared, c.shared_intermediate_size());
     }
   }
   plain("output_norm.weight", w.final_norm, {h});
@@ -375,16 +434,16 @@ void run_export(const ExportArgs& a) {
     for (const Weight* part : it.parts) sink.rows(*part, it.type, it.order ? *it.order : std::vector<int64_t>{});
   g.finish();
 
-  std::cout << "export-gguf: " << a.out << ": llama (from " << c.model_type << "), " << plan.size() << " tensors, "
-            << bytes / 1000000 << " MB, " << gguf::tensor_type_name(main_type) << " matrices, vocab " << vocab.model
-            << " " << vocab.tokens.size() << " tokens\n";
+  std::cout << "export-gguf: " << a.out << ": " << arch << " (from " << c.model_type << "), " << plan.size()
+            << " tensors, " << bytes / 1000000 << " MB, " << gguf::tensor_type_name(main_type) << " matrices, vocab "
+            << vocab.model << " " << vocab.tokens.size() << " tokens\n";
 }
 
 }  // namespace
 
 void add_export_gguf(CLI::App& app) {
   auto a = std::make_shared<ExportArgs>();
-  auto* cmd = app.add_subcommand("export-gguf", "Write a checkpoint as a llama.cpp GGUF file (Mixtral -> llama)");
+  auto* cmd = app.add_subcommand("export-gguf", "Write a checkpoint as a llama.cpp GGUF file (Mixtral -> llama, DeepSeek-MoE -> deepseek)");
   cmd->add_option("--model", a->model, "Hugging Face checkpoint folder")->required();
   cmd->add_option("--out", a->out, "GGUF file to write")->required();
   cmd->add_option("--dtype", a->dtype, "matrix type: keep (as stored), f32, f16 or bf16")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """llama.cpp as a numerical oracle for moemesh.
 
-An f32 Mixtral (`moemesh mkmodel --preset small --dtype f32`) is exported with
+An f32 Mixtral or DeepSeek-MoE (`moemesh mkmodel --preset small --dtype f32`) is exported with
 `moemesh export-gguf` and run greedily through llama.cpp (bench/llama_cpp_bench.mjs --greedy,
 node-llama-cpp's prebuilt CPU build) and through `moemesh generate --temperature 0`: the token
 ids must be equal for every prompt. Both sides get the same prompt ids (no tokenizer involved)
@@ -54,6 +54,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cli", required=True)
     ap.add_argument("--llama-cpp-dir", required=True)
+    ap.add_argument("--arch", default="mixtral", choices=["mixtral", "deepseek"])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=11)
@@ -68,9 +69,9 @@ def main():
 
     work = tempfile.mkdtemp(prefix="moemesh-llama-greedy-")
     try:
-        model = os.path.join(work, "mixtral")
-        gguf = os.path.join(work, "mixtral.gguf")
-        run([a.cli, "mkmodel", "--arch", "mixtral", "--preset", a.preset, "--dtype", "f32", "--seed", str(a.seed),
+        model = os.path.join(work, a.arch)
+        gguf = os.path.join(work, a.arch + ".gguf")
+        run([a.cli, "mkmodel", "--arch", a.arch, "--preset", a.preset, "--dtype", "f32", "--seed", str(a.seed),
              "--out", model])
         run([a.cli, "export-gguf", "--model", model, "--out", gguf])
 
@@ -78,7 +79,7 @@ def main():
         for text in TEXT_PROMPTS:
             ids = run([a.cli, "tokenize", "--tokenizer", model, "--text", text]).strip()
             prompts.append([int(x) for x in ids.split(",")])
-        prompts.append([1] + [(i * 7919 + 13) % 31000 + 500 for i in range(40)])  # arbitrary ids, no text
+        prompts.append(prompts[0][:1] + [(i * 7919 + 13) % 31000 + 500 for i in range(40)])  # arbitrary ids, no text
         assert all(len(p) >= 4 for p in prompts), prompts
 
         failures = 0
@@ -105,9 +106,9 @@ def main():
                   f"(logit {row[ours[k]]:.6f}), llama.cpp {theirs[k]} (moemesh's logit {row[theirs[k]]:.6f}); "
                   f"moemesh's top-2 margin there {top2_margin(row):.6f}\n  moemesh   {ours}\n  llama.cpp {theirs}")
         if failures:
-            print(f"llama_cpp_greedy: {failures} of {len(prompts)} prompts differ")
+            print(f"llama_cpp_greedy ({a.arch}): {failures} of {len(prompts)} prompts differ")
             return 1
-        print(f"llama_cpp_greedy: all {len(prompts)} prompts give the same {a.tokens} greedy tokens")
+        print(f"llama_cpp_greedy ({a.arch}): all {len(prompts)} prompts give the same {a.tokens} greedy tokens")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
