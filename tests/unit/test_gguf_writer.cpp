@@ -4,6 +4,7 @@
 // `moemesh export-gguf` on a generated Mixtral, checked tensor by tensor against the checkpoint.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -312,12 +313,12 @@ std::string run(const std::string& cmd, int* status) {
 
 std::string cli() { return std::string("'") + MOEMESH_CLI + "' "; }
 
-// A tiny Mixtral checkpoint in `dtype`, made once per test binary run.
-std::filesystem::path tiny_mixtral(const TempDir& tmp, const std::string& dtype) {
-  const auto dir = tmp / ("mixtral-" + dtype);
+// A tiny checkpoint of `arch` in `dtype`.
+std::filesystem::path tiny_model(const TempDir& tmp, const std::string& dtype, const std::string& arch = "mixtral") {
+  const auto dir = tmp / (arch + "-" + dtype);
   int status = 0;
-  const std::string out = run("MOEMESH_CACHE='" MOEMESH_CACHE_DIR "' " + cli() + "mkmodel --arch mixtral --preset tiny --seed 5 --dtype " +
-                                  dtype + " --out '" + dir.string() + "' 2>&1",
+  const std::string out = run("MOEMESH_CACHE='" MOEMESH_CACHE_DIR "' " + cli() + "mkmodel --arch " + arch +
+                                  " --preset tiny --seed 5 --dtype " + dtype + " --out '" + dir.string() + "' 2>&1",
                               &status);
   if (status != 0) throw std::runtime_error("mkmodel failed (run scripts/bootstrap for the tokenizer?): " + out);
   return dir;
@@ -337,7 +338,7 @@ std::vector<float> floats(const Weight& w) {
 
 TEST(ggufExport, MixtralLaidOutAsLlamaCppsConverterWritesIt) {
   TempDir tmp("gguf-export");
-  const auto dir = tiny_mixtral(tmp, "bf16");
+  const auto dir = tiny_model(tmp, "bf16");
   const auto file = tmp / "m.gguf";
   int status = 0;
   const std::string out = run(cli() + "export-gguf --model '" + dir.string() + "' --out '" + file.string() + "' 2>&1", &status);
@@ -447,7 +448,7 @@ TEST(ggufExport, MixtralLaidOutAsLlamaCppsConverterWritesIt) {
 
 TEST(ggufExport, ConvertsToTheAskedDtype) {
   TempDir tmp("gguf-export");
-  const auto dir = tiny_mixtral(tmp, "f32");
+  const auto dir = tiny_model(tmp, "f32");
   const auto file = tmp / "m.gguf";
   int status = 0;
   std::string out =
@@ -478,6 +479,45 @@ TEST(ggufExport, ConvertsToTheAskedDtype) {
   EXPECT_NE(status, 0);
   EXPECT_NE(out.find("tokenizer.json: missing"), std::string::npos) << out;
   EXPECT_FALSE(std::filesystem::exists(tmp / "x.gguf"));
+}
+
+TEST(ggufExport, DeepSeekLaidOutAsLlamaCppsDeepseek) {
+  TempDir tmp("gguf-export");
+  const auto dir = tiny_model(tmp, "bf16", "deepseek");
+  const auto file = tmp / "d.gguf";
+  int status = 0;
+  const std::string out = run(cli() + "export-gguf --model '" + dir.string() + "' --out '" + file.string() + "' 2>&1", &status);
+  ASSERT_EQ(status, 0) << out;
+  const Parsed p = parse_gguf(file);
+  auto ck = Checkpoint::open(dir);
+  const ModelConfig& c = ck->config();
+  const ModelWeights w = ck->load();
+  ASSERT_EQ(c.first_k_dense_replace, 1);
+  EXPECT_EQ(p.values.at("general.architecture"), "deepseek");
+  EXPECT_EQ(p.values.at("deepseek.leading_dense_block_count"), 1);
+  EXPECT_EQ(p.values.at("deepseek.feed_forward_length"), c.intermediate_size);
+  EXPECT_EQ(p.values.at("deepseek.expert_feed_forward_length"), c.moe_intermediate_size);
+  EXPECT_EQ(p.values.at("deepseek.expert_shared_count"), c.n_shared_experts);
+  EXPECT_EQ(p.values.at("deepseek.expert_weights_scale"), 1.0);
+  EXPECT_EQ(p.values.at("tokenizer.ggml.model"), "gpt2") << "DeepSeek-V3's tokenizer is byte-level BPE";
+  EXPECT_FALSE(p.values.at("tokenizer.ggml.merges").empty());
+  EXPECT_EQ(p.values.count("tokenizer.ggml.scores"), 0u);
+  // Layer 0 is dense, layer 1 MoE with shared experts.
+  std::vector<std::string> names;
+  for (const auto& t : p.tensors) names.push_back(t.name);
+  auto has = [&](const std::string& n) { return std::find(names.begin(), names.end(), n) != names.end(); };
+  EXPECT_TRUE(has("blk.0.ffn_gate.weight"));
+  EXPECT_FALSE(has("blk.0.ffn_gate_inp.weight"));
+  EXPECT_TRUE(has("blk.1.ffn_gate_inp.weight"));
+  EXPECT_TRUE(has("blk.1.ffn_down_exps.weight"));
+  EXPECT_FALSE(has("blk.1.ffn_gate.weight"));
+  const int64_t h = c.hidden_size, sw = c.shared_intermediate_size();
+  EXPECT_EQ(p.tensor("blk.0.ffn_down.weight").ne, (std::vector<uint64_t>{uint64_t(c.intermediate_size), uint64_t(h)}));
+  EXPECT_EQ(p.tensor("blk.1.ffn_up_shexp.weight").ne, (std::vector<uint64_t>{uint64_t(h), uint64_t(sw)}));
+  const Weight& shared_down = w.layers[1].shared->down;
+  EXPECT_EQ(std::memcmp(p.data(p.tensor("blk.1.ffn_down_shexp.weight")), shared_down.data, size_t(h * sw) * 2), 0);
+  const Weight& dense_gate = w.layers[0].dense->gate;
+  EXPECT_EQ(std::memcmp(p.data(p.tensor("blk.0.ffn_gate.weight")), dense_gate.data, size_t(dense_gate.numel()) * 2), 0);
 }
 
 }  // namespace
