@@ -30,13 +30,18 @@ def log(msg):
     print(f"llama_cpp_compare: {msg}", file=sys.stderr, flush=True)
 
 
-def run_json(cmd, timeout, env=None):
-    """Runs cmd, returns the last stdout line that parses as a JSON object."""
+def run(cmd, timeout):
     log(" ".join(cmd))
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"{cmd[0]} {cmd[1] if len(cmd) > 1 else ''} exited {p.returncode}: "
                            f"{(p.stderr or p.stdout).strip()[-2000:]}")
+    return p
+
+
+def run_json(cmd, timeout):
+    """Runs cmd, returns the last stdout line that parses as a JSON object."""
+    p = run(cmd, timeout)
     for line in reversed(p.stdout.strip().splitlines()):
         line = line.strip()
         if line.startswith("{"):
@@ -102,13 +107,13 @@ class Cluster:
 def cluster_round(cli, url, work, rnd, seqs, seq_prompt, seq_tokens, decode_tokens):
     out = {}
     one = os.path.join(work, f"cluster-c1-{rnd}.json")
-    run_json([cli, "bench", "--url", url, "--concurrency", "1", "--requests", "3", "--prompt-len", "16",
+    run([cli, "bench", "--url", url, "--concurrency", "1", "--requests", "3", "--prompt-len", "16",
               "--output-len", str(decode_tokens), "--seed", str(rnd), "--json", one], timeout=1800)
     r1 = json.load(open(one))
     itl = (r1.get("itl_ms") or {}).get("mean")
     out["decode_b1_tok_s"] = 1000.0 / itl if itl else None
     many = os.path.join(work, f"cluster-c{seqs}-{rnd}.json")
-    run_json([cli, "bench", "--url", url, "--concurrency", str(seqs), "--requests", str(seqs),
+    run([cli, "bench", "--url", url, "--concurrency", str(seqs), "--requests", str(seqs),
               "--prompt-len", str(seq_prompt), "--output-len", str(seq_tokens), "--seed", str(100 + rnd),
               "--json", many], timeout=3600)
     out["streams_output_tok_s"] = json.load(open(many)).get("output_tokens_per_s")
