@@ -13,3 +13,10 @@ foreach(arch mixtral deepseek)
   set_tests_properties(${name} PROPERTIES LABELS integration TIMEOUT 300 SKIP_RETURN_CODE 77
                        ENVIRONMENT "OPENBLAS_NUM_THREADS=1;PYTHONDONTWRITEBYTECODE=1")
 endforeach()
+
+# The comparison benchmark itself, end to end on a small model (minutes: label slow).
+add_test(NAME llama_cpp_compare_smoke
+         COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/compare_smoke.py ${CMAKE_BINARY_DIR}
+                 ${MOEMESH_CACHE_DIR}/llama-cpp)
+set_tests_properties(llama_cpp_compare_smoke PROPERTIES LABELS slow TIMEOUT 900 SKIP_RETURN_CODE 77
+                     ENVIRONMENT "PYTHONDONTWRITEBYTECODE=1")
