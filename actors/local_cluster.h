@@ -1,8 +1,8 @@
 // `moemesh up`: a whole cluster as separate processes on this machine.
 //
 // It starts the KV store, the router (coordinator), the expert hosts and the attention
-// workers with free loopback ports, sizes their threads so that together they fit the
-// machine's cores, waits until the coordinator reports every expert served and every
+// workers with free loopback ports, lets each attention worker and expert host compute on all
+// the cores (`--cores`; they take turns on a token and their kernel pools sleep when idle), waits until the coordinator reports every expert served and every
 // attention worker ready, and stops everything on SIGINT/SIGTERM (SIGTERM first, SIGKILL
 // after a grace period).
 #pragma once

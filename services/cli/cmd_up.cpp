@@ -44,7 +44,7 @@ void add_up(CLI::App& app) {
   up->add_option("--host", opts->host, "address every process binds")->capture_default_str();
   up->add_option("--bin-dir", opts->bin_dir, "where the moemesh-<service> binaries are");
   up->add_option("--log-dir", opts->log_dir, "one log file per process (default: a temp folder)");
-  up->add_option("--cores", opts->cores, "cores to share out (default: this machine's)");
+  up->add_option("--cores", opts->cores, "compute threads of each attention worker and expert host (default: this machine's cores)");
   up->add_option("--log-level", opts->log_level, "services' log level")->capture_default_str();
   up->add_option("--startup-timeout", opts->startup_timeout_s, "seconds to wait for readiness")->capture_default_str();
   up->add_flag("!--no-kvstore", opts->kvstore, "run without the KV store (no prefix cache)");
