@@ -48,7 +48,7 @@ struct Flags {
   std::string served_name;
   std::string device = "cpu";
   std::string transport = "auto";
-  int compute_threads = 2;
+  int compute_threads = 0;  // 0: the CPUs this process may use
   int64_t batch_window_us = 200;
   int64_t max_batch_rows = 8192;
   int64_t register_timeout_s = 300;
@@ -76,7 +76,7 @@ pb::Register registration(const ServiceRuntime& rt, const std::string& endpoint,
 }
 
 int serve(ServiceRuntime& rt, const Flags& f) {
-  if (f.compute_threads < 1) throw Error("--compute-threads must be at least 1");
+  if (f.compute_threads < 0) throw Error("--compute-threads must be at least 1 (or 0: every CPU)");
   if (f.batch_window_us < 0) throw Error("--batch-window-us must not be negative");
   if (f.max_batch_rows < 1) throw Error("--max-batch-rows must be at least 1");
   if (!f.experts && f.router.empty()) throw Error("--experts is required when no --router coordinator is given");
@@ -180,8 +180,8 @@ int serve(ServiceRuntime& rt, const Flags& f) {
                experts.expected_bytes());
 
   {
-    cpu::set_compute_threads(f.compute_threads);  // the kernels' pool: one call uses them all
-    ComputePool pool(f.compute_threads);
+    if (f.compute_threads > 0) cpu::set_compute_threads(f.compute_threads);  // one call uses them all
+    ComputePool pool(cpu::compute_threads());
     BatcherOptions bo;
     bo.window = std::chrono::microseconds(f.batch_window_us);
     bo.max_batch_rows = f.max_batch_rows;
@@ -192,7 +192,7 @@ int serve(ServiceRuntime& rt, const Flags& f) {
     bridge.route(data, batcher);
     ready = true;
     spdlog::info("expert host: listening on {} (advertised as {}, {} compute threads)", bridge.endpoint(data), endpoint,
-                 f.compute_threads);
+                 cpu::compute_threads());
 
     const int sig = rt.wait_for_shutdown();
     spdlog::info("expert host: signal {}, shutting down", sig);
@@ -226,7 +226,8 @@ int main(int argc, char** argv) {
                  "else ZeroMQ) or zmq (always ZeroMQ)")
       ->check(CLI::IsMember({"auto", "zmq"}))
       ->capture_default_str();
-  cli.add_option("--compute-threads", f.compute_threads, "threads of the CPU kernels' pool (and batches computed at once)")->capture_default_str();
+  cli.add_option("--compute-threads", f.compute_threads, "threads of the CPU kernels' pool and batches computed at once (0: the CPUs this process may use)")
+      ->capture_default_str();
   cli.add_option("--batch-window-us", f.batch_window_us, "how long a layer's batch waits for more requests")
       ->capture_default_str();
   cli.add_option("--max-batch-rows", f.max_batch_rows, "a batch with this many rows runs at once")->capture_default_str();
