@@ -31,6 +31,7 @@
 #include "kernels/cpu/membw.h"
 #include "kernels/cpu/thread_pool.h"
 #include "services/cli/commands.h"
+#include "services/cli/int_list.h"
 
 namespace moemesh::cli {
 namespace {
@@ -56,21 +57,7 @@ struct BenchEngineArgs {
 };
 
 std::vector<int64_t> parse_batches(const std::string& s) {
-  std::vector<int64_t> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    size_t used = 0;
-    long long v = 0;
-    try {
-      v = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != item.size() || v < 1 || v > 4096)
-      throw Error("--batches: \"" + item + "\" is not a batch size (expected integers 1..4096, e.g. 1,8,32)");
-    out.push_back(v);
-  }
+  auto out = parse_int_list(s, "--batches", 1, 4096, "a batch size", "integers 1..4096, e.g. 1,8,32");
   if (out.empty()) throw Error("--batches is empty (expected e.g. 1,8,32)");
   return out;
 }

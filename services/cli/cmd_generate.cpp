@@ -16,6 +16,7 @@
 #include "core/text_stream.h"
 #include "core/tokenizer.h"
 #include "services/cli/commands.h"
+#include "services/cli/int_list.h"
 
 namespace moemesh::cli {
 namespace {
@@ -33,22 +34,8 @@ struct GenerateArgs {
 };
 
 std::vector<int32_t> parse_ids(const std::string& s) {
-  std::vector<int32_t> ids;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    size_t used = 0;
-    long long v = 0;
-    try {
-      v = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != item.size() || v < 0 || v > INT32_MAX)
-      throw Error("--prompt-ids: \"" + item + "\" is not a token id (expected e.g. 1,2,3)");
-    ids.push_back(int32_t(v));
-  }
-  return ids;
+  const auto v = parse_int_list(s, "--prompt-ids", 0, INT32_MAX, "a token id", "e.g. 1,2,3");
+  return std::vector<int32_t>(v.begin(), v.end());
 }
 
 void run_generate(GenerateArgs& a) {
