@@ -132,8 +132,8 @@ void run_batch(const HostedExperts& experts, ComputePool& pool, BatchJobPtr job,
     done(job);
     return;
   }
-  // As many backend calls as the backend can use at once (CPU: one per expert, in parallel on the
-  // pool; CUDA: one grouped call for the whole layer), experts dealt round-robin.
+  // As many backend calls as the backend can use at once (the CPU and CUDA backends: one grouped
+  // call for the whole layer), experts dealt round-robin.
   const size_t calls = size_t(std::min<int64_t>(int64_t(per_expert.size()), experts.backend().useful_concurrency()));
   std::vector<std::vector<ExpertSlices>> parts(calls);
   size_t i = 0;

@@ -94,8 +94,8 @@ using BatchJobPtr = std::shared_ptr<BatchJob>;
 
 // Runs the batch on the pool: every expert computes the rows of every request that chose it (in
 // request order) through ComputeBackend::grouped_mlp, split into as many calls as the backend
-// can use at once (CPU: one per expert, as parallel pool tasks, each an mlp_forward; CUDA: one
-// call whose three projections are grouped GEMMs over all the experts); the results are split
+// can use at once (CPU and CUDA: one call for the layer's batch, the CPU one spread over the
+// kernels' pool, the CUDA one as grouped GEMMs over all the experts); the results are split
 // back per request. `done` is called once, on a pool thread, when the last call finishes.
 void run_batch(const HostedExperts& experts, ComputePool& pool, BatchJobPtr job, std::function<void(BatchJobPtr)> done);
 

@@ -88,9 +88,9 @@ class ComputeBackend {
   // copies back only the summaries.
   virtual std::vector<LogitsSummary> logits_summaries(const float* x, int64_t rows, const Weight& lm_head,
                                                       std::span<const LogitsRequest> requests);
-  // How many calls are worth running at once from several threads: a CPU backend computes on the
-  // calling thread (no limit); a GPU backend serialises its calls, so splitting work across
-  // threads only adds launches.
+  // How many calls are worth running at once from several threads (default: no limit). The CPU
+  // backend says 1: each call already spreads over the process's kernel pool; a GPU backend
+  // serialises its calls, so splitting work across threads only adds launches.
   virtual int useful_concurrency() const { return std::numeric_limits<int>::max(); }
 
  protected:
