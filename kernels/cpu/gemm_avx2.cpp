@@ -36,8 +36,8 @@ struct Avx2Vec {
 
 }  // namespace
 
-void gemm_block_avx2(const void* w, DType dt, int64_t in, const float* const* xr, int64_t nrows, int64_t nout,
-                     float* c, int64_t ldc) {
+void gemm_block_avx2(const void* w, DType dt, int64_t in, const float* const* xr, int64_t nrows, int64_t nout, float* c,
+                     int64_t ldc) {
   GemmTiles<Avx2Vec>::run(w, dt, in, xr, nrows, nout, c, ldc);
 }
 

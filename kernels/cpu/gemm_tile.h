@@ -39,8 +39,7 @@ struct GemmTiles {
   using R = typename V::reg;
 
   template <DType DT, int RM, int RN>
-  static void tile(const typename WeightElem<DT>::type* w, int64_t in, const float* const* xr, float* c,
-                   int64_t ldc) {
+  static void tile(const typename WeightElem<DT>::type* w, int64_t in, const float* const* xr, float* c, int64_t ldc) {
     using E = typename WeightElem<DT>::type;
     R acc[RM][RN];
     MOEMESH_UNROLL
@@ -86,8 +85,8 @@ struct GemmTiles {
 
   // The last nrows (< RN + 1) rows.
   template <DType DT, int RM, int RN>
-  static void rest(const typename WeightElem<DT>::type* w, int64_t in, const float* const* xr, int64_t nrows,
-                   float* c, int64_t ldc) {
+  static void rest(const typename WeightElem<DT>::type* w, int64_t in, const float* const* xr, int64_t nrows, float* c,
+                   int64_t ldc) {
     if constexpr (RN > 0) {
       if (nrows == RN) return tile<DT, RM, RN>(w, in, xr, c, ldc);
       rest<DT, RM, RN - 1>(w, in, xr, nrows, c, ldc);

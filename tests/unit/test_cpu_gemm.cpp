@@ -120,8 +120,8 @@ TEST(CpuGemm, SimdKernelsEqualThePortablePathWithinBound) {
           const auto y = run(x, rows, w);
           double worst = 0;
           for (size_t i = 0; i < y.size(); ++i) worst = std::max(worst, std::abs(double(y[i]) - base[i]));
-          EXPECT_LE(worst, 1e-6 * scale) << cpu::isa_name(isas[k]) << " " << dtype_name(t) << " rows " << rows
-                                         << " in " << in;
+          EXPECT_LE(worst, 1e-6 * scale) << cpu::isa_name(isas[k]) << " " << dtype_name(t) << " rows " << rows << " in "
+                                         << in;
         }
       }
 }
@@ -158,8 +158,7 @@ TEST(CpuGemm, EpiloguesGathersAndStrides) {
     const auto xs = normals(size_t(9 * ldx), 23);
     const std::vector<int32_t> pick = {8, 0, 3, 3, 6};
     std::vector<float> dense(size_t(rows * in));  // the gathered rows, packed
-    for (int64_t r = 0; r < rows; ++r)
-      std::copy_n(xs.begin() + pick[size_t(r)] * ldx, in, dense.begin() + r * in);
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(xs.begin() + pick[size_t(r)] * ldx, in, dense.begin() + r * in);
     std::vector<double> g, gm, u, um;
     reference(dense, rows, w, g, gm);
     reference(dense, rows, up, u, um);
@@ -193,7 +192,13 @@ TEST(CpuGemm, JobsInOneCallEqualJobsAlone) {
   std::vector<float> ya(9 * 96), yb(3 * 17), yc(9 * 130);
   Job ja{.x = x.data(), .rows = 9, .in = 64, .w = a.bytes.data(), .wdtype = a.dtype, .out = 96, .y = ya.data()};
   Job jb{.x = x.data(), .rows = 3, .in = 64, .w = b.bytes.data(), .wdtype = b.dtype, .out = 17, .y = yb.data()};
-  Job jc{.x = x.data(), .rows = 9, .in = 40, .ldx = 64, .w = c.bytes.data(), .wdtype = c.dtype, .out = 130,
+  Job jc{.x = x.data(),
+         .rows = 9,
+         .in = 40,
+         .ldx = 64,
+         .w = c.bytes.data(),
+         .wdtype = c.dtype,
+         .out = 130,
          .y = yc.data()};
   const Job all[] = {ja, jb, jc};
   cpu::matmul(all);
