@@ -9,6 +9,8 @@
 namespace moemesh::cpu {
 namespace {
 
+constexpr Isa kAll[] = {Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16};  // each a superset of the last
+
 bool supports(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
@@ -20,6 +22,8 @@ bool supports(Isa isa) {
     case Isa::Avx512:
       return supports(Isa::Avx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl");
+    case Isa::Avx512Bf16:
+      return supports(Isa::Avx512) && __builtin_cpu_supports("avx512bf16");
   }
   return false;
 #else
@@ -55,24 +59,26 @@ std::string_view isa_name(Isa isa) {
       return "avx2";
     case Isa::Avx512:
       return "avx512";
+    case Isa::Avx512Bf16:
+      return "avx512bf16";
   }
   return "?";
 }
 
 Isa parse_isa(std::string_view name) {
-  for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Avx512})
+  for (Isa isa : kAll)
     if (name == isa_name(isa)) return isa;
-  throw Error("unknown CPU ISA \"" + std::string(name) + "\" (expected portable, avx2 or avx512)");
+  throw Error("unknown CPU ISA \"" + std::string(name) + "\" (expected portable, avx2, avx512 or avx512bf16)");
 }
 
 Isa detected_isa() {
-  static const Isa best = supports(Isa::Avx512) ? Isa::Avx512 : supports(Isa::Avx2) ? Isa::Avx2 : Isa::Portable;
+  static const Isa best = runnable_isas().back();
   return best;
 }
 
 std::vector<Isa> runnable_isas() {
   std::vector<Isa> out;
-  for (Isa isa : {Isa::Portable, Isa::Avx2, Isa::Avx512})
+  for (Isa isa : kAll)
     if (supports(isa)) out.push_back(isa);
   return out;
 }

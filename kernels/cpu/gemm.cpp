@@ -1,6 +1,7 @@
 #include "kernels/cpu/gemm.h"
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -29,8 +30,15 @@ void check(const MatmulJob& j, size_t index) {
   if ((j.ldx != 0 && j.ldx < j.in) || (j.ldy != 0 && j.ldy < j.out)) throw Error(where + "row stride below the row");
 }
 
+// A job as its tasks run it: a BF16 job's x rows already rounded (gathered, dense), as bf16 bits
+// in xb for the bf16 kernel, else widened back to f32 and put in place of job.x.
+struct Prepared {
+  MatmulJob job;
+  const uint16_t* xb = nullptr;
+};
+
 struct Task {
-  const MatmulJob* job;
+  const Prepared* p;
   int64_t o0, o1;
 };
 
@@ -45,39 +53,89 @@ int64_t slice_rows(const MatmulJob& j, double share, int threads) {
   return std::min(n, j.out);
 }
 
-void run_task(const Task& t, GemmBlockFn block) {
-  const MatmulJob& j = *t.job;
+struct Kernels {
+  GemmBlockFn block;
+  GemmBf16DotFn bf16dot;  // null where the ISA has none
+};
+
+inline uint16_t to_bf16(float f) {  // f32_to_bf16 without a branch, so that the loop vectorises
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet_nan = (u >> 16) | 0x40u;
+  return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+// BF16 weights multiply x rows rounded to bf16 on every ISA, as cuBLAS, oneDNN and llama.cpp do
+// (and kernels/cuda/gemm.cu): each product is then exact in f32, AVX512-BF16 takes them two at a
+// time, and every ISA forms the same products. Rounds once per call, over the pool when the rows
+// are many, into xb (bf16 bits) or xf (widened back, for ISAs without a bf16 kernel).
+void round_x_to_bf16(const MatmulJob& j, uint16_t* xb, float* xf) {
+  const int64_t ldx = j.ldx ? j.ldx : j.in, in = j.in;
+  const auto rows = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* x = j.x + (j.x_rows ? int64_t(j.x_rows[r]) : r) * ldx;
+      if (xb) {
+        uint16_t* b = xb + r * in;
+        for (int64_t k = 0; k < in; ++k) b[k] = to_bf16(x[k]);
+      } else {
+        float* f = xf + r * in;
+        for (int64_t k = 0; k < in; ++k) f[k] = bf16_to_f32(to_bf16(x[k]));
+      }
+    }
+  };
+  constexpr int64_t kSerial = 1 << 16;  // elements below which a parallel section costs more than it saves
+  if (j.rows * in <= kSerial) return rows(0, j.rows);
+  const int64_t step = std::max<int64_t>(1, kSerial / std::max<int64_t>(in, 1));
+  parallel_for((j.rows + step - 1) / step, [&](int64_t i) { rows(i * step, std::min(j.rows, (i + 1) * step)); });
+}
+
+void run_task(const Task& t, const Kernels& kernels) {
+  const MatmulJob& j = t.p->job;
+  const uint16_t* const xbf = t.p->xb;
   const int64_t n = t.o1 - t.o0, ldx = j.ldx ? j.ldx : j.in, ldy = j.ldy ? j.ldy : j.out;
   const size_t es = dtype_size(j.wdtype);
   const int64_t panel = std::clamp<int64_t>(kXPanel / std::max<int64_t>(1, j.in * 4) / 6 * 6, 6, 1 << 20);
   thread_local std::vector<const float*> xr;
+  thread_local std::vector<const uint16_t*> xbr;
   thread_local std::vector<float> tmp;
   const bool direct = j.epilogue == MatmulJob::Epilogue::Store;
   for (int64_t r0 = 0; r0 < j.rows; r0 += panel) {
     const int64_t nr = std::min(panel, j.rows - r0);
-    xr.resize(size_t(nr));
-    for (int64_t r = 0; r < nr; ++r) xr[size_t(r)] = j.x + (j.x_rows ? int64_t(j.x_rows[r0 + r]) : r0 + r) * ldx;
     float* y = j.y + r0 * ldy + t.o0;
     if (j.in == 0) {  // empty sums: Store and SwiGlu give zeros (silu(0) = 0), Add nothing
       if (j.epilogue != MatmulJob::Epilogue::Add)
         for (int64_t r = 0; r < nr; ++r) std::fill(y + r * ldy, y + r * ldy + n, 0.0f);
       continue;
     }
-    const auto* w = static_cast<const uint8_t*>(j.w) + size_t(t.o0 * j.in) * es;
+    if (xbf) {
+      xbr.resize(size_t(nr));
+      for (int64_t r = 0; r < nr; ++r) xbr[size_t(r)] = xbf + (r0 + r) * j.in;
+    } else {
+      xr.resize(size_t(nr));
+      for (int64_t r = 0; r < nr; ++r) xr[size_t(r)] = j.x + (j.x_rows ? int64_t(j.x_rows[r0 + r]) : r0 + r) * ldx;
+    }
+    // c[r * ldc + o] = row r of the panel · row t.o0 + o of weight w
+    const auto product = [&](const void* w, float* c, int64_t ldc) {
+      const auto* wo = static_cast<const uint8_t*>(w) + size_t(t.o0 * j.in) * es;
+      if (xbf)
+        kernels.bf16dot(wo, j.in, xbr.data(), nr, n, c, ldc);
+      else
+        kernels.block(wo, j.wdtype, j.in, xr.data(), nr, n, c, ldc);
+    };
     if (direct) {
-      block(w, j.wdtype, j.in, xr.data(), nr, n, y, ldy);
+      product(j.w, y, ldy);
       continue;
     }
     tmp.resize(size_t(nr * n * 2));
     float* a = tmp.data();
-    block(w, j.wdtype, j.in, xr.data(), nr, n, a, n);
+    product(j.w, a, n);
     if (j.epilogue == MatmulJob::Epilogue::Add) {
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t o = 0; o < n; ++o) y[r * ldy + o] += a[r * n + o];
       continue;
     }
     float* b = a + nr * n;
-    block(static_cast<const uint8_t*>(j.w_up) + size_t(t.o0 * j.in) * es, j.wdtype, j.in, xr.data(), nr, n, b, n);
+    product(j.w_up, b, n);
     for (int64_t r = 0; r < nr; ++r)
       for (int64_t o = 0; o < n; ++o) y[r * ldy + o] = silu(a[r * n + o]) * b[r * n + o];
   }
@@ -93,15 +151,32 @@ void matmul(std::span<const MatmulJob> jobs) {
   }
   if (total == 0) return;
   const int threads = compute_threads();
+  const Kernels kernels{gemm_block_for(active_isa()), gemm_bf16dot_for(active_isa())};
+  std::vector<Prepared> prepared(jobs.size());
+  std::vector<std::vector<uint16_t>> xb(jobs.size());
+  std::vector<std::vector<float>> xf(jobs.size());
   std::vector<Task> tasks;
-  for (const MatmulJob& j : jobs) {
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    Prepared& p = prepared[i];
+    p.job = jobs[i];
+    const MatmulJob& j = p.job;
     if (j.rows == 0 || j.out == 0) continue;
+    if (j.wdtype == DType::BF16 && j.in > 0) {
+      if (kernels.bf16dot) {
+        xb[i].resize(size_t(j.rows * j.in));
+        round_x_to_bf16(j, xb[i].data(), nullptr);
+        p.xb = xb[i].data();
+      } else {
+        xf[i].resize(size_t(j.rows * j.in));
+        round_x_to_bf16(j, nullptr, xf[i].data());
+        p.job.x = xf[i].data(), p.job.ldx = 0, p.job.x_rows = nullptr;
+      }
+    }
     const double share = double(j.rows) * double(j.out) * double(std::max<int64_t>(j.in, 1)) / total;
     const int64_t step = slice_rows(j, share, threads);
-    for (int64_t o = 0; o < j.out; o += step) tasks.push_back({&j, o, std::min(j.out, o + step)});
+    for (int64_t o = 0; o < j.out; o += step) tasks.push_back({&p, o, std::min(j.out, o + step)});
   }
-  const GemmBlockFn block = gemm_block_for(active_isa());
-  parallel_for(int64_t(tasks.size()), [&](int64_t i) { run_task(tasks[size_t(i)], block); });
+  parallel_for(int64_t(tasks.size()), [&](int64_t i) { run_task(tasks[size_t(i)], kernels); });
 }
 
 void matmul(const float* x, int64_t rows, int64_t in, const void* w, DType wdtype, int64_t out, float* y) {

@@ -12,6 +12,9 @@ struct Avx2Vec {
   static constexpr int lanes = 8;
   static constexpr int rn_max = 3;  // 4×3 accumulators + 3 x vectors + 1 weight fit 16 registers
   using reg = __m256;
+  using xelem = float;
+  using xreg = reg;
+  using wreg = reg;
   static reg zero() { return _mm256_setzero_ps(); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
   template <DType DT>

@@ -6,6 +6,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
+#include "kernels/cpu/avx512_hsum.h"
 #include "kernels/cpu/gemm_block.h"
 #include "kernels/cpu/gemm_tile.h"
 
@@ -16,6 +17,9 @@ struct Avx512Vec {
   static constexpr int lanes = 16;
   static constexpr int rn_max = 6;  // 4×6 accumulators + 6 x vectors + 1 weight fit 32 registers
   using reg = __m512;
+  using xelem = float;
+  using xreg = reg;
+  using wreg = reg;
   static reg zero() { return _mm512_setzero_ps(); }
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
   template <DType DT>
@@ -30,14 +34,7 @@ struct Avx512Vec {
     }
   }
   static reg fma(reg a, reg b, reg acc) { return _mm512_fmadd_ps(a, b, acc); }
-  static float hsum(reg a) {  // pairwise: 256 + 256, then the AVX2 reduction
-    const __m256 h =
-        _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
+  static float hsum(reg a) { return hsum_avx512(a); }
 };
 
 }  // namespace

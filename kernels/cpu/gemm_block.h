@@ -19,6 +19,15 @@ void gemm_block_avx2(const void* w, DType dt, int64_t in, const float* const* xr
 void gemm_block_avx512(const void* w, DType dt, int64_t in, const float* const* xr, int64_t nrows, int64_t nout,
                        float* c, int64_t ldc);
 
+// The same for BF16 weights against x rows already rounded to bf16 (AVX512-BF16 only).
+using GemmBf16DotFn = void (*)(const void* w, int64_t in, const uint16_t* const* xr, int64_t nrows, int64_t nout,
+                               float* c, int64_t ldc);
+void gemm_block_bf16dot_avx512bf16(const void* w, int64_t in, const uint16_t* const* xr, int64_t nrows, int64_t nout,
+                                   float* c, int64_t ldc);
+
 GemmBlockFn gemm_block_for(Isa isa);
+// The bf16 dot-product kernel when `isa` has one, else null (BF16 weights then go through
+// gemm_block_for(isa) with x rows rounded to bf16 and widened back to f32: the same products).
+GemmBf16DotFn gemm_bf16dot_for(Isa isa);
 
 }  // namespace moemesh::cpu

@@ -12,6 +12,9 @@ struct PortableVec {
   struct reg {
     float v[lanes];
   };
+  using xelem = float;
+  using xreg = reg;
+  using wreg = reg;
   static reg zero() { return reg{}; }
   static reg load(const float* p) {
     reg r;
@@ -52,6 +55,7 @@ void gemm_block_portable(const void* w, DType dt, int64_t in, const float* const
 GemmBlockFn gemm_block_for(Isa isa) {
   switch (isa) {
 #if defined(__x86_64__)
+    case Isa::Avx512Bf16:
     case Isa::Avx512:
       return gemm_block_avx512;
     case Isa::Avx2:
@@ -60,6 +64,14 @@ GemmBlockFn gemm_block_for(Isa isa) {
     default:
       return gemm_block_portable;
   }
+}
+
+GemmBf16DotFn gemm_bf16dot_for(Isa isa) {
+#if defined(__x86_64__)
+  if (isa == Isa::Avx512Bf16) return gemm_block_bf16dot_avx512bf16;
+#endif
+  (void)isa;
+  return nullptr;
 }
 
 }  // namespace moemesh::cpu

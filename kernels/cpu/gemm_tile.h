@@ -1,15 +1,18 @@
 // The register-tiled inner kernel of kernels/cpu/gemm, written once over a vector type V and
-// compiled per ISA (gemm_portable.cpp, gemm_avx2.cpp, gemm_avx512.cpp, each with its own -m
-// flags). V provides: reg, lanes, rn_max, zero(), load(const float*), load_w<DType>(const void*),
-// fma(a, b, acc), hsum(reg).
+// compiled per ISA (gemm_portable.cpp, gemm_avx2.cpp, gemm_avx512.cpp, gemm_avx512bf16.cpp, each
+// with its own -m flags). V provides: reg (f32 accumulators), xelem (the element type of x rows:
+// float, or bf16 bits for the bf16 dot product), xreg and wreg (what x and weight loads give),
+// lanes (columns per step), rn_max, zero(), load(const xelem*), load_w<DType>(const void*),
+// fma(w, x, acc) (acc += w·x per lane, or per lane pair), hsum(reg).
 //
 // A tile keeps RM weight rows × RN x rows of accumulators in registers; per step of `lanes`
-// columns it loads the RN x vectors once and each weight vector once (converted to f32 in
-// registers) and does RM·RN FMAs. Every accumulator sums its columns in the same order with the
+// columns it loads the RN x vectors once and each weight vector once (converted in registers)
+// and does RM·RN multiply-adds. Every accumulator sums its columns in the same order with the
 // same tail, whatever RM and RN are, so results do not depend on the tiling.
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "core/dtype.h"
 
@@ -37,9 +40,10 @@ template <class V>
 struct GemmTiles {
   static constexpr int L = V::lanes;
   using R = typename V::reg;
+  using X = typename V::xelem;
 
   template <DType DT, int RM, int RN>
-  static void tile(const typename WeightElem<DT>::type* w, int64_t in, const float* const* xr, float* c, int64_t ldc) {
+  static void tile(const typename WeightElem<DT>::type* w, int64_t in, const X* const* xr, float* c, int64_t ldc) {
     using E = typename WeightElem<DT>::type;
     R acc[RM][RN];
     MOEMESH_UNROLL
@@ -49,24 +53,24 @@ struct GemmTiles {
     }
     int64_t k = 0;
     for (; k + L <= in; k += L) {
-      R xv[RN];
+      typename V::xreg xv[RN];
       MOEMESH_UNROLL
       for (int r = 0; r < RN; ++r) xv[r] = V::load(xr[r] + k);
       MOEMESH_UNROLL
       for (int i = 0; i < RM; ++i) {
-        const R wv = V::template load_w<DT>(w + i * in + k);
+        const typename V::wreg wv = V::template load_w<DT>(w + i * in + k);
         MOEMESH_UNROLL
         for (int r = 0; r < RN; ++r) acc[i][r] = V::fma(wv, xv[r], acc[i][r]);
       }
     }
     if (k < in) {  // the last columns, zero-padded to a whole vector
       const int64_t n = in - k;
-      alignas(64) float xpad[RN][L] = {};
+      alignas(64) X xpad[RN][L] = {};
       alignas(64) E wpad[L] = {};
-      for (int r = 0; r < RN; ++r) std::memcpy(xpad[r], xr[r] + k, size_t(n) * sizeof(float));
+      for (int r = 0; r < RN; ++r) std::memcpy(xpad[r], xr[r] + k, size_t(n) * sizeof(X));
       for (int i = 0; i < RM; ++i) {
         std::memcpy(wpad, w + i * in + k, size_t(n) * sizeof(E));
-        const R wv = V::template load_w<DT>(wpad);
+        const typename V::wreg wv = V::template load_w<DT>(wpad);
         for (int r = 0; r < RN; ++r) acc[i][r] = V::fma(wv, V::load(xpad[r]), acc[i][r]);
       }
     }
@@ -76,7 +80,7 @@ struct GemmTiles {
 
   // One weight row block of RM rows against every x row, RN at a time.
   template <DType DT, int RM>
-  static void rows_block(const typename WeightElem<DT>::type* w, int64_t in, const float* const* xr, int64_t nrows,
+  static void rows_block(const typename WeightElem<DT>::type* w, int64_t in, const X* const* xr, int64_t nrows,
                          float* c, int64_t ldc) {
     int64_t r = 0;
     for (; r + V::rn_max <= nrows; r += V::rn_max) tile<DT, RM, V::rn_max>(w, in, xr + r, c + r * ldc, ldc);
@@ -85,7 +89,7 @@ struct GemmTiles {
 
   // The last nrows (< RN + 1) rows.
   template <DType DT, int RM, int RN>
-  static void rest(const typename WeightElem<DT>::type* w, int64_t in, const float* const* xr, int64_t nrows, float* c,
+  static void rest(const typename WeightElem<DT>::type* w, int64_t in, const X* const* xr, int64_t nrows, float* c,
                    int64_t ldc) {
     if constexpr (RN > 0) {
       if (nrows == RN) return tile<DT, RM, RN>(w, in, xr, c, ldc);
@@ -94,7 +98,7 @@ struct GemmTiles {
   }
 
   template <DType DT>
-  static void block(const void* wv, int64_t in, const float* const* xr, int64_t nrows, int64_t nout, float* c,
+  static void block(const void* wv, int64_t in, const X* const* xr, int64_t nrows, int64_t nout, float* c,
                     int64_t ldc) {
     const auto* w = static_cast<const typename WeightElem<DT>::type*>(wv);
     int64_t o = 0;
@@ -106,17 +110,22 @@ struct GemmTiles {
     for (; o < nout; ++o) rows_block<DT, 1>(w + o * in, in, xr, nrows, c + o, ldc);
   }
 
-  static void run(const void* w, DType dt, int64_t in, const float* const* xr, int64_t nrows, int64_t nout, float* c,
+  static void run(const void* w, DType dt, int64_t in, const X* const* xr, int64_t nrows, int64_t nout, float* c,
                   int64_t ldc) {
-    switch (dt) {
-      case DType::F32:
-        return block<DType::F32>(w, in, xr, nrows, nout, c, ldc);
-      case DType::F16:
-        return block<DType::F16>(w, in, xr, nrows, nout, c, ldc);
-      case DType::BF16:
-        return block<DType::BF16>(w, in, xr, nrows, nout, c, ldc);
-      default:
-        return;  // gemm.cpp accepts only the three
+    if constexpr (!std::is_same_v<X, float>) {  // bf16 x rows go with bf16 weights only
+      (void)dt;
+      block<DType::BF16>(w, in, xr, nrows, nout, c, ldc);
+    } else {
+      switch (dt) {
+        case DType::F32:
+          return block<DType::F32>(w, in, xr, nrows, nout, c, ldc);
+        case DType::F16:
+          return block<DType::F16>(w, in, xr, nrows, nout, c, ldc);
+        case DType::BF16:
+          return block<DType::BF16>(w, in, xr, nrows, nout, c, ldc);
+        default:
+          return;  // gemm.cpp accepts only the three
+      }
     }
   }
 };

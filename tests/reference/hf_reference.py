@@ -9,7 +9,7 @@ For each case this script
   (c) recomputes the forward pass in NumPy float64 on the same (rounded) weights along the
       token path C++ chose, and compares every logits row (the last prompt position and every
       generated position) with  rel = max|cpp - ref| / max|ref|  per row, and checks that each
-      generated token is NumPy's argmax too (a near tie, top-2 gap < 1e-4 relative, is reported,
+      generated token is NumPy's argmax too (a near tie, top-2 gap under the case's bound, is reported,
       not failed).
 
 Usage: hf_reference.py --cli PATH [--case NAME ...] [--workdir DIR] [--keep]
@@ -30,6 +30,12 @@ import numpy as np
 
 REL_TOL = 1e-4
 NEAR_TIE = 1e-4
+# BF16 weights multiply x rounded to bf16 on both sides (matmul() below). Where an activation sits
+# within its f32-vs-f64 difference of a bf16 rounding boundary the two round it one bf16 step
+# (2^-8) apart, and that row's logits move by ~1e-3; the other rows still agree to ~1e-7. So
+# BF16 cases get a looser bound per row, and their median row must meet REL_TOL: a reference
+# that rounded differently (or not at all) would miss it on every row.
+REL_TOL_BF16 = 5e-3
 
 # ----------------------------------------------------------------------------- safetensors
 
@@ -266,6 +272,14 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
+def matmul(c, x, w):
+    """x · wᵀ. BF16 weights multiply x rounded to bf16 (f32, then round to nearest even), as
+    torch's bf16 matmul, cuBLAS, oneDNN and llama.cpp do, and as moemesh's kernels do."""
+    if c["dtype"] == "BF16":
+        x = bf16_to_f32(bf16_bits(x)).astype(np.float64)
+    return x @ w.T
+
+
 def forward(c, W, ids, gating_temperature):
     """Logits [T, vocab] of every position of ids (float64)."""
     cfg = c["config"]
@@ -283,9 +297,9 @@ def forward(c, W, ids, gating_temperature):
     for l in range(c["layers"]):
         p = "model.layers.%d." % l
         h = rmsnorm(x, W[p + "input_layernorm.weight"], eps)
-        q = (h @ W[p + "self_attn.q_proj.weight"].T).reshape(T, nh, D)
-        k = (h @ W[p + "self_attn.k_proj.weight"].T).reshape(T, nkv, D)
-        v = (h @ W[p + "self_attn.v_proj.weight"].T).reshape(T, nkv, D)
+        q = matmul(c, h, W[p + "self_attn.q_proj.weight"]).reshape(T, nh, D)
+        k = matmul(c, h, W[p + "self_attn.k_proj.weight"]).reshape(T, nkv, D)
+        v = matmul(c, h, W[p + "self_attn.v_proj.weight"]).reshape(T, nkv, D)
         q, k = rope(q, pos, cfg["rope_theta"]), rope(k, pos, cfg["rope_theta"])
         out = np.zeros((T, nh, D))
         for hh in range(nh):
@@ -295,12 +309,12 @@ def forward(c, W, ids, gating_temperature):
             s = np.exp(s - s.max(axis=-1, keepdims=True))
             s /= s.sum(axis=-1, keepdims=True)
             out[:, hh, :] = s @ v[:, g, :]
-        x = x + out.reshape(T, nh * D) @ W[p + "self_attn.o_proj.weight"].T
+        x = x + matmul(c, out.reshape(T, nh * D), W[p + "self_attn.o_proj.weight"])
         h = rmsnorm(x, W[p + "post_attention_layernorm.weight"], eps)
         x = x + ffn(c, W, l, h, gating_temperature)
     x = rmsnorm(x, W["model.norm.weight"], eps)
     lm = W["model.embed_tokens.weight"] if c.get("tied") else W["lm_head.weight"]
-    return x @ lm.T
+    return matmul(c, x, lm)
 
 
 def ffn(c, W, l, h, gt):
@@ -308,7 +322,8 @@ def ffn(c, W, l, h, gt):
 
     def mlp(prefix, names, xs):
         g, u, d = names
-        return (silu(xs @ W[prefix + g + ".weight"].T) * (xs @ W[prefix + u + ".weight"].T)) @ W[prefix + d + ".weight"].T
+        gu = silu(matmul(c, xs, W[prefix + g + ".weight"])) * matmul(c, xs, W[prefix + u + ".weight"])
+        return matmul(c, gu, W[prefix + d + ".weight"])
 
     if c["arch"] == "mixtral":
         gate, names, eprefix = p + "block_sparse_moe.gate.weight", ("w1", "w3", "w2"), p + "block_sparse_moe.experts."
@@ -317,7 +332,7 @@ def ffn(c, W, l, h, gt):
         if not is_moe_layer(c, l):
             return mlp(p + "mlp.", names, h)
         gate, eprefix = p + "mlp.gate.weight", p + "mlp.experts."
-    logits = h @ W[gate].T / gt
+    logits = matmul(c, h, W[gate]) / gt
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
     k = c["topk"]
@@ -413,28 +428,33 @@ def check_case(cli, name, workdir, seed=0):
     ref = forward(c, W, prompt + outs, gt)[len(prompt) - 1:]
     errs = [rel(logits[i], ref[i]) for i in range(len(ref))]
     worst = max(errs)
+    tol = REL_TOL_BF16 if c["dtype"] == "BF16" else REL_TOL
+    near_tie = max(NEAR_TIE, tol)
     ties = []
     for i, tok in enumerate(outs):
         order = np.argsort(-ref[i], kind="stable")
         if order[0] != tok:
             gap = (ref[i][order[0]] - ref[i][tok]) / np.max(np.abs(ref[i]))
-            if gap < NEAR_TIE:
+            if gap < near_tie:
                 ties.append((i, tok, int(order[0]), gap))
             else:
                 print("%s: step %d: C++ chose %d, NumPy argmax is %d (gap %.3g)" % (name, i, tok, order[0], gap))
                 ok = False
-    if worst > REL_TOL:
+    if worst > tol:
         i = int(np.argmax(errs))
-        print("%s: logits row %d (position %d) rel err %.3g > %g" % (name, i, len(prompt) - 1 + i, worst, REL_TOL))
+        print("%s: logits row %d (position %d) rel err %.3g > %g" % (name, i, len(prompt) - 1 + i, worst, tol))
+        ok = False
+    if float(np.median(errs)) > REL_TOL:
+        print("%s: median rel err %.3g > %g" % (name, float(np.median(errs)), REL_TOL))
         ok = False
     # The smallest top-2 gap along the path says how safe the greedy comparison is.
     gaps = []
     for i in range(len(outs)):
         top2 = np.sort(ref[i])[-2:]
         gaps.append((top2[1] - top2[0]) / np.max(np.abs(ref[i])))
-    print("%s: %s, %d layers, %d prompt + %d generated tokens: max rel err %.3g (mean %.3g), "
-          "greedy path %s, min top-2 gap %.3g%s" %
-          (name, c["dtype"], c["layers"], len(prompt), len(outs), worst, float(np.mean(errs)),
+    print("%s: %s, %d layers, %d prompt + %d generated tokens: max rel err %.3g (mean %.3g, "
+          "median %.3g), greedy path %s, min top-2 gap %.3g%s" %
+          (name, c["dtype"], c["layers"], len(prompt), len(outs), worst, float(np.mean(errs)), float(np.median(errs)),
            "identical" if ok and not ties else ("near ties %s" % ties if ok else "DIFFERS"), min(gaps),
            "" if ok else "  FAILED"))
     return ok

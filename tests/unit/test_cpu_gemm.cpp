@@ -43,6 +43,9 @@ struct StoredWeight {
   }
 };
 
+// The x value a weight of type t multiplies: x itself, or x rounded to bf16 for BF16 weights.
+double operand(float x, DType t) { return t == DType::BF16 ? double(bf16_to_f32(f32_to_bf16(x))) : double(x); }
+
 // y[r, o] = Σ x[r, k] w[o, k] in double; also Σ |x w| per entry, the scale of its rounding error.
 void reference(const std::vector<float>& x, int64_t rows, const StoredWeight& w, std::vector<double>& y,
                std::vector<double>& mag) {
@@ -51,7 +54,7 @@ void reference(const std::vector<float>& x, int64_t rows, const StoredWeight& w,
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t o = 0; o < w.out; ++o)
       for (int64_t k = 0; k < w.in; ++k) {
-        const double p = double(x[size_t(r * w.in + k)]) * w.values[size_t(o * w.in + k)];
+        const double p = operand(x[size_t(r * w.in + k)], w.dtype) * w.values[size_t(o * w.in + k)];
         y[size_t(r * w.out + o)] += p;
         mag[size_t(r * w.out + o)] += std::abs(p);
       }
@@ -78,7 +81,8 @@ const DType kTypes[] = {DType::F32, DType::F16, DType::BF16};
 }  // namespace
 
 // f32 accumulation of `in` products: each result within in·2⁻²³ of Σ|x·w| (the classic bound
-// for a sum of that length, with room to spare: the SIMD sums are pairwise per lane).
+// for a sum of that length, with room to spare: the SIMD sums are pairwise per lane). BF16
+// weights multiply x rounded to bf16 (gemm.h), on every ISA; the reference does the same.
 TEST(CpuGemm, EveryIsaMatchesDoublePrecision) {
   KernelSettings restore;
   for (cpu::Isa isa : cpu::runnable_isas()) {
@@ -243,6 +247,7 @@ TEST(CpuGemm, BadJobsAreRefusedByName) {
 
 TEST(CpuFeatures, ParseAndForce) {
   EXPECT_EQ(cpu::parse_isa("avx2"), cpu::Isa::Avx2);
+  EXPECT_EQ(cpu::parse_isa("avx512bf16"), cpu::Isa::Avx512Bf16);
   EXPECT_THROW(cpu::parse_isa("sse9"), Error);
   EXPECT_EQ(cpu::runnable_isas().front(), cpu::Isa::Portable);
   EXPECT_EQ(cpu::runnable_isas().back(), cpu::detected_isa());
