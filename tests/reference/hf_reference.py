@@ -88,17 +88,23 @@ def write_safetensors(path, tensors):
 
 def write_checkpoint(folder, config, tensors, dtype, shards):
     """tensors: ordered dict name -> float32 array. Returns name -> float64 values as stored."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
     stored, entries = {}, []
     for name, a in tensors.items():
         dt, raw, vals = store(a, dtype)
         stored[name] = vals
         entries.append((name, dt, raw))
+    write_entries(folder, config, entries, shards)
+    return stored
+
+
+def write_entries(folder, config, entries, shards):
+    """entries: list of (name, st_dtype, raw ndarray), already in their stored form."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
     if shards == 1:
         write_safetensors(os.path.join(folder, "model.safetensors"), entries)
-        return stored
+        return
     per = math.ceil(len(entries) / shards)
     weight_map, total = {}, 0
     for s in range(shards):
@@ -109,7 +115,6 @@ def write_checkpoint(folder, config, tensors, dtype, shards):
             weight_map[name] = fname
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return stored
 
 
 # ----------------------------------------------------------------------------- models
@@ -404,6 +409,11 @@ def rel(a, b):
 
 def check_case(cli, name, workdir, seed=0):
     c, folder, W, prompt = build_case(name, workdir, seed)
+    return compare_case(cli, name, c, folder, W, prompt)
+
+
+def compare_case(cli, name, c, folder, W, prompt):
+    """Runs moemesh on the checkpoint in folder and compares it with forward(c, W, ...)."""
     args = ["generate", "--model", folder, "--prompt-ids", ",".join(map(str, prompt)), "--max-tokens",
             str(GEN_TOKENS), "--ignore-eos", "--json", "--logits"]
     gt = c.get("gating", 1.0)
@@ -524,42 +534,57 @@ def check_cli_sampling(cli, workdir):
     return ok
 
 
-def main():
+def arg_parser(case_help):
     ap = argparse.ArgumentParser()
     ap.add_argument("--cli", help="the moemesh binary (not needed with --write-only)")
     ap.add_argument("--write-only", action="store_true",
                     help="only write the cases' checkpoints into --workdir/<case> (for C++ tests)")
-    ap.add_argument("--case", action="append", help="a case name, cli_errors or cli_sampling (default: all)")
+    ap.add_argument("--case", action="append", help=case_help)
     ap.add_argument("--workdir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true")
+    return ap
+
+
+def main():
+    ap = arg_parser("a case name, cli_errors or cli_sampling (default: all)")
     a = ap.parse_args()
-    workdir = a.workdir or tempfile.mkdtemp(prefix="moemesh-ref-")
-    os.makedirs(workdir, exist_ok=True)
     names = a.case or list(CASES) + ["cli_errors", "cli_sampling"]
     if a.write_only:
         if not a.workdir:
             ap.error("--write-only needs --workdir")
+        os.makedirs(a.workdir, exist_ok=True)
         for n in names:
-            build_case(n, workdir, a.seed)
+            build_case(n, a.workdir, a.seed)
         return
     if not a.cli:
         ap.error("--cli is required")
+
+    def check(n, workdir):
+        if n in CASES:
+            return check_case(a.cli, n, workdir, a.seed)
+        if n in ("cli_errors", "cli_sampling"):
+            if not os.path.isdir(os.path.join(workdir, "mixtral_f32_mha")):
+                build_case("mixtral_f32_mha", workdir, a.seed)
+            return check_cli_errors(a.cli, workdir) if n == "cli_errors" else check_cli_sampling(a.cli, workdir)
+        print("unknown case %s" % n)
+        return False
+
+    run_checks(names, check, a.workdir, a.keep, "moemesh-ref-")
+
+
+def run_checks(names, check, workdir, keep, prefix):
+    """check(name, folder) for each name in workdir (a temporary one when None, removed after
+    unless keep); exits 0 when every check passed."""
+    folder = workdir or tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(folder, exist_ok=True)
     ok = True
     try:
         for n in names:
-            if n in CASES:
-                ok &= check_case(a.cli, n, workdir, a.seed)
-            elif n in ("cli_errors", "cli_sampling"):
-                if not os.path.isdir(os.path.join(workdir, "mixtral_f32_mha")):
-                    build_case("mixtral_f32_mha", workdir, a.seed)
-                ok &= check_cli_errors(a.cli, workdir) if n == "cli_errors" else check_cli_sampling(a.cli, workdir)
-            else:
-                print("unknown case %s" % n)
-                ok = False
+            ok &= check(n, folder)
     finally:
-        if not a.keep and not a.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+        if not keep and not workdir:
+            shutil.rmtree(folder, ignore_errors=True)
     sys.exit(0 if ok else 1)
 
 
