@@ -118,9 +118,9 @@ void run_task(const Task& t, const Kernels& kernels) {
     const auto product = [&](const void* w, float* c, int64_t ldc) {
       const auto* wo = static_cast<const uint8_t*>(w) + size_t(t.o0 * j.in) * es;
       if (xbf)
-        kernels.bf16dot(wo, j.in, xbr.data(), nr, n, c, ldc);
+        kernels.bf16dot(wo, j.in, j.in, xbr.data(), nr, n, c, ldc);
       else
-        kernels.block(wo, j.wdtype, j.in, xr.data(), nr, n, c, ldc);
+        kernels.block(wo, j.wdtype, j.in, j.in, xr.data(), nr, n, c, ldc);
     };
     if (direct) {
       product(j.w, y, ldy);

@@ -39,9 +39,9 @@ struct Avx2Vec {
 
 }  // namespace
 
-void gemm_block_avx2(const void* w, DType dt, int64_t in, const float* const* xr, int64_t nrows, int64_t nout, float* c,
-                     int64_t ldc) {
-  GemmTiles<Avx2Vec>::run(w, dt, in, xr, nrows, nout, c, ldc);
+void gemm_block_avx2(const void* w, DType dt, int64_t in, int64_t ldw, const float* const* xr, int64_t nrows,
+                     int64_t nout, float* c, int64_t ldc) {
+  GemmTiles<Avx2Vec>::run(w, dt, in, ldw, xr, nrows, nout, c, ldc);
 }
 
 }  // namespace moemesh::cpu

@@ -35,9 +35,9 @@ struct Avx512Bf16Vec {
 
 }  // namespace
 
-void gemm_block_bf16dot_avx512bf16(const void* w, int64_t in, const uint16_t* const* xr, int64_t nrows, int64_t nout,
-                                   float* c, int64_t ldc) {
-  GemmTiles<Avx512Bf16Vec>::run(w, DType::BF16, in, xr, nrows, nout, c, ldc);
+void gemm_block_bf16dot_avx512bf16(const void* w, int64_t in, int64_t ldw, const uint16_t* const* xr, int64_t nrows,
+                                   int64_t nout, float* c, int64_t ldc) {
+  GemmTiles<Avx512Bf16Vec>::run(w, DType::BF16, in, ldw, xr, nrows, nout, c, ldc);
 }
 
 }  // namespace moemesh::cpu

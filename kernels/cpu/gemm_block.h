@@ -7,23 +7,23 @@
 
 namespace moemesh::cpu {
 
-// c[r * ldc + o] = Σ_k W[o, k] · xr[r][k] for r < nrows, o < nout; W's rows are `in` elements of
-// type dt apart, starting at w. Writes c; never reads it.
-using GemmBlockFn = void (*)(const void* w, DType dt, int64_t in, const float* const* xr, int64_t nrows, int64_t nout,
-                             float* c, int64_t ldc);
+// c[r * ldc + o] = Σ_k W[o, k] · xr[r][k] for r < nrows, o < nout, k < in; W's rows are `ldw`
+// elements of type dt apart, starting at w. Writes c; never reads it.
+using GemmBlockFn = void (*)(const void* w, DType dt, int64_t in, int64_t ldw, const float* const* xr, int64_t nrows,
+                             int64_t nout, float* c, int64_t ldc);
 
-void gemm_block_portable(const void* w, DType dt, int64_t in, const float* const* xr, int64_t nrows, int64_t nout,
-                         float* c, int64_t ldc);
-void gemm_block_avx2(const void* w, DType dt, int64_t in, const float* const* xr, int64_t nrows, int64_t nout,
-                     float* c, int64_t ldc);
-void gemm_block_avx512(const void* w, DType dt, int64_t in, const float* const* xr, int64_t nrows, int64_t nout,
-                       float* c, int64_t ldc);
+void gemm_block_portable(const void* w, DType dt, int64_t in, int64_t ldw, const float* const* xr, int64_t nrows,
+                         int64_t nout, float* c, int64_t ldc);
+void gemm_block_avx2(const void* w, DType dt, int64_t in, int64_t ldw, const float* const* xr, int64_t nrows,
+                     int64_t nout, float* c, int64_t ldc);
+void gemm_block_avx512(const void* w, DType dt, int64_t in, int64_t ldw, const float* const* xr, int64_t nrows,
+                       int64_t nout, float* c, int64_t ldc);
 
 // The same for BF16 weights against x rows already rounded to bf16 (AVX512-BF16 only).
-using GemmBf16DotFn = void (*)(const void* w, int64_t in, const uint16_t* const* xr, int64_t nrows, int64_t nout,
-                               float* c, int64_t ldc);
-void gemm_block_bf16dot_avx512bf16(const void* w, int64_t in, const uint16_t* const* xr, int64_t nrows, int64_t nout,
-                                   float* c, int64_t ldc);
+using GemmBf16DotFn = void (*)(const void* w, int64_t in, int64_t ldw, const uint16_t* const* xr, int64_t nrows,
+                               int64_t nout, float* c, int64_t ldc);
+void gemm_block_bf16dot_avx512bf16(const void* w, int64_t in, int64_t ldw, const uint16_t* const* xr, int64_t nrows,
+                                   int64_t nout, float* c, int64_t ldc);
 
 GemmBlockFn gemm_block_for(Isa isa);
 // The bf16 dot-product kernel when `isa` has one, else null (BF16 weights then go through

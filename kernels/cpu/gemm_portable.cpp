@@ -47,9 +47,9 @@ struct PortableVec {
 
 }  // namespace
 
-void gemm_block_portable(const void* w, DType dt, int64_t in, const float* const* xr, int64_t nrows, int64_t nout,
-                         float* c, int64_t ldc) {
-  GemmTiles<PortableVec>::run(w, dt, in, xr, nrows, nout, c, ldc);
+void gemm_block_portable(const void* w, DType dt, int64_t in, int64_t ldw, const float* const* xr, int64_t nrows,
+                         int64_t nout, float* c, int64_t ldc) {
+  GemmTiles<PortableVec>::run(w, dt, in, ldw, xr, nrows, nout, c, ldc);
 }
 
 GemmBlockFn gemm_block_for(Isa isa) {

@@ -43,7 +43,8 @@ struct GemmTiles {
   using X = typename V::xelem;
 
   template <DType DT, int RM, int RN>
-  static void tile(const typename WeightElem<DT>::type* w, int64_t in, const X* const* xr, float* c, int64_t ldc) {
+  static void tile(const typename WeightElem<DT>::type* w, int64_t in, int64_t ldw, const X* const* xr, float* c,
+                   int64_t ldc) {
     using E = typename WeightElem<DT>::type;
     R acc[RM][RN];
     MOEMESH_UNROLL
@@ -58,7 +59,7 @@ struct GemmTiles {
       for (int r = 0; r < RN; ++r) xv[r] = V::load(xr[r] + k);
       MOEMESH_UNROLL
       for (int i = 0; i < RM; ++i) {
-        const typename V::wreg wv = V::template load_w<DT>(w + i * in + k);
+        const typename V::wreg wv = V::template load_w<DT>(w + i * ldw + k);
         MOEMESH_UNROLL
         for (int r = 0; r < RN; ++r) acc[i][r] = V::fma(wv, xv[r], acc[i][r]);
       }
@@ -69,7 +70,7 @@ struct GemmTiles {
       alignas(64) E wpad[L] = {};
       for (int r = 0; r < RN; ++r) std::memcpy(xpad[r], xr[r] + k, size_t(n) * sizeof(X));
       for (int i = 0; i < RM; ++i) {
-        std::memcpy(wpad, w + i * in + k, size_t(n) * sizeof(E));
+        std::memcpy(wpad, w + i * ldw + k, size_t(n) * sizeof(E));
         const typename V::wreg wv = V::template load_w<DT>(wpad);
         for (int r = 0; r < RN; ++r) acc[i][r] = V::fma(wv, V::load(xpad[r]), acc[i][r]);
       }
@@ -80,49 +81,49 @@ struct GemmTiles {
 
   // One weight row block of RM rows against every x row, RN at a time.
   template <DType DT, int RM>
-  static void rows_block(const typename WeightElem<DT>::type* w, int64_t in, const X* const* xr, int64_t nrows,
-                         float* c, int64_t ldc) {
+  static void rows_block(const typename WeightElem<DT>::type* w, int64_t in, int64_t ldw, const X* const* xr,
+                         int64_t nrows, float* c, int64_t ldc) {
     int64_t r = 0;
-    for (; r + V::rn_max <= nrows; r += V::rn_max) tile<DT, RM, V::rn_max>(w, in, xr + r, c + r * ldc, ldc);
-    rest<DT, RM, V::rn_max - 1>(w, in, xr + r, nrows - r, c + r * ldc, ldc);
+    for (; r + V::rn_max <= nrows; r += V::rn_max) tile<DT, RM, V::rn_max>(w, in, ldw, xr + r, c + r * ldc, ldc);
+    rest<DT, RM, V::rn_max - 1>(w, in, ldw, xr + r, nrows - r, c + r * ldc, ldc);
   }
 
   // The last nrows (< RN + 1) rows.
   template <DType DT, int RM, int RN>
-  static void rest(const typename WeightElem<DT>::type* w, int64_t in, const X* const* xr, int64_t nrows, float* c,
-                   int64_t ldc) {
+  static void rest(const typename WeightElem<DT>::type* w, int64_t in, int64_t ldw, const X* const* xr, int64_t nrows,
+                   float* c, int64_t ldc) {
     if constexpr (RN > 0) {
-      if (nrows == RN) return tile<DT, RM, RN>(w, in, xr, c, ldc);
-      rest<DT, RM, RN - 1>(w, in, xr, nrows, c, ldc);
+      if (nrows == RN) return tile<DT, RM, RN>(w, in, ldw, xr, c, ldc);
+      rest<DT, RM, RN - 1>(w, in, ldw, xr, nrows, c, ldc);
     }
   }
 
   template <DType DT>
-  static void block(const void* wv, int64_t in, const X* const* xr, int64_t nrows, int64_t nout, float* c,
+  static void block(const void* wv, int64_t in, int64_t ldw, const X* const* xr, int64_t nrows, int64_t nout, float* c,
                     int64_t ldc) {
     const auto* w = static_cast<const typename WeightElem<DT>::type*>(wv);
     int64_t o = 0;
     if (nrows == 1) {  // decode: 8 weight rows in flight hide the FMA latency
-      for (; o + 8 <= nout; o += 8) tile<DT, 8, 1>(w + o * in, in, xr, c + o, ldc);
+      for (; o + 8 <= nout; o += 8) tile<DT, 8, 1>(w + o * ldw, in, ldw, xr, c + o, ldc);
     } else {
-      for (; o + 4 <= nout; o += 4) rows_block<DT, 4>(w + o * in, in, xr, nrows, c + o, ldc);
+      for (; o + 4 <= nout; o += 4) rows_block<DT, 4>(w + o * ldw, in, ldw, xr, nrows, c + o, ldc);
     }
-    for (; o < nout; ++o) rows_block<DT, 1>(w + o * in, in, xr, nrows, c + o, ldc);
+    for (; o < nout; ++o) rows_block<DT, 1>(w + o * ldw, in, ldw, xr, nrows, c + o, ldc);
   }
 
-  static void run(const void* w, DType dt, int64_t in, const X* const* xr, int64_t nrows, int64_t nout, float* c,
-                  int64_t ldc) {
+  static void run(const void* w, DType dt, int64_t in, int64_t ldw, const X* const* xr, int64_t nrows, int64_t nout,
+                  float* c, int64_t ldc) {
     if constexpr (!std::is_same_v<X, float>) {  // bf16 x rows go with bf16 weights only
       (void)dt;
-      block<DType::BF16>(w, in, xr, nrows, nout, c, ldc);
+      block<DType::BF16>(w, in, ldw, xr, nrows, nout, c, ldc);
     } else {
       switch (dt) {
         case DType::F32:
-          return block<DType::F32>(w, in, xr, nrows, nout, c, ldc);
+          return block<DType::F32>(w, in, ldw, xr, nrows, nout, c, ldc);
         case DType::F16:
-          return block<DType::F16>(w, in, xr, nrows, nout, c, ldc);
+          return block<DType::F16>(w, in, ldw, xr, nrows, nout, c, ldc);
         case DType::BF16:
-          return block<DType::BF16>(w, in, xr, nrows, nout, c, ldc);
+          return block<DType::BF16>(w, in, ldw, xr, nrows, nout, c, ldc);
         default:
           return;  // gemm.cpp accepts only the three
       }

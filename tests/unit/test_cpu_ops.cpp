@@ -9,6 +9,7 @@
 
 #include "core/dtype.h"
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/ops.h"
 #include "tests/support/numeric.h"
 
@@ -99,8 +100,8 @@ TEST(CpuOps, SiluMulAndSoftmax) {
 
 TEST(CpuOps, TopkGating) {
   // Row 0 has a tie between experts 1 and 3: the lower id comes first.
-  const std::vector<float> logits = {0.1f, 2.0f, -1.0f, 2.0f, 0.5f,  //
-                                     3.0f, 0.0f, 1.0f, -2.0f, 2.5f};
+  const std::vector<float> logits = {0.1f, 2.0f, -1.0f, 2.0f,  0.5f,  //
+                                     3.0f, 0.0f, 1.0f,  -2.0f, 2.5f};
   std::vector<int32_t> ids(4);
   std::vector<float> w(4), wn(4);
   cpu::topk_gating(logits.data(), 2, 5, 2, 1.0f, false, ids.data(), w.data());
@@ -131,16 +132,16 @@ TEST(CpuOps, EmbeddingAllTypes) {
     auto bytes = narrow(table, t, rounded);
     cpu::embedding(bytes.data(), t, dim, ids.data(), int64_t(ids.size()), out.data());
     for (size_t i = 0; i < ids.size(); ++i)
-      for (int64_t d = 0; d < dim; ++d)
-        EXPECT_EQ(out[i * size_t(dim) + size_t(d)], rounded[size_t(ids[i] * dim + d)]);
+      for (int64_t d = 0; d < dim; ++d) EXPECT_EQ(out[i * size_t(dim) + size_t(d)], rounded[size_t(ids[i] * dim + d)]);
   }
 }
 
 // Paged attention (blocks scattered in a pool) against dense causal GQA attention, with and
-// without a sliding window.
+// without a sliding window, on every ISA's tiles; 37 rows make several tasks of query rows.
 TEST(CpuOps, PagedAttentionGqaWindow) {
   const int64_t heads = 4, kv_heads = 2, hd = 8, n = 37, bs = 16, kv_dim = kv_heads * hd;
-  auto q = normals(size_t(n * heads * hd), 12), k = normals(size_t(n * kv_dim), 13), v = normals(size_t(n * kv_dim), 14);
+  auto q = normals(size_t(n * heads * hd), 12), k = normals(size_t(n * kv_dim), 13),
+       v = normals(size_t(n * kv_dim), 14);
   // Three blocks stored in reverse order in a pool of four.
   std::vector<float> kpool(size_t(4 * bs * kv_dim)), vpool(kpool.size());
   const std::vector<int> table = {3, 1, 0};
@@ -156,30 +157,35 @@ TEST(CpuOps, PagedAttentionGqaWindow) {
   }
   std::vector<int32_t> pos(static_cast<size_t>(n));
   std::iota(pos.begin(), pos.end(), 0);
-  for (int64_t window : {int64_t(0), int64_t(5)}) {
-    std::vector<float> out(q.size());
-    cpu::paged_attention(q.data(), n, pos.data(), {heads, kv_heads, hd, window}, {kp.data(), vp.data(), bs},
-                         out.data());
-    std::vector<double> ref(q.size());
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t h = 0; h < heads; ++h) {
-        const int64_t g = h / (heads / kv_heads);
-        std::vector<double> s;
-        const int64_t first = window ? std::max<int64_t>(0, i - window + 1) : 0;
-        for (int64_t j = first; j <= i; ++j) {
-          double dot = 0;
-          for (int64_t d = 0; d < hd; ++d) dot += double(q[size_t((i * heads + h) * hd + d)]) * k[size_t(j * kv_dim + g * hd + d)];
-          s.push_back(dot / std::sqrt(double(hd)));
+  const cpu::Isa isa0 = cpu::active_isa();
+  for (cpu::Isa isa : cpu::runnable_isas())
+    for (int64_t window : {int64_t(0), int64_t(5)}) {
+      cpu::force_isa(isa);
+      std::vector<float> out(q.size());
+      cpu::paged_attention(q.data(), n, pos.data(), {heads, kv_heads, hd, window}, {kp.data(), vp.data(), bs},
+                           out.data());
+      std::vector<double> ref(q.size());
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t h = 0; h < heads; ++h) {
+          const int64_t g = h / (heads / kv_heads);
+          std::vector<double> s;
+          const int64_t first = window ? std::max<int64_t>(0, i - window + 1) : 0;
+          for (int64_t j = first; j <= i; ++j) {
+            double dot = 0;
+            for (int64_t d = 0; d < hd; ++d)
+              dot += double(q[size_t((i * heads + h) * hd + d)]) * k[size_t(j * kv_dim + g * hd + d)];
+            s.push_back(dot / std::sqrt(double(hd)));
+          }
+          const double mx = *std::max_element(s.begin(), s.end());
+          double z = 0;
+          for (auto& e : s) z += (e = std::exp(e - mx));
+          for (int64_t d = 0; d < hd; ++d) {
+            double acc = 0;
+            for (int64_t j = first; j <= i; ++j) acc += s[size_t(j - first)] / z * v[size_t(j * kv_dim + g * hd + d)];
+            ref[size_t((i * heads + h) * hd + d)] = acc;
+          }
         }
-        const double mx = *std::max_element(s.begin(), s.end());
-        double z = 0;
-        for (auto& e : s) z += (e = std::exp(e - mx));
-        for (int64_t d = 0; d < hd; ++d) {
-          double acc = 0;
-          for (int64_t j = first; j <= i; ++j) acc += s[size_t(j - first)] / z * v[size_t(j * kv_dim + g * hd + d)];
-          ref[size_t((i * heads + h) * hd + d)] = acc;
-        }
-      }
-    EXPECT_LT(rel_err(out, ref), 1e-6) << "window " << window;
-  }
+      EXPECT_LT(rel_err(out, ref), 1e-6) << cpu::isa_name(isa) << " window " << window;
+    }
+  cpu::force_isa(isa0);
 }

@@ -533,7 +533,9 @@ TEST(EngineInt8Kv, LogitsWithinBoundAndGreedyTokensOfTinyModels) {
     EXPECT_LT(median, 1.5e-2) << "arch " << int(arch);
     EXPECT_LE(far * 10, int64_t(c.rel.size())) << "arch " << int(arch);
     EXPECT_GT(c.rel.front(), 0.0) << "the int8 path computed exactly the f32 logits (not quantised?)";
-    EXPECT_EQ(c.agree, c.steps) << "greedy tokens of the 40-step generation differ, arch " << int(arch);
+    // A position whose top two logits are closer than the int8 error may go either way (any
+    // change of summation order can flip it), so agreement on all steps is asked only of those.
+    EXPECT_GE(c.agree * 10, c.steps * 9) << "greedy tokens of the 40-step generation differ, arch " << int(arch);
     // Where the f32 winner leads by more than twice the largest logit error, int8 must agree.
     EXPECT_EQ(c.decisive_agree, c.decisive) << "arch " << int(arch);
     EXPECT_GT(c.decisive, c.steps / 2) << "arch " << int(arch);
