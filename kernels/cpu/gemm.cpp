@@ -22,6 +22,18 @@ constexpr int64_t kTasksPerThread = 4;
 void check(const MatmulJob& j, size_t index) {
   const std::string where = "matmul job " + std::to_string(index) + ": ";
   if (j.rows < 0 || j.in < 0 || j.out < 0) throw Error(where + "negative size");
+  if (j.wq) {
+    const bool swiglu = j.epilogue == MatmulJob::Epilogue::SwiGlu;
+    for (const QuantMatrix* m : {j.wq, swiglu ? j.wq_up : j.wq}) {
+      if (!m) throw Error(where + "SwiGlu without wq_up");
+      if (m->in != j.in || m->out != j.out)
+        throw Error(where + "quantized matrix [" + std::to_string(m->out) + ", " + std::to_string(m->in) +
+                    "] for a product of [" + std::to_string(j.out) + ", " + std::to_string(j.in) + "]");
+    }
+    if (j.rows > 0 && j.out > 0 && (!j.y || (j.in > 0 && !j.x))) throw Error(where + "null x or y");
+    if ((j.ldx != 0 && j.ldx < j.in) || (j.ldy != 0 && j.ldy < j.out)) throw Error(where + "row stride below the row");
+    return;
+  }
   if (j.wdtype != DType::F32 && j.wdtype != DType::F16 && j.wdtype != DType::BF16)
     throw Error(where + "weights must be F32, F16 or BF16 (got " + std::string(dtype_name(j.wdtype)) + ")");
   if (j.rows == 0 || j.out == 0) return;
@@ -31,10 +43,13 @@ void check(const MatmulJob& j, size_t index) {
 }
 
 // A job as its tasks run it: a BF16 job's x rows already rounded (gathered, dense), as bf16 bits
-// in xb for the bf16 kernel, else widened back to f32 and put in place of job.x.
+// in xb for the bf16 kernel, else widened back to f32 and put in place of job.x; a quantized
+// job's x rows gathered into the matrix's padded order in xq.
 struct Prepared {
   MatmulJob job;
   const uint16_t* xb = nullptr;
+  const float* xq = nullptr;
+  const float* xq_up = nullptr;  // SwiGlu: xq again, unless wq_up orders its channels otherwise
 };
 
 struct Task {
@@ -46,7 +61,7 @@ struct Task {
 // register tiles, no more than kWeightSlice of weights.
 int64_t slice_rows(const MatmulJob& j, double share, int threads) {
   const int64_t tasks = std::max<int64_t>(1, int64_t(share * double(kTasksPerThread * threads) + 0.5));
-  const int64_t row_bytes = std::max<int64_t>(1, j.in * int64_t(dtype_size(j.wdtype)));
+  const int64_t row_bytes = std::max<int64_t>(1, j.wq ? j.wq->row_bytes() : j.in * int64_t(dtype_size(j.wdtype)));
   int64_t n = (j.out + tasks - 1) / tasks;
   n = std::min(n, std::max<int64_t>(8, kWeightSlice / row_bytes));
   n = (n + 7) / 8 * 8;
@@ -56,7 +71,29 @@ int64_t slice_rows(const MatmulJob& j, double share, int threads) {
 struct Kernels {
   GemmBlockFn block;
   GemmBf16DotFn bf16dot;  // null where the ISA has none
+  GemmQuantFn quant;
 };
+
+// Runs rows(r0, r1) over [0, rows), on the pool when there are many elements.
+template <class Fn>
+void over_rows(int64_t rows, int64_t row_len, Fn&& fn) {
+  constexpr int64_t kSerial = 1 << 16;  // elements below which a parallel section costs more than it saves
+  if (rows * row_len <= kSerial) return fn(int64_t(0), rows);
+  const int64_t step = std::max<int64_t>(1, kSerial / std::max<int64_t>(row_len, 1));
+  parallel_for((rows + step - 1) / step, [&](int64_t i) { fn(i * step, std::min(rows, (i + 1) * step)); });
+}
+
+// x's rows (gathered) in m's padded order: its padding multiplies zeros.
+void gather_x_quant(const MatmulJob& j, const QuantMatrix& m, float* xq) {
+  const int64_t ldx = j.ldx ? j.ldx : j.in, kp = m.padded_in;
+  const int32_t* source = m.source.data();
+  over_rows(j.rows, kp, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* x = j.x + (j.x_rows ? int64_t(j.x_rows[r]) : r) * ldx;
+      for (int64_t k = 0; k < kp; ++k) xq[r * kp + k] = source[k] >= 0 ? x[source[k]] : 0.0f;
+    }
+  });
+}
 
 inline uint16_t to_bf16(float f) {  // f32_to_bf16 without a branch, so that the loop vectorises
   uint32_t u;
@@ -71,7 +108,7 @@ inline uint16_t to_bf16(float f) {  // f32_to_bf16 without a branch, so that the
 // are many, into xb (bf16 bits) or xf (widened back, for ISAs without a bf16 kernel).
 void round_x_to_bf16(const MatmulJob& j, uint16_t* xb, float* xf) {
   const int64_t ldx = j.ldx ? j.ldx : j.in, in = j.in;
-  const auto rows = [&](int64_t r0, int64_t r1) {
+  over_rows(j.rows, in, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* x = j.x + (j.x_rows ? int64_t(j.x_rows[r]) : r) * ldx;
       if (xb) {
@@ -82,16 +119,14 @@ void round_x_to_bf16(const MatmulJob& j, uint16_t* xb, float* xf) {
         for (int64_t k = 0; k < in; ++k) f[k] = bf16_to_f32(to_bf16(x[k]));
       }
     }
-  };
-  constexpr int64_t kSerial = 1 << 16;  // elements below which a parallel section costs more than it saves
-  if (j.rows * in <= kSerial) return rows(0, j.rows);
-  const int64_t step = std::max<int64_t>(1, kSerial / std::max<int64_t>(in, 1));
-  parallel_for((j.rows + step - 1) / step, [&](int64_t i) { rows(i * step, std::min(j.rows, (i + 1) * step)); });
+  });
 }
 
 void run_task(const Task& t, const Kernels& kernels) {
   const MatmulJob& j = t.p->job;
   const uint16_t* const xbf = t.p->xb;
+  const float* const xq = t.p->xq;
+  thread_local std::vector<const float*> xr_up;
   const int64_t n = t.o1 - t.o0, ldx = j.ldx ? j.ldx : j.in, ldy = j.ldy ? j.ldy : j.out;
   const size_t es = dtype_size(j.wdtype);
   const int64_t panel = std::clamp<int64_t>(kXPanel / std::max<int64_t>(1, j.in * 4) / 6 * 6, 6, 1 << 20);
@@ -110,32 +145,40 @@ void run_task(const Task& t, const Kernels& kernels) {
     if (xbf) {
       xbr.resize(size_t(nr));
       for (int64_t r = 0; r < nr; ++r) xbr[size_t(r)] = xbf + (r0 + r) * j.in;
+    } else if (xq) {
+      xr.resize(size_t(nr));
+      for (int64_t r = 0; r < nr; ++r) xr[size_t(r)] = xq + (r0 + r) * j.wq->padded_in;
+      if (j.epilogue == MatmulJob::Epilogue::SwiGlu) {
+        xr_up.resize(size_t(nr));
+        for (int64_t r = 0; r < nr; ++r) xr_up[size_t(r)] = t.p->xq_up + (r0 + r) * j.wq_up->padded_in;
+      }
     } else {
       xr.resize(size_t(nr));
       for (int64_t r = 0; r < nr; ++r) xr[size_t(r)] = j.x + (j.x_rows ? int64_t(j.x_rows[r0 + r]) : r0 + r) * ldx;
     }
-    // c[r * ldc + o] = row r of the panel · row t.o0 + o of weight w
-    const auto product = [&](const void* w, float* c, int64_t ldc) {
-      const auto* wo = static_cast<const uint8_t*>(w) + size_t(t.o0 * j.in) * es;
+    // c[r * ldc + o] = row r of the panel · row t.o0 + o of weight w (w_up when up)
+    const auto product = [&](bool up, float* c, int64_t ldc) {
+      if (xq) return kernels.quant(*(up ? j.wq_up : j.wq), t.o0, n, (up ? xr_up : xr).data(), nr, c, ldc);
+      const auto* wo = static_cast<const uint8_t*>(up ? j.w_up : j.w) + size_t(t.o0 * j.in) * es;
       if (xbf)
         kernels.bf16dot(wo, j.in, j.in, xbr.data(), nr, n, c, ldc);
       else
         kernels.block(wo, j.wdtype, j.in, j.in, xr.data(), nr, n, c, ldc);
     };
     if (direct) {
-      product(j.w, y, ldy);
+      product(false, y, ldy);
       continue;
     }
     tmp.resize(size_t(nr * n * 2));
     float* a = tmp.data();
-    product(j.w, a, n);
+    product(false, a, n);
     if (j.epilogue == MatmulJob::Epilogue::Add) {
       for (int64_t r = 0; r < nr; ++r)
         for (int64_t o = 0; o < n; ++o) y[r * ldy + o] += a[r * n + o];
       continue;
     }
     float* b = a + nr * n;
-    product(j.w_up, b, n);
+    product(true, b, n);
     for (int64_t r = 0; r < nr; ++r)
       for (int64_t o = 0; o < n; ++o) y[r * ldy + o] = silu(a[r * n + o]) * b[r * n + o];
   }
@@ -151,7 +194,8 @@ void matmul(std::span<const MatmulJob> jobs) {
   }
   if (total == 0) return;
   const int threads = compute_threads();
-  const Kernels kernels{gemm_block_for(active_isa()), gemm_bf16dot_for(active_isa())};
+  const Isa isa = active_isa();
+  const Kernels kernels{gemm_block_for(isa), gemm_bf16dot_for(isa), gemm_quant_block_for(isa)};
   std::vector<Prepared> prepared(jobs.size());
   std::vector<std::vector<uint16_t>> xb(jobs.size());
   std::vector<std::vector<float>> xf(jobs.size());
@@ -161,7 +205,16 @@ void matmul(std::span<const MatmulJob> jobs) {
     p.job = jobs[i];
     const MatmulJob& j = p.job;
     if (j.rows == 0 || j.out == 0) continue;
-    if (j.wdtype == DType::BF16 && j.in > 0) {
+    if (j.wq && j.in > 0) {
+      const bool swiglu = j.epilogue == MatmulJob::Epilogue::SwiGlu;
+      const bool same = !swiglu || j.wq_up->source == j.wq->source;
+      const int64_t kp = j.wq->padded_in, kp_up = same ? 0 : j.wq_up->padded_in;
+      xf[i].resize(size_t(j.rows * (kp + kp_up)));
+      gather_x_quant(j, *j.wq, xf[i].data());
+      if (!same) gather_x_quant(j, *j.wq_up, xf[i].data() + j.rows * kp);
+      p.xq = xf[i].data();
+      p.xq_up = same ? p.xq : p.xq + j.rows * kp;
+    } else if (j.wdtype == DType::BF16 && j.in > 0) {
       if (kernels.bf16dot) {
         xb[i].resize(size_t(j.rows * j.in));
         round_x_to_bf16(j, xb[i].data(), nullptr);

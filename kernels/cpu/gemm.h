@@ -15,6 +15,7 @@
 #include <span>
 
 #include "core/dtype.h"
+#include "kernels/cpu/quant_matrix.h"
 
 namespace moemesh::cpu {
 
@@ -37,12 +38,15 @@ struct MatmulJob {
   int64_t ldy = 0;  // floats between y rows; 0: out
   Epilogue epilogue = Epilogue::Store;
   const void* w_up = nullptr;  // SwiGlu only: same shape and dtype as w
+  // INT4/INT8 weights: when set, used instead of w and wdtype (wq_up instead of w_up), [out, in].
+  const QuantMatrix* wq = nullptr;
+  const QuantMatrix* wq_up = nullptr;
 };
 
 // Runs every job; all of them share one parallel section (q, k and v of a layer, or the gate and
 // up projections of all its experts, cost one hand-out of work, not one each). Throws
-// moemesh::Error, before computing anything, for a job with a null pointer, a negative size or
-// a weight type other than F32/F16/BF16.
+// moemesh::Error, before computing anything, for a job with a null pointer, a negative size, a
+// weight type other than F32/F16/BF16, or a quantized matrix of another shape.
 void matmul(std::span<const MatmulJob> jobs);
 
 // One job: y[rows, out] = x[rows, in] · W[out, in]ᵀ.

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include "kernels/cpu/gemm_block.h"
+#include "kernels/cpu/gemm_quant_tile.h"
 #include "kernels/cpu/gemm_tile.h"
 
 namespace moemesh::cpu {
@@ -29,6 +30,21 @@ struct Avx2Vec {
     }
   }
   static reg fma(reg a, reg b, reg acc) { return _mm256_fmadd_ps(a, b, acc); }
+  static constexpr int rn_quant = 2;  // + a scale and a zero per weight row
+  static reg set1(float v) { return _mm256_set1_ps(v); }
+  static reg fmsub(reg a, reg b, reg c) { return _mm256_fmsub_ps(a, b, c); }
+  template <int BITS>
+  static reg quant(const uint8_t* block, int h) {  // h 0: values 0-7 of the block, 1: values 8-15
+    __m128i b;
+    if constexpr (BITS == 8) {
+      b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 8 * h));
+    } else {
+      b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block));
+      if (h) b = _mm_srli_epi16(b, 4);
+      b = _mm_and_si128(b, _mm_set1_epi8(0x0F));
+    }
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+  }
   static float hsum(reg a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -42,6 +58,11 @@ struct Avx2Vec {
 void gemm_block_avx2(const void* w, DType dt, int64_t in, int64_t ldw, const float* const* xr, int64_t nrows,
                      int64_t nout, float* c, int64_t ldc) {
   GemmTiles<Avx2Vec>::run(w, dt, in, ldw, xr, nrows, nout, c, ldc);
+}
+
+void gemm_quant_block_avx2(const QuantMatrix& m, int64_t o0, int64_t nout, const float* const* xr, int64_t nrows,
+                           float* c, int64_t ldc) {
+  QuantTiles<Avx2Vec>::run(m, o0, nout, xr, nrows, c, ldc);
 }
 
 }  // namespace moemesh::cpu

@@ -8,6 +8,7 @@
 
 #include "kernels/cpu/avx512_hsum.h"
 #include "kernels/cpu/gemm_block.h"
+#include "kernels/cpu/gemm_quant_tile.h"
 #include "kernels/cpu/gemm_tile.h"
 
 namespace moemesh::cpu {
@@ -34,6 +35,20 @@ struct Avx512Vec {
     }
   }
   static reg fma(reg a, reg b, reg acc) { return _mm512_fmadd_ps(a, b, acc); }
+  static constexpr int rn_quant = 4;  // 4×4 accumulators + 4 x + 4 scales + 4 zeros + 1 weight
+  static reg set1(float v) { return _mm512_set1_ps(v); }
+  static reg fmsub(reg a, reg b, reg c) { return _mm512_fmsub_ps(a, b, c); }
+  template <int BITS>
+  static reg quant(const uint8_t* block, int) {  // the whole 16-value block
+    __m128i b;
+    if constexpr (BITS == 8) {
+      b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block));
+    } else {
+      const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block)), mask = _mm_set1_epi8(0x0F);
+      b = _mm_unpacklo_epi64(_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask));
+    }
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+  }
   static float hsum(reg a) { return hsum_avx512(a); }
 };
 
@@ -42,6 +57,11 @@ struct Avx512Vec {
 void gemm_block_avx512(const void* w, DType dt, int64_t in, int64_t ldw, const float* const* xr, int64_t nrows,
                        int64_t nout, float* c, int64_t ldc) {
   GemmTiles<Avx512Vec>::run(w, dt, in, ldw, xr, nrows, nout, c, ldc);
+}
+
+void gemm_quant_block_avx512(const QuantMatrix& m, int64_t o0, int64_t nout, const float* const* xr, int64_t nrows,
+                             float* c, int64_t ldc) {
+  QuantTiles<Avx512Vec>::run(m, o0, nout, xr, nrows, c, ldc);
 }
 
 }  // namespace moemesh::cpu

@@ -4,6 +4,7 @@
 
 #include "core/dtype.h"
 #include "kernels/cpu/cpu_features.h"
+#include "kernels/cpu/quant_matrix.h"
 
 namespace moemesh::cpu {
 
@@ -25,7 +26,18 @@ using GemmBf16DotFn = void (*)(const void* w, int64_t in, int64_t ldw, const uin
 void gemm_block_bf16dot_avx512bf16(const void* w, int64_t in, int64_t ldw, const uint16_t* const* xr, int64_t nrows,
                                    int64_t nout, float* c, int64_t ldc);
 
+// The same for a quantized matrix: rows [o0, o0 + nout) of m against x rows in m's padded order.
+using GemmQuantFn = void (*)(const QuantMatrix& m, int64_t o0, int64_t nout, const float* const* xr, int64_t nrows,
+                             float* c, int64_t ldc);
+void gemm_quant_block_portable(const QuantMatrix& m, int64_t o0, int64_t nout, const float* const* xr, int64_t nrows,
+                               float* c, int64_t ldc);
+void gemm_quant_block_avx2(const QuantMatrix& m, int64_t o0, int64_t nout, const float* const* xr, int64_t nrows,
+                           float* c, int64_t ldc);
+void gemm_quant_block_avx512(const QuantMatrix& m, int64_t o0, int64_t nout, const float* const* xr, int64_t nrows,
+                             float* c, int64_t ldc);
+
 GemmBlockFn gemm_block_for(Isa isa);
+GemmQuantFn gemm_quant_block_for(Isa isa);
 // The bf16 dot-product kernel when `isa` has one, else null (BF16 weights then go through
 // gemm_block_for(isa) with x rows rounded to bf16 and widened back to f32: the same products).
 GemmBf16DotFn gemm_bf16dot_for(Isa isa);

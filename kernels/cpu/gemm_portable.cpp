@@ -1,6 +1,7 @@
 // The portable kernel: plain C++ on 8-float vectors, the reference the SIMD kernels are tested
 // against and what runs on CPUs without AVX2.
 #include "kernels/cpu/gemm_block.h"
+#include "kernels/cpu/gemm_quant_tile.h"
 #include "kernels/cpu/gemm_tile.h"
 
 namespace moemesh::cpu {
@@ -38,6 +39,23 @@ struct PortableVec {
     for (int i = 0; i < lanes; ++i) acc.v[i] += a.v[i] * b.v[i];
     return acc;
   }
+  static constexpr int rn_quant = 2;
+  static reg set1(float v) {
+    reg r;
+    for (int i = 0; i < lanes; ++i) r.v[i] = v;
+    return r;
+  }
+  static reg fmsub(reg a, reg b, reg c) {
+    for (int i = 0; i < lanes; ++i) a.v[i] = a.v[i] * b.v[i] - c.v[i];
+    return a;
+  }
+  template <int BITS>
+  static reg quant(const uint8_t* block, int h) {  // h 0: values 0-7 of the block, 1: values 8-15
+    reg r;
+    for (int i = 0; i < lanes; ++i)
+      r.v[i] = BITS == 8 ? float(block[8 * h + i]) : float(h ? block[i] >> 4 : block[i] & 0x0F);
+    return r;
+  }
   static float hsum(reg a) {  // pairwise, like the SIMD reductions
     for (int w = lanes / 2; w >= 1; w /= 2)
       for (int i = 0; i < w; ++i) a.v[i] += a.v[i + w];
@@ -50,6 +68,25 @@ struct PortableVec {
 void gemm_block_portable(const void* w, DType dt, int64_t in, int64_t ldw, const float* const* xr, int64_t nrows,
                          int64_t nout, float* c, int64_t ldc) {
   GemmTiles<PortableVec>::run(w, dt, in, ldw, xr, nrows, nout, c, ldc);
+}
+
+void gemm_quant_block_portable(const QuantMatrix& m, int64_t o0, int64_t nout, const float* const* xr, int64_t nrows,
+                               float* c, int64_t ldc) {
+  QuantTiles<PortableVec>::run(m, o0, nout, xr, nrows, c, ldc);
+}
+
+GemmQuantFn gemm_quant_block_for(Isa isa) {
+  switch (isa) {
+#if defined(__x86_64__)
+    case Isa::Avx512Bf16:
+    case Isa::Avx512:
+      return gemm_quant_block_avx512;
+    case Isa::Avx2:
+      return gemm_quant_block_avx2;
+#endif
+    default:
+      return gemm_quant_block_portable;
+  }
 }
 
 GemmBlockFn gemm_block_for(Isa isa) {

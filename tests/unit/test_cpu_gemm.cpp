@@ -3,6 +3,9 @@
 // epilogues, gathers and strides, batch and thread invariance, and bad jobs.
 #include <gtest/gtest.h>
 
+#include <numeric>
+#include <random>
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -13,6 +16,7 @@
 #include "core/error.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/quant_matrix.h"
 #include "kernels/cpu/thread_pool.h"
 #include "tests/support/numeric.h"
 
@@ -243,6 +247,99 @@ TEST(CpuGemm, BadJobsAreRefusedByName) {
   j.epilogue = Job::Epilogue::Store;
   j.ldx = 2;
   EXPECT_THROW(cpu::matmul(std::span(&j, 1)), Error);
+}
+
+namespace {
+
+// A random INT4/INT8 matrix whose groups have the given sizes (some not multiples of 16, so
+// padded) and whose input channels are shuffled among the groups (as GPTQ's desc_act does).
+cpu::QuantMatrix random_quant(int bits, int64_t out, const std::vector<int64_t>& group_sizes, uint64_t seed) {
+  int64_t in = 0;
+  for (int64_t n : group_sizes) in += n;
+  cpu::QuantMatrix m;
+  m.shape(bits, out, in, group_sizes);
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> channels(static_cast<size_t>(in));
+  std::iota(channels.begin(), channels.end(), 0);
+  std::shuffle(channels.begin(), channels.end(), rng);
+  size_t next = 0;
+  for (int64_t g = 0; g < m.groups(); ++g)
+    for (int64_t k = 0; k < group_sizes[size_t(g)]; ++k)
+      m.source[size_t(m.group_start[size_t(g)] + k)] = channels[next++];
+  const int levels = 1 << bits;
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t k = 0; k < m.padded_in; ++k) m.set_quant(o, k, int(rng() % uint64_t(levels)));
+    for (int64_t g = 0; g < m.groups(); ++g) {
+      const float scale = f16_to_f32(f32_to_f16(0.002f + 0.01f * float(rng() % 1000) / 1000.0f));
+      m.scale[size_t(o * m.groups() + g)] = scale;
+      m.scaled_zero[size_t(o * m.groups() + g)] = scale * float(rng() % uint64_t(levels));
+    }
+  }
+  return m;
+}
+
+StoredWeight as_f32(const cpu::QuantMatrix& m) {
+  StoredWeight w(DType::F32, m.out, m.in, 0);
+  w.values = m.dequantize();
+  std::memcpy(w.bytes.data(), w.values.data(), w.bytes.size());
+  return w;
+}
+
+}  // namespace
+
+// INT4/INT8 products equal the product with the dequantized matrix (double precision, same
+// f32 bound as above) on every ISA, for padded groups, shuffled channels, gathers and SwiGlu.
+TEST(CpuGemm, QuantizedMatricesEqualTheirDequantizedProduct) {
+  KernelSettings restore;
+  for (int bits : {4, 8})
+    for (const auto& groups :
+         {std::vector<int64_t>{16, 16, 16, 16}, std::vector<int64_t>{13, 40, 7}, std::vector<int64_t>{100}}) {
+      const auto m = random_quant(bits, 37, groups, uint64_t(bits * 100 + groups.size()));
+      const auto up = random_quant(bits, 37, groups, uint64_t(bits * 100 + groups.size() + 1));
+      const StoredWeight w = as_f32(m), wu = as_f32(up);
+      for (cpu::Isa isa : cpu::runnable_isas()) {
+        cpu::force_isa(isa);
+        for (int64_t rows : {1, 3, 7, 20}) {
+          const auto xs = normals(size_t((rows + 2) * m.in), uint64_t(rows));
+          std::vector<int32_t> pick(static_cast<size_t>(rows));
+          for (int64_t r = 0; r < rows; ++r) pick[size_t(r)] = int32_t((r * 5 + 1) % (rows + 2));
+          std::vector<float> dense;
+          for (int32_t r : pick) dense.insert(dense.end(), xs.begin() + r * m.in, xs.begin() + (r + 1) * m.in);
+          std::vector<double> ref, mag, refu, magu;
+          reference(dense, rows, w, ref, mag);
+          reference(dense, rows, wu, refu, magu);
+          std::vector<float> y(size_t(rows * m.out), NAN), a(y.size(), NAN);
+          Job j{.x = xs.data(), .rows = rows, .in = m.in, .x_rows = pick.data(), .out = m.out, .y = y.data()};
+          j.wq = &m;
+          cpu::matmul(std::span(&j, 1));
+          j.epilogue = Job::Epilogue::SwiGlu, j.wq_up = &up, j.y = a.data();
+          cpu::matmul(std::span(&j, 1));
+          for (size_t i = 0; i < y.size(); ++i) {
+            ASSERT_LE(std::abs(double(y[i]) - ref[i]), double(m.in) * 0x1p-23 * mag[i] + 1e-30)
+                << cpu::isa_name(isa) << " bits " << bits << " rows " << rows << " entry " << i;
+            // silu' is within [-0.1, 1.1]: the gate's error moves the result by 1.1·|up| times it
+            const double g = ref[i], want = g / (1 + std::exp(-g)) * refu[i];
+            const double bound = double(m.in) * 0x1p-23 * (1.1 * mag[i] * std::abs(refu[i]) + std::abs(g) * magu[i]);
+            ASSERT_NEAR(a[i], want, bound + 1e-6 * std::abs(want)) << cpu::isa_name(isa) << " SwiGlu entry " << i;
+          }
+        }
+      }
+    }
+}
+
+TEST(CpuGemm, QuantizedMatrixOfAnotherShapeIsRefused) {
+  const auto m = random_quant(4, 8, {16}, 1);
+  std::vector<float> x(32), y(8);
+  Job j{.x = x.data(), .rows = 1, .in = 32, .out = 8, .y = y.data()};
+  j.wq = &m;
+  try {
+    cpu::matmul(std::span(&j, 1));
+    FAIL() << "a [8, 16] matrix was used for a product with 32 inputs";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("[8, 16]"), std::string::npos) << e.what();
+  }
+  j.in = 16, j.epilogue = Job::Epilogue::SwiGlu;
+  EXPECT_THROW(cpu::matmul(std::span(&j, 1)), Error);  // no wq_up
 }
 
 TEST(CpuFeatures, ParseAndForce) {

@@ -1,0 +1,97 @@
+// The register tiles of the INT4/INT8 weight products (kernels/cpu/quant_matrix.h), written once
+// over a vector type V and compiled per ISA beside GemmTiles (gemm_tile.h). Besides what GemmTiles
+// uses, V provides rn_quant (x rows per tile), set1(float), fmsub(a, b, c) = a·b - c and
+// quant<BITS>(const uint8_t* block, int h): part h (of 16 / lanes) of a 16-value block as floats.
+//
+// A weight vector is dequantized in registers, exactly (q·scale and zero·scale are exact in f32,
+// and so is their difference), then multiplied like an f32 weight: the result is the product
+// with the dequantized matrix, in the f32 kernels' order of additions per lane.
+#pragma once
+#include <cstdint>
+
+#include "kernels/cpu/gemm_tile.h"
+#include "kernels/cpu/quant_matrix.h"
+
+namespace moemesh::cpu {
+
+template <class V>
+struct QuantTiles {
+  static constexpr int L = V::lanes;
+  static constexpr int64_t B = QuantMatrix::kBlock;
+  using R = typename V::reg;
+
+  // c[r * ldc + i] = row o0 + i of m · xr[r] (xr in the matrix's padded order).
+  template <int BITS, int RM, int RN>
+  static void tile(const QuantMatrix& m, int64_t o0, const float* const* xr, float* c, int64_t ldc) {
+    const int64_t groups = m.groups(), row_bytes = m.row_bytes();
+    const uint8_t* q = m.q.data() + o0 * row_bytes;
+    R acc[RM][RN];
+    MOEMESH_UNROLL
+    for (int i = 0; i < RM; ++i) {
+      MOEMESH_UNROLL
+      for (int r = 0; r < RN; ++r) acc[i][r] = V::zero();
+    }
+    for (int64_t g = 0; g < groups; ++g) {
+      R s[RM], zs[RM];
+      MOEMESH_UNROLL
+      for (int i = 0; i < RM; ++i) {
+        s[i] = V::set1(m.scale[size_t((o0 + i) * groups + g)]);
+        zs[i] = V::set1(m.scaled_zero[size_t((o0 + i) * groups + g)]);
+      }
+      for (int64_t k = m.group_start[size_t(g)]; k < m.group_start[size_t(g + 1)]; k += B) {
+        MOEMESH_UNROLL
+        for (int h = 0; h < B / L; ++h) {
+          R xv[RN];
+          MOEMESH_UNROLL
+          for (int r = 0; r < RN; ++r) xv[r] = V::load(xr[r] + k + h * L);
+          MOEMESH_UNROLL
+          for (int i = 0; i < RM; ++i) {
+            const R w = V::fmsub(V::template quant<BITS>(q + i * row_bytes + k * BITS / 8, h), s[i], zs[i]);
+            MOEMESH_UNROLL
+            for (int r = 0; r < RN; ++r) acc[i][r] = V::fma(w, xv[r], acc[i][r]);
+          }
+        }
+      }
+    }
+    for (int i = 0; i < RM; ++i)
+      for (int r = 0; r < RN; ++r) c[r * ldc + i] = V::hsum(acc[i][r]);
+  }
+
+  template <int BITS, int RM>
+  static void rows_block(const QuantMatrix& m, int64_t o0, const float* const* xr, int64_t nrows, float* c,
+                         int64_t ldc) {
+    int64_t r = 0;
+    for (; r + V::rn_quant <= nrows; r += V::rn_quant) tile<BITS, RM, V::rn_quant>(m, o0, xr + r, c + r * ldc, ldc);
+    rest<BITS, RM, V::rn_quant - 1>(m, o0, xr + r, nrows - r, c + r * ldc, ldc);
+  }
+
+  template <int BITS, int RM, int RN>
+  static void rest(const QuantMatrix& m, int64_t o0, const float* const* xr, int64_t nrows, float* c, int64_t ldc) {
+    if constexpr (RN > 0) {
+      if (nrows == RN) return tile<BITS, RM, RN>(m, o0, xr, c, ldc);
+      rest<BITS, RM, RN - 1>(m, o0, xr, nrows, c, ldc);
+    }
+  }
+
+  template <int BITS>
+  static void block(const QuantMatrix& m, int64_t o0, int64_t nout, const float* const* xr, int64_t nrows, float* c,
+                    int64_t ldc) {
+    int64_t o = 0;
+    if (nrows == 1) {
+      for (; o + 8 <= nout; o += 8) tile<BITS, 8, 1>(m, o0 + o, xr, c + o, ldc);
+    } else {
+      for (; o + 4 <= nout; o += 4) rows_block<BITS, 4>(m, o0 + o, xr, nrows, c + o, ldc);
+    }
+    for (; o < nout; ++o) rows_block<BITS, 1>(m, o0 + o, xr, nrows, c + o, ldc);
+  }
+
+  static void run(const QuantMatrix& m, int64_t o0, int64_t nout, const float* const* xr, int64_t nrows, float* c,
+                  int64_t ldc) {
+    if (m.bits == 4)
+      block<4>(m, o0, nout, xr, nrows, c, ldc);
+    else
+      block<8>(m, o0, nout, xr, nrows, c, ldc);
+  }
+};
+
+}  // namespace moemesh::cpu
