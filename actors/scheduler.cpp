@@ -95,6 +95,7 @@ struct Seq {
   std::vector<BlockKey> prefix;  // its prompt's full blocks (salted), for prefix affinity
   int attempts = 0;        // failures (worker lost, error, timeout); preemptions do not count
   int requeues = 0;        // times sent back to the queue, for any reason
+  std::string failed_on;   // the worker of its latest failure: placed elsewhere when another has room
   bool admitted_once = false, first_token_seen = false;  // queue time and TTFT count once
   Clock::time_point last_token_at;
 
@@ -206,6 +207,7 @@ void requeue(Self* self, uint64_t id, const char* reason, const std::string& why
   ++s.requeues;
   s.resumed = int64_t(s.result->tokens.size());
   s.prefilled = 0;
+  if (failure) s.failed_on = s.worker;
   s.worker.clear();
   st.waiting.push_front(id, s.req->tenant, s.req->weight, s.req->priority);
 }
@@ -240,20 +242,22 @@ void make_room(Self* self, Worker& w) {
 }
 
 // Places waiting sequences, in fair order, on a usable worker with room for the sequence's
-// context: the one that was sent the longest part of its prompt's prefix, then the one with the
-// most free KV blocks, then the one with fewest sequences. Stops at the first sequence that fits
-// nowhere (no overtaking, so fairness and priorities hold).
+// context: one other than the worker it last failed on (a worker that stopped answering looks
+// the emptiest), then the one that was sent the longest part of its prompt's prefix, then the one
+// with the most free KV blocks, then the one with fewest sequences. Stops at the first sequence
+// that fits nowhere (no overtaking, so fairness and priorities hold).
 void place_waiting(Self* self) {
   auto& st = self->state;
   while (auto id = st.waiting.peek()) {
     Seq& s = st.seqs.at(*id);
     Worker* best = nullptr;
-    std::tuple<size_t, int64_t, int64_t> best_score;  // (prefix blocks, free blocks, -sequences)
+    std::tuple<bool, size_t, int64_t, int64_t> best_score;  // (not failed there, prefix blocks, free, -sequences)
     for (auto& [name, w] : st.workers) {
       if (!usable(w) || int64_t(w.running.size()) >= st.cfg.max_running_per_worker) continue;
       const int64_t free = w.kv_blocks > 0 ? w.kv_blocks - st.blocks_next_step(w) : INT64_MAX / 2;
       if (free < blocks_for(s.kv_tokens_next_step())) continue;
-      const auto score = std::make_tuple(w.prefixes.matching(s.prefix), free, -int64_t(w.running.size()));
+      const auto score =
+          std::make_tuple(name != s.failed_on, w.prefixes.matching(s.prefix), free, -int64_t(w.running.size()));
       if (!best || score > best_score) {
         best = &w;
         best_score = score;

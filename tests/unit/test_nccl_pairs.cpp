@@ -20,6 +20,7 @@
 #include "actors/zmq_bridge.h"
 #include "core/error.h"
 #include "tests/support/eventually.h"
+#include "tests/support/loopback_coordinator.h"
 
 using namespace moemesh;
 using namespace moemesh::actors;
@@ -34,6 +35,7 @@ caf::actor_system_config& config() {
 }
 
 using moemesh::testing::eventually;
+using moemesh::testing::LoopbackCoordinator;
 
 class FakeCommunicator final : public Transport {
  public:
@@ -169,43 +171,22 @@ std::optional<pb::NcclPairId> last_about(Member& m, const std::string& host, pb:
   return found;
 }
 
+// The coordinator under test: two MoE layers of four experts, two expert host slots.
+CoordinatorConfig coordinator_config() {
+  CoordinatorConfig cc;
+  cc.moe_layers = {0, 1};
+  cc.num_experts = 4;
+  cc.expert_hosts = 2;
+  cc.heartbeat_timeout = 60s;
+  cc.publish_interval = 50ms;
+  return cc;
+}
+
 }  // namespace
-
-// The router's coordinator on loopback, stopped on scope exit (a failed ASSERT included).
-class Coordinator {
- public:
-  explicit Coordinator(caf::actor_system& sys) : bridge_(sys) {
-    const int control =
-        bridge_.add({.name = "control", .type = zmq::socket_type::router, .endpoint = "tcp://127.0.0.1:*", .bind = true});
-    const int publish =
-        bridge_.add({.name = "placement", .type = zmq::socket_type::pub, .endpoint = "tcp://127.0.0.1:*", .bind = true});
-    bridge_.start();
-    CoordinatorConfig cc;
-    cc.moe_layers = {0, 1};
-    cc.num_experts = 4;
-    cc.expert_hosts = 2;
-    cc.heartbeat_timeout = 60s;
-    cc.publish_interval = 50ms;
-    actor_ = spawn_coordinator(sys, bridge_, control, publish, cc, caf::actor{});
-    control_ = bridge_.endpoint(control);
-    placement_ = bridge_.endpoint(publish);
-  }
-  ~Coordinator() {
-    caf::anon_send_exit(actor_, caf::exit_reason::user_shutdown);
-    bridge_.stop();
-  }
-  const std::string& control() const { return control_; }
-  const std::string& placement() const { return placement_; }
-
- private:
-  ZmqBridge bridge_;
-  caf::actor actor_;
-  std::string control_, placement_;
-};
 
 TEST(NcclPairs, CoordinatorRelaysTheIdAndOnlyGpuNcclPairsSwitch) {
   caf::actor_system sys{config()};
-  Coordinator coordinator(sys);
+  LoopbackCoordinator coordinator(sys, coordinator_config());
   const std::string ctl = coordinator.control(), pub = coordinator.placement();
 
   FakeNccl nccl;
