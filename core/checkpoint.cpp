@@ -128,6 +128,7 @@ std::shared_ptr<Checkpoint> Checkpoint::open(const fs::path& dir) {
   std::shared_ptr<Checkpoint> ck(new Checkpoint());
   ck->dir_ = dir;
   ck->config_ = ModelConfig::load(dir / "config.json");
+  ck->gptq_ = read_gptq_config(read_json_file(dir / "config.json"), dir);
 
   // Where each tensor lives, and the file to blame for a missing one.
   std::string missing_blame;
@@ -178,8 +179,20 @@ std::shared_ptr<Checkpoint> Checkpoint::open(const fs::path& dir) {
     throw Error(dir.string() + ": no " + safetensors::kSingleFile + " or " + safetensors::kIndexFile);
   }
 
+  const TensorLookup find = [&](const std::string& n) -> const TensorInfo* {
+    auto it = ck->tensors_.find(n);
+    return it == ck->tensors_.end() ? nullptr : &it->second;
+  };
   for (const ExpectedTensor& x : expected_tensors(ck->config_)) {
     auto it = ck->tensors_.find(x.name);
+    const std::string module = module_of(x.name);
+    if (it == ck->tensors_.end() && x.shape.size() == 2 && find(module + ".qweight")) {
+      if (!ck->gptq_)
+        throw Error("tensor " + x.name + " is missing; " + module +
+                    ".qweight suggests a GPTQ checkpoint, but config.json has no quantization_config");
+      check_gptq_tensors(*ck->gptq_, module, x.shape[0], x.shape[1], find);
+      continue;
+    }
     if (it == ck->tensors_.end()) {
       std::string msg = missing_blame;
       msg.replace(msg.find("%s"), 2, x.name);
@@ -249,6 +262,37 @@ Weight Checkpoint::map(const std::string& tensor) const {
   return w;
 }
 
+Weight Checkpoint::map_linear(const std::string& weight_tensor) const {
+  if (has(weight_tensor) || !gptq_) return map(weight_tensor);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto it = quantized_.find(weight_tensor); it != quantized_.end()) return it->second;
+  }
+  const std::string module = module_of(weight_tensor);
+  const Weight qweight = map(module + ".qweight"), qzeros = map(module + ".qzeros"), scales = map(module + ".scales");
+  const Weight g_idx = has(module + ".g_idx") ? map(module + ".g_idx") : Weight{};
+  const int64_t in = qweight.rows() * gptq_->pack(), out = qweight.cols();
+  GptqTensors t;
+  t.qweight = static_cast<const int32_t*>(qweight.data);
+  t.qzeros = static_cast<const int32_t*>(qzeros.data);
+  t.scales = scales.data;
+  t.scales_dtype = scales.dtype;
+  t.g_idx = static_cast<const int32_t*>(g_idx.data);
+  Weight w;
+  w.name = weight_tensor;
+  w.dtype = DType::I32;
+  w.shape = {out, in};
+  w.data = qweight.data;
+  w.quant = std::make_shared<const cpu::QuantMatrix>(repack_gptq(*gptq_, module, out, in, t));
+  std::lock_guard<std::mutex> lock(mu_);
+  // The kernels read the repacked copy: the checkpoint's pages can go (they stay mapped, so the
+  // tensors still count as this process's share, and would be read again from the file).
+  for (const char* suffix : {".qweight", ".qzeros", ".scales", ".g_idx"})
+    if (auto it = mappings_.find(module + suffix); it != mappings_.end() && it->second->base)
+      ::madvise(it->second->base, it->second->length, MADV_DONTNEED);
+  return quantized_.emplace(weight_tensor, w).first->second;
+}
+
 uint64_t Checkpoint::mapped_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   uint64_t n = 0;
@@ -270,15 +314,22 @@ ModelWeights Checkpoint::load(const WeightSelection& sel) const {
       throw Error(name() + ": selection asks for expert " + std::to_string(expert) + " of layer " +
                   std::to_string(layer) + ", which the model does not have");
 
+  // The gate and up projections run as one product (a SwiGLU job): both quantized or neither.
+  auto checked = [](MlpWeights m) {
+    if (bool(m.gate.quant) != bool(m.up.quant))
+      throw Error("tensors " + m.gate.name + " and " + m.up.name +
+                  ": one is GPTQ-quantized and the other is not; both or neither are supported");
+    return m;
+  };
   auto mlp = [&](const std::string& prefix) {
-    return MlpWeights{map(mlp_tensor(prefix, c, "gate")), map(mlp_tensor(prefix, c, "up")),
-                      map(mlp_tensor(prefix, c, "down"))};
+    return checked(MlpWeights{map_linear(mlp_tensor(prefix, c, "gate")), map_linear(mlp_tensor(prefix, c, "up")),
+                              map_linear(mlp_tensor(prefix, c, "down"))});
   };
   ModelWeights w;
   if (sel.dense_parts) {
     w.embed = map("model.embed_tokens.weight");
     w.final_norm = map("model.norm.weight");
-    w.lm_head = c.tie_word_embeddings ? w.embed : map("lm_head.weight");
+    w.lm_head = c.tie_word_embeddings ? w.embed : map_linear("lm_head.weight");
   }
   w.layers.resize(size_t(c.num_hidden_layers));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
@@ -289,12 +340,12 @@ ModelWeights Checkpoint::load(const WeightSelection& sel) const {
     if (sel.dense_parts) {
       L.input_norm = map(p + "input_layernorm.weight");
       L.post_attention_norm = map(p + "post_attention_layernorm.weight");
-      L.q = map(p + "self_attn.q_proj.weight");
-      L.k = map(p + "self_attn.k_proj.weight");
-      L.v = map(p + "self_attn.v_proj.weight");
-      L.o = map(p + "self_attn.o_proj.weight");
+      L.q = map_linear(p + "self_attn.q_proj.weight");
+      L.k = map_linear(p + "self_attn.k_proj.weight");
+      L.v = map_linear(p + "self_attn.v_proj.weight");
+      L.o = map_linear(p + "self_attn.o_proj.weight");
       if (L.moe) {
-        L.router = map(router_tensor(c, l));
+        L.router = map_linear(router_tensor(c, l));
         if (c.arch == Arch::DeepSeek && c.n_shared_experts > 0) L.shared = mlp(shared_prefix(l));
       } else {
         L.dense = mlp(dense_prefix(l));
@@ -303,8 +354,9 @@ ModelWeights Checkpoint::load(const WeightSelection& sel) const {
     if (L.moe)
       for (int64_t e = 0; e < c.num_experts; ++e)
         if (sel.wants_expert(l, e))
-          L.experts[size_t(e)] = MlpWeights{map(expert_tensor(c, l, e, "gate")), map(expert_tensor(c, l, e, "up")),
-                                            map(expert_tensor(c, l, e, "down"))};
+          L.experts[size_t(e)] =
+              checked(MlpWeights{map_linear(expert_tensor(c, l, e, "gate")), map_linear(expert_tensor(c, l, e, "up")),
+                                 map_linear(expert_tensor(c, l, e, "down"))});
   }
   return w;
 }

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/gptq.h"
 #include "core/model_config.h"
 
 namespace moemesh {
@@ -33,11 +34,14 @@ struct TensorInfo {
 };
 
 // A read-only view of a mapped tensor. Row-major; for a Linear weight shape = {out, in}.
+// A GPTQ-quantized Linear has `quant` (its INT4/INT8 values repacked for the kernels), dtype I32
+// and data pointing at its qweight, so code that reads only F32/F16/BF16 refuses it by name.
 struct Weight {
   std::string name;
   DType dtype = DType::F32;
   std::vector<int64_t> shape;
   const void* data = nullptr;
+  std::shared_ptr<const cpu::QuantMatrix> quant;
   bool empty() const { return data == nullptr; }
   int64_t rows() const { return shape.empty() ? 0 : shape[0]; }
   int64_t cols() const { return shape.size() < 2 ? 1 : shape[1]; }
@@ -102,6 +106,11 @@ class Checkpoint {
 
   // Maps the tensor's bytes (once; later calls return the same view).
   Weight map(const std::string& tensor) const;
+  // A Linear weight by its ".weight" name: map(), or for a GPTQ-quantized module its tensors
+  // mapped, checked and repacked (once), their pages then given back.
+  Weight map_linear(const std::string& weight_tensor) const;
+  // The checkpoint's GPTQ settings; nullopt for a float checkpoint.
+  const std::optional<GptqConfig>& quantization() const { return gptq_; }
   // Total bytes of tensor data currently mapped (for "maps only its share" checks).
   uint64_t mapped_bytes() const;
   std::vector<std::string> mapped_tensors() const;
@@ -124,7 +133,9 @@ class Checkpoint {
   std::filesystem::path dir_;
   ModelConfig config_;
   std::map<std::string, TensorInfo> tensors_;
+  std::optional<GptqConfig> gptq_;
   mutable std::map<std::string, std::unique_ptr<Mapping>> mappings_;
+  mutable std::map<std::string, Weight> quantized_;  // by ".weight" name
   mutable std::mutex mu_;
 };
 

@@ -11,6 +11,7 @@ cpu::MatmulJob projection_job(const float* x, int64_t rows, const Weight& w, flo
   j.wdtype = w.dtype;
   j.out = w.rows();
   j.y = y;
+  j.wq = w.quant.get();
   return j;
 }
 
@@ -19,6 +20,7 @@ cpu::MatmulJob swiglu_job(const float* x, int64_t hidden, int64_t all_rows, cons
   j.in = hidden;
   j.epilogue = cpu::MatmulJob::Epilogue::SwiGlu;
   j.w_up = w.up.data;
+  j.wq_up = w.up.quant.get();
   return j;
 }
 

@@ -477,6 +477,9 @@ class CudaBackend final : public ComputeBackend {
   // The device copy of a weight, uploaded on first use.
   const void* weight(const Weight& w) {
     if (w.empty()) throw Error("cuda backend: weight " + w.name + " is not loaded");
+    if (w.quant)
+      throw Error("cuda backend: weight " + w.name +
+                  " is GPTQ-quantized; the CUDA kernels for INT4/INT8 weights are not built yet (run on the CPU)");
     std::lock_guard lock(weights_mu_);
     // Keyed by what the bytes are, not only where: a later tensor mapped at a reused address
     // gets its own copy.

@@ -61,7 +61,7 @@ TEST(ComputeBackend, GroupedMlpIsEachExpertOverItsRows) {
   std::vector<std::vector<float>> storage;
   auto weight = [&](int64_t rows, int64_t cols) {
     storage.push_back(values(size_t(rows * cols)));
-    return Weight{"w", DType::F32, {rows, cols}, storage.back().data()};
+    return Weight{"w", DType::F32, {rows, cols}, storage.back().data(), nullptr};
   };
   storage.reserve(6);
   const MlpWeights a{weight(inter, hidden), weight(inter, hidden), weight(hidden, inter)};

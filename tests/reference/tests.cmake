@@ -16,16 +16,12 @@ endforeach()
 # the dequantized weights. Its NumPy pack/unpack self-test needs no binary and runs now.
 add_test(NAME reference_gptq_self_test COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/gptq_reference.py --self-test)
 set_tests_properties(reference_gptq_self_test PROPERTIES LABELS unit TIMEOUT 60)
-# The model and error cases need the C++ GPTQ loader, which does not exist yet: turn this on when
-# it lands (issue #13); until then every one of them fails at the missing .weight tensors.
-option(MOEMESH_GPTQ_REFERENCE_TESTS "Run the GPTQ reference cases (needs the GPTQ loader, issue #13)" OFF)
-if(MOEMESH_GPTQ_REFERENCE_TESTS)
-  set(MOEMESH_GPTQ_REFERENCE_CASES
-    gptq_mixtral_int4_g16_sym gptq_mixtral_int8_gall_asym gptq_mixtral_int4_descact gptq_deepseek_int4_g16_shared
-    gptq_errors)
-  foreach(case ${MOEMESH_GPTQ_REFERENCE_CASES})
-    add_test(NAME reference_${case}
-             COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/gptq_reference.py --cli $<TARGET_FILE:moemesh> --case ${case})
-    set_tests_properties(reference_${case} PROPERTIES LABELS unit TIMEOUT 60 ENVIRONMENT OPENBLAS_NUM_THREADS=1)
-  endforeach()
-endif()
+# The model and error cases run moemesh on them (core/gptq, kernels/cpu/quant_matrix).
+set(MOEMESH_GPTQ_REFERENCE_CASES
+  gptq_mixtral_int4_g16_sym gptq_mixtral_int8_gall_asym gptq_mixtral_int4_descact gptq_deepseek_int4_g16_shared
+  gptq_errors)
+foreach(case ${MOEMESH_GPTQ_REFERENCE_CASES})
+  add_test(NAME reference_${case}
+           COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/gptq_reference.py --cli $<TARGET_FILE:moemesh> --case ${case})
+  set_tests_properties(reference_${case} PROPERTIES LABELS unit TIMEOUT 60)
+endforeach()
