@@ -59,7 +59,8 @@ const MlpWeights& HostedExperts::mlp(int32_t layer, int32_t expert) const {
 uint64_t HostedExperts::expected_bytes() const {
   uint64_t n = 0;
   for (const auto& [l, e] : experts_)
-    for (const char* which : {"gate", "up", "down"}) n += ckpt_->info(Checkpoint::expert_tensor(config(), l, e, which)).nbytes;
+    for (const char* which : {"gate", "up", "down"})
+      n += ckpt_->linear_bytes(Checkpoint::expert_tensor(config(), l, e, which));
   return n;
 }
 
@@ -108,7 +109,8 @@ void compute_experts(const HostedExperts& hosted, BatchJob& job, const BatchRows
 
 }  // namespace
 
-void run_batch(const HostedExperts& experts, ComputePool& pool, BatchJobPtr job, std::function<void(BatchJobPtr)> done) {
+void run_batch(const HostedExperts& experts, ComputePool& pool, BatchJobPtr job,
+               std::function<void(BatchJobPtr)> done) {
   const int64_t hidden = experts.hidden();
   std::map<int32_t, std::vector<Slice>> per_expert;  // ordered by expert id
   auto batch = std::make_shared<BatchRows>();

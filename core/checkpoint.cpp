@@ -293,6 +293,15 @@ Weight Checkpoint::map_linear(const std::string& weight_tensor) const {
   return quantized_.emplace(weight_tensor, w).first->second;
 }
 
+uint64_t Checkpoint::linear_bytes(const std::string& weight_tensor) const {
+  if (has(weight_tensor) || !gptq_) return info(weight_tensor).nbytes;
+  uint64_t n = 0;
+  const std::string module = module_of(weight_tensor);
+  for (const char* suffix : {".qweight", ".qzeros", ".scales", ".g_idx"})
+    if (has(module + suffix)) n += info(module + suffix).nbytes;
+  return n;
+}
+
 uint64_t Checkpoint::mapped_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   uint64_t n = 0;

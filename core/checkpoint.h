@@ -60,10 +60,10 @@ struct LayerWeights {
   Weight input_norm, post_attention_norm;  // {hidden}
   Weight q, k, v, o;                       // q {heads*hd, hidden}, k/v {kv_heads*hd, hidden}, o {hidden, heads*hd}
   bool moe = false;
-  Weight router;                              // {num_experts, hidden}; MoE layers only
+  Weight router;                                   // {num_experts, hidden}; MoE layers only
   std::vector<std::optional<MlpWeights>> experts;  // size num_experts; nullopt where not loaded
-  std::optional<MlpWeights> shared;            // DeepSeek shared experts (fused, one MLP)
-  std::optional<MlpWeights> dense;             // dense MLP of a non-MoE layer
+  std::optional<MlpWeights> shared;                // DeepSeek shared experts (fused, one MLP)
+  std::optional<MlpWeights> dense;                 // dense MLP of a non-MoE layer
 };
 
 struct ModelWeights {
@@ -75,17 +75,13 @@ struct ModelWeights {
 
 // Which parts of the model a process maps.
 struct WeightSelection {
-  bool dense_parts = true;  // embeddings, norms, attention, routers, shared/dense MLPs, lm_head
-  bool all_experts = true;  // every routed expert
+  bool dense_parts = true;                        // embeddings, norms, attention, routers, shared/dense MLPs, lm_head
+  bool all_experts = true;                        // every routed expert
   std::set<std::pair<int64_t, int64_t>> experts;  // (layer, expert) when !all_experts
   static WeightSelection all() { return {}; }
   static WeightSelection attention_side() { return {true, false, {}}; }
-  static WeightSelection only_experts(std::set<std::pair<int64_t, int64_t>> e) {
-    return {false, false, std::move(e)};
-  }
-  bool wants_expert(int64_t layer, int64_t expert) const {
-    return all_experts || experts.count({layer, expert}) > 0;
-  }
+  static WeightSelection only_experts(std::set<std::pair<int64_t, int64_t>> e) { return {false, false, std::move(e)}; }
+  bool wants_expert(int64_t layer, int64_t expert) const { return all_experts || experts.count({layer, expert}) > 0; }
 };
 
 class Checkpoint {
@@ -109,6 +105,8 @@ class Checkpoint {
   // A Linear weight by its ".weight" name: map(), or for a GPTQ-quantized module its tensors
   // mapped, checked and repacked (once), their pages then given back.
   Weight map_linear(const std::string& weight_tensor) const;
+  // The bytes a Linear weight is stored in: its ".weight", or a GPTQ module's four tensors.
+  uint64_t linear_bytes(const std::string& weight_tensor) const;
   // The checkpoint's GPTQ settings; nullopt for a float checkpoint.
   const std::optional<GptqConfig>& quantization() const { return gptq_; }
   // Total bytes of tensor data currently mapped (for "maps only its share" checks).
@@ -119,7 +117,8 @@ class Checkpoint {
   ModelWeights load(const WeightSelection& sel = WeightSelection::all()) const;
 
   // The HF tensor names this config implies.
-  static std::string expert_tensor(const ModelConfig& c, int64_t layer, int64_t expert, const char* which /*gate|up|down*/);
+  static std::string expert_tensor(const ModelConfig& c, int64_t layer, int64_t expert,
+                                   const char* which /*gate|up|down*/);
   struct ExpectedTensor {
     std::string name;
     std::vector<int64_t> shape;

@@ -125,7 +125,7 @@ uint64_t last_level_cache_bytes() {
 // Bytes read per token at batch 1, by part of the model, in print order.
 struct ActiveBytes {
   std::vector<std::pair<std::string, uint64_t>> parts;
-  std::map<DType, uint64_t> by_dtype;
+  std::map<std::string, uint64_t> by_dtype;  // "bf16", "int4", ...
   uint64_t total() const {
     uint64_t t = 0;
     for (const auto& [name, b] : parts) t += b;
@@ -133,16 +133,27 @@ struct ActiveBytes {
   }
 };
 
-uint64_t weight_bytes(const Weight& w) { return w.empty() ? 0 : uint64_t(w.numel()) * dtype_size(w.dtype); }
+// What the kernels read of a weight: its stored bytes, or a quantized matrix's values, scales and zeros.
+uint64_t weight_bytes(const Weight& w) {
+  if (w.quant) return w.quant->q.size() + (w.quant->scale.size() + w.quant->scaled_zero.size()) * sizeof(float);
+  return w.empty() ? 0 : uint64_t(w.numel()) * dtype_size(w.dtype);
+}
+
+// The CLI's spelling of what a weight holds: bf16, f16, f32, int4, int8.
+std::string weight_kind(const Weight& w) {
+  std::string s = w.quant ? "int" + std::to_string(w.quant->bits) : std::string(dtype_name(w.dtype));
+  for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
 
 ActiveBytes active_bytes_per_token(const ModelConfig& cfg, const ModelWeights& w) {
   uint64_t attention = 0, norms = 0, router = 0, routed = 0, shared = 0, dense = 0;
-  std::map<DType, uint64_t> by_dtype;
+  std::map<std::string, uint64_t> by_dtype;
   // Adds a weight read once per token to a part (and to its dtype's share).
   auto add = [&](uint64_t& part, const Weight& x) {
     const uint64_t b = weight_bytes(x);
     part += b;
-    by_dtype[x.dtype] += b;
+    by_dtype[weight_kind(x)] += b;
   };
   auto add_mlp = [&](uint64_t& part, const MlpWeights& m) {
     add(part, m.gate);
@@ -158,12 +169,12 @@ ActiveBytes active_bytes_per_token(const ModelConfig& cfg, const ModelWeights& w
       add(router, lw.router);
       // k experts per token: k times the average expert (all experts of a checkpoint have one shape).
       uint64_t sum = 0, n = 0;
-      std::map<DType, uint64_t> expert_dtypes;
+      std::map<std::string, uint64_t> expert_dtypes;
       for (const auto& e : lw.experts) {
         if (!e) continue;
         for (const Weight* x : {&e->gate, &e->up, &e->down}) {
           sum += weight_bytes(*x);
-          expert_dtypes[x->dtype] += weight_bytes(*x);
+          expert_dtypes[weight_kind(*x)] += weight_bytes(*x);
         }
         ++n;
       }
@@ -181,23 +192,21 @@ ActiveBytes active_bytes_per_token(const ModelConfig& cfg, const ModelWeights& w
   add(final_norm, w.final_norm);
   add(lm_head, w.lm_head);
   const uint64_t embed_row = uint64_t(w.embed.cols()) * dtype_size(w.embed.dtype);
-  by_dtype[w.embed.dtype] += embed_row;
-  a.parts = {{"attention", attention},   {"layer_norms", norms},         {"router", router},
-             {"routed_experts", routed}, {"shared_experts", shared},     {"dense_mlp", dense},
-             {"final_norm", final_norm}, {"lm_head", lm_head},           {"embedding_row", embed_row}};
+  by_dtype[weight_kind(w.embed)] += embed_row;
+  a.parts = {{"attention", attention},   {"layer_norms", norms},     {"router", router},
+             {"routed_experts", routed}, {"shared_experts", shared}, {"dense_mlp", dense},
+             {"final_norm", final_norm}, {"lm_head", lm_head},       {"embedding_row", embed_row}};
   a.by_dtype = std::move(by_dtype);
   return a;
 }
 
-// The dtype holding most of the active bytes, in the CLI's spelling (bf16, f16, f32).
+// The kind of weight holding most of the active bytes (bf16, f16, f32, int4, int8).
 std::string main_dtype(const ActiveBytes& a) {
-  DType best = DType::F32;
+  std::string best = "f32";
   uint64_t most = 0;
-  for (const auto& [dt, b] : a.by_dtype)
-    if (b > most) best = dt, most = b;
-  std::string s(dtype_name(best));
-  for (char& c : s) c = char(std::tolower(static_cast<unsigned char>(c)));
-  return s;
+  for (const auto& [kind, b] : a.by_dtype)
+    if (b > most) best = kind, most = b;
+  return best;
 }
 
 // Valid, varied token ids (all below the vocabulary); `salt` makes each sequence different.
@@ -237,7 +246,8 @@ double time_decode(Engine& engine, int64_t batch, int64_t warmup, int64_t steps)
   const int64_t vocab = engine.config().vocab_size;
   Sequences seqs(engine, batch);
   std::vector<StepInput> in(static_cast<size_t>(batch));
-  for (int64_t b = 0; b < batch; ++b) in[size_t(b)] = StepInput{seqs.ids[size_t(b)], prompt_ids(kDecodePrompt, b, vocab)};
+  for (int64_t b = 0; b < batch; ++b)
+    in[size_t(b)] = StepInput{seqs.ids[size_t(b)], prompt_ids(kDecodePrompt, b, vocab)};
   auto step = [&] {
     std::vector<StepOutput> out = engine.step(in);
     for (size_t b = 0; b < in.size(); ++b) in[b].tokens.assign(1, argmax(out[b].logits));
@@ -275,8 +285,10 @@ void run_bench_engine(const BenchEngineArgs& a) {
   const ModelConfig& cfg = ckpt->config();
   const int64_t decode_len = kDecodePrompt + a.warmup + a.decode_tokens;
   if (decode_len > cfg.max_position_embeddings)
-    throw Error("decode needs " + std::to_string(decode_len) + " positions (32-token prompt + --warmup + --decode-tokens), "
-                "more than the model's " + std::to_string(cfg.max_position_embeddings));
+    throw Error("decode needs " + std::to_string(decode_len) +
+                " positions (32-token prompt + --warmup + --decode-tokens), "
+                "more than the model's " +
+                std::to_string(cfg.max_position_embeddings));
   if (a.prefill_tokens > cfg.max_position_embeddings)
     throw Error("--prefill-tokens " + std::to_string(a.prefill_tokens) + " is more than the model's " +
                 std::to_string(cfg.max_position_embeddings) + " positions");
@@ -285,8 +297,8 @@ void run_bench_engine(const BenchEngineArgs& a) {
   // KV room for the largest measurement; sequences are freed between measurements.
   auto blocks = [](int64_t len) { return (len + KvCache::kBlockSize - 1) / KvCache::kBlockSize + 1; };
   EngineOptions opts;
-  opts.kv_blocks = std::max(*std::max_element(batches.begin(), batches.end()) * blocks(decode_len + 1),
-                            blocks(a.prefill_tokens));
+  opts.kv_blocks =
+      std::max(*std::max_element(batches.begin(), batches.end()) * blocks(decode_len + 1), blocks(a.prefill_tokens));
   Engine engine(ckpt, opts);
 
   const ActiveBytes active = active_bytes_per_token(cfg, engine.weights());
@@ -294,8 +306,8 @@ void run_bench_engine(const BenchEngineArgs& a) {
   const std::string dtype = main_dtype(active);
   const bool human = !a.json;
   if (human) {
-    std::cout << "bench-engine: " << ckpt->name() << " (" << arch_name(cfg.arch) << ", " << dtype << "), "
-              << threads << " threads\n";
+    std::cout << "bench-engine: " << ckpt->name() << " (" << arch_name(cfg.arch) << ", " << dtype << "), " << threads
+              << " threads\n";
     std::cout << "active bytes per token at batch 1:\n";
     for (const auto& [name, b] : active.parts)
       if (b) std::cout << "  " << std::left << std::setw(16) << name << std::right << std::setw(14) << mib(b) << "\n";
@@ -343,15 +355,16 @@ void run_bench_engine(const BenchEngineArgs& a) {
   if (!batch1_tok_s) batch1_tok_s = median(measure_decode(1).first);
 
   std::vector<double> prefill_rates;
-  for (int64_t r = 0; r < a.repeats; ++r) prefill_rates.push_back(double(a.prefill_tokens) / time_prefill(engine, a.prefill_tokens));
+  for (int64_t r = 0; r < a.repeats; ++r)
+    prefill_rates.push_back(double(a.prefill_tokens) / time_prefill(engine, a.prefill_tokens));
   const double prefill_tok_s = median(prefill_rates);
   const double ratio = *batch1_tok_s / roofline;
 
   if (human) {
     std::cout << "prefill of " << a.prefill_tokens << " tokens in one step: " << fmt("%.2f tok/s", prefill_tok_s)
               << "\n"
-              << "decode roofline ratio (batch 1): " << fmt("%.3f", ratio) << "  ("
-              << fmt("%.2f", *batch1_tok_s) << " tok/s x " << mib(active_total) << " = "
+              << "decode roofline ratio (batch 1): " << fmt("%.3f", ratio) << "  (" << fmt("%.2f", *batch1_tok_s)
+              << " tok/s x " << mib(active_total) << " = "
               << fmt("%.2f GB/s", *batch1_tok_s * double(active_total) / 1e9) << " of weights read)\n";
     return;
   }
@@ -392,8 +405,7 @@ void add_bench_engine(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--decode-tokens", a->decode_tokens, "timed decode steps per measurement")->capture_default_str();
   cmd->add_option("--warmup", a->warmup, "untimed decode steps before the timed ones")->capture_default_str();
-  cmd->add_option("--repeats", a->repeats, "measurements per number (the median is reported)")
-      ->capture_default_str();
+  cmd->add_option("--repeats", a->repeats, "measurements per number (the median is reported)")->capture_default_str();
   cmd->add_option("--threads", a->threads, "compute and bandwidth threads (default: the CPUs this process may use)");
   cmd->add_flag("--json", a->json, "print one JSON object");
   cmd->callback([a] { run_bench_engine(*a); });

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """cluster_matches_reference: a real cluster (1 router, 2 attention workers, 4 expert hosts;
-then the same with --replicas 2) computes exactly what `moemesh generate` computes in-process.
+then the same with --replicas 2) computes exactly what `moemesh generate` computes in-process;
+with --int4-experts on a checkpoint whose experts are GPTQ INT4 and attention float.
 
 Concurrent requests (token-id and text prompts, one crossing a 16-token KV block), greedy: same
 tokens, logits within 1e-5 relative per row; a seeded sampled request (temperature 0.8, seed 7):
@@ -108,6 +109,13 @@ def run_variant(args, tmp, cli, model, arch, reqs, refs, replicas):
 def test(args, tmp):
     cli = H.Cli(args.cli, dict(os.environ, OPENBLAS_NUM_THREADS="1"))
     model = cli.mkmodel(args.arch, os.path.join(tmp, f"{args.arch}-tiny"), seed=11)
+    if args.int4_experts:
+        # Experts in GPTQ INT4, attention left in the checkpoint's float type: expert hosts and
+        # attention workers each serve what the checkpoint holds for their part.
+        quantized = os.path.join(tmp, f"{args.arch}-tiny-int4")
+        cli.run("quantize", "--model", model, "--out", quantized, "--bits", "4", "--group-size", "32",
+                "--skip-attention")
+        model = quantized
     with open(os.path.join(model, "config.json")) as f:
         reqs = requests(json.load(f)["vocab_size"])
     t0 = time.monotonic()
@@ -118,4 +126,8 @@ def test(args, tmp):
 
 
 if __name__ == "__main__":
-    H.main(test, lambda p: p.add_argument("--arch", required=True, choices=["mixtral", "deepseek"]))
+    def options(p):
+        p.add_argument("--arch", required=True, choices=["mixtral", "deepseek"])
+        p.add_argument("--int4-experts", action="store_true", help="quantize the experts (moemesh quantize) first")
+
+    H.main(test, options)

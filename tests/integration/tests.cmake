@@ -18,6 +18,8 @@ endfunction()
 
 moemesh_cluster_test(cluster_matches_reference_mixtral test_cluster_matches_reference.py 120 --arch mixtral)
 moemesh_cluster_test(cluster_matches_reference_deepseek test_cluster_matches_reference.py 120 --arch deepseek)
+moemesh_cluster_test(cluster_matches_reference_int4_experts test_cluster_matches_reference.py 120 --arch mixtral
+                     --int4-experts)
 moemesh_cluster_test(expert_hosts_map_only_their_share test_expert_hosts_map_only_their_share.py 60)
 moemesh_cluster_test(garbage_to_every_port test_garbage_to_every_port.py 90)
 moemesh_cluster_test(bad_requests test_bad_requests.py 60)
