@@ -101,14 +101,28 @@ void run_inspect(const std::string& dir, bool check_values) {
   uint64_t bytes = 0;
   std::set<std::string> files, dtypes;
   std::set<std::string> implied;
-  for (const auto& t : Checkpoint::expected_tensors(c)) implied.insert(t.name);
-  for (const auto& [name, t] : ck->tensors()) {
-    if (!implied.count(name)) continue;
-    params += t.numel();
-    bytes += t.nbytes;
-    files.insert(t.file.filename().string());
-    dtypes.insert(std::string(dtype_name(t.dtype)));
+  int64_t quantized = 0;
+  uint64_t quantized_bytes = 0;
+  for (const auto& t : Checkpoint::expected_tensors(c)) {
+    implied.insert(t.name);
+    if (ck->has(t.name)) {
+      const TensorInfo& info = ck->info(t.name);
+      params += info.numel();
+      bytes += info.nbytes;
+      files.insert(info.file.filename().string());
+      dtypes.insert(std::string(dtype_name(info.dtype)));
+      continue;
+    }
+    // A GPTQ module (Checkpoint::open checked its tensors): its logical shape, its stored bytes.
+    int64_t n = 1;
+    for (int64_t d : t.shape) n *= d;
+    params += n;
+    ++quantized;
+    quantized_bytes += ck->linear_bytes(t.name);
+    bytes += ck->linear_bytes(t.name);
+    files.insert(ck->info(module_of(t.name) + ".qweight").file.filename().string());
   }
+  if (quantized) dtypes.insert("INT" + std::to_string(ck->quantization()->bits));
   int64_t moe_layers = 0;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) moe_layers += c.is_moe_layer(l);
   std::string dt;
@@ -129,11 +143,15 @@ void run_inspect(const std::string& dir, bool check_values) {
             << "  tensors " << implied.size() << " (" << ck->tensors().size() << " in files), " << human_count(double(params))
             << " params, " << human_bytes(double(bytes)) << " " << dt << " in " << files.size()
             << (files.size() == 1 ? " file" : " files") << "\n";
+  if (ck->quantization())
+    std::cout << "  quantization " << ck->quantization()->describe() << ": " << quantized << " Linear weights, "
+              << human_bytes(double(quantized_bytes)) << "\n";
 
   if (check_values) {
     // Maps each tensor once and scans it; NaN/Inf weights are the usual sign of a bad export.
     std::vector<float> buf;
     for (const auto& name : implied) {
+      if (!ck->has(name)) continue;  // GPTQ: integers, and scales checked when the model loads
       Weight w = ck->map(name);
       const size_t n = size_t(w.numel());
       buf.resize(n);

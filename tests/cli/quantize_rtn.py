@@ -129,6 +129,9 @@ def check_generate(name, out, vocab):
           "%s: generate gave %d tokens, logits %s" % (name, len(r["output_ids"]), logits.shape))
     check(np.all(np.isfinite(logits)), name + ": non-finite logits")
     print("ok %s: generate -> %s" % (name, r["output_ids"]))
+    rc, stdout, err = run(["inspect", "--model", out])
+    check(rc == 0 and "quantization GPTQ " in stdout, "%s: inspect does not show the quantization: %s%s" %
+          (name, stdout, err))
 
 
 def errors(work, model, done):
