@@ -34,13 +34,15 @@ struct Avx2Vec {
   static reg set1(float v) { return _mm256_set1_ps(v); }
   static reg fmsub(reg a, reg b, reg c) { return _mm256_fmsub_ps(a, b, c); }
   template <int BITS>
-  static reg quant(const uint8_t* block, int h) {  // h 0: values 0-7 of the block, 1: values 8-15
+  static constexpr bool has_table = false;
+  template <int BITS>
+  static reg quant(const uint8_t* block, int h) {  // values 8h .. 8h + 7 of the block
     __m128i b;
     if constexpr (BITS == 8) {
       b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 8 * h));
-    } else {
-      b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block));
-      if (h) b = _mm_srli_epi16(b, 4);
+    } else {  // values 16-31 are the high nibbles of bytes 0-15
+      b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 8 * (h % 2)));
+      if (h >= 2) b = _mm_srli_epi16(b, 4);
       b = _mm_and_si128(b, _mm_set1_epi8(0x0F));
     }
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));

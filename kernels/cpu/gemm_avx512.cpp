@@ -39,15 +39,23 @@ struct Avx512Vec {
   static reg set1(float v) { return _mm512_set1_ps(v); }
   static reg fmsub(reg a, reg b, reg c) { return _mm512_fmsub_ps(a, b, c); }
   template <int BITS>
-  static reg quant(const uint8_t* block, int) {  // the whole 16-value block
-    __m128i b;
-    if constexpr (BITS == 8) {
-      b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block));
-    } else {
-      const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block)), mask = _mm_set1_epi8(0x0F);
-      b = _mm_unpacklo_epi64(_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask));
-    }
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b));
+  static constexpr bool has_table = BITS == 4;
+  template <int BITS>
+  static reg quant(const uint8_t* block, int h) {  // INT8: values 16h .. 16h + 15 of the block
+    static_assert(BITS == 8);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 16 * h))));
+  }
+  // INT4: the 16 values a nibble can stand for in this row and group, q · scale - zero · scale.
+  static reg table(float scale, float scaled_zero) {
+    const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_fmsub_ps(q, _mm512_set1_ps(scale), _mm512_set1_ps(scaled_zero));
+  }
+  // Values 16h .. 16h + 15 of an INT4 block: byte j's low nibble (h 0) or high nibble (h 1) picks
+  // from the table; VPERMPS reads only the low 4 bits of each index.
+  static reg lookup(const uint8_t* block, int h, reg table) {
+    __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(block)));
+    if (h) idx = _mm512_srli_epi32(idx, 4);
+    return _mm512_permutexvar_ps(idx, table);
   }
   static float hsum(reg a) { return hsum_avx512(a); }
 };

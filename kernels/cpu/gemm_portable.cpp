@@ -50,10 +50,14 @@ struct PortableVec {
     return a;
   }
   template <int BITS>
-  static reg quant(const uint8_t* block, int h) {  // h 0: values 0-7 of the block, 1: values 8-15
+  static constexpr bool has_table = false;
+  template <int BITS>
+  static reg quant(const uint8_t* block, int h) {  // values 8h .. 8h + 7 of the block
     reg r;
-    for (int i = 0; i < lanes; ++i)
-      r.v[i] = BITS == 8 ? float(block[8 * h + i]) : float(h ? block[i] >> 4 : block[i] & 0x0F);
+    for (int i = 0; i < lanes; ++i) {
+      const int k = 8 * h + i;
+      r.v[i] = BITS == 8 ? float(block[k]) : float(k < 16 ? block[k] & 0x0F : block[k - 16] >> 4);
+    }
     return r;
   }
   static float hsum(reg a) {  // pairwise, like the SIMD reductions

@@ -1,7 +1,10 @@
 // The register tiles of the INT4/INT8 weight products (kernels/cpu/quant_matrix.h), written once
 // over a vector type V and compiled per ISA beside GemmTiles (gemm_tile.h). Besides what GemmTiles
-// uses, V provides rn_quant (x rows per tile), set1(float), fmsub(a, b, c) = a·b - c and
-// quant<BITS>(const uint8_t* block, int h): part h (of 16 / lanes) of a 16-value block as floats.
+// uses, V provides rn_quant (x rows per tile), set1(float), fmsub(a, b, c) = a·b - c,
+// quant<BITS>(const uint8_t* block, int h): part h (of 32 / lanes) of a 32-value block as floats,
+// and has_table<BITS>: when true, V instead dequantizes through a 16-entry table per row and group
+// (table(scale, scaled_zero), lookup(block, h, table): AVX-512's VPERMPS on the nibbles as
+// indices), two instructions fewer per vector than converting and scaling.
 //
 // A weight vector is dequantized in registers, exactly (q·scale and zero·scale are exact in f32,
 // and so is their difference), then multiplied like an f32 weight: the result is the product
@@ -31,12 +34,18 @@ struct QuantTiles {
       MOEMESH_UNROLL
       for (int r = 0; r < RN; ++r) acc[i][r] = V::zero();
     }
+    constexpr bool table = V::template has_table<BITS>;
     for (int64_t g = 0; g < groups; ++g) {
-      R s[RM], zs[RM];
+      R s[RM], zs[RM];  // a row's scale and scaled zero, or (table) its 16 dequantized values in s
       MOEMESH_UNROLL
       for (int i = 0; i < RM; ++i) {
-        s[i] = V::set1(m.scale[size_t((o0 + i) * groups + g)]);
-        zs[i] = V::set1(m.scaled_zero[size_t((o0 + i) * groups + g)]);
+        const float scale = m.scale[size_t((o0 + i) * groups + g)], zero = m.scaled_zero[size_t((o0 + i) * groups + g)];
+        if constexpr (table) {
+          s[i] = V::table(scale, zero);
+        } else {
+          s[i] = V::set1(scale);
+          zs[i] = V::set1(zero);
+        }
       }
       for (int64_t k = m.group_start[size_t(g)]; k < m.group_start[size_t(g + 1)]; k += B) {
         MOEMESH_UNROLL
@@ -46,7 +55,12 @@ struct QuantTiles {
           for (int r = 0; r < RN; ++r) xv[r] = V::load(xr[r] + k + h * L);
           MOEMESH_UNROLL
           for (int i = 0; i < RM; ++i) {
-            const R w = V::fmsub(V::template quant<BITS>(q + i * row_bytes + k * BITS / 8, h), s[i], zs[i]);
+            const uint8_t* block = q + i * row_bytes + k * BITS / 8;
+            R w;
+            if constexpr (table)
+              w = V::lookup(block, h, s[i]);
+            else
+              w = V::fmsub(V::template quant<BITS>(block, h), s[i], zs[i]);
             MOEMESH_UNROLL
             for (int r = 0; r < RN; ++r) acc[i][r] = V::fma(w, xv[r], acc[i][r]);
           }

@@ -4,10 +4,10 @@
 //
 // The kernel's order of a row: the input channels group by group (a GPTQ desc_act checkpoint's
 // g_idx scatters a group's channels; here they are gathered), every group padded with zeros to a
-// multiple of 16 values, so a 16-value block never straddles two groups. `source` maps each
+// multiple of 32 values, so a 32-value block never straddles two groups. `source` maps each
 // position of that order to its input channel (-1 for padding); the kernels gather x the same
-// way once per call. INT4 blocks of 16 values are 8 bytes: byte j holds value j in its low
-// nibble and value j + 8 in its high nibble.
+// way once per call. INT4 blocks of 32 values are 16 bytes: byte j holds value j in its low
+// nibble and value j + 16 in its high nibble (one widening load gives 16 lanes of indices).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -15,7 +15,7 @@
 namespace moemesh::cpu {
 
 struct QuantMatrix {
-  static constexpr int64_t kBlock = 16;  // values per block; groups are padded to whole blocks
+  static constexpr int64_t kBlock = 32;  // values per block; groups are padded to whole blocks
   int bits = 4;                          // 4 or 8
   int64_t out = 0, in = 0;
   int64_t padded_in = 0;                  // the length of a row in the kernel's order
@@ -31,7 +31,7 @@ struct QuantMatrix {
     const uint8_t* row = q.data() + o * row_bytes();
     if (bits == 8) return row[k];
     const uint8_t b = row[(k / kBlock) * (kBlock / 2) + (k % kBlock) % (kBlock / 2)];
-    return (k % kBlock) < kBlock / 2 ? (b & 0x0F) : (b >> 4);
+    return (k % kBlock) < kBlock / 2 ? (b & 0x0F) : (b >> 4);  // value j + 16: the high nibble
   }
   void set_quant(int64_t o, int64_t k, int v) {
     uint8_t* row = q.data() + o * row_bytes();
