@@ -241,26 +241,32 @@ class SchedulerTest : public ::testing::Test {
   std::future<GenerationResultPtr> submit(GenerationRequest r) {
     auto done = std::make_shared<std::promise<GenerationResultPtr>>();
     auto req = std::make_shared<const GenerationRequest>(std::move(r));
-    helpers_.push_back(sys_.spawn([done, req, sched = sched_](caf::event_based_actor* self) {
-      self->request(sched, caf::infinite, generate_atom::value, GenerationRequestPtr(req))
-          .then([done](GenerationResultPtr res) { done->set_value(std::move(res)); },
-                [done, self](caf::error& e) {
-                  auto res = std::make_shared<GenerationResult>();
-                  res->finish_reason = "actor error: " + self->system().render(e);
-                  done->set_value(std::move(res));
-                });
-    }));
+    // State as spawn arguments, not captures: CAF 0.17 trips UBSan on argument-less function actors.
+    helpers_.push_back(sys_.spawn(
+        [](caf::event_based_actor* self, std::shared_ptr<std::promise<GenerationResultPtr>> done,
+           GenerationRequestPtr req, caf::actor sched) {
+          self->request(sched, caf::infinite, generate_atom::value, req)
+              .then([done](GenerationResultPtr res) { done->set_value(std::move(res)); },
+                    [done, self](caf::error& e) {
+                      auto res = std::make_shared<GenerationResult>();
+                      res->finish_reason = "actor error: " + self->system().render(e);
+                      done->set_value(std::move(res));
+                    });
+        },
+        done, GenerationRequestPtr(req), sched_));
     return done->get_future();
   }
 
   // Records the tokens streamed to it.
   caf::actor listener(std::shared_ptr<Streamed> log) {
-    auto a = sys_.spawn([log](caf::event_based_actor*) -> caf::behavior {
-      return {[log](gen_token_atom, TokenEventPtr ev) {
-        std::lock_guard<std::mutex> lk(log->mu);
-        log->tokens[ev->index].push_back(ev->token);
-      }};
-    });
+    auto a = sys_.spawn(
+        [](caf::event_based_actor*, std::shared_ptr<Streamed> log) -> caf::behavior {
+          return {[log](gen_token_atom, TokenEventPtr ev) {
+            std::lock_guard<std::mutex> lk(log->mu);
+            log->tokens[ev->index].push_back(ev->token);
+          }};
+        },
+        log);
     helpers_.push_back(a);
     return a;
   }
