@@ -60,7 +60,7 @@ void attend(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionSh
   const int64_t rows_per_task =
       std::clamp<int64_t>(kScoreBudget / std::max<int64_t>(1, group * (int64_t(max_pos) + 1)), 1, kMaxQueryRows);
   const int64_t row_blocks = (n_q + rows_per_task - 1) / rows_per_task;
-  const GemmBlockFn product = gemm_block_for(active_isa());
+  const GemmBlockFn product = gemm_kernels_for(active_isa()).block;
   parallel_for(row_blocks * s.n_kv_heads, [&](int64_t task) {
     const int64_t r0 = (task / s.n_kv_heads) * rows_per_task, r1 = std::min(n_q, r0 + rows_per_task);
     const int64_t kvh = task % s.n_kv_heads, nv = (r1 - r0) * group;

@@ -68,12 +68,6 @@ int64_t slice_rows(const MatmulJob& j, double share, int threads) {
   return std::min(n, j.out);
 }
 
-struct Kernels {
-  GemmBlockFn block;
-  GemmBf16DotFn bf16dot;  // null where the ISA has none
-  GemmQuantFn quant;
-};
-
 // Runs rows(r0, r1) over [0, rows), on the pool when there are many elements.
 template <class Fn>
 void over_rows(int64_t rows, int64_t row_len, Fn&& fn) {
@@ -122,7 +116,7 @@ void round_x_to_bf16(const MatmulJob& j, uint16_t* xb, float* xf) {
   });
 }
 
-void run_task(const Task& t, const Kernels& kernels) {
+void run_task(const Task& t, const GemmKernels& kernels) {
   const MatmulJob& j = t.p->job;
   const uint16_t* const xbf = t.p->xb;
   const float* const xq = t.p->xq;
@@ -194,8 +188,7 @@ void matmul(std::span<const MatmulJob> jobs) {
   }
   if (total == 0) return;
   const int threads = compute_threads();
-  const Isa isa = active_isa();
-  const Kernels kernels{gemm_block_for(isa), gemm_bf16dot_for(isa), gemm_quant_block_for(isa)};
+  const GemmKernels kernels = gemm_kernels_for(active_isa());
   std::vector<Prepared> prepared(jobs.size());
   std::vector<std::vector<uint16_t>> xb(jobs.size());
   std::vector<std::vector<float>> xf(jobs.size());

@@ -36,10 +36,13 @@ void gemm_quant_block_avx2(const QuantMatrix& m, int64_t o0, int64_t nout, const
 void gemm_quant_block_avx512(const QuantMatrix& m, int64_t o0, int64_t nout, const float* const* xr, int64_t nrows,
                              float* c, int64_t ldc);
 
-GemmBlockFn gemm_block_for(Isa isa);
-GemmQuantFn gemm_quant_block_for(Isa isa);
-// The bf16 dot-product kernel when `isa` has one, else null (BF16 weights then go through
-// gemm_block_for(isa) with x rows rounded to bf16 and widened back to f32: the same products).
-GemmBf16DotFn gemm_bf16dot_for(Isa isa);
+// An ISA's kernels. bf16dot is null where the ISA has none: BF16 weights then go through block
+// with x rows rounded to bf16 and widened back to f32 (the same products).
+struct GemmKernels {
+  GemmBlockFn block;
+  GemmBf16DotFn bf16dot;
+  GemmQuantFn quant;
+};
+GemmKernels gemm_kernels_for(Isa isa);
 
 }  // namespace moemesh::cpu

@@ -79,40 +79,19 @@ void gemm_quant_block_portable(const QuantMatrix& m, int64_t o0, int64_t nout, c
   QuantTiles<PortableVec>::run(m, o0, nout, xr, nrows, c, ldc);
 }
 
-GemmQuantFn gemm_quant_block_for(Isa isa) {
+GemmKernels gemm_kernels_for(Isa isa) {
   switch (isa) {
 #if defined(__x86_64__)
     case Isa::Avx512Bf16:
+      return {gemm_block_avx512, gemm_block_bf16dot_avx512bf16, gemm_quant_block_avx512};
     case Isa::Avx512:
-      return gemm_quant_block_avx512;
+      return {gemm_block_avx512, nullptr, gemm_quant_block_avx512};
     case Isa::Avx2:
-      return gemm_quant_block_avx2;
+      return {gemm_block_avx2, nullptr, gemm_quant_block_avx2};
 #endif
     default:
-      return gemm_quant_block_portable;
+      return {gemm_block_portable, nullptr, gemm_quant_block_portable};
   }
-}
-
-GemmBlockFn gemm_block_for(Isa isa) {
-  switch (isa) {
-#if defined(__x86_64__)
-    case Isa::Avx512Bf16:
-    case Isa::Avx512:
-      return gemm_block_avx512;
-    case Isa::Avx2:
-      return gemm_block_avx2;
-#endif
-    default:
-      return gemm_block_portable;
-  }
-}
-
-GemmBf16DotFn gemm_bf16dot_for(Isa isa) {
-#if defined(__x86_64__)
-  if (isa == Isa::Avx512Bf16) return gemm_block_bf16dot_avx512bf16;
-#endif
-  (void)isa;
-  return nullptr;
 }
 
 }  // namespace moemesh::cpu
