@@ -203,6 +203,7 @@ QuantizedLinear quantize_gptq(const float* w, int64_t out, int64_t in, const Hes
   if (hess.columns() != in)
     throw Error("tensor " + name + ": a Hessian of " + std::to_string(hess.columns()) + " columns for " +
                 std::to_string(in) + " inputs");
+  if (hess.samples() == 0) throw Error("tensor " + name + ": no calibration rows for its Hessian");
   if (!(o.damp >= 0)) throw Error("tensor " + name + ": dampening " + std::to_string(o.damp) + " is negative");
   check_finite(w, out, in, name);
   const int64_t n = in, G = o.group_size < 0 ? in : o.group_size, maxq = (int64_t(1) << o.bits) - 1;
