@@ -3,6 +3,7 @@
 #include <chrono>
 #include <deque>
 #include <fstream>
+#include <initializer_list>
 #include <optional>
 #include <sstream>
 
@@ -37,20 +38,30 @@ class LayerQuantizer {
 
   bool selected(const Weight& w) const { return opts_.quantized(w.name); }
 
-  // GPTQ with `h`, or RTN when h is null.
-  void quantize(Weight& w, const Hessian* h) {
+  // The selected ones of `ws` (which share an input): GPTQ with the Hessian of that input, or RTN
+  // when h is null.
+  void quantize(std::initializer_list<Weight*> ws, const Hessian* h) {
+    std::optional<GptqSolver> solver;
+    for (Weight* w : ws)
+      if (selected(*w)) {
+        if (h && !solver) solver.emplace(*h, opts_.quant, w->name);
+        quantize(*w, solver ? &*solver : nullptr);
+      }
+  }
+
+ private:
+  void quantize(Weight& w, const GptqSolver* solver) {
     const std::vector<float> f = weight_f32(w);
-    const QuantizedLinear q = h ? quantize_gptq(f.data(), w.rows(), w.cols(), *h, opts_.quant, w.name)
-                                : quantize_rtn(f.data(), w.rows(), w.cols(), opts_.quant, w.name);
+    const QuantizedLinear q = solver ? solver->quantize(f.data(), w.rows(), w.cols(), w.name)
+                                     : quantize_rtn(f.data(), w.rows(), w.cols(), opts_.quant, w.name);
     out_[module_of(w.name)] = pack_gptq_v1(q);
-    ++(h ? report_.gptq : report_.rtn);
+    ++(solver ? report_.gptq : report_.rtn);
     dequantized_.push_back(q.dequantize());
     w.dtype = DType::F32;
     w.data = dequantized_.back().data();
     w.quant = nullptr;
   }
 
- private:
   const CalibrationOptions& opts_;
   QuantizedModules& out_;
   LayerReport& report_;
@@ -73,14 +84,13 @@ void quantize_mlp(LayerQuantizer& lq, MlpWeights& m, const float* h, int64_t row
   if (lq.selected(m.gate) || lq.selected(m.up)) {
     Hessian hs(hidden);
     hs.add(h, rows);
-    for (Weight* w : {&m.gate, &m.up})
-      if (lq.selected(*w)) lq.quantize(*w, &hs);
+    lq.quantize({&m.gate, &m.up}, &hs);
   }
   if (lq.selected(m.down)) {
     const std::vector<float> act = swiglu_rows(h, hidden, m, all);
     Hessian hd(m.down.cols());
     hd.add(act.data(), rows);
-    lq.quantize(m.down, &hd);
+    lq.quantize({&m.down}, &hd);
   }
 }
 
@@ -141,8 +151,7 @@ QuantizedModules gptq_calibrate(const Checkpoint& ck, std::span<const std::vecto
       backend->rmsnorm(x.data(), lw.input_norm, rows, cfg.rms_norm_eps, h.data());
       Hessian hq(hidden);
       hq.add(h.data(), rows);
-      for (Weight* w : {&lw.q, &lw.k, &lw.v})
-        if (lq.selected(*w)) lq.quantize(*w, &hq);
+      lq.quantize({&lw.q, &lw.k, &lw.v}, &hq);
     }
     std::vector<float> x2(x);  // the residual stream after this layer's attention
     if (lq.selected(lw.o)) {
@@ -159,7 +168,7 @@ QuantizedModules gptq_calibrate(const Checkpoint& ck, std::span<const std::vecto
         throw;
       }
       set_attention_observer(previous);
-      lq.quantize(lw.o, &ho);
+      lq.quantize({&lw.o}, &ho);
       x2 = x;
     }
     backend->attention_block(cfg, lw, l, kv, layout, x2.data());
@@ -179,8 +188,7 @@ QuantizedModules gptq_calibrate(const Checkpoint& ck, std::span<const std::vecto
         if (lq.selected(m.gate) || lq.selected(m.up)) {
           std::optional<Hessian> he;
           if (enough) he.emplace(hidden).add_rows(h.data(), hidden, r);
-          for (Weight* w : {&m.gate, &m.up})
-            if (lq.selected(*w)) lq.quantize(*w, he ? &*he : nullptr);
+          lq.quantize({&m.gate, &m.up}, he ? &*he : nullptr);
         }
         if (lq.selected(m.down)) {
           std::optional<Hessian> hd;
@@ -188,7 +196,7 @@ QuantizedModules gptq_calibrate(const Checkpoint& ck, std::span<const std::vecto
             const std::vector<float> act = swiglu_rows(h.data(), hidden, m, r);
             hd.emplace(m.down.cols()).add(act.data(), int64_t(r.size()));
           }
-          lq.quantize(m.down, hd ? &*hd : nullptr);
+          lq.quantize({&m.down}, hd ? &*hd : nullptr);
         }
       }
       if (lw.shared) quantize_mlp(lq, *lw.shared, h.data(), rows, hidden);

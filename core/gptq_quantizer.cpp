@@ -72,23 +72,42 @@ QuantizedLinear empty_result(int64_t out, int64_t in, const QuantOptions& o) {
   return r;
 }
 
-// In place: a (row-major, n x n, symmetric) = L Lᵀ, L in the lower triangle (the upper is left
-// as it was). Returns false when a pivot is not positive. Row-oriented (Cholesky–Crout): every
-// inner product runs over two contiguous row prefixes.
-bool cholesky_lower(std::vector<double>& a, int64_t n) {
+// In place: a (row-major, n x n with row stride lda, symmetric) = L Lᵀ, L in the lower triangle
+// (the upper is not read). Returns false when a pivot is not positive. Row-oriented
+// (Cholesky–Crout): every inner product runs over two contiguous row prefixes.
+bool cholesky_unblocked(double* a, int64_t n, int64_t lda) {
   for (int64_t j = 0; j < n; ++j) {
-    double* rj = a.data() + j * n;
+    double* rj = a + j * lda;
     double d = rj[j];
     for (int64_t k = 0; k < j; ++k) d -= rj[k] * rj[k];
     if (!(d > 0) || !std::isfinite(d)) return false;
     const double ljj = std::sqrt(d);
     rj[j] = ljj;
     for (int64_t i = j + 1; i < n; ++i) {
-      double* ri = a.data() + i * n;
+      double* ri = a + i * lda;
       double s = ri[j];
       for (int64_t k = 0; k < j; ++k) s -= ri[k] * rj[k];
       ri[j] = s / ljj;
     }
+  }
+  return true;
+}
+
+// The same, by panels of 128 (a few thousand columns): the panel below each diagonal block and
+// the trailing update are BLAS calls, so the O(n³) work runs at GEMM speed.
+bool cholesky_lower(std::vector<double>& m, int64_t n) {
+  constexpr int64_t nb = 128;
+  double* a = m.data();
+  for (int64_t k = 0; k < n; k += nb) {
+    const int64_t b = std::min(nb, n - k), rest = n - k - b;
+    double* akk = a + k * n + k;
+    if (!cholesky_unblocked(akk, b, n)) return false;
+    if (rest == 0) break;
+    double* panel = akk + b * n;  // rows k+b.., columns k..k+b
+    cblas_dtrsm(CblasRowMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, int(rest), int(b), 1.0, akk, int(n),
+                panel, int(n));
+    cblas_dsyrk(CblasRowMajor, CblasLower, CblasNoTrans, int(rest), int(b), -1.0, panel, int(n), 1.0, panel + b,
+                int(n));
   }
   return true;
 }
@@ -123,20 +142,22 @@ void Hessian::add_rows(const float* x, int64_t ld, std::span<const int32_t> rows
   for (int32_t r : rows) add(x + int64_t(r) * ld, 1, ld);
 }
 
-void Hessian::flush() {
+void Hessian::flush() const {
   if (pending_rows_ == 0) return;
   cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, int(n_), int(pending_rows_), 1.0, pending_.data(), int(n_), 1.0,
               xtx_.data(), int(n_));
   pending_rows_ = 0;
 }
 
+double Hessian::at(int64_t i, int64_t j) const {
+  flush();
+  return rows_ == 0 ? 0.0 : 2.0 / double(rows_) * xtx_[size_t(std::min(i, j) * n_ + std::max(i, j))];
+}
+
 std::vector<double> Hessian::matrix() const {
-  const_cast<Hessian*>(this)->flush();  // pending rows are a cache of what was added
-  std::vector<double> h(size_t(n_ * n_), 0.0);
-  if (rows_ == 0) return h;
-  const double f = 2.0 / double(rows_);
+  std::vector<double> h(size_t(n_ * n_));
   for (int64_t i = 0; i < n_; ++i)
-    for (int64_t j = i; j < n_; ++j) h[size_t(i * n_ + j)] = h[size_t(j * n_ + i)] = f * xtx_[size_t(i * n_ + j)];
+    for (int64_t j = 0; j < n_; ++j) h[size_t(i * n_ + j)] = at(i, j);
   return h;
 }
 
@@ -197,71 +218,74 @@ QuantizedLinear quantize_rtn(const float* w, int64_t out, int64_t in, const Quan
   return r;
 }
 
-QuantizedLinear quantize_gptq(const float* w, int64_t out, int64_t in, const Hessian& hess, const QuantOptions& o,
-                              const std::string& name) {
-  check_shape(out, in, o, name);
-  if (hess.columns() != in)
-    throw Error("tensor " + name + ": a Hessian of " + std::to_string(hess.columns()) + " columns for " +
-                std::to_string(in) + " inputs");
+GptqSolver::GptqSolver(const Hessian& hess, const QuantOptions& o, const std::string& name)
+    : o_(o), n_(hess.columns()) {
+  check_shape(1, n_, o, name);
   if (hess.samples() == 0) throw Error("tensor " + name + ": no calibration rows for its Hessian");
   if (!(o.damp >= 0)) throw Error("tensor " + name + ": dampening " + std::to_string(o.damp) + " is negative");
-  check_finite(w, out, in, name);
-  const int64_t n = in, G = o.group_size < 0 ? in : o.group_size, maxq = (int64_t(1) << o.bits) - 1;
-  std::vector<double> H = hess.matrix();
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(H[size_t(i * n + i)]))
+  const int64_t n = n_;
+  std::vector<double> diag(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    diag[size_t(i)] = hess.at(i, i);
+    if (!std::isfinite(diag[size_t(i)]))
       throw Error("tensor " + name + ": the calibration inputs overflow (H[" + std::to_string(i) + ", " +
                   std::to_string(i) + "] is not finite)");
+  }
 
   // Columns no calibration row ever activated: H_ii = 1 and the weight zeroed, as AutoGPTQ does.
-  std::vector<bool> dead(static_cast<size_t>(n));
+  dead_.assign(size_t(n), false);
   for (int64_t i = 0; i < n; ++i)
-    if (H[size_t(i * n + i)] == 0) dead[size_t(i)] = true, H[size_t(i * n + i)] = 1;
+    if (diag[size_t(i)] == 0) dead_[size_t(i)] = true, diag[size_t(i)] = 1;
 
   // The column order; a stable sort, so equal H_ii keep their input order.
-  std::vector<int32_t> perm(static_cast<size_t>(n));
-  std::iota(perm.begin(), perm.end(), 0);
+  perm_.resize(size_t(n));
+  std::iota(perm_.begin(), perm_.end(), 0);
   if (o.desc_act)
-    std::stable_sort(perm.begin(), perm.end(),
-                     [&](int32_t a, int32_t b) { return H[size_t(a) * size_t(n + 1)] > H[size_t(b) * size_t(n + 1)]; });
+    std::stable_sort(perm_.begin(), perm_.end(),
+                     [&](int32_t a, int32_t b) { return diag[size_t(a)] > diag[size_t(b)]; });
+
+  // A = J Hp J: the permuted H with its order reversed (J), so that its lower Cholesky factor M
+  // gives H's upper one: Hp = R Rᵀ with R = J M J upper, hence Hp⁻¹ = R⁻ᵀ R⁻¹ and U = chol(Hp⁻¹)
+  // (upper) = R⁻¹ = J M⁻¹ J. One factorisation and one triangular inverse, where AutoGPTQ's
+  // chol, cholesky_inverse, chol takes three steps to the same U.
+  std::vector<double> A(size_t(n * n));
+  const auto at = [&](int64_t a) { return perm_[size_t(n - 1 - a)]; };
+  double mean_diag = 0;
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t b = 0; b < a; ++b) A[size_t(a * n + b)] = hess.at(at(a), at(b));
+    mean_diag += A[size_t(a * n + a)] = diag[at(a)];
+  }
+  const double lambda = o.damp * mean_diag / double(n);
+  for (int64_t a = 0; a < n; ++a) A[size_t(a * n + a)] += lambda;
+  if (!cholesky_lower(A, n))
+    throw Error("tensor " + name + ": the Hessian of its calibration inputs is not positive definite after " +
+                "dampening " + std::to_string(o.damp) + " (raise --damp)");
+  u_.assign(size_t(n * n), 0.0);
+  for (int64_t a = 0; a < n; ++a) u_[size_t(a * n + a)] = 1;
+  cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, int(n), int(n), 1.0, A.data(), int(n),
+              u_.data(), int(n));
+  // J M⁻¹ J: element [a, b] from [n-1-a, n-1-b], i.e. the row-major array reversed.
+  std::reverse(u_.begin(), u_.end());
+}
+
+QuantizedLinear GptqSolver::quantize(const float* w, int64_t out, int64_t in, const std::string& name) const {
+  check_shape(out, in, o_, name);
+  if (in != n_)
+    throw Error("tensor " + name + ": a Hessian of " + std::to_string(n_) + " columns for " + std::to_string(in) +
+                " inputs");
+  check_finite(w, out, in, name);
+  const QuantOptions& o = o_;
+  const int64_t n = in, G = o.group_size < 0 ? in : o.group_size, maxq = (int64_t(1) << o.bits) - 1;
+  const std::vector<double>& U = u_;
+  const std::vector<int32_t>& perm = perm_;
 
   // Wt [n, out]: row t is input column perm[t] of W, so a column's updates are contiguous.
   std::vector<double> Wt(size_t(n * out));
   for (int64_t t = 0; t < n; ++t) {
     const int64_t i = perm[size_t(t)];
-    if (dead[size_t(i)]) continue;
+    if (dead_[size_t(i)]) continue;
     for (int64_t j = 0; j < out; ++j) Wt[size_t(t * out + j)] = w[j * in + i];
   }
-  std::vector<double> A(size_t(n * n));  // H permuted, then dampened
-  double mean_diag = 0;
-  for (int64_t a = 0; a < n; ++a) {
-    for (int64_t b = 0; b < n; ++b)
-      A[size_t(a * n + b)] = H[size_t(perm[size_t(a)]) * size_t(n) + size_t(perm[size_t(b)])];
-    mean_diag += A[size_t(a * n + a)];
-  }
-  H.clear();
-  H.shrink_to_fit();
-  const double lambda = o.damp * mean_diag / double(n);
-  for (int64_t a = 0; a < n; ++a) A[size_t(a * n + a)] += lambda;
-
-  // U = chol(H⁻¹), upper: H = L Lᵀ, Y = L⁻¹, H⁻¹ = Yᵀ Y = Uᵀ U.
-  const auto not_pd = [&] {
-    return Error("tensor " + name + ": the Hessian of its calibration inputs is not positive definite after " +
-                 "dampening " + std::to_string(o.damp) + " (raise --damp)");
-  };
-  if (!cholesky_lower(A, n)) throw not_pd();
-  std::vector<double> Y(size_t(n * n), 0.0);
-  for (int64_t a = 0; a < n; ++a) Y[size_t(a * n + a)] = 1;
-  cblas_dtrsm(CblasRowMajor, CblasLeft, CblasLower, CblasNoTrans, CblasNonUnit, int(n), int(n), 1.0, A.data(), int(n),
-              Y.data(), int(n));
-  std::fill(A.begin(), A.end(), 0.0);
-  cblas_dsyrk(CblasRowMajor, CblasLower, CblasTrans, int(n), int(n), 1.0, Y.data(), int(n), 0.0, A.data(), int(n));
-  if (!cholesky_lower(A, n)) throw not_pd();
-  std::vector<double>& U = Y;  // U[a, b] = Lh[b, a]
-  for (int64_t a = 0; a < n; ++a)
-    for (int64_t b = 0; b < n; ++b) U[size_t(a * n + b)] = b >= a ? A[size_t(b * n + a)] : 0.0;
-  A.clear();
-  A.shrink_to_fit();
 
   QuantizedLinear r = empty_result(out, in, o);
   std::vector<double> scale(static_cast<size_t>(out)), err;

@@ -33,15 +33,18 @@ class Hessian {
   void add_rows(const float* x, int64_t ld, std::span<const int32_t> rows);
   int64_t columns() const { return n_; }
   int64_t samples() const { return rows_; }
-  // The full symmetric matrix [columns, columns]; all zeros before any row.
+  // H[i, j] (0 before any row).
+  double at(int64_t i, int64_t j) const;
+  // The full symmetric matrix [columns, columns].
   std::vector<double> matrix() const;
 
  private:
-  void flush();
+  void flush() const;
   int64_t n_ = 0, rows_ = 0;
-  std::vector<double> xtx_;      // upper triangle of XᵀX
-  std::vector<double> pending_;  // rows converted to f64, added in one dsyrk
-  int64_t pending_rows_ = 0;
+  // Pending rows are a cache of what was added: reading H adds them first.
+  mutable std::vector<double> xtx_;      // upper triangle of XᵀX
+  mutable std::vector<double> pending_;  // rows converted to f64, added in one dsyrk
+  mutable int64_t pending_rows_ = 0;
 };
 
 // One quantized Linear: codes in the input's own column order.
@@ -77,8 +80,26 @@ QuantizedLinear quantize_rtn(const float* w, int64_t out, int64_t in, const Quan
 // columns and lazily, as one product, after each block. A group's scales and zeros are computed
 // when it starts, from the updated weights (blocks start wherever a group does, so these are
 // fully updated; AutoGPTQ reads the block's stale copy for a group that starts inside a block).
-// Throws moemesh::Error naming the tensor when H is not positive definite after dampening.
-QuantizedLinear quantize_gptq(const float* w, int64_t out, int64_t in, const Hessian& h, const QuantOptions& o,
-                              const std::string& name);
+//
+// The solver holds what depends on H alone (dead columns, order, U), so the Linears that share
+// an input (q/k/v, an expert's w1/w3) factor it once. Its constructor throws moemesh::Error
+// naming `name` when H has no rows or is not positive definite after dampening.
+class GptqSolver {
+ public:
+  GptqSolver(const Hessian& h, const QuantOptions& o, const std::string& name);
+  QuantizedLinear quantize(const float* w, int64_t out, int64_t in, const std::string& name) const;
+
+ private:
+  QuantOptions o_;
+  int64_t n_ = 0;
+  std::vector<bool> dead_;
+  std::vector<int32_t> perm_;  // position -> input column
+  std::vector<double> u_;      // [n, n], upper: chol(H⁻¹) in the permuted order
+};
+
+inline QuantizedLinear quantize_gptq(const float* w, int64_t out, int64_t in, const Hessian& h, const QuantOptions& o,
+                                     const std::string& name) {
+  return GptqSolver(h, o, name).quantize(w, out, in, name);
+}
 
 }  // namespace moemesh
