@@ -17,6 +17,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/gptq.h"
+#include "core/gptq_calibrate.h"
 #include "core/gptq_quantizer.h"
 
 namespace moemesh {
@@ -269,6 +270,43 @@ TEST(GptqQuantizer, MatchesNumPyReference) {
     EXPECT_LE(worst, 1.0 + 1e-6) << c.name << ": dequantized weights differ by " << worst << " steps";
     std::cout << c.name << ": " << same << "/" << n << " codes equal, worst " << worst << " steps\n";
   }
+  fs::remove_all(dir);
+}
+
+// --- calibration data (core/gptq_calibrate.h)
+
+TEST(GptqCalibration, WindowsCutSamplesUpToTheBudget) {
+  const std::vector<std::vector<int32_t>> samples = {{1, 2, 3, 4, 5}, {6, 7}, {8, 9, 10}};
+  EXPECT_EQ(token_windows(samples, 2, 0),
+            (std::vector<std::vector<int32_t>>{{1, 2}, {3, 4}, {5}, {6, 7}, {8, 9}, {10}}));
+  EXPECT_EQ(token_windows(samples, 4, 6), (std::vector<std::vector<int32_t>>{{1, 2, 3, 4}, {5}, {6}}));
+  EXPECT_THROW(token_windows(samples, 0, 0), Error);
+}
+
+TEST(GptqCalibration, JsonlInputIdsAndErrorsNameTheLine) {
+  const fs::path dir = fs::temp_directory_path() / ("moemesh-test-calib-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const auto write = [&](const std::string& name, const std::string& text) {
+    std::ofstream(dir / name) << text;
+    return dir / name;
+  };
+  const auto ok = write("ok.jsonl", "{\"input_ids\": [5, 6, 7]}\n\n{\"input_ids\": [8]}\n{\"input_ids\": [9]}\n");
+  EXPECT_EQ(read_calibration(ok, nullptr, 0), (std::vector<std::vector<int32_t>>{{5, 6, 7}, {8}, {9}}));
+  EXPECT_EQ(read_calibration(ok, nullptr, 2).size(), 2u);
+  const auto expect_error = [&](const fs::path& file, const std::string& want) {
+    try {
+      read_calibration(file, nullptr, 0);
+      ADD_FAILURE() << file << ": no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+    }
+  };
+  expect_error(write("a.jsonl", "{\"input_ids\": [1]}\nnot json\n"), "a.jsonl:2: not a JSON object");
+  expect_error(write("b.jsonl", "{\"input_ids\": \"x\"}\n"), "b.jsonl:1: input_ids");
+  expect_error(write("c.jsonl", "{\"text\": \"hello\"}\n"), "c.jsonl:1: text needs the model's tokenizer.json");
+  expect_error(write("d.jsonl", "{\"other\": 1}\n"), "d.jsonl:1: expected");
+  expect_error(write("e.txt", "plain text"), "tokenizer.json");
+  expect_error(dir / "missing.jsonl", "cannot open");
   fs::remove_all(dir);
 }
 
