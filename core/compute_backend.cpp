@@ -100,8 +100,7 @@ class CpuBackend final : public ComputeBackend {
     std::vector<float> h(size_t(rows * hidden)), q(size_t(rows * q_dim)), k(size_t(rows * kv_dim)),
         v(size_t(rows * kv_dim)), attn(size_t(rows * q_dim));
     cpu::rmsnorm(x, lw.input_norm.data, lw.input_norm.dtype, rows, hidden, cfg.rms_norm_eps, h.data());
-    const cpu::MatmulJob qkv[] = {projection_job(h.data(), rows, lw.q, q.data()),
-                                  projection_job(h.data(), rows, lw.k, k.data()),
+    const cpu::MatmulJob qkv[] = {projection_job(h.data(), rows, lw.q, q.data()), projection_job(h.data(), rows, lw.k, k.data()),
                                   projection_job(h.data(), rows, lw.v, v.data())};
     cpu::matmul(qkv);
     cpu::rope(q.data(), rows, cfg.num_attention_heads, hd, layout.positions.data(), cfg.rope_theta);

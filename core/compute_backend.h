@@ -55,7 +55,7 @@ const AttentionObserver* set_attention_observer(const AttentionObserver* observe
 struct DeviceSpec {
   enum class Kind { Cpu, Cuda };
   Kind kind = Kind::Cpu;
-  int index = 0;            // CUDA device ordinal
+  int index = 0;  // CUDA device ordinal
   std::string str() const;  // "cpu", "cuda:0"
 };
 // "cpu", "cuda" (= cuda:0) or "cuda:N"; anything else is a moemesh::Error naming the forms.
