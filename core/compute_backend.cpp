@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <charconv>
 #include <string>
+#include <utility>
 
 #include "core/error.h"
 #include "core/moe.h"
@@ -68,6 +69,8 @@ std::vector<LogitsSummary> ComputeBackend::logits_summaries(const float* x, int6
 
 namespace {
 
+thread_local const AttentionObserver* attention_observer = nullptr;
+
 class CpuBackend final : public ComputeBackend {
  public:
   std::string name() const override { return "cpu"; }
@@ -115,6 +118,7 @@ class CpuBackend final : public ComputeBackend {
       cpu::paged_attention(q.data() + sp.row0 * q_dim, sp.n, layout.positions.data() + sp.row0, shape, view,
                            attn.data() + sp.row0 * q_dim);
     }
+    if (attention_observer) (*attention_observer)(layer, attn.data(), rows, q_dim);
     // x += o_proj(attn): the residual add is the product's epilogue.
     cpu::MatmulJob o = projection_job(attn.data(), rows, lw.o, x);
     o.epilogue = cpu::MatmulJob::Epilogue::Add;
@@ -150,6 +154,10 @@ class CpuBackend final : public ComputeBackend {
 };
 
 }  // namespace
+
+const AttentionObserver* set_attention_observer(const AttentionObserver* observer) {
+  return std::exchange(attention_observer, observer);
+}
 
 std::shared_ptr<ComputeBackend> cpu_backend() {
   static const auto backend = std::make_shared<CpuBackend>();

@@ -9,6 +9,7 @@
 // make_kv_cache). The CPU backend is the reference: its numerics are the engine's.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <span>
@@ -43,6 +44,13 @@ struct ExpertRows {
   std::span<const int32_t> rows;
   float* out = nullptr;
 };
+
+// GPTQ calibration (core/gptq_calibrate.cpp) needs each o_proj's input, the attention output
+// [rows, heads · head_dim]: the CPU backend's attention_block hands it to the observer set on the
+// calling thread, if any (none set: one thread-local test per layer).
+using AttentionObserver = std::function<void(int64_t layer, const float* attn, int64_t rows, int64_t width)>;
+// Sets this thread's observer (null: none); returns the previous one.
+const AttentionObserver* set_attention_observer(const AttentionObserver* observer);
 
 struct DeviceSpec {
   enum class Kind { Cpu, Cuda };

@@ -148,7 +148,7 @@ def errors(work, model, done):
     cases = [
         ([model, new, "--bits", "3"], "--bits"),
         ([model, new, "--bits", "four"], "--bits"),
-        ([model, new, "--method", "gptq"], "use --method rtn"),
+        ([model, new, "--method", "gptq"], "needs calibration data"),
         ([model, new, "--method", "awq"], "--method"),
         ([model, new, "--group-size", "0"], "--group-size"),
         ([model, new, "--group-size", "-2"], "--group-size"),

@@ -12,3 +12,14 @@ set_tests_properties(bench_engine_cli PROPERTIES LABELS integration TIMEOUT 120)
 add_test(NAME cli_quantize_rtn
          COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/quantize_rtn.py $<TARGET_FILE:moemesh>)
 set_tests_properties(cli_quantize_rtn PROPERTIES LABELS unit TIMEOUT 120 ENVIRONMENT OPENBLAS_NUM_THREADS=1)
+# `moemesh quantize --method gptq`: calibrated from text, .jsonl and input_ids; the output read back
+# by gptq_reference.py and, for hf_reference models, moemesh's logits against its float64 forward
+# pass; starved experts rounded to nearest with a warning; the error lines.
+add_test(NAME cli_quantize_gptq
+         COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/quantize_gptq.py $<TARGET_FILE:moemesh>)
+set_tests_properties(cli_quantize_gptq PROPERTIES LABELS integration TIMEOUT 120 ENVIRONMENT OPENBLAS_NUM_THREADS=1)
+# `moemesh quantize-eval` on the small preset: GPTQ 4-bit's mean KL below RTN 4-bit's (same group).
+add_test(NAME cli_quantize_eval
+         COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/quantize_eval.py $<TARGET_FILE:moemesh>)
+set_tests_properties(cli_quantize_eval PROPERTIES LABELS integration TIMEOUT 180 SKIP_RETURN_CODE 77
+                     ENVIRONMENT OPENBLAS_NUM_THREADS=1)

@@ -25,3 +25,9 @@ foreach(case ${MOEMESH_GPTQ_REFERENCE_CASES})
            COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/gptq_reference.py --cli $<TARGET_FILE:moemesh> --case ${case})
   set_tests_properties(reference_${case} PROPERTIES LABELS unit TIMEOUT 60)
 endforeach()
+# The GPTQ algorithm itself: gptq_quantizer_reference.py is an independent NumPy GPTQ (one column at
+# a time, numpy.linalg's Cholesky); test_gptq_quantizer runs it on the cases core/gptq_quantizer
+# solves too. Its self-test checks the reference alone (GPTQ's output error well below RTN's).
+add_test(NAME reference_gptq_quantizer_self_test
+         COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/gptq_quantizer_reference.py --self-test)
+set_tests_properties(reference_gptq_quantizer_self_test PROPERTIES LABELS unit TIMEOUT 60)
