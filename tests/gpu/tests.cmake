@@ -4,6 +4,9 @@ add_executable(test_compute_backend ${CMAKE_CURRENT_LIST_DIR}/test_compute_backe
 target_link_libraries(test_compute_backend PRIVATE moemesh_backend GTest::gtest GTest::gtest_main)
 gtest_discover_tests(test_compute_backend PROPERTIES LABELS unit DISCOVERY_TIMEOUT 60)
 
+# The transports and the services need the actors layer (CAF, ZeroMQ, protobuf): not in the
+# GPU-only build (MOEMESH_GPU_ONLY, tests/gpu/gpu_only.cmake).
+if(NOT MOEMESH_GPU_ONLY)
 # Dispatch payload transports (ZeroMQ everywhere; the NCCL pair test where NCCL was found).
 add_executable(test_transport ${CMAKE_CURRENT_LIST_DIR}/test_transport.cpp)
 target_link_libraries(test_transport PRIVATE moemesh_actors GTest::gtest GTest::gtest_main)
@@ -27,6 +30,7 @@ add_test(NAME expert_device_cuda_fails_cleanly
          COMMAND bash -c "${MOEMESH_DEVICE_CHECK}" _ $<TARGET_FILE:moemesh-expert> --experts all)
 set_tests_properties(attention_device_cuda_fails_cleanly expert_device_cuda_fails_cleanly
                      PROPERTIES LABELS unit TIMEOUT 60)
+endif()
 
 # GPU tests (ctest label "gpu"): the CUDA kernels against the CPU reference. Built whenever nvcc
 # is found; tests that need a device skip themselves ("no CUDA device: ...") and pass without one.
@@ -44,16 +48,21 @@ if(MOEMESH_HAVE_CUDA)
   target_link_libraries(test_gpu_model PRIVATE moemesh_backend moemesh_cuda GTest::gtest GTest::gtest_main)
   gtest_discover_tests(test_gpu_model PROPERTIES LABELS gpu DISCOVERY_TIMEOUT 60)
 
-  # An expert host's batch on the CUDA backend against the CPU backend.
-  add_executable(test_gpu_experts ${CMAKE_CURRENT_LIST_DIR}/test_gpu_experts.cpp)
-  target_link_libraries(test_gpu_experts PRIVATE moemesh_backend moemesh_actors moemesh_cuda GTest::gtest GTest::gtest_main)
-  gtest_discover_tests(test_gpu_experts PROPERTIES LABELS gpu DISCOVERY_TIMEOUT 60)
+  # An expert host's batch on the CUDA backend against the CPU backend (the expert host is in
+  # the actors layer: not in the GPU-only build).
+  if(NOT MOEMESH_GPU_ONLY)
+    add_executable(test_gpu_experts ${CMAKE_CURRENT_LIST_DIR}/test_gpu_experts.cpp)
+    target_link_libraries(test_gpu_experts PRIVATE moemesh_backend moemesh_actors moemesh_cuda GTest::gtest GTest::gtest_main)
+    gtest_discover_tests(test_gpu_experts PROPERTIES LABELS gpu DISCOVERY_TIMEOUT 60)
+  endif()
 
   # The built library carries sm_90 SASS and compute_90 PTX for every kernel (no device needed).
-  add_test(NAME gpu_fatbin_targets
-           COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/list_fatbin.py
-                   --require sm_90 --require compute_90 $<TARGET_FILE:moemesh_cuda>)
-  set_tests_properties(gpu_fatbin_targets PROPERTIES LABELS gpu)
+  if(SYSTEM_PYTHON)
+    add_test(NAME gpu_fatbin_targets
+             COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/list_fatbin.py
+                     --require sm_90 --require compute_90 $<TARGET_FILE:moemesh_cuda>)
+    set_tests_properties(gpu_fatbin_targets PROPERTIES LABELS gpu)
+  endif()
 
   # Kernel time against the measured memory-bandwidth roofline; run by tests/gpu/run.sh, not ctest.
   add_executable(bench_gpu_kernels ${CMAKE_CURRENT_LIST_DIR}/bench_gpu_kernels.cpp)
