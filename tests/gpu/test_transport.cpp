@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 
 #include "kernels/cuda/api.cuh"
 #include "actors/nccl_transport.h"
@@ -178,7 +179,9 @@ TEST(TransportNccl, TwoProcessesExchangePayloads) {
   }
   constexpr size_t kFloats = size_t(1) << 18;
   const std::string n = std::to_string(kFloats);
-  std::string peer = MOEMESH_NCCL_ECHO_PEER;
+  // The build's path, unless run from elsewhere (tests/gpu/run-on-device.sh runs a bundled copy).
+  const char* moved = std::getenv("MOEMESH_NCCL_ECHO_PEER");
+  std::string peer = moved && *moved ? moved : MOEMESH_NCCL_ECHO_PEER;
   char* child_argv[] = {peer.data(), hex.data(), const_cast<char*>(n.c_str()), nullptr};
   pid_t pid = 0;
   ASSERT_EQ(posix_spawn(&pid, peer.c_str(), nullptr, nullptr, child_argv, environ), 0) << peer;
