@@ -108,12 +108,14 @@ EOF
 }
 LDD=(ldd)
 command -v ldd >/dev/null || LDD=(/lib64/ld-linux-x86-64.so.2 --list)
-LIB_PATH=""
+LIB_PATH=""  # ours, ahead of the LD_LIBRARY_PATH we were given (the driver's folder may be in that)
+AMBIENT=${LD_LIBRARY_PATH:-}
+ld_path() { echo "$LIB_PATH${AMBIENT:+${LIB_PATH:+:}$AMBIENT}"; }
 # missing BIN_DIR: "soname program" for each library a program cannot find with LIB_PATH.
 missing() {
   local b
   for b in "$1"/*; do
-    LD_LIBRARY_PATH=$LIB_PATH "${LDD[@]}" "$b" 2>&1 | awk -v p="${b##*/}" '/not found/ {print $1, p}' || true
+    LD_LIBRARY_PATH=$(ld_path) "${LDD[@]}" "$b" 2>&1 | awk -v p="${b##*/}" '/not found/ {print $1, p}' || true
   done | sort -u
 }
 # resolve BIN_DIR: adds the first candidate folder holding each missing library; 0 when all load.
@@ -133,12 +135,24 @@ resolve() {
       fi
     done
   done
+  # cudart loads the driver's libcuda.so.1 at run time (no NEEDED entry: ldd cannot tell); where
+  # the loader's cache lacks it, the first candidate folder that has it.
+  local cache
+  cache=$({ ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null || true)
+  if [[ $cache != *"libcuda.so.1 "* ]]; then
+    for d in "${dirs[@]}"; do
+      if [[ -e $d/libcuda.so.1 ]]; then
+        [[ ":$LIB_PATH:" == *":$d:"* ]] || LIB_PATH=$LIB_PATH:$d
+        break
+      fi
+    done
+  fi
   LIB_PATH=${LIB_PATH#:}
-  echo "== LD_LIBRARY_PATH=$LIB_PATH" >>"$OUT/env.txt"
+  echo "== LD_LIBRARY_PATH=$(ld_path)" >>"$OUT/env.txt"
   local b
   for b in "$bin"/*; do
     echo "== ${b##*/}"
-    LD_LIBRARY_PATH=$LIB_PATH "${LDD[@]}" "$b" 2>&1 || true
+    LD_LIBRARY_PATH=$(ld_path) "${LDD[@]}" "$b" 2>&1 || true
   done >"$OUT/libs.txt"
   local left
   left=$(missing "$bin")
@@ -152,7 +166,7 @@ if [[ $MODE != build ]] && [[ -n $PKG ]]; then
   LIB_PATH=$PKG/lib
   if resolve "$PKG/bin"; then
     BIN=$PKG/bin
-    note "bundle: every program loads (libs.txt); LD_LIBRARY_PATH=$LIB_PATH"
+    note "bundle: every program loads (libs.txt); LD_LIBRARY_PATH=$(ld_path)"
   elif [[ $MODE == bundle ]]; then
     failed "bundled programs cannot load (libs.txt) and --no-build was given"
     exit 1
@@ -189,7 +203,7 @@ if [[ -z $BIN ]]; then
   DEADLINE=$((SECONDS + TOTAL_S))  # the run's own time starts after the build
 fi
 # Only the programs get LD_LIBRARY_PATH: the bundled libstdc++ is theirs, not the tools' here.
-RUN=(env "LD_LIBRARY_PATH=$LIB_PATH")
+RUN=(env "LD_LIBRARY_PATH=$(ld_path)")
 if [[ -x $BIN/nccl_echo_peer ]]; then RUN+=("MOEMESH_NCCL_ECHO_PEER=$BIN/nccl_echo_peer"); fi
 
 # --- tests ---------------------------------------------------------------------------------------
@@ -241,7 +255,7 @@ bench() {
   { echo "## $name"; cat "$out"; echo; } >>"$OUT/bench.md"
   if ((rc == 124 || rc == 137)); then
     failed "$name: timed out after $lim s"
-  elif ((!HAVE_GPU)) && ((rc == 0 || rc == 2)) && cat "$out" "$OUT/bench_model.log" 2>/dev/null | grep -q 'no CUDA device'; then
+  elif ((!HAVE_GPU)) && ((rc == 0 || rc == 2)) && grep -qs 'no CUDA device' "$out" "$OUT/bench_model.log"; then
     note "SKIP $name: no CUDA device (it loaded and said so) in $((SECONDS - t0)) s"
   elif ((rc != 0)); then
     failed "$name: exit $rc after $((SECONDS - t0)) s (bench.md)"

@@ -64,12 +64,30 @@ if(MOEMESH_HAVE_CUDA)
     set_tests_properties(gpu_fatbin_targets PROPERTIES LABELS gpu)
   endif()
 
-  # Kernel time against the measured memory-bandwidth roofline; run by tests/gpu/run.sh, not ctest.
+  # Kernel time against the measured memory-bandwidth roofline; run by run-on-device.sh, not ctest.
   add_executable(bench_gpu_kernels ${CMAKE_CURRENT_LIST_DIR}/bench_gpu_kernels.cpp)
   target_link_libraries(bench_gpu_kernels PRIVATE moemesh_cuda moemesh_core)
 
   # Prefill and decode tokens/s of a generated model through Engine, CPU vs CUDA backend; run by
-  # tests/gpu/run.sh, not ctest (without a device it prints "no CUDA device: ..." and exits 2).
+  # run-on-device.sh, not ctest (without a device it prints "no CUDA device: ..." and exits 2).
   add_executable(bench_gpu_model ${CMAKE_CURRENT_LIST_DIR}/bench_gpu_model.cpp)
   target_link_libraries(bench_gpu_model PRIVATE moemesh_backend moemesh_cuda)
+
+  # The lent GPU machine's check (docs/gpu.md, "On a lent GPU machine"), tested without a GPU.
+  if(NOT MOEMESH_GPU_ONLY)
+    # tests/gpu/bundle.sh packs this build's GPU programs; unpacked in a fresh folder and run by
+    # run-on-device.sh with the Debian libraries they load hidden: every program loads from the
+    # bundle, glibc or CUDA, the run says "no GPU" and exits 2, the bundle is at most 40 MiB.
+    add_test(NAME gpu_bundle_loads_without_debian_libs
+             COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/test_bundle.sh ${CMAKE_BINARY_DIR}
+                     ${CMAKE_BINARY_DIR}/gpu-bundle-test)
+    # The fallback build there (MOEMESH_GPU_ONLY), with the Debian -dev packages hidden from CMake
+    # and checked unused by the compiler and the linker: a second configure and build of the CUDA
+    # parts (about 2-5 minutes on 2 cores with a cold ccache, 30 s warm).
+    add_test(NAME gpu_only_build_without_debian_dev
+             COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/test_gpu_only_build.sh ${CMAKE_SOURCE_DIR}
+                     ${CMAKE_BINARY_DIR}/gpu-only-build-test)
+    set_tests_properties(gpu_bundle_loads_without_debian_libs PROPERTIES LABELS gpu TIMEOUT 300)
+    set_tests_properties(gpu_only_build_without_debian_dev PROPERTIES LABELS gpu TIMEOUT 900)
+  endif()
 endif()
