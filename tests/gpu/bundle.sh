@@ -102,7 +102,8 @@ bash "$ROOT/tests/gpu/third_party.sh" "$PKG/third_party"
   echo "moemesh GPU bundle"
   echo "made: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
   echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
-  echo "build: $BUILD ($(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$BUILD/CMakeCache.txt"))"
+  type=$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
+  echo "build: $BUILD (${type:-RelWithDebInfo})"  # unset: CMakeLists.txt's default
   echo "nvcc: $(cat "$BUILD"/CMakeFiles/*/CMakeCUDACompiler.cmake | sed -n 's/^set(CMAKE_CUDA_COMPILER_VERSION "\(.*\)")/\1/p')"
   echo "programs: $(cd "$PKG/bin" && echo *)"
   echo "libraries: $(cd "$PKG/lib" && echo *)"

@@ -33,6 +33,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 BUNDLE=${MOEMESH_GPU_BUNDLE:-$HERE/moemesh-gpu.tar.xz}
 TOTAL_S=${MOEMESH_GPU_TOTAL_S:-330}
 CAP_S=${MOEMESH_GPU_CAP_S:-560}
+BUILD_S=${MOEMESH_GPU_BUILD_S:-240}  # the fallback build's limit (about 1 minute on 16 cores)
 SUMMARY=$OUT/summary.txt
 : >"$SUMMARY"
 : >"$OUT/tests.log"
@@ -113,11 +114,19 @@ command -v ldd >/dev/null || LDD=(/lib64/ld-linux-x86-64.so.2 --list)
 LIB_PATH=""  # ours, ahead of the LD_LIBRARY_PATH we were given (the driver's folder may be in that)
 AMBIENT=${LD_LIBRARY_PATH:-}
 ld_path() { echo "$LIB_PATH${AMBIENT:+${LIB_PATH:+:}$AMBIENT}"; }
-# missing BIN_DIR: "soname program" for each library a program cannot find with LIB_PATH.
-missing() {
-  local b
+# check BIN_DIR: ldd of each program with ld_path. Prints "missing SONAME PROGRAM" for each library
+# not found (a candidate folder may hold it) and "broken PROGRAM: WHY" for anything else that stops
+# it loading (an unreadable or foreign file, a symbol version the library lacks).
+BROKEN='version .* not found|error while loading|file too short|wrong ELF class|not a dynamic executable'
+check() {
+  local b out rc
   for b in "$1"/*; do
-    LD_LIBRARY_PATH=$(ld_path) "${LDD[@]}" "$b" 2>&1 | awk -v p="${b##*/}" '/not found/ {print $1, p}' || true
+    rc=0
+    out=$(LD_LIBRARY_PATH=$(ld_path) "${LDD[@]}" "$b" 2>&1) || rc=$?
+    awk -v p="${b##*/}" -v broken="$BROKEN" '
+      /=> not found/ {print "missing", $1, p; next}
+      $0 ~ broken {sub(/^[ \t]+/, ""); print "broken", p ": " $0}' <<<"$out"
+    if ((rc != 0)) && ! grep -qE "=> not found|$BROKEN" <<<"$out"; then echo "broken ${b##*/}: ldd exit $rc"; fi
   done | sort -u
 }
 # resolve BIN_DIR: adds the first candidate folder holding each missing library; 0 when all load.
@@ -129,7 +138,7 @@ resolve() {
     echo "== library folders searched"
     printf '%s\n' "${dirs[@]}"
   } >>"$OUT/env.txt"
-  for lib in $(missing "$bin" | awk '{print $1}' | sort -u); do
+  for lib in $(check "$bin" | awk '$1 == "missing" {print $2}' | sort -u); do
     for d in "${dirs[@]}"; do
       if [[ -e $d/$lib ]]; then
         [[ ":$LIB_PATH:" == *":$d:"* ]] || LIB_PATH=$LIB_PATH:$d
@@ -156,10 +165,12 @@ resolve() {
     echo "== ${b##*/}"
     LD_LIBRARY_PATH=$(ld_path) "${LDD[@]}" "$b" 2>&1 || true
   done >"$OUT/libs.txt"
-  local left
-  left=$(missing "$bin")
+  local left kind a b
+  left=$(check "$bin")
   [[ -z $left ]] && return 0
-  while read -r lib prog; do note "not found: $lib (needed by $prog)"; done <<<"$left"
+  while read -r kind a b; do
+    if [[ $kind == missing ]]; then note "not found: $a (needed by $b)"; else note "cannot load $a $b"; fi
+  done <<<"$left"
   return 1
 }
 
@@ -189,7 +200,7 @@ if [[ -z $BIN ]]; then
   {
     timeout -k 10 90 cmake -S "$ROOT" -B "$WORK/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
       -DMOEMESH_GPU_ONLY=ON -DMOEMESH_THIRD_PARTY_DIR="$third_party" &&
-      timeout -k 10 240 cmake --build "$WORK/build" --parallel "$(nproc)" --target \
+      timeout -k 10 "$BUILD_S" cmake --build "$WORK/build" --parallel "$(nproc)" --target \
         test_gpu_kernels test_gpu_model test_compute_backend bench_gpu_kernels bench_gpu_model
   } >"$OUT/build.log" 2>&1 || rc=$?
   note "build (GPU-only, here): exit $rc after $((SECONDS - t0)) s (build.log)"
@@ -233,7 +244,8 @@ for entry in "${TESTS[@]}"; do
   if ((rc == 124 || rc == 137)); then
     failed "$what: timed out after $lim s"
   elif ((rc != 0)); then
-    failed "$what, exit $rc: $(sed -n 's/^\[  FAILED  \] \([^ ]*\.[^ ]*\).*/\1/p' "$log" | sort -u | tr '\n' ' ')"
+    names=$(sed -n 's/^\[  FAILED  \] \([^ ]*\.[^ ]*\).*/\1/p' "$log" | sort -u | tr '\n' ' ')
+    failed "$what, exit $rc: ${names:-$(tail -1 "$log")}"
   elif ((HAVE_GPU && ${skipped:-0} > two_gpu)); then
     failed "$what: skipped with a GPU present ($(grep -m1 -o 'no CUDA device: .*' "$log" || echo 'see tests.log'))"
   elif ((two_gpu)); then
@@ -278,7 +290,7 @@ fi
   echo
   echo "== benchmarks (bench.md)"
   cat "$OUT/bench.md"
-} >>"$SUMMARY"
+} | tee -a "$SUMMARY"
 if ((FAILED)); then
   note "result: FAILED (see above; logs in $OUT)"
   exit 1

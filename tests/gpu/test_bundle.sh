@@ -99,4 +99,31 @@ if grep -q 'not found' "$WORK/out/libs.txt"; then fail "unresolved libraries: $(
 stray=$(awk '$2 == "=>" {print $1, $3}' "$WORK/out/libs.txt" |
   grep -Ev ' /[^ ]*/moemesh-gpu/lib/| /usr/local/cuda|^(libc|libm|libmvec|libpthread|libdl|librt|libresolv)\.so' | sort -u || true)
 [[ -z $stray ]] || fail "loaded from outside the bundle, CUDA and glibc: $stray"
+
+# Finding CUDA's libraries there: a program that needs a library neither bundled nor known to the
+# loader loads once a candidate folder ($CUDA_HOME/lib64 here) holds it, and without one the run
+# names it and, with --no-build, fails.
+mkdir -p "$WORK/fake/cuda/lib64" "$WORK/fake/stage" "$WORK/fake/dev/.gpu"
+printf 'int moemesh_fake(void) { return 7; }\n' |
+  gcc -shared -fPIC -Wl,-soname,libmoemeshfake.so.1 -o "$WORK/fake/cuda/lib64/libmoemeshfake.so.1" -x c -
+tar -xJf "$WORK/device/.gpu/moemesh-gpu.tar.xz" -C "$WORK/fake/stage"
+printf 'int moemesh_fake(void);\nint main(void) { return moemesh_fake() == 7 ? 0 : 1; }\n' |
+  gcc -x c - -o "$WORK/fake/stage/moemesh-gpu/bin/needs_cuda_lib" "$WORK/fake/cuda/lib64/libmoemeshfake.so.1"
+tar -C "$WORK/fake/stage" -cJf "$WORK/fake/dev/.gpu/moemesh-gpu.tar.xz" moemesh-gpu
+cp "$WORK/device/.gpu/run-on-device.sh" "$WORK/fake/dev/.gpu/"
+fake_run() {  # OUT_DIR [VAR=VALUE...]
+  (cd "$WORK/fake/dev" && env -i PATH="$PATH" HOME="$WORK" TMPDIR="$WORK" OUT="$1" "${@:2}" \
+    bash .gpu/run-on-device.sh --no-build >"$1.log" 2>&1)
+}
+rc=0
+fake_run "$WORK/fake/found" CUDA_HOME="$WORK/fake/cuda" || rc=$?
+((rc == 2)) || { cat "$WORK/fake/found.log"; fail "with CUDA_HOME holding the library: exit $rc, not 2"; }
+grep -q "libmoemeshfake.so.1 => $WORK/fake/cuda/lib64/" "$WORK/fake/found/libs.txt" ||
+  fail "libmoemeshfake.so.1 not taken from \$CUDA_HOME/lib64 (libs.txt)"
+rc=0
+fake_run "$WORK/fake/lost" || rc=$?
+((rc == 1)) || { cat "$WORK/fake/lost.log"; fail "with the library nowhere: exit $rc, not 1"; }
+grep -q '^not found: libmoemeshfake.so.1 (needed by needs_cuda_lib)$' "$WORK/fake/lost/summary.txt" ||
+  fail "the missing library is not named (summary.txt)"
+
 echo "ok: bundle $((size / 1024)) KiB, $(echo "$bundled" | wc -w) programs load without the Debian libraries; $((SECONDS - t0)) s"

@@ -29,8 +29,9 @@ bash "$SRC/tests/gpu/third_party.sh" "$WORK/third_party"
 # With /usr ignored, CMake finds no compiler, ninja or ccache by itself: name them.
 args=(-DCMAKE_IGNORE_PREFIX_PATH=/usr -DCMAKE_C_COMPILER="$(command -v gcc)"
       -DCMAKE_CXX_COMPILER="$(command -v g++)" -DCMAKE_MAKE_PROGRAM="$(command -v ninja)")
-if command -v ccache >/dev/null; then  # reruns cost seconds, the first about two minutes on 2 cores
+if command -v ccache >/dev/null; then  # reruns cost seconds, the first minutes
   args+=(-DCMAKE_CXX_COMPILER_LAUNCHER="$(command -v ccache)" -DCMAKE_CUDA_COMPILER_LAUNCHER="$(command -v ccache)")
+  export CCACHE_BASEDIR=$WORK  # the carried sources' paths, relative: hits from any WORK_DIR
 fi
 cmake -S "$SRC" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DMOEMESH_GPU_ONLY=ON \
   -DMOEMESH_THIRD_PARTY_DIR="$WORK/third_party" "${args[@]}" >"$WORK/configure.log" 2>&1 ||

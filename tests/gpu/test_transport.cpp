@@ -137,7 +137,8 @@ TEST(TransportNccl, TwoRanksExchangePayloads) {
   EXPECT_EQ(t->kind(), TransportKind::Nccl);
   EXPECT_TRUE(t->send({{1, 2, 3, 4}, {5, 6}}).empty()) << "NCCL payloads never go as ZeroMQ frames";
   const std::vector<size_t> sizes = {4, 2};
-  EXPECT_EQ(t->receive(sizes, std::span<const PayloadFrame>{}), (std::vector<std::vector<float>>{{2, 4, 6, 8}, {10, 12}}));
+  EXPECT_EQ(t->receive(sizes, std::span<const PayloadFrame>{}),
+            (std::vector<std::vector<float>>{{2, 4, 6, 8}, {10, 12}}));
   peer.get();
 }
 
