@@ -108,7 +108,7 @@ printf 'int moemesh_fake(void) { return 7; }\n' |
   gcc -shared -fPIC -Wl,-soname,libmoemeshfake.so.1 -o "$WORK/fake/cuda/lib64/libmoemeshfake.so.1" -x c -
 tar -xJf "$WORK/device/.gpu/moemesh-gpu.tar.xz" -C "$WORK/fake/stage"
 printf 'int moemesh_fake(void);\nint main(void) { return moemesh_fake() == 7 ? 0 : 1; }\n' |
-  gcc -x c - -o "$WORK/fake/stage/moemesh-gpu/bin/needs_cuda_lib" "$WORK/fake/cuda/lib64/libmoemeshfake.so.1"
+  gcc -x c - -x none -o "$WORK/fake/stage/moemesh-gpu/bin/needs_cuda_lib" "$WORK/fake/cuda/lib64/libmoemeshfake.so.1"
 tar -C "$WORK/fake/stage" -cJf "$WORK/fake/dev/.gpu/moemesh-gpu.tar.xz" moemesh-gpu
 cp "$WORK/device/.gpu/run-on-device.sh" "$WORK/fake/dev/.gpu/"
 fake_run() {  # OUT_DIR [VAR=VALUE...]
