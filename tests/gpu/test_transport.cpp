@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 
 #include "kernels/cuda/api.cuh"
 #include "actors/nccl_transport.h"
@@ -136,7 +137,8 @@ TEST(TransportNccl, TwoRanksExchangePayloads) {
   EXPECT_EQ(t->kind(), TransportKind::Nccl);
   EXPECT_TRUE(t->send({{1, 2, 3, 4}, {5, 6}}).empty()) << "NCCL payloads never go as ZeroMQ frames";
   const std::vector<size_t> sizes = {4, 2};
-  EXPECT_EQ(t->receive(sizes, std::span<const PayloadFrame>{}), (std::vector<std::vector<float>>{{2, 4, 6, 8}, {10, 12}}));
+  EXPECT_EQ(t->receive(sizes, std::span<const PayloadFrame>{}),
+            (std::vector<std::vector<float>>{{2, 4, 6, 8}, {10, 12}}));
   peer.get();
 }
 
@@ -178,7 +180,9 @@ TEST(TransportNccl, TwoProcessesExchangePayloads) {
   }
   constexpr size_t kFloats = size_t(1) << 18;
   const std::string n = std::to_string(kFloats);
-  std::string peer = MOEMESH_NCCL_ECHO_PEER;
+  // The build's path, unless run from elsewhere (tests/gpu/run-on-device.sh runs a bundled copy).
+  const char* moved = std::getenv("MOEMESH_NCCL_ECHO_PEER");
+  std::string peer = moved && *moved ? moved : MOEMESH_NCCL_ECHO_PEER;
   char* child_argv[] = {peer.data(), hex.data(), const_cast<char*>(n.c_str()), nullptr};
   pid_t pid = 0;
   ASSERT_EQ(posix_spawn(&pid, peer.c_str(), nullptr, nullptr, child_argv, environ), 0) << peer;
