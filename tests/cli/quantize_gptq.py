@@ -76,10 +76,9 @@ def read_back(name, model, out, bits, group, sym, desc_act, damp):
                 return None
             parts[part] = got[1]
         check(wname not in dst, "%s: %s next to its qweight" % (name, wname))
-        back = gq.unpack_gptq(parts, bits, group)
-        W[wname] = gq.Int4Linear(back, parts["g_idx"]) if bits == 4 else back
+        W[wname] = gq.unpack_gptq(parts, bits, group)
         orig = (hf.bf16_to_f32(a) if dt == "BF16" else a).astype(np.float64)
-        worst = max(worst, np.linalg.norm(back - orig) / np.linalg.norm(orig))
+        worst = max(worst, np.linalg.norm(W[wname] - orig) / np.linalg.norm(orig))
         reordered += not np.array_equal(parts["g_idx"], np.arange(inp) // (inp if group == -1 else group))
     # GPTQ moves weights to lower the output error, but stays near them (4-bit RTN: ~0.1).
     check(worst < (0.35 if bits == 4 else 0.03), "%s: a quantized weight is %.3g away (relative)" % (name, worst))
