@@ -29,7 +29,7 @@ struct AttentionShape {
 // q_pos[n_q] of one sequence whose cache holds keys 0 .. max(q_pos) (at least). Causal: a
 // query sees keys at positions <= its own. Scores and softmax in f32 with max subtraction.
 // INT8: a score is scale_k · (q · k_q), a value row scale_v · v_q (dequantised on the fly).
-void paged_attention(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionShape& shape, const PagedKV& kv,
-                     float* out);
+void paged_attention(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionShape& shape,
+                     const PagedKV& kv, float* out);
 
 }  // namespace moemesh::cpu

@@ -9,8 +9,7 @@
 namespace moemesh::cpu {
 namespace {
 
-constexpr Isa kAll[] = {Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni,
-                        Isa::Avx512Bf16};  // each a superset of the last
+constexpr Isa kAll[] = {Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16};  // each a superset of the last
 
 bool supports(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -23,10 +22,8 @@ bool supports(Isa isa) {
     case Isa::Avx512:
       return supports(Isa::Avx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl");
-    case Isa::Avx512Vnni:
-      return supports(Isa::Avx512) && __builtin_cpu_supports("avx512vnni");
-    case Isa::Avx512Bf16:  // every CPU with AVX512-BF16 also has VNNI (Cooper Lake, Sapphire Rapids, Zen 4)
-      return supports(Isa::Avx512Vnni) && __builtin_cpu_supports("avx512bf16");
+    case Isa::Avx512Bf16:
+      return supports(Isa::Avx512) && __builtin_cpu_supports("avx512bf16");
   }
   return false;
 #else
@@ -62,8 +59,6 @@ std::string_view isa_name(Isa isa) {
       return "avx2";
     case Isa::Avx512:
       return "avx512";
-    case Isa::Avx512Vnni:
-      return "avx512vnni";
     case Isa::Avx512Bf16:
       return "avx512bf16";
   }
@@ -73,8 +68,7 @@ std::string_view isa_name(Isa isa) {
 Isa parse_isa(std::string_view name) {
   for (Isa isa : kAll)
     if (name == isa_name(isa)) return isa;
-  throw Error("unknown CPU ISA \"" + std::string(name) +
-              "\" (expected portable, avx2, avx512, avx512vnni or avx512bf16)");
+  throw Error("unknown CPU ISA \"" + std::string(name) + "\" (expected portable, avx2, avx512 or avx512bf16)");
 }
 
 Isa detected_isa() {

@@ -1,5 +1,5 @@
 // Which SIMD kernels this CPU runs: detected once from CPUID, overridable for tests and
-// comparisons (MOEMESH_CPU_ISA=portable|avx2|avx512|avx512vnni|avx512bf16, or force_isa).
+// comparisons (MOEMESH_CPU_ISA=portable|avx2|avx512|avx512bf16, or force_isa).
 #pragma once
 #include <string_view>
 #include <vector>
@@ -7,10 +7,9 @@
 namespace moemesh::cpu {
 
 enum class Isa {
-  Portable,    // plain C++ (what the compiler vectorises for the baseline target)
-  Avx2,        // AVX2 + FMA + F16C
-  Avx512,      // AVX-512 F/BW/VL (+ F16C)
-  Avx512Vnni,  // the same + AVX512-VNNI (int8 dot products for INT4/INT8 weights)
+  Portable,  // plain C++ (what the compiler vectorises for the baseline target)
+  Avx2,      // AVX2 + FMA + F16C
+  Avx512,    // AVX-512 F/BW/VL (+ F16C)
   Avx512Bf16,  // the same + AVX512-BF16 (bf16 dot products for BF16 weights)
 };
 
@@ -24,7 +23,7 @@ std::vector<Isa> runnable_isas();
 Isa active_isa();
 // Throws moemesh::Error when this CPU cannot run `isa`.
 void force_isa(Isa isa);
-// "portable", "avx2", "avx512", "avx512vnni" or "avx512bf16"; anything else is a moemesh::Error naming the choices.
+// "portable", "avx2", "avx512" or "avx512bf16"; anything else is a moemesh::Error naming the choices.
 Isa parse_isa(std::string_view name);
 
 }  // namespace moemesh::cpu

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "core/error.h"
@@ -45,22 +44,12 @@ void check(const MatmulJob& j, size_t index) {
 
 // A job as its tasks run it: a BF16 job's x rows already rounded (gathered, dense), as bf16 bits
 // in xb for the bf16 kernel, else widened back to f32 and put in place of job.x; a quantized
-// job's x rows gathered into the matrix's padded order in xq, or quantized for the int8 kernels
-// in xi8.
+// job's x rows gathered into the matrix's padded order in xq.
 struct Prepared {
   MatmulJob job;
   const uint16_t* xb = nullptr;
   const float* xq = nullptr;
   const float* xq_up = nullptr;  // SwiGlu: xq again, unless wq_up orders its channels otherwise
-  const QuantizedRow* xi8 = nullptr;
-  const QuantizedRow* xi8_up = nullptr;  // the same rule
-};
-
-// The storage behind a job's QuantizedRows.
-struct Int8Rows {
-  std::vector<int8_t> planes;
-  std::vector<float> scales;
-  std::vector<QuantizedRow> rows;
 };
 
 struct Task {
@@ -100,74 +89,6 @@ void gather_x_quant(const MatmulJob& j, const QuantMatrix& m, float* xq) {
   });
 }
 
-// INT4 weights multiply x rounded onto an int8 grid on every ISA, as BF16 weights meet x rounded
-// to bf16: per unit of the matrix (QuantMatrix::kUnit values of one group) x ≈ d·(256·q1 + q2)
-// with q1 = round(x·127 / max|x|), q2 the rest in 256ths (clamped to ±127), d = max / (127·256);
-// |Δx| ≤ max / 32512. AVX512-VNNI then multiplies the codes exactly in integers, and the f32 tiles
-// (and every ISA without it) multiply the same rounded values, so a row's result depends on the
-// kernel that ran it only through the order of f32 additions. The int8 kernel runs 1-3 rows: it
-// needs 2.5 instructions per 32 weights where the f32 tiles convert them (7 at one row); from 4
-// rows on, the f32 tiles reuse each converted weight across the rows and are faster.
-constexpr int64_t kInt8MaxRows = 3;
-inline float round_even(float v) { return (v + 0x1.8p23f) - 0x1.8p23f; }  // |v| < 2^22, ties to even
-
-// x's rows gathered into m's padded order and rounded as above: as QuantizedRows (gemm_block.h)
-// in `planes`, or (planes null) as f32 values in xq.
-void round_x_int4(const MatmulJob& j, const QuantMatrix& m, Int8Rows* planes, float* xq) {
-  const int64_t ldx = j.ldx ? j.ldx : j.in, kp = m.padded_in, units = m.units(), groups = m.groups();
-  if (planes) {
-    planes->planes.resize(size_t(j.rows * 2 * kp));
-    planes->scales.resize(size_t(j.rows * (units + groups)));
-    planes->rows.resize(size_t(j.rows));
-  }
-  const int32_t* source = m.source.data();
-  over_rows(j.rows, kp, [&](int64_t r0, int64_t r1) {
-    thread_local std::vector<float> xg;
-    thread_local std::vector<int8_t> t1, t2;
-    xg.resize(size_t(kp));
-    t1.resize(size_t(QuantMatrix::kUnit)), t2.resize(size_t(QuantMatrix::kUnit));
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* x = j.x + (j.x_rows ? int64_t(j.x_rows[r]) : r) * ldx;
-      for (int64_t k = 0; k < kp; ++k) xg[size_t(k)] = source[k] >= 0 ? x[source[k]] : 0.0f;
-      QuantizedRow row{};
-      if (planes) {
-        int8_t* q = planes->planes.data() + r * 2 * kp;
-        float* d = planes->scales.data() + r * (units + groups);
-        row = planes->rows[size_t(r)] = {q, q + kp, d, d + units};
-        std::fill(row.sum, row.sum + groups, 0.0f);
-      }
-      for (int64_t u = 0; u < units; ++u) {
-        const int64_t a = m.unit_start[size_t(u)], n = m.unit_start[size_t(u + 1)] - a;
-        const float* xu = xg.data() + a;
-        float top = 0;
-        for (int64_t k = 0; k < n; ++k) top = std::max(top, std::abs(xu[k]));
-        const float inv = top > 0 ? 127.0f / top : 0.0f, d = top / (127.0f * 256.0f);
-        int64_t sum = 0;
-        for (int64_t k = 0; k < n; ++k) {
-          const float scaled = xu[k] * inv, whole = round_even(scaled);
-          const float part = std::clamp(round_even((scaled - whole) * 256.0f), -127.0f, 127.0f);
-          t1[size_t(k)] = int8_t(whole), t2[size_t(k)] = int8_t(part);
-          sum += int64_t(whole) * 256 + int64_t(part);
-          if (!planes) xq[r * kp + a + k] = d * (256.0f * whole + part);
-        }
-        if (!planes) continue;
-        row.d[u] = d;
-        row.sum[m.unit_group[size_t(u)]] += d * float(sum);
-        // The kernel's byte order: pairs of blocks A, B as the nibbles unpack (A 0-15, B 0-15,
-        // A 16-31, B 16-31); a unit's odd last block as it is.
-        int64_t k = 0;
-        for (; k + 2 * QuantMatrix::kBlock <= n; k += 2 * QuantMatrix::kBlock)
-          for (const auto& [from, to] : {std::pair{0, 0}, {32, 16}, {16, 32}, {48, 48}}) {
-            std::memcpy(row.q1 + a + k + to, t1.data() + k + from, 16);
-            std::memcpy(row.q2 + a + k + to, t2.data() + k + from, 16);
-          }
-        std::memcpy(row.q1 + a + k, t1.data() + k, size_t(n - k));
-        std::memcpy(row.q2 + a + k, t2.data() + k, size_t(n - k));
-      }
-    }
-  });
-}
-
 inline uint16_t to_bf16(float f) {  // f32_to_bf16 without a branch, so that the loop vectorises
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -199,7 +120,6 @@ void run_task(const Task& t, const GemmKernels& kernels) {
   const MatmulJob& j = t.p->job;
   const uint16_t* const xbf = t.p->xb;
   const float* const xq = t.p->xq;
-  const QuantizedRow* const xi8 = t.p->xi8;
   thread_local std::vector<const float*> xr_up;
   const int64_t n = t.o1 - t.o0, ldx = j.ldx ? j.ldx : j.in, ldy = j.ldy ? j.ldy : j.out;
   const size_t es = dtype_size(j.wdtype);
@@ -226,13 +146,12 @@ void run_task(const Task& t, const GemmKernels& kernels) {
         xr_up.resize(size_t(nr));
         for (int64_t r = 0; r < nr; ++r) xr_up[size_t(r)] = t.p->xq_up + (r0 + r) * j.wq_up->padded_in;
       }
-    } else if (!xi8) {  // (int8 rows are read in place)
+    } else {
       xr.resize(size_t(nr));
       for (int64_t r = 0; r < nr; ++r) xr[size_t(r)] = j.x + (j.x_rows ? int64_t(j.x_rows[r0 + r]) : r0 + r) * ldx;
     }
     // c[r * ldc + o] = row r of the panel · row t.o0 + o of weight w (w_up when up)
     const auto product = [&](bool up, float* c, int64_t ldc) {
-      if (xi8) return kernels.quant_i8(*(up ? j.wq_up : j.wq), t.o0, n, (up ? t.p->xi8_up : xi8) + r0, nr, c, ldc);
       if (xq) return kernels.quant(*(up ? j.wq_up : j.wq), t.o0, n, (up ? xr_up : xr).data(), nr, c, ldc);
       const auto* wo = static_cast<const uint8_t*>(up ? j.w_up : j.w) + size_t(t.o0 * j.in) * es;
       if (xbf)
@@ -273,7 +192,6 @@ void matmul(std::span<const MatmulJob> jobs) {
   std::vector<Prepared> prepared(jobs.size());
   std::vector<std::vector<uint16_t>> xb(jobs.size());
   std::vector<std::vector<float>> xf(jobs.size());
-  std::vector<Int8Rows> xi8(jobs.size() * 2);
   std::vector<Task> tasks;
   for (size_t i = 0; i < jobs.size(); ++i) {
     Prepared& p = prepared[i];
@@ -284,25 +202,11 @@ void matmul(std::span<const MatmulJob> jobs) {
       const bool swiglu = j.epilogue == MatmulJob::Epilogue::SwiGlu;
       const bool same = !swiglu || j.wq_up->source == j.wq->source;
       const int64_t kp = j.wq->padded_in, kp_up = same ? 0 : j.wq_up->padded_in;
-      const bool int4 = j.wq->bits == 4 && (!swiglu || j.wq_up->bits == 4);
-      if (int4 && kernels.quant_i8 && j.rows <= kInt8MaxRows) {
-        round_x_int4(j, *j.wq, &xi8[2 * i], nullptr);
-        if (!same) round_x_int4(j, *j.wq_up, &xi8[2 * i + 1], nullptr);
-        p.xi8 = xi8[2 * i].rows.data();
-        p.xi8_up = xi8[same ? 2 * i : 2 * i + 1].rows.data();
-      } else {
-        xf[i].resize(size_t(j.rows * (kp + kp_up)));
-        float* xq = xf[i].data();
-        if (int4) {
-          round_x_int4(j, *j.wq, nullptr, xq);
-          if (!same) round_x_int4(j, *j.wq_up, nullptr, xq + j.rows * kp);
-        } else {
-          gather_x_quant(j, *j.wq, xq);
-          if (!same) gather_x_quant(j, *j.wq_up, xq + j.rows * kp);
-        }
-        p.xq = xq;
-        p.xq_up = same ? p.xq : p.xq + j.rows * kp;
-      }
+      xf[i].resize(size_t(j.rows * (kp + kp_up)));
+      gather_x_quant(j, *j.wq, xf[i].data());
+      if (!same) gather_x_quant(j, *j.wq_up, xf[i].data() + j.rows * kp);
+      p.xq = xf[i].data();
+      p.xq_up = same ? p.xq : p.xq + j.rows * kp;
     } else if (j.wdtype == DType::BF16 && j.in > 0) {
       if (kernels.bf16dot) {
         xb[i].resize(size_t(j.rows * j.in));

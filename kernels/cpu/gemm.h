@@ -3,9 +3,7 @@
 // Activations x are f32 rows; W is a Linear weight [out, in] (Hugging Face layout) that is
 // converted to f32 inside the inner loop, in registers, and never copied. Accumulation is f32.
 // With BF16 weights the x rows are rounded to bf16 first (as cuBLAS, oneDNN and llama.cpp do), so
-// that AVX512-BF16 can multiply bf16 pairs; every ISA does the same rounding. Likewise INT4
-// weights meet x rounded onto an int8 grid (1/32512 of its largest magnitude per group), so that
-// AVX512-VNNI multiplies integer codes (gemm.cpp).
+// that AVX512-BF16 can multiply bf16 pairs; every ISA does the same rounding.
 // Each output value is a function of its weight row and its x row alone (the same k order
 // whatever the batch, the tile or the thread split), so a row's result does not depend on which
 // other rows share the batch. Work is split by output columns over the compute pool

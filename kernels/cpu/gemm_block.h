@@ -36,32 +36,12 @@ void gemm_quant_block_avx2(const QuantMatrix& m, int64_t o0, int64_t nout, const
 void gemm_quant_block_avx512(const QuantMatrix& m, int64_t o0, int64_t nout, const float* const* xr, int64_t nrows,
                              float* c, int64_t ldc);
 
-// One x row prepared for the int8 kernels, in a quantized matrix m's padded order: per unit u of m
-// (QuantMatrix::unit_start) a scale d[u] and two int8 planes with x ≈ d[u]·(256·q1 + q2), where
-// q1 = round(x·127 / max|x over u|) and q2 the rest (clamped to ±127), so |x - that| ≤ 256·d[u] / 256
-// = max|x over u| / 32512; sum[g] = Σ x as quantized over group g's units (for the zero points).
-// The planes are in the INT4 kernel's byte order: per pair of blocks A, B as their nibbles unpack
-// (A 0-15, B 0-15, A 16-31, B 16-31), a unit's odd last block alone.
-struct QuantizedRow {
-  int8_t* q1;
-  int8_t* q2;
-  float* d;
-  float* sum;
-};
-// INT4 only.
-using GemmQuantI8Fn = void (*)(const QuantMatrix& m, int64_t o0, int64_t nout, const QuantizedRow* xr, int64_t nrows,
-                               float* c, int64_t ldc);
-void gemm_quant_i8_block_avx512vnni(const QuantMatrix& m, int64_t o0, int64_t nout, const QuantizedRow* xr,
-                                    int64_t nrows, float* c, int64_t ldc);
-
 // An ISA's kernels. bf16dot is null where the ISA has none: BF16 weights then go through block
-// with x rows rounded to bf16 and widened back to f32 (the same products). quant_i8 is null where
-// the ISA has no int8 dot product: quantized weights then go through quant with f32 x rows.
+// with x rows rounded to bf16 and widened back to f32 (the same products).
 struct GemmKernels {
   GemmBlockFn block;
   GemmBf16DotFn bf16dot;
   GemmQuantFn quant;
-  GemmQuantI8Fn quant_i8;
 };
 GemmKernels gemm_kernels_for(Isa isa);
 

@@ -83,17 +83,14 @@ GemmKernels gemm_kernels_for(Isa isa) {
   switch (isa) {
 #if defined(__x86_64__)
     case Isa::Avx512Bf16:
-      return {gemm_block_avx512, gemm_block_bf16dot_avx512bf16, gemm_quant_block_avx512,
-              gemm_quant_i8_block_avx512vnni};
-    case Isa::Avx512Vnni:
-      return {gemm_block_avx512, nullptr, gemm_quant_block_avx512, gemm_quant_i8_block_avx512vnni};
+      return {gemm_block_avx512, gemm_block_bf16dot_avx512bf16, gemm_quant_block_avx512};
     case Isa::Avx512:
-      return {gemm_block_avx512, nullptr, gemm_quant_block_avx512, nullptr};
+      return {gemm_block_avx512, nullptr, gemm_quant_block_avx512};
     case Isa::Avx2:
-      return {gemm_block_avx2, nullptr, gemm_quant_block_avx2, nullptr};
+      return {gemm_block_avx2, nullptr, gemm_quant_block_avx2};
 #endif
     default:
-      return {gemm_block_portable, nullptr, gemm_quant_block_portable, nullptr};
+      return {gemm_block_portable, nullptr, gemm_quant_block_portable};
   }
 }
 

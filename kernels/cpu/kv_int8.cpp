@@ -5,7 +5,8 @@
 
 namespace moemesh::cpu {
 
-void quantize_kv_int8(const float* x, int64_t n_rows, int64_t kv_heads, int64_t head_dim, int8_t* q, float* scales) {
+void quantize_kv_int8(const float* x, int64_t n_rows, int64_t kv_heads, int64_t head_dim, int8_t* q,
+                      float* scales) {
   for (int64_t r = 0; r < n_rows; ++r)
     for (int64_t h = 0; h < kv_heads; ++h) {
       const float* xh = x + (r * kv_heads + h) * head_dim;

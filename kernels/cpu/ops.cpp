@@ -110,8 +110,8 @@ void softmax(float* x, int64_t rows, int64_t n, float temperature) {
   }
 }
 
-void topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t k, float temperature, bool renormalize,
-                 int32_t* ids, float* weights) {
+void topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t k, float temperature,
+                 bool renormalize, int32_t* ids, float* weights) {
   std::vector<float> p(static_cast<size_t>(n_experts));
   std::vector<int32_t> order(static_cast<size_t>(n_experts));
   for (int64_t r = 0; r < rows; ++r) {

@@ -24,8 +24,8 @@ void softmax(float* x, int64_t rows, int64_t n, float temperature = 1.0f);
 
 // Gating: softmax(logits / temperature) then top-k per row. ids/weights [rows, k], ordered by
 // weight descending (ties: lower expert id first). When renormalize, the k weights sum to 1.
-void topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t k, float temperature, bool renormalize,
-                 int32_t* ids, float* weights);
+void topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t k, float temperature,
+                 bool renormalize, int32_t* ids, float* weights);
 
 // Gathers embedding rows (F32/F16/BF16 table [vocab, dim]) into out[n, dim].
 void embedding(const void* table, DType dtype, int64_t dim, const int32_t* ids, int64_t n, float* out);

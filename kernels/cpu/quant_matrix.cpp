@@ -1,7 +1,5 @@
 #include "kernels/cpu/quant_matrix.h"
 
-#include <algorithm>
-
 #include "core/error.h"
 
 namespace moemesh::cpu {
@@ -12,13 +10,6 @@ void QuantMatrix::shape(int bits_, int64_t out_, int64_t in_, const std::vector<
   group_start.assign(1, 0);
   for (int64_t n : group_sizes) group_start.push_back(group_start.back() + (n + kBlock - 1) / kBlock * kBlock);
   padded_in = group_start.back();
-  unit_start.assign(1, 0);
-  unit_group.clear();
-  for (int64_t g = 0; g < groups(); ++g)
-    for (int64_t a = group_start[size_t(g)]; a < group_start[size_t(g + 1)]; a += kUnit) {
-      unit_start.push_back(std::min(a + kUnit, group_start[size_t(g + 1)]));
-      unit_group.push_back(int32_t(g));
-    }
   source.assign(size_t(padded_in), -1);
   q.assign(size_t(out * row_bytes()), 0);
   scale.assign(size_t(out * groups()), 0.0f);

@@ -8,9 +8,6 @@
 // position of that order to its input channel (-1 for padding); the kernels gather x the same
 // way once per call. INT4 blocks of 32 values are 16 bytes: byte j holds value j in its low
 // nibble and value j + 16 in its high nibble (one widening load gives 16 lanes of indices).
-//
-// Units: every group cut into runs of at most kUnit values. The int8 kernels (AVX512-VNNI) scale
-// the activations per unit, and their integer sums stay exact within one.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -18,20 +15,16 @@
 namespace moemesh::cpu {
 
 struct QuantMatrix {
-  static constexpr int64_t kBlock = 32;   // values per block; groups are padded to whole blocks
-  static constexpr int64_t kUnit = 2048;  // multiple of kBlock
-  int bits = 4;                           // 4 or 8
+  static constexpr int64_t kBlock = 32;  // values per block; groups are padded to whole blocks
+  int bits = 4;                          // 4 or 8
   int64_t out = 0, in = 0;
   int64_t padded_in = 0;                  // the length of a row in the kernel's order
   std::vector<int64_t> group_start;       // groups() + 1 offsets into a row, multiples of kBlock
   std::vector<int32_t> source;            // padded_in entries: the input channel, or -1
   std::vector<uint8_t> q;                 // out rows of row_bytes()
   std::vector<float> scale, scaled_zero;  // [out, groups()]: value = q · scale - scaled_zero
-  std::vector<int64_t> unit_start;        // units() + 1 offsets into a row
-  std::vector<int32_t> unit_group;        // the group of each unit
 
   int64_t groups() const { return int64_t(group_start.size()) - 1; }
-  int64_t units() const { return int64_t(unit_start.size()) - 1; }
   int64_t row_bytes() const { return padded_in * bits / 8; }
   // The quantized integer at (row o, position k of the kernel's order).
   int quant(int64_t o, int64_t k) const {

@@ -110,7 +110,7 @@ def check_output(name, model, out, bits, group, sym, skip_attention):
         half = parts["scales"].astype(np.float64)[parts["g_idx"]].T / 2
         err = np.abs(back - orig)
         check(np.all(err <= half * (1 + 1e-9)), "%s: %s: error %.3g above scale/2" % (name, module, float(np.max(err - half))))
-        W[wname] = gq.Int4Linear(back, parts["g_idx"]) if bits == 4 else back
+        W[wname] = back
     check(set(dst) == expected, "%s: unexpected tensors %s, missing %s" %
           (name, sorted(set(dst) - expected)[:4], sorted(expected - set(dst))[:4]))
     print("ok %s: %d Linear quantized, %d tensors, %d -> %d bytes of weights" %

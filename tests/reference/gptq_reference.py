@@ -160,39 +160,6 @@ def module_of(name):
     return name[:-len(".weight")] if name.endswith(".weight") else name
 
 
-UNIT = 2048  # kernels/cpu/quant_matrix.h: QuantMatrix::kUnit
-
-
-class Int4Linear:
-    """An INT4 Linear as moemesh multiplies it (kernels/cpu/gemm.cpp): the dequantized W [out, in]
-    times x rounded onto an int8 grid per unit (a group's input channels in increasing order, cut
-    every UNIT): x ~ d·(256·q1 + q2), q1 = round(x·127 / max|x|), q2 the rest in 256ths clamped to
-    ±127, d = max / (127·256), in float32 as the kernel does. An activation within its f32-vs-f64
-    difference of a rounding boundary lands one step (max / 32512) apart on the two sides: far
-    below REL_TOL."""
-
-    def __init__(self, W, g_idx):
-        self.W = W
-        self.units = []
-        for g in range(int(g_idx.max()) + 1):
-            cols = np.nonzero(g_idx == g)[0]
-            self.units += [cols[a:a + UNIT] for a in range(0, len(cols), UNIT)]
-
-    def rounded_x(self, x):
-        x32 = np.asarray(x, dtype=np.float32)
-        out = np.empty(x32.shape, np.float64)
-        for cols in self.units:
-            u = x32[:, cols]
-            top = np.max(np.abs(u), axis=1, keepdims=True)
-            inv = np.where(top > 0, np.float32(127) / np.where(top > 0, top, 1), 0).astype(np.float32)
-            scaled = (u * inv).astype(np.float32)
-            whole = np.rint(scaled)
-            part = np.clip(np.rint((scaled - whole) * np.float32(256)), -127, 127)
-            d = (top / np.float32(127 * 256)).astype(np.float32)
-            out[:, cols] = (d * (np.float32(256) * whole + part).astype(np.float32)).astype(np.float64)
-        return out
-
-
 def is_quantized(c, module):
     """module: a Linear's name without .weight. Router gates, lm_head, embeddings and norms stay."""
     if ".self_attn." in module:
@@ -209,7 +176,7 @@ def quantize_tensors(c, tensors, rng):
         module = module_of(name)
         if name.endswith(".weight") and is_quantized(c, module):
             t = pack_gptq(a, c["bits"], c["group_size"], c["sym"], c["desc_act"], rng)
-            W[name] = Int4Linear(t.pop("W"), t["g_idx"]) if c["bits"] == 4 else t.pop("W")
+            W[name] = t.pop("W")
             for part, raw in t.items():
                 entries[module + "." + part] = ("F16" if part == "scales" else "I32", raw)
         else:
@@ -400,7 +367,6 @@ def self_test_checkpoints(workdir):
         p, quantized = pack_factor(c["bits"]), 0
         for wname, ref in W.items():
             module = module_of(wname)
-            ref = getattr(ref, "W", ref)  # an Int4Linear's dequantized weight
             if not is_quantized(c, module):
                 expect(t[wname][0] == c["dtype"] and t[wname][1].shape == ref.shape, wname)
                 continue

@@ -279,10 +279,7 @@ def silu(x):
 
 def matmul(c, x, w):
     """x · wᵀ. BF16 weights multiply x rounded to bf16 (f32, then round to nearest even), as
-    torch's bf16 matmul, cuBLAS, oneDNN and llama.cpp do, and as moemesh's kernels do. A weight
-    that rounds x its own way (gptq_reference.Int4Linear) says how, in rounded_x."""
-    if hasattr(w, "rounded_x"):
-        return w.rounded_x(x) @ w.W.T
+    torch's bf16 matmul, cuBLAS, oneDNN and llama.cpp do, and as moemesh's kernels do."""
     if c["dtype"] == "BF16":
         x = bf16_to_f32(bf16_bits(x)).astype(np.float64)
     return x @ w.T

@@ -285,55 +285,29 @@ StoredWeight as_f32(const cpu::QuantMatrix& m) {
   return w;
 }
 
-// x as INT4 products see it (gemm.cpp): per unit of m (at most kUnit values of one group, in
-// m's padded order) rounded to d·(256·q1 + q2), q1 = round(x·127 / max), q2 the rest in 256ths,
-// d = max / (127·256), in the same f32 operations. INT8 products use x as it is.
-std::vector<float> as_int4_sees(const cpu::QuantMatrix& m, std::vector<float> x, int64_t rows) {
-  if (m.bits != 4) return x;
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = x.data() + r * m.in;
-    for (int64_t u = 0; u < m.units(); ++u) {
-      std::vector<int32_t> ks;
-      for (int64_t p = m.unit_start[size_t(u)]; p < m.unit_start[size_t(u + 1)]; ++p)
-        if (m.source[size_t(p)] >= 0) ks.push_back(m.source[size_t(p)]);
-      float top = 0;
-      for (int32_t k : ks) top = std::max(top, std::abs(row[k]));
-      const float inv = top > 0 ? 127.0f / top : 0.0f, d = top / (127.0f * 256.0f);
-      for (int32_t k : ks) {
-        const float scaled = row[k] * inv, whole = std::nearbyint(scaled);
-        const float part = std::clamp(std::nearbyint((scaled - whole) * 256.0f), -127.0f, 127.0f);
-        row[k] = d * (256.0f * whole + part);
-      }
-    }
-  }
-  return x;
-}
-
 }  // namespace
 
-// INT4/INT8 products equal the product with the dequantized matrix and x as they see it (double
-// precision, same f32 bound as above) on every ISA, for padded groups, shuffled channels, units
-// cut from a long group, gathers and SwiGlu (INT4 with AVX512-VNNI and 1-3 rows: int8 codes).
+// INT4/INT8 products equal the product with the dequantized matrix (double precision, same
+// f32 bound as above) on every ISA, for padded groups, shuffled channels, gathers and SwiGlu.
 TEST(CpuGemm, QuantizedMatricesEqualTheirDequantizedProduct) {
   KernelSettings restore;
   for (int bits : {4, 8})
     for (const auto& groups :
-         {std::vector<int64_t>{16, 16, 16, 16}, std::vector<int64_t>{13, 40, 7}, std::vector<int64_t>{100},
-          std::vector<int64_t>{2100, 30}}) {  // 2100: two units (QuantMatrix::kUnit)
+         {std::vector<int64_t>{16, 16, 16, 16}, std::vector<int64_t>{13, 40, 7}, std::vector<int64_t>{100}}) {
       const auto m = random_quant(bits, 37, groups, uint64_t(bits * 100 + groups.size()));
       const auto up = random_quant(bits, 37, groups, uint64_t(bits * 100 + groups.size() + 1));
       const StoredWeight w = as_f32(m), wu = as_f32(up);
       for (cpu::Isa isa : cpu::runnable_isas()) {
         cpu::force_isa(isa);
-        for (int64_t rows : {1, 2, 3, 7, 20}) {
+        for (int64_t rows : {1, 3, 7, 20}) {
           const auto xs = normals(size_t((rows + 2) * m.in), uint64_t(rows));
           std::vector<int32_t> pick(static_cast<size_t>(rows));
           for (int64_t r = 0; r < rows; ++r) pick[size_t(r)] = int32_t((r * 5 + 1) % (rows + 2));
           std::vector<float> dense;
           for (int32_t r : pick) dense.insert(dense.end(), xs.begin() + r * m.in, xs.begin() + (r + 1) * m.in);
           std::vector<double> ref, mag, refu, magu;
-          reference(as_int4_sees(m, dense, rows), rows, w, ref, mag);
-          reference(as_int4_sees(up, dense, rows), rows, wu, refu, magu);
+          reference(dense, rows, w, ref, mag);
+          reference(dense, rows, wu, refu, magu);
           std::vector<float> y(size_t(rows * m.out), NAN), a(y.size(), NAN);
           Job j{.x = xs.data(), .rows = rows, .in = m.in, .x_rows = pick.data(), .out = m.out, .y = y.data()};
           j.wq = &m;
@@ -370,7 +344,6 @@ TEST(CpuGemm, QuantizedMatrixOfAnotherShapeIsRefused) {
 
 TEST(CpuFeatures, ParseAndForce) {
   EXPECT_EQ(cpu::parse_isa("avx2"), cpu::Isa::Avx2);
-  EXPECT_EQ(cpu::parse_isa("avx512vnni"), cpu::Isa::Avx512Vnni);
   EXPECT_EQ(cpu::parse_isa("avx512bf16"), cpu::Isa::Avx512Bf16);
   EXPECT_THROW(cpu::parse_isa("sse9"), Error);
   EXPECT_EQ(cpu::runnable_isas().front(), cpu::Isa::Portable);
