@@ -3,32 +3,58 @@
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <system_error>
 
+#include "core/dtype.h"
 #include "core/error.h"
 
 namespace moemesh::gguf {
 
 static_assert(std::endian::native == std::endian::little, "GGUF is little-endian; this writer stores host order");
 
-size_t tensor_type_size(TensorType t) {
+size_t tensor_row_bytes(TensorType t, int64_t cols) {
   switch (t) {
-    case TensorType::F32: return 4;
-    case TensorType::F16: return 2;
-    case TensorType::BF16: return 2;
+    case TensorType::F32:
+      return size_t(cols) * 4;
+    case TensorType::F16:
+    case TensorType::BF16:
+      return size_t(cols) * 2;
+    case TensorType::Q4_0:
+      if (cols % kQ4_0Block != 0)
+        throw Error("gguf: a Q4_0 row of " + std::to_string(cols) + " values is not whole blocks of 32");
+      return size_t(cols / kQ4_0Block * kQ4_0BlockBytes);
   }
   throw Error("gguf: unknown tensor type " + std::to_string(uint32_t(t)));
 }
 
 std::string_view tensor_type_name(TensorType t) {
   switch (t) {
-    case TensorType::F32: return "F32";
-    case TensorType::F16: return "F16";
-    case TensorType::BF16: return "BF16";
+    case TensorType::F32:
+      return "F32";
+    case TensorType::F16:
+      return "F16";
+    case TensorType::Q4_0:
+      return "Q4_0";
+    case TensorType::BF16:
+      return "BF16";
   }
   return "?";
+}
+
+void quantize_row_q4_0(const float* x, int64_t cols, uint8_t* out) {
+  for (int64_t b = 0; b < cols / kQ4_0Block; ++b, x += kQ4_0Block, out += kQ4_0BlockBytes) {
+    float top = 0, signed_top = 0;
+    for (int64_t j = 0; j < kQ4_0Block; ++j)
+      if (std::abs(x[j]) > top) top = std::abs(x[j]), signed_top = x[j];
+    const float d = signed_top / -8.0f, inv = d != 0 ? 1.0f / d : 0.0f;
+    const uint16_t dh = f32_to_f16(d);
+    std::memcpy(out, &dh, 2);
+    auto nibble = [&](float v) { return uint8_t(std::min(15, int(v * inv + 8.5f))); };
+    for (int64_t j = 0; j < kQ4_0Block / 2; ++j) out[2 + j] = uint8_t(nibble(x[j]) | (nibble(x[j + 16]) << 4));
+  }
 }
 
 Writer::Writer(std::filesystem::path file, uint32_t alignment)
@@ -65,14 +91,38 @@ void Writer::begin_kv(const std::string& key, ValueType type) {
   ++kv_count_;
 }
 
-void Writer::set_u8(const std::string& key, uint8_t v) { begin_kv(key, ValueType::U8); put(v); }
-void Writer::set_i32(const std::string& key, int32_t v) { begin_kv(key, ValueType::I32); put(v); }
-void Writer::set_u32(const std::string& key, uint32_t v) { begin_kv(key, ValueType::U32); put(v); }
-void Writer::set_u64(const std::string& key, uint64_t v) { begin_kv(key, ValueType::U64); put(v); }
-void Writer::set_i64(const std::string& key, int64_t v) { begin_kv(key, ValueType::I64); put(v); }
-void Writer::set_f32(const std::string& key, float v) { begin_kv(key, ValueType::F32); put(v); }
-void Writer::set_f64(const std::string& key, double v) { begin_kv(key, ValueType::F64); put(v); }
-void Writer::set_bool(const std::string& key, bool v) { begin_kv(key, ValueType::Bool); put<uint8_t>(v ? 1 : 0); }
+void Writer::set_u8(const std::string& key, uint8_t v) {
+  begin_kv(key, ValueType::U8);
+  put(v);
+}
+void Writer::set_i32(const std::string& key, int32_t v) {
+  begin_kv(key, ValueType::I32);
+  put(v);
+}
+void Writer::set_u32(const std::string& key, uint32_t v) {
+  begin_kv(key, ValueType::U32);
+  put(v);
+}
+void Writer::set_u64(const std::string& key, uint64_t v) {
+  begin_kv(key, ValueType::U64);
+  put(v);
+}
+void Writer::set_i64(const std::string& key, int64_t v) {
+  begin_kv(key, ValueType::I64);
+  put(v);
+}
+void Writer::set_f32(const std::string& key, float v) {
+  begin_kv(key, ValueType::F32);
+  put(v);
+}
+void Writer::set_f64(const std::string& key, double v) {
+  begin_kv(key, ValueType::F64);
+  put(v);
+}
+void Writer::set_bool(const std::string& key, bool v) {
+  begin_kv(key, ValueType::Bool);
+  put<uint8_t>(v ? 1 : 0);
+}
 void Writer::set_string(const std::string& key, std::string_view v) {
   begin_kv(key, ValueType::String);
   put_string(v);
@@ -110,7 +160,7 @@ uint64_t Writer::add_tensor(const std::string& name, TensorType type, const std:
   }
   // Only a tensor that passed every check reserves its name.
   if (!names_.insert(name).second) throw Error("gguf: tensor \"" + name + "\" added twice");
-  Tensor t{name, type, shape, data_size_, n * tensor_type_size(type)};
+  Tensor t{name, type, shape, data_size_, n / uint64_t(shape.back()) * tensor_row_bytes(type, shape.back())};
   const uint64_t a = alignment_;
   data_size_ += (t.nbytes + a - 1) / a * a;
   tensors_.push_back(std::move(t));

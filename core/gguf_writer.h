@@ -33,14 +33,32 @@ inline constexpr size_t kMaxDims = 4;              // GGML_MAX_DIMS
 
 // gguf_type: the metadata value types.
 enum class ValueType : uint32_t {
-  U8 = 0, I8 = 1, U16 = 2, I16 = 3, U32 = 4, I32 = 5, F32 = 6, Bool = 7,
-  String = 8, Array = 9, U64 = 10, I64 = 11, F64 = 12,
+  U8 = 0,
+  I8 = 1,
+  U16 = 2,
+  I16 = 3,
+  U32 = 4,
+  I32 = 5,
+  F32 = 6,
+  Bool = 7,
+  String = 8,
+  Array = 9,
+  U64 = 10,
+  I64 = 11,
+  F64 = 12,
 };
 
-// ggml_type: the tensor element types this writer produces (the float ones).
-enum class TensorType : uint32_t { F32 = 0, F16 = 1, BF16 = 30 };
-size_t tensor_type_size(TensorType t);
+// ggml_type: the tensor element types this writer produces: the float ones, and Q4_0 (blocks of
+// 32 values along a row: an f16 scale d and 16 bytes, byte j holding value j in its low nibble
+// and value j + 16 in its high one; value = (nibble - 8)·d).
+enum class TensorType : uint32_t { F32 = 0, F16 = 1, Q4_0 = 2, BF16 = 30 };
+constexpr int64_t kQ4_0Block = 32, kQ4_0BlockBytes = 18;
+// Bytes of a row of `cols` values (a multiple of kQ4_0Block for Q4_0: else a moemesh::Error).
+size_t tensor_row_bytes(TensorType t, int64_t cols);
 std::string_view tensor_type_name(TensorType t);
+// llama.cpp's Q4_0 of one row (cols a multiple of 32): per block d = the value of largest magnitude
+// / -8, nibble = min(15, trunc(value / d + 8.5)).
+void quantize_row_q4_0(const float* x, int64_t cols, uint8_t* out);
 
 class Writer {
  public:
@@ -88,9 +106,13 @@ class Writer {
 
  private:
   void begin_kv(const std::string& key, ValueType type);
-  void put_raw(const void* p, size_t n) { kv_.insert(kv_.end(), static_cast<const char*>(p), static_cast<const char*>(p) + n); }
+  void put_raw(const void* p, size_t n) {
+    kv_.insert(kv_.end(), static_cast<const char*>(p), static_cast<const char*>(p) + n);
+  }
   template <typename T>
-  void put(T v) { put_raw(&v, sizeof v); }
+  void put(T v) {
+    put_raw(&v, sizeof v);
+  }
   void put_string(std::string_view s);
   void pad_to_alignment();
   void write_file(const void* p, size_t n);

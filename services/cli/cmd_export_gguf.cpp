@@ -34,17 +34,21 @@ namespace {
 using gguf::TensorType;
 
 // llama_ftype values for general.file_type.
-constexpr uint32_t kFileTypeAllF32 = 0, kFileTypeMostlyF16 = 1, kFileTypeMostlyBF16 = 32;
+constexpr uint32_t kFileTypeAllF32 = 0, kFileTypeMostlyF16 = 1, kFileTypeMostlyQ4_0 = 2, kFileTypeMostlyBF16 = 32;
 
 // llama_token_type values for tokenizer.ggml.token_type.
 enum TokenType : int32_t { kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4, kUnused = 5, kByte = 6 };
 
 TensorType tensor_type_of(DType d, const std::string& tensor) {
   switch (d) {
-    case DType::F32: return TensorType::F32;
-    case DType::F16: return TensorType::F16;
-    case DType::BF16: return TensorType::BF16;
-    default: throw Error("export-gguf: tensor " + tensor + " is " + std::string(dtype_name(d)) + ", not a float type");
+    case DType::F32:
+      return TensorType::F32;
+    case DType::F16:
+      return TensorType::F16;
+    case DType::BF16:
+      return TensorType::BF16;
+    default:
+      throw Error("export-gguf: tensor " + tensor + " is " + std::string(dtype_name(d)) + ", not a float type");
   }
 }
 
@@ -94,8 +98,8 @@ bool json_has_type(const nlohmann::json& node, const std::string& type) {
 
 // "<0x0A>": SentencePiece's byte-fallback pieces.
 bool is_byte_token(const std::string& s) {
-  return s.size() == 6 && s.compare(0, 3, "<0x") == 0 && s[5] == '>' && std::isxdigit(static_cast<unsigned char>(s[3])) &&
-         std::isxdigit(static_cast<unsigned char>(s[4]));
+  return s.size() == 6 && s.compare(0, 3, "<0x") == 0 && s[5] == '>' &&
+         std::isxdigit(static_cast<unsigned char>(s[3])) && std::isxdigit(static_cast<unsigned char>(s[4]));
 }
 
 GgufVocab read_vocab_json(const std::filesystem::path& dir, int64_t vocab_size);
@@ -111,7 +115,8 @@ GgufVocab read_vocab(const std::filesystem::path& dir, int64_t vocab_size) {
 GgufVocab read_vocab_json(const std::filesystem::path& dir, int64_t vocab_size) {
   const auto tok_file = dir / "tokenizer.json";
   if (!std::filesystem::exists(tok_file))
-    throw Error(tok_file.string() + ": missing (GGUF carries the vocabulary; llama.cpp cannot load a model without one)");
+    throw Error(tok_file.string() +
+                ": missing (GGUF carries the vocabulary; llama.cpp cannot load a model without one)");
   const nlohmann::json t = read_json(tok_file);
   const auto fail = [&](const std::string& what) { return Error(tok_file.string() + ": " + what); };
   if (!t.contains("model") || !t["model"].is_object()) throw fail("no \"model\" object");
@@ -147,9 +152,12 @@ GgufVocab read_vocab_json(const std::filesystem::path& dir, int64_t vocab_size) 
   std::vector<std::string> merges;
   if (m.contains("merges") && m["merges"].is_array())
     for (const auto& mg : m["merges"]) {
-      if (mg.is_string()) merges.push_back(mg.get<std::string>());
-      else if (mg.is_array() && mg.size() == 2) merges.push_back(mg[0].get<std::string>() + " " + mg[1].get<std::string>());
-      else throw fail("model.merges holds an entry that is neither \"a b\" nor [\"a\", \"b\"]");
+      if (mg.is_string())
+        merges.push_back(mg.get<std::string>());
+      else if (mg.is_array() && mg.size() == 2)
+        merges.push_back(mg[0].get<std::string>() + " " + mg[1].get<std::string>());
+      else
+        throw fail("model.merges holds an entry that is neither \"a b\" nor [\"a\", \"b\"]");
     }
 
   // SentencePiece picks the highest-scoring adjacent pair; a BPE merge list ranks the same pairs,
@@ -197,10 +205,13 @@ GgufVocab read_vocab_json(const std::filesystem::path& dir, int64_t vocab_size) 
   const auto cfg_file = dir / "tokenizer_config.json";
   if (std::filesystem::exists(cfg_file)) {
     const nlohmann::json c = read_json(cfg_file);
-    if (c.contains("add_bos_token") && c["add_bos_token"].is_boolean()) v.add_bos = c["add_bos_token"].get<bool>();
-    else if (byte_level) v.add_bos = false;
+    if (c.contains("add_bos_token") && c["add_bos_token"].is_boolean())
+      v.add_bos = c["add_bos_token"].get<bool>();
+    else if (byte_level)
+      v.add_bos = false;
     if (c.contains("add_eos_token") && c["add_eos_token"].is_boolean()) v.add_eos = c["add_eos_token"].get<bool>();
-    if (c.contains("chat_template") && c["chat_template"].is_string()) v.chat_template = c["chat_template"].get<std::string>();
+    if (c.contains("chat_template") && c["chat_template"].is_string())
+      v.chat_template = c["chat_template"].get<std::string>();
   } else if (byte_level) {
     v.add_bos = false;
   }
@@ -219,8 +230,9 @@ class TensorSink {
     const int64_t n_rows = src.shape.size() == 1 ? 1 : src.rows();
     const int64_t cols = src.shape.size() == 1 ? src.shape[0] : src.cols();
     const size_t in_row = size_t(cols) * dtype_size(src.dtype);
-    const size_t out_row = size_t(cols) * gguf::tensor_type_size(out);
-    const DType out_dtype = dtype_of(out);
+    const size_t out_row = gguf::tensor_row_bytes(out, cols);
+    const bool q4_0 = out == TensorType::Q4_0;
+    const DType out_dtype = q4_0 ? DType::F32 : dtype_of(out);
     const int64_t count = order.empty() ? n_rows : int64_t(order.size());
     for (int64_t k = 0; k < count; ++k) {
       const int64_t r = order.empty() ? k : order[size_t(k)];
@@ -228,12 +240,15 @@ class TensorSink {
       if (buf_.size() + out_row > kChunk) flush();
       const size_t at = buf_.size();
       buf_.resize(at + out_row);
-      if (src.dtype == out_dtype) {
+      if (src.dtype == out_dtype && !q4_0) {
         std::memcpy(buf_.data() + at, p, out_row);
       } else {
         f32_.resize(size_t(cols));
         to_f32(src.dtype, p, f32_.data(), size_t(cols));
-        from_f32(out_dtype, f32_.data(), buf_.data() + at, size_t(cols));
+        if (q4_0)
+          gguf::quantize_row_q4_0(f32_.data(), cols, reinterpret_cast<uint8_t*>(buf_.data() + at));
+        else
+          from_f32(out_dtype, f32_.data(), buf_.data() + at, size_t(cols));
       }
     }
     flush();  // a tensor's bytes are whole when the caller moves on
@@ -293,19 +308,27 @@ void run_export(const ExportArgs& a) {
                 << " becomes deepseek.expert_weights_scale\n";
   }
 
+  // q4_0: llama.cpp's Q4_0 for the attention and MLP/expert matrices; the embedding and lm_head
+  // stay f16 (as moemesh's GPTQ checkpoints keep them), the router f32.
+  const bool q4_0 = a.dtype == "q4_0";
   std::optional<TensorType> forced;
-  if (a.dtype != "keep") forced = tensor_type_of(parse_float_dtype(a.dtype), "--dtype");
+  if (q4_0)
+    forced = TensorType::F16;
+  else if (a.dtype != "keep")
+    forced = tensor_type_of(parse_float_dtype(a.dtype), "--dtype");
 
   const ModelWeights w = ck->load();
   const GgufVocab vocab = read_vocab(ck->dir(), c.vocab_size);
 
   // Matrices follow --dtype (or stay as stored); 1-D tensors and the router are always f32.
   auto matrix_type = [&](const Weight& x) { return forced ? *forced : tensor_type_of(x.dtype, x.name); };
-  const TensorType main_type = matrix_type(w.embed);
+  const TensorType main_type = q4_0 ? TensorType::Q4_0 : matrix_type(w.embed);
+  auto layer_type = [&](const Weight& x) { return q4_0 ? TensorType::Q4_0 : matrix_type(x); };
 
   gguf::Writer g(a.out);
   auto u32 = [&](const std::string& key, int64_t v) {
-    if (v < 0 || v > int64_t(UINT32_MAX)) throw Error("export-gguf: " + key + " = " + std::to_string(v) + " does not fit");
+    if (v < 0 || v > int64_t(UINT32_MAX))
+      throw Error("export-gguf: " + key + " = " + std::to_string(v) + " does not fit");
     g.set_u32(key, uint32_t(v));
   };
   const std::string A = arch + ".";
@@ -322,9 +345,10 @@ void run_export(const ExportArgs& a) {
   g.set_f32(A + "attention.layer_norm_rms_epsilon", float(c.rms_norm_eps));
   u32(A + "expert_count", c.num_experts);
   u32(A + "expert_used_count", c.num_experts_per_tok);
-  g.set_u32("general.file_type", main_type == TensorType::F32   ? kFileTypeAllF32
-                                 : main_type == TensorType::F16 ? kFileTypeMostlyF16
-                                                                : kFileTypeMostlyBF16);
+  g.set_u32("general.file_type", main_type == TensorType::F32    ? kFileTypeAllF32
+                                 : main_type == TensorType::F16  ? kFileTypeMostlyF16
+                                 : main_type == TensorType::Q4_0 ? kFileTypeMostlyQ4_0
+                                                                 : kFileTypeMostlyBF16);
   u32(A + "vocab_size", c.vocab_size);
   u32(A + "rope.dimension_count", c.head_dim);
   if (c.head_dim * c.num_attention_heads != c.hidden_size) {  // llama.cpp assumes hidden/heads otherwise
@@ -369,10 +393,11 @@ void run_export(const ExportArgs& a) {
     const std::vector<int64_t>* order = nullptr;
   };
   std::vector<Item> plan;
+  // `layer`: a layer's attention or MLP matrix (Q4_0 with --dtype q4_0).
   auto plain = [&](std::string name, const Weight& x, std::vector<int64_t> shape, bool keep_f32 = false,
-                   const std::vector<int64_t>* order = nullptr) {
+                   const std::vector<int64_t>* order = nullptr, bool layer = true) {
     check_shape(x, shape);
-    const TensorType t = keep_f32 || shape.size() == 1 ? TensorType::F32 : matrix_type(x);
+    const TensorType t = keep_f32 || shape.size() == 1 ? TensorType::F32 : layer ? layer_type(x) : matrix_type(x);
     plan.push_back({std::move(name), t, std::move(shape), {&x}, order});
   };
   // A SwiGLU MLP as three tensors named ffn_{gate,up,down}<suffix> (dense MLP or shared experts).
@@ -381,7 +406,7 @@ void run_export(const ExportArgs& a) {
     plain(b + "ffn_up" + suffix + ".weight", m.up, {width, h});
     plain(b + "ffn_down" + suffix + ".weight", m.down, {h, width});
   };
-  plain("token_embd.weight", w.embed, {c.vocab_size, h});
+  plain("token_embd.weight", w.embed, {c.vocab_size, h}, false, nullptr, /*layer=*/false);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& L = w.layers[size_t(l)];
     const std::string b = "blk." + std::to_string(l) + ".", where = "export-gguf: layer " + std::to_string(l);
@@ -410,7 +435,7 @@ void run_export(const ExportArgs& a) {
         check_shape(x, one);
         it.parts.push_back(&x);
       }
-      it.type = matrix_type(*it.parts.front());
+      it.type = layer_type(*it.parts.front());
       it.shape = {E, one[0], one[1]};
       plan.push_back(std::move(it));
     }
@@ -421,7 +446,7 @@ void run_export(const ExportArgs& a) {
   }
   plain("output_norm.weight", w.final_norm, {h});
   // Tied embeddings: llama.cpp falls back to token_embd when there is no output tensor.
-  if (!c.tie_word_embeddings) plain("output.weight", w.lm_head, {c.vocab_size, h});
+  if (!c.tie_word_embeddings) plain("output.weight", w.lm_head, {c.vocab_size, h}, false, nullptr, /*layer=*/false);
 
   uint64_t bytes = 0;
   for (const auto& it : plan) {
@@ -443,11 +468,14 @@ void run_export(const ExportArgs& a) {
 
 void add_export_gguf(CLI::App& app) {
   auto a = std::make_shared<ExportArgs>();
-  auto* cmd = app.add_subcommand("export-gguf", "Write a checkpoint as a llama.cpp GGUF file (Mixtral -> llama, DeepSeek-MoE -> deepseek)");
+  auto* cmd = app.add_subcommand(
+      "export-gguf", "Write a checkpoint as a llama.cpp GGUF file (Mixtral -> llama, DeepSeek-MoE -> deepseek)");
   cmd->add_option("--model", a->model, "Hugging Face checkpoint folder")->required();
   cmd->add_option("--out", a->out, "GGUF file to write")->required();
-  cmd->add_option("--dtype", a->dtype, "matrix type: keep (as stored), f32, f16 or bf16")
-      ->check(CLI::IsMember({"keep", "f32", "f16", "bf16"}))
+  cmd->add_option("--dtype", a->dtype,
+                  "matrix type: keep (as stored), f32, f16, bf16, or q4_0 (llama.cpp's Q4_0 for the layers' "
+                  "matrices, embedding and lm_head f16)")
+      ->check(CLI::IsMember({"keep", "f32", "f16", "bf16", "q4_0"}))
       ->capture_default_str();
   cmd->callback([a] { run_export(*a); });
 }

@@ -72,18 +72,30 @@ class Cursor {
   }
   json scalar(uint32_t type) {
     switch (type) {
-      case 0: return get<uint8_t>();
-      case 1: return get<int8_t>();
-      case 2: return get<uint16_t>();
-      case 3: return get<int16_t>();
-      case 4: return get<uint32_t>();
-      case 5: return get<int32_t>();
-      case 6: return get<float>();
-      case 7: return get<uint8_t>() != 0;
-      case 8: return str();
-      case 10: return get<uint64_t>();
-      case 11: return get<int64_t>();
-      case 12: return get<double>();
+      case 0:
+        return get<uint8_t>();
+      case 1:
+        return get<int8_t>();
+      case 2:
+        return get<uint16_t>();
+      case 3:
+        return get<int16_t>();
+      case 4:
+        return get<uint32_t>();
+      case 5:
+        return get<int32_t>();
+      case 6:
+        return get<float>();
+      case 7:
+        return get<uint8_t>() != 0;
+      case 8:
+        return str();
+      case 10:
+        return get<uint64_t>();
+      case 11:
+        return get<int64_t>();
+      case 12:
+        return get<double>();
     }
     throw std::runtime_error("bad value type " + std::to_string(type));
   }
@@ -182,8 +194,8 @@ TEST(ggufWriter, HeaderMetadataTensorInfosAndAlignedData) {
   EXPECT_FALSE(std::filesystem::exists(tmp / "t.gguf.tmp"));
   const Parsed p = parse_gguf(file);
   EXPECT_EQ(p.version, 3u);
-  EXPECT_EQ(p.keys, (std::vector<std::string>{"general.architecture", "t.u8", "t.i32", "t.u32", "t.u64", "t.i64", "t.f32",
-                                              "t.f64", "t.bool", "t.strs", "t.f32s", "t.i32s"}));
+  EXPECT_EQ(p.keys, (std::vector<std::string>{"general.architecture", "t.u8", "t.i32", "t.u32", "t.u64", "t.i64",
+                                              "t.f32", "t.f64", "t.bool", "t.strs", "t.f32s", "t.i32s"}));
   EXPECT_EQ(p.types.at("general.architecture"), 8u);
   EXPECT_EQ(p.values.at("general.architecture"), "llama");
   EXPECT_EQ(p.types.at("t.u8"), 0u);
@@ -270,9 +282,14 @@ TEST(ggufWriter, RefusesBadInputWithAClearError) {
   EXPECT_NE(error_of([&] { w.add_tensor(std::string(64, 'n'), gguf::TensorType::F32, {1}); }).find("1 to 63"),
             std::string::npos);
   EXPECT_NE(error_of([&] { w.add_tensor("z", gguf::TensorType::F32, {}); }).find("0 dimensions"), std::string::npos);
-  EXPECT_NE(error_of([&] { w.add_tensor("z", gguf::TensorType::F32, {1, 1, 1, 1, 1}); }).find("5 dimensions"),
+  EXPECT_NE(error_of([&] {
+              w.add_tensor("z", gguf::TensorType::F32, {1, 1, 1, 1, 1});
+            }).find("5 dimensions"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { w.add_tensor("z", gguf::TensorType::F32, {3, 0}); }).find("dimension of 0"), std::string::npos);
+  EXPECT_NE(error_of([&] {
+              w.add_tensor("z", gguf::TensorType::F32, {3, 0});
+            }).find("dimension of 0"),
+            std::string::npos);
   w.add_tensor("t", gguf::TensorType::F32, {2});
   EXPECT_NE(error_of([&] { w.add_tensor("t", gguf::TensorType::F32, {2}); }).find("added twice"), std::string::npos);
   EXPECT_NE(error_of([&] { w.write("x", 1); }).find("outside begin_data"), std::string::npos);
@@ -341,7 +358,8 @@ TEST(ggufExport, MixtralLaidOutAsLlamaCppsConverterWritesIt) {
   const auto dir = tiny_model(tmp, "bf16");
   const auto file = tmp / "m.gguf";
   int status = 0;
-  const std::string out = run(cli() + "export-gguf --model '" + dir.string() + "' --out '" + file.string() + "' 2>&1", &status);
+  const std::string out =
+      run(cli() + "export-gguf --model '" + dir.string() + "' --out '" + file.string() + "' 2>&1", &status);
   ASSERT_EQ(status, 0) << out;
   const Parsed p = parse_gguf(file);
   auto ck = Checkpoint::open(dir);
@@ -466,19 +484,69 @@ TEST(ggufExport, ConvertsToTheAskedDtype) {
   for (size_t i = 0; i < want.size(); i += 97) ASSERT_EQ(got[i], f32_to_f16(want[i])) << i;
 
   // Bad input: one readable line, non-zero exit, no file.
-  out = run(cli() + "export-gguf --model '" + (tmp / "nope").string() + "' --out '" + (tmp / "x.gguf").string() + "' 2>&1",
-            &status);
+  out = run(
+      cli() + "export-gguf --model '" + (tmp / "nope").string() + "' --out '" + (tmp / "x.gguf").string() + "' 2>&1",
+      &status);
   EXPECT_NE(status, 0);
   EXPECT_NE(out.find("nope"), std::string::npos) << out;
-  out = run(cli() + "export-gguf --model '" + dir.string() + "' --out '" + (tmp / "x.gguf").string() + "' --dtype int4 2>&1",
-            &status);
+  out = run(
+      cli() + "export-gguf --model '" + dir.string() + "' --out '" + (tmp / "x.gguf").string() + "' --dtype int4 2>&1",
+      &status);
   EXPECT_NE(status, 0);
   EXPECT_NE(out.find("--dtype"), std::string::npos) << out;
   std::filesystem::remove(dir / "tokenizer.json");
-  out = run(cli() + "export-gguf --model '" + dir.string() + "' --out '" + (tmp / "x.gguf").string() + "' 2>&1", &status);
+  out =
+      run(cli() + "export-gguf --model '" + dir.string() + "' --out '" + (tmp / "x.gguf").string() + "' 2>&1", &status);
   EXPECT_NE(status, 0);
   EXPECT_NE(out.find("tokenizer.json: missing"), std::string::npos) << out;
   EXPECT_FALSE(std::filesystem::exists(tmp / "x.gguf"));
+}
+
+// --dtype q4_0: the layers' matrices as llama.cpp's Q4_0 blocks (read here by the format's
+// definition: an f16 d, then byte j = value j | value j + 16 << 4, value = (nibble - 8)·d), the
+// embedding and lm_head f16, the router and norms f32. Every weight comes back within half a step
+// (plus d's f16 rounding; clamped past 7·d on the far side), and each block's largest magnitude
+// at nibble 0 (-8·d), as ggml's quantize_row_q4_0 puts it.
+TEST(ggufExport, Q4_0LayersInLlamaCppsBlocks) {
+  TempDir tmp("gguf-export");
+  const auto dir = tiny_model(tmp, "f32");
+  const auto file = tmp / "m.gguf";
+  int status = 0;
+  const std::string out = run(
+      cli() + "export-gguf --model '" + dir.string() + "' --out '" + file.string() + "' --dtype q4_0 2>&1", &status);
+  ASSERT_EQ(status, 0) << out;
+  const Parsed p = parse_gguf(file);
+  EXPECT_EQ(p.values.at("general.file_type"), 2) << "MOSTLY_Q4_0";
+  for (const char* name :
+       {"blk.0.attn_q.weight", "blk.0.attn_output.weight", "blk.1.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight"})
+    EXPECT_EQ(p.tensor(name).type, 2u) << name;
+  EXPECT_EQ(p.tensor("token_embd.weight").type, 1u);
+  EXPECT_EQ(p.tensor("output.weight").type, 1u);
+  EXPECT_EQ(p.tensor("blk.0.ffn_gate_inp.weight").type, 0u);
+  EXPECT_EQ(p.tensor("blk.0.attn_norm.weight").type, 0u);
+
+  auto ck = Checkpoint::open(dir);
+  const ModelWeights w = ck->load();
+  const auto want = floats(w.layers[0].v);  // attn_v: rows in checkpoint order
+  const char* q = p.data(p.tensor("blk.0.attn_v.weight"));
+  size_t extremes = 0;
+  for (size_t b = 0; b < want.size() / 32; ++b, q += 18) {
+    uint16_t dh;
+    std::memcpy(&dh, q, 2);
+    const float d = f16_to_f32(dh);
+    float top = 0;
+    for (size_t j = 0; j < 32; ++j) top = std::max(top, std::abs(want[b * 32 + j]));
+    for (size_t j = 0; j < 32; ++j) {
+      const uint8_t byte = uint8_t(q[2 + j % 16]);
+      const int nibble = j < 16 ? (byte & 15) : (byte >> 4);
+      const float got = float(nibble - 8) * d, x = want[b * 32 + j];
+      // Nibbles reach -8·d on the largest value's side but only 7·d on the other: beyond it, clamped.
+      const float step = std::abs(d), allowed = std::max(step / 2, std::abs(x) - 7 * step);
+      ASSERT_LE(std::abs(got - x), allowed + top * 0x1p-10) << "block " << b << " value " << j;
+      if (std::abs(x) == top && nibble == 0) ++extremes;
+    }
+  }
+  EXPECT_EQ(extremes, want.size() / 32) << "the largest magnitude of each block maps to nibble 0 (-8·d)";
 }
 
 TEST(ggufExport, DeepSeekLaidOutAsLlamaCppsDeepseek) {
@@ -486,7 +554,8 @@ TEST(ggufExport, DeepSeekLaidOutAsLlamaCppsDeepseek) {
   const auto dir = tiny_model(tmp, "bf16", "deepseek");
   const auto file = tmp / "d.gguf";
   int status = 0;
-  const std::string out = run(cli() + "export-gguf --model '" + dir.string() + "' --out '" + file.string() + "' 2>&1", &status);
+  const std::string out =
+      run(cli() + "export-gguf --model '" + dir.string() + "' --out '" + file.string() + "' 2>&1", &status);
   ASSERT_EQ(status, 0) << out;
   const Parsed p = parse_gguf(file);
   auto ck = Checkpoint::open(dir);
