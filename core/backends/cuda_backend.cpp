@@ -13,6 +13,7 @@
 
 #include "core/error.h"
 #include "kernels/cpu/kv_int8.h"
+#include "kernels/cpu/quant_matrix.h"
 #include "kernels/cuda/api.cuh"
 
 namespace moemesh {
@@ -41,7 +42,9 @@ class DeviceBuffer {
     else if (p_)
       cudaFree(p_);
   }
-  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_), stream_(o.stream_) { o.p_ = nullptr, o.bytes_ = 0; }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(o.p_), bytes_(o.bytes_), stream_(o.stream_) {
+    o.p_ = nullptr, o.bytes_ = 0;
+  }
   DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
     std::swap(p_, o.p_);
     std::swap(bytes_, o.bytes_);
@@ -81,7 +84,9 @@ class DeviceKvCache final : public KvCache {
   char* values(int64_t layer, bool value) const {
     return static_cast<char*>(pool_.get()) + (size_t(layer) * 2 + (value ? 1 : 0)) * (value_bytes_ + scale_bytes_);
   }
-  float* scales(int64_t layer, bool value) const { return reinterpret_cast<float*>(values(layer, value) + value_bytes_); }
+  float* scales(int64_t layer, bool value) const {
+    return reinterpret_cast<float*>(values(layer, value) + value_bytes_);
+  }
   cuda::Int8KvCache int8(int64_t layer) const {
     return {reinterpret_cast<int8_t*>(values(layer, false)), reinterpret_cast<int8_t*>(values(layer, true)),
             scales(layer, false), scales(layer, true)};
@@ -104,8 +109,7 @@ class DeviceKvCache final : public KvCache {
               cudaMemcpy(q.data(), values(l, kv) + size_t(block) * slab, slab, cudaMemcpyDeviceToHost));
           MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpy(s.data(), scales(l, kv) + size_t(block) * s.size(),
                                                 s.size() * sizeof(float), cudaMemcpyDeviceToHost));
-          cpu::dequantize_kv_int8(q.data(), s.data(), kBlockSize, format().kv_heads, kv_dim() / format().kv_heads,
-                                  dst);
+          cpu::dequantize_kv_int8(q.data(), s.data(), kBlockSize, format().kv_heads, kv_dim() / format().kv_heads, dst);
         }
       }
   }
@@ -138,7 +142,24 @@ class DeviceKvCache final : public KvCache {
 };
 
 // Scratch buffers by role; each grows to the largest request and is then reused.
-enum Slot { kX, kH, kQ, kK, kV, kAttn, kOut, kIds, kPos, kRowSeq, kSlots, kTables, kGemmWork, kPointers, kLogits, kSlotCount };
+enum Slot {
+  kX,
+  kH,
+  kQ,
+  kK,
+  kV,
+  kAttn,
+  kOut,
+  kIds,
+  kPos,
+  kRowSeq,
+  kSlots,
+  kTables,
+  kGemmWork,
+  kPointers,
+  kLogits,
+  kSlotCount
+};
 
 // What one call computes with: its stream, cuBLAS handle, scratch and host index buffers. Calls
 // from different threads (the engine's two micro-batches) take different lanes, so one's copies
@@ -221,7 +242,8 @@ class CudaBackend final : public ComputeBackend {
 
     // Host-side indices: row -> sequence (its span), positions, cache slots, block tables.
     int64_t max_blocks = 1;
-    for (const auto& sp : layout.spans) max_blocks = std::max<int64_t>(max_blocks, int64_t(kv.block_table(sp.seq).size()));
+    for (const auto& sp : layout.spans)
+      max_blocks = std::max<int64_t>(max_blocks, int64_t(kv.block_table(sp.seq).size()));
     L.row_seq.assign(size_t(rows), 0);
     L.slots.assign(size_t(rows), -1);
     L.tables.assign(layout.spans.size() * size_t(max_blocks), 0);
@@ -233,7 +255,7 @@ class CudaBackend final : public ComputeBackend {
         const int64_t pos = sp.pos0 + i;
         L.row_seq[size_t(sp.row0 + i)] = int32_t(s);
         L.slots[size_t(sp.row0 + i)] = table.at(size_t(pos / KvCache::kBlockSize)) * int32_t(KvCache::kBlockSize) +
-                                      int32_t(pos % KvCache::kBlockSize);
+                                       int32_t(pos % KvCache::kBlockSize);
       }
     }
     int32_t* d_pos = upload(L, kPos, layout.positions.data(), size_t(rows));
@@ -248,7 +270,8 @@ class CudaBackend final : public ComputeBackend {
     float* d_attn = scratch<float>(L, kAttn, size_t(rows * q_dim));
     float* d_o = scratch<float>(L, kOut, size_t(rows * hidden));
 
-    check(cuda::rmsnorm(d_x, weight(lw.input_norm), lw.input_norm.dtype, rows, hidden, cfg.rms_norm_eps, d_h, L.stream));
+    check(
+        cuda::rmsnorm(d_x, weight(lw.input_norm), lw.input_norm.dtype, rows, hidden, cfg.rms_norm_eps, d_h, L.stream));
     gemm(L, d_h, rows, lw.q, d_q);
     gemm(L, d_h, rows, lw.k, d_k);
     gemm(L, d_h, rows, lw.v, d_v);
@@ -268,7 +291,8 @@ class CudaBackend final : public ComputeBackend {
       auto* k_cache = reinterpret_cast<float*>(dkv->values(layer, false));
       auto* v_cache = reinterpret_cast<float*>(dkv->values(layer, true));
       check(cuda::paged_kv_write(ac, d_k, d_v, rows, d_slots, k_cache, v_cache, L.stream));
-      check(cuda::paged_attention(ac, d_q, rows, d_row_seq, d_pos, d_tables, n_seqs, k_cache, v_cache, d_attn, L.stream));
+      check(
+          cuda::paged_attention(ac, d_q, rows, d_row_seq, d_pos, d_tables, n_seqs, k_cache, v_cache, d_attn, L.stream));
     } else {
       const cuda::Int8KvCache cache = dkv->int8(layer);
       check(cuda::paged_kv_write_int8(ac, d_k, d_v, rows, d_slots, cache, L.stream));
@@ -303,6 +327,10 @@ class CudaBackend final : public ComputeBackend {
       if (!e.rows.empty()) live.push_back(&e);
     if (live.empty()) return;
     const MlpWeights& first = *live[0]->weights;
+    // Quantized experts: one mlp each (cuBLAS's grouped GEMM takes float matrices only).
+    for (const ExpertRows* e : live)
+      if (e->weights->gate.quant || e->weights->up.quant || e->weights->down.quant)
+        return ComputeBackend::grouped_mlp(x, x_rows, hidden, experts);
     const DType t = first.gate.dtype;
     const int64_t inter = first.gate.rows();
     for (const ExpertRows* e : live) {
@@ -457,7 +485,8 @@ class CudaBackend final : public ComputeBackend {
   T* scratch(Lane& L, Slot slot, size_t n) {
     DeviceBuffer& b = L.scratch[slot];
     const size_t bytes = std::max<size_t>(n * sizeof(T), 256);
-    if (b.bytes() < bytes) b = DeviceBuffer(std::max(bytes, b.bytes() * 2), L.stream);  // the old one freed in stream order
+    if (b.bytes() < bytes)
+      b = DeviceBuffer(std::max(bytes, b.bytes() * 2), L.stream);  // the old one freed in stream order
     return static_cast<T*>(b.get());
   }
 
@@ -477,9 +506,7 @@ class CudaBackend final : public ComputeBackend {
   // The device copy of a weight, uploaded on first use.
   const void* weight(const Weight& w) {
     if (w.empty()) throw Error("cuda backend: weight " + w.name + " is not loaded");
-    if (w.quant)
-      throw Error("cuda backend: weight " + w.name +
-                  " is GPTQ-quantized; the CUDA kernels for INT4/INT8 weights are not built yet (run on the CPU)");
+    if (w.quant) throw Error("cuda backend: weight " + w.name + " is quantized: use quant_weight");
     std::lock_guard lock(weights_mu_);
     // Keyed by what the bytes are, not only where: a later tensor mapped at a reused address
     // gets its own copy.
@@ -495,7 +522,41 @@ class CudaBackend final : public ComputeBackend {
     return it->second.get();
   }
 
+  // The device copy of an INT4/INT8 weight (kernels/cpu/quant_matrix.h), uploaded on first use.
+  const cuda::QuantWeight& quant_weight(const Weight& w) {
+    const cpu::QuantMatrix& m = *w.quant;
+    std::lock_guard lock(weights_mu_);
+    auto it = quant_weights_.find(&m);
+    if (it != quant_weights_.end()) return it->second.view;
+    std::vector<int32_t> group_of(size_t(m.padded_in));
+    for (int64_t g = 0; g < m.groups(); ++g)
+      std::fill(group_of.begin() + m.group_start[size_t(g)], group_of.begin() + m.group_start[size_t(g + 1)],
+                int32_t(g));
+    QuantCopy c;
+    auto put = [&](const void* host, size_t bytes) {
+      c.buffers.emplace_back(bytes);
+      MOEMESH_CUDA_BACKEND_CHECK(cudaMemcpy(c.buffers.back().get(), host, bytes, cudaMemcpyHostToDevice));
+      return c.buffers.back().get();
+    };
+    c.view.bits = m.bits, c.view.out = m.out, c.view.in = m.in, c.view.padded_in = m.padded_in;
+    c.view.groups = m.groups();
+    c.view.q = static_cast<const uint8_t*>(put(m.q.data(), m.q.size()));
+    c.view.scale = static_cast<const float*>(put(m.scale.data(), m.scale.size() * sizeof(float)));
+    c.view.scaled_zero = static_cast<const float*>(put(m.scaled_zero.data(), m.scaled_zero.size() * sizeof(float)));
+    c.view.group_of = static_cast<const int32_t*>(put(group_of.data(), group_of.size() * sizeof(int32_t)));
+    c.view.source = static_cast<const int32_t*>(put(m.source.data(), m.source.size() * sizeof(int32_t)));
+    wait_for_legacy_copies();
+    return quant_weights_.emplace(&m, std::move(c)).first->second.view;
+  }
+
   void gemm(Lane& L, const float* d_x, int64_t rows, const Weight& w, float* d_y) {
+    if (w.quant) {
+      const cuda::QuantWeight& m = quant_weight(w);
+      const size_t ws = cuda::quant_matmul_workspace_bytes(rows, m);
+      void* work = ws ? scratch<char>(L, kGemmWork, ws) : nullptr;
+      check(cuda::quant_matmul(L.blas.get(), d_x, rows, m, d_y, work, ws, L.stream));
+      return;
+    }
     const size_t ws = cuda::matmul_workspace_bytes(rows, w.cols(), w.dtype);
     void* work = ws ? scratch<char>(L, kGemmWork, ws) : nullptr;
     check(cuda::matmul(L.blas.get(), d_x, rows, w.cols(), weight(w), w.dtype, w.rows(), d_y, work, ws, L.stream));
@@ -506,6 +567,12 @@ class CudaBackend final : public ComputeBackend {
   std::mutex weights_mu_;
   using WeightKey = std::tuple<const void*, int64_t, DType>;
   std::map<WeightKey, DeviceBuffer> weights_;
+  struct QuantCopy {
+    std::vector<DeviceBuffer> buffers;
+    cuda::QuantWeight view;  // into buffers
+  };
+  // Keyed by the matrix: the checkpoint keeps each QuantMatrix alive and in place.
+  std::map<const cpu::QuantMatrix*, QuantCopy> quant_weights_;
   std::mutex lanes_mu_;
   std::vector<std::unique_ptr<Lane>> free_lanes_;
 };

@@ -41,10 +41,10 @@ Status from_cuda(cudaError_t err, const char* file, int line, const char* what);
 Status from_cublas(cublasStatus_t st, const char* file, int line, const char* what);
 
 #define MOEMESH_CUDA_ERROR(msg) ::moemesh::cuda::Status::error(__FILE__, __LINE__, (msg))
-#define MOEMESH_CUDA_RETURN_IF_ERROR(expr)              \
-  do {                                                  \
-    ::moemesh::cuda::Status moemesh_status_ = (expr);   \
-    if (!moemesh_status_.ok()) return moemesh_status_;  \
+#define MOEMESH_CUDA_RETURN_IF_ERROR(expr)             \
+  do {                                                 \
+    ::moemesh::cuda::Status moemesh_status_ = (expr);  \
+    if (!moemesh_status_.ok()) return moemesh_status_; \
   } while (0)
 #define MOEMESH_CUDA_TRY(call) \
   MOEMESH_CUDA_RETURN_IF_ERROR(::moemesh::cuda::from_cuda((call), __FILE__, __LINE__, #call))
@@ -65,22 +65,21 @@ Status check_last_error();
 // Elementwise and row kernels (kernels/cuda/norm_rope_act.cu)
 
 // y = x / sqrt(mean(x^2) + eps) * weight, per row. weight [dim] in F32/F16/BF16.
-Status rmsnorm(const float* x, const void* weight, DType wdtype, int64_t rows, int64_t dim,
-               double eps, float* y, cudaStream_t stream);
+Status rmsnorm(const float* x, const void* weight, DType wdtype, int64_t rows, int64_t dim, double eps, float* y,
+               cudaStream_t stream);
 
 // Fused residual add + RMSNorm: x += residual (in place), then y = rmsnorm(x). y may not alias x.
-Status add_rmsnorm(float* x, const float* residual, const void* weight, DType wdtype, int64_t rows,
-                   int64_t dim, double eps, float* y, cudaStream_t stream);
+Status add_rmsnorm(float* x, const float* residual, const void* weight, DType wdtype, int64_t rows, int64_t dim,
+                   double eps, float* y, cudaStream_t stream);
 
 // Rotary embedding in place, HF "rotate_half" (pairs i and i + head_dim/2), on
 // x[rows, n_heads * head_dim]; positions[rows] (device). sin/cos in double, the rotation in f32,
 // as in the CPU reference.
-Status rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions,
-            double theta, cudaStream_t stream);
+Status rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions, double theta,
+            cudaStream_t stream);
 
 // out[rows, n] = silu(gate) * up. out may alias gate or up.
-Status silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, float* out,
-                cudaStream_t stream);
+Status silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, float* out, cudaStream_t stream);
 
 // silu_mul with gate, up and out in `dtype` (F32/F16/BF16; the math in f32, rounded once).
 Status silu_mul_as(const void* gate, const void* up, int64_t rows, int64_t n, void* out, DType dtype,
@@ -92,8 +91,8 @@ Status add_inplace(float* x, const float* y, int64_t n, cudaStream_t stream);
 // Gathers rows of table [vocab, dim] (F32/F16/BF16) into out[n, dim] as f32. ids live on the
 // device, so they cannot be checked here: an id outside [0, vocab) yields a row of NaN (loud,
 // never an out-of-bounds read). Ids are meant to be validated on the host before upload.
-Status embedding(const void* table, DType dtype, int64_t vocab, int64_t dim, const int32_t* ids,
-                 int64_t n, float* out, cudaStream_t stream);
+Status embedding(const void* table, DType dtype, int64_t vocab, int64_t dim, const int32_t* ids, int64_t n, float* out,
+                 cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // Gating (kernels/cuda/gating.cu)
@@ -102,9 +101,8 @@ Status embedding(const void* table, DType dtype, int64_t vocab, int64_t dim, con
 // descending, ties: lower expert id first. When renormalize, the k weights sum to 1.
 // n_experts <= kMaxGatingExperts, 1 <= k <= n_experts.
 inline constexpr int64_t kMaxGatingExperts = 2048;
-Status topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t k,
-                   float temperature, bool renormalize, int32_t* ids, float* weights,
-                   cudaStream_t stream);
+Status topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t k, float temperature, bool renormalize,
+                   int32_t* ids, float* weights, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // Dense matmul via cuBLAS (kernels/cuda/gemm.cu)
@@ -115,9 +113,30 @@ Status topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t
 // vLLM/SGLang; the output stays f32). `workspace` needs matmul_workspace_bytes(...) bytes (0 for
 // F32: pass nullptr). rows, in and out must each fit in an int (cuBLAS's index type).
 size_t matmul_workspace_bytes(int64_t rows, int64_t in, DType wdtype);
-Status matmul(cublasHandle_t blas, const float* x, int64_t rows, int64_t in, const void* w,
-              DType wdtype, int64_t out, float* y, void* workspace, size_t workspace_bytes,
-              cudaStream_t stream);
+Status matmul(cublasHandle_t blas, const float* x, int64_t rows, int64_t in, const void* w, DType wdtype, int64_t out,
+              float* y, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+// An INT4/INT8 weight (kernels/cpu/quant_matrix.h's QuantMatrix) on the device: the codes in the
+// CPU layout (rows of padded_in values; INT4 blocks of 32 in 16 bytes, byte j = value j | value
+// j + 16 << 4), per (row, group) scale and scaled zero (value = q·scale - scaled_zero), and per
+// padded position its group and its input channel (-1: padding). All device pointers.
+struct QuantWeight {
+  int bits = 4;
+  int64_t out = 0, in = 0, padded_in = 0, groups = 0;
+  const uint8_t* q = nullptr;
+  const float* scale = nullptr;
+  const float* scaled_zero = nullptr;
+  const int32_t* group_of = nullptr;
+  const int32_t* source = nullptr;
+};
+
+// y[rows, out] = x[rows, in] · dequantized(m)ᵀ in f32 (each weight exact, as on the CPU). Up to
+// kQuantGemvRows rows a warp per output and row reads the codes directly (decode); more rows
+// dequantize m once into `workspace` (f32 [out, in]) and multiply with cuBLAS (prefill).
+constexpr int64_t kQuantGemvRows = 8;
+size_t quant_matmul_workspace_bytes(int64_t rows, const QuantWeight& m);
+Status quant_matmul(cublasHandle_t blas, const float* x, int64_t rows, const QuantWeight& m, float* y, void* workspace,
+                    size_t workspace_bytes, cudaStream_t stream);
 
 // The experts of a layer in one cuBLAS call (cublasGemmGroupedBatchedEx): for each group i,
 // y[i][rows[i], out] = x[i][rows[i], in] · w[i][out, in]^T, every matrix in `dtype` (F32, F16 or
@@ -125,8 +144,8 @@ Status matmul(cublasHandle_t blas, const float* x, int64_t rows, int64_t in, con
 // host arrays of `groups` entries (x/w/y: device matrices); device_pointers is device scratch for
 // 3 * groups pointers, which must stay untouched until the GEMM has run on `stream`.
 Status grouped_matmul(cublasHandle_t blas, int64_t groups, const int64_t* rows, int64_t in, int64_t out,
-                      const void* const* x, const void* const* w, void* const* y, DType dtype,
-                      void** device_pointers, cudaStream_t stream);
+                      const void* const* x, const void* const* w, void* const* y, DType dtype, void** device_pointers,
+                      cudaStream_t stream);
 
 // Owns a cuBLAS handle (pure f32 math mode). Create after the device is selected.
 class Blas {
@@ -214,10 +233,9 @@ struct PagedAttentionConfig {
 Status paged_kv_write(const PagedAttentionConfig& cfg, const float* k, const float* v, int64_t rows,
                       const int32_t* slots, float* k_cache, float* v_cache, cudaStream_t stream);
 
-Status paged_attention(const PagedAttentionConfig& cfg, const float* q, int64_t rows,
-                       const int32_t* row_seq, const int32_t* row_pos, const int32_t* block_tables,
-                       int64_t n_seqs, const float* k_cache, const float* v_cache, float* out,
-                       cudaStream_t stream);
+Status paged_attention(const PagedAttentionConfig& cfg, const float* q, int64_t rows, const int32_t* row_seq,
+                       const int32_t* row_pos, const int32_t* block_tables, int64_t n_seqs, const float* k_cache,
+                       const float* v_cache, float* out, cudaStream_t stream);
 
 // INT8 KV cache: k_q/v_q int8 [num_blocks, 16, n_kv_heads, head_dim] and k_scale/v_scale f32
 // [num_blocks, 16, n_kv_heads]: one symmetric scale per (token, kv head), scale = max|x| / 127,
@@ -239,8 +257,8 @@ Status paged_kv_write_int8(const PagedAttentionConfig& cfg, const float* k, cons
                            const int32_t* slots, const Int8KvCache& cache, cudaStream_t stream);
 
 // paged_attention over an INT8 cache: scores scale_k · (q · k_q), values scale_v · v_q.
-Status paged_attention_int8(const PagedAttentionConfig& cfg, const float* q, int64_t rows,
-                            const int32_t* row_seq, const int32_t* row_pos, const int32_t* block_tables,
-                            int64_t n_seqs, const Int8KvCache& cache, float* out, cudaStream_t stream);
+Status paged_attention_int8(const PagedAttentionConfig& cfg, const float* q, int64_t rows, const int32_t* row_seq,
+                            const int32_t* row_pos, const int32_t* block_tables, int64_t n_seqs,
+                            const Int8KvCache& cache, float* out, cudaStream_t stream);
 
 }  // namespace moemesh::cuda

@@ -1,5 +1,6 @@
 // y = x · W^T through cublasGemmEx with f32 accumulation. cuBLAS wants both inputs in one type,
 // so with a 16-bit W the activations are first rounded to W's type (a small, memory-bound pass).
+// INT4/INT8 weights (QuantWeight): a warp-per-output GEMV for decode, dequantize + cuBLAS above.
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -15,6 +16,64 @@ __global__ void convert_kernel(const float* __restrict__ src, T* __restrict__ ds
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
     dst[i] = detail::from_f32<T>(src[i]);
+}
+
+// Value k (in the padded order) of row `row` of m, dequantized.
+__device__ __forceinline__ float quant_value(const QuantWeight& m, int64_t o, int64_t k) {
+  const int64_t row_bytes = m.padded_in * m.bits / 8;
+  const uint8_t* row = m.q + o * row_bytes;
+  int code;
+  if (m.bits == 8) {
+    code = row[k];
+  } else {
+    const uint8_t b = row[(k / 32) * 16 + (k % 32) % 16];
+    code = (k % 32) < 16 ? (b & 0x0F) : (b >> 4);
+  }
+  const int64_t g = m.group_of[k];
+  return float(code) * m.scale[o * m.groups + g] - m.scaled_zero[o * m.groups + g];
+}
+
+// One warp per (output o, x row r); lanes stride the padded positions, then reduce.
+__global__ void quant_gemv_kernel(const float* __restrict__ x, int64_t rows, QuantWeight m, float* __restrict__ y) {
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= m.out * rows) return;
+  const int64_t o = warp % m.out, r = warp / m.out;
+  const float* xr = x + r * m.in;
+  float acc = 0.0f;
+  for (int64_t k = lane; k < m.padded_in; k += 32) {
+    const int32_t c = m.source[k];
+    if (c >= 0) acc = fmaf(quant_value(m, o, k), xr[c], acc);
+  }
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
+  if (lane == 0) y[r * m.out + o] = acc;
+}
+
+// w[out, in] (f32, HF layout) = dequantized m.
+__global__ void quant_dequantize_kernel(QuantWeight m, float* __restrict__ w) {
+  const int64_t n = m.out * m.padded_in;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t o = i / m.padded_in, k = i % m.padded_in;
+    const int32_t c = m.source[k];
+    if (c >= 0) w[o * m.in + c] = quant_value(m, o, k);
+  }
+}
+
+Status check_quant(const QuantWeight& m) {
+  MOEMESH_CUDA_REQUIRE(m.bits == 4 || m.bits == 8, "quantized weight of " + std::to_string(m.bits) + " bits");
+  MOEMESH_CUDA_REQUIRE_PTR(m.q);
+  MOEMESH_CUDA_REQUIRE_PTR(m.scale);
+  MOEMESH_CUDA_REQUIRE_PTR(m.scaled_zero);
+  MOEMESH_CUDA_REQUIRE_PTR(m.group_of);
+  MOEMESH_CUDA_REQUIRE_PTR(m.source);
+  MOEMESH_CUDA_REQUIRE_POSITIVE(m.out);
+  MOEMESH_CUDA_REQUIRE_POSITIVE(m.in);
+  MOEMESH_CUDA_REQUIRE_POSITIVE(m.groups);
+  MOEMESH_CUDA_REQUIRE(m.padded_in >= m.in && m.padded_in % 32 == 0,
+                       "padded_in " + std::to_string(m.padded_in) + " for in " + std::to_string(m.in));
+  MOEMESH_CUDA_REQUIRE_INT(m.out);
+  MOEMESH_CUDA_REQUIRE_INT(m.in);
+  return {};
 }
 
 cudaDataType_t cuda_type(DType t) {
@@ -121,6 +180,37 @@ Status grouped_matmul(cublasHandle_t blas, int64_t groups, const int64_t* rows, 
                                                 device_pointers + 2 * g, t, ld_y.data(), int(groups), size.data(),
                                                 CUBLAS_COMPUTE_32F));
   return {};
+}
+
+
+size_t quant_matmul_workspace_bytes(int64_t rows, const QuantWeight& m) {
+  return rows > kQuantGemvRows ? size_t(m.out) * size_t(m.in) * sizeof(float) : 0;
+}
+
+Status quant_matmul(cublasHandle_t blas, const float* x, int64_t rows, const QuantWeight& m, float* y,
+                    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  MOEMESH_CUDA_RETURN_IF_ERROR(check_quant(m));
+  MOEMESH_CUDA_REQUIRE_PTR(x);
+  MOEMESH_CUDA_REQUIRE_PTR(y);
+  MOEMESH_CUDA_REQUIRE_POSITIVE(rows);
+  MOEMESH_CUDA_REQUIRE_INT(rows);
+  constexpr int kThreads = 256;
+  if (rows <= kQuantGemvRows) {
+    const int64_t threads = m.out * rows * 32;
+    quant_gemv_kernel<<<detail::blocks_for(threads, kThreads), kThreads, 0, stream>>>(x, rows, m, y);
+    MOEMESH_CUDA_CHECK_LAUNCH();
+    return {};
+  }
+  const size_t need = quant_matmul_workspace_bytes(rows, m);
+  MOEMESH_CUDA_REQUIRE(workspace != nullptr && workspace_bytes >= need,
+                       "workspace of " + std::to_string(workspace_bytes) + " bytes; need " + std::to_string(need) +
+                           " (quant_matmul_workspace_bytes)");
+  float* w = static_cast<float*>(workspace);
+  // Padding channels are never written: every input channel appears once in `source`.
+  const unsigned blocks = unsigned(std::min<int64_t>(detail::blocks_for(m.out * m.padded_in, kThreads), 65536));
+  quant_dequantize_kernel<<<blocks, kThreads, 0, stream>>>(m, w);
+  MOEMESH_CUDA_CHECK_LAUNCH();
+  return matmul(blas, x, rows, m.in, w, DType::F32, m.out, y, nullptr, 0, stream);
 }
 
 }  // namespace moemesh::cuda

@@ -21,6 +21,7 @@
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <span>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -31,6 +32,7 @@
 #include "kernels/cpu/kv_int8.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/quant_matrix.h"
 #include "kernels/cuda/api.cuh"
 
 namespace mc = moemesh::cuda;
@@ -39,14 +41,14 @@ using moemesh::DType;
 
 namespace {
 
-#define STATUS_OK(expr)                                   \
-  do {                                                    \
-    const mc::Status st_ = (expr);                        \
+#define STATUS_OK(expr)                                      \
+  do {                                                       \
+    const mc::Status st_ = (expr);                           \
     ASSERT_TRUE(st_.ok()) << #expr << ": " << st_.message(); \
   } while (0)
-#define CUDA_OK(expr)                                                           \
-  do {                                                                          \
-    const cudaError_t err_ = (expr);                                            \
+#define CUDA_OK(expr)                                                          \
+  do {                                                                         \
+    const cudaError_t err_ = (expr);                                           \
     ASSERT_EQ(cudaSuccess, err_) << #expr << ": " << cudaGetErrorString(err_); \
   } while (0)
 
@@ -96,8 +98,8 @@ std::vector<uint8_t> encode(DType t, const std::vector<float>& v) {
   return bytes;
 }
 
-void expect_close(const std::vector<float>& gpu, const std::vector<float>& ref, double rtol,
-                  const std::string& what, double normwise = -1) {
+void expect_close(const std::vector<float>& gpu, const std::vector<float>& ref, double rtol, const std::string& what,
+                  double normwise = -1) {
   ASSERT_EQ(gpu.size(), ref.size()) << what;
   double ss = 0, diff_ss = 0;
   for (float r : ref) ss += double(r) * r;
@@ -113,9 +115,9 @@ void expect_close(const std::vector<float>& gpu, const std::vector<float>& ref, 
     }
     if (bound > 0) worst = std::max(worst, d / bound);
   }
-  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << ref.size() << " elements out of bound (rtol "
-                     << rtol << "); first at " << first_bad << ": gpu " << gpu[first_bad] << " vs cpu "
-                     << ref[first_bad] << "; worst |d|/bound " << worst;
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << ref.size() << " elements out of bound (rtol " << rtol
+                     << "); first at " << first_bad << ": gpu " << gpu[first_bad] << " vs cpu " << ref[first_bad]
+                     << "; worst |d|/bound " << worst;
   if (normwise > 0 && ss > 0) {
     EXPECT_LE(std::sqrt(diff_ss / ss), normwise) << what << ": normwise relative error";
   }
@@ -182,15 +184,23 @@ TEST(GpuArgs, RejectedBeforeLaunch) {
   expect_error(mc::embedding(fake, DType::I8, 10, 4, ifake, 1, fake, nullptr), "F32, F16 or BF16");
   expect_error(mc::topk_gating(fake, 1, 8, 9, 1.0f, true, const_cast<int32_t*>(ifake), fake, nullptr),
                "k must be in [1, n_experts]");
-  expect_error(mc::topk_gating(fake, 1, 8, 2, 0.0f, true, const_cast<int32_t*>(ifake), fake, nullptr),
-               "temperature");
-  expect_error(mc::topk_gating(fake, 1, mc::kMaxGatingExperts + 1, 2, 1.0f, true,
-                               const_cast<int32_t*>(ifake), fake, nullptr),
-               "n_experts");
+  expect_error(mc::topk_gating(fake, 1, 8, 2, 0.0f, true, const_cast<int32_t*>(ifake), fake, nullptr), "temperature");
+  expect_error(
+      mc::topk_gating(fake, 1, mc::kMaxGatingExperts + 1, 2, 1.0f, true, const_cast<int32_t*>(ifake), fake, nullptr),
+      "n_experts");
   expect_error(mc::matmul(nullptr, fake, 1, 8, fake, DType::F32, 8, fake, nullptr, 0, nullptr), "blas is null");
   auto* fake_blas = reinterpret_cast<cublasHandle_t>(uintptr_t(256));
   expect_error(mc::matmul(fake_blas, fake, 2, 8, fake, DType::BF16, 8, fake, nullptr, 0, nullptr),
                "matmul_workspace_bytes");
+  mc::QuantWeight qw;
+  qw.bits = 3, qw.out = 8, qw.in = 32, qw.padded_in = 32, qw.groups = 1;
+  qw.q = reinterpret_cast<const uint8_t*>(fake), qw.scale = fake, qw.scaled_zero = fake;
+  qw.group_of = ifake, qw.source = ifake;
+  expect_error(mc::quant_matmul(fake_blas, fake, 1, qw, fake, nullptr, 0, nullptr), "3 bits");
+  qw.bits = 4;
+  expect_error(mc::quant_matmul(fake_blas, fake, 40, qw, fake, nullptr, 0, nullptr), "quant_matmul_workspace_bytes");
+  qw.padded_in = 30;
+  expect_error(mc::quant_matmul(fake_blas, fake, 1, qw, fake, nullptr, 0, nullptr), "padded_in 30");
   const int64_t rows2[] = {3, 0};
   const void* const ptrs[] = {fake, fake};
   void* const outs[] = {fake, fake};
@@ -224,8 +234,7 @@ TEST(GpuArgs, RejectedBeforeLaunch) {
   bad = cfg;
   bad.sliding_window = -1;
   expect_error(bad.validate(), "sliding_window");
-  expect_error(mc::paged_attention(bad, fake, 1, ifake, ifake, ifake, 1, fake, fake, fake, nullptr),
-               "sliding_window");
+  expect_error(mc::paged_attention(bad, fake, 1, ifake, ifake, ifake, 1, fake, fake, fake, nullptr), "sliding_window");
   expect_error(mc::paged_attention(cfg, fake, 1, ifake, ifake, nullptr, 1, fake, fake, fake, nullptr),
                "block_tables is null");
   EXPECT_EQ(cfg.block_floats(), 16 * 2 * 128);
@@ -348,7 +357,7 @@ TEST_F(Gpu, LogitsSummaryMatchesCpu) {
   const int rows = 4, vocab = 32003, k = 70;
   auto logits = random_floats(rng_, size_t(rows) * vocab, 3.0f);
   for (int i = 0; i < 100; ++i) logits[size_t(vocab) + size_t(i * 7)] = 9.5f;  // row 1: a 100-way tie at the top
-  for (int i = 0; i < vocab; ++i) logits[size_t(3) * vocab + i] = 0.25f;    // row 3: all equal
+  for (int i = 0; i < vocab; ++i) logits[size_t(3) * vocab + i] = 0.25f;       // row 3: all equal
   const std::vector<float> temps{1.0f, 0.7f, 0.0f, 1.6f};
   const std::vector<std::vector<int32_t>> watch{{5, 5, 31999}, {}, {-1, 32003, 0}, {17}};
   std::vector<int32_t> watch_flat{0};
@@ -368,8 +377,8 @@ TEST_F(Gpu, LogitsSummaryMatchesCpu) {
     req.k = k;
     req.temperature = temps[size_t(r)];
     req.watch = watch[size_t(r)];
-    const auto want = moemesh::summarise_logits(
-        std::span<const float>(logits.data() + size_t(r) * vocab, size_t(vocab)), req);
+    const auto want =
+        moemesh::summarise_logits(std::span<const float>(logits.data() + size_t(r) * vocab, size_t(vocab)), req);
     EXPECT_EQ(std::vector<int32_t>(ids.begin() + r * k, ids.begin() + (r + 1) * k), want.top_ids) << "row " << r;
     EXPECT_EQ(std::vector<float>(values.begin() + r * k, values.begin() + (r + 1) * k), want.top_values);
     EXPECT_NEAR(l[size_t(r)], want.lse, 1e-5 * std::max(1.0, std::fabs(want.lse))) << "row " << r;
@@ -433,12 +442,11 @@ TEST_P(GpuGating, TopkMatchesCpu) {
   }
   std::vector<int32_t> ref_ids(size_t(rows) * c.k);
   std::vector<float> ref_w(ref_ids.size());
-  cpu::topk_gating(logits.data(), rows, c.n_experts, c.k, c.temperature, c.renormalize, ref_ids.data(),
-                   ref_w.data());
+  cpu::topk_gating(logits.data(), rows, c.n_experts, c.k, c.temperature, c.renormalize, ref_ids.data(), ref_w.data());
   DeviceVec<float> dl(logits), dw(ref_w.size());
   DeviceVec<int32_t> di(ref_ids.size());
-  STATUS_OK(mc::topk_gating(dl.get(), rows, c.n_experts, c.k, c.temperature, c.renormalize, di.get(),
-                            dw.get(), stream_));
+  STATUS_OK(
+      mc::topk_gating(dl.get(), rows, c.n_experts, c.k, c.temperature, c.renormalize, di.get(), dw.get(), stream_));
   sync();
   // Ids must match, except where two different logits are so close (1e-6 relative) that the
   // backends' differently rounded probabilities may order them either way; exact ties must
@@ -454,15 +462,15 @@ TEST_P(GpuGating, TopkMatchesCpu) {
     else
       ++unexplained;
   }
-  EXPECT_EQ(unexplained, 0) << "expert ids (n_experts " << c.n_experts << ", k " << c.k << ") differ "
-                            << unexplained << " times beyond near-ties";
+  EXPECT_EQ(unexplained, 0) << "expert ids (n_experts " << c.n_experts << ", k " << c.k << ") differ " << unexplained
+                            << " times beyond near-ties";
   if (near_ties == 0) expect_close(dw.download(), ref_w, 1e-5, "gating weights");
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, GpuGating,
-                         ::testing::Values(GatingCase{8, 2, 1.0f, true},      // Mixtral
-                                           GatingCase{64, 6, 1.0f, false},    // DeepSeek-MoE
-                                           GatingCase{60, 4, 1.0f, false},    // Qwen1.5-MoE
+                         ::testing::Values(GatingCase{8, 2, 1.0f, true},    // Mixtral
+                                           GatingCase{64, 6, 1.0f, false},  // DeepSeek-MoE
+                                           GatingCase{60, 4, 1.0f, false},  // Qwen1.5-MoE
                                            GatingCase{160, 6, 0.7f, true},
                                            GatingCase{2048, 40, 1.3f, true},  // largest allowed
                                            GatingCase{5, 5, 1.0f, true}),     // k == n_experts
@@ -503,16 +511,78 @@ TEST_P(GpuMatmul, MatchesCpu) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, GpuMatmul,
-                         ::testing::Values(MatmulCase{DType::F32, 1, 1024, 512},
-                                           MatmulCase{DType::F32, 37, 768, 1000},
-                                           MatmulCase{DType::F16, 1, 1024, 512},
-                                           MatmulCase{DType::F16, 37, 768, 1000},
+                         ::testing::Values(MatmulCase{DType::F32, 1, 1024, 512}, MatmulCase{DType::F32, 37, 768, 1000},
+                                           MatmulCase{DType::F16, 1, 1024, 512}, MatmulCase{DType::F16, 37, 768, 1000},
                                            MatmulCase{DType::BF16, 5, 4096, 256},
                                            MatmulCase{DType::BF16, 130, 512, 1536}),
                          [](const auto& info) {
                            const MatmulCase& c = info.param;
                            return std::string(dtype_str(c.wdtype)) + "_" + std::to_string(c.rows) + "x" +
                                   std::to_string(c.in) + "x" + std::to_string(c.out);
+                         });
+
+// ---- INT4/INT8 weights (QuantWeight): the decode GEMV and the dequantize + cuBLAS path against
+// the CPU kernels (kernels/cpu/gemm.h with MatmulJob::wq), padded groups and shuffled channels
+// (GPTQ's desc_act) included.
+
+struct QuantCase {
+  int bits, rows;
+};
+
+class GpuQuantMatmul : public Gpu, public ::testing::WithParamInterface<QuantCase> {};
+
+TEST_P(GpuQuantMatmul, MatchesCpu) {
+  const auto c = GetParam();
+  const std::vector<int64_t> group_sizes{128, 100, 60};  // 288 inputs, groups padded to whole blocks
+  const int64_t out = 96, in = 288;
+  cpu::QuantMatrix m;
+  m.shape(c.bits, out, in, group_sizes);
+  std::vector<int32_t> channels(static_cast<size_t>(in));
+  std::iota(channels.begin(), channels.end(), 0);
+  std::shuffle(channels.begin(), channels.end(), rng_);
+  size_t next = 0;
+  for (int64_t g = 0; g < m.groups(); ++g)
+    for (int64_t k = 0; k < group_sizes[size_t(g)]; ++k)
+      m.source[size_t(m.group_start[size_t(g)] + k)] = channels[next++];
+  const int levels = 1 << c.bits;
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t k = 0; k < m.padded_in; ++k) m.set_quant(o, k, int(rng_() % unsigned(levels)));
+    for (int64_t g = 0; g < m.groups(); ++g) {
+      m.scale[size_t(o * m.groups() + g)] = 0.001f * float(1 + rng_() % 20);
+      m.scaled_zero[size_t(o * m.groups() + g)] =
+          m.scale[size_t(o * m.groups() + g)] * float(rng_() % unsigned(levels));
+    }
+  }
+  const auto x = random_floats(rng_, size_t(c.rows) * in);
+  std::vector<float> ref(size_t(c.rows) * out);
+  cpu::MatmulJob j{.x = x.data(), .rows = c.rows, .in = in, .out = out, .y = ref.data()};
+  j.wq = &m;
+  cpu::matmul(std::span(&j, 1));
+
+  std::vector<int32_t> group_of(size_t(m.padded_in));
+  for (int64_t g = 0; g < m.groups(); ++g)
+    for (int64_t k = m.group_start[size_t(g)]; k < m.group_start[size_t(g + 1)]; ++k) group_of[size_t(k)] = int32_t(g);
+  DeviceVec<uint8_t> dq(m.q);
+  DeviceVec<float> ds(m.scale), dz(m.scaled_zero), dx(x), dy(ref.size());
+  DeviceVec<int32_t> dg(group_of), dsrc(m.source);
+  mc::QuantWeight qw;
+  qw.bits = c.bits, qw.out = out, qw.in = in, qw.padded_in = m.padded_in, qw.groups = m.groups();
+  qw.q = dq.get(), qw.scale = ds.get(), qw.scaled_zero = dz.get(), qw.group_of = dg.get(), qw.source = dsrc.get();
+  mc::Blas blas;
+  STATUS_OK(blas.init());
+  const size_t ws_bytes = mc::quant_matmul_workspace_bytes(c.rows, qw);
+  DeviceVec<uint8_t> ws(std::max<size_t>(ws_bytes, 1));
+  STATUS_OK(mc::quant_matmul(blas.get(), dx.get(), c.rows, qw, dy.get(), ws.get(), ws_bytes, stream_));
+  sync();
+  expect_close(dy.download(), ref, 1e-4,
+               "quant_matmul INT" + std::to_string(c.bits) + " rows " + std::to_string(c.rows), 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, GpuQuantMatmul,
+                         ::testing::Values(QuantCase{4, 1}, QuantCase{4, 5}, QuantCase{4, 40}, QuantCase{8, 1},
+                                           QuantCase{8, 40}),
+                         [](const auto& info) {
+                           return "int" + std::to_string(info.param.bits) + "_rows" + std::to_string(info.param.rows);
                          });
 
 // ---- paged attention
@@ -561,8 +631,8 @@ TEST_P(GpuAttention, MatchesCpu) {
   const size_t cache_floats = cfg.cache_bytes() / sizeof(float);
   DeviceVec<float> dk(cache_floats), dv(cache_floats), dkr(k_rows), dvr(v_rows);
   DeviceVec<int32_t> dslots(slots);
-  STATUS_OK(mc::paged_kv_write(cfg, dkr.get(), dvr.get(), int64_t(slots.size()), dslots.get(), dk.get(),
-                               dv.get(), stream_));
+  STATUS_OK(
+      mc::paged_kv_write(cfg, dkr.get(), dvr.get(), int64_t(slots.size()), dslots.get(), dk.get(), dv.get(), stream_));
   sync();
   const auto k_cache = dk.download(), v_cache = dv.download();
   for (size_t i = 0; i + 1 < slots.size(); ++i)
@@ -594,8 +664,8 @@ TEST_P(GpuAttention, MatchesCpu) {
 
   DeviceVec<float> dq(q), dout(q.size());
   DeviceVec<int32_t> dseq(row_seq), dpos(row_pos), dtables(tables);
-  STATUS_OK(mc::paged_attention(cfg, dq.get(), rows, dseq.get(), dpos.get(), dtables.get(), n_seqs,
-                                dk.get(), dv.get(), dout.get(), stream_));
+  STATUS_OK(mc::paged_attention(cfg, dq.get(), rows, dseq.get(), dpos.get(), dtables.get(), n_seqs, dk.get(), dv.get(),
+                                dout.get(), stream_));
   sync();
   expect_close(dout.download(), ref, 1e-5,
                "paged_attention heads " + std::to_string(c.n_heads) + "/" + std::to_string(c.n_kv_heads) +
@@ -608,8 +678,8 @@ TEST_P(GpuAttention, MatchesCpu) {
   DeviceVec<int32_t> dbad_tables(bad_tables), dbad_seq(std::vector<int32_t>{n_seqs, 1, 0}),
       dbad_pos(std::vector<int32_t>{0, max_blocks * kB, 0});
   DeviceVec<float> dbad_out(size_t(3) * q_row);
-  STATUS_OK(mc::paged_attention(cfg, dq.get(), 3, dbad_seq.get(), dbad_pos.get(), dbad_tables.get(), n_seqs,
-                                dk.get(), dv.get(), dbad_out.get(), stream_));
+  STATUS_OK(mc::paged_attention(cfg, dq.get(), 3, dbad_seq.get(), dbad_pos.get(), dbad_tables.get(), n_seqs, dk.get(),
+                                dv.get(), dbad_out.get(), stream_));
   sync();
   const auto bad_out = dbad_out.download();
   for (int r = 0; r < 3; ++r) {
@@ -650,7 +720,8 @@ TEST_P(GpuAttention, Int8MatchesCpuInt8) {
   std::vector<float> ks(scales), vs(scales), ts(static_cast<size_t>(c.n_kv_heads));
   for (int64_t i = 0; i < n_tok; ++i)
     for (int which = 0; which < 2; ++which) {
-      cpu::quantize_kv_int8((which ? v_rows : k_rows).data() + i * row, 1, c.n_kv_heads, c.head_dim, tq.data(), ts.data());
+      cpu::quantize_kv_int8((which ? v_rows : k_rows).data() + i * row, 1, c.n_kv_heads, c.head_dim, tq.data(),
+                            ts.data());
       std::copy(tq.begin(), tq.end(), (which ? vq : kq).begin() + ptrdiff_t(slots[size_t(i)] * row));
       std::copy(ts.begin(), ts.end(), (which ? vs : ks).begin() + ptrdiff_t(slots[size_t(i)] * c.n_kv_heads));
     }
