@@ -2,7 +2,7 @@
 // batch on the CPU backend: every expert of a layer, requests of uneven sizes, f32 weights (so
 // cuBLAS and the CPU sgemm differ only by summation order); and the backend's grouped MLP (one
 // grouped GEMM per projection over a layer's experts) with F32 and BF16 weights. Skips with
-// "no CUDA device: ...".
+// "no CUDA device: ..."; and INT4 experts.
 #include <gtest/gtest.h>
 
 #include <unistd.h>
@@ -93,7 +93,8 @@ TEST(GpuExperts, GroupedMlpMatchesCpu) {
     std::normal_distribution<float> nd(0.0f, 1.0f);
     std::vector<float> x(size_t(x_rows * hidden));
     for (float& v : x) v = nd(rng);
-    const std::vector<std::vector<int32_t>> rows{{39, 0, 5, 5, 17}, {}, {1}, {2, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 20}};
+    const std::vector<std::vector<int32_t>> rows{
+        {39, 0, 5, 5, 17}, {}, {1}, {2, 3, 4, 6, 8, 9, 10, 11, 12, 13, 14, 20}};
     auto run = [&](ComputeBackend& backend) {
       std::vector<std::vector<float>> out(rows.size());
       std::vector<ExpertRows> experts;
@@ -113,5 +114,42 @@ TEST(GpuExperts, GroupedMlpMatchesCpu) {
       std::printf("grouped mlp %s expert %zu: relative difference %.3g\n", dtype_name(dtype).data(), e, d);
       EXPECT_LT(d, bound) << dtype_name(dtype) << " expert " << e;
     }
+  }
+}
+
+// INT4 experts (the CPU kernels' QuantMatrix, as a GPTQ checkpoint loads them): the CUDA backend
+// dequantizes exactly (kernels/cuda/gemm.cu: quant_matmul), so it equals the CPU backend up to
+// summation order, for 1 row (the decode GEMV) and 12 rows (dequantize + cuBLAS).
+TEST(GpuExperts, QuantizedMlpMatchesCpu) {
+  if (cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device: " << cuda::device_error();
+  const int64_t hidden = 64, inter = 96;
+  std::mt19937 rng(13);
+  auto quantized = [&](const std::string& name, int64_t out, int64_t in) {
+    auto m = std::make_shared<cpu::QuantMatrix>();
+    m->shape(4, out, in, std::vector<int64_t>(size_t(in / 32), 32));
+    for (int64_t k = 0; k < in; ++k) m->source[size_t(k)] = int32_t(k);
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t k = 0; k < m->padded_in; ++k) m->set_quant(o, k, int(rng() % 16));
+    for (size_t i = 0; i < m->scale.size(); ++i) m->scale[i] = 0.01f, m->scaled_zero[i] = 0.08f;
+    Weight w;
+    w.name = name, w.dtype = DType::I32, w.shape = {out, in}, w.data = m->q.data(), w.quant = m;
+    return w;
+  };
+  MlpWeights mlp{quantized("gate", inter, hidden), quantized("up", inter, hidden), quantized("down", hidden, inter)};
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> x(size_t(12 * hidden));
+  for (float& v : x) v = nd(rng);
+  for (const std::vector<int32_t>& rows :
+       {std::vector<int32_t>{5}, std::vector<int32_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11}}) {
+    auto run = [&](ComputeBackend& backend) {
+      std::vector<float> out(rows.size() * size_t(hidden), std::nanf(""));
+      const ExpertRows e{&mlp, rows, out.data()};
+      backend.grouped_mlp(x.data(), 12, hidden, std::span(&e, 1));
+      return out;
+    };
+    const double d =
+        moemesh::testing::rel_diff(run(*make_compute_backend(parse_device("cuda:0"))), run(*cpu_backend()));
+    std::printf("quantized mlp, %zu rows: relative difference %.3g\n", rows.size(), d);
+    EXPECT_LT(d, 1e-5) << rows.size() << " rows";
   }
 }
