@@ -14,47 +14,36 @@ Usage: quantize_eval.py MOEMESH [--keep]
 """
 import json
 import os
-import shutil
 import sys
-import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
-import hf_reference as hf  # noqa: E402
+from cli_checks import check, run, summary, work_folder
 
-MOEMESH = sys.argv[1]
 CALIBRATION = "/usr/share/common-licenses/GPL-3"
 HELD_OUT = "/usr/share/common-licenses/Apache-2.0"
+
+
+def output(args):
+    """moemesh's stdout; a failed command ends the test."""
+    rc, out, err = run(args)
+    if rc != 0:
+        raise RuntimeError("moemesh %s: rc %d: %s" % (" ".join(args[:1]), rc, err.strip()))
+    return out
 
 
 def main():
     if not (os.path.exists(CALIBRATION) and os.path.exists(HELD_OUT)):
         print("skipped: %s or %s is missing" % (CALIBRATION, HELD_OUT))
         return 77
-    keep = "--keep" in sys.argv[2:]
-    work = tempfile.mkdtemp(prefix="moemesh-quantize-eval-")
-    fails = []
-
-    def check(cond, what):
-        if not cond:
-            fails.append(what)
-            print("FAIL: " + what)
-
-    def run(args):
-        rc, out, err = hf.run_cli(MOEMESH, args)
-        if rc != 0:
-            raise RuntimeError("moemesh %s: rc %d: %s" % (" ".join(args[:1]), rc, err.strip()))
-        return out
-
-    try:
+    with work_folder("moemesh-quantize-eval-") as work:
         model = os.path.join(work, "small")
-        run(["mkmodel", "--arch", "mixtral", "--preset", "small", "--dtype", "bf16", "--out", model])
+        output(["mkmodel", "--arch", "mixtral", "--preset", "small", "--dtype", "bf16", "--out", model])
         rtn, gptq = os.path.join(work, "rtn4"), os.path.join(work, "gptq4")
-        run(["quantize", "--model", model, "--out", rtn, "--method", "rtn", "--bits", "4", "--group-size", "128"])
-        run(["quantize", "--model", model, "--out", gptq, "--method", "gptq", "--bits", "4", "--group-size", "128",
+        output(["quantize", "--model", model, "--out", rtn, "--method", "rtn", "--bits", "4", "--group-size", "128"])
+        output(["quantize", "--model", model, "--out", gptq, "--method", "gptq", "--bits", "4", "--group-size", "128",
              "--calibration", CALIBRATION, "--calib-tokens", "2048"])
         args = ["quantize-eval", "--reference", model, "--quantized", rtn, "--quantized", gptq, "--quantized", model,
                 "--text", HELD_OUT, "--max-tokens", "1024"]
-        r = {os.path.basename(x["model"]): x for x in json.loads(run(args + ["--json"]))["results"]}
+        r = {os.path.basename(x["model"]): x for x in json.loads(output(args + ["--json"]))["results"]}
         for name, x in sorted(r.items()):
             print("%s: mean KL %.5f, top-1 agreement %.1f%%, %d positions" %
                   (name, x["mean_kl"], 100 * x["top1_agreement"], x["positions"]))
@@ -63,16 +52,10 @@ def main():
         check(0 < r["gptq4"]["mean_kl"] < 0.9 * r["rtn4"]["mean_kl"],
               "GPTQ mean KL %.5f not below 0.9x RTN's %.5f" % (r["gptq4"]["mean_kl"], r["rtn4"]["mean_kl"]))
         check(r["gptq4"]["top1_agreement"] > r["rtn4"]["top1_agreement"], "GPTQ top-1 agreement not above RTN's")
-        text = run(args[:-2] + ["--max-tokens", "64"])
+        text = output(args[:-2] + ["--max-tokens", "64"])
         check(all(n in text for n in (rtn, gptq)) and "mean KL" in text and "top-1 agreement" in text,
               "text output: " + text)
-    finally:
-        if keep:
-            print("kept " + work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    print("quantize_eval: %s" % ("all passed" if not fails else "%d FAILED" % len(fails)))
-    return 1 if fails else 0
+    return summary("quantize_eval")
 
 
 if __name__ == "__main__":

@@ -15,32 +15,18 @@ Usage: quantize_gptq.py MOEMESH [--keep]
 """
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
 import gptq_reference as gq  # noqa: E402
 import hf_reference as hf  # noqa: E402
+from cli_checks import MOEMESH, check, run, summary, work_folder  # noqa: E402
 
-MOEMESH = sys.argv[1]
-FAILS = []
 TEXT = ("The quick brown fox jumps over the lazy dog. A language model predicts the next token from the ones "
         "before it; quantization stores its weights in fewer bits, and calibration shows which of those "
         "weights matter for the activations the model really sees. ") * 6
-
-
-def check(cond, what):
-    if not cond:
-        FAILS.append(what)
-        print("FAIL: " + what)
-    return cond
-
-
-def run(args):
-    return hf.run_cli(MOEMESH, args)
 
 
 def quantize(model, out, flags):
@@ -211,20 +197,12 @@ def errors(work, model):
 
 
 def main():
-    keep = "--keep" in sys.argv[2:]
-    work = tempfile.mkdtemp(prefix="moemesh-quantize-gptq-")
-    try:
+    with work_folder("moemesh-quantize-gptq-") as work:
         model = tiny_model(work)
         check_tiny(work, model)
         check_reference(work)
         errors(work, model)
-    finally:
-        if keep:
-            print("kept " + work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    print("quantize_gptq: %s" % ("all passed" if not FAILS else "%d FAILED" % len(FAILS)))
-    return 1 if FAILS else 0
+    return summary("quantize_gptq")
 
 
 if __name__ == "__main__":

@@ -15,29 +15,15 @@ Usage: quantize_rtn.py MOEMESH [--keep]
 """
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "reference"))
 import gptq_reference as gq  # noqa: E402
 import hf_reference as hf  # noqa: E402
+from cli_checks import MOEMESH, check, run, summary, work_folder  # noqa: E402
 
-MOEMESH = sys.argv[1]
-FAILS = []
-
-
-def check(cond, what):
-    if not cond:
-        FAILS.append(what)
-        print("FAIL: " + what)
-    return cond
-
-
-def run(args):
-    return hf.run_cli(MOEMESH, args)
 
 
 def quantize(model, out, flags):
@@ -172,9 +158,7 @@ def errors(work, model, done):
 
 
 def main():
-    keep = "--keep" in sys.argv[2:]
-    work = tempfile.mkdtemp(prefix="moemesh-quantize-")
-    try:
+    with work_folder("moemesh-quantize-") as work:
         models = {}
         for arch, dtype in (("mixtral", "f32"), ("deepseek", "bf16")):
             models[arch] = os.path.join(work, arch)
@@ -213,13 +197,7 @@ def main():
                       "reference logits")
 
         errors(work, models["mixtral"], first)
-    finally:
-        if keep:
-            print("kept " + work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    print("quantize_rtn: %s" % ("all passed" if not FAILS else "%d FAILED" % len(FAILS)))
-    return 1 if FAILS else 0
+    return summary("quantize_rtn")
 
 
 if __name__ == "__main__":
