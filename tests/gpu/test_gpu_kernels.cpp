@@ -34,6 +34,7 @@
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/quant_matrix.h"
 #include "kernels/cuda/api.cuh"
+#include "tests/support/random_quant.h"
 
 namespace mc = moemesh::cuda;
 namespace cpu = moemesh::cpu;
@@ -535,24 +536,7 @@ TEST_P(GpuQuantMatmul, MatchesCpu) {
   const auto c = GetParam();
   const std::vector<int64_t> group_sizes{128, 100, 60};  // 288 inputs, groups padded to whole blocks
   const int64_t out = 96, in = 288;
-  cpu::QuantMatrix m;
-  m.shape(c.bits, out, in, group_sizes);
-  std::vector<int32_t> channels(static_cast<size_t>(in));
-  std::iota(channels.begin(), channels.end(), 0);
-  std::shuffle(channels.begin(), channels.end(), rng_);
-  size_t next = 0;
-  for (int64_t g = 0; g < m.groups(); ++g)
-    for (int64_t k = 0; k < group_sizes[size_t(g)]; ++k)
-      m.source[size_t(m.group_start[size_t(g)] + k)] = channels[next++];
-  const int levels = 1 << c.bits;
-  for (int64_t o = 0; o < out; ++o) {
-    for (int64_t k = 0; k < m.padded_in; ++k) m.set_quant(o, k, int(rng_() % unsigned(levels)));
-    for (int64_t g = 0; g < m.groups(); ++g) {
-      m.scale[size_t(o * m.groups() + g)] = 0.001f * float(1 + rng_() % 20);
-      m.scaled_zero[size_t(o * m.groups() + g)] =
-          m.scale[size_t(o * m.groups() + g)] * float(rng_() % unsigned(levels));
-    }
-  }
+  const cpu::QuantMatrix m = moemesh::testing::random_quant(c.bits, out, group_sizes, uint64_t(c.bits * 100 + c.rows));
   const auto x = random_floats(rng_, size_t(c.rows) * in);
   std::vector<float> ref(size_t(c.rows) * out);
   cpu::MatmulJob j{.x = x.data(), .rows = c.rows, .in = in, .out = out, .y = ref.data()};

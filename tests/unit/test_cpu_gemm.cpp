@@ -19,6 +19,7 @@
 #include "kernels/cpu/quant_matrix.h"
 #include "kernels/cpu/thread_pool.h"
 #include "tests/support/numeric.h"
+#include "tests/support/random_quant.h"
 
 using namespace moemesh;
 using moemesh::testing::narrow;
@@ -251,33 +252,6 @@ TEST(CpuGemm, BadJobsAreRefusedByName) {
 
 namespace {
 
-// A random INT4/INT8 matrix whose groups have the given sizes (some not multiples of 16, so
-// padded) and whose input channels are shuffled among the groups (as GPTQ's desc_act does).
-cpu::QuantMatrix random_quant(int bits, int64_t out, const std::vector<int64_t>& group_sizes, uint64_t seed) {
-  int64_t in = 0;
-  for (int64_t n : group_sizes) in += n;
-  cpu::QuantMatrix m;
-  m.shape(bits, out, in, group_sizes);
-  std::mt19937_64 rng(seed);
-  std::vector<int32_t> channels(static_cast<size_t>(in));
-  std::iota(channels.begin(), channels.end(), 0);
-  std::shuffle(channels.begin(), channels.end(), rng);
-  size_t next = 0;
-  for (int64_t g = 0; g < m.groups(); ++g)
-    for (int64_t k = 0; k < group_sizes[size_t(g)]; ++k)
-      m.source[size_t(m.group_start[size_t(g)] + k)] = channels[next++];
-  const int levels = 1 << bits;
-  for (int64_t o = 0; o < out; ++o) {
-    for (int64_t k = 0; k < m.padded_in; ++k) m.set_quant(o, k, int(rng() % uint64_t(levels)));
-    for (int64_t g = 0; g < m.groups(); ++g) {
-      const float scale = f16_to_f32(f32_to_f16(0.002f + 0.01f * float(rng() % 1000) / 1000.0f));
-      m.scale[size_t(o * m.groups() + g)] = scale;
-      m.scaled_zero[size_t(o * m.groups() + g)] = scale * float(rng() % uint64_t(levels));
-    }
-  }
-  return m;
-}
-
 StoredWeight as_f32(const cpu::QuantMatrix& m) {
   StoredWeight w(DType::F32, m.out, m.in, 0);
   w.values = m.dequantize();
@@ -294,8 +268,8 @@ TEST(CpuGemm, QuantizedMatricesEqualTheirDequantizedProduct) {
   for (int bits : {4, 8})
     for (const auto& groups :
          {std::vector<int64_t>{16, 16, 16, 16}, std::vector<int64_t>{13, 40, 7}, std::vector<int64_t>{100}}) {
-      const auto m = random_quant(bits, 37, groups, uint64_t(bits * 100 + groups.size()));
-      const auto up = random_quant(bits, 37, groups, uint64_t(bits * 100 + groups.size() + 1));
+      const auto m = moemesh::testing::random_quant(bits, 37, groups, uint64_t(bits * 100 + groups.size()));
+      const auto up = moemesh::testing::random_quant(bits, 37, groups, uint64_t(bits * 100 + groups.size() + 1));
       const StoredWeight w = as_f32(m), wu = as_f32(up);
       for (cpu::Isa isa : cpu::runnable_isas()) {
         cpu::force_isa(isa);
@@ -328,7 +302,7 @@ TEST(CpuGemm, QuantizedMatricesEqualTheirDequantizedProduct) {
 }
 
 TEST(CpuGemm, QuantizedMatrixOfAnotherShapeIsRefused) {
-  const auto m = random_quant(4, 8, {16}, 1);
+  const auto m = moemesh::testing::random_quant(4, 8, {16}, 1);
   std::vector<float> x(32), y(8);
   Job j{.x = x.data(), .rows = 1, .in = 32, .out = 8, .y = y.data()};
   j.wq = &m;
