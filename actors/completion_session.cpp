@@ -20,7 +20,13 @@ struct Choice {
   size_t streamed_logprobs = 0;                // of them, already sent in a chunk
   int64_t text_offset = 0;                     // completions' logprobs.text_offset, across chunks
   size_t tokens = 0;                           // received
-  bool stopped = false;                        // a stop string matched; cancelled in the scheduler
+  std::vector<int32_t> ids;                    // every token received (return_token_ids)
+  size_t streamed_ids = 0;                     // of them, already sent in a chunk
+  // With tools: the text held back while it may still be the start of a call, and whether the
+  // output is plain content (streamed as it comes) or calls (sent when they are complete).
+  std::string held;
+  enum class Tools { Undecided, Content, Calls } tools = Tools::Undecided;
+  bool stopped = false;  // a stop string matched; cancelled in the scheduler
   bool done = false;
   std::string finish_reason;
   GenerationResultPtr result;
@@ -68,13 +74,57 @@ void stream_delta(SessionState& st, int i, const std::string& text, const std::o
   const auto* lpp = st.spec.request.logprobs ? &lp : nullptr;
   c.streamed_logprobs = c.logprobs.size();
   const auto& r = st.spec.request;
-  if (r.chat)
-    write_event(st, openai::chat_chunk(st.spec.id, st.spec.created, st.spec.model, i,
+  json j = r.chat ? openai::chat_chunk(st.spec.id, st.spec.created, st.spec.model, i,
                                        text.empty() ? json::object() : json{{"content", text}}, lpp, finish,
-                                       st.token_text, r.include_usage));
-  else
-    write_event(st, openai::completion_chunk(st.spec.id, st.spec.created, st.spec.model, i, text, lpp, finish,
-                                             st.token_text, &c.text_offset, r.include_usage));
+                                       st.token_text, r.include_usage)
+                  : openai::completion_chunk(st.spec.id, st.spec.created, st.spec.model, i, text, lpp, finish,
+                                             st.token_text, &c.text_offset, r.include_usage);
+  if (r.return_token_ids) {  // the tokens since the previous chunk, as vLLM sends them
+    j["choices"][0]["token_ids"] = std::vector<int32_t>(c.ids.begin() + long(c.streamed_ids), c.ids.end());
+    c.streamed_ids = c.ids.size();
+  }
+  write_event(st, j);
+}
+
+// With tools, what of a choice's new text can be streamed as content now: nothing while the
+// output may still begin a call (or is one), all of it once it cannot.
+std::string content_to_stream(SessionState& st, Choice& c, const std::string& text) {
+  if (!st.spec.tool_format || c.tools == Choice::Tools::Content) return text;
+  if (c.tools == Choice::Tools::Calls) return "";
+  c.held += text;
+  const std::string& marker = tool_calls_marker(*st.spec.tool_format);
+  const bool forced = !st.spec.request.constraint.empty();
+  if (forced || c.held.rfind(marker, 0) == 0) {
+    c.tools = Choice::Tools::Calls;
+    return "";
+  }
+  if (marker.compare(0, c.held.size(), c.held) == 0) return "";  // could still become the marker
+  c.tools = Choice::Tools::Content;
+  return std::move(c.held);
+}
+
+// A finished choice's calls as stream chunks: each call's id and name, then its arguments.
+void stream_tool_calls(SessionState& st, int i, const std::vector<openai::ToolCallOut>& calls) {
+  start_stream(st);
+  for (size_t k = 0; k < calls.size(); ++k) {
+    const auto& t = calls[k];
+    json head{{"index", k}, {"id", t.id}, {"type", "function"}, {"function", {{"name", t.name}, {"arguments", ""}}}};
+    json args{{"index", k}, {"function", {{"arguments", t.arguments}}}};
+    for (json* d : {&head, &args})
+      write_event(
+          st, openai::chat_chunk(st.spec.id, st.spec.created, st.spec.model, i, json{{"tool_calls", json::array({*d})}},
+                                 nullptr, std::nullopt, st.token_text, st.spec.request.include_usage));
+  }
+}
+
+// The calls in a choice's text (with tools offered), and the content outside them.
+std::vector<openai::ToolCallOut> tool_calls_of(const SessionState& st, const Choice& c, std::string* content) {
+  std::vector<openai::ToolCallOut> out;
+  if (!st.spec.tool_format) return out;
+  ParsedOutput p = parse_tool_calls(*st.spec.tool_format, c.text.text());
+  for (auto& call : p.calls) out.push_back({call.id, call.name, call.arguments});
+  if (!out.empty()) *content = p.content;
+  return out;
 }
 
 void on_token(Self* self, int i, int32_t token, float logprob, std::vector<std::pair<int32_t, float>> top) {
@@ -83,6 +133,7 @@ void on_token(Self* self, int i, int32_t token, float logprob, std::vector<std::
   ++c.tokens;
   if (c.done || c.stopped || st.answered) return;
   if (st.spec.request.logprobs) c.logprobs.push_back({token, logprob, std::move(top)});
+  c.ids.push_back(token);
   const std::string text = c.text.push(token);
   if (c.text.stopped()) {
     // The stop string is not part of the answer, and generating past it is wasted work.
@@ -90,7 +141,7 @@ void on_token(Self* self, int i, int32_t token, float logprob, std::vector<std::
     self->send(st.scheduler, gen_cancel_atom::value, caf::actor_cast<caf::actor>(self), i);
     if (st.spec.request.logprobs) c.logprobs.resize(size_t(c.text.tokens()));
   }
-  if (streams_to_client(st)) stream_delta(st, i, text, std::nullopt);
+  if (streams_to_client(st)) stream_delta(st, i, content_to_stream(st, c, text), std::nullopt);
 }
 
 int64_t completion_tokens(const Choice& c) {
@@ -141,20 +192,21 @@ void complete(Self* self) {
       openai::CompletionChoice oc;
       const auto n = size_t(completion_tokens(c));
       oc.text = c.text.text();
+      oc.tool_calls = tool_calls_of(st, c, &oc.text);
       oc.token_ids.assign(c.result->tokens.begin(), c.result->tokens.begin() + long(n));
       oc.with_logprobs = r.logprobs.has_value();
       oc.logprobs.assign(c.logprobs.begin(), c.logprobs.begin() + long(std::min(n, c.logprobs.size())));
       oc.logits.assign(c.result->logits.begin(), c.result->logits.begin() + long(std::min(n, c.result->logits.size())));
-      oc.finish_reason = c.finish_reason;
+      oc.finish_reason = oc.tool_calls.empty() ? c.finish_reason : "tool_calls";
       cs.push_back(std::move(oc));
     }
     const int64_t prompt = int64_t(st.spec.base.prompt.size());
     const int64_t cached = first.result->cached_tokens;
-    const json body = r.chat ? openai::chat_response(st.spec.id, st.spec.created, st.spec.model, cs, prompt,
-                                                     out.completion_tokens, cached, r.return_token_ids, st.token_text)
-                             : openai::completion_response(st.spec.id, st.spec.created, st.spec.model, cs, prompt,
-                                                           out.completion_tokens, cached, r.return_token_ids,
-                                                           st.token_text);
+    const json body =
+        r.chat ? openai::chat_response(st.spec.id, st.spec.created, st.spec.model, cs, prompt, out.completion_tokens,
+                                       cached, r.return_token_ids, st.token_text)
+               : openai::completion_response(st.spec.id, st.spec.created, st.spec.model, cs, prompt,
+                                             out.completion_tokens, cached, r.return_token_ids, st.token_text);
     st.res.send({200, "application/json", body.dump(), st.spec.headers});
   }
   if (st.spec.on_done) st.spec.on_done(out);
@@ -187,9 +239,21 @@ void on_result(Self* self, int i, GenerationResultPtr res) {
     }
   } else {
     c.finish_reason = res->finish_reason;
-    const std::string rest = c.text.finish();
+    std::string rest = c.text.finish();
     if (c.text.stopped()) c.finish_reason = "stop";  // the held-back tail completed a stop string
-    if (streams_to_client(st)) stream_delta(st, i, rest, c.finish_reason);
+    if (streams_to_client(st)) {
+      std::string content;
+      const auto calls = tool_calls_of(st, c, &content);
+      if (!calls.empty()) {
+        if (c.tools != Choice::Tools::Content && !content.empty()) stream_delta(st, i, content, std::nullopt);
+        stream_tool_calls(st, i, calls);
+        stream_delta(st, i, "", std::string("tool_calls"));
+      } else {
+        // No call after all: what was held back (all of it, unless content was streaming) is content.
+        const bool held_all = st.spec.tool_format && c.tools != Choice::Tools::Content;
+        stream_delta(st, i, held_all ? c.text.text() : rest, c.finish_reason);
+      }
+    }
   }
   if (--st.remaining == 0) complete(self);
 }

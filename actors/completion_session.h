@@ -10,6 +10,7 @@
 #pragma once
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <caf/all.hpp>
@@ -18,13 +19,14 @@
 #include "actors/scheduler.h"
 #include "core/openai_api.h"
 #include "core/tokenizer.h"
+#include "core/tool_calls.h"
 
 namespace moemesh::actors {
 
 // How the request ended, for the caller's metrics, tenant accounting and trace span.
 struct SessionOutcome {
-  int status = 200;           // 499 when the client went away
-  std::string finish_reason;  // of the first choice: stop, length, cancelled, error, none
+  int status = 200;               // 499 when the client went away
+  std::string finish_reason;      // of the first choice: stop, length, cancelled, error, none
   int64_t completion_tokens = 0;  // over all choices
   std::string worker;             // of the first choice
 };
@@ -34,9 +36,12 @@ struct SessionSpec {
   GenerationRequest base;             // choice i gets seed base.seed + i
   std::string id, model;
   int64_t created = 0;
-  std::shared_ptr<const Tokenizer> tokenizer;  // may be null (token-id prompts)
-  http::HeaderList headers;                    // sent with the response (traceparent)
+  std::shared_ptr<const Tokenizer> tokenizer;          // may be null (token-id prompts)
+  http::HeaderList headers;                            // sent with the response (traceparent)
   std::function<void(const SessionOutcome&)> on_done;  // once, when the request has ended
+  // Set when tools were offered (tool_choice other than none): calls in this format are parsed
+  // out of each choice into tool_calls, and the stream holds back text that may start one.
+  std::optional<ToolCallFormat> tool_format;
 };
 
 void start_completion_session(caf::actor_system& sys, caf::actor scheduler, http::Responder res, SessionSpec spec);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 #include <random>
 
 #include <nlohmann/json.hpp>
@@ -11,6 +12,7 @@
 #include "actors/metrics_util.h"
 #include "actors/scheduler.h"
 #include "actors/trace_span.h"
+#include "core/constrained_decoding.h"
 #include "core/error.h"
 #include "core/openai_api.h"
 
@@ -47,9 +49,10 @@ struct FrontendMetrics {
   FrontendMetrics(std::shared_ptr<prometheus::Registry> reg, const std::string& model)
       : registry(std::move(reg)),
         model(model),
-        requests(metrics::counter_family(*registry, "moemesh_router_requests_total",
-                                         "Completion requests answered, by tenant, model, HTTP status and finish reason "
-                                         "(none: refused before generation).")),
+        requests(
+            metrics::counter_family(*registry, "moemesh_router_requests_total",
+                                    "Completion requests answered, by tenant, model, HTTP status and finish reason "
+                                    "(none: refused before generation).")),
         prompt_tokens(metrics::counter_family(*registry, "moemesh_router_prompt_tokens_total",
                                               "Prompt tokens of completed requests.")),
         completion_tokens(metrics::counter_family(*registry, "moemesh_router_completion_tokens_total",
@@ -61,7 +64,8 @@ struct FrontendMetrics {
                                            "from arrival to the response.")) {
     const std::string t = metrics::kDefaultTenant;
     // Zero series up front, so rates and ratios exist before the first request.
-    for (const char* fr : {"stop", "length"}) requests.Add({{"tenant", t}, {"model", model}, {"status", "200"}, {"finish_reason", fr}});
+    for (const char* fr : {"stop", "length"})
+      requests.Add({{"tenant", t}, {"model", model}, {"status", "200"}, {"finish_reason", fr}});
     requests.Add({{"tenant", t}, {"model", model}, {"status", "500"}, {"finish_reason", "error"}});
     prompt_tokens.Add({{"tenant", t}, {"model", model}});
     completion_tokens.Add({{"tenant", t}, {"model", model}});
@@ -70,7 +74,11 @@ struct FrontendMetrics {
   }
 
   void answered(const std::string& tenant, int status, const std::string& finish_reason) {
-    requests.Add({{"tenant", tenant}, {"model", model}, {"status", std::to_string(status)}, {"finish_reason", finish_reason}})
+    requests
+        .Add({{"tenant", tenant},
+              {"model", model},
+              {"status", std::to_string(status)},
+              {"finish_reason", finish_reason}})
         .Increment();
   }
   void completed(const std::string& tenant, int64_t prompt, int64_t completion) {
@@ -147,7 +155,13 @@ std::vector<int32_t> prompt_tokens(const openai::CompletionRequest& cr, const Fr
     if (!cr.chat) return cfg.tokenizer->encode(*cr.prompt_text, true);
     std::string text;
     try {
-      text = cfg.tokenizer->apply_chat_template(cr.messages, /*add_generation_prompt=*/true);
+      // Tools go to a template that knows them as the `tools` variable; one that does not gets
+      // them in a preamble (core/tool_calls.h).
+      const std::string& tmpl = cfg.tokenizer->chat_template();
+      const json tools = cr.tools.is_null() ? json() : json::parse(cr.tools.dump());
+      const json messages = messages_for_template(cr.messages, tools, tmpl, tool_call_format_for(tmpl));
+      const json extra = tools.is_null() ? json::object() : json{{"tools", tools}};
+      text = cfg.tokenizer->apply_chat_template(messages, /*add_generation_prompt=*/true, &extra);
     } catch (const Error& e) {  // no template, or the template raised (e.g. roles out of order)
       throw openai::invalid_request(std::string("the chat template refused these messages: ") + e.what(), "messages");
     }
@@ -172,17 +186,31 @@ void serve(const http::Request& req, http::Responder res, caf::actor_system& sys
   RequestTrace tr{trace::from_header(req.header("traceparent")), req.peer};
   if (cfg.draining->load()) {
     if (m) m->rejected.Add({{"tenant", tenant}, {"reason", "draining"}}).Increment();
-    return refuse(res, ApiError(503, "server_error", "the server is shutting down; retry on another replica"), m, tenant, tr);
+    return refuse(res, ApiError(503, "server_error", "the server is shutting down; retry on another replica"), m,
+                  tenant, tr);
   }
   json body = json::parse(req.body, nullptr, false);
-  if (body.is_discarded()) return refuse(res, openai::invalid_request("the request body is not valid JSON"), m, tenant, tr);
+  if (body.is_discarded())
+    return refuse(res, openai::invalid_request("the request body is not valid JSON"), m, tenant, tr);
+  // JSON schemas keep their key order (properties are generated in it): parse those bodies again.
+  std::optional<nlohmann::ordered_json> raw;
+  if (body.is_object() && (body.contains("response_format") || body.contains("tools")))
+    raw = nlohmann::ordered_json::parse(req.body, nullptr, false);
   openai::CompletionRequest cr;
   std::vector<int32_t> prompt;
+  const ToolCallFormat tool_format =
+      cfg.tokenizer ? tool_call_format_for(cfg.tokenizer->chat_template()) : ToolCallFormat::Hermes;
   try {
-    cr = chat ? openai::parse_chat_request(body) : openai::parse_completion_request(body);
+    cr = chat ? openai::parse_chat_request(body, raw ? &*raw : nullptr)
+              : openai::parse_completion_request(body, raw ? &*raw : nullptr);
+    if (std::string forced = openai::forced_tool_call_constraint(cr, to_string(tool_format)); !forced.empty()) {
+      const auto g = compile_constraint(forced);  // each tool's schema was checked on parsing
+      cr.constraint = std::move(forced);
+      cr.constraint_min_bytes = g->min_bytes(g->start());
+    }
     if (!cr.model.empty() && cr.model != cfg.served_model)
-      throw ApiError(404, "invalid_request_error", "the model '" + cr.model + "' does not exist (this server has '" +
-                                                       cfg.served_model + "')",
+      throw ApiError(404, "invalid_request_error",
+                     "the model '" + cr.model + "' does not exist (this server has '" + cfg.served_model + "')",
                      "model", "model_not_found");
     prompt = prompt_tokens(cr, cfg);
     // Chat clients rarely send max_tokens (OpenAI's default is "up to the context"): the answer may
@@ -195,22 +223,36 @@ void serve(const http::Request& req, http::Responder res, caf::actor_system& sys
                          " tokens; the prompt has " + std::to_string(prompt.size()) + " and max_tokens asks for " +
                          std::to_string(cr.max_tokens),
                      chat ? "messages" : "prompt", "context_length_exceeded");
+    // Every byte has a token, so this many tokens always finish the constrained output.
+    if (!cr.constraint.empty() && cr.max_tokens < cr.constraint_min_bytes)
+      throw openai::invalid_request("max_tokens (" + std::to_string(cr.max_tokens) +
+                                        ") is too small for the requested format: its shortest output takes up to " +
+                                        std::to_string(cr.constraint_min_bytes) + " tokens",
+                                    cr.max_tokens_given ? "max_tokens" : "response_format");
   } catch (const ApiError& e) {
     return refuse(res, e, m, tenant, tr);
   }
   const int64_t n_prompt = int64_t(prompt.size());
   const int64_t charged = cr.max_tokens * cr.n;  // every choice may use all of max_tokens
   // The tenant gate: key, model, size and rate limits; tokens are charged now, refunded at the end.
-  const Admission adm = cfg.tenants->admit(api_key(req), cr.model.empty() ? cfg.served_model : cr.model, n_prompt,
-                                           charged);
+  const Admission adm =
+      cfg.tenants->admit(api_key(req), cr.model.empty() ? cfg.served_model : cr.model, n_prompt, charged);
   if (!adm.ok) {
     if (!adm.tenant.empty()) tenant = adm.tenant;
-    if (m && adm.status != 401) m->rejected.Add({{"tenant", tenant}, {"reason", reject_reason(adm.reason)}}).Increment();
+    if (m && adm.status != 401)
+      m->rejected.Add({{"tenant", tenant}, {"reason", reject_reason(adm.reason)}}).Increment();
     const bool limit = adm.status == 429;
     ApiError e(adm.status,
-               adm.status == 401 ? "authentication_error" : limit ? "rate_limit_error" : "invalid_request_error",
-               adm.message, adm.reason == "max_tokens" ? "max_tokens" : adm.reason == "model" ? "model" : "",
-               adm.status == 401 ? "invalid_api_key" : limit ? "rate_limit_exceeded" : "");
+               adm.status == 401 ? "authentication_error"
+               : limit           ? "rate_limit_error"
+                                 : "invalid_request_error",
+               adm.message,
+               adm.reason == "max_tokens" ? "max_tokens"
+               : adm.reason == "model"    ? "model"
+                                          : "",
+               adm.status == 401 ? "invalid_api_key"
+               : limit           ? "rate_limit_exceeded"
+                                 : "");
     if (m) m->answered(tenant, e.status(), "none");
     tr.done(e.status(), "none");
     auto headers = tr.headers();
@@ -232,6 +274,8 @@ void serve(const http::Request& req, http::Responder res, caf::actor_system& sys
   gen.priority = cr.priority ? std::max(*cr.priority, adm.priority) : adm.priority;
   gen.cache_salt = adm.cache_salt;
   gen.traceparent = trace::traceparent(tr.ctx);
+  gen.constraint = cr.constraint;
+  if (chat && cr.tool_choice != "none") spec.tool_format = tool_format;
   gen.arrival = arrival;
   spec.id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(random_seed() >> 16);
   spec.model = cfg.served_model;

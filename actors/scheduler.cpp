@@ -289,6 +289,10 @@ void add_prefill(SchedulerState& st, pb::StepRequest& req, uint64_t id, Seq& s, 
     for (int64_t i = 0; i < s.resumed; ++i) w->add_generated(s.result->tokens[size_t(i)]);
     w->set_cache_salt(s.req->cache_salt);
     w->set_traceparent(s.req->traceparent);
+    if (!s.req->constraint.empty()) {
+      w->set_constraint(s.req->constraint);
+      w->set_max_tokens(s.req->max_tokens);
+    }
   }
   s.prefilled += n;
   budget -= n;

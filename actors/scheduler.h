@@ -45,6 +45,7 @@ struct GenerationRequest {
   // Prefix-cache namespace: requests with different salts never share cached blocks.
   std::string cache_salt;
   std::string traceparent;  // W3C trace context, passed to the attention worker
+  std::string constraint;   // constrained decoding spec (core/constrained_decoding.h), "" for none
   // Streaming: when set, gets a (gen_token_atom, TokenEventPtr) per generated token, and may
   // send (gen_cancel_atom, listener) to end its requests early (client gone, stop string).
   caf::actor listener;

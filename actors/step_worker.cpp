@@ -24,6 +24,8 @@ SamplingParams sampling_from_proto(const pb::SamplingParams& p) {
   s.ignore_eos = p.ignore_eos();
   s.seed = p.seed();
   s.top_logprobs = p.top_logprobs();
+  for (const auto& [id, b] : p.logit_bias()) s.logit_bias.emplace_back(id, b);
+  std::sort(s.logit_bias.begin(), s.logit_bias.end());  // a proto map has no order
   return s;
 }
 
@@ -39,6 +41,7 @@ void sampling_to_proto(const SamplingParams& s, pb::SamplingParams* p) {
   p->set_ignore_eos(s.ignore_eos);
   p->set_seed(s.seed.value_or(0));
   p->set_top_logprobs(int32_t(s.top_logprobs));
+  for (const auto& [id, b] : s.logit_bias) (*p->mutable_logit_bias())[id] = b;
 }
 
 StepWorker::StepWorker(std::shared_ptr<Engine> engine, std::vector<int32_t> eos_ids, StepWorkerOptions opts)
@@ -47,14 +50,28 @@ StepWorker::StepWorker(std::shared_ptr<Engine> engine, std::vector<int32_t> eos_
     throw Error("micro_batches must be 1 or 2, got " + std::to_string(opts_.micro_batches));
 }
 
+std::shared_ptr<GrammarMasks> StepWorker::masks_for(const std::string& spec) {
+  if (!opts_.vocabulary) throw Error("constrained decoding: this attention worker has no tokenizer");
+  if (auto it = masks_.find(spec); it != masks_.end()) return it->second;
+  if (masks_.size() >= 64) masks_.clear();  // specs differ per request only with their schema
+  auto m = std::make_shared<GrammarMasks>(compile_constraint(spec), opts_.vocabulary);
+  masks_.emplace(spec, m);
+  return m;
+}
+
 void StepWorker::release(uint64_t seq, bool publish, const char* end) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;
   if (publish && opts_.prefix_store) publish_blocks(it->second);
   if (const Seq& s = it->second; s.span)
     s.span->finish("attention", "sequence",
-                   {{"peer", "router"}, {"seq", seq}, {"end", end}, {"prompt_tokens", s.prompt_len},
-                    {"generated_tokens", s.generated}, {"cached_tokens", s.restored}, {"steps", s.steps}});
+                   {{"peer", "router"},
+                    {"seq", seq},
+                    {"end", end},
+                    {"prompt_tokens", s.prompt_len},
+                    {"generated_tokens", s.generated},
+                    {"cached_tokens", s.restored},
+                    {"steps", s.steps}});
   engine_->free_sequence(it->second.id);
   seqs_.erase(it);
 }
@@ -82,7 +99,8 @@ void StepWorker::publish_blocks(const Seq& s) {
   try {
     auto keys = prefix_block_keys(s.key_ns, std::span(s.tokens).first(size_t(full * kBlockTokens)));
     std::vector<std::vector<float>> blocks;
-    for (int64_t b = first; b < full; ++b) kv.read_block(s.id, b, blocks.emplace_back(size_t(kv.block_floats())).data());
+    for (int64_t b = first; b < full; ++b)
+      kv.read_block(s.id, b, blocks.emplace_back(size_t(kv.block_floats())).data());
     opts_.prefix_store->publish(std::span(keys).subspan(size_t(first)), std::move(blocks), s.trace());
     counts_.published_blocks += uint64_t(full - first);
   } catch (const std::exception& e) {  // the store is an optimisation: never fail a step for it
@@ -138,6 +156,10 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
         std::string key_ns = w.cache_salt().empty() ? opts_.model_id : opts_.model_id + '\x1f' + w.cache_salt();
         Seq s{engine_->create_sequence(), std::move(sampler), std::move(context), context_len, 0, 0, std::move(key_ns)};
         if (auto c = trace::parse_traceparent(w.traceparent())) s.span.emplace(*c);
+        if (!w.constraint().empty()) {
+          s.constraint = std::make_shared<ConstrainedDecoder>(masks_for(w.constraint()), w.max_tokens());
+          for (int32_t t : w.generated()) s.constraint->accept(t);
+        }
         seqs_.emplace(w.seq(), std::move(s));
       } catch (const Error& e) {
         fail(w, e.what());
@@ -205,7 +227,8 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
     }
     blocks_left -= need;
     inputs.push_back({s.id, std::vector<int32_t>(w.tokens().begin() + skip, w.tokens().end()), false, s.trace()});
-    if (opts_.sample_from_summaries && w.sample() && !w.return_logits() && s.sampler.can_decide_from_summary())
+    if (opts_.sample_from_summaries && w.sample() && !w.return_logits() && !s.constraint &&
+        s.sampler.params().logit_bias.empty() && s.sampler.can_decide_from_summary())
       inputs.back().summary = s.sampler.logits_request();
     admitted.push_back(&w);
     s.fed += n;
@@ -244,8 +267,31 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
     if (w.sample()) {
       const auto t0 = std::chrono::steady_clock::now();
       std::optional<SampledToken> chosen;
-      if (outs[i].summary) chosen = s.sampler.sample_from(*inputs[i].summary, *outs[i].summary);
-      if (chosen) {
+      const bool shaped = s.constraint || !s.sampler.params().logit_bias.empty();
+      if (shaped) {  // the full row, biased and masked before sampling
+        std::vector<float> row(outs[i].logits.end() - engine_->config().vocab_size, outs[i].logits.end());
+        for (const auto& [id, b] : s.sampler.params().logit_bias)
+          if (id >= 0 && size_t(id) < row.size()) row[size_t(id)] += b;
+        if (s.constraint) {
+          const uint64_t misses = s.constraint->masks_misses();
+          try {
+            s.constraint->apply(row);
+          } catch (const Error& e) {
+            r->set_error(e.what());
+            release(w.seq(), false, "failed");
+            continue;
+          }
+          counts_.constraint_mask_misses += s.constraint->masks_misses() - misses;
+          ++counts_.constrained_tokens;
+        }
+        chosen = s.sampler.sample(row);
+        if (s.constraint) s.constraint->accept(chosen->id);
+      } else if (outs[i].summary) {
+        chosen = s.sampler.sample_from(*inputs[i].summary, *outs[i].summary);
+      }
+      if (shaped) {
+        ++counts_.sampled_from_full_row;
+      } else if (chosen) {
         ++counts_.sampled_from_summary;
       } else {
         ++counts_.sampled_from_full_row;

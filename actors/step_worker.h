@@ -33,6 +33,7 @@
 #include "actors/kv_client.h"
 #include "actors/step_phases.h"
 #include "actors/trace_span.h"
+#include "core/constrained_decoding.h"
 #include "core/engine.h"
 #include "core/sampler.h"
 #include "proto/dataplane.pb.h"
@@ -43,28 +44,32 @@ SamplingParams sampling_from_proto(const pb::SamplingParams& p);
 void sampling_to_proto(const SamplingParams& s, pb::SamplingParams* p);
 
 struct StepWorkerOptions {
-  std::shared_ptr<PrefixStore> prefix_store;  // null: no prefix cache
-  std::string model_id;                       // namespaces the block keys
-  int micro_batches = 2;                      // 1, or 2 (used for steps of >= 2 sequences)
+  std::shared_ptr<PrefixStore> prefix_store;    // null: no prefix cache
+  std::string model_id;                         // namespaces the block keys
+  int micro_batches = 2;                        // 1, or 2 (used for steps of >= 2 sequences)
   std::shared_ptr<ExpertWaitLog> expert_waits;  // what the expert executor recorded; null: not measured
   // Sample from the backend's logits summaries (core/logits_summary.h) and fetch a full row only
   // when a summary cannot decide: on a GPU the logits then stay on the device.
   bool sample_from_summaries = false;
+  // The tokenizer's tokens as bytes, for constrained decoding; null: constrained requests fail.
+  std::shared_ptr<const TokenVocabulary> vocabulary;
 };
 
 // Totals since start (read on the compute thread, or after it is done with a step).
 struct StepWorkerCounts {
-  uint64_t prefix_query_tokens = 0;     // prompt tokens of first chunks looked up in the store
-  uint64_t prefix_hit_tokens = 0;       // of them, restored from the store
-  uint64_t prompt_tokens_computed = 0;  // prompt positions run through the model
-  uint64_t prompt_tokens_skipped = 0;   // prompt positions sent by the router but already restored
-  uint64_t published_blocks = 0;        // blocks offered to the store
-  uint64_t microbatch_steps = 0;        // steps run as two micro-batches
-  double microbatch_step_seconds = 0;   // their wall time
+  uint64_t prefix_query_tokens = 0;       // prompt tokens of first chunks looked up in the store
+  uint64_t prefix_hit_tokens = 0;         // of them, restored from the store
+  uint64_t prompt_tokens_computed = 0;    // prompt positions run through the model
+  uint64_t prompt_tokens_skipped = 0;     // prompt positions sent by the router but already restored
+  uint64_t published_blocks = 0;          // blocks offered to the store
+  uint64_t microbatch_steps = 0;          // steps run as two micro-batches
+  double microbatch_step_seconds = 0;     // their wall time
   double microbatch_overlap_seconds = 0;  // of it, one half's experts in flight while the other computed
-  double last_overlap_ratio = 0;        // of the latest such step
-  uint64_t sampled_from_summary = 0;    // tokens chosen from a logits summary
-  uint64_t sampled_from_full_row = 0;   // tokens chosen from a full logits row
+  double last_overlap_ratio = 0;          // of the latest such step
+  uint64_t sampled_from_summary = 0;      // tokens chosen from a logits summary
+  uint64_t sampled_from_full_row = 0;     // tokens chosen from a full logits row
+  uint64_t constrained_tokens = 0;        // tokens chosen under a constraint (structured output, tool call)
+  uint64_t constraint_mask_misses = 0;    // of them, with a mask computed rather than cached
 };
 
 class StepWorker {
@@ -87,13 +92,14 @@ class StepWorker {
   struct Seq {
     SeqId id = 0;
     Sampler sampler;
-    std::vector<int32_t> tokens;  // as far as known: the prompt, then each decode token fed
-    int64_t prompt_len = 0;  // the context to prefill: prompt, plus generated tokens when resumed
-    int64_t fed = 0;       // positions the router has sent so far
-    int64_t restored = 0;  // leading positions copied from the store (whole blocks)
-    std::string key_ns;    // prefix-cache key namespace: model id, plus the request's cache salt
+    std::vector<int32_t> tokens;            // as far as known: the prompt, then each decode token fed
+    int64_t prompt_len = 0;                 // the context to prefill: prompt, plus generated tokens when resumed
+    int64_t fed = 0;                        // positions the router has sent so far
+    int64_t restored = 0;                   // leading positions copied from the store (whole blocks)
+    std::string key_ns;                     // prefix-cache key namespace: model id, plus the request's cache salt
     std::optional<trace::OpenSpan> span{};  // when the router sent a traceparent
-    int64_t steps = 0, generated = 0;     // span attributes
+    std::shared_ptr<ConstrainedDecoder> constraint{};  // structured output / forced tool call
+    int64_t steps = 0, generated = 0;                  // span attributes
     TraceRef trace() const { return span ? trace::ref_of(span->ctx) : TraceRef{}; }
   };
   // Frees the sequence; with `publish`, first offers its new full blocks to the store. `end`
@@ -102,11 +108,14 @@ class StepWorker {
   // Copies the longest stored prefix of the prompt into s's cache, taking at most max_blocks.
   void restore_prefix(Seq& s, int64_t max_blocks);
   void publish_blocks(const Seq& s);
+  // The masks of a constraint spec, compiled once (throws what compile_constraint throws).
+  std::shared_ptr<GrammarMasks> masks_for(const std::string& spec);
 
   std::shared_ptr<Engine> engine_;
   std::vector<int32_t> eos_ids_;
   StepWorkerOptions opts_;
-  std::map<uint64_t, Seq> seqs_;  // by the router's sequence id
+  std::map<uint64_t, Seq> seqs_;                                // by the router's sequence id
+  std::map<std::string, std::shared_ptr<GrammarMasks>> masks_;  // by constraint spec
   StepWorkerCounts counts_;
   StepPhases phases_;
 };

@@ -35,27 +35,42 @@ struct CompletionRequest {
   std::optional<std::string> prompt_text;
   std::vector<int32_t> prompt_ids;  // when the prompt was given as token ids
   int64_t max_tokens = 16;
-  bool max_tokens_given = false;    // false: the server picks (completions: 16; chat: see the frontend)
-  SamplingParams sampling;          // seed set only when the client gave one
-  bool return_token_ids = false;    // vLLM's extension: each choice carries its token ids
-  bool return_logits = false;       // moemesh debug extension: the logits of each sampled position
+  bool max_tokens_given = false;  // false: the server picks (completions: 16; chat: see the frontend)
+  SamplingParams sampling;        // seed set only when the client gave one
+  bool return_token_ids = false;  // vLLM's extension: each choice carries its token ids
+  bool return_logits = false;     // moemesh debug extension: the logits of each sampled position
   bool stream = false;
-  std::optional<int> logprobs;      // set when logprobs were asked: how many top alternatives
+  std::optional<int> logprobs;  // set when logprobs were asked: how many top alternatives
   std::string user;
-  std::vector<std::string> stop;    // "stop": a string or a list of up to 4 non-empty strings
-  int n = 1;                        // "n": 1..16
-  bool include_usage = false;       // "stream_options": {"include_usage": true} (only with stream)
-  std::optional<Priority> priority; // "priority": "high" | "normal" | "low"
-  bool chat = false;                // set by parse_chat_request
-  nlohmann::json messages;          // chat: the validated messages, each content a plain string
-  bool echo = false;                // completions "echo": true is refused
+  std::vector<std::string> stop;     // "stop": a string or a list of up to 4 non-empty strings
+  int n = 1;                         // "n": 1..16
+  bool include_usage = false;        // "stream_options": {"include_usage": true} (only with stream)
+  std::optional<Priority> priority;  // "priority": "high" | "normal" | "low"
+  bool chat = false;                 // set by parse_chat_request
+  nlohmann::json messages;           // chat: the validated messages, each content a plain string
+  bool echo = false;                 // completions "echo": true is refused
+  // response_format json_object / json_schema as a constrained-decoding spec
+  // (core/constrained_decoding.h); "" for plain text.
+  std::string constraint;
+  int32_t constraint_min_bytes = 0;  // the shortest output the constraint allows
+  // Chat tools: the validated list ([{type: "function", function: {name, description,
+  // parameters}}], null without tools), tool_choice ("none", "auto", "required", or the name of
+  // the function it forces) and parallel_tool_calls.
+  nlohmann::ordered_json tools;
+  std::string tool_choice;
+  bool parallel_tool_calls = true;
 };
 
-// Validates a /v1/completions body; throws ApiError (400) naming the bad parameter.
-CompletionRequest parse_completion_request(const nlohmann::json& body);
+// Validates a /v1/completions body; throws ApiError (400) naming the bad parameter (any field it
+// does not know is one). `raw`: the same body parsed with its key order, which JSON schemas keep.
+CompletionRequest parse_completion_request(const nlohmann::json& body, const nlohmann::ordered_json* raw = nullptr);
 // Validates a /v1/chat/completions body (messages instead of prompt; logprobs is a boolean and
-// top_logprobs the count); throws ApiError (400) naming the bad parameter.
-CompletionRequest parse_chat_request(const nlohmann::json& body);
+// top_logprobs the count; tools); throws ApiError (400) naming the bad parameter.
+CompletionRequest parse_chat_request(const nlohmann::json& body, const nlohmann::ordered_json* raw = nullptr);
+
+// The constrained-decoding spec of a request whose tool_choice forces a call ("required" or a
+// named function), for a model that writes calls in `format` (core/tool_calls.h); "" otherwise.
+std::string forced_tool_call_constraint(const CompletionRequest& r, const std::string& format);
 
 // One sampled token with its logprob and the top alternatives (id, logprob), best first.
 struct TokenLogprob {
@@ -66,8 +81,13 @@ struct TokenLogprob {
 // A token's text (the frontend passes the tokenizer's piece decode).
 using TokenText = std::function<std::string(int32_t)>;
 
+struct ToolCallOut {
+  std::string id, name, arguments;
+};
+
 struct CompletionChoice {
   std::string text;
+  std::vector<ToolCallOut> tool_calls;  // chat: the message's tool_calls (content null when text is empty)
   std::vector<int32_t> token_ids;
   std::vector<TokenLogprob> logprobs;
   bool with_logprobs = false;  // logprobs were asked: "logprobs" is an object, else null
@@ -113,8 +133,8 @@ nlohmann::json chat_chunk(const std::string& id, int64_t created, const std::str
                           const std::optional<std::string>& finish_reason, const TokenText& token_text,
                           bool include_usage = false);
 // The last chunk of a stream with include_usage: choices [] and usage.
-nlohmann::json usage_chunk(bool chat, const std::string& id, int64_t created, const std::string& model,
-                           int64_t prompt, int64_t completion, int64_t cached);
+nlohmann::json usage_chunk(bool chat, const std::string& id, int64_t created, const std::string& model, int64_t prompt,
+                           int64_t completion, int64_t cached);
 
 nlohmann::json models_response(const std::string& model, int64_t created);
 

@@ -31,6 +31,9 @@ struct SamplingParams {
   bool ignore_eos = false;
   std::optional<uint64_t> seed;  // none: a random seed
   int64_t top_logprobs = 0;      // how many alternatives to report with each token
+  // Added to a token's logit before anything else (OpenAI's logit_bias, [-100, 100]); applied by
+  // whoever holds the full row (the attention worker), not by Sampler.
+  std::vector<std::pair<int32_t, float>> logit_bias;
 
   // Throws moemesh::Error naming the first bad parameter.
   void validate() const;

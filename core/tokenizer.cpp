@@ -437,12 +437,18 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const json& j) {
 struct Decoder {
   virtual ~Decoder() = default;
   virtual void apply(std::vector<std::string>& toks) const = 0;
+  // As apply, but the bytes a token adds mid-text: no stripping at the start and no U+FFFD for
+  // bytes that are part of a character (Tokenizer::token_bytes).
+  virtual void apply_raw(std::vector<std::string>& toks) const { apply(toks); }
 };
 
 struct DecoderSequence : Decoder {
   std::vector<std::unique_ptr<Decoder>> parts;
   void apply(std::vector<std::string>& toks) const override {
     for (const auto& p : parts) p->apply(toks);
+  }
+  void apply_raw(std::vector<std::string>& toks) const override {
+    for (const auto& p : parts) p->apply_raw(toks);
   }
 };
 
@@ -465,13 +471,15 @@ struct ByteFallbackDecoder : Decoder {
     int h = hex(t[3]), l = hex(t[4]);
     return h < 0 || l < 0 ? -1 : h * 16 + l;
   }
-  void apply(std::vector<std::string>& toks) const override {
+  void apply(std::vector<std::string>& toks) const override { run(toks, false); }
+  void apply_raw(std::vector<std::string>& toks) const override { run(toks, true); }
+  void run(std::vector<std::string>& toks, bool raw) const {
     std::vector<std::string> out;
     std::string bytes;
     size_t nbytes = 0;
     auto flush = [&] {
       if (nbytes == 0) return;
-      if (utf8::valid(bytes)) {
+      if (raw || utf8::valid(bytes)) {
         out.push_back(bytes);
       } else {  // as tokenizers does: one U+FFFD per byte token
         for (size_t i = 0; i < nbytes; ++i) out.emplace_back(utf8::kReplacement);
@@ -505,6 +513,7 @@ struct FuseDecoder : Decoder {
 struct StripDecoder : Decoder {
   char32_t content = ' ';
   size_t start = 0, stop = 0;
+  void apply_raw(std::vector<std::string>&) const override {}
   void apply(std::vector<std::string>& toks) const override {
     for (auto& t : toks) {
       std::vector<std::pair<size_t, char32_t>> chars;  // (byte offset, code point)
@@ -532,7 +541,9 @@ struct StripDecoder : Decoder {
 };
 
 struct ByteLevelDecoder : Decoder {
-  void apply(std::vector<std::string>& toks) const override {
+  void apply(std::vector<std::string>& toks) const override { run(toks, false); }
+  void apply_raw(std::vector<std::string>& toks) const override { run(toks, true); }
+  void run(std::vector<std::string>& toks, bool raw) const {
     std::string bytes;
     for (const auto& t : toks) {
       size_t mark = bytes.size();
@@ -550,17 +561,19 @@ struct ByteLevelDecoder : Decoder {
         bytes += t;
       }
     }
-    toks.assign(1, utf8::lossy(bytes));
+    toks.assign(1, raw ? std::move(bytes) : utf8::lossy(bytes));
   }
 };
 
 struct MetaspaceDecoder : Decoder {
   std::string replacement = "\xE2\x96\x81";
   bool strip_first = true;
-  void apply(std::vector<std::string>& toks) const override {
+  void apply(std::vector<std::string>& toks) const override { run(toks, strip_first); }
+  void apply_raw(std::vector<std::string>& toks) const override { run(toks, false); }
+  void run(std::vector<std::string>& toks, bool strip) const {
     for (size_t i = 0; i < toks.size(); ++i) {
       replace_all(toks[i], replacement, " ");
-      if (i == 0 && strip_first && !toks[i].empty() && toks[i][0] == ' ') toks[i].erase(0, 1);
+      if (i == 0 && strip && !toks[i].empty() && toks[i][0] == ' ') toks[i].erase(0, 1);
     }
   }
 };
@@ -962,6 +975,16 @@ class HfTokenizer final : public Tokenizer {
 
   int64_t vocab_size() const override { return static_cast<int64_t>(id_to_token_.size()); }
 
+  std::string token_bytes(int32_t id) const override {
+    if (id < 0 || static_cast<size_t>(id) >= id_to_token_.size() || is_special_[id]) return {};
+    std::vector<std::string> toks{id_to_token_[id]};
+    if (!decoder_) return toks[0];
+    decoder_->apply_raw(toks);
+    std::string out;
+    for (const auto& t : toks) out += t;
+    return out;
+  }
+
   std::optional<int32_t> token_to_id(std::string_view token) const override {
     if (auto it = added_to_id_.find(token); it != added_to_id_.end()) return it->second;
     if (auto it = bpe_.vocab().find(token); it != bpe_.vocab().end()) return it->second;
@@ -977,11 +1000,12 @@ class HfTokenizer final : public Tokenizer {
   const std::string& eos_token() const override { return eos_; }
   const std::string& chat_template() const override { return chat_template_; }
 
-  std::string apply_chat_template(const json& messages, bool add_generation_prompt) const override {
+  std::string apply_chat_template(const json& messages, bool add_generation_prompt,
+                                  const json* extra) const override {
     if (chat_template_.empty())
       throw Error("tokenizer has no chat_template (pass one explicitly, e.g. moemesh::kMixtralChatTemplate)");
     std::call_once(compiled_once_, [&] { compiled_ = std::make_shared<ChatTemplate>(chat_template_); });
-    return render_chat(*compiled_, messages, add_generation_prompt, bos_, eos_);
+    return render_chat(*compiled_, messages, add_generation_prompt, bos_, eos_, extra ? *extra : json::object());
   }
 
  private:

@@ -31,6 +31,9 @@ class Tokenizer {
   virtual std::string decode(std::span<const int32_t> ids, bool skip_special_tokens = false) const = 0;
 
   virtual int64_t vocab_size() const = 0;  // highest id + 1, added tokens included
+  // The bytes token `id` adds to a text in the middle of an output (no start-of-text stripping,
+  // parts of a UTF-8 character as they are); "" for special tokens and unknown ids.
+  virtual std::string token_bytes(int32_t id) const = 0;
   virtual std::optional<int32_t> token_to_id(std::string_view token) const = 0;
   virtual std::optional<std::string> id_to_token(int32_t id) const = 0;
   virtual std::optional<int32_t> bos_id() const = 0;
@@ -42,7 +45,9 @@ class Tokenizer {
   virtual const std::string& chat_template() const = 0;
   // Renders the chat template over messages ([{role, content}, ...]); throws moemesh::Error
   // when there is no template or it raises.
-  virtual std::string apply_chat_template(const nlohmann::json& messages, bool add_generation_prompt) const = 0;
+  // `extra`: more template variables (e.g. tools), when not null.
+  virtual std::string apply_chat_template(const nlohmann::json& messages, bool add_generation_prompt,
+                                          const nlohmann::json* extra = nullptr) const = 0;
 };
 
 }  // namespace moemesh

@@ -15,6 +15,7 @@
 #include "actors/step_worker.h"
 #include "actors/tiered_prefix_store.h"
 #include "actors/zmq_bridge.h"
+#include "core/tokenizer.h"
 #include "core/backend_factory.h"
 #include "core/checkpoint.h"
 #include "core/engine.h"
@@ -125,6 +126,10 @@ int main(int argc, char** argv) {
     wo.expert_waits = expert_waits;
     wo.sample_from_summaries =
         summaries == "on" || (summaries == "auto" && parse_device(device).kind == DeviceSpec::Kind::Cuda);
+    // Constrained decoding walks the tokenizer's tokens as bytes; a checkpoint without a
+    // tokenizer serves unconstrained requests only.
+    if (std::filesystem::is_regular_file(std::filesystem::path(model_dir) / "tokenizer.json"))
+      wo.vocabulary = TokenVocabulary::from_tokenizer(*Tokenizer::from_dir(model_dir), eos, mc.vocab_size);
     std::shared_ptr<KvClient> kv;
     if (model_id.empty()) {
       const auto dir = std::filesystem::absolute(model_dir).lexically_normal();
