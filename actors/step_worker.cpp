@@ -269,7 +269,8 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
       std::optional<SampledToken> chosen;
       const bool shaped = s.constraint || !s.sampler.params().logit_bias.empty();
       if (shaped) {  // the full row, biased and masked before sampling
-        std::vector<float> row(outs[i].logits.end() - engine_->config().vocab_size, outs[i].logits.end());
+        std::span<float> row(outs[i].logits.data() + outs[i].logits.size() - engine_->config().vocab_size,
+                             size_t(engine_->config().vocab_size));  // the last row, changed in place
         for (const auto& [id, b] : s.sampler.params().logit_bias)
           if (id >= 0 && size_t(id) < row.size()) row[size_t(id)] += b;
         if (s.constraint) {

@@ -99,7 +99,35 @@ std::shared_ptr<const TokenMask> GrammarMasks::mask(const GrammarState& state) {
   return m;
 }
 
-std::shared_ptr<TokenMask> GrammarMasks::compute(const GrammarState& state) const {
+int32_t GrammarMasks::id_of(GrammarState s) {
+  std::string key = s.key();
+  if (auto it = state_ids_.find(key); it != state_ids_.end()) return it->second;
+  const int32_t id = int32_t(states_.size());
+  min_completion_.push_back(s.min_completion());
+  states_.push_back(std::move(s));
+  next_.emplace_back();
+  next_.back().fill(kUnknown);
+  state_ids_.emplace(std::move(key), id);
+  return id;
+}
+
+int32_t GrammarMasks::step(int32_t id, unsigned char b) {
+  int32_t& n = next_[size_t(id)][b];
+  if (n != kUnknown) return n;
+  GrammarState s = states_[size_t(id)];
+  const int32_t to = s.allows(b) && s.advance(b) ? id_of(std::move(s)) : kDead;
+  next_[size_t(id)][b] = to;  // (`n` may dangle: id_of grew next_)
+  return to;
+}
+
+std::shared_ptr<TokenMask> GrammarMasks::compute(const GrammarState& state) {
+  constexpr size_t kMaxStates = 100000;  // ~100 MB of rows at most
+  if (states_.size() > kMaxStates) {
+    states_.clear();
+    next_.clear();
+    min_completion_.clear();
+    state_ids_.clear();
+  }
   auto m = std::make_shared<TokenMask>();
   m->need.assign(size_t(v_->size()), TokenMask::kNotAllowed);
   auto allow = [&](int32_t token, int32_t need) {
@@ -113,20 +141,16 @@ std::shared_ptr<TokenMask> GrammarMasks::compute(const GrammarState& state) cons
       if (e >= 0 && e < v_->size()) allow(e, 0);
   // Depth-first over the trie: a subtree is skipped as soon as its prefix leaves the grammar.
   const auto& trie = v_->trie();
-  auto walk = [&](auto& self, int32_t node, const GrammarState& from) -> void {
+  auto walk = [&](auto& self, int32_t node, int32_t sid) -> void {
     for (const auto& [b, child] : trie[size_t(node)].children) {
-      if (!from.allows(b)) continue;
-      GrammarState next = from;
-      next.advance(b);
+      const int32_t next = step(sid, b);
+      if (next == kDead) continue;
       const auto& cn = trie[size_t(child)];
-      if (!cn.tokens.empty()) {
-        const int32_t need = next.min_completion();
-        for (int32_t t : cn.tokens) allow(t, need);
-      }
+      for (int32_t t : cn.tokens) allow(t, min_completion_[size_t(next)]);
       if (!cn.children.empty()) self(self, child, next);
     }
   };
-  walk(walk, 0, state);
+  walk(walk, 0, id_of(state));
   return m;
 }
 
@@ -137,19 +161,25 @@ void ConstrainedDecoder::apply(std::span<float> logits) {
   const auto m = masks_->mask(state_);
   const int64_t budget = left_ - 1;  // bytes that may follow the token chosen now
   const size_t n = std::min(logits.size(), m->need.size());
-  int64_t kept = 0;
-  uint16_t least = TokenMask::kNotAllowed;
-  for (size_t t = 0; t < n; ++t) least = std::min(least, m->need[t]);
-  // When even the least needing token does not fit (a budget smaller than the grammar's
-  // shortest output), keep the tokens that get closest: the output stays valid as far as it goes.
-  const int64_t limit = std::max<int64_t>(budget, least);
-  const float ninf = -std::numeric_limits<float>::infinity();
-  for (size_t t = 0; t < logits.size(); ++t) {
-    if (t < n && m->need[t] != TokenMask::kNotAllowed && m->need[t] <= limit)
-      ++kept;
-    else
-      logits[t] = ninf;
+  const uint16_t* need = m->need.data();
+  int64_t limit = budget;
+  if (budget < m->most_needed) {
+    // When even the least needing token does not fit (a budget smaller than the grammar's
+    // shortest output), keep the tokens that get closest: the output stays valid as far as it goes.
+    uint16_t least = TokenMask::kNotAllowed;
+    for (size_t t = 0; t < n; ++t) least = std::min(least, need[t]);
+    limit = std::max<int64_t>(budget, least);
+  } else {
+    limit = TokenMask::kNotAllowed - 1;  // the budget excludes nothing: one test per token
   }
+  const float ninf = -std::numeric_limits<float>::infinity();
+  int64_t kept = 0;
+  for (size_t t = 0; t < n; ++t) {
+    const bool ok = need[t] <= limit;
+    kept += ok;
+    if (!ok) logits[t] = ninf;
+  }
+  for (size_t t = n; t < logits.size(); ++t) logits[t] = ninf;
   if (kept == 0) throw Error("constrained decoding: no token can continue the output");
 }
 

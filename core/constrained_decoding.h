@@ -14,6 +14,7 @@
 // the grammar is complete only EOS is (every byte has a token of its own in byte-level BPE and in
 // SentencePiece with byte fallback, so a finish always exists).
 #pragma once
+#include <array>
 #include <cstdint>
 #include <list>
 #include <memory>
@@ -69,6 +70,11 @@ struct TokenMask {
 
 // Masks of one grammar over one vocabulary, cached by state (shared by the sequences that use the
 // same constraint; not thread-safe).
+//
+// The trie walk runs on numbered states: every distinct GrammarState met gets an id and a row of
+// 256 next-state ids filled in as bytes are tried, so a grammar is turned into a DFA lazily, as
+// far as outputs go. Inside a JSON string almost every byte leads back to one state, so a walk
+// over the whole vocabulary costs a table lookup per trie node once the row is known.
 class GrammarMasks {
  public:
   GrammarMasks(std::shared_ptr<const Grammar> g, std::shared_ptr<const TokenVocabulary> v, size_t capacity = 512);
@@ -80,7 +86,15 @@ class GrammarMasks {
   uint64_t misses() const { return misses_; }
 
  private:
-  std::shared_ptr<TokenMask> compute(const GrammarState& state) const;
+  std::shared_ptr<TokenMask> compute(const GrammarState& state);
+  static constexpr int32_t kUnknown = -2, kDead = -1;
+  int32_t id_of(GrammarState s);
+  int32_t step(int32_t id, unsigned char b);
+  // The numbered states (cleared when they pass a bound: deep any-JSON nesting has no end).
+  std::vector<GrammarState> states_;
+  std::vector<std::array<int32_t, 256>> next_;
+  std::vector<int32_t> min_completion_;
+  std::unordered_map<std::string, int32_t> state_ids_;
 
   std::shared_ptr<const Grammar> g_;
   std::shared_ptr<const TokenVocabulary> v_;

@@ -87,12 +87,12 @@ struct ToolCallOut {
 
 struct CompletionChoice {
   std::string text;
-  std::vector<ToolCallOut> tool_calls;  // chat: the message's tool_calls (content null when text is empty)
   std::vector<int32_t> token_ids;
   std::vector<TokenLogprob> logprobs;
   bool with_logprobs = false;  // logprobs were asked: "logprobs" is an object, else null
   std::vector<std::vector<float>> logits;
   std::string finish_reason;
+  std::vector<ToolCallOut> tool_calls;  // chat: the message's tool_calls (content null when text is empty)
 };
 
 // {prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details: {cached_tokens}}

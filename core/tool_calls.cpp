@@ -172,11 +172,14 @@ ParsedOutput parse_tool_calls(ToolCallFormat format, const std::string& text) {
 }
 
 json messages_for_template(const json& messages, const json& tools, const std::string& tmpl, ToolCallFormat format) {
-  if (tmpl.find("tools") != std::string::npos || tmpl.find("tool_calls") != std::string::npos) return messages;
+  // What the template does itself: list the tools (a `tools` variable), render calls and results.
+  const bool lists_tools = tmpl.find("tools") != std::string::npos;
+  const bool renders_calls = tmpl.find("tool_calls") != std::string::npos;
+  const bool has_tools = !tools.is_null() && !tools.empty();
   bool any_tool_message = false;
   for (const auto& m : messages)
     any_tool_message |= m.value("role", "") == "tool" || (m.contains("tool_calls") && !m["tool_calls"].is_null());
-  if ((tools.is_null() || tools.empty()) && !any_tool_message) return messages;
+  if ((!has_tools || lists_tools) && (!any_tool_message || renders_calls)) return messages;
 
   json out = json::array();
   auto push = [&](const std::string& role, const std::string& content) {
@@ -187,7 +190,7 @@ json messages_for_template(const json& messages, const json& tools, const std::s
     out.push_back(json{{"role", role}, {"content", content}});
   };
   std::string preamble;
-  if (!tools.is_null() && !tools.empty()) {
+  if (has_tools && !lists_tools) {
     preamble = "You can call these functions (JSON schemas of their parameters):\n";
     for (const auto& t : tools) preamble += t.dump() + "\n";
     preamble +=
@@ -202,7 +205,9 @@ json messages_for_template(const json& messages, const json& tools, const std::s
   for (const auto& m : messages) {
     const std::string role = m.value("role", "user");
     std::string content = m.contains("content") && m["content"].is_string() ? m["content"].get<std::string>() : "";
-    if (role == "tool") {
+    if (renders_calls && (role == "tool" || role == "assistant")) {
+      out.push_back(m);  // the template's own rendering
+    } else if (role == "tool") {
       push("user", "Result of tool call " + m.value("tool_call_id", std::string()) + ":\n" + content);
     } else if (role == "assistant" && m.contains("tool_calls") && m["tool_calls"].is_array()) {
       std::string calls;

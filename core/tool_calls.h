@@ -47,10 +47,10 @@ ParsedOutput parse_tool_calls(ToolCallFormat format, const std::string& text);
 // The text that starts a call in this format (a stream holds back text that may begin it).
 const std::string& tool_calls_marker(ToolCallFormat format);
 
-// The messages to render for a template that handles no tools (its source names neither
-// `tools` nor `tool_calls`): the tools and the format go in a preamble before the first user
-// message, assistant calls become text in `format`, tool results become user turns, and turns of
-// one role in a row are joined. Templates that handle tools get the messages unchanged.
+// The messages to render with a template that does not handle tools itself. A template that
+// lists no `tools` gets them and the call format in a preamble before the first user message; one
+// that renders no `tool_calls` gets assistant calls as text in `format` and tool results as user
+// turns (turns of one role in a row joined). What the template handles is left to it.
 nlohmann::json messages_for_template(const nlohmann::json& messages, const nlohmann::json& tools,
                                      const std::string& chat_template, ToolCallFormat format);
 

@@ -12,11 +12,11 @@ using nlohmann::json;
 
 namespace {
 
-using Parser = CompletionRequest (*)(const json&);
+using Parser = CompletionRequest (*)(const json&, const nlohmann::ordered_json*);
 
 std::string bad_param(const json& body, Parser parse = parse_completion_request) {
   try {
-    parse(body);
+    parse(body, nullptr);
   } catch (const ApiError& e) {
     EXPECT_EQ(e.status(), 400);
     json err = e.to_json()["error"];
@@ -122,9 +122,17 @@ TEST(OpenAiApi, SharedParameterEdges) {
   expect_refused_by_both({{"user", 5}}, "user");
 
   // Upper edges are accepted, and both endpoints read them alike.
-  json edges{{"temperature", 2},      {"top_p", 1},           {"top_k", -1},           {"min_p", 1},
-             {"presence_penalty", -2}, {"frequency_penalty", 2}, {"max_completion_tokens", 9},
-             {"stop_token_ids", {2, 5}}, {"ignore_eos", true},  {"seed", 3},           {"user", "u1"},
+  json edges{{"temperature", 2},
+             {"top_p", 1},
+             {"top_k", -1},
+             {"min_p", 1},
+             {"presence_penalty", -2},
+             {"frequency_penalty", 2},
+             {"max_completion_tokens", 9},
+             {"stop_token_ids", {2, 5}},
+             {"ignore_eos", true},
+             {"seed", 3},
+             {"user", "u1"},
              {"return_logits", true}};
   for (const auto& r : {parse_completion_request(completion(edges)), parse_chat_request(chat(edges))}) {
     EXPECT_EQ(r.sampling.temperature, 2);
@@ -216,7 +224,7 @@ TEST(OpenAiApi, ChatMessages) {
       {{"role", "developer"}, {"content", "rules"}},
       {{"role", "user"}, {"content", {{{"type", "text"}, {"text", "part one"}}, {{"type", "text"}, {"text", "two"}}}}},
       {{"role", "assistant"}, {"content", ""}, {"name", "bot"}},
-      {{"role", "tool"}, {"content", json::array()}},
+      {{"role", "tool"}, {"tool_call_id", "call_1"}, {"content", json::array()}},
   });
   auto r = parse_chat_request({{"messages", msgs}, {"model", "m"}});
   EXPECT_TRUE(r.chat);
@@ -225,7 +233,7 @@ TEST(OpenAiApi, ChatMessages) {
   ASSERT_EQ(r.messages.size(), 5u);
   EXPECT_EQ(r.messages[0], (json{{"role", "system"}, {"content", "be brief"}}));
   EXPECT_EQ(r.messages[2]["content"], "part one\ntwo");  // parts joined into a plain string
-  EXPECT_EQ(r.messages[3]["name"], "bot");                 // other keys kept as given
+  EXPECT_EQ(r.messages[3]["name"], "bot");               // other keys kept as given
   EXPECT_EQ(r.messages[4]["content"], "");
 
   auto bad_messages = [](json messages) { return bad_param({{"messages", messages}}, parse_chat_request); };
@@ -315,7 +323,7 @@ TEST(OpenAiApi, CompletionLogprobsShape) {
   EXPECT_TRUE(j["top_logprobs"][0].is_null());
   EXPECT_EQ(j["top_logprobs"][1], (json{{"t22", -1.0}, {"t5", -2.0}}));
   EXPECT_EQ(j["top_logprobs"][2], (json{{"t3", -1.0}}));  // one text twice: the likelier stays
-  EXPECT_EQ(j["text_offset"], json({10, 12, 15}));           // characters, continuing from the counter
+  EXPECT_EQ(j["text_offset"], json({10, 12, 15}));        // characters, continuing from the counter
   EXPECT_EQ(offset, 17);
   // Without a token text function tokens are named by id.
   EXPECT_EQ(completion_logprobs({{4, -1.f, {}}}, nullptr)["tokens"], json({"token_id:4"}));
@@ -380,8 +388,8 @@ TEST(OpenAiApi, CompletionChunkShape) {
 }
 
 TEST(OpenAiApi, ChatChunkShape) {
-  json first = chat_chunk("chatcmpl-3", 9, "m", 0, {{"role", "assistant"}, {"content", ""}}, nullptr, std::nullopt,
-                          piece);
+  json first =
+      chat_chunk("chatcmpl-3", 9, "m", 0, {{"role", "assistant"}, {"content", ""}}, nullptr, std::nullopt, piece);
   EXPECT_EQ(first["object"], "chat.completion.chunk");
   EXPECT_EQ(first["choices"][0]["delta"], (json{{"role", "assistant"}, {"content", ""}}));
   EXPECT_TRUE(first["choices"][0]["finish_reason"].is_null());
@@ -413,4 +421,100 @@ TEST(OpenAiApi, ModelsShape) {
   EXPECT_EQ(j["object"], "list");
   EXPECT_EQ(j["data"][0]["id"], "m");
   EXPECT_EQ(j["data"][0]["object"], "model");
+}
+
+// Fields the server does not support are refused by name, never silently ignored; the documented
+// accepted-and-ignored ones pass.
+TEST(OpenAiApi, UnknownFieldsAreRefusedByName) {
+  for (const char* f : {"prediction", "audio", "modalities", "functions", "suffix_text"})
+    expect_refused_by_both({{f, 1}}, f);
+  EXPECT_EQ(bad_param(completion({{"tools", json::array()}})), "tools");  // chat only
+  EXPECT_NO_THROW(parse_chat_request(chat({{"service_tier", "auto"}, {"store", false}, {"metadata", {{"k", "v"}}}})));
+  EXPECT_NO_THROW(parse_completion_request(completion({{"service_tier", "default"}, {"user", "u"}})));
+  expect_refused_by_both({{"metadata", {{"k", 1}}}}, "metadata");
+}
+
+TEST(OpenAiApi, LogitBias) {
+  auto r = parse_completion_request(completion({{"logit_bias", {{"17", 5.5}, {"3", -100}}}}));
+  ASSERT_EQ(r.sampling.logit_bias.size(), 2u);
+  EXPECT_EQ(r.sampling.logit_bias[0], (std::pair<int32_t, float>{17, 5.5f}));  // (json object keys sort: "17" < "3")
+  expect_refused_by_both({{"logit_bias", {{"x", 1}}}}, "logit_bias");
+  expect_refused_by_both({{"logit_bias", {{"5", 101}}}}, "logit_bias");
+  expect_refused_by_both({{"logit_bias", {{"-5", 1}}}}, "logit_bias");
+}
+
+TEST(OpenAiApi, ResponseFormatBecomesAConstraintOrANamedRefusal) {
+  auto r = parse_chat_request(chat({{"response_format", {{"type", "json_object"}}}}));
+  EXPECT_EQ(json::parse(r.constraint)["type"], "json_object");
+  EXPECT_EQ(r.constraint_min_bytes, 2);  // {}
+  r = parse_chat_request(chat({{"response_format", {{"type", "text"}}}}));
+  EXPECT_TRUE(r.constraint.empty());
+  const json schema{{"type", "object"},
+                    {"properties", {{"b", {{"type", "integer"}}}, {"a", {{"type", "string"}}}}},
+                    {"required", {"a", "b"}}};
+  // The schema keeps the client's key order when the raw body is given.
+  const std::string raw_text = R"({"prompt":"x","response_format":{"type":"json_schema","json_schema":{"name":"n",
+      "schema":{"type":"object","properties":{"b":{"type":"integer"},"a":{"type":"string"}},"required":["a","b"]}}}})";
+  const auto raw = nlohmann::ordered_json::parse(raw_text);
+  r = parse_completion_request(json::parse(raw_text), &raw);
+  EXPECT_LT(r.constraint.find("\"b\""), r.constraint.find("\"a\"")) << r.constraint;
+  EXPECT_EQ(r.constraint_min_bytes, int32_t(std::string(R"({"b":0,"a":""})").size()));
+  expect_refused_by_both({{"response_format", {{"type", "xml"}}}}, "response_format");
+  expect_refused_by_both({{"response_format", {{"type", "json_schema"}}}}, "response_format");
+  try {
+    const json rf{{"type", "json_schema"},
+                  {"json_schema", {{"name", "n"}, {"schema", {{"oneOf", json::array({schema})}}}}}};
+    parse_chat_request(chat({{"response_format", rf}}), nullptr);
+    ADD_FAILURE() << "oneOf accepted";
+  } catch (const ApiError& e) {
+    EXPECT_NE(std::string(e.what()).find("oneOf"), std::string::npos) << e.what();
+  }
+  expect_refused_by_both({{"response_format", {{"type", "json_object"}}}, {"ignore_eos", true}}, "ignore_eos");
+}
+
+TEST(OpenAiApi, ToolsAndToolChoice) {
+  const json tool{{"type", "function"},
+                  {"function",
+                   {{"name", "get_weather"},
+                    {"parameters", {{"type", "object"}, {"properties", {{"city", {{"type", "string"}}}}}}}}}};
+  auto r = parse_chat_request(chat({{"tools", {tool}}}));
+  EXPECT_EQ(r.tool_choice, "auto");
+  EXPECT_TRUE(forced_tool_call_constraint(r, "hermes").empty());
+  r = parse_chat_request(
+      chat({{"tools", {tool}}, {"tool_choice", {{"type", "function"}, {"function", {{"name", "get_weather"}}}}}}));
+  EXPECT_EQ(r.tool_choice, "get_weather");
+  const json spec = json::parse(forced_tool_call_constraint(r, "mistral"));
+  EXPECT_EQ(spec["type"], "tool_calls");
+  EXPECT_EQ(spec["format"], "mistral");
+  EXPECT_EQ(spec["tools"][0]["name"], "get_weather");
+  EXPECT_EQ(bad_param(chat({{"tool_choice", "required"}}), parse_chat_request), "tool_choice");
+  EXPECT_EQ(bad_param(chat({{"tools", {tool}}, {"tool_choice", "sometimes"}}), parse_chat_request), "tool_choice");
+  EXPECT_EQ(
+      bad_param(chat({{"tools", {tool}}, {"tool_choice", {{"type", "function"}, {"function", {{"name", "nope"}}}}}}),
+                parse_chat_request),
+      "tool_choice");
+  EXPECT_EQ(bad_param(chat({{"tools", {tool, tool}}}), parse_chat_request), "tools");  // duplicate name
+  json bad = tool;
+  bad["function"]["name"] = "has space";
+  EXPECT_EQ(bad_param(chat({{"tools", {bad}}}), parse_chat_request), "tools");
+  bad = tool;
+  bad["function"]["parameters"] = {{"type", "object"}, {"patternProperties", json::object()}};
+  EXPECT_EQ(bad_param(chat({{"tools", {bad}}}), parse_chat_request), "tools");
+  EXPECT_EQ(
+      bad_param(chat({{"tools", {tool}}, {"tool_choice", "required"}, {"response_format", {{"type", "json_object"}}}}),
+                parse_chat_request),
+      "response_format");
+  // Assistant turns may carry calls without content; tool results need their call's id.
+  const json turns = json::array(
+      {{{"role", "user"}, {"content", "weather?"}},
+       {{"role", "assistant"},
+        {"content", nullptr},
+        {"tool_calls",
+         {{{"id", "call_1"}, {"type", "function"}, {"function", {{"name", "get_weather"}, {"arguments", "{}"}}}}}}},
+       {{"role", "tool"}, {"tool_call_id", "call_1"}, {"content", "sunny"}}});
+  r = parse_chat_request({{"messages", turns}, {"tools", {tool}}});
+  EXPECT_TRUE(r.messages[1]["content"].is_null());
+  json no_id = turns;
+  no_id[2].erase("tool_call_id");
+  EXPECT_EQ(bad_param({{"messages", no_id}}, parse_chat_request), "messages");
 }

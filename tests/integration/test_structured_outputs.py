@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""structured_outputs: `moemesh up` answers structured-output and tool-call requests from the
+official `openai` npm client; structured_outputs.mjs checks every output with ajv (200 requests
+over 10 JSON schemas, zod parse, forced and streamed tool calls, token ids on stream chunks,
+logit_bias, refusals naming the unsupported field or keyword).
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as H  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test(args, tmp):
+    node_modules = os.path.join(args.cache_dir, "js", "node_modules")
+    for pkg in ("openai", "ajv", "ajv-formats", "zod"):
+        H.check(shutil.which("node") and os.path.isdir(os.path.join(node_modules, pkg)),
+                f"node or the {pkg} package is missing ({node_modules}); run scripts/bootstrap")
+    cli = H.Cli(args.cli, dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    # mixtral: Llama-2's SentencePiece tokenizer (byte fallback), Hermes-style calls in a preamble;
+    # deepseek: DeepSeek-V3's byte-level BPE (128K tokens) and its own call format and template.
+    model = cli.mkmodel(args.arch, os.path.join(tmp, f"tiny-{args.arch}"), seed=3)
+    port, control, admin = H.free_port(), H.free_port_pair(), H.free_port()
+    up = H.Proc("up", [args.cli, "up", "--model", model, "--attention", "1", "--experts", "2", "--port", str(port),
+                       "--control-port", str(control), "--admin-port", str(admin), "--cores", "2",
+                       "--bin-dir", os.path.dirname(args.router), "--log-dir", os.path.join(tmp, "logs")],
+                os.path.join(tmp, "up.log"), dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            H.check(up.alive(), f"moemesh up exited early:\n{up.log_text()}")
+            try:
+                if H.http(port, "/v1/models", timeout=2)[0] == 200 and H.http(
+                        port, "/v1/completions", {"prompt": [1, 2], "max_tokens": 1}, timeout=10)[0] == 200:
+                    break
+            except OSError:
+                pass
+            H.check(time.monotonic() < deadline, f"moemesh up not serving within 60 s:\n{up.log_text()}")
+            time.sleep(0.3)
+        served = H.http(port, "/v1/models")[1]["data"][0]["id"]
+        p = subprocess.run(["node", os.path.join(HERE, "structured_outputs.mjs"), f"http://127.0.0.1:{port}", served,
+                            str(args.requests)],
+                           capture_output=True, text=True, timeout=600, env=dict(os.environ, NODE_PACKAGES=node_modules))
+        print(p.stdout, p.stderr, flush=True)
+        H.check(p.returncode == 0 and "structured outputs: OK" in p.stdout, "the structured outputs run failed (above)")
+    except BaseException:
+        print(up.log_text()[-4000:], flush=True)
+        raise
+    finally:
+        up.kill()
+
+
+if __name__ == "__main__":
+    def extra(p):
+        p.add_argument("--cache-dir", required=True)
+        p.add_argument("--requests", type=int, default=200)
+        p.add_argument("--arch", default="mixtral")
+    H.main(test, extra)
