@@ -553,6 +553,31 @@ def step_bytes_received(port):
     return sum(int(n) for n in re.findall(r"bytes_received:(\d+)", out))
 
 
+def moemesh_up(args, tmp, model, attention=1, experts=2, timeout=60):
+    """`moemesh up` (the README's local cluster) on free ports, once it answers a completion.
+    Returns (proc, port); the caller kills the proc."""
+    port, control, admin = free_port(), free_port_pair(), free_port()
+    up = Proc("up", [args.cli, "up", "--model", model, "--attention", str(attention), "--experts", str(experts),
+                     "--port", str(port), "--control-port", str(control), "--admin-port", str(admin), "--cores", "2",
+                     "--bin-dir", os.path.dirname(args.router), "--log-dir", os.path.join(tmp, "logs")],
+              os.path.join(tmp, "up.log"), dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            check(up.alive(), f"moemesh up exited early:\n{up.log_text()}")
+            try:
+                if http(port, "/v1/models", timeout=2)[0] == 200 and http(
+                        port, "/v1/completions", {"prompt": [1, 2], "max_tokens": 1}, timeout=10)[0] == 200:
+                    return up, port
+            except OSError:
+                pass
+            check(time.monotonic() < deadline, f"moemesh up not serving within {timeout} s:\n{up.log_text()}")
+            time.sleep(0.3)
+    except BaseException:
+        up.kill()
+        raise
+
+
 def run_in_threads(fn, items, max_workers=None):
     """Calls fn(item) for each item concurrently; returns results in order; re-raises the first error."""
     results = [None] * len(items)

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
@@ -23,23 +22,8 @@ def test(args, tmp):
             f"node or the openai package is missing ({node_modules}); run scripts/bootstrap")
     cli = H.Cli(args.cli, dict(os.environ, OPENBLAS_NUM_THREADS="1"))
     model = cli.mkmodel("mixtral", os.path.join(tmp, "tiny-mixtral"), seed=2)
-    port, control, admin = H.free_port(), H.free_port_pair(), H.free_port()
-    up = H.Proc("up", [args.cli, "up", "--model", model, "--attention", "1", "--experts", "2", "--port", str(port),
-                       "--control-port", str(control), "--admin-port", str(admin), "--cores", "2",
-                       "--bin-dir", os.path.dirname(args.router), "--log-dir", os.path.join(tmp, "logs")],
-                os.path.join(tmp, "up.log"), dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    up, port = H.moemesh_up(args, tmp, model)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            H.check(up.alive(), f"moemesh up exited early:\n{up.log_text()}")
-            try:
-                if H.http(port, "/v1/models", timeout=2)[0] == 200 and H.http(
-                        port, "/v1/completions", {"prompt": [1, 2], "max_tokens": 1}, timeout=10)[0] == 200:
-                    break
-            except OSError:
-                pass
-            H.check(time.monotonic() < deadline, f"moemesh up not serving within 60 s:\n{up.log_text()}")
-            time.sleep(0.3)
         served = H.http(port, "/v1/models")[1]["data"][0]["id"]
         p = subprocess.run(["node", os.path.join(HERE, "openai_client.mjs"), f"http://127.0.0.1:{port}", served],
                            capture_output=True, text=True, timeout=120, env=dict(os.environ, NODE_PACKAGES=node_modules))

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
@@ -25,23 +24,8 @@ def test(args, tmp):
     # mixtral: Llama-2's SentencePiece tokenizer (byte fallback), Hermes-style calls in a preamble;
     # deepseek: DeepSeek-V3's byte-level BPE (128K tokens) and its own call format and template.
     model = cli.mkmodel(args.arch, os.path.join(tmp, f"tiny-{args.arch}"), seed=3)
-    port, control, admin = H.free_port(), H.free_port_pair(), H.free_port()
-    up = H.Proc("up", [args.cli, "up", "--model", model, "--attention", "1", "--experts", "2", "--port", str(port),
-                       "--control-port", str(control), "--admin-port", str(admin), "--cores", "2",
-                       "--bin-dir", os.path.dirname(args.router), "--log-dir", os.path.join(tmp, "logs")],
-                os.path.join(tmp, "up.log"), dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    up, port = H.moemesh_up(args, tmp, model)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            H.check(up.alive(), f"moemesh up exited early:\n{up.log_text()}")
-            try:
-                if H.http(port, "/v1/models", timeout=2)[0] == 200 and H.http(
-                        port, "/v1/completions", {"prompt": [1, 2], "max_tokens": 1}, timeout=10)[0] == 200:
-                    break
-            except OSError:
-                pass
-            H.check(time.monotonic() < deadline, f"moemesh up not serving within 60 s:\n{up.log_text()}")
-            time.sleep(0.3)
         served = H.http(port, "/v1/models")[1]["data"][0]["id"]
         p = subprocess.run(["node", os.path.join(HERE, "structured_outputs.mjs"), f"http://127.0.0.1:{port}", served,
                             str(args.requests)],
