@@ -1,6 +1,6 @@
 // Structured outputs and tool calls through the official `openai` npm client, every output checked
 // by an independent validator (ajv + ajv-formats). Usage:
-//   node structured_outputs.mjs BASE_URL MODEL REQUESTS   (NODE_PACKAGES: node_modules with openai, ajv, zod)
+//   node structured_outputs.mjs BASE_URL MODEL REQUESTS EOS_ID   (NODE_PACKAGES: node_modules with openai, ajv, zod)
 import { createRequire } from "node:module";
 import assert from "node:assert/strict";
 
@@ -10,7 +10,7 @@ const { zodResponseFormat } = require("openai/helpers/zod");
 const { z } = require("zod");
 const Ajv = require("ajv");
 const addFormats = require("ajv-formats");
-const [baseURL, model, requestsArg] = process.argv.slice(2);
+const [baseURL, model, requestsArg, eosArg] = process.argv.slice(2);
 const total = Number(requestsArg || 200);
 const client = new OpenAI({ baseURL: baseURL + "/v1", apiKey: "unused-in-open-mode", maxRetries: 0 });
 const ajv = new Ajv({ strict: false, allErrors: true });
@@ -99,11 +99,16 @@ for (let i = 0; i < 20; i++) {
 }
 console.log("forced tool calls: 20/20 parse and validate");
 
-// auto: a random model does not write the call marker, so the answer is plain content.
+// auto: a random model does not write the call marker, so the answer is plain content; pushed to
+// EOS after a few tokens (a bias on EOS, whose first draw at temperature 1 ends it), it stops.
 const auto = await client.chat.completions.create({ model, messages, tools, max_tokens: 12, temperature: 0 });
 assert.ok(!auto.choices[0].message.tool_calls, JSON.stringify(auto.choices[0]));
 assert.notEqual(auto.choices[0].finish_reason, "tool_calls");
 assert.equal(typeof auto.choices[0].message.content, "string");
+const ended = await client.chat.completions.create({ model, messages, tools, max_tokens: 12, logit_bias: { [eosArg]: 100 } });
+assert.equal(ended.choices[0].finish_reason, "stop", JSON.stringify(ended.choices[0]));
+assert.ok(!ended.choices[0].message.tool_calls);
+assert.equal(typeof ended.choices[0].message.content, "string");
 
 // A streamed forced call reassembles to the unstreamed one (same seed).
 const req = { model, messages, tools, tool_choice: "required", seed: 5, max_tokens: 250, temperature: 1 };

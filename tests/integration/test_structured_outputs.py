@@ -4,6 +4,7 @@ official `openai` npm client; structured_outputs.mjs checks every output with aj
 over 10 JSON schemas, zod parse, forced and streamed tool calls, token ids on stream chunks,
 logit_bias, refusals naming the unsupported field or keyword).
 """
+import json
 import os
 import shutil
 import subprocess
@@ -24,11 +25,13 @@ def test(args, tmp):
     # mixtral: Llama-2's SentencePiece tokenizer (byte fallback), Hermes-style calls in a preamble;
     # deepseek: DeepSeek-V3's byte-level BPE (128K tokens) and its own call format and template.
     model = cli.mkmodel(args.arch, os.path.join(tmp, f"tiny-{args.arch}"), seed=3)
+    eos = json.load(open(os.path.join(model, "config.json")))["eos_token_id"]
+    eos = eos[0] if isinstance(eos, list) else eos
     up, port = H.moemesh_up(args, tmp, model)
     try:
         served = H.http(port, "/v1/models")[1]["data"][0]["id"]
         p = subprocess.run(["node", os.path.join(HERE, "structured_outputs.mjs"), f"http://127.0.0.1:{port}", served,
-                            str(args.requests)],
+                            str(args.requests), str(eos)],
                            capture_output=True, text=True, timeout=600, env=dict(os.environ, NODE_PACKAGES=node_modules))
         print(p.stdout, p.stderr, flush=True)
         H.check(p.returncode == 0 and "structured outputs: OK" in p.stdout, "the structured outputs run failed (above)")
