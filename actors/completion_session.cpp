@@ -43,6 +43,7 @@ struct SessionState {
   bool answered = false;   // an error was sent instead of the response
   int error_status = 0;    // its status
   bool client_gone = false;
+  int64_t event_seq = 0;  // Responses events' sequence_number
   static inline const char* name = "completion_session";
 };
 
@@ -53,10 +54,38 @@ bool streams_to_client(const SessionState& st) { return st.spec.request.stream &
 
 void write_event(SessionState& st, const json& j) { st.res.write("data: " + j.dump() + "\n\n"); }
 
+// A Responses API event: `event: TYPE` and the data, which names its type and sequence number too.
+void write_responses_event(SessionState& st, const char* type, json data) {
+  data["type"] = type;
+  data["sequence_number"] = st.event_seq++;
+  st.res.write(std::string("event: ") + type + "\ndata: " + data.dump() + "\n\n");
+}
+
+std::string message_id(const SessionState& st) { return "msg_" + st.spec.id.substr(st.spec.id.find('_') + 1); }
+
 void start_stream(SessionState& st) {
   if (st.streaming) return;
   st.streaming = true;
   st.res.start_stream(200, "text/event-stream", st.spec.headers);
+  if (st.spec.responses) {
+    const json r = openai::response_object(st.spec.id, st.spec.created, st.spec.model, *st.spec.responses, nullptr);
+    write_responses_event(st, "response.created", {{"response", r}});
+    write_responses_event(st, "response.in_progress", {{"response", r}});
+    write_responses_event(st, "response.output_item.added",
+                          {{"output_index", 0},
+                           {"item",
+                            {{"type", "message"},
+                             {"id", message_id(st)},
+                             {"status", "in_progress"},
+                             {"role", "assistant"},
+                             {"content", json::array()}}}});
+    write_responses_event(st, "response.content_part.added",
+                          {{"item_id", message_id(st)},
+                           {"output_index", 0},
+                           {"content_index", 0},
+                           {"part", {{"type", "output_text"}, {"text", ""}, {"annotations", json::array()}}}});
+    return;
+  }
   if (!st.spec.request.chat) return;
   // Chat streams open every choice with the assistant role, as OpenAI's do.
   for (size_t i = 0; i < st.choices.size(); ++i)
@@ -70,6 +99,12 @@ void stream_delta(SessionState& st, int i, const std::string& text, const std::o
   Choice& c = st.choices[size_t(i)];
   if (text.empty() && !finish && (!st.spec.request.logprobs || c.streamed_logprobs == c.logprobs.size())) return;
   start_stream(st);
+  if (st.spec.responses) {  // the end is sent by complete()
+    if (!text.empty())
+      write_responses_event(st, "response.output_text.delta",
+                            {{"item_id", message_id(st)}, {"output_index", 0}, {"content_index", 0}, {"delta", text}});
+    return;
+  }
   const std::vector<openai::TokenLogprob> lp(c.logprobs.begin() + long(c.streamed_logprobs), c.logprobs.end());
   const auto* lpp = st.spec.request.logprobs ? &lp : nullptr;
   c.streamed_logprobs = c.logprobs.size();
@@ -171,12 +206,32 @@ void complete(Self* self) {
   const Choice& first = st.choices.front();
   out.finish_reason = first.finish_reason;
   out.worker = first.result ? first.result->worker : "";
+  out.text = first.text.text();
+  out.prompt_tokens = int64_t(st.spec.base.prompt.size());
+  out.cached_tokens = first.result ? first.result->cached_tokens : 0;
+  const openai::ResponseOutcome ro{out.text, first.finish_reason != "length", out.prompt_tokens, out.completion_tokens,
+                                   out.cached_tokens};
   if (st.client_gone) {
     out.status = 499;  // nginx's "client closed request": nothing was lost, nobody listened
     out.finish_reason = "cancelled";
   } else if (st.answered) {
     out.status = st.error_status;
     out.finish_reason = "error";
+  } else if (st.spec.responses && (st.streaming || r.stream)) {
+    start_stream(st);
+    const std::string id = message_id(st);
+    const json part{{"type", "output_text"}, {"text", out.text}, {"annotations", json::array()}};
+    const json full = openai::response_object(st.spec.id, st.spec.created, st.spec.model, *st.spec.responses, &ro);
+    write_responses_event(st, "response.output_text.done",
+                          {{"item_id", id}, {"output_index", 0}, {"content_index", 0}, {"text", out.text}});
+    write_responses_event(st, "response.content_part.done",
+                          {{"item_id", id}, {"output_index", 0}, {"content_index", 0}, {"part", part}});
+    write_responses_event(st, "response.output_item.done", {{"output_index", 0}, {"item", full["output"][0]}});
+    write_responses_event(st, ro.complete ? "response.completed" : "response.incomplete", {{"response", full}});
+    st.res.end();
+  } else if (st.spec.responses) {
+    const json body = openai::response_object(st.spec.id, st.spec.created, st.spec.model, *st.spec.responses, &ro);
+    st.res.send({200, "application/json", body.dump(), st.spec.headers});
   } else if (st.streaming || r.stream) {
     if (r.include_usage) {
       const int64_t cached = first.result ? first.result->cached_tokens : 0;

@@ -18,6 +18,7 @@
 #include "actors/http_server.h"
 #include "actors/scheduler.h"
 #include "core/openai_api.h"
+#include "core/responses_api.h"
 #include "core/tokenizer.h"
 #include "core/tool_calls.h"
 
@@ -29,6 +30,8 @@ struct SessionOutcome {
   std::string finish_reason;      // of the first choice: stop, length, cancelled, error, none
   int64_t completion_tokens = 0;  // over all choices
   std::string worker;             // of the first choice
+  std::string text;               // of the first choice (the Responses API stores it)
+  int64_t prompt_tokens = 0, cached_tokens = 0;
 };
 
 struct SessionSpec {
@@ -42,6 +45,9 @@ struct SessionSpec {
   // Set when tools were offered (tool_choice other than none): calls in this format are parsed
   // out of each choice into tool_calls, and the stream holds back text that may start one.
   std::optional<ToolCallFormat> tool_format;
+  // Set for POST /v1/responses: the answer is a response object, streamed as Responses events
+  // (response.created, response.output_text.delta, ..., response.completed), n = 1.
+  std::optional<openai::ResponsesRequest> responses;
 };
 
 void start_completion_session(caf::actor_system& sys, caf::actor scheduler, http::Responder res, SessionSpec spec);

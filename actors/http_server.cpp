@@ -87,8 +87,7 @@ struct ResponderState {
 // touched only on the connection's strand.
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(tcp::socket socket, const HttpServer::Core& core, std::weak_ptr<HttpServer::Core> core_ref,
-          std::string peer)
+  Session(tcp::socket socket, const HttpServer::Core& core, std::weak_ptr<HttpServer::Core> core_ref, std::string peer)
       : stream_(std::move(socket)),
         read_timer_(stream_.get_executor()),
         core_(core),
@@ -177,14 +176,19 @@ class Session : public std::enable_shared_from_this<Session> {
     const Route* match = nullptr;
     std::string allow;
     for (const auto& r : core_.routes) {
-      if (r.path != req.path) continue;
+      // "/prefix/*" matches every path below the prefix (resources named in the path).
+      const bool prefix = !r.path.empty() && r.path.back() == '*';
+      if (prefix ? req.path.compare(0, r.path.size() - 1, r.path, 0, r.path.size() - 1) != 0 ||
+                       req.path.size() < r.path.size()
+                 : r.path != req.path)
+        continue;
       if (r.method == req.method) match = &r;
       allow += (allow.empty() ? "" : ", ") + r.method;
     }
     if (!match) {
       if (allow.empty()) return responder.send(404, "text/plain; charset=utf-8", "no route for " + req.path + "\n");
-      return responder.send({405, "text/plain; charset=utf-8", req.method + " not allowed on " + req.path + "\n",
-                             {{"Allow", allow}}});
+      return responder.send(
+          {405, "text/plain; charset=utf-8", req.method + " not allowed on " + req.path + "\n", {{"Allow", allow}}});
     }
     try {
       match->handler(req, responder);

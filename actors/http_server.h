@@ -93,7 +93,8 @@ class HttpServer {
   HttpServer(const HttpServer&) = delete;
   HttpServer& operator=(const HttpServer&) = delete;
 
-  // Before start(). Method is upper case ("GET"); path is matched exactly.
+  // Before start(). Method is upper case ("GET"); path is matched exactly, or a path ending in
+  // '*' matches the paths that extend it by at least one character.
   void route(std::string method, std::string path, Handler h);
 
   // Binds, listens and starts the threads. Throws moemesh::Error when it cannot bind.

@@ -15,6 +15,7 @@
 #include "core/constrained_decoding.h"
 #include "core/error.h"
 #include "core/openai_api.h"
+#include "core/responses_api.h"
 
 namespace moemesh::actors {
 namespace {
@@ -177,8 +178,24 @@ std::vector<int32_t> prompt_tokens(const openai::CompletionRequest& cr, const Fr
 
 // POST /v1/completions and /v1/chat/completions: validate, admit, then hand the request to a
 // completion session (actors/completion_session.h), which answers it.
+// A Responses API request on its way through the chat path: the conversation it continues and
+// how it is answered and stored.
+struct ResponsesTurn {
+  openai::ResponsesRequest req;
+  json conversation;   // previous messages + the new input (what is stored, with the answer)
+  std::string tenant;  // who stores it
+};
+
+void serve_body(const http::Request& req, json body, http::Responder res, caf::actor_system& sys,
+                const std::shared_ptr<const Frontend>& fe, bool chat, std::optional<ResponsesTurn> turn);
+
 void serve(const http::Request& req, http::Responder res, caf::actor_system& sys,
            const std::shared_ptr<const Frontend>& fe, bool chat) {
+  serve_body(req, json::parse(req.body, nullptr, false), std::move(res), sys, fe, chat, std::nullopt);
+}
+
+void serve_body(const http::Request& req, json body, http::Responder res, caf::actor_system& sys,
+                const std::shared_ptr<const Frontend>& fe, bool chat, std::optional<ResponsesTurn> turn) {
   const auto arrival = std::chrono::steady_clock::now();
   const FrontendConfig& cfg = fe->cfg;
   FrontendMetrics* m = fe->metrics.get();
@@ -189,12 +206,11 @@ void serve(const http::Request& req, http::Responder res, caf::actor_system& sys
     return refuse(res, ApiError(503, "server_error", "the server is shutting down; retry on another replica"), m,
                   tenant, tr);
   }
-  json body = json::parse(req.body, nullptr, false);
   if (body.is_discarded())
     return refuse(res, openai::invalid_request("the request body is not valid JSON"), m, tenant, tr);
   // JSON schemas keep their key order (properties are generated in it): parse those bodies again.
   std::optional<nlohmann::ordered_json> raw;
-  if (body.is_object() && (body.contains("response_format") || body.contains("tools")))
+  if (!turn && body.is_object() && (body.contains("response_format") || body.contains("tools")))
     raw = nlohmann::ordered_json::parse(req.body, nullptr, false);
   openai::CompletionRequest cr;
   std::vector<int32_t> prompt;
@@ -213,6 +229,11 @@ void serve(const http::Request& req, http::Responder res, caf::actor_system& sys
                      "the model '" + cr.model + "' does not exist (this server has '" + cfg.served_model + "')",
                      "model", "model_not_found");
     prompt = prompt_tokens(cr, cfg);
+    // Responses with truncation "auto": the oldest turns go until the conversation fits.
+    const int64_t room = cfg.max_context - (cr.max_tokens_given ? cr.max_tokens : 1);
+    while (turn && turn->req.truncation == "auto" && int64_t(prompt.size()) > room &&
+           openai::drop_oldest_turn(cr.messages))
+      prompt = prompt_tokens(cr, cfg);
     // Chat clients rarely send max_tokens (OpenAI's default is "up to the context"): the answer may
     // use what the context leaves, up to kChatDefaultMaxTokens.
     if (cr.chat && !cr.max_tokens_given)
@@ -277,14 +298,37 @@ void serve(const http::Request& req, http::Responder res, caf::actor_system& sys
   gen.constraint = cr.constraint;
   if (chat && cr.tool_choice != "none") spec.tool_format = tool_format;
   gen.arrival = arrival;
-  spec.id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(random_seed() >> 16);
+  spec.id = (turn ? "resp_" : chat ? "chatcmpl-" : "cmpl-") + std::to_string(random_seed() >> 16);
+  if (turn) spec.responses = turn->req;
+  const json model_input = cr.messages;
   spec.model = cfg.served_model;
   spec.created = unix_now();
   spec.tokenizer = cfg.tokenizer;
   spec.headers = tr.headers();
   spec.request = std::move(cr);
   auto tenants = cfg.tenants;
-  spec.on_done = [fe, tenants, tenant, charged, n_prompt, arrival, tr](const SessionOutcome& o) {
+  auto store = cfg.responses;
+  std::optional<StoredResponse> to_store;
+  if (turn && turn->req.store && store) {
+    // What the model was given, less the instructions (they are not part of the conversation).
+    json input = json::array();
+    for (const auto& msg : model_input)
+      if (turn->req.instructions.empty() || msg != json{{"role", "system"}, {"content", turn->req.instructions}})
+        input.push_back(msg);
+    to_store = StoredResponse{spec.id, turn->tenant, turn->conversation, std::move(input), json(), 0};
+  }
+  std::optional<openai::ResponsesRequest> responses_req;
+  if (turn) responses_req = turn->req;
+  spec.on_done = [fe, tenants, tenant, charged, n_prompt, arrival, tr, store, to_store, responses_req, id = spec.id,
+                  model = spec.model, created = spec.created](const SessionOutcome& o) {
+    if (to_store && o.status == 200) {  // the answer joins the conversation
+      StoredResponse r = *to_store;
+      r.messages.push_back({{"role", "assistant"}, {"content", o.text}});
+      const openai::ResponseOutcome ro{o.text, o.finish_reason != "length", o.prompt_tokens, o.completion_tokens,
+                                       o.cached_tokens};
+      r.response = openai::response_object(id, created, model, *responses_req, &ro);
+      store->put(std::move(r));
+    }
     tenants->finish(tenant, charged, o.completion_tokens);
     if (FrontendMetrics* metrics = fe->metrics.get()) {  // the captured `fe` keeps it alive
       metrics->finished(tenant, arrival);
@@ -295,6 +339,66 @@ void serve(const http::Request& req, http::Responder res, caf::actor_system& sys
             {{"worker", o.worker}, {"prompt_tokens", n_prompt}, {"completion_tokens", o.completion_tokens}});
   };
   start_completion_session(sys, cfg.scheduler, std::move(res), std::move(spec));
+}
+
+// POST /v1/responses: the conversation it continues (the tenant's own, else 404), the last
+// --keep-turns turns of it plus the instructions, then the chat path answering as a response.
+void serve_responses(const http::Request& req, http::Responder res, caf::actor_system& sys,
+                     const std::shared_ptr<const Frontend>& fe) {
+  const FrontendConfig& cfg = fe->cfg;
+  RequestTrace tr{trace::from_header(req.header("traceparent")), req.peer};
+  const json body = json::parse(req.body, nullptr, false);
+  ResponsesTurn turn;
+  try {
+    if (body.is_discarded()) throw openai::invalid_request("the request body is not valid JSON");
+    turn.req = openai::parse_responses_request(body);
+    const Admission who = cfg.tenants->identify(api_key(req));
+    if (!who.ok) throw ApiError(401, "authentication_error", who.message, "", "invalid_api_key");
+    turn.tenant = who.tenant;
+    turn.conversation = json::array();
+    if (!turn.req.previous_response_id.empty()) {
+      auto prev = cfg.responses ? cfg.responses->get(turn.req.previous_response_id, turn.tenant) : std::nullopt;
+      if (!prev)
+        throw ApiError(404, "invalid_request_error",
+                       "Previous response with id '" + turn.req.previous_response_id + "' not found.",
+                       "previous_response_id");
+      turn.conversation = prev->messages;
+    }
+    if (turn.req.store && !cfg.responses)
+      throw openai::invalid_request("this router keeps no responses: send 'store': false", "store");
+  } catch (const ApiError& e) {
+    return refuse(res, e, fe->metrics.get(), turn.tenant.empty() ? metrics::kDefaultTenant : turn.tenant, tr);
+  }
+  for (const auto& msg : turn.req.input) turn.conversation.push_back(msg);
+  json messages = openai::keep_last_turns(turn.conversation, cfg.keep_turns);
+  if (!turn.req.instructions.empty())
+    messages.insert(messages.begin(), json{{"role", "system"}, {"content", turn.req.instructions}});
+  json chat_body = turn.req.chat_body;
+  chat_body["model"] = body.value("model", cfg.served_model);
+  chat_body["messages"] = std::move(messages);
+  serve_body(req, std::move(chat_body), std::move(res), sys, fe, true, std::move(turn));
+}
+
+// GET /v1/responses/{id}[/input_items] and DELETE /v1/responses/{id}, for the caller's tenant.
+void stored_response(const http::Request& req, http::Responder res, const Frontend& fe, bool erase) {
+  std::string id = req.path.substr(std::string("/v1/responses/").size());
+  const std::string items_suffix = "/input_items";
+  const bool items = !erase && id.size() > items_suffix.size() &&
+                     id.compare(id.size() - items_suffix.size(), items_suffix.size(), items_suffix) == 0;
+  if (items) id.resize(id.size() - items_suffix.size());
+  const Admission who = fe.cfg.tenants->identify(api_key(req));
+  if (!who.ok) return send_error(res, ApiError(401, "authentication_error", who.message, "", "invalid_api_key"));
+  auto not_found = [&] {
+    send_error(res, ApiError(404, "invalid_request_error", "Response with id '" + id + "' not found.", "response_id"));
+  };
+  if (!fe.cfg.responses || id.empty() || id.find('/') != std::string::npos) return not_found();
+  if (erase) {
+    if (!fe.cfg.responses->erase(id, who.tenant)) return not_found();
+    return send_json(res, 200, json{{"id", id}, {"object", "response.deleted"}, {"deleted", true}});
+  }
+  auto r = fe.cfg.responses->get(id, who.tenant);
+  if (!r) return not_found();
+  send_json(res, 200, items ? openai::input_items(id, r->input) : r->response);
 }
 
 }  // namespace
@@ -308,6 +412,13 @@ void install_openai_routes(http::HttpServer& server, caf::actor_system& sys, Fro
                [&sys, shared](const http::Request& req, http::Responder res) { serve(req, res, sys, shared, false); });
   server.route("POST", "/v1/chat/completions",
                [&sys, shared](const http::Request& req, http::Responder res) { serve(req, res, sys, shared, true); });
+  server.route("POST", "/v1/responses", [&sys, shared](const http::Request& req, http::Responder res) {
+    serve_responses(req, res, sys, shared);
+  });
+  server.route("GET", "/v1/responses/*",
+               [shared](const http::Request& req, http::Responder res) { stored_response(req, res, *shared, false); });
+  server.route("DELETE", "/v1/responses/*",
+               [shared](const http::Request& req, http::Responder res) { stored_response(req, res, *shared, true); });
   server.route("GET", "/v1/models", [shared, created](const http::Request&, http::Responder res) {
     send_json(res, 200, openai::models_response(shared->cfg.served_model, created));
   });

@@ -12,6 +12,7 @@
 #include <prometheus/registry.h>
 
 #include "actors/http_server.h"
+#include "core/conversation_store.h"
 #include "core/tenants.h"
 #include "core/tokenizer.h"
 
@@ -29,6 +30,10 @@ struct FrontendConfig {
   std::shared_ptr<prometheus::Registry> metrics;
   // API keys and limits; open (every request is tenant "default") when empty.
   std::shared_ptr<TenantRegistry> tenants = std::make_shared<TenantRegistry>();
+  // The Responses API's stored responses (null: /v1/responses answers only with store: false)
+  // and how many turns of a conversation the model is given (0: all).
+  std::shared_ptr<ConversationStore> responses;
+  int keep_turns = 5;
 };
 
 void install_openai_routes(http::HttpServer& server, caf::actor_system& sys, FrontendConfig cfg);

@@ -20,9 +20,12 @@ Priority parse_priority(const std::string& s) {
 
 const char* priority_name(Priority p) {
   switch (p) {
-    case Priority::High: return "high";
-    case Priority::Normal: return "normal";
-    case Priority::Low: return "low";
+    case Priority::High:
+      return "high";
+    case Priority::Normal:
+      return "normal";
+    case Priority::Low:
+      return "low";
   }
   return "normal";
 }
@@ -57,9 +60,9 @@ std::vector<TenantSpec> load_tenants(const std::filesystem::path& file) {
   std::map<std::string, std::string> seen_keys;
   for (const auto& t : j["tenants"]) {
     TenantSpec s;
-    const std::string where = file.string() + ": tenant " + (t.contains("name") && t["name"].is_string()
-                                                                 ? "\"" + t["name"].get<std::string>() + "\""
-                                                                 : "#" + std::to_string(out.size()));
+    const std::string where = file.string() + ": tenant " +
+                              (t.contains("name") && t["name"].is_string() ? "\"" + t["name"].get<std::string>() + "\""
+                                                                           : "#" + std::to_string(out.size()));
     try {
       if (!t.is_object()) throw Error("must be an object");
       if (!t.contains("name") || !t["name"].is_string() || t["name"].get<std::string>().empty())
@@ -190,6 +193,32 @@ void TenantRegistry::reload(std::vector<TenantSpec> tenants) {
   by_key_hash_ = std::move(keys);
 }
 
+Admission TenantRegistry::identify(const std::string& api_key) const {
+  Admission a;
+  std::lock_guard<std::mutex> lk(mu_);
+  a.ok = true;
+  a.tenant = "default";
+  if (tenants_.empty()) return a;
+  a.ok = false;
+  a.status = 401;
+  a.reason = "bad_key";
+  a.tenant.clear();
+  if (api_key.empty()) {
+    a.message = "missing API key (send Authorization: Bearer <key>)";
+    return a;
+  }
+  auto k = by_key_hash_.find(sha256_hex(api_key));
+  if (k == by_key_hash_.end()) {
+    a.message = "invalid API key";
+    return a;
+  }
+  a.ok = true;
+  a.status = 200;
+  a.reason.clear();
+  a.tenant = tenants_.at(k->second).spec.name;
+  return a;
+}
+
 Admission TenantRegistry::admit(const std::string& api_key, const std::string& model, int64_t prompt_tokens,
                                 int64_t max_tokens, Clock::time_point now) {
   Admission a;
@@ -218,19 +247,23 @@ Admission TenantRegistry::admit(const std::string& api_key, const std::string& m
   if (!st.spec.allows_model(model))
     return deny(404, "model", "the model '" + model + "' does not exist or you do not have access to it");
   if (st.spec.max_tokens > 0 && max_tokens > st.spec.max_tokens)
-    return deny(400, "max_tokens", "max_tokens " + std::to_string(max_tokens) + " exceeds this key's limit of " +
-                                       std::to_string(st.spec.max_tokens));
+    return deny(400, "max_tokens",
+                "max_tokens " + std::to_string(max_tokens) + " exceeds this key's limit of " +
+                    std::to_string(st.spec.max_tokens));
   if (st.spec.max_concurrent > 0 && st.in_flight >= st.spec.max_concurrent)
-    return deny(429, "concurrency", "too many concurrent requests (limit " + std::to_string(st.spec.max_concurrent) + ")", 1);
+    return deny(429, "concurrency",
+                "too many concurrent requests (limit " + std::to_string(st.spec.max_concurrent) + ")", 1);
   auto seconds = [](std::chrono::milliseconds ms) { return std::max<int64_t>(1, (ms.count() + 999) / 1000); };
   if (auto wait = st.rpm.take(1, now))
-    return deny(429, "rpm", "rate limit reached: " + std::to_string(int64_t(st.spec.requests_per_minute)) +
-                                " requests per minute", seconds(*wait));
+    return deny(429, "rpm",
+                "rate limit reached: " + std::to_string(int64_t(st.spec.requests_per_minute)) + " requests per minute",
+                seconds(*wait));
   const double tokens = double(prompt_tokens + max_tokens);
   if (auto wait = st.tpm.take(tokens, now)) {
     st.rpm.give_back(1, now);
-    return deny(429, "tpm", "rate limit reached: " + std::to_string(int64_t(st.spec.tokens_per_minute)) +
-                                " tokens per minute (this request needs " + std::to_string(int64_t(tokens)) + ")",
+    return deny(429, "tpm",
+                "rate limit reached: " + std::to_string(int64_t(st.spec.tokens_per_minute)) +
+                    " tokens per minute (this request needs " + std::to_string(int64_t(tokens)) + ")",
                 seconds(*wait));
   }
   ++st.in_flight;

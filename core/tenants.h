@@ -53,7 +53,8 @@ class TokenBucket {
  public:
   using Clock = std::chrono::steady_clock;
   TokenBucket() = default;
-  TokenBucket(double per_minute, Clock::time_point now) : rate_(per_minute / 60.0), cap_(per_minute), level_(per_minute), t_(now) {}
+  TokenBucket(double per_minute, Clock::time_point now)
+      : rate_(per_minute / 60.0), cap_(per_minute), level_(per_minute), t_(now) {}
   bool unlimited() const { return cap_ <= 0; }
   // Takes n if there are n; otherwise takes nothing and returns the wait until there would be.
   std::optional<std::chrono::milliseconds> take(double n, Clock::time_point now);
@@ -68,10 +69,10 @@ class TokenBucket {
 
 struct Admission {
   bool ok = false;
-  int status = 200;             // 401, 403, 404, 429, 400
-  std::string reason;           // bounded label: "bad_key", "model", "rpm", "tpm", "concurrency", "max_tokens"
-  std::string message;          // for the client
-  int64_t retry_after_s = 0;    // for 429
+  int status = 200;           // 401, 403, 404, 429, 400
+  std::string reason;         // bounded label: "bad_key", "model", "rpm", "tpm", "concurrency", "max_tokens"
+  std::string message;        // for the client
+  int64_t retry_after_s = 0;  // for 429
   std::string tenant;
   double weight = 1.0;
   Priority priority = Priority::Normal;
@@ -90,6 +91,9 @@ class TenantRegistry {
   void reload(std::vector<TenantSpec> tenants);
   size_t size() const;
 
+  // Who holds `api_key`, charging nothing (reading or deleting what a tenant stored): ok with
+  // the tenant, or the 401 admit() would give. Open mode: tenant "default".
+  Admission identify(const std::string& api_key) const;
   // Checks key, model, max_tokens, concurrency, RPM and TPM, and on success charges them.
   Admission admit(const std::string& api_key, const std::string& model, int64_t prompt_tokens, int64_t max_tokens,
                   Clock::time_point now = Clock::now());

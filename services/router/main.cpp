@@ -27,7 +27,9 @@ int main(int argc, char** argv) {
   int64_t max_running = 64;
   size_t max_waiting = 4096;
   int drain_timeout_s = 30, load_window_s = 60;
-  std::string tenants_file;
+  std::string tenants_file, responses_dir;
+  int64_t responses_ttl_s = 30 * 24 * 3600;
+  int keep_turns = 5;
   auto& cli = rt.cli();
   cli.add_option("--model", model_dir, "checkpoint folder (config.json, tokenizer)")->required();
   cli.add_option("--served-model-name", served_name, "model name in the API (default: the folder's name)");
@@ -46,7 +48,13 @@ int main(int argc, char** argv) {
   cli.add_option("--max-waiting", max_waiting, "queued requests past which new ones get 503")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  cli.add_option("--tenants", tenants_file, "tenants file (JSON: API key hashes and limits); reloaded on SIGHUP; none: open API");
+  cli.add_option("--tenants", tenants_file,
+                 "tenants file (JSON: API key hashes and limits); reloaded on SIGHUP; none: open API");
+  cli.add_option("--responses-dir", responses_dir,
+                 "where the Responses API keeps stored responses across restarts (none: in memory only)");
+  cli.add_option("--responses-ttl-s", responses_ttl_s, "how long a stored response lives")->check(CLI::PositiveNumber);
+  cli.add_option("--keep-turns", keep_turns, "turns of a conversation the model is given (0: all)")
+      ->check(CLI::NonNegativeNumber);
   cli.add_option("--drain-timeout-s", drain_timeout_s, "on SIGTERM, how long requests in flight may finish");
   cli.add_option("--load-window-s", load_window_s, "window of the expert load-imbalance gauge")
       ->check(CLI::PositiveNumber)
@@ -61,8 +69,10 @@ int main(int argc, char** argv) {
     if (served_name.empty()) served_name = (dir.filename().empty() ? dir.parent_path() : dir).filename().string();
 
     ZmqBridge bridge(rt.system());
-    const int control_sock = bridge.add({.name = "control", .type = zmq::socket_type::router, .endpoint = control, .bind = true});
-    const int pub_sock = bridge.add({.name = "placement", .type = zmq::socket_type::pub, .endpoint = placement, .bind = true});
+    const int control_sock =
+        bridge.add({.name = "control", .type = zmq::socket_type::router, .endpoint = control, .bind = true});
+    const int pub_sock =
+        bridge.add({.name = "placement", .type = zmq::socket_type::pub, .endpoint = placement, .bind = true});
     bridge.start();
 
     SchedulerConfig sc;
@@ -92,14 +102,19 @@ int main(int argc, char** argv) {
       caf::scoped_actor self{rt.system()};
       Readiness r{false, "coordinator did not answer"};
       self->request(coordinator, std::chrono::milliseconds(500), ready_atom::value)
-          .receive([&](bool ok) { r = {ok, ok ? "" : "waiting for attention workers and expert hosts"}; },
-                   [&](caf::error&) {});
+          .receive(
+              [&](bool ok) {
+                r = {ok, ok ? "" : "waiting for attention workers and expert hosts"};
+              },
+              [&](caf::error&) {});
       return r;
     });
 
     http::HttpServer api({.address = http_address, .port = uint16_t(port), .threads = http_threads, .name = "api"});
     FrontendConfig fc;
     fc.served_model = served_name;
+    fc.responses = std::make_shared<ConversationStore>(responses_dir, std::chrono::seconds(responses_ttl_s));
+    fc.keep_turns = keep_turns;
     fc.tokenizer = tok;
     fc.max_context = mc.max_position_embeddings;
     fc.vocab_size = mc.vocab_size;
@@ -131,10 +146,12 @@ int main(int argc, char** argv) {
       bool idle = false;
       while (!idle && std::chrono::steady_clock::now() < deadline) {
         self->request(scheduler, std::chrono::seconds(1), sched_stats_atom::value)
-            .receive([&](const std::string& js) {
-              auto j = nlohmann::json::parse(js);
-              idle = j["waiting"] == 0 && j["running"] == 0;
-            }, [&](caf::error&) { idle = true; });
+            .receive(
+                [&](const std::string& js) {
+                  auto j = nlohmann::json::parse(js);
+                  idle = j["waiting"] == 0 && j["running"] == 0;
+                },
+                [&](caf::error&) { idle = true; });
         if (!idle) std::this_thread::sleep_for(std::chrono::milliseconds(100));
       }
       if (!idle) spdlog::warn("router: requests still in flight after {} s; stopping anyway", drain_timeout_s);

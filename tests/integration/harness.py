@@ -553,6 +553,15 @@ def step_bytes_received(port):
     return sum(int(n) for n in re.findall(r"bytes_received:(\d+)", out))
 
 
+def node_packages(args, *packages):
+    """The node_modules folder that scripts/bootstrap fills, checked to hold `packages` (and node)."""
+    node_modules = os.path.join(args.cache_dir, "js", "node_modules")
+    for pkg in packages:
+        check(shutil.which("node") and os.path.isdir(os.path.join(node_modules, pkg)),
+              f"node or the {pkg} package is missing ({node_modules}); run scripts/bootstrap")
+    return node_modules
+
+
 def moemesh_up(args, tmp, model, attention=1, experts=2, timeout=60):
     """`moemesh up` (the README's local cluster) on free ports, once it answers a completion.
     Returns (proc, port); the caller kills the proc."""

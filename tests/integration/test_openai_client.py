@@ -17,9 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test(args, tmp):
-    node_modules = os.path.join(args.cache_dir, "js", "node_modules")
-    H.check(shutil.which("node") and os.path.isdir(os.path.join(node_modules, "openai")),
-            f"node or the openai package is missing ({node_modules}); run scripts/bootstrap")
+    node_modules = H.node_packages(args, "openai")
     cli = H.Cli(args.cli, dict(os.environ, OPENBLAS_NUM_THREADS="1"))
     model = cli.mkmodel("mixtral", os.path.join(tmp, "tiny-mixtral"), seed=2)
     up, port = H.moemesh_up(args, tmp, model)

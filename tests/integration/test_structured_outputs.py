@@ -6,7 +6,6 @@ logit_bias, refusals naming the unsupported field or keyword).
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -17,10 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test(args, tmp):
-    node_modules = os.path.join(args.cache_dir, "js", "node_modules")
-    for pkg in ("openai", "ajv", "ajv-formats", "zod"):
-        H.check(shutil.which("node") and os.path.isdir(os.path.join(node_modules, pkg)),
-                f"node or the {pkg} package is missing ({node_modules}); run scripts/bootstrap")
+    node_modules = H.node_packages(args, "openai", "ajv", "ajv-formats", "zod")
     cli = H.Cli(args.cli, dict(os.environ, OPENBLAS_NUM_THREADS="1"))
     # mixtral: Llama-2's SentencePiece tokenizer (byte fallback), Hermes-style calls in a preamble;
     # deepseek: DeepSeek-V3's byte-level BPE (128K tokens) and its own call format and template.

@@ -31,6 +31,7 @@ moemesh_cluster_test(serving test_serving.py 240)
 moemesh_cluster_test(preemption test_preemption.py 120)
 moemesh_cluster_test(fairness_and_isolation test_fairness.py 180)
 moemesh_cluster_test(openai_client test_openai_client.py 180 --cache-dir ${MOEMESH_CACHE_DIR})
+moemesh_cluster_test(responses test_responses.py 300 --cache-dir ${MOEMESH_CACHE_DIR})
 moemesh_cluster_test(structured_outputs_mixtral test_structured_outputs.py 600 --cache-dir ${MOEMESH_CACHE_DIR}
                      --arch mixtral --requests 200)
 moemesh_cluster_test(structured_outputs_deepseek test_structured_outputs.py 600 --cache-dir ${MOEMESH_CACHE_DIR}
