@@ -233,3 +233,42 @@ TEST(ConstrainedDecoder, RealTokenizerVocabulary) {
 
 }  // namespace
 }  // namespace moemesh
+
+namespace moemesh {
+namespace {
+
+// Templates that know no tools get them in a preamble, calls as text in the model's format, and
+// results as user turns, alternating roles; templates that do are left to render them.
+TEST(ToolCalls, MessagesForTemplatesWithAndWithoutTools) {
+  const json tools = json::parse(R"([{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}])");
+  const json messages = json::parse(R"([
+      {"role":"user","content":"weather?"},
+      {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function",
+        "function":{"name":"f","arguments":"{\"x\":1}"}}]},
+      {"role":"tool","tool_call_id":"call_1","content":"sunny"},
+      {"role":"tool","tool_call_id":"call_2","content":"warm"}])");
+  const std::string plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}";
+  const json out = messages_for_template(messages, tools, plain, ToolCallFormat::Mistral);
+  ASSERT_EQ(out.size(), 3u) << out.dump();
+  EXPECT_EQ(out[0]["role"], "user");
+  EXPECT_NE(out[0]["content"].get<std::string>().find("\"name\":\"f\""), std::string::npos) << out[0];
+  EXPECT_NE(out[0]["content"].get<std::string>().find("weather?"), std::string::npos);
+  EXPECT_EQ(out[1]["content"], "[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {\"x\":1}}]");
+  EXPECT_EQ(out[2]["role"], "user");  // both results, joined into one turn
+  EXPECT_NE(out[2]["content"].get<std::string>().find("sunny"), std::string::npos);
+  EXPECT_NE(out[2]["content"].get<std::string>().find("warm"), std::string::npos);
+  // The calls written in the preamble's format parse back.
+  EXPECT_EQ(parse_tool_calls(ToolCallFormat::Mistral, out[1]["content"]).calls.at(0).name, "f");
+
+  const std::string knows_tools = "{{ tools }}{% for m in messages %}{{ m.tool_calls }}{% endfor %}";
+  EXPECT_EQ(messages_for_template(messages, tools, knows_tools, ToolCallFormat::Mistral), messages);
+  // DeepSeek-V3's template renders calls and results but lists no tools: only the preamble is added.
+  const std::string ds = "{{ message['tool_calls'] }}<｜tool▁calls▁begin｜>";
+  const json with_preamble = messages_for_template(messages, tools, ds, tool_call_format_for(ds));
+  ASSERT_EQ(with_preamble.size(), messages.size());
+  EXPECT_NE(with_preamble[0]["content"].get<std::string>().find("<｜tool▁calls▁begin｜>"), std::string::npos);
+  EXPECT_EQ(with_preamble[1], messages[1]);
+}
+
+}  // namespace
+}  // namespace moemesh
