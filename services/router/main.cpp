@@ -70,6 +70,7 @@ int main(int argc, char** argv) {
     sc.step_token_budget = step_budget;
     sc.max_running_per_worker = max_running;
     sc.max_waiting = max_waiting;
+    sc.sliding_window = mc.sliding_window.value_or(0);
     sc.metrics = rt.metrics_ptr();
     for (int64_t id : mc.eos_token_ids) sc.eos_ids.push_back(int32_t(id));
     caf::actor scheduler = spawn_scheduler(rt.system(), bridge, sc);
@@ -101,7 +102,7 @@ int main(int argc, char** argv) {
     FrontendConfig fc;
     fc.served_model = served_name;
     fc.tokenizer = tok;
-    fc.max_context = mc.max_position_embeddings;
+    fc.max_context = mc.max_context();
     fc.vocab_size = mc.vocab_size;
     if (!tenants_file.empty()) {
       fc.tenants = std::make_shared<TenantRegistry>(load_tenants(tenants_file));
