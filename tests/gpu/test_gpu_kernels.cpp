@@ -655,6 +655,25 @@ TEST_P(GpuAttention, MatchesCpu) {
                "paged_attention heads " + std::to_string(c.n_heads) + "/" + std::to_string(c.n_kv_heads) +
                    " head_dim " + std::to_string(c.head_dim) + " window " + std::to_string(c.window));
 
+  // Split-K (flash-decoding across blocks): the same rows cut into 2, 5 and 64 splits, merged by
+  // log-sum-exp, match the CPU too (64 splits leave most splits of the short rows empty).
+  for (int64_t splits : {int64_t(2), int64_t(5), mc::kMaxKvSplits}) {
+    mc::PagedAttentionConfig sc = cfg;
+    sc.kv_splits = splits;
+    DeviceVec<float> dsplit_out(q.size()), dwork(sc.split_workspace_bytes(rows) / sizeof(float));
+    STATUS_OK(mc::paged_attention(sc, dq.get(), rows, dseq.get(), dpos.get(), dtables.get(), n_seqs, dk.get(), dv.get(),
+                                  dsplit_out.get(), stream_, dwork.get()));
+    sync();
+    expect_close(dsplit_out.download(), ref, 1e-5, "paged_attention kv_splits " + std::to_string(splits));
+  }
+  {
+    mc::PagedAttentionConfig sc = cfg;
+    sc.kv_splits = 3;
+    expect_error(mc::paged_attention(sc, dq.get(), rows, dseq.get(), dpos.get(), dtables.get(), n_seqs, dk.get(),
+                                     dv.get(), dout.get(), stream_),
+                 "workspace");
+  }
+
   // Rows the device cannot trust come back NaN: a sequence index out of range, a position past
   // the block table, a block id outside the cache.
   std::vector<int32_t> bad_tables = tables;
