@@ -307,6 +307,31 @@ TEST_F(Gpu, RopeMatchesCpu) {
   }
 }
 
+// RoPE scaling: given frequencies (here interpolated by 4 on the low half, as yarn does) and an
+// attention factor, at positions up to 128K.
+TEST_F(Gpu, RopeWithGivenFrequenciesMatchesCpu) {
+  const int rows = 17, n_heads = 3, head_dim = 64;
+  mc::RopeFrequencies f;
+  std::vector<double> inv(head_dim / 2);
+  for (int i = 0; i < head_dim / 2; ++i) {
+    inv[size_t(i)] = 1.0 / std::pow(500000.0, 2.0 * i / head_dim) / (i >= head_dim / 4 ? 4.0 : 1.0);
+    f.inv_freq[i] = inv[size_t(i)];
+  }
+  f.attention_factor = 1.1386;
+  auto x = random_floats(rng_, size_t(rows) * n_heads * head_dim);
+  std::vector<int32_t> pos(rows);
+  std::uniform_int_distribution<int32_t> pd(0, 131071);
+  for (auto& p : pos) p = pd(rng_);
+  DeviceVec<float> dx(x);
+  DeviceVec<int32_t> dp(pos);
+  cpu::rope(x.data(), rows, n_heads, head_dim, pos.data(), inv.data(), f.attention_factor);
+  STATUS_OK(mc::rope(dx.get(), rows, n_heads, head_dim, dp.get(), f, stream_));
+  sync();
+  expect_close(dx.download(), x, 1e-5, "rope with given frequencies");
+  f.attention_factor = 0.0;
+  expect_error(mc::rope(dx.get(), rows, n_heads, head_dim, dp.get(), f, stream_), "attention_factor");
+}
+
 TEST_F(Gpu, SiluMulMatchesCpu) {
   const int rows = 33, n = 1409;
   const auto g = random_floats(rng_, size_t(rows) * n, 4.0f);
