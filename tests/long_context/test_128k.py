@@ -51,7 +51,9 @@ def run_case(args, tmp, cli, case):
         # Chunks of 2048 under the window; 1024 without (a chunk attends over up to 128K positions,
         # and a step must end within the router's 30 s step timeout on two busy cores).
         budget = "2048" if window else "1024"
-        c.up(attention=1, experts=1, router_extra=("--step-token-budget", budget),
+        # A long heartbeat timeout: on a machine busy with other clusters a worker computing a 128K
+        # chunk may answer its heartbeats late, and being dropped would restart the whole prefill.
+        c.up(attention=1, experts=1, router_extra=("--step-token-budget", budget, "--heartbeat-timeout-ms", "60000"),
              attention_extra=("--kv-cache-mb", mb, "--kv-dtype", dtype, "--compute-threads", "2",
                               "--micro-batches", "1"), timeout=60)
         t0 = time.monotonic()
