@@ -48,12 +48,13 @@ def run_case(args, tmp, cli, case):
     # window needs a few blocks, so the windowed cases get 8 MiB.
     mb = "8" if window else ("72" if dtype == "f32" else "24")
     with H.Cluster(args, tmp, model, tag=case) as c:
-        # Chunks of 2048 under the window; 1024 without (a chunk attends over up to 128K positions,
-        # and a step must end within the router's 30 s step timeout on two busy cores).
-        budget = "2048" if window else "1024"
+        # Chunks of 2048 under the window; 512 without (a chunk attends over up to 128K positions:
+        # short steps, and a 5-minute step timeout, for two cores shared with other work).
+        budget = "2048" if window else "512"
         # A long heartbeat timeout: on a machine busy with other clusters a worker computing a 128K
         # chunk may answer its heartbeats late, and being dropped would restart the whole prefill.
-        c.up(attention=1, experts=1, router_extra=("--step-token-budget", budget, "--heartbeat-timeout-ms", "60000"),
+        c.up(attention=1, experts=1, router_extra=("--step-token-budget", budget, "--heartbeat-timeout-ms", "60000",
+                                                       "--step-timeout-ms", "300000"),
              attention_extra=("--kv-cache-mb", mb, "--kv-dtype", dtype, "--compute-threads", "2",
                               "--micro-batches", "1"), timeout=60)
         t0 = time.monotonic()
