@@ -14,6 +14,7 @@ Cases: --case window_f32 | window_int8 | full_f32 | full_int8 (default: all four
 import json
 import os
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
@@ -56,27 +57,46 @@ def run_case(args, tmp, cli, case):
         c.up(attention=1, experts=1, router_extra=("--step-token-budget", budget, "--heartbeat-timeout-ms", "60000",
                                                        "--step-timeout-ms", "300000"),
              attention_extra=("--kv-cache-mb", mb, "--kv-dtype", dtype, "--compute-threads", "2",
-                              "--micro-batches", "1"), timeout=60)
+                              "--micro-batches", "1", "--dispatch-timeout-ms", "120000"), timeout=60)
+        # The worker's used KV blocks, sampled while the request runs: their peak.
+        peak, done = [0.0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                try:
+                    peak[0] = max(peak[0], kv_blocks_used(c.attention[0]))
+                except (OSError, H.TestFailure):
+                    pass
+                done.wait(0.5)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         t0 = time.monotonic()
-        st, ans = c.complete({"prompt": prompt, "max_tokens": 2, "temperature": 0}, timeout=1800)
+        try:
+            st, ans = c.complete({"prompt": prompt, "max_tokens": 2, "temperature": 0}, timeout=3000)
+        finally:
+            done.set()
+            sampler.join()
         secs = time.monotonic() - t0
         H.check(st == 200, f"{case}: HTTP {st}: {str(ans)[:500]}")
         usage = ans.get("usage", {})
         H.check(usage.get("prompt_tokens") == PROMPT and usage.get("completion_tokens") == 2,
                 f"{case}: usage {usage}")
-        used = kv_blocks_used(c.attention[0])
-        # The last step (a decode) held the window's blocks, or the whole context.
+        used = peak[0]
+        # Under the window a step holds the window's blocks plus its chunk's; without one the cache
+        # ends up holding the whole context.
         blocks = (PROMPT + 2 + 15) // 16
         if window:
-            H.check(used <= (WINDOW + 15) // 16 + 2, f"{case}: {used} KV blocks used under a {WINDOW}-token window")
+            bound = (WINDOW + int(budget) + 15) // 16 + 2
+            H.check(0 < used <= bound, f"{case}: peak of {used} KV blocks used under a {WINDOW}-token window (> {bound})")
         else:
-            H.check(used >= blocks - 1, f"{case}: {used} KV blocks used for a {PROMPT + 2}-token context")
+            H.check(used >= blocks - 64, f"{case}: peak of {used} KV blocks used for a {PROMPT + 2}-token context")
         # Too long by one: the error names the model's limit.
         st, err = c.complete({"prompt": prompt + [5], "max_tokens": 2, "temperature": 0})
         H.check(st == 400 and str(CTX) in err.get("error", {}).get("message", ""),
                 f"{case}: {PROMPT + 1} + 2 tokens: HTTP {st} {err}")
         c.check_all_alive()
-    H.log(f"{case}: {PROMPT} prompt tokens + 2 in {secs:.1f} s, KV blocks used at the end {used}")
+    H.log(f"{case}: {PROMPT} prompt tokens + 2 in {secs:.1f} s, peak KV blocks used {used:.0f}")
     return ans["choices"][0]
 
 
