@@ -158,6 +158,7 @@ void LocalCluster::start() {
                                "--router", control, "--placement", placement, "--threads", "1", "--device", device(i),
                                "--compute-threads", std::to_string(attention_threads)};
     a.insert(a.end(), kv_endpoint.begin(), kv_endpoint.end());
+    a.insert(a.end(), opts_.attention_args.begin(), opts_.attention_args.end());
     spawn(fmt::format("attention-{}", i), binary("attention"), a, pick_free_port());
   }
 

@@ -33,6 +33,7 @@ struct LocalClusterOptions {
   std::string device = "cpu";
   int gpus = 1;
   std::vector<std::string> router_args;  // extra flags passed through
+  std::vector<std::string> attention_args;  // extra flags for every attention worker (--kv-cache-mb, --kv-dtype)
 };
 
 class LocalCluster {

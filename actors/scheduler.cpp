@@ -112,8 +112,6 @@ struct Seq {
   }
 };
 
-int64_t blocks_for(int64_t tokens) { return (tokens + kBlockTokens - 1) / kBlockTokens; }
-
 // The prompt-prefix blocks a worker was sent recently (bounded, oldest forgotten first): a new
 // request goes preferably where its prefix is, as that worker's memory tier likely still holds it.
 class RecentPrefixes {
@@ -168,9 +166,15 @@ struct SchedulerState {
   std::unique_ptr<SchedulerMetrics> metrics;  // null without a registry
   static inline const char* name = "scheduler";
 
+  // KV blocks a sequence holds during its next step, as the worker's cache counts them
+  // (kv_blocks_held: bounded by the sliding window; a prefill chunk adds up to the step budget).
+  int64_t seq_blocks(const Seq& s) const {
+    const int64_t tokens = s.kv_tokens_next_step();
+    return kv_blocks_held(tokens, s.prefilling() ? cfg.step_token_budget + 1 : 1, cfg.sliding_window);
+  }
   int64_t blocks_next_step(const Worker& w) const {
     int64_t n = 0;
-    for (uint64_t id : w.running) n += blocks_for(seqs.at(id).kv_tokens_next_step());
+    for (uint64_t id : w.running) n += seq_blocks(seqs.at(id));
     return n;
   }
 };
@@ -255,7 +259,7 @@ void place_waiting(Self* self) {
     for (auto& [name, w] : st.workers) {
       if (!usable(w) || int64_t(w.running.size()) >= st.cfg.max_running_per_worker) continue;
       const int64_t free = w.kv_blocks > 0 ? w.kv_blocks - st.blocks_next_step(w) : INT64_MAX / 2;
-      if (free < blocks_for(s.kv_tokens_next_step())) continue;
+      if (free < st.seq_blocks(s)) continue;
       const auto score =
           std::make_tuple(name != s.failed_on, w.prefixes.matching(s.prefix), free, -int64_t(w.running.size()));
       if (!best || score > best_score) {
@@ -513,7 +517,10 @@ caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
           return refuse(503, "the server is overloaded (" + std::to_string(st.waiting.size()) +
                                  " requests queued); retry later");
         const int64_t need = int64_t(req->prompt.size()) + req->max_tokens;
-        if (most_tokens > 0 && need > most_tokens)
+        // Under a sliding window a sequence holds O(window) blocks whatever its length.
+        const bool fits =
+            kv_blocks_held(need, st.cfg.step_token_budget + 1, st.cfg.sliding_window) * kBlockTokens <= most_tokens;
+        if (most_tokens > 0 && !fits)
           return refuse(400, "the prompt (" + std::to_string(req->prompt.size()) + " tokens) plus max_tokens (" +
                                  std::to_string(req->max_tokens) + ") need " + std::to_string(need) +
                                  " tokens of KV cache; the largest attention worker holds " +

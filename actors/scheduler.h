@@ -93,6 +93,9 @@ struct SchedulerConfig {
   std::chrono::milliseconds step_timeout{30000};
   std::vector<int32_t> eos_ids;
   int max_attempts = 3;  // a request re-queued more often than this fails
+  // The model's sliding window (0: none): a sequence under one holds only the KV blocks its window
+  // still sees (core/kv_cache.h), so its block count stops growing with its context.
+  int64_t sliding_window = 0;
   // Where the moemesh_router_* scheduler metrics go (docs/metrics.md); none without it.
   std::shared_ptr<prometheus::Registry> metrics;
 };

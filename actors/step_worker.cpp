@@ -96,6 +96,9 @@ void StepWorker::publish_blocks(const Seq& s) {
   const int64_t full = std::min<int64_t>(kv.length(s.id), int64_t(s.tokens.size())) / kBlockTokens;
   const int64_t first = s.restored / kBlockTokens;  // those came from the store
   if (full <= first) return;
+  // Under a sliding window the leading blocks may be released already: the store's chain of keys
+  // would have a gap, so such a sequence offers nothing.
+  if (kv.first_held_block(s.id) > first) return;
   try {
     auto keys = prefix_block_keys(s.key_ns, std::span(s.tokens).first(size_t(full * kBlockTokens)));
     std::vector<std::vector<float>> blocks;

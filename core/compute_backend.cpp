@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/moe.h"
+#include "core/rope.h"
 #include "core/weight_jobs.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/gemm.h"
@@ -103,11 +104,21 @@ class CpuBackend final : public ComputeBackend {
     const cpu::MatmulJob qkv[] = {projection_job(h.data(), rows, lw.q, q.data()), projection_job(h.data(), rows, lw.k, k.data()),
                                   projection_job(h.data(), rows, lw.v, v.data())};
     cpu::matmul(qkv);
-    cpu::rope(q.data(), rows, cfg.num_attention_heads, hd, layout.positions.data(), cfg.rope_theta);
-    cpu::rope(k.data(), rows, cfg.num_key_value_heads, hd, layout.positions.data(), cfg.rope_theta);
+    // One frequency table for the batch, or (dynamic scaling) one per sequence.
+    auto rotate = [&](int64_t row0, int64_t n, int64_t seq_len) {
+      const RopeTable t = rope_table(cfg, seq_len);
+      const int32_t* pos = layout.positions.data() + row0;
+      cpu::rope(q.data() + row0 * q_dim, n, cfg.num_attention_heads, hd, pos, t.inv_freq.data(), t.attention_factor);
+      cpu::rope(k.data() + row0 * kv_dim, n, cfg.num_key_value_heads, hd, pos, t.inv_freq.data(), t.attention_factor);
+    };
+    if (rope_depends_on_length(cfg)) {
+      for (const auto& sp : layout.spans) rotate(sp.row0, sp.n, sp.pos0 + sp.n);
+    } else {
+      rotate(0, rows, 0);
+    }
 
     const cpu::AttentionShape shape{cfg.num_attention_heads, cfg.num_key_value_heads, hd,
-                                    cfg.sliding_window.value_or(0)};
+                                    cfg.sliding_window.value_or(0), attention_score_scale(cfg)};
     KvViewScratch scratch;
     for (const auto& sp : layout.spans) {
       for (int64_t i = 0; i < sp.n; ++i) {

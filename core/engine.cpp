@@ -51,8 +51,9 @@ Engine::Engine(ModelConfig cfg, ModelWeights weights, EngineOptions opts, std::s
       experts_(std::move(experts)) {
   validate();
   if (!experts_) experts_ = std::make_shared<LocalExpertExecutor>(weights_, backend_);
-  kv_ = backend_->make_kv_cache(cfg_.num_hidden_layers, cfg_.num_key_value_heads * cfg_.head_dim, opts.kv_blocks,
-                                KvCacheFormat{opts.kv_dtype, cfg_.num_key_value_heads});
+  kv_ =
+      backend_->make_kv_cache(cfg_.num_hidden_layers, cfg_.num_key_value_heads * cfg_.head_dim, opts.kv_blocks,
+                              KvCacheFormat{opts.kv_dtype, cfg_.num_key_value_heads, cfg_.sliding_window.value_or(0)});
 }
 
 void Engine::validate() {

@@ -16,6 +16,14 @@ KvDType parse_kv_dtype(std::string_view s) {
 
 std::string_view kv_dtype_name(KvDType t) { return t == KvDType::Int8 ? "int8" : "f32"; }
 
+int64_t kv_blocks_held(int64_t tokens, int64_t new_tokens, int64_t sliding_window) {
+  if (tokens <= 0) return 0;
+  const int64_t all = (tokens + KvCache::kBlockSize - 1) / KvCache::kBlockSize;
+  if (sliding_window <= 0) return all;
+  const int64_t first_pos = std::max<int64_t>(0, tokens - std::max<int64_t>(new_tokens, 1) - sliding_window + 1);
+  return all - first_pos / KvCache::kBlockSize;
+}
+
 KvCache::KvCache(int64_t n_layers, int64_t kv_dim, int64_t num_blocks, KvCacheFormat format)
     : KvCache(n_layers, kv_dim, num_blocks, format, true) {}
 
@@ -24,6 +32,8 @@ KvCache::KvCache(int64_t n_layers, int64_t kv_dim, int64_t num_blocks, KvCacheFo
   if (n_layers <= 0 || kv_dim <= 0 || num_blocks <= 0)
     throw Error("kv cache: layers, kv_dim and blocks must be positive (got " + std::to_string(n_layers) + ", " +
                 std::to_string(kv_dim) + ", " + std::to_string(num_blocks) + ")");
+  if (format.sliding_window < 0)
+    throw Error("kv cache: sliding window must be >= 0 (0: none), got " + std::to_string(format.sliding_window));
   if (format.kv_heads <= 0 || kv_dim % format.kv_heads != 0)
     throw Error("kv cache: kv_dim " + std::to_string(kv_dim) + " is not a multiple of kv_heads " +
                 std::to_string(format.kv_heads));
@@ -58,7 +68,8 @@ KvCache::Sequence& KvCache::seq(SeqId id) {
 
 void KvCache::free_sequence(SeqId id) {
   Sequence& s = seq(id);
-  for (auto it = s.blocks.rbegin(); it != s.blocks.rend(); ++it) free_.push_back(*it);
+  for (auto it = s.blocks.rbegin(); it != s.blocks.rend(); ++it)
+    if (*it >= 0) free_.push_back(*it);
   seqs_.erase(id);
 }
 
@@ -91,7 +102,24 @@ void KvCache::set_length(SeqId id, int64_t new_len) {
     throw Error("kv cache: length " + std::to_string(new_len) + " exceeds reserved room of sequence " +
                 std::to_string(id));
   s.length = new_len;
+  // The next query sits at new_len and sees positions from new_len - window + 1 on.
+  if (format_.sliding_window > 0) {
+    const int64_t first_seen = std::max<int64_t>(0, new_len - format_.sliding_window + 1);
+    const int64_t keep_from = std::min<int64_t>(first_seen / kBlockSize, int64_t(s.blocks.size()));
+    for (int64_t b = s.released; b < keep_from; ++b) {
+      free_.push_back(s.blocks[size_t(b)]);
+      s.blocks[size_t(b)] = -1;
+    }
+    s.released = std::max(s.released, keep_from);
+  }
 }
+
+int64_t KvCache::held_blocks(SeqId id) const {
+  const Sequence& s = seq(id);
+  return int64_t(s.blocks.size()) - s.released;
+}
+
+int64_t KvCache::first_held_block(SeqId id) const { return seq(id).released; }
 
 int64_t KvCache::bytes_per_block() const {
   const int64_t rows = n_layers_ * 2 * kBlockSize;
@@ -110,8 +138,11 @@ float* KvCache::block_ptr(int64_t layer, int32_t block, bool value) const {
 int32_t KvCache::block_of(SeqId id, int64_t index) const {
   const Sequence& s = seq(id);
   if (index < 0 || size_t(index) >= s.blocks.size())
-    throw Error("kv cache: block " + std::to_string(index) + " of sequence " + std::to_string(id) + " is not reserved (" +
-                std::to_string(s.blocks.size()) + " are)");
+    throw Error("kv cache: block " + std::to_string(index) + " of sequence " + std::to_string(id) +
+                " is not reserved (" + std::to_string(s.blocks.size()) + " are)");
+  if (s.blocks[size_t(index)] < 0)
+    throw Error("kv cache: block " + std::to_string(index) + " of sequence " + std::to_string(id) +
+                " was released (outside the sliding window of " + std::to_string(format_.sliding_window) + ")");
   return s.blocks[size_t(index)];
 }
 
@@ -192,8 +223,9 @@ cpu::PagedKV KvCache::view(int64_t layer, SeqId id, KvViewScratch& sc) const {
     sc.k.resize(n);
     sc.v.resize(n);
     for (size_t i = 0; i < n; ++i) {
-      sc.k[i] = block_ptr(layer, s.blocks[i], false);
-      sc.v[i] = block_ptr(layer, s.blocks[i], true);
+      const bool held = s.blocks[i] >= 0;  // released blocks: null (the window never reads them)
+      sc.k[i] = held ? block_ptr(layer, s.blocks[i], false) : nullptr;
+      sc.v[i] = held ? block_ptr(layer, s.blocks[i], true) : nullptr;
     }
     out.k_blocks = sc.k.data();
     out.v_blocks = sc.v.data();
@@ -205,6 +237,11 @@ cpu::PagedKV KvCache::view(int64_t layer, SeqId id, KvViewScratch& sc) const {
   sc.v_scale.resize(n);
   const size_t slab_values = size_t(kBlockSize * kv_dim_), slab_scales = size_t(kBlockSize * format_.kv_heads);
   for (size_t i = 0; i < n; ++i) {
+    if (s.blocks[i] < 0) {
+      sc.k_q[i] = sc.v_q[i] = nullptr;
+      sc.k_scale[i] = sc.v_scale[i] = nullptr;
+      continue;
+    }
     const size_t ks = slab(layer, s.blocks[i], false), vs = slab(layer, s.blocks[i], true);
     sc.k_q[i] = qpool_.data() + ks * slab_values;
     sc.v_q[i] = qpool_.data() + vs * slab_values;

@@ -7,6 +7,13 @@
 // (read_block dequantises, write_block quantises), so the KV store's wire format does not
 // depend on a worker's storage.
 //
+// Sliding window (KvCacheFormat::sliding_window > 0): a query at position p sees keys
+// (p - window, p], so once a sequence holds L tokens, its next query (at L) can no longer see a
+// block whose positions all lie below L - window + 1. set_length releases such blocks to the
+// pool at once: a sequence holds the blocks its window still sees plus the one being written,
+// O(window) memory however long the context grows. A released block's entry in the block table
+// stays (as -1), so block index = position / kBlockSize throughout.
+//
 // A backend may keep the storage elsewhere (the CUDA backend's device pool): it derives from
 // KvCache with host_storage = false, keeps this class's bookkeeping (block tables, lengths) and
 // overrides read_block/write_block.
@@ -29,8 +36,15 @@ std::string_view kv_dtype_name(KvDType t);
 
 struct KvCacheFormat {
   KvDType dtype = KvDType::F32;
-  int64_t kv_heads = 1;  // INT8 scales are per kv head: kv_dim must be a multiple of it
+  int64_t kv_heads = 1;        // INT8 scales are per kv head: kv_dim must be a multiple of it
+  int64_t sliding_window = 0;  // > 0: blocks no later query can see are released (see above)
 };
+
+// Blocks a sequence holds during a step that takes it from tokens - new_tokens to `tokens`
+// positions (its next step's need, as the router's scheduler counts it): every block up to
+// `tokens` without a window; under one, only those from the first position the step's earliest
+// query sees (the blocks before it were released at the end of the previous step).
+int64_t kv_blocks_held(int64_t tokens, int64_t new_tokens, int64_t sliding_window);
 
 // Pointer tables for one (layer, sequence) attention view; reused across calls.
 struct KvViewScratch {
@@ -58,10 +72,15 @@ class KvCache {
   int64_t blocks_needed(SeqId seq, int64_t new_len) const;
   // Ensures room for new_len tokens; throws moemesh::Error when the pool runs out (taking nothing).
   void reserve(SeqId seq, int64_t new_len);
-  // Marks positions [length, new_len) as written (after every layer stored them).
+  // Marks positions [length, new_len) as written (after every layer stored them). Under a
+  // sliding window, then releases the blocks no later query can see.
   void set_length(SeqId seq, int64_t new_len);
-  // The sequence's block ids in order (valid until the next reserve/free).
+  // The sequence's block ids in order, -1 for a block released under the sliding window (valid
+  // until the next reserve/free/set_length).
   const std::vector<int32_t>& block_table(SeqId seq) const;
+  // Blocks the sequence holds now (reserved, not released), and the index of its first held one.
+  int64_t held_blocks(SeqId seq) const;
+  int64_t first_held_block(SeqId seq) const;
 
   // Stores one token's K and V (kv_dim floats each) at (layer, seq, pos): copied, or quantised.
   // The position must be reserved. Host storage only.
@@ -97,12 +116,13 @@ class KvCache {
   size_t slab(int64_t layer, int32_t block, bool value) const {
     return (size_t(layer) * size_t(num_blocks_) + size_t(block)) * 2 + (value ? 1 : 0);
   }
-  int32_t block_of(SeqId seq, int64_t index) const;  // checked: the block must be reserved
+  int32_t block_of(SeqId seq, int64_t index) const;  // checked: the block must be reserved and held
 
  private:
   struct Sequence {
     int64_t length = 0;
-    std::vector<int32_t> blocks;
+    std::vector<int32_t> blocks;  // by index; -1 once released
+    int64_t released = 0;         // leading blocks released under the sliding window
   };
   const Sequence& seq(SeqId id) const;
   Sequence& seq(SeqId id);

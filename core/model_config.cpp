@@ -1,5 +1,6 @@
 #include "core/model_config.h"
 
+#include <cmath>
 #include <fstream>
 #include <sstream>
 
@@ -16,10 +17,12 @@ namespace {
 // Field readers: every error names the file and the field, so a user can fix config.json by hand.
 class Fields {
  public:
-  Fields(const json& j, const std::string& origin) : j_(j), origin_(origin) {}
+  // prefix names a nested object's fields ("rope_scaling." + key).
+  Fields(const json& j, const std::string& origin, std::string prefix = {})
+      : j_(j), origin_(origin), prefix_(std::move(prefix)) {}
 
   [[noreturn]] void fail(const std::string& field, const std::string& what) const {
-    throw Error(origin_ + ": field \"" + field + "\" " + what);
+    throw Error(origin_ + ": field \"" + prefix_ + field + "\" " + what);
   }
 
   bool present(const std::string& k) const { return j_.contains(k) && !j_.at(k).is_null(); }
@@ -79,9 +82,93 @@ class Fields {
 
   const json& j_;
   const std::string& origin_;
+  std::string prefix_;
 };
 
+// rope_scaling as transformers reads it ("rope_type", or the older "type"); anything the engine
+// would not compute as transformers does is refused, naming the field.
+RopeScaling parse_rope_scaling(const json& j, const std::string& origin, const ModelConfig& c) {
+  if (!j.is_object()) Fields(json::object(), origin).fail("rope_scaling", "must be an object or null, got " + j.dump());
+  Fields f(j, origin, "rope_scaling.");
+  RopeScaling r;
+  std::string type = f.str_or("rope_type", "");
+  if (type.empty()) type = f.str_or("type", "");
+  if (type.empty()) f.fail("rope_type", "is missing (expected linear, dynamic, yarn or llama3)");
+  if (type == "default") return r;
+  if (type == "linear") {
+    r.type = RopeScaling::Type::Linear;
+  } else if (type == "dynamic") {
+    r.type = RopeScaling::Type::Dynamic;
+  } else if (type == "yarn") {
+    r.type = RopeScaling::Type::Yarn;
+  } else if (type == "llama3") {
+    r.type = RopeScaling::Type::Llama3;
+  } else {
+    f.fail("rope_type", "is \"" + type + "\"; supported: linear, dynamic, yarn, llama3 (and default)");
+  }
+  if (!f.present("factor")) f.fail("factor", "is missing (rope type " + type + ")");
+  r.factor = f.num_or("factor", 1.0);
+  if (!(r.factor >= 1.0) || !std::isfinite(r.factor))
+    f.fail("factor", "must be a finite number >= 1, got " + j.at("factor").dump());
+  r.original_max_position_embeddings = f.int_or("original_max_position_embeddings", 0);
+  if (r.type == RopeScaling::Type::Yarn) {
+    r.beta_fast = f.num_or("beta_fast", r.beta_fast);
+    r.beta_slow = f.num_or("beta_slow", r.beta_slow);
+    r.mscale = f.num_or("mscale", r.mscale);
+    r.mscale_all_dim = f.num_or("mscale_all_dim", r.mscale_all_dim);
+    r.truncate = f.bool_or("truncate", r.truncate);
+    if (f.present("attention_factor")) {
+      r.attention_factor = f.num_or("attention_factor", 1.0);
+      if (!(*r.attention_factor > 0)) f.fail("attention_factor", "must be positive");
+    }
+    if (!(r.beta_fast > 0) || !(r.beta_slow > 0) || r.beta_fast < r.beta_slow)
+      f.fail("beta_fast", "and beta_slow must be positive with beta_fast >= beta_slow");
+    if (r.original_max_position_embeddings == 0) r.original_max_position_embeddings = c.max_position_embeddings;
+  }
+  if (r.type == RopeScaling::Type::Llama3) {
+    if (!f.present("original_max_position_embeddings"))
+      f.fail("original_max_position_embeddings", "is missing (rope type llama3)");
+    if (!f.present("low_freq_factor")) f.fail("low_freq_factor", "is missing (rope type llama3)");
+    if (!f.present("high_freq_factor")) f.fail("high_freq_factor", "is missing (rope type llama3)");
+    r.low_freq_factor = f.num_or("low_freq_factor", 1.0);
+    r.high_freq_factor = f.num_or("high_freq_factor", 4.0);
+    if (!(r.low_freq_factor > 0) || !(r.high_freq_factor > r.low_freq_factor))
+      f.fail("high_freq_factor", "must exceed low_freq_factor, both positive");
+  }
+  if (f.present("original_max_position_embeddings") && r.original_max_position_embeddings <= 0)
+    f.fail("original_max_position_embeddings", "must be positive");
+  return r;
+}
+
 }  // namespace
+
+const char* rope_scaling_name(RopeScaling::Type t) {
+  switch (t) {
+    case RopeScaling::Type::Linear:
+      return "linear";
+    case RopeScaling::Type::Dynamic:
+      return "dynamic";
+    case RopeScaling::Type::Yarn:
+      return "yarn";
+    case RopeScaling::Type::Llama3:
+      return "llama3";
+    default:
+      return "none";
+  }
+}
+
+int64_t ModelConfig::max_context() const {
+  const RopeScaling& r = rope_scaling;
+  switch (r.type) {
+    case RopeScaling::Type::Linear:
+    case RopeScaling::Type::Dynamic:
+      return int64_t(double(max_position_embeddings) * r.factor);
+    case RopeScaling::Type::Yarn:
+      return int64_t(double(r.original_max_position_embeddings) * r.factor);
+    default:
+      return max_position_embeddings;
+  }
+}
 
 bool ModelConfig::is_moe_layer(int64_t layer) const {
   if (arch == Arch::Mixtral) return num_experts > 0;
@@ -121,7 +208,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& origin) {
   // Things the engine does not implement: refuse rather than compute something else.
   if (std::string act = f.str_or("hidden_act", "silu"); act != "silu")
     f.fail("hidden_act", "is \"" + act + "\"; only \"silu\" is supported");
-  if (f.present("rope_scaling")) f.fail("rope_scaling", "is set; RoPE scaling is not supported");
+  if (f.present("rope_scaling")) c.rope_scaling = parse_rope_scaling(j.at("rope_scaling"), origin, c);
   if (f.bool_or("attention_bias", false)) f.fail("attention_bias", "is true; biased attention is not supported");
 
   if (c.arch == Arch::Mixtral) {
@@ -232,6 +319,25 @@ json ModelConfig::to_json() const {
   j["num_key_value_heads"] = num_key_value_heads;
   j["rms_norm_eps"] = rms_norm_eps;
   j["rope_theta"] = rope_theta;
+  if (rope_scaling.type != RopeScaling::Type::None) {
+    const RopeScaling& r = rope_scaling;
+    json rs{{"rope_type", rope_scaling_name(r.type)}, {"factor", r.factor}};
+    if (r.original_max_position_embeddings > 0)
+      rs["original_max_position_embeddings"] = r.original_max_position_embeddings;
+    if (r.type == RopeScaling::Type::Yarn) {
+      rs["beta_fast"] = r.beta_fast;
+      rs["beta_slow"] = r.beta_slow;
+      rs["mscale"] = r.mscale;
+      rs["mscale_all_dim"] = r.mscale_all_dim;
+      if (r.attention_factor) rs["attention_factor"] = *r.attention_factor;
+      if (!r.truncate) rs["truncate"] = false;
+    }
+    if (r.type == RopeScaling::Type::Llama3) {
+      rs["low_freq_factor"] = r.low_freq_factor;
+      rs["high_freq_factor"] = r.high_freq_factor;
+    }
+    j["rope_scaling"] = rs;
+  }
   j["tie_word_embeddings"] = tie_word_embeddings;
   j["torch_dtype"] = torch_dtype.empty() ? "bfloat16" : torch_dtype;
   j["transformers_version"] = "4.46.3";
@@ -263,7 +369,7 @@ json ModelConfig::to_json() const {
     j["n_shared_experts"] = n_shared_experts > 0 ? json(n_shared_experts) : json(nullptr);
     j["norm_topk_prob"] = norm_topk_prob;
     j["pretraining_tp"] = 1;
-    j["rope_scaling"] = nullptr;
+    if (rope_scaling.type == RopeScaling::Type::None) j["rope_scaling"] = nullptr;
     if (routed_scaling_factor != 1.0) j["routed_scaling_factor"] = routed_scaling_factor;
     j["scoring_func"] = "softmax";
     j["seq_aux"] = true;

@@ -13,6 +13,22 @@ namespace moemesh {
 
 enum class Arch { Mixtral, DeepSeek };
 
+// config.json's "rope_scaling" (core/rope.h computes the frequencies from it).
+struct RopeScaling {
+  enum class Type { None, Linear, Dynamic, Yarn, Llama3 };
+  Type type = Type::None;
+  double factor = 1.0;
+  // yarn, llama3: the pretrained context (yarn without it: max_position_embeddings)
+  int64_t original_max_position_embeddings = 0;
+  double beta_fast = 32.0, beta_slow = 1.0;              // yarn
+  double mscale = 1.0, mscale_all_dim = 0.0;             // yarn (DeepSeek)
+  std::optional<double> attention_factor;                // yarn: overrides the mscale ratio
+  bool truncate = true;                                  // yarn: round the ramp's ends to whole dimensions
+  double low_freq_factor = 1.0, high_freq_factor = 4.0;  // llama3
+};
+// "linear", "dynamic", "yarn", "llama3" (or "none").
+const char* rope_scaling_name(RopeScaling::Type t);
+
 struct ModelConfig {
   Arch arch = Arch::Mixtral;
   std::string model_type;  // as written in config.json
@@ -26,6 +42,7 @@ struct ModelConfig {
   int64_t head_dim = 0;  // hidden_size / num_attention_heads unless given
   double rms_norm_eps = 1e-5;
   double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
   int64_t max_position_embeddings = 4096;
   std::optional<int64_t> sliding_window;  // a position attends to the previous sliding_window positions (itself included)
   int64_t num_experts = 0;                // num_local_experts | n_routed_experts
@@ -44,6 +61,9 @@ struct ModelConfig {
   double gating_temperature = 1.0;
 
   bool is_moe_layer(int64_t layer) const;
+  // The longest context the model serves, as vLLM derives it: max_position_embeddings, times the
+  // rope_scaling factor for linear and dynamic; original_max_position_embeddings x factor for yarn.
+  int64_t max_context() const;
   // Width of the shared-expert MLP (DeepSeek: n_shared_experts * moe_intermediate_size).
   int64_t shared_intermediate_size() const { return n_shared_experts * moe_intermediate_size; }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/rope.h"
 #include "kernels/cpu/kv_int8.h"
 #include "kernels/cpu/quant_matrix.h"
 #include "kernels/cuda/api.cuh"
@@ -158,6 +159,7 @@ enum Slot {
   kGemmWork,
   kPointers,
   kLogits,
+  kSplitWork,
   kSlotCount
 };
 
@@ -184,6 +186,7 @@ class CudaBackend final : public ComputeBackend {
     cudaDeviceProp prop{};
     MOEMESH_CUDA_BACKEND_CHECK(cudaGetDeviceProperties(&prop, index));
     name_ = "cuda:" + std::to_string(index) + " (" + prop.name + ")";
+    sm_count_ = prop.multiProcessorCount;
     // nvidia-smi's form: GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx.
     char uuid[64];
     const auto* b = reinterpret_cast<const unsigned char*>(prop.uuid.bytes);
@@ -275,8 +278,24 @@ class CudaBackend final : public ComputeBackend {
     gemm(L, d_h, rows, lw.q, d_q);
     gemm(L, d_h, rows, lw.k, d_k);
     gemm(L, d_h, rows, lw.v, d_v);
-    check(cuda::rope(d_q, rows, cfg.num_attention_heads, hd, d_pos, cfg.rope_theta, L.stream));
-    check(cuda::rope(d_k, rows, cfg.num_key_value_heads, hd, d_pos, cfg.rope_theta, L.stream));
+    // RoPE with the model's (scaled) frequencies: one table for the batch, or one per sequence
+    // under dynamic scaling (its length picks the base).
+    auto rotate = [&](int64_t row0, int64_t n, int64_t seq_len) {
+      const RopeTable t = rope_table(cfg, seq_len);
+      if (int64_t(t.inv_freq.size()) > cuda::kMaxRopePairs)
+        throw Error("cuda backend: head_dim " + std::to_string(hd) + " exceeds the RoPE kernel's " +
+                    std::to_string(2 * cuda::kMaxRopePairs));
+      cuda::RopeFrequencies f;
+      std::copy(t.inv_freq.begin(), t.inv_freq.end(), f.inv_freq);
+      f.attention_factor = t.attention_factor;
+      check(cuda::rope(d_q + row0 * q_dim, n, cfg.num_attention_heads, hd, d_pos + row0, f, L.stream));
+      check(cuda::rope(d_k + row0 * kv_dim, n, cfg.num_key_value_heads, hd, d_pos + row0, f, L.stream));
+    };
+    if (rope_depends_on_length(cfg)) {
+      for (const auto& sp : layout.spans) rotate(sp.row0, sp.n, sp.pos0 + sp.n);
+    } else {
+      rotate(0, rows, 0);
+    }
 
     cuda::PagedAttentionConfig ac;
     ac.n_heads = cfg.num_attention_heads;
@@ -284,19 +303,27 @@ class CudaBackend final : public ComputeBackend {
     ac.head_dim = hd;
     ac.num_blocks = kv.num_blocks();
     ac.max_blocks_per_seq = max_blocks;
-    ac.scale = float(1.0 / std::sqrt(double(hd)));
+    ac.scale = float(attention_score_scale(cfg));
     ac.sliding_window = cfg.sliding_window.value_or(0);
     const int64_t n_seqs = int64_t(layout.spans.size());
+    // Split-K when few rows attend over long contexts (decode): the most tokens a row sees.
+    int64_t longest = 1;
+    for (const auto& sp : layout.spans) longest = std::max(longest, sp.pos0 + sp.n);
+    if (ac.sliding_window > 0) longest = std::min(longest, ac.sliding_window);
+    ac.kv_splits = cuda::kv_splits_for(rows, ac.n_heads, longest, sm_count_);
+    float* d_split =
+        ac.kv_splits > 1 ? scratch<float>(L, kSplitWork, ac.split_workspace_bytes(rows) / sizeof(float)) : nullptr;
     if (kv.dtype() == KvDType::F32) {
       auto* k_cache = reinterpret_cast<float*>(dkv->values(layer, false));
       auto* v_cache = reinterpret_cast<float*>(dkv->values(layer, true));
       check(cuda::paged_kv_write(ac, d_k, d_v, rows, d_slots, k_cache, v_cache, L.stream));
-      check(
-          cuda::paged_attention(ac, d_q, rows, d_row_seq, d_pos, d_tables, n_seqs, k_cache, v_cache, d_attn, L.stream));
+      check(cuda::paged_attention(ac, d_q, rows, d_row_seq, d_pos, d_tables, n_seqs, k_cache, v_cache, d_attn, L.stream,
+                                  d_split));
     } else {
       const cuda::Int8KvCache cache = dkv->int8(layer);
       check(cuda::paged_kv_write_int8(ac, d_k, d_v, rows, d_slots, cache, L.stream));
-      check(cuda::paged_attention_int8(ac, d_q, rows, d_row_seq, d_pos, d_tables, n_seqs, cache, d_attn, L.stream));
+      check(cuda::paged_attention_int8(ac, d_q, rows, d_row_seq, d_pos, d_tables, n_seqs, cache, d_attn, L.stream,
+                                       d_split));
     }
     gemm(L, d_attn, rows, lw.o, d_o);
     check(cuda::add_inplace(d_x, d_o, rows * hidden, L.stream));
@@ -564,6 +591,7 @@ class CudaBackend final : public ComputeBackend {
 
   int index_;
   std::string name_, device_id_;
+  int sm_count_ = 1;
   std::mutex weights_mu_;
   using WeightKey = std::tuple<const void*, int64_t, DType>;
   std::map<WeightKey, DeviceBuffer> weights_;

@@ -23,13 +23,21 @@ struct AttentionShape {
   int64_t n_kv_heads = 0;  // each kv head serves n_heads / n_kv_heads query heads
   int64_t head_dim = 0;
   int64_t sliding_window = 0;  // 0: none; else query i sees keys j with i - window < j <= i
+  double scale = 0.0;          // scores are q·k times this; 0: 1 / sqrt(head_dim)
+  // Split-K: the keys of each (query rows, kv head) task are cut into this many parts computed
+  // in parallel and merged by log-sum-exp. 0: chosen from the compute pool's threads and the
+  // context (decode over a long context splits; short ones and prefill with enough tasks do not).
+  int64_t kv_splits = 0;
 };
 
 // out[n_q, n_heads*head_dim] = softmax(q·K^T / sqrt(head_dim)) · V for queries at positions
 // q_pos[n_q] of one sequence whose cache holds keys 0 .. max(q_pos) (at least). Causal: a
 // query sees keys at positions <= its own. Scores and softmax in f32 with max subtraction.
 // INT8: a score is scale_k · (q · k_q), a value row scale_v · v_q (dequantised on the fly).
-void paged_attention(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionShape& shape,
-                     const PagedKV& kv, float* out);
+// Only the blocks some query's window sees are read: a released block's pointer may be null.
+// Work: tasks of up to 16 query rows × one kv head × one split of the keys, keys in tiles of 512
+// with an online softmax (memory per task independent of the context length).
+void paged_attention(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionShape& shape, const PagedKV& kv,
+                     float* out);
 
 }  // namespace moemesh::cpu

@@ -62,16 +62,15 @@ void rmsnorm(const float* x, const void* weight, DType wdtype, int64_t rows, int
   }
 }
 
-void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions, double theta) {
+void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions, const double* inv_freq,
+          double attention_factor) {
   const int64_t half = head_dim / 2;
-  std::vector<double> inv_freq(static_cast<size_t>(half));
-  for (int64_t i = 0; i < half; ++i) inv_freq[size_t(i)] = 1.0 / std::pow(theta, double(2 * i) / double(head_dim));
   std::vector<float> cs(static_cast<size_t>(half)), sn(static_cast<size_t>(half));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t i = 0; i < half; ++i) {
-      const double a = double(positions[r]) * inv_freq[size_t(i)];
-      cs[size_t(i)] = float(std::cos(a));
-      sn[size_t(i)] = float(std::sin(a));
+      const double a = double(positions[r]) * inv_freq[i];
+      cs[size_t(i)] = float(std::cos(a) * attention_factor);
+      sn[size_t(i)] = float(std::sin(a) * attention_factor);
     }
     for (int64_t h = 0; h < n_heads; ++h) {
       float* v = x + (r * n_heads + h) * head_dim;
@@ -83,6 +82,13 @@ void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32
       }
     }
   }
+}
+
+void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions, double theta) {
+  const int64_t half = head_dim / 2;
+  std::vector<double> inv_freq(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) inv_freq[size_t(i)] = 1.0 / std::pow(theta, double(2 * i) / double(head_dim));
+  rope(x, rows, n_heads, head_dim, positions, inv_freq.data(), 1.0);
 }
 
 void silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, float* out) {

@@ -13,7 +13,12 @@ namespace moemesh::cpu {
 void rmsnorm(const float* x, const void* weight, DType wdtype, int64_t rows, int64_t dim, double eps, float* y);
 
 // Rotary embedding, HF "rotate_half" convention (pairs i and i + head_dim/2), in place on
-// x[rows, n_heads * head_dim]; positions[rows].
+// x[rows, n_heads * head_dim]; positions[rows]. inv_freq[head_dim/2] are the pairs' frequencies
+// (RoPE scaling is in them: core/rope.h); cos and sin (in double, then f32) are multiplied by
+// attention_factor (YaRN), the rotation is in f32.
+void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions, const double* inv_freq,
+          double attention_factor = 1.0);
+// The unscaled frequencies 1 / theta^(2i / head_dim).
 void rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions, double theta);
 
 // out[rows, n] = silu(gate) * up, gate/up [rows, n]

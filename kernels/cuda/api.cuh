@@ -78,6 +78,17 @@ Status add_rmsnorm(float* x, const float* residual, const void* weight, DType wd
 Status rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions, double theta,
             cudaStream_t stream);
 
+// The same with given frequencies (RoPE scaling: core/rope.h computes them): pair i turns by
+// position * inv_freq[i]; cos and sin are multiplied by attention_factor (YaRN). Passed by value
+// (a kernel argument), so no device buffer is needed; head_dim / 2 <= kMaxRopePairs.
+inline constexpr int kMaxRopePairs = 128;
+struct RopeFrequencies {
+  double inv_freq[kMaxRopePairs] = {};
+  double attention_factor = 1.0;
+};
+Status rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions,
+            const RopeFrequencies& freqs, cudaStream_t stream);
+
 // out[rows, n] = silu(gate) * up. out may alias gate or up.
 Status silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, float* out, cudaStream_t stream);
 
@@ -209,6 +220,7 @@ Status logits_summary(const float* logits, int64_t rows, int64_t vocab, int64_t 
 
 inline constexpr int64_t kKvBlockTokens = 16;
 inline constexpr int64_t kMaxAttentionHeadDim = 256;
+inline constexpr int64_t kMaxKvSplits = 64;
 
 struct PagedAttentionConfig {
   int64_t n_heads = 0;
@@ -218,6 +230,11 @@ struct PagedAttentionConfig {
   int64_t max_blocks_per_seq = 0;  // row stride of block_tables
   float scale = 0.0f;              // usually 1 / sqrt(head_dim)
   int64_t sliding_window = 0;      // 0: attend to the whole prefix
+  // Split-K (flash-decoding): each row's attended tokens are cut into this many parts, computed by
+  // blocks of their own and merged by log-sum-exp; > 1 needs a workspace of
+  // split_workspace_bytes(rows). Worth it when rows * n_heads blocks would leave the GPU idle
+  // (decode over long contexts): kv_splits_for() picks it.
+  int64_t kv_splits = 1;
 
   // Checks every field; the kernels call it first.
   Status validate() const;
@@ -225,7 +242,20 @@ struct PagedAttentionConfig {
   int64_t kv_row_floats() const { return n_kv_heads * head_dim; }  // one token, all KV heads
   int64_t block_floats() const { return kKvBlockTokens * kv_row_floats(); }
   size_t cache_bytes() const { return size_t(num_blocks * block_floats()) * sizeof(float); }  // each of K, V
+  size_t split_workspace_bytes(int64_t rows) const {
+    return kv_splits > 1 ? size_t(rows * n_heads * kv_splits * (head_dim + 2)) * sizeof(float) : 0;
+  }
 };
+
+// Splits for rows over contexts of up to max_tokens: enough blocks for ~4 waves over sm_count
+// multiprocessors, each split at least 256 tokens, at most kMaxKvSplits.
+inline int64_t kv_splits_for(int64_t rows, int64_t n_heads, int64_t max_tokens, int sm_count) {
+  const int64_t blocks = rows * n_heads, want = 4 * int64_t(sm_count > 0 ? sm_count : 1);
+  if (blocks >= want) return 1;
+  int64_t s = (want + blocks - 1) / blocks;
+  s = s < max_tokens / 256 ? s : max_tokens / 256;
+  return s < 1 ? 1 : (s > kMaxKvSplits ? kMaxKvSplits : s);
+}
 
 // Writes rows of new keys/values k, v [rows, n_kv_heads, head_dim] into the cache at
 // slots[rows] (slot = block * 16 + offset). A negative slot is skipped (padding rows);
@@ -233,9 +263,10 @@ struct PagedAttentionConfig {
 Status paged_kv_write(const PagedAttentionConfig& cfg, const float* k, const float* v, int64_t rows,
                       const int32_t* slots, float* k_cache, float* v_cache, cudaStream_t stream);
 
+// workspace: split_workspace_bytes(rows) of device memory when cfg.kv_splits > 1 (else unused).
 Status paged_attention(const PagedAttentionConfig& cfg, const float* q, int64_t rows, const int32_t* row_seq,
                        const int32_t* row_pos, const int32_t* block_tables, int64_t n_seqs, const float* k_cache,
-                       const float* v_cache, float* out, cudaStream_t stream);
+                       const float* v_cache, float* out, cudaStream_t stream, float* workspace = nullptr);
 
 // INT8 KV cache: k_q/v_q int8 [num_blocks, 16, n_kv_heads, head_dim] and k_scale/v_scale f32
 // [num_blocks, 16, n_kv_heads]: one symmetric scale per (token, kv head), scale = max|x| / 127,
@@ -259,6 +290,6 @@ Status paged_kv_write_int8(const PagedAttentionConfig& cfg, const float* k, cons
 // paged_attention over an INT8 cache: scores scale_k · (q · k_q), values scale_v · v_q.
 Status paged_attention_int8(const PagedAttentionConfig& cfg, const float* q, int64_t rows, const int32_t* row_seq,
                             const int32_t* row_pos, const int32_t* block_tables, int64_t n_seqs,
-                            const Int8KvCache& cache, float* out, cudaStream_t stream);
+                            const Int8KvCache& cache, float* out, cudaStream_t stream, float* workspace = nullptr);
 
 }  // namespace moemesh::cuda

@@ -1,6 +1,9 @@
 // Attention over a paged KV cache, f32 or INT8 (layout and semantics: api.cuh). One block per
 // (query row, query head), 4 warps splitting the attended tokens 32 at a time, online softmax in
 // f32; the warps' partial (max, sum, acc) are merged at the end (flash-decoding within one block).
+// Split-K (PagedAttentionConfig::kv_splits > 1): grid z splits each row's attended tokens further,
+// every block writes its (max, sum, unnormalised acc) to the workspace and a second kernel merges
+// the splits by log-sum-exp, so a few decode rows over a long context fill the whole GPU.
 // The cache type is a template parameter (F32Cache / Int8Cache): one kernel body for both.
 #include <algorithm>
 #include <cmath>
@@ -58,11 +61,10 @@ struct Int8Cache {
 template <int kPerLane, class Cache>
 __global__ void __launch_bounds__(kThreads)
     paged_attention_kernel(const float* __restrict__ q, const int32_t* __restrict__ row_seq,
-                           const int32_t* __restrict__ row_pos,
-                           const int32_t* __restrict__ block_tables, int n_seqs, Cache cache,
-                           float* __restrict__ out, int n_heads, int group, int n_kv_heads,
-                           int head_dim, int num_blocks, int max_blocks_per_seq, float scale,
-                           int sliding_window) {
+                           const int32_t* __restrict__ row_pos, const int32_t* __restrict__ block_tables, int n_seqs,
+                           Cache cache, float* __restrict__ out, int n_heads, int group, int n_kv_heads, int head_dim,
+                           int num_blocks, int max_blocks_per_seq, float scale, int sliding_window, int splits,
+                           float* __restrict__ partials) {
   __shared__ __align__(16) float q_s[kMaxAttentionHeadDim];
   __shared__ float part_m[kWarps], part_l[kWarps];
   __shared__ float part_acc[kWarps][kMaxAttentionHeadDim];
@@ -81,11 +83,19 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (bad) {
     for (int d = threadIdx.x; d < head_dim; d += kThreads) out[q_off + d] = __int_as_float(0x7fc00000);
+    if (splits > 1 && threadIdx.x == 0) {  // the merge must keep the NaN
+      float* p = partials + ((size_t(row) * n_heads + h) * splits + blockIdx.z) * (head_dim + 2);
+      p[0] = 0.0f, p[1] = __int_as_float(0x7fc00000);
+    }
     return;
   }
 
   const int32_t* table = block_tables + size_t(seq) * max_blocks_per_seq;
-  const int start = sliding_window > 0 ? max(0, pos - sliding_window + 1) : 0;
+  const int first = sliding_window > 0 ? max(0, pos - sliding_window + 1) : 0;
+  // This split's share of [first, pos]: whole chunks of 32 tokens.
+  const int split = blockIdx.z, span = pos - first + 1;
+  const int chunk = ((span + splits - 1) / splits + 31) / 32 * 32;
+  const int start = first + split * chunk, last = min(pos, start + chunk - 1);
   const size_t kv_stride = size_t(n_kv_heads) * head_dim;  // floats per token slot
   const float4* q4 = reinterpret_cast<const float4*>(q_s);
 
@@ -93,12 +103,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) acc[j] = 0.0f;
 
-  for (int base = start + warp * 32; base <= pos; base += kWarps * 32) {
+  for (int base = start + warp * 32; base <= last; base += kWarps * 32) {
     // Scores: lane i takes token base + i and reads its whole K row (16-byte loads).
     const int t = base + lane;
     int slot = -1;
     float s = -INFINITY;
-    if (t <= pos) {
+    if (t <= last) {
       const int blk = table[t / kKvBlockTokens];
       if (blk < 0 || blk >= num_blocks) {
         bad_block = 1;  // every writer stores 1; read only after the merge's __syncthreads
@@ -149,10 +159,44 @@ __global__ void __launch_bounds__(kThreads)
     f[w] = part_m[w] == -INFINITY ? 0.0f : expf(part_m[w] - M);
     L += part_l[w] * f[w];
   }
+  if (splits == 1) {
+    for (int d = threadIdx.x; d < head_dim; d += kThreads) {
+      float o = 0.0f;
+      for (int w = 0; w < kWarps; ++w) o += part_acc[w][d] * f[w];
+      out[q_off + d] = bad_block ? __int_as_float(0x7fc00000) : o / L;
+    }
+    return;
+  }
+  // Split-K: (M, L, acc) of this split; an empty split has M = -inf, L = 0.
+  float* p = partials + ((size_t(row) * n_heads + h) * splits + split) * (head_dim + 2);
+  if (threadIdx.x == 0) p[0] = M, p[1] = bad_block ? __int_as_float(0x7fc00000) : L;
   for (int d = threadIdx.x; d < head_dim; d += kThreads) {
     float o = 0.0f;
     for (int w = 0; w < kWarps; ++w) o += part_acc[w][d] * f[w];
-    out[q_off + d] = bad_block ? __int_as_float(0x7fc00000) : o / L;
+    p[2 + d] = o;
+  }
+}
+
+// One block per (row, head): out = Σ_s acc_s e^(M_s - M) / Σ_s L_s e^(M_s - M). A NaN L (bad
+// block) propagates to the output.
+__global__ void merge_splits_kernel(const float* __restrict__ partials, int splits, int head_dim,
+                                    float* __restrict__ out) {
+  const size_t rh = size_t(blockIdx.x);
+  const float* base = partials + rh * splits * (head_dim + 2);
+  float M = -INFINITY;
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, base[s * (head_dim + 2)]);
+  float L = 0.0f;
+  for (int s = 0; s < splits; ++s) {
+    const float m = base[s * (head_dim + 2)];
+    if (m != -INFINITY) L += base[s * (head_dim + 2) + 1] * expf(m - M);
+  }
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float o = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const float m = base[s * (head_dim + 2)];
+      if (m != -INFINITY) o += base[s * (head_dim + 2) + 2 + d] * expf(m - M);
+    }
+    out[rh * head_dim + d] = o / L;
   }
 }
 
@@ -214,6 +258,9 @@ Status PagedAttentionConfig::validate() const {
   MOEMESH_CUDA_REQUIRE(std::isfinite(scale) && scale > 0.0f, "scale must be finite and > 0");
   MOEMESH_CUDA_REQUIRE(sliding_window >= 0 && sliding_window <= INT_MAX,
                        "sliding_window must be in [0, INT_MAX] (0: none)");
+  MOEMESH_CUDA_REQUIRE(
+      kv_splits >= 1 && kv_splits <= kMaxKvSplits,
+      "kv_splits must be in [1, " + std::to_string(kMaxKvSplits) + "] (got " + std::to_string(kv_splits) + ")");
   return {};
 }
 
@@ -239,9 +286,9 @@ namespace {
 
 // Shared checks and launch of paged_attention_kernel for either cache type.
 template <class Cache>
-Status launch_paged_attention(const PagedAttentionConfig& cfg, const float* q, int64_t rows,
-                              const int32_t* row_seq, const int32_t* row_pos, const int32_t* block_tables,
-                              int64_t n_seqs, Cache cache, float* out, cudaStream_t stream) {
+Status launch_paged_attention(const PagedAttentionConfig& cfg, const float* q, int64_t rows, const int32_t* row_seq,
+                              const int32_t* row_pos, const int32_t* block_tables, int64_t n_seqs, Cache cache,
+                              float* out, float* workspace, cudaStream_t stream) {
   MOEMESH_CUDA_RETURN_IF_ERROR(cfg.validate());
   MOEMESH_CUDA_REQUIRE_PTR(q);
   MOEMESH_CUDA_REQUIRE_PTR(row_seq);
@@ -252,43 +299,48 @@ Status launch_paged_attention(const PagedAttentionConfig& cfg, const float* q, i
   MOEMESH_CUDA_REQUIRE_INT(rows);
   MOEMESH_CUDA_REQUIRE_POSITIVE(n_seqs);
   MOEMESH_CUDA_REQUIRE_INT(n_seqs);
-  const dim3 grid{unsigned(rows), unsigned(cfg.n_heads)};
+  if (cfg.kv_splits > 1) MOEMESH_CUDA_REQUIRE(workspace != nullptr, "kv_splits > 1 needs a workspace");
+  const dim3 grid{unsigned(rows), unsigned(cfg.n_heads), unsigned(cfg.kv_splits)};
   const int per_lane = int((cfg.head_dim + 31) / 32);
   auto launch = [&](auto kernel) {
-    kernel<<<grid, kThreads, 0, stream>>>(
-        q, row_seq, row_pos, block_tables, int(n_seqs), cache, out, int(cfg.n_heads),
-        int(cfg.n_heads / cfg.n_kv_heads), int(cfg.n_kv_heads), int(cfg.head_dim),
-        int(cfg.num_blocks), int(cfg.max_blocks_per_seq), cfg.scale, int(cfg.sliding_window));
+    kernel<<<grid, kThreads, 0, stream>>>(q, row_seq, row_pos, block_tables, int(n_seqs), cache, out, int(cfg.n_heads),
+                                          int(cfg.n_heads / cfg.n_kv_heads), int(cfg.n_kv_heads), int(cfg.head_dim),
+                                          int(cfg.num_blocks), int(cfg.max_blocks_per_seq), cfg.scale,
+                                          int(cfg.sliding_window), int(cfg.kv_splits), workspace);
   };
   if (per_lane <= 1) launch(paged_attention_kernel<1, Cache>);
   else if (per_lane <= 2) launch(paged_attention_kernel<2, Cache>);
   else if (per_lane <= 4) launch(paged_attention_kernel<4, Cache>);
   else launch(paged_attention_kernel<8, Cache>);
   MOEMESH_CUDA_CHECK_LAUNCH();
+  if (cfg.kv_splits > 1) {
+    merge_splits_kernel<<<unsigned(rows * cfg.n_heads), 64, 0, stream>>>(workspace, int(cfg.kv_splits),
+                                                                         int(cfg.head_dim), out);
+    MOEMESH_CUDA_CHECK_LAUNCH();
+  }
   return {};
 }
 
 }  // namespace
 
-Status paged_attention(const PagedAttentionConfig& cfg, const float* q, int64_t rows,
-                       const int32_t* row_seq, const int32_t* row_pos, const int32_t* block_tables,
-                       int64_t n_seqs, const float* k_cache, const float* v_cache, float* out,
-                       cudaStream_t stream) {
+Status paged_attention(const PagedAttentionConfig& cfg, const float* q, int64_t rows, const int32_t* row_seq,
+                       const int32_t* row_pos, const int32_t* block_tables, int64_t n_seqs, const float* k_cache,
+                       const float* v_cache, float* out, cudaStream_t stream, float* workspace) {
   MOEMESH_CUDA_REQUIRE_PTR(k_cache);
   MOEMESH_CUDA_REQUIRE_PTR(v_cache);
-  return launch_paged_attention(cfg, q, rows, row_seq, row_pos, block_tables, n_seqs, F32Cache{k_cache, v_cache},
-                                out, stream);
+  return launch_paged_attention(cfg, q, rows, row_seq, row_pos, block_tables, n_seqs, F32Cache{k_cache, v_cache}, out,
+                                workspace, stream);
 }
 
-Status paged_attention_int8(const PagedAttentionConfig& cfg, const float* q, int64_t rows,
-                            const int32_t* row_seq, const int32_t* row_pos, const int32_t* block_tables,
-                            int64_t n_seqs, const Int8KvCache& cache, float* out, cudaStream_t stream) {
+Status paged_attention_int8(const PagedAttentionConfig& cfg, const float* q, int64_t rows, const int32_t* row_seq,
+                            const int32_t* row_pos, const int32_t* block_tables, int64_t n_seqs,
+                            const Int8KvCache& cache, float* out, cudaStream_t stream, float* workspace) {
   MOEMESH_CUDA_REQUIRE_PTR(cache.k_q);
   MOEMESH_CUDA_REQUIRE_PTR(cache.v_q);
   MOEMESH_CUDA_REQUIRE_PTR(cache.k_scale);
   MOEMESH_CUDA_REQUIRE_PTR(cache.v_scale);
   return launch_paged_attention(cfg, q, rows, row_seq, row_pos, block_tables, n_seqs,
-                                Int8Cache{cache.k_q, cache.v_q, cache.k_scale, cache.v_scale}, out, stream);
+                                Int8Cache{cache.k_q, cache.v_q, cache.k_scale, cache.v_scale}, out, workspace, stream);
 }
 
 Status paged_kv_write_int8(const PagedAttentionConfig& cfg, const float* k, const float* v, int64_t rows,

@@ -98,19 +98,18 @@ Status launch_rmsnorm(float* x, const float* residual, const void* weight, DType
 // x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin, angle = pos * theta^(-2i / head_dim).
 // As in the CPU reference, the angle and its sine/cosine are in double (at positions in the
 // thousands a float angle is already off by ~1e-4 rad), then rounded to f32 for the rotation.
-__global__ void rope_kernel(float* x, int64_t pairs_per_row, int half, int head_dim,
-                            const int32_t* __restrict__ positions, double theta, int64_t total) {
+__global__ void rope_kernel(float* x, int64_t pairs_per_row, int half, const int32_t* __restrict__ positions,
+                            RopeFrequencies freqs, int64_t total) {
   const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= total) return;
   const int64_t row = t / pairs_per_row;
   const int64_t rem = t % pairs_per_row;
   const int64_t head = rem / half;
   const int i = int(rem % half);
-  const double inv_freq = 1.0 / pow(theta, double(2 * i) / double(head_dim));
   double sd, cd;
-  sincos(double(positions[row]) * inv_freq, &sd, &cd);
-  const float s = float(sd), c = float(cd);
-  float* h = x + row * pairs_per_row * 2 + head * head_dim;
+  sincos(double(positions[row]) * freqs.inv_freq[i], &sd, &cd);
+  const float s = float(sd * freqs.attention_factor), c = float(cd * freqs.attention_factor);
+  float* h = x + row * pairs_per_row * 2 + head * (2 * half);
   const float x1 = h[i], x2 = h[i + half];
   h[i] = x1 * c - x2 * s;
   h[i + half] = x2 * c + x1 * s;
@@ -130,7 +129,6 @@ __global__ void add_inplace_kernel(float* x, const float* y, int64_t n) {
     x[i] += y[i];
 }
 
-
 }  // namespace
 
 Status rmsnorm(const float* x, const void* weight, DType wdtype, int64_t rows, int64_t dim,
@@ -146,27 +144,40 @@ Status add_rmsnorm(float* x, const float* residual, const void* weight, DType wd
 }
 
 Status rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions,
-            double theta, cudaStream_t stream) {
+            const RopeFrequencies& freqs, cudaStream_t stream) {
   MOEMESH_CUDA_REQUIRE_PTR(x);
   MOEMESH_CUDA_REQUIRE_PTR(positions);
   MOEMESH_CUDA_REQUIRE_POSITIVE(rows);
   MOEMESH_CUDA_REQUIRE_POSITIVE(n_heads);
   MOEMESH_CUDA_REQUIRE_POSITIVE(head_dim);
   MOEMESH_CUDA_REQUIRE(head_dim % 2 == 0, "head_dim must be even (got " + std::to_string(head_dim) + ")");
-  MOEMESH_CUDA_REQUIRE(theta > 1.0 && std::isfinite(theta), "theta must be finite and > 1");
+  MOEMESH_CUDA_REQUIRE(head_dim / 2 <= kMaxRopePairs, "head_dim must be at most " + std::to_string(2 * kMaxRopePairs) +
+                                                          " (got " + std::to_string(head_dim) + ")");
+  MOEMESH_CUDA_REQUIRE(std::isfinite(freqs.attention_factor) && freqs.attention_factor > 0.0,
+                       "attention_factor must be finite and > 0");
   const int64_t pairs_per_row = n_heads * (head_dim / 2);
   const int64_t total = rows * pairs_per_row;
   MOEMESH_CUDA_REQUIRE(total / rows == pairs_per_row && total < (int64_t(1) << 40),
                        "rows * n_heads * head_dim too large");
   constexpr int kThreads = 256;
-  rope_kernel<<<detail::blocks_for(total, kThreads), kThreads, 0, stream>>>(
-      x, pairs_per_row, int(head_dim / 2), int(head_dim), positions, theta, total);
+  rope_kernel<<<detail::blocks_for(total, kThreads), kThreads, 0, stream>>>(x, pairs_per_row, int(head_dim / 2),
+                                                                            positions, freqs, total);
   MOEMESH_CUDA_CHECK_LAUNCH();
   return {};
 }
 
-Status silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, float* out,
-                cudaStream_t stream) {
+Status rope(float* x, int64_t rows, int64_t n_heads, int64_t head_dim, const int32_t* positions, double theta,
+            cudaStream_t stream) {
+  MOEMESH_CUDA_REQUIRE(theta > 1.0 && std::isfinite(theta), "theta must be finite and > 1");
+  MOEMESH_CUDA_REQUIRE(head_dim > 0 && head_dim % 2 == 0 && head_dim / 2 <= kMaxRopePairs,
+                       "head_dim must be even and at most " + std::to_string(2 * kMaxRopePairs) + " (got " +
+                           std::to_string(head_dim) + ")");
+  RopeFrequencies f;
+  for (int64_t i = 0; i < head_dim / 2; ++i) f.inv_freq[i] = 1.0 / std::pow(theta, double(2 * i) / double(head_dim));
+  return rope(x, rows, n_heads, head_dim, positions, f, stream);
+}
+
+Status silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, float* out, cudaStream_t stream) {
   return silu_mul_as(gate, up, rows, n, out, DType::F32, stream);
 }
 

@@ -47,7 +47,14 @@ int main(int argc, char** argv) {
   cli.add_option("--advertise", advertise, "endpoint peers use to reach --listen (default: the bound one)");
   cli.add_option("--router", control, "coordinator control endpoint");
   cli.add_option("--placement", placement, "coordinator placement publisher endpoint");
-  cli.add_option("--kv-blocks", kv_blocks, "KV cache size in blocks of 16 tokens")->check(CLI::PositiveNumber);
+  auto* kv_blocks_opt =
+      cli.add_option("--kv-blocks", kv_blocks, "KV cache size in blocks of 16 tokens")->check(CLI::PositiveNumber);
+  int64_t kv_cache_mb = 0;
+  cli.add_option("--kv-cache-mb", kv_cache_mb,
+                 "KV cache size as a memory budget in MiB (f32 or int8 blocks, every layer, scales included), "
+                 "instead of --kv-blocks; e.g. 160 holds a 131072-token context of the small preset in int8 (144 MiB)")
+      ->check(CLI::PositiveNumber)
+      ->excludes(kv_blocks_opt);
   cli.add_option("--kv-dtype", kv_dtype, "KV cache storage: f32, or int8 (~1/4 of the memory, one scale per token and kv head)")
       ->check(CLI::IsMember({"f32", "int8"}))
       ->capture_default_str();
@@ -118,6 +125,17 @@ int main(int argc, char** argv) {
       pairs = std::make_shared<NcclPairs>(std::move(no));
     }
     auto remote = std::make_shared<RemoteExpertExecutor>(rt.system(), ro);
+    if (kv_cache_mb > 0) {
+      // Blocks of this model in this dtype that fit the budget (KvCache::bytes_per_block's formula).
+      const KvCache probe(mc.num_hidden_layers, mc.num_key_value_heads * mc.head_dim, 1,
+                          {parse_kv_dtype(kv_dtype), mc.num_key_value_heads});
+      kv_blocks = (kv_cache_mb << 20) / probe.bytes_per_block();
+      if (kv_blocks < 1)
+        throw Error("--kv-cache-mb " + std::to_string(kv_cache_mb) + " holds no KV block of this model (one takes " +
+                    std::to_string(probe.bytes_per_block()) + " bytes)");
+      spdlog::info("attention: --kv-cache-mb {}: {} blocks of {} bytes ({} tokens, {})", kv_cache_mb, kv_blocks,
+                   probe.bytes_per_block(), kv_blocks * KvCache::kBlockSize, kv_dtype);
+    }
     auto engine = std::make_shared<Engine>(ckpt, EngineOptions{kv_blocks, parse_kv_dtype(kv_dtype), backend}, remote);
     std::vector<int32_t> eos;
     for (int64_t id : mc.eos_token_ids) eos.push_back(int32_t(id));

@@ -284,14 +284,14 @@ void run_bench_engine(const BenchEngineArgs& a) {
   auto ckpt = Checkpoint::open(a.model);
   const ModelConfig& cfg = ckpt->config();
   const int64_t decode_len = kDecodePrompt + a.warmup + a.decode_tokens;
-  if (decode_len > cfg.max_position_embeddings)
+  if (decode_len > cfg.max_context())
     throw Error("decode needs " + std::to_string(decode_len) +
                 " positions (32-token prompt + --warmup + --decode-tokens), "
                 "more than the model's " +
-                std::to_string(cfg.max_position_embeddings));
-  if (a.prefill_tokens > cfg.max_position_embeddings)
+                std::to_string(cfg.max_context()));
+  if (a.prefill_tokens > cfg.max_context())
     throw Error("--prefill-tokens " + std::to_string(a.prefill_tokens) + " is more than the model's " +
-                std::to_string(cfg.max_position_embeddings) + " positions");
+                std::to_string(cfg.max_context()) + " positions");
 
   cpu::set_compute_threads(threads);
   // KV room for the largest measurement; sequences are freed between measurements.

@@ -53,9 +53,9 @@ void run_generate(GenerateArgs& a) {
   const std::vector<int32_t> prompt = a.prompt.empty() ? parse_ids(a.prompt_ids) : tok->encode(a.prompt);
   if (prompt.empty()) throw Error("the prompt is empty");
   if (a.max_tokens < 0) throw Error("--max-tokens must be >= 0");
-  if (int64_t(prompt.size()) > cfg.max_position_embeddings)
+  if (int64_t(prompt.size()) > cfg.max_context())
     throw Error("the prompt has " + std::to_string(prompt.size()) + " tokens, more than the model's " +
-                std::to_string(cfg.max_position_embeddings) + " positions");
+                std::to_string(cfg.max_context()) + " positions");
 
   a.sampling.seed = a.seed;
   std::vector<int32_t> eos(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end());
@@ -90,7 +90,7 @@ void run_generate(GenerateArgs& a) {
     const int64_t pos = int64_t(prompt.size()) + i;  // position of the token just generated
     // The last generated token gets logits only when --logits asks for them.
     if (i + 1 == a.max_tokens && !a.logits) break;
-    if (pos >= cfg.max_position_embeddings) break;
+    if (pos >= cfg.max_context()) break;
     logits = run({t.id});
   }
   // A stop token's own position gets its logits row too, so every generated position has one.

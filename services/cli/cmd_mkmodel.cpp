@@ -64,6 +64,7 @@ struct MkmodelArgs {
   std::string arch, preset = "tiny", out, dtype = "bf16", tokenizer, shard_size;
   uint64_t seed = 0;
   int64_t sliding_window = 0;
+  int64_t max_position_embeddings = 0;  // 0: the preset's
 };
 
 void run_mkmodel(const MkmodelArgs& a) {
@@ -79,6 +80,7 @@ void run_mkmodel(const MkmodelArgs& a) {
     if (arch != Arch::Mixtral) throw Error("--sliding-window applies to mixtral models only");
     c.sliding_window = a.sliding_window;
   }
+  if (a.max_position_embeddings > 0) c.max_position_embeddings = a.max_position_embeddings;
   WriteOptions opts;
   opts.dtype = dtype;
   opts.seed = a.seed;
@@ -180,6 +182,9 @@ void add_mkmodel(CLI::App& app) {
                  "tokenizer.json or its folder (default: bootstrap's llama2 for mixtral, deepseek_v3 for deepseek)");
   mk->add_option("--shard-size", a->shard_size, "largest weight file, bytes or 500MB/2GB (default 2GB)");
   mk->add_option("--sliding-window", a->sliding_window, "mixtral: attention window in positions (default: none)");
+  mk->add_option("--max-position-embeddings", a->max_position_embeddings,
+                 "the model's context length in config.json (default: the preset's; e.g. 131072 for 128K)")
+      ->check(CLI::PositiveNumber);
   mk->callback([a] { run_mkmodel(*a); });
 }
 

@@ -56,10 +56,25 @@ void add_up(CLI::App& app) {
   up->add_option("--gpus", opts->gpus, "CUDA devices to spread the processes over with --device cuda")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  // Long contexts (docs/operations.md): the attention workers' KV cache size and storage.
+  auto kv_cache_mb = std::make_shared<int64_t>(0);
+  auto kv_dtype = std::make_shared<std::string>();
+  auto step_budget = std::make_shared<int64_t>(0);
+  up->add_option("--kv-cache-mb", *kv_cache_mb, "KV cache of each attention worker in MiB (default: its --kv-blocks)")
+      ->check(CLI::PositiveNumber);
+  up->add_option("--kv-dtype", *kv_dtype, "KV cache storage of the attention workers: f32 or int8")
+      ->check(CLI::IsMember({"f32", "int8"}));
+  up->add_option("--step-token-budget", *step_budget, "router: prefill + decode tokens per worker step")
+      ->check(CLI::PositiveNumber);
   auto tenants = std::make_shared<std::string>();
   up->add_option("--tenants", *tenants, "router tenants file (API keys and limits); none: open API")
       ->check(CLI::ExistingFile);
-  up->callback([opts, model, tenants] {
+  up->callback([opts, model, tenants, kv_cache_mb, kv_dtype, step_budget] {
+    if (*kv_cache_mb > 0)
+      opts->attention_args.insert(opts->attention_args.end(), {"--kv-cache-mb", std::to_string(*kv_cache_mb)});
+    if (!kv_dtype->empty()) opts->attention_args.insert(opts->attention_args.end(), {"--kv-dtype", *kv_dtype});
+    if (*step_budget > 0)
+      opts->router_args.insert(opts->router_args.end(), {"--step-token-budget", std::to_string(*step_budget)});
     if (!tenants->empty()) {
       opts->router_args.push_back("--tenants");
       opts->router_args.push_back(fs::absolute(*tenants).string());

@@ -42,6 +42,12 @@ int main(int argc, char** argv) {
   cli.add_option("--replicas", replicas, "copies of every expert")->check(CLI::PositiveNumber);
   cli.add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms, "silence after which a member is dropped");
   cli.add_option("--step-token-budget", step_budget, "prefill + decode tokens per worker step");
+  int step_timeout_ms = 30000;
+  cli.add_option("--step-timeout-ms", step_timeout_ms,
+                 "a worker step not answered within this is given up and its sequences resumed elsewhere "
+                 "(raise it for long contexts on CPUs: a chunk attends over the whole context)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   cli.add_option("--max-running-per-worker", max_running, "sequences one attention worker holds at once")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -78,8 +84,10 @@ int main(int argc, char** argv) {
     SchedulerConfig sc;
     sc.instance = rt.instance();
     sc.step_token_budget = step_budget;
+    sc.step_timeout = std::chrono::milliseconds(step_timeout_ms);
     sc.max_running_per_worker = max_running;
     sc.max_waiting = max_waiting;
+    sc.sliding_window = mc.sliding_window.value_or(0);
     sc.metrics = rt.metrics_ptr();
     for (int64_t id : mc.eos_token_ids) sc.eos_ids.push_back(int32_t(id));
     caf::actor scheduler = spawn_scheduler(rt.system(), bridge, sc);
@@ -116,7 +124,7 @@ int main(int argc, char** argv) {
     fc.responses = std::make_shared<ConversationStore>(responses_dir, std::chrono::seconds(responses_ttl_s));
     fc.keep_turns = keep_turns;
     fc.tokenizer = tok;
-    fc.max_context = mc.max_position_embeddings;
+    fc.max_context = mc.max_context();
     fc.vocab_size = mc.vocab_size;
     if (!tenants_file.empty()) {
       fc.tenants = std::make_shared<TenantRegistry>(load_tenants(tenants_file));

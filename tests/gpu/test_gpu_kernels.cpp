@@ -307,6 +307,31 @@ TEST_F(Gpu, RopeMatchesCpu) {
   }
 }
 
+// RoPE scaling: given frequencies (here interpolated by 4 on the low half, as yarn does) and an
+// attention factor, at positions up to 128K.
+TEST_F(Gpu, RopeWithGivenFrequenciesMatchesCpu) {
+  const int rows = 17, n_heads = 3, head_dim = 64;
+  mc::RopeFrequencies f;
+  std::vector<double> inv(head_dim / 2);
+  for (int i = 0; i < head_dim / 2; ++i) {
+    inv[size_t(i)] = 1.0 / std::pow(500000.0, 2.0 * i / head_dim) / (i >= head_dim / 4 ? 4.0 : 1.0);
+    f.inv_freq[i] = inv[size_t(i)];
+  }
+  f.attention_factor = 1.1386;
+  auto x = random_floats(rng_, size_t(rows) * n_heads * head_dim);
+  std::vector<int32_t> pos(rows);
+  std::uniform_int_distribution<int32_t> pd(0, 131071);
+  for (auto& p : pos) p = pd(rng_);
+  DeviceVec<float> dx(x);
+  DeviceVec<int32_t> dp(pos);
+  cpu::rope(x.data(), rows, n_heads, head_dim, pos.data(), inv.data(), f.attention_factor);
+  STATUS_OK(mc::rope(dx.get(), rows, n_heads, head_dim, dp.get(), f, stream_));
+  sync();
+  expect_close(dx.download(), x, 1e-5, "rope with given frequencies");
+  f.attention_factor = 0.0;
+  expect_error(mc::rope(dx.get(), rows, n_heads, head_dim, dp.get(), f, stream_), "attention_factor");
+}
+
 TEST_F(Gpu, SiluMulMatchesCpu) {
   const int rows = 33, n = 1409;
   const auto g = random_floats(rng_, size_t(rows) * n, 4.0f);
@@ -654,6 +679,25 @@ TEST_P(GpuAttention, MatchesCpu) {
   expect_close(dout.download(), ref, 1e-5,
                "paged_attention heads " + std::to_string(c.n_heads) + "/" + std::to_string(c.n_kv_heads) +
                    " head_dim " + std::to_string(c.head_dim) + " window " + std::to_string(c.window));
+
+  // Split-K (flash-decoding across blocks): the same rows cut into 2, 5 and 64 splits, merged by
+  // log-sum-exp, match the CPU too (64 splits leave most splits of the short rows empty).
+  for (int64_t splits : {int64_t(2), int64_t(5), mc::kMaxKvSplits}) {
+    mc::PagedAttentionConfig sc = cfg;
+    sc.kv_splits = splits;
+    DeviceVec<float> dsplit_out(q.size()), dwork(sc.split_workspace_bytes(rows) / sizeof(float));
+    STATUS_OK(mc::paged_attention(sc, dq.get(), rows, dseq.get(), dpos.get(), dtables.get(), n_seqs, dk.get(), dv.get(),
+                                  dsplit_out.get(), stream_, dwork.get()));
+    sync();
+    expect_close(dsplit_out.download(), ref, 1e-5, "paged_attention kv_splits " + std::to_string(splits));
+  }
+  {
+    mc::PagedAttentionConfig sc = cfg;
+    sc.kv_splits = 3;
+    expect_error(mc::paged_attention(sc, dq.get(), rows, dseq.get(), dpos.get(), dtables.get(), n_seqs, dk.get(),
+                                     dv.get(), dout.get(), stream_),
+                 "workspace");
+  }
 
   // Rows the device cannot trust come back NaN: a sequence index out of range, a position past
   // the block table, a block id outside the cache.

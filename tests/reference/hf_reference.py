@@ -130,7 +130,7 @@ def mixtral_config(c):
         "hidden_size": c["hidden"],
         "initializer_range": 0.02,
         "intermediate_size": c["inter"],
-        "max_position_embeddings": 512,
+        "max_position_embeddings": c.get("max_pos", 512),
         "model_type": "mixtral",
         "num_attention_heads": c["heads"],
         "num_experts_per_tok": c["topk"],
@@ -151,6 +151,8 @@ def mixtral_config(c):
     }
     if "head_dim" in c:
         cfg["head_dim"] = c["head_dim"]
+    if "rope_scaling" in c:
+        cfg["rope_scaling"] = c["rope_scaling"]
     return cfg
 
 
@@ -169,7 +171,7 @@ def deepseek_config(c):
         "hidden_size": c["hidden"],
         "initializer_range": 0.02,
         "intermediate_size": c["inter"],
-        "max_position_embeddings": 512,
+        "max_position_embeddings": c.get("max_pos", 512),
         "model_type": "deepseek",
         "moe_intermediate_size": c["moe_inter"],
         "moe_layer_freq": 1,
@@ -182,7 +184,7 @@ def deepseek_config(c):
         "num_key_value_heads": c["kv_heads"],
         "pretraining_tp": 1,
         "rms_norm_eps": c.get("eps", 1e-6),
-        "rope_scaling": None,
+        "rope_scaling": c.get("rope_scaling"),
         "rope_theta": c.get("rope_theta", 10000.0),
         "scoring_func": "softmax",
         "seq_aux": True,
@@ -262,13 +264,80 @@ def rmsnorm(x, w, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x, pos, theta):
-    """x [T, heads, D]; HF rotate_half: pairs (i, i + D/2)."""
+def yarn_mscale(scale, m):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
+def rope_params(cfg, D, seq_len):
+    """(inv_freq [D/2], attention factor) as transformers' modeling_rope_utils computes them for a
+    forward call over positions 0 .. seq_len-1 (only "dynamic" depends on seq_len); yarn as
+    DeepSeek's modelling code: the factor from rope_scaling, mscale / mscale_all_dim."""
+    base = cfg["rope_theta"]
+    rs = cfg.get("rope_scaling") or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    max_pos = cfg["max_position_embeddings"]
+    idx = np.arange(0, D, 2, dtype=np.float64) / D
+    if kind == "dynamic":
+        f = rs["factor"]
+        L = max(seq_len, max_pos)
+        base = base * ((f * L / max_pos) - (f - 1)) ** (D / (D - 2))
+    inv = 1.0 / base ** idx
+    att = 1.0
+    if kind == "linear":
+        inv = inv / rs["factor"]
+    elif kind == "yarn":
+        f = rs["factor"]
+        orig = rs.get("original_max_position_embeddings", max_pos)
+
+        def corr(rot):
+            return D * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = math.floor(corr(rs.get("beta_fast", 32))), math.ceil(corr(rs.get("beta_slow", 1)))
+        low, high = max(low, 0), min(high, D - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(D // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        extra = 1 - ramp
+        inv = (inv / f) * (1 - extra) + inv * extra
+        att = rs.get("attention_factor") or (yarn_mscale(f, rs.get("mscale", 1)) /
+                                             yarn_mscale(f, rs.get("mscale_all_dim", 0)))
+    elif kind == "llama3":
+        f, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / lo, inv / f, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / f + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        inv = np.where(medium, smoothed, scaled)
+    return inv, att
+
+
+def score_scale(c, D):
+    """1/sqrt(D), and DeepSeek(-V2/V3)'s softmax_scale under yarn: times mscale(factor, mscale_all_dim)^2."""
+    s = 1.0 / math.sqrt(D)
+    rs = c["config"].get("rope_scaling") or {}
+    if c["arch"] == "deepseek" and rs.get("rope_type", rs.get("type")) == "yarn" and rs.get("mscale_all_dim"):
+        s *= yarn_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
+    return s
+
+
+def rope(x, pos, theta, cfg=None, call_len=None):
+    """x [T, heads, D]; HF rotate_half: pairs (i, i + D/2). call_len[t]: the length of the forward
+    call that computed position t (dynamic scaling: a position keeps the rotation it got then)."""
     D = x.shape[-1]
-    inv_freq = 1.0 / theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
-    ang = pos[:, None].astype(np.float64) * inv_freq[None, :]
+    if cfg is None:
+        cfg = {"rope_theta": theta, "max_position_embeddings": 1}
+    if call_len is None:
+        call_len = np.full(len(pos), len(pos))
+    ang = np.zeros((len(pos), D // 2))
+    att = np.ones((len(pos), 1))
+    for t in range(len(pos)):
+        inv, a = rope_params(cfg, D, int(call_len[t]))
+        ang[t] = float(pos[t]) * inv
+        att[t] = a
     emb = np.concatenate([ang, ang], axis=-1)
-    cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
+    cos, sin = (np.cos(emb) * att)[:, None, :], (np.sin(emb) * att)[:, None, :]
     rot = np.concatenate([-x[..., D // 2:], x[..., :D // 2]], axis=-1)
     return x * cos + rot * sin
 
@@ -285,14 +354,18 @@ def matmul(c, x, w):
     return x @ w.T
 
 
-def forward(c, W, ids, gating_temperature):
-    """Logits [T, vocab] of every position of ids (float64)."""
+def forward(c, W, ids, gating_temperature, prompt_len=None):
+    """Logits [T, vocab] of every position of ids (float64). prompt_len: ids[:prompt_len] were one
+    forward call, each later id a call of its own (what `moemesh generate` runs; only dynamic RoPE
+    scaling can tell)."""
     cfg = c["config"]
     H, D = c["hidden"], head_dim(c)
     nh, nkv = c["heads"], c["kv_heads"]
     eps = cfg["rms_norm_eps"]
     T = len(ids)
     pos = np.arange(T)
+    P = prompt_len or T
+    call_len = np.array([P if t < P else t + 1 for t in range(T)])
     x = W["model.embed_tokens.weight"][np.array(ids)]
     window = c.get("window")
     i, j = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
@@ -305,11 +378,11 @@ def forward(c, W, ids, gating_temperature):
         q = matmul(c, h, W[p + "self_attn.q_proj.weight"]).reshape(T, nh, D)
         k = matmul(c, h, W[p + "self_attn.k_proj.weight"]).reshape(T, nkv, D)
         v = matmul(c, h, W[p + "self_attn.v_proj.weight"]).reshape(T, nkv, D)
-        q, k = rope(q, pos, cfg["rope_theta"]), rope(k, pos, cfg["rope_theta"])
+        q, k = rope(q, pos, None, cfg, call_len), rope(k, pos, None, cfg, call_len)
         out = np.zeros((T, nh, D))
         for hh in range(nh):
             g = hh // (nh // nkv)
-            s = q[:, hh, :] @ k[:, g, :].T / math.sqrt(D)
+            s = q[:, hh, :] @ k[:, g, :].T * score_scale(c, D)
             s = np.where(allowed, s, -np.inf)
             s = np.exp(s - s.max(axis=-1, keepdims=True))
             s /= s.sum(axis=-1, keepdims=True)
@@ -382,6 +455,25 @@ CASES = {
     "deepseek_bf16_norm": dict(BASE_DS, dtype="BF16", norm_topk=True, shared=1, shards=1, prompt=11),
     # f16 with gating temperature 0.5, no shared experts
     "deepseek_f16_noshared": dict(BASE_DS, dtype="F16", shared=0, shards=1, prompt=6, gating=0.5),
+    # RoPE scaling (issue #15): an original window of 16 positions, prompt + generated tokens up to
+    # 64 = 4x it; head_dim 8 with theta 10000 puts wavelengths on both sides of the window.
+    "rope_linear": dict(BASE_MIX, dtype="F32", kv_heads=2, shards=1, prompt=24, gen=40, max_pos=16,
+                        rope_theta=10000.0, rope_scaling={"type": "linear", "factor": 4.0}),
+    # dynamic NTK: the base grows with each call's length (the prompt's 24, then 25, 26, ...)
+    "rope_dynamic": dict(BASE_DS, dtype="F32", shards=1, prompt=24, gen=40, max_pos=16,
+                         rope_scaling={"rope_type": "dynamic", "factor": 4.0}),
+    # DeepSeek-V2/V3's yarn: mscale != mscale_all_dim (cos/sin scaled) and the softmax scale
+    # multiplied by mscale(factor, mscale_all_dim)^2
+    "rope_yarn": dict(BASE_DS, dtype="F32", kv_heads=2, shards=1, prompt=24, gen=40, max_pos=64, rope_theta=500.0,
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                                    "beta_fast": 8, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.5}),
+    # yarn on Mixtral: the default attention factor mscale(factor), no softmax-scale change
+    "rope_yarn_mixtral": dict(BASE_MIX, dtype="F32", shards=1, prompt=24, gen=40, max_pos=64, rope_theta=500.0,
+                              rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    "rope_llama3": dict(BASE_MIX, dtype="F32", kv_heads=2, shards=1, prompt=24, gen=40, max_pos=64,
+                        rope_theta=10000.0,
+                        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
 }
 GEN_TOKENS = 32
 
@@ -414,8 +506,9 @@ def check_case(cli, name, workdir, seed=0):
 
 def compare_case(cli, name, c, folder, W, prompt):
     """Runs moemesh on the checkpoint in folder and compares it with forward(c, W, ...)."""
+    gen = c.get("gen", GEN_TOKENS)
     args = ["generate", "--model", folder, "--prompt-ids", ",".join(map(str, prompt)), "--max-tokens",
-            str(GEN_TOKENS), "--ignore-eos", "--json", "--logits"]
+            str(gen), "--ignore-eos", "--json", "--logits"]
     gt = c.get("gating", 1.0)
     if "gating" in c:
         args += ["--gating-temperature", str(gt)]
@@ -430,12 +523,12 @@ def compare_case(cli, name, c, folder, W, prompt):
     outs = res["output_ids"]
     logits = np.array(res["logits"], dtype=np.float64)
     ok = True
-    if len(outs) != GEN_TOKENS or logits.shape != (GEN_TOKENS + 1, c["vocab"]):
+    if len(outs) != gen or logits.shape != (gen + 1, c["vocab"]):
         print("%s: expected %d tokens and %d logits rows, got %d and %s" %
-              (name, GEN_TOKENS, GEN_TOKENS + 1, len(outs), logits.shape))
+              (name, gen, gen + 1, len(outs), logits.shape))
         return False
     # The reference along the C++ path: positions P-1 .. P+n-1 of prompt + output.
-    ref = forward(c, W, prompt + outs, gt)[len(prompt) - 1:]
+    ref = forward(c, W, prompt + outs, gt, len(prompt))[len(prompt) - 1:]
     errs = [rel(logits[i], ref[i]) for i in range(len(ref))]
     worst = max(errs)
     tol = REL_TOL_BF16 if c["dtype"] == "BF16" else REL_TOL

@@ -4,6 +4,7 @@
 set(MOEMESH_REFERENCE_CASES
   mixtral_f32_mha mixtral_f32_gqa2_window mixtral_bf16_gqa4 mixtral_f16_tied
   deepseek_f32_shared deepseek_f32_normtopk_gqa2 deepseek_bf16_norm deepseek_f16_noshared
+  rope_linear rope_dynamic rope_yarn rope_yarn_mixtral rope_llama3
   cli_errors cli_sampling)
 foreach(case ${MOEMESH_REFERENCE_CASES})
   add_test(NAME reference_${case}

@@ -53,4 +53,14 @@ inline double rel_diff(std::span<const float> got, std::span<const float> want) 
   return std::sqrt(err / std::max(norm, 1e-30));
 }
 
+// max |got - want| / max |want|, over all elements.
+inline double max_rel_err(const std::vector<float>& got, const std::vector<double>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    num = std::max(num, std::abs(double(got[i]) - want[i]));
+    den = std::max(den, std::abs(want[i]));
+  }
+  return num / den;
+}
+
 }  // namespace moemesh::testing

@@ -11,24 +11,18 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/ops.h"
+#include "tests/support/naive_attention.h"
 #include "tests/support/numeric.h"
 
 using namespace moemesh;
 
 namespace {
 
+using moemesh::testing::naive_attention;
 using moemesh::testing::narrow;
 using moemesh::testing::normals;
 
-// Max |a-b| / max |b|.
-double rel_err(const std::vector<float>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, std::abs(double(a[i]) - b[i]));
-    den = std::max(den, std::abs(b[i]));
-  }
-  return num / den;
-}
+double rel_err(const std::vector<float>& a, const std::vector<double>& b) { return moemesh::testing::max_rel_err(a, b); }
 
 }  // namespace
 
@@ -164,27 +158,7 @@ TEST(CpuOps, PagedAttentionGqaWindow) {
       std::vector<float> out(q.size());
       cpu::paged_attention(q.data(), n, pos.data(), {heads, kv_heads, hd, window}, {kp.data(), vp.data(), bs},
                            out.data());
-      std::vector<double> ref(q.size());
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t h = 0; h < heads; ++h) {
-          const int64_t g = h / (heads / kv_heads);
-          std::vector<double> s;
-          const int64_t first = window ? std::max<int64_t>(0, i - window + 1) : 0;
-          for (int64_t j = first; j <= i; ++j) {
-            double dot = 0;
-            for (int64_t d = 0; d < hd; ++d)
-              dot += double(q[size_t((i * heads + h) * hd + d)]) * k[size_t(j * kv_dim + g * hd + d)];
-            s.push_back(dot / std::sqrt(double(hd)));
-          }
-          const double mx = *std::max_element(s.begin(), s.end());
-          double z = 0;
-          for (auto& e : s) z += (e = std::exp(e - mx));
-          for (int64_t d = 0; d < hd; ++d) {
-            double acc = 0;
-            for (int64_t j = first; j <= i; ++j) acc += s[size_t(j - first)] / z * v[size_t(j * kv_dim + g * hd + d)];
-            ref[size_t((i * heads + h) * hd + d)] = acc;
-          }
-        }
+      const std::vector<double> ref = naive_attention(q, pos, heads, kv_heads, hd, window, k, v);
       EXPECT_LT(rel_err(out, ref), 1e-6) << cpu::isa_name(isa) << " window " << window;
     }
   cpu::force_isa(isa0);

@@ -180,7 +180,22 @@ TEST(ModelConfig, RejectsBadFields) {
   expect_bad(with(m, "eos_token_id", json::array({2, "x"})), "eos_token_id");
   expect_bad(with(m, "bos_token_id", -1), "bos_token_id");
   expect_bad(with(m, "hidden_act", "gelu"), "hidden_act");
-  expect_bad(with(m, "rope_scaling", json{{"type", "linear"}, {"factor", 2.0}}), "rope_scaling");
+  expect_bad(with(m, "rope_scaling", json{{"type", "longrope"}, {"factor", 2.0}}), "rope_scaling.rope_type");
+  expect_bad(with(m, "rope_scaling", json{{"factor", 2.0}}), "rope_scaling.rope_type");
+  expect_bad(with(m, "rope_scaling", json{{"type", "linear"}}), "rope_scaling.factor");
+  expect_bad(with(m, "rope_scaling", json{{"type", "linear"}, {"factor", 0.5}}), "rope_scaling.factor");
+  expect_bad(with(m, "rope_scaling", json{{"rope_type", "llama3"}, {"factor", 8.0}}),
+             "rope_scaling.original_max_position_embeddings");
+  expect_bad(with(m, "rope_scaling",
+                  json{{"rope_type", "llama3"},
+                       {"factor", 8.0},
+                       {"original_max_position_embeddings", 8192},
+                       {"low_freq_factor", 4.0},
+                       {"high_freq_factor", 1.0}}),
+             "rope_scaling.high_freq_factor");
+  expect_bad(with(m, "rope_scaling", json{{"rope_type", "yarn"}, {"factor", 4.0}, {"beta_fast", 0.5}}),
+             "rope_scaling.beta_fast");
+  expect_bad(with(m, "rope_scaling", "linear"), "rope_scaling");
   expect_bad(with(d, "scoring_func", "sigmoid"), "scoring_func");
   expect_bad(without(d, "moe_intermediate_size"), "moe_intermediate_size");
   expect_bad(with(d, "num_experts_per_tok", 65), "num_experts_per_tok");
@@ -188,6 +203,41 @@ TEST(ModelConfig, RejectsBadFields) {
   expect_bad(with(d, "n_shared_experts", -1), "n_shared_experts");
   expect_bad(with(d, "attention_bias", true), "attention_bias");
   expect_bad(with(d, "norm_topk_prob", "no"), "norm_topk_prob");
+}
+
+// rope_scaling: each type parsed, written back by to_json, and its context limit as vLLM derives it.
+TEST(ModelConfig, RopeScaling) {
+  using moemesh::RopeScaling;
+  ModelConfig c =
+      ModelConfig::from_json(with(mixtral_json(), "rope_scaling", json{{"type", "linear"}, {"factor", 4.0}}));
+  EXPECT_EQ(c.rope_scaling.type, RopeScaling::Type::Linear);
+  EXPECT_EQ(c.max_context(), 4 * 32768);
+  c = ModelConfig::from_json(with(mixtral_json(), "rope_scaling", json{{"rope_type", "default"}}));
+  EXPECT_EQ(c.rope_scaling.type, RopeScaling::Type::None);
+  EXPECT_EQ(c.max_context(), 32768);
+  // DeepSeek-V2's block.
+  const json yarn{{"type", "yarn"},         {"factor", 40},   {"original_max_position_embeddings", 4096},
+                  {"beta_fast", 32},        {"beta_slow", 1}, {"mscale", 0.707},
+                  {"mscale_all_dim", 0.707}};
+  c = ModelConfig::from_json(with(with(deepseek_json(), "rope_scaling", yarn), "max_position_embeddings", 163840));
+  EXPECT_EQ(c.rope_scaling.type, RopeScaling::Type::Yarn);
+  EXPECT_DOUBLE_EQ(c.rope_scaling.mscale_all_dim, 0.707);
+  EXPECT_EQ(c.max_context(), 163840);
+  const ModelConfig back = ModelConfig::from_json(c.to_json());
+  EXPECT_EQ(back.rope_scaling.type, RopeScaling::Type::Yarn);
+  EXPECT_DOUBLE_EQ(back.rope_scaling.factor, 40);
+  EXPECT_EQ(back.rope_scaling.original_max_position_embeddings, 4096);
+  EXPECT_DOUBLE_EQ(back.rope_scaling.mscale, 0.707);
+  // Llama 3.1's block keeps max_position_embeddings as the limit.
+  c = ModelConfig::from_json(with(with(mixtral_json(), "max_position_embeddings", 131072), "rope_scaling",
+                                  json{{"rope_type", "llama3"},
+                                       {"factor", 8.0},
+                                       {"low_freq_factor", 1.0},
+                                       {"high_freq_factor", 4.0},
+                                       {"original_max_position_embeddings", 8192}}));
+  EXPECT_EQ(c.rope_scaling.type, RopeScaling::Type::Llama3);
+  EXPECT_EQ(c.max_context(), 131072);
+  EXPECT_EQ(ModelConfig::from_json(c.to_json()).rope_scaling.original_max_position_embeddings, 8192);
 }
 
 TEST(ModelConfig, ErrorsNameTheOrigin) {

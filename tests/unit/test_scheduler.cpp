@@ -500,6 +500,36 @@ TEST_F(SchedulerTest, ARequestWaitsForKvRoomAndImpossibleOnesAreRefused) {
   EXPECT_EQ(rb->tokens, expected_tokens(tagged_prompt(2, 30), 4));
 }
 
+// Under a sliding window a sequence holds only the blocks its window sees (core/kv_cache.h): a
+// request whose whole context would not fit a worker's cache is accepted and served when its
+// window (plus a step's chunk) does, and refused when even that does not fit.
+TEST_F(SchedulerTest, ASlidingWindowBoundsTheBlocksARequestNeeds) {
+  FakeAttentionWorker w("attn-0", /*kv_blocks=*/4);  // 64 tokens
+  SchedulerConfig cfg;
+  cfg.sliding_window = 16;
+  cfg.step_token_budget = 16;
+  start(cfg, {&w});
+  // 60 + 40 = 100 tokens: 7 blocks whole, 3 under the window (positions 68..99 of the last step).
+  auto r = submit(request(tagged_prompt(1, 60), 40));
+  ASSERT_TRUE(w.serve_until([&] { return ready(r); }));
+  const auto res = r.get();
+  EXPECT_EQ(res->refused_status, 0) << res->error;
+  EXPECT_EQ(res->tokens, expected_tokens(tagged_prompt(1, 60), 40));
+  for (const auto& req : w.log)
+    for (const auto& work : req.work()) EXPECT_LE(work.tokens_size(), 16) << "a chunk over the step budget";
+}
+
+TEST_F(SchedulerTest, AWindowWiderThanTheCacheIsStillRefused) {
+  FakeAttentionWorker w("attn-0", /*kv_blocks=*/4);  // 64 tokens
+  SchedulerConfig cfg;
+  cfg.sliding_window = 100;  // the last step sees 100 positions + its chunk: 7 blocks
+  cfg.step_token_budget = 16;
+  start(cfg, {&w});
+  const auto refused = submit(request(tagged_prompt(2, 100), 40)).get();
+  EXPECT_EQ(refused->refused_status, 400) << refused->error;
+  EXPECT_NE(refused->error.find("holds 64"), std::string::npos) << refused->error;
+}
+
 // How the first worker fails while a sequence runs on it.
 enum class Failure { StopsAnswering, LeavesTheList, AnswersAnError };
 
