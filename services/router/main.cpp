@@ -26,7 +26,7 @@ int main(int argc, char** argv) {
   int64_t step_budget = 512;
   int64_t max_running = 64;
   size_t max_waiting = 4096;
-  int drain_timeout_s = 30, load_window_s = 60;
+  int drain_timeout_s = 30, load_window_s = 60, suspect_grace_ms = 1000;
   std::string tenants_file;
   auto& cli = rt.cli();
   cli.add_option("--model", model_dir, "checkpoint folder (config.json, tokenizer)")->required();
@@ -39,6 +39,11 @@ int main(int argc, char** argv) {
   cli.add_option("--expert-hosts", expert_hosts, "expert hosts the placement is cut for")->check(CLI::PositiveNumber);
   cli.add_option("--replicas", replicas, "copies of every expert")->check(CLI::PositiveNumber);
   cli.add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms, "silence after which a member is dropped");
+  cli.add_option("--suspect-grace-ms", suspect_grace_ms,
+                 "after a control connection drops, members silent this long are dropped at once (0: wait for "
+                 "--heartbeat-timeout-ms)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   cli.add_option("--step-token-budget", step_budget, "prefill + decode tokens per worker step");
   cli.add_option("--max-running-per-worker", max_running, "sequences one attention worker holds at once")
       ->check(CLI::PositiveNumber)
@@ -46,7 +51,8 @@ int main(int argc, char** argv) {
   cli.add_option("--max-waiting", max_waiting, "queued requests past which new ones get 503")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  cli.add_option("--tenants", tenants_file, "tenants file (JSON: API key hashes and limits); reloaded on SIGHUP; none: open API");
+  cli.add_option("--tenants", tenants_file,
+                 "tenants file (JSON: API key hashes and limits); reloaded on SIGHUP; none: open API");
   cli.add_option("--drain-timeout-s", drain_timeout_s, "on SIGTERM, how long requests in flight may finish");
   cli.add_option("--load-window-s", load_window_s, "window of the expert load-imbalance gauge")
       ->check(CLI::PositiveNumber)
@@ -61,8 +67,14 @@ int main(int argc, char** argv) {
     if (served_name.empty()) served_name = (dir.filename().empty() ? dir.parent_path() : dir).filename().string();
 
     ZmqBridge bridge(rt.system());
-    const int control_sock = bridge.add({.name = "control", .type = zmq::socket_type::router, .endpoint = control, .bind = true});
-    const int pub_sock = bridge.add({.name = "placement", .type = zmq::socket_type::pub, .endpoint = placement, .bind = true});
+    const int control_sock = bridge.add({.name = "control",
+                                         .type = zmq::socket_type::router,
+                                         .endpoint = control,
+                                         .bind = true,
+                                         .heartbeats = kDataPlaneHeartbeats,
+                                         .monitor = true});
+    const int pub_sock =
+        bridge.add({.name = "placement", .type = zmq::socket_type::pub, .endpoint = placement, .bind = true});
     bridge.start();
 
     SchedulerConfig sc;
@@ -82,6 +94,7 @@ int main(int argc, char** argv) {
     cc.expert_hosts = expert_hosts;
     cc.replicas = replicas;
     cc.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
+    cc.suspect_grace = std::chrono::milliseconds(suspect_grace_ms);
     cc.metrics = rt.metrics_ptr();
     cc.load_window = std::chrono::seconds(load_window_s);
     caf::actor coordinator = spawn_coordinator(rt.system(), bridge, control_sock, pub_sock, cc, scheduler);
@@ -92,8 +105,11 @@ int main(int argc, char** argv) {
       caf::scoped_actor self{rt.system()};
       Readiness r{false, "coordinator did not answer"};
       self->request(coordinator, std::chrono::milliseconds(500), ready_atom::value)
-          .receive([&](bool ok) { r = {ok, ok ? "" : "waiting for attention workers and expert hosts"}; },
-                   [&](caf::error&) {});
+          .receive(
+              [&](bool ok) {
+                r = {ok, ok ? "" : "waiting for attention workers and expert hosts"};
+              },
+              [&](caf::error&) {});
       return r;
     });
 
@@ -131,10 +147,12 @@ int main(int argc, char** argv) {
       bool idle = false;
       while (!idle && std::chrono::steady_clock::now() < deadline) {
         self->request(scheduler, std::chrono::seconds(1), sched_stats_atom::value)
-            .receive([&](const std::string& js) {
-              auto j = nlohmann::json::parse(js);
-              idle = j["waiting"] == 0 && j["running"] == 0;
-            }, [&](caf::error&) { idle = true; });
+            .receive(
+                [&](const std::string& js) {
+                  auto j = nlohmann::json::parse(js);
+                  idle = j["waiting"] == 0 && j["running"] == 0;
+                },
+                [&](caf::error&) { idle = true; });
         if (!idle) std::this_thread::sleep_for(std::chrono::milliseconds(100));
       }
       if (!idle) spdlog::warn("router: requests still in flight after {} s; stopping anyway", drain_timeout_s);
