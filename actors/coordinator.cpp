@@ -49,6 +49,12 @@ class LoadWindow {
       entries_.pop_front();
     }
   }
+  // Rows per expert in the window (what the placement of a host beyond the slots is chosen by).
+  std::map<ExpertKey, double> totals() const {
+    std::map<ExpertKey, double> out;
+    for (const auto& [k, n] : totals_) out[k] = double(n);
+    return out;
+  }
   // max / mean of the rows of the layer's experts (idle experts count as 0); 0 when the
   // layer computed nothing in the window.
   double imbalance(int32_t layer, int32_t num_experts) const {
@@ -91,6 +97,10 @@ struct CoordinatorMetrics {
                                   "(1: balanced; 0: no rows in the window).")),
         expired(metrics::counter_family(*registry, "moemesh_coordinator_expired_members_total",
                                         "Members removed because they missed their heartbeats, by role.")),
+        moves(metrics::counter_family(*registry, "moemesh_coordinator_placement_moves_total",
+                                      "Experts placed on an expert host by measured load (a host beyond the slots "
+                                      "gets the hottest experts).")
+                  .Add({})),
         restarts(metrics::gauge_family(*registry, "moemesh_coordinator_member_restarts",
                                        "Times a supervisor restarted each member, as it said when it registered "
                                        "(moemesh up; kept after the member leaves), by role and host.")) {
@@ -114,6 +124,7 @@ struct CoordinatorMetrics {
   prometheus::Gauge& uncovered;
   prometheus::Family<prometheus::Gauge>& imbalance;
   prometheus::Family<prometheus::Counter>& expired;
+  prometheus::Counter& moves;
   prometheus::Family<prometheus::Gauge>& restarts;
   std::map<pb::Role, prometheus::Gauge*> live;
   std::map<pb::Role, prometheus::Counter*> expired_by_role;
@@ -241,7 +252,17 @@ void on_register(Self* self, const zmq::message_t& peer, const pb::Register& r) 
     if (r.role() == pb::EXPERT) {
       std::set<ExpertKey> pinned;
       for (const auto& e : r.experts()) pinned.insert({e.layer(), e.expert()});
+      st.load.expire(m.last_seen, st.cfg.load_window);
+      st.placement->set_load(st.load.totals());  // a host beyond the slots gets the hottest experts
+      const uint64_t placed_before = st.placement->load_placed();
       auto assigned = st.placement->add_host(r.instance(), r.data_endpoint(), pinned, m.last_seen);
+      if (st.placement->load_placed() > placed_before) {
+        spdlog::info(
+            "coordinator: expert host {} is beyond the {} slots: it gets the {} experts that lower the "
+            "busiest host's load the most (measured load, hottest first)",
+            r.instance(), st.cfg.expert_hosts, assigned.size());
+        if (st.metrics) st.metrics->moves.Increment(double(st.placement->load_placed() - placed_before));
+      }
       for (const auto& [layer, expert] : assigned) {
         auto* id = rr->add_assigned();
         id->set_layer(layer);
@@ -350,6 +371,7 @@ std::string status_bytes(const CoordinatorState& st) {
   s.set_ready(cluster_ready(st));
   s.set_replicas(st.cfg.replicas);
   s.set_expired_members(st.expired);
+  s.set_placement_moves(st.placement->load_placed());
   for (const auto& [layer, expert] : st.placement->uncovered()) {
     auto* id = s.add_uncovered();
     id->set_layer(layer);

@@ -39,11 +39,11 @@ struct Change {
   std::optional<size_t> from;
   std::optional<ExpertKey> evict;
   double new_max = std::numeric_limits<double>::infinity();
-  double target_after = 0;  // `to`'s load after it: lower wins a tie (the emptiest host first)
-  int cost = 0;             // changes made: fewer wins a remaining tie
+  double spread = 0;  // sum of squared host loads after it: lower wins a tie (more even)
+  int cost = 0;       // changes made: fewer wins a remaining tie
 };
 
-// The busiest host's load after `c`, and `c.to`'s (computed on a copy of the per-host loads).
+// The busiest host's load after `c`, and the sum of the squared loads (on a copy of the loads).
 std::pair<double, double> max_after(const State& s, const std::map<ExpertKey, double>& load, const Change& c) {
   std::vector<double> l = s.loads;
   auto reshare = [&](const ExpertKey& k, int before, int after, std::optional<size_t> leaving,
@@ -65,7 +65,9 @@ std::pair<double, double> max_after(const State& s, const std::map<ExpertKey, do
     reshare(c.expert, r, r, c.from, c.to);
   else
     reshare(c.expert, std::max(r, 1), r + 1, std::nullopt, c.to);
-  return {*std::max_element(l.begin(), l.end()), l[c.to]};
+  double squares = 0;
+  for (double x : l) squares += x * x;
+  return {*std::max_element(l.begin(), l.end()), squares};
 }
 
 bool has_room(const EplbHost& h, const EplbOptions& o, size_t extra = 1) {
@@ -99,6 +101,10 @@ EplbPlan plan_placement(const std::vector<EplbHost>& hosts, const std::map<Exper
   if (opts.move_budget < 0) throw Error("placement plan: negative move budget");
   if (!(opts.min_gain >= 0 && opts.min_gain < 1)) throw Error("placement plan: min_gain must be in [0, 1)");
   if (opts.min_replicas < 1) throw Error("placement plan: min_replicas must be at least 1");
+  if (!opts.grow_host.empty() && !names.count(opts.grow_host))
+    throw Error("placement plan: the host to grow, " + opts.grow_host + ", is not among the hosts");
+  // May `i` take experts? (With grow_host only that one.)
+  auto may_take = [&](size_t i) { return opts.grow_host.empty() || hosts[i].instance == opts.grow_host; };
 
   EplbPlan plan;
   State s{hosts, {}, {}};
@@ -125,7 +131,9 @@ EplbPlan plan_placement(const std::vector<EplbHost>& hosts, const std::map<Exper
     while ((s.replicas.count(k) ? s.replicas[k] : 0) < want && budget >= opts.expert_bytes) {
       std::optional<size_t> to;
       for (size_t i = 0; i < s.hosts.size(); ++i)
-        if (!s.hosts[i].experts.count(k) && has_room(s.hosts[i], opts) && (!to || s.loads[i] < s.loads[*to])) to = i;
+        if (may_take(i) && !s.hosts[i].experts.count(k) && has_room(s.hosts[i], opts) &&
+            (!to || s.loads[i] < s.loads[*to]))
+          to = i;
       if (!to) break;
       add(*to, k);
       recompute(s, load);
@@ -142,12 +150,12 @@ EplbPlan plan_placement(const std::vector<EplbHost>& hosts, const std::map<Exper
     if (current <= 0) break;
     Change best;
     auto consider = [&](Change c) {
-      std::tie(c.new_max, c.target_after) = max_after(s, load, c);
+      std::tie(c.new_max, c.spread) = max_after(s, load, c);
       const double eps = 1e-12 * std::max(1.0, c.new_max);
       if (std::isinf(best.new_max) || c.new_max < best.new_max - eps ||
           (std::abs(c.new_max - best.new_max) <= eps &&
-           (c.target_after < best.target_after - eps ||
-            (std::abs(c.target_after - best.target_after) <= eps && c.cost < best.cost))))
+           (c.spread < best.spread * (1 - 1e-12) ||
+            (std::abs(c.spread - best.spread) <= 1e-12 * std::max(1.0, best.spread) && c.cost < best.cost))))
         best = c;
     };
     // Its experts, largest per-replica share first.
@@ -159,11 +167,11 @@ EplbPlan plan_placement(const std::vector<EplbHost>& hosts, const std::map<Exper
     });
     for (const auto& [share, k] : mine) {
       for (size_t t = 0; t < s.hosts.size(); ++t) {
-        if (t == busy || s.hosts[t].experts.count(k)) continue;
+        if (t == busy || s.hosts[t].experts.count(k) || !may_take(t)) continue;
         std::vector<std::optional<ExpertKey>> evictions;
         if (has_room(s.hosts[t], opts)) {
           evictions.push_back(std::nullopt);
-        } else {
+        } else if (opts.grow_host.empty()) {
           // Room by giving back the coldest replica there that has another copy.
           std::optional<ExpertKey> cold;
           for (const auto& c : s.hosts[t].experts)
@@ -174,8 +182,8 @@ EplbPlan plan_placement(const std::vector<EplbHost>& hosts, const std::map<Exper
         }
         for (const auto& ev : evictions) {
           const int extra = ev ? 1 : 0;
-          consider({k, t, std::nullopt, ev, 0, 0, 1 + extra});  // another replica
-          consider({k, t, busy, ev, 0, 0, 2 + extra});          // a move
+          consider({k, t, std::nullopt, ev, 0, 0, 1 + extra});                      // another replica
+          if (opts.grow_host.empty()) consider({k, t, busy, ev, 0, 0, 2 + extra});  // a move
         }
       }
     }

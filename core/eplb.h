@@ -44,6 +44,10 @@ struct EplbOptions {
   int64_t move_budget = 0;   // bytes of experts newly loaded per call; 0: no limit
   double min_gain = 0.05;    // relative drop of the busiest host's load needed to change anything
   int min_replicas = 1;      // copies every expert keeps
+  // When set: only add experts, and only to this host (one joining the pool, which loads them
+  // when it registers; the others keep what they hold). Scaling out with it puts the hottest
+  // experts on the new host first.
+  std::string grow_host = {};
 };
 
 struct EplbMove {

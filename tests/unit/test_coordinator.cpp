@@ -359,6 +359,37 @@ TEST(Coordinator, AMemberWhoseConnectionDropsIsRemovedAfterTheGraceNotTheTimeout
   EXPECT_EQ(after.replicas(), 1);
 }
 
+// Scaling out: an expert host beyond the slots registers after the heartbeats reported skewed
+// load, and is assigned the hot experts (not a round-robin copy of a slot); the status counts them.
+TEST(Coordinator, AHostBeyondTheSlotsGetsTheHotExperts) {
+  caf::actor_system sys{two_thread_config()};
+  const CoordinatorConfig cc = config(2, 1);
+  LoopbackCoordinator coord(sys, cc);
+  FakeMember a(coord.control(), "exp-a"), b(coord.control(), "exp-b"), c(coord.control(), "exp-c");
+  const auto ra = a.register_as(pb::EXPERT, "tcp://127.0.0.1:7321");
+  const auto rb = b.register_as(pb::EXPERT, "tcp://127.0.0.1:7322");
+  ASSERT_TRUE(ra.ok() && rb.ok());
+  // Layer 3 expert 4 is hot, wherever it lives.
+  for (FakeMember* m : {&a, &b})
+    m->heartbeat(true, [&](pb::Heartbeat& hb) {
+      const Experts mine = experts_of(m == &a ? ra.assigned() : rb.assigned());
+      for (const auto& [layer, expert] : mine) {
+        auto* l = hb.add_load();
+        l->set_layer(layer);
+        l->set_expert(expert);
+        l->set_rows(layer == 3 && expert == 4 ? 5000 : 10);
+      }
+    });
+  (void)a.status();  // the heartbeats were handled
+  (void)b.status();
+  const auto rc = c.register_as(pb::EXPERT, "tcp://127.0.0.1:7323");
+  ASSERT_TRUE(rc.ok());
+  const Experts got = experts_of(rc.assigned());
+  EXPECT_TRUE(got.count({3, 4})) << "the hot expert is on the new host";
+  // Placed by load (not the round-robin copy of a slot it gets before any load is known).
+  EXPECT_EQ(c.status().placement_moves(), got.size());
+}
+
 // The listener hears of attention workers once they are registered and report ready, with their
 // step endpoint and KV size, again when the set changes (a second worker, one that goes silent,
 // one no longer ready), and never for heartbeats that change nothing. The cluster is ready once

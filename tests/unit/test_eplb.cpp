@@ -144,6 +144,33 @@ TEST(Eplb, ANewHostGetsTheHottestExpertsFirst) {
   expect_moves_reach_plan(hosts, all);
 }
 
+TEST(Eplb, GrowingOneHostOnlyAddsToIt) {
+  auto hosts = round_robin(3, 12);
+  hosts.push_back({"new", {}, 3});  // room for three experts
+  std::map<ExpertKey, double> load;
+  for (int x = 0; x < 12; ++x) load[{0, x}] = 10 + x;
+  load[{0, 7}] = 300;
+  load[{0, 5}] = 200;
+  load[{0, 2}] = 150;
+  EplbOptions o;
+  o.grow_host = "new";
+  o.min_gain = 0;
+  const EplbPlan p = plan_placement(hosts, load, o);
+  for (const auto& m : p.moves) {
+    EXPECT_TRUE(m.add) << "dropped " << m.expert.second << " from " << m.host;
+    EXPECT_EQ(m.host, "new");
+  }
+  // host-2 (2, 5, 8, 11: 389) then host-1 (1, 4, 7, 10: 345) were the busiest: their hottest first.
+  ASSERT_GE(p.moves.size(), 2u);
+  EXPECT_EQ(p.moves[0].expert, (ExpertKey{0, 5}));
+  EXPECT_EQ(p.moves[1].expert, (ExpertKey{0, 7}));
+  EXPECT_LE(p.hosts.back().experts.size(), 3u) << "its memory budget";
+  EXPECT_LT(p.busiest_after, p.busiest_before);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(p.hosts[i].experts, hosts[i].experts);
+  o.grow_host = "nobody";
+  EXPECT_THROW(plan_placement(hosts, load, o), Error);
+}
+
 TEST(Eplb, UncoveredExpertsAreCoveredWhateverTheGain) {
   std::vector<EplbHost> hosts = {{"a", {{0, 0}}, 0}, {"b", {{0, 1}}, 0}};
   std::map<ExpertKey, double> load = {{{0, 0}, 5}, {{0, 1}, 5}, {{0, 2}, 5}};
