@@ -57,10 +57,14 @@ std::string experts_text(const google::protobuf::RepeatedPtrField<pb::ExpertId>&
 
 const char* role_name(pb::Role r) {
   switch (r) {
-    case pb::ATTENTION: return "attention";
-    case pb::EXPERT: return "expert";
-    case pb::KVSTORE: return "kvstore";
-    default: return "unknown";
+    case pb::ATTENTION:
+      return "attention";
+    case pb::EXPERT:
+      return "expert";
+    case pb::KVSTORE:
+      return "kvstore";
+    default:
+      return "unknown";
   }
 }
 
@@ -68,17 +72,39 @@ const char* role_name(pb::Role r) {
 
 std::string format_cluster_status(const pb::ClusterStatus& s) {
   std::ostringstream o;
-  o << fmt::format("model {}  placement v{}  cluster {}\n", s.model_id(), s.placement_version(),
-                   s.ready() ? "READY" : "NOT READY");
-  o << fmt::format("{:<10} {:<28} {:<24} {:<6} {:>8} {:>10} {:>10}  {}\n", "ROLE", "INSTANCE", "ENDPOINT", "READY",
-                   "HB AGE", "ROWS", "RSS MiB", "EXPERTS / KV FREE");
+  o << fmt::format("model {}  placement v{}  replicas {}  cluster {}\n", s.model_id(), s.placement_version(),
+                   s.replicas(), s.ready() ? "READY" : "NOT READY");
+  // Copies of each expert now (from the hosts' lists): min..max, and what is uncovered.
+  std::map<std::pair<int, int>, int> copies;
+  for (const auto& v : s.services())
+    if (v.role() == pb::EXPERT)
+      for (const auto& e : v.experts()) ++copies[{e.layer(), e.expert()}];
+  int64_t waiting = 0;
+  uint32_t restarts = 0;
+  for (const auto& v : s.services()) waiting += v.waiting_dispatches(), restarts += v.restarts();
+  int lo = 0, hi = 0;
+  for (auto it = copies.begin(); it != copies.end(); ++it) {
+    lo = it == copies.begin() ? it->second : std::min(lo, it->second);
+    hi = std::max(hi, it->second);
+  }
+  o << fmt::format(
+      "experts: {}..{} live copies each, {} uncovered{}; placement moves {}; restarts {}; members "
+      "expired {}; dispatches waiting for a host {}\n",
+      lo, hi, s.uncovered_size(), s.uncovered_size() ? " (" + experts_text(s.uncovered()) + ")" : std::string(),
+      s.placement_moves(), restarts, s.expired_members(), waiting);
+  o << fmt::format("{:<10} {:<28} {:<24} {:<6} {:>8} {:>8} {:>10} {:>10}  {}\n", "ROLE", "INSTANCE", "ENDPOINT",
+                   "READY", "HB AGE", "RESTARTS", "ROWS", "RSS MiB", "EXPERTS / KV FREE");
   for (const auto& v : s.services()) {
-    std::string extra = v.role() == pb::EXPERT      ? experts_text(v.experts())
-                        : v.role() == pb::ATTENTION ? fmt::format("{} KV blocks free", v.kv_free_blocks())
-                                                    : "";
-    o << fmt::format("{:<10} {:<28} {:<24} {:<6} {:>7.1f}s {:>10} {:>10.1f}  {}\n", role_name(v.role()), v.instance(),
-                     v.data_endpoint(), v.ready() ? "yes" : "no", v.last_heartbeat_age_s(), v.rows_total(),
-                     double(v.resident_bytes()) / (1 << 20), extra);
+    std::string extra = v.role() == pb::EXPERT ? experts_text(v.experts())
+                        : v.role() == pb::ATTENTION
+                            ? fmt::format("{} KV blocks free{}", v.kv_free_blocks(),
+                                          v.waiting_dispatches() ? fmt::format(", {} dispatch(es) waiting for a host",
+                                                                               v.waiting_dispatches())
+                                                                 : std::string())
+                            : "";
+    o << fmt::format("{:<10} {:<28} {:<24} {:<6} {:>7.1f}s {:>8} {:>10} {:>10.1f}  {}\n", role_name(v.role()),
+                     v.instance(), v.data_endpoint(), v.ready() ? "yes" : "no", v.last_heartbeat_age_s(), v.restarts(),
+                     v.rows_total(), double(v.resident_bytes()) / (1 << 20), extra);
   }
   return o.str();
 }

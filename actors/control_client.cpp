@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <fstream>
 
 #include <spdlog/spdlog.h>
@@ -133,8 +134,7 @@ caf::behavior control_client(Self* self, ControlClientOptions opts, ControlCallb
         // One frame is the message; a ROUTER peer may put an empty delimiter before it, a PUB
         // a topic: the last frame is the payload either way.
         pb::ControlMessage msg;
-        if (!frames || frames->empty() ||
-            !msg.ParseFromArray(frames->back().data(), int(frames->back().size()))) {
+        if (!frames || frames->empty() || !msg.ParseFromArray(frames->back().data(), int(frames->back().size()))) {
           ++s.bad_messages;
           spdlog::warn("control: undecodable message from the coordinator ignored ({} so far)", s.bad_messages);
           return;
@@ -143,8 +143,7 @@ caf::behavior control_client(Self* self, ControlClientOptions opts, ControlCallb
           on_register_reply(self, msg.register_reply());
         else if (socket == s.dealer && msg.has_nccl_pair_id()) {
           if (s.cb.on_nccl_pair) s.cb.on_nccl_pair(msg.nccl_pair_id());
-        }
-        else if (msg.has_placement())
+        } else if (msg.has_placement())
           on_placement(self, msg.placement());
         else
           spdlog::debug("control: unexpected message (body case {}) ignored", int(msg.body_case()));
@@ -160,13 +159,14 @@ caf::actor spawn_control_client(caf::actor_system& sys, ZmqBridge& bridge, Contr
   int dealer = bridge.add({.name = "control",
                            .type = zmq::socket_type::dealer,
                            .endpoint = opts.control_endpoint,
-                           .send_hwm = 16});
+                           .send_hwm = 16,
+                           .heartbeats = kDataPlaneHeartbeats});
+  if (const char* n = std::getenv("MOEMESH_RESTART_COUNT"); n && opts.registration.restarts() == 0)
+    opts.registration.set_restarts(uint32_t(std::strtoul(n, nullptr, 10)));
   int sub = -1;
   if (!opts.placement_endpoint.empty())
-    sub = bridge.add({.name = "placement",
-                      .type = zmq::socket_type::sub,
-                      .endpoint = opts.placement_endpoint,
-                      .subscribe = {""}});
+    sub = bridge.add(
+        {.name = "placement", .type = zmq::socket_type::sub, .endpoint = opts.placement_endpoint, .subscribe = {""}});
   auto actor = sys.spawn(control_client, std::move(opts), std::move(callbacks), bridge.actor(), dealer, sub);
   bridge.route(dealer, actor);
   if (sub >= 0) bridge.route(sub, actor);

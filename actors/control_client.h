@@ -6,6 +6,10 @@
 // connected to the coordinator's PUB receives placement tables, and each table newer than the
 // last one is handed on. Every message is one frame: a serialized pb::ControlMessage.
 //
+// The control DEALER carries ZeroMQ heartbeats (kDataPlaneHeartbeats), so a frozen member's
+// connection drops at the coordinator too. A registration carries MOEMESH_RESTART_COUNT (set by
+// `moemesh up` when it restarts a process) as Register.restarts.
+//
 // A RegisterReply with ok=false, at any time, makes the client register again (after a
 // rejection, or when a restarted coordinator no longer knows this instance).
 #pragma once
@@ -24,7 +28,9 @@ struct ControlClientOptions {
   std::string control_endpoint;    // the coordinator's ROUTER, e.g. tcp://router:5501
   std::string placement_endpoint;  // the coordinator's PUB; empty: no placement subscription
   pb::Register registration;       // sent as is: instance, role, endpoints, model, ...
-  std::chrono::milliseconds heartbeat_interval{500};
+  // Four a second: the coordinator's fast removal (CoordinatorConfig::suspect_grace, 1 s) needs a
+  // live member to have sent one well within the grace.
+  std::chrono::milliseconds heartbeat_interval{250};
   std::chrono::milliseconds register_retry{500};  // first retry; doubles up to max_register_retry
   std::chrono::milliseconds max_register_retry{5000};
 };

@@ -4,6 +4,7 @@
 #include <deque>
 #include <map>
 
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include "actors/metrics_util.h"
@@ -18,10 +19,14 @@ using Clock = std::chrono::steady_clock;
 
 const char* role_label(pb::Role r) {
   switch (r) {
-    case pb::ATTENTION: return "attention";
-    case pb::EXPERT: return "expert";
-    case pb::KVSTORE: return "kvstore";
-    default: return "unknown";
+    case pb::ATTENTION:
+      return "attention";
+    case pb::EXPERT:
+      return "expert";
+    case pb::KVSTORE:
+      return "kvstore";
+    default:
+      return "unknown";
   }
 }
 
@@ -43,6 +48,12 @@ class LoadWindow {
         if ((totals_[k] -= n) == 0) totals_.erase(k);
       entries_.pop_front();
     }
+  }
+  // Rows per expert in the window (what the placement of a host beyond the slots is chosen by).
+  std::map<ExpertKey, double> totals() const {
+    std::map<ExpertKey, double> out;
+    for (const auto& [k, n] : totals_) out[k] = double(n);
+    return out;
   }
   // max / mean of the rows of the layer's experts (idle experts count as 0); 0 when the
   // layer computed nothing in the window.
@@ -80,11 +91,19 @@ struct CoordinatorMetrics {
         uncovered(metrics::gauge_family(*registry, "moemesh_coordinator_uncovered_experts",
                                         "Routed experts with no live host (the cluster is not ready while any exist).")
                       .Add({})),
-        imbalance(metrics::gauge_family(*registry, "moemesh_coordinator_expert_load_imbalance_ratio",
-                                        "Per MoE layer, max / mean of the rows computed per expert over the load window "
-                                        "(1: balanced; 0: no rows in the window).")),
+        imbalance(
+            metrics::gauge_family(*registry, "moemesh_coordinator_expert_load_imbalance_ratio",
+                                  "Per MoE layer, max / mean of the rows computed per expert over the load window "
+                                  "(1: balanced; 0: no rows in the window).")),
         expired(metrics::counter_family(*registry, "moemesh_coordinator_expired_members_total",
-                                        "Members removed because they missed their heartbeats, by role.")) {
+                                        "Members removed because they missed their heartbeats, by role.")),
+        moves(metrics::counter_family(*registry, "moemesh_coordinator_placement_moves_total",
+                                      "Experts placed on an expert host by measured load (a host beyond the slots "
+                                      "gets the hottest experts).")
+                  .Add({})),
+        restarts(metrics::gauge_family(*registry, "moemesh_coordinator_member_restarts",
+                                       "Times a supervisor restarted each member, as it said when it registered "
+                                       "(moemesh up; kept after the member leaves), by role and host.")) {
     expected_expert_hosts.Set(cfg.expert_hosts);
     for (pb::Role r : {pb::ATTENTION, pb::EXPERT, pb::KVSTORE}) {
       live[r] = &live_hosts.Add({{"role", role_label(r)}});
@@ -105,6 +124,8 @@ struct CoordinatorMetrics {
   prometheus::Gauge& uncovered;
   prometheus::Family<prometheus::Gauge>& imbalance;
   prometheus::Family<prometheus::Counter>& expired;
+  prometheus::Counter& moves;
+  prometheus::Family<prometheus::Gauge>& restarts;
   std::map<pb::Role, prometheus::Gauge*> live;
   std::map<pb::Role, prometheus::Counter*> expired_by_role;
   std::map<int32_t, prometheus::Gauge*> imbalance_by_layer;
@@ -120,6 +141,7 @@ struct Member {
   Clock::time_point last_seen;
   pb::Heartbeat last;  // the newest heartbeat
   uint64_t rows_total = 0;
+  uint32_t restarts = 0;  // as it registered
   AttentionWorker worker;
 };
 
@@ -131,7 +153,10 @@ struct CoordinatorState {
   std::map<std::string, Member> members;
   std::vector<AttentionWorker> last_workers;  // as last told to the listener
   LoadWindow load;
-  std::unique_ptr<CoordinatorMetrics> metrics;  // null without a registry
+  bool suspect_armed = false;                                     // a fast-removal check is scheduled
+  uint64_t expired = 0;                                           // members removed since start
+  std::map<std::string, std::pair<pb::Role, uint32_t>> restarts;  // per instance ever seen: role, restarts
+  std::unique_ptr<CoordinatorMetrics> metrics;                    // null without a registry
   static inline const char* name = "coordinator";
 };
 
@@ -196,7 +221,8 @@ void notify_workers(Self* self) {
     return;
   self->state.last_workers = ready;
   if (self->state.listener)
-    self->send(self->state.listener, workers_atom::value, WorkerList(std::make_shared<std::vector<AttentionWorker>>(ready)));
+    self->send(self->state.listener, workers_atom::value,
+               WorkerList(std::make_shared<std::vector<AttentionWorker>>(ready)));
 }
 
 void on_register(Self* self, const zmq::message_t& peer, const pb::Register& r) {
@@ -218,11 +244,25 @@ void on_register(Self* self, const zmq::message_t& peer, const pb::Register& r) 
     m.control_peer = peer.to_string();
     m.caps = {r.gpu(), r.nccl(), r.gpu_id()};
     m.last_seen = Clock::now();
+    m.restarts = r.restarts();
+    st.restarts[r.instance()] = {r.role(), r.restarts()};
+    if (r.restarts() > 0)
+      spdlog::info("coordinator: {} registered after {} restart(s) by its supervisor", r.instance(), r.restarts());
     rr->set_ok(true);
     if (r.role() == pb::EXPERT) {
       std::set<ExpertKey> pinned;
       for (const auto& e : r.experts()) pinned.insert({e.layer(), e.expert()});
+      st.load.expire(m.last_seen, st.cfg.load_window);
+      st.placement->set_load(st.load.totals());  // a host beyond the slots gets the hottest experts
+      const uint64_t placed_before = st.placement->load_placed();
       auto assigned = st.placement->add_host(r.instance(), r.data_endpoint(), pinned, m.last_seen);
+      if (st.placement->load_placed() > placed_before) {
+        spdlog::info(
+            "coordinator: expert host {} is beyond the {} slots: it gets the {} experts that lower the "
+            "busiest host's load the most (measured load, hottest first)",
+            r.instance(), st.cfg.expert_hosts, assigned.size());
+        if (st.metrics) st.metrics->moves.Increment(double(st.placement->load_placed() - placed_before));
+      }
       for (const auto& [layer, expert] : assigned) {
         auto* id = rr->add_assigned();
         id->set_layer(layer);
@@ -329,6 +369,14 @@ std::string status_bytes(const CoordinatorState& st) {
   s.set_model_id(st.cfg.model_id);
   s.set_placement_version(st.placement->table().version);
   s.set_ready(cluster_ready(st));
+  s.set_replicas(st.cfg.replicas);
+  s.set_expired_members(st.expired);
+  s.set_placement_moves(st.placement->load_placed());
+  for (const auto& [layer, expert] : st.placement->uncovered()) {
+    auto* id = s.add_uncovered();
+    id->set_layer(layer);
+    id->set_expert(expert);
+  }
   auto now = Clock::now();
   for (const auto& [name, m] : st.members) {
     auto* o = s.add_services();
@@ -343,6 +391,8 @@ std::string status_bytes(const CoordinatorState& st) {
     o->set_kv_free_blocks(m.last.kv_free_blocks());
     o->set_resident_bytes(m.last.resident_bytes());
     o->set_mapped_weight_bytes(m.last.mapped_weight_bytes());
+    o->set_restarts(m.restarts);
+    o->set_waiting_dispatches(m.last.waiting_dispatches());
     for (const auto& h : st.placement->table().hosts)
       if (h.instance == name)
         for (const auto& [layer, expert] : h.experts) {
@@ -354,13 +404,21 @@ std::string status_bytes(const CoordinatorState& st) {
   return s.SerializeAsString();
 }
 
-void expire(Self* self) {
+// Removes the members silent for longer than `timeout` (the heartbeat timeout, or the suspect
+// grace after a control connection dropped).
+void expire(Self* self, Clock::duration timeout, bool after_drop = false) {
   auto& st = self->state;
   auto now = Clock::now();
   bool changed = false;
   for (auto it = st.members.begin(); it != st.members.end();) {
-    if (now - it->second.last_seen > st.cfg.heartbeat_timeout) {
-      spdlog::warn("coordinator: {} missed its heartbeats, removed", it->first);
+    if (now - it->second.last_seen > timeout) {
+      spdlog::warn(
+          "coordinator: {} missed its heartbeats, removed{}", it->first,
+          after_drop
+              ? fmt::format(" (a control connection dropped; silent for {} ms)",
+                            std::chrono::duration_cast<std::chrono::milliseconds>(now - it->second.last_seen).count())
+              : std::string());
+      ++st.expired;
       if (it->second.role == pb::EXPERT) st.placement->remove_host(it->first);
       if (st.metrics && st.metrics->expired_by_role.count(it->second.role))
         st.metrics->expired_by_role[it->second.role]->Increment();
@@ -406,6 +464,8 @@ void publish_metrics(CoordinatorState& st) {
   }
   m.uncovered.Set(uncovered);
   for (auto& [layer, g] : m.imbalance_by_layer) g->Set(st.load.imbalance(layer, st.cfg.num_experts));
+  for (const auto& [name, rr] : st.restarts)
+    m.restarts.Add({{"role", role_label(rr.first)}, {"host", name}}).Set(double(rr.second));
 }
 
 caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publish, CoordinatorConfig cfg,
@@ -415,7 +475,8 @@ caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publis
   st.control = control;
   st.publish = publish;
   st.listener = std::move(listener);
-  st.placement = std::make_unique<Placement>(PlacementPlan(cfg.moe_layers, cfg.num_experts, cfg.expert_hosts, cfg.replicas));
+  st.placement =
+      std::make_unique<Placement>(PlacementPlan(cfg.moe_layers, cfg.num_experts, cfg.expert_hosts, cfg.replicas));
   st.cfg = std::move(cfg);
   if (st.cfg.metrics) st.metrics = std::make_unique<CoordinatorMetrics>(st.cfg.metrics, st.cfg);
   self->send(self, tick_atom::value);
@@ -434,20 +495,40 @@ caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publis
         }
         const auto& peer = (*frames)[0];
         switch (msg.body_case()) {
-          case pb::ControlMessage::kRegister: on_register(self, peer, msg.register_()); break;
-          case pb::ControlMessage::kHeartbeat: on_heartbeat(self, peer, msg.heartbeat()); break;
-          case pb::ControlMessage::kNcclPairId: on_nccl_pair(self, peer, msg.nccl_pair_id()); break;
+          case pb::ControlMessage::kRegister:
+            on_register(self, peer, msg.register_());
+            break;
+          case pb::ControlMessage::kHeartbeat:
+            on_heartbeat(self, peer, msg.heartbeat());
+            break;
+          case pb::ControlMessage::kNcclPairId:
+            on_nccl_pair(self, peer, msg.nccl_pair_id());
+            break;
           case pb::ControlMessage::kStatusRequest: {
             pb::ControlMessage reply;
             reply.mutable_status()->ParseFromString(status_bytes(self->state));
             self->send(self->state.bridge, zmq_send_atom::value, self->state.control, control_frames(&peer, reply));
             break;
           }
-          default: spdlog::warn("coordinator: unexpected control message kind {}", int(msg.body_case()));
+          default:
+            spdlog::warn("coordinator: unexpected control message kind {}", int(msg.body_case()));
         }
       },
+      [=](zmq_event_atom, int, const PeerEvent& e) {
+        // A member's control connection dropped (it died, or its pings went unanswered): check
+        // who is silent one grace later, rather than after the whole heartbeat timeout.
+        if (e.kind != PeerEvent::Disconnected || self->state.cfg.suspect_grace.count() <= 0) return;
+        if (self->state.suspect_armed) return;
+        self->state.suspect_armed = true;
+        self->delayed_send(self, self->state.cfg.suspect_grace, suspect_atom::value);
+      },
+      [=](suspect_atom) {
+        self->state.suspect_armed = false;
+        expire(self, self->state.cfg.suspect_grace, /*after_drop=*/true);
+        publish_table(self);
+      },
       [=](tick_atom) {
-        expire(self);
+        expire(self, self->state.cfg.heartbeat_timeout);
         publish_table(self);
         publish_metrics(self->state);
         self->delayed_send(self, self->state.cfg.publish_interval, tick_atom::value);
@@ -459,11 +540,12 @@ caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publis
 
 }  // namespace
 
-caf::actor spawn_coordinator(caf::actor_system& sys, ZmqBridge& bridge, int control, int publish,
-                             CoordinatorConfig cfg, caf::actor listener) {
+caf::actor spawn_coordinator(caf::actor_system& sys, ZmqBridge& bridge, int control, int publish, CoordinatorConfig cfg,
+                             caf::actor listener) {
   // Its own thread: heartbeats must be stamped on time even when the router is busy.
   caf::actor a = sys.spawn<caf::detached>(coordinator, &bridge, control, publish, std::move(cfg), std::move(listener));
   bridge.route(control, a);
+  bridge.watch(control, a);
   return a;
 }
 

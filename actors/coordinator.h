@@ -25,6 +25,10 @@ struct CoordinatorConfig {
   int32_t expert_hosts = 1;  // expected expert hosts: the number of placement slots
   int32_t replicas = 1;
   std::chrono::milliseconds heartbeat_timeout{2000};
+  // When a control connection drops (the control ROUTER's monitor), members whose last heartbeat
+  // is older than this at the check, suspect_grace later, are removed at once instead of after
+  // heartbeat_timeout: the drop says someone died, the heartbeats say who. 0: off.
+  std::chrono::milliseconds suspect_grace{1000};
   std::chrono::milliseconds publish_interval{500};
   // Where the moemesh_coordinator_* metrics go (docs/metrics.md); none without it.
   std::shared_ptr<prometheus::Registry> metrics;
@@ -45,13 +49,14 @@ using workers_atom = caf::atom_constant<caf::atom("workers")>;
 using ready_atom = caf::atom_constant<caf::atom("ready")>;
 using status_atom = caf::atom_constant<caf::atom("status")>;
 using tick_atom = caf::atom_constant<caf::atom("tick")>;
+using suspect_atom = caf::atom_constant<caf::atom("suspect")>;
 
-// Spawns the coordinator. `control` is a bound ROUTER and `publish` a bound PUB socket of
-// `bridge`; `listener` receives (workers_atom, WorkerList) whenever the set of ready attention
-// workers changes. Answers (ready_atom) -> bool and (status_atom) -> std::string (a serialized
-// pb::ClusterStatus).
-caf::actor spawn_coordinator(caf::actor_system& sys, ZmqBridge& bridge, int control, int publish,
-                             CoordinatorConfig cfg, caf::actor listener);
+// Spawns the coordinator. `control` is a bound ROUTER (opened with monitor = true for the fast
+// removal, see suspect_grace) and `publish` a bound PUB socket of `bridge`; `listener` receives (workers_atom,
+// WorkerList) whenever the set of ready attention workers changes. Answers (ready_atom) -> bool and (status_atom) ->
+// std::string (a serialized pb::ClusterStatus).
+caf::actor spawn_coordinator(caf::actor_system& sys, ZmqBridge& bridge, int control, int publish, CoordinatorConfig cfg,
+                             caf::actor listener);
 
 }  // namespace moemesh::actors
 

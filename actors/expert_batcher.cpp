@@ -162,9 +162,9 @@ void check_servable(const dispatch::Request& r, const HostedExperts& experts) {
                                     std::to_string(experts.hidden()));
   for (const auto& g : r.groups)
     if (!experts.holds(r.layer, g.expert))
-      throw dispatch::DecodeError(r.request_id, std::string(dispatch::kUnknownExpert),
-                                  "expert " + std::to_string(g.expert) + " of layer " + std::to_string(r.layer) +
-                                      " is not held by this host");
+      throw dispatch::DecodeError(
+          r.request_id, std::string(dispatch::kUnknownExpert),
+          "expert " + std::to_string(g.expert) + " of layer " + std::to_string(r.layer) + " is not held by this host");
 }
 
 struct BatcherState {
@@ -364,6 +364,27 @@ caf::actor spawn_expert_batcher(caf::actor_system& sys, ExpertBatcherDeps deps) 
   if (!deps.experts || !deps.pool || !deps.metrics || !deps.bridge)
     throw Error("expert batcher: experts, pool, metrics and bridge are required");
   return sys.spawn(batcher, std::move(deps));
+}
+
+caf::actor spawn_not_ready_replier(caf::actor_system& sys, caf::actor bridge, int socket) {
+  // State as spawn arguments, not captures (CAF 0.17 and UBSan).
+  return sys.spawn(
+      [](caf::event_based_actor*, caf::actor bridge, int socket) -> caf::behavior {
+        return {[bridge, socket](zmq_recv_atom, int, FramesPtr frames) {
+          if (!frames || frames->size() < 2) return;  // [peer, header, ...]
+          uint64_t id = 0;
+          try {
+            id = dispatch::decode_request(frame_views(*frames, 1)).request_id;
+          } catch (const dispatch::DecodeError& e) {
+            id = e.request_id();
+          }
+          caf::anon_send(
+              bridge, zmq_send_atom::value, socket,
+              to_frames(dispatch::encode_error(id, dispatch::kNotReady, "the expert host is loading its experts"),
+                        (*frames)[0].to_string()));
+        }};
+      },
+      std::move(bridge), socket);
 }
 
 void stop_expert_batcher(caf::actor_system& sys, const caf::actor& batcher) {

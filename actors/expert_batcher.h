@@ -81,17 +81,17 @@ struct ExpertHostMetrics {
   void bad_request(const std::string& reason) { bad_requests.Add({{"reason", reason}}).Increment(); }
 
   prometheus::Family<prometheus::Counter>& bad_requests;  // moemesh_expert_bad_requests_total{reason}
-  prometheus::Counter& requests;                           // moemesh_expert_requests_total
-  prometheus::Family<prometheus::Counter>& rows;           // moemesh_expert_rows_total{layer, expert}
-  prometheus::Counter& batches;                            // moemesh_expert_batches_total
-  prometheus::Histogram& batch_requests;                   // moemesh_expert_batch_requests
-  prometheus::Histogram& batch_rows;                       // moemesh_expert_batch_rows
-  prometheus::Histogram& queue_seconds;                    // moemesh_expert_queue_wait_seconds
-  prometheus::Histogram& compute_seconds;                  // moemesh_expert_compute_seconds
-  prometheus::Gauge& queued_requests;                      // moemesh_expert_queued_requests
-  prometheus::Gauge& mapped_weight_bytes;                  // moemesh_expert_mapped_weight_bytes
-  prometheus::Counter& received_bytes;                     // moemesh_expert_received_bytes_total
-  prometheus::Counter& sent_bytes;                         // moemesh_expert_sent_bytes_total
+  prometheus::Counter& requests;                          // moemesh_expert_requests_total
+  prometheus::Family<prometheus::Counter>& rows;          // moemesh_expert_rows_total{layer, expert}
+  prometheus::Counter& batches;                           // moemesh_expert_batches_total
+  prometheus::Histogram& batch_requests;                  // moemesh_expert_batch_requests
+  prometheus::Histogram& batch_rows;                      // moemesh_expert_batch_rows
+  prometheus::Histogram& queue_seconds;                   // moemesh_expert_queue_wait_seconds
+  prometheus::Histogram& compute_seconds;                 // moemesh_expert_compute_seconds
+  prometheus::Gauge& queued_requests;                     // moemesh_expert_queued_requests
+  prometheus::Gauge& mapped_weight_bytes;                 // moemesh_expert_mapped_weight_bytes
+  prometheus::Counter& received_bytes;                    // moemesh_expert_received_bytes_total
+  prometheus::Counter& sent_bytes;                        // moemesh_expert_sent_bytes_total
 };
 
 struct ExpertBatcherDeps {
@@ -110,6 +110,10 @@ struct ExpertBatcherDeps {
 
 // Route the ROUTER socket's inbound messages to the returned actor.
 caf::actor spawn_expert_batcher(caf::actor_system& sys, ExpertBatcherDeps deps);
+// Until the batcher runs (the host still loads its experts), the ROUTER's requests go to this
+// actor, which answers each with an Error reply `not_ready` at once: the attention worker tries a
+// replica, or asks again shortly (actors/remote_experts.h), instead of waiting for a deadline.
+caf::actor spawn_not_ready_replier(caf::actor_system& sys, caf::actor bridge, int socket);
 // Stops the batcher and waits until it has terminated: after this the pool, the experts and
 // the metrics may go (stop the bridge first, so nothing new arrives).
 void stop_expert_batcher(caf::actor_system& sys, const caf::actor& batcher);

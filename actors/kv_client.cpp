@@ -92,7 +92,8 @@ KvClient::KvClient(caf::actor_system& sys, KvClientOptions opts)
   next_id_ = ((uint64_t(rd()) << 32) | rd()) | 1;
   // A bounded queue: while the store is away, puts beyond it are dropped (and counted by the bridge).
   socket_ = bridge_.add({.name = "kvstore " + opts_.endpoint, .type = zmq::socket_type::dealer,
-                         .endpoint = opts_.endpoint, .identity = opts_.identity, .send_hwm = 64, .recv_hwm = 1000});
+                         .endpoint = opts_.endpoint, .identity = opts_.identity, .send_hwm = 64, .recv_hwm = 1000,
+                         .heartbeats = kDataPlaneHeartbeats});
   // State as a spawn argument, not a capture: CAF 0.17 trips UBSan on argument-less function actors.
   receiver_ = sys.spawn(
       [](caf::event_based_actor*, std::shared_ptr<Inflight> inflight) -> caf::behavior {

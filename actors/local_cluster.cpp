@@ -72,18 +72,36 @@ std::string LocalCluster::control_endpoint() const {
 
 void LocalCluster::spawn(const std::string& name, const std::string& bin, std::vector<std::string> args,
                          int admin_port) {
-  Proc p{name, -1, opts_.log_dir / (name + ".log"), fmt::format("{}:{}", opts_.host, admin_port)};
+  Proc p;
+  p.name = name;
+  p.log = opts_.log_dir / (name + ".log");
+  p.admin = fmt::format("{}:{}", opts_.host, admin_port);
   args.insert(args.begin(), bin);
   for (const std::string& a : {std::string("--instance"), name, std::string("--admin-port"), std::to_string(admin_port),
                                std::string("--log-level"), opts_.log_level})
     args.push_back(a);
+  p.argv = std::move(args);
+  launch(p, /*append_log=*/false);
+  procs_.push_back(std::move(p));
+}
+
+void LocalCluster::launch(Proc& p, bool append_log) {
   std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
+  for (auto& a : p.argv) argv.push_back(a.data());
   argv.push_back(nullptr);
+  // The environment, plus how often this instance was restarted (told to the coordinator).
+  std::vector<std::string> env_store;
+  for (char** e = environ; *e; ++e)
+    if (std::strncmp(*e, "MOEMESH_RESTART_COUNT=", 22) != 0) env_store.emplace_back(*e);
+  env_store.push_back("MOEMESH_RESTART_COUNT=" + std::to_string(p.restarts));
+  std::vector<char*> envp;
+  for (auto& e : env_store) envp.push_back(e.data());
+  envp.push_back(nullptr);
 
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, p.log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, p.log.c_str(),
+                                   O_WRONLY | O_CREAT | (append_log ? O_APPEND : O_TRUNC), 0644);
   posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
   posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
   posix_spawnattr_t attr;
@@ -93,12 +111,15 @@ void LocalCluster::spawn(const std::string& name, const std::string& bin, std::v
   posix_spawnattr_setsigmask(&attr, &none);  // we block SIGINT/SIGTERM; the children must not
   posix_spawnattr_setpgroup(&attr, 0);       // Ctrl-C reaches us only; we stop them in order
   posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP);
-  int rc = posix_spawn(&p.pid, bin.c_str(), &fa, &attr, argv.data(), environ);
+  int rc = posix_spawn(&p.pid, p.argv[0].c_str(), &fa, &attr, argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&attr);
-  if (rc != 0) throw Error("cannot start " + bin + ": " + std::strerror(rc));
-  spdlog::debug("up: started {} (pid {}), log {}", name, p.pid, p.log.string());
-  procs_.push_back(std::move(p));
+  if (rc != 0) {
+    p.pid = -1;
+    throw Error("cannot start " + p.argv[0] + ": " + std::strerror(rc));
+  }
+  p.started = std::chrono::steady_clock::now();
+  spdlog::debug("up: started {} (pid {}), log {}", p.name, p.pid, p.log.string());
 }
 
 std::string LocalCluster::log_tail(const Proc& p) const {
@@ -138,10 +159,14 @@ void LocalCluster::start() {
     spawn("kvstore-0", binary("kvstore"), {"--listen", ep, "--router", control, "--threads", "1"}, pick_free_port());
     kv_endpoint = {"--kvstore", ep};
   }
-  std::vector<std::string> router{"--model", model, "--port", std::to_string(opts_.port), "--http-address",
-                                  opts_.host, "--control", control, "--placement", placement, "--expert-hosts",
-                                  std::to_string(opts_.experts), "--replicas", std::to_string(opts_.replicas),
-                                  "--threads", "1"};
+  std::vector<std::string> router{"--model",        model,
+                                  "--port",         std::to_string(opts_.port),
+                                  "--http-address", opts_.host,
+                                  "--control",      control,
+                                  "--placement",    placement,
+                                  "--expert-hosts", std::to_string(opts_.experts),
+                                  "--replicas",     std::to_string(opts_.replicas),
+                                  "--threads",      "1"};
   router.insert(router.end(), opts_.router_args.begin(), opts_.router_args.end());
   spawn("router", binary("router"), router, opts_.admin_port);
   // The n-th compute process's --device: attention workers take the first GPUs.
@@ -151,11 +176,16 @@ void LocalCluster::start() {
   for (int i = 0; i < opts_.experts; ++i)
     spawn(fmt::format("expert-{}", i), binary("expert"),
           {"--model", model, "--listen", fmt::format("tcp://{}:{}", opts_.host, pick_free_port()), "--router", control,
-           "--compute-threads", std::to_string(expert_threads), "--threads", "1", "--device", device(opts_.attention + i)},
+           "--compute-threads", std::to_string(expert_threads), "--threads", "1", "--device",
+           device(opts_.attention + i)},
           pick_free_port());
   for (int i = 0; i < opts_.attention; ++i) {
-    std::vector<std::string> a{"--model", model, "--listen", fmt::format("tcp://{}:{}", opts_.host, pick_free_port()),
-                               "--router", control, "--placement", placement, "--threads", "1", "--device", device(i),
+    std::vector<std::string> a{"--model",           model,
+                               "--listen",          fmt::format("tcp://{}:{}", opts_.host, pick_free_port()),
+                               "--router",          control,
+                               "--placement",       placement,
+                               "--threads",         "1",
+                               "--device",          device(i),
                                "--compute-threads", std::to_string(attention_threads)};
     a.insert(a.end(), kv_endpoint.begin(), kv_endpoint.end());
     a.insert(a.end(), opts_.attention_args.begin(), opts_.attention_args.end());
@@ -198,19 +228,53 @@ int LocalCluster::run_until_signal() {
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
-  const timespec tick{0, 200'000'000};
+  const timespec tick{0, 100'000'000};
+  using Clock = std::chrono::steady_clock;
+  constexpr auto kMaxBackoff = std::chrono::seconds(30), kHealthyRun = std::chrono::seconds(60);
   while (true) {
     int sig = sigtimedwait(&set, nullptr, &tick);
     if (sig == SIGINT || sig == SIGTERM) return 0;
+    const auto now = Clock::now();
     for (auto& p : procs_) {
-      if (p.pid < 0) continue;
+      if (p.pid < 0) {  // exited earlier: start it again when its backoff is over
+        if (opts_.restart && p.restart_at != Clock::time_point{} && now >= p.restart_at) {
+          ++p.restarts;
+          p.restart_at = {};
+          try {
+            launch(p, /*append_log=*/true);
+            spdlog::warn("up: restarted {} (pid {}, restart #{})", p.name, p.pid, p.restarts);
+          } catch (const Error& e) {
+            spdlog::error("up: {}; trying again in {} s", e.what(), p.backoff.count());
+            p.restart_at = now + p.backoff;
+          }
+        }
+        continue;
+      }
       int status = 0;
       if (::waitpid(p.pid, &status, WNOHANG) != p.pid) continue;
       p.pid = -1;
-      spdlog::error("up: {} exited (status {}); its log {}:{}", p.name, status, p.log.string(), log_tail(p));
-      if (p.name == "router") return 1;
+      const std::string how = WIFSIGNALED(status) ? fmt::format("killed by signal {}", WTERMSIG(status))
+                                                  : fmt::format("exit status {}", WEXITSTATUS(status));
+      if (!opts_.restart) {
+        spdlog::error("up: {} exited ({}); its log {}:{}", p.name, how, p.log.string(), log_tail(p));
+        if (p.name == "router") return 1;
+        continue;
+      }
+      // Kubernetes' CrashLoopBackOff: the wait doubles while it keeps dying, and starts over once
+      // it has run for a while.
+      if (now - p.started >= kHealthyRun) p.backoff = std::chrono::seconds(1);
+      p.restart_at = now + p.backoff;
+      spdlog::error("up: {} exited ({}); restarting it in {} s (restart #{}); its log {}:{}", p.name, how,
+                    p.backoff.count(), p.restarts + 1, p.log.string(), log_tail(p));
+      p.backoff = std::min<std::chrono::seconds>(p.backoff * 2, kMaxBackoff);
     }
   }
+}
+
+int LocalCluster::restarts() const {
+  int n = 0;
+  for (const auto& p : procs_) n += p.restarts;
+  return n;
 }
 
 void LocalCluster::stop() {

@@ -2,10 +2,16 @@
 //
 // It starts the KV store, the router (coordinator), the expert hosts and the attention
 // workers with free loopback ports, lets each attention worker and expert host compute on all
-// the cores (`--cores`; they take turns on a token and their kernel pools sleep when idle), waits until the coordinator reports every expert served and every
-// attention worker ready, and stops everything on SIGINT/SIGTERM (SIGTERM first, SIGKILL
-// after a grace period).
+// the cores (`--cores`; they take turns on a token and their kernel pools sleep when idle), waits until the coordinator
+// reports every expert served and every attention worker ready, and stops everything on SIGINT/SIGTERM (SIGTERM first,
+// SIGKILL after a grace period).
+//
+// A process that exits while the cluster runs is started again, as Kubernetes restarts a pod:
+// after a backoff (1 s, doubling to 30 s; back to 1 s once it ran 60 s), with the same flags and
+// ports, its log appended, and MOEMESH_RESTART_COUNT in its environment (the coordinator shows
+// it: `moemesh status`, moemesh_coordinator_member_restarts).
 #pragma once
+#include <chrono>
 #include <filesystem>
 #include <string>
 #include <sys/types.h>
@@ -32,8 +38,9 @@ struct LocalClusterOptions {
   // dealt round-robin (attention workers first).
   std::string device = "cpu";
   int gpus = 1;
-  std::vector<std::string> router_args;  // extra flags passed through
+  std::vector<std::string> router_args;     // extra flags passed through
   std::vector<std::string> attention_args;  // extra flags for every attention worker (--kv-cache-mb, --kv-dtype)
+  bool restart = true;                      // restart processes that exit (with backoff)
 };
 
 class LocalCluster {
@@ -44,24 +51,29 @@ class LocalCluster {
   // Starts every process and waits until the cluster is ready; throws moemesh::Error naming
   // the process that failed (with the tail of its log).
   void start();
-  // Blocks until SIGINT/SIGTERM (returns 0) or the router exits (returns 1). Reports other
-  // processes that exit.
+  // Blocks until SIGINT/SIGTERM (returns 0). Restarts processes that exit (with `restart`; else
+  // returns 1 when the router exits and reports the others).
   int run_until_signal();
   void stop();
 
   std::string api_url() const;
   std::string control_endpoint() const;
   std::string summary() const;  // endpoints and log folder, for the user
+  int restarts() const;         // processes restarted so far, all together
 
  private:
   struct Proc {
     std::string name;
     pid_t pid = -1;
     std::filesystem::path log;
-    std::string admin;  // host:port
+    std::string admin;              // host:port
+    std::vector<std::string> argv;  // binary first
+    int restarts = 0;
+    std::chrono::steady_clock::time_point started, restart_at;
+    std::chrono::seconds backoff{1};
   };
-  void spawn(const std::string& name, const std::string& binary, std::vector<std::string> args,
-             int admin_port);
+  void spawn(const std::string& name, const std::string& binary, std::vector<std::string> args, int admin_port);
+  void launch(Proc& p, bool append_log);
   std::string binary(const std::string& service) const;
   std::string log_tail(const Proc& p) const;
   void check_alive();

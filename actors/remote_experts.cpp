@@ -26,7 +26,7 @@ struct Outcome {
   Clock::time_point arrived;
   std::string error;   // empty: `reply` is a good DispatchResponse
   std::string reason;  // with an error: error_reply or bad_reply (the metric label)
-  FramesPtr frames;   // keeps reply's views alive
+  FramesPtr frames;    // keeps reply's views alive
   dispatch::Reply reply;
   std::shared_ptr<Transport> carrier;  // what carries reply's outputs
   bool received = false;               // outputs already taken off a pair transport (else in frames)
@@ -41,7 +41,11 @@ struct Call {
 };
 
 // Why a request to a host failed (the failures/retries label).
-constexpr const char* kFailureReasons[] = {"timeout", "error_reply", "bad_reply"};
+// A host that timed out this many times within one call is given up for it.
+constexpr int kMaxTimeoutsPerHost = 3;
+
+// disconnected: the connection dropped while the request was in flight (failed at once).
+constexpr const char* kFailureReasons[] = {"timeout", "error_reply", "bad_reply", "disconnected"};
 
 // The traces of the forward pass's sequences whose rows are among `rows` (row indices of the
 // pass's batch), distinct, at most dispatch::kMaxTraces.
@@ -82,8 +86,26 @@ struct RemoteExpertExecutor::Metrics {
         retried(metrics::counter_family(*registry, "moemesh_attention_dispatch_failovers_total",
                                         "Expert groups re-sent to another replica after a failed request, by reason.")),
         exhausted(metrics::counter_family(*registry, "moemesh_attention_dispatch_exhausted_total",
-                                          "Layer dispatches given up (the step fails), by reason (no_host, "
-                                          "replicas_exhausted).")),
+                                          "Layer dispatches given up (the step fails), by reason (no_host: no usable "
+                                          "host within the uncovered wait, replicas_exhausted).")),
+        uncovered_waits(metrics::counter_family(*registry, "moemesh_attention_dispatch_uncovered_waits_total",
+                                                "Layer dispatches that waited for an expert with no usable host "
+                                                "(none in the table, all disconnected or loading).")
+                            .Add({})),
+        uncovered_wait_seconds(
+            metrics::histogram_family(*registry, "moemesh_attention_dispatch_uncovered_wait_seconds",
+                                      "How long a layer dispatch waited for an expert with no usable host.")
+                .Add({}, metrics::rpc_latency_buckets())),
+        waiting(metrics::gauge_family(*registry, "moemesh_attention_dispatch_waiting_calls",
+                                      "Layer dispatches waiting now for an expert with no usable host.")
+                    .Add({})),
+        deadline(metrics::gauge_family(*registry, "moemesh_attention_dispatch_deadline_seconds",
+                                       "The adaptive dispatch deadline: a multiple of the recent round trips' p99, "
+                                       "bounded by --dispatch-min-timeout-ms and --dispatch-timeout-ms.")
+                     .Add({})),
+        disconnected(metrics::gauge_family(*registry, "moemesh_attention_dispatch_disconnected_hosts",
+                                           "Expert host endpoints whose connection is down (dropped, not back).")
+                         .Add({})),
         late(metrics::counter_family(*registry, "moemesh_attention_dispatch_late_replies_total",
                                      "Replies that arrived after their deadline (dropped).")
                  .Add({})) {
@@ -107,6 +129,9 @@ struct RemoteExpertExecutor::Metrics {
   prometheus::Family<prometheus::Counter>& requests;
   prometheus::Family<prometheus::Histogram>& round_trip;
   prometheus::Family<prometheus::Counter>&failures, &retried, &exhausted;
+  prometheus::Counter& uncovered_waits;
+  prometheus::Histogram& uncovered_wait_seconds;
+  prometheus::Gauge &waiting, &deadline, &disconnected;
   prometheus::Counter& late;
   std::map<std::string, prometheus::Counter*> retried_by, exhausted_by;  // fixed after construction
   std::mutex mu;
@@ -114,8 +139,16 @@ struct RemoteExpertExecutor::Metrics {
 };
 
 struct RemoteExpertExecutor::Inflight {
+  struct Waiter {
+    std::shared_ptr<Call> call;
+    size_t index;
+    int socket;
+  };
   std::mutex mu;  // taken before any Call::mu
-  std::map<uint64_t, std::pair<std::shared_ptr<Call>, size_t>> waiting;
+  std::map<uint64_t, Waiter> waiting;
+  std::set<std::string> down;            // endpoints whose connection dropped and has not come back
+  std::condition_variable changed;       // (with mu) a connection came back or a new table arrived
+  uint64_t generation = 0;               // bumped with each such change
   std::map<int, std::string> endpoints;  // bridge socket -> host endpoint (the transports' key)
   std::shared_ptr<PeerTransports> transports;
   std::shared_ptr<RemoteExpertsStats> stats;
@@ -168,7 +201,7 @@ struct RemoteExpertExecutor::Inflight {
       }
       return;
     }
-    auto [call, index] = it->second;
+    auto [call, index, socket_] = it->second;
     waiting.erase(it);
     std::lock_guard<std::mutex> clk(call->mu);
     Outcome& o = call->outcomes[index];
@@ -182,6 +215,44 @@ struct RemoteExpertExecutor::Inflight {
     o.received = received;
     o.outputs = std::move(outputs);
     if (--call->pending == 0) call->cv.notify_all();
+  }
+
+  // A connection event of a host's socket (the bridge's monitor). A drop fails every request in
+  // flight to that host at once (their groups go to a replica, or wait for one); a handshake
+  // makes the host usable again.
+  void on_event(int socket, const PeerEvent& e) {
+    if (e.kind != PeerEvent::Disconnected && e.kind != PeerEvent::Connected) return;
+    std::lock_guard<std::mutex> lk(mu);
+    auto ep = endpoints.find(socket);
+    if (ep == endpoints.end()) return;
+    if (e.kind == PeerEvent::Connected) {
+      if (down.erase(ep->second)) spdlog::info("expert dispatch: host {} is connected again", ep->second);
+      ++generation;
+      changed.notify_all();
+    } else {
+      down.insert(ep->second);
+      size_t failed = 0;
+      for (auto it = waiting.begin(); it != waiting.end();) {
+        if (it->second.socket != socket) {
+          ++it;
+          continue;
+        }
+        auto [call, index, s] = it->second;
+        it = waiting.erase(it);
+        std::lock_guard<std::mutex> clk(call->mu);
+        Outcome& o = call->outcomes[index];
+        o.done = true;
+        o.arrived = Clock::now();
+        o.error = "the connection dropped with the request in flight";
+        o.reason = "disconnected";
+        ++failed;
+        ++stats->disconnects;
+        if (--call->pending == 0) call->cv.notify_all();
+      }
+      spdlog::warn("expert dispatch: the connection to host {} dropped; {} request(s) in flight failed over at once",
+                   ep->second, failed);
+    }
+    if (metrics) metrics->disconnected.Set(double(down.size()));
   }
 };
 
@@ -203,6 +274,8 @@ RemoteExpertExecutor::RemoteExpertExecutor(caf::actor_system& sys, RemoteExperts
       stats_(std::make_shared<RemoteExpertsStats>()),
       inflight_(std::make_shared<Inflight>()),
       bridge_(sys),
+      deadline_(AdaptiveDeadlineOptions{opts_.min_deadline, std::max(opts_.deadline, opts_.min_deadline),
+                                        opts_.deadline_p99_multiple}),
       table_(std::make_shared<PlacementTable>()) {
   if (!opts_.transports) opts_.transports = std::make_shared<PeerTransports>();
   inflight_->transports = opts_.transports;
@@ -216,11 +289,14 @@ RemoteExpertExecutor::RemoteExpertExecutor(caf::actor_system& sys, RemoteExperts
   next_id_ = ((uint64_t(rd()) << 32) | rd()) | 1;
   // State as a spawn argument, not a capture: CAF 0.17 trips UBSan on argument-less function actors.
   // Detached: receiving from a pair transport blocks until the payload is here.
-  receiver_ = sys_.spawn<caf::detached>([](caf::event_based_actor*, std::shared_ptr<Inflight> inflight) -> caf::behavior {
-    return {[inflight](zmq_recv_atom, int socket, FramesPtr frames) {
-      if (frames && !frames->empty()) inflight->deliver(socket, frames);
-    }};
-  }, inflight_);
+  receiver_ = sys_.spawn<caf::detached>(
+      [](caf::event_based_actor*, std::shared_ptr<Inflight> inflight) -> caf::behavior {
+        return {[inflight](zmq_recv_atom, int socket, FramesPtr frames) {
+                  if (frames && !frames->empty()) inflight->deliver(socket, frames);
+                },
+                [inflight](zmq_event_atom, int socket, const PeerEvent& e) { inflight->on_event(socket, e); }};
+      },
+      inflight_);
   bridge_.start();
 }
 
@@ -231,8 +307,18 @@ RemoteExpertExecutor::~RemoteExpertExecutor() {
 
 void RemoteExpertExecutor::set_placement(PlacementTable table) {
   auto next = std::make_shared<const PlacementTable>(std::move(table));
-  std::lock_guard<std::mutex> lk(table_mu_);
-  table_ = std::move(next);
+  {
+    std::lock_guard<std::mutex> lk(table_mu_);
+    table_ = std::move(next);
+  }
+  std::lock_guard<std::mutex> lk(inflight_->mu);  // wake calls waiting for an uncovered expert
+  ++inflight_->generation;
+  inflight_->changed.notify_all();
+}
+
+bool RemoteExpertExecutor::disconnected(const std::string& endpoint) const {
+  std::lock_guard<std::mutex> lk(inflight_->mu);
+  return inflight_->down.count(endpoint) > 0;
 }
 
 std::shared_ptr<const PlacementTable> RemoteExpertExecutor::placement() const {
@@ -243,13 +329,18 @@ std::shared_ptr<const PlacementTable> RemoteExpertExecutor::placement() const {
 int RemoteExpertExecutor::socket_for(const std::string& endpoint) {
   std::lock_guard<std::mutex> lk(sockets_mu_);
   if (auto it = sockets_.find(endpoint); it != sockets_.end()) return it->second;
-  int s = bridge_.add({.name = "expert " + endpoint, .type = zmq::socket_type::dealer, .endpoint = endpoint,
-                       .identity = opts_.identity});
+  int s = bridge_.add({.name = "expert " + endpoint,
+                       .type = zmq::socket_type::dealer,
+                       .endpoint = endpoint,
+                       .identity = opts_.identity,
+                       .heartbeats = kDataPlaneHeartbeats,
+                       .monitor = true});
   {
     std::lock_guard<std::mutex> ilk(inflight_->mu);
     inflight_->endpoints[s] = endpoint;
   }
   bridge_.route(s, receiver_);
+  bridge_.watch(s, receiver_);
   sockets_[endpoint] = s;
   return s;
 }
@@ -267,44 +358,83 @@ void RemoteExpertExecutor::mark_failed(const std::string& endpoint) {
 
 void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, std::span<const ExpertGroup> groups,
                                std::vector<std::vector<float>>& outputs) {
-  const auto table = placement();
   outputs.assign(groups.size(), {});
   std::vector<size_t> todo;
   for (size_t i = 0; i < groups.size(); ++i)
     if (!groups[i].rows.empty()) todo.push_back(i);
 
-  std::map<std::string, std::string> failed;  // endpoint -> why, within this call
+  std::map<std::string, std::string> failed;          // endpoint -> why: hosts given up within this call
+  std::map<std::string, Clock::time_point> retry_at;  // hosts that answered not_ready: not before then
+  std::map<std::string, std::string> unavailable;     // endpoint -> why it was skipped (for the error)
+  std::map<std::string, int> timeouts;                // per host within this call
+  bool stalling = false;                              // some expert has had no usable host
+  Clock::time_point stalled_since{};                  // since then
   const std::string where = "layer " + std::to_string(layer);
 
+  // Leaves the waiting state (metrics) however run() ends.
+  struct WaitMark {
+    RemoteExpertExecutor* self;
+    bool on = false;
+    void set(bool v) {
+      if (v == on) return;
+      on = v;
+      self->stats_->waiting += v ? 1 : -1;
+      if (self->metrics_) self->metrics_->waiting.Set(double(self->stats_->waiting.load()));
+    }
+    ~WaitMark() { set(false); }
+  } waiting{this};
+
   while (!todo.empty()) {
-    // Assign every pending group to one live, not-yet-failed host.
+    const auto table = placement();  // again each round: a new table may cover what was missing
+    std::set<std::string> down;
+    uint64_t generation;
+    {
+      std::lock_guard<std::mutex> lk(inflight_->mu);
+      down = inflight_->down;
+      generation = inflight_->generation;
+    }
+    const auto now = Clock::now();
+    // Assign every pending group to one usable host: in the table, not given up in this call,
+    // connected, not loading. Groups with none left usable but some host that may come back
+    // wait; groups whose every host was given up fail the call.
     struct Target {
       const PlacementHost* host;
       std::vector<size_t> groups;
       int64_t rows = 0;
     };
     std::vector<Target> targets;
+    std::vector<size_t> stalled;
     for (size_t gi : todo) {
       const ExpertGroup& g = groups[gi];
       std::vector<const PlacementHost*> cands;
-      for (const PlacementHost* c : table->hosts_for(int32_t(layer), g.expert))
-        if (!failed.count(c->endpoint)) cands.push_back(c);
-      if (cands.empty()) {
-        std::string msg = where + ": ";
-        if (metrics_) metrics_->exhausted_by[failed.empty() ? "no_host" : "replicas_exhausted"]->Increment();
-        if (failed.empty()) {
-          msg += "no expert host serves expert " + std::to_string(g.expert) + " (placement version " +
-                 std::to_string(table->version) + ")";
+      bool may_come_back = false;
+      for (const PlacementHost* c : table->hosts_for(int32_t(layer), g.expert)) {
+        if (failed.count(c->endpoint)) continue;
+        if (down.count(c->endpoint)) {
+          unavailable[c->endpoint] = c->instance + ": connection down";
+          may_come_back = true;
+        } else if (auto r = retry_at.find(c->endpoint); r != retry_at.end() && now < r->second) {
+          may_come_back = true;
         } else {
-          for (const auto& [ep, why] : failed) msg += "expert host " + ep + " failed: " + why + "; ";
-          msg += "no other replica of expert " + std::to_string(g.expert);
+          cands.push_back(c);
         }
+      }
+      if (cands.empty() && (may_come_back || failed.empty())) {
+        stalled.push_back(gi);  // no host yet, or only hosts that may come back: wait (bounded)
+        continue;
+      }
+      if (cands.empty()) {
+        if (metrics_) metrics_->exhausted_by["replicas_exhausted"]->Increment();
+        std::string msg = where + ": ";
+        for (const auto& [ep, why] : failed) msg += "expert host " + ep + " failed: " + why + "; ";
+        msg += "no other replica of expert " + std::to_string(g.expert);
         throw Error(msg);
       }
       // Least rows already given to it in this call; healthy before suspect; ties rotate.
       const size_t n = cands.size();
-      const size_t rot = size_t((uint64_t(layer) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(g.expert) * 0xC2B2AE3D27D4EB4Full) ^
-                                opts_.salt) % n;
+      const size_t rot = size_t((uint64_t(layer) * 0x9E3779B97F4A7C15ull) ^
+                                (uint64_t(g.expert) * 0xC2B2AE3D27D4EB4Full) ^ opts_.salt) %
+                         n;
       const PlacementHost* best = nullptr;
       std::pair<int, int64_t> best_score{0, 0};
       for (size_t j = 0; j < n; ++j) {
@@ -319,6 +449,48 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       if (it == targets.end()) it = targets.insert(targets.end(), Target{best, {}, 0});
       it->groups.push_back(gi);
       it->rows += int64_t(g.rows.size());
+    }
+
+    if (!stalled.empty()) {
+      if (!stalling) {
+        stalling = true;
+        stalled_since = now;
+        ++stats_->uncovered_waits;
+        if (metrics_) metrics_->uncovered_waits.Increment();
+        spdlog::warn("expert dispatch {}: expert {} has no usable host (placement v{}); waiting up to {} ms for one",
+                     where, groups[stalled[0]].expert, table->version, opts_.uncovered_wait.count());
+      }
+      waiting.set(true);
+      if (now - stalled_since > opts_.uncovered_wait) {
+        if (metrics_) {  // a wait that gives up is a wait too
+          metrics_->exhausted_by["no_host"]->Increment();
+          metrics_->uncovered_wait_seconds.Observe(std::chrono::duration<double>(now - stalled_since).count());
+        }
+        std::string msg = where + ": no usable expert host for expert " + std::to_string(groups[stalled[0]].expert) +
+                          " within " + std::to_string(opts_.uncovered_wait.count()) + " ms (placement version " +
+                          std::to_string(table->version) + ")";
+        for (const auto& [ep, why] : unavailable) msg += "; " + ep + ": " + why;
+        for (const auto& [ep, why] : failed) msg += "; expert host " + ep + " failed: " + why;
+        throw Error(msg);
+      }
+    }
+    if (targets.empty()) {
+      // Nothing to send now: wait for a new table, a reconnection or the next retry time.
+      auto until = now + std::chrono::milliseconds(50);
+      for (const auto& [ep, t] : retry_at)
+        if (t > now) until = std::min(until, t);
+      const auto wait0 = Clock::now();
+      std::unique_lock<std::mutex> lk(inflight_->mu);
+      inflight_->changed.wait_until(lk, until, [&] { return inflight_->generation != generation; });
+      lk.unlock();
+      if (opts_.waits) opts_.waits->record(wait0, Clock::now());
+      continue;
+    }
+    if (stalled.empty() && stalling) {
+      if (metrics_)
+        metrics_->uncovered_wait_seconds.Observe(std::chrono::duration<double>(now - stalled_since).count());
+      stalling = false;
+      waiting.set(false);
     }
 
     // One request per host.
@@ -345,12 +517,21 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       if (ids[k] == 0) ids[k] = next_id_++;
       {
         std::lock_guard<std::mutex> lk(inflight_->mu);
-        inflight_->waiting[ids[k]] = {call, k};
+        if (inflight_->down.count(t.host->endpoint)) {  // dropped since the choice: fail it now
+          Outcome& o = call->outcomes[k];
+          o.done = true;
+          o.error = "the connection was down";
+          o.reason = "disconnected";
+          std::lock_guard<std::mutex> clk(call->mu);
+          --call->pending;
+          continue;
+        }
+        inflight_->waiting[ids[k]] = {call, k, socket};
       }
       const auto via = opts_.transports->of(t.host->endpoint);
       send_message(
-          dispatch::encode_request(ids[k], int32_t(layer), meta, hidden, std::move(rows), table->version, traces),
-          *via, {}, [&](FramesPtr frames) {
+          dispatch::encode_request(ids[k], int32_t(layer), meta, hidden, std::move(rows), table->version, traces), *via,
+          {}, [&](FramesPtr frames) {
             sent[k] = Clock::now();
             caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket, std::move(frames));
           });
@@ -358,10 +539,12 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       if (metrics_) metrics_->host(t.host->instance).requests->Increment();
     }
 
+    const auto deadline = deadline_.current();
+    if (metrics_) metrics_->deadline.Set(std::chrono::duration<double>(deadline).count());
     {
       const auto wait0 = Clock::now();
       std::unique_lock<std::mutex> lk(call->mu);
-      call->cv.wait_until(lk, wait0 + opts_.deadline, [&] { return call->pending == 0; });
+      call->cv.wait_until(lk, wait0 + deadline, [&] { return call->pending == 0; });
       if (opts_.waits) opts_.waits->record(wait0, Clock::now());
     }
     {
@@ -369,12 +552,12 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       for (uint64_t id : ids) inflight_->waiting.erase(id);
     }
 
-    std::vector<size_t> next;
+    std::vector<size_t> next = std::move(stalled);
     std::lock_guard<std::mutex> lk(call->mu);
     for (size_t k = 0; k < targets.size(); ++k) {
       const Target& t = targets[k];
       Outcome& o = call->outcomes[k];
-      std::string error = !o.done ? "no reply within " + std::to_string(opts_.deadline.count()) + " ms" : o.error;
+      std::string error = !o.done ? "no reply within " + std::to_string(deadline.count()) + " ms" : o.error;
       std::string reason = !o.done ? "timeout" : o.reason;
       if (error.empty() && (o.reply.rows != t.rows || o.reply.hidden != hidden || o.reply.layer != layer)) {
         error = "reply of " + std::to_string(o.reply.rows) + "x" + std::to_string(o.reply.hidden) + " for layer " +
@@ -384,13 +567,14 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       std::vector<float> result;  // [t.rows, hidden], grouped as sent
       if (error.empty()) {
         try {
-          result = o.received ? std::move(o.outputs)
-                              : receive_tensor(*o.carrier, size_t(t.rows * hidden), o.reply.outputs);
+          result =
+              o.received ? std::move(o.outputs) : receive_tensor(*o.carrier, size_t(t.rows * hidden), o.reply.outputs);
         } catch (const Error& e) {
           error = e.what();
           reason = "bad_reply";
         }
       }
+      if (error.empty()) deadline_.observe(o.arrived - sent[k]);
       if (metrics_) {
         auto& hm = metrics_->host(t.host->instance);
         if (error.empty())
@@ -400,9 +584,21 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       }
       if (!error.empty()) {
         spdlog::warn("expert dispatch {}: host {} ({}) failed: {}", where, t.host->instance, t.host->endpoint, error);
-        failed[t.host->endpoint] = t.host->instance + ": " + error;
         mark_failed(t.host->endpoint);
         ++stats_->host_failures;
+        const bool loading = o.done && !o.reply.ok && o.reply.error_code == dispatch::kNotReady;
+        if (loading) {
+          retry_at[t.host->endpoint] = Clock::now() + opts_.retry_backoff;  // it is loading: again soon
+          unavailable[t.host->endpoint] = t.host->instance + ": " + error;
+        } else if (reason == "disconnected") {
+          unavailable[t.host->endpoint] = t.host->instance + ": " + error;  // usable again once reconnected
+        } else if (reason == "timeout" && ++timeouts[t.host->endpoint] < kMaxTimeoutsPerHost) {
+          // Tried last from now on (suspect); with no other replica it is asked again rather
+          // than the step failing: a slow host is not a dead one (a dead one disconnects).
+          unavailable[t.host->endpoint] = t.host->instance + ": " + error;
+        } else {
+          failed[t.host->endpoint] = t.host->instance + ": " + error;
+        }
         next.insert(next.end(), t.groups.begin(), t.groups.end());
         continue;
       }
@@ -421,6 +617,8 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
     std::sort(next.begin(), next.end());
     todo = std::move(next);
   }
+  if (stalling && metrics_)
+    metrics_->uncovered_wait_seconds.Observe(std::chrono::duration<double>(Clock::now() - stalled_since).count());
 }
 
 }  // namespace moemesh::actors

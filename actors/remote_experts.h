@@ -5,9 +5,19 @@
 // hosts that failed recently last), and ONE DispatchRequest goes to each host with all of its
 // experts' rows. Replies are awaited with a deadline; a host that times out or answers with an
 // error has its experts retried on another replica, and when none is left run() throws
-// moemesh::Error naming the host and the layer. Results are placed per group, so the caller's
-// combine() never sees arrival order. Rows and results go through each host's Transport
-// (ZeroMQ frames unless a pair transport is set in `transports`); the header is always ZeroMQ.
+// moemesh::Error naming the host and the layer.
+//
+// Failure detection (docs/operations.md, "Failure detection"): every host connection carries
+// ZeroMQ heartbeats and is watched by a socket monitor. When a connection drops (the host died,
+// or stopped answering pings), every request in flight to it fails at once and goes to a
+// replica, and the host is not chosen again until it reconnects. The deadline adapts to the
+// measured round trips (core/adaptive_deadline.h: a multiple of the recent p99, between
+// min_deadline and deadline). An expert none of whose hosts is usable (none in the table, all
+// disconnected, or all answering not_ready while they load) is waited for, up to
+// uncovered_wait, until a new table or a reconnection makes one usable: with one replica, a
+// step that needs a dead host's experts waits for its replacement instead of failing. Results are placed per group, so
+// the caller's combine() never sees arrival order. Rows and results go through each host's Transport (ZeroMQ frames
+// unless a pair transport is set in `transports`); the header is always ZeroMQ.
 //
 // Each request names the traces of the sequences whose rows it carries (at most
 // dispatch::kMaxTraces; the engine's current_forward_inputs() says whose rows are whose), so the
@@ -32,6 +42,7 @@
 #include "actors/step_phases.h"
 #include "actors/transport.h"
 #include "actors/zmq_bridge.h"
+#include "core/adaptive_deadline.h"
 #include "core/moe.h"
 #include "core/placement.h"
 
@@ -42,10 +53,14 @@ class PlacementTable;
 namespace moemesh::actors {
 
 struct RemoteExpertsOptions {
-  std::chrono::milliseconds deadline{10000};     // per round of requests
-  std::chrono::milliseconds suspect_for{10000};  // a host that failed is tried last for this long
-  std::string identity;                          // DEALER routing id prefix (empty: ZeroMQ picks)
-  uint64_t salt = 0;                             // spreads replica choice across clients
+  std::chrono::milliseconds deadline{10000};        // per round of requests: the adaptive deadline's maximum
+  std::chrono::milliseconds min_deadline{250};      // the adaptive deadline's minimum
+  double deadline_p99_multiple = 8.0;               // adaptive deadline = this x p99 of recent round trips
+  std::chrono::milliseconds uncovered_wait{20000};  // how long a call waits for an expert with no usable host
+  std::chrono::milliseconds retry_backoff{100};     // a host that answered not_ready is tried again after this
+  std::chrono::milliseconds suspect_for{10000};     // a host that failed is tried last for this long
+  std::string identity;                             // DEALER routing id prefix (empty: ZeroMQ picks)
+  uint64_t salt = 0;                                // spreads replica choice across clients
   // Where the moemesh_attention_dispatch_* metrics go (docs/metrics.md); none without it.
   std::shared_ptr<prometheus::Registry> metrics;
   std::shared_ptr<ExpertWaitLog> waits;  // where run() records its blocked time; null: not recorded
@@ -54,11 +69,14 @@ struct RemoteExpertsOptions {
 };
 
 struct RemoteExpertsStats {
-  std::atomic<uint64_t> requests{0};      // DispatchRequests sent
-  std::atomic<uint64_t> retries{0};       // groups re-sent to another replica
-  std::atomic<uint64_t> host_failures{0}; // timeouts and error replies
-  std::atomic<uint64_t> late_replies{0};  // replies after their deadline (dropped)
-  std::atomic<uint64_t> bad_replies{0};   // undecodable replies (dropped)
+  std::atomic<uint64_t> requests{0};         // DispatchRequests sent
+  std::atomic<uint64_t> retries{0};          // groups re-sent to another replica
+  std::atomic<uint64_t> host_failures{0};    // timeouts and error replies
+  std::atomic<uint64_t> late_replies{0};     // replies after their deadline (dropped)
+  std::atomic<uint64_t> bad_replies{0};      // undecodable replies (dropped)
+  std::atomic<uint64_t> disconnects{0};      // requests failed at once because their host's connection dropped
+  std::atomic<uint64_t> uncovered_waits{0};  // calls that waited for an expert with no usable host
+  std::atomic<int64_t> waiting{0};           // calls waiting for one now
 };
 
 // The core placement table from the coordinator's protobuf (hosts not marked live are left out).
@@ -78,6 +96,10 @@ class RemoteExpertExecutor : public ExpertExecutor {
            std::vector<std::vector<float>>& outputs) override;
 
   const RemoteExpertsStats& stats() const { return *stats_; }
+  // The deadline the next round of requests gets.
+  std::chrono::milliseconds current_deadline() const { return deadline_.current(); }
+  // Whether the connection to the host at `endpoint` is down (it dropped and has not come back).
+  bool disconnected(const std::string& endpoint) const;
   PeerTransports& transports() { return *opts_.transports; }
 
   struct Inflight;  // requests awaiting replies (shared with the receiving actor)
@@ -96,6 +118,7 @@ class RemoteExpertExecutor : public ExpertExecutor {
   ZmqBridge bridge_;
   caf::actor receiver_;
   std::atomic<uint64_t> next_id_;
+  AdaptiveDeadline deadline_;
 
   std::mutex sockets_mu_;
   std::map<std::string, int> sockets_;  // endpoint -> bridge socket

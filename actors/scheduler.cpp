@@ -459,8 +459,11 @@ void on_workers(Self* self, const std::vector<AttentionWorker>& list) {
       continue;
     }
     w.socket = -1;
-    SocketSpec spec{.name = "step:" + aw.instance, .type = zmq::socket_type::dealer, .endpoint = aw.endpoint,
-                    .identity = st.cfg.instance};
+    SocketSpec spec{.name = "step:" + aw.instance,
+                    .type = zmq::socket_type::dealer,
+                    .endpoint = aw.endpoint,
+                    .identity = st.cfg.instance,
+                    .heartbeats = kDataPlaneHeartbeats};
     self->request(st.bridge->actor(), std::chrono::seconds(10), zmq_open_atom::value, spec)
         .then(
             [=](int socket) {

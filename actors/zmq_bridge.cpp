@@ -3,6 +3,8 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <cstring>
+
 #include <caf/actor_companion.hpp>
 #include <spdlog/spdlog.h>
 
@@ -59,6 +61,24 @@ int ZmqBridge::open_socket(const SocketSpec& spec) {
   s.set(zmq::sockopt::rcvhwm, spec.recv_hwm);
   if (!spec.identity.empty()) s.set(zmq::sockopt::routing_id, spec.identity);
   if (spec.type == zmq::socket_type::router) s.set(zmq::sockopt::router_mandatory, 1);
+  if (spec.heartbeats.interval.count() > 0) {
+    s.set(zmq::sockopt::heartbeat_ivl, int(spec.heartbeats.interval.count()));
+    s.set(zmq::sockopt::heartbeat_timeout, int(spec.heartbeats.timeout.count()));
+    s.set(zmq::sockopt::heartbeat_ttl, int(spec.heartbeats.ttl.count()));
+  }
+  // The monitor before connect/bind, so the first connection's events are seen too.
+  zmq::socket_t mon;
+  if (spec.monitor) {
+    const std::string addr = "inproc://moemesh-monitor-" + std::to_string(reinterpret_cast<uintptr_t>(this)) + "-" +
+                             std::to_string(sockets_.size());
+    if (zmq_socket_monitor(s.handle(), addr.c_str(),
+                           ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_CONNECT_RETRIED |
+                               ZMQ_EVENT_ACCEPTED) != 0)
+      throw Error("socket " + spec.name + ": cannot monitor it: " + zmq_strerror(zmq_errno()));
+    mon = zmq::socket_t(ctx_, zmq::socket_type::pair);
+    mon.set(zmq::sockopt::linger, 0);
+    mon.connect(addr);
+  }
   try {
     if (spec.bind)
       s.bind(spec.endpoint);
@@ -72,9 +92,12 @@ int ZmqBridge::open_socket(const SocketSpec& spec) {
   SocketSpec resolved = spec;
   if (spec.bind) resolved.endpoint = s.get(zmq::sockopt::last_endpoint);
   sockets_.push_back(std::move(s));
+  monitored_.push_back(spec.monitor);
+  monitors_.push_back(std::move(mon));
   std::lock_guard<std::mutex> lk(mu_);
   specs_.push_back(std::move(resolved));
   routes_.emplace_back();
+  watchers_.emplace_back();
   items_dirty_ = true;
   return int(specs_.size()) - 1;
 }
@@ -82,6 +105,11 @@ int ZmqBridge::open_socket(const SocketSpec& spec) {
 void ZmqBridge::route(int socket, caf::actor target) {
   std::lock_guard<std::mutex> lk(mu_);
   routes_.at(socket) = std::move(target);
+}
+
+void ZmqBridge::watch(int socket, caf::actor target) {
+  std::lock_guard<std::mutex> lk(mu_);
+  watchers_.at(socket) = std::move(target);
 }
 
 std::string ZmqBridge::endpoint(int socket) const {
@@ -99,6 +127,10 @@ void ZmqBridge::stop() {
   uint64_t one = 1;
   [[maybe_unused]] auto n = ::write(wake_fd_, &one, sizeof one);
   if (io_.joinable()) io_.join();
+  // Close the sockets now, not with the bridge: peers see the connections drop at once (their
+  // monitors report it), as when a process exits.
+  for (auto& m : monitors_) m.close();
+  for (auto& s : sockets_) s.close();
   // The companion leaves the actor system; messages still queued to it are dropped.
   companion_->on_enqueue(nullptr);
   companion_->quit();
@@ -140,13 +172,56 @@ void ZmqBridge::drain_companion() {
   for (auto& m : batch) companion_->activate(nullptr, *m);
 }
 
+// One monitor event: [uint16 event, uint32 value] then the endpoint (libzmq's v1 format).
+void ZmqBridge::read_monitor(int socket) {
+  for (int budget = 0; budget < 64; ++budget) {
+    zmq::message_t head, addr;
+    if (!monitors_[size_t(socket)].recv(head, zmq::recv_flags::dontwait)) return;
+    if (!head.more() || !monitors_[size_t(socket)].recv(addr, zmq::recv_flags::none) || head.size() < 2) continue;
+    uint16_t event = 0;
+    std::memcpy(&event, head.data(), sizeof event);
+    PeerEvent e;
+    switch (event) {
+      case ZMQ_EVENT_HANDSHAKE_SUCCEEDED:
+        e.kind = PeerEvent::Connected;
+        break;
+      case ZMQ_EVENT_DISCONNECTED:
+        e.kind = PeerEvent::Disconnected;
+        break;
+      case ZMQ_EVENT_CONNECT_RETRIED:
+        e.kind = PeerEvent::Retrying;
+        break;
+      case ZMQ_EVENT_ACCEPTED:
+        e.kind = PeerEvent::Accepted;
+        break;
+      default:
+        continue;
+    }
+    e.endpoint = addr.to_string();
+    if (e.kind == PeerEvent::Disconnected) ++stats_.disconnects;
+    caf::actor target;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      target = watchers_[size_t(socket)];
+    }
+    if (target) caf::anon_send(target, zmq_event_atom::value, socket, std::move(e));
+  }
+}
+
 void ZmqBridge::run() {
   std::vector<zmq::pollitem_t> items;
+  std::vector<int> monitor_of;  // items[sockets + j] is the monitor of socket monitor_of[j]
   while (!stop_.load()) {
     if (items_dirty_) {  // sockets opened since the last poll
       std::lock_guard<std::mutex> lk(mu_);
       items.clear();
+      monitor_of.clear();
       for (auto& s : sockets_) items.push_back({s.handle(), 0, ZMQ_POLLIN, 0});
+      for (size_t i = 0; i < monitors_.size(); ++i)
+        if (monitored_[i]) {
+          items.push_back({monitors_[i].handle(), 0, ZMQ_POLLIN, 0});
+          monitor_of.push_back(int(i));
+        }
       items.push_back({nullptr, wake_fd_, ZMQ_POLLIN, 0});
       items_dirty_ = false;
     }
@@ -161,7 +236,10 @@ void ZmqBridge::run() {
       [[maybe_unused]] auto n = ::read(wake_fd_, &v, sizeof v);
     }
     drain_companion();
-    for (size_t i = 0; i + 1 < items.size(); ++i) {
+    const size_t n_sockets = items.size() - 1 - monitor_of.size();
+    for (size_t j = 0; j < monitor_of.size(); ++j)
+      if (items[n_sockets + j].revents & ZMQ_POLLIN) read_monitor(monitor_of[j]);
+    for (size_t i = 0; i < n_sockets; ++i) {
       if (!(items[i].revents & ZMQ_POLLIN)) continue;
       // Drain what is ready now, bounded so one busy socket cannot starve the others.
       for (int budget = 0; budget < 256; ++budget) {

@@ -5,8 +5,14 @@
 // an eventfd wakes the I/O thread, which runs the companion's behaviour there, so sends
 // happen on the owning thread. Inbound multipart messages are delivered to the socket's
 // route target as (zmq_recv_atom, socket index, FramesPtr).
+//
+// Failure detection: a socket can carry ZeroMQ heartbeats (ZMQ_HEARTBEAT_IVL / _TIMEOUT / _TTL:
+// a peer that stops answering pings is disconnected, a partition included) and be watched by a
+// socket monitor (zmq_socket_monitor on an inproc PAIR polled by the same I/O thread). Its
+// connection events go to the socket's watcher as (zmq_event_atom, socket index, PeerEvent).
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -26,20 +32,40 @@ using FramesPtr = std::shared_ptr<Frames>;
 using zmq_send_atom = caf::atom_constant<caf::atom("zmqsend")>;
 using zmq_recv_atom = caf::atom_constant<caf::atom("zmqrecv")>;
 using zmq_open_atom = caf::atom_constant<caf::atom("zmqopen")>;
+using zmq_event_atom = caf::atom_constant<caf::atom("zmqevent")>;
+
+// ZeroMQ heartbeats of one socket (0: off). The connecting side's ttl tells the peer how long to
+// wait for it; timeout is how long this side waits for any traffic after a ping.
+struct Heartbeats {
+  std::chrono::milliseconds interval{0}, timeout{0}, ttl{0};
+};
+// What every data-plane connection uses (docs/operations.md, "Failure detection"): a peer that
+// answers nothing for a second is disconnected, so a dead or partitioned peer is known in ~1 s
+// even without a TCP reset (a kill -9 on one machine is known at once, from the reset).
+inline constexpr Heartbeats kDataPlaneHeartbeats{std::chrono::milliseconds(200), std::chrono::milliseconds(1000),
+                                                 std::chrono::milliseconds(2000)};
+
+// A connection event of a watched socket (its monitor).
+struct PeerEvent {
+  enum Kind { Connected, Disconnected, Retrying, Accepted } kind = Connected;
+  std::string endpoint;  // the peer's endpoint (connecting side) or ours (bound side)
+};
 
 struct SocketSpec {
-  std::string name;        // for logs and metrics
+  std::string name;  // for logs and metrics
   zmq::socket_type type = zmq::socket_type::dealer;
-  std::string endpoint;    // tcp://host:port, tcp://127.0.0.1:* binds a free port
+  std::string endpoint;  // tcp://host:port, tcp://127.0.0.1:* binds a free port
   bool bind = false;
   std::vector<std::string> subscribe = {};  // SUB sockets
   std::string identity = {};                // ZMQ routing id (DEALER), so a ROUTER peer can address it
   int send_hwm = 10000;
   int recv_hwm = 10000;
+  Heartbeats heartbeats = {};  // off unless set (kDataPlaneHeartbeats on the data plane)
+  bool monitor = false;        // connection events go to the watcher (see watch())
 };
 
 struct BridgeStats {
-  std::atomic<uint64_t> sent{0}, received{0}, send_dropped{0};
+  std::atomic<uint64_t> sent{0}, received{0}, send_dropped{0}, disconnects{0};
 };
 
 class ZmqBridge {
@@ -55,6 +81,9 @@ class ZmqBridge {
   int add(const SocketSpec& spec);
   // Inbound messages of `socket` go to `target` (may be set again later).
   void route(int socket, caf::actor target);
+  // Connection events of `socket` (opened with monitor = true) go to `target` as
+  // (zmq_event_atom, int socket, PeerEvent). Events before a watcher is set are dropped.
+  void watch(int socket, caf::actor target);
   // The endpoint a bound socket really listens on (resolves port 0 / "*").
   std::string endpoint(int socket) const;
 
@@ -75,9 +104,13 @@ class ZmqBridge {
 
   caf::actor_system& sys_;
   zmq::context_t ctx_{1};
-  std::deque<zmq::socket_t> sockets_;  // touched by the owning thread only (once started)
-  std::vector<SocketSpec> specs_;       // endpoint resolved at open; guarded by mu_
-  std::vector<caf::actor> routes_;      // guarded by mu_
+  std::deque<zmq::socket_t> sockets_;   // touched by the owning thread only (once started)
+  std::deque<zmq::socket_t> monitors_;  // PAIR per socket (closed socket when not monitored)
+  std::vector<bool> monitored_;         // owning thread only
+  void read_monitor(int socket);
+  std::vector<SocketSpec> specs_;     // endpoint resolved at open; guarded by mu_
+  std::vector<caf::actor> routes_;    // guarded by mu_
+  std::vector<caf::actor> watchers_;  // guarded by mu_
   mutable std::mutex mu_;
   bool items_dirty_ = true;
   caf::actor companion_handle_;
@@ -95,15 +128,14 @@ template <class T>
 zmq::message_t frame_of(std::vector<T>&& v) {
   auto* owner = new std::vector<T>(std::move(v));
   return zmq::message_t(
-      owner->data(), owner->size() * sizeof(T),
-      [](void*, void* hint) { delete static_cast<std::vector<T>*>(hint); }, owner);
+      owner->data(), owner->size() * sizeof(T), [](void*, void* hint) { delete static_cast<std::vector<T>*>(hint); },
+      owner);
 }
 
-inline zmq::message_t frame_of(const std::vector<uint8_t>& bytes) {
-  return zmq::message_t(bytes.data(), bytes.size());
-}
+inline zmq::message_t frame_of(const std::vector<uint8_t>& bytes) { return zmq::message_t(bytes.data(), bytes.size()); }
 
 }  // namespace moemesh::actors
 
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moemesh::actors::FramesPtr)
 CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moemesh::actors::SocketSpec)
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moemesh::actors::PeerEvent)

@@ -37,11 +37,12 @@ struct Message {
 };
 
 // Error codes of our own, beside wire::error_code_name()'s (all bounded, used as labels).
-inline constexpr std::string_view kBadRequest = "bad_request";      // well-formed, not a dispatch
-inline constexpr std::string_view kBadLayer = "bad_layer";          // layer this host does not serve
+inline constexpr std::string_view kBadRequest = "bad_request";        // well-formed, not a dispatch
+inline constexpr std::string_view kBadLayer = "bad_layer";            // layer this host does not serve
 inline constexpr std::string_view kUnknownExpert = "unknown_expert";  // expert this host does not hold
-inline constexpr std::string_view kBadHidden = "bad_hidden";        // hidden size of another model
-inline constexpr std::string_view kInternal = "internal";           // the host failed computing
+inline constexpr std::string_view kBadHidden = "bad_hidden";          // hidden size of another model
+inline constexpr std::string_view kInternal = "internal";             // the host failed computing
+inline constexpr std::string_view kNotReady = "not_ready";            // the host is still loading its experts
 
 class DecodeError : public Error {
  public:
@@ -61,8 +62,7 @@ inline constexpr size_t kMaxTraces = 8;
 // rows: [sum(groups.rows), hidden] f32, grouped in the order of `groups`. traces: at most
 // kMaxTraces (more is an error).
 Message encode_request(uint64_t request_id, int32_t layer, std::span<const Group> groups, int64_t hidden,
-                       std::vector<float> rows, uint64_t placement_version = 0,
-                       std::span<const TraceRef> traces = {});
+                       std::vector<float> rows, uint64_t placement_version = 0, std::span<const TraceRef> traces = {});
 // outputs: [total, hidden] f32.
 Message encode_response(uint64_t request_id, int32_t layer, int64_t hidden, std::vector<float> outputs);
 Message encode_error(uint64_t request_id, std::string_view code, std::string_view message);
@@ -76,7 +76,7 @@ struct Request {
   std::vector<Group> groups;
   int64_t total_rows = 0;
   int64_t hidden = 0;
-  wire::Frame rows;  // [total_rows, hidden] f32 (Payload::InFrames)
+  wire::Frame rows;              // [total_rows, hidden] f32 (Payload::InFrames)
   std::vector<TraceRef> traces;  // the valid ones of the first kMaxTraces sent (tracing never fails a request)
 };
 
@@ -86,7 +86,7 @@ struct Reply {
   int32_t layer = 0;
   int64_t rows = 0;
   int64_t hidden = 0;
-  wire::Frame outputs;  // [rows, hidden] f32 when ok (Payload::InFrames)
+  wire::Frame outputs;                    // [rows, hidden] f32 when ok (Payload::InFrames)
   std::string error_code, error_message;  // when !ok
 };
 

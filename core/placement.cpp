@@ -1,5 +1,6 @@
 #include "core/placement.h"
 
+#include "core/eplb.h"
 #include "core/error.h"
 
 namespace moemesh {
@@ -37,6 +38,8 @@ std::set<ExpertKey> Placement::add_host(const std::string& instance, const std::
   if (pinned.empty() && last_slot_.count(instance)) {
     h.slot = last_slot_[instance];
     h.experts = plan_.slot(*h.slot);
+  } else if (pinned.empty() && last_by_load_.count(instance)) {
+    h.experts = last_by_load_[instance];  // what it loaded when it first came
   } else if (pinned.empty()) {
     std::set<int32_t> taken;
     for (const auto& [name, other] : hosts_)
@@ -44,11 +47,31 @@ std::set<ExpertKey> Placement::add_host(const std::string& instance, const std::
     int32_t free_slot = -1;
     for (int32_t s = 0; s < plan_.slots() && free_slot < 0; ++s)
       if (!taken.count(s)) free_slot = s;
-    // More hosts than slots: extra copies of slots, round robin.
-    if (free_slot < 0) free_slot = int32_t(hosts_.size()) % plan_.slots();
-    h.slot = free_slot;
-    h.experts = plan_.slot(free_slot);
-    last_slot_[instance] = free_slot;
+    if (free_slot < 0 && !load_.empty()) {
+      // Scaling out: as many experts as a slot holds, chosen by load.
+      size_t room = 0;
+      for (int32_t s = 0; s < plan_.slots(); ++s) room = std::max(room, plan_.slot(s).size());
+      std::vector<EplbHost> now_hosts;
+      for (const auto& [name, other] : hosts_)
+        if (name != instance) now_hosts.push_back({name, other.experts, 0});
+      now_hosts.push_back({instance, {}, int64_t(room)});
+      EplbOptions o;
+      o.grow_host = instance;
+      o.min_gain = 0;
+      o.move_budget = int64_t(room);
+      h.experts = plan_placement(now_hosts, load_, o).hosts.back().experts;
+      if (!h.experts.empty()) {
+        last_by_load_[instance] = h.experts;
+        load_placed_ += h.experts.size();
+      }
+    }
+    if (h.experts.empty()) {
+      // More hosts than slots and no load known (or none to gain): extra copies of slots, round robin.
+      if (free_slot < 0) free_slot = int32_t(hosts_.size()) % plan_.slots();
+      h.slot = free_slot;
+      h.experts = plan_.slot(free_slot);
+      last_slot_[instance] = free_slot;
+    }
   }
   hosts_[instance] = std::move(h);
   rebuild();

@@ -4,7 +4,10 @@
 // expert in `replicas` consecutive slots, so every expert has a home on at least one host and
 // R copies when R hosts or more exist. A host that registers without pinned experts takes the
 // first free slot — or the slot of a host that died, which is how a replacement takes over
-// its experts. The table clients see lists only live hosts.
+// its experts. A host beyond the slots (the pool scaled out) gets, once load has been measured
+// (set_load), the experts that lower the busiest host's load the most, hottest first
+// (core/eplb.h, grow mode, as many as a slot holds); before any load is known, a copy of a slot,
+// round robin. The table clients see lists only live hosts.
 #pragma once
 #include <chrono>
 #include <cstdint>
@@ -54,7 +57,8 @@ class Placement {
   explicit Placement(PlacementPlan plan) : plan_(std::move(plan)) {}
 
   // Registers (or re-registers) a host. Pinned experts are taken as given; otherwise the host
-  // gets the slot it had before, if any, else the first free slot. Returns the experts it must serve. Bumps the version when anything changed.
+  // gets the slot it had before, if any, else the first free slot. Returns the experts it must serve. Bumps the version
+  // when anything changed.
   std::set<ExpertKey> add_host(const std::string& instance, const std::string& endpoint,
                                const std::set<ExpertKey>& pinned, Clock::time_point now);
   // A heartbeat; false when the host is unknown (it must register again).
@@ -62,6 +66,10 @@ class Placement {
   // Drops hosts silent for longer than timeout; returns their names.
   std::vector<std::string> expire(Clock::time_point now, Clock::duration timeout);
   void remove_host(const std::string& instance);
+  // The measured rows per expert (the coordinator's load window), for hosts beyond the slots.
+  void set_load(std::map<ExpertKey, double> load) { load_ = std::move(load); }
+  // Experts placed by load on hosts beyond the slots, since the start.
+  uint64_t load_placed() const { return load_placed_; }
 
   const PlacementTable& table() const { return table_; }
   // Experts with no live host (the cluster is not ready while any exist).
@@ -82,6 +90,9 @@ class Placement {
   // The slot each host last had, kept after it expires: a host that comes back still serves
   // (and has loaded) its old slot's experts, so it gets that slot again.
   std::map<std::string, int32_t> last_slot_;
+  std::map<std::string, std::set<ExpertKey>> last_by_load_;  // the same for hosts placed by load
+  std::map<ExpertKey, double> load_;
+  uint64_t load_placed_ = 0;
   PlacementTable table_;
 };
 

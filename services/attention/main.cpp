@@ -35,7 +35,8 @@ int main(int argc, char** argv) {
   std::string model_dir, listen = "tcp://127.0.0.1:*", advertise, control = "tcp://127.0.0.1:5550",
                          placement = "tcp://127.0.0.1:5551";
   int64_t kv_blocks = 1024;
-  int dispatch_timeout_ms = 10000;
+  int dispatch_timeout_ms = 10000, dispatch_min_timeout_ms = 250, uncovered_wait_ms = 20000;
+  double dispatch_p99_multiple = 8.0;
   double gating_temperature = 1.0;
   std::string kvstore, model_id;
   int kvstore_timeout_ms = 500, micro_batches = 2, compute_threads = 0;
@@ -70,16 +71,34 @@ int main(int argc, char** argv) {
                  "else ZeroMQ) or zmq (always ZeroMQ)")
       ->check(CLI::IsMember({"auto", "zmq"}))
       ->capture_default_str();
-  cli.add_option("--dispatch-timeout-ms", dispatch_timeout_ms, "deadline of one expert dispatch round");
+  cli.add_option("--dispatch-timeout-ms", dispatch_timeout_ms,
+                 "longest deadline of one expert dispatch round (the deadline adapts to the measured round trips "
+                 "below it; a dropped connection fails over at once)")
+      ->check(CLI::Range(1, 3600000))
+      ->capture_default_str();
+  cli.add_option("--dispatch-min-timeout-ms", dispatch_min_timeout_ms, "shortest adaptive dispatch deadline")
+      ->check(CLI::Range(1, 3600000))
+      ->capture_default_str();
+  cli.add_option("--dispatch-timeout-p99-multiple", dispatch_p99_multiple,
+                 "adaptive dispatch deadline: this multiple of the p99 of recent round trips")
+      ->check(CLI::Range(1.0, 1000.0))
+      ->capture_default_str();
+  cli.add_option("--uncovered-wait-ms", uncovered_wait_ms,
+                 "how long a step waits for an expert with no usable host (its host died and no replica is "
+                 "left) before it fails")
+      ->check(CLI::Range(0, 3600000))
+      ->capture_default_str();
   cli.add_option("--gating-temperature", gating_temperature, "gate logits are divided by it before softmax");
-  cli.add_option("--kvstore", kvstore, "KV store endpoint (tcp://HOST:PORT) for the prefix cache; none: no prefix cache");
+  cli.add_option("--kvstore", kvstore,
+                 "KV store endpoint (tcp://HOST:PORT) for the prefix cache; none: no prefix cache");
   cli.add_option("--local-prefix-cache-mb", local_prefix_mb,
                  "prefix-cache blocks kept in this process's memory, in front of the KV store (0: none)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   cli.add_option("--kvstore-timeout-ms", kvstore_timeout_ms, "deadline of one KV store fetch")
       ->check(CLI::Range(1, 60000));
-  cli.add_option("--model-id", model_id, "names the model's KV blocks in the store (default: the checkpoint folder's name)");
+  cli.add_option("--model-id", model_id,
+                 "names the model's KV blocks in the store (default: the checkpoint folder's name)");
   cli.add_option("--compute-threads", compute_threads,
                  "threads of the CPU kernels' pool (default: the CPUs this process may use)")
       ->check(CLI::PositiveNumber);
@@ -101,7 +120,13 @@ int main(int argc, char** argv) {
     const ModelConfig& mc = ckpt->config();
 
     RemoteExpertsOptions ro;
+    if (dispatch_min_timeout_ms > dispatch_timeout_ms)
+      throw Error("--dispatch-min-timeout-ms (" + std::to_string(dispatch_min_timeout_ms) +
+                  ") must not be above --dispatch-timeout-ms (" + std::to_string(dispatch_timeout_ms) + ")");
     ro.deadline = std::chrono::milliseconds(dispatch_timeout_ms);
+    ro.min_deadline = std::chrono::milliseconds(dispatch_min_timeout_ms);
+    ro.deadline_p99_multiple = dispatch_p99_multiple;
+    ro.uncovered_wait = std::chrono::milliseconds(uncovered_wait_ms);
     ro.identity = rt.instance();
     ro.salt = std::hash<std::string>{}(rt.instance());
     ro.metrics = rt.metrics_ptr();
@@ -173,16 +198,22 @@ int main(int argc, char** argv) {
     auto pool = std::make_shared<ComputePool>(1);  // one step at a time: the worker owns the KV cache
     auto stats = std::make_shared<StepServerStats>();
     stats->kv_free_blocks = worker->free_blocks();
-    spdlog::info("attention: {} mapped {:.1f} MiB (no routed experts), KV cache {} blocks ({}, {:.1f} MiB), compute on {}{}, {} micro-batch(es), {}",
-                 model_dir, double(ckpt->mapped_bytes()) / (1 << 20), kv_blocks, kv_dtype,
-                 double(engine->kv_cache().bytes_per_block() * kv_blocks) / (1 << 20), backend->name(),
-                 wo.sample_from_summaries ? " (sampling from logits summaries)" : "", micro_batches,
-                 !wo.prefix_store ? std::string("no prefix cache")
-                                  : fmt::format("prefix cache: {} MiB in memory{}", local_prefix_mb,
-                                                kv ? ", then the KV store " + kvstore + " as " + model_id : ""));
+    spdlog::info(
+        "attention: {} mapped {:.1f} MiB (no routed experts), KV cache {} blocks ({}, {:.1f} MiB), compute on {}{}, {} "
+        "micro-batch(es), {}",
+        model_dir, double(ckpt->mapped_bytes()) / (1 << 20), kv_blocks, kv_dtype,
+        double(engine->kv_cache().bytes_per_block() * kv_blocks) / (1 << 20), backend->name(),
+        wo.sample_from_summaries ? " (sampling from logits summaries)" : "", micro_batches,
+        !wo.prefix_store ? std::string("no prefix cache")
+                         : fmt::format("prefix cache: {} MiB in memory{}", local_prefix_mb,
+                                       kv ? ", then the KV store " + kvstore + " as " + model_id : ""));
 
     ZmqBridge bridge(rt.system());
-    const int step_sock = bridge.add({.name = "steps", .type = zmq::socket_type::router, .endpoint = listen, .bind = true});
+    const int step_sock = bridge.add({.name = "steps",
+                                      .type = zmq::socket_type::router,
+                                      .endpoint = listen,
+                                      .bind = true,
+                                      .heartbeats = kDataPlaneHeartbeats});
     if (advertise.empty()) advertise = bridge.endpoint(step_sock);
 
     // Ready once every routed expert has a live host in the newest placement table.
@@ -208,17 +239,23 @@ int main(int argc, char** argv) {
     co.registration.set_nccl(caps.nccl);
     co.registration.set_gpu_id(caps.gpu_id);
     ControlCallbacks cb;
-    cb.fill_heartbeat = [covered, stats](pb::Heartbeat& hb) {
+    cb.fill_heartbeat = [covered, stats, remote](pb::Heartbeat& hb) {
       hb.set_ready(covered->load());
       hb.set_kv_free_blocks(stats->kv_free_blocks.load());
+      hb.set_waiting_dispatches(remote->stats().waiting.load());
     };
     cb.on_placement = [remote, covered, all_covered, pairs](const pb::PlacementTable& t) {
       if (pairs) pairs->on_placement(t);
       PlacementTable table = placement_from_proto(t);
       const bool ok = all_covered(table);
       remote->set_placement(std::move(table));
-      if (ok != covered->exchange(ok))
-        spdlog::info("attention: placement v{}: {}", t.version(), ok ? "every expert has a host" : "experts missing");
+      // Ready from the first table that covers every expert on: when a host dies later, steps
+      // that need its experts wait for a replacement (--uncovered-wait-ms) on a worker that stays
+      // ready, so the router keeps its sequences here instead of moving them.
+      if (ok && !covered->exchange(true))
+        spdlog::info("attention: placement v{}: every expert has a host", t.version());
+      if (!ok)
+        spdlog::warn("attention: placement v{}: experts missing; steps that need them wait for a host", t.version());
     };
     if (pairs) cb.on_nccl_pair = [pairs](const pb::NcclPairId& m) { pairs->on_message(m); };
     caf::actor client = spawn_control_client(rt.system(), bridge, co, cb);
@@ -228,7 +265,8 @@ int main(int argc, char** argv) {
     rt.stop_on_shutdown(server);
     rt.stop_on_shutdown(client);
     rt.admin().set_readiness([covered]() -> Readiness {
-      return covered->load() ? Readiness{true, ""} : Readiness{false, "waiting for a placement that covers every expert"};
+      return covered->load() ? Readiness{true, ""}
+                             : Readiness{false, "waiting for a placement that covers every expert"};
     });
     spdlog::info("attention: steps on {}, coordinator {}", advertise, control);
     rt.wait_for_shutdown();

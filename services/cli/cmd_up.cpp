@@ -33,21 +33,26 @@ fs::path default_model() {
 void add_up(CLI::App& app) {
   auto opts = std::make_shared<actors::LocalClusterOptions>();
   auto model = std::make_shared<std::string>();
-  CLI::App* up = app.add_subcommand("up", "Start a whole cluster (router, attention workers, expert hosts, KV store) on this machine");
+  CLI::App* up = app.add_subcommand(
+      "up", "Start a whole cluster (router, attention workers, expert hosts, KV store) on this machine");
   up->add_option("--model", *model, "checkpoint folder (default: generate the default model)");
   up->add_option("--attention", opts->attention, "attention workers")->capture_default_str();
   up->add_option("--experts", opts->experts, "expert hosts")->capture_default_str();
   up->add_option("--replicas", opts->replicas, "copies of every expert")->capture_default_str();
   up->add_option("--port", opts->port, "OpenAI API port")->capture_default_str();
-  up->add_option("--control-port", opts->control_port, "coordinator port (placement on the next one)")->capture_default_str();
+  up->add_option("--control-port", opts->control_port, "coordinator port (placement on the next one)")
+      ->capture_default_str();
   up->add_option("--admin-port", opts->admin_port, "router /metrics port")->capture_default_str();
   up->add_option("--host", opts->host, "address every process binds")->capture_default_str();
   up->add_option("--bin-dir", opts->bin_dir, "where the moemesh-<service> binaries are");
   up->add_option("--log-dir", opts->log_dir, "one log file per process (default: a temp folder)");
-  up->add_option("--cores", opts->cores, "compute threads of each attention worker and expert host (default: this machine's cores)");
+  up->add_option("--cores", opts->cores,
+                 "compute threads of each attention worker and expert host (default: this machine's cores)");
   up->add_option("--log-level", opts->log_level, "services' log level")->capture_default_str();
   up->add_option("--startup-timeout", opts->startup_timeout_s, "seconds to wait for readiness")->capture_default_str();
   up->add_flag("!--no-kvstore", opts->kvstore, "run without the KV store (no prefix cache)");
+  up->add_flag("!--no-restart", opts->restart,
+               "do not restart a process that exits (default: restart it after a backoff of 1 s doubling to 30 s)");
   up->add_option("--device", opts->device,
                  "where attention workers and expert hosts compute: cpu, or cuda (spread over --gpus devices, "
                  "attention workers first)")
@@ -80,7 +85,8 @@ void add_up(CLI::App& app) {
       opts->router_args.push_back(fs::absolute(*tenants).string());
     }
     opts->model = model->empty() ? default_model() : fs::path(*model);
-    if (!fs::exists(opts->model / "config.json")) throw Error(opts->model.string() + ": no config.json (not a checkpoint folder)");
+    if (!fs::exists(opts->model / "config.json"))
+      throw Error(opts->model.string() + ": no config.json (not a checkpoint folder)");
     // Block the signals before starting children: run_until_signal() takes them synchronously.
     sigset_t set;
     sigemptyset(&set);
@@ -94,6 +100,8 @@ void add_up(CLI::App& app) {
     std::cout << "moemesh up: stopping the cluster" << std::endl;
     cluster.stop();
     if (rc != 0) throw Error("the router exited; cluster stopped");
+    if (cluster.restarts() > 0)
+      std::cout << "moemesh up: " << cluster.restarts() << " process restart(s) during the run" << std::endl;
   });
 }
 

@@ -119,7 +119,14 @@ int serve(ServiceRuntime& rt, const Flags& f) {
   });
 
   ZmqBridge bridge(rt.system());
-  const int data = bridge.add({.name = "dispatch", .type = zmq::socket_type::router, .endpoint = f.listen, .bind = true});
+  const int data = bridge.add({.name = "dispatch",
+                               .type = zmq::socket_type::router,
+                               .endpoint = f.listen,
+                               .bind = true,
+                               .heartbeats = kDataPlaneHeartbeats});
+  // Until the experts are loaded, every request is answered not_ready at once.
+  caf::actor not_ready = spawn_not_ready_replier(rt.system(), bridge.actor(), data);
+  bridge.route(data, not_ready);
   const std::string endpoint = f.advertise.empty() ? bridge.endpoint(data) : f.advertise;
 
   // The coordinator: registration (its reply may assign our experts) and heartbeats.
@@ -187,9 +194,10 @@ int serve(ServiceRuntime& rt, const Flags& f) {
     bo.max_batch_rows = f.max_batch_rows;
     // Without per-expert metrics: no rows_total{layer, expert} series and no load in heartbeats.
     caf::actor batcher =
-        spawn_expert_batcher(rt.system(), {&experts, &pool, &metrics, f.expert_metrics ? &load : nullptr, bridge.actor(),
-                                           data, bo, f.expert_metrics, transports.get()});
+        spawn_expert_batcher(rt.system(), {&experts, &pool, &metrics, f.expert_metrics ? &load : nullptr,
+                                           bridge.actor(), data, bo, f.expert_metrics, transports.get()});
     bridge.route(data, batcher);
+    caf::anon_send_exit(not_ready, caf::exit_reason::user_shutdown);
     ready = true;
     spdlog::info("expert host: listening on {} (advertised as {}, {} compute threads)", bridge.endpoint(data), endpoint,
                  cpu::compute_threads());
@@ -226,11 +234,13 @@ int main(int argc, char** argv) {
                  "else ZeroMQ) or zmq (always ZeroMQ)")
       ->check(CLI::IsMember({"auto", "zmq"}))
       ->capture_default_str();
-  cli.add_option("--compute-threads", f.compute_threads, "threads of the CPU kernels' pool and batches computed at once (0: the CPUs this process may use)")
+  cli.add_option("--compute-threads", f.compute_threads,
+                 "threads of the CPU kernels' pool and batches computed at once (0: the CPUs this process may use)")
       ->capture_default_str();
   cli.add_option("--batch-window-us", f.batch_window_us, "how long a layer's batch waits for more requests")
       ->capture_default_str();
-  cli.add_option("--max-batch-rows", f.max_batch_rows, "a batch with this many rows runs at once")->capture_default_str();
+  cli.add_option("--max-batch-rows", f.max_batch_rows, "a batch with this many rows runs at once")
+      ->capture_default_str();
   cli.add_option("--register-timeout-s", f.register_timeout_s, "how long to wait for the coordinator's assignment")
       ->capture_default_str();
   cli.add_flag("!--no-expert-metrics", f.expert_metrics,

@@ -22,15 +22,15 @@ int main(int argc, char** argv) {
   std::string disk_dir;
   int heartbeat_ms = 500;
   auto& cli = rt.cli();
-  cli.add_option("--listen", listen, "endpoint to bind (ROUTER); tcp://HOST:* picks a free port")->capture_default_str();
+  cli.add_option("--listen", listen, "endpoint to bind (ROUTER); tcp://HOST:* picks a free port")
+      ->capture_default_str();
   cli.add_option("--advertise", advertise, "endpoint peers use to reach --listen (default: the bound one)");
   cli.add_option("--budget-bytes", budget, "memory for KV blocks; least recently used go first")
       ->check([](const std::string& v) {
         return std::strtoull(v.c_str(), nullptr, 10) > 0 ? std::string() : std::string("must be at least 1 byte");
       })
       ->capture_default_str();
-  cli.add_option("--disk-dir", disk_dir,
-                 "directory of the disk tier (one file per block; kept across restarts)");
+  cli.add_option("--disk-dir", disk_dir, "directory of the disk tier (one file per block; kept across restarts)");
   cli.add_option("--disk-budget-bytes", disk_budget,
                  "disk for KV blocks evicted from memory (whole files); 0: no disk tier")
       ->capture_default_str();
@@ -40,13 +40,17 @@ int main(int argc, char** argv) {
 
   try {
     ZmqBridge bridge(rt.system());
-    const int sock = bridge.add({.name = "kv", .type = zmq::socket_type::router, .endpoint = listen, .bind = true});
+    const int sock = bridge.add({.name = "kv",
+                                 .type = zmq::socket_type::router,
+                                 .endpoint = listen,
+                                 .bind = true,
+                                 .heartbeats = kDataPlaneHeartbeats});
     const std::string bound = bridge.endpoint(sock);
     if (advertise.empty()) advertise = bound;
 
     auto gauges = std::make_shared<BlockStoreGauges>();
-    caf::actor store = spawn_block_store(rt.system(), bridge, sock,
-                                         {budget, disk_dir, disk_budget, rt.metrics_ptr(), gauges});
+    caf::actor store =
+        spawn_block_store(rt.system(), bridge, sock, {budget, disk_dir, disk_budget, rt.metrics_ptr(), gauges});
     caf::actor client;
     if (!control.empty()) {
       ControlClientOptions co;

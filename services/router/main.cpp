@@ -26,7 +26,7 @@ int main(int argc, char** argv) {
   int64_t step_budget = 512;
   int64_t max_running = 64;
   size_t max_waiting = 4096;
-  int drain_timeout_s = 30, load_window_s = 60;
+  int drain_timeout_s = 30, load_window_s = 60, suspect_grace_ms = 1000;
   std::string tenants_file, responses_dir;
   int64_t responses_ttl_s = 30 * 24 * 3600;
   int keep_turns = 5;
@@ -41,6 +41,11 @@ int main(int argc, char** argv) {
   cli.add_option("--expert-hosts", expert_hosts, "expert hosts the placement is cut for")->check(CLI::PositiveNumber);
   cli.add_option("--replicas", replicas, "copies of every expert")->check(CLI::PositiveNumber);
   cli.add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms, "silence after which a member is dropped");
+  cli.add_option("--suspect-grace-ms", suspect_grace_ms,
+                 "after a control connection drops, members silent this long are dropped at once (0: wait for "
+                 "--heartbeat-timeout-ms)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   cli.add_option("--step-token-budget", step_budget, "prefill + decode tokens per worker step");
   int step_timeout_ms = 30000;
   cli.add_option("--step-timeout-ms", step_timeout_ms,
@@ -75,8 +80,12 @@ int main(int argc, char** argv) {
     if (served_name.empty()) served_name = (dir.filename().empty() ? dir.parent_path() : dir).filename().string();
 
     ZmqBridge bridge(rt.system());
-    const int control_sock =
-        bridge.add({.name = "control", .type = zmq::socket_type::router, .endpoint = control, .bind = true});
+    const int control_sock = bridge.add({.name = "control",
+                                         .type = zmq::socket_type::router,
+                                         .endpoint = control,
+                                         .bind = true,
+                                         .heartbeats = kDataPlaneHeartbeats,
+                                         .monitor = true});
     const int pub_sock =
         bridge.add({.name = "placement", .type = zmq::socket_type::pub, .endpoint = placement, .bind = true});
     bridge.start();
@@ -100,6 +109,7 @@ int main(int argc, char** argv) {
     cc.expert_hosts = expert_hosts;
     cc.replicas = replicas;
     cc.heartbeat_timeout = std::chrono::milliseconds(heartbeat_timeout_ms);
+    cc.suspect_grace = std::chrono::milliseconds(suspect_grace_ms);
     cc.metrics = rt.metrics_ptr();
     cc.load_window = std::chrono::seconds(load_window_s);
     caf::actor coordinator = spawn_coordinator(rt.system(), bridge, control_sock, pub_sock, cc, scheduler);

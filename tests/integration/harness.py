@@ -164,6 +164,37 @@ def stream(port, path, body, headers=None, timeout=60.0, stop_after=None, times=
         conn.close()
 
 
+def streams_with_a_fault(port, bodies, fault, min_events=4, timeout=120.0):
+    """Runs one completion stream per body concurrently; once every stream has `min_events`
+    events, calls fault() (e.g. a kill -9) and notes the time. Returns (results, times, t_fault):
+    results[i] is stream()'s (status, events), times[i] each event's arrival."""
+    times = [[] for _ in bodies]
+    results = [None] * len(bodies)
+
+    def one(i):
+        results[i] = stream(port, "/v1/completions", dict(bodies[i], stream=True), timeout=timeout, times=times[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while min(len(t) for t in times) < min_events and time.monotonic() < deadline:
+        time.sleep(0.005)
+    started = min(len(t) for t in times) >= min_events
+    if started:
+        fault()
+    t_fault = time.monotonic()
+    for t in threads:
+        t.join()
+    check(started, f"the streams did not reach {min_events} events within 60 s")
+    return results, times, t_fault
+
+
+def stall_after(times, t):
+    """The longest gap between two consecutive events that ends after t (0 when none)."""
+    return max([b - a for a, b in zip(times, times[1:]) if b > t], default=0.0)
+
+
 def stream_text(events, index=0, chat=False):
     """The text of one choice, joined from its stream chunks."""
     out = ""

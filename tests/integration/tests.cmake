@@ -36,3 +36,5 @@ moemesh_cluster_test(structured_outputs_mixtral test_structured_outputs.py 600 -
                      --arch mixtral --requests 200)
 moemesh_cluster_test(structured_outputs_deepseek test_structured_outputs.py 600 --cache-dir ${MOEMESH_CACHE_DIR}
                      --arch deepseek --requests 40)
+moemesh_cluster_test(chaos test_chaos.py 240)
+moemesh_cluster_test(up_restarts test_up_restarts.py 180)

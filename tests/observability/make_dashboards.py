@@ -210,6 +210,26 @@ def experts():
     b.panel("Experts without a live host",
             [(f"max(moemesh_coordinator_uncovered_experts{{{NS}}})", "uncovered")], kind="stat", w=6)
     b.panel("Placement version", [(f"max(moemesh_coordinator_placement_version{{{NS}}})", "version")], kind="stat", w=6)
+    b.panel("Placement moves by load (experts)",
+            [(f"max(moemesh_coordinator_placement_moves_total{{{NS}}})", "moves")], kind="stat", w=6,
+            description="Experts placed on an expert host by measured load: a host beyond the slots gets the hottest "
+                        "experts (core/eplb.h).")
+    b.panel("Restarts per member (supervisor)",
+            [(f"max by (host) (moemesh_coordinator_member_restarts{{{NS}}})", "{{host}}")], kind="stat", w=6,
+            description="Times `moemesh up` restarted each member (MoemeshRestartLoop fires on 3 in 15 minutes).")
+    b.panel("Replicas per expert: fewest / most",
+            [(f"min(moemesh_coordinator_expert_replicas{{{NS}}})", "fewest"),
+             (f"max(moemesh_coordinator_expert_replicas{{{NS}}})", "most")], w=6)
+    b.panel("Dispatches waiting for an uncovered expert",
+            [(f"sum(moemesh_attention_dispatch_waiting_calls{{{NS}}})", "waiting now"),
+             (f"sum({rate('moemesh_attention_dispatch_uncovered_waits_total')})", "waits/s")], w=6,
+            description="Steps whose expert has no usable host (it died, no replica left) wait for a replacement up "
+                        "to --uncovered-wait-ms instead of failing.")
+    b.panel("Failure detection: disconnected hosts and the adaptive deadline",
+            [(f"max(moemesh_attention_dispatch_disconnected_hosts{{{NS}}})", "disconnected hosts"),
+             (f"max(moemesh_attention_dispatch_deadline_seconds{{{NS}}})", "deadline (s)")], w=12,
+            description="Hosts whose connection dropped are skipped until they reconnect; the deadline is a multiple "
+                        "of the recent p99 round trip.")
     b.panel("Experts per host", [(f"max by (host) (moemesh_coordinator_host_experts{{{NS}}})", "{{host}}")], w=12)
     b.panel("Expert hosts live / expected",
             [(f"max(moemesh_coordinator_live_hosts{{{NS}, role=\"expert\"}})", "live"),

@@ -66,7 +66,8 @@ TEST_F(DispatchMetrics, RequestsAndRoundTripsArePerHost) {
   EXPECT_EQ(series_value(*reg, "moemesh_attention_dispatch_round_trip_seconds_count", {{"host", "host-a"}}), 2);
   EXPECT_EQ(series_value(*reg, "moemesh_attention_dispatch_round_trip_seconds_count", {{"host", "host-b"}}), 1);
   // Failure series exist at 0 once a host is known, so rates are 0 rather than absent.
-  EXPECT_EQ(series_value(*reg, "moemesh_attention_dispatch_failures_total", {{"host", "host-b"}, {"reason", "timeout"}}), 0);
+  EXPECT_EQ(
+      series_value(*reg, "moemesh_attention_dispatch_failures_total", {{"host", "host-b"}, {"reason", "timeout"}}), 0);
   const std::string text = prometheus::TextSerializer().Serialize(reg->Collect());
   EXPECT_NE(text.find("moemesh_attention_dispatch_failures_total{host=\"host-a\",reason=\"timeout\"} 0"),
             std::string::npos)
@@ -85,8 +86,10 @@ TEST_F(DispatchMetrics, ADeadHostCountsATimeoutAndAFailover) {
   b.kill();
   // Eight experts: replicas are balanced by rows, so b gets some of them, times out, and they go to a.
   call(remote, 0, {0, 1, 2, 3, 4, 5, 6, 7});
-  EXPECT_EQ(series_value(*reg, "moemesh_attention_dispatch_failures_total", {{"host", "host-b"}, {"reason", "timeout"}}), 1);
-  EXPECT_EQ(series_value(*reg, "moemesh_attention_dispatch_failures_total", {{"host", "host-a"}, {"reason", "timeout"}}), 0);
+  EXPECT_EQ(
+      series_value(*reg, "moemesh_attention_dispatch_failures_total", {{"host", "host-b"}, {"reason", "timeout"}}), 1);
+  EXPECT_EQ(
+      series_value(*reg, "moemesh_attention_dispatch_failures_total", {{"host", "host-a"}, {"reason", "timeout"}}), 0);
   const double failovers = series_value(*reg, "moemesh_attention_dispatch_failovers_total", {{"reason", "timeout"}});
   EXPECT_GT(failovers, 0);
   EXPECT_EQ(failovers, double(remote.stats().retries.load()));
@@ -100,11 +103,17 @@ TEST_F(DispatchMetrics, ErrorRepliesAndGivingUpAreCountedByReason) {
   auto reg = std::make_shared<prometheus::Registry>();
   RemoteExpertsOptions o;
   o.metrics = reg;
+  o.uncovered_wait = std::chrono::milliseconds(200);  // how long a layer nobody serves is waited for
   RemoteExpertExecutor remote(sys, o);
   remote.set_placement({1, {a.entry("0:*")}});
   EXPECT_THROW(call(remote, 0, {6}), Error);
-  EXPECT_EQ(series_value(*reg, "moemesh_attention_dispatch_failures_total", {{"host", "host-a"}, {"reason", "error_reply"}}), 1);
+  EXPECT_EQ(
+      series_value(*reg, "moemesh_attention_dispatch_failures_total", {{"host", "host-a"}, {"reason", "error_reply"}}),
+      1);
   EXPECT_EQ(series_value(*reg, "moemesh_attention_dispatch_exhausted_total", {{"reason", "replicas_exhausted"}}), 1);
   EXPECT_THROW(call(remote, 1, {2}), Error);  // nobody serves layer 1
   EXPECT_EQ(series_value(*reg, "moemesh_attention_dispatch_exhausted_total", {{"reason", "no_host"}}), 1);
+  EXPECT_EQ(series_value(*reg, "moemesh_attention_dispatch_uncovered_waits_total", {}), 1);
+  EXPECT_EQ(series_value(*reg, "moemesh_attention_dispatch_uncovered_wait_seconds_count", {}), 1);
+  EXPECT_EQ(series_value(*reg, "moemesh_attention_dispatch_waiting_calls", {}), 0);
 }

@@ -13,8 +13,12 @@ namespace moemesh::testing {
 class LoopbackCoordinator {
  public:
   LoopbackCoordinator(caf::actor_system& sys, actors::CoordinatorConfig cc, caf::actor listener = {}) : bridge_(sys) {
-    const int control = bridge_.add(
-        {.name = "control", .type = zmq::socket_type::router, .endpoint = "tcp://127.0.0.1:*", .bind = true});
+    // Watched, as the router's: a dropped control connection makes the coordinator check at once.
+    const int control = bridge_.add({.name = "control",
+                                     .type = zmq::socket_type::router,
+                                     .endpoint = "tcp://127.0.0.1:*",
+                                     .bind = true,
+                                     .monitor = true});
     const int publish = bridge_.add(
         {.name = "placement", .type = zmq::socket_type::pub, .endpoint = "tcp://127.0.0.1:*", .bind = true});
     bridge_.start();

@@ -69,7 +69,7 @@ class FakeMember {
   }
 
   pb::RegisterReply register_as(pb::Role role, const std::string& data_endpoint, int64_t kv_blocks = 0,
-                                const std::string& model_id = "tiny-moe") {
+                                const std::string& model_id = "tiny-moe", uint32_t restarts = 0) {
     pb::ControlMessage m;
     auto* r = m.mutable_register_();
     r->set_instance(instance_);
@@ -78,6 +78,7 @@ class FakeMember {
     r->set_admin_endpoint(instance_ + ":9100");
     r->set_model_id(model_id);
     r->set_kv_blocks(kv_blocks);
+    r->set_restarts(restarts);
     send(m);
     return reply_of(pb::ControlMessage::kRegisterReply).register_reply();
   }
@@ -116,6 +117,9 @@ class FakeMember {
   uint64_t seq_ = 0;
   zmq::context_t ctx_{1};
   zmq::socket_t dealer_{ctx_, zmq::socket_type::dealer};
+
+ public:
+  void die() { dealer_.close(); }  // the process is gone: its connection drops
 };
 
 // A subscriber to the placement tables.
@@ -312,6 +316,78 @@ TEST(Coordinator, SilentMembersExpireAndANewHostTakesTheirSlot) {
   FakeMember replacement(coord.control(), "exp-new");
   const auto rn = replacement.register_as(pb::EXPERT, "tcp://127.0.0.1:7303");
   EXPECT_EQ(experts_of(rn.assigned()), experts_of(rs.assigned())) << "the dead host's slot";
+}
+
+// A member whose control connection drops is removed one suspect grace later, long before the
+// heartbeat timeout; members that keep sending heartbeats stay. A registration's restart count
+// shows in the status and the metric.
+TEST(Coordinator, AMemberWhoseConnectionDropsIsRemovedAfterTheGraceNotTheTimeout) {
+  caf::actor_system sys{two_thread_config()};
+  CoordinatorConfig cc = config(2, 1, /*heartbeat_timeout=*/60s);
+  cc.suspect_grace = 400ms;
+  LoopbackCoordinator coord(sys, cc);
+  FakeMember live(coord.control(), "exp-live"), dying(coord.control(), "exp-dying");
+  ASSERT_TRUE(live.register_as(pb::EXPERT, "tcp://127.0.0.1:7311").ok());
+  ASSERT_TRUE(dying.register_as(pb::EXPERT, "tcp://127.0.0.1:7312", 0, "tiny-moe", /*restarts=*/3).ok());
+  const pb::ServiceStatus* d = nullptr;
+  auto before = live.status();
+  ASSERT_NE(d = service(before, "exp-dying"), nullptr);
+  EXPECT_EQ(d->restarts(), 3u);
+  EXPECT_TRUE(eventually(
+      [&] {
+        return series_value(*cc.metrics, "moemesh_coordinator_member_restarts",
+                            {{"role", "expert"}, {"host", "exp-dying"}}) == 3;
+      },
+      5s));
+
+  const auto died = std::chrono::steady_clock::now();
+  dying.die();
+  bool gone = false;
+  while (!gone && std::chrono::steady_clock::now() - died < 10s) {
+    live.heartbeat(true);
+    gone = service(live.status(), "exp-dying") == nullptr;
+    std::this_thread::sleep_for(50ms);
+  }
+  const auto took = std::chrono::steady_clock::now() - died;
+  ASSERT_TRUE(gone) << "the member whose connection dropped was never removed";
+  EXPECT_LT(took, 3s) << "removed by the heartbeat timeout, not the drop";
+  EXPECT_GE(took, 400ms) << "removed before its grace";
+  const auto after = live.status();
+  EXPECT_NE(service(after, "exp-live"), nullptr) << "a member that kept its heartbeats was removed";
+  EXPECT_EQ(after.expired_members(), 1u);
+  EXPECT_EQ(after.uncovered_size(), 6) << "the dead host's half of the experts";
+  EXPECT_EQ(after.replicas(), 1);
+}
+
+// Scaling out: an expert host beyond the slots registers after the heartbeats reported skewed
+// load, and is assigned the hot experts (not a round-robin copy of a slot); the status counts them.
+TEST(Coordinator, AHostBeyondTheSlotsGetsTheHotExperts) {
+  caf::actor_system sys{two_thread_config()};
+  const CoordinatorConfig cc = config(2, 1);
+  LoopbackCoordinator coord(sys, cc);
+  FakeMember a(coord.control(), "exp-a"), b(coord.control(), "exp-b"), c(coord.control(), "exp-c");
+  const auto ra = a.register_as(pb::EXPERT, "tcp://127.0.0.1:7321");
+  const auto rb = b.register_as(pb::EXPERT, "tcp://127.0.0.1:7322");
+  ASSERT_TRUE(ra.ok() && rb.ok());
+  // Layer 3 expert 4 is hot, wherever it lives.
+  for (FakeMember* m : {&a, &b})
+    m->heartbeat(true, [&](pb::Heartbeat& hb) {
+      const Experts mine = experts_of(m == &a ? ra.assigned() : rb.assigned());
+      for (const auto& [layer, expert] : mine) {
+        auto* l = hb.add_load();
+        l->set_layer(layer);
+        l->set_expert(expert);
+        l->set_rows(layer == 3 && expert == 4 ? 5000 : 10);
+      }
+    });
+  (void)a.status();  // the heartbeats were handled
+  (void)b.status();
+  const auto rc = c.register_as(pb::EXPERT, "tcp://127.0.0.1:7323");
+  ASSERT_TRUE(rc.ok());
+  const Experts got = experts_of(rc.assigned());
+  EXPECT_TRUE(got.count({3, 4})) << "the hot expert is on the new host";
+  // Placed by load (not the round-robin copy of a slot it gets before any load is known).
+  EXPECT_EQ(c.status().placement_moves(), got.size());
 }
 
 // The listener hears of attention workers once they are registered and report ready, with their

@@ -75,3 +75,28 @@ TEST(Placement, AHostThatComesBackGetsItsOldSlot) {
   EXPECT_EQ(pl.add_host("a", "tcp://a", {}, t0 + 6s), a);
   EXPECT_TRUE(pl.uncovered().empty());
 }
+
+TEST(Placement, AHostBeyondTheSlotsGetsTheHottestExpertsOnceLoadIsKnown) {
+  Placement pl(plan(2, 1));  // 24 experts, 12 per slot
+  auto t0 = Placement::Clock::now();
+  const auto a = pl.add_host("a", "tcp://a", {}, t0);
+  const auto b = pl.add_host("b", "tcp://b", {}, t0);
+  // Before any load is measured: a copy of a slot, round robin.
+  const auto c = pl.add_host("c", "tcp://c", {}, t0);
+  EXPECT_TRUE(c == a || c == b);
+  EXPECT_EQ(pl.load_placed(), 0u);
+
+  std::map<ExpertKey, double> load;
+  for (const auto& k : pl.plan().all_experts()) load[k] = 1;
+  load[{2, 5}] = 500;
+  load[{3, 1}] = 400;
+  pl.set_load(load);
+  const auto d = pl.add_host("d", "tcp://d", {}, t0);
+  EXPECT_TRUE(d.count({2, 5}) && d.count({3, 1})) << "the two hot experts go to the new host first";
+  EXPECT_LE(d.size(), a.size()) << "no more than a slot holds";
+  EXPECT_EQ(pl.load_placed(), d.size());
+
+  // It comes back after an expiry with what it loaded.
+  EXPECT_EQ(pl.expire(t0 + 5s, 2s).size(), 4u);
+  EXPECT_EQ(pl.add_host("d", "tcp://d", {}, t0 + 6s), d);
+}

@@ -11,6 +11,8 @@
 #include <span>
 #include <thread>
 
+#include <zmq.hpp>
+
 #include "actors/expert_batcher.h"
 #include "actors/remote_experts.h"
 #include "core/dispatch_codec.h"
@@ -142,7 +144,7 @@ TEST_F(RemoteExperts, ADeadHostsExpertsAreServedByTheirReplica) {
   caf::actor_system sys{two_thread_config()};
   Host a(sys, model(), "all", "host-a"), b(sys, model(), "all", "host-b");
   RemoteExpertsOptions o;
-  o.deadline = std::chrono::milliseconds(1500);
+  o.deadline = std::chrono::milliseconds(10000);  // the drop is seen from the connection, not the deadline
   RemoteExpertExecutor remote(sys, o);
   remote.set_placement({1, {a.entry(), b.entry()}});
   std::mt19937 rng(5);
@@ -150,13 +152,86 @@ TEST_F(RemoteExperts, ADeadHostsExpertsAreServedByTheirReplica) {
   EXPECT_GT(a.requests(), 0);
   EXPECT_GT(b.requests(), 0);
 
-  b.kill();
-  check_layer(remote, 1, 16, rng);  // b's share times out and is retried on a
-  EXPECT_EQ(remote.stats().host_failures.load(), 1u);
-  EXPECT_GT(remote.stats().retries.load(), 0u);
-  // b is now tried last, so later calls do not wait for it again.
+  b.kill();  // its sockets close, as when the process dies
+  const auto t0 = std::chrono::steady_clock::now();
+  check_layer(remote, 1, 16, rng);  // b's share goes to a without waiting for the deadline
+  const auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_LT(took, std::chrono::milliseconds(1000));
+  ASSERT_TRUE(moemesh::testing::eventually([&] { return remote.disconnected(b.entry().endpoint); }));
+  // Known down: later calls do not try it at all.
+  const uint64_t failures = remote.stats().host_failures.load();
   for (int i = 0; i < 3; ++i) check_layer(remote, i % 2, 9, rng);
-  EXPECT_EQ(remote.stats().host_failures.load(), 1u);
+  EXPECT_EQ(remote.stats().host_failures.load(), failures);
+}
+
+// A host whose connection drops while it holds a request (it took the rows and died): the
+// request fails at once, long before the deadline, and its groups are computed by the replica.
+TEST_F(RemoteExperts, ARequestInFlightToAHostThatDiesFailsOverAtOnce) {
+  caf::actor_system sys{two_thread_config()};
+  Host a(sys, model(), "all", "host-a");
+  // The victim: a bare ROUTER that takes requests and never answers.
+  zmq::context_t ctx(1);
+  zmq::socket_t silent(ctx, zmq::socket_type::router);
+  silent.set(zmq::sockopt::linger, 0);
+  silent.bind("tcp://127.0.0.1:*");
+  const std::string silent_ep = silent.get(zmq::sockopt::last_endpoint);
+  RemoteExpertsOptions o;
+  o.deadline = std::chrono::milliseconds(20000);
+  RemoteExpertExecutor remote(sys, o);
+  PlacementHost victim{"host-silent", silent_ep, a.entry().experts};
+  remote.set_placement({1, {a.entry(), victim}});
+
+  std::mt19937 rng(8);
+  LayerCall call = random_call(cfg(), 24, rng);
+  std::vector<std::vector<float>> got, want;
+  std::atomic<bool> done{false};
+  std::thread caller([&] {
+    remote.run(0, call.h.data(), cfg().hidden_size, call.groups, got);
+    done = true;
+  });
+  zmq::pollitem_t item{silent.handle(), 0, ZMQ_POLLIN, 0};
+  zmq::poll(&item, 1, std::chrono::milliseconds(10000));
+  ASSERT_TRUE(item.revents & ZMQ_POLLIN) << "the silent host got no request (the balancing changed?)";
+  EXPECT_FALSE(done.load());
+  const auto died = std::chrono::steady_clock::now();
+  silent.close();  // dies holding the request
+  caller.join();
+  const auto took = std::chrono::steady_clock::now() - died;
+  EXPECT_LT(took, std::chrono::milliseconds(1000)) << "failed over after the deadline, not from the drop";
+  local_->run(0, call.h.data(), cfg().hidden_size, call.groups, want);
+  expect_close(got, want, cfg().hidden_size, agreement_);
+  EXPECT_GE(remote.stats().disconnects.load(), 1u);
+  EXPECT_TRUE(remote.disconnected(silent_ep));
+}
+
+// With one replica, a step that needs an expert no live host serves waits (bounded) for a table
+// that covers it, instead of failing: the replacement registers, the step completes.
+TEST_F(RemoteExperts, AStepWaitsForAReplacementHostWithinTheBound) {
+  caf::actor_system sys{two_thread_config()};
+  Host a(sys, model(), "*:0-3", "host-a"), b(sys, model(), "*:4-7", "host-b");
+  RemoteExpertsOptions o;
+  o.uncovered_wait = std::chrono::milliseconds(20000);
+  auto reg = std::make_shared<prometheus::Registry>();
+  o.metrics = reg;
+  RemoteExpertExecutor remote(sys, o);
+  remote.set_placement({1, {a.entry()}});  // experts 4-7 have no host yet
+  std::mt19937 rng(9);
+  LayerCall call = random_call(cfg(), 32, rng);
+  std::vector<std::vector<float>> got, want;
+  std::atomic<bool> done{false};
+  std::thread caller([&] {
+    remote.run(1, call.h.data(), cfg().hidden_size, call.groups, got);
+    done = true;
+  });
+  ASSERT_TRUE(moemesh::testing::eventually([&] { return remote.stats().waiting.load() == 1; }));
+  EXPECT_FALSE(done.load());
+  EXPECT_EQ(remote.stats().uncovered_waits.load(), 1u);
+  remote.set_placement({2, {a.entry(), b.entry()}});  // the replacement registered
+  caller.join();
+  local_->run(1, call.h.data(), cfg().hidden_size, call.groups, want);
+  expect_close(got, want, cfg().hidden_size, agreement_);
+  EXPECT_EQ(remote.stats().waiting.load(), 0);
+  EXPECT_EQ(remote.stats().host_failures.load(), 0u);
 }
 
 TEST_F(RemoteExperts, AnErrorReplyIsRetriedOnAReplica) {
@@ -205,26 +280,32 @@ TEST_F(RemoteExperts, AnErrorReplyWithoutReplicaNamesTheHostAndLayer) {
   expect_close(got, want, cfg().hidden_size, agreement_);
 }
 
-TEST_F(RemoteExperts, AnExpertWithNoHostIsAnError) {
+TEST_F(RemoteExperts, AnExpertWithNoHostIsAnErrorAfterTheBoundedWait) {
   caf::actor_system sys{two_thread_config()};
-  RemoteExpertExecutor remote(sys);
+  RemoteExpertsOptions o;
+  o.uncovered_wait = std::chrono::milliseconds(300);
+  RemoteExpertExecutor remote(sys, o);
   std::mt19937 rng(4);
   LayerCall call = random_call(cfg(), 3, rng);
   std::vector<std::vector<float>> got;
+  const auto t0 = std::chrono::steady_clock::now();
   try {
     remote.run(1, call.h.data(), cfg().hidden_size, call.groups, got);
     ADD_FAILURE() << "expected an error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("layer 1: no expert host serves expert"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("layer 1: no usable expert host for expert"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("within 300 ms"), std::string::npos) << e.what();
   }
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(300));
+  EXPECT_EQ(remote.stats().waiting.load(), 0);
 }
 
 TEST_F(RemoteExperts, PlacementSwapsWhileCallsRun) {
   caf::actor_system sys{two_thread_config()};
   Host a(sys, model(), "all", "host-a"), b(sys, model(), "all", "host-b");
   RemoteExpertExecutor remote(sys);
-  const std::vector<PlacementTable> tables{{1, {a.entry()}}, {2, {b.entry()}}, {3, {a.entry(), b.entry()}},
-                                           {4, {a.entry("*:0-3"), b.entry("*:4-7")}}};
+  const std::vector<PlacementTable> tables{
+      {1, {a.entry()}}, {2, {b.entry()}}, {3, {a.entry(), b.entry()}}, {4, {a.entry("*:0-3"), b.entry("*:4-7")}}};
   remote.set_placement(tables[0]);
   std::atomic<bool> stop{false};
   std::thread swapper([&] {
@@ -416,8 +497,11 @@ TEST_F(RemoteExperts, ALateReplysPayloadIsDrained) {
   check_layer(zmq_worker, 1, 16, rng);  // the host's actor is not stuck in the pair's receive
   EXPECT_EQ(zmq_worker.stats().host_failures.load(), 0u);
 
-  pair.host->resume();  // the request is served now, its reply is late
-  ASSERT_TRUE(eventually([&] { return remote->stats().late_replies.load() == 1; }));
+  // Without another replica the host was asked again after each timeout, then given up.
+  const uint64_t timed_out = remote->stats().host_failures.load();
+  EXPECT_GE(timed_out, 1u);
+  pair.host->resume();  // the requests are served now, their replies are late
+  ASSERT_TRUE(eventually([&] { return remote->stats().late_replies.load() == timed_out; }));
   EXPECT_EQ(pair.unreceived(), 0u) << "the late reply's results were taken off the pair";
   for (int i = 0; i < 3; ++i) check_layer(*remote, 1, 16, rng);  // same sizes: a stale payload would fit
   EXPECT_EQ(pair.unreceived(), 0u);
