@@ -88,10 +88,11 @@ std::string format_cluster_status(const pb::ClusterStatus& s) {
     hi = std::max(hi, it->second);
   }
   o << fmt::format(
-      "experts: {}..{} live copies each, {} uncovered{}; placement moves {}; restarts {}; members "
-      "expired {}; dispatches waiting for a host {}\n",
+      "experts: {}..{} live copies each, {} uncovered{}; placement moves {}; re-placements {}{}; restarts {}; "
+      "members expired {}; dispatches waiting for a host {}\n",
       lo, hi, s.uncovered_size(), s.uncovered_size() ? " (" + experts_text(s.uncovered()) + ")" : std::string(),
-      s.placement_moves(), restarts, s.expired_members(), waiting);
+      s.placement_moves(), s.rebalances(), s.rebalancing() ? " (one in progress)" : "", restarts, s.expired_members(),
+      waiting);
   o << fmt::format("{:<10} {:<28} {:<24} {:<6} {:>8} {:>8} {:>10} {:>10}  {}\n", "ROLE", "INSTANCE", "ENDPOINT",
                    "READY", "HB AGE", "RESTARTS", "ROWS", "RSS MiB", "EXPERTS / KV FREE");
   for (const auto& v : s.services()) {

@@ -143,6 +143,8 @@ caf::behavior control_client(Self* self, ControlClientOptions opts, ControlCallb
           on_register_reply(self, msg.register_reply());
         else if (socket == s.dealer && msg.has_nccl_pair_id()) {
           if (s.cb.on_nccl_pair) s.cb.on_nccl_pair(msg.nccl_pair_id());
+        } else if (socket == s.dealer && msg.has_assign_experts()) {
+          if (s.cb.on_assign_experts) s.cb.on_assign_experts(msg.assign_experts());
         } else if (msg.has_placement())
           on_placement(self, msg.placement());
         else

@@ -44,6 +44,8 @@ struct ControlCallbacks {
   std::function<void(const pb::RegisterReply&)> on_registered;
   std::function<void(const pb::PlacementTable&)> on_placement;  // each newer table, in order
   std::function<void(const pb::NcclPairId&)> on_nccl_pair;      // relayed NCCL bootstrap steps
+  // Expert hosts: a live re-placement (answer with an ExpertsLoaded through send_to_coordinator).
+  std::function<void(const pb::AssignExperts&)> on_assign_experts;
 };
 
 // Adds the DEALER (and SUB) sockets to `bridge`, which must not be started yet, and spawns the

@@ -98,9 +98,14 @@ struct CoordinatorMetrics {
         expired(metrics::counter_family(*registry, "moemesh_coordinator_expired_members_total",
                                         "Members removed because they missed their heartbeats, by role.")),
         moves(metrics::counter_family(*registry, "moemesh_coordinator_placement_moves_total",
-                                      "Experts placed on an expert host by measured load (a host beyond the slots "
-                                      "gets the hottest experts).")
+                                      "Experts placed, added or dropped on expert hosts by measured load (a host "
+                                      "beyond the slots gets the hottest experts; live re-placements move them).")
                   .Add({})),
+        rebalances(metrics::counter_family(*registry, "moemesh_coordinator_rebalances_total",
+                                           "Live load-driven re-placements, by outcome (done, aborted).")),
+        rebalancing(metrics::gauge_family(*registry, "moemesh_coordinator_rebalancing",
+                                          "1 while a live re-placement is loading, switching or dropping experts.")
+                        .Add({})),
         restarts(metrics::gauge_family(*registry, "moemesh_coordinator_member_restarts",
                                        "Times a supervisor restarted each member, as it said when it registered "
                                        "(moemesh up; kept after the member leaves), by role and host.")) {
@@ -125,6 +130,8 @@ struct CoordinatorMetrics {
   prometheus::Family<prometheus::Gauge>& imbalance;
   prometheus::Family<prometheus::Counter>& expired;
   prometheus::Counter& moves;
+  prometheus::Family<prometheus::Counter>& rebalances;
+  prometheus::Gauge& rebalancing;
   prometheus::Family<prometheus::Gauge>& restarts;
   std::map<pb::Role, prometheus::Gauge*> live;
   std::map<pb::Role, prometheus::Counter*> expired_by_role;
@@ -150,6 +157,7 @@ struct CoordinatorState {
   caf::actor bridge, listener;
   int control = -1, publish = -1;
   std::unique_ptr<Placement> placement;
+  std::unique_ptr<LiveRebalancer> rebalancer;
   std::map<std::string, Member> members;
   std::vector<AttentionWorker> last_workers;  // as last told to the listener
   LoadWindow load;
@@ -371,7 +379,9 @@ std::string status_bytes(const CoordinatorState& st) {
   s.set_ready(cluster_ready(st));
   s.set_replicas(st.cfg.replicas);
   s.set_expired_members(st.expired);
-  s.set_placement_moves(st.placement->load_placed());
+  s.set_placement_moves(st.placement->load_placed() + st.rebalancer->moves());
+  s.set_rebalances(st.rebalancer->rebalances());
+  s.set_rebalancing(st.rebalancer->phase() != LiveRebalancer::Phase::Idle);
   for (const auto& [layer, expert] : st.placement->uncovered()) {
     auto* id = s.add_uncovered();
     id->set_layer(layer);
@@ -435,6 +445,54 @@ void expire(Self* self, Clock::duration timeout, bool after_drop = false) {
                  missing[0].first, missing[0].second);
 }
 
+// Carries out what the rebalancer asked for: assignments to hosts, a new table, log lines.
+void apply(Self* self, const RebalanceActions& a) {
+  auto& st = self->state;
+  for (const auto& line : a.log) spdlog::info("coordinator: {}", line);
+  for (const auto& as : a.assign) {
+    auto m = st.members.find(as.instance);
+    if (m == st.members.end()) continue;  // it left; the rebalancer sees that on its tick
+    pb::ControlMessage msg;
+    auto* body = msg.mutable_assign_experts();
+    body->set_version(as.version);
+    for (const auto& [layer, expert] : as.experts) {
+      auto* id = body->add_experts();
+      id->set_layer(layer);
+      id->set_expert(expert);
+    }
+    const zmq::message_t to(m->second.control_peer.data(), m->second.control_peer.size());
+    self->send(st.bridge, zmq_send_atom::value, st.control, control_frames(&to, msg));
+  }
+  if (a.publish) publish_table(self);
+}
+
+// Runs one rebalancer step (a tick or an answer), carries it out and counts what it did.
+template <class Step>
+void rebalancer_step(Self* self, Step step) {
+  auto& st = self->state;
+  LiveRebalancer& r = *st.rebalancer;
+  const uint64_t done = r.rebalances(), aborted = r.aborted(), moves = r.moves();
+  apply(self, step(r));
+  if (!st.metrics) return;
+  st.metrics->rebalances.Add({{"outcome", "done"}}).Increment(double(r.rebalances() - done));
+  st.metrics->rebalances.Add({{"outcome", "aborted"}}).Increment(double(r.aborted() - aborted));
+  st.metrics->moves.Increment(double(r.moves() - moves));
+  st.metrics->rebalancing.Set(r.phase() != LiveRebalancer::Phase::Idle);
+}
+
+void rebalance_tick(Self* self) {
+  auto& st = self->state;
+  bool hosts_ready = true;
+  std::vector<uint64_t> versions;  // what each attention worker applied
+  for (const auto& [name, m] : st.members) {
+    if (m.role == pb::EXPERT) hosts_ready = hosts_ready && m.last.ready();
+    if (m.role == pb::ATTENTION) versions.push_back(m.last.placement_version());
+  }
+  rebalancer_step(self, [&](LiveRebalancer& r) {
+    return r.tick(Clock::now(), *st.placement, st.load.totals(), hosts_ready, versions);
+  });
+}
+
 void publish_metrics(CoordinatorState& st) {
   st.load.expire(Clock::now(), st.cfg.load_window);
   if (!st.metrics) return;
@@ -479,6 +537,8 @@ caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publis
       std::make_unique<Placement>(PlacementPlan(cfg.moe_layers, cfg.num_experts, cfg.expert_hosts, cfg.replicas));
   st.cfg = std::move(cfg);
   if (st.cfg.metrics) st.metrics = std::make_unique<CoordinatorMetrics>(st.cfg.metrics, st.cfg);
+  st.cfg.rebalance.min_replicas = st.cfg.replicas;
+  st.rebalancer = std::make_unique<LiveRebalancer>(st.cfg.rebalance);
   self->send(self, tick_atom::value);
   return {
       [=](zmq_recv_atom, int, FramesPtr frames) {
@@ -504,6 +564,16 @@ caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publis
           case pb::ControlMessage::kNcclPairId:
             on_nccl_pair(self, peer, msg.nccl_pair_id());
             break;
+          case pb::ControlMessage::kExpertsLoaded: {
+            const auto& l = msg.experts_loaded();
+            auto& st = self->state;
+            auto m = st.members.find(l.instance());
+            if (m == st.members.end() || m->second.control_peer != peer.to_string()) break;  // not who it says
+            rebalancer_step(self, [&](LiveRebalancer& r) {
+              return r.on_loaded(Clock::now(), *st.placement, l.instance(), l.version(), l.error());
+            });
+            break;
+          }
           case pb::ControlMessage::kStatusRequest: {
             pb::ControlMessage reply;
             reply.mutable_status()->ParseFromString(status_bytes(self->state));
@@ -530,7 +600,8 @@ caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publis
       [=](tick_atom) {
         expire(self, self->state.cfg.heartbeat_timeout);
         publish_table(self);
-        publish_metrics(self->state);
+        publish_metrics(self->state);  // expires the load window too
+        rebalance_tick(self);
         self->delayed_send(self, self->state.cfg.publish_interval, tick_atom::value);
       },
       [=](ready_atom) { return cluster_ready(self->state); },

@@ -15,6 +15,7 @@
 #include <prometheus/registry.h>
 
 #include "actors/zmq_bridge.h"
+#include "core/live_rebalance.h"
 
 namespace moemesh::actors {
 
@@ -34,6 +35,9 @@ struct CoordinatorConfig {
   std::shared_ptr<prometheus::Registry> metrics;
   // The expert load-imbalance gauge looks at the rows the heartbeats reported in this window.
   std::chrono::milliseconds load_window{60000};
+  // Live load-driven re-placement (core/live_rebalance.h); interval 0: off. min_replicas is
+  // taken from `replicas`.
+  RebalanceOptions rebalance;
 };
 
 struct AttentionWorker {

@@ -107,6 +107,12 @@ ExpertHostMetrics::ExpertHostMetrics(prometheus::Registry& reg)
                               {1e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.05})),
       compute_seconds(histogram(reg, "moemesh_expert_compute_seconds", "Compute time of one batch",
                                 {1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1})),
+      busy_seconds(prometheus::BuildCounter()
+                       .Name("moemesh_expert_busy_seconds_total")
+                       .Help("Wall time at least one batch was computing (overlapping batches count once); "
+                             "its rate is the host's busy fraction, the expert pools' autoscaling signal")
+                       .Register(reg)
+                       .Add({})),
       queued_requests(prometheus::BuildGauge()
                           .Name("moemesh_expert_queued_requests")
                           .Help("Requests waiting for their batch to start")
@@ -176,6 +182,7 @@ struct BatcherState {
   // How each accepted request came (peer, request id): its reply goes back the same way, so a
   // request sent before the pair switched is not answered over the new transport.
   std::map<std::pair<std::string, uint64_t>, std::shared_ptr<Transport>> came_by;
+  std::chrono::steady_clock::time_point busy_until{};  // the end of the busy time counted so far
   // One receiving thread per pair transport (a pool of one: FIFO), so the actor never blocks
   // in a receive and each pair's payloads are taken in the order their headers arrived.
   // Declared last: destroyed first, finishing the receives still queued.
@@ -312,6 +319,10 @@ void on_done(Self* self, BatchJobPtr job) {
   m.batch_requests.Observe(double(job->requests.size()));
   m.queue_seconds.Observe(secs(job->started - job->queued).count());
   m.compute_seconds.Observe(secs(job->finished - job->started).count());
+  // Busy time is the union of the batches' compute intervals: only the part after what was counted.
+  const auto from = std::max(job->started, st.busy_until);
+  if (job->finished > from) m.busy_seconds.Increment(secs(job->finished - from).count());
+  st.busy_until = std::max(st.busy_until, job->finished);
   int64_t total = 0;
   const int64_t hidden = st.deps.experts->hidden();
   for (size_t i = 0; i < job->requests.size(); ++i) {
@@ -320,8 +331,8 @@ void on_done(Self* self, BatchJobPtr job) {
     if (auto it = st.came_by.find({req.peer, req.request_id}); it != st.came_by.end())
       via = std::move(it->second), st.came_by.erase(it);
     if (!job->error.empty()) {
-      m.bad_request(std::string(dispatch::kInternal));
-      reply(self, to_frames(dispatch::encode_error(req.request_id, dispatch::kInternal, job->error), req.peer));
+      m.bad_request(job->error_code);
+      reply(self, to_frames(dispatch::encode_error(req.request_id, job->error_code, job->error), req.peer));
       log_dispatch_span(*job, req);
       continue;
     }

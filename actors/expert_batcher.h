@@ -88,6 +88,7 @@ struct ExpertHostMetrics {
   prometheus::Histogram& batch_rows;                      // moemesh_expert_batch_rows
   prometheus::Histogram& queue_seconds;                   // moemesh_expert_queue_wait_seconds
   prometheus::Histogram& compute_seconds;                 // moemesh_expert_compute_seconds
+  prometheus::Counter& busy_seconds;                      // moemesh_expert_busy_seconds_total
   prometheus::Gauge& queued_requests;                     // moemesh_expert_queued_requests
   prometheus::Gauge& mapped_weight_bytes;                 // moemesh_expert_mapped_weight_bytes
   prometheus::Counter& received_bytes;                    // moemesh_expert_received_bytes_total

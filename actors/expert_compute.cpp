@@ -44,27 +44,100 @@ void ComputePool::submit(std::function<void()> task) {
 
 HostedExperts::HostedExperts(std::shared_ptr<Checkpoint> ckpt, ExpertSet experts,
                              std::shared_ptr<ComputeBackend> backend)
-    : ckpt_(std::move(ckpt)), experts_(std::move(experts)), backend_(std::move(backend)) {
+    : ckpt_(std::move(ckpt)), backend_(std::move(backend)) {
   if (!backend_) throw Error("expert host: no compute backend");
-  std::set<std::pair<int64_t, int64_t>> sel(experts_.begin(), experts_.end());
-  weights_ = ckpt_->load(WeightSelection::only_experts(std::move(sel)));
+  experts_ = load(experts);
 }
 
-const MlpWeights& HostedExperts::mlp(int32_t layer, int32_t expert) const {
-  const auto& e = weights_.layers.at(size_t(layer)).experts.at(size_t(expert));
-  if (!e) throw Error("expert " + std::to_string(expert) + " of layer " + std::to_string(layer) + " is not held here");
-  return *e;
+HostedExperts::~HostedExperts() {
+  std::map<ExpertKey, std::shared_ptr<const MlpWeights>> gone;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    gone.swap(experts_);
+  }
+}
+
+ExpertSet HostedExperts::experts() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  ExpertSet out;
+  for (const auto& [key, w] : experts_) out.insert(key);
+  return out;
+}
+
+bool HostedExperts::holds(int32_t layer, int32_t expert) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return experts_.count({layer, expert}) > 0;
+}
+
+std::shared_ptr<const MlpWeights> HostedExperts::mlp(int32_t layer, int32_t expert) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = experts_.find({layer, expert});
+  return it == experts_.end() ? nullptr : it->second;
 }
 
 uint64_t HostedExperts::expected_bytes() const {
   uint64_t n = 0;
-  for (const auto& [l, e] : experts_)
+  for (const auto& [l, e] : experts())
     for (const char* which : {"gate", "up", "down"})
       n += ckpt_->linear_bytes(Checkpoint::expert_tensor(config(), l, e, which));
   return n;
 }
 
+std::map<ExpertKey, std::shared_ptr<const MlpWeights>> HostedExperts::load(const ExpertSet& keys) {
+  std::set<std::pair<int64_t, int64_t>> sel(keys.begin(), keys.end());
+  ModelWeights w = ckpt_->load(WeightSelection::only_experts(std::move(sel)));
+  std::map<ExpertKey, std::shared_ptr<const MlpWeights>> out;
+  for (const ExpertKey& key : keys) {
+    auto& slot = w.layers.at(size_t(key.first)).experts.at(size_t(key.second));
+    // The deleter runs when neither the set nor a running batch holds the expert any more.
+    out[key] = std::shared_ptr<const MlpWeights>(new MlpWeights(std::move(*slot)), [this, key](const MlpWeights* p) {
+      release(key, *p);
+      delete p;
+    });
+  }
+  return out;
+}
+
+void HostedExperts::release(ExpertKey key, const MlpWeights& w) {
+  std::lock_guard<std::mutex> load_lk(load_mu_);
+  {
+    // Assigned again meanwhile: the new weights share the checkpoint's mapping, keep it.
+    std::lock_guard<std::mutex> lk(mu_);
+    if (experts_.count(key)) return;
+  }
+  for (const Weight* part : {&w.gate, &w.up, &w.down}) backend_->release(*part);
+  for (const char* which : {"gate", "up", "down"})
+    ckpt_->release_linear(Checkpoint::expert_tensor(config(), key.first, key.second, which));
+}
+
+void HostedExperts::assign(const ExpertSet& want) {
+  std::map<ExpertKey, std::shared_ptr<const MlpWeights>> dropped;
+  {
+    std::unique_lock<std::mutex> load_lk(load_mu_);
+    ExpertSet missing;
+    for (const ExpertKey& key : want)
+      if (!holds(key.first, key.second)) missing.insert(key);
+    auto added = load(missing);  // throws before anything changed
+    std::lock_guard<std::mutex> lk(mu_);
+    experts_.merge(added);
+    for (auto it = experts_.begin(); it != experts_.end();)
+      if (!want.count(it->first)) {
+        dropped.insert(*it);
+        it = experts_.erase(it);
+      } else {
+        ++it;
+      }
+  }
+  // `dropped` goes here, outside the locks: experts no batch uses any more are released now.
+}
+
 namespace {
+
+// An expert dropped (live re-placement) between accepting a request and computing it: the
+// request is answered unknown_expert, and the worker sends it to a replica.
+struct ExpertDropped : Error {
+  using Error::Error;
+};
 
 // Where one request's rows for an expert sit: rows [offset, offset + count) of request `req`.
 struct Slice {
@@ -91,11 +164,14 @@ void compute_experts(const HostedExperts& hosted, BatchJob& job, const BatchRows
   std::vector<std::vector<int32_t>> rows(part.size());
   std::vector<std::vector<float>> results(part.size());
   std::vector<ExpertRows> calls;
+  std::vector<std::shared_ptr<const MlpWeights>> weights;  // held until the call is done
   for (size_t i = 0; i < part.size(); ++i) {
     for (const Slice& s : part[i].slices)
       for (int64_t j = 0; j < s.count; ++j) rows[i].push_back(int32_t(batch.first_row[s.req] + s.offset + j));
     results[i].resize(rows[i].size() * size_t(hidden));
-    calls.push_back({&hosted.mlp(job.layer, part[i].expert), rows[i], results[i].data()});
+    weights.push_back(hosted.mlp(job.layer, part[i].expert));
+    if (!weights.back()) throw ExpertDropped("dropped by a re-placement since the request was accepted");
+    calls.push_back({weights.back().get(), rows[i], results[i].data()});
   }
   hosted.backend().grouped_mlp(batch.x.data(), batch.rows, hidden, calls);
   for (size_t i = 0; i < part.size(); ++i) {
@@ -147,11 +223,13 @@ void run_batch(const HostedExperts& experts, ComputePool& pool, BatchJobPtr job,
       try {
         compute_experts(experts, *job, *batch, part);
       } catch (const std::exception& e) {
+        const bool dropped = dynamic_cast<const ExpertDropped*>(&e) != nullptr;
         std::string which;
         for (const auto& p : part) which += (which.empty() ? "" : ", ") + std::to_string(p.expert);
         std::lock_guard<std::mutex> lk(job->error_mu);
         job->error = (part.size() == 1 ? "expert " : "experts ") + which + " of layer " + std::to_string(job->layer) +
                      ": " + e.what();
+        job->error_code = std::string(dropped ? dispatch::kUnknownExpert : dispatch::kInternal);
       }
       if (job->remaining.fetch_sub(1) == 1) {
         job->finished = std::chrono::steady_clock::now();

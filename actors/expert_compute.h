@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -42,28 +43,41 @@ class ComputePool {
 };
 
 // The experts one host serves, mapped from the checkpoint (only those tensors), and the backend
-// that computes them (the CPU reference unless `--device` names another).
+// that computes them (the CPU reference unless `--device` names another). The set can change
+// while batches run (live re-placement, assign()): a batch holds the weights it computes with,
+// so a dropped expert's tensors are unmapped only when the last batch using them finishes.
 class HostedExperts {
  public:
   // Throws moemesh::Error when the set names experts the model does not have.
   HostedExperts(std::shared_ptr<Checkpoint> ckpt, ExpertSet experts,
                 std::shared_ptr<ComputeBackend> backend = cpu_backend());
+  ~HostedExperts();
+  HostedExperts(const HostedExperts&) = delete;
+  HostedExperts& operator=(const HostedExperts&) = delete;
 
   const ModelConfig& config() const { return ckpt_->config(); }
   int64_t hidden() const { return config().hidden_size; }
-  const ExpertSet& experts() const { return experts_; }
-  bool holds(int32_t layer, int32_t expert) const { return experts_.count({layer, expert}) > 0; }
-  const MlpWeights& mlp(int32_t layer, int32_t expert) const;  // holds() must be true
+  ExpertSet experts() const;  // a copy: the set may change
+  bool holds(int32_t layer, int32_t expert) const;
+  // The expert's weights, kept alive as long as the pointer; null when it is not held.
+  std::shared_ptr<const MlpWeights> mlp(int32_t layer, int32_t expert) const;
   ComputeBackend& backend() const { return *backend_; }
   uint64_t mapped_bytes() const { return ckpt_->mapped_bytes(); }
   // The bytes these experts' tensors take in the checkpoint (what mapped_bytes() must equal).
   uint64_t expected_bytes() const;
+  // Makes `want` the set: maps the experts it lacks, then drops the others. Throws
+  // moemesh::Error (holding what it held) when `want` names experts the model does not have.
+  void assign(const ExpertSet& want);
 
  private:
+  std::map<ExpertKey, std::shared_ptr<const MlpWeights>> load(const ExpertSet& keys);
+  void release(ExpertKey key, const MlpWeights& w);
+
   std::shared_ptr<Checkpoint> ckpt_;
-  ExpertSet experts_;
-  ModelWeights weights_;
   std::shared_ptr<ComputeBackend> backend_;
+  std::mutex load_mu_;     // one assign at a time; releases wait for it (a mapping is shared)
+  mutable std::mutex mu_;  // experts_
+  std::map<ExpertKey, std::shared_ptr<const MlpWeights>> experts_;
 };
 
 // One accepted request waiting in or running with a batch.
@@ -83,6 +97,7 @@ struct BatchJob {
   std::vector<PendingRequest> requests;
   std::vector<std::vector<float>> outputs;  // per request, [its rows, hidden]
   std::string error;                        // non-empty: the batch failed (all its requests)
+  std::string error_code;                   // its dispatch error code (core/dispatch_codec.h)
   int experts = 0;                          // distinct experts computed
   std::chrono::steady_clock::time_point queued, started, finished;
 

@@ -293,6 +293,14 @@ Weight Checkpoint::map_linear(const std::string& weight_tensor) const {
   return quantized_.emplace(weight_tensor, w).first->second;
 }
 
+void Checkpoint::release_linear(const std::string& weight_tensor) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (mappings_.erase(weight_tensor)) return;
+  quantized_.erase(weight_tensor);
+  const std::string module = module_of(weight_tensor);
+  for (const char* suffix : {".qweight", ".qzeros", ".scales", ".g_idx"}) mappings_.erase(module + suffix);
+}
+
 uint64_t Checkpoint::linear_bytes(const std::string& weight_tensor) const {
   if (has(weight_tensor) || !gptq_) return info(weight_tensor).nbytes;
   uint64_t n = 0;

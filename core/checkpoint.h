@@ -105,6 +105,10 @@ class Checkpoint {
   // A Linear weight by its ".weight" name: map(), or for a GPTQ-quantized module its tensors
   // mapped, checked and repacked (once), their pages then given back.
   Weight map_linear(const std::string& weight_tensor) const;
+  // Unmaps a Linear weight (its ".weight", or a GPTQ module's tensors and repacked copy), e.g. an
+  // expert a host no longer serves. Views of it must no longer be in use; a later map_linear maps
+  // it again.
+  void release_linear(const std::string& weight_tensor) const;
   // The bytes a Linear weight is stored in: its ".weight", or a GPTQ module's four tensors.
   uint64_t linear_bytes(const std::string& weight_tensor) const;
   // The checkpoint's GPTQ settings; nullopt for a float checkpoint.

@@ -55,7 +55,7 @@ const AttentionObserver* set_attention_observer(const AttentionObserver* observe
 struct DeviceSpec {
   enum class Kind { Cpu, Cuda };
   Kind kind = Kind::Cpu;
-  int index = 0;  // CUDA device ordinal
+  int index = 0;            // CUDA device ordinal
   std::string str() const;  // "cpu", "cuda:0"
 };
 // "cpu", "cuda" (= cuda:0) or "cuda:N"; anything else is a moemesh::Error naming the forms.
@@ -96,6 +96,10 @@ class ComputeBackend {
   // copies back only the summaries.
   virtual std::vector<LogitsSummary> logits_summaries(const float* x, int64_t rows, const Weight& lm_head,
                                                       std::span<const LogitsRequest> requests);
+  // Forgets whatever the backend keeps for w (the CUDA backend's device copy): called before w's
+  // host memory goes away, e.g. when an expert host drops an expert, so a tensor mapped later at
+  // the same address is not mistaken for it.
+  virtual void release(const Weight& w) { (void)w; }
   // How many calls are worth running at once from several threads (default: no limit). The CPU
   // backend says 1: each call already spreads over the process's kernel pool; a GPU backend
   // serialises its calls, so splitting work across threads only adds launches.

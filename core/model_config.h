@@ -44,14 +44,15 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
   int64_t max_position_embeddings = 4096;
-  std::optional<int64_t> sliding_window;  // a position attends to the previous sliding_window positions (itself included)
-  int64_t num_experts = 0;                // num_local_experts | n_routed_experts
+  std::optional<int64_t>
+      sliding_window;       // a position attends to the previous sliding_window positions (itself included)
+  int64_t num_experts = 0;  // num_local_experts | n_routed_experts
   int64_t num_experts_per_tok = 2;
-  int64_t n_shared_experts = 0;           // DeepSeek only
-  int64_t first_k_dense_replace = 0;      // DeepSeek only: the first k layers are dense
-  int64_t moe_layer_freq = 1;             // DeepSeek only
-  bool norm_topk_prob = true;             // Mixtral always renormalises the top-k weights
-  double routed_scaling_factor = 1.0;     // multiplies routed expert output (DeepSeek V2 style; 1.0 otherwise)
+  int64_t n_shared_experts = 0;        // DeepSeek only
+  int64_t first_k_dense_replace = 0;   // DeepSeek only: the first k layers are dense
+  int64_t moe_layer_freq = 1;          // DeepSeek only
+  bool norm_topk_prob = true;          // Mixtral always renormalises the top-k weights
+  double routed_scaling_factor = 1.0;  // multiplies routed expert output (DeepSeek V2 style; 1.0 otherwise)
   bool tie_word_embeddings = false;
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;
@@ -59,6 +60,9 @@ struct ModelConfig {
 
   // Runtime setting, not from config.json: gate logits are divided by it before softmax.
   double gating_temperature = 1.0;
+  // Runtime, for tests and benchmarks only: added to expert e's gate logit in every MoE layer
+  // (skews the routing on purpose; empty: none). Changes the model's output.
+  std::vector<float> router_bias;
 
   bool is_moe_layer(int64_t layer) const;
   // The longest context the model serves, as vLLM derives it: max_position_embeddings, times the

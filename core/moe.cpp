@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <stdexcept>
 #include <string>
 
 #include "core/error.h"
@@ -23,6 +24,16 @@ Routing route_from_logits(const ModelConfig& cfg, const float* gate_logits, int6
   r.ids.resize(size_t(rows * k));
   r.weights.resize(size_t(rows * k));
   const bool mixtral = cfg.arch == Arch::Mixtral;
+  std::vector<float> biased;
+  if (!cfg.router_bias.empty()) {
+    if (int64_t(cfg.router_bias.size()) != n)
+      throw Error("moe: the router bias has " + std::to_string(cfg.router_bias.size()) + " entries, the model " +
+                  std::to_string(n) + " experts");
+    biased.assign(gate_logits, gate_logits + rows * n);
+    for (int64_t row = 0; row < rows; ++row)
+      for (int64_t e = 0; e < n; ++e) biased[size_t(row * n + e)] += cfg.router_bias[size_t(e)];
+    gate_logits = biased.data();
+  }
   cpu::topk_gating(gate_logits, rows, n, k, float(cfg.gating_temperature), /*renormalize=*/false, r.ids.data(),
                    r.weights.data());
   for (int64_t row = 0; row < rows; ++row) {
@@ -38,6 +49,32 @@ Routing route_from_logits(const ModelConfig& cfg, const float* gate_logits, int6
     }
   }
   return r;
+}
+
+std::vector<float> parse_router_bias(const std::string& spec, int64_t num_experts) {
+  std::vector<float> bias(size_t(num_experts), 0.0f);
+  size_t at = 0;
+  while (at <= spec.size()) {
+    const size_t end = std::min(spec.find(',', at), spec.size());
+    const std::string item = spec.substr(at, end - at);
+    const size_t eq = item.find('=');
+    size_t used_e = 0, used_b = 0;
+    try {
+      if (eq == std::string::npos) throw std::invalid_argument("no '='");
+      const long e = std::stol(item.substr(0, eq), &used_e);
+      const float b = std::stof(item.substr(eq + 1), &used_b);
+      if (used_e != eq || used_b != item.size() - eq - 1) throw std::invalid_argument("trailing characters");
+      if (e < 0 || e >= num_experts)
+        throw Error("--router-bias: expert " + std::to_string(e) + " is not in 0.." + std::to_string(num_experts - 1));
+      bias[size_t(e)] = b;
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception&) {
+      throw Error("--router-bias: '" + item + "' is not EXPERT=BIAS (e.g. \"0=4,1=2.5\")");
+    }
+    at = end + 1;
+  }
+  return bias;
 }
 
 Routing route(const ModelConfig& cfg, const Weight& router, const float* h, int64_t rows) {

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "core/checkpoint.h"
@@ -20,8 +21,8 @@ namespace moemesh {
 struct Routing {
   int64_t rows = 0;
   int64_t k = 0;
-  std::vector<int32_t> ids;     // [rows, k], by weight descending (ties: lower id first)
-  std::vector<float> weights;   // [rows, k], final mixing weights (renormalised / scaled)
+  std::vector<int32_t> ids;    // [rows, k], by weight descending (ties: lower id first)
+  std::vector<float> weights;  // [rows, k], final mixing weights (renormalised / scaled)
 };
 
 // Mixtral: softmax(logits / T) over all experts, top-k, renormalise the k weights.
@@ -29,6 +30,10 @@ struct Routing {
 // and k > 1 (as HF's MoEGate), then multiply by routed_scaling_factor.
 // gate_logits [rows, num_experts] (before temperature).
 Routing route_from_logits(const ModelConfig& cfg, const float* gate_logits, int64_t rows);
+// "E=B,E=B,...": bias B added to expert E's gate logit (ModelConfig::router_bias, for skewing the
+// routing on purpose in tests and benchmarks); the experts not named get 0. Throws
+// moemesh::Error naming the bad item.
+std::vector<float> parse_router_bias(const std::string& spec, int64_t num_experts);
 // h [rows, hidden] · router^T, then route_from_logits.
 Routing route(const ModelConfig& cfg, const Weight& router, const float* h, int64_t rows);
 

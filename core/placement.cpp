@@ -27,6 +27,10 @@ PlacementPlan::PlacementPlan(std::vector<int32_t> moe_layers, int32_t num_expert
     }
 }
 
+Placement::Placement(PlacementPlan plan) : plan_(std::move(plan)) {
+  for (int32_t s = 0; s < plan_.slots(); ++s) slot_sets_.push_back(plan_.slot(s));
+}
+
 std::set<ExpertKey> Placement::add_host(const std::string& instance, const std::string& endpoint,
                                         const std::set<ExpertKey>& pinned, Clock::time_point now) {
   auto it = hosts_.find(instance);
@@ -34,10 +38,10 @@ std::set<ExpertKey> Placement::add_host(const std::string& instance, const std::
     it->second.last_seen = now;  // the same host again (a lost reply): same answer
     return it->second.experts;
   }
-  Host h{endpoint, pinned, std::nullopt, now};
+  Host h{endpoint, pinned, std::nullopt, now, !pinned.empty()};
   if (pinned.empty() && last_slot_.count(instance)) {
     h.slot = last_slot_[instance];
-    h.experts = plan_.slot(*h.slot);
+    h.experts = slot_sets_[size_t(*h.slot)];
   } else if (pinned.empty() && last_by_load_.count(instance)) {
     h.experts = last_by_load_[instance];  // what it loaded when it first came
   } else if (pinned.empty()) {
@@ -49,8 +53,7 @@ std::set<ExpertKey> Placement::add_host(const std::string& instance, const std::
       if (!taken.count(s)) free_slot = s;
     if (free_slot < 0 && !load_.empty()) {
       // Scaling out: as many experts as a slot holds, chosen by load.
-      size_t room = 0;
-      for (int32_t s = 0; s < plan_.slots(); ++s) room = std::max(room, plan_.slot(s).size());
+      const size_t room = largest_slot();
       std::vector<EplbHost> now_hosts;
       for (const auto& [name, other] : hosts_)
         if (name != instance) now_hosts.push_back({name, other.experts, 0});
@@ -69,13 +72,38 @@ std::set<ExpertKey> Placement::add_host(const std::string& instance, const std::
       // More hosts than slots and no load known (or none to gain): extra copies of slots, round robin.
       if (free_slot < 0) free_slot = int32_t(hosts_.size()) % plan_.slots();
       h.slot = free_slot;
-      h.experts = plan_.slot(free_slot);
+      h.experts = slot_sets_[size_t(free_slot)];
       last_slot_[instance] = free_slot;
     }
   }
   hosts_[instance] = std::move(h);
   rebuild();
   return hosts_[instance].experts;
+}
+
+bool Placement::reassign(const std::string& instance, std::set<ExpertKey> experts) {
+  auto it = hosts_.find(instance);
+  if (it == hosts_.end() || it->second.pinned) return false;
+  Host& h = it->second;
+  if (h.experts == experts) return true;
+  if (h.slot)
+    slot_sets_[size_t(*h.slot)] = experts;
+  else
+    last_by_load_[instance] = experts;
+  h.experts = std::move(experts);
+  rebuild();
+  return true;
+}
+
+bool Placement::pinned(const std::string& instance) const {
+  auto it = hosts_.find(instance);
+  return it != hosts_.end() && it->second.pinned;
+}
+
+size_t Placement::largest_slot() const {
+  size_t n = 0;
+  for (int32_t s = 0; s < plan_.slots(); ++s) n = std::max(n, plan_.slot(s).size());
+  return n;
 }
 
 bool Placement::touch(const std::string& instance, Clock::time_point now) {

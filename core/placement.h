@@ -54,7 +54,7 @@ class Placement {
  public:
   using Clock = std::chrono::steady_clock;
 
-  explicit Placement(PlacementPlan plan) : plan_(std::move(plan)) {}
+  explicit Placement(PlacementPlan plan);
 
   // Registers (or re-registers) a host. Pinned experts are taken as given; otherwise the host
   // gets the slot it had before, if any, else the first free slot. Returns the experts it must serve. Bumps the version
@@ -71,6 +71,15 @@ class Placement {
   // Experts placed by load on hosts beyond the slots, since the start.
   uint64_t load_placed() const { return load_placed_; }
 
+  // Live re-placement (EPLB): the host serves `experts` from now on, and a host that later takes
+  // its slot (a replacement after it dies) gets them too. False, and nothing changes, for an
+  // unknown or a pinned host.
+  bool reassign(const std::string& instance, std::set<ExpertKey> experts);
+  // Hosts registered with their experts given (--experts): re-placement leaves them alone.
+  bool pinned(const std::string& instance) const;
+  // The most experts any slot was cut with (what a host's memory is sized for).
+  size_t largest_slot() const;
+
   const PlacementTable& table() const { return table_; }
   // Experts with no live host (the cluster is not ready while any exist).
   std::vector<ExpertKey> uncovered() const;
@@ -82,11 +91,13 @@ class Placement {
     std::set<ExpertKey> experts;
     std::optional<int32_t> slot;
     Clock::time_point last_seen;
+    bool pinned = false;
   };
   void rebuild();
 
   PlacementPlan plan_;
   std::map<std::string, Host> hosts_;
+  std::vector<std::set<ExpertKey>> slot_sets_;  // what each slot holds now (the plan's, then re-placed)
   // The slot each host last had, kept after it expires: a host that comes back still serves
   // (and has loaded) its old slot's experts, so it gets that slot again.
   std::map<std::string, int32_t> last_slot_;

@@ -530,6 +530,12 @@ class CudaBackend final : public ComputeBackend {
     check(cuda::check_last_error());
   }
 
+  void release(const Weight& w) override {
+    std::lock_guard lock(weights_mu_);
+    if (w.quant) quant_weights_.erase(w.quant.get());
+    weights_.erase(WeightKey{w.data, w.numel(), w.dtype});
+  }
+
   // The device copy of a weight, uploaded on first use.
   const void* weight(const Weight& w) {
     if (w.empty()) throw Error("cuda backend: weight " + w.name + " is not loaded");

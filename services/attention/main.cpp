@@ -18,6 +18,7 @@
 #include "core/tokenizer.h"
 #include "core/backend_factory.h"
 #include "core/checkpoint.h"
+#include "core/moe.h"
 #include "core/engine.h"
 #include "kernels/cpu/thread_pool.h"
 #ifdef MOEMESH_HAVE_NCCL
@@ -56,7 +57,8 @@ int main(int argc, char** argv) {
                  "instead of --kv-blocks; e.g. 160 holds a 131072-token context of the small preset in int8 (144 MiB)")
       ->check(CLI::PositiveNumber)
       ->excludes(kv_blocks_opt);
-  cli.add_option("--kv-dtype", kv_dtype, "KV cache storage: f32, or int8 (~1/4 of the memory, one scale per token and kv head)")
+  cli.add_option("--kv-dtype", kv_dtype,
+                 "KV cache storage: f32, or int8 (~1/4 of the memory, one scale per token and kv head)")
       ->check(CLI::IsMember({"f32", "int8"}))
       ->capture_default_str();
   cli.add_option("--device", device, "compute backend: cpu, cuda (= cuda:0) or cuda:N")->capture_default_str();
@@ -89,6 +91,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 3600000))
       ->capture_default_str();
   cli.add_option("--gating-temperature", gating_temperature, "gate logits are divided by it before softmax");
+  std::string router_bias;
+  cli.add_option("--router-bias", router_bias,
+                 "for tests and benchmarks: EXPERT=BIAS,... added to those experts' gate logits in every MoE "
+                 "layer, to skew the expert load on purpose (changes the output)");
   cli.add_option("--kvstore", kvstore,
                  "KV store endpoint (tcp://HOST:PORT) for the prefix cache; none: no prefix cache");
   cli.add_option("--local-prefix-cache-mb", local_prefix_mb,
@@ -117,6 +123,8 @@ int main(int argc, char** argv) {
         service_caps(dev.kind == DeviceSpec::Kind::Cuda, kBuiltWithNccl, transport, backend->device_id());
     auto ckpt = Checkpoint::open(model_dir);
     ckpt->mutable_config().gating_temperature = gating_temperature;
+    if (!router_bias.empty())
+      ckpt->mutable_config().router_bias = parse_router_bias(router_bias, ckpt->config().num_experts);
     const ModelConfig& mc = ckpt->config();
 
     RemoteExpertsOptions ro;

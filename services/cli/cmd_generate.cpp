@@ -12,6 +12,7 @@
 #include "core/checkpoint.h"
 #include "core/engine.h"
 #include "core/error.h"
+#include "core/moe.h"
 #include "core/sampler.h"
 #include "core/text_stream.h"
 #include "core/tokenizer.h"
@@ -29,6 +30,7 @@ struct GenerateArgs {
   SamplingParams sampling;
   std::optional<uint64_t> seed;
   std::optional<double> gating_temperature;
+  std::string router_bias;
   bool json = false;
   bool logits = false;
 };
@@ -44,6 +46,8 @@ void run_generate(GenerateArgs& a) {
     if (!(*a.gating_temperature > 0.0)) throw Error("--gating-temperature must be > 0");
     ckpt->mutable_config().gating_temperature = *a.gating_temperature;
   }
+  if (!a.router_bias.empty())
+    ckpt->mutable_config().router_bias = parse_router_bias(a.router_bias, ckpt->config().num_experts);
   const ModelConfig& cfg = ckpt->config();
 
   // The tokenizer is needed for --prompt, and used for the text when the model folder has one.
@@ -135,6 +139,8 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--seed", a->seed, "RNG seed (same seed, same output)");
   cmd->add_flag("--ignore-eos", a->sampling.ignore_eos, "keep generating past EOS");
   cmd->add_option("--gating-temperature", a->gating_temperature, "divide gate logits by this before softmax");
+  cmd->add_option("--router-bias", a->router_bias,
+                  "EXPERT=BIAS,... added to those experts' gate logits (as moemesh-attention --router-bias)");
   cmd->add_flag("--json", a->json, "print one JSON object (prompt_ids, output_ids, text, finish_reason)");
   cmd->add_flag("--logits", a->logits,
                 "with --json: add logits of the last prompt position and of every generated position");

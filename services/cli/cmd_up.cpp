@@ -71,10 +71,20 @@ void add_up(CLI::App& app) {
       ->check(CLI::IsMember({"f32", "int8"}));
   up->add_option("--step-token-budget", *step_budget, "router: prefill + decode tokens per worker step")
       ->check(CLI::PositiveNumber);
+  auto rebalance_s = std::make_shared<double>(0);
+  up->add_option("--rebalance-interval-s", *rebalance_s,
+                 "router: live load-driven expert re-placement every this many seconds (0: off)")
+      ->check(CLI::NonNegativeNumber);
+  auto router_bias = std::make_shared<std::string>();
+  up->add_option("--router-bias", *router_bias,
+                 "attention workers, for benchmarks: EXPERT=BIAS,... skews the expert load on purpose");
   auto tenants = std::make_shared<std::string>();
   up->add_option("--tenants", *tenants, "router tenants file (API keys and limits); none: open API")
       ->check(CLI::ExistingFile);
-  up->callback([opts, model, tenants, kv_cache_mb, kv_dtype, step_budget] {
+  up->callback([opts, model, tenants, kv_cache_mb, kv_dtype, step_budget, rebalance_s, router_bias] {
+    if (!router_bias->empty()) opts->attention_args.insert(opts->attention_args.end(), {"--router-bias", *router_bias});
+    if (*rebalance_s > 0)
+      opts->router_args.insert(opts->router_args.end(), {"--rebalance-interval-s", std::to_string(*rebalance_s)});
     if (*kv_cache_mb > 0)
       opts->attention_args.insert(opts->attention_args.end(), {"--kv-cache-mb", std::to_string(*kv_cache_mb)});
     if (!kv_dtype->empty()) opts->attention_args.insert(opts->attention_args.end(), {"--kv-dtype", *kv_dtype});

@@ -11,12 +11,14 @@
 #include <chrono>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 
 #include <spdlog/spdlog.h>
 
 #include "actors/control_client.h"
+#include "actors/expert_assigner.h"
 #include "actors/expert_batcher.h"
 #include "actors/nccl_pairs.h"
 #include "actors/expert_compute.h"
@@ -130,6 +132,9 @@ int serve(ServiceRuntime& rt, const Flags& f) {
   const std::string endpoint = f.advertise.empty() ? bridge.endpoint(data) : f.advertise;
 
   // The coordinator: registration (its reply may assign our experts) and heartbeats.
+  // Live re-placements, once the experts are loaded (the control client's callback posts to it).
+  std::mutex assigner_mu;
+  std::shared_ptr<ExpertAssigner> assigner;
   std::promise<pb::RegisterReply> registered;
   std::atomic<bool> got_reply{false};
   caf::actor control;
@@ -156,6 +161,15 @@ int serve(ServiceRuntime& rt, const Flags& f) {
       }
     };
     if (pairs) cb.on_nccl_pair = [pairs](const pb::NcclPairId& m) { pairs->on_message(m); };
+    cb.on_assign_experts = [&assigner, &assigner_mu, link, instance = rt.instance()](const pb::AssignExperts& a) {
+      std::shared_ptr<ExpertAssigner> as;
+      {
+        std::lock_guard<std::mutex> lk(assigner_mu);
+        as = assigner;
+      }
+      if (as) return as->post(a);
+      link->send(experts_loaded_refusal(instance, a, "the expert host is not serving (loading or stopping)"));
+    };
     control = spawn_control_client(rt.system(), bridge, co, cb);
     link->attach(control);
   }
@@ -198,6 +212,16 @@ int serve(ServiceRuntime& rt, const Flags& f) {
                                            bridge.actor(), data, bo, f.expert_metrics, transports.get()});
     bridge.route(data, batcher);
     caf::anon_send_exit(not_ready, caf::exit_reason::user_shutdown);
+    {
+      auto as = std::make_shared<ExpertAssigner>(
+          rt.instance(), experts, [link](const pb::ControlMessage& m) { link->send(m); },
+          [&](const ExpertSet&) {
+            mapped = experts.mapped_bytes();
+            metrics.mapped_weight_bytes.Set(double(mapped));
+          });
+      std::lock_guard<std::mutex> lk(assigner_mu);
+      assigner = std::move(as);
+    }
     ready = true;
     spdlog::info("expert host: listening on {} (advertised as {}, {} compute threads)", bridge.endpoint(data), endpoint,
                  cpu::compute_threads());
@@ -206,6 +230,11 @@ int serve(ServiceRuntime& rt, const Flags& f) {
     spdlog::info("expert host: signal {}, shutting down", sig);
     ready = false;
     if (control) caf::anon_send_exit(control, caf::exit_reason::user_shutdown);
+    {
+      std::shared_ptr<ExpertAssigner> last;  // joined here, outside the lock
+      std::lock_guard<std::mutex> lk(assigner_mu);
+      last.swap(assigner);
+    }
     bridge.stop();
     stop_expert_batcher(rt.system(), batcher);
   }  // the pool finishes queued batches here, before `experts` goes away

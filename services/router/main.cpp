@@ -67,8 +67,31 @@ int main(int argc, char** argv) {
   cli.add_option("--keep-turns", keep_turns, "turns of a conversation the model is given (0: all)")
       ->check(CLI::NonNegativeNumber);
   cli.add_option("--drain-timeout-s", drain_timeout_s, "on SIGTERM, how long requests in flight may finish");
-  cli.add_option("--load-window-s", load_window_s, "window of the expert load-imbalance gauge")
+  cli.add_option("--load-window-s", load_window_s,
+                 "window of the measured expert load (imbalance gauge, placement by load)")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  RebalanceOptions rebalance;
+  double rebalance_interval_s = 0;
+  cli.add_option("--rebalance-interval-s", rebalance_interval_s,
+                 "live load-driven expert re-placement (EPLB): plan one every this many seconds from the load "
+                 "window (0: off)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cli.add_option("--rebalance-max-moves", rebalance.max_moves, "experts newly loaded per re-placement")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cli.add_option("--rebalance-min-gain", rebalance.min_gain,
+                 "relative drop of the busiest expert host's load a re-placement must bring")
+      ->check(CLI::Range(0.0, 0.99))
+      ->capture_default_str();
+  cli.add_option("--rebalance-headroom", rebalance.headroom,
+                 "how many more experts than its first share an expert host may hold (0.25: 25% more)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cli.add_option("--rebalance-min-rows", rebalance.min_rows,
+                 "rows computed in the load window before a re-placement trusts the load")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   if (auto rc = rt.start(argc, argv)) return *rc;
 
@@ -112,6 +135,8 @@ int main(int argc, char** argv) {
     cc.suspect_grace = std::chrono::milliseconds(suspect_grace_ms);
     cc.metrics = rt.metrics_ptr();
     cc.load_window = std::chrono::seconds(load_window_s);
+    rebalance.interval = std::chrono::milliseconds(int64_t(rebalance_interval_s * 1000));
+    cc.rebalance = rebalance;
     caf::actor coordinator = spawn_coordinator(rt.system(), bridge, control_sock, pub_sock, cc, scheduler);
     rt.stop_on_shutdown(scheduler);
     rt.stop_on_shutdown(coordinator);

@@ -262,8 +262,10 @@ class Cli:
         self.run("mkmodel", "--arch", arch, "--preset", preset, "--seed", seed, "--out", out, "--dtype", dtype)
         return out
 
-    def generate(self, model, prompt_ids=None, prompt=None, max_tokens=8, temperature=0.0, seed=None, logits=True):
-        args = ["generate", "--model", model, "--max-tokens", max_tokens, "--temperature", temperature, "--json"]
+    def generate(self, model, prompt_ids=None, prompt=None, max_tokens=8, temperature=0.0, seed=None, logits=True,
+                 extra=()):
+        args = ["generate", "--model", model, "--max-tokens", max_tokens, "--temperature", temperature, "--json",
+                *extra]
         if prompt_ids is not None:
             args += ["--prompt-ids", ",".join(map(str, prompt_ids))]
         else:

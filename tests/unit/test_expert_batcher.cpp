@@ -7,6 +7,7 @@
 #include <cmath>
 #include <future>
 #include <limits>
+#include <mutex>
 #include <span>
 #include <random>
 
@@ -55,7 +56,7 @@ TEST(BatchQueue, OnePeerRunsAtOnce) {
 TEST(BatchQueue, WaitsForEveryRecentPeerThenMerges) {
   BatchQueue q(opts());
   auto t = Clock::now();
-  ASSERT_TRUE(q.add(0, req("A", 1, {{0, 1}}), t));  // learns A
+  ASSERT_TRUE(q.add(0, req("A", 1, {{0, 1}}), t));   // learns A
   ASSERT_FALSE(q.add(0, req("B", 2, {{0, 1}}), t));  // learns B: A may still send
   auto job = q.add(0, req("A", 3, {{1, 2}}), t + microseconds(10));
   ASSERT_TRUE(job) << "A and B are both in: nobody else to wait for";
@@ -147,7 +148,7 @@ TEST_F(BatchedCompute, MergedRowsGiveTheSameOutputsAsEachRowAlone) {
     for (const auto& g : r.groups) {
       for (int64_t row = offset; row < offset + g.rows; ++row) {
         std::vector<float> alone(static_cast<size_t>(hidden));
-        mlp_forward(hosted.mlp(1, g.expert), r.rows.data() + row * hidden, 1, hidden, alone.data());
+        mlp_forward(*hosted.mlp(1, g.expert), r.rows.data() + row * hidden, 1, hidden, alone.data());
         // Relative error of the row as a vector: near-zero elements only carry rounding.
         double err = 0, norm = 0;
         for (int64_t d = 0; d < hidden; ++d) {
@@ -215,7 +216,13 @@ class CountingBackend final : public ComputeBackend {
     ComputeBackend::grouped_mlp(x, x_rows, hidden, experts);
   }
   int useful_concurrency() const override { return concurrency; }
+  void release(const Weight& w) override {
+    std::lock_guard<std::mutex> lk(mu);
+    released.push_back(w.name);
+  }
   std::atomic<int> calls{0}, grouped_calls{0};
+  std::mutex mu;
+  std::vector<std::string> released;
   std::atomic<int64_t> rows_seen{0};
   int concurrency = std::numeric_limits<int>::max();
 
@@ -225,42 +232,90 @@ class CountingBackend final : public ComputeBackend {
 
 }  // namespace
 
+// Live re-placement: assign() maps what is new and drops the rest; a batch that still holds a
+// dropped expert's weights keeps them mapped until it lets go, and only then does the backend
+// forget its copy (so a later tensor at the same address is not taken for it).
+TEST_F(BatchedCompute, AssignAddsAndDropsExpertsLive) {
+  auto ckpt = Checkpoint::open(model_.path());
+  auto backend = std::make_shared<CountingBackend>();
+  HostedExperts hosted(ckpt, parse_expert_spec("0:1-2", ckpt->config()), backend);
+  const uint64_t one_expert = hosted.mapped_bytes() / 2;
+  std::shared_ptr<const MlpWeights> in_use = hosted.mlp(0, 1);  // as a running batch holds it
+  ASSERT_NE(in_use, nullptr);
+  std::vector<float> before(size_t(hosted.hidden())), after(size_t(hosted.hidden()));
+  std::vector<float> x(size_t(hosted.hidden()), 0.5f);
+  mlp_forward(*in_use, x.data(), 1, hosted.hidden(), before.data());
+
+  hosted.assign(parse_expert_spec("0:2,1:0-1", ckpt->config()));
+  EXPECT_FALSE(hosted.holds(0, 1));
+  EXPECT_TRUE(hosted.holds(1, 1));
+  EXPECT_EQ(hosted.mlp(0, 1), nullptr);
+  EXPECT_EQ(hosted.experts(), parse_expert_spec("0:2,1:0-1", ckpt->config()));
+  // 0:1 is still in use: four experts' tensors mapped, nothing released yet.
+  EXPECT_EQ(hosted.mapped_bytes(), 4 * one_expert);
+  EXPECT_TRUE(backend->released.empty());
+  mlp_forward(*in_use, x.data(), 1, hosted.hidden(), after.data());
+  EXPECT_EQ(before, after);
+  in_use.reset();  // the batch finished
+  EXPECT_EQ(hosted.mapped_bytes(), hosted.expected_bytes());
+  EXPECT_EQ(hosted.mapped_bytes(), 3 * one_expert);
+  EXPECT_EQ(backend->released.size(), 3u);  // gate, up and down of 0:1
+
+  // A bad set changes nothing; an expert dropped and assigned again is mapped again.
+  EXPECT_THROW(hosted.assign({{0, 99}}), Error);
+  EXPECT_EQ(hosted.experts().size(), 3u);
+  hosted.assign(parse_expert_spec("0:1", ckpt->config()));
+  EXPECT_EQ(hosted.mapped_bytes(), one_expert);
+  mlp_forward(*hosted.mlp(0, 1), x.data(), 1, hosted.hidden(), after.data());
+  EXPECT_EQ(before, after);
+
+  // A batch for an expert dropped after it was accepted fails as unknown_expert (a replica
+  // answers it instead).
+  ComputePool pool(1);
+  auto job = std::make_shared<BatchJob>();
+  job->layer = 1;
+  job->requests.push_back(req("p", 1, {{0, 1}}, hosted.hidden()));
+  std::promise<BatchJobPtr> done;
+  run_batch(hosted, pool, job, [&](BatchJobPtr j) { done.set_value(std::move(j)); });
+  EXPECT_EQ(done.get_future().get()->error_code, dispatch::kUnknownExpert);
+}
+
 // A backend that serialises its calls (CUDA) gets the whole batch in one grouped call; one that
 // computes on the caller's thread (CPU) gets one call per expert, run in parallel on the pool.
 TEST_F(BatchedCompute, ExpertsComputeOnTheHostsBackend) {
   for (const int concurrency : {std::numeric_limits<int>::max(), 1}) {
-  auto ckpt = Checkpoint::open(model_.path());
-  const int64_t hidden = ckpt->config().hidden_size;
-  auto backend = std::make_shared<CountingBackend>();
-  backend->concurrency = concurrency;
-  HostedExperts hosted(ckpt, all_experts(ckpt->config()), backend);
-  HostedExperts reference(ckpt, all_experts(ckpt->config()));  // the default: the CPU backend
-  ComputePool pool(2);
-  std::mt19937 rng(5);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  auto make_job = [&] {
-    auto job = std::make_shared<BatchJob>();
-    job->layer = 0;
-    job->requests.push_back(req("a", 1, {{1, 2}, {3, 1}}, hidden));
-    job->requests.push_back(req("b", 2, {{3, 4}}, hidden));
-    return job;
-  };
-  auto job = make_job(), ref_job = make_job();
-  for (size_t i = 0; i < job->requests.size(); ++i) {
-    for (float& x : job->requests[i].rows) x = nd(rng);
-    ref_job->requests[i].rows = job->requests[i].rows;
-  }
-  auto run = [&](const HostedExperts& h, BatchJobPtr j) {
-    std::promise<BatchJobPtr> done;
-    run_batch(h, pool, std::move(j), [&](BatchJobPtr r) { done.set_value(std::move(r)); });
-    return done.get_future().get();
-  };
-  BatchJobPtr out = run(hosted, job), ref = run(reference, ref_job);
-  ASSERT_TRUE(out->error.empty()) << out->error;
-  EXPECT_EQ(backend->calls.load(), 2) << "one backend MLP per distinct expert (1 and 3)";
-  EXPECT_EQ(backend->rows_seen.load(), 7);
-  EXPECT_EQ(out->outputs, ref->outputs) << "the CPU backend is the reference: the same numbers";
-  EXPECT_EQ(backend->grouped_calls.load(), concurrency == 1 ? 1 : 2) << "concurrency " << concurrency;
-  EXPECT_EQ(&reference.backend(), cpu_backend().get());
+    auto ckpt = Checkpoint::open(model_.path());
+    const int64_t hidden = ckpt->config().hidden_size;
+    auto backend = std::make_shared<CountingBackend>();
+    backend->concurrency = concurrency;
+    HostedExperts hosted(ckpt, all_experts(ckpt->config()), backend);
+    HostedExperts reference(ckpt, all_experts(ckpt->config()));  // the default: the CPU backend
+    ComputePool pool(2);
+    std::mt19937 rng(5);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    auto make_job = [&] {
+      auto job = std::make_shared<BatchJob>();
+      job->layer = 0;
+      job->requests.push_back(req("a", 1, {{1, 2}, {3, 1}}, hidden));
+      job->requests.push_back(req("b", 2, {{3, 4}}, hidden));
+      return job;
+    };
+    auto job = make_job(), ref_job = make_job();
+    for (size_t i = 0; i < job->requests.size(); ++i) {
+      for (float& x : job->requests[i].rows) x = nd(rng);
+      ref_job->requests[i].rows = job->requests[i].rows;
+    }
+    auto run = [&](const HostedExperts& h, BatchJobPtr j) {
+      std::promise<BatchJobPtr> done;
+      run_batch(h, pool, std::move(j), [&](BatchJobPtr r) { done.set_value(std::move(r)); });
+      return done.get_future().get();
+    };
+    BatchJobPtr out = run(hosted, job), ref = run(reference, ref_job);
+    ASSERT_TRUE(out->error.empty()) << out->error;
+    EXPECT_EQ(backend->calls.load(), 2) << "one backend MLP per distinct expert (1 and 3)";
+    EXPECT_EQ(backend->rows_seen.load(), 7);
+    EXPECT_EQ(out->outputs, ref->outputs) << "the CPU backend is the reference: the same numbers";
+    EXPECT_EQ(backend->grouped_calls.load(), concurrency == 1 ? 1 : 2) << "concurrency " << concurrency;
+    EXPECT_EQ(&reference.backend(), cpu_backend().get());
   }
 }
