@@ -136,7 +136,7 @@ TEST_P(MicroBatches, AFailureInEitherHalfChangesNoSequence) {
 }
 
 TEST_P(MicroBatches, StepWorkerOutputsAreTheSameWithOneOrTwo) {
-  StepWorker w1(engine(), {2}, {nullptr, "", 1, nullptr}), w2(engine(), {2}, {nullptr, "", 2, nullptr});
+  StepWorker w1(engine(), {2}, {.micro_batches = 1}), w2(engine(), {2}, {.micro_batches = 2});
   std::vector<std::vector<int32_t>> prompts;
   for (size_t i = 0; i < 4; ++i) prompts.push_back(random_tokens(10 + 13 * i, 50 + i, vocab()));
   std::vector<int32_t> last(prompts.size(), -1);
@@ -262,7 +262,7 @@ TEST(StepWorkerOptionsTest, MicroBatchesIsOneOrTwo) {
   o.dtype = DType::F32;
   write_model(c, dir / "m", o);
   auto eng = std::make_shared<Engine>(Checkpoint::open(dir / "m"), EngineOptions{8});
-  EXPECT_THROW(StepWorker(eng, {}, {nullptr, "", 3, nullptr}), Error);
-  EXPECT_THROW(StepWorker(eng, {}, {nullptr, "", 0, nullptr}), Error);
-  EXPECT_NO_THROW(StepWorker(eng, {}, {nullptr, "", 1, nullptr}));
+  EXPECT_THROW(StepWorker(eng, {}, {.micro_batches = 3}), Error);
+  EXPECT_THROW(StepWorker(eng, {}, {.micro_batches = 0}), Error);
+  EXPECT_NO_THROW(StepWorker(eng, {}, {.micro_batches = 1}));
 }
