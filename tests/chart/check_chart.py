@@ -37,6 +37,9 @@ MON, KEDA, CUSTOM = "monitoring.coreos.com/v1", "keda.sh/v1alpha1", "custom.metr
 
 # name -> values files, extra API versions, expected router --expert-hosts, expected autoscalers
 # per pool ("keda", "hpa" or None), accelerator, tenants configured.
+# autoscaling.yaml: "hot" scales on the busy fraction (the default signal), "layer1" on queued requests.
+AUTOSCALING = dict(signals={"layer1": "queued"}, thresholds={"hot": "0.6", "layer1": "8"})
+
 VARIANTS = {
     "default": dict(values=[], apis=[MON], hosts=2, scalers={"default": None}),
     "default-no-crds": dict(values=[], apis=[], hosts=2, scalers={"default": None}),
@@ -44,11 +47,11 @@ VARIANTS = {
     "gpu": dict(values=["gpu.yaml"], apis=[MON], hosts=4, scalers={"default": None}, tenants=True, gpu=True),
     "pools": dict(values=["pools.yaml"], apis=[MON], hosts=5, scalers={"big": None, "small": None, "layer0": None}),
     "autoscaling-keda": dict(values=["autoscaling.yaml"], apis=[MON, KEDA], hosts=5,
-                             scalers={"hot": "keda", "layer1": "hpa", "fixed": None}),
+                             scalers={"hot": "keda", "layer1": "hpa", "fixed": None}, **AUTOSCALING),
     "autoscaling-hpa": dict(values=["autoscaling.yaml"], apis=[MON, CUSTOM], hosts=5,
-                            scalers={"hot": "hpa", "layer1": "hpa", "fixed": None}),
+                            scalers={"hot": "hpa", "layer1": "hpa", "fixed": None}, **AUTOSCALING),
     "autoscaling-none": dict(values=["autoscaling.yaml"], apis=[MON], hosts=5,
-                             scalers={"hot": None, "layer1": "hpa", "fixed": None}),
+                             scalers={"hot": None, "layer1": "hpa", "fixed": None}, **AUTOSCALING),
     "kvstore-memory-only": dict(values=["kvstore-memory-only.yaml"], apis=[MON], hosts=2, scalers={"default": None}),
 }
 
@@ -320,7 +323,7 @@ def check_accelerator(docs, gpu):
             ensure(c["image"].endswith("-cuda" if gpu else "-cpu"), f"{name}: image {c['image']}")
 
 
-def check_autoscaling(docs, scalers):
+def check_autoscaling(docs, scalers, signals, thresholds):
     sts = {pool_of(w): w for w in of_kind(docs, "StatefulSet") if main_container(w)["args"][0] == "expert"}
     ensure(set(sts) == set(scalers), f"pools {sorted(sts)}, want {sorted(scalers)}")
     keda = {d["spec"]["scaleTargetRef"]["name"]: d for d in of_kind(docs, "ScaledObject")}
@@ -332,13 +335,20 @@ def check_autoscaling(docs, scalers):
         ensure(got == want, f"pool {pool}: autoscaler {got}, want {want}")
         if want == "keda":
             t = keda[name]["spec"]["triggers"][0]
-            ensure(t["type"] == "prometheus" and "moemesh_expert_queued_requests" in t["metadata"]["query"], f"pool {pool}: trigger {t}")
+            signal = signals.get(pool, "busy")
+            series = {"busy": "rate(moemesh_expert_busy_seconds_total", "queued": "moemesh_expert_queued_requests"}[signal]
+            ensure(t["type"] == "prometheus" and series in t["metadata"]["query"], f"pool {pool}: trigger {t}")
+            ensure(t["metricType"] == ("Value" if signal == "busy" else "AverageValue"), f"pool {pool}: {t['metricType']}")
+            ensure(t["metadata"]["threshold"] == thresholds[pool], f"pool {pool}: threshold {t['metadata']['threshold']}")
             ensure(f'pod=~"{name}-[0-9]+"' in t["metadata"]["query"], f"pool {pool}: query not limited to the pool")
             ensure(keda[name]["spec"]["scaleTargetRef"]["kind"] == "StatefulSet", "ScaledObject targets the StatefulSet")
         if want == "hpa":
             h = hpa[name]
             ensure(h["apiVersion"] == "autoscaling/v2", "HPA autoscaling/v2")
-            ensure(h["spec"]["metrics"][0]["pods"]["metric"]["name"] == "moemesh_expert_queued_requests", f"pool {pool}: HPA metric")
+            want_metric = {"busy": "moemesh_expert_busy_fraction", "queued": "moemesh_expert_queued_requests"}
+            got_metric = h["spec"]["metrics"][0]["pods"]["metric"]["name"]
+            ensure(got_metric == want_metric[signals.get(pool, "busy")], f"pool {pool}: HPA metric {got_metric}")
+            ensure(h["spec"]["metrics"][0]["pods"]["target"]["averageValue"] == thresholds[pool], f"pool {pool}: HPA target")
         ensure(w["spec"].get("replicas") is not None, f"pool {pool}: no replicas at install")
 
 
@@ -469,7 +479,8 @@ def group_render(run):
         run.check(f"{name}: ZeroMQ endpoints are stable per-pod names", check_endpoints, docs)
         run.check(f"{name}: router (--expert-hosts, tenants, API Service)", check_router, docs, v["hosts"], v.get("tenants", False))
         run.check(f"{name}: accelerator {'nvidia' if v.get('gpu') else 'cpu'}", check_accelerator, docs, v.get("gpu", False))
-        run.check(f"{name}: expert pool autoscalers", check_autoscaling, docs, v["scalers"])
+        run.check(f"{name}: expert pool autoscalers", check_autoscaling, docs, v["scalers"], v.get("signals", {}),
+                  v.get("thresholds", {}))
         run.check(f"{name}: dashboards/ shipped whole", check_dashboards_and_rules, docs, with_crds)
         run.check(f"{name}: model volume", check_model, docs, name)
         run.check(f"{name}: KV store", check_kvstore, docs, name)
