@@ -212,8 +212,13 @@ def experts():
     b.panel("Placement version", [(f"max(moemesh_coordinator_placement_version{{{NS}}})", "version")], kind="stat", w=6)
     b.panel("Placement moves by load (experts)",
             [(f"max(moemesh_coordinator_placement_moves_total{{{NS}}})", "moves")], kind="stat", w=6,
-            description="Experts placed on an expert host by measured load: a host beyond the slots gets the hottest "
-                        "experts (core/eplb.h).")
+            description="Experts placed, added or dropped by measured load: a host beyond the slots gets the hottest "
+                        "experts (core/eplb.h), live re-placements move them (core/live_rebalance.h).")
+    b.panel("Live re-placements",
+            [(f"max by (outcome) (moemesh_coordinator_rebalances_total{{{NS}}})", "{{outcome}}"),
+             (f"max(moemesh_coordinator_rebalancing{{{NS}}})", "in progress")], w=6,
+            description="Load-driven re-placements with --rebalance-interval-s: done, aborted (nothing changed), and "
+                        "1 while one is loading, switching or dropping experts.")
     b.panel("Restarts per member (supervisor)",
             [(f"max by (host) (moemesh_coordinator_member_restarts{{{NS}}})", "{{host}}")], kind="stat", w=6,
             description="Times `moemesh up` restarted each member (MoemeshRestartLoop fires on 3 in 15 minutes).")
@@ -235,6 +240,11 @@ def experts():
             [(f"max(moemesh_coordinator_live_hosts{{{NS}, role=\"expert\"}})", "live"),
              (f"max(moemesh_coordinator_expected_expert_hosts{{{NS}}})", "expected")], w=12)
     b.row("Expert hosts")
+    b.panel("Busy fraction by host (the autoscaling signal)",
+            [(f"sum by (instance) ({rate('moemesh_expert_busy_seconds_total')})", "{{instance}}")],
+            unit="percentunit", w=12,
+            description="Share of wall time each expert host was computing; the chart's autoscaler holds the pool's "
+                        "average at autoscaling.targetBusyFraction.")
     b.panel("Batch size (rows)", [(quantile(0.5, "moemesh_expert_batch_rows"), "p50"),
                                   (quantile(0.99, "moemesh_expert_batch_rows"), "p99")], w=8)
     b.panel("Compute latency p99 by host",
