@@ -65,6 +65,9 @@ void add_up(CLI::App& app) {
   auto kv_cache_mb = std::make_shared<int64_t>(0);
   auto kv_dtype = std::make_shared<std::string>();
   auto step_budget = std::make_shared<int64_t>(0);
+  auto micro_batches = std::make_shared<int>(0);
+  up->add_option("--micro-batches", *micro_batches, "attention workers: 1, or 2 halves of a step that overlap")
+      ->check(CLI::IsMember({1, 2}));
   up->add_option("--kv-cache-mb", *kv_cache_mb, "KV cache of each attention worker in MiB (default: its --kv-blocks)")
       ->check(CLI::PositiveNumber);
   up->add_option("--kv-dtype", *kv_dtype, "KV cache storage of the attention workers: f32 or int8")
@@ -81,10 +84,12 @@ void add_up(CLI::App& app) {
   auto tenants = std::make_shared<std::string>();
   up->add_option("--tenants", *tenants, "router tenants file (API keys and limits); none: open API")
       ->check(CLI::ExistingFile);
-  up->callback([opts, model, tenants, kv_cache_mb, kv_dtype, step_budget, rebalance_s, router_bias] {
+  up->callback([opts, model, tenants, kv_cache_mb, kv_dtype, step_budget, rebalance_s, router_bias, micro_batches] {
     if (!router_bias->empty()) opts->attention_args.insert(opts->attention_args.end(), {"--router-bias", *router_bias});
     if (*rebalance_s > 0)
       opts->router_args.insert(opts->router_args.end(), {"--rebalance-interval-s", std::to_string(*rebalance_s)});
+    if (*micro_batches > 0)
+      opts->attention_args.insert(opts->attention_args.end(), {"--micro-batches", std::to_string(*micro_batches)});
     if (*kv_cache_mb > 0)
       opts->attention_args.insert(opts->attention_args.end(), {"--kv-cache-mb", std::to_string(*kv_cache_mb)});
     if (!kv_dtype->empty()) opts->attention_args.insert(opts->attention_args.end(), {"--kv-dtype", *kv_dtype});

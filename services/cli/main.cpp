@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   moemesh::cli::add_bench_engine(app);
   moemesh::cli::add_export_gguf(app);
   moemesh::cli::add_quantize(app);
+  moemesh::cli::add_plan(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

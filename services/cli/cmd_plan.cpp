@@ -1,0 +1,467 @@
+// `moemesh plan`: the capacity planner (docs/planner.md).
+//   moemesh plan            simulate one deployment under one traffic (core/planner_sim.h)
+//   moemesh plan profile    measure this machine's costs (or write a GPU roofline profile)
+//   moemesh plan search     the cheapest shape meeting an SLO, and its Helm values
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+#include <zmq.hpp>
+
+#include "core/error.h"
+#include "core/model_config.h"
+#include "core/planner_measure.h"
+#include "core/planner_search.h"
+#include "services/cli/commands.h"
+
+namespace moemesh::cli {
+namespace fs = std::filesystem;
+using namespace moemesh::planner;
+
+namespace {
+
+// What `plan` and `plan search` share: the profile, the traffic, the expert load, outputs.
+struct PlanArgs {
+  std::string profile, hardware, model;
+  std::string traffic = "poisson:10", prompt_len = "128", output_len = "64";
+  int64_t requests = 0;
+  double duration_s = 60, prefix_hit_rate = 0, expert_skew = 0;
+  std::string expert_load;
+  int tenants = 1;
+  uint64_t seed = 1;
+  Deployment dep;
+  int64_t batch_window_us = 200;
+  std::string transport = "zmq";
+  int64_t layers_per_event = 0;
+  double sample_every_s = 1.0;
+  std::string csv, plot, json;
+};
+
+void add_common(CLI::App* cmd, PlanArgs& a) {
+  cmd->add_option("--profile", a.profile, "cost profile (JSON) from `moemesh plan profile`")->check(CLI::ExistingFile);
+  cmd->add_option("--hardware", a.hardware, "instead of --profile: a GPU roofline profile (h100, h200, a100)");
+  cmd->add_option("--model", a.model,
+                  "with --hardware: a checkpoint folder or config.json, or deepseek-moe-16b (the default)");
+  cmd->add_option("--traffic", a.traffic, "poisson:RATE, closed:CONCURRENCY, bursts:RATE:PERIOD_S or trace:FILE.csv")
+      ->capture_default_str();
+  cmd->add_option("--prompt-len", a.prompt_len, "prompt tokens: N, uniform:A:B or normal:MEAN:SD")
+      ->capture_default_str();
+  cmd->add_option("--output-len", a.output_len, "output tokens: N, uniform:A:B or normal:MEAN:SD")
+      ->capture_default_str();
+  cmd->add_option("--requests", a.requests, "requests to simulate (default: --duration-s of arrivals)");
+  cmd->add_option("--duration-s", a.duration_s, "simulated seconds of arrivals")->capture_default_str();
+  cmd->add_option("--prefix-hit-rate", a.prefix_hit_rate, "share of prompt tokens found in the prefix cache")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--expert-skew", a.expert_skew, "Zipf exponent of the expert load (0: uniform)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--expert-load", a.expert_load, "measured per-expert load: a JSON array or one number a line")
+      ->check(CLI::ExistingFile);
+  cmd->add_option("--tenants", a.tenants, "tenants the requests are dealt over")->check(CLI::PositiveNumber);
+  cmd->add_option("--seed", a.seed, "seed of arrivals, lengths and routing")->capture_default_str();
+  cmd->add_option("--max-running", a.dep.max_running_per_worker, "sequences per attention worker (router flag)")
+      ->capture_default_str();
+  cmd->add_option("--kv-tokens", a.dep.kv_tokens_per_worker, "KV capacity per attention worker (0: the profile's)");
+  cmd->add_option("--transport", a.transport, "expert dispatch payloads: zmq or nccl")
+      ->check(CLI::IsMember({"zmq", "nccl"}))
+      ->capture_default_str();
+  cmd->add_option("--processes-per-node", a.dep.processes_per_node,
+                  "attention workers + expert hosts a node holds (0: the profile's)");
+  cmd->add_option("--batch-window-us", a.batch_window_us, "expert hosts' batching window")->capture_default_str();
+  cmd->add_option("--layers-per-event", a.layers_per_event,
+                  "1: exact per layer; the model's layers: analytic steps (fast); 0: by the run's size")
+      ->capture_default_str();
+  cmd->add_option("--sample-every-s", a.sample_every_s, "queue timeline resolution")->capture_default_str();
+  cmd->add_option("--json", a.json, "write the result as JSON to this file");
+}
+
+CostProfile load_profile(const PlanArgs& a) {
+  if (!a.profile.empty()) return CostProfile::load(a.profile);
+  if (a.hardware.empty()) throw Error("give --profile FILE or --hardware h100|h200|a100");
+  ModelConfig m = deepseek_moe_16b_config();
+  if (!a.model.empty() && a.model != "deepseek-moe-16b") {
+    const fs::path p = fs::is_directory(a.model) ? fs::path(a.model) / "config.json" : fs::path(a.model);
+    m = ModelConfig::load(p);
+  }
+  return roofline_profile(m, hardware(a.hardware));
+}
+
+TrafficSpec make_traffic(const PlanArgs& a) {
+  TrafficSpec t = TrafficSpec::parse(a.traffic);
+  t.prompt_len = bench::LengthDist::parse(a.prompt_len);
+  t.output_len = bench::LengthDist::parse(a.output_len);
+  t.requests = a.requests;
+  t.duration_s = a.duration_s;
+  t.prefix_hit_rate = a.prefix_hit_rate;
+  t.seed = a.seed;
+  if (t.kind != TrafficSpec::Kind::trace) {
+    t.tenants.clear();
+    for (int i = 0; i < a.tenants; ++i) t.tenants.push_back("tenant-" + std::to_string(i));
+  }
+  return t;
+}
+
+ExpertLoad make_load(const PlanArgs& a, const CostProfile& p) {
+  const int64_t experts = std::max<int64_t>(1, p.model.num_experts);
+  if (!a.expert_load.empty()) return ExpertLoad::load(a.expert_load, experts);
+  return a.expert_skew > 0 ? ExpertLoad::zipf(experts, a.expert_skew) : ExpertLoad::uniform(experts);
+}
+
+SimOptions make_options(const PlanArgs& a) {
+  SimOptions o;
+  o.layers_per_event = a.layers_per_event;
+  o.sample_every_s = a.sample_every_s;
+  return o;
+}
+
+void finish_deployment(PlanArgs& a) {
+  a.dep.nccl = a.transport == "nccl";
+  a.dep.expert_batch_window_s = double(a.batch_window_us) * 1e-6;
+}
+
+std::string ms(double s) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.1f", s * 1e3);
+  return b;
+}
+
+void print_result(const SimResult& r, const CostProfile& p, const Deployment& d, const TrafficSpec& t) {
+  std::cout << "profile     " << p.name << " (" << p.kind << (p.kind == "roofline" ? ", not measured" : "") << ")\n";
+  std::cout << "deployment  " << d.describe() << ", " << d.nodes(p) << " node(s)\n";
+  std::cout << "traffic     " << t.describe() << "\n";
+  char b[256];
+  std::snprintf(
+      b, sizeof b, "completed   %lld of %lld requests in %.1f s simulated (%lld unfinished, %lld preemptions)\n",
+      (long long)r.completed, (long long)r.requests, r.duration_s, (long long)r.unfinished, (long long)r.preemptions);
+  std::cout << b;
+  std::snprintf(b, sizeof b, "throughput  %.2f req/s, %.1f output tok/s\n", r.requests_per_s, r.output_tok_s);
+  std::cout << b;
+  std::cout << "              p50 ms    p90 ms    p99 ms\n";
+  const std::pair<const char*, const LatencySummary*> rows[] = {
+      {"TTFT", &r.ttft}, {"ITL", &r.itl}, {"E2E", &r.e2e}, {"queue", &r.queue}};
+  for (auto [name, s] : rows) {
+    std::snprintf(b, sizeof b, "%-8s %9s %9s %9s\n", name, ms(s->p50).c_str(), ms(s->p90).c_str(), ms(s->p99).c_str());
+    std::cout << b;
+  }
+  std::snprintf(
+      b, sizeof b,
+      "utilisation attention %.0f%%, expert hosts %.0f%% (busiest %.0f%%), network %.0f%%%s, KV peak %.0f%%\n",
+      100 * r.attention_util, 100 * r.expert_util, 100 * r.expert_util_max, 100 * r.network_util,
+      p.shared_node_compute ? (", node cores " + std::to_string(int(100 * r.node_util)) + "%").c_str() : "",
+      100 * r.kv_used_peak);
+  std::cout << b;
+  std::cout << "bottleneck  " << r.bottleneck << "\n";
+  std::snprintf(b, sizeof b, "simulator   %lld events, %s, %.2f s of wall time\n", (long long)r.events,
+                r.layers_per_event == 1 ? "per layer" : "analytic steps", r.wall_s);
+  std::cout << b;
+}
+
+// The queue timeline as a PNG, drawn by python3-matplotlib (scripts/bootstrap installs it).
+void plot_timeline(const std::string& csv, const std::string& png) {
+  const fs::path script = fs::temp_directory_path() / ("moemesh-plan-plot-" + std::to_string(::getpid()) + ".py");
+  {
+    std::ofstream s(script);
+    s << R"(import csv, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+rows = list(csv.DictReader(open(sys.argv[1])))
+t = [float(r["t_s"]) for r in rows]
+fig, ax = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
+ax[0].plot(t, [int(r["waiting"]) for r in rows], label="waiting")
+ax[0].plot(t, [int(r["running"]) for r in rows], label="running")
+ax[0].set_ylabel("requests"); ax[0].legend()
+ax[1].plot(t, [100 * float(r["kv_used"]) for r in rows], color="tab:red")
+ax[1].set_ylabel("KV used %")
+ax[2].plot(t, [float(r["output_tok_s"]) for r in rows], color="tab:green")
+ax[2].set_ylabel("output tok/s"); ax[2].set_xlabel("simulated seconds")
+fig.suptitle("moemesh plan: queues over time")
+fig.tight_layout(); fig.savefig(sys.argv[2], dpi=100)
+)";
+  }
+  // Debian's python3 (where apt puts python3-matplotlib), not whatever python3 PATH finds first.
+  const std::string python = fs::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
+  const std::string cmd = python + " '" + script.string() + "' '" + csv + "' '" + png + "'";
+  const int rc = std::system(cmd.c_str());
+  fs::remove(script);
+  if (rc != 0) throw Error("plotting failed (python3-matplotlib installed? scripts/bootstrap installs it): " + cmd);
+}
+
+void run_plan(PlanArgs a) {
+  finish_deployment(a);
+  const CostProfile p = load_profile(a);
+  const TrafficSpec t = make_traffic(a);
+  const SimResult r = simulate(p, a.dep, t, make_load(a, p), make_options(a));
+  print_result(r, p, a.dep, t);
+  if (!a.json.empty()) {
+    nlohmann::json j = r.to_json();
+    j["profile"] = p.name;
+    j["deployment"] = a.dep.describe();
+    j["traffic"] = t.describe();
+    std::ofstream(a.json) << j.dump(2) << "\n";
+  }
+  std::string csv = a.csv;
+  if (csv.empty() && !a.plot.empty()) csv = a.plot + ".csv";
+  if (!csv.empty()) {
+    std::ofstream out(csv);
+    if (!out) throw Error(csv + ": cannot write");
+    out << timeline_csv(r);
+  }
+  if (!a.plot.empty()) plot_timeline(csv, a.plot);
+}
+
+// The ZeroMQ round trip (DEALER -> ROUTER echo over loopback TCP, two threads) per payload size:
+// what the links of a measured profile are fitted to.
+LinkCost measure_zmq(int rounds) {
+  zmq::context_t ctx(1);
+  zmq::socket_t router(ctx, zmq::socket_type::router);
+  router.bind("tcp://127.0.0.1:*");
+  const std::string ep = router.get(zmq::sockopt::last_endpoint);
+  std::thread echo([&router] {
+    while (true) {
+      zmq::message_t id, m;
+      if (!router.recv(id) || !router.recv(m)) return;
+      const bool stop = m.size() == 0;
+      router.send(id, zmq::send_flags::sndmore);
+      router.send(m, zmq::send_flags::none);
+      if (stop) return;
+    }
+  });
+  zmq::socket_t dealer(ctx, zmq::socket_type::dealer);
+  dealer.connect(ep);
+  std::vector<std::vector<double>> x;
+  std::vector<double> y;
+  for (size_t bytes : {size_t(256), size_t(4096), size_t(65536), size_t(524288)}) {
+    std::vector<char> payload(bytes, 1);
+    for (int r = 0; r < rounds; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      dealer.send(zmq::buffer(payload), zmq::send_flags::none);
+      zmq::message_t back;
+      if (!dealer.recv(back)) throw Error("plan profile: ZeroMQ echo failed");
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (r >= 3) {  // the first rounds set up the connection
+        x.push_back({1.0, double(bytes)});
+        y.push_back(s);
+      }
+    }
+  }
+  dealer.send(zmq::message_t(), zmq::send_flags::none);
+  zmq::message_t last;
+  (void)dealer.recv(last);
+  echo.join();
+  const auto b = fit_linear(x, y);
+  // A round trip is two one-way transfers.
+  return {b[0] / 2, b[1] > 0 ? 2 / b[1] : 1e12, 0};
+}
+
+struct ProfileArgs {
+  std::string model, out, hardware, name = "this-machine";
+  std::vector<int64_t> batches = {1, 2, 4, 8, 16, 32, 64}, contexts = {32, 256};
+  int repeats = 3, zmq_rounds = 200;
+  // Calibration against a running cluster (`moemesh up`) of this shape.
+  std::string calibrate_url;
+  int cal_attention = 1, cal_experts = 1, cal_micro_batches = 2;
+  int64_t kv_tokens = 1024 * 16;
+  int processes_per_node = 64;
+};
+
+// One `moemesh bench` run at concurrency 1 against the cluster; its JSON report.
+nlohmann::json bench_once(const ProfileArgs& a, int64_t prompt, int64_t output, int requests, int64_t vocab) {
+  const std::string self = fs::read_symlink("/proc/self/exe").string();
+  const fs::path out = fs::temp_directory_path() / ("moemesh-plan-cal-" + std::to_string(::getpid()) + ".json");
+  const std::string cmd = "'" + self + "' bench --url '" + a.calibrate_url + "' --concurrency 1 --requests " +
+                          std::to_string(requests) + " --prompt-len " + std::to_string(prompt) + " --output-len " +
+                          std::to_string(output) + " --vocab " + std::to_string(vocab) + " --json '" + out.string() +
+                          "' > /dev/null";
+  if (std::system(cmd.c_str()) != 0) throw Error("plan profile: calibration bench failed: " + cmd);
+  std::ifstream in(out);
+  nlohmann::json j;
+  in >> j;
+  fs::remove(out);
+  return j;
+}
+
+void run_profile(const ProfileArgs& a) {
+  if (a.out.empty()) throw Error("plan profile: --out FILE is required");
+  if (!a.hardware.empty()) {
+    ModelConfig m = deepseek_moe_16b_config();
+    if (!a.model.empty() && a.model != "deepseek-moe-16b")
+      m = ModelConfig::load(fs::is_directory(a.model) ? fs::path(a.model) / "config.json" : fs::path(a.model));
+    const CostProfile p = roofline_profile(m, hardware(a.hardware));
+    p.save(a.out);
+    std::cout << "wrote " << a.out << ": " << p.note << "\n";
+    return;
+  }
+  if (a.model.empty()) throw Error("plan profile: --model DIR (the checkpoint to measure) or --hardware NAME");
+  CostProfile p;
+  p.name = a.name;
+  p.kind = "measured";
+  p.model = ModelConfig::load(fs::path(a.model) / "config.json");
+  p.shared_node_compute = true;  // every process of `moemesh up` computes on this machine's cores
+  p.gpus_per_node = a.processes_per_node;
+  p.activation_bytes = 4;
+  p.kv_tokens_per_worker = a.kv_tokens;
+  p.kv_bytes_per_token = 2 * p.model.num_hidden_layers * p.model.num_key_value_heads * p.model.head_dim * 4;
+  std::cout << "plan profile: timing the engine (" << a.batches.size() * a.contexts.size() << " batch shapes)..."
+            << std::endl;
+  const auto m = measure_engine(a.model, a.batches, a.contexts, a.repeats);
+  fit_engine_costs(m, p);
+  std::cout << "plan profile: timing ZeroMQ round trips..." << std::endl;
+  p.zmq_local = measure_zmq(a.zmq_rounds);
+  p.zmq_remote = p.zmq_local;
+  p.nccl_local = p.nccl_remote = p.zmq_local;  // no GPUs here: NCCL pairs fall back to ZeroMQ
+  p.note = "measured on this machine: engine steps (" + std::to_string(m.steps.size()) + " samples), expert calls (" +
+           std::to_string(m.experts.size()) + "), ZeroMQ echo";
+  if (!a.calibrate_url.empty()) {
+    // The cluster's own overheads (bridge, actor and pool hand-offs, the router's step round trip,
+    // HTTP): from one request at a time, the gap between the measured and the predicted
+    // inter-token latency is split evenly over the step round trip and each MoE layer's dispatch
+    // (the same machinery); the TTFT gap beyond it is the router's per-request cost.
+    std::cout << "plan profile: calibrating against " << a.calibrate_url << "..." << std::endl;
+    const int64_t prompt = 16, output = 48;
+    const auto j = bench_once(a, prompt, output, 6, std::min<int64_t>(250, p.model.vocab_size));
+    const double itl = j.at("itl_ms").at("p50").get<double>() * 1e-3;
+    const double ttft = j.at("ttft_ms").at("p50").get<double>() * 1e-3;
+    Deployment d;
+    d.attention_workers = a.cal_attention;
+    d.expert_hosts = a.cal_experts;
+    d.micro_batches = a.cal_micro_batches;
+    d.processes_per_node = a.processes_per_node;
+    TrafficSpec t = TrafficSpec::parse("closed:1");
+    t.prompt_len = bench::LengthDist::parse(std::to_string(prompt));
+    t.output_len = bench::LengthDist::parse(std::to_string(output));
+    t.requests = 6;
+    const auto load = ExpertLoad::uniform(std::max<int64_t>(1, p.model.num_experts));
+    const SimResult base = simulate(p, d, t, load);
+    int64_t moe = 0;
+    for (int64_t l = 0; l < p.model.num_hidden_layers; ++l) moe += p.model.is_moe_layer(l);
+    const double gap = std::max(0.0, itl - base.itl.p50);
+    p.dispatch_overhead_s = gap / double(moe + 1);
+    p.step_fixed_s += gap / double(moe + 1);
+    const SimResult with = simulate(p, d, t, load);
+    p.router_per_request_s = std::max(0.0, ttft - with.ttft.p50);
+    p.note += "; calibrated on " + a.calibrate_url + " (" + std::to_string(a.cal_attention) + " attention, " +
+              std::to_string(a.cal_experts) + " expert hosts): ITL p50 " + ms(itl) + " ms, TTFT p50 " + ms(ttft) +
+              " ms";
+    std::cout << "plan profile: measured ITL p50 " << ms(itl) << " ms (engine + links alone: " << ms(base.itl.p50)
+              << " ms), TTFT p50 " << ms(ttft) << " ms\n";
+  }
+  p.save(a.out);
+  char b[512];
+  std::snprintf(b, sizeof b,
+                "wrote %s: attention/layer %.1f us + %.2f us/row + %.4f us/ctx, expert batch %.1f us + %.1f us/expert "
+                "+ %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, dispatch overhead %.1f us, step %.1f us\n",
+                a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_ctx_s * 1e6,
+                p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
+                p.zmq_local.latency_s * 1e6, p.zmq_local.bandwidth_Bps / 1e9, p.dispatch_overhead_s * 1e6,
+                p.step_fixed_s * 1e6);
+  std::cout << b;
+}
+
+struct SearchArgs {
+  std::string slo, values_out, model_path;
+  int max_attention = 8, max_experts = 8, max_evaluations = 400;
+  std::vector<int> replicas = {1, 2}, micro_batches = {1, 2};
+  std::vector<int64_t> budgets = {256, 512, 1024, 2048};
+};
+
+void run_search(PlanArgs a, const SearchArgs& s) {
+  finish_deployment(a);
+  const CostProfile p = load_profile(a);
+  const TrafficSpec t = make_traffic(a);
+  const Slo slo = Slo::parse(s.slo);
+  SearchSpace space;
+  space.max_attention = s.max_attention;
+  space.max_experts = s.max_experts;
+  space.replicas = s.replicas;
+  space.micro_batches = s.micro_batches;
+  space.step_budgets = s.budgets;
+  space.base = a.dep;
+  space.max_evaluations = s.max_evaluations;
+  const SearchResult r = search(p, t, make_load(a, p), slo, space, make_options(a));
+  std::cout << "searched " << r.evaluated << " shapes against " << slo.describe() << " under " << t.describe() << "\n";
+  for (const auto& f : r.cheapest_failures)
+    std::cout << "  too small: " << f.dep.describe() << " (TTFT p99 " << ms(f.result.ttft.p99) << " ms, ITL p99 "
+              << ms(f.result.itl.p99) << " ms; " << f.result.bottleneck << ")\n";
+  if (!r.best)
+    throw Error("no shape within --max-attention " + std::to_string(s.max_attention) + " / --max-experts " +
+                std::to_string(s.max_experts) + " meets the SLO");
+  const Candidate& c = *r.best;
+  std::cout << "cheapest: " << c.dep.describe() << "; " << c.nodes << " node(s), " << c.cost_per_hour << " per hour\n";
+  print_result(c.result, p, c.dep, t);
+  const std::string values = helm_values(c, p, slo.describe(), t.describe(), s.model_path);
+  if (!s.values_out.empty()) {
+    std::ofstream out(s.values_out);
+    if (!out) throw Error(s.values_out + ": cannot write");
+    out << values;
+    std::cout << "wrote " << s.values_out << " (helm install ... -f " << s.values_out << ")\n";
+  } else {
+    std::cout << "\n" << values;
+  }
+}
+
+}  // namespace
+
+void add_plan(CLI::App& app) {
+  auto a = std::make_shared<PlanArgs>();
+  CLI::App* plan =
+      app.add_subcommand("plan", "Capacity planner: simulate a deployment under a traffic (docs/planner.md)");
+  plan->require_subcommand(0, 1);
+  add_common(plan, *a);
+  plan->add_option("--attention", a->dep.attention_workers, "attention workers")->capture_default_str();
+  plan->add_option("--experts", a->dep.expert_hosts, "expert hosts")->capture_default_str();
+  plan->add_option("--replicas", a->dep.replicas, "copies of every expert")->capture_default_str();
+  plan->add_option("--micro-batches", a->dep.micro_batches, "1 or 2")->capture_default_str();
+  plan->add_option("--step-token-budget", a->dep.step_token_budget, "router: tokens per worker step")
+      ->capture_default_str();
+  plan->add_option("--csv", a->csv, "queue lengths over time as CSV");
+  plan->add_option("--plot", a->plot, "queue lengths over time as a PNG (python3-matplotlib)");
+  plan->callback([plan, a] {
+    if (plan->get_subcommands().empty()) run_plan(*a);
+  });
+
+  auto pa = std::make_shared<ProfileArgs>();
+  CLI::App* prof = plan->add_subcommand(
+      "profile", "Measure this machine's costs into a profile file, or write a GPU roofline profile");
+  prof->add_option("--model", pa->model,
+                   "checkpoint folder to measure (with --hardware: its config, default deepseek-moe-16b)");
+  prof->add_option("--out", pa->out, "profile file to write (JSON)")->required();
+  prof->add_option("--hardware", pa->hardware, "no measurement: the roofline profile of h100, h200 or a100");
+  prof->add_option("--name", pa->name, "the profile's name")->capture_default_str();
+  prof->add_option("--batches", pa->batches, "decode batch sizes timed")->delimiter(',');
+  prof->add_option("--contexts", pa->contexts, "contexts timed")->delimiter(',');
+  prof->add_option("--repeats", pa->repeats, "decode steps per shape")->capture_default_str();
+  prof->add_option("--calibrate-url", pa->calibrate_url,
+                   "a running cluster (moemesh up) to fit the cluster's overheads on");
+  prof->add_option("--calibrate-attention", pa->cal_attention, "its attention workers")->capture_default_str();
+  prof->add_option("--calibrate-experts", pa->cal_experts, "its expert hosts")->capture_default_str();
+  prof->add_option("--calibrate-micro-batches", pa->cal_micro_batches, "its micro-batches")->capture_default_str();
+  prof->add_option("--kv-tokens", pa->kv_tokens,
+                   "KV capacity of an attention worker (moemesh-attention --kv-blocks x 16)")
+      ->capture_default_str();
+  prof->add_option("--processes-per-node", pa->processes_per_node, "processes one machine holds")
+      ->capture_default_str();
+  prof->callback([pa] { run_profile(*pa); });
+
+  auto sa = std::make_shared<PlanArgs>();
+  auto ss = std::make_shared<SearchArgs>();
+  CLI::App* srch = plan->add_subcommand("search", "The cheapest shape meeting an SLO, and its Helm values");
+  add_common(srch, *sa);
+  srch->add_option("--slo", ss->slo, "bounds, e.g. ttft_p99=2s,itl_p99=100ms")->required();
+  srch->add_option("--values-out", ss->values_out, "write the Helm values here (default: print them)");
+  srch->add_option("--model-path", ss->model_path, "model.path in the values (the checkpoint on the volume)");
+  srch->add_option("--max-attention", ss->max_attention, "most attention workers tried")->capture_default_str();
+  srch->add_option("--max-experts", ss->max_experts, "most expert hosts tried")->capture_default_str();
+  srch->add_option("--replica-options", ss->replicas, "replica counts tried")->delimiter(',');
+  srch->add_option("--micro-batch-options", ss->micro_batches, "micro-batch counts tried")->delimiter(',');
+  srch->add_option("--budget-options", ss->budgets, "step token budgets tried")->delimiter(',');
+  srch->add_option("--max-evaluations", ss->max_evaluations, "simulations at most")->capture_default_str();
+  srch->callback([sa, ss] { run_search(*sa, *ss); });
+}
+
+}  // namespace moemesh::cli

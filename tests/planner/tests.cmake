@@ -1,0 +1,5 @@
+# The capacity planner end to end: `moemesh plan search` writes Helm values that render (chart).
+add_test(NAME planner_search_helm_template
+         COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/chart_plan_search.sh $<TARGET_FILE:moemesh>
+                 ${MOEMESH_CACHE_DIR}/bin/helm ${CMAKE_SOURCE_DIR}/helm/moemesh)
+set_tests_properties(planner_search_helm_template PROPERTIES LABELS chart TIMEOUT 120)

@@ -1,0 +1,220 @@
+// The capacity planner's simulator against what queueing theory and the scheduler's rules say.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "core/error.h"
+#include "core/planner_search.h"
+#include "core/planner_sim.h"
+
+namespace moemesh::planner {
+namespace {
+
+// A small MoE on made-up hardware: every cost is a round number, links are free unless set.
+CostProfile toy_profile() {
+  CostProfile p;
+  p.name = "toy";
+  p.kind = "measured";
+  p.model.arch = Arch::Mixtral;
+  p.model.hidden_size = 64;
+  p.model.num_hidden_layers = 2;
+  p.model.num_attention_heads = 4;
+  p.model.num_key_value_heads = 2;
+  p.model.head_dim = 16;
+  p.model.vocab_size = 1000;
+  p.model.num_experts = 8;
+  p.model.num_experts_per_tok = 2;
+  p.model.intermediate_size = p.model.moe_intermediate_size = 128;
+  p.attn_fixed_s = 1e-3;
+  p.attn_per_row_s = 1e-5;
+  p.step_fixed_s = 1e-3;
+  p.expert_fixed_s = 0.5e-3;
+  p.expert_per_row_s = 2e-5;
+  p.zmq_local = p.zmq_remote = p.nccl_local = p.nccl_remote = {1e-5, 1e10, 0};
+  p.kv_tokens_per_worker = 1 << 20;
+  p.gpus_per_node = 8;
+  return p;
+}
+
+TrafficSpec fixed_traffic(const std::string& kind, int64_t prompt, int64_t output, int64_t requests) {
+  TrafficSpec t = TrafficSpec::parse(kind);
+  t.prompt_len = bench::LengthDist::parse(std::to_string(prompt));
+  t.output_len = bench::LengthDist::parse(std::to_string(output));
+  t.requests = requests;
+  return t;
+}
+
+TEST(PlannerSim, OneAtATimeQueueMatchesPollaczekKhinchine) {
+  // One sequence at a time, one step per request (1 output token): an M/D/1 queue whose
+  // service is the step time. Mean wait = rho * S / (2 (1 - rho)).
+  const CostProfile p = toy_profile();
+  Deployment d;
+  d.micro_batches = 1;
+  d.max_running_per_worker = 1;
+  const auto load = ExpertLoad::uniform(8);
+  const SimResult alone = simulate(p, d, fixed_traffic("closed:1", 8, 1, 5), load);
+  const double service = alone.e2e.mean;
+  ASSERT_GT(service, 0);
+  EXPECT_NEAR(alone.queue.mean, 0, 1e-9);
+  const double rho = 0.6;
+  TrafficSpec t = fixed_traffic("poisson:" + std::to_string(rho / service), 8, 1, 40000);
+  const SimResult r = simulate(p, d, t, load);
+  const double expected = rho * service / (2 * (1 - rho));
+  EXPECT_EQ(r.completed, 40000);
+  EXPECT_NEAR(r.queue.mean, expected, 0.08 * expected) << "service " << service;
+  EXPECT_NEAR(r.e2e.mean, expected + service, 0.08 * (expected + service));
+}
+
+TEST(PlannerSim, MoreExpertHostsLowerTheBusiestHostsUtilisation) {
+  const CostProfile p = toy_profile();
+  const auto load = ExpertLoad::uniform(8);
+  const TrafficSpec t = fixed_traffic("closed:32", 32, 32, 200);
+  Deployment few, many;
+  few.expert_hosts = 1;
+  many.expert_hosts = 8;
+  const SimResult a = simulate(p, few, t, load), b = simulate(p, many, t, load);
+  EXPECT_GT(a.expert_util_max, 1.5 * b.expert_util_max);
+  EXPECT_GT(b.output_tok_s, a.output_tok_s);  // the single host was the bottleneck
+}
+
+TEST(PlannerSim, SkewedLoadIsWorseWithoutReplicas) {
+  const CostProfile p = toy_profile();
+  const auto skew = ExpertLoad::zipf(8, 1.5);
+  const TrafficSpec t = fixed_traffic("closed:32", 32, 32, 200);
+  Deployment one, two;
+  one.expert_hosts = two.expert_hosts = 4;
+  two.replicas = 2;
+  const SimResult a = simulate(p, one, t, skew), b = simulate(p, two, t, skew);
+  EXPECT_LT(b.expert_util_max, a.expert_util_max);
+}
+
+TEST(PlannerSim, KvExhaustionPreempts) {
+  const CostProfile p = toy_profile();
+  Deployment d;
+  d.max_running_per_worker = 16;
+  const TrafficSpec t = fixed_traffic("closed:16", 64, 128, 64);
+  d.kv_tokens_per_worker = 16 * 40;  // 40 blocks: 16 sequences of 192 tokens need 192
+  const SimResult tight = simulate(p, d, t, ExpertLoad::uniform(8));
+  d.kv_tokens_per_worker = 1 << 20;
+  const SimResult roomy = simulate(p, d, t, ExpertLoad::uniform(8));
+  EXPECT_GT(tight.preemptions, 0);
+  EXPECT_EQ(roomy.preemptions, 0);
+  EXPECT_EQ(tight.completed, 64);  // preempted sequences resume and finish
+}
+
+TEST(PlannerSim, PrefixHitsCutTimeToFirstToken) {
+  const CostProfile p = [] {
+    CostProfile q = toy_profile();
+    q.attn_per_row_s = 2e-4;  // prefill-heavy
+    return q;
+  }();
+  Deployment d;
+  TrafficSpec t = fixed_traffic("closed:1", 1024, 4, 10);
+  const SimResult cold = simulate(p, d, t, ExpertLoad::uniform(8));
+  t.prefix_hit_rate = 0.9;
+  const SimResult warm = simulate(p, d, t, ExpertLoad::uniform(8));
+  EXPECT_LT(warm.ttft.p50, 0.5 * cold.ttft.p50);
+}
+
+TEST(PlannerSim, FastModeAgreesWithPerLayerOnThroughput) {
+  const CostProfile p = toy_profile();
+  Deployment d;
+  d.attention_workers = 2;
+  d.expert_hosts = 2;
+  const TrafficSpec t = fixed_traffic("closed:16", 64, 32, 200);
+  SimOptions exact, fast;
+  exact.layers_per_event = 1;
+  fast.layers_per_event = 2;
+  const SimResult a = simulate(p, d, t, ExpertLoad::uniform(8), exact);
+  const SimResult b = simulate(p, d, t, ExpertLoad::uniform(8), fast);
+  EXPECT_EQ(b.layers_per_event, 2);
+  EXPECT_NEAR(b.output_tok_s, a.output_tok_s, 0.25 * a.output_tok_s);
+}
+
+TEST(PlannerSearch, ReturnsTheCheapestShapeMeetingTheSlo) {
+  CostProfile p = toy_profile();
+  p.gpus_per_node = 1;  // one process per node: every process costs
+  p.node_cost_per_hour = 1;
+  const TrafficSpec t = fixed_traffic("poisson:400", 32, 16, 400);
+  const auto load = ExpertLoad::uniform(8);
+  SearchSpace space;
+  space.max_attention = 3;
+  space.max_experts = 3;
+  space.replicas = {1};
+  space.micro_batches = {1, 2};
+  space.step_budgets = {512};
+  const Slo slo = Slo::parse("ttft_p99=60ms,itl_p99=14ms");
+  const SearchResult r = search(p, t, load, slo, space);
+  ASSERT_TRUE(r.best.has_value());
+  EXPECT_TRUE(slo.met_by(r.best->result));
+  const int chosen = r.best->dep.attention_workers + r.best->dep.expert_hosts;
+  // Every strictly cheaper shape fails with every knob tried.
+  for (int a = 1; a <= 3; ++a)
+    for (int e = 1; e <= 3; ++e) {
+      if (a + e >= chosen) continue;
+      for (int mb : {1, 2}) {
+        Deployment d;
+        d.attention_workers = a;
+        d.expert_hosts = e;
+        d.micro_batches = mb;
+        EXPECT_FALSE(slo.met_by(simulate(p, d, t, load))) << a << " attention, " << e << " experts, mb " << mb;
+      }
+    }
+  EXPECT_GT(chosen, 2) << r.best->dep.describe();  // the smallest shape is not enough: the search did choose
+  const std::string values = helm_values(*r.best, p, slo.describe(), t.describe(), "");
+  EXPECT_NE(values.find("expertHosts: " + std::to_string(r.best->dep.expert_hosts)), std::string::npos);
+  EXPECT_NE(values.find("  replicas: " + std::to_string(r.best->dep.attention_workers)), std::string::npos);
+}
+
+TEST(PlannerSearch, SloParsing) {
+  const Slo s = Slo::parse("ttft_p99=2s,itl_p99=100ms");
+  EXPECT_DOUBLE_EQ(s.ttft_p99, 2.0);
+  EXPECT_DOUBLE_EQ(s.itl_p99, 0.1);
+  EXPECT_FALSE(std::isfinite(s.e2e_p99));
+  EXPECT_THROW(Slo::parse("ttft_p99"), Error);
+  EXPECT_THROW(Slo::parse("latency=2s"), Error);
+  EXPECT_THROW(Slo::parse("ttft_p99=-1s"), Error);
+}
+
+TEST(PlannerTraffic, SpecsAndErrors) {
+  EXPECT_EQ(TrafficSpec::parse("poisson:5").rate, 5);
+  EXPECT_EQ(TrafficSpec::parse("closed:8").concurrency, 8);
+  EXPECT_THROW(TrafficSpec::parse("poisson"), Error);
+  EXPECT_THROW(TrafficSpec::parse("poisson:-1"), Error);
+  EXPECT_THROW(TrafficSpec::parse("uniform:3"), Error);
+  TrafficSpec t = TrafficSpec::parse("poisson:100");
+  t.duration_s = 50;
+  const auto arr = open_loop_arrivals(t);
+  EXPECT_NEAR(double(arr.size()), 5000, 300);  // 100/s for 50 s
+  for (size_t i = 1; i < arr.size(); ++i) ASSERT_LE(arr[i - 1].arrival_s, arr[i].arrival_s);
+}
+
+TEST(PlannerCost, RooflineProfileRoundTripsThroughJson) {
+  const CostProfile p = roofline_profile(deepseek_moe_16b_config(), hardware("h100"));
+  EXPECT_EQ(p.kind, "roofline");
+  EXPECT_GT(p.expert_per_expert_s, 0);
+  EXPECT_GT(p.kv_tokens_per_worker, 100000);
+  const CostProfile q = CostProfile::from_json(p.to_json());
+  EXPECT_DOUBLE_EQ(q.attn_fixed_s, p.attn_fixed_s);
+  EXPECT_EQ(q.model.num_experts, 64);
+  EXPECT_THROW(hardware("tpu"), Error);
+  // h200 has more memory bandwidth than h100: its expert batches are cheaper.
+  EXPECT_LT(roofline_profile(deepseek_moe_16b_config(), hardware("h200")).expert_per_expert_s, p.expert_per_expert_s);
+}
+
+TEST(PlannerCost, FitRecoversALinearCost) {
+  std::vector<std::vector<double>> x;
+  std::vector<double> y;
+  for (int r = 1; r <= 64; r *= 2)
+    for (int c : {16, 256}) {
+      x.push_back({1.0, double(r), double(r * c)});
+      y.push_back(2e-3 + 5e-5 * r + 1e-7 * r * c);
+    }
+  const auto b = fit_linear(x, y);
+  EXPECT_NEAR(b[0], 2e-3, 1e-9);
+  EXPECT_NEAR(b[1], 5e-5, 1e-11);
+  EXPECT_NEAR(b[2], 1e-7, 1e-13);
+}
+
+}  // namespace
+}  // namespace moemesh::planner
