@@ -88,6 +88,10 @@ struct RemoteExpertExecutor::Metrics {
         exhausted(metrics::counter_family(*registry, "moemesh_attention_dispatch_exhausted_total",
                                           "Layer dispatches given up (the step fails), by reason (no_host: no usable "
                                           "host within the uncovered wait, replicas_exhausted).")),
+        hedges(metrics::counter_family(*registry, "moemesh_attention_dispatch_hedges_total",
+                                       "Duplicate DispatchRequests sent to another replica because a host had not "
+                                       "answered within the hedge delay, by outcome (won: the duplicate answered "
+                                       "first; lost: the original did).")),
         uncovered_waits(metrics::counter_family(*registry, "moemesh_attention_dispatch_uncovered_waits_total",
                                                 "Layer dispatches that waited for an expert with no usable host "
                                                 "(none in the table, all disconnected or loading).")
@@ -129,6 +133,7 @@ struct RemoteExpertExecutor::Metrics {
   prometheus::Family<prometheus::Counter>& requests;
   prometheus::Family<prometheus::Histogram>& round_trip;
   prometheus::Family<prometheus::Counter>&failures, &retried, &exhausted;
+  prometheus::Family<prometheus::Counter>& hedges;
   prometheus::Counter& uncovered_waits;
   prometheus::Histogram& uncovered_wait_seconds;
   prometheus::Gauge &waiting, &deadline, &disconnected;
@@ -214,7 +219,8 @@ struct RemoteExpertExecutor::Inflight {
     o.carrier = std::move(carrier);
     o.received = received;
     o.outputs = std::move(outputs);
-    if (--call->pending == 0) call->cv.notify_all();
+    --call->pending;
+    call->cv.notify_all();  // a hedged call may be done before every request is
   }
 
   // A connection event of a host's socket (the bridge's monitor). A drop fails every request in
@@ -247,7 +253,8 @@ struct RemoteExpertExecutor::Inflight {
         o.reason = "disconnected";
         ++failed;
         ++stats->disconnects;
-        if (--call->pending == 0) call->cv.notify_all();
+        --call->pending;
+        call->cv.notify_all();
       }
       spdlog::warn("expert dispatch: the connection to host {} dropped; {} request(s) in flight failed over at once",
                    ep->second, failed);
@@ -255,6 +262,14 @@ struct RemoteExpertExecutor::Inflight {
     if (metrics) metrics->disconnected.Set(double(down.size()));
   }
 };
+
+std::optional<std::chrono::nanoseconds> RemoteExpertExecutor::hedge_after() const {
+  if (opts_.hedge_p99_multiple <= 0) return std::nullopt;
+  const auto p99 = deadline_.p99();
+  if (p99.count() <= 0) return std::nullopt;
+  return std::max<std::chrono::nanoseconds>(
+      opts_.hedge_min, std::chrono::nanoseconds(int64_t(double(p99.count()) * opts_.hedge_p99_multiple)));
+}
 
 PlacementTable placement_from_proto(const pb::PlacementTable& msg) {
   PlacementTable t;
@@ -493,13 +508,16 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       waiting.set(false);
     }
 
-    // One request per host.
+    // One request per host; room for a hedged duplicate of each (outcome n + k).
+    const size_t n = targets.size();
     auto call = std::make_shared<Call>();
-    call->outcomes.resize(targets.size());
-    call->pending = targets.size();
-    std::vector<uint64_t> ids(targets.size());
-    std::vector<Clock::time_point> sent(targets.size());
-    for (size_t k = 0; k < targets.size(); ++k) {
+    call->outcomes.resize(2 * n);
+    call->pending = n;
+    std::vector<uint64_t> ids(2 * n, 0);
+    std::vector<Clock::time_point> sent(2 * n);
+    std::vector<const PlacementHost*> hedge_host(n, nullptr);
+    // Sends target `k`'s rows to `host` as request `slot`; false when its connection is down.
+    auto send_request = [&](size_t k, const PlacementHost* host, size_t slot) {
       const Target& t = targets[k];
       std::vector<dispatch::Group> meta;
       std::vector<float> rows, one;
@@ -512,44 +530,97 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
         row_ids.insert(row_ids.end(), groups[gi].rows.begin(), groups[gi].rows.end());
       }
       const auto traces = traces_of_rows(current_forward_inputs(), row_ids);
-      const int socket = socket_for(t.host->endpoint);
-      ids[k] = next_id_++;
-      if (ids[k] == 0) ids[k] = next_id_++;
+      const int socket = socket_for(host->endpoint);
+      ids[slot] = next_id_++;
+      if (ids[slot] == 0) ids[slot] = next_id_++;
       {
         std::lock_guard<std::mutex> lk(inflight_->mu);
-        if (inflight_->down.count(t.host->endpoint)) {  // dropped since the choice: fail it now
-          Outcome& o = call->outcomes[k];
-          o.done = true;
-          o.error = "the connection was down";
-          o.reason = "disconnected";
-          std::lock_guard<std::mutex> clk(call->mu);
-          --call->pending;
-          continue;
-        }
-        inflight_->waiting[ids[k]] = {call, k, socket};
+        if (inflight_->down.count(host->endpoint)) return false;
+        inflight_->waiting[ids[slot]] = {call, slot, socket};
       }
-      const auto via = opts_.transports->of(t.host->endpoint);
+      const auto via = opts_.transports->of(host->endpoint);
       send_message(
-          dispatch::encode_request(ids[k], int32_t(layer), meta, hidden, std::move(rows), table->version, traces), *via,
-          {}, [&](FramesPtr frames) {
-            sent[k] = Clock::now();
+          dispatch::encode_request(ids[slot], int32_t(layer), meta, hidden, std::move(rows), table->version, traces),
+          *via, {}, [&](FramesPtr frames) {
+            sent[slot] = Clock::now();
             caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket, std::move(frames));
           });
       ++stats_->requests;
-      if (metrics_) metrics_->host(t.host->instance).requests->Increment();
-    }
+      if (metrics_) metrics_->host(host->instance).requests->Increment();
+      return true;
+    };
+    for (size_t k = 0; k < n; ++k)
+      if (!send_request(k, targets[k].host, k)) {  // dropped since the choice: fail it now
+        Outcome& o = call->outcomes[k];
+        o.done = true;
+        o.error = "the connection was down";
+        o.reason = "disconnected";
+        std::lock_guard<std::mutex> clk(call->mu);
+        --call->pending;
+      }
 
     const auto deadline = deadline_.current();
     if (metrics_) metrics_->deadline.Set(std::chrono::duration<double>(deadline).count());
+    // Done when every target has a good reply (its own or its duplicate's), or both failed.
+    auto ok = [&](size_t slot) { return call->outcomes[slot].done && call->outcomes[slot].error.empty(); };
+    auto settled = [&] {
+      for (size_t k = 0; k < n; ++k) {
+        const bool hedged = hedge_host[k] != nullptr;
+        if (ok(k) || (hedged && ok(n + k))) continue;
+        if (call->outcomes[k].done && (!hedged || call->outcomes[n + k].done)) continue;
+        return false;
+      }
+      return true;
+    };
     {
       const auto wait0 = Clock::now();
       std::unique_lock<std::mutex> lk(call->mu);
-      call->cv.wait_until(lk, wait0 + deadline, [&] { return call->pending == 0; });
+      const auto hedge_delay = hedge_after();
+      if (hedge_delay && *hedge_delay < deadline && !call->cv.wait_until(lk, wait0 + *hedge_delay, settled)) {
+        // Slow hosts: the same rows to another replica that holds all of a target's experts.
+        for (size_t k = 0; k < n; ++k) {
+          if (call->outcomes[k].done) continue;
+          for (const PlacementHost* c : table->hosts_for(int32_t(layer), groups[targets[k].groups[0]].expert)) {
+            if (c == targets[k].host || down.count(c->endpoint) || failed.count(c->endpoint)) continue;
+            bool all = true;
+            for (size_t gi : targets[k].groups) all = all && c->experts.count({int32_t(layer), groups[gi].expert});
+            if (!all) continue;
+            lk.unlock();
+            const bool sent_it = send_request(k, c, n + k);
+            lk.lock();
+            if (sent_it) {
+              hedge_host[k] = c;
+              ++call->pending;
+            }
+            break;
+          }
+        }
+      }
+      call->cv.wait_until(lk, wait0 + deadline, settled);
       if (opts_.waits) opts_.waits->record(wait0, Clock::now());
     }
     {
       std::lock_guard<std::mutex> lk(inflight_->mu);  // withdraw what did not answer in time
-      for (uint64_t id : ids) inflight_->waiting.erase(id);
+      for (uint64_t id : ids)
+        if (id != 0) inflight_->waiting.erase(id);
+    }
+    {
+      // A target whose duplicate answered well first takes that reply (and host); the original,
+      // still on its way, is dropped as a late reply. An original that failed is forgotten.
+      std::lock_guard<std::mutex> lk(call->mu);
+      for (size_t k = 0; k < n; ++k) {
+        if (!hedge_host[k]) continue;
+        const bool won = !ok(k) && ok(n + k);
+        ++(won ? stats_->hedge_wins : stats_->hedge_losses);
+        if (metrics_) metrics_->hedges.Add({{"outcome", won ? "won" : "lost"}}).Increment();
+        if (!won) continue;
+        if (call->outcomes[k].done)
+          spdlog::warn("expert dispatch {}: host {} failed ({}); its hedged duplicate on {} answered", where,
+                       targets[k].host->instance, call->outcomes[k].error, hedge_host[k]->instance);
+        call->outcomes[k] = std::move(call->outcomes[n + k]);
+        targets[k].host = hedge_host[k];
+        sent[k] = sent[n + k];
+      }
     }
 
     std::vector<size_t> next = std::move(stalled);

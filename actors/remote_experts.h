@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <string>
 
@@ -59,8 +60,13 @@ struct RemoteExpertsOptions {
   std::chrono::milliseconds uncovered_wait{20000};  // how long a call waits for an expert with no usable host
   std::chrono::milliseconds retry_backoff{100};     // a host that answered not_ready is tried again after this
   std::chrono::milliseconds suspect_for{10000};     // a host that failed is tried last for this long
-  std::string identity;                             // DEALER routing id prefix (empty: ZeroMQ picks)
-  uint64_t salt = 0;                                // spreads replica choice across clients
+  // Hedged requests: a host that has not answered after this multiple of the recent p99 round
+  // trip (at least hedge_min) gets a duplicate of its rows sent to another replica holding them;
+  // the first good reply wins. 0: off.
+  double hedge_p99_multiple = 0;
+  std::chrono::milliseconds hedge_min{5};
+  std::string identity;  // DEALER routing id prefix (empty: ZeroMQ picks)
+  uint64_t salt = 0;     // spreads replica choice across clients
   // Where the moemesh_attention_dispatch_* metrics go (docs/metrics.md); none without it.
   std::shared_ptr<prometheus::Registry> metrics;
   std::shared_ptr<ExpertWaitLog> waits;  // where run() records its blocked time; null: not recorded
@@ -77,6 +83,8 @@ struct RemoteExpertsStats {
   std::atomic<uint64_t> disconnects{0};      // requests failed at once because their host's connection dropped
   std::atomic<uint64_t> uncovered_waits{0};  // calls that waited for an expert with no usable host
   std::atomic<int64_t> waiting{0};           // calls waiting for one now
+  std::atomic<uint64_t> hedge_wins{0};       // hedged duplicates that answered first
+  std::atomic<uint64_t> hedge_losses{0};     // hedged duplicates the original beat (or both failed)
 };
 
 // The core placement table from the coordinator's protobuf (hosts not marked live are left out).
@@ -98,6 +106,9 @@ class RemoteExpertExecutor : public ExpertExecutor {
   const RemoteExpertsStats& stats() const { return *stats_; }
   // The deadline the next round of requests gets.
   std::chrono::milliseconds current_deadline() const { return deadline_.current(); }
+  // When a slow request gets a hedged duplicate; nullopt when hedging is off or no round trip
+  // has been measured yet.
+  std::optional<std::chrono::nanoseconds> hedge_after() const;
   // Whether the connection to the host at `endpoint` is down (it dropped and has not come back).
   bool disconnected(const std::string& endpoint) const;
   PeerTransports& transports() { return *opts_.transports; }

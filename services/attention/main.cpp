@@ -78,6 +78,12 @@ int main(int argc, char** argv) {
                  "below it; a dropped connection fails over at once)")
       ->check(CLI::Range(1, 3600000))
       ->capture_default_str();
+  double hedge_multiple = 0;
+  cli.add_option("--dispatch-hedge-p99-multiple", hedge_multiple,
+                 "hedged requests: a host that has not answered after this multiple of the recent p99 round trip "
+                 "gets a duplicate sent to another replica, the first good reply wins (0: off; e.g. 3)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   cli.add_option("--dispatch-min-timeout-ms", dispatch_min_timeout_ms, "shortest adaptive dispatch deadline")
       ->check(CLI::Range(1, 3600000))
       ->capture_default_str();
@@ -134,6 +140,7 @@ int main(int argc, char** argv) {
     ro.deadline = std::chrono::milliseconds(dispatch_timeout_ms);
     ro.min_deadline = std::chrono::milliseconds(dispatch_min_timeout_ms);
     ro.deadline_p99_multiple = dispatch_p99_multiple;
+    ro.hedge_p99_multiple = hedge_multiple;
     ro.uncovered_wait = std::chrono::milliseconds(uncovered_wait_ms);
     ro.identity = rt.instance();
     ro.salt = std::hash<std::string>{}(rt.instance());

@@ -22,6 +22,7 @@
 #include "tests/support/eventually.h"
 #include "tests/support/fifo_pair_transport.h"
 #include "tests/support/in_process_expert_host.h"
+#include "tests/support/metrics_text.h"
 #include "tests/support/tiny_model.h"
 
 using namespace moemesh;
@@ -164,17 +165,26 @@ TEST_F(RemoteExperts, ADeadHostsExpertsAreServedByTheirReplica) {
   EXPECT_EQ(remote.stats().host_failures.load(), failures);
 }
 
+// A bare ROUTER that takes requests and never answers: a host that is connected but silent.
+struct SilentHost {
+  zmq::context_t ctx{1};
+  zmq::socket_t socket{ctx, zmq::socket_type::router};
+  std::string endpoint;
+  SilentHost() {
+    socket.set(zmq::sockopt::linger, 0);
+    socket.bind("tcp://127.0.0.1:*");
+    endpoint = socket.get(zmq::sockopt::last_endpoint);
+  }
+};
+
 // A host whose connection drops while it holds a request (it took the rows and died): the
 // request fails at once, long before the deadline, and its groups are computed by the replica.
 TEST_F(RemoteExperts, ARequestInFlightToAHostThatDiesFailsOverAtOnce) {
   caf::actor_system sys{two_thread_config()};
   Host a(sys, model(), "all", "host-a");
-  // The victim: a bare ROUTER that takes requests and never answers.
-  zmq::context_t ctx(1);
-  zmq::socket_t silent(ctx, zmq::socket_type::router);
-  silent.set(zmq::sockopt::linger, 0);
-  silent.bind("tcp://127.0.0.1:*");
-  const std::string silent_ep = silent.get(zmq::sockopt::last_endpoint);
+  SilentHost victim_host;  // takes the request and dies holding it
+  zmq::socket_t& silent = victim_host.socket;
+  const std::string silent_ep = victim_host.endpoint;
   RemoteExpertsOptions o;
   o.deadline = std::chrono::milliseconds(20000);
   RemoteExpertExecutor remote(sys, o);
@@ -202,6 +212,63 @@ TEST_F(RemoteExperts, ARequestInFlightToAHostThatDiesFailsOverAtOnce) {
   expect_close(got, want, cfg().hidden_size, agreement_);
   EXPECT_GE(remote.stats().disconnects.load(), 1u);
   EXPECT_TRUE(remote.disconnected(silent_ep));
+}
+
+// Hedged requests: a host that takes the rows and sits on them (alive, connected, silent) has
+// them sent to the replica once the hedge delay passes; the duplicate's reply completes the call
+// (equal to the local computation) instead of the silent host timing out.
+TEST_F(RemoteExperts, ASlowHostGetsAHedgedDuplicateThatWins) {
+  caf::actor_system sys{two_thread_config()};
+  Host a(sys, model(), "all", "host-a");
+  SilentHost slow;
+  zmq::socket_t& silent = slow.socket;
+  const std::string silent_ep = slow.endpoint;
+  auto reg = std::make_shared<prometheus::Registry>();
+  RemoteExpertsOptions o;
+  o.deadline = std::chrono::milliseconds(20000);
+  o.min_deadline = std::chrono::milliseconds(20000);  // a timeout would take 20 s
+  o.hedge_p99_multiple = 3;
+  o.metrics = reg;
+  RemoteExpertExecutor remote(sys, o);
+  std::mt19937 rng(9);
+  EXPECT_FALSE(remote.hedge_after().has_value());  // nothing measured yet
+  remote.set_placement({1, {a.entry()}});
+  check_layer(remote, 0, 8, rng);  // round trips to measure
+  ASSERT_TRUE(remote.hedge_after().has_value());
+
+  remote.set_placement({2, {a.entry(), PlacementHost{"host-silent", silent_ep, a.entry().experts}}});
+  LayerCall call = random_call(cfg(), 24, rng);
+  std::vector<std::vector<float>> got, want;
+  remote.run(0, call.h.data(), cfg().hidden_size, call.groups, got);
+  zmq::pollitem_t item{silent.handle(), 0, ZMQ_POLLIN, 0};
+  zmq::poll(&item, 1, std::chrono::milliseconds(0));
+  ASSERT_TRUE(item.revents & ZMQ_POLLIN) << "the silent host got no request (the balancing changed?)";
+  local_->run(0, call.h.data(), cfg().hidden_size, call.groups, want);
+  expect_close(got, want, cfg().hidden_size, agreement_);
+  EXPECT_EQ(remote.stats().hedge_wins.load(), 1u);
+  EXPECT_EQ(remote.stats().host_failures.load(), 0u);  // the silent host was not timed out
+  EXPECT_EQ(moemesh::testing::series_value(*reg, "moemesh_attention_dispatch_hedges_total", {{"outcome", "won"}}), 1);
+  EXPECT_FALSE(remote.disconnected(silent_ep));
+}
+
+// Without hedging, or when the host answers in time, no duplicate is sent.
+TEST_F(RemoteExperts, NoHedgeWhenHostsAnswerOrHedgingIsOff) {
+  caf::actor_system sys{two_thread_config()};
+  Host a(sys, model(), "all", "host-a"), b(sys, model(), "all", "host-b");
+  RemoteExpertsOptions o;
+  o.hedge_p99_multiple = 3;
+  o.hedge_min = std::chrono::milliseconds(2000);  // hosts answer well within it, however loaded the machine
+  o.min_deadline = std::chrono::milliseconds(5000);
+  RemoteExpertExecutor remote(sys, o);
+  remote.set_placement({1, {a.entry(), b.entry()}});
+  std::mt19937 rng(10);
+  for (int i = 0; i < 4; ++i) check_layer(remote, i % 2, 12, rng);
+  EXPECT_EQ(remote.stats().hedge_wins.load() + remote.stats().hedge_losses.load(), 0u);
+  RemoteExpertsOptions off;
+  RemoteExpertExecutor plain(sys, off);
+  plain.set_placement({1, {a.entry(), b.entry()}});
+  check_layer(plain, 0, 12, rng);
+  EXPECT_FALSE(plain.hedge_after().has_value());
 }
 
 // With one replica, a step that needs an expert no live host serves waits (bounded) for a table
