@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <set>
 
 #include "core/error.h"
 
@@ -97,35 +98,75 @@ void LiveRebalancer::plan(Clock::time_point now, Placement& placement, const std
       said_pinned_ = true;
       return;
     }
-  const auto budget = int64_t(std::ceil(double(placement.largest_slot()) * (1.0 + opts_.headroom)));
-  std::vector<EplbHost> hosts;
+  // Layer by layer: every layer's step waits for its own busiest host, so the objective is the
+  // sum over layers of each layer's busiest host's load, and each layer is planned on its own
+  // (hottest layers first, while the move budget lasts). A host's room in a layer is its share of
+  // the layer's experts plus the headroom.
+  std::map<int32_t, std::map<ExpertKey, double>> layer_load;
+  for (const auto& [k, n] : load) layer_load[k.first][k] = n;
+  std::set<int32_t> layers;
   for (const auto& h : table.hosts)
-    hosts.push_back({h.instance, h.experts, std::max(budget, int64_t(h.experts.size()))});
-  EplbOptions eo;
-  eo.expert_bytes = 1;
-  eo.move_budget = opts_.max_moves;
-  eo.min_gain = opts_.min_gain;
-  eo.min_replicas = opts_.min_replicas;
-  const EplbPlan p = plan_placement(hosts, load, eo);
-  if (!p.changed()) return;
-
+    for (const auto& k : h.experts) layers.insert(k.first);
+  std::vector<std::pair<double, int32_t>> order;  // (the layer's rows, layer), hottest first
+  for (int32_t layer : layers) {
+    double rows_l = 0;
+    for (const auto& [k, n] : layer_load[layer]) rows_l += n;
+    order.push_back({-rows_l, layer});
+  }
+  std::sort(order.begin(), order.end());
+  std::vector<EplbHost> hosts;  // the whole placement, as planned so far
+  for (const auto& h : table.hosts) hosts.push_back({h.instance, h.experts, 0});
+  int64_t moves_left = opts_.max_moves;
+  size_t moves = 0;
+  double before = 0, after = 0;
+  for (const auto& [hotness, layer] : order) {
+    std::set<ExpertKey> in_layer;
+    std::vector<EplbHost> part;
+    for (const auto& h : hosts) {
+      EplbHost x{h.instance, {}, 0};
+      for (const auto& k : h.experts)
+        if (k.first == layer) x.experts.insert(k), in_layer.insert(k);
+      part.push_back(std::move(x));
+    }
+    const double share = double(in_layer.size()) * opts_.min_replicas / double(part.size());
+    for (auto& x : part)
+      x.memory_budget = std::max(int64_t(std::ceil(share * (1.0 + opts_.headroom))), int64_t(x.experts.size()));
+    EplbOptions eo;
+    eo.expert_bytes = 1;
+    eo.move_budget = moves_left;
+    eo.min_gain = opts_.min_gain;
+    eo.min_replicas = opts_.min_replicas;
+    if (moves_left <= 0) break;
+    const EplbPlan p = plan_placement(part, layer_load[layer], eo);
+    before += p.busiest_before;
+    after += p.changed() ? p.busiest_after : p.busiest_before;
+    if (!p.changed()) continue;
+    moves += p.moves.size();
+    moves_left -= p.bytes_loaded;
+    for (size_t i = 0; i < hosts.size(); ++i) {
+      std::erase_if(hosts[i].experts, [&](const ExpertKey& k) { return k.first == layer; });
+      hosts[i].experts.insert(p.hosts[i].experts.begin(), p.hosts[i].experts.end());
+    }
+  }
+  if (moves == 0) return;
   ++version_;
   changes_.clear();
   pending_.clear();
   for (size_t i = 0; i < hosts.size(); ++i) {
-    if (p.hosts[i].experts == hosts[i].experts) continue;
-    Change c{hosts[i].experts, p.hosts[i].experts, hosts[i].experts, false};
+    const PlacementHost& was = table.hosts[i];
+    if (hosts[i].experts == was.experts) continue;
+    Change c{was.experts, hosts[i].experts, was.experts, false};
     c.both.insert(c.after.begin(), c.after.end());
     if (c.both != c.before) {
-      out.assign.push_back({hosts[i].instance, version_, c.both});
-      pending_.insert(hosts[i].instance);
+      out.assign.push_back({was.instance, version_, c.both});
+      pending_.insert(was.instance);
     }
-    changes_[hosts[i].instance] = std::move(c);
+    changes_[was.instance] = std::move(c);
   }
-  planned_moves_ = p.moves.size();
-  char gain[96];
-  std::snprintf(gain, sizeof gain, "busiest host's load %.0f -> %.0f rows", p.busiest_before, p.busiest_after);
-  out.log.push_back("re-placement " + std::to_string(version_) + ": " + count_text(p.moves.size(), "move") + " on " +
+  planned_moves_ = moves;
+  char gain[128];
+  std::snprintf(gain, sizeof gain, "sum over layers of the busiest host's load %.0f -> %.0f rows", before, after);
+  out.log.push_back("re-placement " + std::to_string(version_) + ": " + count_text(moves, "move") + " on " +
                     count_text(changes_.size(), "host") + " (" + gain + ")");
   phase_ = Phase::Loading;
   since_ = now;

@@ -211,6 +211,33 @@ TEST(LiveRebalance, AReplacementHostInheritsTheRePlacedSet) {
   EXPECT_EQ(f.pl.add_host("c", "tcp://c", {}, f.t0 + 1s), mine);
 }
 
+// Each layer's step waits for that layer's busiest host: two layers hot on different hosts are
+// balanced in sum, yet every step is slow. The plan splits each layer's hot pair.
+TEST(LiveRebalance, BalancesEachLayerNotTheSumOverLayers) {
+  Placement pl{PlacementPlan({0, 1}, 8, 2, 1)};
+  const auto t0 = Clock::now();
+  pl.add_host("a", "tcp://a", {}, t0);  // even experts of both layers
+  pl.add_host("b", "tcp://b", {}, t0);  // odd ones
+  std::map<ExpertKey, double> l;
+  for (int layer = 0; layer < 2; ++layer)
+    for (int e = 0; e < 8; ++e) l[{layer, e}] = 10;
+  l[{0, 0}] = 5000, l[{0, 2}] = 4000;  // layer 0: both on a
+  l[{1, 1}] = 5000, l[{1, 3}] = 4000;  // layer 1: both on b
+  LiveRebalancer r(opts());
+  RebalanceActions a = r.tick(t0 + 2s, pl, l, true, {});
+  ASSERT_EQ(r.phase(), LiveRebalancer::Phase::Loading) << "a summed objective sees nothing to gain";
+  for (const auto& x : a.assign) r.on_loaded(t0 + 2s, pl, x.instance, x.version, "");
+  ASSERT_EQ(r.phase(), LiveRebalancer::Phase::Switching);
+  auto holds = [&](const std::string& host, ExpertKey k) {
+    for (const auto& h : pl.table().hosts)
+      if (h.instance == host) return h.experts.count(k) > 0;
+    return false;
+  };
+  EXPECT_TRUE(holds("b", {0, 0}) || holds("b", {0, 2})) << "layer 0's hot pair should be split";
+  EXPECT_TRUE(holds("a", {1, 1}) || holds("a", {1, 3})) << "layer 1's hot pair should be split";
+  EXPECT_TRUE(pl.uncovered().empty());
+}
+
 TEST(LiveRebalance, BadOptionsAreRefused) {
   RebalanceOptions o;
   o.max_moves = 0;
