@@ -1,5 +1,5 @@
 // Live load-driven re-placement (EPLB) as a state machine the coordinator drives: when to plan
-// (core/eplb.h decides what), and the order of a move that loses and stalls nothing.
+// (core/eplb.h decides what, layer by layer), and the order of a move that loses and stalls nothing.
 //
 // A re-placement runs in three phases:
 //   1. Loading: every host that gains experts is told to hold the union of its old and new sets
@@ -28,7 +28,7 @@ namespace moemesh {
 
 struct RebalanceOptions {
   std::chrono::milliseconds interval{0};  // 0: never re-place
-  // A host may hold this much more than the largest slot (its memory budget, in experts).
+  // In each layer a host may hold this much more than its share of the layer's experts (its room).
   double headroom = 0.25;
   int max_moves = 8;       // experts newly loaded per re-placement (the move budget)
   double min_gain = 0.10;  // relative drop of the busiest host's load worth a move
