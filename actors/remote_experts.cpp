@@ -115,6 +115,7 @@ struct RemoteExpertExecutor::Metrics {
                  .Add({})) {
     for (const char* r : kFailureReasons) retried_by[r] = &retried.Add({{"reason", r}});
     for (const char* r : {"no_host", "replicas_exhausted"}) exhausted_by[r] = &exhausted.Add({{"reason", r}});
+    for (const char* o : {"won", "lost"}) hedges.Add({{"outcome", o}});  // exported at 0 from the start
   }
 
   Host& host(const std::string& name) {
