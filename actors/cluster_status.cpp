@@ -55,6 +55,8 @@ std::string experts_text(const google::protobuf::RepeatedPtrField<pb::ExpertId>&
   return out.empty() ? "-" : out;
 }
 
+}  // namespace
+
 const char* role_name(pb::Role r) {
   switch (r) {
     case pb::ATTENTION:
@@ -67,8 +69,6 @@ const char* role_name(pb::Role r) {
       return "unknown";
   }
 }
-
-}  // namespace
 
 std::string format_cluster_status(const pb::ClusterStatus& s) {
   std::ostringstream o;

@@ -16,4 +16,7 @@ std::optional<pb::ClusterStatus> query_cluster_status(const std::string& control
 // A human-readable table: services, health, which host holds which experts, load.
 std::string format_cluster_status(const pb::ClusterStatus& s);
 
+// "attention", "expert", "kvstore" or "unknown": the role in status text and metric labels.
+const char* role_name(pb::Role r);
+
 }  // namespace moemesh::actors

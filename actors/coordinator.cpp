@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "actors/cluster_status.h"
 #include "actors/metrics_util.h"
 #include "actors/transport.h"
 #include "core/placement.h"
@@ -16,19 +17,6 @@ namespace moemesh::actors {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-const char* role_label(pb::Role r) {
-  switch (r) {
-    case pb::ATTENTION:
-      return "attention";
-    case pb::EXPERT:
-      return "expert";
-    case pb::KVSTORE:
-      return "kvstore";
-    default:
-      return "unknown";
-  }
-}
 
 // Rows per (layer, expert) that heartbeats reported within the last `window`: a sliding sum,
 // so the imbalance gauge follows the recent load and forgets old bursts.
@@ -111,8 +99,8 @@ struct CoordinatorMetrics {
                                        "(moemesh up; kept after the member leaves), by role and host.")) {
     expected_expert_hosts.Set(cfg.expert_hosts);
     for (pb::Role r : {pb::ATTENTION, pb::EXPERT, pb::KVSTORE}) {
-      live[r] = &live_hosts.Add({{"role", role_label(r)}});
-      expired_by_role[r] = &expired.Add({{"role", role_label(r)}});
+      live[r] = &live_hosts.Add({{"role", role_name(r)}});
+      expired_by_role[r] = &expired.Add({{"role", role_name(r)}});
     }
     for (int32_t layer : cfg.moe_layers) {
       imbalance_by_layer[layer] = &imbalance.Add({{"layer", std::to_string(layer)}});
@@ -523,7 +511,7 @@ void publish_metrics(CoordinatorState& st) {
   m.uncovered.Set(uncovered);
   for (auto& [layer, g] : m.imbalance_by_layer) g->Set(st.load.imbalance(layer, st.cfg.num_experts));
   for (const auto& [name, rr] : st.restarts)
-    m.restarts.Add({{"role", role_label(rr.first)}, {"host", name}}).Set(double(rr.second));
+    m.restarts.Add({{"role", role_name(rr.first)}, {"host", name}}).Set(double(rr.second));
 }
 
 caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publish, CoordinatorConfig cfg,
