@@ -36,7 +36,24 @@ void ComputeBackend::check_expert_rows(int64_t x_rows, std::span<const ExpertRow
     for (int32_t r : e.rows)
       if (r < 0 || r >= x_rows)
         throw Error("grouped mlp: row " + std::to_string(r) + " outside the " + std::to_string(x_rows) + " rows of x");
+    if (!e.lora.empty() && e.lora.size() != e.rows.size())
+      throw Error("grouped mlp: " + std::to_string(e.lora.size()) + " LoRA entries for " +
+                  std::to_string(e.rows.size()) + " rows");
   }
+}
+
+void ComputeBackend::refuse_lora(const BatchLayout& layout) const {
+  for (const auto& sp : layout.spans)
+    if (sp.adapter)
+      throw Error("LoRA adapter " + sp.adapter->name() + ": the " + name() +
+                  " backend does not apply adapters (serve them on --device cpu)");
+}
+
+void ComputeBackend::refuse_lora(std::span<const ExpertRows> experts) const {
+  for (const ExpertRows& e : experts)
+    for (const MlpLora* m : e.lora)
+      if (m)
+        throw Error("LoRA: the " + name() + " backend does not apply adapters to experts (serve them on --device cpu)");
 }
 
 void ComputeBackend::check_logits_requests(int64_t rows, std::span<const LogitsRequest> requests) {
@@ -48,6 +65,7 @@ void ComputeBackend::check_logits_requests(int64_t rows, std::span<const LogitsR
 
 void ComputeBackend::grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts) {
   check_expert_rows(x_rows, experts);
+  refuse_lora(experts);
   std::vector<float> gathered;
   for (const ExpertRows& e : experts) {
     if (e.rows.empty()) continue;
@@ -101,9 +119,29 @@ class CpuBackend final : public ComputeBackend {
     std::vector<float> h(size_t(rows * hidden)), q(size_t(rows * q_dim)), k(size_t(rows * kv_dim)),
         v(size_t(rows * kv_dim)), attn(size_t(rows * q_dim));
     cpu::rmsnorm(x, lw.input_norm.data, lw.input_norm.dtype, rows, hidden, cfg.rms_norm_eps, h.data());
-    const cpu::MatmulJob qkv[] = {projection_job(h.data(), rows, lw.q, q.data()), projection_job(h.data(), rows, lw.k, k.data()),
+    const cpu::MatmulJob qkv[] = {projection_job(h.data(), rows, lw.q, q.data()),
+                                  projection_job(h.data(), rows, lw.k, k.data()),
                                   projection_job(h.data(), rows, lw.v, v.data())};
     cpu::matmul(qkv);
+    // Each adapter's q/k/v deltas on its sequences' rows, before RoPE (they are part of the
+    // projections); o's below.
+    std::vector<std::pair<const LoraAdapter*, std::vector<int32_t>>> by_adapter;
+    for (const auto& sp : layout.spans) {
+      if (!sp.adapter || sp.adapter->layer(layer).attention_empty()) continue;
+      auto it =
+          std::find_if(by_adapter.begin(), by_adapter.end(), [&](const auto& p) { return p.first == sp.adapter; });
+      if (it == by_adapter.end()) it = by_adapter.insert(by_adapter.end(), {sp.adapter, {}});
+      for (int64_t i = 0; i < sp.n; ++i) it->second.push_back(int32_t(sp.row0 + i));
+    }
+    std::vector<LoraTask> deltas;
+    for (const auto& [a, r] : by_adapter) {
+      const LayerLora& ll = a->layer(layer);
+      const int64_t n = int64_t(r.size());
+      deltas.push_back({&ll.q, h.data(), r.data(), hidden, q.data(), r.data(), q_dim, n});
+      deltas.push_back({&ll.k, h.data(), r.data(), hidden, k.data(), r.data(), kv_dim, n});
+      deltas.push_back({&ll.v, h.data(), r.data(), hidden, v.data(), r.data(), kv_dim, n});
+    }
+    lora_add(deltas);
     // One frequency table for the batch, or (dynamic scaling) one per sequence.
     auto rotate = [&](int64_t row0, int64_t n, int64_t seq_len) {
       const RopeTable t = rope_table(cfg, seq_len);
@@ -134,6 +172,10 @@ class CpuBackend final : public ComputeBackend {
     cpu::MatmulJob o = projection_job(attn.data(), rows, lw.o, x);
     o.epilogue = cpu::MatmulJob::Epilogue::Add;
     cpu::matmul(std::span(&o, 1));
+    deltas.clear();
+    for (const auto& [a, r] : by_adapter)
+      deltas.push_back({&a->layer(layer).o, attn.data(), r.data(), q_dim, x, r.data(), hidden, int64_t(r.size())});
+    lora_add(deltas);
   }
 
   void mlp(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out) override {
@@ -141,23 +183,79 @@ class CpuBackend final : public ComputeBackend {
   }
 
   // Every expert's gate and up projections in one parallel section (reading each expert's rows
-  // of x in place), then every down projection in another.
+  // of x in place), then every down projection in another. An expert whose rows use LoRA
+  // adapters is split into segments, one per adapter (and one for its base rows): a base segment
+  // keeps the fused SwiGLU epilogue, an adapted one computes gate and up apart, adds their deltas,
+  // then applies SiLU·up itself; its down delta is added after. So every row's result depends
+  // only on its own adapter, whatever else shares the batch.
   void grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts) override {
     check_expert_rows(x_rows, experts);
-    std::vector<std::vector<float>> act(experts.size());
+    struct Segment {
+      const ExpertRows* e;
+      const MlpLora* lora;          // null: base rows
+      std::vector<int32_t> pos;     // positions in e->rows (and e->out); empty: all, in order
+      std::vector<int32_t> x_rows;  // e->rows at those positions
+      std::vector<float> act, gate, up, out;
+    };
+    std::vector<Segment> segs;
+    for (const ExpertRows& e : experts) {
+      std::vector<const MlpLora*> row_lora(e.rows.size(), nullptr);
+      for (size_t i = 0; i < e.lora.size(); ++i)
+        if (e.lora[i] && !e.lora[i]->empty()) row_lora[i] = e.lora[i];
+      auto groups = rows_by_adapter<MlpLora>(row_lora);
+      if (groups.empty()) {
+        segs.push_back({&e, nullptr, {}, {}, {}, {}, {}, {}});
+        continue;
+      }
+      std::vector<int32_t> base;
+      for (size_t i = 0; i < e.rows.size(); ++i)
+        if (!row_lora[i]) base.push_back(int32_t(i));
+      if (!base.empty()) segs.push_back({&e, nullptr, std::move(base), {}, {}, {}, {}, {}});
+      for (auto& [m, pos] : groups) segs.push_back({&e, m, std::move(pos), {}, {}, {}, {}, {}});
+    }
     std::vector<cpu::MatmulJob> jobs;
-    for (size_t i = 0; i < experts.size(); ++i) {
-      const ExpertRows& e = experts[i];
-      act[i].resize(e.rows.size() * size_t(e.weights->gate.rows()));
-      jobs.push_back(swiglu_job(x, hidden, e.rows, *e.weights, act[i].data()));
+    std::vector<LoraTask> deltas;
+    for (Segment& s : segs) {
+      const MlpWeights& w = *s.e->weights;
+      const size_t n = s.pos.empty() ? s.e->rows.size() : s.pos.size(), inter = size_t(w.gate.rows());
+      for (int32_t p : s.pos) s.x_rows.push_back(s.e->rows[size_t(p)]);
+      const std::span<const int32_t> xr = s.pos.empty() ? s.e->rows : std::span<const int32_t>(s.x_rows);
+      s.act.resize(n * inter);
+      if (!s.lora) {
+        jobs.push_back(swiglu_job(x, hidden, xr, w, s.act.data()));
+        continue;
+      }
+      s.gate.resize(n * inter);
+      s.up.resize(n * inter);
+      cpu::MatmulJob g = projection_job(x, int64_t(n), w.gate, s.gate.data()),
+                     u = projection_job(x, int64_t(n), w.up, s.up.data());
+      g.x_rows = u.x_rows = xr.data();
+      jobs.push_back(g);
+      jobs.push_back(u);
+      deltas.push_back({&s.lora->gate, x, xr.data(), hidden, s.gate.data(), nullptr, 0, int64_t(n)});
+      deltas.push_back({&s.lora->up, x, xr.data(), hidden, s.up.data(), nullptr, 0, int64_t(n)});
     }
     cpu::matmul(jobs);
+    lora_add(deltas);
     jobs.clear();
-    for (size_t i = 0; i < experts.size(); ++i) {
-      const ExpertRows& e = experts[i];
-      jobs.push_back(projection_job(act[i].data(), int64_t(e.rows.size()), e.weights->down, e.out));
+    deltas.clear();
+    for (Segment& s : segs) {
+      const int64_t n = int64_t(s.act.size()) / s.e->weights->gate.rows();
+      if (s.lora)
+        for (size_t i = 0; i < s.act.size(); ++i) s.act[i] = cpu::silu(s.gate[i]) * s.up[i];
+      float* out = s.e->out;
+      if (!s.pos.empty()) {  // a part of the expert's rows: computed apart, scattered below
+        s.out.resize(size_t(n * hidden));
+        out = s.out.data();
+      }
+      jobs.push_back(projection_job(s.act.data(), n, s.e->weights->down, out));
+      if (s.lora) deltas.push_back({&s.lora->down, s.act.data(), nullptr, 0, out, nullptr, 0, n});
     }
     cpu::matmul(jobs);
+    lora_add(deltas);
+    for (const Segment& s : segs)
+      for (size_t i = 0; i < s.pos.size(); ++i)
+        std::copy_n(s.out.data() + i * size_t(hidden), hidden, s.e->out + int64_t(s.pos[i]) * hidden);
   }
 
   // The CPU kernels spread one call over the compute pool; more calls at once only share it.

@@ -20,6 +20,7 @@
 #include "core/checkpoint.h"
 #include "core/kv_cache.h"
 #include "core/logits_summary.h"
+#include "core/lora.h"
 #include "core/model_config.h"
 
 namespace moemesh {
@@ -28,9 +29,10 @@ namespace moemesh {
 struct BatchLayout {
   struct Span {
     SeqId seq = 0;
-    int64_t row0 = 0;  // first row in the batch
-    int64_t n = 0;     // new tokens of this sequence
-    int64_t pos0 = 0;  // position of the first new token (tokens already cached)
+    int64_t row0 = 0;                      // first row in the batch
+    int64_t n = 0;                         // new tokens of this sequence
+    int64_t pos0 = 0;                      // position of the first new token (tokens already cached)
+    const LoraAdapter* adapter = nullptr;  // the LoRA adapter its rows use (null: the base model)
   };
   std::vector<Span> spans;
   std::vector<int32_t> positions;  // per row
@@ -43,6 +45,8 @@ struct ExpertRows {
   const MlpWeights* weights = nullptr;
   std::span<const int32_t> rows;
   float* out = nullptr;
+  // Per entry of rows: the LoRA deltas of this expert that row adds (null: none); empty: none.
+  std::span<const MlpLora* const> lora{};
 };
 
 // GPTQ calibration (core/gptq_calibrate.cpp) needs each o_proj's input, the attention output
@@ -81,9 +85,10 @@ class ComputeBackend {
   virtual void matmul(const float* x, int64_t rows, const Weight& w, float* y) = 0;
   // x [layout.rows, hidden] += o_proj(attention(rope(qkv(rmsnorm(x))))) of layer `layer`; stores
   // the new K/V rows into kv (room reserved, a cache from make_kv_cache) at the spans' positions.
+  // A span with an adapter adds its q/k/v/o LoRA deltas (CPU backend only: others refuse).
   virtual void attention_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, KvCache& kv,
                                const BatchLayout& layout, float* x) = 0;
-  // SwiGLU: out[rows, hidden] = down(silu(gate(x)) * up(x)).
+  // SwiGLU: out[rows, hidden] = down(silu(gate(x)) * up(x)). LoRA deltas go through grouped_mlp.
   virtual void mlp(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out) = 0;
   // The SwiGLU MLPs of several experts of one layer in one call, each over its rows of
   // x[x_rows, hidden] (the rows are gathered by the backend). The default is one mlp() per
@@ -109,6 +114,9 @@ class ComputeBackend {
   // The argument checks every implementation of grouped_mlp / logits_summaries makes first;
   // moemesh::Error naming what is wrong.
   static void check_expert_rows(int64_t x_rows, std::span<const ExpertRows> experts);
+  // For backends that do not apply LoRA: a moemesh::Error when a span or an expert's rows ask for it.
+  void refuse_lora(const BatchLayout& layout) const;
+  void refuse_lora(std::span<const ExpertRows> experts) const;
   static void check_logits_requests(int64_t rows, std::span<const LogitsRequest> requests);
 };
 

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <exception>
 #include <future>
+#include <numeric>
 #include <string>
 #include <unordered_set>
 
@@ -12,8 +13,32 @@
 
 namespace moemesh {
 
+namespace {
+
+// out = the MLP on every row of h; rows whose adapter adapts this MLP (`pick` finds its deltas)
+// go through grouped_mlp with them.
+void local_mlp(ComputeBackend& backend, const MlpWeights& w, const float* h, int64_t rows, int64_t hidden,
+               std::span<const LoraAdapter* const> row_adapters, int64_t layer,
+               const MlpLora& (*pick)(const LayerLora&), float* out) {
+  std::vector<const MlpLora*> lora;
+  for (const LoraAdapter* a : row_adapters) {
+    const MlpLora* m = a ? &pick(a->layer(layer)) : nullptr;
+    lora.push_back(m && !m->empty() ? m : nullptr);
+  }
+  if (std::none_of(lora.begin(), lora.end(), [](const MlpLora* m) { return m != nullptr; })) {
+    backend.mlp(w, h, rows, hidden, out);
+    return;
+  }
+  std::vector<int32_t> all(static_cast<size_t>(rows));
+  std::iota(all.begin(), all.end(), 0);
+  const ExpertRows e{&w, all, out, lora};
+  backend.grouped_mlp(h, rows, hidden, std::span(&e, 1));
+}
+
+}  // namespace
+
 void ffn_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, ComputeBackend& backend,
-               ExpertExecutor& experts, float* x, int64_t rows) {
+               ExpertExecutor& experts, float* x, int64_t rows, std::span<const LoraAdapter* const> row_adapters) {
   const int64_t hidden = cfg.hidden_size;
   std::vector<float> h(size_t(rows * hidden)), y(size_t(rows * hidden), 0.0f);
   backend.rmsnorm(x, lw.post_attention_norm, rows, cfg.rms_norm_eps, h.data());
@@ -21,19 +46,29 @@ void ffn_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, Co
     if (lw.router.empty()) throw Error("moe: router weight is not loaded");
     std::vector<float> gate(size_t(rows * cfg.num_experts));
     backend.matmul(h.data(), rows, lw.router, gate.data());
+    std::vector<LoraTask> router_deltas;
+    const auto by_adapter = rows_by_adapter<LoraAdapter>(row_adapters);  // the tasks point into it
+    for (const auto& [a, r] : by_adapter)
+      router_deltas.push_back({&a->layer(layer).router, h.data(), r.data(), hidden, gate.data(), r.data(),
+                               cfg.num_experts, int64_t(r.size())});
+    lora_add(router_deltas);
     const Routing r = route_from_logits(cfg, gate.data(), rows);
-    const std::vector<ExpertGroup> groups = group_by_expert(r);
+    const std::vector<ExpertGroup> groups = group_by_expert(r, row_adapters);
     std::vector<std::vector<float>> outputs;
     experts.run(layer, h.data(), hidden, groups, outputs);
     combine(r, groups, outputs, hidden, y.data());
     if (lw.shared) {  // DeepSeek: shared experts see the same h, added after the routed sum
       std::vector<float> s(size_t(rows * hidden));
-      backend.mlp(*lw.shared, h.data(), rows, hidden, s.data());
+      local_mlp(
+          backend, *lw.shared, h.data(), rows, hidden, row_adapters, layer,
+          [](const LayerLora& l) -> const MlpLora& { return l.shared; }, s.data());
       for (int64_t i = 0; i < rows * hidden; ++i) y[size_t(i)] += s[size_t(i)];
     }
   } else {
     if (!lw.dense) throw Error("engine: layer " + std::to_string(layer) + " has no dense MLP loaded");
-    backend.mlp(*lw.dense, h.data(), rows, hidden, y.data());
+    local_mlp(
+        backend, *lw.dense, h.data(), rows, hidden, row_adapters, layer,
+        [](const LayerLora& l) -> const MlpLora& { return l.dense; }, y.data());
   }
   for (int64_t i = 0; i < rows * hidden; ++i) x[i] += y[size_t(i)];
 }
@@ -143,6 +178,9 @@ std::vector<StepOutput> Engine::step(std::span<const StepInput> batch, StepOptio
       if (t < 0 || t >= cfg_.vocab_size)
         throw Error("engine: token id " + std::to_string(t) + " out of range [0, " + std::to_string(cfg_.vocab_size) +
                     ")");
+    if (in.adapter && in.adapter->num_layers() != cfg_.num_hidden_layers)
+      throw Error("engine: LoRA adapter " + in.adapter->name() + " has " + std::to_string(in.adapter->num_layers()) +
+                  " layers, the model " + std::to_string(cfg_.num_hidden_layers));
     blocks += kv_->blocks_needed(in.seq, kv_->length(in.seq) + int64_t(in.tokens.size()));
     rows_of.push_back(int64_t(in.tokens.size()));
   }
@@ -211,12 +249,16 @@ std::vector<StepOutput> Engine::step(std::span<const StepInput> batch, StepOptio
 std::vector<StepOutput> Engine::forward(std::span<const StepInput> part, ExpertExecutor& experts) {
   ForwardInputsScope scope(part);
   BatchLayout layout;
+  std::vector<const LoraAdapter*> row_adapters;
   for (const StepInput& in : part) {
     const int64_t pos0 = kv_->length(in.seq), n = int64_t(in.tokens.size());
-    layout.spans.push_back({in.seq, layout.rows, n, pos0});
+    layout.spans.push_back({in.seq, layout.rows, n, pos0, in.adapter.get()});
     for (int64_t i = 0; i < n; ++i) layout.positions.push_back(int32_t(pos0 + i));
     layout.rows += n;
+    row_adapters.insert(row_adapters.end(), size_t(n), in.adapter.get());
   }
+  if (std::none_of(row_adapters.begin(), row_adapters.end(), [](const LoraAdapter* a) { return a != nullptr; }))
+    row_adapters.clear();
   const int64_t rows = layout.rows, hidden = cfg_.hidden_size;
   std::vector<int32_t> ids;
   ids.reserve(size_t(rows));
@@ -226,7 +268,7 @@ std::vector<StepOutput> Engine::forward(std::span<const StepInput> part, ExpertE
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
     const LayerWeights& lw = weights_.layers[size_t(l)];
     backend_->attention_block(cfg_, lw, l, *kv_, layout, x.data());
-    ffn_block(cfg_, lw, l, *backend_, experts, x.data(), rows);
+    ffn_block(cfg_, lw, l, *backend_, experts, x.data(), rows, row_adapters);
   }
 
   // Final norm and lm_head only on the rows whose logits were asked for; the rows that want a

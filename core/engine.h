@@ -27,12 +27,14 @@ namespace moemesh {
 
 // x [rows, hidden] += the layer's FFN on rmsnorm(x): routed experts through `experts` (+ shared
 // experts computed here) for MoE layers, the dense MLP otherwise. Gating (top-k) runs on the host.
+// row_adapters: each row's LoRA adapter (null: base; empty: none), applied to the router, the
+// shared and dense MLPs here and handed with the rows to the experts.
 void ffn_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, ComputeBackend& backend,
-               ExpertExecutor& experts, float* x, int64_t rows);
+               ExpertExecutor& experts, float* x, int64_t rows, std::span<const LoraAdapter* const> row_adapters = {});
 
 struct EngineOptions {
-  int64_t kv_blocks = 256;  // KV pool size in blocks of KvCache::kBlockSize tokens
-  KvDType kv_dtype = KvDType::F32;  // INT8: ~1/4 of the memory, logits within docs/gpu.md's bound
+  int64_t kv_blocks = 256;                            // KV pool size in blocks of KvCache::kBlockSize tokens
+  KvDType kv_dtype = KvDType::F32;                    // INT8: ~1/4 of the memory, logits within docs/gpu.md's bound
   std::shared_ptr<ComputeBackend> backend = nullptr;  // null: the CPU backend
 };
 
@@ -47,6 +49,9 @@ struct StepInput {
   // Instead of the last position's logits, their summary for a sampler (core/logits_summary.h):
   // on a GPU backend the row never leaves the device. Ignored with all_logits.
   std::optional<LogitsRequest> summary{};
+  // The LoRA adapter this sequence runs with (null: the base model); loaded for this process's
+  // share of the model.
+  std::shared_ptr<const LoraAdapter> adapter{};
 };
 
 // The inputs of the forward pass running on the calling thread, in row order (their tokens

@@ -85,7 +85,7 @@ Routing route(const ModelConfig& cfg, const Weight& router, const float* h, int6
   return route_from_logits(cfg, logits.data(), rows);
 }
 
-std::vector<ExpertGroup> group_by_expert(const Routing& r) {
+std::vector<ExpertGroup> group_by_expert(const Routing& r, std::span<const LoraAdapter* const> row_adapters) {
   std::vector<ExpertGroup> groups;
   if (r.ids.empty()) return groups;
   const int32_t max_id = *std::max_element(r.ids.begin(), r.ids.end());
@@ -95,7 +95,7 @@ std::vector<ExpertGroup> group_by_expert(const Routing& r) {
   experts.erase(std::unique(experts.begin(), experts.end()), experts.end());
   for (int32_t e : experts) {
     index[size_t(e)] = int32_t(groups.size());
-    groups.push_back(ExpertGroup{e, {}, {}});
+    groups.push_back(ExpertGroup{e, {}, {}, {}});
   }
   for (int64_t row = 0; row < r.rows; ++row)
     for (int64_t j = 0; j < r.k; ++j) {
@@ -103,7 +103,26 @@ std::vector<ExpertGroup> group_by_expert(const Routing& r) {
       g.rows.push_back(int32_t(row));
       g.slots.push_back(int32_t(j));
     }
+  const bool any = std::any_of(row_adapters.begin(), row_adapters.end(),
+                               [](const LoraAdapter* a) { return a && a->adapts_experts(); });
+  if (any)
+    for (ExpertGroup& g : groups)
+      for (int32_t row : g.rows) {
+        const LoraAdapter* a = row_adapters[size_t(row)];
+        g.adapters.push_back(a && a->adapts_experts() ? a : nullptr);
+      }
   return groups;
+}
+
+std::vector<const MlpLora*> expert_lora(const ExpertGroup& g, int64_t layer) {
+  std::vector<const MlpLora*> out;
+  if (g.adapters.empty()) return out;
+  out.reserve(g.adapters.size());
+  for (const LoraAdapter* a : g.adapters) {
+    const MlpLora* m = a ? &a->layer(layer).experts.at(size_t(g.expert)) : nullptr;
+    out.push_back(m && !m->empty() ? m : nullptr);
+  }
+  return out;
 }
 
 void gather_rows(const float* h, int64_t hidden, std::span<const int32_t> rows, std::vector<float>& out) {
@@ -129,6 +148,7 @@ void LocalExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, std
   outputs.resize(groups.size());
   std::vector<ExpertRows> experts;
   experts.reserve(groups.size());
+  std::vector<std::vector<const MlpLora*>> lora(groups.size());
   int64_t h_rows = 0;
   for (size_t i = 0; i < groups.size(); ++i) {
     const ExpertGroup& g = groups[i];
@@ -136,7 +156,8 @@ void LocalExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, std
       throw Error("moe: expert " + std::to_string(g.expert) + " of layer " + std::to_string(layer) +
                   " is not loaded here");
     outputs[i].resize(g.rows.size() * size_t(hidden));
-    experts.push_back({&*lw.experts[size_t(g.expert)], g.rows, outputs[i].data()});
+    lora[i] = expert_lora(g, layer);
+    experts.push_back({&*lw.experts[size_t(g.expert)], g.rows, outputs[i].data(), lora[i]});
     for (int32_t r : g.rows) h_rows = std::max<int64_t>(h_rows, int64_t(r) + 1);
   }
   backend_->grouped_mlp(h, h_rows, hidden, experts);

@@ -42,9 +42,15 @@ struct ExpertGroup {
   int32_t expert = 0;
   std::vector<int32_t> rows;
   std::vector<int32_t> slots;
+  // Per entry of rows: the LoRA adapter of that row (null: base); empty when no row has one.
+  std::vector<const LoraAdapter*> adapters;
 };
 // Groups ordered by expert id; rows within a group ascending. Experts nobody chose are absent.
-std::vector<ExpertGroup> group_by_expert(const Routing& r);
+// row_adapters (per row of r; empty: none) fills each group's adapters, for the rows whose
+// adapter adapts experts.
+std::vector<ExpertGroup> group_by_expert(const Routing& r, std::span<const LoraAdapter* const> row_adapters = {});
+// Per entry of g.rows: expert g.expert's LoRA deltas in `layer` of that row's adapter (null: none).
+std::vector<const MlpLora*> expert_lora(const ExpertGroup& g, int64_t layer);
 
 // Copies rows `rows` of h (any order, repeats allowed) into a contiguous [rows.size(), hidden]
 // buffer.

@@ -160,6 +160,21 @@ Header read_header(const fs::path& file) {
   return h;
 }
 
+std::vector<float> read_f32(const Header& h, const Entry& e) {
+  const std::string fname = h.file.filename().string();
+  if (e.dtype != DType::F32 && e.dtype != DType::F16 && e.dtype != DType::BF16)
+    throw Error(fname + ": tensor " + e.name + " is " + std::string(dtype_name(e.dtype)) +
+                ", expected F32, F16 or BF16");
+  Fd f;
+  f.fd = ::open(h.file.c_str(), O_RDONLY | O_CLOEXEC);
+  if (f.fd < 0) throw Error(fname + ": cannot open: " + std::strerror(errno));
+  std::vector<char> raw(e.nbytes());
+  pread_all(f.fd, raw.data(), raw.size(), h.data_offset + e.begin, fname);
+  std::vector<float> out(raw.size() / dtype_size(e.dtype));
+  to_f32(e.dtype, raw.data(), out.data(), out.size());
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Writing
 
@@ -173,7 +188,8 @@ Writer::Writer(const fs::path& file, std::vector<TensorSpec> specs, std::map<std
     : file_(file), tmp_(file.string() + ".tmp"), specs_(std::move(specs)) {
   std::sort(specs_.begin(), specs_.end(), [](const TensorSpec& a, const TensorSpec& b) { return a.name < b.name; });
   for (size_t i = 1; i < specs_.size(); ++i)
-    if (specs_[i].name == specs_[i - 1].name) throw Error(file_.filename().string() + ": duplicate tensor " + specs_[i].name);
+    if (specs_[i].name == specs_[i - 1].name)
+      throw Error(file_.filename().string() + ": duplicate tensor " + specs_[i].name);
 
   // Same layout as the reference writer: __metadata__ first, tensors in data order, compact
   // JSON padded with spaces to a multiple of 8 so the data section is aligned.
@@ -212,7 +228,8 @@ void Writer::write(const void* data, size_t nbytes) {
     if (current_ >= specs_.size()) throw Error(file_.filename().string() + ": more data written than the tensors hold");
     uint64_t room = specs_[current_].nbytes() - written_in_current_;
     size_t take = size_t(std::min<uint64_t>(room, nbytes));
-    if (take && std::fwrite(p, 1, take, f_) != take) throw Error(tmp_.string() + ": write failed: " + std::strerror(errno));
+    if (take && std::fwrite(p, 1, take, f_) != take)
+      throw Error(tmp_.string() + ": write failed: " + std::strerror(errno));
     p += take;
     nbytes -= take;
     written_in_current_ += take;
@@ -247,7 +264,8 @@ void Writer::finish() {
   fs::rename(tmp_, file_);
 }
 
-void write_file(const fs::path& file, const std::vector<TensorSpec>& specs, const std::vector<std::vector<char>>& data) {
+void write_file(const fs::path& file, const std::vector<TensorSpec>& specs,
+                const std::vector<std::vector<char>>& data) {
   if (specs.size() != data.size()) throw Error("write_file: specs and data differ in length");
   Writer w(file, specs);
   for (const TensorSpec& s : w.order()) {

@@ -41,6 +41,9 @@ struct Header {
 
 // Reads and validates the header of `file`. Throws moemesh::Error naming the file (and tensor).
 Header read_header(const std::filesystem::path& file);
+// Reads one F32/F16/BF16 tensor of a file whose header is `h`, converted to f32 (small tensors:
+// adapters; a model's weights are mapped by core/checkpoint instead).
+std::vector<float> read_f32(const Header& h, const Entry& e);
 
 struct TensorSpec {
   std::string name;

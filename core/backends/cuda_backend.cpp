@@ -236,6 +236,7 @@ class CudaBackend final : public ComputeBackend {
 
   void attention_block(const ModelConfig& cfg, const LayerWeights& lw, int64_t layer, KvCache& kv,
                        const BatchLayout& layout, float* x) override {
+    refuse_lora(layout);
     auto* dkv = dynamic_cast<DeviceKvCache*>(&kv);
     if (!dkv) throw Error("cuda backend: the KV cache was not made by this backend (make_kv_cache)");
     Lease lease = take_lane();
@@ -349,6 +350,7 @@ class CudaBackend final : public ComputeBackend {
   // each one grouped GEMM over all the experts; results come back per expert.
   void grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts) override {
     check_expert_rows(x_rows, experts);
+    refuse_lora(experts);
     std::vector<const ExpertRows*> live;
     for (const ExpertRows& e : experts)
       if (!e.rows.empty()) live.push_back(&e);

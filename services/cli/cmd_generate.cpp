@@ -12,6 +12,7 @@
 #include "core/checkpoint.h"
 #include "core/engine.h"
 #include "core/error.h"
+#include "core/lora.h"
 #include "core/moe.h"
 #include "core/sampler.h"
 #include "core/text_stream.h"
@@ -31,6 +32,7 @@ struct GenerateArgs {
   std::optional<uint64_t> seed;
   std::optional<double> gating_temperature;
   std::string router_bias;
+  std::string lora;
   bool json = false;
   bool logits = false;
 };
@@ -70,13 +72,15 @@ void run_generate(GenerateArgs& a) {
   opts.kv_blocks = (int64_t(prompt.size()) + a.max_tokens + 1) / KvCache::kBlockSize + 1;
   Engine engine(ckpt, opts);
   const SeqId seq = engine.create_sequence();
+  const std::shared_ptr<const LoraAdapter> adapter = a.lora.empty() ? nullptr : LoraAdapter::load(a.lora, cfg);
 
   std::unique_ptr<TextStream> stream;
   if (!a.json && tok) stream = std::make_unique<TextStream>(tok, std::vector<std::string>{});
 
   nlohmann::json logits_rows = nlohmann::json::array();
   auto run = [&](std::vector<int32_t> tokens) {
-    const StepInput in{seq, std::move(tokens), false};
+    StepInput in{seq, std::move(tokens), false};
+    in.adapter = adapter;
     StepOutput out = std::move(engine.step(std::span<const StepInput>(&in, 1)).front());
     if (a.logits) logits_rows.push_back(out.logits);
     return out.logits;
@@ -139,6 +143,7 @@ void add_generate(CLI::App& app) {
   cmd->add_option("--seed", a->seed, "RNG seed (same seed, same output)");
   cmd->add_flag("--ignore-eos", a->sampling.ignore_eos, "keep generating past EOS");
   cmd->add_option("--gating-temperature", a->gating_temperature, "divide gate logits by this before softmax");
+  cmd->add_option("--lora", a->lora, "a PEFT LoRA adapter folder to generate with (applied unmerged)");
   cmd->add_option("--router-bias", a->router_bias,
                   "EXPERT=BIAS,... added to those experts' gate logits (as moemesh-attention --router-bias)");
   cmd->add_flag("--json", a->json, "print one JSON object (prompt_ids, output_ids, text, finish_reason)");

@@ -504,14 +504,16 @@ def check_case(cli, name, workdir, seed=0):
     return compare_case(cli, name, c, folder, W, prompt)
 
 
-def compare_case(cli, name, c, folder, W, prompt):
-    """Runs moemesh on the checkpoint in folder and compares it with forward(c, W, ...)."""
+def compare_case(cli, name, c, folder, W, prompt, extra_args=()):
+    """Runs moemesh on the checkpoint in folder (plus extra_args on its command line) and compares
+    it with forward(c, W, ...)."""
     gen = c.get("gen", GEN_TOKENS)
     args = ["generate", "--model", folder, "--prompt-ids", ",".join(map(str, prompt)), "--max-tokens",
             str(gen), "--ignore-eos", "--json", "--logits"]
     gt = c.get("gating", 1.0)
     if "gating" in c:
         args += ["--gating-temperature", str(gt)]
+    args += list(extra_args)
     rc, out, err = run_cli(cli, args)
     if rc != 0:
         print("%s: moemesh generate failed (%d): %s" % (name, rc, err.strip()))

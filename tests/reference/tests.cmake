@@ -32,3 +32,18 @@ endforeach()
 add_test(NAME reference_gptq_quantizer_self_test
          COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/gptq_quantizer_reference.py --self-test)
 set_tests_properties(reference_gptq_quantizer_self_test PROPERTIES LABELS unit TIMEOUT 60)
+# LoRA (issue #16): lora_reference.py writes PEFT adapters (adapter_config.json +
+# adapter_model.safetensors, base_model.model.<module>.lora_A/lora_B.weight) for hf_reference's
+# checkpoints and checks `moemesh generate --lora DIR` against hf_reference's float64 forward pass on
+# the merged weights W + s·B·A (rounded to the base dtype for a bf16 base). Its self-test (merge vs
+# direct evaluation, adapter files read back, adapter strength) needs no binary.
+add_test(NAME reference_lora_self_test COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/lora_reference.py --self-test)
+set_tests_properties(reference_lora_self_test PROPERTIES LABELS unit TIMEOUT 60)
+set(MOEMESH_LORA_REFERENCE_CASES
+  lora_mixtral_attn lora_mixtral_experts lora_deepseek_attn lora_deepseek_experts lora_mixtral_bf16_all
+  lora_errors)
+foreach(case ${MOEMESH_LORA_REFERENCE_CASES})
+  add_test(NAME reference_${case}
+           COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/lora_reference.py --cli $<TARGET_FILE:moemesh> --case ${case})
+  set_tests_properties(reference_${case} PROPERTIES LABELS unit TIMEOUT 60 ENVIRONMENT OPENBLAS_NUM_THREADS=1)
+endforeach()
