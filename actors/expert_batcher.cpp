@@ -132,7 +132,8 @@ ExpertHostMetrics::ExpertHostMetrics(prometheus::Registry& reg)
                      .Name("moemesh_expert_sent_bytes_total")
                      .Help("Bytes of replies sent (header and tensor frames)")
                      .Register(reg)
-                     .Add({})) {}
+                     .Add({})),
+      lora(reg, "moemesh_expert") {}
 
 // ---- the actor ----
 
@@ -251,6 +252,7 @@ void accept(Self* self, const std::string& peer, dispatch::Request&& r, std::vec
   p.groups = std::move(r.groups);
   if (!r.traces.empty()) p.span.emplace(trace::child_of(r.traces.front()));
   p.traces = std::move(r.traces);
+  p.adapters = std::move(r.adapters);
   st.deps.metrics->requests.Increment();
   const auto now = BatchQueue::Clock::now();
   const size_t open_before = st.queue->open_batches();
@@ -319,6 +321,7 @@ void on_done(Self* self, BatchJobPtr job) {
   m.batch_requests.Observe(double(job->requests.size()));
   m.queue_seconds.Observe(secs(job->started - job->queued).count());
   m.compute_seconds.Observe(secs(job->finished - job->started).count());
+  m.lora.update(st.deps.experts->lora_stats());
   // Busy time is the union of the batches' compute intervals: only the part after what was counted.
   const auto from = std::max(job->started, st.busy_until);
   if (job->finished > from) m.busy_seconds.Increment(secs(job->finished - from).count());

@@ -29,6 +29,7 @@
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include "actors/lora_metrics.h"
 #include "actors/expert_compute.h"
 #include "actors/transport.h"
 #include "actors/zmq_bridge.h"
@@ -93,6 +94,7 @@ struct ExpertHostMetrics {
   prometheus::Gauge& mapped_weight_bytes;                 // moemesh_expert_mapped_weight_bytes
   prometheus::Counter& received_bytes;                    // moemesh_expert_received_bytes_total
   prometheus::Counter& sent_bytes;                        // moemesh_expert_sent_bytes_total
+  LoraCacheMetrics lora;                                  // moemesh_expert_lora_cache_*
 };
 
 struct ExpertBatcherDeps {

@@ -43,8 +43,10 @@ void ComputePool::submit(std::function<void()> task) {
 }
 
 HostedExperts::HostedExperts(std::shared_ptr<Checkpoint> ckpt, ExpertSet experts,
-                             std::shared_ptr<ComputeBackend> backend)
-    : ckpt_(std::move(ckpt)), backend_(std::move(backend)) {
+                             std::shared_ptr<ComputeBackend> backend, uint64_t lora_cache_bytes)
+    : ckpt_(std::move(ckpt)),
+      backend_(std::move(backend)),
+      lora_(std::make_unique<LoraCache>(ckpt_->config(), lora_cache_bytes)) {
   if (!backend_) throw Error("expert host: no compute backend");
   experts_ = load(experts);
 }
@@ -67,6 +69,11 @@ ExpertSet HostedExperts::experts() const {
 bool HostedExperts::holds(int32_t layer, int32_t expert) const {
   std::lock_guard<std::mutex> lk(mu_);
   return experts_.count({layer, expert}) > 0;
+}
+
+std::shared_ptr<const LoraAdapter> HostedExperts::adapter(const LoraRef& ref) const {
+  const ExpertSet held = experts();
+  return lora_->get(ref, WeightSelection::only_experts({held.begin(), held.end()}));
 }
 
 std::shared_ptr<const MlpWeights> HostedExperts::mlp(int32_t layer, int32_t expert) const {
@@ -154,6 +161,8 @@ struct BatchRows {
   std::vector<float> x;
   std::vector<int64_t> first_row;  // per request
   int64_t rows = 0;
+  // Per row: its LoRA adapter (null: none); empty when no row has one.
+  std::vector<std::shared_ptr<const LoraAdapter>> adapter;
 };
 
 // One backend call for some experts of the batch: each expert over its rows of every request,
@@ -163,6 +172,7 @@ void compute_experts(const HostedExperts& hosted, BatchJob& job, const BatchRows
   const int64_t hidden = hosted.hidden();
   std::vector<std::vector<int32_t>> rows(part.size());
   std::vector<std::vector<float>> results(part.size());
+  std::vector<std::vector<const MlpLora*>> lora(part.size());
   std::vector<ExpertRows> calls;
   std::vector<std::shared_ptr<const MlpWeights>> weights;  // held until the call is done
   for (size_t i = 0; i < part.size(); ++i) {
@@ -171,7 +181,13 @@ void compute_experts(const HostedExperts& hosted, BatchJob& job, const BatchRows
     results[i].resize(rows[i].size() * size_t(hidden));
     weights.push_back(hosted.mlp(job.layer, part[i].expert));
     if (!weights.back()) throw ExpertDropped("dropped by a re-placement since the request was accepted");
-    calls.push_back({weights.back().get(), rows[i], results[i].data()});
+    if (!batch.adapter.empty())
+      for (int32_t r : rows[i]) {
+        const LoraAdapter* a = batch.adapter[size_t(r)].get();
+        const MlpLora* m = a ? &a->layer(job.layer).experts.at(size_t(part[i].expert)) : nullptr;
+        lora[i].push_back(m && !m->empty() ? m : nullptr);
+      }
+    calls.push_back({weights.back().get(), rows[i], results[i].data(), lora[i]});
   }
   hosted.backend().grouped_mlp(batch.x.data(), batch.rows, hidden, calls);
   for (size_t i = 0; i < part.size(); ++i) {
@@ -181,6 +197,23 @@ void compute_experts(const HostedExperts& hosted, BatchJob& job, const BatchRows
       at += s.count;
     }
   }
+}
+
+// Appends the adapters of req's rows to batch.adapter (resolved through the host's LoRA cache);
+// keeps it empty while no row has one.
+void add_adapters(const HostedExperts& hosted, const PendingRequest& req, BatchRows& batch) {
+  bool any = false;
+  for (const auto& g : req.groups)
+    for (int32_t a : g.adapter) any = any || a > 0;
+  if (!any && batch.adapter.empty()) return;
+  batch.adapter.resize(size_t(batch.rows));  // the rows before this request: none
+  std::vector<std::shared_ptr<const LoraAdapter>> resolved;
+  for (const LoraRef& ref : req.adapters) resolved.push_back(any ? hosted.adapter(ref) : nullptr);
+  for (const auto& g : req.groups)
+    for (int32_t i = 0; i < g.rows; ++i) {
+      const int32_t a = g.adapter.empty() ? 0 : g.adapter[size_t(i)];
+      batch.adapter.push_back(a > 0 ? resolved[size_t(a - 1)] : nullptr);
+    }
 }
 
 }  // namespace
@@ -199,6 +232,15 @@ void run_batch(const HostedExperts& experts, ComputePool& pool, BatchJobPtr job,
       offset += g.rows;
     }
     job->outputs[r].assign(size_t(offset * hidden), 0.0f);
+    try {
+      add_adapters(experts, req, *batch);
+    } catch (const std::exception& e) {  // an adapter that does not load fails the batch, not the host
+      job->error = std::string("LoRA adapter: ") + e.what();
+      job->error_code = std::string(dispatch::kInternal);
+      job->started = job->finished = std::chrono::steady_clock::now();
+      done(job);
+      return;
+    }
     batch->first_row.push_back(batch->rows);
     batch->rows += offset;
     batch->x.insert(batch->x.end(), req.rows.begin(), req.rows.begin() + offset * hidden);

@@ -20,6 +20,7 @@
 #include "core/compute_backend.h"
 #include "core/dispatch_codec.h"
 #include "core/expert_set.h"
+#include "core/lora_cache.h"
 
 namespace moemesh::actors {
 
@@ -49,8 +50,9 @@ class ComputePool {
 class HostedExperts {
  public:
   // Throws moemesh::Error when the set names experts the model does not have.
+  // lora_cache_bytes bounds the LoRA adapters (their expert modules) kept loaded.
   HostedExperts(std::shared_ptr<Checkpoint> ckpt, ExpertSet experts,
-                std::shared_ptr<ComputeBackend> backend = cpu_backend());
+                std::shared_ptr<ComputeBackend> backend = cpu_backend(), uint64_t lora_cache_bytes = 256ull << 20);
   ~HostedExperts();
   HostedExperts(const HostedExperts&) = delete;
   HostedExperts& operator=(const HostedExperts&) = delete;
@@ -68,6 +70,10 @@ class HostedExperts {
   // Makes `want` the set: maps the experts it lacks, then drops the others. Throws
   // moemesh::Error (holding what it held) when `want` names experts the model does not have.
   void assign(const ExpertSet& want);
+  // The adapter `ref` names, with the modules of every expert held now (from the LoRA cache, or
+  // read from its folder). Throws moemesh::Error for an adapter that does not load.
+  std::shared_ptr<const LoraAdapter> adapter(const LoraRef& ref) const;
+  LoraCache::Stats lora_stats() const { return lora_->stats(); }
 
  private:
   std::map<ExpertKey, std::shared_ptr<const MlpWeights>> load(const ExpertSet& keys);
@@ -78,6 +84,7 @@ class HostedExperts {
   std::mutex load_mu_;     // one assign at a time; releases wait for it (a mapping is shared)
   mutable std::mutex mu_;  // experts_
   std::map<ExpertKey, std::shared_ptr<const MlpWeights>> experts_;
+  std::unique_ptr<LoraCache> lora_;
 };
 
 // One accepted request waiting in or running with a batch.
@@ -85,7 +92,8 @@ struct PendingRequest {
   std::string peer;  // ROUTER routing id of the sender
   uint64_t request_id = 0;
   std::vector<dispatch::Group> groups;
-  std::vector<float> rows;  // [sum(groups.rows), hidden]
+  std::vector<LoraRef> adapters;  // what the groups' adapter indexes name
+  std::vector<float> rows;        // [sum(groups.rows), hidden]
   // When the request names traces: this host's span under the first, the others as links.
   std::optional<trace::OpenSpan> span;
   std::vector<TraceRef> traces;

@@ -74,17 +74,20 @@ struct FrontendMetrics {
     duration.Add({{"tenant", t}}, metrics::request_latency_buckets());
   }
 
-  void answered(const std::string& tenant, int status, const std::string& finish_reason) {
+  // served: the model the request was served as (a LoRA adapter's name; empty: the base model).
+  void answered(const std::string& tenant, int status, const std::string& finish_reason,
+                const std::string& served = {}) {
     requests
         .Add({{"tenant", tenant},
-              {"model", model},
+              {"model", served.empty() ? model : served},
               {"status", std::to_string(status)},
               {"finish_reason", finish_reason}})
         .Increment();
   }
-  void completed(const std::string& tenant, int64_t prompt, int64_t completion) {
-    prompt_tokens.Add({{"tenant", tenant}, {"model", model}}).Increment(double(prompt));
-    completion_tokens.Add({{"tenant", tenant}, {"model", model}}).Increment(double(completion));
+  void completed(const std::string& tenant, int64_t prompt, int64_t completion, const std::string& served = {}) {
+    const std::string& m = served.empty() ? model : served;
+    prompt_tokens.Add({{"tenant", tenant}, {"model", m}}).Increment(double(prompt));
+    completion_tokens.Add({{"tenant", tenant}, {"model", m}}).Increment(double(completion));
   }
   void finished(const std::string& tenant, std::chrono::steady_clock::time_point arrival) {
     duration.Add({{"tenant", tenant}}, metrics::request_latency_buckets())
@@ -214,6 +217,7 @@ void serve_body(const http::Request& req, json body, http::Responder res, caf::a
     raw = nlohmann::ordered_json::parse(req.body, nullptr, false);
   openai::CompletionRequest cr;
   std::vector<int32_t> prompt;
+  std::optional<LoraRef> adapter;  // the LoRA adapter `model` names, if it names one
   const ToolCallFormat tool_format =
       cfg.tokenizer ? tool_call_format_for(cfg.tokenizer->chat_template()) : ToolCallFormat::Hermes;
   try {
@@ -224,10 +228,15 @@ void serve_body(const http::Request& req, json body, http::Responder res, caf::a
       cr.constraint = std::move(forced);
       cr.constraint_min_bytes = g->min_bytes(g->start());
     }
-    if (!cr.model.empty() && cr.model != cfg.served_model)
-      throw ApiError(404, "invalid_request_error",
-                     "the model '" + cr.model + "' does not exist (this server has '" + cfg.served_model + "')",
-                     "model", "model_not_found");
+    if (!cr.model.empty() && cr.model != cfg.served_model) {
+      adapter = cfg.loras ? cfg.loras->find(cr.model) : std::nullopt;
+      if (!adapter)
+        throw ApiError(404, "invalid_request_error",
+                       "the model '" + cr.model + "' does not exist (this server has '" + cfg.served_model + "'" +
+                           (cfg.loras && !cfg.loras->list().empty() ? " and its LoRA adapters: GET /v1/models" : "") +
+                           ")",
+                       "model", "model_not_found");
+    }
     prompt = prompt_tokens(cr, cfg);
     // Responses with truncation "auto": the oldest turns go until the conversation fits.
     const int64_t room = cfg.max_context - (cr.max_tokens_given ? cr.max_tokens : 1);
@@ -257,7 +266,8 @@ void serve_body(const http::Request& req, json body, http::Responder res, caf::a
   const int64_t charged = cr.max_tokens * cr.n;  // every choice may use all of max_tokens
   // The tenant gate: key, model, size and rate limits; tokens are charged now, refunded at the end.
   const Admission adm =
-      cfg.tenants->admit(api_key(req), cr.model.empty() ? cfg.served_model : cr.model, n_prompt, charged);
+      cfg.tenants->admit(api_key(req), cr.model.empty() ? cfg.served_model : cr.model, n_prompt, charged,
+                         TenantRegistry::Clock::now(), adapter.has_value());
   if (!adm.ok) {
     if (!adm.tenant.empty()) tenant = adm.tenant;
     if (m && adm.status != 401)
@@ -294,6 +304,12 @@ void serve_body(const http::Request& req, json body, http::Responder res, caf::a
   // A request may lower its tenant's priority class, never raise it.
   gen.priority = cr.priority ? std::max(*cr.priority, adm.priority) : adm.priority;
   gen.cache_salt = adm.cache_salt;
+  if (adapter) {
+    gen.adapter = *adapter;
+    // Its KV blocks are the adapter's (its q/k/v change them): a prefix cached under another
+    // adapter, or none, must not be restored.
+    gen.cache_salt += "\x1flora:" + adapter->key;
+  }
   gen.traceparent = trace::traceparent(tr.ctx);
   gen.constraint = cr.constraint;
   if (chat && cr.tool_choice != "none") spec.tool_format = tool_format;
@@ -301,7 +317,7 @@ void serve_body(const http::Request& req, json body, http::Responder res, caf::a
   spec.id = (turn ? "resp_" : chat ? "chatcmpl-" : "cmpl-") + std::to_string(random_seed() >> 16);
   if (turn) spec.responses = turn->req;
   const json model_input = cr.messages;
-  spec.model = cfg.served_model;
+  spec.model = adapter ? adapter->name : cfg.served_model;
   spec.created = unix_now();
   spec.tokenizer = cfg.tokenizer;
   spec.headers = tr.headers();
@@ -332,8 +348,8 @@ void serve_body(const http::Request& req, json body, http::Responder res, caf::a
     tenants->finish(tenant, charged, o.completion_tokens);
     if (FrontendMetrics* metrics = fe->metrics.get()) {  // the captured `fe` keeps it alive
       metrics->finished(tenant, arrival);
-      metrics->answered(tenant, o.status, o.finish_reason);
-      if (o.status == 200) metrics->completed(tenant, n_prompt, o.completion_tokens);
+      metrics->answered(tenant, o.status, o.finish_reason, model);
+      if (o.status == 200) metrics->completed(tenant, n_prompt, o.completion_tokens, model);
     }
     tr.done(o.status, o.finish_reason,
             {{"worker", o.worker}, {"prompt_tokens", n_prompt}, {"completion_tokens", o.completion_tokens}});
@@ -401,6 +417,43 @@ void stored_response(const http::Request& req, http::Responder res, const Fronte
   send_json(res, 200, items ? openai::input_items(id, r->input) : r->response);
 }
 
+// POST /v1/load_lora_adapter {"lora_name", "lora_path"} and /v1/unload_lora_adapter
+// {"lora_name"}, as vLLM answers them. Requests already accepted keep their adapter: the
+// workers' caches still hold it.
+void change_adapters(const http::Request& req, http::Responder& res, Frontend& fe, bool load) {
+  const FrontendConfig& cfg = fe.cfg;
+  try {
+    if (!cfg.allow_runtime_lora || !cfg.loras)
+      throw ApiError(403, "invalid_request_error",
+                     "loading and unloading LoRA adapters at run time is off (start the router with "
+                     "--allow-runtime-lora)");
+    const json body = json::parse(req.body, nullptr, false);
+    if (!body.is_object()) throw openai::invalid_request("the body is not a JSON object");
+    auto field = [&](const char* name) {
+      if (!body.contains(name) || !body[name].is_string() || body[name].get<std::string>().empty())
+        throw openai::invalid_request(std::string(name) + " is required (a non-empty string)", name);
+      return body[name].get<std::string>();
+    };
+    const std::string name = field("lora_name");
+    if (load) {
+      try {
+        cfg.loras->add(name, field("lora_path"), cfg.served_model);
+      } catch (const Error& e) {
+        throw openai::invalid_request(e.what(), "lora_path");
+      }
+      spdlog::info("router: LoRA adapter '{}' loaded", name);
+      return res.send({200, "text/plain", "Success: LoRA adapter '" + name + "' added successfully.", {}});
+    }
+    if (!cfg.loras->remove(name))
+      throw ApiError(404, "invalid_request_error", "the LoRA adapter '" + name + "' cannot be found", "lora_name",
+                     "model_not_found");
+    spdlog::info("router: LoRA adapter '{}' unloaded", name);
+    res.send({200, "text/plain", "Success: LoRA adapter '" + name + "' removed successfully.", {}});
+  } catch (const ApiError& e) {
+    send_error(res, e);
+  }
+}
+
 }  // namespace
 
 void install_openai_routes(http::HttpServer& server, caf::actor_system& sys, FrontendConfig cfg) {
@@ -420,8 +473,13 @@ void install_openai_routes(http::HttpServer& server, caf::actor_system& sys, Fro
   server.route("DELETE", "/v1/responses/*",
                [shared](const http::Request& req, http::Responder res) { stored_response(req, res, *shared, true); });
   server.route("GET", "/v1/models", [shared, created](const http::Request&, http::Responder res) {
-    send_json(res, 200, openai::models_response(shared->cfg.served_model, created));
+    const auto& c = shared->cfg;
+    send_json(res, 200, openai::models_response(c.served_model, created, c.loras ? c.loras->list() : std::vector<LoraRef>{}));
   });
+  server.route("POST", "/v1/load_lora_adapter",
+               [shared](const http::Request& req, http::Responder res) { change_adapters(req, res, *shared, true); });
+  server.route("POST", "/v1/unload_lora_adapter",
+               [shared](const http::Request& req, http::Responder res) { change_adapters(req, res, *shared, false); });
 }
 
 }  // namespace moemesh::actors

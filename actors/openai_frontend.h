@@ -1,5 +1,6 @@
-// The router's OpenAI-compatible HTTP API: POST /v1/completions, POST /v1/chat/completions and
-// GET /v1/models. Validation and response shapes live in core/openai_api; this file tokenizes
+// The router's OpenAI-compatible HTTP API: POST /v1/completions, POST /v1/chat/completions,
+// GET /v1/models, the Responses API, and (vLLM's) POST /v1/load_lora_adapter and
+// /v1/unload_lora_adapter. Validation and response shapes live in core/openai_api; this file tokenizes
 // (through the chat template for chat), applies the tenant gate and hands the request to a
 // completion session actor (actors/completion_session.h), which streams or answers it.
 #pragma once
@@ -13,6 +14,7 @@
 
 #include "actors/http_server.h"
 #include "core/conversation_store.h"
+#include "core/lora_cache.h"
 #include "core/tenants.h"
 #include "core/tokenizer.h"
 
@@ -34,6 +36,10 @@ struct FrontendConfig {
   // and how many turns of a conversation the model is given (0: all).
   std::shared_ptr<ConversationStore> responses;
   int keep_turns = 5;
+  // The LoRA adapters served beside the base model (null: none); with allow_runtime_lora,
+  // POST /v1/load_lora_adapter and /v1/unload_lora_adapter change them.
+  std::shared_ptr<LoraRegistry> loras;
+  bool allow_runtime_lora = false;
 };
 
 void install_openai_routes(http::HttpServer& server, caf::actor_system& sys, FrontendConfig cfg);

@@ -523,12 +523,24 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       std::vector<dispatch::Group> meta;
       std::vector<float> rows, one;
       std::vector<int32_t> row_ids;
+      std::vector<LoraRef> adapters;  // those the rows name, each once
       rows.reserve(size_t(t.rows * hidden));
       for (size_t gi : t.groups) {
-        gather_rows(h, hidden, groups[gi].rows, one);
+        const ExpertGroup& g = groups[gi];
+        gather_rows(h, hidden, g.rows, one);
         rows.insert(rows.end(), one.begin(), one.end());
-        meta.push_back({groups[gi].expert, int32_t(groups[gi].rows.size())});
-        row_ids.insert(row_ids.end(), groups[gi].rows.begin(), groups[gi].rows.end());
+        meta.push_back({g.expert, int32_t(g.rows.size())});
+        for (const LoraAdapter* a : g.adapters) {
+          int32_t index = 0;
+          if (a) {
+            const LoraRef ref = a->ref();
+            auto it = std::find(adapters.begin(), adapters.end(), ref);
+            if (it == adapters.end()) it = adapters.insert(adapters.end(), ref);
+            index = int32_t(it - adapters.begin()) + 1;
+          }
+          meta.back().adapter.push_back(index);
+        }
+        row_ids.insert(row_ids.end(), g.rows.begin(), g.rows.end());
       }
       const auto traces = traces_of_rows(current_forward_inputs(), row_ids);
       const int socket = socket_for(host->endpoint);
@@ -541,7 +553,8 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       }
       const auto via = opts_.transports->of(host->endpoint);
       send_message(
-          dispatch::encode_request(ids[slot], int32_t(layer), meta, hidden, std::move(rows), table->version, traces),
+          dispatch::encode_request(ids[slot], int32_t(layer), meta, hidden, std::move(rows), table->version, traces,
+                                   adapters),
           *via, {}, [&](FramesPtr frames) {
             sent[slot] = Clock::now();
             caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket, std::move(frames));

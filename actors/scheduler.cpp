@@ -297,6 +297,12 @@ void add_prefill(SchedulerState& st, pb::StepRequest& req, uint64_t id, Seq& s, 
       w->set_constraint(s.req->constraint);
       w->set_max_tokens(s.req->max_tokens);
     }
+    if (!s.req->adapter.empty()) {
+      auto* a = w->mutable_adapter();
+      a->set_name(s.req->adapter.name);
+      a->set_path(s.req->adapter.path);
+      a->set_key(s.req->adapter.key);
+    }
   }
   s.prefilled += n;
   budget -= n;

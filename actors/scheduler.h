@@ -29,6 +29,7 @@
 #include "actors/coordinator.h"
 #include "actors/metrics_util.h"
 #include "actors/zmq_bridge.h"
+#include "core/lora_ref.h"
 #include "core/sampler.h"
 #include "core/tenants.h"
 
@@ -46,6 +47,7 @@ struct GenerationRequest {
   std::string cache_salt;
   std::string traceparent;  // W3C trace context, passed to the attention worker
   std::string constraint;   // constrained decoding spec (core/constrained_decoding.h), "" for none
+  LoraRef adapter;          // the LoRA adapter it runs with (empty: the base model)
   // Streaming: when set, gets a (gen_token_atom, TokenEventPtr) per generated token, and may
   // send (gen_cancel_atom, listener) to end its requests early (client gone, stop string).
   caf::actor listener;

@@ -106,7 +106,8 @@ StepServerMetrics::StepServerMetrics(prometheus::Registry& r, std::shared_ptr<co
       kv_free_(metrics::gauge_family(r, "moemesh_attention_kv_blocks", "KV cache blocks, used and free.")
                    .Add({{"state", "free"}})),
       kv_usage_(metrics::gauge_family(r, "moemesh_attention_kv_usage_ratio", "Used / total KV cache blocks (0-1).")
-                    .Add({})) {}
+                    .Add({})),
+      lora_(r, "moemesh_attention") {}
 
 void StepServerMetrics::observe_step(double seconds, int64_t free_blocks, int64_t total_blocks) {
   step_seconds_.Observe(seconds);
@@ -132,6 +133,7 @@ void StepServerMetrics::update(const StepWorkerCounts& c) {
   mb_step_seconds_.Increment(c.microbatch_step_seconds - seen_.microbatch_step_seconds);
   mb_overlap_seconds_.Increment(c.microbatch_overlap_seconds - seen_.microbatch_overlap_seconds);
   if (c.microbatch_steps != seen_.microbatch_steps) overlap_ratio_.Set(c.last_overlap_ratio);
+  lora_.update(c.lora);
   seen_ = c;
   if (tier_) {
     const TieredPrefixStats t = tier_->stats();

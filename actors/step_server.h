@@ -10,6 +10,7 @@
 #include <prometheus/gauge.h>
 #include <prometheus/registry.h>
 
+#include "actors/lora_metrics.h"
 #include "actors/kv_client.h"
 #include "actors/tiered_prefix_store.h"
 #include "actors/step_worker.h"
@@ -53,6 +54,7 @@ class StepServerMetrics {
   prometheus::Histogram& step_seconds_;
   prometheus::Histogram &phase_attention_, &phase_expert_wait_, &phase_sampling_;
   prometheus::Gauge &kv_used_, &kv_free_, &kv_usage_;
+  LoraCacheMetrics lora_;
   StepWorkerCounts seen_;  // what the counters already show
   uint64_t seen_fetch_failures_ = 0, seen_publish_failures_ = 0;
 };

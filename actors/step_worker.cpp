@@ -163,6 +163,11 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
           s.constraint = std::make_shared<ConstrainedDecoder>(masks_for(w.constraint()), w.max_tokens());
           for (int32_t t : w.generated()) s.constraint->accept(t);
         }
+        if (w.has_adapter() && !w.adapter().key().empty()) {
+          if (!opts_.lora_cache) throw Error("this attention worker serves no LoRA adapters");
+          const LoraRef ref{w.adapter().name(), w.adapter().path(), w.adapter().key()};
+          s.adapter = opts_.lora_cache->get(ref, WeightSelection::attention_side());
+        }
         seqs_.emplace(w.seq(), std::move(s));
       } catch (const Error& e) {
         fail(w, e.what());
@@ -230,6 +235,7 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
     }
     blocks_left -= need;
     inputs.push_back({s.id, std::vector<int32_t>(w.tokens().begin() + skip, w.tokens().end()), false, s.trace()});
+    inputs.back().adapter = s.adapter;
     if (opts_.sample_from_summaries && w.sample() && !w.return_logits() && !s.constraint &&
         s.sampler.params().logit_bias.empty() && s.sampler.can_decide_from_summary())
       inputs.back().summary = s.sampler.logits_request();

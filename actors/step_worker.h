@@ -35,6 +35,7 @@
 #include "actors/trace_span.h"
 #include "core/constrained_decoding.h"
 #include "core/engine.h"
+#include "core/lora_cache.h"
 #include "core/sampler.h"
 #include "proto/dataplane.pb.h"
 
@@ -53,6 +54,9 @@ struct StepWorkerOptions {
   bool sample_from_summaries = false;
   // The tokenizer's tokens as bytes, for constrained decoding; null: constrained requests fail.
   std::shared_ptr<const TokenVocabulary> vocabulary;
+  // Where sequences' LoRA adapters are loaded (their attention-side modules); null: a sequence
+  // with an adapter fails.
+  std::shared_ptr<LoraCache> lora_cache;
 };
 
 // Totals since start (read on the compute thread, or after it is done with a step).
@@ -70,6 +74,7 @@ struct StepWorkerCounts {
   uint64_t sampled_from_full_row = 0;     // tokens chosen from a full logits row
   uint64_t constrained_tokens = 0;        // tokens chosen under a constraint (structured output, tool call)
   uint64_t constraint_mask_misses = 0;    // of them, with a mask computed rather than cached
+  LoraCache::Stats lora;                  // the LoRA cache's totals
 };
 
 class StepWorker {
@@ -84,7 +89,10 @@ class StepWorker {
   size_t sequences() const { return seqs_.size(); }
   uint64_t prompt_tokens_computed() const { return counts_.prompt_tokens_computed; }
   uint64_t prompt_tokens_skipped() const { return counts_.prompt_tokens_skipped; }
-  const StepWorkerCounts& counts() const { return counts_; }
+  const StepWorkerCounts& counts() const {
+    if (opts_.lora_cache) counts_.lora = opts_.lora_cache->stats();
+    return counts_;
+  }
   // The latest run()'s wall time by phase (actors/step_phases.h).
   const StepPhases& last_phases() const { return phases_; }
 
@@ -99,6 +107,7 @@ class StepWorker {
     std::string key_ns;                     // prefix-cache key namespace: model id, plus the request's cache salt
     std::optional<trace::OpenSpan> span{};  // when the router sent a traceparent
     std::shared_ptr<ConstrainedDecoder> constraint{};  // structured output / forced tool call
+    std::shared_ptr<const LoraAdapter> adapter{};      // its LoRA adapter (null: the base model)
     int64_t steps = 0, generated = 0;                  // span attributes
     TraceRef trace() const { return span ? trace::ref_of(span->ctx) : TraceRef{}; }
   };
@@ -116,7 +125,7 @@ class StepWorker {
   StepWorkerOptions opts_;
   std::map<uint64_t, Seq> seqs_;                                // by the router's sequence id
   std::map<std::string, std::shared_ptr<GrammarMasks>> masks_;  // by constraint spec
-  StepWorkerCounts counts_;
+  mutable StepWorkerCounts counts_;
   StepPhases phases_;
 };
 

@@ -61,7 +61,8 @@ void check_matrix(const wire::Header& h, int64_t expect_rows, const char* what) 
 }  // namespace
 
 Message encode_request(uint64_t request_id, int32_t layer, std::span<const Group> groups, int64_t hidden,
-                       std::vector<float> rows, uint64_t placement_version, std::span<const TraceRef> traces) {
+                       std::vector<float> rows, uint64_t placement_version, std::span<const TraceRef> traces,
+                       std::span<const LoraRef> adapters) {
   if (traces.size() > kMaxTraces)
     throw Error("dispatch: " + std::to_string(traces.size()) + " traces, at most " + std::to_string(kMaxTraces));
   pb::DispatchRequest meta;
@@ -73,7 +74,17 @@ Message encode_request(uint64_t request_id, int32_t layer, std::span<const Group
     auto* e = meta.add_groups();
     e->set_expert(g.expert);
     e->set_rows(g.rows);
+    if (!g.adapter.empty() && g.adapter.size() != size_t(g.rows))
+      throw Error("dispatch: expert " + std::to_string(g.expert) + " has " + std::to_string(g.adapter.size()) +
+                  " adapter entries for " + std::to_string(g.rows) + " rows");
+    for (int32_t a : g.adapter) e->add_adapter(a);
     total += g.rows;
+  }
+  for (const LoraRef& a : adapters) {
+    auto* p = meta.add_adapters();
+    p->set_name(a.name);
+    p->set_path(a.path);
+    p->set_key(a.key);
   }
   if (int64_t(rows.size()) != total * hidden)
     throw Error("dispatch: " + std::to_string(rows.size()) + " floats for " + std::to_string(total) + " rows of " +
@@ -128,13 +139,27 @@ Request decode_request(std::span<const wire::Frame> frames, Payload payload) {
   for (int i = 0; i < meta.traces_size() && size_t(i) < kMaxTraces; ++i)
     if (auto t = trace_from_proto(meta.traces(i))) r.traces.push_back(*t);
   if (meta.groups().empty()) throw DecodeError(h.request_id, code_of(wire::ErrorCode::BadMeta), "no expert groups");
+  for (const auto& a : meta.adapters()) {
+    if (a.key().empty() || a.path().empty())
+      throw DecodeError(h.request_id, code_of(wire::ErrorCode::BadMeta), "a LoRA adapter without a key or path");
+    r.adapters.push_back({a.name(), a.path(), a.key()});
+  }
   std::set<int32_t> seen;
   for (const auto& g : meta.groups()) {
     if (g.expert() < 0 || g.rows() <= 0 || !seen.insert(g.expert()).second)
       throw DecodeError(h.request_id, code_of(wire::ErrorCode::BadMeta),
                         "bad group: expert " + std::to_string(g.expert()) + " with " + std::to_string(g.rows()) +
                             " rows (experts must be distinct, rows positive)");
-    r.groups.push_back({g.expert(), g.rows()});
+    if (g.adapter_size() != 0 && g.adapter_size() != g.rows())
+      throw DecodeError(h.request_id, code_of(wire::ErrorCode::BadMeta),
+                        "expert " + std::to_string(g.expert()) + ": " + std::to_string(g.adapter_size()) +
+                            " adapter entries for " + std::to_string(g.rows()) + " rows");
+    for (int32_t a : g.adapter())
+      if (a < 0 || a > int32_t(r.adapters.size()))
+        throw DecodeError(h.request_id, code_of(wire::ErrorCode::BadMeta),
+                          "expert " + std::to_string(g.expert()) + ": adapter index " + std::to_string(a) +
+                              " outside the request's " + std::to_string(r.adapters.size()) + " adapters");
+    r.groups.push_back({g.expert(), g.rows(), {g.adapter().begin(), g.adapter().end()}});
     r.total_rows += g.rows();
   }
   check_matrix(h, r.total_rows, "DispatchRequest");

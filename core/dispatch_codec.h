@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "core/lora_ref.h"
 #include "core/trace_ref.h"
 #include "core/wire.h"
 
@@ -27,6 +28,8 @@ namespace moemesh::dispatch {
 struct Group {
   int32_t expert = 0;
   int32_t rows = 0;
+  // Per row: 1 + its adapter's index in the request's adapters, 0 for none; empty: all none.
+  std::vector<int32_t> adapter{};
 };
 
 // An outbound message: the header frame and one payload per tensor frame (moved, not copied,
@@ -61,8 +64,10 @@ inline constexpr size_t kMaxTraces = 8;
 
 // rows: [sum(groups.rows), hidden] f32, grouped in the order of `groups`. traces: at most
 // kMaxTraces (more is an error).
+// adapters: the LoRA adapters the groups' rows name.
 Message encode_request(uint64_t request_id, int32_t layer, std::span<const Group> groups, int64_t hidden,
-                       std::vector<float> rows, uint64_t placement_version = 0, std::span<const TraceRef> traces = {});
+                       std::vector<float> rows, uint64_t placement_version = 0, std::span<const TraceRef> traces = {},
+                       std::span<const LoraRef> adapters = {});
 // outputs: [total, hidden] f32.
 Message encode_response(uint64_t request_id, int32_t layer, int64_t hidden, std::vector<float> outputs);
 Message encode_error(uint64_t request_id, std::string_view code, std::string_view message);
@@ -78,6 +83,7 @@ struct Request {
   int64_t hidden = 0;
   wire::Frame rows;              // [total_rows, hidden] f32 (Payload::InFrames)
   std::vector<TraceRef> traces;  // the valid ones of the first kMaxTraces sent (tracing never fails a request)
+  std::vector<LoraRef> adapters;  // what the groups' adapter indexes name
 };
 
 struct Reply {

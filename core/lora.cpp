@@ -242,11 +242,13 @@ double LoraConfig::scale(int64_t rank, const std::string& module) const {
 }
 
 std::shared_ptr<const LoraAdapter> LoraAdapter::load(const fs::path& dir, const ModelConfig& base,
-                                                     const WeightSelection& sel, std::string name) {
+                                                     const WeightSelection& sel, std::string name,
+                                                     std::string key) {
   if (!fs::is_directory(dir)) throw Error(dir.string() + ": no such adapter folder");
   auto a = std::make_shared<LoraAdapter>();
   a->name_ = name.empty() ? dir.filename().string() : std::move(name);
   a->dir_ = dir;
+  a->key_ = std::move(key);
   a->config_ = LoraConfig::from_json_file(dir / kConfigFile);
   const fs::path file = dir / kWeightsFile;
   if (!fs::exists(file))

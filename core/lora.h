@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "core/checkpoint.h"
+#include "core/lora_ref.h"
 #include "core/model_config.h"
 
 namespace moemesh {
@@ -62,9 +63,11 @@ class LoraAdapter {
   // not loaded. Throws moemesh::Error with one line naming the file and tensor at fault.
   static std::shared_ptr<const LoraAdapter> load(const std::filesystem::path& dir, const ModelConfig& base,
                                                  const WeightSelection& sel = WeightSelection::all(),
-                                                 std::string name = {});
+                                                 std::string name = {}, std::string key = {});
 
   const std::string& name() const { return name_; }
+  // How other processes name it (key: the content key it was loaded under; may be empty).
+  LoraRef ref() const { return {name_, dir_.string(), key_}; }
   const std::filesystem::path& dir() const { return dir_; }
   const LoraConfig& config() const { return config_; }
   const LayerLora& layer(int64_t l) const { return layers_.at(size_t(l)); }
@@ -76,7 +79,7 @@ class LoraAdapter {
   bool adapts_experts() const { return adapts_experts_; }
 
  private:
-  std::string name_;
+  std::string name_, key_;
   std::filesystem::path dir_;
   LoraConfig config_;
   std::vector<LayerLora> layers_;

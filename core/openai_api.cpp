@@ -612,9 +612,18 @@ json usage_chunk(bool chat, const std::string& id, int64_t created, const std::s
   return j;
 }
 
-json models_response(const std::string& model, int64_t created) {
-  json m{{"id", model}, {"object", "model"}, {"created", created}, {"owned_by", "moemesh"}};
-  return json{{"object", "list"}, {"data", json::array({std::move(m)})}};
+json models_response(const std::string& model, int64_t created, const std::vector<LoraRef>& adapters) {
+  json data = json::array();
+  data.push_back({{"id", model}, {"object", "model"}, {"created", created}, {"owned_by", "moemesh"}, {"root", model},
+                  {"parent", nullptr}});
+  for (const LoraRef& a : adapters)
+    data.push_back({{"id", a.name},
+                    {"object", "model"},
+                    {"created", created},
+                    {"owned_by", "moemesh"},
+                    {"root", a.path},
+                    {"parent", model}});
+  return json{{"object", "list"}, {"data", std::move(data)}};
 }
 
 }  // namespace moemesh::openai

@@ -9,6 +9,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/lora_ref.h"
 #include "core/error.h"
 #include "core/sampler.h"
 #include "core/tenants.h"
@@ -136,6 +137,7 @@ nlohmann::json chat_chunk(const std::string& id, int64_t created, const std::str
 nlohmann::json usage_chunk(bool chat, const std::string& id, int64_t created, const std::string& model, int64_t prompt,
                            int64_t completion, int64_t cached);
 
-nlohmann::json models_response(const std::string& model, int64_t created);
+// GET /v1/models: the base model, then each LoRA adapter with the base as its parent (vLLM's shape).
+nlohmann::json models_response(const std::string& model, int64_t created, const std::vector<LoraRef>& adapters = {});
 
 }  // namespace moemesh::openai

@@ -36,6 +36,12 @@ bool TenantSpec::allows_model(const std::string& model) const {
   return false;
 }
 
+bool TenantSpec::allows_adapter(const std::string& name) const {
+  for (const auto& a : adapters)
+    if (a == "*" || a == name) return true;
+  return false;
+}
+
 std::string sha256_hex(const std::string& data) {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int n = 0;
@@ -106,6 +112,13 @@ std::vector<TenantSpec> load_tenants(const std::filesystem::path& file) {
         if (t["prefix_cache"] != "private" && t["prefix_cache"] != "shared")
           throw Error("field \"prefix_cache\" must be \"private\" or \"shared\"");
         s.shared_prefix_cache = t["prefix_cache"] == "shared";
+      }
+      if (t.contains("adapters")) {
+        if (!t["adapters"].is_array()) throw Error("field \"adapters\" must be a list of adapter names");
+        for (const auto& a : t["adapters"]) {
+          if (!a.is_string()) throw Error("field \"adapters\" must hold strings");
+          s.adapters.push_back(a);
+        }
       }
       if (t.contains("models")) {
         if (!t["models"].is_array() || t["models"].empty()) throw Error("field \"models\" must be a non-empty list");
@@ -220,7 +233,7 @@ Admission TenantRegistry::identify(const std::string& api_key) const {
 }
 
 Admission TenantRegistry::admit(const std::string& api_key, const std::string& model, int64_t prompt_tokens,
-                                int64_t max_tokens, Clock::time_point now) {
+                                int64_t max_tokens, Clock::time_point now, bool adapter) {
   Admission a;
   std::lock_guard<std::mutex> lk(mu_);
   if (tenants_.empty()) {  // open mode
@@ -244,7 +257,7 @@ Admission TenantRegistry::admit(const std::string& api_key, const std::string& m
   a.weight = st.spec.weight;
   a.priority = st.spec.priority;
   if (!st.spec.shared_prefix_cache) a.cache_salt = "tenant:" + st.spec.name;
-  if (!st.spec.allows_model(model))
+  if (adapter ? !st.spec.allows_adapter(model) : !st.spec.allows_model(model))
     return deny(404, "model", "the model '" + model + "' does not exist or you do not have access to it");
   if (st.spec.max_tokens > 0 && max_tokens > st.spec.max_tokens)
     return deny(400, "max_tokens",

@@ -5,7 +5,9 @@
 //   {"tenants": [{"name": "acme", "api_key_sha256": ["<64 hex>", ...], "weight": 2,
 //                 "priority": "high"|"normal"|"low", "requests_per_minute": 600,
 //                 "tokens_per_minute": 200000, "max_concurrent": 32, "max_tokens": 4096,
-//                 "models": ["*"]}]}
+//                 "models": ["*"], "adapters": ["acme-support", ...]}]}
+// "adapters": the LoRA adapters (their served names) the tenant may ask for as its model; none
+// when left out ("*": all). Another tenant's adapter is a 404, as a model that does not exist.
 // Limits left out (or 0) are unlimited. `moemesh hash-key KEY` prints a key's hash.
 //
 // Rate limits are token buckets refilled continuously (capacity = the per-minute limit).
@@ -38,10 +40,12 @@ struct TenantSpec {
   int64_t max_concurrent = 0;
   int64_t max_tokens = 0;
   std::vector<std::string> models{"*"};
+  std::vector<std::string> adapters;  // LoRA adapters it may use (none by default; "*": all)
   // "prefix_cache": "private" (default: its prompts never share cached KV blocks with another
   // tenant's, so cache timing cannot leak them) or "shared" (shares with the other shared tenants).
   bool shared_prefix_cache = false;
   bool allows_model(const std::string& model) const;
+  bool allows_adapter(const std::string& name) const;
 };
 
 std::string sha256_hex(const std::string& data);
@@ -95,8 +99,9 @@ class TenantRegistry {
   // the tenant, or the 401 admit() would give. Open mode: tenant "default".
   Admission identify(const std::string& api_key) const;
   // Checks key, model, max_tokens, concurrency, RPM and TPM, and on success charges them.
+  // adapter: `model` names a LoRA adapter (checked against the tenant's "adapters").
   Admission admit(const std::string& api_key, const std::string& model, int64_t prompt_tokens, int64_t max_tokens,
-                  Clock::time_point now = Clock::now());
+                  Clock::time_point now = Clock::now(), bool adapter = false);
   // A request admitted for `tenant` ended having generated `completion_tokens`.
   void finish(const std::string& tenant, int64_t max_tokens, int64_t completion_tokens,
               Clock::time_point now = Clock::now());

@@ -15,6 +15,7 @@
 #include "actors/step_worker.h"
 #include "actors/tiered_prefix_store.h"
 #include "actors/zmq_bridge.h"
+#include "core/lora_cache.h"
 #include "core/tokenizer.h"
 #include "core/backend_factory.h"
 #include "core/checkpoint.h"
@@ -97,6 +98,11 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 3600000))
       ->capture_default_str();
   cli.add_option("--gating-temperature", gating_temperature, "gate logits are divided by it before softmax");
+  int64_t lora_cache_mb = 256;
+  cli.add_option("--lora-cache-mb", lora_cache_mb,
+                 "memory for LoRA adapters' attention-side modules (least recently used out)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   std::string router_bias;
   cli.add_option("--router-bias", router_bias,
                  "for tests and benchmarks: EXPERT=BIAS,... added to those experts' gate logits in every MoE "
@@ -182,6 +188,7 @@ int main(int argc, char** argv) {
     StepWorkerOptions wo;
     wo.micro_batches = micro_batches;
     wo.expert_waits = expert_waits;
+    wo.lora_cache = std::make_shared<LoraCache>(mc, uint64_t(lora_cache_mb) << 20);
     wo.sample_from_summaries =
         summaries == "on" || (summaries == "auto" && parse_device(device).kind == DeviceSpec::Kind::Cuda);
     // Constrained decoding walks the tokenizer's tokens as bytes; a checkpoint without a

@@ -23,6 +23,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/lora.h"
 #include "core/checkpoint.h"
 #include "core/engine.h"
 #include "core/error.h"
@@ -54,6 +55,7 @@ struct BenchEngineArgs {
   int64_t repeats = 3;
   std::optional<int> threads;  // default: the CPUs this process may use
   bool json = false;
+  std::vector<std::string> lora;  // LoRA adapters the decode sequences use, round robin
 };
 
 std::vector<int64_t> parse_batches(const std::string& s) {
@@ -242,12 +244,15 @@ struct Sequences {
 
 // Seconds for `steps` decode steps of `batch` sequences (after a short prefill and `warmup`
 // untimed steps); each step adds one greedy token to every sequence.
-double time_decode(Engine& engine, int64_t batch, int64_t warmup, int64_t steps) {
+double time_decode(Engine& engine, int64_t batch, int64_t warmup, int64_t steps,
+                   const std::vector<std::shared_ptr<const LoraAdapter>>& adapters) {
   const int64_t vocab = engine.config().vocab_size;
   Sequences seqs(engine, batch);
   std::vector<StepInput> in(static_cast<size_t>(batch));
-  for (int64_t b = 0; b < batch; ++b)
+  for (int64_t b = 0; b < batch; ++b) {
     in[size_t(b)] = StepInput{seqs.ids[size_t(b)], prompt_ids(kDecodePrompt, b, vocab)};
+    if (!adapters.empty()) in[size_t(b)].adapter = adapters[size_t(b) % adapters.size()];
+  }
   auto step = [&] {
     std::vector<StepOutput> out = engine.step(in);
     for (size_t b = 0; b < in.size(); ++b) in[b].tokens.assign(1, argmax(out[b].logits));
@@ -294,6 +299,8 @@ void run_bench_engine(const BenchEngineArgs& a) {
                 std::to_string(cfg.max_context()) + " positions");
 
   cpu::set_compute_threads(threads);
+  std::vector<std::shared_ptr<const LoraAdapter>> adapters;
+  for (const std::string& dir : a.lora) adapters.push_back(LoraAdapter::load(dir, cfg));
   // KV room for the largest measurement; sequences are freed between measurements.
   auto blocks = [](int64_t len) { return (len + KvCache::kBlockSize - 1) / KvCache::kBlockSize + 1; };
   EngineOptions opts;
@@ -334,7 +341,7 @@ void run_bench_engine(const BenchEngineArgs& a) {
   auto measure_decode = [&](int64_t b) {
     std::vector<double> rates, seconds;
     for (int64_t r = 0; r < a.repeats; ++r) {
-      seconds.push_back(time_decode(engine, b, a.warmup, a.decode_tokens));
+      seconds.push_back(time_decode(engine, b, a.warmup, a.decode_tokens, adapters));
       rates.push_back(double(b * a.decode_tokens) / seconds.back());
     }
     return std::pair{rates, median(seconds) / double(a.decode_tokens) * 1e3};
@@ -408,6 +415,7 @@ void add_bench_engine(CLI::App& app) {
   cmd->add_option("--repeats", a->repeats, "measurements per number (the median is reported)")->capture_default_str();
   cmd->add_option("--threads", a->threads, "compute and bandwidth threads (default: the CPUs this process may use)");
   cmd->add_flag("--json", a->json, "print one JSON object");
+  cmd->add_option("--lora", a->lora, "a LoRA adapter folder; several: the decode sequences use them round robin");
   cmd->callback([a] { run_bench_engine(*a); });
 }
 

@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "actors/local_cluster.h"
+#include "core/lora_cache.h"
 #include "core/error.h"
 #include "core/model_config.h"
 #include "core/model_writer.h"
@@ -84,7 +85,17 @@ void add_up(CLI::App& app) {
   auto tenants = std::make_shared<std::string>();
   up->add_option("--tenants", *tenants, "router tenants file (API keys and limits); none: open API")
       ->check(CLI::ExistingFile);
-  up->callback([opts, model, tenants, kv_cache_mb, kv_dtype, step_budget, rebalance_s, router_bias, micro_batches] {
+  auto lora_modules = std::make_shared<std::vector<std::string>>();
+  up->add_option("--lora-modules", *lora_modules, "LoRA adapters to serve, as name=path (PEFT folders)");
+  auto runtime_lora = std::make_shared<bool>(false);
+  up->add_flag("--allow-runtime-lora", *runtime_lora, "router: allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter");
+  up->callback([opts, model, tenants, kv_cache_mb, kv_dtype, step_budget, rebalance_s, router_bias, micro_batches,
+                lora_modules, runtime_lora] {
+    for (const std::string& spec : *lora_modules) {  // the children run elsewhere: absolute paths
+      const auto [name, path] = parse_lora_module(spec);
+      opts->router_args.insert(opts->router_args.end(), {"--lora-modules", name + "=" + fs::absolute(path).string()});
+    }
+    if (*runtime_lora) opts->router_args.push_back("--allow-runtime-lora");
     if (!router_bias->empty()) opts->attention_args.insert(opts->attention_args.end(), {"--router-bias", *router_bias});
     if (*rebalance_s > 0)
       opts->router_args.insert(opts->router_args.end(), {"--rebalance-interval-s", std::to_string(*rebalance_s)});

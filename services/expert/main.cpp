@@ -55,6 +55,7 @@ struct Flags {
   int64_t max_batch_rows = 8192;
   int64_t register_timeout_s = 300;
   bool expert_metrics = true;
+  int64_t lora_cache_mb = 256;
 };
 
 pb::Register registration(const ServiceRuntime& rt, const std::string& endpoint, const std::string& model_id,
@@ -189,7 +190,7 @@ int serve(ServiceRuntime& rt, const Flags& f) {
     if (set.empty()) throw Error("the coordinator assigned no experts to this host");
   }
 
-  HostedExperts experts(ckpt, set, backend);
+  HostedExperts experts(ckpt, set, backend, uint64_t(f.lora_cache_mb) << 20);
   mapped = experts.mapped_bytes();
   metrics.mapped_weight_bytes.Set(double(experts.mapped_bytes()));
   spdlog::info("expert host: computing on {}", backend->name());
@@ -266,6 +267,10 @@ int main(int argc, char** argv) {
   cli.add_option("--compute-threads", f.compute_threads,
                  "threads of the CPU kernels' pool and batches computed at once (0: the CPUs this process may use)")
       ->capture_default_str();
+  cli.add_option("--lora-cache-mb", f.lora_cache_mb,
+                 "memory for LoRA adapters' expert modules (least recently used out)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   cli.add_option("--batch-window-us", f.batch_window_us, "how long a layer's batch waits for more requests")
       ->capture_default_str();
   cli.add_option("--max-batch-rows", f.max_batch_rows, "a batch with this many rows runs at once")

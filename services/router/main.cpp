@@ -11,6 +11,7 @@
 #include "actors/scheduler.h"
 #include "actors/service_runtime.h"
 #include "actors/zmq_bridge.h"
+#include "core/lora_cache.h"
 #include "core/model_config.h"
 #include "core/tenants.h"
 #include "core/tokenizer.h"
@@ -61,6 +62,14 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   cli.add_option("--tenants", tenants_file,
                  "tenants file (JSON: API key hashes and limits); reloaded on SIGHUP; none: open API");
+  std::vector<std::string> lora_modules;
+  bool allow_runtime_lora = false;
+  cli.add_option("--lora-modules", lora_modules,
+                 "LoRA adapters to serve, as name=path (PEFT folders every attention worker and expert host can "
+                 "read); a request picks one with \"model\": \"name\"");
+  cli.add_flag("--allow-runtime-lora", allow_runtime_lora,
+               "allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (operators only: the API has no "
+               "admin role)");
   cli.add_option("--responses-dir", responses_dir,
                  "where the Responses API keeps stored responses across restarts (none: in memory only)");
   cli.add_option("--responses-ttl-s", responses_ttl_s, "how long a stored response lives")->check(CLI::PositiveNumber);
@@ -170,6 +179,13 @@ int main(int argc, char** argv) {
       });
     } else {
       spdlog::warn("router: no --tenants file: the API is open to anyone who can reach it (local mode)");
+    }
+    fc.loras = std::make_shared<LoraRegistry>(mc);
+    fc.allow_runtime_lora = allow_runtime_lora;
+    for (const std::string& spec : lora_modules) {
+      const auto [name, path] = parse_lora_module(spec);
+      const LoraRef ref = fc.loras->add(name, path, served_name);
+      spdlog::info("router: serving LoRA adapter '{}' from {} (key {})", name, ref.path, ref.key);
     }
     fc.scheduler = scheduler;
     fc.metrics = rt.metrics_ptr();
