@@ -600,6 +600,7 @@ void train_lora(LoraTrainModel<float>& model, const std::vector<TrainExample>& d
   const int64_t batches = (int64_t(data.size()) + opts.batch_size - 1) / opts.batch_size;
   const int threads = std::max(1, std::min<int>(opts.threads, int(opts.batch_size)));
   if (threads > 1 && openblas_set_num_threads) openblas_set_num_threads(1);
+  const int64_t total_steps = batches * opts.epochs;
   int64_t step = 0;
   for (int64_t epoch = 1; epoch <= opts.epochs; ++epoch) {
     std::shuffle(order.begin(), order.end(), rng);
@@ -637,15 +638,20 @@ void train_lora(LoraTrainModel<float>& model, const std::vector<TrainExample>& d
       for (int t = 0; t < nt; ++t) loss += sums[size_t(t)];
       for (int t = 1; t < nt; ++t)
         for (size_t i = 0; i < p.size(); ++i) grads[0][i] += grads[size_t(t)][i];
+      double norm = 0.0;
+      for (float g : grads[0]) norm += double(g) * double(g);
+      norm = std::sqrt(norm);
+      const double clip = opts.max_grad_norm > 0 && norm > opts.max_grad_norm ? opts.max_grad_norm / norm : 1.0;
       // AdamW (decoupled weight decay, bias-corrected moments), as torch.optim.AdamW.
+      const double lr = opts.linear_decay ? opts.lr * (1.0 - double(step) / double(total_steps)) : opts.lr;
       ++step;
       const double c1 = 1.0 - std::pow(opts.beta1, double(step)), c2 = 1.0 - std::pow(opts.beta2, double(step));
       for (size_t i = 0; i < p.size(); ++i) {
-        const double g = grads[0][i];
+        const double g = grads[0][i] * clip;
         m1[i] = opts.beta1 * m1[i] + (1.0 - opts.beta1) * g;
         m2[i] = opts.beta2 * m2[i] + (1.0 - opts.beta2) * g * g;
-        double v = double(p[i]) * (1.0 - opts.lr * opts.weight_decay);
-        v -= opts.lr * (m1[i] / c1) / (std::sqrt(m2[i] / c2) + opts.eps);
+        double v = double(p[i]) * (1.0 - lr * opts.weight_decay);
+        v -= lr * (m1[i] / c1) / (std::sqrt(m2[i] / c2) + opts.eps);
         p[i] = float(v);
       }
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -98,7 +98,10 @@ std::vector<TrainExample> load_train_data(const std::filesystem::path& jsonl, co
 
 struct TrainOptions {
   int64_t batch_size = 8, epochs = 3;
-  double lr = 1e-3, weight_decay = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  // As transformers' Trainer defaults: the rate decays linearly to 0 over the run, the gradient's
+  // global norm is clipped to max_grad_norm (0: no clipping).
+  double lr = 1e-3, weight_decay = 0.0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, max_grad_norm = 1.0;
+  bool linear_decay = true;
   uint64_t seed = 0;  // of the shuffling
   int threads = 1;    // examples of a batch computed in parallel
 };
