@@ -456,7 +456,7 @@ void LoraTrainModel<T>::save(const std::filesystem::path& dir, const std::string
   const json cfg = {{"peft_type", "LORA"},
                     {"task_type", "CAUSAL_LM"},
                     {"r", lc_.rank},
-                    {"lora_alpha", lc_.alpha},
+                    {"lora_alpha", lc_.alpha == std::floor(lc_.alpha) ? json(int64_t(lc_.alpha)) : json(lc_.alpha)},
                     {"target_modules", peft_target_modules(lc_)},
                     {"lora_dropout", 0.0},
                     {"bias", "none"},
