@@ -49,7 +49,7 @@ std::string strip_weight(const std::string& tensor) {
   return tensor.ends_with(suffix) ? tensor.substr(0, tensor.size() - suffix.size()) : tensor;
 }
 
-std::string peft_name(const LoraModule& m, const char* which) {
+std::string peft_name(const LoraTrainModule& m, const char* which) {
   return "base_model.model." + m.module + ".lora_" + which + ".weight";
 }
 
@@ -77,7 +77,7 @@ std::vector<std::string> parse_target_modules(Arch arch, const std::string& list
   return out;
 }
 
-std::vector<std::string> peft_target_modules(const LoraConfig& lc) {
+std::vector<std::string> peft_target_modules(const LoraTrainConfig& lc) {
   std::vector<std::string> t = lc.target_modules;
   if (lc.train_router) t.push_back("gate");
   return t;
@@ -138,7 +138,7 @@ struct LoraTrainModel<T>::Impl {
   ops::Linear<T> view(const Lin& l, const std::vector<T>& params) const {
     ops::Linear<T> v{l.w.data(), l.out, l.in};
     if (l.lora >= 0) {
-      const LoraModule& mod = m.modules_[size_t(l.lora)];
+      const LoraTrainModule& mod = m.modules_[size_t(l.lora)];
       v.a = params.data() + mod.a;
       v.b = params.data() + mod.b;
       v.r = m.lc_.rank;
@@ -328,7 +328,7 @@ struct LoraTrainModel<T>::Impl {
 };
 
 template <typename T>
-LoraTrainModel<T>::LoraTrainModel(const ModelConfig& cfg, const ModelWeights& w, const LoraConfig& lc)
+LoraTrainModel<T>::LoraTrainModel(const ModelConfig& cfg, const ModelWeights& w, const LoraTrainConfig& lc)
     : cfg_(cfg), lc_(lc), impl_(std::make_unique<Impl>(*this)) {
   if (lc.rank <= 0) throw Error("lora: rank must be positive");
   if (cfg.num_attention_heads % cfg.num_key_value_heads != 0 || cfg.head_dim % 2 != 0)
@@ -383,7 +383,7 @@ LoraTrainModel<T>::LoraTrainModel(const ModelConfig& cfg, const ModelWeights& w,
   }
   // Flat parameters: A then B per module; A uniform in ±1/sqrt(in), B zero.
   std::mt19937_64 rng(lc.seed);
-  for (LoraModule& mod : modules_) {
+  for (LoraTrainModule& mod : modules_) {
     mod.a = params_.size();
     const double bound = 1.0 / std::sqrt(double(mod.in));
     std::uniform_real_distribution<double> dist(-bound, bound);
@@ -472,7 +472,7 @@ void LoraTrainModel<T>::save(const std::filesystem::path& dir, const std::string
   }
   std::vector<safetensors::TensorSpec> specs;
   std::map<std::string, std::pair<size_t, size_t>> where;  // name -> offset, count
-  for (const LoraModule& mod : modules_) {
+  for (const LoraTrainModule& mod : modules_) {
     specs.push_back({peft_name(mod, "A"), DType::F32, {lc_.rank, mod.in}});
     where[specs.back().name] = {mod.a, size_t(lc_.rank * mod.in)};
     specs.push_back({peft_name(mod, "B"), DType::F32, {mod.out, lc_.rank}});
@@ -505,7 +505,7 @@ void LoraTrainModel<T>::load_adapter(const std::filesystem::path& dir) {
     to_f32(e->dtype, bytes.data(), f.data(), f.size());
     std::copy(f.begin(), f.end(), params_.begin() + ptrdiff_t(at));
   };
-  for (const LoraModule& mod : modules_) {
+  for (const LoraTrainModule& mod : modules_) {
     read(peft_name(mod, "A"), {lc_.rank, mod.in}, mod.a);
     read(peft_name(mod, "B"), {mod.out, lc_.rank}, mod.b);
   }

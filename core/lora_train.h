@@ -20,7 +20,7 @@
 
 namespace moemesh {
 
-struct LoraConfig {
+struct LoraTrainConfig {
   int64_t rank = 8;
   double alpha = 16;  // scale = alpha / rank
   // HF module short names (q_proj k_proj v_proj o_proj; w1 w2 w3 for Mixtral experts;
@@ -34,11 +34,11 @@ struct LoraConfig {
 // an unknown or misplaced one.
 std::vector<std::string> parse_target_modules(Arch arch, const std::string& list);
 // The short names as adapter_config.json lists them (the router's "gate" added when trained).
-std::vector<std::string> peft_target_modules(const LoraConfig& lc);
+std::vector<std::string> peft_target_modules(const LoraTrainConfig& lc);
 
 // One adapted Linear: its HF module path ("model.layers.0.self_attn.q_proj") and where its A
 // [rank, in] and B [out, rank] live in the flat parameter vector.
-struct LoraModule {
+struct LoraTrainModule {
   std::string module;
   int64_t in = 0, out = 0;
   size_t a = 0, b = 0;  // offsets
@@ -49,14 +49,14 @@ class LoraTrainModel {
  public:
   // Copies the base weights as T (F32/F16/BF16 checkpoints; GPTQ-quantized Linears refused) and
   // makes the adapters: A uniform in ±1/sqrt(in) (PEFT's kaiming_uniform(a=√5)), B zero.
-  LoraTrainModel(const ModelConfig& cfg, const ModelWeights& weights, const LoraConfig& lc);
+  LoraTrainModel(const ModelConfig& cfg, const ModelWeights& weights, const LoraTrainConfig& lc);
   ~LoraTrainModel();
   LoraTrainModel(const LoraTrainModel&) = delete;
   LoraTrainModel& operator=(const LoraTrainModel&) = delete;
 
   const ModelConfig& config() const { return cfg_; }
-  const LoraConfig& lora() const { return lc_; }
-  const std::vector<LoraModule>& modules() const { return modules_; }
+  const LoraTrainConfig& lora() const { return lc_; }
+  const std::vector<LoraTrainModule>& modules() const { return modules_; }
   std::vector<T>& params() { return params_; }
   const std::vector<T>& params() const { return params_; }
 
@@ -77,8 +77,8 @@ class LoraTrainModel {
  private:
   struct Impl;
   ModelConfig cfg_;
-  LoraConfig lc_;
-  std::vector<LoraModule> modules_;
+  LoraTrainConfig lc_;
+  std::vector<LoraTrainModule> modules_;
   std::vector<T> params_;
   std::unique_ptr<Impl> impl_;
 };

@@ -82,8 +82,8 @@ void draw_progress(const StepReport& r, int64_t epochs, double epoch_loss) {
   std::fflush(stderr);
 }
 
-LoraConfig lora_config(const FinetuneArgs& a, Arch arch) {
-  LoraConfig lc;
+LoraTrainConfig lora_config(const FinetuneArgs& a, Arch arch) {
+  LoraTrainConfig lc;
   if (a.rank <= 0) throw Error("--rank must be positive");
   lc.rank = a.rank;
   lc.alpha = a.alpha > 0 ? a.alpha : 2.0 * double(a.rank);
@@ -94,12 +94,12 @@ LoraConfig lora_config(const FinetuneArgs& a, Arch arch) {
 }
 
 // The adapter's settings from its adapter_config.json (--eval-only).
-LoraConfig read_adapter_config(const fs::path& dir, Arch arch) {
+LoraTrainConfig read_adapter_config(const fs::path& dir, Arch arch) {
   std::ifstream f(dir / "adapter_config.json");
   if (!f) throw Error((dir / "adapter_config.json").string() + ": cannot read");
   try {
     const json j = json::parse(f);
-    LoraConfig lc;
+    LoraTrainConfig lc;
     lc.rank = j.at("r").get<int64_t>();
     lc.alpha = j.at("lora_alpha").get<double>();
     std::string targets;
@@ -176,7 +176,7 @@ void run_finetune(const FinetuneArgs& a) {
     return;
   }
 
-  const LoraConfig lc = lora_config(a, cfg.arch);
+  const LoraTrainConfig lc = lora_config(a, cfg.arch);
   LoraTrainModel<float> m(cfg, ckpt->load(), lc);
   int64_t tokens = 0;
   for (const auto& ex : data) tokens += int64_t(ex.tokens.size());

@@ -196,8 +196,8 @@ fs::path tiny_model(Arch arch, const std::string& tag, std::optional<int64_t> wi
   return dir;
 }
 
-LoraConfig all_modules(Arch arch) {
-  LoraConfig lc;
+LoraTrainConfig all_modules(Arch arch) {
+  LoraTrainConfig lc;
   lc.rank = 3;
   lc.alpha = 5;
   lc.train_router = true;
@@ -210,12 +210,12 @@ LoraConfig all_modules(Arch arch) {
 
 void check_model_gradients(Arch arch, std::optional<int64_t> window) {
   auto ckpt = Checkpoint::open(tiny_model(arch, "grad", window));
-  const LoraConfig lc = all_modules(arch);
+  const LoraTrainConfig lc = all_modules(arch);
   LoraTrainModel<double> m(ckpt->config(), ckpt->load(), lc);
   // B non-zero, so that every A gets a gradient too.
   std::mt19937_64 rng(11);
   std::normal_distribution<double> d(0.0, 0.05);
-  for (const LoraModule& mod : m.modules())
+  for (const LoraTrainModule& mod : m.modules())
     for (int64_t i = 0; i < lc.rank * mod.out; ++i) m.params()[mod.b + size_t(i)] = d(rng);
   const std::vector<int32_t> tokens = {1, 17, 42, 99, 3, 150, 7, 64, 2};
   const std::vector<int32_t> targets = {-1, -1, -1, 3, 150, 7, 64, 2, -1};
@@ -225,7 +225,7 @@ void check_model_gradients(Arch arch, std::optional<int64_t> window) {
   const double eps = 1e-6;
   int checked = 0;
   double worst = 0, largest = 0;
-  for (const LoraModule& mod : m.modules()) {
+  for (const LoraTrainModule& mod : m.modules()) {
     for (size_t at : {mod.a + 1, mod.a + size_t(lc.rank * mod.in) - 2, mod.b, mod.b + size_t(lc.rank * mod.out) - 1}) {
       double& p = m.params()[at];
       const double keep = p;
@@ -281,7 +281,7 @@ TEST(LoraModel, BaseLogitsEqualTheEngine) {
 
 TEST(LoraModel, SavesPeftFilesAndReadsThemBack) {
   auto ckpt = Checkpoint::open(tiny_model(Arch::DeepSeek, "save"));
-  const LoraConfig lc = all_modules(Arch::DeepSeek);
+  const LoraTrainConfig lc = all_modules(Arch::DeepSeek);
   LoraTrainModel<float> m(ckpt->config(), ckpt->load(), lc);
   for (size_t i = 0; i < m.params().size(); ++i) m.params()[i] = float(i % 97) * 0.01f;
   const fs::path out = fs::temp_directory_path() / ("moemesh-test-lora-out-" + std::to_string(::getpid()));
