@@ -16,5 +16,6 @@ void add_bench_engine(CLI::App& app);
 void add_export_gguf(CLI::App& app);
 void add_quantize(CLI::App& app);
 void add_plan(CLI::App& app);
+void add_finetune(CLI::App& app);
 
 }  // namespace moemesh::cli

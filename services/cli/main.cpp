@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   moemesh::cli::add_export_gguf(app);
   moemesh::cli::add_quantize(app);
   moemesh::cli::add_plan(app);
+  moemesh::cli::add_finetune(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
