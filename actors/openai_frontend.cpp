@@ -281,9 +281,10 @@ void serve_body(const http::Request& req, json body, http::Responder res, caf::a
                adm.reason == "max_tokens" ? "max_tokens"
                : adm.reason == "model"    ? "model"
                                           : "",
-               adm.status == 401 ? "invalid_api_key"
-               : limit           ? "rate_limit_exceeded"
-                                 : "");
+               adm.status == 401      ? "invalid_api_key"
+               : limit                ? "rate_limit_exceeded"
+               : adm.reason == "model" ? "model_not_found"
+                                      : "");
     if (m) m->answered(tenant, e.status(), "none");
     tr.done(e.status(), "none");
     auto headers = tr.headers();

@@ -144,7 +144,9 @@ void write_lora_adapter(const fs::path& dir, const LoraConfig& config, const std
   json c = {{"peft_type", "LORA"},
             {"task_type", "CAUSAL_LM"},
             {"r", config.r},
-            {"lora_alpha", config.lora_alpha},
+            // An integer when it is one, as PEFT writes it.
+            {"lora_alpha", config.lora_alpha == std::floor(config.lora_alpha) ? json(int64_t(config.lora_alpha))
+                                                                              : json(config.lora_alpha)},
             {"target_modules", config.target_modules},
             {"lora_dropout", 0.0},
             {"bias", "none"},
@@ -242,8 +244,7 @@ double LoraConfig::scale(int64_t rank, const std::string& module) const {
 }
 
 std::shared_ptr<const LoraAdapter> LoraAdapter::load(const fs::path& dir, const ModelConfig& base,
-                                                     const WeightSelection& sel, std::string name,
-                                                     std::string key) {
+                                                     const WeightSelection& sel, std::string name, std::string key) {
   if (!fs::is_directory(dir)) throw Error(dir.string() + ": no such adapter folder");
   auto a = std::make_shared<LoraAdapter>();
   a->name_ = name.empty() ? dir.filename().string() : std::move(name);

@@ -1,3 +1,4 @@
+#include "core/lora.h"
 #include "core/lora_train.h"
 
 #include <algorithm>
@@ -452,57 +453,33 @@ std::vector<int32_t> LoraTrainModel<T>::greedy(std::vector<int32_t> seq, int64_t
 
 template <typename T>
 void LoraTrainModel<T>::save(const std::filesystem::path& dir, const std::string& base_model) const {
-  std::filesystem::create_directories(dir);
-  const json cfg = {{"peft_type", "LORA"},
-                    {"task_type", "CAUSAL_LM"},
-                    {"r", lc_.rank},
-                    {"lora_alpha", lc_.alpha == std::floor(lc_.alpha) ? json(int64_t(lc_.alpha)) : json(lc_.alpha)},
-                    {"target_modules", peft_target_modules(lc_)},
-                    {"lora_dropout", 0.0},
-                    {"bias", "none"},
-                    {"use_rslora", false},
-                    {"use_dora", false},
-                    {"fan_in_fan_out", false},
-                    {"modules_to_save", nullptr},
-                    {"inference_mode", true},
-                    {"base_model_name_or_path", base_model}};
-  {
-    std::ofstream f(dir / "adapter_config.json");
-    if (!(f << cfg.dump(2) << "\n")) throw Error((dir / "adapter_config.json").string() + ": cannot write");
-  }
-  std::vector<safetensors::TensorSpec> specs;
-  std::map<std::string, std::pair<size_t, size_t>> where;  // name -> offset, count
+  LoraConfig c;
+  c.r = lc_.rank;
+  c.lora_alpha = lc_.alpha;
+  c.target_modules = peft_target_modules(lc_);
+  c.base_model_name_or_path = base_model;
+  std::vector<LoraModuleFile> files;
   for (const LoraTrainModule& mod : modules_) {
-    specs.push_back({peft_name(mod, "A"), DType::F32, {lc_.rank, mod.in}});
-    where[specs.back().name] = {mod.a, size_t(lc_.rank * mod.in)};
-    specs.push_back({peft_name(mod, "B"), DType::F32, {mod.out, lc_.rank}});
-    where[specs.back().name] = {mod.b, size_t(lc_.rank * mod.out)};
+    auto span = [&](size_t at, int64_t n) {
+      return std::vector<float>(params_.begin() + ptrdiff_t(at), params_.begin() + ptrdiff_t(at + size_t(n)));
+    };
+    files.push_back(
+        {mod.module, lc_.rank, mod.in, mod.out, span(mod.a, lc_.rank * mod.in), span(mod.b, lc_.rank * mod.out)});
   }
-  safetensors::Writer wr(dir / "adapter_model.safetensors", specs);
-  for (const auto& spec : wr.order()) {
-    const auto [at, count] = where.at(spec.name);
-    const std::vector<float> f(params_.begin() + ptrdiff_t(at), params_.begin() + ptrdiff_t(at + count));
-    wr.write_f32(f.data(), f.size());
-  }
-  wr.finish();
+  write_lora_adapter(dir, c, files);
 }
 
 template <typename T>
 void LoraTrainModel<T>::load_adapter(const std::filesystem::path& dir) {
   const auto file = dir / "adapter_model.safetensors";
   const safetensors::Header h = safetensors::read_header(file);
-  std::ifstream in(file, std::ios::binary);
   auto read = [&](const std::string& name, const std::vector<int64_t>& shape, size_t at) {
     const safetensors::Entry* e = h.find(name);
     if (!e) throw Error(file.string() + ": no tensor " + name);
     if (e->shape != shape)
       throw Error(file.string() + ": " + name + " has shape " + safetensors::shape_str(e->shape) + ", expected " +
                   safetensors::shape_str(shape));
-    std::vector<char> bytes(e->nbytes());
-    in.seekg(std::streamoff(h.data_offset + e->begin));
-    if (!in.read(bytes.data(), std::streamsize(bytes.size()))) throw Error(file.string() + ": short read of " + name);
-    std::vector<float> f(size_t(shape[0] * shape[1]));
-    to_f32(e->dtype, bytes.data(), f.data(), f.size());
+    const std::vector<float> f = safetensors::read_f32(h, *e);
     std::copy(f.begin(), f.end(), params_.begin() + ptrdiff_t(at));
   };
   for (const LoraTrainModule& mod : modules_) {

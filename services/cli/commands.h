@@ -17,5 +17,6 @@ void add_export_gguf(CLI::App& app);
 void add_quantize(CLI::App& app);
 void add_plan(CLI::App& app);
 void add_finetune(CLI::App& app);
+void add_mklora(CLI::App& app);
 
 }  // namespace moemesh::cli

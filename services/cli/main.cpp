@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   moemesh::cli::add_quantize(app);
   moemesh::cli::add_plan(app);
   moemesh::cli::add_finetune(app);
+  moemesh::cli::add_mklora(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -82,31 +82,21 @@ def serve(args):
     model, out = os.path.join(args.workdir, "small-mixtral"), os.path.join(args.workdir, "adapter")
     H.check(os.path.exists(os.path.join(out, "adapter_model.safetensors")),
             f"no adapter in {out}: run --mode train first (ctest fixture finetune_toy)")
-    port, control, admin = H.free_port(), H.free_port_pair(), H.free_port()
-    logs = os.path.join(args.workdir, "serve-logs")
+    logs = os.path.join(args.workdir, "serve")
     os.makedirs(logs, exist_ok=True)
-    up = H.Proc("up", [args.cli, "up", "--model", model, "--lora-modules", f"toy={out}", "--attention", "1",
-                       "--experts", "2", "--port", str(port), "--control-port", str(control), "--admin-port",
-                       str(admin), "--cores", "2", "--bin-dir", os.path.dirname(args.router), "--log-dir", logs],
-                os.path.join(logs, "up.log"), dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+    up, port = H.moemesh_up(args, logs, model, timeout=120, extra=("--lora-modules", f"toy={out}"))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            H.check(up.alive(), f"moemesh up exited early:\n{up.log_text()[-4000:]}")
-            try:
-                if H.http(port, "/v1/models", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            H.check(time.monotonic() < deadline, f"moemesh up not serving within 120 s:\n{up.log_text()[-4000:]}")
-            time.sleep(0.5)
+        pairs = examples()
+        prompts = os.path.join(logs, "prompts.json")
+        with open(prompts, "w") as f:
+            json.dump([p for p, _ in pairs], f)
+        node_modules = H.node_packages(args, "openai")
+        p = subprocess.run(["node", os.path.join(os.path.dirname(os.path.abspath(__file__)), "ask_openai.mjs"),
+                            f"http://127.0.0.1:{port}", "toy", prompts], capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, NODE_PACKAGES=node_modules))
+        H.check(p.returncode == 0, f"the openai client failed ({p.returncode}): {p.stderr[-2000:]}")
         exact = 0
-        for prompt, completion in examples():
-            status, body = H.http(port, "/v1/chat/completions", {
-                "model": "toy", "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-                "max_tokens": 16}, timeout=120)
-            H.check(status == 200, f"chat completion answered {status}: {body}")
-            text = body["choices"][0]["message"]["content"]
+        for (prompt, completion), text in zip(pairs, json.loads(p.stdout)):
             if text.strip() == completion:
                 exact += 1
             else:
@@ -124,6 +114,7 @@ def main():
     p.add_argument("--router", help="moemesh-router (serve: the other binaries are next to it)")
     p.add_argument("--workdir", required=True, help="model, data and adapter (shared by both modes)")
     p.add_argument("--self-check", action="store_true", help="train: greedy answers with the training forward")
+    p.add_argument("--cache-dir", help="serve: where scripts/bootstrap put the openai npm package")
     args = p.parse_args()
     t0 = time.monotonic()
     try:

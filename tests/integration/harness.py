@@ -595,13 +595,14 @@ def node_packages(args, *packages):
     return node_modules
 
 
-def moemesh_up(args, tmp, model, attention=1, experts=2, timeout=60):
+def moemesh_up(args, tmp, model, attention=1, experts=2, timeout=60, extra=()):
     """`moemesh up` (the README's local cluster) on free ports, once it answers a completion.
     Returns (proc, port); the caller kills the proc."""
     port, control, admin = free_port(), free_port_pair(), free_port()
     up = Proc("up", [args.cli, "up", "--model", model, "--attention", str(attention), "--experts", str(experts),
                      "--port", str(port), "--control-port", str(control), "--admin-port", str(admin), "--cores", "2",
-                     "--bin-dir", os.path.dirname(args.router), "--log-dir", os.path.join(tmp, "logs")],
+                     "--bin-dir", os.path.dirname(args.router), "--log-dir", os.path.join(tmp, "logs"),
+                     *map(str, extra)],
               os.path.join(tmp, "up.log"), dict(os.environ, OPENBLAS_NUM_THREADS="1"))
     deadline = time.monotonic() + timeout
     try:
