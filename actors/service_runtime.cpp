@@ -17,6 +17,7 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include "core/allocator_tuning.h"
 #include "core/error.h"
 
 namespace moemesh::actors {
@@ -73,6 +74,7 @@ int default_threads() {
 
 ServiceRuntime::ServiceRuntime(std::string service, int default_admin_port)
     : service_(std::move(service)), app_("moemesh-" + service_), registry_(std::make_shared<prometheus::Registry>()) {
+  keep_freed_memory();
   sigset_t set = shutdown_signals();
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   signal_fd_ = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);

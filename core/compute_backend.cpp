@@ -184,78 +184,64 @@ class CpuBackend final : public ComputeBackend {
 
   // Every expert's gate and up projections in one parallel section (reading each expert's rows
   // of x in place), then every down projection in another. An expert whose rows use LoRA
-  // adapters is split into segments, one per adapter (and one for its base rows): a base segment
-  // keeps the fused SwiGLU epilogue, an adapted one computes gate and up apart, adds their deltas,
-  // then applies SiLU·up itself; its down delta is added after. So every row's result depends
-  // only on its own adapter, whatever else shares the batch.
+  // adapters computes gate and up apart (still over all its rows: its weights are read once),
+  // each adapter's rows add their deltas, SiLU·up is applied here (as the fused epilogue computes
+  // it, so a base row gets the same bits either way), and the down deltas are added after the
+  // down projection. Every row's result depends only on its own adapter.
   void grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts) override {
     check_expert_rows(x_rows, experts);
-    struct Segment {
-      const ExpertRows* e;
-      const MlpLora* lora;          // null: base rows
-      std::vector<int32_t> pos;     // positions in e->rows (and e->out); empty: all, in order
-      std::vector<int32_t> x_rows;  // e->rows at those positions
-      std::vector<float> act, gate, up, out;
+    struct Adapted {
+      std::vector<std::pair<const MlpLora*, std::vector<int32_t>>> groups;  // positions in e.rows
+      std::vector<std::vector<int32_t>> x_rows;                             // e.rows at those positions
+      std::vector<float> gate, up;
     };
-    std::vector<Segment> segs;
-    for (const ExpertRows& e : experts) {
-      std::vector<const MlpLora*> row_lora(e.rows.size(), nullptr);
-      for (size_t i = 0; i < e.lora.size(); ++i)
-        if (e.lora[i] && !e.lora[i]->empty()) row_lora[i] = e.lora[i];
-      auto groups = rows_by_adapter<MlpLora>(row_lora);
-      if (groups.empty()) {
-        segs.push_back({&e, nullptr, {}, {}, {}, {}, {}, {}});
-        continue;
-      }
-      std::vector<int32_t> base;
-      for (size_t i = 0; i < e.rows.size(); ++i)
-        if (!row_lora[i]) base.push_back(int32_t(i));
-      if (!base.empty()) segs.push_back({&e, nullptr, std::move(base), {}, {}, {}, {}, {}});
-      for (auto& [m, pos] : groups) segs.push_back({&e, m, std::move(pos), {}, {}, {}, {}, {}});
-    }
+    std::vector<Adapted> adapted(experts.size());
+    std::vector<std::vector<float>> act(experts.size());
     std::vector<cpu::MatmulJob> jobs;
     std::vector<LoraTask> deltas;
-    for (Segment& s : segs) {
-      const MlpWeights& w = *s.e->weights;
-      const size_t n = s.pos.empty() ? s.e->rows.size() : s.pos.size(), inter = size_t(w.gate.rows());
-      for (int32_t p : s.pos) s.x_rows.push_back(s.e->rows[size_t(p)]);
-      const std::span<const int32_t> xr = s.pos.empty() ? s.e->rows : std::span<const int32_t>(s.x_rows);
-      s.act.resize(n * inter);
-      if (!s.lora) {
-        jobs.push_back(swiglu_job(x, hidden, xr, w, s.act.data()));
+    for (size_t i = 0; i < experts.size(); ++i) {
+      const ExpertRows& e = experts[i];
+      const MlpWeights& w = *e.weights;
+      const int64_t n = int64_t(e.rows.size());
+      act[i].resize(size_t(n * w.gate.rows()));
+      std::vector<const MlpLora*> row_lora(e.rows.size(), nullptr);
+      for (size_t r = 0; r < e.lora.size(); ++r)
+        if (e.lora[r] && !e.lora[r]->empty()) row_lora[r] = e.lora[r];
+      Adapted& a = adapted[i];
+      a.groups = rows_by_adapter<MlpLora>(row_lora);
+      if (a.groups.empty()) {
+        jobs.push_back(swiglu_job(x, hidden, e.rows, w, act[i].data()));
         continue;
       }
-      s.gate.resize(n * inter);
-      s.up.resize(n * inter);
-      cpu::MatmulJob g = projection_job(x, int64_t(n), w.gate, s.gate.data()),
-                     u = projection_job(x, int64_t(n), w.up, s.up.data());
-      g.x_rows = u.x_rows = xr.data();
+      a.gate.resize(act[i].size());
+      a.up.resize(act[i].size());
+      cpu::MatmulJob g = projection_job(x, n, w.gate, a.gate.data()), u = projection_job(x, n, w.up, a.up.data());
+      g.x_rows = u.x_rows = e.rows.data();
       jobs.push_back(g);
       jobs.push_back(u);
-      deltas.push_back({&s.lora->gate, x, xr.data(), hidden, s.gate.data(), nullptr, 0, int64_t(n)});
-      deltas.push_back({&s.lora->up, x, xr.data(), hidden, s.up.data(), nullptr, 0, int64_t(n)});
+      for (const auto& [m, pos] : a.groups) {
+        auto& xr = a.x_rows.emplace_back();
+        for (int32_t p : pos) xr.push_back(e.rows[size_t(p)]);
+        const int64_t k = int64_t(pos.size()), inter = w.gate.rows();
+        deltas.push_back({&m->gate, x, xr.data(), hidden, a.gate.data(), pos.data(), inter, k});
+        deltas.push_back({&m->up, x, xr.data(), hidden, a.up.data(), pos.data(), inter, k});
+      }
     }
     cpu::matmul(jobs);
     lora_add(deltas);
     jobs.clear();
     deltas.clear();
-    for (Segment& s : segs) {
-      const int64_t n = int64_t(s.act.size()) / s.e->weights->gate.rows();
-      if (s.lora)
-        for (size_t i = 0; i < s.act.size(); ++i) s.act[i] = cpu::silu(s.gate[i]) * s.up[i];
-      float* out = s.e->out;
-      if (!s.pos.empty()) {  // a part of the expert's rows: computed apart, scattered below
-        s.out.resize(size_t(n * hidden));
-        out = s.out.data();
-      }
-      jobs.push_back(projection_job(s.act.data(), n, s.e->weights->down, out));
-      if (s.lora) deltas.push_back({&s.lora->down, s.act.data(), nullptr, 0, out, nullptr, 0, n});
+    for (size_t i = 0; i < experts.size(); ++i) {
+      const ExpertRows& e = experts[i];
+      const Adapted& a = adapted[i];
+      const int64_t n = int64_t(e.rows.size()), inter = e.weights->gate.rows();
+      for (size_t k = 0; k < a.gate.size(); ++k) act[i][k] = cpu::silu(a.gate[k]) * a.up[k];
+      jobs.push_back(projection_job(act[i].data(), n, e.weights->down, e.out));
+      for (const auto& [m, pos] : a.groups)
+        deltas.push_back({&m->down, act[i].data(), pos.data(), inter, e.out, pos.data(), hidden, int64_t(pos.size())});
     }
     cpu::matmul(jobs);
     lora_add(deltas);
-    for (const Segment& s : segs)
-      for (size_t i = 0; i < s.pos.size(); ++i)
-        std::copy_n(s.out.data() + i * size_t(hidden), hidden, s.e->out + int64_t(s.pos[i]) * hidden);
   }
 
   // The CPU kernels spread one call over the compute pool; more calls at once only share it.

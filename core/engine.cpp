@@ -271,11 +271,13 @@ std::vector<StepOutput> Engine::forward(std::span<const StepInput> part, ExpertE
     ffn_block(cfg_, lw, l, *backend_, experts, x.data(), rows, row_adapters);
   }
 
-  // Final norm and lm_head only on the rows whose logits were asked for; the rows that want a
-  // summary go through the backend together.
+  // Final norm and lm_head only on the rows whose logits were asked for, all of them in one
+  // product (lm_head is the largest matrix: read once per step, not once per sequence); the rows
+  // that want a summary go through the backend together.
   std::vector<StepOutput> outs(part.size());
-  std::vector<float> normed;
-  std::vector<size_t> summarised;
+  std::vector<float> normed;  // the rows of full logits, sequence after sequence
+  std::vector<size_t> summarised, full;
+  int64_t full_rows = 0;
   for (size_t i = 0; i < part.size(); ++i) {
     const auto& sp = layout.spans[i];
     StepOutput& out = outs[i];
@@ -285,15 +287,28 @@ std::vector<StepOutput> Engine::forward(std::span<const StepInput> part, ExpertE
     out.first_position = sp.pos0 + (sp.n - out.n);
     // A summarised row keeps its final hidden state (Engine::full_logits may need it).
     const bool summary = part[i].summary && !part[i].all_logits;
-    std::vector<float>& h = summary ? out.final_hidden : normed;
-    h.resize(size_t(out.n * hidden));
-    backend_->rmsnorm(x.data() + first_row * hidden, weights_.final_norm, out.n, cfg_.rms_norm_eps, h.data());
     if (summary) {
+      out.final_hidden.resize(size_t(out.n * hidden));
+      backend_->rmsnorm(x.data() + first_row * hidden, weights_.final_norm, out.n, cfg_.rms_norm_eps,
+                        out.final_hidden.data());
       summarised.push_back(i);
       continue;
     }
-    out.logits.resize(size_t(out.n * cfg_.vocab_size));
-    backend_->matmul(normed.data(), out.n, weights_.lm_head, out.logits.data());
+    normed.resize(size_t((full_rows + out.n) * hidden));
+    backend_->rmsnorm(x.data() + first_row * hidden, weights_.final_norm, out.n, cfg_.rms_norm_eps,
+                      normed.data() + full_rows * hidden);
+    full.push_back(i);
+    full_rows += out.n;
+  }
+  if (!full.empty()) {
+    std::vector<float> logits(size_t(full_rows * cfg_.vocab_size));
+    backend_->matmul(normed.data(), full_rows, weights_.lm_head, logits.data());
+    auto at = logits.begin();
+    for (size_t i : full) {
+      const auto n = ptrdiff_t(outs[i].n * cfg_.vocab_size);
+      outs[i].logits.assign(at, at + n);
+      at += n;
+    }
   }
   if (!summarised.empty()) {
     std::vector<float> rows;

@@ -3,10 +3,12 @@
 
 #include <iostream>
 
+#include "core/allocator_tuning.h"
 #include "core/error.h"
 #include "services/cli/commands.h"
 
 int main(int argc, char** argv) {
+  moemesh::keep_freed_memory();
   CLI::App app{"moemesh: a Mixture-of-Experts serving cluster"};
   app.require_subcommand(1);
   moemesh::cli::add_mkmodel(app);

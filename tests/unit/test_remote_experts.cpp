@@ -311,7 +311,7 @@ TEST_F(RemoteExperts, AnErrorReplyIsRetriedOnAReplica) {
   std::mt19937 rng(2);
   LayerCall call = random_call(cfg(), 4, rng);
   call.groups.clear();
-  for (int32_t e = 4; e < 8; ++e) call.groups.push_back({e, {e - 4}, {0}});
+  for (int32_t e = 4; e < 8; ++e) call.groups.push_back({e, {e - 4}, {0}, {}});
   std::vector<std::vector<float>> got, want;
   remote.run(0, call.h.data(), cfg().hidden_size, call.groups, got);
   local_->run(0, call.h.data(), cfg().hidden_size, call.groups, want);
@@ -327,7 +327,7 @@ TEST_F(RemoteExperts, AnErrorReplyWithoutReplicaNamesTheHostAndLayer) {
   remote.set_placement({1, {a.entry("0:*")}});
   std::mt19937 rng(4);
   LayerCall call = random_call(cfg(), 2, rng);
-  call.groups = {{1, {0}, {0}}, {6, {1}, {0}}};
+  call.groups = {{1, {0}, {0}, {}}, {6, {1}, {0}, {}}};
   std::vector<std::vector<float>> got;
   try {
     remote.run(0, call.h.data(), cfg().hidden_size, call.groups, got);
@@ -340,7 +340,7 @@ TEST_F(RemoteExperts, AnErrorReplyWithoutReplicaNamesTheHostAndLayer) {
   }
   EXPECT_EQ(a.bad_requests("unknown_expert"), 1);
   // Still serving what it has.
-  call.groups = {{1, {0, 1}, {0, 0}}};
+  call.groups = {{1, {0, 1}, {0, 0}, {}}};
   std::vector<std::vector<float>> want;
   remote.run(0, call.h.data(), cfg().hidden_size, call.groups, got);
   local_->run(0, call.h.data(), cfg().hidden_size, call.groups, want);
