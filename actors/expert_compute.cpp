@@ -46,7 +46,7 @@ HostedExperts::HostedExperts(std::shared_ptr<Checkpoint> ckpt, ExpertSet experts
                              std::shared_ptr<ComputeBackend> backend, uint64_t lora_cache_bytes)
     : ckpt_(std::move(ckpt)),
       backend_(std::move(backend)),
-      lora_(std::make_unique<LoraCache>(ckpt_->config(), lora_cache_bytes)) {
+      lora_(std::make_unique<LoraCache>(ckpt_->config(), lora_cache_bytes, lora_dtype_for(*ckpt_))) {
   if (!backend_) throw Error("expert host: no compute backend");
   experts_ = load(experts);
 }

@@ -92,8 +92,11 @@ void LocalCluster::launch(Proc& p, bool append_log) {
   // The environment, plus how often this instance was restarted (told to the coordinator).
   std::vector<std::string> env_store;
   for (char** e = environ; *e; ++e)
-    if (std::strncmp(*e, "MOEMESH_RESTART_COUNT=", 22) != 0) env_store.emplace_back(*e);
+    if (std::strncmp(*e, "MOEMESH_RESTART_COUNT=", 22) != 0 && std::strncmp(*e, "MOEMESH_PARENT_PID=", 19) != 0)
+      env_store.emplace_back(*e);
   env_store.push_back("MOEMESH_RESTART_COUNT=" + std::to_string(p.restarts));
+  // The child stops when we die, even by SIGKILL (actors/service_runtime.cpp).
+  env_store.push_back("MOEMESH_PARENT_PID=" + std::to_string(::getpid()));
   std::vector<char*> envp;
   for (auto& e : env_store) envp.push_back(e.data());
   envp.push_back(nullptr);

@@ -3,10 +3,12 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 
 #include <algorithm>
 #include <cstring>
@@ -78,6 +80,12 @@ ServiceRuntime::ServiceRuntime(std::string service, int default_admin_port)
   sigset_t set = shutdown_signals();
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
   signal_fd_ = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+  // Started by `moemesh up` (actors/local_cluster.cpp): shut down when it dies, however it dies,
+  // rather than live on as an orphan holding its ports. SIGTERM arrives through signal_fd_.
+  if (const char* parent = std::getenv("MOEMESH_PARENT_PID")) {
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (std::to_string(getppid()) != parent) kill(getpid(), SIGTERM);  // it died before the prctl
+  }
   install_forwarding_handler();
   signal(SIGPIPE, SIG_IGN);  // a peer that hangs up must not kill the process
 

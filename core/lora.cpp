@@ -244,7 +244,9 @@ double LoraConfig::scale(int64_t rank, const std::string& module) const {
 }
 
 std::shared_ptr<const LoraAdapter> LoraAdapter::load(const fs::path& dir, const ModelConfig& base,
-                                                     const WeightSelection& sel, std::string name, std::string key) {
+                                                     const WeightSelection& sel, std::string name, std::string key,
+                                                     DType dtype) {
+  if (dtype != DType::F32 && dtype != DType::BF16) throw Error("lora: adapters are kept in F32 or BF16");
   if (!fs::is_directory(dir)) throw Error(dir.string() + ": no such adapter folder");
   auto a = std::make_shared<LoraAdapter>();
   a->name_ = name.empty() ? dir.filename().string() : std::move(name);
@@ -309,9 +311,21 @@ std::shared_ptr<const LoraAdapter> LoraAdapter::load(const fs::path& dir, const 
     m.b = safetensors::read_f32(h, *p.b);
     const float scale = float(a->config_.scale(r, module));
     for (float& v : m.b) v *= scale;
+    if (dtype == DType::BF16) {
+      m.dtype = DType::BF16;
+      for (float v : m.a) m.a16.push_back(f32_to_bf16(v));
+      for (float v : m.b) m.b16.push_back(f32_to_bf16(v));
+      m.a = {};
+      m.b = {};
+    }
     a->bytes_ += m.bytes();
   }
   return a;
+}
+
+DType lora_dtype_for(const Checkpoint& base) {
+  const std::string q = "model.layers.0.self_attn.q_proj.weight";
+  return base.has(q) && base.info(q).dtype == DType::BF16 ? DType::BF16 : DType::F32;
 }
 
 void lora_add(std::span<const LoraTask> tasks) {
@@ -328,7 +342,8 @@ void lora_add(std::span<const LoraTask> tasks) {
     j.in = k.m->in;
     j.x_rows = k.x_rows;
     j.ldx = k.ldx;
-    j.w = k.m->a.data();
+    j.w = k.m->a_data();
+    j.wdtype = k.m->dtype;
     j.out = k.m->rank;
     j.y = t[i].data();
     jobs.push_back(j);
@@ -343,7 +358,8 @@ void lora_add(std::span<const LoraTask> tasks) {
     j.x = t[i].data();
     j.rows = k.n;
     j.in = k.m->rank;
-    j.w = k.m->b.data();
+    j.w = k.m->b_data();
+    j.wdtype = k.m->dtype;
     j.out = k.m->out;
     if (k.y_rows) {
       d[i].resize(size_t(k.n * k.m->out));

@@ -36,13 +36,23 @@ struct LoraConfig {
   double scale(int64_t rank, const std::string& module) const;
 };
 
-// One adapted Linear [out, in]: A [rank, in], B [out, rank] with the scale folded in.
+// One adapted Linear [out, in]: A [rank, in], B [out, rank] with the scale folded in, kept in
+// `dtype`: F32 (a, b), or BF16 (a16, b16; the products then round their inputs to bf16, as the
+// kernels do for every bf16 weight).
 struct LoraModule {
   int64_t rank = 0, in = 0, out = 0;
+  DType dtype = DType::F32;
   std::vector<float> a, b;
+  std::vector<uint16_t> a16, b16;
   bool empty() const { return rank == 0; }
-  uint64_t bytes() const { return (a.size() + b.size()) * sizeof(float); }
+  uint64_t bytes() const { return (a.size() + b.size()) * sizeof(float) + (a16.size() + b16.size()) * 2; }
+  const void* a_data() const { return dtype == DType::BF16 ? static_cast<const void*>(a16.data()) : a.data(); }
+  const void* b_data() const { return dtype == DType::BF16 ? static_cast<const void*>(b16.data()) : b.data(); }
 };
+
+// What an adapter on this checkpoint is kept and multiplied in: BF16 on a bf16 model (as vLLM
+// keeps adapters in the model's dtype: half the bytes a step reads), F32 otherwise.
+DType lora_dtype_for(const Checkpoint& base);
 
 struct MlpLora {
   LoraModule gate, up, down;
@@ -61,9 +71,10 @@ class LoraAdapter {
   // Reads `dir` (adapter_config.json, adapter_model.safetensors) for the modules `sel` wants.
   // Every tensor of the file is checked (known module of this model, A/B pair, shapes), also those
   // not loaded. Throws moemesh::Error with one line naming the file and tensor at fault.
+  // dtype: F32 or BF16 (lora_dtype_for).
   static std::shared_ptr<const LoraAdapter> load(const std::filesystem::path& dir, const ModelConfig& base,
                                                  const WeightSelection& sel = WeightSelection::all(),
-                                                 std::string name = {}, std::string key = {});
+                                                 std::string name = {}, std::string key = {}, DType dtype = DType::F32);
 
   const std::string& name() const { return name_; }
   // How other processes name it (key: the content key it was loaded under; may be empty).

@@ -90,7 +90,7 @@ std::shared_ptr<const LoraAdapter> LoraCache::get(const LoraRef& ref, const Weig
   }
   ++stats_.misses;
   // Loading under the lock keeps one copy per adapter; adapters are small next to a step.
-  auto adapter = LoraAdapter::load(ref.path, base_, sel, ref.name, ref.key);
+  auto adapter = LoraAdapter::load(ref.path, base_, sel, ref.name, ref.key, dtype_);
   if (it != entries_.end()) {
     stats_.bytes -= it->second.first.adapter->bytes();
     lru_.erase(it->second.second);

@@ -51,7 +51,9 @@ class LoraCache {
     uint64_t bytes = 0;
     size_t adapters = 0;
   };
-  LoraCache(ModelConfig base, uint64_t max_bytes) : base_(std::move(base)), max_bytes_(max_bytes) {}
+  // dtype: what adapters are kept in (lora_dtype_for).
+  LoraCache(ModelConfig base, uint64_t max_bytes, DType dtype = DType::F32)
+      : base_(std::move(base)), max_bytes_(max_bytes), dtype_(dtype) {}
   // The adapter `ref` names, holding at least the modules `sel` wants (loaded now when it is not
   // held or holds less: a miss). Throws what LoraAdapter::load throws.
   std::shared_ptr<const LoraAdapter> get(const LoraRef& ref, const WeightSelection& sel);
@@ -64,6 +66,7 @@ class LoraCache {
   };
   ModelConfig base_;
   uint64_t max_bytes_;
+  DType dtype_;
   mutable std::mutex mu_;
   std::list<std::string> lru_;  // keys, most recent first
   std::map<std::string, std::pair<Entry, std::list<std::string>::iterator>> entries_;

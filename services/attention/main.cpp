@@ -188,7 +188,7 @@ int main(int argc, char** argv) {
     StepWorkerOptions wo;
     wo.micro_batches = micro_batches;
     wo.expert_waits = expert_waits;
-    wo.lora_cache = std::make_shared<LoraCache>(mc, uint64_t(lora_cache_mb) << 20);
+    wo.lora_cache = std::make_shared<LoraCache>(mc, uint64_t(lora_cache_mb) << 20, lora_dtype_for(*ckpt));
     wo.sample_from_summaries =
         summaries == "on" || (summaries == "auto" && parse_device(device).kind == DeviceSpec::Kind::Cuda);
     // Constrained decoding walks the tokenizer's tokens as bytes; a checkpoint without a

@@ -300,7 +300,8 @@ void run_bench_engine(const BenchEngineArgs& a) {
 
   cpu::set_compute_threads(threads);
   std::vector<std::shared_ptr<const LoraAdapter>> adapters;
-  for (const std::string& dir : a.lora) adapters.push_back(LoraAdapter::load(dir, cfg));
+  for (const std::string& dir : a.lora)
+    adapters.push_back(LoraAdapter::load(dir, cfg, WeightSelection::all(), {}, {}, lora_dtype_for(*ckpt)));
   // KV room for the largest measurement; sequences are freed between measurements.
   auto blocks = [](int64_t len) { return (len + KvCache::kBlockSize - 1) / KvCache::kBlockSize + 1; };
   EngineOptions opts;
@@ -337,12 +338,17 @@ void run_bench_engine(const BenchEngineArgs& a) {
               << std::flush;
   }
 
-  // Median over repeats of batch * steps / seconds, and the median step time.
+  // Median over repeats of batch * steps / seconds, and the median step time. With --lora every
+  // repeat also times the same batch without adapters, right after: the LoRA/base ratio of each
+  // pair, then their median (the machine is noisy; one process, interleaved, is the fairest).
+  std::vector<double> lora_ratios;
   auto measure_decode = [&](int64_t b) {
     std::vector<double> rates, seconds;
+    lora_ratios.clear();
     for (int64_t r = 0; r < a.repeats; ++r) {
       seconds.push_back(time_decode(engine, b, a.warmup, a.decode_tokens, adapters));
       rates.push_back(double(b * a.decode_tokens) / seconds.back());
+      if (!adapters.empty()) lora_ratios.push_back(seconds.back() / time_decode(engine, b, a.warmup, a.decode_tokens, {}));
     }
     return std::pair{rates, median(seconds) / double(a.decode_tokens) * 1e3};
   };
@@ -353,6 +359,11 @@ void run_bench_engine(const BenchEngineArgs& a) {
     const double tok_s = median(rates);
     if (b == 1) batch1_tok_s = tok_s;
     decode.push_back({{"batch", b}, {"tok_s", tok_s}, {"ms_per_step", ms_step}, {"tok_s_repeats", rates}});
+    if (!adapters.empty()) {
+      decode.back()["lora_adapters"] = adapters.size();
+      decode.back()["lora_over_base"] = median(lora_ratios);
+      decode.back()["lora_over_base_repeats"] = lora_ratios;
+    }
     if (human)
       std::cout << "  " << std::setw(5) << b << std::setw(11) << fmt("%.2f", tok_s) << std::setw(11)
                 << fmt("%.1f", ms_step) << "\n"

@@ -72,7 +72,8 @@ void run_generate(GenerateArgs& a) {
   opts.kv_blocks = (int64_t(prompt.size()) + a.max_tokens + 1) / KvCache::kBlockSize + 1;
   Engine engine(ckpt, opts);
   const SeqId seq = engine.create_sequence();
-  const std::shared_ptr<const LoraAdapter> adapter = a.lora.empty() ? nullptr : LoraAdapter::load(a.lora, cfg);
+  const std::shared_ptr<const LoraAdapter> adapter =
+      a.lora.empty() ? nullptr : LoraAdapter::load(a.lora, cfg, WeightSelection::all(), {}, {}, lora_dtype_for(*ckpt));
 
   std::unique_ptr<TextStream> stream;
   if (!a.json && tok) stream = std::make_unique<TextStream>(tok, std::vector<std::string>{});

@@ -43,7 +43,8 @@ AUTOSCALING = dict(signals={"layer1": "queued"}, thresholds={"hot": "0.6", "laye
 VARIANTS = {
     "default": dict(values=[], apis=[MON], hosts=2, scalers={"default": None}),
     "default-no-crds": dict(values=[], apis=[], hosts=2, scalers={"default": None}),
-    "cpu": dict(values=["cpu.yaml"], apis=[MON], hosts=3, scalers={"default": None}, tenants=True),
+    "cpu": dict(values=["cpu.yaml"], apis=[MON], hosts=3, scalers={"default": None}, tenants=True,
+                lora={"modules": ["support=/models/adapters/support"], "cache_mb": "128"}),
     "gpu": dict(values=["gpu.yaml"], apis=[MON], hosts=4, scalers={"default": None}, tenants=True, gpu=True),
     "pools": dict(values=["pools.yaml"], apis=[MON], hosts=5, scalers={"big": None, "small": None, "layer0": None}),
     "autoscaling-keda": dict(values=["autoscaling.yaml"], apis=[MON, KEDA], hosts=5,
@@ -299,6 +300,22 @@ def check_router(docs, hosts, tenants):
         ensure(not any(v["name"] == "tenants" for v in pod["volumes"]), "tenants volume without tenants")
 
 
+def check_lora(docs, lora):
+    """The router serves lora.modules from the model volume; every attention worker and expert host
+    gets lora.cacheMb."""
+    want = lora or {"modules": [], "cache_mb": "256"}
+    for w in workloads(docs):
+        c = main_container(w)
+        role = c["args"][0]
+        if role == "router":
+            got = [a.split("=", 1)[1] for a in c["args"] if a.startswith("--lora-modules=")]
+            ensure(got == want["modules"], f"router --lora-modules {got}, want {want['modules']}")
+            ensure("--allow-runtime-lora" not in c["args"], "runtime LoRA loading on by default")
+        elif role in ("attention", "expert"):
+            ensure(flag(c["args"], "--lora-cache-mb") == want["cache_mb"],
+                   f"{w['metadata']['name']}: --lora-cache-mb={flag(c['args'], '--lora-cache-mb')}, want {want['cache_mb']}")
+
+
 def check_accelerator(docs, gpu):
     for w in workloads(docs):
         pod = w["spec"]["template"]["spec"]
@@ -479,6 +496,7 @@ def group_render(run):
         run.check(f"{name}: ZeroMQ endpoints are stable per-pod names", check_endpoints, docs)
         run.check(f"{name}: router (--expert-hosts, tenants, API Service)", check_router, docs, v["hosts"], v.get("tenants", False))
         run.check(f"{name}: accelerator {'nvidia' if v.get('gpu') else 'cpu'}", check_accelerator, docs, v.get("gpu", False))
+        run.check(f"{name}: LoRA adapters", check_lora, docs, v.get("lora"))
         run.check(f"{name}: expert pool autoscalers", check_autoscaling, docs, v["scalers"], v.get("signals", {}),
                   v.get("thresholds", {}))
         run.check(f"{name}: dashboards/ shipped whole", check_dashboards_and_rules, docs, with_crds)

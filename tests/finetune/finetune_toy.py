@@ -103,6 +103,8 @@ def serve(args):
                 print(f"  miss: {prompt!r}: expected {completion!r}, got {text!r}")
         print(f"served adapter: {exact}/{N_PROMPTS} exact", flush=True)
         H.check(exact >= 0.9 * N_PROMPTS, f"only {exact}/{N_PROMPTS} answers exact")
+        rc, _ = up.terminate_and_wait(timeout=30)
+        H.check(rc == 0, f"moemesh up exited {rc} on SIGTERM")
     finally:
         up.kill()
 

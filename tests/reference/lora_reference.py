@@ -184,23 +184,33 @@ def merge(c, W, adapter):
     return Wm
 
 
+def bf16(a):
+    """Values rounded to bfloat16 (through float32, round to nearest even), as float64."""
+    return hf.bf16_to_f32(hf.bf16_bits(a)).astype(np.float64)
+
+
 @contextlib.contextmanager
-def low_precision_base_rule(c, W, Wm):
-    """On a BF16 base, x · W'ᵀ of a merged module is evaluated as bf16(x) · Wᵀ + x · (W' - W)ᵀ:
-    the kernels (and torch) round x to bf16 only for the weights stored in bf16, and the adapter's
-    delta is an f32 product of the unrounded x. Rounding x for the whole merged sum is another
-    computation (on lora_mixtral_bf16_all its logits differ by 3.7e-3 median, through 2 layers)."""
+def low_precision_base_rule(c, W, Wm, adapter):
+    """On a BF16 base the server keeps an adapter in bf16 (as vLLM keeps adapters in the model's
+    dtype: `core/lora.h` lora_dtype_for), so x · W'ᵀ of a merged module is evaluated as the server
+    computes it: bf16(x) · Wᵀ + bf16(bf16(x) · Aᵀ) · bf16(s·B)ᵀ, each product with bf16 weights
+    rounding its input to bf16 and s·B formed in float32. Rounding x once for the whole merged sum
+    is another computation (on lora_mixtral_bf16_all its logits differ by 3.7e-3 median)."""
     if c["dtype"] != "BF16":
         yield
         return
-    base = {id(Wm[n]): W[n] for n in Wm if Wm[n] is not W[n]}
+    s = np.float32(adapter["scale"])
+    parts = {}
+    for module, (A, B) in adapter["modules"].items():
+        name = module + ".weight"
+        parts[id(Wm[name])] = (W[name], bf16(A), bf16(B.astype(np.float32) * s))
     plain = hf.matmul
 
     def matmul(cc, x, w):
-        if id(w) not in base:
+        if id(w) not in parts:
             return plain(cc, x, w)
-        w0 = base[id(w)]
-        return plain(cc, x, w0) + x @ (w - w0).T
+        w0, a, b = parts[id(w)]
+        return plain(cc, x, w0) + bf16(bf16(x) @ a.T) @ b.T
 
     hf.matmul = matmul
     try:
@@ -241,7 +251,7 @@ def check_effect(name, c, W, Wm, prompt):
 def check_case(cli, name, workdir, seed):
     c, folder, W, prompt, adapter = build_case(name, workdir, seed)
     Wm = merge(c, W, adapter)
-    with low_precision_base_rule(c, W, Wm):
+    with low_precision_base_rule(c, W, Wm, adapter):
         if not check_effect(name, c, W, Wm, prompt):
             return False
         return hf.compare_case(cli, name, c, folder, Wm, prompt, ["--lora", adapter["folder"]])
@@ -357,18 +367,19 @@ def self_test_merge():
         expect(np.allclose(x @ Wm["m.weight"].T, direct, rtol=1e-12, atol=1e-12), "merged Linear, rslora %s" % rslora)
         expect(Wm["other.weight"] is W["other.weight"], "an unadapted module changed")
         expect(W["m.weight"] is not Wm["m.weight"], "merge wrote into W")
-    # A BF16 base: merged modules evaluate as bf16(x)·Wᵀ + x·ΔWᵀ, other modules as before.
+    # A BF16 base: merged modules evaluate as the server computes them with a bf16 adapter; other
+    # modules as before.
     Wb = {"m.weight": hf.store(W["m.weight"], "BF16")[2], "other.weight": W["other.weight"]}
-    Wm = merge({"dtype": "BF16"}, Wb, {"scale": 0.5, "modules": {"m": (A, B)}})
+    ad = {"scale": 0.5, "modules": {"m": (A, B)}}
+    Wm = merge({"dtype": "BF16"}, Wb, ad)
     cb = {"dtype": "BF16"}
-    xb = hf.bf16_to_f32(hf.bf16_bits(x)).astype(np.float64)
-    with low_precision_base_rule(cb, Wb, Wm):
+    with low_precision_base_rule(cb, Wb, Wm, ad):
         got = hf.matmul(cb, x, Wm["m.weight"])
         other = hf.matmul(cb, x[:, :3], Wm["other.weight"])
-    expect(np.allclose(got, xb @ Wb["m.weight"].T + 0.5 * (x @ A.T) @ B.T, rtol=1e-12, atol=1e-12),
-           "BF16 base: merged module not evaluated as bf16(x)·W + x·ΔW")
-    expect(np.allclose(other, hf.bf16_to_f32(hf.bf16_bits(x[:, :3])).astype(np.float64) @ W["other.weight"].T),
-           "BF16 base: an unadapted module changed rule")
+    want = bf16(x) @ Wb["m.weight"].T + bf16(bf16(x) @ bf16(A).T) @ bf16(np.float32(0.5) * B.astype(np.float32)).T
+    expect(np.allclose(got, want, rtol=1e-12, atol=1e-12), "BF16 base: merged module not evaluated as the server does")
+    expect(np.max(np.abs(got - (x @ Wm["m.weight"].T))) > 1e-4, "BF16 base: the rule changed nothing")
+    expect(np.allclose(other, bf16(x[:, :3]) @ W["other.weight"].T), "BF16 base: an unadapted module changed rule")
 
 
 def self_test_case(name, workdir):

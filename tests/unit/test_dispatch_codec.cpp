@@ -98,6 +98,28 @@ TEST(DispatchCodec, RequestRoundTrip) {
   EXPECT_THROW(copy_floats(q.rows, 17, 4, tail.data()), Error);
 }
 
+// Rows of LoRA adapters: each group's per-row index into the request's adapters travels intact;
+// an index past them, or a count other than the group's rows, is refused.
+TEST(DispatchCodec, AdapterRowsRoundTripAndBadIndexesAreRefused) {
+  const std::vector<LoraRef> adapters{{"a", "/x/a", "k1"}, {"b", "/x/b", "k2"}};
+  const std::vector<Group> groups{{5, 2, {0, 2}}, {1, 3, {1, 1, 0}}};
+  Received r(encode_request(7, 1, groups, 4, iota_floats(5 * 4), 0, {}, adapters));
+  const Request q = decode_request(r.frames());
+  EXPECT_EQ(q.adapters, adapters);
+  ASSERT_EQ(q.groups.size(), 2u);
+  EXPECT_EQ(q.groups[0].adapter, (std::vector<int32_t>{0, 2}));
+  EXPECT_EQ(q.groups[1].adapter, (std::vector<int32_t>{1, 1, 0}));
+  EXPECT_THROW(encode_request(7, 1, std::vector<Group>{{5, 2, {1}}}, 4, iota_floats(8), 0, {}, adapters), Error);
+  Received bad(encode_request(7, 1, std::vector<Group>{{5, 2, {0, 3}}}, 4, iota_floats(8), 0, {}, adapters));
+  try {
+    decode_request(bad.frames());
+    FAIL() << "an adapter index past the request's adapters was accepted";
+  } catch (const DecodeError& e) {
+    EXPECT_EQ(e.code(), "bad_meta");
+    EXPECT_NE(std::string(e.what()).find("adapter index 3"), std::string::npos) << e.what();
+  }
+}
+
 TEST(DispatchCodec, ResponseAndErrorRoundTrip) {
   const auto out = iota_floats(6 * 8);
   Received r(encode_response(12, 1, 8, out));

@@ -11,6 +11,7 @@
 #include "core/engine.h"
 #include "core/error.h"
 #include "core/lora.h"
+#include "core/lora_cache.h"
 #include "tests/support/numeric.h"
 #include "tests/support/tiny_model.h"
 
@@ -120,6 +121,67 @@ TEST(LoraAdapter, LoadsOnlyTheSelectedShare) {
   EXPECT_TRUE(one->layer(1).experts[2].empty());
   EXPECT_LT(one->bytes(), attn->bytes());
   EXPECT_LT(attn->bytes(), full->bytes());
+}
+
+// The cache: a hit returns the same adapter, a wider selection reloads it, the least recently
+// used goes first past the byte budget, and an evicted adapter in use stays valid.
+TEST(LoraCache, HitsReloadsForMoreExpertsAndEvictsLeastRecentlyUsed) {
+  TinyModel model(Arch::Mixtral, 7, kVocab);
+  TempDir dir("moemesh-lora");
+  const ModelConfig cfg = Checkpoint::open(model.path())->config();
+  std::vector<LoraRef> refs;
+  for (int i = 0; i < 3; ++i) {
+    const auto p = write_random_adapter(dir, "a" + std::to_string(i), cfg, {"w1", "w2", "w3"}, uint64_t(i + 1));
+    refs.push_back({"a" + std::to_string(i), p.string(), lora_content_key(p)});
+  }
+  EXPECT_NE(refs[0].key, refs[1].key);
+  const auto one = WeightSelection::only_experts({{0, 1}}), two = WeightSelection::only_experts({{0, 1}, {1, 2}});
+  const uint64_t size = LoraAdapter::load(refs[0].path, cfg, one)->bytes();
+  LoraCache cache(cfg, 2 * size + size / 2);  // room for two
+  auto a0 = cache.get(refs[0], one);
+  EXPECT_EQ(cache.get(refs[0], one), a0);
+  EXPECT_EQ(cache.stats().hits, 1u);
+  cache.get(refs[1], one);
+  cache.get(refs[0], one);  // a0 most recent
+  cache.get(refs[2], one);  // evicts a1
+  LoraCache::Stats s = cache.stats();
+  EXPECT_EQ(s.evictions, 1u);
+  EXPECT_EQ(s.adapters, 2u);
+  EXPECT_EQ(cache.get(refs[0], one), a0) << "the most recently used was evicted";
+  EXPECT_EQ(cache.stats().misses, 3u);
+  cache.get(refs[1], one);  // back: a miss
+  EXPECT_EQ(cache.stats().misses, 4u);
+  // A host that now holds expert (1, 2) too needs that expert's modules: loaded again.
+  auto wider = cache.get(refs[0], two);
+  EXPECT_NE(wider, a0);
+  EXPECT_FALSE(wider->layer(1).experts[2].empty());
+  EXPECT_TRUE(a0->layer(1).experts[2].empty());
+  EXPECT_FALSE(a0->layer(0).experts[1].empty()) << "an adapter still in use changed under its user";
+}
+
+// A bf16 model keeps adapters in bf16 (half the bytes); rows still get what they get alone.
+TEST(LoraAdapter, Bf16AdaptersOnABf16ModelMixExactly) {
+  TinyModel model(Arch::Mixtral, 7, kVocab, DType::BF16);
+  TempDir dir("moemesh-lora");
+  auto ckpt = Checkpoint::open(model.path());
+  const ModelConfig& cfg = ckpt->config();
+  ASSERT_EQ(lora_dtype_for(*ckpt), DType::BF16);
+  const auto path = write_random_adapter(dir, "all", cfg, all_targets(Arch::Mixtral), 3);
+  const auto f32 = LoraAdapter::load(path, cfg);
+  const auto b16 = LoraAdapter::load(path, cfg, WeightSelection::all(), {}, {}, DType::BF16);
+  EXPECT_EQ(b16->layer(0).q.dtype, DType::BF16);
+  EXPECT_EQ(2 * b16->bytes(), f32->bytes());
+  EngineOptions opts;
+  opts.kv_blocks = 32;
+  Engine engine(ckpt, opts);
+  const auto p0 = testing::random_tokens(6, 1, kVocab), p1 = testing::random_tokens(7, 2, kVocab);
+  const auto want0 = alone(engine, p0, b16), want1 = alone(engine, p1, nullptr);
+  EXPECT_LT(testing::rel_diff(want0, alone(engine, p0, f32)), 2e-2);
+  std::vector<StepInput> batch{{engine.create_sequence(), p0, true}, {engine.create_sequence(), p1, true}};
+  batch[0].adapter = b16;
+  const auto outs = engine.step(batch);
+  EXPECT_EQ(outs[0].logits, want0);
+  EXPECT_EQ(outs[1].logits, want1);
 }
 
 TEST(LoraAdapter, ScaleFoldedIntoBWithRsLoraAndAlphaPattern) {

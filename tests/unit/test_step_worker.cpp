@@ -136,7 +136,10 @@ TEST_P(MicroBatches, AFailureInEitherHalfChangesNoSequence) {
 }
 
 TEST_P(MicroBatches, StepWorkerOutputsAreTheSameWithOneOrTwo) {
-  StepWorker w1(engine(), {2}, {.micro_batches = 1}), w2(engine(), {2}, {.micro_batches = 2});
+  StepWorkerOptions one, two;
+  one.micro_batches = 1;
+  two.micro_batches = 2;
+  StepWorker w1(engine(), {2}, one), w2(engine(), {2}, two);
   std::vector<std::vector<int32_t>> prompts;
   for (size_t i = 0; i < 4; ++i) prompts.push_back(random_tokens(10 + 13 * i, 50 + i, vocab()));
   std::vector<int32_t> last(prompts.size(), -1);
@@ -262,7 +265,12 @@ TEST(StepWorkerOptionsTest, MicroBatchesIsOneOrTwo) {
   o.dtype = DType::F32;
   write_model(c, dir / "m", o);
   auto eng = std::make_shared<Engine>(Checkpoint::open(dir / "m"), EngineOptions{8});
-  EXPECT_THROW(StepWorker(eng, {}, {.micro_batches = 3}), Error);
-  EXPECT_THROW(StepWorker(eng, {}, {.micro_batches = 0}), Error);
-  EXPECT_NO_THROW(StepWorker(eng, {}, {.micro_batches = 1}));
+  auto with = [](int micro_batches) {
+    StepWorkerOptions o;
+    o.micro_batches = micro_batches;
+    return o;
+  };
+  EXPECT_THROW(StepWorker(eng, {}, with(3)), Error);
+  EXPECT_THROW(StepWorker(eng, {}, with(0)), Error);
+  EXPECT_NO_THROW(StepWorker(eng, {}, with(1)));
 }
