@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gptq_reference as gq  # noqa: E402
+import hf_reference as hf  # noqa: E402
 
 
 def gptq(W, X, bits, group_size, sym, desc_act, damp):
@@ -112,12 +113,7 @@ def self_test():
 
 def main():
     if sys.argv[1:] == ["--self-test"]:
-        try:
-            self_test()
-        except AssertionError as e:
-            print("self-test: FAILED: %s" % e)
-            sys.exit(1)
-        return
+        return hf.run_self_test(self_test)
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     cases = sorted(glob.glob(os.path.join(sys.argv[1], "*", "case.json")))

@@ -406,36 +406,8 @@ def self_test():
 
 
 def main():
-    ap = hf.arg_parser("a case name or gptq_errors (default: all)")
-    ap.add_argument("--self-test", action="store_true", help="only the NumPy pack/unpack checks (no --cli)")
-    a = ap.parse_args()
-    if a.self_test:
-        try:
-            self_test()
-        except AssertionError as e:
-            print("self-test: FAILED: %s" % e)
-            sys.exit(1)
-        return
-    names = a.case or list(CASES) + ["gptq_errors"]
-    unknown = [n for n in names if n not in CASES and n != "gptq_errors"]
-    if unknown:
-        ap.error("unknown case %s" % ", ".join(unknown))
-    if a.write_only:
-        if not a.workdir:
-            ap.error("--write-only needs --workdir")
-        for n in names:
-            if n == "gptq_errors":
-                write_errors(a.workdir, a.seed)
-            else:
-                build_case(n, a.workdir, a.seed)
-        return
-    if not a.cli:
-        ap.error("--cli is required")
-
-    def check(n, workdir):
-        return check_errors(a.cli, workdir, a.seed) if n == "gptq_errors" else check_case(a.cli, n, workdir, a.seed)
-
-    hf.run_checks(names, check, a.workdir, a.keep, "moemesh-gptq-")
+    hf.sibling_main(CASES, "gptq_errors", build_case, write_errors, check_case, check_errors, self_test,
+                    "only the NumPy pack/unpack checks (no --cli)")
 
 
 if __name__ == "__main__":

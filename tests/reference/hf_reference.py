@@ -668,6 +668,46 @@ def main():
     run_checks(names, check, a.workdir, a.keep, "moemesh-ref-")
 
 
+def run_self_test(self_test):
+    """Runs a --self-test (NumPy only); exits 1 with its message when an assertion fails."""
+    try:
+        self_test()
+    except AssertionError as e:
+        print("self-test: FAILED: %s" % e)
+        sys.exit(1)
+
+
+def sibling_main(cases, errors_case, build_case, write_errors, check_case, check_errors, self_test, self_test_help):
+    """main() of a reference script beside this one (gptq_reference, lora_reference): its model
+    cases and one errors case, --write-only, --self-test, or the checks against --cli."""
+    ap = arg_parser("a case name or %s (default: all)" % errors_case)
+    ap.add_argument("--self-test", action="store_true", help=self_test_help)
+    a = ap.parse_args()
+    if a.self_test:
+        return run_self_test(self_test)
+    names = a.case or list(cases) + [errors_case]
+    unknown = [n for n in names if n not in cases and n != errors_case]
+    if unknown:
+        ap.error("unknown case %s" % ", ".join(unknown))
+    if a.write_only:
+        if not a.workdir:
+            ap.error("--write-only needs --workdir")
+        os.makedirs(a.workdir, exist_ok=True)
+        for n in names:
+            if n == errors_case:
+                write_errors(a.workdir, a.seed)
+            else:
+                build_case(n, a.workdir, a.seed)
+        return
+    if not a.cli:
+        ap.error("--cli is required")
+
+    def check(n, workdir):
+        return check_errors(a.cli, workdir, a.seed) if n == errors_case else check_case(a.cli, n, workdir, a.seed)
+
+    run_checks(names, check, a.workdir, a.keep, "moemesh-%s-" % errors_case.split("_")[0])
+
+
 def run_checks(names, check, workdir, keep, prefix):
     """check(name, folder) for each name in workdir (a temporary one when None, removed after
     unless keep); exits 0 when every check passed."""
