@@ -1,12 +1,14 @@
 #include "core/lora.h"
 
 #include <algorithm>
+#include <charconv>
+#include <optional>
+#include <string_view>
 #include <cmath>
 #include <fstream>
 #include <map>
 #include <random>
 #include <nlohmann/json.hpp>
-#include <regex>
 #include <sstream>
 
 #include "core/error.h"
@@ -24,14 +26,19 @@ constexpr const char* kConfigFile = "adapter_config.json";
 constexpr const char* kWeightsFile = "adapter_model.safetensors";
 constexpr std::string_view kPrefix = "base_model.model.";
 
-// PEFT's key matching for rank_pattern / alpha_pattern: the key is a regex matched at the end of
-// the module name, on a dot boundary.
+// PEFT's key matching for alpha_pattern, for keys that are module names (the usual case, e.g.
+// "q_proj" or "model.layers.0.self_attn.q_proj"): the key is the name, or its end after a dot.
+// PEFT reads keys as Python regexes; one with regex syntax matches only literally here.
 bool pattern_matches(const std::string& key, const std::string& module) {
-  try {
-    return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
-  } catch (const std::regex_error&) {
-    return module == key || module.ends_with("." + key);
-  }
+  return module == key || module.ends_with("." + key);
+}
+
+// "123.rest" -> 123 and "rest"; nullopt when s does not start with digits and a dot.
+std::optional<std::pair<int64_t, std::string_view>> leading_index(std::string_view s) {
+  int64_t v = 0;
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc() || end == s.data() + s.size() || *end != '.') return std::nullopt;
+  return std::pair{v, s.substr(size_t(end - s.data()) + 1)};
 }
 
 // Where a Linear of the base model sits, and its shape.
@@ -47,22 +54,23 @@ struct Site {
 // ".weight"): the names come from Checkpoint::expected_tensors, so they are the loader's.
 std::map<std::string, Site> linear_sites(const ModelConfig& c) {
   std::map<std::string, Site> out;
-  static const std::regex layer_re(R"(^model\.layers\.(\d+)\.(.*)\.weight$)");
-  static const std::regex expert_re(R"(^(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)$)");
-  auto proj_of = [](const std::string& p) {
+  auto proj_of = [](std::string_view p) {
     if (p == "w1" || p == "gate_proj") return 0;
     if (p == "w3" || p == "up_proj") return 1;
     return 2;  // w2, down_proj
   };
+  constexpr std::string_view kLayers = "model.layers.", kWeight = ".weight";
   for (const auto& t : Checkpoint::expected_tensors(c)) {
-    std::smatch m;
-    if (t.shape.size() != 2 || !std::regex_match(t.name, m, layer_re)) continue;
+    const std::string_view name = t.name;
+    if (t.shape.size() != 2 || !name.starts_with(kLayers) || !name.ends_with(kWeight)) continue;
+    const auto layer = leading_index(name.substr(kLayers.size(), name.size() - kLayers.size() - kWeight.size()));
+    if (!layer) continue;
     Site s;
-    s.layer = std::stoll(m[1].str());
+    s.layer = layer->first;
     s.out = t.shape[0];
     s.in = t.shape[1];
-    const std::string rest = m[2].str();
-    std::smatch e;
+    const std::string_view rest = layer->second;
+    const std::string_view last = rest.substr(rest.rfind('.') + 1);
     if (rest == "self_attn.q_proj")
       s.kind = Site::Kind::Q;
     else if (rest == "self_attn.k_proj")
@@ -73,16 +81,18 @@ std::map<std::string, Site> linear_sites(const ModelConfig& c) {
       s.kind = Site::Kind::O;
     else if (rest == "block_sparse_moe.gate" || rest == "mlp.gate")
       s.kind = Site::Kind::Router;
-    else if (std::regex_match(rest, e, expert_re)) {
+    else if (rest.starts_with("block_sparse_moe.experts.") || rest.starts_with("mlp.experts.")) {
+      const auto e = leading_index(rest.substr(rest.find("experts.") + 8));
+      if (!e) continue;
       s.kind = Site::Kind::Expert;
-      s.expert = std::stoll(e[1].str());
-      s.proj = proj_of(e[2].str());
+      s.expert = e->first;
+      s.proj = proj_of(e->second);
     } else if (rest.starts_with("mlp.shared_experts.")) {
       s.kind = Site::Kind::Shared;
-      s.proj = proj_of(rest.substr(rest.rfind('.') + 1));
+      s.proj = proj_of(last);
     } else if (rest.starts_with("mlp.")) {
       s.kind = Site::Kind::Dense;
-      s.proj = proj_of(rest.substr(rest.rfind('.') + 1));
+      s.proj = proj_of(last);
     } else {
       continue;
     }
