@@ -217,6 +217,12 @@ void complete(Self* self) {
   } else if (st.answered) {
     out.status = st.error_status;
     out.finish_reason = "error";
+  }
+  // Before the answer goes out: a stored response must be there when the client's next turn
+  // names it as previous_response_id (it can arrive as soon as the answer does).
+  if (st.spec.on_done) st.spec.on_done(out);
+  if (st.client_gone || st.answered) {
+    // nothing to send
   } else if (st.spec.responses && (st.streaming || r.stream)) {
     start_stream(st);
     const std::string id = message_id(st);
@@ -264,7 +270,6 @@ void complete(Self* self) {
                                              out.completion_tokens, cached, r.return_token_ids, st.token_text);
     st.res.send({200, "application/json", body.dump(), st.spec.headers});
   }
-  if (st.spec.on_done) st.spec.on_done(out);
   self->quit();
 }
 

@@ -41,7 +41,7 @@ struct SessionSpec {
   int64_t created = 0;
   std::shared_ptr<const Tokenizer> tokenizer;          // may be null (token-id prompts)
   http::HeaderList headers;                            // sent with the response (traceparent)
-  std::function<void(const SessionOutcome&)> on_done;  // once, when the request has ended
+  std::function<void(const SessionOutcome&)> on_done;  // once, when the request has ended, before its answer goes out
   // Set when tools were offered (tool_choice other than none): calls in this format are parsed
   // out of each choice into tool_calls, and the stream holds back text that may start one.
   std::optional<ToolCallFormat> tool_format;
