@@ -41,7 +41,7 @@ class DispatchMetrics : public ::testing::Test {
   void call(RemoteExpertExecutor& remote, int64_t layer, std::vector<int32_t> experts) {
     std::vector<float> h(experts.size() * size_t(hidden()), 0.5f);
     std::vector<ExpertGroup> groups;
-    for (size_t i = 0; i < experts.size(); ++i) groups.push_back({experts[i], {int32_t(i)}, {0}});
+    for (size_t i = 0; i < experts.size(); ++i) groups.push_back({experts[i], {int32_t(i)}, {0}, {}});
     std::vector<std::vector<float>> out;
     remote.run(layer, h.data(), hidden(), groups, out);
   }

@@ -284,8 +284,8 @@ TEST(OpenAiApi, UsageShape) {
 }
 
 TEST(OpenAiApi, CompletionResponseShape) {
-  CompletionChoice a{"hello", {5, 6}, {}, false, {}, "length"};
-  CompletionChoice b{"yo", {7}, {{7, -0.5f, {{7, -0.5f}, {9, -1.5f}}}}, true, {{0.5f, 1.5f}}, "stop"};
+  CompletionChoice a{"hello", {5, 6}, {}, false, {}, "length", {}};
+  CompletionChoice b{"yo", {7}, {{7, -0.5f, {{7, -0.5f}, {9, -1.5f}}}}, true, {{0.5f, 1.5f}}, "stop", {}};
   json j = completion_response("cmpl-1", 100, "m", {a, b}, 3, 3, 1, true, piece);
   EXPECT_EQ(j["id"], "cmpl-1");
   EXPECT_EQ(j["object"], "text_completion");
@@ -330,8 +330,8 @@ TEST(OpenAiApi, CompletionLogprobsShape) {
 }
 
 TEST(OpenAiApi, ChatResponseShape) {
-  CompletionChoice a{"hi there", {5}, {{5, -0.1f, {{5, -0.1f}}}}, true, {}, "stop"};
-  CompletionChoice b{"other", {6}, {}, false, {}, "length"};
+  CompletionChoice a{"hi there", {5}, {{5, -0.1f, {{5, -0.1f}}}}, true, {}, "stop", {}};
+  CompletionChoice b{"other", {6}, {}, false, {}, "length", {}};
   json j = chat_response("chatcmpl-1", 7, "m", {a, b}, 2, 2, 0, false, piece);
   EXPECT_EQ(j["object"], "chat.completion");
   EXPECT_EQ(j["id"], "chatcmpl-1");
