@@ -11,14 +11,8 @@ the ratio within one run means something).
 """
 import argparse, concurrent.futures, json, os, re, signal, subprocess, sys, tempfile, time, urllib.request
 
-
-def free_port():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration"))
+from harness import free_port  # noqa: E402
 
 
 def main():

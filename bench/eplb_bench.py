@@ -14,14 +14,8 @@ expert hosts' imbalance (busiest host's rows / mean rows over the measured windo
 """
 import argparse, json, os, signal, subprocess, sys, tempfile
 
-
-def free_port():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration"))
+from harness import free_port  # noqa: E402
 
 
 def host_rows(cli, control):

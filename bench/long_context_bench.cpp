@@ -9,7 +9,7 @@
 // bounds it; the split-K CPU attention spreads each decode row's keys over the compute pool.
 //
 //   bench_long_context [--preset tiny|small] [--contexts 4096,32768,131072] [--window 4096]
-//                      [--decode 16] [--chunk 2048] [--threads N]
+//                      [--decode 16] [--chunk 2048] [--prefill 4096] [--threads N]
 // Prints one Markdown table (docs/performance.md records it).
 #include <algorithm>
 #include <chrono>
@@ -69,6 +69,8 @@ int main(int argc, char** argv) {
       decode = std::stoll(v);
     else if (k == "--chunk")
       chunk = std::stoll(v);
+    else if (k == "--prefill")
+      prefill = std::stoll(v);
     else if (k == "--threads")
       threads = std::stoi(v);
     else {

@@ -7,13 +7,12 @@
 
 #include <cerrno>
 #include <cstring>
-#include <fstream>
-#include <sstream>
 #include <unordered_map>
 
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_file.h"
 #include "core/safetensors.h"
 
 namespace moemesh {
@@ -49,18 +48,6 @@ std::string router_tensor(const ModelConfig& c, int64_t layer) {
 
 std::string shared_prefix(int64_t layer) { return layer_prefix(layer) + "mlp.shared_experts."; }
 std::string dense_prefix(int64_t layer) { return layer_prefix(layer) + "mlp."; }
-
-json read_json_file(const fs::path& p) {
-  std::ifstream in(p);
-  if (!in) throw Error(p.filename().string() + ": cannot open");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  try {
-    return json::parse(ss.str());
-  } catch (const json::exception& e) {
-    throw Error(p.filename().string() + ": not valid JSON (" + std::string(e.what()) + ")");
-  }
-}
 
 }  // namespace
 

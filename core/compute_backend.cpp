@@ -90,6 +90,12 @@ namespace {
 
 thread_local const AttentionObserver* attention_observer = nullptr;
 
+// dst[r] += src[r] for each listed row r of dim floats.
+void add_rows(const float* src, float* dst, int64_t dim, std::span<const int32_t> rows) {
+  for (int32_t r : rows)
+    for (int64_t c = 0; c < dim; ++c) dst[int64_t(r) * dim + c] += src[int64_t(r) * dim + c];
+}
+
 class CpuBackend final : public ComputeBackend {
  public:
   std::string name() const override { return "cpu"; }
@@ -122,9 +128,9 @@ class CpuBackend final : public ComputeBackend {
     const cpu::MatmulJob qkv[] = {projection_job(h.data(), rows, lw.q, q.data()),
                                   projection_job(h.data(), rows, lw.k, k.data()),
                                   projection_job(h.data(), rows, lw.v, v.data())};
-    cpu::matmul(qkv);
-    // Each adapter's q/k/v deltas on its sequences' rows, before RoPE (they are part of the
-    // projections); o's below.
+    // Each adapter's q/k/v deltas on its sequences' rows, in the projections' parallel section
+    // but into buffers of their own (the products store q, k and v), added before RoPE (they are
+    // part of the projections); o's likewise below.
     std::vector<std::pair<const LoraAdapter*, std::vector<int32_t>>> by_adapter;
     for (const auto& sp : layout.spans) {
       if (!sp.adapter || sp.adapter->layer(layer).attention_empty()) continue;
@@ -134,14 +140,22 @@ class CpuBackend final : public ComputeBackend {
       for (int64_t i = 0; i < sp.n; ++i) it->second.push_back(int32_t(sp.row0 + i));
     }
     std::vector<LoraTask> deltas;
+    std::vector<float> dq, dk, dv;
+    if (!by_adapter.empty()) dq.resize(q.size()), dk.resize(k.size()), dv.resize(v.size());
     for (const auto& [a, r] : by_adapter) {
       const LayerLora& ll = a->layer(layer);
       const int64_t n = int64_t(r.size());
-      deltas.push_back({&ll.q, h.data(), r.data(), hidden, q.data(), r.data(), q_dim, n});
-      deltas.push_back({&ll.k, h.data(), r.data(), hidden, k.data(), r.data(), kv_dim, n});
-      deltas.push_back({&ll.v, h.data(), r.data(), hidden, v.data(), r.data(), kv_dim, n});
+      deltas.push_back({&ll.q, h.data(), r.data(), hidden, dq.data(), r.data(), q_dim, n, false});
+      deltas.push_back({&ll.k, h.data(), r.data(), hidden, dk.data(), r.data(), kv_dim, n, false});
+      deltas.push_back({&ll.v, h.data(), r.data(), hidden, dv.data(), r.data(), kv_dim, n, false});
     }
-    lora_add(deltas);
+    cpu::matmul(qkv, lora_jobs(deltas));
+    for (const auto& [a, r] : by_adapter) {
+      const LayerLora& ll = a->layer(layer);
+      if (!ll.q.empty()) add_rows(dq.data(), q.data(), q_dim, r);
+      if (!ll.k.empty()) add_rows(dk.data(), k.data(), kv_dim, r);
+      if (!ll.v.empty()) add_rows(dv.data(), v.data(), kv_dim, r);
+    }
     // One frequency table for the batch, or (dynamic scaling) one per sequence.
     auto rotate = [&](int64_t row0, int64_t n, int64_t seq_len) {
       const RopeTable t = rope_table(cfg, seq_len);
@@ -171,11 +185,15 @@ class CpuBackend final : public ComputeBackend {
     // x += o_proj(attn): the residual add is the product's epilogue.
     cpu::MatmulJob o = projection_job(attn.data(), rows, lw.o, x);
     o.epilogue = cpu::MatmulJob::Epilogue::Add;
-    cpu::matmul(std::span(&o, 1));
     deltas.clear();
+    std::vector<float> dx;
+    if (!by_adapter.empty()) dx.resize(size_t(rows * hidden));
     for (const auto& [a, r] : by_adapter)
-      deltas.push_back({&a->layer(layer).o, attn.data(), r.data(), q_dim, x, r.data(), hidden, int64_t(r.size())});
-    lora_add(deltas);
+      deltas.push_back(
+          {&a->layer(layer).o, attn.data(), r.data(), q_dim, dx.data(), r.data(), hidden, int64_t(r.size()), false});
+    cpu::matmul(std::span(&o, 1), lora_jobs(deltas));
+    for (const auto& [a, r] : by_adapter)
+      if (!a->layer(layer).o.empty()) add_rows(dx.data(), x, hidden, r);
   }
 
   void mlp(const MlpWeights& w, const float* x, int64_t rows, int64_t hidden, float* out) override {
@@ -184,16 +202,17 @@ class CpuBackend final : public ComputeBackend {
 
   // Every expert's gate and up projections in one parallel section (reading each expert's rows
   // of x in place), then every down projection in another. An expert whose rows use LoRA
-  // adapters computes gate and up apart (still over all its rows: its weights are read once),
-  // each adapter's rows add their deltas, SiLU·up is applied here (as the fused epilogue computes
-  // it, so a base row gets the same bits either way), and the down deltas are added after the
-  // down projection. Every row's result depends only on its own adapter.
+  // adapters computes gate and up apart (still over all its rows: its weights are read once);
+  // each adapter's deltas run in the same sections, into buffers of their own that are added to
+  // that adapter's rows after each section; SiLU·up is applied here (as the fused epilogue
+  // computes it, so a base row gets the same bits either way). Every row's result depends only
+  // on its own adapter.
   void grouped_mlp(const float* x, int64_t x_rows, int64_t hidden, std::span<const ExpertRows> experts) override {
     check_expert_rows(x_rows, experts);
     struct Adapted {
       std::vector<std::pair<const MlpLora*, std::vector<int32_t>>> groups;  // positions in e.rows
       std::vector<std::vector<int32_t>> x_rows;                             // e.rows at those positions
-      std::vector<float> gate, up;
+      std::vector<float> gate, up, dgate, dup, ddown;
     };
     std::vector<Adapted> adapted(experts.size());
     std::vector<std::vector<float>> act(experts.size());
@@ -213,8 +232,8 @@ class CpuBackend final : public ComputeBackend {
         jobs.push_back(swiglu_job(x, hidden, e.rows, w, act[i].data()));
         continue;
       }
-      a.gate.resize(act[i].size());
-      a.up.resize(act[i].size());
+      for (auto* buf : {&a.gate, &a.up, &a.dgate, &a.dup}) buf->resize(act[i].size());
+      a.ddown.resize(size_t(n * hidden));
       cpu::MatmulJob g = projection_job(x, n, w.gate, a.gate.data()), u = projection_job(x, n, w.up, a.up.data());
       g.x_rows = u.x_rows = e.rows.data();
       jobs.push_back(g);
@@ -223,25 +242,31 @@ class CpuBackend final : public ComputeBackend {
         auto& xr = a.x_rows.emplace_back();
         for (int32_t p : pos) xr.push_back(e.rows[size_t(p)]);
         const int64_t k = int64_t(pos.size()), inter = w.gate.rows();
-        deltas.push_back({&m->gate, x, xr.data(), hidden, a.gate.data(), pos.data(), inter, k});
-        deltas.push_back({&m->up, x, xr.data(), hidden, a.up.data(), pos.data(), inter, k});
+        deltas.push_back({&m->gate, x, xr.data(), hidden, a.dgate.data(), pos.data(), inter, k, false});
+        deltas.push_back({&m->up, x, xr.data(), hidden, a.dup.data(), pos.data(), inter, k, false});
       }
     }
-    cpu::matmul(jobs);
-    lora_add(deltas);
+    cpu::matmul(jobs, lora_jobs(deltas));
     jobs.clear();
     deltas.clear();
     for (size_t i = 0; i < experts.size(); ++i) {
       const ExpertRows& e = experts[i];
-      const Adapted& a = adapted[i];
+      Adapted& a = adapted[i];
       const int64_t n = int64_t(e.rows.size()), inter = e.weights->gate.rows();
+      for (const auto& [m, pos] : a.groups) {
+        if (!m->gate.empty()) add_rows(a.dgate.data(), a.gate.data(), inter, pos);
+        if (!m->up.empty()) add_rows(a.dup.data(), a.up.data(), inter, pos);
+      }
       for (size_t k = 0; k < a.gate.size(); ++k) act[i][k] = cpu::silu(a.gate[k]) * a.up[k];
       jobs.push_back(projection_job(act[i].data(), n, e.weights->down, e.out));
       for (const auto& [m, pos] : a.groups)
-        deltas.push_back({&m->down, act[i].data(), pos.data(), inter, e.out, pos.data(), hidden, int64_t(pos.size())});
+        deltas.push_back({&m->down, act[i].data(), pos.data(), inter, a.ddown.data(), pos.data(), hidden,
+                          int64_t(pos.size()), false});
     }
-    cpu::matmul(jobs);
-    lora_add(deltas);
+    cpu::matmul(jobs, lora_jobs(deltas));
+    for (size_t i = 0; i < experts.size(); ++i)
+      for (const auto& [m, pos] : adapted[i].groups)
+        if (!m->down.empty()) add_rows(adapted[i].ddown.data(), experts[i].out, hidden, pos);
   }
 
   // The CPU kernels spread one call over the compute pool; more calls at once only share it.

@@ -1,12 +1,12 @@
 #include "core/gptq.h"
 
-#include <fstream>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "core/checkpoint.h"
 #include "core/error.h"
+#include "core/json_file.h"
 #include "core/safetensors.h"
 
 namespace moemesh {
@@ -59,13 +59,7 @@ std::optional<GptqConfig> read_gptq_config(const json& config, const std::filesy
   }
   const auto file = dir / "quantize_config.json";
   if (!std::filesystem::exists(file)) return std::nullopt;
-  std::ifstream in(file);
-  json q;
-  try {
-    q = json::parse(in);
-  } catch (const json::exception& e) {
-    throw Error("quantize_config.json: not valid JSON: " + std::string(e.what()));
-  }
+  const json q = read_json_file(file);
   if (!q.is_object()) throw Error("quantize_config.json: not an object");
   return parse(q, "quantize_config.json");
 }

@@ -272,14 +272,16 @@ Grammar::Id JsonGrammarBuilder::object(const ojson& s, int depth) {
   return g_.seq({g_.byte('{'), first[0], g_.byte('}')});
 }
 
+// A count bound of the schema (minItems, maxLength, ...): dflt when absent.
+static int32_t bound(const ojson& s, const char* k, int32_t dflt) {
+  if (!s.contains(k)) return dflt;
+  if (!s[k].is_number_integer() || s[k].get<int64_t>() < 0 || s[k].get<int64_t>() > 100000)
+    throw SchemaError(k, "must be an integer in [0, 100000]");
+  return int32_t(s[k].get<int64_t>());
+}
+
 Grammar::Id JsonGrammarBuilder::array(const ojson& s, int depth) {
-  auto count = [&](const char* k, int32_t dflt) {
-    if (!s.contains(k)) return dflt;
-    if (!s[k].is_number_integer() || s[k].get<int64_t>() < 0 || s[k].get<int64_t>() > 100000)
-      throw SchemaError(k, "must be an integer in [0, 100000]");
-    return int32_t(s[k].get<int64_t>());
-  };
-  const int32_t lo = count("minItems", 0), hi = count("maxItems", Grammar::kUnbounded);
+  const int32_t lo = bound(s, "minItems", 0), hi = bound(s, "maxItems", Grammar::kUnbounded);
   if (hi != Grammar::kUnbounded && hi < lo) throw SchemaError("maxItems", "is below minItems");
   if (s.contains("items") && s["items"].is_array()) throw SchemaError("items", "as a list (tuples) is not supported");
   const Grammar::Id item = s.contains("items") ? node(s["items"], depth + 1) : value_;
@@ -309,13 +311,7 @@ Grammar::Id JsonGrammarBuilder::string(const ojson& s) {
       throw SchemaError(k, e.what());
     }
   }
-  auto len = [&](const char* k, int32_t dflt) {
-    if (!s.contains(k)) return dflt;
-    if (!s[k].is_number_integer() || s[k].get<int64_t>() < 0 || s[k].get<int64_t>() > 100000)
-      throw SchemaError(k, "must be an integer in [0, 100000]");
-    return int32_t(s[k].get<int64_t>());
-  };
-  const int32_t lo = len("minLength", 0), hi = len("maxLength", Grammar::kUnbounded);
+  const int32_t lo = bound(s, "minLength", 0), hi = bound(s, "maxLength", Grammar::kUnbounded);
   if (hi != Grammar::kUnbounded && hi < lo) throw SchemaError("maxLength", "is below minLength");
   if (lo == 0 && hi == Grammar::kUnbounded) return string_;
   return g_.seq({quote, g_.repeat(char_, lo, hi), quote});

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/json_file.h"
 #include "core/safetensors.h"
 #include "kernels/cpu/gemm.h"
 
@@ -199,16 +200,7 @@ std::vector<LoraModuleFile> random_lora_modules(const ModelConfig& base, const L
 
 LoraConfig LoraConfig::from_json_file(const fs::path& file) {
   const std::string where = file.string();
-  std::ifstream in(file);
-  if (!in) throw Error(where + ": cannot open (a PEFT adapter folder holds adapter_config.json)");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  json j;
-  try {
-    j = json::parse(ss.str());
-  } catch (const json::exception& e) {
-    throw Error(where + ": not valid JSON (" + std::string(e.what()) + ")");
-  }
+  const json j = read_json_file(file, where, "(a PEFT adapter folder holds adapter_config.json)");
   if (!j.is_object()) throw Error(where + ": not a JSON object");
   auto bad = [&](const std::string& field, const std::string& why) { return Error(where + ": " + field + " " + why); };
   if (j.contains("peft_type") && j["peft_type"] != "LORA")
@@ -318,15 +310,17 @@ std::shared_ptr<const LoraAdapter> LoraAdapter::load(const fs::path& dir, const 
     m.in = s.in;
     m.out = s.out;
     m.a = safetensors::read_f32(h, *p.a);
-    m.b = safetensors::read_f32(h, *p.b);
+    const std::vector<float> b = safetensors::read_f32(h, *p.b);
     const float scale = float(a->config_.scale(r, module));
-    for (float& v : m.b) v *= scale;
+    m.bt.resize(b.size());
+    for (int64_t o = 0; o < s.out; ++o)
+      for (int64_t k = 0; k < r; ++k) m.bt[size_t(k * s.out + o)] = scale * b[size_t(o * r + k)];
     if (dtype == DType::BF16) {
       m.dtype = DType::BF16;
       for (float v : m.a) m.a16.push_back(f32_to_bf16(v));
-      for (float v : m.b) m.b16.push_back(f32_to_bf16(v));
+      for (float v : m.bt) m.bt16.push_back(f32_to_bf16(v));
       m.a = {};
-      m.b = {};
+      m.bt = {};
     }
     a->bytes_ += m.bytes();
   }
@@ -338,60 +332,32 @@ DType lora_dtype_for(const Checkpoint& base) {
   return base.has(q) && base.info(q).dtype == DType::BF16 ? DType::BF16 : DType::F32;
 }
 
-void lora_add(std::span<const LoraTask> tasks) {
-  std::vector<std::vector<float>> t(tasks.size()), d(tasks.size());
-  std::vector<cpu::MatmulJob> jobs;
+std::vector<cpu::LowRankJob> lora_jobs(std::span<const LoraTask> tasks) {
+  std::vector<cpu::LowRankJob> jobs;
   jobs.reserve(tasks.size());
-  for (size_t i = 0; i < tasks.size(); ++i) {
-    const LoraTask& k = tasks[i];
+  for (const LoraTask& k : tasks) {
     if (!k.m || k.m->empty() || k.n == 0) continue;
-    t[i].resize(size_t(k.n * k.m->rank));
-    cpu::MatmulJob j;
-    j.x = k.x;
-    j.rows = k.n;
-    j.in = k.m->in;
-    j.x_rows = k.x_rows;
-    j.ldx = k.ldx;
-    j.w = k.m->a_data();
-    j.wdtype = k.m->dtype;
-    j.out = k.m->rank;
-    j.y = t[i].data();
-    jobs.push_back(j);
+    jobs.push_back({.x = k.x,
+                    .rows = k.n,
+                    .in = k.m->in,
+                    .x_rows = k.x_rows,
+                    .ldx = k.ldx,
+                    .a = k.m->a_data(),
+                    .bt = k.m->bt_data(),
+                    .wdtype = k.m->dtype,
+                    .rank = k.m->rank,
+                    .out = k.m->out,
+                    .y = k.y,
+                    .y_rows = k.y_rows,
+                    .ldy = k.ldy,
+                    .add = k.add});
   }
-  if (jobs.empty()) return;
-  cpu::matmul(jobs);
-  jobs.clear();
-  for (size_t i = 0; i < tasks.size(); ++i) {
-    const LoraTask& k = tasks[i];
-    if (t[i].empty()) continue;
-    cpu::MatmulJob j;
-    j.x = t[i].data();
-    j.rows = k.n;
-    j.in = k.m->rank;
-    j.w = k.m->b_data();
-    j.wdtype = k.m->dtype;
-    j.out = k.m->out;
-    if (k.y_rows) {
-      d[i].resize(size_t(k.n * k.m->out));
-      j.y = d[i].data();
-    } else {
-      j.y = k.y;
-      j.ldy = k.ldy;
-      j.epilogue = cpu::MatmulJob::Epilogue::Add;
-    }
-    jobs.push_back(j);
-  }
-  cpu::matmul(jobs);
-  for (size_t i = 0; i < tasks.size(); ++i) {
-    const LoraTask& k = tasks[i];
-    if (d[i].empty()) continue;
-    const int64_t out = k.m->out, ldy = k.ldy ? k.ldy : out;
-    for (int64_t r = 0; r < k.n; ++r) {
-      float* y = k.y + int64_t(k.y_rows[r]) * ldy;
-      const float* src = d[i].data() + r * out;
-      for (int64_t c = 0; c < out; ++c) y[c] += src[c];
-    }
-  }
+  return jobs;
+}
+
+void lora_add(std::span<const LoraTask> tasks) {
+  const std::vector<cpu::LowRankJob> jobs = lora_jobs(tasks);
+  if (!jobs.empty()) cpu::matmul({}, jobs);
 }
 
 }  // namespace moemesh

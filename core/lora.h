@@ -17,6 +17,7 @@
 #include "core/checkpoint.h"
 #include "core/lora_ref.h"
 #include "core/model_config.h"
+#include "kernels/cpu/gemm.h"
 
 namespace moemesh {
 
@@ -39,15 +40,17 @@ struct LoraConfig {
 // One adapted Linear [out, in]: A [rank, in], B [out, rank] with the scale folded in, kept in
 // `dtype`: F32 (a, b), or BF16 (a16, b16; the products then round their inputs to bf16, as the
 // kernels do for every bf16 weight).
+// A: [rank, in]; B (with the adapter's scale folded in) is kept transposed, bt: [rank, out], so
+// that B·t is a sum of rank rows scaled by t's entries (cpu::LowRankJob).
 struct LoraModule {
   int64_t rank = 0, in = 0, out = 0;
   DType dtype = DType::F32;
-  std::vector<float> a, b;
-  std::vector<uint16_t> a16, b16;
+  std::vector<float> a, bt;
+  std::vector<uint16_t> a16, bt16;
   bool empty() const { return rank == 0; }
-  uint64_t bytes() const { return (a.size() + b.size()) * sizeof(float) + (a16.size() + b16.size()) * 2; }
+  uint64_t bytes() const { return (a.size() + bt.size()) * sizeof(float) + (a16.size() + bt16.size()) * 2; }
   const void* a_data() const { return dtype == DType::BF16 ? static_cast<const void*>(a16.data()) : a.data(); }
-  const void* b_data() const { return dtype == DType::BF16 ? static_cast<const void*>(b16.data()) : b.data(); }
+  const void* bt_data() const { return dtype == DType::BF16 ? static_cast<const void*>(bt16.data()) : bt.data(); }
 };
 
 // What an adapter on this checkpoint is kept and multiplied in: BF16 on a bf16 model (as vLLM
@@ -119,6 +122,7 @@ std::vector<LoraModuleFile> random_lora_modules(const ModelConfig& base, const L
 
 // One segment of a LoRA product: for i < n,
 //   y[y_rows[i]] += B·(A·x[x_rows[i]])   (x_rows / y_rows null: row i; ldx / ldy 0: in / out)
+// or, with add false, y[y_rows[i]] = B·(A·x[x_rows[i]]).
 struct LoraTask {
   const LoraModule* m = nullptr;
   const float* x = nullptr;
@@ -128,9 +132,13 @@ struct LoraTask {
   const int32_t* y_rows = nullptr;
   int64_t ldy = 0;
   int64_t n = 0;
+  bool add = true;
 };
-// Runs every task in two parallel sections of the CPU kernels (A·x for all, then B·t for all).
-// Each row's result depends only on its own x row and module.
+// The tasks as the CPU kernels' low-rank jobs (empty modules and rows left out), to run in the
+// same parallel section as other products (cpu::matmul(jobs, lora_jobs(tasks))).
+std::vector<cpu::LowRankJob> lora_jobs(std::span<const LoraTask> tasks);
+// Runs every task in one parallel section. Each row's result depends only on its own x row and
+// module.
 void lora_add(std::span<const LoraTask> tasks);
 
 // Rows grouped by the adapter they use, in first-appearance order; rows without one (null) are

@@ -1,12 +1,11 @@
 #include "core/model_config.h"
 
 #include <cmath>
-#include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_file.h"
 
 namespace moemesh {
 
@@ -31,9 +30,7 @@ class Fields {
     if (!j_.contains(k)) fail(k, "is missing");
     return as_int(k, j_.at(k));
   }
-  int64_t int_or(const std::string& k, int64_t dflt) const {
-    return present(k) ? as_int(k, j_.at(k)) : dflt;
-  }
+  int64_t int_or(const std::string& k, int64_t dflt) const { return present(k) ? as_int(k, j_.at(k)) : dflt; }
   std::optional<int64_t> opt_int(const std::string& k) const {
     if (!present(k)) return std::nullopt;
     return as_int(k, j_.at(k));
@@ -284,17 +281,7 @@ ModelConfig ModelConfig::from_json(const json& j, const std::string& origin) {
 }
 
 ModelConfig ModelConfig::load(const std::filesystem::path& config_json) {
-  std::ifstream in(config_json);
-  if (!in) throw Error(config_json.string() + ": cannot open");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  json j;
-  try {
-    j = json::parse(ss.str());
-  } catch (const json::exception& e) {
-    throw Error(config_json.filename().string() + ": not valid JSON (" + e.what() + ")");
-  }
-  return from_json(j, config_json.filename().string());
+  return from_json(read_json_file(config_json), config_json.filename().string());
 }
 
 json ModelConfig::to_json() const {

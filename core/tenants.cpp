@@ -3,11 +3,11 @@
 #include <openssl/evp.h>
 
 #include <cmath>
-#include <fstream>
 
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/json_file.h"
 
 namespace moemesh {
 
@@ -56,10 +56,7 @@ std::string sha256_hex(const std::string& data) {
 }
 
 std::vector<TenantSpec> load_tenants(const std::filesystem::path& file) {
-  std::ifstream in(file);
-  if (!in) throw Error(file.string() + ": cannot read the tenants file");
-  nlohmann::json j = nlohmann::json::parse(in, nullptr, false);
-  if (j.is_discarded()) throw Error(file.string() + ": not valid JSON");
+  const nlohmann::json j = read_json_file(file, file.string(), "(the tenants file)");
   if (!j.is_object() || !j.contains("tenants") || !j["tenants"].is_array())
     throw Error(file.string() + ": expected {\"tenants\": [...]}");
   std::vector<TenantSpec> out;
@@ -206,29 +203,24 @@ void TenantRegistry::reload(std::vector<TenantSpec> tenants) {
   by_key_hash_ = std::move(keys);
 }
 
+const TenantRegistry::State* TenantRegistry::holder(const std::string& api_key, Admission& a) const {
+  auto k = api_key.empty() ? by_key_hash_.end() : by_key_hash_.find(sha256_hex(api_key));
+  if (k != by_key_hash_.end()) return &tenants_.at(k->second);
+  a.ok = false;
+  a.status = 401;
+  a.reason = "bad_key";
+  a.message = api_key.empty() ? "missing API key (send Authorization: Bearer <key>)" : "invalid API key";
+  return nullptr;
+}
+
 Admission TenantRegistry::identify(const std::string& api_key) const {
   Admission a;
   std::lock_guard<std::mutex> lk(mu_);
   a.ok = true;
   a.tenant = "default";
   if (tenants_.empty()) return a;
-  a.ok = false;
-  a.status = 401;
-  a.reason = "bad_key";
   a.tenant.clear();
-  if (api_key.empty()) {
-    a.message = "missing API key (send Authorization: Bearer <key>)";
-    return a;
-  }
-  auto k = by_key_hash_.find(sha256_hex(api_key));
-  if (k == by_key_hash_.end()) {
-    a.message = "invalid API key";
-    return a;
-  }
-  a.ok = true;
-  a.status = 200;
-  a.reason.clear();
-  a.tenant = tenants_.at(k->second).spec.name;
+  if (const State* st = holder(api_key, a)) a.tenant = st->spec.name;
   return a;
 }
 
@@ -249,10 +241,9 @@ Admission TenantRegistry::admit(const std::string& api_key, const std::string& m
     a.retry_after_s = retry;
     return a;
   };
-  if (api_key.empty()) return deny(401, "bad_key", "missing API key (send Authorization: Bearer <key>)");
-  auto k = by_key_hash_.find(sha256_hex(api_key));
-  if (k == by_key_hash_.end()) return deny(401, "bad_key", "invalid API key");
-  State& st = tenants_.at(k->second);
+  const State* found = holder(api_key, a);
+  if (!found) return a;
+  State& st = tenants_.at(found->spec.name);
   a.tenant = st.spec.name;
   a.weight = st.spec.weight;
   a.priority = st.spec.priority;

@@ -113,6 +113,9 @@ class TenantRegistry {
     TokenBucket rpm, tpm;
     int64_t in_flight = 0;
   };
+  // The tenant holding api_key (mu_ held, tenants configured), or null with a's 401 filled in.
+  const State* holder(const std::string& api_key, Admission& a) const;
+
   mutable std::mutex mu_;
   std::map<std::string, State> tenants_;            // by name
   std::map<std::string, std::string> by_key_hash_;  // key hash -> name

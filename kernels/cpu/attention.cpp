@@ -49,6 +49,8 @@ constexpr int64_t kMaxQueryRows = 16;
 constexpr int64_t kKeyTile = 512;
 // Split-K: a split covers at least this many keys (fewer make the merge cost more than it saves).
 constexpr int64_t kMinSplitKeys = 1024;
+// Query vectors per task from which scores are formed with the keys as columns (see attend).
+constexpr int64_t kColumnScoresMinVectors = 8;
 
 // The first key a query at `pos` sees.
 inline int64_t first_key(int64_t pos, int64_t window) {
@@ -94,7 +96,14 @@ void attend(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionSh
   const int64_t part_stride = hd + 2;
   std::vector<float> partials;
   if (splits > 1) partials.assign(size_t(row_blocks * s.n_kv_heads * splits * nv_max * part_stride), 0.0f);
-  const GemmBlockFn product = gemm_kernels_for(active_isa()).block;
+  const GemmKernels kernels = gemm_kernels_for(active_isa());
+  const GemmBlockFn product = kernels.block;
+  // Scores as dot products (a key row against each query vector: one horizontal sum per score)
+  // or, for many query vectors, with the keys of the tile transposed into lanes (no horizontal
+  // sums, at the price of transposing the tile once per task). Both give the same bits, so a
+  // query's scores do not depend on how many rows share its step.
+  const bool keys_as_columns = nv_max >= kColumnScoresMinVectors;
+  const int64_t hdp = (hd + 15) / 16 * 16;  // a query vector and a key zero-padded for those tiles
 
   parallel_for(row_blocks * s.n_kv_heads * splits, [&](int64_t task) {
     const int64_t split = task % splits, kvh = (task / splits) % s.n_kv_heads, rb = task / splits / s.n_kv_heads;
@@ -103,8 +112,8 @@ void attend(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionSh
     const int64_t blo = lo[size_t(rb)] / bs, bhi = (hi[size_t(rb)] + bs - 1) / bs, nb = bhi - blo;
     const int64_t k0 = std::max(lo[size_t(rb)], (blo + nb * split / splits) * bs);
     const int64_t k1 = std::min(hi[size_t(rb)], (blo + nb * (split + 1) / splits) * bs);
-    thread_local std::vector<const float*> qv, pv;
-    thread_local std::vector<float> scores, kbuf, vbuf, vt, part, m, l, acc;
+    thread_local std::vector<const float*> qv, pv, qpad;
+    thread_local std::vector<float> scores, kbuf, kt, qbuf, vbuf, vt, part, m, l, acc;
     qv.resize(size_t(nv));
     pv.resize(size_t(nv));
     m.assign(size_t(nv), -INFINITY);
@@ -112,16 +121,32 @@ void attend(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionSh
     acc.assign(size_t(nv * hd), 0.0f);
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t g = 0; g < group; ++g) qv[size_t((r - r0) * group + g)] = q + (r * s.n_heads + kvh * group + g) * hd;
+    if (keys_as_columns) {
+      qbuf.assign(size_t(nv * hdp), 0.0f);
+      qpad.resize(size_t(nv));
+      for (int64_t v = 0; v < nv; ++v) {
+        std::copy_n(qv[size_t(v)], hd, qbuf.data() + v * hdp);
+        qpad[size_t(v)] = qbuf.data() + v * hdp;
+      }
+    }
     for (int64_t t0 = k0; t0 < k1;) {
       // A tile: up to kKeyTile keys, ending on a cache block boundary (or at k1).
       const int64_t t1 = std::min(k1, (t0 / bs + std::max<int64_t>(1, kKeyTile / bs)) * bs), nt = t1 - t0;
       scores.resize(size_t(nv * nt));
+      const int64_t ntp = (nt + 15) / 16 * 16;
+      if (keys_as_columns) kt.assign(size_t(hdp * ntp), 0.0f);
       for (int64_t j0 = t0; j0 < t1; j0 = (j0 / bs + 1) * bs) {
         const int64_t n = std::min(t1, (j0 / bs + 1) * bs) - j0;
         int64_t ld = 0;
         const float* k = kv.keys(j0, n, kvh, kbuf, ld);
-        product(k, DType::F32, hd, ld, qv.data(), nv, n, scores.data() + (j0 - t0), nt);
+        if (!keys_as_columns) {
+          product(k, DType::F32, hd, ld, qv.data(), nv, n, scores.data() + (j0 - t0), nt);
+          continue;
+        }
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t d = 0; d < hd; ++d) kt[size_t(d * ntp + (j0 - t0) + t)] = k[t * ld + d];
       }
+      if (keys_as_columns) kernels.dots_transposed(kt.data(), hd, ntp, qpad.data(), nv, nt, scores.data(), nt);
       // Online softmax per query vector over the keys of this tile its row may see.
       bool any = false;
       for (int64_t v = 0; v < nv; ++v) {
@@ -134,17 +159,10 @@ void attend(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionSh
           continue;
         }
         any = true;
-        float mx = m[size_t(v)];
-        for (int64_t j = a; j < b; ++j) mx = std::max(mx, sv[j - t0] *= scale);
-        const float corr = std::exp(m[size_t(v)] - mx);  // 0 on the first visible tile
-        float sum = 0.0f;
-        for (int64_t j = t0; j < t1; ++j) {
-          const float p = (j >= a && j < b) ? std::exp(sv[j - t0] - mx) : 0.0f;
-          sv[j - t0] = p;
-          sum += p;
-        }
+        const float before = m[size_t(v)];
+        const float sum = kernels.softmax(sv, nt, a - t0, b - t0, scale, m[size_t(v)]);
+        const float corr = std::exp(before - m[size_t(v)]);  // 0 on the first visible tile
         l[size_t(v)] = l[size_t(v)] * corr + sum;
-        m[size_t(v)] = mx;
         float* o = acc.data() + v * hd;
         for (int64_t d = 0; d < hd; ++d) o[d] *= corr;
       }

@@ -52,10 +52,22 @@ struct Prepared {
   const float* xq_up = nullptr;  // SwiGlu: xq again, unless wq_up orders its channels otherwise
 };
 
+// Output columns [o0, o1) of a prepared job, or rows [o0, o1) of a low-rank job.
 struct Task {
   const Prepared* p;
+  const LowRankJob* low_rank;
   int64_t o0, o1;
 };
+
+void check(const LowRankJob& j, size_t index) {
+  const std::string where = "low-rank job " + std::to_string(index) + ": ";
+  if (j.rows < 0 || j.in < 0 || j.rank < 0 || j.out < 0) throw Error(where + "negative size");
+  if (j.wdtype != DType::F32 && j.wdtype != DType::F16 && j.wdtype != DType::BF16)
+    throw Error(where + "weights must be F32, F16 or BF16 (got " + std::string(dtype_name(j.wdtype)) + ")");
+  if (j.rows == 0 || j.out == 0) return;
+  if (!j.y || (j.in > 0 && j.rank > 0 && (!j.x || !j.a || !j.bt))) throw Error(where + "null x, A, B or y");
+  if ((j.ldx != 0 && j.ldx < j.in) || (j.ldy != 0 && j.ldy < j.out)) throw Error(where + "row stride below the row");
+}
 
 // Output rows per task for a job: its share of kTasksPerThread·threads tasks, by work, in whole
 // register tiles, no more than kWeightSlice of weights.
@@ -116,7 +128,56 @@ void round_x_to_bf16(const MatmulJob& j, uint16_t* xb, float* xf) {
   });
 }
 
+// Rows [r0, r1) of a low-rank job: t = x·Aᵀ for those rows, then their outputs t·B.
+void run_low_rank(const LowRankJob& j, int64_t r0, int64_t r1, const GemmKernels& kernels) {
+  thread_local std::vector<float> xf, t, d;
+  thread_local std::vector<uint16_t> xb;
+  thread_local std::vector<const float*> xr, tr;
+  thread_local std::vector<const uint16_t*> xbr;
+  const int64_t n = r1 - r0, ldx = j.ldx ? j.ldx : j.in, ldy = j.ldy ? j.ldy : j.out;
+  const auto x_row = [&](int64_t r) { return j.x + (j.x_rows ? int64_t(j.x_rows[r0 + r]) : r0 + r) * ldx; };
+  d.assign(size_t(n * j.out), 0.0f);
+  if (j.in > 0 && j.rank > 0) {
+    t.resize(size_t(n * j.rank));
+    if (j.wdtype == DType::BF16 && kernels.bf16dot) {
+      xb.resize(size_t(n * j.in));
+      xbr.resize(size_t(n));
+      for (int64_t r = 0; r < n; ++r) {
+        const float* src = x_row(r);
+        for (int64_t i = 0; i < j.in; ++i) xb[size_t(r * j.in + i)] = to_bf16(src[i]);
+        xbr[size_t(r)] = xb.data() + r * j.in;
+      }
+      kernels.bf16dot(j.a, j.in, j.in, xbr.data(), n, j.rank, t.data(), j.rank);
+    } else {
+      xr.resize(size_t(n));
+      if (j.wdtype == DType::BF16) xf.resize(size_t(n * j.in));
+      for (int64_t r = 0; r < n; ++r) {
+        const float* src = x_row(r);
+        if (j.wdtype != DType::BF16) {
+          xr[size_t(r)] = src;
+          continue;
+        }
+        for (int64_t i = 0; i < j.in; ++i) xf[size_t(r * j.in + i)] = bf16_to_f32(to_bf16(src[i]));
+        xr[size_t(r)] = xf.data() + r * j.in;
+      }
+      kernels.block(j.a, j.wdtype, j.in, j.in, xr.data(), n, j.rank, t.data(), j.rank);
+    }
+    tr.resize(size_t(n));
+    for (int64_t r = 0; r < n; ++r) tr[size_t(r)] = t.data() + r * j.rank;
+    kernels.expand(j.bt, j.wdtype, j.rank, j.out, tr.data(), n, j.out, d.data(), j.out);
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    float* y = j.y + (j.y_rows ? int64_t(j.y_rows[r0 + r]) : r0 + r) * ldy;
+    const float* src = d.data() + r * j.out;
+    if (j.add)
+      for (int64_t o = 0; o < j.out; ++o) y[o] += src[o];
+    else
+      std::copy(src, src + j.out, y);
+  }
+}
+
 void run_task(const Task& t, const GemmKernels& kernels) {
+  if (t.low_rank) return run_low_rank(*t.low_rank, t.o0, t.o1, kernels);
   const MatmulJob& j = t.p->job;
   const uint16_t* const xbf = t.p->xb;
   const float* const xq = t.p->xq;
@@ -180,11 +241,18 @@ void run_task(const Task& t, const GemmKernels& kernels) {
 
 }  // namespace
 
-void matmul(std::span<const MatmulJob> jobs) {
+void matmul(std::span<const MatmulJob> jobs, std::span<const LowRankJob> low_rank) {
   double total = 0;
   for (size_t i = 0; i < jobs.size(); ++i) {
     check(jobs[i], i);
     total += double(jobs[i].rows) * double(jobs[i].out) * double(std::max<int64_t>(jobs[i].in, 1));
+  }
+  const auto low_rank_work = [](const LowRankJob& j) {
+    return double(j.rows) * (double(j.rank) * double(j.in + j.out) + double(j.out));
+  };
+  for (size_t i = 0; i < low_rank.size(); ++i) {
+    check(low_rank[i], i);
+    total += low_rank_work(low_rank[i]);
   }
   if (total == 0) return;
   const int threads = compute_threads();
@@ -193,6 +261,15 @@ void matmul(std::span<const MatmulJob> jobs) {
   std::vector<std::vector<uint16_t>> xb(jobs.size());
   std::vector<std::vector<float>> xf(jobs.size());
   std::vector<Task> tasks;
+  // Low-rank jobs first: their tasks are whole row ranges, so they should not be the tail.
+  for (const LowRankJob& j : low_rank) {
+    if (j.rows == 0 || j.out == 0) continue;
+    const double share = low_rank_work(j) / total;
+    const int64_t n = std::max<int64_t>(1, int64_t(share * double(kTasksPerThread * threads) + 0.5));
+    const int64_t cap = std::max<int64_t>(6, kXPanel / std::max<int64_t>(1, j.in * 4) / 6 * 6);
+    const int64_t step = std::clamp<int64_t>((j.rows + n - 1) / n, 1, cap);
+    for (int64_t r = 0; r < j.rows; r += step) tasks.push_back({nullptr, &j, r, std::min(j.rows, r + step)});
+  }
   for (size_t i = 0; i < jobs.size(); ++i) {
     Prepared& p = prepared[i];
     p.job = jobs[i];
@@ -220,7 +297,7 @@ void matmul(std::span<const MatmulJob> jobs) {
     }
     const double share = double(j.rows) * double(j.out) * double(std::max<int64_t>(j.in, 1)) / total;
     const int64_t step = slice_rows(j, share, threads);
-    for (int64_t o = 0; o < j.out; o += step) tasks.push_back({&p, o, std::min(j.out, o + step)});
+    for (int64_t o = 0; o < j.out; o += step) tasks.push_back({&p, nullptr, o, std::min(j.out, o + step)});
   }
   parallel_for(int64_t(tasks.size()), [&](int64_t i) { run_task(tasks[size_t(i)], kernels); });
 }

@@ -43,11 +43,36 @@ struct MatmulJob {
   const QuantMatrix* wq_up = nullptr;
 };
 
+// A low-rank product (LoRA's B·A): for r < rows,
+//   y[y_rows[r]] = or += (x[x_rows[r]] · Aᵀ) · Bᵀ    (x_rows / y_rows null: row r)
+// with A [rank, in] and B given transposed, bt [rank, out], in one dtype. A BF16 product rounds x
+// to bf16 for A, as a BF16 MatmulJob does; the rank-long intermediate t stays f32, and B·t is
+// summed as rows of bt scaled by t's entries (no horizontal sums over a short rank). Split by rows,
+// not by output columns: a task forms its rows' t once and then all their outputs, and a row's
+// result depends on its own x row alone.
+struct LowRankJob {
+  const float* x = nullptr;
+  int64_t rows = 0;
+  int64_t in = 0;
+  const int32_t* x_rows = nullptr;
+  int64_t ldx = 0;  // 0: in
+  const void* a = nullptr;
+  const void* bt = nullptr;
+  DType wdtype = DType::F32;
+  int64_t rank = 0;
+  int64_t out = 0;
+  float* y = nullptr;
+  const int32_t* y_rows = nullptr;
+  int64_t ldy = 0;  // 0: out
+  bool add = true;  // false: store
+};
+
 // Runs every job; all of them share one parallel section (q, k and v of a layer, or the gate and
-// up projections of all its experts, cost one hand-out of work, not one each). Throws
-// moemesh::Error, before computing anything, for a job with a null pointer, a negative size, a
-// weight type other than F32/F16/BF16, or a quantized matrix of another shape.
-void matmul(std::span<const MatmulJob> jobs);
+// up projections of all its experts, with their LoRA deltas, cost one hand-out of work, not one
+// each), so no job may write what another reads or writes. Throws moemesh::Error, before
+// computing anything, for a job with a null pointer, a negative size, a weight type other than
+// F32/F16/BF16, or a quantized matrix of another shape.
+void matmul(std::span<const MatmulJob> jobs, std::span<const LowRankJob> low_rank = {});
 
 // One job: y[rows, out] = x[rows, in] · W[out, in]ᵀ.
 void matmul(const float* x, int64_t rows, int64_t in, const void* w, DType wdtype, int64_t out, float* y);

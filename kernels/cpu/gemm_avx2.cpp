@@ -3,8 +3,10 @@
 #include <immintrin.h>
 
 #include "kernels/cpu/gemm_block.h"
+#include "kernels/cpu/gemm_expand_tile.h"
 #include "kernels/cpu/gemm_quant_tile.h"
 #include "kernels/cpu/gemm_tile.h"
+#include "kernels/cpu/softmax_tile.h"
 
 namespace moemesh::cpu {
 namespace {
@@ -53,6 +55,31 @@ struct Avx2Vec {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // The softmax tile's operations (softmax_tile.h).
+  static void store(float* p, reg a) { _mm256_storeu_ps(p, a); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static float hmax(reg a) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+  }
+  static reg keep(reg x, int64_t j0, int64_t lo, int64_t hi, float fill) {
+    const __m256 idx = _mm256_add_ps(_mm256_set1_ps(float(j0)), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 in = _mm256_and_ps(_mm256_cmp_ps(idx, _mm256_set1_ps(float(lo)), _CMP_GE_OQ),
+                                    _mm256_cmp_ps(idx, _mm256_set1_ps(float(hi)), _CMP_LT_OQ));
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), x, in);
+  }
+  static reg min(reg a, reg b) { return _mm256_min_ps(a, b); }
+  static reg round(reg a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static reg times_pow2(reg p, reg n) {  // 2^n built in the exponent bits (n is a normal exponent)
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  static reg exp(reg x) { return poly_exp<Avx2Vec>(x); }
 };
 
 }  // namespace
@@ -60,6 +87,20 @@ struct Avx2Vec {
 void gemm_block_avx2(const void* w, DType dt, int64_t in, int64_t ldw, const float* const* xr, int64_t nrows,
                      int64_t nout, float* c, int64_t ldc) {
   GemmTiles<Avx2Vec>::run(w, dt, in, ldw, xr, nrows, nout, c, ldc);
+}
+
+float softmax_tile_avx2(float* s, int64_t n, int64_t a, int64_t b, float scale, float& m) {
+  return SoftmaxTile<Avx2Vec>::run(s, n, a, b, scale, m);
+}
+
+void gemm_dots_transposed_avx2(const float* wt, int64_t in, int64_t ldw, const float* const* xr, int64_t nrows,
+                               int64_t nout, float* c, int64_t ldc) {
+  ExpandTiles<Avx2Vec>::dots(wt, in, ldw, xr, nrows, nout, c, ldc);
+}
+
+void gemm_expand_avx2(const void* w, DType dt, int64_t rank, int64_t ldw, const float* const* tr, int64_t nrows,
+                      int64_t nout, float* c, int64_t ldc) {
+  ExpandTiles<Avx2Vec>::run(w, dt, rank, ldw, tr, nrows, nout, c, ldc);
 }
 
 void gemm_quant_block_avx2(const QuantMatrix& m, int64_t o0, int64_t nout, const float* const* xr, int64_t nrows,

@@ -8,8 +8,10 @@
 
 #include "kernels/cpu/avx512_hsum.h"
 #include "kernels/cpu/gemm_block.h"
+#include "kernels/cpu/gemm_expand_tile.h"
 #include "kernels/cpu/gemm_quant_tile.h"
 #include "kernels/cpu/gemm_tile.h"
+#include "kernels/cpu/softmax_tile.h"
 
 namespace moemesh::cpu {
 namespace {
@@ -22,6 +24,7 @@ struct Avx512Vec {
   using xreg = reg;
   using wreg = reg;
   static reg zero() { return _mm512_setzero_ps(); }
+  static void store(float* p, reg a) { _mm512_storeu_ps(p, a); }
   static reg load(const float* p) { return _mm512_loadu_ps(p); }
   template <DType DT>
   static reg load_w(const typename WeightElem<DT>::type* p) {
@@ -58,6 +61,23 @@ struct Avx512Vec {
     return _mm512_permutexvar_ps(idx, table);
   }
   static float hsum(reg a) { return hsum_avx512(a); }
+  // The softmax tile's operations (softmax_tile.h).
+  static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static float hmax(reg a) { return _mm512_reduce_max_ps(a); }
+  static reg keep(reg x, int64_t j0, int64_t lo, int64_t hi, float fill) {
+    const __m512 idx =
+        _mm512_add_ps(_mm512_set1_ps(float(j0)), _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __mmask16 in = _mm512_cmp_ps_mask(idx, _mm512_set1_ps(float(lo)), _CMP_GE_OQ) &
+                         _mm512_cmp_ps_mask(idx, _mm512_set1_ps(float(hi)), _CMP_LT_OQ);
+    return _mm512_mask_mov_ps(_mm512_set1_ps(fill), in, x);
+  }
+  static reg min(reg a, reg b) { return _mm512_min_ps(a, b); }
+  static reg round(reg a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static reg times_pow2(reg p, reg n) { return _mm512_scalef_ps(p, n); }
+  static reg exp(reg x) { return poly_exp<Avx512Vec>(x); }
 };
 
 }  // namespace
@@ -65,6 +85,20 @@ struct Avx512Vec {
 void gemm_block_avx512(const void* w, DType dt, int64_t in, int64_t ldw, const float* const* xr, int64_t nrows,
                        int64_t nout, float* c, int64_t ldc) {
   GemmTiles<Avx512Vec>::run(w, dt, in, ldw, xr, nrows, nout, c, ldc);
+}
+
+float softmax_tile_avx512(float* s, int64_t n, int64_t a, int64_t b, float scale, float& m) {
+  return SoftmaxTile<Avx512Vec>::run(s, n, a, b, scale, m);
+}
+
+void gemm_dots_transposed_avx512(const float* wt, int64_t in, int64_t ldw, const float* const* xr, int64_t nrows,
+                                 int64_t nout, float* c, int64_t ldc) {
+  ExpandTiles<Avx512Vec>::dots(wt, in, ldw, xr, nrows, nout, c, ldc);
+}
+
+void gemm_expand_avx512(const void* w, DType dt, int64_t rank, int64_t ldw, const float* const* tr, int64_t nrows,
+                        int64_t nout, float* c, int64_t ldc) {
+  ExpandTiles<Avx512Vec>::run(w, dt, rank, ldw, tr, nrows, nout, c, ldc);
 }
 
 void gemm_quant_block_avx512(const QuantMatrix& m, int64_t o0, int64_t nout, const float* const* xr, int64_t nrows,

@@ -36,6 +36,22 @@ struct WeightElem<DType::BF16> {
   using type = uint16_t;
 };
 
+// f(std::integral_constant<DType, dt>{}) for the three weight types the products take; nothing
+// for another (gemm.cpp accepts only the three).
+template <class F>
+void with_weight_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32:
+      return f(std::integral_constant<DType, DType::F32>{});
+    case DType::F16:
+      return f(std::integral_constant<DType, DType::F16>{});
+    case DType::BF16:
+      return f(std::integral_constant<DType, DType::BF16>{});
+    default:
+      return;
+  }
+}
+
 template <class V>
 struct GemmTiles {
   static constexpr int L = V::lanes;
@@ -117,16 +133,7 @@ struct GemmTiles {
       (void)dt;
       block<DType::BF16>(w, in, ldw, xr, nrows, nout, c, ldc);
     } else {
-      switch (dt) {
-        case DType::F32:
-          return block<DType::F32>(w, in, ldw, xr, nrows, nout, c, ldc);
-        case DType::F16:
-          return block<DType::F16>(w, in, ldw, xr, nrows, nout, c, ldc);
-        case DType::BF16:
-          return block<DType::BF16>(w, in, ldw, xr, nrows, nout, c, ldc);
-        default:
-          return;  // gemm.cpp accepts only the three
-      }
+      with_weight_dtype(dt, [&](auto t) { block<decltype(t)::value>(w, in, ldw, xr, nrows, nout, c, ldc); });
     }
   }
 };

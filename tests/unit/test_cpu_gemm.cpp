@@ -252,6 +252,116 @@ TEST(CpuGemm, BadJobsAreRefusedByName) {
 
 namespace {
 
+// A low-rank job's result for each ISA: y (gathered x rows, scattered y rows, add or store).
+std::vector<float> low_rank(const std::vector<float>& x, int64_t rows, const StoredWeight& a, const StoredWeight& bt,
+                            const int32_t* x_rows = nullptr, const int32_t* y_rows = nullptr, int64_t y_size = 0,
+                            bool add = false) {
+  std::vector<float> y(size_t(y_size ? y_size : rows * bt.in), 0.5f);
+  const cpu::LowRankJob j{.x = x.data(),
+                          .rows = rows,
+                          .in = a.in,
+                          .x_rows = x_rows,
+                          .a = a.bytes.data(),
+                          .bt = bt.bytes.data(),
+                          .wdtype = a.dtype,
+                          .rank = a.out,
+                          .out = bt.in,
+                          .y = y.data(),
+                          .y_rows = y_rows,
+                          .add = add};
+  cpu::matmul({}, std::span(&j, 1));
+  return y;
+}
+
+}  // namespace
+
+// y = (x·Aᵀ)·B with B given as bt [rank, out]: every ISA against double precision (x rounded to
+// bf16 for BF16 weights, the rank-long intermediate kept in f32), within (in + rank)·2⁻²³ of the
+// sum of magnitudes; tails of the output vectors included (out 7, 33, 100).
+TEST(CpuGemm, LowRankJobsMatchDoublePrecision) {
+  KernelSettings restore;
+  for (cpu::Isa isa : cpu::runnable_isas()) {
+    cpu::force_isa(isa);
+    for (DType t : kTypes)
+      for (int64_t rank : {1, 8, 17})
+        for (int64_t in : {16, 100})
+          for (int64_t out : {7, 33, 100}) {
+            const int64_t rows = 3;
+            const StoredWeight a(t, rank, in, uint64_t(rank * 100 + in)), bt(t, rank, out, uint64_t(out + 7));
+            const auto x = normals(size_t(rows * in), uint64_t(in + out));
+            const auto y = low_rank(x, rows, a, bt);
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t o = 0; o < out; ++o) {
+                double ref = 0, mag = 0;
+                for (int64_t k = 0; k < rank; ++k) {
+                  double tk = 0, tmag = 0;
+                  for (int64_t i = 0; i < in; ++i) {
+                    const double p = operand(x[size_t(r * in + i)], t) * a.values[size_t(k * in + i)];
+                    tk += p;
+                    tmag += std::abs(p);
+                  }
+                  const double b = bt.values[size_t(k * out + o)];
+                  ref += tk * b;
+                  mag += (std::abs(tk) + tmag) * std::abs(b);
+                }
+                ASSERT_LE(std::abs(double(y[size_t(r * out + o)]) - ref), double(in + rank) * 0x1p-23 * mag + 1e-30)
+                    << cpu::isa_name(isa) << " " << dtype_name(t) << " rank " << rank << " in " << in << " out " << out;
+              }
+          }
+  }
+}
+
+// A low-rank row gets the same bits alone or among others, on 1 or 2 threads, and in the same
+// call as a matmul job (the one parallel section); gathers, scatters and add work.
+TEST(CpuGemm, LowRankRowsAreBatchInvariantAndShareTheSection) {
+  KernelSettings restore;
+  for (cpu::Isa isa : cpu::runnable_isas()) {
+    cpu::force_isa(isa);
+    for (DType t : kTypes) {
+      const StoredWeight a(t, 16, 64, 41), bt(t, 16, 80, 42), w(t, 50, 64, 43);
+      const int64_t rows = 9;
+      const auto x = normals(size_t(rows * 64), 44);
+      cpu::set_compute_threads(1);
+      const auto all = low_rank(x, rows, a, bt);
+      cpu::set_compute_threads(2);
+      EXPECT_EQ(low_rank(x, rows, a, bt), all) << cpu::isa_name(isa) << " " << dtype_name(t);
+      for (int64_t r : {0, 4, 8}) {
+        const std::vector<float> one(x.begin() + r * 64, x.begin() + (r + 1) * 64);
+        const auto y = low_rank(one, 1, a, bt);
+        EXPECT_TRUE(std::equal(y.begin(), y.end(), all.begin() + r * 80)) << cpu::isa_name(isa) << " row " << r;
+      }
+      // Rows 7 and 2 of x, added onto rows 0 and 3 of a 4-row y that holds 0.5 everywhere.
+      const int32_t xr[] = {7, 2}, yr[] = {0, 3};
+      const auto scattered = low_rank(x, 2, a, bt, xr, yr, 4 * 80, true);
+      for (int64_t o = 0; o < 80; ++o) {
+        EXPECT_EQ(scattered[size_t(o)], 0.5f + all[size_t(7 * 80 + o)]);
+        EXPECT_EQ(scattered[size_t(80 + o)], 0.5f);
+        EXPECT_EQ(scattered[size_t(3 * 80 + o)], 0.5f + all[size_t(2 * 80 + o)]);
+      }
+      std::vector<float> ym(size_t(rows * 50)), yl(size_t(rows * 80));
+      const Job mj{.x = x.data(), .rows = rows, .in = 64, .w = w.bytes.data(), .wdtype = t, .out = 50, .y = ym.data()};
+      const cpu::LowRankJob lj{.x = x.data(),
+                               .rows = rows,
+                               .in = 64,
+                               .a = a.bytes.data(),
+                               .bt = bt.bytes.data(),
+                               .wdtype = t,
+                               .rank = 16,
+                               .out = 80,
+                               .y = yl.data(),
+                               .add = false};
+      cpu::matmul(std::span(&mj, 1), std::span(&lj, 1));
+      EXPECT_EQ(ym, run(x, rows, w));
+      EXPECT_EQ(yl, all);
+      cpu::LowRankJob bad = lj;
+      bad.bt = nullptr;
+      EXPECT_THROW(cpu::matmul({}, std::span(&bad, 1)), Error);
+    }
+  }
+}
+
+namespace {
+
 StoredWeight as_f32(const cpu::QuantMatrix& m) {
   StoredWeight w(DType::F32, m.out, m.in, 0);
   w.values = m.dequantize();

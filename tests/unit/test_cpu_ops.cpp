@@ -22,7 +22,9 @@ using moemesh::testing::naive_attention;
 using moemesh::testing::narrow;
 using moemesh::testing::normals;
 
-double rel_err(const std::vector<float>& a, const std::vector<double>& b) { return moemesh::testing::max_rel_err(a, b); }
+double rel_err(const std::vector<float>& a, const std::vector<double>& b) {
+  return moemesh::testing::max_rel_err(a, b);
+}
 
 }  // namespace
 
@@ -132,34 +134,60 @@ TEST(CpuOps, EmbeddingAllTypes) {
 
 // Paged attention (blocks scattered in a pool) against dense causal GQA attention, with and
 // without a sliding window, on every ISA's tiles; 37 rows make several tasks of query rows.
+// Every ISA against a double-precision loop: a prefill of every row and a chunk of the last 37
+// (many query vectors per task: the keys of a tile as columns) and the last row alone (a decode:
+// scores as dot products), over one key tile and over two (700 keys: the online softmax
+// rescales), with and without a window.
 TEST(CpuOps, PagedAttentionGqaWindow) {
-  const int64_t heads = 4, kv_heads = 2, hd = 8, n = 37, bs = 16, kv_dim = kv_heads * hd;
-  auto q = normals(size_t(n * heads * hd), 12), k = normals(size_t(n * kv_dim), 13),
-       v = normals(size_t(n * kv_dim), 14);
-  // Three blocks stored in reverse order in a pool of four.
-  std::vector<float> kpool(size_t(4 * bs * kv_dim)), vpool(kpool.size());
-  const std::vector<int> table = {3, 1, 0};
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t d = 0; d < kv_dim; ++d) {
-      kpool[size_t((table[size_t(j / bs)] * bs + j % bs) * kv_dim + d)] = k[size_t(j * kv_dim + d)];
-      vpool[size_t((table[size_t(j / bs)] * bs + j % bs) * kv_dim + d)] = v[size_t(j * kv_dim + d)];
-    }
-  std::vector<const float*> kp, vp;
-  for (int b : table) {
-    kp.push_back(kpool.data() + b * bs * kv_dim);
-    vp.push_back(vpool.data() + b * bs * kv_dim);
-  }
-  std::vector<int32_t> pos(static_cast<size_t>(n));
-  std::iota(pos.begin(), pos.end(), 0);
+  const int64_t heads = 4, kv_heads = 2, hd = 16, bs = 16, kv_dim = kv_heads * hd;
   const cpu::Isa isa0 = cpu::active_isa();
-  for (cpu::Isa isa : cpu::runnable_isas())
-    for (int64_t window : {int64_t(0), int64_t(5)}) {
-      cpu::force_isa(isa);
-      std::vector<float> out(q.size());
-      cpu::paged_attention(q.data(), n, pos.data(), {heads, kv_heads, hd, window}, {kp.data(), vp.data(), bs},
-                           out.data());
-      const std::vector<double> ref = naive_attention(q, pos, heads, kv_heads, hd, window, k, v);
-      EXPECT_LT(rel_err(out, ref), 1e-6) << cpu::isa_name(isa) << " window " << window;
+  for (int64_t n : {int64_t(37), int64_t(700)}) {
+    auto q = normals(size_t(n * heads * hd), 12), k = normals(size_t(n * kv_dim), 13),
+         v = normals(size_t(n * kv_dim), 14);
+    // The blocks stored in reverse order in a pool with one spare.
+    const int64_t blocks = (n + bs - 1) / bs;
+    std::vector<float> kpool(size_t((blocks + 1) * bs * kv_dim)), vpool(kpool.size());
+    std::vector<int> table;
+    for (int64_t b = 0; b < blocks; ++b) table.push_back(int(blocks - b));
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t d = 0; d < kv_dim; ++d) {
+        kpool[size_t((table[size_t(j / bs)] * bs + j % bs) * kv_dim + d)] = k[size_t(j * kv_dim + d)];
+        vpool[size_t((table[size_t(j / bs)] * bs + j % bs) * kv_dim + d)] = v[size_t(j * kv_dim + d)];
+      }
+    std::vector<const float*> kp, vp;
+    for (int b : table) {
+      kp.push_back(kpool.data() + b * bs * kv_dim);
+      vp.push_back(vpool.data() + b * bs * kv_dim);
     }
+    std::vector<int32_t> pos(static_cast<size_t>(n));
+    std::iota(pos.begin(), pos.end(), 0);
+    const int64_t last = (n - 1) * heads * hd;
+    for (cpu::Isa isa : cpu::runnable_isas())
+      for (int64_t window : {int64_t(0), int64_t(5), int64_t(64)}) {
+        cpu::force_isa(isa);
+        const std::vector<double> ref = naive_attention(q, pos, heads, kv_heads, hd, window, k, v);
+        std::vector<float> out(q.size());
+        cpu::paged_attention(q.data(), n, pos.data(), {heads, kv_heads, hd, window}, {kp.data(), vp.data(), bs},
+                             out.data());
+        EXPECT_LT(rel_err(out, ref), 1e-6) << cpu::isa_name(isa) << " n " << n << " window " << window;
+        // The last 37 rows as a chunk continuing the sequence (a window's keys start mid-block).
+        const int64_t tail = 37 * heads * hd;
+        std::vector<float> chunk(static_cast<size_t>(tail));
+        cpu::paged_attention(q.data() + q.size() - tail, 37, pos.data() + n - 37, {heads, kv_heads, hd, window},
+                             {kp.data(), vp.data(), bs}, chunk.data());
+        EXPECT_LT(rel_err(chunk, std::vector<double>(ref.end() - tail, ref.end())), 1e-6)
+            << cpu::isa_name(isa) << " last chunk, n " << n << " window " << window;
+        std::vector<float> one(size_t(heads * hd));
+        cpu::paged_attention(q.data() + last, 1, pos.data() + n - 1, {heads, kv_heads, hd, window},
+                             {kp.data(), vp.data(), bs}, one.data());
+        EXPECT_LT(rel_err(one, std::vector<double>(ref.begin() + last, ref.end())), 1e-6)
+            << cpu::isa_name(isa) << " decode, n " << n << " window " << window;
+        // Without a window both see the same key tiles: the row's bits do not depend on whether
+        // its scores came from the dot-product tiles (alone) or with the keys as columns (chunk).
+        if (window == 0) {
+          EXPECT_TRUE(std::equal(one.begin(), one.end(), chunk.end() - heads * hd)) << cpu::isa_name(isa) << " n " << n;
+        }
+      }
+  }
   cpu::force_isa(isa0);
 }
