@@ -87,7 +87,11 @@ nlohmann::json CostProfile::to_json() const {
       {"kind", kind},
       {"note", note},
       {"model", model.to_json()},
-      {"attention", {{"fixed_s", attn_fixed_s}, {"per_row_s", attn_per_row_s}, {"per_ctx_token_s", attn_per_ctx_s}}},
+      {"attention",
+       {{"fixed_s", attn_fixed_s},
+        {"per_row_s", attn_per_row_s},
+        {"per_prefill_row_s", attn_per_prefill_row_s},
+        {"per_ctx_token_s", attn_per_ctx_s}}},
       {"step", {{"fixed_s", step_fixed_s}, {"per_row_s", step_per_row_s}}},
       {"expert", {{"fixed_s", expert_fixed_s}, {"per_expert_s", expert_per_expert_s}, {"per_row_s", expert_per_row_s}}},
       {"dispatch_overhead_s", dispatch_overhead_s},
@@ -98,6 +102,7 @@ nlohmann::json CostProfile::to_json() const {
         {"nccl_local", link_json(nccl_local)},
         {"nccl_remote", link_json(nccl_remote)}}},
       {"shared_node_compute", shared_node_compute},
+      {"node_cores", node_cores},
       {"activation_bytes", activation_bytes},
       {"kv_bytes_per_token", kv_bytes_per_token},
       {"kv_tokens_per_worker", kv_tokens_per_worker},
@@ -118,6 +123,7 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
     const auto& a = j.at("attention");
     p.attn_fixed_s = a.at("fixed_s");
     p.attn_per_row_s = a.at("per_row_s");
+    p.attn_per_prefill_row_s = a.value("per_prefill_row_s", p.attn_per_row_s);
     p.attn_per_ctx_s = a.at("per_ctx_token_s");
     p.step_fixed_s = j.at("step").at("fixed_s");
     p.step_per_row_s = j.at("step").at("per_row_s");
@@ -136,6 +142,8 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
     p.nccl_local = link_from(l, "nccl_local");
     p.nccl_remote = link_from(l, "nccl_remote");
     p.shared_node_compute = j.value("shared_node_compute", false);
+    p.node_cores = j.value("node_cores", 1);
+    if (p.node_cores < 1) throw Error("profile: node_cores must be at least 1");
     p.activation_bytes = j.value("activation_bytes", int64_t(4));
     p.kv_bytes_per_token = j.value("kv_bytes_per_token", int64_t(0));
     p.kv_tokens_per_worker = j.value("kv_tokens_per_worker", int64_t(16384));
@@ -204,7 +212,7 @@ CostProfile roofline_profile(const ModelConfig& m, const Hardware& hw) {
            " TFLOP/s bf16) at 75% of bandwidth and 60% of FLOP/s; memory and compute times added";
   p.model = m;
   p.attn_fixed_s = 6 * launch + attn_params * bf16 / bw;
-  p.attn_per_row_s = 2 * attn_params / flops;
+  p.attn_per_row_s = p.attn_per_prefill_row_s = 2 * attn_params / flops;
   p.attn_per_ctx_s = kv_per_token_layer / bw + 4 * double(m.num_attention_heads) * hd / flops;
   // lm_head + embedding read, sampling kernels, and the router's step round trip over the network.
   p.step_fixed_s = 10 * launch + head_params * bf16 / bw + 150e-6;

@@ -31,23 +31,29 @@ struct CostProfile {
   std::string note;   // how it was obtained
   ModelConfig model;  // the model the costs are for
 
-  // Attention side, per MoE/dense layer of one micro-batch: fixed + per row + per context token
-  // attended (the sum over rows of the positions each row attends to).
-  double attn_fixed_s = 0, attn_per_row_s = 0, attn_per_ctx_s = 0;
-  // Attention worker, per step (embedding, final norm, lm_head, sampling, the step's RPC).
+  // Attention side, per MoE/dense layer of one micro-batch: fixed + per decode row + per prefill
+  // row (prompt positions computed in a batch, fitted apart) + per context token attended (the
+  // sum over rows of the positions each row attends to).
+  double attn_fixed_s = 0, attn_per_row_s = 0, attn_per_prefill_row_s = 0, attn_per_ctx_s = 0;
+  // Attention worker, per step (embedding, final norm, lm_head, sampling, the step's RPC); per
+  // row: each sampled row.
   double step_fixed_s = 0, step_per_row_s = 0;
   // Expert host, per layer batch: fixed + per expert with rows + per (row, expert) assignment.
   double expert_fixed_s = 0, expert_per_expert_s = 0, expert_per_row_s = 0;
   // Per dispatch (one attention worker -> one expert host, one layer), beyond the link itself:
-  // the hand-offs of the actors, the bridge and the compute pools on both sides.
+  // the hand-offs of the actors, the bridge and the compute pools on both sides. With shared
+  // node compute it is CPU work on the node's cores, else latency.
   double dispatch_overhead_s = 0;
-  // Router, per generated token (streaming it to the client) and per request (HTTP, validation).
+  // Router, per generated token (streaming it to the client) and per request (HTTP, validation,
+  // tokenizing; it delays admission). With shared node compute both are CPU on the node's cores
+  // (what `plan profile --calibrate-url` fits there includes the benchmark client's own CPU).
   double router_per_token_s = 0, router_per_request_s = 0;
   // Links: same node, other node; ZeroMQ (TCP) and NCCL (GPU to GPU).
   LinkCost zmq_local, zmq_remote, nccl_local, nccl_remote;
   // Every process of a node computes on the node's shared cores (a CPU machine): their compute
   // is serialised on one resource per node. False: each process has its own accelerator.
   bool shared_node_compute = false;
+  int node_cores = 1;                    // with shared_node_compute: the cores the node's processes share
   int64_t activation_bytes = 4;          // bytes per hidden value on the wire (f32 on CPU, bf16 on GPUs)
   int64_t kv_bytes_per_token = 0;        // all layers, K and V
   int64_t kv_tokens_per_worker = 16384;  // KV capacity of one attention worker
@@ -55,8 +61,9 @@ struct CostProfile {
   int gpus_per_node = 1;                 // processes (attention workers + expert hosts) per node
 
   // Seconds of one micro-batch's attention for one layer.
-  double attention_layer_s(double rows, double ctx_tokens) const {
-    return attn_fixed_s + attn_per_row_s * rows + attn_per_ctx_s * ctx_tokens;
+  double attention_layer_s(double decode_rows, double prefill_rows, double ctx_tokens) const {
+    return attn_fixed_s + attn_per_row_s * decode_rows + attn_per_prefill_row_s * prefill_rows +
+           attn_per_ctx_s * ctx_tokens;
   }
   double step_s(double rows) const { return step_fixed_s + step_per_row_s * rows; }
   // Seconds of one expert host batch for one layer.

@@ -64,20 +64,25 @@ class LatencyHistogram {
 // timeline of reservations; `busy` adds up what it served.
 class Server {
  public:
-  double reserve(double ready, double dur, double now) {
-    busy += dur;
+  // Where an operation ready at `ready` would start, without reserving it.
+  double earliest(double ready, double dur, double now) {
     while (head_ < iv_.size() && iv_[head_].second <= now) ++head_;
     if (head_ > 256 && head_ * 2 > iv_.size()) {
       iv_.erase(iv_.begin(), iv_.begin() + long(head_));
       head_ = 0;
     }
     double s = ready;
-    size_t i = head_;
-    for (; i < iv_.size(); ++i) {
+    for (size_t i = head_; i < iv_.size(); ++i) {
       if (iv_[i].second <= s) continue;
       if (iv_[i].first >= s + dur) break;  // fits in the gap before it
       s = std::max(s, iv_[i].second);
     }
+    return s;
+  }
+  double reserve(double ready, double dur, double now) {
+    const double s = earliest(ready, dur, now);
+    busy += dur;
+    auto i = size_t(std::lower_bound(iv_.begin() + long(head_), iv_.end(), std::make_pair(s, s)) - iv_.begin());
     if (i > head_ && iv_[i - 1].second >= s - 1e-12 && iv_[i - 1].second <= s) {
       iv_[i - 1].second = s + dur;  // adjacent: extend instead of inserting
     } else {
@@ -90,6 +95,31 @@ class Server {
  private:
   std::vector<std::pair<double, double>> iv_;  // sorted by start, disjoint
   size_t head_ = 0;
+};
+
+// Several identical servers (a node's cores): an operation takes the one where it starts first.
+class Cores {
+ public:
+  explicit Cores(int n = 1) : s_(size_t(std::max(1, n))) {}
+  double reserve(double ready, double dur, double now) {
+    size_t best = 0;
+    double start = 0;
+    for (size_t i = 0; i < s_.size(); ++i) {
+      const double e = s_[i].earliest(ready, dur, now);
+      if (i == 0 || e < start) best = i, start = e;
+      if (start <= ready) break;
+    }
+    return s_[best].reserve(ready, dur, now);
+  }
+  double busy() const {
+    double b = 0;
+    for (const auto& s : s_) b += s.busy;
+    return b;
+  }
+  size_t size() const { return s_.size(); }
+
+ private:
+  std::vector<Server> s_;
 };
 
 // Walker's alias table: O(1) samples of a discrete distribution.
@@ -148,8 +178,8 @@ struct Work {
 };
 
 struct Lane {
-  double rows = 0, ctx = 0;
-  double attn_end = 0;  // end of its latest attention
+  double rows = 0, prefill_rows = 0, ctx = 0;  // rows: all (decode + prefill)
+  double attn_end = 0;                         // end of its latest attention
 };
 
 struct WorkerState {
@@ -160,18 +190,19 @@ struct WorkerState {
   std::vector<Work> work;         // the step in flight
   Lane lanes[2];
   int lane_count = 0, lanes_pending = 0;
+  int64_t sampled = 0;  // rows of the step in flight that sample a token
   double lanes_done = 0, step_start = 0;
-  Server server;  // its own accelerator (unless the node's cores are shared)
+  Cores server;  // its own accelerator (unless the node's cores are shared)
 };
 
 struct HostState {
   int node = 0;
   int64_t open_key = -1;  // the batch last opened: key of its layer
   double open_start = 0, open_end = 0;
-  Server server;
+  Cores server;
 };
 
-enum EvType : uint32_t { kArrival, kLane, kStepDone, kSample };
+enum EvType : uint32_t { kArrival, kAdmit, kLane, kStepDone, kSample };
 
 struct Event {
   double t;
@@ -198,7 +229,7 @@ class Simulator {
     hosts_.resize(size_t(d_.expert_hosts));
     for (size_t w = 0; w < workers_.size(); ++w) workers_[w].node = int(w % size_t(nodes_));
     for (size_t h = 0; h < hosts_.size(); ++h) hosts_[h].node = int(h % size_t(nodes_));
-    node_servers_.resize(size_t(nodes_));
+    node_servers_.assign(size_t(nodes_), Cores(p_.node_cores));
     nic_.resize(size_t(nodes_));
     // Placement: the coordinator's plan for one MoE layer (every layer is cut the same way).
     const int64_t experts = std::max<int64_t>(1, m.num_experts);
@@ -254,6 +285,9 @@ class Simulator {
         case kArrival:
           on_arrival(e.a);
           break;
+        case kAdmit:
+          on_admit(e.a);
+          break;
         case kLane:
           on_lane(e.a, e.b, e.c);
           break;
@@ -277,13 +311,13 @@ class Simulator {
   int64_t pending_arrivals() const { return int64_t(arrivals_.size()) - arrived_; }
   bool closed_done() const { return t_.kind != TrafficSpec::Kind::closed || !more_closed(); }
   bool shared() const { return p_.shared_node_compute; }
-  Server& worker_server(WorkerState& w) { return shared() ? node_servers_[size_t(w.node)] : w.server; }
-  Server& host_server(HostState& h) { return shared() ? node_servers_[size_t(h.node)] : h.server; }
+  Cores& worker_server(WorkerState& w) { return shared() ? node_servers_[size_t(w.node)] : w.server; }
+  Cores& host_server(HostState& h) { return shared() ? node_servers_[size_t(h.node)] : h.server; }
 
   // Closed loop: a client sends its next request as soon as its previous one ends.
   bool more_closed() const { return t_.requests > 0 ? issued_ < t_.requests : now_ < t_.duration_s; }
   void issue_closed(double t) {
-    SimRequest r = sample_request(t_, rng_, issued_++);
+    SimRequest r = sample_request(t_, issued_++);
     r.arrival_s = t;
     arrivals_.push_back(r);
     push(t, kArrival, uint32_t(arrivals_.size() - 1));
@@ -302,10 +336,21 @@ class Simulator {
         std::min((r.prompt - 1) / kBlock * kBlock, int64_t(t_.prefix_hit_rate * double(r.prompt)) / kBlock * kBlock);
     seqs_.push_back(s);
     const auto id = uint32_t(seqs_.size() - 1);
-    if (p_.router_per_request_s > 0 && shared()) node_servers_[0].reserve(now_, p_.router_per_request_s, now_);
     ++live_;
-    fair_.push(id, tenant_name(s.tenant), 1.0, Priority::Normal);
     if (first_arrival_ < 0) first_arrival_ = now_;
+    // The router's HTTP handling and tokenizing come before the queue: on the node's cores when
+    // they are shared, else a latency.
+    if (p_.router_per_request_s > 0) {
+      const double at =
+          shared() ? node_servers_[0].reserve(now_, p_.router_per_request_s, now_) : now_ + p_.router_per_request_s;
+      push(at, kAdmit, id);
+      return;
+    }
+    on_admit(id);
+  }
+
+  void on_admit(uint32_t id) {
+    fair_.push(id, tenant_name(seqs_[id].tenant), 1.0, Priority::Normal);
     pump(-1);
   }
 
@@ -434,10 +479,16 @@ class Simulator {
         if (best < 0 || imbalance < best) best = imbalance, split = k;
       }
     }
+    w.sampled = 0;
     for (size_t k = 0; k < w.work.size(); ++k) {
       Lane& l = w.lanes[k < split ? 0 : 1];
-      l.rows += double(std::max<int64_t>(w.work[k].rows, 1));
-      l.ctx += w.work[k].ctx;
+      const Work& wk = w.work[k];
+      const Seq& s = seqs_[wk.seq];
+      const double rows = double(std::max<int64_t>(wk.rows, 1));
+      l.rows += rows;
+      if (s.prefilling()) l.prefill_rows += rows;
+      l.ctx += wk.ctx;
+      w.sampled += !s.prefilling() || s.prefilled + wk.tokens >= s.context_len();
     }
     w.lanes_pending = w.lane_count;
     w.lanes_done = now_;
@@ -493,7 +544,7 @@ class Simulator {
   void on_lane(uint32_t wi, uint32_t lane, uint32_t layer) {
     WorkerState& w = workers_[wi];
     Lane& l = w.lanes[lane];
-    const double attn = p_.attention_layer_s(l.rows, l.ctx);
+    const double attn = p_.attention_layer_s(l.rows - l.prefill_rows, l.prefill_rows, l.ctx);
     const double a_end = worker_server(w).reserve(now_, attn, now_);
     attn_busy_ += attn;
     double done = a_end;
@@ -513,7 +564,8 @@ class Simulator {
         } else {
           arrive += link.seconds(bytes);
         }
-        arrive += p_.dispatch_overhead_s;
+        arrive =
+            shared() ? worker_server(w).reserve(arrive, p_.dispatch_overhead_s, now_) : arrive + p_.dispatch_overhead_s;
         double end;
         if (h.open_key == key && arrive <= h.open_start) {  // joins the batch that has not started
           const double extra = p_.expert_per_row_s * rows;
@@ -552,37 +604,55 @@ class Simulator {
   }
 
   // A step's lanes over all layers at once (large runs): per layer a lane computes its attention
-  // (the two lanes take turns on the worker) and waits for its dispatch: the slowest host's
-  // expected rows, queueing at the hosts' and NICs' recent utilisation (M/D/1), the links.
+  // (the two lanes take turns on the worker) and waits for its dispatch to the busiest host.
+  // Expert hosts merge the requests of one layer that arrive within the batching window
+  // (actors/expert_batcher.h): with the dispatch rate of the last sampling window, a batch holds
+  // m = 1 + (requests per layer per second) x window of them, at most one per lane of each
+  // worker, and its fixed and per-expert costs are shared by all m. Queueing at the hosts and
+  // NICs is M/D/1 at their utilisation of the last window.
   double analytic_lanes(WorkerState& w) {
     double cycle_attn = 0, max_dispatch = 0, attn_sum = 0;
+
+    const double window = d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0;
     for (int l = 0; l < w.lane_count; ++l) {
       const Lane& lane = w.lanes[l];
-      const double a = p_.attention_layer_s(lane.rows, lane.ctx);
+      const double a = p_.attention_layer_s(lane.rows - lane.prefill_rows, lane.prefill_rows, lane.ctx);
       attn_sum += a;
       const double assign = lane.rows * double(top_k_);
-      const double r = assign * host_share_[max_share_host_];
+      // The busiest host: touched with probability `touch`, then with r rows of n experts.
+      const double share = host_share_[max_share_host_];
+      const double touch = 1 - std::pow(1 - share, assign);
+      const double r = touch > 0 ? assign * share / touch : 0;
       const double n = double(host_experts_[max_share_host_]);
-      const double service = p_.expert_batch_s(n * (1 - std::exp(-r / n)), r);
+      const double m = merge_max_;
+      const double merged = p_.expert_batch_s(n * (1 - std::exp(-m * r / n)), m * r);
+      const double own = (merged - p_.expert_per_row_s * m * r) / m + p_.expert_per_row_s * r;
       const bool remote = nodes_ > 1;
       const LinkCost& link = p_.link(d_.nccl, !remote);
       const double remote_share = remote ? 1.0 - 1.0 / double(nodes_) : 0.0;
       const double nic_serial =
           assign * remote_share * double(p_.model.hidden_size * p_.activation_bytes) / link.bandwidth_Bps;
-      const double wait_e = rho_expert_ / (2 * (1 - rho_expert_)) * service;
+      // Behind the busiest host's backlog (its demand beyond capacity so far), then M/D/1.
+      const double wait_e = host_backlog_ + rho_expert_ / (2 * (1 - rho_expert_)) * merged;
       const double wait_n = rho_nic_ / (2 * (1 - rho_nic_)) * nic_serial;
-      const double window = d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0;
-      const double d = 2 * link.seconds(p_.dispatch_bytes(r)) + p_.dispatch_overhead_s + window + wait_e + service +
+      // The first request of a batch waits the whole window, the later ones what is left of it.
+      const double wait_w = window * (1 + (m - 1) / 2) / m;
+      const double d = 2 * link.seconds(p_.dispatch_bytes(r)) + p_.dispatch_overhead_s + wait_w + wait_e + merged +
                        2 * (nic_serial + wait_n);
       max_dispatch = std::max(max_dispatch, d);
       cycle_attn = std::max(cycle_attn, a);
-      // Utilisation bookkeeping: every host's share of the work, the NICs' bytes.
-      const double touched = std::min(double(hosts_.size()), assign);
-      expert_busy_ += double(moe_layers_) * (touched * p_.expert_fixed_s +
-                                             p_.expert_per_expert_s * std::min(assign, double(expert_share_.size())) +
-                                             p_.expert_per_row_s * assign);
-      max_host_busy_ += double(moe_layers_) * service;
-      nic_busy_ += double(moe_layers_) * 2 * nic_serial;
+      // Utilisation bookkeeping: the busiest host, all hosts (merged as the mean host), the NICs.
+      const double moe = double(moe_layers_);
+      const double touched = hosts_touched(assign);
+      const double experts = double(expert_share_.size());
+      const double mm = merge_mean_;
+      expert_busy_ += moe * (touched * p_.expert_fixed_s / mm +
+                             p_.expert_per_expert_s * experts * (1 - std::exp(-mm * assign / experts)) / mm +
+                             p_.expert_per_row_s * assign);
+      max_host_busy_ += moe * touch * own;
+      dispatches_max_ += moe * touch;
+      dispatches_all_ += moe * touched;
+      nic_busy_ += moe * 2 * nic_serial;
     }
     attn_busy_ += attn_sum * double(layers_);
     // Two lanes ping-pong: a layer takes the longer of both attentions back to back and one
@@ -596,11 +666,28 @@ class Simulator {
     return t;
   }
 
+  // Expected expert hosts one lane's `assign` assignments touch (a table, by whole assignments).
+  double hosts_touched(double assign) {
+    const auto k = size_t(std::max(0.0, std::round(assign)));
+    while (touched_table_.size() <= k) {
+      const double a = double(touched_table_.size());
+      double t = 0;
+      for (double sh : host_share_) t += 1 - std::pow(1 - sh, a);
+      touched_table_.push_back(t);
+    }
+    return touched_table_[k];
+  }
+
+  // Requests a host's batch merges (analytic mode), from the dispatch rate of the last window.
+  double merge_factor(double dispatches_per_s_per_host) const {
+    const double window = d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0;
+    const double cap = double(d_.attention_workers) * double(d_.micro_batches);
+    return std::clamp(1 + dispatches_per_s_per_host / double(std::max<int64_t>(1, moe_layers_)) * window, 1.0, cap);
+  }
+
   void finish_step_at(int wi, double lanes_done) {
     WorkerState& w = workers_[size_t(wi)];
-    double rows = 0;
-    for (int l = 0; l < w.lane_count; ++l) rows += w.lanes[l].rows;
-    const double dur = p_.step_s(rows);
+    const double dur = p_.step_s(double(w.sampled));
     attn_busy_ += dur;
     const double end = fast_ ? lanes_done + dur : worker_server(w).reserve(lanes_done, dur, now_);
     push(end, kStepDone, uint32_t(wi));
@@ -644,8 +731,13 @@ class Simulator {
     window_tokens_ += tokens;
     if (tokens > 0) fair_.charge(tenant_name(0), charge_prompt_, tokens);
     charge_prompt_ = 0;
-    if (p_.router_per_token_s > 0 && shared() && tokens > 0)
-      node_servers_[0].reserve(now_, p_.router_per_token_s * double(tokens), now_);
+    // Streaming the step's tokens (off the step's path, on several threads): CPU beside the next step.
+    if (p_.router_per_token_s > 0 && shared() && tokens > 0) {
+      Cores& router = node_servers_[0];
+      const int64_t chunks = std::min<int64_t>(tokens, int64_t(router.size()));
+      for (int64_t c = 0; c < chunks; ++c)
+        router.reserve(now_, p_.router_per_token_s * double(tokens) / double(chunks), now_);
+    }
     recount_blocks(w);
     pump(int(wi));
   }
@@ -667,6 +759,13 @@ class Simulator {
     if (fast_ && now_ > 0) {  // utilisation of the last window drives the analytic queueing
       const double dt = now_ - last_sample_t_;
       rho_expert_ = std::min(0.95, (max_host_busy_ - last_host_busy_) / dt);
+      // The busiest host's demand beyond its capacity waits: a fluid queue that holds the
+      // dispatch rate to what the host can serve (analytic steps reserve no timelines).
+      host_backlog_ = std::max(0.0, host_backlog_ + (max_host_busy_ - last_host_busy_) - dt);
+      merge_max_ = merge_factor((dispatches_max_ - last_dispatches_max_) / dt);
+      merge_mean_ = merge_factor((dispatches_all_ - last_dispatches_all_) / (dt * double(hosts_.size())));
+      last_dispatches_max_ = dispatches_max_;
+      last_dispatches_all_ = dispatches_all_;
       rho_nic_ = std::min(0.95, (nic_busy_ - last_nic_busy_) / (dt * double(nodes_)));
       last_host_busy_ = max_host_busy_;
       last_nic_busy_ = nic_busy_;
@@ -692,7 +791,7 @@ class Simulator {
     r.attention_util = attn_busy_ / (span * double(workers_.size()));
     r.expert_util = expert_busy_ / (span * double(hosts_.size()));
     if (fast_) {
-      r.expert_util_max = max_host_busy_ / span;
+      r.expert_util_max = (max_host_busy_ - host_backlog_) / span;  // served, not demanded
     } else {
       r.expert_util_max = *std::max_element(host_busy_.begin(), host_busy_.end()) / span;
     }
@@ -702,8 +801,8 @@ class Simulator {
     r.network_util = nic / (span * double(nodes_));
     if (shared()) {
       double b = 0;
-      for (const auto& n : node_servers_) b += n.busy;
-      r.node_util = b / (span * double(nodes_));
+      for (const auto& n : node_servers_) b += n.busy();
+      r.node_util = b / (span * double(nodes_) * double(node_servers_[0].size()));
     }
     r.kv_used_peak = kv_peak_;
     r.expert_wait_share = lane_time_ > 0 ? expert_wait_ / lane_time_ : 0;
@@ -742,7 +841,8 @@ class Simulator {
   bool fast_ = false;
   std::vector<WorkerState> workers_;
   std::vector<HostState> hosts_;
-  std::vector<Server> node_servers_, nic_;
+  std::vector<Cores> node_servers_;
+  std::vector<Server> nic_;
   std::vector<std::vector<int32_t>> expert_hosts_;
   std::vector<double> host_share_, expert_share_;
   std::vector<int64_t> host_experts_;
@@ -766,6 +866,10 @@ class Simulator {
   LatencyHistogram ttft_, itl_, e2e_, queue_hist_;
   double attn_busy_ = 0, expert_busy_ = 0, max_host_busy_ = 0, nic_busy_ = 0, expert_wait_ = 0, lane_time_ = 0;
   double rho_expert_ = 0, rho_nic_ = 0, last_host_busy_ = 0, last_nic_busy_ = 0, last_sample_t_ = 0;
+  double merge_max_ = 1, merge_mean_ = 1, dispatches_max_ = 0, dispatches_all_ = 0, last_dispatches_max_ = 0,
+         last_dispatches_all_ = 0;
+  std::vector<double> touched_table_;
+  double host_backlog_ = 0;
   double kv_peak_ = 0;
   std::vector<TimelineSample> timeline_;
 };

@@ -46,7 +46,9 @@ std::vector<SimRequest> read_trace(const std::filesystem::path& file, std::vecto
 // Open-loop arrivals of a spec (empty for closed loop), sorted by time.
 std::vector<SimRequest> open_loop_arrivals(const TrafficSpec& spec);
 
-// One request's lengths and tenant, for closed loop (index = the order requests are issued in).
-SimRequest sample_request(const TrafficSpec& spec, std::mt19937_64& rng, int64_t index);
+// Request `index`'s lengths and tenant (index = the order requests are issued in): drawn as `moemesh bench --seed`
+// draws them (a generator seeded from the seed and the index alone), so a plan and a bench with the same seed see the
+// same requests.
+SimRequest sample_request(const TrafficSpec& spec, int64_t index);
 
 }  // namespace moemesh::planner

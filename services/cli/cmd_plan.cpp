@@ -4,6 +4,7 @@
 //   moemesh plan search     the cheapest shape meeting an SLO, and its Helm values
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -262,28 +263,48 @@ LinkCost measure_zmq(int rounds) {
 struct ProfileArgs {
   std::string model, out, hardware, name = "this-machine";
   std::vector<int64_t> batches = {1, 2, 4, 8, 16, 32, 64}, contexts = {32, 256};
-  int repeats = 3, zmq_rounds = 200;
+  int repeats = 9, zmq_rounds = 200;
   // Calibration against a running cluster (`moemesh up`) of this shape.
   std::string calibrate_url;
-  int cal_attention = 1, cal_experts = 1, cal_micro_batches = 2;
+  int cal_attention = 1, cal_experts = 1, cal_replicas = 1, cal_micro_batches = 2, cal_concurrency = 8, cal_repeats = 3;
+  int64_t cal_long_prompt = 112;  // extra prompt tokens of the long-prompt run
   int64_t kv_tokens = 1024 * 16;
   int processes_per_node = 64;
 };
 
-// One `moemesh bench` run at concurrency 1 against the cluster; its JSON report.
-nlohmann::json bench_once(const ProfileArgs& a, int64_t prompt, int64_t output, int requests, int64_t vocab) {
+// One `moemesh bench` run against the cluster: the point with what it measured.
+CalibrationPoint bench_point(const ProfileArgs& a, CalibrationPoint c, int64_t vocab) {
   const std::string self = fs::read_symlink("/proc/self/exe").string();
   const fs::path out = fs::temp_directory_path() / ("moemesh-plan-cal-" + std::to_string(::getpid()) + ".json");
-  const std::string cmd = "'" + self + "' bench --url '" + a.calibrate_url + "' --concurrency 1 --requests " +
-                          std::to_string(requests) + " --prompt-len " + std::to_string(prompt) + " --output-len " +
-                          std::to_string(output) + " --vocab " + std::to_string(vocab) + " --json '" + out.string() +
-                          "' > /dev/null";
+  const std::string cmd = "'" + self + "' bench --url '" + a.calibrate_url + "' --concurrency " +
+                          std::to_string(c.concurrency) + " --requests " + std::to_string(c.requests) +
+                          " --prompt-len " + std::to_string(c.prompt) + " --output-len " + std::to_string(c.output) +
+                          " --vocab " + std::to_string(vocab) + " --json '" + out.string() + "' > /dev/null";
   if (std::system(cmd.c_str()) != 0) throw Error("plan profile: calibration bench failed: " + cmd);
   std::ifstream in(out);
   nlohmann::json j;
   in >> j;
   fs::remove(out);
-  return j;
+  c.ttft_p50_s = j.at("ttft_ms").at("p50").get<double>() * 1e-3;
+  c.itl_p50_s = j.at("itl_ms").at("p50").get<double>() * 1e-3;
+  return c;
+}
+
+// The median of `repeats` runs of a point (each value apart): one run on a shared machine can
+// land in another job's burst.
+CalibrationPoint bench_median(const ProfileArgs& a, const CalibrationPoint& c, int64_t vocab) {
+  std::vector<double> ttft, itl;
+  for (int r = 0; r < std::max(1, a.cal_repeats); ++r) {
+    const CalibrationPoint m = bench_point(a, c, vocab);
+    ttft.push_back(m.ttft_p50_s);
+    itl.push_back(m.itl_p50_s);
+  }
+  std::sort(ttft.begin(), ttft.end());
+  std::sort(itl.begin(), itl.end());
+  CalibrationPoint out = c;
+  out.ttft_p50_s = ttft[ttft.size() / 2];
+  out.itl_p50_s = itl[itl.size() / 2];
+  return out;
 }
 
 void run_profile(const ProfileArgs& a) {
@@ -303,6 +324,7 @@ void run_profile(const ProfileArgs& a) {
   p.kind = "measured";
   p.model = ModelConfig::load(fs::path(a.model) / "config.json");
   p.shared_node_compute = true;  // every process of `moemesh up` computes on this machine's cores
+  p.node_cores = int(std::max(1u, std::thread::hardware_concurrency()));
   p.gpus_per_node = a.processes_per_node;
   p.activation_bytes = 4;
   p.kv_tokens_per_worker = a.kv_tokens;
@@ -318,48 +340,41 @@ void run_profile(const ProfileArgs& a) {
   p.note = "measured on this machine: engine steps (" + std::to_string(m.steps.size()) + " samples), expert calls (" +
            std::to_string(m.experts.size()) + "), ZeroMQ echo";
   if (!a.calibrate_url.empty()) {
-    // The cluster's own overheads (bridge, actor and pool hand-offs, the router's step round trip,
-    // HTTP): from one request at a time, the gap between the measured and the predicted
-    // inter-token latency is split evenly over the step round trip and each MoE layer's dispatch
-    // (the same machinery); the TTFT gap beyond it is the router's per-request cost.
+    // The cluster's own costs (bridge, actor and pool hand-offs, the router's step round trip,
+    // HTTP and streaming, the client's CPU): fitted through the simulator on three traffics.
     std::cout << "plan profile: calibrating against " << a.calibrate_url << "..." << std::endl;
-    const int64_t prompt = 16, output = 48;
-    const auto j = bench_once(a, prompt, output, 6, std::min<int64_t>(250, p.model.vocab_size));
-    const double itl = j.at("itl_ms").at("p50").get<double>() * 1e-3;
-    const double ttft = j.at("ttft_ms").at("p50").get<double>() * 1e-3;
+    const int64_t vocab = std::min<int64_t>(250, p.model.vocab_size);
+    const CalibrationPoint one = bench_median(a, {1, 16, 48, 8}, vocab);
+    const CalibrationPoint long_prompt = bench_median(a, {1, 16 + a.cal_long_prompt, 2, 8}, vocab);
+    const CalibrationPoint loaded = bench_median(a, {a.cal_concurrency, 32, 48, 4 * a.cal_concurrency}, vocab);
     Deployment d;
     d.attention_workers = a.cal_attention;
     d.expert_hosts = a.cal_experts;
+    d.replicas = a.cal_replicas;
     d.micro_batches = a.cal_micro_batches;
     d.processes_per_node = a.processes_per_node;
-    TrafficSpec t = TrafficSpec::parse("closed:1");
-    t.prompt_len = bench::LengthDist::parse(std::to_string(prompt));
-    t.output_len = bench::LengthDist::parse(std::to_string(output));
-    t.requests = 6;
-    const auto load = ExpertLoad::uniform(std::max<int64_t>(1, p.model.num_experts));
-    const SimResult base = simulate(p, d, t, load);
-    int64_t moe = 0;
-    for (int64_t l = 0; l < p.model.num_hidden_layers; ++l) moe += p.model.is_moe_layer(l);
-    const double gap = std::max(0.0, itl - base.itl.p50);
-    p.dispatch_overhead_s = gap / double(moe + 1);
-    p.step_fixed_s += gap / double(moe + 1);
-    const SimResult with = simulate(p, d, t, load);
-    p.router_per_request_s = std::max(0.0, ttft - with.ttft.p50);
-    p.note += "; calibrated on " + a.calibrate_url + " (" + std::to_string(a.cal_attention) + " attention, " +
-              std::to_string(a.cal_experts) + " expert hosts): ITL p50 " + ms(itl) + " ms, TTFT p50 " + ms(ttft) +
-              " ms";
-    std::cout << "plan profile: measured ITL p50 " << ms(itl) << " ms (engine + links alone: " << ms(base.itl.p50)
-              << " ms), TTFT p50 " << ms(ttft) << " ms\n";
+    const auto fitted = calibrate_cluster(p, d, one, long_prompt, loaded);
+    const CalibrationPoint* meas[] = {&one, &long_prompt, &loaded};
+    p.note += "; calibrated on " + a.calibrate_url + " (" + d.describe() + "), measured / fitted p50 ms:";
+    for (size_t i = 0; i < 3; ++i) {
+      const std::string line = " c" + std::to_string(meas[i]->concurrency) + " prompt " +
+                               std::to_string(meas[i]->prompt) + ": TTFT " + ms(meas[i]->ttft_p50_s) + " / " +
+                               ms(fitted[i].ttft_p50_s) + ", ITL " + ms(meas[i]->itl_p50_s) + " / " +
+                               ms(fitted[i].itl_p50_s);
+      p.note += line + (i < 2 ? ";" : "");
+      std::cout << "plan profile:" << line << " (measured / fitted)\n";
+    }
   }
   p.save(a.out);
-  char b[512];
+  char b[768];
   std::snprintf(b, sizeof b,
-                "wrote %s: attention/layer %.1f us + %.2f us/row + %.4f us/ctx, expert batch %.1f us + %.1f us/expert "
-                "+ %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, dispatch overhead %.1f us, step %.1f us\n",
-                a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_ctx_s * 1e6,
-                p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
+                "wrote %s: attention/layer %.1f us + %.2f us/row + %.2f us/prefill row + %.4f us/ctx, expert batch "
+                "%.1f us + %.1f us/expert + %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, dispatch overhead %.1f "
+                "us, step %.1f us, router %.1f us/request + %.1f us/token, %d cores\n",
+                a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_prefill_row_s * 1e6,
+                p.attn_per_ctx_s * 1e6, p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
                 p.zmq_local.latency_s * 1e6, p.zmq_local.bandwidth_Bps / 1e9, p.dispatch_overhead_s * 1e6,
-                p.step_fixed_s * 1e6);
+                p.step_fixed_s * 1e6, p.router_per_request_s * 1e6, p.router_per_token_s * 1e6, p.node_cores);
   std::cout << b;
 }
 
@@ -440,7 +455,12 @@ void add_plan(CLI::App& app) {
                    "a running cluster (moemesh up) to fit the cluster's overheads on");
   prof->add_option("--calibrate-attention", pa->cal_attention, "its attention workers")->capture_default_str();
   prof->add_option("--calibrate-experts", pa->cal_experts, "its expert hosts")->capture_default_str();
+  prof->add_option("--calibrate-replicas", pa->cal_replicas, "its replicas")->capture_default_str();
   prof->add_option("--calibrate-micro-batches", pa->cal_micro_batches, "its micro-batches")->capture_default_str();
+  prof->add_option("--calibrate-concurrency", pa->cal_concurrency, "requests at once of the loaded calibration run")
+      ->capture_default_str();
+  prof->add_option("--calibrate-repeats", pa->cal_repeats, "runs per calibration point (their median)")
+      ->capture_default_str();
   prof->add_option("--kv-tokens", pa->kv_tokens,
                    "KV capacity of an attention worker (moemesh-attention --kv-blocks x 16)")
       ->capture_default_str();
