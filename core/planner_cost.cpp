@@ -96,6 +96,7 @@ nlohmann::json CostProfile::to_json() const {
       {"expert", {{"fixed_s", expert_fixed_s}, {"per_expert_s", expert_per_expert_s}, {"per_row_s", expert_per_row_s}}},
       {"dispatch_overhead_s", dispatch_overhead_s},
       {"router", {{"per_token_s", router_per_token_s}, {"per_request_s", router_per_request_s}}},
+      {"step_jitter_s", step_jitter_s},
       {"links",
        {{"zmq_local", link_json(zmq_local)},
         {"zmq_remote", link_json(zmq_remote)},
@@ -136,6 +137,8 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
       p.router_per_token_s = j["router"].value("per_token_s", 0.0);
       p.router_per_request_s = j["router"].value("per_request_s", 0.0);
     }
+    p.step_jitter_s = j.value("step_jitter_s", 0.0);
+    if (p.step_jitter_s < 0) throw Error("profile: step_jitter_s must not be negative");
     const auto& l = j.at("links");
     p.zmq_local = link_from(l, "zmq_local");
     p.zmq_remote = link_from(l, "zmq_remote");

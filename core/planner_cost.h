@@ -48,6 +48,10 @@ struct CostProfile {
   // tokenizing; it delays admission). With shared node compute both are CPU on the node's cores
   // (what `plan profile --calibrate-url` fits there includes the benchmark client's own CPU).
   double router_per_token_s = 0, router_per_request_s = 0;
+  // Interference of other work on the machine (a shared host's other jobs, the OS): each step is
+  // late by an exponential delay of this mean (0: none). Fitted on the spread of a calibration's
+  // inter-token latency.
+  double step_jitter_s = 0;
   // Links: same node, other node; ZeroMQ (TCP) and NCCL (GPU to GPU).
   LinkCost zmq_local, zmq_remote, nccl_local, nccl_remote;
   // Every process of a node computes on the node's shared cores (a CPU machine): their compute

@@ -168,7 +168,8 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
   const double step0 = p.step_fixed_s, dispatch0 = p.dispatch_overhead_s, prefill0 = p.attn_per_prefill_row_s;
   // Each parameter is moved by the gap of the measurement it dominates, divided by how much that
   // measurement grows per unit of it (an upper bound: the iteration approaches from one side).
-  double hop = 0, per_request = p.router_per_request_s, per_prompt_row = 0, per_token = p.router_per_token_s;
+  double jitter = 0, hop = 0, per_request = p.router_per_request_s, per_prompt_row = 0,
+         per_token = p.router_per_token_s;
   const double cores = double(std::max(1, p.node_cores));
   std::vector<CalibrationPoint> fitted(3);
   for (int round = 0; round < 24; ++round) {
@@ -177,13 +178,17 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
     p.attn_per_prefill_row_s = prefill0 + per_prompt_row;
     p.router_per_request_s = per_request;
     p.router_per_token_s = per_token;
+    p.step_jitter_s = jitter;
     const SimResult a = simulate_point(p, d, one), b = simulate_point(p, d, long_prompt),
                     c = simulate_point(p, d, loaded);
     fitted = {one, long_prompt, loaded};
     for (auto [f, r] : {std::pair{&fitted[0], &a}, {&fitted[1], &b}, {&fitted[2], &c}}) {
       f->ttft_p50_s = r->ttft.p50;
       f->itl_p50_s = r->itl.p50;
+      f->itl_p90_s = r->itl.p90;
     }
+    // An exponential delay of mean j puts p90 - p50 of a constant step ln(10/2) j = 1.61 j apart.
+    jitter = std::max(0.0, jitter + ((one.itl_p90_s - one.itl_p50_s) - (a.itl.p90 - a.itl.p50)) / 1.61);
     hop = std::max(0.0, hop + (one.itl_p50_s - a.itl.p50) / hops);
     const double ttft_gap = one.ttft_p50_s - a.ttft.p50;
     per_request = std::max(0.0, per_request + ttft_gap);

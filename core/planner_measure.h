@@ -41,13 +41,14 @@ void fit_engine_costs(const EngineMeasurements& m, CostProfile& p);
 struct CalibrationPoint {
   int concurrency = 1;
   int64_t prompt = 16, output = 32, requests = 8;
-  double ttft_p50_s = 0, itl_p50_s = 0;
+  double ttft_p50_s = 0, itl_p50_s = 0, itl_p90_s = 0;
 };
 
 // The cluster's own costs on a machine whose processes share its cores, fitted so that the
 // simulator of `d` reproduces three runs: one request at a time with short prompts (`one`: its
 // inter-token latency prices the hand-offs of a step and of each MoE layer's dispatch, its TTFT
-// the router's per-request work), the same with long prompts (`long_prompt`: the cost of a
+// the router's per-request work, the spread of its inter-token latency the machine's interference),
+// the same with long prompts (`long_prompt`: the cost of a
 // prompt row on the cluster), and several at once (`loaded`: the CPU each streamed token costs
 // beside the steps: the router's HTTP streaming and the client's). All are CPU on the node's
 // cores (p.shared_node_compute). Returns the simulator's values for the three, fitted.

@@ -689,7 +689,8 @@ class Simulator {
     WorkerState& w = workers_[size_t(wi)];
     const double dur = p_.step_s(double(w.sampled));
     attn_busy_ += dur;
-    const double end = fast_ ? lanes_done + dur : worker_server(w).reserve(lanes_done, dur, now_);
+    double end = fast_ ? lanes_done + dur : worker_server(w).reserve(lanes_done, dur, now_);
+    if (p_.step_jitter_s > 0) end += std::exponential_distribution<double>(1 / p_.step_jitter_s)(rng_);
     push(end, kStepDone, uint32_t(wi));
   }
 

@@ -287,23 +287,28 @@ CalibrationPoint bench_point(const ProfileArgs& a, CalibrationPoint c, int64_t v
   fs::remove(out);
   c.ttft_p50_s = j.at("ttft_ms").at("p50").get<double>() * 1e-3;
   c.itl_p50_s = j.at("itl_ms").at("p50").get<double>() * 1e-3;
+  c.itl_p90_s = j.at("itl_ms").at("p90").get<double>() * 1e-3;
   return c;
 }
 
 // The median of `repeats` runs of a point (each value apart): one run on a shared machine can
 // land in another job's burst.
 CalibrationPoint bench_median(const ProfileArgs& a, const CalibrationPoint& c, int64_t vocab) {
-  std::vector<double> ttft, itl;
+  std::vector<double> ttft, itl, itl90;
   for (int r = 0; r < std::max(1, a.cal_repeats); ++r) {
     const CalibrationPoint m = bench_point(a, c, vocab);
     ttft.push_back(m.ttft_p50_s);
     itl.push_back(m.itl_p50_s);
+    itl90.push_back(m.itl_p90_s);
   }
-  std::sort(ttft.begin(), ttft.end());
-  std::sort(itl.begin(), itl.end());
+  auto mid = [](std::vector<double>& v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
   CalibrationPoint out = c;
-  out.ttft_p50_s = ttft[ttft.size() / 2];
-  out.itl_p50_s = itl[itl.size() / 2];
+  out.ttft_p50_s = mid(ttft);
+  out.itl_p50_s = mid(itl);
+  out.itl_p90_s = mid(itl90);
   return out;
 }
 
@@ -344,9 +349,18 @@ void run_profile(const ProfileArgs& a) {
     // HTTP and streaming, the client's CPU): fitted through the simulator on three traffics.
     std::cout << "plan profile: calibrating against " << a.calibrate_url << "..." << std::endl;
     const int64_t vocab = std::min<int64_t>(250, p.model.vocab_size);
-    const CalibrationPoint one = bench_median(a, {1, 16, 48, 8}, vocab);
-    const CalibrationPoint long_prompt = bench_median(a, {1, 16 + a.cal_long_prompt, 2, 8}, vocab);
-    const CalibrationPoint loaded = bench_median(a, {a.cal_concurrency, 32, 48, 4 * a.cal_concurrency}, vocab);
+    auto point = [](int concurrency, int64_t prompt, int64_t output, int64_t requests) {
+      CalibrationPoint c;
+      c.concurrency = concurrency;
+      c.prompt = prompt;
+      c.output = output;
+      c.requests = requests;
+      return c;
+    };
+    const CalibrationPoint one = bench_median(a, point(1, 16, 48, 8), vocab);
+    const CalibrationPoint long_prompt = bench_median(a, point(1, 16 + a.cal_long_prompt, 2, 8), vocab);
+    const CalibrationPoint loaded =
+        bench_median(a, point(a.cal_concurrency, 32, 48, 4 * int64_t(a.cal_concurrency)), vocab);
     Deployment d;
     d.attention_workers = a.cal_attention;
     d.expert_hosts = a.cal_experts;
@@ -370,11 +384,12 @@ void run_profile(const ProfileArgs& a) {
   std::snprintf(b, sizeof b,
                 "wrote %s: attention/layer %.1f us + %.2f us/row + %.2f us/prefill row + %.4f us/ctx, expert batch "
                 "%.1f us + %.1f us/expert + %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, dispatch overhead %.1f "
-                "us, step %.1f us, router %.1f us/request + %.1f us/token, %d cores\n",
+                "us, step %.1f us, router %.1f us/request + %.1f us/token, step jitter %.1f us, %d cores\n",
                 a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_prefill_row_s * 1e6,
                 p.attn_per_ctx_s * 1e6, p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
                 p.zmq_local.latency_s * 1e6, p.zmq_local.bandwidth_Bps / 1e9, p.dispatch_overhead_s * 1e6,
-                p.step_fixed_s * 1e6, p.router_per_request_s * 1e6, p.router_per_token_s * 1e6, p.node_cores);
+                p.step_fixed_s * 1e6, p.router_per_request_s * 1e6, p.router_per_token_s * 1e6, p.step_jitter_s * 1e6,
+                p.node_cores);
   std::cout << b;
 }
 

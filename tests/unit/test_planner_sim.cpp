@@ -219,11 +219,18 @@ TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
   truth.router_per_request_s = 2e-3;
   truth.router_per_token_s = 3e-4;
   truth.attn_per_prefill_row_s = 3e-5;
+  truth.step_jitter_s = 3e-4;
   Deployment d;
   auto measure = [&](const CostProfile& p, int conc, int64_t prompt, int64_t output, int64_t requests) {
     const SimResult r = simulate(p, d, fixed_traffic("closed:" + std::to_string(conc), prompt, output, requests),
                                  ExpertLoad::uniform(8));
-    return CalibrationPoint{conc, prompt, output, requests, r.ttft.p50, r.itl.p50};
+    return CalibrationPoint{.concurrency = conc,
+                            .prompt = prompt,
+                            .output = output,
+                            .requests = requests,
+                            .ttft_p50_s = r.ttft.p50,
+                            .itl_p50_s = r.itl.p50,
+                            .itl_p90_s = r.itl.p90};
   };
   const CalibrationPoint one = measure(truth, 1, 16, 48, 8), long_prompt = measure(truth, 1, 128, 2, 8),
                          loaded = measure(truth, 8, 32, 48, 32);
@@ -234,6 +241,7 @@ TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
   EXPECT_NEAR(back[0].itl_p50_s, one.itl_p50_s, 0.03 * one.itl_p50_s);
   EXPECT_NEAR(back[2].itl_p50_s, loaded.itl_p50_s, 0.05 * loaded.itl_p50_s);
   EXPECT_NEAR(fitted.router_per_token_s, truth.router_per_token_s, 0.3 * truth.router_per_token_s);
+  EXPECT_NEAR(fitted.step_jitter_s, truth.step_jitter_s, 0.3 * truth.step_jitter_s);
   const TrafficSpec other = fixed_traffic("closed:24", 48, 32, 96);
   const SimResult want = simulate(truth, d, other, ExpertLoad::uniform(8));
   const SimResult got = simulate(fitted, d, other, ExpertLoad::uniform(8));
