@@ -79,12 +79,32 @@ def main():
     ap.add_argument("--configs", help="indices into the configurations, e.g. 0,2 (default: all)")
     ap.add_argument("--quick", action="store_true", help="2 configurations x 2 traffics")
     ap.add_argument("--port", type=int, default=18000)
-    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--json", help="write the rows here (with the profiles' and measurements' paths)")
+    ap.add_argument("--out-dir", help="keep the profiles and bench reports here (default: a temp folder)")
+    ap.add_argument("--replan", metavar="ROWS_JSON",
+                    help="no cluster: refit the recorded profiles (plan profile --refit) and predict again "
+                         "against the recorded measurements")
     a = ap.parse_args()
+    if a.replan:
+        rows = json.load(open(a.replan))
+        refitted = {}
+        for r in rows:
+            prof = r["profile"]
+            if prof not in refitted:
+                refitted[prof] = prof.replace(".json", "-refit.json")
+                subprocess.run([a.moemesh, "plan", "profile", "--refit", prof, "--out", refitted[prof]], check=True,
+                               stdout=subprocess.DEVNULL)
+            pred = plan_metrics(run_plan(a, refitted[prof], r["config"], r["traffic"], r["requests"],
+                                         os.path.join(os.path.dirname(prof), "replan.json")))
+            for k in KEYS:
+                r[k][0] = pred[k]
+        print_table(rows)
+        return 0
     configs, traffic = (CONFIGS[:2], TRAFFIC[:2]) if a.quick else (CONFIGS, TRAFFIC)
     if a.configs:
         configs = [CONFIGS[int(i)] for i in a.configs.split(",")]
-    tmp = tempfile.mkdtemp(prefix="planner-validate-")
+    tmp = a.out_dir or tempfile.mkdtemp(prefix="planner-validate-")
+    os.makedirs(tmp, exist_ok=True)
     rows = []
     for (att, exp, rep, mb) in configs:
         port = a.port
@@ -104,27 +124,41 @@ def main():
                 n = a.requests * mult
                 common = ["--requests", str(n), "--prompt-len", a.prompt_len, "--output-len", a.output_len,
                           "--seed", str(a.seed)]
-                bj, pj = os.path.join(tmp, "bench.json"), os.path.join(tmp, "plan.json")
+                cell = f"{att}-{exp}-{rep}-{mb}-{plan_traffic.replace(':', '')}"
                 runs = []
-                for _ in range(a.repeats):
+                for i in range(a.repeats):
+                    bj = os.path.join(tmp, f"bench-{cell}-{i}.json")
                     subprocess.run([a.moemesh, "bench", "--url", url, "--vocab", "250", "--json", bj] + common +
                                    bench_flags, check=True, stdout=subprocess.DEVNULL)
                     runs.append(bench_metrics(bj))
-                subprocess.run([a.moemesh, "plan", "--profile", prof, "--attention", str(att), "--experts", str(exp),
-                                "--replicas", str(rep), "--micro-batches", str(mb), "--traffic", plan_traffic,
-                                "--layers-per-event", "1", "--json", pj] + common,
-                               check=True, stdout=subprocess.DEVNULL)
-                pred = plan_metrics(pj)
-                row = {"config": f"{att}/{exp}/{rep}/{mb}", "traffic": plan_traffic}
+                config = f"{att}/{exp}/{rep}/{mb}"
+                pred = plan_metrics(run_plan(a, prof, config, plan_traffic, n, os.path.join(tmp, f"plan-{cell}.json")))
+                row = {"config": config, "traffic": plan_traffic, "requests": n, "profile": prof}
                 for k in KEYS:
-                    row[k] = (pred[k], median([r[k] for r in runs]), [r[k] for r in runs])
+                    row[k] = [pred[k], median([r[k] for r in runs]), [r[k] for r in runs]]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if a.json:  # as it goes: a long run cut short keeps what it measured
+                    json.dump(rows, open(a.json, "w"), indent=1)
         finally:
             os.killpg(up.pid, signal.SIGINT)
             up.wait(timeout=60)
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)
+    print_table(rows)
+    return 0
+
+
+def run_plan(a, prof, config, traffic, requests, out):
+    att, exp, rep, mb = config.split("/")
+    subprocess.run([a.moemesh, "plan", "--profile", prof, "--attention", att, "--experts", exp, "--replicas", rep,
+                    "--micro-batches", mb, "--traffic", traffic, "--layers-per-event", "1", "--json", out,
+                    "--requests", str(requests), "--prompt-len", a.prompt_len, "--output-len", a.output_len,
+                    "--seed", str(a.seed)], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def print_table(rows):
     print("\n| config (attention/experts/replicas/micro-batches) | traffic | output tok/s pred / meas | "
           "TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms |")
     print("| --- | --- | " + " | ".join("---:" for _ in KEYS) + " |")
@@ -140,7 +174,6 @@ def main():
         print(f"| {r['config']} | {r['traffic']} | " + " | ".join(cells) + " |")
     within = sum(e <= 10 for e in errs)
     print(f"\n{within} of {len(errs)} cells within 10%; median error {median(errs):.1f}%, worst {max(errs):.0f}%")
-    return 0
 
 
 if __name__ == "__main__":

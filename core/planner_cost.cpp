@@ -82,7 +82,7 @@ std::vector<double> fit_linear(const std::vector<std::vector<double>>& x, const 
 }
 
 nlohmann::json CostProfile::to_json() const {
-  return {
+  nlohmann::json j = {
       {"name", name},
       {"kind", kind},
       {"note", note},
@@ -96,7 +96,7 @@ nlohmann::json CostProfile::to_json() const {
       {"expert", {{"fixed_s", expert_fixed_s}, {"per_expert_s", expert_per_expert_s}, {"per_row_s", expert_per_row_s}}},
       {"dispatch_overhead_s", dispatch_overhead_s},
       {"router", {{"per_token_s", router_per_token_s}, {"per_request_s", router_per_request_s}}},
-      {"step_jitter_s", step_jitter_s},
+      {"step_jitter", step_jitter},
       {"links",
        {{"zmq_local", link_json(zmq_local)},
         {"zmq_remote", link_json(zmq_remote)},
@@ -110,6 +110,8 @@ nlohmann::json CostProfile::to_json() const {
       {"node_cost_per_hour", node_cost_per_hour},
       {"gpus_per_node", gpus_per_node},
   };
+  if (!calibration.is_null()) j["calibration"] = calibration;
+  return j;
 }
 
 CostProfile CostProfile::from_json(const nlohmann::json& j) {
@@ -137,8 +139,8 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
       p.router_per_token_s = j["router"].value("per_token_s", 0.0);
       p.router_per_request_s = j["router"].value("per_request_s", 0.0);
     }
-    p.step_jitter_s = j.value("step_jitter_s", 0.0);
-    if (p.step_jitter_s < 0) throw Error("profile: step_jitter_s must not be negative");
+    p.step_jitter = j.value("step_jitter", 0.0);
+    if (p.step_jitter < 0) throw Error("profile: step_jitter must not be negative");
     const auto& l = j.at("links");
     p.zmq_local = link_from(l, "zmq_local");
     p.zmq_remote = link_from(l, "zmq_remote");
@@ -152,6 +154,7 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
     p.kv_tokens_per_worker = j.value("kv_tokens_per_worker", int64_t(16384));
     p.node_cost_per_hour = j.value("node_cost_per_hour", 1.0);
     p.gpus_per_node = j.value("gpus_per_node", 1);
+    if (j.contains("calibration")) p.calibration = j["calibration"];
     if (p.gpus_per_node < 1) throw Error("profile: gpus_per_node must be at least 1");
     if (p.kv_tokens_per_worker < 1) throw Error("profile: kv_tokens_per_worker must be at least 1");
     return p;

@@ -44,14 +44,15 @@ struct CostProfile {
   // the hand-offs of the actors, the bridge and the compute pools on both sides. With shared
   // node compute it is CPU work on the node's cores, else latency.
   double dispatch_overhead_s = 0;
-  // Router, per generated token (streaming it to the client) and per request (HTTP, validation,
-  // tokenizing; it delays admission). With shared node compute both are CPU on the node's cores
-  // (what `plan profile --calibrate-url` fits there includes the benchmark client's own CPU).
+  // Router, per generated token (streaming it to the client: with shared node compute CPU on the
+  // node's cores, where `plan profile --calibrate-url` fits it including the benchmark client's
+  // own CPU) and per request (HTTP, validation, tokenizing: a latency before admission).
   double router_per_token_s = 0, router_per_request_s = 0;
-  // Interference of other work on the machine (a shared host's other jobs, the OS): each step is
-  // late by an exponential delay of this mean (0: none). Fitted on the spread of a calibration's
-  // inter-token latency.
-  double step_jitter_s = 0;
+  // Interference of other work on the machine (a shared host's other jobs, the OS): each step
+  // takes longer by an exponentially distributed share of its duration, of this mean (0: none).
+  // Fitted on the spread of a calibration's inter-token latency; relative, because what the
+  // other jobs take grows with the time a step is exposed to them.
+  double step_jitter = 0;
   // Links: same node, other node; ZeroMQ (TCP) and NCCL (GPU to GPU).
   LinkCost zmq_local, zmq_remote, nccl_local, nccl_remote;
   // Every process of a node computes on the node's shared cores (a CPU machine): their compute
@@ -63,6 +64,9 @@ struct CostProfile {
   int64_t kv_tokens_per_worker = 16384;  // KV capacity of one attention worker
   double node_cost_per_hour = 1.0;       // what one node costs (search minimises it)
   int gpus_per_node = 1;                 // processes (attention workers + expert hosts) per node
+  // What a calibration against a running cluster measured and started from (`plan profile
+  // --calibrate-url`), so `plan profile --refit` can fit it again; null when not calibrated.
+  nlohmann::json calibration;
 
   // Seconds of one micro-batch's attention for one layer.
   double attention_layer_s(double decode_rows, double prefill_rows, double ctx_tokens) const {

@@ -14,10 +14,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double median(std::vector<double> v) {
-  std::nth_element(v.begin(), v.begin() + long(v.size() / 2), v.end());
-  return v[v.size() / 2];
-}
+// The fastest of repeated timings: other jobs on a shared machine only ever add time, so the
+// minimum is the operation's own cost (their share is fitted apart, on the running cluster).
+double fastest(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
 
 // Times every call of the experts it wraps.
 class TimingExperts : public ExpertExecutor {
@@ -94,14 +93,14 @@ EngineMeasurements measure_engine(const std::filesystem::path& model, const std:
         }
         timed_step(in, double(b), ctx, false);
       }
-      // The shape's median step (its context grows by one per repeat: the middle one's).
-      std::sort(decode.begin(), decode.end(), [](auto& x, auto& y) { return x.seconds < y.seconds; });
-      EngineSample mid = decode[decode.size() / 2];
-      mid.ctx = double(b) * double(c + 1 + repeats / 2);
-      out.steps.push_back(mid);
+      // The shape's fastest step (its context grows by one per repeat: the middle one's).
+      EngineSample best = *std::min_element(decode.begin(), decode.end(),
+                                            [](auto& x, auto& y) { return x.seconds < y.seconds; });
+      best.ctx = double(b) * double(c + 1 + repeats / 2);
+      out.steps.push_back(best);
       for (SeqId s : seqs) engine.free_sequence(s);
     }
-  for (auto& [shape, times] : expert_times) out.experts.push_back({shape.first, shape.second, median(times)});
+  for (auto& [shape, times] : expert_times) out.experts.push_back({shape.first, shape.second, fastest(times)});
   return out;
 }
 
@@ -122,7 +121,7 @@ void fit_engine_costs(const EngineMeasurements& m, CostProfile& p) {
   p.attn_fixed_s = a[0] / layers;
   p.attn_per_row_s = a[1] / layers;
   p.attn_per_ctx_s = a[2] / layers;
-  // Prefills, the median per prompt length: what the decode fit leaves is per prompt row.
+  // Prefills, the fastest per prompt length: what the decode fit leaves is per prompt row.
   std::map<double, std::vector<double>> by_len;
   for (const auto& s : m.steps)
     if (s.prefill) by_len[s.rows].push_back(s.seconds - a[0] - a[2] * s.ctx);
@@ -130,9 +129,17 @@ void fit_engine_costs(const EngineMeasurements& m, CostProfile& p) {
   y.clear();
   for (auto& [len, rest] : by_len) {
     x.push_back({len});
-    y.push_back(median(rest));
+    y.push_back(fastest(rest));
   }
-  p.attn_per_prefill_row_s = x.empty() ? p.attn_per_row_s : fit_linear(x, y)[0] / layers;
+  // A prompt row costs every layer's attention side; a decode row that and the step's own
+  // per-row work (lm_head, sampling), which only sampled rows pay: the difference.
+  if (!x.empty()) {
+    p.attn_per_prefill_row_s = fit_linear(x, y)[0] / layers;
+    p.attn_per_row_s = std::min(p.attn_per_row_s, p.attn_per_prefill_row_s);
+    p.step_per_row_s = std::max(0.0, a[1] - layers * p.attn_per_row_s);
+  } else {
+    p.attn_per_prefill_row_s = p.attn_per_row_s;
+  }
   x.clear();
   y.clear();
   for (const auto& e : m.experts) {
@@ -178,7 +185,7 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
     p.attn_per_prefill_row_s = prefill0 + per_prompt_row;
     p.router_per_request_s = per_request;
     p.router_per_token_s = per_token;
-    p.step_jitter_s = jitter;
+    p.step_jitter = jitter;
     const SimResult a = simulate_point(p, d, one), b = simulate_point(p, d, long_prompt),
                     c = simulate_point(p, d, loaded);
     fitted = {one, long_prompt, loaded};
@@ -187,8 +194,9 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
       f->itl_p50_s = r->itl.p50;
       f->itl_p90_s = r->itl.p90;
     }
-    // An exponential delay of mean j puts p90 - p50 of a constant step ln(10/2) j = 1.61 j apart.
-    jitter = std::max(0.0, jitter + ((one.itl_p90_s - one.itl_p50_s) - (a.itl.p90 - a.itl.p50)) / 1.61);
+    // An exponential share of mean j puts p90 and p50 of a constant step ln(10/2) j = 1.61 j of it apart.
+    jitter =
+        std::max(0.0, jitter + ((one.itl_p90_s - one.itl_p50_s) - (a.itl.p90 - a.itl.p50)) / (1.61 * one.itl_p50_s));
     hop = std::max(0.0, hop + (one.itl_p50_s - a.itl.p50) / hops);
     const double ttft_gap = one.ttft_p50_s - a.ttft.p50;
     per_request = std::max(0.0, per_request + ttft_gap);

@@ -26,8 +26,8 @@ struct EngineMeasurements {
 };
 
 // Runs decode steps at each batch size and context, and prefills, `repeats` times each. A
-// decode shape is one sample, the median of its repeats (timings on a shared machine have long
-// tails); expert calls are medians per (active experts, rows).
+// decode shape is one sample, the fastest of its repeats (other jobs on a shared machine only add
+// time); expert calls likewise per (active experts, rows).
 EngineMeasurements measure_engine(const std::filesystem::path& model, const std::vector<int64_t>& batches,
                                   const std::vector<int64_t>& contexts, int repeats);
 

@@ -338,12 +338,10 @@ class Simulator {
     const auto id = uint32_t(seqs_.size() - 1);
     ++live_;
     if (first_arrival_ < 0) first_arrival_ = now_;
-    // The router's HTTP handling and tokenizing come before the queue: on the node's cores when
-    // they are shared, else a latency.
+    // The router's HTTP handling and tokenizing come before the queue: a latency (on shared
+    // cores a short burst the OS serves beside the streaming, not behind it).
     if (p_.router_per_request_s > 0) {
-      const double at =
-          shared() ? node_servers_[0].reserve(now_, p_.router_per_request_s, now_) : now_ + p_.router_per_request_s;
-      push(at, kAdmit, id);
+      push(now_ + p_.router_per_request_s, kAdmit, id);
       return;
     }
     on_admit(id);
@@ -690,7 +688,8 @@ class Simulator {
     const double dur = p_.step_s(double(w.sampled));
     attn_busy_ += dur;
     double end = fast_ ? lanes_done + dur : worker_server(w).reserve(lanes_done, dur, now_);
-    if (p_.step_jitter_s > 0) end += std::exponential_distribution<double>(1 / p_.step_jitter_s)(rng_);
+    if (p_.step_jitter > 0)
+      end += (end - w.step_start) * std::exponential_distribution<double>(1 / p_.step_jitter)(rng_);
     push(end, kStepDone, uint32_t(wi));
   }
 

@@ -265,7 +265,7 @@ struct ProfileArgs {
   std::vector<int64_t> batches = {1, 2, 4, 8, 16, 32, 64}, contexts = {32, 256};
   int repeats = 9, zmq_rounds = 200;
   // Calibration against a running cluster (`moemesh up`) of this shape.
-  std::string calibrate_url;
+  std::string calibrate_url, refit;
   int cal_attention = 1, cal_experts = 1, cal_replicas = 1, cal_micro_batches = 2, cal_concurrency = 8, cal_repeats = 3;
   int64_t cal_long_prompt = 112;  // extra prompt tokens of the long-prompt run
   int64_t kv_tokens = 1024 * 16;
@@ -312,8 +312,62 @@ CalibrationPoint bench_median(const ProfileArgs& a, const CalibrationPoint& c, i
   return out;
 }
 
+nlohmann::json point_json(const CalibrationPoint& c) {
+  return {{"concurrency", c.concurrency}, {"prompt", c.prompt},       {"output", c.output},
+          {"requests", c.requests},       {"ttft_p50_s", c.ttft_p50_s}, {"itl_p50_s", c.itl_p50_s},
+          {"itl_p90_s", c.itl_p90_s}};
+}
+
+CalibrationPoint point_from(const nlohmann::json& j) {
+  CalibrationPoint c;
+  c.concurrency = j.at("concurrency");
+  c.prompt = j.at("prompt");
+  c.output = j.at("output");
+  c.requests = j.at("requests");
+  c.ttft_p50_s = j.at("ttft_p50_s");
+  c.itl_p50_s = j.at("itl_p50_s");
+  c.itl_p90_s = j.at("itl_p90_s");
+  return c;
+}
+
+// The measurements and the profile before calibration: `--refit` starts again from them.
+nlohmann::json calibration_record(const CostProfile& p, const Deployment& d, const std::vector<CalibrationPoint>& pts) {
+  nlohmann::json j = {{"attention", d.attention_workers},
+                      {"experts", d.expert_hosts},
+                      {"replicas", d.replicas},
+                      {"micro_batches", d.micro_batches},
+                      {"processes_per_node", d.processes_per_node},
+                      {"points", nlohmann::json::array()},
+                      {"uncalibrated", p.to_json()}};
+  for (const auto& c : pts) j["points"].push_back(point_json(c));
+  return j;
+}
+
+// `plan profile --refit`: the calibration of a profile fitted again (after a simulator change)
+// from the measurements it recorded, without a cluster.
+void refit_profile(const ProfileArgs& a) {
+  const CostProfile old = CostProfile::load(a.refit);
+  if (old.calibration.is_null()) throw Error(a.refit + ": the profile was not calibrated (--calibrate-url)");
+  const auto& c = old.calibration;
+  CostProfile p = CostProfile::from_json(c.at("uncalibrated"));
+  p.calibration = c;
+  p.note = old.note + "; refitted";
+  Deployment d;
+  d.attention_workers = c.at("attention");
+  d.expert_hosts = c.at("experts");
+  d.replicas = c.at("replicas");
+  d.micro_batches = c.at("micro_batches");
+  d.processes_per_node = c.at("processes_per_node");
+  const auto& pts = c.at("points");
+  if (pts.size() != 3) throw Error(a.refit + ": expected 3 calibration points");
+  calibrate_cluster(p, d, point_from(pts[0]), point_from(pts[1]), point_from(pts[2]));
+  p.save(a.out);
+  std::cout << "wrote " << a.out << "\n";
+}
+
 void run_profile(const ProfileArgs& a) {
   if (a.out.empty()) throw Error("plan profile: --out FILE is required");
+  if (!a.refit.empty()) return refit_profile(a);
   if (!a.hardware.empty()) {
     ModelConfig m = deepseek_moe_16b_config();
     if (!a.model.empty() && a.model != "deepseek-moe-16b")
@@ -367,6 +421,7 @@ void run_profile(const ProfileArgs& a) {
     d.replicas = a.cal_replicas;
     d.micro_batches = a.cal_micro_batches;
     d.processes_per_node = a.processes_per_node;
+    p.calibration = calibration_record(p, d, {one, long_prompt, loaded});
     const auto fitted = calibrate_cluster(p, d, one, long_prompt, loaded);
     const CalibrationPoint* meas[] = {&one, &long_prompt, &loaded};
     p.note += "; calibrated on " + a.calibrate_url + " (" + d.describe() + "), measured / fitted p50 ms:";
@@ -384,11 +439,11 @@ void run_profile(const ProfileArgs& a) {
   std::snprintf(b, sizeof b,
                 "wrote %s: attention/layer %.1f us + %.2f us/row + %.2f us/prefill row + %.4f us/ctx, expert batch "
                 "%.1f us + %.1f us/expert + %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, dispatch overhead %.1f "
-                "us, step %.1f us, router %.1f us/request + %.1f us/token, step jitter %.1f us, %d cores\n",
+                "us, step %.1f us, router %.1f us/request + %.1f us/token, step jitter %.0f%%, %d cores\n",
                 a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_prefill_row_s * 1e6,
                 p.attn_per_ctx_s * 1e6, p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
                 p.zmq_local.latency_s * 1e6, p.zmq_local.bandwidth_Bps / 1e9, p.dispatch_overhead_s * 1e6,
-                p.step_fixed_s * 1e6, p.router_per_request_s * 1e6, p.router_per_token_s * 1e6, p.step_jitter_s * 1e6,
+                p.step_fixed_s * 1e6, p.router_per_request_s * 1e6, p.router_per_token_s * 1e6, p.step_jitter * 100,
                 p.node_cores);
   std::cout << b;
 }
@@ -470,6 +525,8 @@ void add_plan(CLI::App& app) {
                    "a running cluster (moemesh up) to fit the cluster's overheads on");
   prof->add_option("--calibrate-attention", pa->cal_attention, "its attention workers")->capture_default_str();
   prof->add_option("--calibrate-experts", pa->cal_experts, "its expert hosts")->capture_default_str();
+  prof->add_option("--refit", pa->refit, "a calibrated profile: fit its recorded calibration again (no cluster)")
+      ->check(CLI::ExistingFile);
   prof->add_option("--calibrate-replicas", pa->cal_replicas, "its replicas")->capture_default_str();
   prof->add_option("--calibrate-micro-batches", pa->cal_micro_batches, "its micro-batches")->capture_default_str();
   prof->add_option("--calibrate-concurrency", pa->cal_concurrency, "requests at once of the loaded calibration run")
