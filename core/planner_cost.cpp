@@ -90,8 +90,9 @@ nlohmann::json CostProfile::to_json() const {
       {"attention",
        {{"fixed_s", attn_fixed_s},
         {"per_row_s", attn_per_row_s},
+        {"per_ctx_token_s", attn_per_ctx_s},
         {"per_prefill_row_s", attn_per_prefill_row_s},
-        {"per_ctx_token_s", attn_per_ctx_s}}},
+        {"per_prefill_ctx_token_s", attn_per_prefill_ctx_s}}},
       {"step", {{"fixed_s", step_fixed_s}, {"per_row_s", step_per_row_s}}},
       {"expert", {{"fixed_s", expert_fixed_s}, {"per_expert_s", expert_per_expert_s}, {"per_row_s", expert_per_row_s}}},
       {"dispatch_overhead_s", dispatch_overhead_s},
@@ -126,8 +127,9 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
     const auto& a = j.at("attention");
     p.attn_fixed_s = a.at("fixed_s");
     p.attn_per_row_s = a.at("per_row_s");
-    p.attn_per_prefill_row_s = a.value("per_prefill_row_s", p.attn_per_row_s);
     p.attn_per_ctx_s = a.at("per_ctx_token_s");
+    p.attn_per_prefill_row_s = a.value("per_prefill_row_s", p.attn_per_row_s);
+    p.attn_per_prefill_ctx_s = a.value("per_prefill_ctx_token_s", p.attn_per_ctx_s);
     p.step_fixed_s = j.at("step").at("fixed_s");
     p.step_per_row_s = j.at("step").at("per_row_s");
     const auto& e = j.at("expert");
@@ -219,7 +221,8 @@ CostProfile roofline_profile(const ModelConfig& m, const Hardware& hw) {
   p.model = m;
   p.attn_fixed_s = 6 * launch + attn_params * bf16 / bw;
   p.attn_per_row_s = p.attn_per_prefill_row_s = 2 * attn_params / flops;
-  p.attn_per_ctx_s = kv_per_token_layer / bw + 4 * double(m.num_attention_heads) * hd / flops;
+  p.attn_per_ctx_s = p.attn_per_prefill_ctx_s =
+      kv_per_token_layer / bw + 4 * double(m.num_attention_heads) * hd / flops;
   // lm_head + embedding read, sampling kernels, and the router's step round trip over the network.
   p.step_fixed_s = 10 * launch + head_params * bf16 / bw + 150e-6;
   p.step_per_row_s = 2 * head_params / flops + 2e-6;

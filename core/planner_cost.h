@@ -31,10 +31,11 @@ struct CostProfile {
   std::string note;   // how it was obtained
   ModelConfig model;  // the model the costs are for
 
-  // Attention side, per MoE/dense layer of one micro-batch: fixed + per decode row + per prefill
-  // row (prompt positions computed in a batch, fitted apart) + per context token attended (the
-  // sum over rows of the positions each row attends to).
-  double attn_fixed_s = 0, attn_per_row_s = 0, attn_per_prefill_row_s = 0, attn_per_ctx_s = 0;
+  // Attention side, per MoE/dense layer of one micro-batch: fixed + per row + per context token
+  // attended (the sum over rows of the positions each row attends to), for decode rows and for
+  // prefill rows apart (a prompt's positions are computed in a batch, by other kernels).
+  double attn_fixed_s = 0, attn_per_row_s = 0, attn_per_ctx_s = 0;
+  double attn_per_prefill_row_s = 0, attn_per_prefill_ctx_s = 0;
   // Attention worker, per step (embedding, final norm, lm_head, sampling, the step's RPC); per
   // row: each sampled row.
   double step_fixed_s = 0, step_per_row_s = 0;
@@ -69,9 +70,9 @@ struct CostProfile {
   nlohmann::json calibration;
 
   // Seconds of one micro-batch's attention for one layer.
-  double attention_layer_s(double decode_rows, double prefill_rows, double ctx_tokens) const {
-    return attn_fixed_s + attn_per_row_s * decode_rows + attn_per_prefill_row_s * prefill_rows +
-           attn_per_ctx_s * ctx_tokens;
+  double attention_layer_s(double decode_rows, double decode_ctx, double prefill_rows, double prefill_ctx) const {
+    return attn_fixed_s + attn_per_row_s * decode_rows + attn_per_ctx_s * decode_ctx +
+           attn_per_prefill_row_s * prefill_rows + attn_per_prefill_ctx_s * prefill_ctx;
   }
   double step_s(double rows) const { return step_fixed_s + step_per_row_s * rows; }
   // Seconds of one expert host batch for one layer.

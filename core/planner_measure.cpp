@@ -94,8 +94,8 @@ EngineMeasurements measure_engine(const std::filesystem::path& model, const std:
         timed_step(in, double(b), ctx, false);
       }
       // The shape's fastest step (its context grows by one per repeat: the middle one's).
-      EngineSample best = *std::min_element(decode.begin(), decode.end(),
-                                            [](auto& x, auto& y) { return x.seconds < y.seconds; });
+      EngineSample best =
+          *std::min_element(decode.begin(), decode.end(), [](auto& x, auto& y) { return x.seconds < y.seconds; });
       best.ctx = double(b) * double(c + 1 + repeats / 2);
       out.steps.push_back(best);
       for (SeqId s : seqs) engine.free_sequence(s);
@@ -121,24 +121,26 @@ void fit_engine_costs(const EngineMeasurements& m, CostProfile& p) {
   p.attn_fixed_s = a[0] / layers;
   p.attn_per_row_s = a[1] / layers;
   p.attn_per_ctx_s = a[2] / layers;
-  // Prefills, the fastest per prompt length: what the decode fit leaves is per prompt row.
-  std::map<double, std::vector<double>> by_len;
+  // Prefills, the fastest per prompt length, beyond the step's fixed cost: per prompt row and
+  // per position attended, fitted apart from decode (other kernels).
+  std::map<double, std::pair<double, std::vector<double>>> by_len;
   for (const auto& s : m.steps)
-    if (s.prefill) by_len[s.rows].push_back(s.seconds - a[0] - a[2] * s.ctx);
+    if (s.prefill) {
+      by_len[s.rows].first = s.ctx;
+      by_len[s.rows].second.push_back(s.seconds - a[0]);
+    }
   x.clear();
   y.clear();
-  for (auto& [len, rest] : by_len) {
-    x.push_back({len});
-    y.push_back(fastest(rest));
+  for (auto& [len, v] : by_len) {
+    x.push_back({len, v.first});
+    y.push_back(fastest(v.second));
   }
-  // A prompt row costs every layer's attention side; a decode row that and the step's own
-  // per-row work (lm_head, sampling), which only sampled rows pay: the difference.
+  p.attn_per_prefill_row_s = p.attn_per_row_s;
+  p.attn_per_prefill_ctx_s = p.attn_per_ctx_s;
   if (!x.empty()) {
-    p.attn_per_prefill_row_s = fit_linear(x, y)[0] / layers;
-    p.attn_per_row_s = std::min(p.attn_per_row_s, p.attn_per_prefill_row_s);
-    p.step_per_row_s = std::max(0.0, a[1] - layers * p.attn_per_row_s);
-  } else {
-    p.attn_per_prefill_row_s = p.attn_per_row_s;
+    const auto f = fit_linear(x, y);
+    p.attn_per_prefill_row_s = f[0] / layers;
+    p.attn_per_prefill_ctx_s = f[1] / layers;
   }
   x.clear();
   y.clear();

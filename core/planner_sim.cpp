@@ -178,8 +178,8 @@ struct Work {
 };
 
 struct Lane {
-  double rows = 0, prefill_rows = 0, ctx = 0;  // rows: all (decode + prefill)
-  double attn_end = 0;                         // end of its latest attention
+  double rows = 0, prefill_rows = 0, ctx = 0, prefill_ctx = 0;  // rows, ctx: all (decode + prefill)
+  double attn_end = 0;                                          // end of its latest attention
 };
 
 struct WorkerState {
@@ -197,8 +197,12 @@ struct WorkerState {
 
 struct HostState {
   int node = 0;
-  int64_t open_key = -1;  // the batch last opened: key of its layer
-  double open_start = 0, open_end = 0;
+  // Per layer, the batch last opened (actors/expert_batcher.h): it takes requests until its
+  // window closes (`close`) or its compute starts.
+  struct Open {
+    double close = -1, start = 0, end = 0, rows = 0;
+  };
+  std::vector<Open> open;
   Cores server;
 };
 
@@ -229,6 +233,7 @@ class Simulator {
     hosts_.resize(size_t(d_.expert_hosts));
     for (size_t w = 0; w < workers_.size(); ++w) workers_[w].node = int(w % size_t(nodes_));
     for (size_t h = 0; h < hosts_.size(); ++h) hosts_[h].node = int(h % size_t(nodes_));
+    for (auto& h : hosts_) h.open.resize(size_t(layers_));
     node_servers_.assign(size_t(nodes_), Cores(p_.node_cores));
     nic_.resize(size_t(nodes_));
     // Placement: the coordinator's plan for one MoE layer (every layer is cut the same way).
@@ -484,7 +489,10 @@ class Simulator {
       const Seq& s = seqs_[wk.seq];
       const double rows = double(std::max<int64_t>(wk.rows, 1));
       l.rows += rows;
-      if (s.prefilling()) l.prefill_rows += rows;
+      if (s.prefilling()) {
+        l.prefill_rows += rows;
+        l.prefill_ctx += wk.ctx;
+      }
       l.ctx += wk.ctx;
       w.sampled += !s.prefilling() || s.prefilled + wk.tokens >= s.context_len();
     }
@@ -537,18 +545,21 @@ class Simulator {
     }
   }
 
+  double lane_attention(const Lane& l) const {
+    return p_.attention_layer_s(l.rows - l.prefill_rows, l.ctx - l.prefill_ctx, l.prefill_rows, l.prefill_ctx);
+  }
+
   // One lane, one layer, exact: attention on its worker, dispatch to the hosts, their batches,
   // the answers back.
   void on_lane(uint32_t wi, uint32_t lane, uint32_t layer) {
     WorkerState& w = workers_[wi];
     Lane& l = w.lanes[lane];
-    const double attn = p_.attention_layer_s(l.rows - l.prefill_rows, l.prefill_rows, l.ctx);
+    const double attn = lane_attention(l);
     const double a_end = worker_server(w).reserve(now_, attn, now_);
     attn_busy_ += attn;
     double done = a_end;
     if (p_.model.is_moe_layer(layer)) {
       route(l.rows * double(top_k_), per_host_, active_);
-      const int64_t key = int64_t(layer);
       for (size_t k = 0; k < per_host_.size(); ++k) {
         const auto [hi, rows] = per_host_[k];
         HostState& h = hosts_[size_t(hi)];
@@ -565,21 +576,26 @@ class Simulator {
         arrive =
             shared() ? worker_server(w).reserve(arrive, p_.dispatch_overhead_s, now_) : arrive + p_.dispatch_overhead_s;
         double end;
-        if (h.open_key == key && arrive <= h.open_start) {  // joins the batch that has not started
-          const double extra = p_.expert_per_row_s * rows;
-          end = host_server(h).reserve(h.open_end, extra, now_);
+        auto& open = h.open[layer];
+        ++dispatches_;
+        if (arrive <= open.close && arrive <= open.start) {  // joins the layer's batch still open
+          // Its rows, and the experts they add to the batch's (expected, over the host's n).
+          const double n = double(host_experts_[size_t(hi)]);
+          const double added = n * (std::exp(-open.rows / n) - std::exp(-(open.rows + rows) / n));
+          const double extra = p_.expert_per_row_s * rows + p_.expert_per_expert_s * added;
+          open.rows += rows;
+          end = host_server(h).reserve(open.end, extra, now_);
           expert_busy_ += extra;
           host_busy_[size_t(hi)] += extra;
-          h.open_end = end;
+          open.end = end;
         } else {
-          const double ready = arrive + (d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0);
+          const double window = d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0;
           const double dur = p_.expert_batch_s(active_[k], rows);
-          end = host_server(h).reserve(ready, dur, now_);
+          end = host_server(h).reserve(arrive + window, dur, now_);
           expert_busy_ += dur;
           host_busy_[size_t(hi)] += dur;
-          h.open_key = key;
-          h.open_start = end - dur;
-          h.open_end = end;
+          open = {arrive + window, end - dur, end, rows};
+          ++batches_;
         }
         double back;
         if (!same) {
@@ -609,12 +625,11 @@ class Simulator {
   // worker, and its fixed and per-expert costs are shared by all m. Queueing at the hosts and
   // NICs is M/D/1 at their utilisation of the last window.
   double analytic_lanes(WorkerState& w) {
-    double cycle_attn = 0, max_dispatch = 0, attn_sum = 0;
-
+    double cycle_attn = 0, max_dispatch = 0, attn_sum = 0, host_work = 0, nic_work = 0, disp_max = 0, disp_all = 0;
     const double window = d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0;
     for (int l = 0; l < w.lane_count; ++l) {
       const Lane& lane = w.lanes[l];
-      const double a = p_.attention_layer_s(lane.rows - lane.prefill_rows, lane.prefill_rows, lane.ctx);
+      const double a = lane_attention(lane);
       attn_sum += a;
       const double assign = lane.rows * double(top_k_);
       // The busiest host: touched with probability `touch`, then with r rows of n experts.
@@ -631,7 +646,7 @@ class Simulator {
       const double nic_serial =
           assign * remote_share * double(p_.model.hidden_size * p_.activation_bytes) / link.bandwidth_Bps;
       // Behind the busiest host's backlog (its demand beyond capacity so far), then M/D/1.
-      const double wait_e = host_backlog_ + rho_expert_ / (2 * (1 - rho_expert_)) * merged;
+      const double wait_e = rho_expert_ / (2 * (1 - rho_expert_)) * merged;
       const double wait_n = rho_nic_ / (2 * (1 - rho_nic_)) * nic_serial;
       // The first request of a batch waits the whole window, the later ones what is left of it.
       const double wait_w = window * (1 + (m - 1) / 2) / m;
@@ -647,10 +662,12 @@ class Simulator {
       expert_busy_ += moe * (touched * p_.expert_fixed_s / mm +
                              p_.expert_per_expert_s * experts * (1 - std::exp(-mm * assign / experts)) / mm +
                              p_.expert_per_row_s * assign);
-      max_host_busy_ += moe * touch * own;
-      dispatches_max_ += moe * touch;
-      dispatches_all_ += moe * touched;
-      nic_busy_ += moe * 2 * nic_serial;
+      host_work += moe * touch * own;
+      disp_max += moe * touch;
+      disp_all += moe * touched;
+      dispatches_ += moe * touched;
+      batches_ += moe * touched / mm;
+      nic_work += moe * 2 * nic_serial;
     }
     attn_busy_ += attn_sum * double(layers_);
     // Two lanes ping-pong: a layer takes the longer of both attentions back to back and one
@@ -661,6 +678,9 @@ class Simulator {
     expert_wait_ += double(moe_layers_) * max_dispatch * double(w.lane_count);
     const double t = double(moe_layers_) * per_layer_moe + double(layers_ - moe_layers_) * per_layer_dense;
     lane_time_ += t * double(w.lane_count);
+    max_host_busy_ += host_work;
+    nic_busy_ += nic_work;
+    update_load(t, host_work, nic_work, disp_max, disp_all);
     return t;
   }
 
@@ -706,38 +726,34 @@ class Simulator {
         charge_prompt_ += k.tokens;
         if (s.prefilling()) continue;
       }
-      // A sampled token.
+      // A sampled token: the client sees it once the router has streamed it, which on shared
+      // cores is CPU beside the next step (one token after another, on whichever core is free).
       ++tokens;
       ++s.generated;
+      const double seen =
+          p_.router_per_token_s > 0 && shared() ? node_servers_[0].reserve(now_, p_.router_per_token_s, now_) : now_;
       if (s.first_token < 0) {
-        s.first_token = now_;
-        ttft_.add(now_ - s.arrival);
+        s.first_token = seen;
+        ttft_.add(seen - s.arrival);
       } else {  // after a preemption the gap includes the wait to resume, as the router counts it
-        itl_.add(now_ - s.last_token);
+        itl_.add(seen - s.last_token);
       }
-      s.last_token = now_;
+      s.last_token = seen;
       if (s.generated >= s.output) {
         s.done = true;
-        e2e_.add(now_ - s.arrival);
+        e2e_.add(seen - s.arrival);
         ++completed_;
         out_tokens_ += s.generated;
-        last_done_ = now_;
+        last_done_ = std::max(last_done_, seen);
         --live_;
         w.running.erase(std::find(w.running.begin(), w.running.end(), k.seq));
-        if (t_.kind == TrafficSpec::Kind::closed && more_closed()) issue_closed(now_);
+        if (t_.kind == TrafficSpec::Kind::closed && more_closed()) issue_closed(seen);
       }
     }
     update_slots(w, before);
     window_tokens_ += tokens;
     if (tokens > 0) fair_.charge(tenant_name(0), charge_prompt_, tokens);
     charge_prompt_ = 0;
-    // Streaming the step's tokens (off the step's path, on several threads): CPU beside the next step.
-    if (p_.router_per_token_s > 0 && shared() && tokens > 0) {
-      Cores& router = node_servers_[0];
-      const int64_t chunks = std::min<int64_t>(tokens, int64_t(router.size()));
-      for (int64_t c = 0; c < chunks; ++c)
-        router.reserve(now_, p_.router_per_token_s * double(tokens) / double(chunks), now_);
-    }
     recount_blocks(w);
     pump(int(wi));
   }
@@ -756,21 +772,25 @@ class Simulator {
     s.output_tok_s = double(window_tokens_) / o_.sample_every_s;
     window_tokens_ = 0;
     timeline_.push_back(s);
-    if (fast_ && now_ > 0) {  // utilisation of the last window drives the analytic queueing
-      const double dt = now_ - last_sample_t_;
-      rho_expert_ = std::min(0.95, (max_host_busy_ - last_host_busy_) / dt);
-      // The busiest host's demand beyond its capacity waits: a fluid queue that holds the
-      // dispatch rate to what the host can serve (analytic steps reserve no timelines).
-      host_backlog_ = std::max(0.0, host_backlog_ + (max_host_busy_ - last_host_busy_) - dt);
-      merge_max_ = merge_factor((dispatches_max_ - last_dispatches_max_) / dt);
-      merge_mean_ = merge_factor((dispatches_all_ - last_dispatches_all_) / (dt * double(hosts_.size())));
-      last_dispatches_max_ = dispatches_max_;
-      last_dispatches_all_ = dispatches_all_;
-      rho_nic_ = std::min(0.95, (nic_busy_ - last_nic_busy_) / (dt * double(nodes_)));
-      last_host_busy_ = max_host_busy_;
-      last_nic_busy_ = nic_busy_;
-    }
-    last_sample_t_ = now_;
+  }
+
+  // The analytic mode's view of the load: rates of the busiest host's work, the NICs' bytes and
+  // the dispatches, as moving averages over ~10 recent steps (the demand of a step is added when
+  // it starts). They set the M/D/1 waits and the batches' merging; as a host nears saturation its
+  // wait grows without bound, which holds the steps to the rate it can serve.
+  void update_load(double step_s, double host_work, double nic_work, double disp_max, double disp_all) {
+    const double dt = std::max(0.0, now_ - load_t_);
+    load_t_ = now_;
+    step_avg_ += (step_s - step_avg_) * 0.05;
+    const double tau = std::clamp(10 * step_avg_, 1e-4, 10.0), keep = std::exp(-dt / tau);
+    rate_host_ = rate_host_ * keep + host_work / tau;
+    rate_nic_ = rate_nic_ * keep + nic_work / tau;
+    rate_disp_max_ = rate_disp_max_ * keep + disp_max / tau;
+    rate_disp_all_ = rate_disp_all_ * keep + disp_all / tau;
+    rho_expert_ = std::min(0.99, rate_host_);
+    rho_nic_ = std::min(0.99, rate_nic_ / double(nodes_));
+    merge_max_ = merge_factor(rate_disp_max_);
+    merge_mean_ = merge_factor(rate_disp_all_ / double(hosts_.size()));
   }
 
   SimResult result(double wall) {
@@ -791,7 +811,7 @@ class Simulator {
     r.attention_util = attn_busy_ / (span * double(workers_.size()));
     r.expert_util = expert_busy_ / (span * double(hosts_.size()));
     if (fast_) {
-      r.expert_util_max = (max_host_busy_ - host_backlog_) / span;  // served, not demanded
+      r.expert_util_max = max_host_busy_ / span;
     } else {
       r.expert_util_max = *std::max_element(host_busy_.begin(), host_busy_.end()) / span;
     }
@@ -806,6 +826,7 @@ class Simulator {
     }
     r.kv_used_peak = kv_peak_;
     r.expert_wait_share = lane_time_ > 0 ? expert_wait_ / lane_time_ : 0;
+    r.dispatches_per_batch = batches_ > 0 ? dispatches_ / batches_ : 0;
     r.timeline = std::move(timeline_);
     r.events = events_;
     r.layers_per_event = fast_ ? layers_ : 1;
@@ -865,11 +886,9 @@ class Simulator {
   std::vector<size_t> seen_experts_;
   LatencyHistogram ttft_, itl_, e2e_, queue_hist_;
   double attn_busy_ = 0, expert_busy_ = 0, max_host_busy_ = 0, nic_busy_ = 0, expert_wait_ = 0, lane_time_ = 0;
-  double rho_expert_ = 0, rho_nic_ = 0, last_host_busy_ = 0, last_nic_busy_ = 0, last_sample_t_ = 0;
-  double merge_max_ = 1, merge_mean_ = 1, dispatches_max_ = 0, dispatches_all_ = 0, last_dispatches_max_ = 0,
-         last_dispatches_all_ = 0;
+  double rho_expert_ = 0, rho_nic_ = 0, merge_max_ = 1, merge_mean_ = 1, dispatches_ = 0, batches_ = 0;
+  double load_t_ = 0, step_avg_ = 0, rate_host_ = 0, rate_nic_ = 0, rate_disp_max_ = 0, rate_disp_all_ = 0;
   std::vector<double> touched_table_;
-  double host_backlog_ = 0;
   double kv_peak_ = 0;
   std::vector<TimelineSample> timeline_;
 };
@@ -980,6 +999,7 @@ nlohmann::json SimResult::to_json() const {
             {"node_cores", node_util}}},
           {"kv_used_peak", kv_used_peak},
           {"expert_wait_share", expert_wait_share},
+          {"dispatches_per_batch", dispatches_per_batch},
           {"bottleneck", bottleneck},
           {"events", events},
           {"layers_per_event", layers_per_event},

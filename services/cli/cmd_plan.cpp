@@ -156,6 +156,8 @@ void print_result(const SimResult& r, const CostProfile& p, const Deployment& d,
       p.shared_node_compute ? (", node cores " + std::to_string(int(100 * r.node_util)) + "%").c_str() : "",
       100 * r.kv_used_peak);
   std::cout << b;
+  std::snprintf(b, sizeof b, "expert hosts merge %.2f dispatches per batch\n", r.dispatches_per_batch);
+  std::cout << b;
   std::cout << "bottleneck  " << r.bottleneck << "\n";
   std::snprintf(b, sizeof b, "simulator   %lld events, %s, %.2f s of wall time\n", (long long)r.events,
                 r.layers_per_event == 1 ? "per layer" : "analytic steps", r.wall_s);
@@ -262,7 +264,7 @@ LinkCost measure_zmq(int rounds) {
 
 struct ProfileArgs {
   std::string model, out, hardware, name = "this-machine";
-  std::vector<int64_t> batches = {1, 2, 4, 8, 16, 32, 64}, contexts = {32, 256};
+  std::vector<int64_t> batches = {1, 2, 4, 8, 16, 32, 64}, contexts = {32, 128, 256};
   int repeats = 9, zmq_rounds = 200;
   // Calibration against a running cluster (`moemesh up`) of this shape.
   std::string calibrate_url, refit;
@@ -313,7 +315,7 @@ CalibrationPoint bench_median(const ProfileArgs& a, const CalibrationPoint& c, i
 }
 
 nlohmann::json point_json(const CalibrationPoint& c) {
-  return {{"concurrency", c.concurrency}, {"prompt", c.prompt},       {"output", c.output},
+  return {{"concurrency", c.concurrency}, {"prompt", c.prompt},         {"output", c.output},
           {"requests", c.requests},       {"ttft_p50_s", c.ttft_p50_s}, {"itl_p50_s", c.itl_p50_s},
           {"itl_p90_s", c.itl_p90_s}};
 }

@@ -134,8 +134,9 @@ TEST(PlannerSim, FastModeAgreesWithPerLayerOnThroughput) {
 
 TEST(PlannerSim, FastModeMergesDispatchesOfManyWorkers) {
   // 32 workers dispatch every layer to 2 hosts: merged within the batching window, the hosts'
-  // fixed costs are shared, so the analytic mode's busiest host stays below 100% and near the
-  // exact mode's (which reserves each merged batch), and so does the throughput.
+  // fixed costs are shared, so the analytic mode's busiest host stays below 100%, and its
+  // throughput near the exact mode's (which reserves each merged batch). The exact mode merges
+  // somewhat more: batches keep the workers in step, which the analytic rate model ignores.
   CostProfile p = toy_profile();
   p.expert_fixed_s = 2e-4;
   p.expert_per_expert_s = 5e-5;
@@ -154,7 +155,9 @@ TEST(PlannerSim, FastModeMergesDispatchesOfManyWorkers) {
   const SimResult b = simulate(p, d, t, ExpertLoad::uniform(8), fast);
   EXPECT_LE(b.expert_util_max, 1.0);
   EXPECT_LE(a.expert_util_max, 1.0);
-  EXPECT_NEAR(b.expert_util_max, a.expert_util_max, 0.3 * a.expert_util_max);
+  EXPECT_GT(a.dispatches_per_batch, 3);
+  EXPECT_GT(b.dispatches_per_batch, 3);
+  EXPECT_NEAR(b.dispatches_per_batch, a.dispatches_per_batch, 0.4 * a.dispatches_per_batch);
   EXPECT_NEAR(b.output_tok_s, a.output_tok_s, 0.3 * a.output_tok_s);
 }
 
