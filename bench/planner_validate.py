@@ -75,7 +75,9 @@ def main():
     ap.add_argument("--prompt-len", default="uniform:16:64")
     ap.add_argument("--output-len", default="32")
     ap.add_argument("--repeats", type=int, default=3, help="bench runs per cell: each metric's median")
-    ap.add_argument("--seed", type=int, default=0, help="bench's and plan's seed: the same requests and arrivals")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="first seed; every bench run has its own (fresh prompts: none from the prefix cache), "
+                         "and plan predicts each with the same seed (the same requests and arrival times)")
     ap.add_argument("--configs", help="indices into the configurations, e.g. 0,2 (default: all)")
     ap.add_argument("--quick", action="store_true", help="2 configurations x 2 traffics")
     ap.add_argument("--port", type=int, default=18000)
@@ -94,15 +96,17 @@ def main():
                 refitted[prof] = prof.replace(".json", "-refit.json")
                 subprocess.run([a.moemesh, "plan", "profile", "--refit", prof, "--out", refitted[prof]], check=True,
                                stdout=subprocess.DEVNULL)
-            pred = plan_metrics(run_plan(a, refitted[prof], r["config"], r["traffic"], r["requests"],
-                                         os.path.join(os.path.dirname(prof), "replan.json")))
+            out = os.path.join(os.path.dirname(prof), "replan.json")
+            preds = [plan_metrics(run_plan(a, refitted[prof], r["config"], r["traffic"], r["requests"], s, out))
+                     for s in r.get("seeds", [a.seed])]
             for k in KEYS:
-                r[k][0] = pred[k]
+                r[k][0] = median([p[k] for p in preds])
         print_table(rows)
         return 0
     configs, traffic = (CONFIGS[:2], TRAFFIC[:2]) if a.quick else (CONFIGS, TRAFFIC)
     if a.configs:
         configs = [CONFIGS[int(i)] for i in a.configs.split(",")]
+    seed = a.seed
     tmp = a.out_dir or tempfile.mkdtemp(prefix="planner-validate-")
     os.makedirs(tmp, exist_ok=True)
     rows = []
@@ -122,20 +126,22 @@ def main():
                            check=True, stdout=sys.stderr)
             for bench_flags, plan_traffic, mult in traffic:
                 n = a.requests * mult
-                common = ["--requests", str(n), "--prompt-len", a.prompt_len, "--output-len", a.output_len,
-                          "--seed", str(a.seed)]
+                common = ["--requests", str(n), "--prompt-len", a.prompt_len, "--output-len", a.output_len]
                 cell = f"{att}-{exp}-{rep}-{mb}-{plan_traffic.replace(':', '')}"
-                runs = []
-                for i in range(a.repeats):
-                    bj = os.path.join(tmp, f"bench-{cell}-{i}.json")
-                    subprocess.run([a.moemesh, "bench", "--url", url, "--vocab", "250", "--json", bj] + common +
-                                   bench_flags, check=True, stdout=subprocess.DEVNULL)
-                    runs.append(bench_metrics(bj))
                 config = f"{att}/{exp}/{rep}/{mb}"
-                pred = plan_metrics(run_plan(a, prof, config, plan_traffic, n, os.path.join(tmp, f"plan-{cell}.json")))
-                row = {"config": config, "traffic": plan_traffic, "requests": n, "profile": prof}
+                runs, preds, seeds = [], [], []
+                for i in range(a.repeats):
+                    seeds.append(seed)
+                    bj = os.path.join(tmp, f"bench-{cell}-{i}.json")
+                    subprocess.run([a.moemesh, "bench", "--url", url, "--vocab", "250", "--json", bj, "--seed",
+                                    str(seed)] + common + bench_flags, check=True, stdout=subprocess.DEVNULL)
+                    runs.append(bench_metrics(bj))
+                    preds.append(plan_metrics(run_plan(a, prof, config, plan_traffic, n, seed,
+                                                       os.path.join(tmp, f"plan-{cell}-{i}.json"))))
+                    seed += 1
+                row = {"config": config, "traffic": plan_traffic, "requests": n, "profile": prof, "seeds": seeds}
                 for k in KEYS:
-                    row[k] = [pred[k], median([r[k] for r in runs]), [r[k] for r in runs]]
+                    row[k] = [median([p[k] for p in preds]), median([r[k] for r in runs]), [r[k] for r in runs]]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if a.json:  # as it goes: a long run cut short keeps what it measured
@@ -149,12 +155,12 @@ def main():
     return 0
 
 
-def run_plan(a, prof, config, traffic, requests, out):
+def run_plan(a, prof, config, traffic, requests, seed, out):
     att, exp, rep, mb = config.split("/")
     subprocess.run([a.moemesh, "plan", "--profile", prof, "--attention", att, "--experts", exp, "--replicas", rep,
                     "--micro-batches", mb, "--traffic", traffic, "--layers-per-event", "1", "--json", out,
                     "--requests", str(requests), "--prompt-len", a.prompt_len, "--output-len", a.output_len,
-                    "--seed", str(a.seed)], check=True, stdout=subprocess.DEVNULL)
+                    "--seed", str(seed)], check=True, stdout=subprocess.DEVNULL)
     return out
 
 

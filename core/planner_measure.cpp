@@ -174,7 +174,11 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
   int64_t moe = 0;
   for (int64_t l = 0; l < p.model.num_hidden_layers; ++l) moe += p.model.is_moe_layer(l);
   const double layers = double(p.model.num_hidden_layers), hops = double(moe + 1);
-  const double step0 = p.step_fixed_s, dispatch0 = p.dispatch_overhead_s, prefill0 = p.attn_per_prefill_row_s;
+  const double step0 = p.step_fixed_s, dispatch0 = p.dispatch_overhead_s;
+  const double row0 = p.attn_per_prefill_row_s, ctx0 = p.attn_per_prefill_ctx_s;
+  auto prompt_cost = [&](double n) { return layers * (row0 * n + ctx0 * n * (n + 1) / 2); };
+  const double engine_prompt = prompt_cost(double(long_prompt.prompt)) - prompt_cost(double(one.prompt));
+  double prefill_scale = 1;
   // Each parameter is moved by the gap of the measurement it dominates, divided by how much that
   // measurement grows per unit of it (an upper bound: the iteration approaches from one side).
   double jitter = 0, hop = 0, per_request = p.router_per_request_s, per_prompt_row = 0,
@@ -184,7 +188,8 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
   for (int round = 0; round < 24; ++round) {
     p.step_fixed_s = step0 + hop;
     p.dispatch_overhead_s = dispatch0 + hop;
-    p.attn_per_prefill_row_s = prefill0 + per_prompt_row;
+    p.attn_per_prefill_row_s = row0 * prefill_scale + per_prompt_row;
+    p.attn_per_prefill_ctx_s = ctx0 * prefill_scale;
     p.router_per_request_s = per_request;
     p.router_per_token_s = per_token;
     p.step_jitter = jitter;
@@ -203,8 +208,12 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
     const double ttft_gap = one.ttft_p50_s - a.ttft.p50;
     per_request = std::max(0.0, per_request + ttft_gap);
     const double prompt_gap = (long_prompt.ttft_p50_s - b.ttft.p50) - ttft_gap;
-    per_prompt_row =
-        std::max(-prefill0, per_prompt_row + prompt_gap / (layers * double(long_prompt.prompt - one.prompt)));
+    // The prompt rows' cost on the cluster: the engine's prefill costs scaled (its kernels, other
+    // threads beside them), or, where the engine saw none, a cost per row.
+    if (engine_prompt > 0)
+      prefill_scale = std::max(0.0, prefill_scale + prompt_gap / engine_prompt);
+    else
+      per_prompt_row = std::max(0.0, per_prompt_row + prompt_gap / (layers * double(long_prompt.prompt - one.prompt)));
     const double per_token_slope = double(loaded.concurrency) / cores;
     per_token = std::max(0.0, per_token + (loaded.itl_p50_s - c.itl.p50) / per_token_slope);
   }

@@ -270,18 +270,22 @@ struct ProfileArgs {
   std::string calibrate_url, refit;
   int cal_attention = 1, cal_experts = 1, cal_replicas = 1, cal_micro_batches = 2, cal_concurrency = 8, cal_repeats = 3;
   int64_t cal_long_prompt = 112;  // extra prompt tokens of the long-prompt run
+  uint64_t cal_seed = 1000;       // the calibration runs' seeds: this, this + 1, ...
   int64_t kv_tokens = 1024 * 16;
   int processes_per_node = 64;
 };
 
-// One `moemesh bench` run against the cluster: the point with what it measured.
+// One `moemesh bench` run against the cluster: the point with what it measured. Each run has
+// prompts of its own (its own seed): a prompt seen before would be served from the prefix cache.
 CalibrationPoint bench_point(const ProfileArgs& a, CalibrationPoint c, int64_t vocab) {
+  static int run = 0;
   const std::string self = fs::read_symlink("/proc/self/exe").string();
   const fs::path out = fs::temp_directory_path() / ("moemesh-plan-cal-" + std::to_string(::getpid()) + ".json");
   const std::string cmd = "'" + self + "' bench --url '" + a.calibrate_url + "' --concurrency " +
                           std::to_string(c.concurrency) + " --requests " + std::to_string(c.requests) +
                           " --prompt-len " + std::to_string(c.prompt) + " --output-len " + std::to_string(c.output) +
-                          " --vocab " + std::to_string(vocab) + " --json '" + out.string() + "' > /dev/null";
+                          " --vocab " + std::to_string(vocab) + " --seed " + std::to_string(a.cal_seed + run++) +
+                          " --json '" + out.string() + "' > /dev/null";
   if (std::system(cmd.c_str()) != 0) throw Error("plan profile: calibration bench failed: " + cmd);
   std::ifstream in(out);
   nlohmann::json j;
@@ -532,6 +536,8 @@ void add_plan(CLI::App& app) {
   prof->add_option("--calibrate-replicas", pa->cal_replicas, "its replicas")->capture_default_str();
   prof->add_option("--calibrate-micro-batches", pa->cal_micro_batches, "its micro-batches")->capture_default_str();
   prof->add_option("--calibrate-concurrency", pa->cal_concurrency, "requests at once of the loaded calibration run")
+      ->capture_default_str();
+  prof->add_option("--calibrate-seed", pa->cal_seed, "seed of the first calibration run (then +1 per run)")
       ->capture_default_str();
   prof->add_option("--calibrate-repeats", pa->cal_repeats, "runs per calibration point (their median)")
       ->capture_default_str();
