@@ -4,7 +4,7 @@
 For each configuration of `moemesh up` (attention workers, expert hosts, replicas, micro-batches)
 it starts the cluster, measures a profile in the same run (`moemesh plan profile`: the engine,
 ZeroMQ, and the cluster's own costs calibrated on this cluster with fixed-length requests at
-concurrency 1 and 8), then for each traffic runs `moemesh bench --json` (--repeats times, each
+concurrency 1 and 32), then for each traffic runs `moemesh bench --json` (--repeats times, each
 metric's median) and `moemesh plan --json` with the same shape, seed (so the same requests and
 arrival times), lengths and traffic, and prints predicted vs measured throughput and p50/p90
 TTFT and ITL with the relative error.

@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <fstream>
+#include <sstream>
 
 #include "core/error.h"
 
@@ -120,8 +123,8 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
     CostProfile p;
     p.name = j.value("name", "");
     p.kind = j.value("kind", "");
-    if (p.kind != "measured" && p.kind != "roofline")
-      throw Error("profile: \"kind\" must be \"measured\" or \"roofline\", got \"" + p.kind + "\"");
+    if (p.kind != "measured" && p.kind != "roofline" && p.kind != "benchmarked")
+      throw Error("profile: \"kind\" must be \"measured\", \"benchmarked\" or \"roofline\", got \"" + p.kind + "\"");
     p.note = j.value("note", "");
     p.model = ModelConfig::from_json(j.at("model"), "profile model");
     const auto& a = j.at("attention");
@@ -201,9 +204,11 @@ const Hardware& hardware(const std::string& name) {
   throw Error("unknown hardware \"" + name + "\" (known: h100, h200, a100)");
 }
 
-CostProfile roofline_profile(const ModelConfig& m, const Hardware& hw) {
-  // What a well-tuned stack reaches of the peaks (typical of vLLM/SGLang decode kernels).
-  const double bw = 0.75 * hw.mem_bw_Bps, flops = 0.6 * hw.flops, launch = 8e-6, bf16 = 2;
+namespace {
+
+// The roofline costs at `bw` bytes/s and `flops` FLOP/s achieved, `launch` s per kernel.
+CostProfile roofline_at(const ModelConfig& m, const Hardware& hw, double bw, double flops, double launch) {
+  const double bf16 = 2;
   const double h = double(m.hidden_size), hd = double(m.head_dim);
   const double attn_params = h * (double(m.num_attention_heads) + 2.0 * double(m.num_key_value_heads)) * hd +
                              double(m.num_attention_heads) * hd * h + h * double(m.num_experts) +
@@ -247,6 +252,58 @@ CostProfile roofline_profile(const ModelConfig& m, const Hardware& hw) {
       std::max<int64_t>(1, int64_t((0.9 * hw.mem_bytes - side_bytes) / double(p.kv_bytes_per_token)));
   p.node_cost_per_hour = hw.node_cost_per_hour;
   p.gpus_per_node = hw.gpus_per_node;
+  return p;
+}
+
+}  // namespace
+
+CostProfile roofline_profile(const ModelConfig& m, const Hardware& hw) {
+  // What a well-tuned stack reaches of the peaks (typical of vLLM/SGLang decode kernels).
+  return roofline_at(m, hw, 0.75 * hw.mem_bw_Bps, 0.6 * hw.flops, 8e-6);
+}
+
+CostProfile gpu_results_profile(const ModelConfig& m, const std::string& text) {
+  std::istringstream in(text);
+  std::string device, line;
+  double bw = 0, flops = 0, fastest_us = 0;
+  while (std::getline(in, line)) {
+    // "device: NVIDIA H100 80GB HBM3, 132 SMs; measured copy bandwidth (read + write): 2950 GB/s"
+    const auto at = line.find("measured copy bandwidth");
+    if (line.rfind("device: ", 0) == 0 && at != std::string::npos) {
+      device = line.substr(8, line.find(',') - 8);
+      bw = std::atof(line.substr(line.find(':', at) + 1).c_str()) * 1e9;
+      continue;
+    }
+    // "| matmul | 4096x4096x4096 w:bf16 | 1234.5 | ... | ... | 650.12 |"
+    std::vector<std::string> cells;
+    std::istringstream row(line);
+    for (std::string c; std::getline(row, c, '|');) {
+      const auto b = c.find_first_not_of(' '), e = c.find_last_not_of(' ');
+      if (b != std::string::npos) cells.push_back(c.substr(b, e - b + 1));
+    }
+    if (line.rfind("|", 0) != 0 || cells.size() != 6 || cells[0] == "kernel" || cells[0][0] == '-') continue;
+    const double us = std::atof(cells[2].c_str());
+    if (us > 0 && (fastest_us == 0 || us < fastest_us)) fastest_us = us;
+    if (cells[0] == "matmul" && cells[1].find("w:bf16") != std::string::npos)
+      flops = std::max(flops, std::atof(cells[5].c_str()) * 1e12);
+  }
+  if (device.empty() || bw <= 0) throw Error("GPU results: no \"device: ..., measured copy bandwidth ...\" line");
+  if (flops <= 0) throw Error("GPU results: no bf16 matmul row in the kernel table");
+  Hardware hw = hardware("h100");
+  std::string base = "h100 (no known name in the device's)";
+  std::string lower = device;
+  for (auto& ch : lower) ch = char(std::tolower(static_cast<unsigned char>(ch)));
+  for (const auto& h : known_hardware())
+    if (lower.find(h.name) != std::string::npos) hw = h, base = h.name;
+  CostProfile p = roofline_at(m, hw, bw, flops, fastest_us > 0 ? fastest_us * 1e-6 : 8e-6);
+  p.name = device + "-benchmarked";
+  p.kind = "benchmarked";
+  char b[400];
+  std::snprintf(b, sizeof b,
+                "roofline on measured figures from tests/gpu/run.sh: %s, copy bandwidth %.0f GB/s, bf16 matmul "
+                "%.1f TFLOP/s, fastest kernel %.1f us; links, memory and price of %s",
+                device.c_str(), bw / 1e9, flops / 1e12, fastest_us, base.c_str());
+  p.note = b;
   return p;
 }
 

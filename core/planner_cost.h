@@ -47,7 +47,7 @@ struct CostProfile {
   double dispatch_overhead_s = 0;
   // Router, per generated token (streaming it to the client: with shared node compute CPU on the
   // node's cores, where `plan profile --calibrate-url` fits it including the benchmark client's
-  // own CPU) and per request (HTTP, validation, tokenizing: a latency before admission).
+  // own CPU) and per request (HTTP, validation, tokenizing before admission; one request at a time).
   double router_per_token_s = 0, router_per_request_s = 0;
   // Interference of other work on the machine (a shared host's other jobs, the OS): each step
   // takes longer by an exponentially distributed share of its duration, of this mean (0: none).
@@ -109,6 +109,13 @@ const Hardware& hardware(const std::string& name);  // throws on an unknown name
 // of its bytes over the achievable memory bandwidth and its FLOPs over the achievable FLOP/s,
 // plus a kernel-launch floor. Labelled kind "roofline": not measured.
 CostProfile roofline_profile(const ModelConfig& model, const Hardware& hw);
+
+// The same model on what `tests/gpu/run.sh` measured (its bench.md, bench_gpu_kernels' table):
+// the measured copy bandwidth, the fastest bf16 matmul's FLOP/s, the fastest kernel's time as the
+// launch floor. Links, memory and price come from the known hardware the device's name names
+// (h100 when none). Kind "benchmarked". Throws moemesh::Error when the text has no device line
+// or no bf16 matmul row.
+CostProfile gpu_results_profile(const ModelConfig& model, const std::string& bench_md);
 
 // A DeepSeek-MoE-16B-shaped config (28 layers, the first dense, 64 routed experts top-6 + 2
 // shared, hidden 2048, expert width 1408): the docs' worked example.

@@ -185,7 +185,9 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
          per_token = p.router_per_token_s;
   const double cores = double(std::max(1, p.node_cores));
   std::vector<CalibrationPoint> fitted(3);
-  for (int round = 0; round < 24; ++round) {
+  // The parameters move together and each gap depends a little on all: half steps converge.
+  const double damp = 0.5;
+  for (int round = 0; round < 80; ++round) {
     p.step_fixed_s = step0 + hop;
     p.dispatch_overhead_s = dispatch0 + hop;
     p.attn_per_prefill_row_s = row0 * prefill_scale + per_prompt_row;
@@ -202,20 +204,21 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
       f->itl_p90_s = r->itl.p90;
     }
     // An exponential share of mean j puts p90 and p50 of a constant step ln(10/2) j = 1.61 j of it apart.
-    jitter =
-        std::max(0.0, jitter + ((one.itl_p90_s - one.itl_p50_s) - (a.itl.p90 - a.itl.p50)) / (1.61 * one.itl_p50_s));
-    hop = std::max(0.0, hop + (one.itl_p50_s - a.itl.p50) / hops);
+    jitter = std::max(
+        0.0, jitter + damp * ((one.itl_p90_s - one.itl_p50_s) - (a.itl.p90 - a.itl.p50)) / (1.61 * one.itl_p50_s));
+    hop = std::max(0.0, hop + damp * (one.itl_p50_s - a.itl.p50) / hops);
     const double ttft_gap = one.ttft_p50_s - a.ttft.p50;
-    per_request = std::max(0.0, per_request + ttft_gap);
+    per_request = std::max(0.0, per_request + damp * ttft_gap);
     const double prompt_gap = (long_prompt.ttft_p50_s - b.ttft.p50) - ttft_gap;
     // The prompt rows' cost on the cluster: the engine's prefill costs scaled (its kernels, other
     // threads beside them), or, where the engine saw none, a cost per row.
     if (engine_prompt > 0)
-      prefill_scale = std::max(0.0, prefill_scale + prompt_gap / engine_prompt);
+      prefill_scale = std::max(0.0, prefill_scale + damp * prompt_gap / engine_prompt);
     else
-      per_prompt_row = std::max(0.0, per_prompt_row + prompt_gap / (layers * double(long_prompt.prompt - one.prompt)));
+      per_prompt_row =
+          std::max(0.0, per_prompt_row + damp * prompt_gap / (layers * double(long_prompt.prompt - one.prompt)));
     const double per_token_slope = double(loaded.concurrency) / cores;
-    per_token = std::max(0.0, per_token + (loaded.itl_p50_s - c.itl.p50) / per_token_slope);
+    per_token = std::max(0.0, per_token + damp * (loaded.itl_p50_s - c.itl.p50) / per_token_slope);
   }
   return fitted;
 }

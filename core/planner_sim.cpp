@@ -343,10 +343,10 @@ class Simulator {
     const auto id = uint32_t(seqs_.size() - 1);
     ++live_;
     if (first_arrival_ < 0) first_arrival_ = now_;
-    // The router's HTTP handling and tokenizing come before the queue: a latency (on shared
-    // cores a short burst the OS serves beside the streaming, not behind it).
+    // The router's HTTP handling and tokenizing come before the queue, one request after the
+    // other (a burst of arrivals waits its turn).
     if (p_.router_per_request_s > 0) {
-      push(now_ + p_.router_per_request_s, kAdmit, id);
+      push(router_front_.reserve(now_, p_.router_per_request_s, now_), kAdmit, id);
       return;
     }
     on_admit(id);
@@ -864,6 +864,7 @@ class Simulator {
   std::vector<HostState> hosts_;
   std::vector<Cores> node_servers_;
   std::vector<Server> nic_;
+  Server router_front_;
   std::vector<std::vector<int32_t>> expert_hosts_;
   std::vector<double> host_share_, expert_share_;
   std::vector<int64_t> host_experts_;

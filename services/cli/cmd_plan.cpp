@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -267,8 +268,9 @@ struct ProfileArgs {
   std::vector<int64_t> batches = {1, 2, 4, 8, 16, 32, 64}, contexts = {32, 128, 256};
   int repeats = 9, zmq_rounds = 200;
   // Calibration against a running cluster (`moemesh up`) of this shape.
-  std::string calibrate_url, refit;
-  int cal_attention = 1, cal_experts = 1, cal_replicas = 1, cal_micro_batches = 2, cal_concurrency = 8, cal_repeats = 3;
+  std::string calibrate_url, refit, gpu_results;
+  int cal_attention = 1, cal_experts = 1, cal_replicas = 1, cal_micro_batches = 2, cal_concurrency = 32,
+      cal_repeats = 3;
   int64_t cal_long_prompt = 112;  // extra prompt tokens of the long-prompt run
   uint64_t cal_seed = 1000;       // the calibration runs' seeds: this, this + 1, ...
   int64_t kv_tokens = 1024 * 16;
@@ -374,11 +376,19 @@ void refit_profile(const ProfileArgs& a) {
 void run_profile(const ProfileArgs& a) {
   if (a.out.empty()) throw Error("plan profile: --out FILE is required");
   if (!a.refit.empty()) return refit_profile(a);
-  if (!a.hardware.empty()) {
+  if (!a.hardware.empty() || !a.gpu_results.empty()) {
     ModelConfig m = deepseek_moe_16b_config();
     if (!a.model.empty() && a.model != "deepseek-moe-16b")
       m = ModelConfig::load(fs::is_directory(a.model) ? fs::path(a.model) / "config.json" : fs::path(a.model));
-    const CostProfile p = roofline_profile(m, hardware(a.hardware));
+    CostProfile p;
+    if (!a.gpu_results.empty()) {
+      std::ifstream in(a.gpu_results);
+      std::stringstream text;
+      text << in.rdbuf();
+      p = gpu_results_profile(m, text.str());
+    } else {
+      p = roofline_profile(m, hardware(a.hardware));
+    }
     p.save(a.out);
     std::cout << "wrote " << a.out << ": " << p.note << "\n";
     return;
@@ -531,6 +541,9 @@ void add_plan(CLI::App& app) {
                    "a running cluster (moemesh up) to fit the cluster's overheads on");
   prof->add_option("--calibrate-attention", pa->cal_attention, "its attention workers")->capture_default_str();
   prof->add_option("--calibrate-experts", pa->cal_experts, "its expert hosts")->capture_default_str();
+  prof->add_option("--from-gpu-results", pa->gpu_results,
+                   "no measurement here: tests/gpu/run.sh's bench.md (a GPU's kernels) through the roofline model")
+      ->check(CLI::ExistingFile);
   prof->add_option("--refit", pa->refit, "a calibrated profile: fit its recorded calibration again (no cluster)")
       ->check(CLI::ExistingFile);
   prof->add_option("--calibrate-replicas", pa->cal_replicas, "its replicas")->capture_default_str();

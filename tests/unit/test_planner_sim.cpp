@@ -323,6 +323,30 @@ TEST(PlannerCost, RooflineProfileRoundTripsThroughJson) {
   EXPECT_LT(roofline_profile(deepseek_moe_16b_config(), hardware("h200")).expert_per_expert_s, p.expert_per_expert_s);
 }
 
+TEST(PlannerCost, ProfileFromGpuBenchmarkResults) {
+  // bench.md as tests/gpu/run.sh writes it (bench_gpu_kernels' header and table, abridged).
+  const std::string md =
+      "device: NVIDIA H200, 132 SMs; measured copy bandwidth (read + write): 4000 GB/s\n\n"
+      "| kernel       | shape                    | time (us) | GB/s      | roofline | TFLOP/s  |\n"
+      "|--------------|--------------------------|-----------|-----------|----------|----------|\n"
+      "| rmsnorm      | 1x4096 w:bf16            |    4.0000 |       4.1 |     0.1% |     0.00 |\n"
+      "| matmul       | 1x4096x14336 w:bf16      |   40.0000 |    2936.0 |    73.4% |     2.94 |\n"
+      "| matmul       | 4096x4096x4096 w:bf16    |  200.0000 |     671.0 |    16.8% |   687.19 |\n"
+      "| matmul       | 4096x4096x4096 w:f32     |  900.0000 |     223.7 |     5.6% |   152.71 |\n";
+  const ModelConfig m = deepseek_moe_16b_config();
+  const CostProfile p = gpu_results_profile(m, md);
+  EXPECT_EQ(p.kind, "benchmarked");
+  EXPECT_NE(p.note.find("h200"), std::string::npos);  // links, memory, price: the named hardware's
+  const double expert_bytes = 3.0 * double(m.hidden_size) * double(m.moe_intermediate_size) * 2;
+  EXPECT_NEAR(p.expert_per_expert_s, expert_bytes / 4000e9, 1e-12);          // the measured bandwidth
+  EXPECT_NEAR(p.expert_per_row_s, 2 * expert_bytes / 2 / 687.19e12, 1e-15);  // the bf16 matmul, not f32
+  EXPECT_NEAR(p.expert_fixed_s, 4 * 4e-6, 1e-12);                            // the fastest kernel
+  EXPECT_EQ(p.gpus_per_node, 8);
+  EXPECT_EQ(CostProfile::from_json(p.to_json()).kind, "benchmarked");
+  EXPECT_THROW(gpu_results_profile(m, "| matmul | 1x1x1 w:bf16 | 1 | 1 | 1% | 1 |\n"), Error);
+  EXPECT_THROW(gpu_results_profile(m, md.substr(0, md.find("| matmul"))), Error);
+}
+
 TEST(PlannerCost, FitRecoversALinearCost) {
   std::vector<std::vector<double>> x;
   std::vector<double> y;
