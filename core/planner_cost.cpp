@@ -99,7 +99,10 @@ nlohmann::json CostProfile::to_json() const {
       {"step", {{"fixed_s", step_fixed_s}, {"per_row_s", step_per_row_s}}},
       {"expert", {{"fixed_s", expert_fixed_s}, {"per_expert_s", expert_per_expert_s}, {"per_row_s", expert_per_row_s}}},
       {"dispatch_overhead_s", dispatch_overhead_s},
-      {"router", {{"per_token_s", router_per_token_s}, {"per_request_s", router_per_request_s}}},
+      {"router",
+       {{"per_token_s", router_per_token_s},
+        {"per_request_s", router_per_request_s},
+        {"request_cpu_share", router_request_cpu_share}}},
       {"step_jitter", step_jitter},
       {"links",
        {{"zmq_local", link_json(zmq_local)},
@@ -143,6 +146,7 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
     if (j.contains("router")) {
       p.router_per_token_s = j["router"].value("per_token_s", 0.0);
       p.router_per_request_s = j["router"].value("per_request_s", 0.0);
+      p.router_request_cpu_share = std::clamp(j["router"].value("request_cpu_share", 0.0), 0.0, 1.0);
     }
     p.step_jitter = j.value("step_jitter", 0.0);
     if (p.step_jitter < 0) throw Error("profile: step_jitter must not be negative");

@@ -49,6 +49,10 @@ struct CostProfile {
   // node's cores, where `plan profile --calibrate-url` fits it including the benchmark client's
   // own CPU) and per request (HTTP, validation, tokenizing before admission; one request at a time).
   double router_per_token_s = 0, router_per_request_s = 0;
+  // With shared node compute: the share of the per-request work that is CPU on the node's cores,
+  // behind whatever they are busy with (the streaming of other requests' tokens); the rest runs
+  // on the router's front alone. Fitted on a loaded calibration run's time to first token.
+  double router_request_cpu_share = 0;
   // Interference of other work on the machine (a shared host's other jobs, the OS): each step
   // takes longer by an exponentially distributed share of its duration, of this mean (0: none).
   // Fitted on the spread of a calibration's inter-token latency; relative, because what the

@@ -181,7 +181,7 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
   double prefill_scale = 1;
   // Each parameter is moved by the gap of the measurement it dominates, divided by how much that
   // measurement grows per unit of it (an upper bound: the iteration approaches from one side).
-  double jitter = 0, hop = 0, per_request = p.router_per_request_s, per_prompt_row = 0,
+  double cpu_share = 0, jitter = 0, hop = 0, per_request = p.router_per_request_s, per_prompt_row = 0,
          per_token = p.router_per_token_s;
   const double cores = double(std::max(1, p.node_cores));
   std::vector<CalibrationPoint> fitted(3);
@@ -193,6 +193,7 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
     p.attn_per_prefill_row_s = row0 * prefill_scale + per_prompt_row;
     p.attn_per_prefill_ctx_s = ctx0 * prefill_scale;
     p.router_per_request_s = per_request;
+    p.router_request_cpu_share = cpu_share;
     p.router_per_token_s = per_token;
     p.step_jitter = jitter;
     const SimResult a = simulate_point(p, d, one), b = simulate_point(p, d, long_prompt),
@@ -217,6 +218,10 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
     else
       per_prompt_row =
           std::max(0.0, per_prompt_row + damp * prompt_gap / (layers * double(long_prompt.prompt - one.prompt)));
+    // Under load a request's first token comes later than its share of the router's front
+    // explains: that much of its work waits behind the cores' other work (about a step's worth).
+    cpu_share =
+        std::clamp(cpu_share + damp * (loaded.ttft_p50_s - c.ttft.p50) / std::max(1e-6, loaded.itl_p50_s), 0.0, 1.0);
     const double per_token_slope = double(loaded.concurrency) / cores;
     per_token = std::max(0.0, per_token + damp * (loaded.itl_p50_s - c.itl.p50) / per_token_slope);
   }

@@ -49,8 +49,9 @@ struct CalibrationPoint {
 // inter-token latency prices the hand-offs of a step and of each MoE layer's dispatch, its TTFT
 // the router's per-request work, the spread of its inter-token latency the machine's interference),
 // the same with long prompts (`long_prompt`: the cost of a
-// prompt row on the cluster), and several at once (`loaded`: the CPU each streamed token costs
-// beside the steps: the router's HTTP streaming and the client's). All are CPU on the node's
+// prompt row on the cluster), and several at once (`loaded`: its ITL the CPU each streamed token
+// costs beside the steps, the router's HTTP streaming and the client's; its TTFT the share of the
+// per-request work that waits behind the cores' other work). All are CPU on the node's
 // cores (p.shared_node_compute). Returns the simulator's values for the three, fitted.
 std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment& d, const CalibrationPoint& one,
                                                 const CalibrationPoint& long_prompt, const CalibrationPoint& loaded);

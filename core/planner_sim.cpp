@@ -344,9 +344,12 @@ class Simulator {
     ++live_;
     if (first_arrival_ < 0) first_arrival_ = now_;
     // The router's HTTP handling and tokenizing come before the queue, one request after the
-    // other (a burst of arrivals waits its turn).
+    // other (a burst of arrivals waits its turn); on shared cores part of it behind their work.
     if (p_.router_per_request_s > 0) {
-      push(router_front_.reserve(now_, p_.router_per_request_s, now_), kAdmit, id);
+      const double cpu = shared() ? p_.router_per_request_s * p_.router_request_cpu_share : 0.0;
+      double at = router_front_.reserve(now_, p_.router_per_request_s - cpu, now_);
+      if (cpu > 0) at = node_servers_[0].reserve(at, cpu, now_);
+      push(at, kAdmit, id);
       return;
     }
     on_admit(id);

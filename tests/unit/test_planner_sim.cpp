@@ -221,6 +221,7 @@ TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
   truth.dispatch_overhead_s = 4e-4;
   truth.router_per_request_s = 2e-3;
   truth.router_per_token_s = 3e-4;
+  truth.router_request_cpu_share = 0.5;
   truth.attn_per_prefill_row_s = 3e-5;
   truth.step_jitter = 0.2;
   Deployment d;
