@@ -679,7 +679,8 @@ class Simulator {
         w.lane_count == 2 ? std::max(attn_sum, cycle_attn + max_dispatch) : attn_sum + max_dispatch;
     const double per_layer_dense = attn_sum;
     expert_wait_ += double(moe_layers_) * max_dispatch * double(w.lane_count);
-    const double t = double(moe_layers_) * per_layer_moe + double(layers_ - moe_layers_) * per_layer_dense;
+    const double t =
+        overload_ * (double(moe_layers_) * per_layer_moe + double(layers_ - moe_layers_) * per_layer_dense);
     lane_time_ += t * double(w.lane_count);
     max_host_busy_ += host_work;
     nic_busy_ += nic_work;
@@ -790,6 +791,9 @@ class Simulator {
     rate_nic_ = rate_nic_ * keep + nic_work / tau;
     rate_disp_max_ = rate_disp_max_ * keep + disp_max / tau;
     rate_disp_all_ = rate_disp_all_ * keep + disp_all / tau;
+    // Demand beyond the busiest host's capacity queues: the steps stretch (integral control on
+    // the smoothed rate) until the host serves what arrives, at ~97% busy; they relax below it.
+    overload_ = std::max(1.0, overload_ * std::exp((rate_host_ - 0.97) * dt / tau));
     rho_expert_ = std::min(0.99, rate_host_);
     rho_nic_ = std::min(0.99, rate_nic_ / double(nodes_));
     merge_max_ = merge_factor(rate_disp_max_);
@@ -891,7 +895,8 @@ class Simulator {
   LatencyHistogram ttft_, itl_, e2e_, queue_hist_;
   double attn_busy_ = 0, expert_busy_ = 0, max_host_busy_ = 0, nic_busy_ = 0, expert_wait_ = 0, lane_time_ = 0;
   double rho_expert_ = 0, rho_nic_ = 0, merge_max_ = 1, merge_mean_ = 1, dispatches_ = 0, batches_ = 0;
-  double load_t_ = 0, step_avg_ = 0, rate_host_ = 0, rate_nic_ = 0, rate_disp_max_ = 0, rate_disp_all_ = 0;
+  double overload_ = 1, load_t_ = 0, step_avg_ = 0, rate_host_ = 0, rate_nic_ = 0, rate_disp_max_ = 0,
+         rate_disp_all_ = 0;
   std::vector<double> touched_table_;
   double kv_peak_ = 0;
   std::vector<TimelineSample> timeline_;
