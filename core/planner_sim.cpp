@@ -322,7 +322,7 @@ class Simulator {
   // Closed loop: a client sends its next request as soon as its previous one ends.
   bool more_closed() const { return t_.requests > 0 ? issued_ < t_.requests : now_ < t_.duration_s; }
   void issue_closed(double t) {
-    SimRequest r = sample_request(t_, issued_++);
+    SimRequest r = sample_request(t_, issued_++, per_request_streams(t_) ? nullptr : &rng_);
     r.arrival_s = t;
     arrivals_.push_back(r);
     push(t, kArrival, uint32_t(arrivals_.size() - 1));
