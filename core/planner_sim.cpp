@@ -623,10 +623,10 @@ class Simulator {
   // A step's lanes over all layers at once (large runs): per layer a lane computes its attention
   // (the two lanes take turns on the worker) and waits for its dispatch to the busiest host.
   // Expert hosts merge the requests of one layer that arrive within the batching window
-  // (actors/expert_batcher.h): with the dispatch rate of the last sampling window, a batch holds
+  // (actors/expert_batcher.h): with the recent dispatch rate (update_load), a batch holds
   // m = 1 + (requests per layer per second) x window of them, at most one per lane of each
   // worker, and its fixed and per-expert costs are shared by all m. Queueing at the hosts and
-  // NICs is M/D/1 at their utilisation of the last window.
+  // NICs is M/D/1 at their recent utilisation; an overloaded host stretches the steps.
   double analytic_lanes(WorkerState& w) {
     double cycle_attn = 0, max_dispatch = 0, attn_sum = 0, host_work = 0, nic_work = 0, disp_max = 0, disp_all = 0;
     const double window = d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0;
@@ -648,7 +648,6 @@ class Simulator {
       const double remote_share = remote ? 1.0 - 1.0 / double(nodes_) : 0.0;
       const double nic_serial =
           assign * remote_share * double(p_.model.hidden_size * p_.activation_bytes) / link.bandwidth_Bps;
-      // Behind the busiest host's backlog (its demand beyond capacity so far), then M/D/1.
       const double wait_e = rho_expert_ / (2 * (1 - rho_expert_)) * merged;
       const double wait_n = rho_nic_ / (2 * (1 - rho_nic_)) * nic_serial;
       // The first request of a batch waits the whole window, the later ones what is left of it.
@@ -700,7 +699,7 @@ class Simulator {
     return touched_table_[k];
   }
 
-  // Requests a host's batch merges (analytic mode), from the dispatch rate of the last window.
+  // Requests a host's batch merges (analytic mode), from its recent dispatch rate.
   double merge_factor(double dispatches_per_s_per_host) const {
     const double window = d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0;
     const double cap = double(d_.attention_workers) * double(d_.micro_batches);
@@ -780,8 +779,7 @@ class Simulator {
 
   // The analytic mode's view of the load: rates of the busiest host's work, the NICs' bytes and
   // the dispatches, as moving averages over ~10 recent steps (the demand of a step is added when
-  // it starts). They set the M/D/1 waits and the batches' merging; as a host nears saturation its
-  // wait grows without bound, which holds the steps to the rate it can serve.
+  // it starts). They set the M/D/1 waits and the batches' merging.
   void update_load(double step_s, double host_work, double nic_work, double disp_max, double disp_all) {
     const double dt = std::max(0.0, now_ - load_t_);
     load_t_ = now_;

@@ -348,6 +348,27 @@ TEST(PlannerCost, ProfileFromGpuBenchmarkResults) {
   EXPECT_THROW(gpu_results_profile(m, md.substr(0, md.find("| matmul"))), Error);
 }
 
+TEST(PlannerCost, EngineFitPricesPromptRowsApartFromDecodeRows) {
+  // Decode rows cost 50 us each (2 layers), prompt rows 4 us: a prompt is not a pile of decode steps.
+  CostProfile p = toy_profile();
+  EngineMeasurements m;
+  for (double b : {1.0, 4.0, 16.0, 64.0})
+    for (double c : {32.0, 256.0}) {
+      const double ctx = b * (c + 5);
+      m.steps.push_back({b, ctx, 1e-3 + 5e-5 * b + 2e-8 * ctx, 0, false});
+    }
+  for (double c : {32.0, 128.0, 256.0}) {
+    const double ctx = c * (c + 1) / 2;
+    m.steps.push_back({c, ctx, 1e-3 + 4e-6 * c + 1e-9 * ctx, 0, true});
+  }
+  m.experts = {{1, 1, 1e-4}, {2, 8, 2.2e-4}, {4, 64, 5e-4}};
+  fit_engine_costs(m, p);
+  EXPECT_NEAR(p.attn_per_row_s, 2.5e-5, 1e-9);  // per layer
+  EXPECT_NEAR(p.attn_per_prefill_row_s, 2e-6, 1e-9);
+  EXPECT_NEAR(p.attn_per_prefill_ctx_s, 5e-10, 1e-12);
+  EXPECT_NEAR(p.attn_fixed_s, 5e-4, 1e-8);
+}
+
 TEST(PlannerCost, FitRecoversALinearCost) {
   std::vector<std::vector<double>> x;
   std::vector<double> y;
