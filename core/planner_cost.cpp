@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <fstream>
+#include <sstream>
 
 #include "core/error.h"
 
@@ -82,28 +85,40 @@ std::vector<double> fit_linear(const std::vector<std::vector<double>>& x, const 
 }
 
 nlohmann::json CostProfile::to_json() const {
-  return {
+  nlohmann::json j = {
       {"name", name},
       {"kind", kind},
       {"note", note},
       {"model", model.to_json()},
-      {"attention", {{"fixed_s", attn_fixed_s}, {"per_row_s", attn_per_row_s}, {"per_ctx_token_s", attn_per_ctx_s}}},
+      {"attention",
+       {{"fixed_s", attn_fixed_s},
+        {"per_row_s", attn_per_row_s},
+        {"per_ctx_token_s", attn_per_ctx_s},
+        {"per_prefill_row_s", attn_per_prefill_row_s},
+        {"per_prefill_ctx_token_s", attn_per_prefill_ctx_s}}},
       {"step", {{"fixed_s", step_fixed_s}, {"per_row_s", step_per_row_s}}},
       {"expert", {{"fixed_s", expert_fixed_s}, {"per_expert_s", expert_per_expert_s}, {"per_row_s", expert_per_row_s}}},
       {"dispatch_overhead_s", dispatch_overhead_s},
-      {"router", {{"per_token_s", router_per_token_s}, {"per_request_s", router_per_request_s}}},
+      {"router",
+       {{"per_token_s", router_per_token_s},
+        {"per_request_s", router_per_request_s},
+        {"request_cpu_share", router_request_cpu_share}}},
+      {"step_jitter", step_jitter},
       {"links",
        {{"zmq_local", link_json(zmq_local)},
         {"zmq_remote", link_json(zmq_remote)},
         {"nccl_local", link_json(nccl_local)},
         {"nccl_remote", link_json(nccl_remote)}}},
       {"shared_node_compute", shared_node_compute},
+      {"node_cores", node_cores},
       {"activation_bytes", activation_bytes},
       {"kv_bytes_per_token", kv_bytes_per_token},
       {"kv_tokens_per_worker", kv_tokens_per_worker},
       {"node_cost_per_hour", node_cost_per_hour},
       {"gpus_per_node", gpus_per_node},
   };
+  if (!calibration.is_null()) j["calibration"] = calibration;
+  return j;
 }
 
 CostProfile CostProfile::from_json(const nlohmann::json& j) {
@@ -111,14 +126,16 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
     CostProfile p;
     p.name = j.value("name", "");
     p.kind = j.value("kind", "");
-    if (p.kind != "measured" && p.kind != "roofline")
-      throw Error("profile: \"kind\" must be \"measured\" or \"roofline\", got \"" + p.kind + "\"");
+    if (p.kind != "measured" && p.kind != "roofline" && p.kind != "benchmarked")
+      throw Error("profile: \"kind\" must be \"measured\", \"benchmarked\" or \"roofline\", got \"" + p.kind + "\"");
     p.note = j.value("note", "");
     p.model = ModelConfig::from_json(j.at("model"), "profile model");
     const auto& a = j.at("attention");
     p.attn_fixed_s = a.at("fixed_s");
     p.attn_per_row_s = a.at("per_row_s");
     p.attn_per_ctx_s = a.at("per_ctx_token_s");
+    p.attn_per_prefill_row_s = a.value("per_prefill_row_s", p.attn_per_row_s);
+    p.attn_per_prefill_ctx_s = a.value("per_prefill_ctx_token_s", p.attn_per_ctx_s);
     p.step_fixed_s = j.at("step").at("fixed_s");
     p.step_per_row_s = j.at("step").at("per_row_s");
     const auto& e = j.at("expert");
@@ -129,18 +146,24 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
     if (j.contains("router")) {
       p.router_per_token_s = j["router"].value("per_token_s", 0.0);
       p.router_per_request_s = j["router"].value("per_request_s", 0.0);
+      p.router_request_cpu_share = std::clamp(j["router"].value("request_cpu_share", 0.0), 0.0, 1.0);
     }
+    p.step_jitter = j.value("step_jitter", 0.0);
+    if (p.step_jitter < 0) throw Error("profile: step_jitter must not be negative");
     const auto& l = j.at("links");
     p.zmq_local = link_from(l, "zmq_local");
     p.zmq_remote = link_from(l, "zmq_remote");
     p.nccl_local = link_from(l, "nccl_local");
     p.nccl_remote = link_from(l, "nccl_remote");
     p.shared_node_compute = j.value("shared_node_compute", false);
+    p.node_cores = j.value("node_cores", 1);
+    if (p.node_cores < 1) throw Error("profile: node_cores must be at least 1");
     p.activation_bytes = j.value("activation_bytes", int64_t(4));
     p.kv_bytes_per_token = j.value("kv_bytes_per_token", int64_t(0));
     p.kv_tokens_per_worker = j.value("kv_tokens_per_worker", int64_t(16384));
     p.node_cost_per_hour = j.value("node_cost_per_hour", 1.0);
     p.gpus_per_node = j.value("gpus_per_node", 1);
+    if (j.contains("calibration")) p.calibration = j["calibration"];
     if (p.gpus_per_node < 1) throw Error("profile: gpus_per_node must be at least 1");
     if (p.kv_tokens_per_worker < 1) throw Error("profile: kv_tokens_per_worker must be at least 1");
     return p;
@@ -185,9 +208,11 @@ const Hardware& hardware(const std::string& name) {
   throw Error("unknown hardware \"" + name + "\" (known: h100, h200, a100)");
 }
 
-CostProfile roofline_profile(const ModelConfig& m, const Hardware& hw) {
-  // What a well-tuned stack reaches of the peaks (typical of vLLM/SGLang decode kernels).
-  const double bw = 0.75 * hw.mem_bw_Bps, flops = 0.6 * hw.flops, launch = 8e-6, bf16 = 2;
+namespace {
+
+// The roofline costs at `bw` bytes/s and `flops` FLOP/s achieved, `launch` s per kernel.
+CostProfile roofline_at(const ModelConfig& m, const Hardware& hw, double bw, double flops, double launch) {
+  const double bf16 = 2;
   const double h = double(m.hidden_size), hd = double(m.head_dim);
   const double attn_params = h * (double(m.num_attention_heads) + 2.0 * double(m.num_key_value_heads)) * hd +
                              double(m.num_attention_heads) * hd * h + h * double(m.num_experts) +
@@ -204,8 +229,9 @@ CostProfile roofline_profile(const ModelConfig& m, const Hardware& hw) {
            " TFLOP/s bf16) at 75% of bandwidth and 60% of FLOP/s; memory and compute times added";
   p.model = m;
   p.attn_fixed_s = 6 * launch + attn_params * bf16 / bw;
-  p.attn_per_row_s = 2 * attn_params / flops;
-  p.attn_per_ctx_s = kv_per_token_layer / bw + 4 * double(m.num_attention_heads) * hd / flops;
+  p.attn_per_row_s = p.attn_per_prefill_row_s = 2 * attn_params / flops;
+  p.attn_per_ctx_s = p.attn_per_prefill_ctx_s =
+      kv_per_token_layer / bw + 4 * double(m.num_attention_heads) * hd / flops;
   // lm_head + embedding read, sampling kernels, and the router's step round trip over the network.
   p.step_fixed_s = 10 * launch + head_params * bf16 / bw + 150e-6;
   p.step_per_row_s = 2 * head_params / flops + 2e-6;
@@ -230,6 +256,58 @@ CostProfile roofline_profile(const ModelConfig& m, const Hardware& hw) {
       std::max<int64_t>(1, int64_t((0.9 * hw.mem_bytes - side_bytes) / double(p.kv_bytes_per_token)));
   p.node_cost_per_hour = hw.node_cost_per_hour;
   p.gpus_per_node = hw.gpus_per_node;
+  return p;
+}
+
+}  // namespace
+
+CostProfile roofline_profile(const ModelConfig& m, const Hardware& hw) {
+  // What a well-tuned stack reaches of the peaks (typical of vLLM/SGLang decode kernels).
+  return roofline_at(m, hw, 0.75 * hw.mem_bw_Bps, 0.6 * hw.flops, 8e-6);
+}
+
+CostProfile gpu_results_profile(const ModelConfig& m, const std::string& text) {
+  std::istringstream in(text);
+  std::string device, line;
+  double bw = 0, flops = 0, fastest_us = 0;
+  while (std::getline(in, line)) {
+    // "device: NVIDIA H100 80GB HBM3, 132 SMs; measured copy bandwidth (read + write): 2950 GB/s"
+    const auto at = line.find("measured copy bandwidth");
+    if (line.rfind("device: ", 0) == 0 && at != std::string::npos) {
+      device = line.substr(8, line.find(',') - 8);
+      bw = std::atof(line.substr(line.find(':', at) + 1).c_str()) * 1e9;
+      continue;
+    }
+    // "| matmul | 4096x4096x4096 w:bf16 | 1234.5 | ... | ... | 650.12 |"
+    std::vector<std::string> cells;
+    std::istringstream row(line);
+    for (std::string c; std::getline(row, c, '|');) {
+      const auto b = c.find_first_not_of(' '), e = c.find_last_not_of(' ');
+      if (b != std::string::npos) cells.push_back(c.substr(b, e - b + 1));
+    }
+    if (line.rfind("|", 0) != 0 || cells.size() != 6 || cells[0] == "kernel" || cells[0][0] == '-') continue;
+    const double us = std::atof(cells[2].c_str());
+    if (us > 0 && (fastest_us == 0 || us < fastest_us)) fastest_us = us;
+    if (cells[0] == "matmul" && cells[1].find("w:bf16") != std::string::npos)
+      flops = std::max(flops, std::atof(cells[5].c_str()) * 1e12);
+  }
+  if (device.empty() || bw <= 0) throw Error("GPU results: no \"device: ..., measured copy bandwidth ...\" line");
+  if (flops <= 0) throw Error("GPU results: no bf16 matmul row in the kernel table");
+  Hardware hw = hardware("h100");
+  std::string base = "h100 (no known name in the device's)";
+  std::string lower = device;
+  for (auto& ch : lower) ch = char(std::tolower(static_cast<unsigned char>(ch)));
+  for (const auto& h : known_hardware())
+    if (lower.find(h.name) != std::string::npos) hw = h, base = h.name;
+  CostProfile p = roofline_at(m, hw, bw, flops, fastest_us > 0 ? fastest_us * 1e-6 : 8e-6);
+  p.name = device + "-benchmarked";
+  p.kind = "benchmarked";
+  char b[400];
+  std::snprintf(b, sizeof b,
+                "roofline on measured figures from tests/gpu/run.sh: %s, copy bandwidth %.0f GB/s, bf16 matmul "
+                "%.1f TFLOP/s, fastest kernel %.1f us; links, memory and price of %s",
+                device.c_str(), bw / 1e9, flops / 1e12, fastest_us, base.c_str());
+  p.note = b;
   return p;
 }
 

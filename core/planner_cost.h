@@ -32,31 +32,51 @@ struct CostProfile {
   ModelConfig model;  // the model the costs are for
 
   // Attention side, per MoE/dense layer of one micro-batch: fixed + per row + per context token
-  // attended (the sum over rows of the positions each row attends to).
+  // attended (the sum over rows of the positions each row attends to), for decode rows and for
+  // prefill rows apart (a prompt's positions are computed in a batch, by other kernels).
   double attn_fixed_s = 0, attn_per_row_s = 0, attn_per_ctx_s = 0;
-  // Attention worker, per step (embedding, final norm, lm_head, sampling, the step's RPC).
+  double attn_per_prefill_row_s = 0, attn_per_prefill_ctx_s = 0;
+  // Attention worker, per step (embedding, final norm, lm_head, sampling, the step's RPC); per
+  // row: each sampled row.
   double step_fixed_s = 0, step_per_row_s = 0;
   // Expert host, per layer batch: fixed + per expert with rows + per (row, expert) assignment.
   double expert_fixed_s = 0, expert_per_expert_s = 0, expert_per_row_s = 0;
   // Per dispatch (one attention worker -> one expert host, one layer), beyond the link itself:
-  // the hand-offs of the actors, the bridge and the compute pools on both sides.
+  // the hand-offs of the actors, the bridge and the compute pools on both sides. With shared
+  // node compute it is CPU work on the node's cores, else latency.
   double dispatch_overhead_s = 0;
-  // Router, per generated token (streaming it to the client) and per request (HTTP, validation).
+  // Router, per generated token (streaming it to the client: with shared node compute CPU on the
+  // node's cores, where `plan profile --calibrate-url` fits it including the benchmark client's
+  // own CPU) and per request (HTTP, validation, tokenizing before admission; one request at a time).
   double router_per_token_s = 0, router_per_request_s = 0;
+  // With shared node compute: the share of the per-request work that is CPU on the node's cores,
+  // behind whatever they are busy with (the streaming of other requests' tokens); the rest runs
+  // on the router's front alone. Fitted on a loaded calibration run's time to first token.
+  double router_request_cpu_share = 0;
+  // Interference of other work on the machine (a shared host's other jobs, the OS): each step
+  // takes longer by an exponentially distributed share of its duration, of this mean (0: none).
+  // Fitted on the spread of a calibration's inter-token latency; relative, because what the
+  // other jobs take grows with the time a step is exposed to them.
+  double step_jitter = 0;
   // Links: same node, other node; ZeroMQ (TCP) and NCCL (GPU to GPU).
   LinkCost zmq_local, zmq_remote, nccl_local, nccl_remote;
   // Every process of a node computes on the node's shared cores (a CPU machine): their compute
   // is serialised on one resource per node. False: each process has its own accelerator.
   bool shared_node_compute = false;
+  int node_cores = 1;                    // with shared_node_compute: the cores the node's processes share
   int64_t activation_bytes = 4;          // bytes per hidden value on the wire (f32 on CPU, bf16 on GPUs)
   int64_t kv_bytes_per_token = 0;        // all layers, K and V
   int64_t kv_tokens_per_worker = 16384;  // KV capacity of one attention worker
   double node_cost_per_hour = 1.0;       // what one node costs (search minimises it)
   int gpus_per_node = 1;                 // processes (attention workers + expert hosts) per node
+  // What a calibration against a running cluster measured and started from (`plan profile
+  // --calibrate-url`), so `plan profile --refit` can fit it again; null when not calibrated.
+  nlohmann::json calibration;
 
   // Seconds of one micro-batch's attention for one layer.
-  double attention_layer_s(double rows, double ctx_tokens) const {
-    return attn_fixed_s + attn_per_row_s * rows + attn_per_ctx_s * ctx_tokens;
+  double attention_layer_s(double decode_rows, double decode_ctx, double prefill_rows, double prefill_ctx) const {
+    return attn_fixed_s + attn_per_row_s * decode_rows + attn_per_ctx_s * decode_ctx +
+           attn_per_prefill_row_s * prefill_rows + attn_per_prefill_ctx_s * prefill_ctx;
   }
   double step_s(double rows) const { return step_fixed_s + step_per_row_s * rows; }
   // Seconds of one expert host batch for one layer.
@@ -93,6 +113,13 @@ const Hardware& hardware(const std::string& name);  // throws on an unknown name
 // of its bytes over the achievable memory bandwidth and its FLOPs over the achievable FLOP/s,
 // plus a kernel-launch floor. Labelled kind "roofline": not measured.
 CostProfile roofline_profile(const ModelConfig& model, const Hardware& hw);
+
+// The same model on what `tests/gpu/run.sh` measured (its bench.md, bench_gpu_kernels' table):
+// the measured copy bandwidth, the fastest bf16 matmul's FLOP/s, the fastest kernel's time as the
+// launch floor. Links, memory and price come from the known hardware the device's name names
+// (h100 when none). Kind "benchmarked". Throws moemesh::Error when the text has no device line
+// or no bf16 matmul row.
+CostProfile gpu_results_profile(const ModelConfig& model, const std::string& bench_md);
 
 // A DeepSeek-MoE-16B-shaped config (28 layers, the first dense, 64 routed experts top-6 + 2
 // shared, hidden 2048, expert width 1408): the docs' worked example.

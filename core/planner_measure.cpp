@@ -1,6 +1,8 @@
 #include "core/planner_measure.h"
 
+#include <algorithm>
 #include <chrono>
+#include <map>
 #include <memory>
 
 #include "core/checkpoint.h"
@@ -11,6 +13,10 @@ namespace moemesh::planner {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// The fastest of repeated timings: other jobs on a shared machine only ever add time, so the
+// minimum is the operation's own cost (their share is fitted apart, on the running cluster).
+double fastest(const std::vector<double>& v) { return *std::min_element(v.begin(), v.end()); }
 
 // Times every call of the experts it wraps.
 class TimingExperts : public ExpertExecutor {
@@ -49,15 +55,19 @@ EngineMeasurements measure_engine(const std::filesystem::path& model, const std:
   Engine engine(full.config(), full.weights(), opts, timing, ckpt);
   const int64_t vocab = engine.config().vocab_size;
   EngineMeasurements out;
-  auto timed_step = [&](std::vector<StepInput>& in, double rows, double ctx) {
+  std::vector<EngineSample> decode;
+  std::map<std::pair<double, double>, std::vector<double>> expert_times;
+  auto timed_step = [&](std::vector<StepInput>& in, double rows, double ctx, bool prefill) {
     timing->calls.clear();
     const auto t0 = Clock::now();
     engine.step(in);
     const double total = std::chrono::duration<double>(Clock::now() - t0).count();
     double experts = 0;
-    for (const auto& c : timing->calls) experts += c.seconds;
-    out.steps.push_back({rows, ctx, total - experts, experts});
-    out.experts.insert(out.experts.end(), timing->calls.begin(), timing->calls.end());
+    for (const auto& c : timing->calls) {
+      experts += c.seconds;
+      expert_times[{c.active, c.rows}].push_back(c.seconds);
+    }
+    (prefill ? out.steps : decode).push_back({rows, ctx, total - experts, experts, prefill});
   };
   int32_t token = 1;
   auto next_token = [&] { return int32_t(1 + (token++ * 7919) % std::max<int64_t>(2, vocab - 1)); };
@@ -70,8 +80,9 @@ EngineMeasurements measure_engine(const std::filesystem::path& model, const std:
         std::vector<StepInput> in(1);
         in[0].seq = s;
         for (int64_t k = 0; k < c; ++k) in[0].tokens.push_back(next_token());
-        timed_step(in, double(c), double(c) * double(c + 1) / 2);  // a prefill
+        timed_step(in, double(c), double(c) * double(c + 1) / 2, true);
       }
+      decode.clear();
       for (int r = 0; r < repeats; ++r) {
         std::vector<StepInput> in(static_cast<size_t>(b));
         double ctx = 0;
@@ -80,29 +91,57 @@ EngineMeasurements measure_engine(const std::filesystem::path& model, const std:
           in[size_t(i)].tokens = {next_token()};
           ctx += double(engine.sequence_length(seqs[size_t(i)]) + 1);
         }
-        timed_step(in, double(b), ctx);
+        timed_step(in, double(b), ctx, false);
       }
+      // The shape's fastest step (its context grows by one per repeat: the middle one's).
+      EngineSample best =
+          *std::min_element(decode.begin(), decode.end(), [](auto& x, auto& y) { return x.seconds < y.seconds; });
+      best.ctx = double(b) * double(c + 1 + repeats / 2);
+      out.steps.push_back(best);
       for (SeqId s : seqs) engine.free_sequence(s);
     }
+  for (auto& [shape, times] : expert_times) out.experts.push_back({shape.first, shape.second, fastest(times)});
   return out;
 }
 
 void fit_engine_costs(const EngineMeasurements& m, CostProfile& p) {
   if (m.steps.empty() || m.experts.empty()) throw Error("plan profile: no measurements to fit");
   const double layers = double(p.model.num_hidden_layers);
+  // Decode steps: layers x attention + the step's own (embedding, lm_head), kept per layer here;
+  // the cluster's step overheads come from the calibration against a running cluster.
   std::vector<std::vector<double>> x;
   std::vector<double> y;
-  for (const auto& s : m.steps) {
-    x.push_back({1.0, s.rows, s.ctx});
-    y.push_back(s.seconds);
-  }
-  // The step's non-expert time is layers x attention + the step's own (embedding, lm_head):
-  // the fixed part and the per-row part of the step are kept per layer here; the cluster's
-  // step overheads come from the calibration against a running cluster.
+  for (const auto& s : m.steps)
+    if (!s.prefill) {
+      x.push_back({1.0, s.rows, s.ctx});
+      y.push_back(s.seconds);
+    }
+  if (x.empty()) throw Error("plan profile: no decode steps to fit");
   const auto a = fit_linear(x, y);
   p.attn_fixed_s = a[0] / layers;
   p.attn_per_row_s = a[1] / layers;
   p.attn_per_ctx_s = a[2] / layers;
+  // Prefills, the fastest per prompt length, beyond the step's fixed cost: per prompt row and
+  // per position attended, fitted apart from decode (other kernels).
+  std::map<double, std::pair<double, std::vector<double>>> by_len;
+  for (const auto& s : m.steps)
+    if (s.prefill) {
+      by_len[s.rows].first = s.ctx;
+      by_len[s.rows].second.push_back(s.seconds - a[0]);
+    }
+  x.clear();
+  y.clear();
+  for (auto& [len, v] : by_len) {
+    x.push_back({len, v.first});
+    y.push_back(fastest(v.second));
+  }
+  p.attn_per_prefill_row_s = p.attn_per_row_s;
+  p.attn_per_prefill_ctx_s = p.attn_per_ctx_s;
+  if (!x.empty()) {
+    const auto f = fit_linear(x, y);
+    p.attn_per_prefill_row_s = f[0] / layers;
+    p.attn_per_prefill_ctx_s = f[1] / layers;
+  }
   x.clear();
   y.clear();
   for (const auto& e : m.experts) {
@@ -113,6 +152,80 @@ void fit_engine_costs(const EngineMeasurements& m, CostProfile& p) {
   p.expert_fixed_s = e[0];
   p.expert_per_expert_s = e[1];
   p.expert_per_row_s = e[2];
+}
+
+namespace {
+
+SimResult simulate_point(const CostProfile& p, const Deployment& d, const CalibrationPoint& c) {
+  TrafficSpec t = TrafficSpec::parse("closed:" + std::to_string(c.concurrency));
+  t.prompt_len = bench::LengthDist::parse(std::to_string(c.prompt));
+  t.output_len = bench::LengthDist::parse(std::to_string(c.output));
+  t.requests = c.requests;
+  SimOptions o;
+  o.layers_per_event = 1;
+  return simulate(p, d, t, ExpertLoad::uniform(std::max<int64_t>(1, p.model.num_experts)), o);
+}
+
+}  // namespace
+
+std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment& d, const CalibrationPoint& one,
+                                                const CalibrationPoint& long_prompt, const CalibrationPoint& loaded) {
+  if (long_prompt.prompt <= one.prompt) throw Error("calibration: the long prompts must be longer than the short");
+  int64_t moe = 0;
+  for (int64_t l = 0; l < p.model.num_hidden_layers; ++l) moe += p.model.is_moe_layer(l);
+  const double layers = double(p.model.num_hidden_layers), hops = double(moe + 1);
+  const double step0 = p.step_fixed_s, dispatch0 = p.dispatch_overhead_s;
+  const double row0 = p.attn_per_prefill_row_s, ctx0 = p.attn_per_prefill_ctx_s;
+  auto prompt_cost = [&](double n) { return layers * (row0 * n + ctx0 * n * (n + 1) / 2); };
+  const double engine_prompt = prompt_cost(double(long_prompt.prompt)) - prompt_cost(double(one.prompt));
+  double prefill_scale = 1;
+  // Each parameter is moved by the gap of the measurement it dominates, divided by how much that
+  // measurement grows per unit of it (an upper bound: the iteration approaches from one side).
+  double cpu_share = 0, jitter = 0, hop = 0, per_request = p.router_per_request_s, per_prompt_row = 0,
+         per_token = p.router_per_token_s;
+  const double cores = double(std::max(1, p.node_cores));
+  std::vector<CalibrationPoint> fitted(3);
+  // The parameters move together and each gap depends a little on all: half steps converge.
+  const double damp = 0.5;
+  for (int round = 0; round < 80; ++round) {
+    p.step_fixed_s = step0 + hop;
+    p.dispatch_overhead_s = dispatch0 + hop;
+    p.attn_per_prefill_row_s = row0 * prefill_scale + per_prompt_row;
+    p.attn_per_prefill_ctx_s = ctx0 * prefill_scale;
+    p.router_per_request_s = per_request;
+    p.router_request_cpu_share = cpu_share;
+    p.router_per_token_s = per_token;
+    p.step_jitter = jitter;
+    const SimResult a = simulate_point(p, d, one), b = simulate_point(p, d, long_prompt),
+                    c = simulate_point(p, d, loaded);
+    fitted = {one, long_prompt, loaded};
+    for (auto [f, r] : {std::pair{&fitted[0], &a}, {&fitted[1], &b}, {&fitted[2], &c}}) {
+      f->ttft_p50_s = r->ttft.p50;
+      f->itl_p50_s = r->itl.p50;
+      f->itl_p90_s = r->itl.p90;
+    }
+    // An exponential share of mean j puts p90 and p50 of a constant step ln(10/2) j = 1.61 j of it apart.
+    jitter = std::max(
+        0.0, jitter + damp * ((one.itl_p90_s - one.itl_p50_s) - (a.itl.p90 - a.itl.p50)) / (1.61 * one.itl_p50_s));
+    hop = std::max(0.0, hop + damp * (one.itl_p50_s - a.itl.p50) / hops);
+    const double ttft_gap = one.ttft_p50_s - a.ttft.p50;
+    per_request = std::max(0.0, per_request + damp * ttft_gap);
+    const double prompt_gap = (long_prompt.ttft_p50_s - b.ttft.p50) - ttft_gap;
+    // The prompt rows' cost on the cluster: the engine's prefill costs scaled (its kernels, other
+    // threads beside them), or, where the engine saw none, a cost per row.
+    if (engine_prompt > 0)
+      prefill_scale = std::max(0.0, prefill_scale + damp * prompt_gap / engine_prompt);
+    else
+      per_prompt_row =
+          std::max(0.0, per_prompt_row + damp * prompt_gap / (layers * double(long_prompt.prompt - one.prompt)));
+    // Under load a request's first token comes later than its share of the router's front
+    // explains: that much of its work waits behind the cores' other work (about a step's worth).
+    cpu_share =
+        std::clamp(cpu_share + damp * (loaded.ttft_p50_s - c.ttft.p50) / std::max(1e-6, loaded.itl_p50_s), 0.0, 1.0);
+    const double per_token_slope = double(loaded.concurrency) / cores;
+    per_token = std::max(0.0, per_token + damp * (loaded.itl_p50_s - c.itl.p50) / per_token_slope);
+  }
+  return fitted;
 }
 
 }  // namespace moemesh::planner

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/planner_cost.h"
+#include "core/planner_sim.h"
 
 namespace moemesh::planner {
 
@@ -13,6 +14,7 @@ struct EngineSample {
   double rows = 0, ctx = 0;   // a step's rows and attended positions
   double seconds = 0;         // the step's wall time without its expert calls
   double expert_seconds = 0;  // its expert calls
+  bool prefill = false;       // one prompt's rows, else one decode row per sequence
 };
 struct ExpertSample {
   double active = 0, rows = 0, seconds = 0;  // one layer's call
@@ -23,11 +25,35 @@ struct EngineMeasurements {
   std::vector<ExpertSample> experts;
 };
 
-// Runs decode steps at each batch size and context, and prefills, `repeats` times each.
+// Runs decode steps at each batch size and context, and prefills, `repeats` times each. A
+// decode shape is one sample, the fastest of its repeats (other jobs on a shared machine only add
+// time); expert calls likewise per (active experts, rows).
 EngineMeasurements measure_engine(const std::filesystem::path& model, const std::vector<int64_t>& batches,
                                   const std::vector<int64_t>& contexts, int repeats);
 
-// Fits the attention-side and expert costs of `p` (its model's layer counts) to the measurements.
+// Fits the attention-side and expert costs of `p` (its model's layer counts) to the measurements:
+// decode steps give the fixed, per-row and per-context costs, prefills (what is left of them)
+// the per-prefill-row cost, so a prompt is not priced as a pile of decode steps.
 void fit_engine_costs(const EngineMeasurements& m, CostProfile& p);
+
+// One `moemesh bench` run against a running cluster (closed loop, fixed lengths): the traffic
+// and what it measured.
+struct CalibrationPoint {
+  int concurrency = 1;
+  int64_t prompt = 16, output = 32, requests = 8;
+  double ttft_p50_s = 0, itl_p50_s = 0, itl_p90_s = 0;
+};
+
+// The cluster's own costs on a machine whose processes share its cores, fitted so that the
+// simulator of `d` reproduces three runs: one request at a time with short prompts (`one`: its
+// inter-token latency prices the hand-offs of a step and of each MoE layer's dispatch, its TTFT
+// the router's per-request work, the spread of its inter-token latency the machine's interference),
+// the same with long prompts (`long_prompt`: the cost of a
+// prompt row on the cluster), and several at once (`loaded`: its ITL the CPU each streamed token
+// costs beside the steps, the router's HTTP streaming and the client's; its TTFT the share of the
+// per-request work that waits behind the cores' other work). All are CPU on the node's
+// cores (p.shared_node_compute). Returns the simulator's values for the three, fitted.
+std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment& d, const CalibrationPoint& one,
+                                                const CalibrationPoint& long_prompt, const CalibrationPoint& loaded);
 
 }  // namespace moemesh::planner

@@ -64,20 +64,25 @@ class LatencyHistogram {
 // timeline of reservations; `busy` adds up what it served.
 class Server {
  public:
-  double reserve(double ready, double dur, double now) {
-    busy += dur;
+  // Where an operation ready at `ready` would start, without reserving it.
+  double earliest(double ready, double dur, double now) {
     while (head_ < iv_.size() && iv_[head_].second <= now) ++head_;
     if (head_ > 256 && head_ * 2 > iv_.size()) {
       iv_.erase(iv_.begin(), iv_.begin() + long(head_));
       head_ = 0;
     }
     double s = ready;
-    size_t i = head_;
-    for (; i < iv_.size(); ++i) {
+    for (size_t i = head_; i < iv_.size(); ++i) {
       if (iv_[i].second <= s) continue;
       if (iv_[i].first >= s + dur) break;  // fits in the gap before it
       s = std::max(s, iv_[i].second);
     }
+    return s;
+  }
+  double reserve(double ready, double dur, double now) {
+    const double s = earliest(ready, dur, now);
+    busy += dur;
+    auto i = size_t(std::lower_bound(iv_.begin() + long(head_), iv_.end(), std::make_pair(s, s)) - iv_.begin());
     if (i > head_ && iv_[i - 1].second >= s - 1e-12 && iv_[i - 1].second <= s) {
       iv_[i - 1].second = s + dur;  // adjacent: extend instead of inserting
     } else {
@@ -90,6 +95,31 @@ class Server {
  private:
   std::vector<std::pair<double, double>> iv_;  // sorted by start, disjoint
   size_t head_ = 0;
+};
+
+// Several identical servers (a node's cores): an operation takes the one where it starts first.
+class Cores {
+ public:
+  explicit Cores(int n = 1) : s_(size_t(std::max(1, n))) {}
+  double reserve(double ready, double dur, double now) {
+    size_t best = 0;
+    double start = 0;
+    for (size_t i = 0; i < s_.size(); ++i) {
+      const double e = s_[i].earliest(ready, dur, now);
+      if (i == 0 || e < start) best = i, start = e;
+      if (start <= ready) break;
+    }
+    return s_[best].reserve(ready, dur, now);
+  }
+  double busy() const {
+    double b = 0;
+    for (const auto& s : s_) b += s.busy;
+    return b;
+  }
+  size_t size() const { return s_.size(); }
+
+ private:
+  std::vector<Server> s_;
 };
 
 // Walker's alias table: O(1) samples of a discrete distribution.
@@ -148,8 +178,8 @@ struct Work {
 };
 
 struct Lane {
-  double rows = 0, ctx = 0;
-  double attn_end = 0;  // end of its latest attention
+  double rows = 0, prefill_rows = 0, ctx = 0, prefill_ctx = 0;  // rows, ctx: all (decode + prefill)
+  double attn_end = 0;                                          // end of its latest attention
 };
 
 struct WorkerState {
@@ -160,18 +190,23 @@ struct WorkerState {
   std::vector<Work> work;         // the step in flight
   Lane lanes[2];
   int lane_count = 0, lanes_pending = 0;
+  int64_t sampled = 0;  // rows of the step in flight that sample a token
   double lanes_done = 0, step_start = 0;
-  Server server;  // its own accelerator (unless the node's cores are shared)
+  Cores server;  // its own accelerator (unless the node's cores are shared)
 };
 
 struct HostState {
   int node = 0;
-  int64_t open_key = -1;  // the batch last opened: key of its layer
-  double open_start = 0, open_end = 0;
-  Server server;
+  // Per layer, the batch last opened (actors/expert_batcher.h): it takes requests until its
+  // window closes (`close`) or its compute starts.
+  struct Open {
+    double close = -1, start = 0, end = 0, rows = 0;
+  };
+  std::vector<Open> open;
+  Cores server;
 };
 
-enum EvType : uint32_t { kArrival, kLane, kStepDone, kSample };
+enum EvType : uint32_t { kArrival, kAdmit, kLane, kStepDone, kSample };
 
 struct Event {
   double t;
@@ -198,7 +233,8 @@ class Simulator {
     hosts_.resize(size_t(d_.expert_hosts));
     for (size_t w = 0; w < workers_.size(); ++w) workers_[w].node = int(w % size_t(nodes_));
     for (size_t h = 0; h < hosts_.size(); ++h) hosts_[h].node = int(h % size_t(nodes_));
-    node_servers_.resize(size_t(nodes_));
+    for (auto& h : hosts_) h.open.resize(size_t(layers_));
+    node_servers_.assign(size_t(nodes_), Cores(p_.node_cores));
     nic_.resize(size_t(nodes_));
     // Placement: the coordinator's plan for one MoE layer (every layer is cut the same way).
     const int64_t experts = std::max<int64_t>(1, m.num_experts);
@@ -254,6 +290,9 @@ class Simulator {
         case kArrival:
           on_arrival(e.a);
           break;
+        case kAdmit:
+          on_admit(e.a);
+          break;
         case kLane:
           on_lane(e.a, e.b, e.c);
           break;
@@ -277,13 +316,13 @@ class Simulator {
   int64_t pending_arrivals() const { return int64_t(arrivals_.size()) - arrived_; }
   bool closed_done() const { return t_.kind != TrafficSpec::Kind::closed || !more_closed(); }
   bool shared() const { return p_.shared_node_compute; }
-  Server& worker_server(WorkerState& w) { return shared() ? node_servers_[size_t(w.node)] : w.server; }
-  Server& host_server(HostState& h) { return shared() ? node_servers_[size_t(h.node)] : h.server; }
+  Cores& worker_server(WorkerState& w) { return shared() ? node_servers_[size_t(w.node)] : w.server; }
+  Cores& host_server(HostState& h) { return shared() ? node_servers_[size_t(h.node)] : h.server; }
 
   // Closed loop: a client sends its next request as soon as its previous one ends.
   bool more_closed() const { return t_.requests > 0 ? issued_ < t_.requests : now_ < t_.duration_s; }
   void issue_closed(double t) {
-    SimRequest r = sample_request(t_, rng_, issued_++);
+    SimRequest r = sample_request(t_, issued_++, per_request_streams(t_) ? nullptr : &rng_);
     r.arrival_s = t;
     arrivals_.push_back(r);
     push(t, kArrival, uint32_t(arrivals_.size() - 1));
@@ -302,10 +341,22 @@ class Simulator {
         std::min((r.prompt - 1) / kBlock * kBlock, int64_t(t_.prefix_hit_rate * double(r.prompt)) / kBlock * kBlock);
     seqs_.push_back(s);
     const auto id = uint32_t(seqs_.size() - 1);
-    if (p_.router_per_request_s > 0 && shared()) node_servers_[0].reserve(now_, p_.router_per_request_s, now_);
     ++live_;
-    fair_.push(id, tenant_name(s.tenant), 1.0, Priority::Normal);
     if (first_arrival_ < 0) first_arrival_ = now_;
+    // The router's HTTP handling and tokenizing come before the queue, one request after the
+    // other (a burst of arrivals waits its turn); on shared cores part of it behind their work.
+    if (p_.router_per_request_s > 0) {
+      const double cpu = shared() ? p_.router_per_request_s * p_.router_request_cpu_share : 0.0;
+      double at = router_front_.reserve(now_, p_.router_per_request_s - cpu, now_);
+      if (cpu > 0) at = node_servers_[0].reserve(at, cpu, now_);
+      push(at, kAdmit, id);
+      return;
+    }
+    on_admit(id);
+  }
+
+  void on_admit(uint32_t id) {
+    fair_.push(id, tenant_name(seqs_[id].tenant), 1.0, Priority::Normal);
     pump(-1);
   }
 
@@ -434,10 +485,19 @@ class Simulator {
         if (best < 0 || imbalance < best) best = imbalance, split = k;
       }
     }
+    w.sampled = 0;
     for (size_t k = 0; k < w.work.size(); ++k) {
       Lane& l = w.lanes[k < split ? 0 : 1];
-      l.rows += double(std::max<int64_t>(w.work[k].rows, 1));
-      l.ctx += w.work[k].ctx;
+      const Work& wk = w.work[k];
+      const Seq& s = seqs_[wk.seq];
+      const double rows = double(std::max<int64_t>(wk.rows, 1));
+      l.rows += rows;
+      if (s.prefilling()) {
+        l.prefill_rows += rows;
+        l.prefill_ctx += wk.ctx;
+      }
+      l.ctx += wk.ctx;
+      w.sampled += !s.prefilling() || s.prefilled + wk.tokens >= s.context_len();
     }
     w.lanes_pending = w.lane_count;
     w.lanes_done = now_;
@@ -488,18 +548,21 @@ class Simulator {
     }
   }
 
+  double lane_attention(const Lane& l) const {
+    return p_.attention_layer_s(l.rows - l.prefill_rows, l.ctx - l.prefill_ctx, l.prefill_rows, l.prefill_ctx);
+  }
+
   // One lane, one layer, exact: attention on its worker, dispatch to the hosts, their batches,
   // the answers back.
   void on_lane(uint32_t wi, uint32_t lane, uint32_t layer) {
     WorkerState& w = workers_[wi];
     Lane& l = w.lanes[lane];
-    const double attn = p_.attention_layer_s(l.rows, l.ctx);
+    const double attn = lane_attention(l);
     const double a_end = worker_server(w).reserve(now_, attn, now_);
     attn_busy_ += attn;
     double done = a_end;
     if (p_.model.is_moe_layer(layer)) {
       route(l.rows * double(top_k_), per_host_, active_);
-      const int64_t key = int64_t(layer);
       for (size_t k = 0; k < per_host_.size(); ++k) {
         const auto [hi, rows] = per_host_[k];
         HostState& h = hosts_[size_t(hi)];
@@ -513,23 +576,29 @@ class Simulator {
         } else {
           arrive += link.seconds(bytes);
         }
-        arrive += p_.dispatch_overhead_s;
+        arrive =
+            shared() ? worker_server(w).reserve(arrive, p_.dispatch_overhead_s, now_) : arrive + p_.dispatch_overhead_s;
         double end;
-        if (h.open_key == key && arrive <= h.open_start) {  // joins the batch that has not started
-          const double extra = p_.expert_per_row_s * rows;
-          end = host_server(h).reserve(h.open_end, extra, now_);
+        auto& open = h.open[layer];
+        ++dispatches_;
+        if (arrive <= open.close && arrive <= open.start) {  // joins the layer's batch still open
+          // Its rows, and the experts they add to the batch's (expected, over the host's n).
+          const double n = double(host_experts_[size_t(hi)]);
+          const double added = n * (std::exp(-open.rows / n) - std::exp(-(open.rows + rows) / n));
+          const double extra = p_.expert_per_row_s * rows + p_.expert_per_expert_s * added;
+          open.rows += rows;
+          end = host_server(h).reserve(open.end, extra, now_);
           expert_busy_ += extra;
           host_busy_[size_t(hi)] += extra;
-          h.open_end = end;
+          open.end = end;
         } else {
-          const double ready = arrive + (d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0);
+          const double window = d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0;
           const double dur = p_.expert_batch_s(active_[k], rows);
-          end = host_server(h).reserve(ready, dur, now_);
+          end = host_server(h).reserve(arrive + window, dur, now_);
           expert_busy_ += dur;
           host_busy_[size_t(hi)] += dur;
-          h.open_key = key;
-          h.open_start = end - dur;
-          h.open_end = end;
+          open = {arrive + window, end - dur, end, rows};
+          ++batches_;
         }
         double back;
         if (!same) {
@@ -552,37 +621,55 @@ class Simulator {
   }
 
   // A step's lanes over all layers at once (large runs): per layer a lane computes its attention
-  // (the two lanes take turns on the worker) and waits for its dispatch: the slowest host's
-  // expected rows, queueing at the hosts' and NICs' recent utilisation (M/D/1), the links.
+  // (the two lanes take turns on the worker) and waits for its dispatch to the busiest host.
+  // Expert hosts merge the requests of one layer that arrive within the batching window
+  // (actors/expert_batcher.h): with the recent dispatch rate (update_load), a batch holds
+  // m = 1 + (requests per layer per second) x window of them, at most one per lane of each
+  // worker, and its fixed and per-expert costs are shared by all m. Queueing at the hosts and
+  // NICs is M/D/1 at their recent utilisation; an overloaded host stretches the steps.
   double analytic_lanes(WorkerState& w) {
-    double cycle_attn = 0, max_dispatch = 0, attn_sum = 0;
+    double cycle_attn = 0, max_dispatch = 0, attn_sum = 0, host_work = 0, nic_work = 0, disp_max = 0, disp_all = 0;
+    const double window = d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0;
     for (int l = 0; l < w.lane_count; ++l) {
       const Lane& lane = w.lanes[l];
-      const double a = p_.attention_layer_s(lane.rows, lane.ctx);
+      const double a = lane_attention(lane);
       attn_sum += a;
       const double assign = lane.rows * double(top_k_);
-      const double r = assign * host_share_[max_share_host_];
+      // The busiest host: touched with probability `touch`, then with r rows of n experts.
+      const double share = host_share_[max_share_host_];
+      const double touch = 1 - std::pow(1 - share, assign);
+      const double r = touch > 0 ? assign * share / touch : 0;
       const double n = double(host_experts_[max_share_host_]);
-      const double service = p_.expert_batch_s(n * (1 - std::exp(-r / n)), r);
+      const double m = merge_max_;
+      const double merged = p_.expert_batch_s(n * (1 - std::exp(-m * r / n)), m * r);
+      const double own = (merged - p_.expert_per_row_s * m * r) / m + p_.expert_per_row_s * r;
       const bool remote = nodes_ > 1;
       const LinkCost& link = p_.link(d_.nccl, !remote);
       const double remote_share = remote ? 1.0 - 1.0 / double(nodes_) : 0.0;
       const double nic_serial =
           assign * remote_share * double(p_.model.hidden_size * p_.activation_bytes) / link.bandwidth_Bps;
-      const double wait_e = rho_expert_ / (2 * (1 - rho_expert_)) * service;
+      const double wait_e = rho_expert_ / (2 * (1 - rho_expert_)) * merged;
       const double wait_n = rho_nic_ / (2 * (1 - rho_nic_)) * nic_serial;
-      const double window = d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0;
-      const double d = 2 * link.seconds(p_.dispatch_bytes(r)) + p_.dispatch_overhead_s + window + wait_e + service +
+      // The first request of a batch waits the whole window, the later ones what is left of it.
+      const double wait_w = window * (1 + (m - 1) / 2) / m;
+      const double d = 2 * link.seconds(p_.dispatch_bytes(r)) + p_.dispatch_overhead_s + wait_w + wait_e + merged +
                        2 * (nic_serial + wait_n);
       max_dispatch = std::max(max_dispatch, d);
       cycle_attn = std::max(cycle_attn, a);
-      // Utilisation bookkeeping: every host's share of the work, the NICs' bytes.
-      const double touched = std::min(double(hosts_.size()), assign);
-      expert_busy_ += double(moe_layers_) * (touched * p_.expert_fixed_s +
-                                             p_.expert_per_expert_s * std::min(assign, double(expert_share_.size())) +
-                                             p_.expert_per_row_s * assign);
-      max_host_busy_ += double(moe_layers_) * service;
-      nic_busy_ += double(moe_layers_) * 2 * nic_serial;
+      // Utilisation bookkeeping: the busiest host, all hosts (merged as the mean host), the NICs.
+      const double moe = double(moe_layers_);
+      const double touched = hosts_touched(assign);
+      const double experts = double(expert_share_.size());
+      const double mm = merge_mean_;
+      expert_busy_ += moe * (touched * p_.expert_fixed_s / mm +
+                             p_.expert_per_expert_s * experts * (1 - std::exp(-mm * assign / experts)) / mm +
+                             p_.expert_per_row_s * assign);
+      host_work += moe * touch * own;
+      disp_max += moe * touch;
+      disp_all += moe * touched;
+      dispatches_ += moe * touched;
+      batches_ += moe * touched / mm;
+      nic_work += moe * 2 * nic_serial;
     }
     attn_busy_ += attn_sum * double(layers_);
     // Two lanes ping-pong: a layer takes the longer of both attentions back to back and one
@@ -591,18 +678,41 @@ class Simulator {
         w.lane_count == 2 ? std::max(attn_sum, cycle_attn + max_dispatch) : attn_sum + max_dispatch;
     const double per_layer_dense = attn_sum;
     expert_wait_ += double(moe_layers_) * max_dispatch * double(w.lane_count);
-    const double t = double(moe_layers_) * per_layer_moe + double(layers_ - moe_layers_) * per_layer_dense;
+    const double t =
+        overload_ * (double(moe_layers_) * per_layer_moe + double(layers_ - moe_layers_) * per_layer_dense);
     lane_time_ += t * double(w.lane_count);
+    max_host_busy_ += host_work;
+    nic_busy_ += nic_work;
+    update_load(t, host_work, nic_work, disp_max, disp_all);
     return t;
+  }
+
+  // Expected expert hosts one lane's `assign` assignments touch (a table, by whole assignments).
+  double hosts_touched(double assign) {
+    const auto k = size_t(std::max(0.0, std::round(assign)));
+    while (touched_table_.size() <= k) {
+      const double a = double(touched_table_.size());
+      double t = 0;
+      for (double sh : host_share_) t += 1 - std::pow(1 - sh, a);
+      touched_table_.push_back(t);
+    }
+    return touched_table_[k];
+  }
+
+  // Requests a host's batch merges (analytic mode), from its recent dispatch rate.
+  double merge_factor(double dispatches_per_s_per_host) const {
+    const double window = d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0;
+    const double cap = double(d_.attention_workers) * double(d_.micro_batches);
+    return std::clamp(1 + dispatches_per_s_per_host / double(std::max<int64_t>(1, moe_layers_)) * window, 1.0, cap);
   }
 
   void finish_step_at(int wi, double lanes_done) {
     WorkerState& w = workers_[size_t(wi)];
-    double rows = 0;
-    for (int l = 0; l < w.lane_count; ++l) rows += w.lanes[l].rows;
-    const double dur = p_.step_s(rows);
+    const double dur = p_.step_s(double(w.sampled));
     attn_busy_ += dur;
-    const double end = fast_ ? lanes_done + dur : worker_server(w).reserve(lanes_done, dur, now_);
+    double end = fast_ ? lanes_done + dur : worker_server(w).reserve(lanes_done, dur, now_);
+    if (p_.step_jitter > 0)
+      end += (end - w.step_start) * std::exponential_distribution<double>(1 / p_.step_jitter)(rng_);
     push(end, kStepDone, uint32_t(wi));
   }
 
@@ -619,33 +729,34 @@ class Simulator {
         charge_prompt_ += k.tokens;
         if (s.prefilling()) continue;
       }
-      // A sampled token.
+      // A sampled token: the client sees it once the router has streamed it, which on shared
+      // cores is CPU beside the next step (one token after another, on whichever core is free).
       ++tokens;
       ++s.generated;
+      const double seen =
+          p_.router_per_token_s > 0 && shared() ? node_servers_[0].reserve(now_, p_.router_per_token_s, now_) : now_;
       if (s.first_token < 0) {
-        s.first_token = now_;
-        ttft_.add(now_ - s.arrival);
+        s.first_token = seen;
+        ttft_.add(seen - s.arrival);
       } else {  // after a preemption the gap includes the wait to resume, as the router counts it
-        itl_.add(now_ - s.last_token);
+        itl_.add(seen - s.last_token);
       }
-      s.last_token = now_;
+      s.last_token = seen;
       if (s.generated >= s.output) {
         s.done = true;
-        e2e_.add(now_ - s.arrival);
+        e2e_.add(seen - s.arrival);
         ++completed_;
         out_tokens_ += s.generated;
-        last_done_ = now_;
+        last_done_ = std::max(last_done_, seen);
         --live_;
         w.running.erase(std::find(w.running.begin(), w.running.end(), k.seq));
-        if (t_.kind == TrafficSpec::Kind::closed && more_closed()) issue_closed(now_);
+        if (t_.kind == TrafficSpec::Kind::closed && more_closed()) issue_closed(seen);
       }
     }
     update_slots(w, before);
     window_tokens_ += tokens;
     if (tokens > 0) fair_.charge(tenant_name(0), charge_prompt_, tokens);
     charge_prompt_ = 0;
-    if (p_.router_per_token_s > 0 && shared() && tokens > 0)
-      node_servers_[0].reserve(now_, p_.router_per_token_s * double(tokens), now_);
     recount_blocks(w);
     pump(int(wi));
   }
@@ -664,14 +775,27 @@ class Simulator {
     s.output_tok_s = double(window_tokens_) / o_.sample_every_s;
     window_tokens_ = 0;
     timeline_.push_back(s);
-    if (fast_ && now_ > 0) {  // utilisation of the last window drives the analytic queueing
-      const double dt = now_ - last_sample_t_;
-      rho_expert_ = std::min(0.95, (max_host_busy_ - last_host_busy_) / dt);
-      rho_nic_ = std::min(0.95, (nic_busy_ - last_nic_busy_) / (dt * double(nodes_)));
-      last_host_busy_ = max_host_busy_;
-      last_nic_busy_ = nic_busy_;
-    }
-    last_sample_t_ = now_;
+  }
+
+  // The analytic mode's view of the load: rates of the busiest host's work, the NICs' bytes and
+  // the dispatches, as moving averages over ~10 recent steps (the demand of a step is added when
+  // it starts). They set the M/D/1 waits and the batches' merging.
+  void update_load(double step_s, double host_work, double nic_work, double disp_max, double disp_all) {
+    const double dt = std::max(0.0, now_ - load_t_);
+    load_t_ = now_;
+    step_avg_ += (step_s - step_avg_) * 0.05;
+    const double tau = std::clamp(10 * step_avg_, 1e-4, 10.0), keep = std::exp(-dt / tau);
+    rate_host_ = rate_host_ * keep + host_work / tau;
+    rate_nic_ = rate_nic_ * keep + nic_work / tau;
+    rate_disp_max_ = rate_disp_max_ * keep + disp_max / tau;
+    rate_disp_all_ = rate_disp_all_ * keep + disp_all / tau;
+    // Demand beyond the busiest host's capacity queues: the steps stretch (integral control on
+    // the smoothed rate) until the host serves what arrives, at ~97% busy; they relax below it.
+    overload_ = std::max(1.0, overload_ * std::exp((rate_host_ - 0.97) * dt / tau));
+    rho_expert_ = std::min(0.99, rate_host_);
+    rho_nic_ = std::min(0.99, rate_nic_ / double(nodes_));
+    merge_max_ = merge_factor(rate_disp_max_);
+    merge_mean_ = merge_factor(rate_disp_all_ / double(hosts_.size()));
   }
 
   SimResult result(double wall) {
@@ -702,11 +826,12 @@ class Simulator {
     r.network_util = nic / (span * double(nodes_));
     if (shared()) {
       double b = 0;
-      for (const auto& n : node_servers_) b += n.busy;
-      r.node_util = b / (span * double(nodes_));
+      for (const auto& n : node_servers_) b += n.busy();
+      r.node_util = b / (span * double(nodes_) * double(node_servers_[0].size()));
     }
     r.kv_used_peak = kv_peak_;
     r.expert_wait_share = lane_time_ > 0 ? expert_wait_ / lane_time_ : 0;
+    r.dispatches_per_batch = batches_ > 0 ? dispatches_ / batches_ : 0;
     r.timeline = std::move(timeline_);
     r.events = events_;
     r.layers_per_event = fast_ ? layers_ : 1;
@@ -742,7 +867,9 @@ class Simulator {
   bool fast_ = false;
   std::vector<WorkerState> workers_;
   std::vector<HostState> hosts_;
-  std::vector<Server> node_servers_, nic_;
+  std::vector<Cores> node_servers_;
+  std::vector<Server> nic_;
+  Server router_front_;
   std::vector<std::vector<int32_t>> expert_hosts_;
   std::vector<double> host_share_, expert_share_;
   std::vector<int64_t> host_experts_;
@@ -765,7 +892,10 @@ class Simulator {
   std::vector<size_t> seen_experts_;
   LatencyHistogram ttft_, itl_, e2e_, queue_hist_;
   double attn_busy_ = 0, expert_busy_ = 0, max_host_busy_ = 0, nic_busy_ = 0, expert_wait_ = 0, lane_time_ = 0;
-  double rho_expert_ = 0, rho_nic_ = 0, last_host_busy_ = 0, last_nic_busy_ = 0, last_sample_t_ = 0;
+  double rho_expert_ = 0, rho_nic_ = 0, merge_max_ = 1, merge_mean_ = 1, dispatches_ = 0, batches_ = 0;
+  double overload_ = 1, load_t_ = 0, step_avg_ = 0, rate_host_ = 0, rate_nic_ = 0, rate_disp_max_ = 0,
+         rate_disp_all_ = 0;
+  std::vector<double> touched_table_;
   double kv_peak_ = 0;
   std::vector<TimelineSample> timeline_;
 };
@@ -876,6 +1006,7 @@ nlohmann::json SimResult::to_json() const {
             {"node_cores", node_util}}},
           {"kv_used_peak", kv_used_peak},
           {"expert_wait_share", expert_wait_share},
+          {"dispatches_per_batch", dispatches_per_batch},
           {"bottleneck", bottleneck},
           {"events", events},
           {"layers_per_event", layers_per_event},

@@ -79,7 +79,8 @@ struct SimResult {
   LatencySummary ttft, itl, e2e, queue;
   double attention_util = 0, expert_util = 0, expert_util_max = 0, network_util = 0, node_util = 0;
   double kv_used_peak = 0;
-  double expert_wait_share = 0;  // of the lanes' time, waiting on expert dispatch
+  double expert_wait_share = 0;     // of the lanes' time, waiting on expert dispatch
+  double dispatches_per_batch = 0;  // expert hosts' merging: requests per batch computed
   std::string bottleneck;
   std::vector<TimelineSample> timeline;
   int64_t events = 0;

@@ -115,11 +115,28 @@ std::vector<SimRequest> read_trace(const std::filesystem::path& file, std::vecto
   return out;
 }
 
-SimRequest sample_request(const TrafficSpec& spec, std::mt19937_64& rng, int64_t index) {
+bool per_request_streams(const TrafficSpec& spec) {
+  const double n = spec.requests > 0                        ? double(spec.requests)
+                   : spec.kind == TrafficSpec::Kind::closed ? 1e9
+                                                            : spec.rate * spec.duration_s;
+  return n <= 1e6;
+}
+
+SimRequest sample_request(const TrafficSpec& spec, int64_t index, std::mt19937_64* stream) {
   SimRequest r;
+  r.tenant = spec.tenants.empty() ? 0 : int(index % int64_t(spec.tenants.size()));
+  if (stream) {
+    r.prompt = spec.prompt_len.sample(*stream);
+    r.output = spec.output_len.sample(*stream);
+    return r;
+  }
+  // services/cli/cmd_bench.cpp Bench::plan: the tenant draw, then prompt and output lengths.
+  const auto i = uint64_t(index);
+  std::seed_seq seq{uint32_t(spec.seed), uint32_t(spec.seed >> 32), uint32_t(i), uint32_t(i >> 32)};
+  std::mt19937_64 rng(seq);
+  (void)std::uniform_real_distribution<double>(0, 1)(rng);  // the bench's tenant pick
   r.prompt = spec.prompt_len.sample(rng);
   r.output = spec.output_len.sample(rng);
-  r.tenant = spec.tenants.empty() ? 0 : int(index % int64_t(spec.tenants.size()));
   return r;
 }
 
@@ -130,13 +147,16 @@ std::vector<SimRequest> open_loop_arrivals(const TrafficSpec& spec) {
     return spec.trace;
   }
   if (spec.kind == TrafficSpec::Kind::closed) return {};
-  std::mt19937_64 rng(spec.seed);
+  // The bench's arrival stream (its own generator; the first request at t = 0).
+  std::mt19937_64 rng(spec.seed ^ 0x9e3779b97f4a7c15ull);
+  std::mt19937_64 lengths(spec.seed);
+  std::mt19937_64* stream = per_request_streams(spec) ? nullptr : &lengths;
   std::vector<SimRequest> out;
   auto more = [&](double t) { return spec.requests > 0 ? int64_t(out.size()) < spec.requests : t < spec.duration_s; };
   if (spec.kind == TrafficSpec::Kind::poisson) {
     std::exponential_distribution<double> gap(spec.rate);
-    for (double t = gap(rng); more(t); t += gap(rng)) {
-      SimRequest r = sample_request(spec, rng, int64_t(out.size()));
+    for (double t = 0; more(t); t += gap(rng)) {
+      SimRequest r = sample_request(spec, int64_t(out.size()), stream);
       r.arrival_s = t;
       out.push_back(r);
     }
@@ -144,7 +164,7 @@ std::vector<SimRequest> open_loop_arrivals(const TrafficSpec& spec) {
     const auto per_burst = std::max<int64_t>(1, int64_t(spec.rate * spec.burst_period_s + 0.5));
     for (double t = 0; more(t); t += spec.burst_period_s)
       for (int64_t i = 0; i < per_burst && more(t); ++i) {
-        SimRequest r = sample_request(spec, rng, int64_t(out.size()));
+        SimRequest r = sample_request(spec, int64_t(out.size()), stream);
         r.arrival_s = t;
         out.push_back(r);
       }

@@ -46,7 +46,12 @@ std::vector<SimRequest> read_trace(const std::filesystem::path& file, std::vecto
 // Open-loop arrivals of a spec (empty for closed loop), sorted by time.
 std::vector<SimRequest> open_loop_arrivals(const TrafficSpec& spec);
 
-// One request's lengths and tenant, for closed loop (index = the order requests are issued in).
-SimRequest sample_request(const TrafficSpec& spec, std::mt19937_64& rng, int64_t index);
+// Request `index`'s lengths and tenant (index = the order requests are issued in): drawn as `moemesh bench --seed`
+// draws them (a generator seeded from the seed and the index alone), so a plan and a bench with the same seed see the
+// same requests.
+// Beyond ~10^6 requests (a per-request generator costs ~15 us, most of a long run's time) `stream`
+// is given instead: one generator for all (the same lengths' distribution, other draws).
+SimRequest sample_request(const TrafficSpec& spec, int64_t index, std::mt19937_64* stream = nullptr);
+bool per_request_streams(const TrafficSpec& spec);
 
 }  // namespace moemesh::planner

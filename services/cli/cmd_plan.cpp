@@ -4,11 +4,13 @@
 //   moemesh plan search     the cheapest shape meeting an SLO, and its Helm values
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <sstream>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -155,6 +157,8 @@ void print_result(const SimResult& r, const CostProfile& p, const Deployment& d,
       p.shared_node_compute ? (", node cores " + std::to_string(int(100 * r.node_util)) + "%").c_str() : "",
       100 * r.kv_used_peak);
   std::cout << b;
+  std::snprintf(b, sizeof b, "expert hosts merge %.2f dispatches per batch\n", r.dispatches_per_batch);
+  std::cout << b;
   std::cout << "bottleneck  " << r.bottleneck << "\n";
   std::snprintf(b, sizeof b, "simulator   %lld events, %s, %.2f s of wall time\n", (long long)r.events,
                 r.layers_per_event == 1 ? "per layer" : "analytic steps", r.wall_s);
@@ -261,38 +265,130 @@ LinkCost measure_zmq(int rounds) {
 
 struct ProfileArgs {
   std::string model, out, hardware, name = "this-machine";
-  std::vector<int64_t> batches = {1, 2, 4, 8, 16, 32, 64}, contexts = {32, 256};
-  int repeats = 3, zmq_rounds = 200;
+  std::vector<int64_t> batches = {1, 2, 4, 8, 16, 32, 64}, contexts = {32, 128, 256};
+  int repeats = 9, zmq_rounds = 200;
   // Calibration against a running cluster (`moemesh up`) of this shape.
-  std::string calibrate_url;
-  int cal_attention = 1, cal_experts = 1, cal_micro_batches = 2;
+  std::string calibrate_url, refit, gpu_results;
+  int cal_attention = 1, cal_experts = 1, cal_replicas = 1, cal_micro_batches = 2, cal_concurrency = 32,
+      cal_repeats = 3;
+  int64_t cal_long_prompt = 112;  // extra prompt tokens of the long-prompt run
+  uint64_t cal_seed = 1000;       // the calibration runs' seeds: this, this + 1, ...
   int64_t kv_tokens = 1024 * 16;
   int processes_per_node = 64;
 };
 
-// One `moemesh bench` run at concurrency 1 against the cluster; its JSON report.
-nlohmann::json bench_once(const ProfileArgs& a, int64_t prompt, int64_t output, int requests, int64_t vocab) {
+// One `moemesh bench` run against the cluster: the point with what it measured. Each run has
+// prompts of its own (its own seed): a prompt seen before would be served from the prefix cache.
+CalibrationPoint bench_point(const ProfileArgs& a, CalibrationPoint c, int64_t vocab) {
+  static int run = 0;
   const std::string self = fs::read_symlink("/proc/self/exe").string();
   const fs::path out = fs::temp_directory_path() / ("moemesh-plan-cal-" + std::to_string(::getpid()) + ".json");
-  const std::string cmd = "'" + self + "' bench --url '" + a.calibrate_url + "' --concurrency 1 --requests " +
-                          std::to_string(requests) + " --prompt-len " + std::to_string(prompt) + " --output-len " +
-                          std::to_string(output) + " --vocab " + std::to_string(vocab) + " --json '" + out.string() +
-                          "' > /dev/null";
+  const std::string cmd = "'" + self + "' bench --url '" + a.calibrate_url + "' --concurrency " +
+                          std::to_string(c.concurrency) + " --requests " + std::to_string(c.requests) +
+                          " --prompt-len " + std::to_string(c.prompt) + " --output-len " + std::to_string(c.output) +
+                          " --vocab " + std::to_string(vocab) + " --seed " + std::to_string(a.cal_seed + run++) +
+                          " --json '" + out.string() + "' > /dev/null";
   if (std::system(cmd.c_str()) != 0) throw Error("plan profile: calibration bench failed: " + cmd);
   std::ifstream in(out);
   nlohmann::json j;
   in >> j;
   fs::remove(out);
+  c.ttft_p50_s = j.at("ttft_ms").at("p50").get<double>() * 1e-3;
+  c.itl_p50_s = j.at("itl_ms").at("p50").get<double>() * 1e-3;
+  c.itl_p90_s = j.at("itl_ms").at("p90").get<double>() * 1e-3;
+  return c;
+}
+
+// The median of `repeats` runs of a point (each value apart): one run on a shared machine can
+// land in another job's burst.
+CalibrationPoint bench_median(const ProfileArgs& a, const CalibrationPoint& c, int64_t vocab) {
+  std::vector<double> ttft, itl, itl90;
+  for (int r = 0; r < std::max(1, a.cal_repeats); ++r) {
+    const CalibrationPoint m = bench_point(a, c, vocab);
+    ttft.push_back(m.ttft_p50_s);
+    itl.push_back(m.itl_p50_s);
+    itl90.push_back(m.itl_p90_s);
+  }
+  auto mid = [](std::vector<double>& v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  CalibrationPoint out = c;
+  out.ttft_p50_s = mid(ttft);
+  out.itl_p50_s = mid(itl);
+  out.itl_p90_s = mid(itl90);
+  return out;
+}
+
+nlohmann::json point_json(const CalibrationPoint& c) {
+  return {{"concurrency", c.concurrency}, {"prompt", c.prompt},         {"output", c.output},
+          {"requests", c.requests},       {"ttft_p50_s", c.ttft_p50_s}, {"itl_p50_s", c.itl_p50_s},
+          {"itl_p90_s", c.itl_p90_s}};
+}
+
+CalibrationPoint point_from(const nlohmann::json& j) {
+  CalibrationPoint c;
+  c.concurrency = j.at("concurrency");
+  c.prompt = j.at("prompt");
+  c.output = j.at("output");
+  c.requests = j.at("requests");
+  c.ttft_p50_s = j.at("ttft_p50_s");
+  c.itl_p50_s = j.at("itl_p50_s");
+  c.itl_p90_s = j.at("itl_p90_s");
+  return c;
+}
+
+// The measurements and the profile before calibration: `--refit` starts again from them.
+nlohmann::json calibration_record(const CostProfile& p, const Deployment& d, const std::vector<CalibrationPoint>& pts) {
+  nlohmann::json j = {{"attention", d.attention_workers},
+                      {"experts", d.expert_hosts},
+                      {"replicas", d.replicas},
+                      {"micro_batches", d.micro_batches},
+                      {"processes_per_node", d.processes_per_node},
+                      {"points", nlohmann::json::array()},
+                      {"uncalibrated", p.to_json()}};
+  for (const auto& c : pts) j["points"].push_back(point_json(c));
   return j;
+}
+
+// `plan profile --refit`: the calibration of a profile fitted again (after a simulator change)
+// from the measurements it recorded, without a cluster.
+void refit_profile(const ProfileArgs& a) {
+  const CostProfile old = CostProfile::load(a.refit);
+  if (old.calibration.is_null()) throw Error(a.refit + ": the profile was not calibrated (--calibrate-url)");
+  const auto& c = old.calibration;
+  CostProfile p = CostProfile::from_json(c.at("uncalibrated"));
+  p.calibration = c;
+  p.note = old.note + "; refitted";
+  Deployment d;
+  d.attention_workers = c.at("attention");
+  d.expert_hosts = c.at("experts");
+  d.replicas = c.at("replicas");
+  d.micro_batches = c.at("micro_batches");
+  d.processes_per_node = c.at("processes_per_node");
+  const auto& pts = c.at("points");
+  if (pts.size() != 3) throw Error(a.refit + ": expected 3 calibration points");
+  calibrate_cluster(p, d, point_from(pts[0]), point_from(pts[1]), point_from(pts[2]));
+  p.save(a.out);
+  std::cout << "wrote " << a.out << "\n";
 }
 
 void run_profile(const ProfileArgs& a) {
   if (a.out.empty()) throw Error("plan profile: --out FILE is required");
-  if (!a.hardware.empty()) {
+  if (!a.refit.empty()) return refit_profile(a);
+  if (!a.hardware.empty() || !a.gpu_results.empty()) {
     ModelConfig m = deepseek_moe_16b_config();
     if (!a.model.empty() && a.model != "deepseek-moe-16b")
       m = ModelConfig::load(fs::is_directory(a.model) ? fs::path(a.model) / "config.json" : fs::path(a.model));
-    const CostProfile p = roofline_profile(m, hardware(a.hardware));
+    CostProfile p;
+    if (!a.gpu_results.empty()) {
+      std::ifstream in(a.gpu_results);
+      std::stringstream text;
+      text << in.rdbuf();
+      p = gpu_results_profile(m, text.str());
+    } else {
+      p = roofline_profile(m, hardware(a.hardware));
+    }
     p.save(a.out);
     std::cout << "wrote " << a.out << ": " << p.note << "\n";
     return;
@@ -303,6 +399,7 @@ void run_profile(const ProfileArgs& a) {
   p.kind = "measured";
   p.model = ModelConfig::load(fs::path(a.model) / "config.json");
   p.shared_node_compute = true;  // every process of `moemesh up` computes on this machine's cores
+  p.node_cores = int(std::max(1u, std::thread::hardware_concurrency()));
   p.gpus_per_node = a.processes_per_node;
   p.activation_bytes = 4;
   p.kv_tokens_per_worker = a.kv_tokens;
@@ -318,48 +415,52 @@ void run_profile(const ProfileArgs& a) {
   p.note = "measured on this machine: engine steps (" + std::to_string(m.steps.size()) + " samples), expert calls (" +
            std::to_string(m.experts.size()) + "), ZeroMQ echo";
   if (!a.calibrate_url.empty()) {
-    // The cluster's own overheads (bridge, actor and pool hand-offs, the router's step round trip,
-    // HTTP): from one request at a time, the gap between the measured and the predicted
-    // inter-token latency is split evenly over the step round trip and each MoE layer's dispatch
-    // (the same machinery); the TTFT gap beyond it is the router's per-request cost.
+    // The cluster's own costs (bridge, actor and pool hand-offs, the router's step round trip,
+    // HTTP and streaming, the client's CPU): fitted through the simulator on three traffics.
     std::cout << "plan profile: calibrating against " << a.calibrate_url << "..." << std::endl;
-    const int64_t prompt = 16, output = 48;
-    const auto j = bench_once(a, prompt, output, 6, std::min<int64_t>(250, p.model.vocab_size));
-    const double itl = j.at("itl_ms").at("p50").get<double>() * 1e-3;
-    const double ttft = j.at("ttft_ms").at("p50").get<double>() * 1e-3;
+    const int64_t vocab = std::min<int64_t>(250, p.model.vocab_size);
+    auto point = [](int concurrency, int64_t prompt, int64_t output, int64_t requests) {
+      CalibrationPoint c;
+      c.concurrency = concurrency;
+      c.prompt = prompt;
+      c.output = output;
+      c.requests = requests;
+      return c;
+    };
+    const CalibrationPoint one = bench_median(a, point(1, 16, 48, 8), vocab);
+    const CalibrationPoint long_prompt = bench_median(a, point(1, 16 + a.cal_long_prompt, 2, 8), vocab);
+    const CalibrationPoint loaded =
+        bench_median(a, point(a.cal_concurrency, 32, 48, 4 * int64_t(a.cal_concurrency)), vocab);
     Deployment d;
     d.attention_workers = a.cal_attention;
     d.expert_hosts = a.cal_experts;
+    d.replicas = a.cal_replicas;
     d.micro_batches = a.cal_micro_batches;
     d.processes_per_node = a.processes_per_node;
-    TrafficSpec t = TrafficSpec::parse("closed:1");
-    t.prompt_len = bench::LengthDist::parse(std::to_string(prompt));
-    t.output_len = bench::LengthDist::parse(std::to_string(output));
-    t.requests = 6;
-    const auto load = ExpertLoad::uniform(std::max<int64_t>(1, p.model.num_experts));
-    const SimResult base = simulate(p, d, t, load);
-    int64_t moe = 0;
-    for (int64_t l = 0; l < p.model.num_hidden_layers; ++l) moe += p.model.is_moe_layer(l);
-    const double gap = std::max(0.0, itl - base.itl.p50);
-    p.dispatch_overhead_s = gap / double(moe + 1);
-    p.step_fixed_s += gap / double(moe + 1);
-    const SimResult with = simulate(p, d, t, load);
-    p.router_per_request_s = std::max(0.0, ttft - with.ttft.p50);
-    p.note += "; calibrated on " + a.calibrate_url + " (" + std::to_string(a.cal_attention) + " attention, " +
-              std::to_string(a.cal_experts) + " expert hosts): ITL p50 " + ms(itl) + " ms, TTFT p50 " + ms(ttft) +
-              " ms";
-    std::cout << "plan profile: measured ITL p50 " << ms(itl) << " ms (engine + links alone: " << ms(base.itl.p50)
-              << " ms), TTFT p50 " << ms(ttft) << " ms\n";
+    p.calibration = calibration_record(p, d, {one, long_prompt, loaded});
+    const auto fitted = calibrate_cluster(p, d, one, long_prompt, loaded);
+    const CalibrationPoint* meas[] = {&one, &long_prompt, &loaded};
+    p.note += "; calibrated on " + a.calibrate_url + " (" + d.describe() + "), measured / fitted p50 ms:";
+    for (size_t i = 0; i < 3; ++i) {
+      const std::string line = " c" + std::to_string(meas[i]->concurrency) + " prompt " +
+                               std::to_string(meas[i]->prompt) + ": TTFT " + ms(meas[i]->ttft_p50_s) + " / " +
+                               ms(fitted[i].ttft_p50_s) + ", ITL " + ms(meas[i]->itl_p50_s) + " / " +
+                               ms(fitted[i].itl_p50_s);
+      p.note += line + (i < 2 ? ";" : "");
+      std::cout << "plan profile:" << line << " (measured / fitted)\n";
+    }
   }
   p.save(a.out);
-  char b[512];
+  char b[768];
   std::snprintf(b, sizeof b,
-                "wrote %s: attention/layer %.1f us + %.2f us/row + %.4f us/ctx, expert batch %.1f us + %.1f us/expert "
-                "+ %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, dispatch overhead %.1f us, step %.1f us\n",
-                a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_ctx_s * 1e6,
-                p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
+                "wrote %s: attention/layer %.1f us + %.2f us/row + %.2f us/prefill row + %.4f us/ctx, expert batch "
+                "%.1f us + %.1f us/expert + %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, dispatch overhead %.1f "
+                "us, step %.1f us, router %.1f us/request + %.1f us/token, step jitter %.0f%%, %d cores\n",
+                a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_prefill_row_s * 1e6,
+                p.attn_per_ctx_s * 1e6, p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
                 p.zmq_local.latency_s * 1e6, p.zmq_local.bandwidth_Bps / 1e9, p.dispatch_overhead_s * 1e6,
-                p.step_fixed_s * 1e6);
+                p.step_fixed_s * 1e6, p.router_per_request_s * 1e6, p.router_per_token_s * 1e6, p.step_jitter * 100,
+                p.node_cores);
   std::cout << b;
 }
 
@@ -440,7 +541,19 @@ void add_plan(CLI::App& app) {
                    "a running cluster (moemesh up) to fit the cluster's overheads on");
   prof->add_option("--calibrate-attention", pa->cal_attention, "its attention workers")->capture_default_str();
   prof->add_option("--calibrate-experts", pa->cal_experts, "its expert hosts")->capture_default_str();
+  prof->add_option("--from-gpu-results", pa->gpu_results,
+                   "no measurement here: tests/gpu/run.sh's bench.md (a GPU's kernels) through the roofline model")
+      ->check(CLI::ExistingFile);
+  prof->add_option("--refit", pa->refit, "a calibrated profile: fit its recorded calibration again (no cluster)")
+      ->check(CLI::ExistingFile);
+  prof->add_option("--calibrate-replicas", pa->cal_replicas, "its replicas")->capture_default_str();
   prof->add_option("--calibrate-micro-batches", pa->cal_micro_batches, "its micro-batches")->capture_default_str();
+  prof->add_option("--calibrate-concurrency", pa->cal_concurrency, "requests at once of the loaded calibration run")
+      ->capture_default_str();
+  prof->add_option("--calibrate-seed", pa->cal_seed, "seed of the first calibration run (then +1 per run)")
+      ->capture_default_str();
+  prof->add_option("--calibrate-repeats", pa->cal_repeats, "runs per calibration point (their median)")
+      ->capture_default_str();
   prof->add_option("--kv-tokens", pa->kv_tokens,
                    "KV capacity of an attention worker (moemesh-attention --kv-blocks x 16)")
       ->capture_default_str();

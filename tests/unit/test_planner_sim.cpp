@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/planner_measure.h"
 #include "core/planner_search.h"
 #include "core/planner_sim.h"
 
@@ -26,7 +27,7 @@ CostProfile toy_profile() {
   p.model.num_experts_per_tok = 2;
   p.model.intermediate_size = p.model.moe_intermediate_size = 128;
   p.attn_fixed_s = 1e-3;
-  p.attn_per_row_s = 1e-5;
+  p.attn_per_row_s = p.attn_per_prefill_row_s = 1e-5;
   p.step_fixed_s = 1e-3;
   p.expert_fixed_s = 0.5e-3;
   p.expert_per_row_s = 2e-5;
@@ -105,7 +106,7 @@ TEST(PlannerSim, KvExhaustionPreempts) {
 TEST(PlannerSim, PrefixHitsCutTimeToFirstToken) {
   const CostProfile p = [] {
     CostProfile q = toy_profile();
-    q.attn_per_row_s = 2e-4;  // prefill-heavy
+    q.attn_per_prefill_row_s = 2e-4;  // prefill-heavy
     return q;
   }();
   Deployment d;
@@ -129,6 +130,127 @@ TEST(PlannerSim, FastModeAgreesWithPerLayerOnThroughput) {
   const SimResult b = simulate(p, d, t, ExpertLoad::uniform(8), fast);
   EXPECT_EQ(b.layers_per_event, 2);
   EXPECT_NEAR(b.output_tok_s, a.output_tok_s, 0.25 * a.output_tok_s);
+}
+
+TEST(PlannerSim, FastModeMergesDispatchesOfManyWorkers) {
+  // 32 workers dispatch every layer to 2 hosts: merged within the batching window, the hosts'
+  // fixed costs are shared, so the analytic mode's busiest host stays below 100%, and its
+  // throughput near the exact mode's (which reserves each merged batch). The exact mode merges
+  // somewhat more: batches keep the workers in step, which the analytic rate model ignores.
+  CostProfile p = toy_profile();
+  p.expert_fixed_s = 2e-4;
+  p.expert_per_expert_s = 5e-5;
+  p.expert_per_row_s = 2e-6;
+  p.attn_fixed_s = 2e-3;
+  Deployment d;
+  d.attention_workers = 32;
+  d.expert_hosts = 2;
+  d.expert_batch_window_s = 1e-3;
+  const TrafficSpec t = fixed_traffic("closed:256", 32, 64, 1024);
+  SimOptions exact, fast;
+  exact.layers_per_event = 1;
+  fast.layers_per_event = 2;
+  fast.sample_every_s = 0.05;
+  const SimResult a = simulate(p, d, t, ExpertLoad::uniform(8), exact);
+  const SimResult b = simulate(p, d, t, ExpertLoad::uniform(8), fast);
+  EXPECT_LE(b.expert_util_max, 1.0);
+  EXPECT_LE(a.expert_util_max, 1.0);
+  EXPECT_GT(a.dispatches_per_batch, 3);
+  EXPECT_GT(b.dispatches_per_batch, 3);
+  EXPECT_NEAR(b.dispatches_per_batch, a.dispatches_per_batch, 0.4 * a.dispatches_per_batch);
+  EXPECT_NEAR(b.output_tok_s, a.output_tok_s, 0.3 * a.output_tok_s);
+}
+
+TEST(PlannerSim, FastModeHoldsAnOverloadedHostToItsCapacity) {
+  // Far more expert work than one host can do: the analytic steps queue behind the host's
+  // backlog, so the host serves at most its capacity and the throughput falls to what it allows.
+  CostProfile p = toy_profile();
+  p.expert_fixed_s = 5e-3;
+  Deployment d;
+  d.attention_workers = 16;
+  d.expert_hosts = 1;
+  d.expert_batch_window_s = 0;
+  const TrafficSpec t = fixed_traffic("closed:128", 16, 64, 512);
+  SimOptions fast;
+  fast.layers_per_event = 2;
+  fast.sample_every_s = 0.05;
+  const SimResult r = simulate(p, d, t, ExpertLoad::uniform(8), fast);
+  EXPECT_LE(r.expert_util_max, 1.05);
+  EXPECT_GT(r.expert_util_max, 0.7);
+  // At most one batch per lane per layer per 5 ms: each step holds 8 rows a worker.
+  const double steps_per_s = 1.0 / (2 * 5e-3);  // two MoE layers of batches per step and host
+  EXPECT_LT(r.output_tok_s, 1.3 * steps_per_s * 128);
+}
+
+TEST(PlannerSim, SharedCoresServeInParallel) {
+  // Two attention workers on a node whose processes share its cores: CPU-bound, two cores give
+  // about twice the throughput of one.
+  CostProfile p = toy_profile();
+  p.shared_node_compute = true;
+  p.gpus_per_node = 8;
+  Deployment d;
+  d.attention_workers = 2;
+  d.expert_hosts = 1;
+  const TrafficSpec t = fixed_traffic("closed:32", 16, 32, 128);
+  p.node_cores = 1;
+  const SimResult one = simulate(p, d, t, ExpertLoad::uniform(8));
+  p.node_cores = 2;
+  const SimResult two = simulate(p, d, t, ExpertLoad::uniform(8));
+  EXPECT_GT(two.output_tok_s, 1.5 * one.output_tok_s);
+  EXPECT_LE(two.node_util, 1.0);
+}
+
+TEST(PlannerSim, PrefillRowsCostTimeToFirstTokenNotInterTokenLatency) {
+  CostProfile p = toy_profile();
+  Deployment d;
+  const TrafficSpec t = fixed_traffic("closed:1", 256, 16, 8);
+  const SimResult base = simulate(p, d, t, ExpertLoad::uniform(8));
+  p.attn_per_prefill_row_s = 1e-4;
+  const SimResult heavy = simulate(p, d, t, ExpertLoad::uniform(8));
+  EXPECT_NEAR(heavy.ttft.p50 - base.ttft.p50, 2 * 256 * (1e-4 - 1e-5), 1e-3);  // 2 layers x 256 rows
+  EXPECT_NEAR(heavy.itl.p50, base.itl.p50, 1e-6);
+}
+
+TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
+  // A "cluster" whose hand-offs, router work and streaming CPU are known: calibration from its
+  // three runs on a profile without them predicts a fourth traffic it was not fitted on.
+  CostProfile truth = toy_profile();
+  truth.shared_node_compute = true;
+  truth.node_cores = 2;
+  truth.step_fixed_s += 4e-4;
+  truth.dispatch_overhead_s = 4e-4;
+  truth.router_per_request_s = 2e-3;
+  truth.router_per_token_s = 3e-4;
+  truth.router_request_cpu_share = 0.5;
+  truth.attn_per_prefill_row_s = 3e-5;
+  truth.step_jitter = 0.2;
+  Deployment d;
+  auto measure = [&](const CostProfile& p, int conc, int64_t prompt, int64_t output, int64_t requests) {
+    const SimResult r = simulate(p, d, fixed_traffic("closed:" + std::to_string(conc), prompt, output, requests),
+                                 ExpertLoad::uniform(8));
+    return CalibrationPoint{.concurrency = conc,
+                            .prompt = prompt,
+                            .output = output,
+                            .requests = requests,
+                            .ttft_p50_s = r.ttft.p50,
+                            .itl_p50_s = r.itl.p50,
+                            .itl_p90_s = r.itl.p90};
+  };
+  const CalibrationPoint one = measure(truth, 1, 16, 48, 8), long_prompt = measure(truth, 1, 128, 2, 8),
+                         loaded = measure(truth, 8, 32, 48, 32);
+  CostProfile fitted = toy_profile();
+  fitted.shared_node_compute = true;
+  fitted.node_cores = 2;
+  const auto back = calibrate_cluster(fitted, d, one, long_prompt, loaded);
+  EXPECT_NEAR(back[0].itl_p50_s, one.itl_p50_s, 0.03 * one.itl_p50_s);
+  EXPECT_NEAR(back[2].itl_p50_s, loaded.itl_p50_s, 0.05 * loaded.itl_p50_s);
+  EXPECT_NEAR(fitted.router_per_token_s, truth.router_per_token_s, 0.3 * truth.router_per_token_s);
+  EXPECT_NEAR(fitted.step_jitter, truth.step_jitter, 0.3 * truth.step_jitter);
+  const TrafficSpec other = fixed_traffic("closed:24", 48, 32, 96);
+  const SimResult want = simulate(truth, d, other, ExpertLoad::uniform(8));
+  const SimResult got = simulate(fitted, d, other, ExpertLoad::uniform(8));
+  EXPECT_NEAR(got.output_tok_s, want.output_tok_s, 0.1 * want.output_tok_s);
+  EXPECT_NEAR(got.ttft.p50, want.ttft.p50, 0.1 * want.ttft.p50);
 }
 
 TEST(PlannerSearch, ReturnsTheCheapestShapeMeetingTheSlo) {
@@ -200,6 +322,51 @@ TEST(PlannerCost, RooflineProfileRoundTripsThroughJson) {
   EXPECT_THROW(hardware("tpu"), Error);
   // h200 has more memory bandwidth than h100: its expert batches are cheaper.
   EXPECT_LT(roofline_profile(deepseek_moe_16b_config(), hardware("h200")).expert_per_expert_s, p.expert_per_expert_s);
+}
+
+TEST(PlannerCost, ProfileFromGpuBenchmarkResults) {
+  // bench.md as tests/gpu/run.sh writes it (bench_gpu_kernels' header and table, abridged).
+  const std::string md =
+      "device: NVIDIA H200, 132 SMs; measured copy bandwidth (read + write): 4000 GB/s\n\n"
+      "| kernel       | shape                    | time (us) | GB/s      | roofline | TFLOP/s  |\n"
+      "|--------------|--------------------------|-----------|-----------|----------|----------|\n"
+      "| rmsnorm      | 1x4096 w:bf16            |    4.0000 |       4.1 |     0.1% |     0.00 |\n"
+      "| matmul       | 1x4096x14336 w:bf16      |   40.0000 |    2936.0 |    73.4% |     2.94 |\n"
+      "| matmul       | 4096x4096x4096 w:bf16    |  200.0000 |     671.0 |    16.8% |   687.19 |\n"
+      "| matmul       | 4096x4096x4096 w:f32     |  900.0000 |     223.7 |     5.6% |   152.71 |\n";
+  const ModelConfig m = deepseek_moe_16b_config();
+  const CostProfile p = gpu_results_profile(m, md);
+  EXPECT_EQ(p.kind, "benchmarked");
+  EXPECT_NE(p.note.find("h200"), std::string::npos);  // links, memory, price: the named hardware's
+  const double expert_bytes = 3.0 * double(m.hidden_size) * double(m.moe_intermediate_size) * 2;
+  EXPECT_NEAR(p.expert_per_expert_s, expert_bytes / 4000e9, 1e-12);          // the measured bandwidth
+  EXPECT_NEAR(p.expert_per_row_s, 2 * expert_bytes / 2 / 687.19e12, 1e-15);  // the bf16 matmul, not f32
+  EXPECT_NEAR(p.expert_fixed_s, 4 * 4e-6, 1e-12);                            // the fastest kernel
+  EXPECT_EQ(p.gpus_per_node, 8);
+  EXPECT_EQ(CostProfile::from_json(p.to_json()).kind, "benchmarked");
+  EXPECT_THROW(gpu_results_profile(m, "| matmul | 1x1x1 w:bf16 | 1 | 1 | 1% | 1 |\n"), Error);
+  EXPECT_THROW(gpu_results_profile(m, md.substr(0, md.find("| matmul"))), Error);
+}
+
+TEST(PlannerCost, EngineFitPricesPromptRowsApartFromDecodeRows) {
+  // Decode rows cost 50 us each (2 layers), prompt rows 4 us: a prompt is not a pile of decode steps.
+  CostProfile p = toy_profile();
+  EngineMeasurements m;
+  for (double b : {1.0, 4.0, 16.0, 64.0})
+    for (double c : {32.0, 256.0}) {
+      const double ctx = b * (c + 5);
+      m.steps.push_back({b, ctx, 1e-3 + 5e-5 * b + 2e-8 * ctx, 0, false});
+    }
+  for (double c : {32.0, 128.0, 256.0}) {
+    const double ctx = c * (c + 1) / 2;
+    m.steps.push_back({c, ctx, 1e-3 + 4e-6 * c + 1e-9 * ctx, 0, true});
+  }
+  m.experts = {{1, 1, 1e-4}, {2, 8, 2.2e-4}, {4, 64, 5e-4}};
+  fit_engine_costs(m, p);
+  EXPECT_NEAR(p.attn_per_row_s, 2.5e-5, 1e-9);  // per layer
+  EXPECT_NEAR(p.attn_per_prefill_row_s, 2e-6, 1e-9);
+  EXPECT_NEAR(p.attn_per_prefill_ctx_s, 5e-10, 1e-12);
+  EXPECT_NEAR(p.attn_fixed_s, 5e-4, 1e-8);
 }
 
 TEST(PlannerCost, FitRecoversALinearCost) {
