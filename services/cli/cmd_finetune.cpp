@@ -26,6 +26,7 @@
 #include "core/lora_train.h"
 #include "core/tokenizer.h"
 #include "services/cli/commands.h"
+#include "services/cli/plot.h"
 
 namespace moemesh::cli {
 
@@ -45,29 +46,15 @@ struct FinetuneArgs {
   int threads = 0;
 };
 
-// The loss curve as a PNG, drawn by Debian's python3-matplotlib (as cmd_plan.cpp's timeline).
+// The loss curve as a PNG.
 void plot_loss(const fs::path& csv, const fs::path& png) {
-  const fs::path script = fs::temp_directory_path() / ("moemesh-finetune-plot-" + std::to_string(::getpid()) + ".py");
-  {
-    std::ofstream s(script);
-    s << R"PY(import csv, sys
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-rows = list(csv.DictReader(open(sys.argv[1])))
-step = [int(r["step"]) for r in rows]
+  cli::plot_csv(R"PY(step = [int(r["step"]) for r in rows]
 fig, ax = plt.subplots(figsize=(8, 4.5))
 ax.plot(step, [float(r["loss"]) for r in rows], label="batch loss")
 ax.set_yscale("log"); ax.set_xlabel("optimizer step"); ax.set_ylabel("cross-entropy (completion tokens)")
 ax.set_title("moemesh finetune: training loss"); ax.grid(True, which="both", alpha=0.3)
-fig.tight_layout(); fig.savefig(sys.argv[2], dpi=100)
-)PY";
-  }
-  const std::string python = fs::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
-  const std::string cmd = python + " '" + script.string() + "' '" + csv.string() + "' '" + png.string() + "'";
-  const int rc = std::system(cmd.c_str());
-  fs::remove(script);
-  if (rc != 0) throw Error("plotting failed (python3-matplotlib installed? scripts/bootstrap installs it): " + cmd);
+)PY",
+                csv, png);
 }
 
 // "epoch 2/10 [########------------] 4/7 loss 1.2345 812 tok/s", redrawn in place on stderr.

@@ -21,6 +21,7 @@
 #include "core/planner_measure.h"
 #include "core/planner_search.h"
 #include "services/cli/commands.h"
+#include "services/cli/plot.h"
 
 namespace moemesh::cli {
 namespace fs = std::filesystem;
@@ -165,17 +166,9 @@ void print_result(const SimResult& r, const CostProfile& p, const Deployment& d,
   std::cout << b;
 }
 
-// The queue timeline as a PNG, drawn by python3-matplotlib (scripts/bootstrap installs it).
+// The queue timeline as a PNG.
 void plot_timeline(const std::string& csv, const std::string& png) {
-  const fs::path script = fs::temp_directory_path() / ("moemesh-plan-plot-" + std::to_string(::getpid()) + ".py");
-  {
-    std::ofstream s(script);
-    s << R"(import csv, sys
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-rows = list(csv.DictReader(open(sys.argv[1])))
-t = [float(r["t_s"]) for r in rows]
+  cli::plot_csv(R"(t = [float(r["t_s"]) for r in rows]
 fig, ax = plt.subplots(3, 1, figsize=(9, 7), sharex=True)
 ax[0].plot(t, [int(r["waiting"]) for r in rows], label="waiting")
 ax[0].plot(t, [int(r["running"]) for r in rows], label="running")
@@ -185,15 +178,8 @@ ax[1].set_ylabel("KV used %")
 ax[2].plot(t, [float(r["output_tok_s"]) for r in rows], color="tab:green")
 ax[2].set_ylabel("output tok/s"); ax[2].set_xlabel("simulated seconds")
 fig.suptitle("moemesh plan: queues over time")
-fig.tight_layout(); fig.savefig(sys.argv[2], dpi=100)
-)";
-  }
-  // Debian's python3 (where apt puts python3-matplotlib), not whatever python3 PATH finds first.
-  const std::string python = fs::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
-  const std::string cmd = python + " '" + script.string() + "' '" + csv + "' '" + png + "'";
-  const int rc = std::system(cmd.c_str());
-  fs::remove(script);
-  if (rc != 0) throw Error("plotting failed (python3-matplotlib installed? scripts/bootstrap installs it): " + cmd);
+)",
+                csv, png);
 }
 
 void run_plan(PlanArgs a) {
