@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <unordered_map>
@@ -48,6 +49,54 @@ std::string router_tensor(const ModelConfig& c, int64_t layer) {
 
 std::string shared_prefix(int64_t layer) { return layer_prefix(layer) + "mlp.shared_experts."; }
 std::string dense_prefix(int64_t layer) { return layer_prefix(layer) + "mlp."; }
+
+// A mapping of part of a weight file: [start, start + length) of the file at base.
+struct FileRange {
+  void* base = nullptr;
+  size_t length = 0;
+  uint64_t start = 0;
+};
+
+// Maps bytes [offset, offset + nbytes) of a file of file_size bytes, read-only. A tensor of a huge
+// page or more gets the 2 MiB-aligned file range around it, at a 2 MiB-aligned address: the page
+// cache keeps such files in huge folios, and only a whole folio at a matching address maps as one
+// huge page. Mapped exactly, a tensor's first and last partial 2 MiB went through 4 KiB pages; on
+// our VMs those page walks halved bf16 decode (docs/performance.md). The extra bytes belong to
+// neighbouring tensors and are never read.
+FileRange map_file_range(int fd, uint64_t offset, uint64_t nbytes, uint64_t file_size) {
+  constexpr uint64_t kHuge = uint64_t(2) << 20;
+  const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
+  FileRange r;
+  if (nbytes < kHuge) {
+    r.start = offset / page * page;
+    r.length = size_t(offset + nbytes - r.start);
+    r.base = ::mmap(nullptr, r.length, PROT_READ, MAP_PRIVATE, fd, off_t(r.start));
+    return r;
+  }
+  r.start = offset / kHuge * kHuge;
+  const uint64_t end = std::min((offset + nbytes + kHuge - 1) / kHuge * kHuge, (file_size + page - 1) / page * page);
+  r.length = size_t(end - r.start);
+  // Reserve room to align the address, map the file over the aligned part, return the rest.
+  char* room = static_cast<char*>(
+      ::mmap(nullptr, r.length + kHuge, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+  if (room == MAP_FAILED) {
+    r.base = MAP_FAILED;
+    return r;
+  }
+  char* at = reinterpret_cast<char*>((uintptr_t(room) + kHuge - 1) & ~uintptr_t(kHuge - 1));
+  r.base = ::mmap(at, r.length, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, off_t(r.start));
+  const int err = errno;
+  if (r.base == MAP_FAILED) {
+    ::munmap(room, r.length + kHuge);
+    errno = err;
+    return r;
+  }
+  if (at > room) ::munmap(room, size_t(at - room));
+  if (char* tail = at + r.length; tail < room + r.length + kHuge)
+    ::munmap(tail, size_t(room + r.length + kHuge - tail));
+  ::madvise(r.base, r.length, MADV_HUGEPAGE);  // a hint: without it, a THP "madvise" system maps 4 KiB pages
+  return r;
+}
 
 }  // namespace
 
@@ -234,15 +283,13 @@ Weight Checkpoint::map(const std::string& tensor) const {
       ::close(fd);
       throw Error(fname + ": file shrank since the checkpoint was opened; tensor " + tensor + " is cut off");
     }
-    const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
-    const uint64_t start = t.offset / page * page;
-    m->length = size_t(t.offset + t.nbytes - start);
-    void* p = ::mmap(nullptr, m->length, PROT_READ, MAP_PRIVATE, fd, off_t(start));
+    const FileRange r = map_file_range(fd, t.offset, t.nbytes, uint64_t(st.st_size));
     int err = errno;
     ::close(fd);  // the mapping keeps the file alive
-    if (p == MAP_FAILED) throw Error(fname + ": cannot map tensor " + tensor + ": " + std::strerror(err));
-    m->base = p;
-    m->weight.data = static_cast<const char*>(p) + (t.offset - start);
+    if (r.base == MAP_FAILED) throw Error(fname + ": cannot map tensor " + tensor + ": " + std::strerror(err));
+    m->base = r.base;
+    m->length = r.length;
+    m->weight.data = static_cast<const char*>(r.base) + (t.offset - r.start);
   }
   Weight w = m->weight;
   mappings_[tensor] = std::move(m);

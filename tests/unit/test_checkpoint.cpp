@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -157,6 +158,47 @@ TEST_F(CheckpointTest, MappedValuesAreTheSeededValues) {
             "model.layers.2.mlp.experts.3.up_proj.weight");
 }
 
+// A tensor of 2 MiB or more is mapped from the 2 MiB-aligned range of the file around it, at a
+// 2 MiB-aligned address, so that the page cache's huge folios can map as huge pages; mapped
+// exactly, its first and last partial 2 MiB could only map as 4 KiB pages.
+TEST_F(CheckpointTest, LargeTensorsMapWholeHugePageRanges) {
+  constexpr uint64_t kHuge = uint64_t(2) << 20;
+  ModelConfig c = small_config(Arch::Mixtral);
+  c.vocab_size = 40000;  // embed and lm_head: 40000 x 16 f32 = 2.56 MB each
+  WriteOptions o;
+  o.dtype = DType::F32;
+  o.seed = 7;
+  write_model(c, root_ / "huge", o);
+  auto ck = Checkpoint::open(root_ / "huge");
+  for (const char* name : {"lm_head.weight", "model.embed_tokens.weight"}) {
+    SCOPED_TRACE(name);
+    const TensorInfo& t = ck->info(name);
+    ASSERT_GE(t.nbytes, kHuge);
+    ASSERT_NE(t.offset % kHuge, 0u) << "the test needs a tensor that does not start on a huge page";
+    Weight w = ck->map(name);
+    std::vector<float> expect(size_t(w.numel()));
+    TensorInit(7, name, w.shape).fill(expect.data(), expect.size());
+    EXPECT_EQ(0, std::memcmp(w.data, expect.data(), expect.size() * 4));
+    // The mapping holding the tensor, as the kernel lists it: start-end perms offset dev inode path.
+    std::ifstream maps("/proc/self/maps");
+    bool found = false;
+    for (std::string line; std::getline(maps, line);) {
+      uintptr_t lo = 0, hi = 0;
+      unsigned long long off = 0;
+      if (std::sscanf(line.c_str(), "%lx-%lx %*s %llx", &lo, &hi, &off) != 3) continue;
+      const auto at = reinterpret_cast<uintptr_t>(w.data);
+      if (at < lo || at >= hi) continue;
+      found = true;
+      EXPECT_EQ(lo % kHuge, 0u) << line;
+      EXPECT_EQ(off, t.offset / kHuge * kHuge) << line;
+      EXPECT_GE(hi, at + t.nbytes) << line;
+      EXPECT_EQ(at - lo, t.offset - off) << line;
+    }
+    EXPECT_TRUE(found);
+  }
+  EXPECT_EQ(ck->mapped_bytes(), ck->info("lm_head.weight").nbytes + ck->info("model.embed_tokens.weight").nbytes);
+}
+
 TEST_F(CheckpointTest, ExpertSelectionMapsOnlyThoseExperts) {
   auto ck = Checkpoint::open(make("sel", Arch::DeepSeek));
   const ModelConfig& c = ck->config();
@@ -210,12 +252,14 @@ TEST_F(CheckpointTest, TiedEmbeddings) {
 TEST_F(CheckpointTest, ShapeMismatchNamesFileAndTensor) {
   fs::path d = make("shape", Arch::Mixtral);
   edit_json(d / "config.json", [](json& j) { j["intermediate_size"] = 64; });
-  expect_open_error(d, "model.safetensors: tensor model.layers.0.block_sparse_moe.experts.0.w1.weight has shape "
-                       "[32,16], expected [64,16] (from config.json)");
+  expect_open_error(d,
+                    "model.safetensors: tensor model.layers.0.block_sparse_moe.experts.0.w1.weight has shape "
+                    "[32,16], expected [64,16] (from config.json)");
   fs::path d2 = make("shape2", Arch::Mixtral);
   edit_json(d2 / "config.json", [](json& j) { j["vocab_size"] = 101; });
-  expect_open_error(d2, "model.safetensors: tensor model.embed_tokens.weight has shape [100,16], expected [101,16] "
-                        "(from config.json)");
+  expect_open_error(d2,
+                    "model.safetensors: tensor model.embed_tokens.weight has shape [100,16], expected [101,16] "
+                    "(from config.json)");
 }
 
 TEST_F(CheckpointTest, WrongDtypeIsRejected) {
@@ -289,8 +333,9 @@ TEST_F(CheckpointTest, ShardedCheckpoints) {
   std::string other = *files.begin() == victim ? *files.rbegin() : *files.begin();
   edit_json(wrong / "model.safetensors.index.json",
             [&](json& j) { j["weight_map"]["model.layers.1.mlp.experts.3.down_proj.weight"] = other; });
-  expect_open_error(wrong, other + ": tensor model.layers.1.mlp.experts.3.down_proj.weight is missing "
-                                   "(model.safetensors.index.json places it here)");
+  expect_open_error(wrong, other +
+                               ": tensor model.layers.1.mlp.experts.3.down_proj.weight is missing "
+                               "(model.safetensors.index.json places it here)");
 
   // A path that escapes the folder.
   edit_json(wrong / "model.safetensors.index.json", [&](json& j) { j["weight_map"]["x"] = "../x.safetensors"; });
@@ -392,7 +437,8 @@ TEST_F(CheckpointTest, WriterIsDeterministic) {
   o.shard_bytes = kDefaultShardBytes;
   write_model(small_config(Arch::Mixtral), a, o);
   EXPECT_FALSE(fs::exists(a / "model.safetensors.index.json"));
-  for (const auto& e : fs::directory_iterator(a)) EXPECT_EQ(e.path().filename().string().rfind("model-", 0), std::string::npos);
+  for (const auto& e : fs::directory_iterator(a))
+    EXPECT_EQ(e.path().filename().string().rfind("model-", 0), std::string::npos);
 }
 
 TEST_F(CheckpointTest, PresetsAreValidAndSized) {
