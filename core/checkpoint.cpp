@@ -229,6 +229,10 @@ std::shared_ptr<Checkpoint> Checkpoint::open(const fs::path& dir) {
       check_gptq_tensors(*ck->gptq_, module, x.shape[0], x.shape[1], find);
       continue;
     }
+    if (it != ck->tensors_.end() && x.name == "lm_head.weight" && ck->gptq_ && ck->gptq_->lm_head)
+      throw Error(
+          "tensor lm_head.weight: quantization_config has \"lm_head\": true, but lm_head is stored as "
+          "lm_head.weight, not lm_head.qweight");
     if (it == ck->tensors_.end()) {
       std::string msg = missing_blame;
       msg.replace(msg.find("%s"), 2, x.name);

@@ -34,6 +34,8 @@ GptqConfig parse(const json& q, const std::string& where) {
   if (format != "gptq" && format != "gptq_v2")
     fail("checkpoint_format", "is \"" + format + "\"; supported: \"gptq\", \"gptq_v2\"");
   c.v2 = format == "gptq_v2";
+  if (q.contains("lm_head") && !q["lm_head"].is_boolean()) fail("lm_head", "is not true or false");
+  c.lm_head = q.value("lm_head", false);
   return c;
 }
 
@@ -48,7 +50,7 @@ const TensorInfo& require(const TensorLookup& find, const std::string& name, con
 std::string GptqConfig::describe() const {
   return "GPTQ " + std::to_string(bits) + "-bit, group size " +
          (group_size < 0 ? std::string("all") : std::to_string(group_size)) + (desc_act ? ", desc_act" : "") +
-         (sym ? ", sym" : ", asym") + (v2 ? ", gptq_v2" : "");
+         (sym ? ", sym" : ", asym") + (v2 ? ", gptq_v2" : "") + (lm_head ? ", lm_head" : "");
 }
 
 std::optional<GptqConfig> read_gptq_config(const json& config, const std::filesystem::path& dir) {

@@ -22,7 +22,8 @@ struct GptqConfig {
   int64_t group_size = 128;  // -1: one group over the whole input
   bool desc_act = false;
   bool sym = true;
-  bool v2 = false;  // checkpoint_format "gptq_v2": zeros stored as they are (v1 stores zero - 1)
+  bool v2 = false;       // checkpoint_format "gptq_v2": zeros stored as they are (v1 stores zero - 1)
+  bool lm_head = false;  // GPTQModel's "lm_head": true: lm_head is quantized too
   int64_t groups(int64_t in) const { return group_size < 0 ? 1 : (in + group_size - 1) / group_size; }
   int pack() const { return 32 / bits; }  // values per int32
   std::string describe() const;           // "GPTQ 4-bit, group size 128, desc_act, asym"

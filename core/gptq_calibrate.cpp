@@ -211,6 +211,18 @@ QuantizedModules gptq_calibrate(const Checkpoint& ck, std::span<const std::vecto
     report.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     if (progress) progress(report);
   }
+  if (Weight lm_head = base.lm_head; !lm_head.empty() && opts.quantized(lm_head.name)) {
+    const auto t0 = Clock::now();
+    LayerReport report;
+    report.layer = report.layers = n_layers;
+    LayerQuantizer lq(opts, out, report);
+    backend->rmsnorm(x.data(), base.final_norm, rows, cfg.rms_norm_eps, h.data());
+    Hessian hs(hidden);
+    hs.add(h.data(), rows);
+    lq.quantize({&lm_head}, &hs);
+    report.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (progress) progress(report);
+  }
   return out;
 }
 

@@ -6,7 +6,8 @@
 //     (post_attention_layernorm rows the router sends to it; shared and dense MLPs: all rows),
 //     then w2 (that expert's silu(w1·h) ⊙ w3·h);
 //   - a routed expert that receives fewer than min_expert_rows rows is rounded to nearest instead
-//     (its Hessian would rest on too few rows), and the layer's report names it.
+//     (its Hessian would rest on too few rows), and the layer's report names it;
+//   - lm_head, when selected (GPTQModel's lm_head=True), last: from norm(x) after every layer.
 // Samples are independent sequences (causal attention within each).
 #pragma once
 #include <cstdint>
@@ -35,7 +36,7 @@ struct CalibrationOptions {
 };
 
 struct LayerReport {
-  int64_t layer = 0, layers = 0;
+  int64_t layer = 0, layers = 0;  // layer == layers: lm_head
   double seconds = 0;
   int64_t gptq = 0, rtn = 0;  // Linear weights quantized each way
   struct Fallback {

@@ -52,7 +52,7 @@ using safetensors::shape_str;
 
 struct QuantizeArgs {
   std::string model, out, bits = "4", group_size = "128", method = "rtn", dtype = "f16";
-  bool sym = false, asym = false, skip_attention = false, desc_act = false;
+  bool sym = false, asym = false, skip_attention = false, desc_act = false, lm_head = false;
   std::string calibration, calibration_text, calib_tokens = "4096", samples = "0", seq_len = "512", damp = "0.01",
                                              min_expert_rows = "0";
 };
@@ -61,6 +61,7 @@ struct Settings {
   bool gptq = false;
   QuantOptions quant;  // bits, group size, sym; GPTQ: desc_act, damp
   bool skip_attention = false;
+  bool lm_head = false;                       // GPTQModel's lm_head=True: the output projection too
   DType dtype = DType::F16;                   // of the tensors left unquantized
   std::string calibration, calibration_text;  // GPTQ: one of them
   int64_t calib_tokens = 4096, samples = 0, seq_len = 512, min_expert_rows = 0;
@@ -96,6 +97,7 @@ Settings parse_settings(const QuantizeArgs& a) {
   if (a.sym && a.asym) throw Error("--sym and --asym exclude each other");
   s.quant.sym = !a.asym;
   s.skip_attention = a.skip_attention;
+  s.lm_head = a.lm_head;
   if (a.dtype != "f16" && a.dtype != "bf16" && a.dtype != "f32")
     throw Error("--dtype: \"" + a.dtype + "\" is unknown (expected f16, bf16 or f32)");
   s.dtype = parse_float_dtype(a.dtype);
@@ -128,8 +130,9 @@ Settings parse_settings(const QuantizeArgs& a) {
 
 // Which Linear weights become GPTQ tensors (the HF names, as AutoGPTQ quantizes them): attention
 // q/k/v/o, routed experts, DeepSeek shared experts and dense MLPs. Never the router gates
-// (`block_sparse_moe.gate`, `mlp.gate`), embeddings, norms or lm_head.
+// (`block_sparse_moe.gate`, `mlp.gate`), embeddings or norms; lm_head with --lm-head.
 bool quantized(const std::string& n, const Settings& s) {
+  if (n == "lm_head.weight") return s.lm_head;
   if (!n.ends_with(".weight")) return false;
   if (n.find(".self_attn.") != std::string::npos) return !s.skip_attention;
   if (n.find(".block_sparse_moe.experts.") != std::string::npos) return true;
@@ -363,8 +366,10 @@ QuantizedModules run_gptq(const Checkpoint& ck, const Settings& s) {
     for (const auto& f : r.fallbacks)
       std::cerr << "quantize: warning: model.layers." << r.layer << " expert " << f.expert << ": " << f.rows
                 << " calibration rows (< " << min_rows << "): rounded to nearest (RTN)" << std::endl;
-    std::cout << "quantize: gptq layer " << r.layer + 1 << "/" << r.layers << ": " << seconds(r.seconds) << ", "
-              << r.gptq + r.rtn << " Linear (" << r.gptq << " GPTQ, " << r.rtn << " RTN)" << std::endl;
+    const std::string what =
+        r.layer == r.layers ? "lm_head" : "layer " + std::to_string(r.layer + 1) + "/" + std::to_string(r.layers);
+    std::cout << "quantize: gptq " << what << ": " << seconds(r.seconds) << ", " << r.gptq + r.rtn << " Linear ("
+              << r.gptq << " GPTQ, " << r.rtn << " RTN)" << std::endl;
   });
 }
 
@@ -375,9 +380,9 @@ void write_output(const Checkpoint& ck, const Settings& s, const fs::path& out, 
   const auto specs = q.plan();
 
   nlohmann::ordered_json qc = {
-      {"quant_method", "gptq"},       {"bits", s.quant.bits},        {"group_size", s.quant.group_size},
-      {"desc_act", s.quant.desc_act}, {"sym", s.quant.sym},          {"checkpoint_format", "gptq"},
-      {"true_sequential", true},      {"damp_percent", s.quant.damp}};
+      {"quant_method", "gptq"},       {"bits", s.quant.bits},         {"group_size", s.quant.group_size},
+      {"desc_act", s.quant.desc_act}, {"sym", s.quant.sym},           {"checkpoint_format", "gptq"},
+      {"true_sequential", true},      {"damp_percent", s.quant.damp}, {"lm_head", s.lm_head}};
   nlohmann::ordered_json config = read_json(ck.dir() / "config.json");
   config["quantization_config"] = qc;
   config["torch_dtype"] = s.dtype == DType::F16 ? "float16" : s.dtype == DType::BF16 ? "bfloat16" : "float32";
@@ -428,6 +433,9 @@ void run_quantize(const QuantizeArgs& a) {
   if (ck->quantization())
     throw Error(a.model + ": already quantized (" + ck->quantization()->describe() + "); quantize a float checkpoint");
   if (!out.has_filename()) throw Error("--out " + a.out + ": not a folder name");
+  if (s.lm_head && ck->config().tie_word_embeddings)
+    throw Error("--lm-head: " + a.model +
+                " ties lm_head to the embeddings (tie_word_embeddings); it has no lm_head to quantize");
   // Written beside --out and renamed into place at the end: a failed run leaves no half checkpoint.
   const fs::path tmp = out.parent_path() / ("." + out.filename().string() + ".tmp-" + std::to_string(::getpid()));
   try {
@@ -524,6 +532,8 @@ void add_quantize(CLI::App& app) {
   cmd->add_flag("--asym", a->asym, "asymmetric: a zero per group and output");
   cmd->add_option("--method", a->method, "rtn (round to nearest) or gptq (calibrated)")->capture_default_str();
   cmd->add_flag("--skip-attention", a->skip_attention, "leave q/k/v/o_proj unquantized");
+  cmd->add_flag("--lm-head", a->lm_head,
+                "quantize lm_head too (GPTQModel's lm_head=True; the largest matrix a decode step reads)");
   cmd->add_option("--dtype", a->dtype, "f16, bf16 or f32: the tensors left unquantized")->capture_default_str();
   cmd->add_option("--calibration", a->calibration,
                   "gptq: calibration data, .jsonl (one sample a line: text, prompt, chat messages or input_ids) "

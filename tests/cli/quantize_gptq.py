@@ -36,18 +36,18 @@ def quantize(model, out, flags):
     return stdout, err
 
 
-def read_back(name, model, out, bits, group, sym, desc_act, damp):
+def read_back(name, model, out, bits, group, sym, desc_act, damp, lm_head=False):
     """name -> float64 W the quantized checkpoint holds (dequantized by the format's definition)."""
     src, dst = gq.read_checkpoint(model), gq.read_checkpoint(out)
     with open(os.path.join(out, "config.json")) as f:
         q = json.load(f).get("quantization_config")
     want = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": desc_act, "sym": sym,
-            "checkpoint_format": "gptq", "true_sequential": True, "damp_percent": damp}
+            "checkpoint_format": "gptq", "true_sequential": True, "damp_percent": damp, "lm_head": lm_head}
     check(q == want, "%s: quantization_config %s" % (name, q))
     p, W, reordered, worst = gq.pack_factor(bits), {}, 0, 0.0
     for wname, (dt, a) in src.items():
         module = gq.module_of(wname)
-        if a.ndim != 2 or not gq.is_quantized({}, module):
+        if a.ndim != 2 or not gq.is_quantized({"lm_head": lm_head}, module):
             W[wname] = dst[wname][1].astype(np.float64)
             continue
         out_dim, inp = a.shape
@@ -122,9 +122,9 @@ def ids_file(work, name, vocab, n, seed):
 
 def check_reference(work):
     """hf_reference models: what the quantizer wrote, read back independently, gives moemesh's logits."""
-    for case, flags, bits, group, sym, desc in (
-            ("mixtral_f32_mha", ["--group-size", "16", "--asym", "--desc-act"], 4, 16, False, True),
-            ("deepseek_f32_shared", ["--bits", "8", "--group-size", "16"], 8, 16, True, False)):
+    for case, flags, bits, group, sym, desc, lm_head in (
+            ("mixtral_f32_mha", ["--group-size", "16", "--asym", "--desc-act", "--lm-head"], 4, 16, False, True, True),
+            ("deepseek_f32_shared", ["--bits", "8", "--group-size", "16"], 8, 16, True, False, False)):
         c, folder, _, prompt = hf.build_case(case, work, 4)
         calib = ids_file(work, case + ".jsonl", c["vocab"], 8, 5)
         out = os.path.join(work, case + "-gptq")
@@ -132,7 +132,8 @@ def check_reference(work):
         if stdout is None:
             continue
         check("warning" not in err, "%s: unexpected warnings: %s" % (case, err))
-        W = read_back(case, folder, out, bits, group, sym, desc, 0.01)
+        check(("gptq lm_head:" in stdout) == lm_head, "%s: lm_head progress line: %s" % (case, stdout))
+        W = read_back(case, folder, out, bits, group, sym, desc, 0.01, lm_head)
         if W is not None:
             check(hf.compare_case(MOEMESH, case + "-gptq", dict(c, dtype="F16"), out, W, prompt), case + " logits")
 

@@ -42,7 +42,7 @@ def f16_bits(dt, a):
     return as_f64(dt, a).astype(np.float32).astype(np.float16).view(np.uint16)
 
 
-def check_output(name, model, out, bits, group, sym, skip_attention):
+def check_output(name, model, out, bits, group, sym, skip_attention, lm_head=False):
     """Returns the float64 weights the quantized checkpoint holds (name -> W)."""
     src, dst = gq.read_checkpoint(model), gq.read_checkpoint(out)
     with open(os.path.join(out, "config.json")) as f:
@@ -50,7 +50,7 @@ def check_output(name, model, out, bits, group, sym, skip_attention):
     with open(os.path.join(model, "config.json")) as f:
         orig_cfg = json.load(f)
     want_q = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, "sym": sym,
-              "checkpoint_format": "gptq", "true_sequential": True, "damp_percent": 0.01}
+              "checkpoint_format": "gptq", "true_sequential": True, "damp_percent": 0.01, "lm_head": lm_head}
     check(cfg.get("quantization_config") == want_q, "%s: quantization_config %s" % (name, cfg.get("quantization_config")))
     check(cfg.get("torch_dtype") == "float16", "%s: torch_dtype %s" % (name, cfg.get("torch_dtype")))
     rest = {k: v for k, v in cfg.items() if k not in ("quantization_config", "torch_dtype")}
@@ -62,7 +62,7 @@ def check_output(name, model, out, bits, group, sym, skip_attention):
             with open(os.path.join(model, fname), "rb") as a, open(os.path.join(out, fname), "rb") as b:
                 check(a.read() == b.read(), "%s: %s not copied" % (name, fname))
 
-    c = {"quantize_attention": not skip_attention}
+    c = {"quantize_attention": not skip_attention, "lm_head": lm_head}
     p, W, quantized, expected = gq.pack_factor(bits), {}, 0, set()
     for wname, (dt, a) in src.items():
         module = gq.module_of(wname)
@@ -130,8 +130,12 @@ def errors(work, model, done):
     t = hf.random_tensors(c, np.random.default_rng(2))
     t["model.layers.1.block_sparse_moe.experts.3.w2.weight"][5, 7] = np.nan
     hf.write_checkpoint(nan, hf.mixtral_config(c), t, "F32", 1)
+    tied = os.path.join(work, "tied")
+    c = dict(hf.BASE_MIX, dtype="F32", tied=True)
+    hf.write_checkpoint(tied, hf.mixtral_config(c), hf.random_tensors(c, np.random.default_rng(3)), "F32", 1)
     new = os.path.join(work, "err-out")
     cases = [
+        ([tied, new, "--lm-head"], "tie_word_embeddings"),
         ([model, new, "--bits", "3"], "--bits"),
         ([model, new, "--bits", "four"], "--bits"),
         ([model, new, "--method", "gptq"], "needs calibration data"),
@@ -187,11 +191,12 @@ def main():
                 with open(os.path.join(out, "config.json")) as f:
                     check_generate(name, out, json.load(f)["vocab_size"])
 
-        # Logits against the reference's float64 forward pass on the weights the file holds.
+        # Logits against the reference's float64 forward pass on the weights the file holds,
+        # lm_head quantized too (--lm-head).
         c, folder, _, prompt = hf.build_case("mixtral_f32_mha", work, 3)
         out = os.path.join(work, "ref-int4-g32-asym")  # in 48 (w2): a group of 32 and one of 16
-        if quantize(folder, out, ["--bits", "4", "--group-size", "32", "--asym"]) is not None:
-            W = check_output("ref-int4-g32-asym", folder, out, 4, 32, False, False)
+        if quantize(folder, out, ["--bits", "4", "--group-size", "32", "--asym", "--lm-head"]) is not None:
+            W = check_output("ref-int4-g32-asym", folder, out, 4, 32, False, False, lm_head=True)
             if W is not None:
                 check(hf.compare_case(MOEMESH, "ref-int4-g32-asym", dict(c, dtype="F16"), out, W, prompt),
                       "reference logits")

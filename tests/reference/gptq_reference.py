@@ -140,9 +140,9 @@ CASES = {
     # INT8, one group over all inputs, asymmetric, GQA 2, sharded
     "gptq_mixtral_int8_gall_asym": dict(hf.BASE_MIX, dtype="F16", kv_heads=2, shards=2, prompt=8, bits=8,
                                         group_size=-1, sym=False, desc_act=False),
-    # INT4 with desc_act: g_idx from a random column order, asymmetric
+    # INT4 with desc_act: g_idx from a random column order, asymmetric; lm_head quantized too
     "gptq_mixtral_int4_descact": dict(hf.BASE_MIX, dtype="F16", shards=1, prompt=10, bits=4, group_size=16,
-                                      sym=False, desc_act=True),
+                                      sym=False, desc_act=True, lm_head=True),
     # dense first layer + 2 shared experts quantized, attention left in F16, asymmetric
     "gptq_deepseek_int4_g16_shared": dict(hf.BASE_DS, dtype="F16", shards=1, prompt=7, bits=4, group_size=16,
                                           sym=False, desc_act=False, quantize_attention=False),
@@ -152,7 +152,7 @@ CASES = {
 def quant_config(c):
     q = {"quant_method": "gptq"}
     q.update({k: c[k] for k in QUANT_KEYS})
-    q.update(checkpoint_format="gptq", true_sequential=True, damp_percent=0.01)
+    q.update(checkpoint_format="gptq", true_sequential=True, damp_percent=0.01, lm_head=c.get("lm_head", False))
     return q
 
 
@@ -161,7 +161,10 @@ def module_of(name):
 
 
 def is_quantized(c, module):
-    """module: a Linear's name without .weight. Router gates, lm_head, embeddings and norms stay."""
+    """module: a Linear's name without .weight. Router gates, embeddings and norms stay; lm_head
+    is quantized when the case (GPTQModel's quantization_config "lm_head") says so."""
+    if module == "lm_head":
+        return c.get("lm_head", False)
     if ".self_attn." in module:
         return c.get("quantize_attention", True)
     if ".block_sparse_moe.experts." in module:
@@ -250,6 +253,7 @@ ERRORS = [
     ("bits_3", SYM, lambda cfg, t: set_bits(cfg, 3), "bits"),
     ("g_idx_past_groups", DESC, lambda cfg, t: g_idx_past_end(t), MOD + ".g_idx"),
     ("qzeros_missing", SYM, lambda cfg, t: t.pop(MOD + ".qzeros"), MOD + ".qzeros"),
+    ("lm_head_flag_but_float", SYM, lambda cfg, t: cfg["quantization_config"].update(lm_head=True), "lm_head.weight"),
 ]
 
 
