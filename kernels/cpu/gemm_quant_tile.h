@@ -21,6 +21,7 @@ template <class V>
 struct QuantTiles {
   static constexpr int L = V::lanes;
   static constexpr int64_t B = QuantMatrix::kBlock;
+  static constexpr int64_t kLine = 64;  // bytes
   using R = typename V::reg;
 
   // c[r * ldc + i] = row o0 + i of m · xr[r] (xr in the matrix's padded order).
@@ -48,6 +49,12 @@ struct QuantTiles {
         }
       }
       for (int64_t k = m.group_start[size_t(g)]; k < m.group_start[size_t(g + 1)]; k += B) {
+        // The next tile's rows at this offset, a cache line at a time: the hardware prefetcher
+        // did not keep RM row streams ahead from DRAM (INT4 GEMV 15-20 -> 29-36 G MAC/s a core).
+        if ((k * BITS / 8) % kLine == 0) {
+          MOEMESH_UNROLL
+          for (int i = 0; i < RM; ++i) __builtin_prefetch(q + (RM + i) * row_bytes + k * BITS / 8);
+        }
         MOEMESH_UNROLL
         for (int h = 0; h < B / L; ++h) {
           R xv[RN];
