@@ -285,6 +285,7 @@ void check_shape(const Weight& w, const std::vector<int64_t>& shape) {
 
 struct ExportArgs {
   std::string model, out, dtype = "keep";
+  bool lm_head = false;  // with q4_0: lm_head in Q4_0 too
 };
 
 void run_export(const ExportArgs& a) {
@@ -311,6 +312,9 @@ void run_export(const ExportArgs& a) {
   // q4_0: llama.cpp's Q4_0 for the attention and MLP/expert matrices; the embedding and lm_head
   // stay f16 (as moemesh's GPTQ checkpoints keep them), the router f32.
   const bool q4_0 = a.dtype == "q4_0";
+  if (a.lm_head && !q4_0) throw Error("export-gguf: --lm-head quantizes lm_head with --dtype q4_0 only");
+  if (a.lm_head && c.tie_word_embeddings)
+    throw Error("export-gguf: --lm-head: " + a.model + " ties lm_head to the embeddings (tie_word_embeddings)");
   std::optional<TensorType> forced;
   if (q4_0)
     forced = TensorType::F16;
@@ -446,7 +450,7 @@ void run_export(const ExportArgs& a) {
   }
   plain("output_norm.weight", w.final_norm, {h});
   // Tied embeddings: llama.cpp falls back to token_embd when there is no output tensor.
-  if (!c.tie_word_embeddings) plain("output.weight", w.lm_head, {c.vocab_size, h}, false, nullptr, /*layer=*/false);
+  if (!c.tie_word_embeddings) plain("output.weight", w.lm_head, {c.vocab_size, h}, false, nullptr, /*layer=*/a.lm_head);
 
   uint64_t bytes = 0;
   for (const auto& it : plan) {
@@ -477,6 +481,8 @@ void add_export_gguf(CLI::App& app) {
                   "matrices, embedding and lm_head f16)")
       ->check(CLI::IsMember({"keep", "f32", "f16", "bf16", "q4_0"}))
       ->capture_default_str();
+  cmd->add_flag("--lm-head", a->lm_head,
+                "with --dtype q4_0: lm_head in Q4_0 too (as `moemesh quantize --lm-head` quantizes it)");
   cmd->callback([a] { run_export(*a); });
 }
 

@@ -547,6 +547,21 @@ TEST(ggufExport, Q4_0LayersInLlamaCppsBlocks) {
     }
   }
   EXPECT_EQ(extremes, want.size() / 32) << "the largest magnitude of each block maps to nibble 0 (-8·d)";
+
+  // --lm-head: output.weight in Q4_0 too (the embedding stays f16); refused without q4_0.
+  const auto file2 = tmp / "m-lm.gguf";
+  const std::string out2 = run(
+      cli() + "export-gguf --model '" + dir.string() + "' --out '" + file2.string() + "' --dtype q4_0 --lm-head 2>&1",
+      &status);
+  ASSERT_EQ(status, 0) << out2;
+  const Parsed p2 = parse_gguf(file2);
+  EXPECT_EQ(p2.tensor("output.weight").type, 2u);
+  EXPECT_EQ(p2.tensor("token_embd.weight").type, 1u);
+  const std::string out3 =
+      run(cli() + "export-gguf --model '" + dir.string() + "' --out '" + (tmp / "x.gguf").string() + "' --lm-head 2>&1",
+          &status);
+  EXPECT_NE(status, 0);
+  EXPECT_NE(out3.find("--lm-head quantizes lm_head with --dtype q4_0 only"), std::string::npos) << out3;
 }
 
 TEST(ggufExport, DeepSeekLaidOutAsLlamaCppsDeepseek) {
