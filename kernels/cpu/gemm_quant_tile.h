@@ -36,6 +36,11 @@ struct QuantTiles {
       for (int r = 0; r < RN; ++r) acc[i][r] = V::zero();
     }
     constexpr bool table = V::template has_table<BITS>;
+    // The next tile's scales and zeros ([out, groups] each: RM rows are contiguous).
+    for (int64_t at = (o0 + RM) * groups * 4, end = at + RM * groups * 4; at < end; at += kLine) {
+      prefetch_at(m.scale.data(), at);
+      prefetch_at(m.scaled_zero.data(), at);
+    }
     for (int64_t g = 0; g < groups; ++g) {
       R s[RM], zs[RM];  // a row's scale and scaled zero, or (table) its 16 dequantized values in s
       MOEMESH_UNROLL
@@ -53,7 +58,7 @@ struct QuantTiles {
         // did not keep RM row streams ahead from DRAM (INT4 GEMV 15-20 -> 29-36 G MAC/s a core).
         if ((k * BITS / 8) % kLine == 0) {
           MOEMESH_UNROLL
-          for (int i = 0; i < RM; ++i) __builtin_prefetch(q + (RM + i) * row_bytes + k * BITS / 8);
+          for (int i = 0; i < RM; ++i) prefetch_at(q, (RM + i) * row_bytes + k * BITS / 8);
         }
         MOEMESH_UNROLL
         for (int h = 0; h < B / L; ++h) {

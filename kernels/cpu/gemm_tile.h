@@ -21,6 +21,13 @@
 
 namespace moemesh::cpu {
 
+// Asks for the cache line at `bytes` past `base` ahead of use. The tiles ask for the next tile's
+// rows, which may lie past the matrix: the address is formed in integers (no out-of-bounds
+// pointer), and a prefetch never faults.
+inline void prefetch_at(const void* base, int64_t bytes) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) + uintptr_t(bytes)));
+}
+
 template <DType DT>
 struct WeightElem;
 template <>
@@ -74,7 +81,7 @@ struct GemmTiles {
       // The next tile's rows at this offset, a cache line at a time (as QuantTiles does).
       if ((k * int64_t(sizeof(E))) % kLine == 0) {
         MOEMESH_UNROLL
-        for (int i = 0; i < RM; ++i) __builtin_prefetch(w + (RM + i) * ldw + k);
+        for (int i = 0; i < RM; ++i) prefetch_at(w, ((RM + i) * ldw + k) * int64_t(sizeof(E)));
       }
       typename V::xreg xv[RN];
       MOEMESH_UNROLL
