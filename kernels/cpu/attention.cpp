@@ -134,7 +134,12 @@ void attend(const float* q, int64_t n_q, const int32_t* q_pos, const AttentionSh
       const int64_t t1 = std::min(k1, (t0 / bs + std::max<int64_t>(1, kKeyTile / bs)) * bs), nt = t1 - t0;
       scores.resize(size_t(nv * nt));
       const int64_t ntp = (nt + 15) / 16 * 16;
-      if (keys_as_columns) kt.assign(size_t(hdp * ntp), 0.0f);
+      if (keys_as_columns) {
+        // The keys below overwrite columns 0..nt of rows 0..hd: only the padding needs zeros.
+        kt.resize(size_t(hdp * ntp));
+        std::fill(kt.begin() + hd * ntp, kt.end(), 0.0f);
+        for (int64_t d = 0; d < hd; ++d) std::fill(kt.begin() + d * ntp + nt, kt.begin() + (d + 1) * ntp, 0.0f);
+      }
       for (int64_t j0 = t0; j0 < t1; j0 = (j0 / bs + 1) * bs) {
         const int64_t n = std::min(t1, (j0 / bs + 1) * bs) - j0;
         int64_t ld = 0;

@@ -112,19 +112,20 @@ inline uint16_t to_bf16(float f) {  // f32_to_bf16 without a branch, so that the
 // (and kernels/cuda/gemm.cu): each product is then exact in f32, AVX512-BF16 takes them two at a
 // time, and every ISA forms the same products. Rounds once per call, over the pool when the rows
 // are many, into xb (bf16 bits) or xf (widened back, for ISAs without a bf16 kernel).
+// One x row rounded to bf16: the bits into xb, or (xb null) widened back to f32 into xf.
+void round_row_to_bf16(const float* x, int64_t in, uint16_t* xb, float* xf) {
+  if (xb)
+    for (int64_t k = 0; k < in; ++k) xb[k] = to_bf16(x[k]);
+  else
+    for (int64_t k = 0; k < in; ++k) xf[k] = bf16_to_f32(to_bf16(x[k]));
+}
+
 void round_x_to_bf16(const MatmulJob& j, uint16_t* xb, float* xf) {
   const int64_t ldx = j.ldx ? j.ldx : j.in, in = j.in;
   over_rows(j.rows, in, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* x = j.x + (j.x_rows ? int64_t(j.x_rows[r]) : r) * ldx;
-      if (xb) {
-        uint16_t* b = xb + r * in;
-        for (int64_t k = 0; k < in; ++k) b[k] = to_bf16(x[k]);
-      } else {
-        float* f = xf + r * in;
-        for (int64_t k = 0; k < in; ++k) f[k] = bf16_to_f32(to_bf16(x[k]));
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      round_row_to_bf16(j.x + (j.x_rows ? int64_t(j.x_rows[r]) : r) * ldx, in, xb ? xb + r * in : nullptr,
+                        xb ? nullptr : xf + r * in);
   });
 }
 
@@ -136,15 +137,20 @@ void run_low_rank(const LowRankJob& j, int64_t r0, int64_t r1, const GemmKernels
   thread_local std::vector<const uint16_t*> xbr;
   const int64_t n = r1 - r0, ldx = j.ldx ? j.ldx : j.in, ldy = j.ldy ? j.ldy : j.out;
   const auto x_row = [&](int64_t r) { return j.x + (j.x_rows ? int64_t(j.x_rows[r0 + r]) : r0 + r) * ldx; };
-  d.assign(size_t(n * j.out), 0.0f);
-  if (j.in > 0 && j.rank > 0) {
+  // Stored into contiguous rows of y, the expand writes them itself; otherwise through d.
+  const bool direct = !j.add && !j.y_rows;
+  if (!direct) d.resize(size_t(n * j.out));
+  float* const out = direct ? j.y + r0 * ldy : d.data();
+  const int64_t ldo = direct ? ldy : j.out;
+  if (j.in == 0 || j.rank == 0) {
+    for (int64_t r = 0; r < n; ++r) std::fill(out + r * ldo, out + r * ldo + j.out, 0.0f);
+  } else {
     t.resize(size_t(n * j.rank));
     if (j.wdtype == DType::BF16 && kernels.bf16dot) {
       xb.resize(size_t(n * j.in));
       xbr.resize(size_t(n));
       for (int64_t r = 0; r < n; ++r) {
-        const float* src = x_row(r);
-        for (int64_t i = 0; i < j.in; ++i) xb[size_t(r * j.in + i)] = to_bf16(src[i]);
+        round_row_to_bf16(x_row(r), j.in, xb.data() + r * j.in, nullptr);
         xbr[size_t(r)] = xb.data() + r * j.in;
       }
       kernels.bf16dot(j.a, j.in, j.in, xbr.data(), n, j.rank, t.data(), j.rank);
@@ -152,20 +158,20 @@ void run_low_rank(const LowRankJob& j, int64_t r0, int64_t r1, const GemmKernels
       xr.resize(size_t(n));
       if (j.wdtype == DType::BF16) xf.resize(size_t(n * j.in));
       for (int64_t r = 0; r < n; ++r) {
-        const float* src = x_row(r);
         if (j.wdtype != DType::BF16) {
-          xr[size_t(r)] = src;
+          xr[size_t(r)] = x_row(r);
           continue;
         }
-        for (int64_t i = 0; i < j.in; ++i) xf[size_t(r * j.in + i)] = bf16_to_f32(to_bf16(src[i]));
+        round_row_to_bf16(x_row(r), j.in, nullptr, xf.data() + r * j.in);
         xr[size_t(r)] = xf.data() + r * j.in;
       }
       kernels.block(j.a, j.wdtype, j.in, j.in, xr.data(), n, j.rank, t.data(), j.rank);
     }
     tr.resize(size_t(n));
     for (int64_t r = 0; r < n; ++r) tr[size_t(r)] = t.data() + r * j.rank;
-    kernels.expand(j.bt, j.wdtype, j.rank, j.out, tr.data(), n, j.out, d.data(), j.out);
+    kernels.expand(j.bt, j.wdtype, j.rank, j.out, tr.data(), n, j.out, out, ldo);
   }
+  if (direct) return;
   for (int64_t r = 0; r < n; ++r) {
     float* y = j.y + (j.y_rows ? int64_t(j.y_rows[r0 + r]) : r0 + r) * ldy;
     const float* src = d.data() + r * j.out;

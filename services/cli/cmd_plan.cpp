@@ -23,6 +23,12 @@
 #include "services/cli/commands.h"
 #include "services/cli/plot.h"
 
+namespace moemesh::planner {
+// A calibration run as a profile records it (both directions, for --refit).
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(CalibrationPoint, concurrency, prompt, output, requests, ttft_p50_s, itl_p50_s,
+                                   itl_p90_s)
+}  // namespace moemesh::planner
+
 namespace moemesh::cli {
 namespace fs = std::filesystem;
 using namespace moemesh::planner;
@@ -306,24 +312,6 @@ CalibrationPoint bench_median(const ProfileArgs& a, const CalibrationPoint& c, i
   return out;
 }
 
-nlohmann::json point_json(const CalibrationPoint& c) {
-  return {{"concurrency", c.concurrency}, {"prompt", c.prompt},         {"output", c.output},
-          {"requests", c.requests},       {"ttft_p50_s", c.ttft_p50_s}, {"itl_p50_s", c.itl_p50_s},
-          {"itl_p90_s", c.itl_p90_s}};
-}
-
-CalibrationPoint point_from(const nlohmann::json& j) {
-  CalibrationPoint c;
-  c.concurrency = j.at("concurrency");
-  c.prompt = j.at("prompt");
-  c.output = j.at("output");
-  c.requests = j.at("requests");
-  c.ttft_p50_s = j.at("ttft_p50_s");
-  c.itl_p50_s = j.at("itl_p50_s");
-  c.itl_p90_s = j.at("itl_p90_s");
-  return c;
-}
-
 // The measurements and the profile before calibration: `--refit` starts again from them.
 nlohmann::json calibration_record(const CostProfile& p, const Deployment& d, const std::vector<CalibrationPoint>& pts) {
   nlohmann::json j = {{"attention", d.attention_workers},
@@ -331,9 +319,8 @@ nlohmann::json calibration_record(const CostProfile& p, const Deployment& d, con
                       {"replicas", d.replicas},
                       {"micro_batches", d.micro_batches},
                       {"processes_per_node", d.processes_per_node},
-                      {"points", nlohmann::json::array()},
+                      {"points", pts},
                       {"uncalibrated", p.to_json()}};
-  for (const auto& c : pts) j["points"].push_back(point_json(c));
   return j;
 }
 
@@ -354,7 +341,8 @@ void refit_profile(const ProfileArgs& a) {
   d.processes_per_node = c.at("processes_per_node");
   const auto& pts = c.at("points");
   if (pts.size() != 3) throw Error(a.refit + ": expected 3 calibration points");
-  calibrate_cluster(p, d, point_from(pts[0]), point_from(pts[1]), point_from(pts[2]));
+  calibrate_cluster(p, d, pts[0].get<CalibrationPoint>(), pts[1].get<CalibrationPoint>(),
+                    pts[2].get<CalibrationPoint>());
   p.save(a.out);
   std::cout << "wrote " << a.out << "\n";
 }

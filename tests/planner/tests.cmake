@@ -3,3 +3,6 @@ add_test(NAME planner_search_helm_template
          COMMAND bash ${CMAKE_CURRENT_LIST_DIR}/chart_plan_search.sh $<TARGET_FILE:moemesh>
                  ${MOEMESH_CACHE_DIR}/bin/helm ${CMAKE_SOURCE_DIR}/helm/moemesh)
 set_tests_properties(planner_search_helm_template PROPERTIES LABELS chart TIMEOUT 120)
+# `moemesh plan profile --refit`: a recorded calibration fitted again offline (round trip, refusal).
+add_test(NAME planner_profile_refit COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/plan_refit.py $<TARGET_FILE:moemesh>)
+set_tests_properties(planner_profile_refit PROPERTIES LABELS unit TIMEOUT 60)

@@ -1,0 +1,66 @@
+#!/usr/bin/python3
+"""`moemesh plan profile --refit`: a calibrated profile's recorded runs fitted again without a
+cluster. A roofline profile gets a calibration record (the deployment, three runs and the profile
+before calibration); the refit keeps the record as it was, starts from the uncalibrated profile
+and fits the cluster's own costs to the runs (they change), and a profile without a record is
+refused with one line.
+
+Usage: plan_refit.py MOEMESH
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+POINTS = [
+    dict(concurrency=1, prompt=16, output=32, requests=8, ttft_p50_s=0.05, itl_p50_s=0.012, itl_p90_s=0.015),
+    dict(concurrency=1, prompt=512, output=32, requests=8, ttft_p50_s=0.4, itl_p50_s=0.013, itl_p90_s=0.016),
+    dict(concurrency=32, prompt=16, output=32, requests=64, ttft_p50_s=0.2, itl_p50_s=0.03, itl_p90_s=0.05),
+]
+
+
+def run(cli, *args):
+    return subprocess.run([cli, "plan", "profile", *args], capture_output=True, text=True, timeout=60)
+
+
+def main():
+    cli = sys.argv[1]
+    failures = []
+
+    def check(ok, what):
+        print(("ok: " if ok else "FAIL: ") + what)
+        if not ok:
+            failures.append(what)
+
+    with tempfile.TemporaryDirectory(prefix="moemesh-refit-") as work:
+        base, calibrated, refit = (os.path.join(work, n) for n in ("base.json", "calibrated.json", "refit.json"))
+        r = run(cli, "--hardware", "h100", "--out", base)
+        check(r.returncode == 0, "roofline profile written: " + r.stderr.strip())
+        with open(base) as f:
+            profile = json.load(f)
+        record = dict(attention=1, experts=1, replicas=1, micro_batches=2, processes_per_node=64, points=POINTS,
+                      uncalibrated=profile)
+        with open(calibrated, "w") as f:
+            json.dump(dict(profile, calibration=record), f)
+
+        r = run(cli, "--refit", calibrated, "--out", refit)
+        check(r.returncode == 0, "refit: " + (r.stderr.strip() or r.stdout.strip()))
+        with open(refit) as f:
+            out = json.load(f)
+        check(out["calibration"]["points"] == POINTS, "the three runs are recorded as they were")
+        check(out["calibration"]["uncalibrated"] == profile, "the uncalibrated profile is kept")
+        check(out["note"].endswith("; refitted"), "the note says refitted: " + out["note"])
+        fitted = [k for k in ("router", "dispatch_overhead_s", "step", "step_jitter") if out[k] != profile[k]]
+        check(len(fitted) >= 3, "the cluster's costs are fitted to the runs: changed %s" % fitted)
+
+        r = run(cli, "--refit", base, "--out", os.path.join(work, "x.json"))
+        lines = r.stderr.strip().splitlines()
+        check(r.returncode == 1 and len(lines) == 1 and "was not calibrated" in lines[0],
+              "an uncalibrated profile is refused: rc %d %r" % (r.returncode, r.stderr))
+    print("plan_refit: %s" % ("FAILED" if failures else "ok"))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
