@@ -242,6 +242,8 @@ void on_register(Self* self, const zmq::message_t& peer, const pb::Register& r) 
     m.last_seen = Clock::now();
     m.restarts = r.restarts();
     st.restarts[r.instance()] = {r.role(), r.restarts()};
+    if (st.metrics)  // now, not at the next tick: status and /metrics agree once the member is back
+      st.metrics->restarts.Add({{"role", role_name(r.role())}, {"host", r.instance()}}).Set(double(r.restarts()));
     if (r.restarts() > 0)
       spdlog::info("coordinator: {} registered after {} restart(s) by its supervisor", r.instance(), r.restarts());
     rr->set_ok(true);
