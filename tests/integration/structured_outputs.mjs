@@ -71,8 +71,9 @@ assert.equal(valid, total, "every constrained output conforms to its schema");
 const obj = await client.chat.completions.create({ model, messages, max_tokens: 60, response_format: { type: "json_object" } });
 assert.equal(typeof JSON.parse(obj.choices[0].message.content), "object");
 
-// 2. chat.completions.parse with a zod schema gives a parsed object.
-const Person = z.object({ name: z.string().max(10), age: z.number().int().min(0).max(120), pets: z.array(z.enum(["cat", "dog"])).max(2) });
+// 2. chat.completions.parse with a zod schema gives a parsed object. The name is a pattern, not
+// .max(10): JSON Schema's maxLength counts code points, zod's .max() UTF-16 units ("Ab🙂" is 3 and 4).
+const Person = z.object({ name: z.string().regex(/^[A-Za-z ]{1,10}$/), age: z.number().int().min(0).max(120), pets: z.array(z.enum(["cat", "dog"])).max(2) });
 const parsed = await client.chat.completions.parse({ model, messages, max_tokens: 100, response_format: zodResponseFormat(Person, "person") });
 const person = parsed.choices[0].message.parsed;
 assert.ok(person && typeof person.name === "string" && Number.isInteger(person.age), JSON.stringify(person));
