@@ -6,6 +6,7 @@
 #include <unordered_map>
 #include <deque>
 #include <map>
+#include <random>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -34,8 +35,9 @@ constexpr const char* kPreemptReasons[] = {"kv_full", "worker_lost", "worker_err
 struct SchedulerMetrics {
   explicit SchedulerMetrics(std::shared_ptr<prometheus::Registry> reg)
       : registry(std::move(reg)),
-        queue_time(metrics::histogram_family(*registry, "moemesh_router_queue_time_seconds",
-                                             "Time from arrival at the router to the first step that admits the request.")),
+        queue_time(
+            metrics::histogram_family(*registry, "moemesh_router_queue_time_seconds",
+                                      "Time from arrival at the router to the first step that admits the request.")),
         ttft(metrics::histogram_family(*registry, "moemesh_router_time_to_first_token_seconds",
                                        "Time from arrival at the router to the first generated token.")),
         itl(metrics::histogram_family(*registry, "moemesh_router_inter_token_latency_seconds",
@@ -51,8 +53,9 @@ struct SchedulerMetrics {
                       .Add({})),
         preemptions(metrics::counter_family(*registry, "moemesh_router_preemptions_total",
                                             "Running requests sent back to the queue, by reason.")),
-        steps(metrics::counter_family(*registry, "moemesh_router_steps_total", "StepRequests sent to attention workers.")
-                  .Add({})),
+        steps(
+            metrics::counter_family(*registry, "moemesh_router_steps_total", "StepRequests sent to attention workers.")
+                .Add({})),
         step_tokens(metrics::histogram_family(*registry, "moemesh_router_step_tokens",
                                               "Tokens (prefill chunks + decode tokens) in one StepRequest.")
                         .Add({}, metrics::step_token_buckets())),
@@ -70,8 +73,8 @@ struct SchedulerMetrics {
     auto [it, added] = tenants.try_emplace(tenant);
     if (added) {
       const prometheus::Labels l{{"tenant", tenant}};
-      it->second = {&queue_time.Add(l, metrics::request_latency_buckets()), &ttft.Add(l, metrics::request_latency_buckets()),
-                    &itl.Add(l, metrics::token_latency_buckets())};
+      it->second = {&queue_time.Add(l, metrics::request_latency_buckets()),
+                    &ttft.Add(l, metrics::request_latency_buckets()), &itl.Add(l, metrics::token_latency_buckets())};
     }
     return it->second;
   }
@@ -89,13 +92,13 @@ struct Seq {
   GenerationRequestPtr req;
   caf::response_promise promise;
   std::shared_ptr<GenerationResult> result = std::make_shared<GenerationResult>();
-  std::string worker;      // empty while waiting
-  int64_t prefilled = 0;   // context positions sent so far
-  int64_t resumed = 0;     // generated tokens that are part of the context (after a preemption)
+  std::string worker;            // empty while waiting
+  int64_t prefilled = 0;         // context positions sent so far
+  int64_t resumed = 0;           // generated tokens that are part of the context (after a preemption)
   std::vector<BlockKey> prefix;  // its prompt's full blocks (salted), for prefix affinity
-  int attempts = 0;        // failures (worker lost, error, timeout); preemptions do not count
-  int requeues = 0;        // times sent back to the queue, for any reason
-  std::string failed_on;   // the worker of its latest failure: placed elsewhere when another has room
+  int attempts = 0;              // failures (worker lost, error, timeout); preemptions do not count
+  int requeues = 0;              // times sent back to the queue, for any reason
+  std::string failed_on;         // the worker of its latest failure: placed elsewhere when another has room
   bool admitted_once = false, first_token_seen = false;  // queue time and TTFT count once
   Clock::time_point last_token_at;
 
@@ -144,24 +147,27 @@ class RecentPrefixes {
 
 struct Worker {
   std::string instance, endpoint;
-  int socket = -1;             // -1 until the bridge opened our DEALER to it
-  uint64_t inflight = 0;       // request id of the step in flight, 0 when idle
+  int socket = -1;        // -1 until the bridge opened our DEALER to it
+  uint64_t inflight = 0;  // request id of the step in flight, 0 when idle
   Clock::time_point sent_at;
   std::set<uint64_t> running;  // sequences it holds
   std::vector<uint64_t> to_free;
-  bool listed = true;          // still in the coordinator's list
-  int64_t kv_blocks = 0;       // its KV cache size, as it registered (0: unknown)
-  RecentPrefixes prefixes;     // prompt blocks placed on it (prefix affinity)
+  bool listed = true;       // still in the coordinator's list
+  int64_t kv_blocks = 0;    // its KV cache size, as it registered (0: unknown)
+  RecentPrefixes prefixes;  // prompt blocks placed on it (prefix affinity)
 };
 
 struct SchedulerState {
   SchedulerConfig cfg;
   ZmqBridge* bridge = nullptr;
   std::map<uint64_t, Seq> seqs;
-  FairQueue waiting;  // token-fair across tenants, priority first (core/fair_queue.h)
+  FairQueue waiting;                      // token-fair across tenants, priority first (core/fair_queue.h)
   std::map<std::string, Worker> workers;  // by instance
   std::map<std::string, int> sockets;     // endpoint -> socket, reused across re-registrations
   uint64_t next_seq = 1, next_request = 1;
+  // This run, in every step: a worker that sees another one drops the sequences of the old run
+  // (a restarted router counts its ids from 1 again and would never free them).
+  uint64_t epoch = std::random_device{}() * uint64_t(0x9E3779B97F4A7C15) | 1;
   uint64_t steps = 0, requeued = 0;
   std::unique_ptr<SchedulerMetrics> metrics;  // null without a registry
   static inline const char* name = "scheduler";
@@ -334,6 +340,7 @@ void send_step(Self* self, Worker& w) {
   if (req.work().empty() && req.free().empty()) return;
   const uint64_t rid = st.next_request++;
   req.set_step(rid);
+  req.set_router_epoch(st.epoch);
   w.inflight = req.work().empty() ? 0 : rid;  // a free-only step needs no answer to go on
   w.sent_at = Clock::now();
   ++st.steps;
@@ -523,8 +530,8 @@ caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
         }
         if (!any_worker) return refuse(503, "no attention worker is ready yet; retry shortly");
         if (st.waiting.size() >= st.cfg.max_waiting)
-          return refuse(503, "the server is overloaded (" + std::to_string(st.waiting.size()) +
-                                 " requests queued); retry later");
+          return refuse(
+              503, "the server is overloaded (" + std::to_string(st.waiting.size()) + " requests queued); retry later");
         const int64_t need = int64_t(req->prompt.size()) + req->max_tokens;
         // Under a sliding window a sequence holds O(window) blocks whatever its length.
         const bool fits =
@@ -580,8 +587,8 @@ caf::behavior scheduler(Self* self, ZmqBridge* bridge, SchedulerConfig cfg) {
         auto& st = self->state;
         size_t running = 0;
         for (const auto& [n, w] : st.workers) running += w.running.size();
-        nlohmann::json j{{"waiting", st.waiting.size()}, {"running", running}, {"steps", st.steps},
-                         {"requeued", st.requeued}};
+        nlohmann::json j{
+            {"waiting", st.waiting.size()}, {"running", running}, {"steps", st.steps}, {"requeued", st.requeued}};
         return j.dump();
       },
   };

@@ -115,6 +115,14 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
   StepPhaseTimer phase_timer(phases_);
   pb::StepResponse resp;
   resp.set_step(req.step());
+  if (req.router_epoch() != router_epoch_) {
+    // The router restarted: its old run's sequences have no one to step or free them.
+    if (router_epoch_ != 0 && !seqs_.empty()) {
+      spdlog::warn("step worker: the router restarted; releasing the {} sequences of its previous run", seqs_.size());
+      while (!seqs_.empty()) release(seqs_.begin()->first, false, "orphaned");
+    }
+    router_epoch_ = req.router_epoch();
+  }
   for (uint64_t seq : req.free()) release(seq, /*publish=*/true);
 
   const ModelConfig& cfg = engine_->config();

@@ -124,6 +124,7 @@ class StepWorker {
   std::vector<int32_t> eos_ids_;
   StepWorkerOptions opts_;
   std::map<uint64_t, Seq> seqs_;                                // by the router's sequence id
+  uint64_t router_epoch_ = 0;                                   // the run of the router they belong to
   std::map<std::string, std::shared_ptr<GrammarMasks>> masks_;  // by constraint spec
   mutable StepWorkerCounts counts_;
   StepPhases phases_;

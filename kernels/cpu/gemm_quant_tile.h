@@ -21,7 +21,6 @@ template <class V>
 struct QuantTiles {
   static constexpr int L = V::lanes;
   static constexpr int64_t B = QuantMatrix::kBlock;
-  static constexpr int64_t kLine = 64;  // bytes
   using R = typename V::reg;
 
   // c[r * ldc + i] = row o0 + i of m · xr[r] (xr in the matrix's padded order).
@@ -37,7 +36,8 @@ struct QuantTiles {
     }
     constexpr bool table = V::template has_table<BITS>;
     // The next tile's scales and zeros ([out, groups] each: RM rows are contiguous).
-    for (int64_t at = (o0 + RM) * groups * 4, end = at + RM * groups * 4; at < end; at += kLine) {
+    constexpr int64_t kF = int64_t(sizeof(float));
+    for (int64_t at = (o0 + RM) * groups * kF, end = at + RM * groups * kF; at < end; at += kCacheLine) {
       prefetch_at(m.scale.data(), at);
       prefetch_at(m.scaled_zero.data(), at);
     }
@@ -56,7 +56,7 @@ struct QuantTiles {
       for (int64_t k = m.group_start[size_t(g)]; k < m.group_start[size_t(g + 1)]; k += B) {
         // The next tile's rows at this offset, a cache line at a time: the hardware prefetcher
         // did not keep RM row streams ahead from DRAM (INT4 GEMV 15-20 -> 29-36 G MAC/s a core).
-        if ((k * BITS / 8) % kLine == 0) {
+        if ((k * BITS / 8) % kCacheLine == 0) {
           MOEMESH_UNROLL
           for (int i = 0; i < RM; ++i) prefetch_at(q, (RM + i) * row_bytes + k * BITS / 8);
         }

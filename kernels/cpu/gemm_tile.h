@@ -21,6 +21,8 @@
 
 namespace moemesh::cpu {
 
+inline constexpr int64_t kCacheLine = 64;  // bytes: what one prefetch brings
+
 // Asks for the cache line at `bytes` past `base` ahead of use. The tiles ask for the next tile's
 // rows, which may lie past the matrix: the address is formed in integers (no out-of-bounds
 // pointer), and a prefetch never faults.
@@ -62,7 +64,6 @@ void with_weight_dtype(DType dt, F&& f) {
 template <class V>
 struct GemmTiles {
   static constexpr int L = V::lanes;
-  static constexpr int64_t kLine = 64;  // bytes
   using R = typename V::reg;
   using X = typename V::xelem;
 
@@ -79,7 +80,7 @@ struct GemmTiles {
     int64_t k = 0;
     for (; k + L <= in; k += L) {
       // The next tile's rows at this offset, a cache line at a time (as QuantTiles does).
-      if ((k * int64_t(sizeof(E))) % kLine == 0) {
+      if ((k * int64_t(sizeof(E))) % kCacheLine == 0) {
         MOEMESH_UNROLL
         for (int i = 0; i < RM; ++i) prefetch_at(w, ((RM + i) * ldw + k) * int64_t(sizeof(E)));
       }

@@ -467,6 +467,13 @@ class Cluster:
         self.router = self._start("router", argv, self.admin_port)
         return self.router
 
+    def restart_router(self):
+        """Starts the router again with the arguments (and ports) of the last one, as `moemesh up`
+        or a Deployment would after it died. Its log goes to a file of its own."""
+        runs = sum(p.name.startswith("router") for p in self.procs)
+        self.router = self._start(f"router-run{runs + 1}", self.router.argv, self.admin_port)
+        return self.router
+
     def start_expert(self, extra=()):
         i = len(self.experts)
         admin, port = free_port(), free_port()

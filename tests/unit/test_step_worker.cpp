@@ -200,6 +200,43 @@ TEST_P(MicroBatches, StepWorkerOutputsAreTheSameWithOneOrTwo) {
   EXPECT_EQ(w2.counts().microbatch_steps, 6u);
 }
 
+// A restarted router (a new router_epoch) counts its sequence ids from 1 again and knows nothing
+// of the old run's sequences: the worker releases them (their KV blocks come back) on the first
+// step of the new run, and the new run's sequence 2 starts fresh, whatever the old 2 held. Steps
+// of one run never release anything of their own.
+TEST_P(MicroBatches, ANewRouterEpochReleasesTheOldRunsSequences) {
+  const auto eng = engine();
+  StepWorker w(eng, {2});
+  KvCache& kv = eng->kv_cache();
+  const int64_t free_at_start = kv.free_blocks();
+  const auto first_step = [&](uint64_t epoch, uint64_t step, std::vector<uint64_t> seqs, size_t prompt_len) {
+    pb::StepRequest req;
+    req.set_step(step);
+    req.set_router_epoch(epoch);
+    for (uint64_t id : seqs) {
+      auto* wk = req.add_work();
+      wk->set_seq(id);
+      wk->set_is_first(true);
+      const auto p = random_tokens(prompt_len, 70 + id, vocab());
+      for (int32_t t : p) wk->add_prompt(t), wk->add_tokens(t);
+      wk->set_sample(true);
+    }
+    std::vector<std::vector<float>> logits;
+    const pb::StepResponse resp = w.run(req, logits);
+    for (const auto& r : resp.results()) EXPECT_EQ(r.error(), "") << "sequence " << r.seq();
+  };
+  first_step(7, 1, {1, 2, 3}, 40);
+  first_step(7, 2, {4}, 40);  // the same run: 1-3 stay
+  EXPECT_EQ(w.sequences(), 4u);
+  const int64_t held = free_at_start - kv.free_blocks();
+  EXPECT_GT(held, 0);
+  first_step(9, 1, {2}, 20);  // the router restarted
+  EXPECT_EQ(w.sequences(), 1u);
+  EXPECT_LT(free_at_start - kv.free_blocks(), held);
+  EXPECT_EQ(free_at_start - kv.free_blocks(), (20 + KvCache::kBlockSize - 1) / KvCache::kBlockSize)
+      << "only the new run's sequence 2 holds blocks";
+}
+
 // Sampling from the backend's logits summaries (what --logits-summaries does on a GPU) chooses the
 // tokens the full rows choose, for greedy, top_k, top_p with penalties and plain temperature
 // sampling (which always needs the full row).
