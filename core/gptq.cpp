@@ -7,6 +7,7 @@
 #include "core/checkpoint.h"
 #include "core/error.h"
 #include "core/json_file.h"
+#include "core/model_config.h"
 #include "core/safetensors.h"
 
 namespace moemesh {
@@ -46,6 +47,12 @@ const TensorInfo& require(const TensorLookup& find, const std::string& name, con
 }
 
 }  // namespace
+
+void require_own_lm_head(const ModelConfig& config, const std::string& model) {
+  if (config.tie_word_embeddings)
+    throw Error("--lm-head: " + model +
+                " ties lm_head to the embeddings (tie_word_embeddings); it has no lm_head to quantize");
+}
 
 std::string GptqConfig::describe() const {
   return "GPTQ " + std::to_string(bits) + "-bit, group size " +

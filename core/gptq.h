@@ -15,7 +15,8 @@
 
 namespace moemesh {
 
-struct TensorInfo;  // core/checkpoint.h
+struct TensorInfo;   // core/checkpoint.h
+struct ModelConfig;  // core/model_config.h
 
 struct GptqConfig {
   int bits = 4;
@@ -33,6 +34,10 @@ struct GptqConfig {
 // when neither has one. Throws moemesh::Error naming the file and key for another quant_method,
 // bits other than 4 or 8, a bad group_size or an unknown checkpoint_format.
 std::optional<GptqConfig> read_gptq_config(const nlohmann::json& config, const std::filesystem::path& dir);
+
+// Quantizing lm_head (`quantize --lm-head`, `export-gguf --lm-head`) needs one of its own. Throws
+// moemesh::Error naming `model` when the config ties lm_head to the embeddings.
+void require_own_lm_head(const ModelConfig& config, const std::string& model);
 
 // The module of a Linear weight's tensor name: "x.q_proj.weight" -> "x.q_proj".
 std::string module_of(const std::string& weight_tensor);

@@ -215,6 +215,7 @@ QuantizedModules gptq_calibrate(const Checkpoint& ck, std::span<const std::vecto
     const auto t0 = Clock::now();
     LayerReport report;
     report.layer = report.layers = n_layers;
+    report.lm_head = true;
     LayerQuantizer lq(opts, out, report);
     backend->rmsnorm(x.data(), base.final_norm, rows, cfg.rms_norm_eps, h.data());
     Hessian hs(hidden);

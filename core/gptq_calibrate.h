@@ -36,7 +36,8 @@ struct CalibrationOptions {
 };
 
 struct LayerReport {
-  int64_t layer = 0, layers = 0;  // layer == layers: lm_head
+  int64_t layer = 0, layers = 0;
+  bool lm_head = false;  // the report of lm_head, after the last layer
   double seconds = 0;
   int64_t gptq = 0, rtn = 0;  // Linear weights quantized each way
   struct Fallback {

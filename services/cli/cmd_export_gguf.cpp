@@ -25,6 +25,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/gguf_writer.h"
+#include "core/gptq.h"
 #include "services/cli/commands.h"
 
 namespace moemesh::cli {
@@ -313,8 +314,7 @@ void run_export(const ExportArgs& a) {
   // stay f16 (as moemesh's GPTQ checkpoints keep them), the router f32.
   const bool q4_0 = a.dtype == "q4_0";
   if (a.lm_head && !q4_0) throw Error("export-gguf: --lm-head quantizes lm_head with --dtype q4_0 only");
-  if (a.lm_head && c.tie_word_embeddings)
-    throw Error("export-gguf: --lm-head: " + a.model + " ties lm_head to the embeddings (tie_word_embeddings)");
+  if (a.lm_head) require_own_lm_head(c, a.model);
   std::optional<TensorType> forced;
   if (q4_0)
     forced = TensorType::F16;

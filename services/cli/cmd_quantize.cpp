@@ -35,6 +35,7 @@
 #include "core/checkpoint.h"
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/gptq.h"
 #include "core/gptq_calibrate.h"
 #include "core/gptq_eval.h"
 #include "core/gptq_quantizer.h"
@@ -367,7 +368,7 @@ QuantizedModules run_gptq(const Checkpoint& ck, const Settings& s) {
       std::cerr << "quantize: warning: model.layers." << r.layer << " expert " << f.expert << ": " << f.rows
                 << " calibration rows (< " << min_rows << "): rounded to nearest (RTN)" << std::endl;
     const std::string what =
-        r.layer == r.layers ? "lm_head" : "layer " + std::to_string(r.layer + 1) + "/" + std::to_string(r.layers);
+        r.lm_head ? "lm_head" : "layer " + std::to_string(r.layer + 1) + "/" + std::to_string(r.layers);
     std::cout << "quantize: gptq " << what << ": " << seconds(r.seconds) << ", " << r.gptq + r.rtn << " Linear ("
               << r.gptq << " GPTQ, " << r.rtn << " RTN)" << std::endl;
   });
@@ -433,9 +434,7 @@ void run_quantize(const QuantizeArgs& a) {
   if (ck->quantization())
     throw Error(a.model + ": already quantized (" + ck->quantization()->describe() + "); quantize a float checkpoint");
   if (!out.has_filename()) throw Error("--out " + a.out + ": not a folder name");
-  if (s.lm_head && ck->config().tie_word_embeddings)
-    throw Error("--lm-head: " + a.model +
-                " ties lm_head to the embeddings (tie_word_embeddings); it has no lm_head to quantize");
+  if (s.lm_head) require_own_lm_head(ck->config(), a.model);
   // Written beside --out and renamed into place at the end: a failed run leaves no half checkpoint.
   const fs::path tmp = out.parent_path() / ("." + out.filename().string() + ".tmp-" + std::to_string(::getpid()));
   try {
