@@ -3,6 +3,7 @@
 
   bench/eplb_bench.py --moemesh build/services/cli/moemesh [--model DIR] [--experts 4]
                       [--concurrency 16] [--warm-s 20] [--measure-s 30] [--bias 0=6,4=5]
+                      [--micro-batches 1|2] [--rounds N]
 
 The attention workers' --router-bias sends almost every token to two experts that round-robin
 placement puts on the same expert host (experts 0 and 4 of 8 over 4 hosts). The same cluster
@@ -10,9 +11,11 @@ shape runs twice: placement as cut (static), and with --rebalance-interval-s (th
 re-places experts live from the measured load during the warm-up). Each run: warm-up load, then
 `moemesh bench` at a fixed concurrency for --measure-s. Printed per run: output tokens/s, the
 expert hosts' imbalance (busiest host's rows / mean rows over the measured window, from
-`moemesh status`), re-placements done; and the ratios load-driven/static.
+`moemesh status`), re-placements done; and the ratios load-driven/static. With --rounds N the
+two alternate N times (static, load-driven, static, ...) and each pair's ratio is printed with
+their median: the machine's drift then falls on both sides alike.
 """
-import argparse, json, os, signal, subprocess, sys, tempfile
+import argparse, json, os, signal, statistics, subprocess, sys, tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "integration"))
 from harness import free_port  # noqa: E402
@@ -38,7 +41,8 @@ def run(a, model, tmp, label, rebalance):
     port, control = free_port(), free_port()
     argv = [a.moemesh, "up", "--model", model, "--port", str(port), "--control-port", str(control), "--admin-port",
             str(free_port()), "--attention", "1", "--experts", str(a.experts), "--cores", "1", "--no-kvstore",
-            "--router-bias", a.bias, "--log-dir", os.path.join(tmp, f"logs-{label}")]
+            "--router-bias", a.bias, "--micro-batches", str(a.micro_batches),
+            "--log-dir", os.path.join(tmp, f"logs-{label}")]
     if rebalance:
         argv += ["--rebalance-interval-s", "2"]
     up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -57,7 +61,7 @@ def run(a, model, tmp, label, rebalance):
         up.wait(60)
     delta = [rows1[k] - rows0.get(k, 0) for k in rows1]
     imbalance = max(delta) / (sum(delta) / len(delta)) if sum(delta) > 0 else float("nan")
-    print(f"{label:12s} output {tps:8.1f} tokens/s   host imbalance (max/mean rows) {imbalance:5.2f}   "
+    print(f"{label:14s} output {tps:8.1f} tokens/s   host imbalance (max/mean rows) {imbalance:5.2f}   "
           f"re-placements {rebalances} ({moves} moves)   rows per host {[int(d) for d in delta]}", flush=True)
     return tps, imbalance
 
@@ -71,6 +75,10 @@ def main():
     ap.add_argument("--warm-s", type=int, default=20)
     ap.add_argument("--measure-s", type=int, default=30)
     ap.add_argument("--bias", default="0=6,4=5")
+    ap.add_argument("--micro-batches", type=int, default=2,
+                    help="1: the attention worker waits for every layer's experts, so a host's serial work is "
+                         "the step's; 2: halves overlap, the worker computes while the hosts do")
+    ap.add_argument("--rounds", type=int, default=1, help="static and load-driven runs, alternating")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="moemesh-eplb-")
     model = a.model
@@ -78,9 +86,16 @@ def main():
         model = os.path.join(tmp, "small")
         subprocess.run([a.moemesh, "mkmodel", "--arch", "mixtral", "--preset", "small", "--seed", "1", "--out", model,
                         "--dtype", "f32"], check=True, stdout=subprocess.DEVNULL)
-    s_tps, s_imb = run(a, model, tmp, "static", False)
-    e_tps, e_imb = run(a, model, tmp, "load-driven", True)
-    print(f"load-driven / static: throughput x{e_tps / s_tps:.2f}, imbalance {s_imb:.2f} -> {e_imb:.2f}")
+    ratios = []
+    for r in range(a.rounds):
+        s_tps, s_imb = run(a, model, tmp, f"static-{r}", False)
+        e_tps, e_imb = run(a, model, tmp, f"load-driven-{r}", True)
+        ratios.append(e_tps / s_tps)
+        print(f"round {r}: load-driven / static: throughput x{ratios[-1]:.2f}, imbalance {s_imb:.2f} -> {e_imb:.2f}",
+              flush=True)
+    if a.rounds > 1:
+        print(f"throughput ratio over {a.rounds} rounds: median x{statistics.median(ratios):.2f} "
+              f"(range {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,17 @@ import argparse, json, os, signal, subprocess, sys, tempfile, time, urllib.reque
 CONFIGS = [  # (attention, experts, replicas, micro_batches)
     (1, 1, 1, 2), (1, 2, 1, 2), (2, 2, 1, 2), (2, 2, 2, 2), (1, 2, 1, 1), (2, 4, 2, 1),
 ]
-TRAFFIC = [  # (bench flags, plan --traffic, requests as a multiple of --requests)
-    (["--concurrency", "1"], "closed:1", 1),
-    (["--concurrency", "16"], "closed:16", 1),
-    (["--concurrency", "64"], "closed:64", 1),
-    (["--rate", "20"], "poisson:20", 2),  # more requests: 64 Poisson arrivals span +-12% of their mean
-]
+TRAFFIC = ["closed:1", "closed:16", "closed:64", "poisson:20"]
+
+
+def traffic_cell(spec):
+    """plan's --traffic -> (bench flags, plan --traffic, requests as a multiple of --requests)."""
+    kind, value = spec.split(":")
+    if kind == "closed":
+        return ["--concurrency", value], spec, 1
+    if kind == "poisson":  # more requests: 64 Poisson arrivals span +-12% of their mean
+        return ["--rate", value], spec, 2
+    raise SystemExit(f"--traffic {spec}: closed:N or poisson:RATE")
 KEYS = ["tok_s", "ttft_p50", "ttft_p90", "itl_p50", "itl_p90"]
 
 
@@ -79,6 +84,7 @@ def main():
                     help="first seed; every bench run has its own (fresh prompts: none from the prefix cache), "
                          "and plan predicts each with the same seed (the same requests and arrival times)")
     ap.add_argument("--configs", help="indices into the configurations, e.g. 0,2 (default: all)")
+    ap.add_argument("--traffic", help="comma-separated closed:N / poisson:RATE (default: " + ",".join(TRAFFIC) + ")")
     ap.add_argument("--quick", action="store_true", help="2 configurations x 2 traffics")
     ap.add_argument("--port", type=int, default=18000)
     ap.add_argument("--json", help="write the rows here (with the profiles' and measurements' paths)")
@@ -104,6 +110,9 @@ def main():
         print_table(rows)
         return 0
     configs, traffic = (CONFIGS[:2], TRAFFIC[:2]) if a.quick else (CONFIGS, TRAFFIC)
+    if a.traffic:
+        traffic = a.traffic.split(",")
+    traffic = [traffic_cell(t) for t in traffic]
     if a.configs:
         configs = [CONFIGS[int(i)] for i in a.configs.split(",")]
     seed = a.seed
