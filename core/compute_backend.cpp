@@ -12,6 +12,7 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/thread_pool.h"
 
 namespace moemesh {
 
@@ -80,9 +81,11 @@ std::vector<LogitsSummary> ComputeBackend::logits_summaries(const float* x, int6
   const int64_t vocab = lm_head.rows();
   std::vector<float> logits(size_t(rows * vocab));
   matmul(x, rows, lm_head, logits.data());
-  std::vector<LogitsSummary> out;
-  for (int64_t r = 0; r < rows; ++r)
-    out.push_back(summarise_logits(std::span(logits).subspan(size_t(r * vocab), size_t(vocab)), requests[size_t(r)]));
+  // Rows apart on the compute threads (requests checked above, so none throws).
+  std::vector<LogitsSummary> out(static_cast<size_t>(rows));
+  cpu::parallel_for(rows, [&](int64_t r) {
+    out[size_t(r)] = summarise_logits(std::span(logits).subspan(size_t(r * vocab), size_t(vocab)), requests[size_t(r)]);
+  });
   return out;
 }
 

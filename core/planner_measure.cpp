@@ -8,6 +8,7 @@
 #include "core/checkpoint.h"
 #include "core/engine.h"
 #include "core/error.h"
+#include "core/sampler.h"
 
 namespace moemesh::planner {
 namespace {
@@ -69,6 +70,11 @@ EngineMeasurements measure_engine(const std::filesystem::path& model, const std:
     }
     (prefill ? out.steps : decode).push_back({rows, ctx, total - experts, experts, prefill});
   };
+  // Each sampled row asks for its logits summary, as an attention worker does for greedy or top-k/p
+  // sampling (actors/step_worker.cpp): computing it is per-row work of the step, like lm_head.
+  SamplingParams greedy_params;
+  greedy_params.temperature = 0;
+  const LogitsRequest summary = Sampler(greedy_params, {}).logits_request();
   int32_t token = 1;
   auto next_token = [&] { return int32_t(1 + (token++ * 7919) % std::max<int64_t>(2, vocab - 1)); };
   for (int64_t c : contexts)
@@ -79,6 +85,7 @@ EngineMeasurements measure_engine(const std::filesystem::path& model, const std:
         seqs.push_back(s);
         std::vector<StepInput> in(1);
         in[0].seq = s;
+        in[0].summary = summary;
         for (int64_t k = 0; k < c; ++k) in[0].tokens.push_back(next_token());
         timed_step(in, double(c), double(c) * double(c + 1) / 2, true);
       }
@@ -89,6 +96,7 @@ EngineMeasurements measure_engine(const std::filesystem::path& model, const std:
         for (int64_t i = 0; i < b; ++i) {
           in[size_t(i)].seq = seqs[size_t(i)];
           in[size_t(i)].tokens = {next_token()};
+          in[size_t(i)].summary = summary;
           ctx += double(engine.sequence_length(seqs[size_t(i)]) + 1);
         }
         timed_step(in, double(b), ctx, false);

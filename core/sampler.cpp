@@ -6,19 +6,16 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "kernels/cpu/ops.h"
 
 namespace moemesh {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Log-softmax in double, returned as float.
+// Log-softmax, the normaliser as a logits summary computes it (so both give equal logprobs).
 std::vector<float> log_softmax(std::span<const float> logits) {
-  double mx = -std::numeric_limits<double>::infinity();
-  for (float v : logits) mx = std::max(mx, double(v));
-  double sum = 0.0;
-  for (float v : logits) sum += std::exp(double(v) - mx);
-  const double lse = mx + std::log(sum);
+  const double lse = cpu::log_sum_exp(logits.data(), int64_t(logits.size()), 1.0f);
   std::vector<float> out(logits.size());
   for (size_t i = 0; i < logits.size(); ++i) out[i] = float(double(logits[i]) - lse);
   return out;
@@ -118,7 +115,8 @@ std::vector<float> Sampler::process(std::span<const float> logits) const {
     const std::vector<int32_t> order = order_desc(lp);
     double cum = 0.0;
     size_t keep = 0;
-    while (keep < order.size() && (keep == 0 || cum < params_.top_p)) cum += std::exp(double(lp[size_t(order[keep++])]));
+    while (keep < order.size() && (keep == 0 || cum < params_.top_p))
+      cum += std::exp(double(lp[size_t(order[keep++])]));
     for (size_t i = keep; i < order.size(); ++i) x[size_t(order[i])] = kNegInf;
   }
   if (params_.min_p > 0.0) {
@@ -212,7 +210,8 @@ std::optional<SampledToken> Sampler::sample_from(const LogitsRequest& request, c
     known.push_back({summary.top_ids[i], summary.top_values[i], 0});
   }
   for (size_t i = 0; i < request.watch.size(); ++i)
-    if (request.watch[i] >= 0 && request.watch[i] < vocab) known.push_back({request.watch[i], summary.watch_values[i], 0});
+    if (request.watch[i] >= 0 && request.watch[i] < vocab)
+      known.push_back({request.watch[i], summary.watch_values[i], 0});
   std::sort(known.begin(), known.end(), [](const Known& a, const Known& b) { return a.id < b.id; });
   known.erase(std::unique(known.begin(), known.end(), [](const Known& a, const Known& b) { return a.id == b.id; }),
               known.end());

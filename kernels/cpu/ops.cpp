@@ -1,7 +1,9 @@
 #include "kernels/cpu/ops.h"
 
 #include "core/error.h"
+#include "kernels/cpu/cpu_features.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/gemm_block.h"
 
 #include <algorithm>
 #include <cmath>
@@ -116,8 +118,27 @@ void softmax(float* x, int64_t rows, int64_t n, float temperature) {
   }
 }
 
-void topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t k, float temperature,
-                 bool renormalize, int32_t* ids, float* weights) {
+double log_sum_exp(const float* x, int64_t n, float scale) {
+  constexpr int64_t kChunk = 2048;
+  alignas(64) float chunk[kChunk];  // the tile kernel works in place
+  const SoftmaxTileFn tile = gemm_kernels_for(active_isa()).softmax;
+  float m = -INFINITY;
+  double sum = 0;
+  for (int64_t i = 0; i < n; i += kChunk) {
+    const int64_t len = std::min(kChunk, n - i);
+    std::memcpy(chunk, x + i, size_t(len) * sizeof(float));
+    const float before = m;
+    const float part = tile(chunk, len, 0, len, scale, m);  // m becomes the running max
+    if (!std::isfinite(m)) continue;                        // all -inf so far
+    if (m > before && sum > 0) sum *= std::exp(double(before) - double(m));
+    sum += double(part);
+  }
+  if (!std::isfinite(m)) return m;
+  return double(m) + std::log(sum);
+}
+
+void topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t k, float temperature, bool renormalize,
+                 int32_t* ids, float* weights) {
   std::vector<float> p(static_cast<size_t>(n_experts));
   std::vector<int32_t> order(static_cast<size_t>(n_experts));
   for (int64_t r = 0; r < rows; ++r) {

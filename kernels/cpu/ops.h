@@ -27,10 +27,15 @@ void silu_mul(const float* gate, const float* up, int64_t rows, int64_t n, float
 // Row-wise softmax in place; logits divided by temperature first.
 void softmax(float* x, int64_t rows, int64_t n, float temperature = 1.0f);
 
+// log Σ exp(x[i] · scale) over x[0, n): a logits row's log-normaliser at temperature 1 / scale.
+// The exponentials are the SIMD softmax tile's (within 2 ulp), summed in f32 lanes over chunks
+// of 2048 and the chunks in f64. -inf when every x is -inf.
+double log_sum_exp(const float* x, int64_t n, float scale);
+
 // Gating: softmax(logits / temperature) then top-k per row. ids/weights [rows, k], ordered by
 // weight descending (ties: lower expert id first). When renormalize, the k weights sum to 1.
-void topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t k, float temperature,
-                 bool renormalize, int32_t* ids, float* weights);
+void topk_gating(const float* logits, int64_t rows, int64_t n_experts, int64_t k, float temperature, bool renormalize,
+                 int32_t* ids, float* weights);
 
 // Gathers embedding rows (F32/F16/BF16 table [vocab, dim]) into out[n, dim].
 void embedding(const void* table, DType dtype, int64_t dim, const int32_t* ids, int64_t n, float* out);

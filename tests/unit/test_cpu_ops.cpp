@@ -94,6 +94,24 @@ TEST(CpuOps, SiluMulAndSoftmax) {
   EXPECT_LT(rel_err(p, pref), 1e-6);
 }
 
+// The vectorised log-normaliser against log Σ exp in double: lengths around its 2048-value chunks
+// and a vocabulary's, a temperature, masked (-inf) logits, and a row that is all -inf.
+TEST(CpuOps, LogSumExpMatchesDouble) {
+  for (int64_t n : {1, 7, 2047, 2048, 2049, 32000, 152064})
+    for (float scale : {1.0f, 1.0f / 0.7f}) {
+      auto x = normals(size_t(n), uint32_t(n), 4.0f);
+      for (int64_t i = 3; i < n; i += 5) x[size_t(i)] = -INFINITY;
+      if (n > 4000) x[size_t(n - 1)] = 30.0f;  // the maximum in the last chunk: earlier sums rescale
+      double mx = -INFINITY, sum = 0;
+      for (float v : x) mx = std::max(mx, double(v) * scale);
+      for (float v : x) sum += std::exp(double(v) * scale - mx);
+      const double want = mx + std::log(sum), got = cpu::log_sum_exp(x.data(), n, scale);
+      EXPECT_NEAR(got, want, 2e-6 * std::max(1.0, std::abs(want))) << "n " << n << " scale " << scale;
+    }
+  const std::vector<float> masked(100, -INFINITY);
+  EXPECT_EQ(cpu::log_sum_exp(masked.data(), 100, 1.0f), -INFINITY);
+}
+
 TEST(CpuOps, TopkGating) {
   // Row 0 has a tie between experts 1 and 3: the lower id comes first.
   const std::vector<float> logits = {0.1f, 2.0f, -1.0f, 2.0f,  0.5f,  //

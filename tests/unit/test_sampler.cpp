@@ -2,9 +2,11 @@
 // many seeded draws, or on the processed logits), and a seed fixes the output.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <numeric>
 #include <optional>
 #include <random>
 #include <vector>
@@ -322,6 +324,28 @@ TEST(Sampler, SummaryDecidesLikeTheFullRow) {
       }
       std::printf("%s seed %d: %d of %d peaked rows decided, %d declined\n", c.name, int(seed), peaked_decided,
                   peaked_steps, declined);
+    }
+}
+
+// The summary's k largest are partial_sort's, ties lowest id first: rows of few distinct values
+// (many ties), the largest late in the row, k from 1 to the whole vocabulary.
+TEST(Sampler, SummaryTopIdsArePartialSortsWithTies) {
+  std::mt19937 rng(11);
+  for (int64_t vocab : {1, 5, 300, 5000})
+    for (int64_t k : {int64_t(1), int64_t(3), int64_t(64), vocab}) {
+      std::vector<float> row(static_cast<size_t>(vocab));
+      std::uniform_int_distribution<int> level(0, 9);
+      for (size_t i = 0; i < row.size(); ++i) row[i] = float(level(rng)) + (i + 1 == row.size() ? 20.0f : 0.0f);
+      std::vector<int32_t> ids(row.size());
+      std::iota(ids.begin(), ids.end(), 0);
+      const auto kk = ptrdiff_t(std::min(k, vocab));
+      std::partial_sort(ids.begin(), ids.begin() + kk, ids.end(), [&](int32_t a, int32_t b) {
+        return row[size_t(a)] > row[size_t(b)] || (row[size_t(a)] == row[size_t(b)] && a < b);
+      });
+      LogitsRequest req;
+      req.k = k;
+      const LogitsSummary s = summarise_logits(row, req);
+      EXPECT_EQ(s.top_ids, std::vector<int32_t>(ids.begin(), ids.begin() + kk)) << "vocab " << vocab << " k " << k;
     }
 }
 
