@@ -149,10 +149,9 @@ struct CoordinatorState {
   std::map<std::string, Member> members;
   std::vector<AttentionWorker> last_workers;  // as last told to the listener
   LoadWindow load;
-  bool suspect_armed = false;                                     // a fast-removal check is scheduled
-  uint64_t expired = 0;                                           // members removed since start
-  std::map<std::string, std::pair<pb::Role, uint32_t>> restarts;  // per instance ever seen: role, restarts
-  std::unique_ptr<CoordinatorMetrics> metrics;                    // null without a registry
+  bool suspect_armed = false;                   // a fast-removal check is scheduled
+  uint64_t expired = 0;                         // members removed since start
+  std::unique_ptr<CoordinatorMetrics> metrics;  // null without a registry
   static inline const char* name = "coordinator";
 };
 
@@ -241,8 +240,7 @@ void on_register(Self* self, const zmq::message_t& peer, const pb::Register& r) 
     m.caps = {r.gpu(), r.nccl(), r.gpu_id()};
     m.last_seen = Clock::now();
     m.restarts = r.restarts();
-    st.restarts[r.instance()] = {r.role(), r.restarts()};
-    if (st.metrics)  // now, not at the next tick: status and /metrics agree once the member is back
+    if (st.metrics)  // kept after the member leaves; set now, so status and /metrics agree at once
       st.metrics->restarts.Add({{"role", role_name(r.role())}, {"host", r.instance()}}).Set(double(r.restarts()));
     if (r.restarts() > 0)
       spdlog::info("coordinator: {} registered after {} restart(s) by its supervisor", r.instance(), r.restarts());
@@ -512,8 +510,6 @@ void publish_metrics(CoordinatorState& st) {
   }
   m.uncovered.Set(uncovered);
   for (auto& [layer, g] : m.imbalance_by_layer) g->Set(st.load.imbalance(layer, st.cfg.num_experts));
-  for (const auto& [name, rr] : st.restarts)
-    m.restarts.Add({{"role", role_name(rr.first)}, {"host", name}}).Set(double(rr.second));
 }
 
 caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publish, CoordinatorConfig cfg,
