@@ -101,6 +101,15 @@ class Server {
 class Cores {
  public:
   explicit Cores(int n = 1) : s_(size_t(std::max(1, n))) {}
+  double earliest(double ready, double dur, double now) {
+    double start = 0;
+    for (size_t i = 0; i < s_.size(); ++i) {
+      const double e = s_[i].earliest(ready, dur, now);
+      if (i == 0 || e < start) start = e;
+      if (start <= ready) break;
+    }
+    return start;
+  }
   double reserve(double ready, double dur, double now) {
     size_t best = 0;
     double start = 0;
@@ -192,7 +201,7 @@ struct WorkerState {
   int lane_count = 0, lanes_pending = 0;
   int64_t sampled = 0;  // rows of the step in flight that sample a token
   double lanes_done = 0, step_start = 0;
-  Cores server;  // its own accelerator (unless the node's cores are shared)
+  Cores server;  // its own accelerator, or on shared cores its own timeline (one call at a time)
 };
 
 struct HostState {
@@ -316,8 +325,24 @@ class Simulator {
   int64_t pending_arrivals() const { return int64_t(arrivals_.size()) - arrived_; }
   bool closed_done() const { return t_.kind != TrafficSpec::Kind::closed || !more_closed(); }
   bool shared() const { return p_.shared_node_compute; }
-  Cores& worker_server(WorkerState& w) { return shared() ? node_servers_[size_t(w.node)] : w.server; }
-  Cores& host_server(HostState& h) { return shared() ? node_servers_[size_t(h.node)] : h.server; }
+  // A worker's or host's operation: on its own accelerator, or on shared cores where both its
+  // process and one of the node's cores are free (a process hands its compute pool one call at a
+  // time, so a worker's two micro-batches take turns even when both cores are idle).
+  double run(Cores& own, int node, double ready, double dur) {
+    if (!shared()) return own.reserve(ready, dur, now_);
+    Cores& cores = node_servers_[size_t(node)];
+    double s = ready;
+    for (;;) {  // the first start free on both; it only moves later, so this ends
+      const double a = own.earliest(s, dur, now_);
+      const double b = cores.earliest(a, dur, now_);
+      s = b;
+      if (b <= a) break;
+    }
+    own.reserve(s, dur, now_);
+    return cores.reserve(s, dur, now_);
+  }
+  double run_on(WorkerState& w, double ready, double dur) { return run(w.server, w.node, ready, dur); }
+  double run_on(HostState& h, double ready, double dur) { return run(h.server, h.node, ready, dur); }
 
   // Closed loop: a client sends its next request as soon as its previous one ends.
   bool more_closed() const { return t_.requests > 0 ? issued_ < t_.requests : now_ < t_.duration_s; }
@@ -558,7 +583,7 @@ class Simulator {
     WorkerState& w = workers_[wi];
     Lane& l = w.lanes[lane];
     const double attn = lane_attention(l);
-    const double a_end = worker_server(w).reserve(now_, attn, now_);
+    const double a_end = run_on(w, now_, attn);
     attn_busy_ += attn;
     double done = a_end;
     if (p_.model.is_moe_layer(layer)) {
@@ -576,8 +601,7 @@ class Simulator {
         } else {
           arrive += link.seconds(bytes);
         }
-        arrive =
-            shared() ? worker_server(w).reserve(arrive, p_.dispatch_overhead_s, now_) : arrive + p_.dispatch_overhead_s;
+        arrive = shared() ? run_on(w, arrive, p_.dispatch_overhead_s) : arrive + p_.dispatch_overhead_s;
         double end;
         auto& open = h.open[layer];
         ++dispatches_;
@@ -587,14 +611,14 @@ class Simulator {
           const double added = n * (std::exp(-open.rows / n) - std::exp(-(open.rows + rows) / n));
           const double extra = p_.expert_per_row_s * rows + p_.expert_per_expert_s * added;
           open.rows += rows;
-          end = host_server(h).reserve(open.end, extra, now_);
+          end = run_on(h, open.end, extra);
           expert_busy_ += extra;
           host_busy_[size_t(hi)] += extra;
           open.end = end;
         } else {
           const double window = d_.attention_workers > 1 ? d_.expert_batch_window_s : 0.0;
           const double dur = p_.expert_batch_s(active_[k], rows);
-          end = host_server(h).reserve(arrive + window, dur, now_);
+          end = run_on(h, arrive + window, dur);
           expert_busy_ += dur;
           host_busy_[size_t(hi)] += dur;
           open = {arrive + window, end - dur, end, rows};
@@ -710,7 +734,7 @@ class Simulator {
     WorkerState& w = workers_[size_t(wi)];
     const double dur = p_.step_s(double(w.sampled));
     attn_busy_ += dur;
-    double end = fast_ ? lanes_done + dur : worker_server(w).reserve(lanes_done, dur, now_);
+    double end = fast_ ? lanes_done + dur : run_on(w, lanes_done, dur);
     if (p_.step_jitter > 0)
       end += (end - w.step_start) * std::exponential_distribution<double>(1 / p_.step_jitter)(rng_);
     push(end, kStepDone, uint32_t(wi));

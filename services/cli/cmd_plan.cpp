@@ -20,6 +20,7 @@
 #include "core/model_config.h"
 #include "core/planner_measure.h"
 #include "core/planner_search.h"
+#include "kernels/cpu/thread_pool.h"
 #include "services/cli/commands.h"
 #include "services/cli/plot.h"
 
@@ -261,12 +262,13 @@ struct ProfileArgs {
   int repeats = 9, zmq_rounds = 200;
   // Calibration against a running cluster (`moemesh up`) of this shape.
   std::string calibrate_url, refit, gpu_results;
-  int cal_attention = 1, cal_experts = 1, cal_replicas = 1, cal_micro_batches = 2, cal_concurrency = 32,
+  int cal_attention = 1, cal_experts = 1, cal_replicas = 1, cal_micro_batches = 2, cal_concurrency = 48,
       cal_repeats = 3;
   int64_t cal_long_prompt = 112;  // extra prompt tokens of the long-prompt run
   uint64_t cal_seed = 1000;       // the calibration runs' seeds: this, this + 1, ...
   int64_t kv_tokens = 1024 * 16;
   int processes_per_node = 64;
+  int cores = 0;  // compute threads of the engine timing, as `moemesh up --cores` (0: every core)
 };
 
 // One `moemesh bench` run against the cluster: the point with what it measured. Each run has
@@ -380,13 +382,16 @@ void run_profile(const ProfileArgs& a) {
   p.kv_bytes_per_token = 2 * p.model.num_hidden_layers * p.model.num_key_value_heads * p.model.head_dim * 4;
   std::cout << "plan profile: timing the engine (" << a.batches.size() * a.contexts.size() << " batch shapes)..."
             << std::endl;
+  // The engine computes with the threads a cluster process has: `moemesh up --cores`.
+  if (a.cores > 0) cpu::set_compute_threads(a.cores);
   const auto m = measure_engine(a.model, a.batches, a.contexts, a.repeats);
   fit_engine_costs(m, p);
   std::cout << "plan profile: timing ZeroMQ round trips..." << std::endl;
   p.zmq_local = measure_zmq(a.zmq_rounds);
   p.zmq_remote = p.zmq_local;
   p.nccl_local = p.nccl_remote = p.zmq_local;  // no GPUs here: NCCL pairs fall back to ZeroMQ
-  p.note = "measured on this machine: engine steps (" + std::to_string(m.steps.size()) + " samples), expert calls (" +
+  p.note = "measured on this machine: engine steps (" + std::to_string(m.steps.size()) + " samples, " +
+           std::to_string(cpu::compute_threads()) + " compute threads), expert calls (" +
            std::to_string(m.experts.size()) + "), ZeroMQ echo";
   if (!a.calibrate_url.empty()) {
     // The cluster's own costs (bridge, actor and pool hand-offs, the router's step round trip,
@@ -401,40 +406,44 @@ void run_profile(const ProfileArgs& a) {
       c.requests = requests;
       return c;
     };
-    const CalibrationPoint one = bench_median(a, point(1, 16, 48, 8), vocab);
+    // A fresh cluster's first requests pay for its warm-up (page faults, allocator growth):
+    // one run to absorb that, not recorded.
+    bench_point(a, point(4, 32, 48, 32), vocab);
+    const CalibrationPoint one = bench_median(a, point(1, 16, 48, 16), vocab);
     const CalibrationPoint long_prompt = bench_median(a, point(1, 16 + a.cal_long_prompt, 2, 8), vocab);
     const CalibrationPoint loaded =
         bench_median(a, point(a.cal_concurrency, 32, 48, 4 * int64_t(a.cal_concurrency)), vocab);
+    const std::vector<CalibrationPoint> meas = {one, long_prompt, loaded};
     Deployment d;
     d.attention_workers = a.cal_attention;
     d.expert_hosts = a.cal_experts;
     d.replicas = a.cal_replicas;
     d.micro_batches = a.cal_micro_batches;
     d.processes_per_node = a.processes_per_node;
-    p.calibration = calibration_record(p, d, {one, long_prompt, loaded});
+    p.calibration = calibration_record(p, d, meas);
     const auto fitted = calibrate_cluster(p, d, one, long_prompt, loaded);
-    const CalibrationPoint* meas[] = {&one, &long_prompt, &loaded};
     p.note += "; calibrated on " + a.calibrate_url + " (" + d.describe() + "), measured / fitted p50 ms:";
-    for (size_t i = 0; i < 3; ++i) {
-      const std::string line = " c" + std::to_string(meas[i]->concurrency) + " prompt " +
-                               std::to_string(meas[i]->prompt) + ": TTFT " + ms(meas[i]->ttft_p50_s) + " / " +
-                               ms(fitted[i].ttft_p50_s) + ", ITL " + ms(meas[i]->itl_p50_s) + " / " +
+    for (size_t i = 0; i < meas.size(); ++i) {
+      const std::string line = " c" + std::to_string(meas[i].concurrency) + " prompt " +
+                               std::to_string(meas[i].prompt) + ": TTFT " + ms(meas[i].ttft_p50_s) + " / " +
+                               ms(fitted[i].ttft_p50_s) + ", ITL " + ms(meas[i].itl_p50_s) + " / " +
                                ms(fitted[i].itl_p50_s);
-      p.note += line + (i < 2 ? ";" : "");
+      p.note += line + (i + 1 < meas.size() ? ";" : "");
       std::cout << "plan profile:" << line << " (measured / fitted)\n";
     }
   }
   p.save(a.out);
   char b[768];
-  std::snprintf(b, sizeof b,
-                "wrote %s: attention/layer %.1f us + %.2f us/row + %.2f us/prefill row + %.4f us/ctx, expert batch "
-                "%.1f us + %.1f us/expert + %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, dispatch overhead %.1f "
-                "us, step %.1f us, router %.1f us/request + %.1f us/token, step jitter %.0f%%, %d cores\n",
-                a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_prefill_row_s * 1e6,
-                p.attn_per_ctx_s * 1e6, p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
-                p.zmq_local.latency_s * 1e6, p.zmq_local.bandwidth_Bps / 1e9, p.dispatch_overhead_s * 1e6,
-                p.step_fixed_s * 1e6, p.router_per_request_s * 1e6, p.router_per_token_s * 1e6, p.step_jitter * 100,
-                p.node_cores);
+  std::snprintf(
+      b, sizeof b,
+      "wrote %s: attention/layer %.1f us + %.2f us/row + %.2f us/prefill row + %.4f us/ctx, expert batch "
+      "%.1f us + %.1f us/expert + %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, dispatch overhead %.1f "
+      "us, step %.1f us + %.1f us/row, router %.1f us/request + %.1f us/token, step jitter %.0f%%, %d cores\n",
+      a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_prefill_row_s * 1e6,
+      p.attn_per_ctx_s * 1e6, p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
+      p.zmq_local.latency_s * 1e6, p.zmq_local.bandwidth_Bps / 1e9, p.dispatch_overhead_s * 1e6, p.step_fixed_s * 1e6,
+      p.step_per_row_s * 1e6, p.router_per_request_s * 1e6, p.router_per_token_s * 1e6, p.step_jitter * 100,
+      p.node_cores);
   std::cout << b;
 }
 
@@ -531,6 +540,9 @@ void add_plan(CLI::App& app) {
   prof->add_option("--kv-tokens", pa->kv_tokens,
                    "KV capacity of an attention worker (moemesh-attention --kv-blocks x 16)")
       ->capture_default_str();
+  prof->add_option("--cores", pa->cores,
+                   "compute threads of the engine timing: the cluster's `moemesh up --cores` (default: every core)")
+      ->check(CLI::PositiveNumber);
   prof->add_option("--processes-per-node", pa->processes_per_node, "processes one machine holds")
       ->capture_default_str();
   prof->callback([pa] { run_profile(*pa); });

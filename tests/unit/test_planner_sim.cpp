@@ -200,6 +200,22 @@ TEST(PlannerSim, SharedCoresServeInParallel) {
   EXPECT_LE(two.node_util, 1.0);
 }
 
+TEST(PlannerSim, AWorkersMicroBatchesTakeTurnsOnSharedCores) {
+  // Two idle cores, one worker with two micro-batches of one row each: the worker hands its
+  // compute pool one call at a time, so the two halves' attention runs one after the other,
+  // not on a core each.
+  CostProfile p = toy_profile();
+  p.shared_node_compute = true;
+  p.node_cores = 2;
+  p.attn_fixed_s = 2e-3;  // per layer and call: the two halves' 2 x 2 calls dominate a step
+  p.step_fixed_s = 0;
+  Deployment d;
+  d.micro_batches = 2;
+  const SimResult r = simulate(p, d, fixed_traffic("closed:2", 1, 32, 2), ExpertLoad::uniform(8));
+  EXPECT_GE(r.itl.p50, 2 * 2 * p.attn_fixed_s);
+  EXPECT_LT(r.itl.p50, 2 * 2 * p.attn_fixed_s + 2e-3);
+}
+
 TEST(PlannerSim, PrefillRowsCostTimeToFirstTokenNotInterTokenLatency) {
   CostProfile p = toy_profile();
   Deployment d;
