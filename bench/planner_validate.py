@@ -4,10 +4,11 @@
 For each configuration of `moemesh up` (attention workers, expert hosts, replicas, micro-batches)
 it starts the cluster, measures a profile in the same run (`moemesh plan profile`: the engine,
 ZeroMQ, and the cluster's own costs calibrated on this cluster with fixed-length requests at
-concurrency 1 and 32), then for each traffic runs `moemesh bench --json` (--repeats times, each
+concurrency 1 and 48), then for each traffic runs `moemesh bench --json` (--repeats times, each
 metric's median) and `moemesh plan --json` with the same shape, seed (so the same requests and
 arrival times), lengths and traffic, and prints predicted vs measured throughput and p50/p90
-TTFT and ITL with the relative error.
+TTFT and ITL with the relative error. Every compute process runs on `--cores` threads (default 1:
+one call at a time on one core, as the simulator models a machine whose processes share cores).
 
   bench/planner_validate.py --moemesh build/services/cli/moemesh --model /tmp/tiny [--quick]
 """
@@ -35,12 +36,17 @@ KEYS = ["tok_s", "ttft_p50", "ttft_p90", "itl_p50", "itl_p90"]
 
 
 def wait_ready(url, proc, timeout=120):
+    """Until a completion is answered: the HTTP front answers /v1/models before every worker and
+    expert host has registered."""
     end = time.time() + timeout
+    body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 1}).encode()
     while time.time() < end:
         if proc.poll() is not None:
             raise RuntimeError("moemesh up exited")
         try:
-            with urllib.request.urlopen(url + "/v1/models", timeout=2) as r:
+            req = urllib.request.Request(url + "/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=5) as r:
                 if r.status == 200:
                     return
         except Exception:
