@@ -245,7 +245,7 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
     inputs.push_back({s.id, std::vector<int32_t>(w.tokens().begin() + skip, w.tokens().end()), false, s.trace()});
     inputs.back().adapter = s.adapter;
     if (opts_.sample_from_summaries && w.sample() && !w.return_logits() && !s.constraint &&
-        s.sampler.params().logit_bias.empty() && s.sampler.can_decide_from_summary())
+        s.sampler.params().logit_bias.empty())
       inputs.back().summary = s.sampler.logits_request();
     admitted.push_back(&w);
     s.fed += n;

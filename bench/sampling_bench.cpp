@@ -1,6 +1,6 @@
-// Time per sampled token: Sampler::sample (the row's summary first when the parameters have a
-// cut, core/logits_summary.h) against Sampler::sample_full_row (process() over the whole row, the
-// reference), measured alternately in the same run on the same rows, for realistic vocabularies.
+// Time per sampled token: Sampler::sample (the row's summary first, core/logits_summary.h) against
+// Sampler::sample_full_row (process() over the whole row, the reference), measured alternately in
+// the same run on the same rows, for realistic vocabularies.
 // Also checks that both chose the same tokens. Prints a markdown table.
 //   bench_sampling [ROWS]
 #include <algorithm>
@@ -68,41 +68,43 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s [ROWS >= 1]\n", argv[0]);
     return 1;
   }
-  const Case cases[] = {{"greedy", 0, 0, 1, 0, 1},          {"T 0.7, top_p 0.9", 0.7, 0, 0.9, 0, 1},
-                        {"top_k 50", 1, 50, 1, 0, 1},       {"T 0.8, min_p 0.05", 0.8, 0, 1, 0.05, 1},
-                        {"top_p 0.95, rep 1.1", 1, 0, 0.95, 0, 1.1}, {"T 1, no cut", 1, 0, 1, 0, 1}};
-  std::printf("| vocab | rows | parameters | full row (ms/token) | sample() (ms/token) | ratio | decided by the summary | same tokens |\n");
+  const Case cases[] = {{"greedy", 0, 0, 1, 0, 1},
+                        {"T 0.7, top_p 0.9", 0.7, 0, 0.9, 0, 1},
+                        {"top_k 50", 1, 50, 1, 0, 1},
+                        {"T 0.8, min_p 0.05", 0.8, 0, 1, 0.05, 1},
+                        {"top_p 0.95, rep 1.1", 1, 0, 0.95, 0, 1.1},
+                        {"T 1, no cut", 1, 0, 1, 0, 1}};
+  std::printf(
+      "| vocab | rows | parameters | full row (ms/token) | sample() (ms/token) | ratio | decided by the summary | same "
+      "tokens |\n");
   std::printf("| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |\n");
   bool all_same = true;
   for (int vocab : {32000, 152064})
     for (const float lead : {2.0f, 0.5f}) {
-    const auto rows = make_rows(vocab, n, lead, uint32_t(vocab));
-    const std::vector<int32_t> prompt(rows.size(), 7);
-    for (const Case& c : cases) {
-      SamplingParams p;
-      p.temperature = c.temperature;
-      p.top_k = c.top_k;
-      p.top_p = c.top_p;
-      p.min_p = c.min_p;
-      p.repetition_penalty = c.repetition;
-      p.seed = 1;
-      // Three alternating rounds, each on fresh samplers; the best of each side.
-      double full = 1e30, fast = 1e30;
-      bool same = true;
-      for (int round = 0; round < 3; ++round) {
-        Sampler a(p, prompt), b(p, prompt);
-        std::vector<int32_t> ia, ib;
-        full = std::min(full, ms_per_row(a, rows, true, ia));
-        fast = std::min(fast, ms_per_row(b, rows, false, ib));
-        same = same && ia == ib;
+      const auto rows = make_rows(vocab, n, lead, uint32_t(vocab));
+      const std::vector<int32_t> prompt(rows.size(), 7);
+      for (const Case& c : cases) {
+        SamplingParams p;
+        p.temperature = c.temperature;
+        p.top_k = c.top_k;
+        p.top_p = c.top_p;
+        p.min_p = c.min_p;
+        p.repetition_penalty = c.repetition;
+        p.seed = 1;
+        // Three alternating rounds, each on fresh samplers; the best of each side.
+        double full = 1e30, fast = 1e30;
+        bool same = true;
+        for (int round = 0; round < 3; ++round) {
+          Sampler a(p, prompt), b(p, prompt);
+          std::vector<int32_t> ia, ib;
+          full = std::min(full, ms_per_row(a, rows, true, ia));
+          fast = std::min(fast, ms_per_row(b, rows, false, ib));
+          same = same && ia == ib;
+        }
+        all_same = all_same && same;
+        std::printf("| %d | %s | %s | %.3f | %.3f | %.2f | %d/%d | %s |\n", vocab, lead > 1 ? "peaked" : "broad",
+                    c.name, full, fast, full / fast, decided(p, prompt, rows), n, same ? "yes" : "NO");
       }
-      all_same = all_same && same;
-      const bool cut = c.temperature == 0 || c.top_k > 0 || c.top_p < 1;
-      std::printf("| %d | %s | %s | %.3f | %.3f | %.2f | %s | %s |\n", vocab, lead > 1 ? "peaked" : "broad", c.name,
-                  full, fast, full / fast,
-                  cut ? (std::to_string(decided(p, prompt, rows)) + "/" + std::to_string(n)).c_str() : "(not tried)",
-                  same ? "yes" : "NO");
-    }
     }
   return all_same ? 0 : 1;
 }

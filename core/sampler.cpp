@@ -36,6 +36,29 @@ int32_t argmax(std::span<const float> v) {
   return best;
 }
 
+// A draw without a cut over known tokens first (by id), then every other token (by id), relative
+// to exp(mx): the known tokens' cumulative weights, and the total, where the others' mass is the
+// row's normaliser less the known tokens' unpenalised share. sample_from and sample_full_row both
+// use it, so a draw that ends among the known tokens chooses the same one on both.
+struct NoCutDraw {
+  double mx = 0, total = 0;
+  std::vector<double> cum;
+};
+
+template <class Known>
+NoCutDraw no_cut_draw(const std::vector<Known>& known, double lse_scaled, double temperature) {
+  NoCutDraw d;
+  d.mx = -std::numeric_limits<double>::infinity();
+  for (const Known& c : known) d.mx = std::max(d.mx, double(c.v));
+  double known_raw = 0, acc = 0;
+  for (const Known& c : known) {
+    d.cum.push_back(acc += std::exp(double(c.v) - d.mx));
+    known_raw += std::exp(double(c.raw) / temperature - d.mx);
+  }
+  d.total = acc + std::max(0.0, std::exp(lse_scaled - d.mx) - known_raw);
+  return d;
+}
+
 }  // namespace
 
 void SamplingParams::validate() const {
@@ -131,17 +154,40 @@ std::vector<float> Sampler::process(std::span<const float> logits) const {
 
 SampledToken Sampler::sample(std::span<const float> logits) {
   if (logits.empty()) throw Error("sampling: empty logits");
-  // process() sorts the whole vocabulary for top_k and top_p (and scans it for greedy): there a
-  // partial sort of the summary is far cheaper. Without those it is already one pass.
-  if (params_.temperature == 0.0 || params_.top_k > 0 || params_.top_p < 1.0) {
-    const LogitsRequest request = logits_request();
-    if (auto t = sample_from(request, summarise_logits(logits, request))) return std::move(*t);
-  }
+  // process() sorts the whole vocabulary for top_k and top_p, and the draw exponentiates all of
+  // it: the summary is one pass, and most draws end among its tokens.
+  const LogitsRequest request = logits_request();
+  if (auto t = sample_from(request, summarise_logits(logits, request))) return std::move(*t);
   return sample_full_row(logits);
 }
 
-bool Sampler::can_decide_from_summary() const {
-  return params_.temperature == 0.0 || params_.top_k > 0 || params_.top_p < 1.0 || params_.min_p > 0.0;
+bool Sampler::draw_known_first(std::span<const float> logits, std::span<const float> x, int32_t& id) {
+  const auto vocab = int64_t(x.size());
+  if ((params_.top_k > 0 && params_.top_k < vocab) || params_.top_p < 1.0 || params_.min_p > 0.0) return false;
+  const LogitsRequest request = logits_request();
+  const LogitsSummary summary = summarise_logits(logits, request);
+  const auto known = known_tokens(request, summary);
+  if (!known || int64_t(known->size()) >= vocab) return false;
+  const NoCutDraw d = no_cut_draw(*known, summary.lse_scaled, params_.temperature);
+  if (!std::isfinite(d.mx)) return false;
+  const double u = uniform(rng_) * d.total;
+  const auto at = size_t(std::upper_bound(d.cum.begin(), d.cum.end(), u) - d.cum.begin());
+  if (at < known->size()) {
+    id = (*known)[at].id;
+    return true;
+  }
+  // Among the other tokens, by id; should rounding leave the sum short of u, the last of them.
+  double cum = d.cum.empty() ? 0.0 : d.cum.back();
+  int32_t last = -1;
+  size_t k = 0;
+  for (int64_t j = 0; j < vocab; ++j) {
+    while (k < known->size() && (*known)[k].id < j) ++k;
+    if ((k < known->size() && (*known)[k].id == j) || x[size_t(j)] == kNegInf) continue;
+    last = int32_t(j);
+    if ((cum += std::exp(double(x[size_t(j)]) - d.mx)) > u) break;
+  }
+  id = last >= 0 ? last : argmax(x);
+  return true;
 }
 
 SampledToken Sampler::sample_full_row(std::span<const float> logits) {
@@ -150,7 +196,7 @@ SampledToken Sampler::sample_full_row(std::span<const float> logits) {
   SampledToken out;
   if (params_.temperature == 0.0) {
     out.id = argmax(x);
-  } else {
+  } else if (!draw_known_first(logits, x, out.id)) {
     const float mx = *std::max_element(x.begin(), x.end());
     std::vector<double> cum(x.size());
     double total = 0.0;
@@ -192,18 +238,12 @@ LogitsRequest Sampler::logits_request() const {
 // Mirrors process() and sample() step by step on the known tokens (the top k and the watched
 // ones). Every other token has a logit <= the k-th largest and no penalty, so after temperature
 // it is at most `bound`; each filter either provably removes all of them or gives up.
-std::optional<SampledToken> Sampler::sample_from(const LogitsRequest& request, const LogitsSummary& summary) {
+std::optional<std::vector<Sampler::Known>> Sampler::known_tokens(const LogitsRequest& request,
+                                                                 const LogitsSummary& summary) const {
   const size_t k = summary.top_ids.size();
   if (k == 0 || summary.top_values.size() != k || summary.watch_values.size() != request.watch.size())
     return std::nullopt;
   const int64_t vocab = summary.vocab;
-  const bool all_top = int64_t(k) >= vocab;
-  if (size_t(params_.top_logprobs) > k && !all_top) return std::nullopt;
-
-  struct Known {
-    int32_t id;
-    float raw, v;  // v: penalised, then over the temperature
-  };
   std::vector<Known> known;
   for (size_t i = 0; i < k; ++i) {
     if (summary.top_ids[i] < 0 || summary.top_ids[i] >= vocab) return std::nullopt;  // e.g. a row of NaN
@@ -215,13 +255,24 @@ std::optional<SampledToken> Sampler::sample_from(const LogitsRequest& request, c
   std::sort(known.begin(), known.end(), [](const Known& a, const Known& b) { return a.id < b.id; });
   known.erase(std::unique(known.begin(), known.end(), [](const Known& a, const Known& b) { return a.id == b.id; }),
               known.end());
-  // Every penalised token must be known: a request made before the last token is refused.
-  if (request.made_at != output_.size()) return std::nullopt;
   const double t = params_.temperature;
   for (Known& c : known) {
-    c.v = penalised(c.id, c.raw);
+    c.v = penalised(c.id, c.raw);  // v: penalised, then over the temperature
     if (t != 0.0) c.v = float(double(c.v) / t);
   }
+  return known;
+}
+
+std::optional<SampledToken> Sampler::sample_from(const LogitsRequest& request, const LogitsSummary& summary) {
+  const size_t k = summary.top_ids.size();
+  const int64_t vocab = summary.vocab;
+  if (size_t(params_.top_logprobs) > k && int64_t(k) < vocab) return std::nullopt;
+  // Every penalised token must be known: a request made before the last token is refused.
+  if (request.made_at != output_.size()) return std::nullopt;
+  const auto known_or = known_tokens(request, summary);
+  if (!known_or) return std::nullopt;
+  const std::vector<Known>& known = *known_or;
+  const double t = params_.temperature;
   bool unknown = int64_t(known.size()) < vocab;  // tokens whose logits the summary does not hold
   const float floor = summary.top_values[k - 1];
   const float bound = t != 0.0 ? float(double(floor) / t) : floor;
@@ -284,19 +335,29 @@ std::optional<SampledToken> Sampler::sample_from(const LogitsRequest& request, c
       if (unknown && !(double(bound) < cut)) return std::nullopt;
       unknown = false;
     }
-    if (unknown) return std::nullopt;  // no cut: the draw needs every token's mass
-    std::sort(kept.begin(), kept.end(), [](const Known& a, const Known& b) { return a.id < b.id; });
-    float mx = kept[0].v;
-    for (const Known& c : kept) mx = std::max(mx, c.v);
-    std::vector<double> cum;
-    double total = 0.0;
-    for (const Known& c : kept) cum.push_back(total += std::exp(double(c.v) - double(mx)));
-    const double u = uniform(rng_) * total;
-    const size_t at = size_t(std::upper_bound(cum.begin(), cum.end(), u) - cum.begin());
-    if (at < kept.size()) {
-      out.id = kept[at].id;
-    } else {  // argmax, ties lowest id
-      out.id = std::find_if(kept.begin(), kept.end(), [&](const Known& c) { return c.v == mx; })->id;
+    if (unknown) {  // no cut: the draw ends among the known tokens, or the full row is needed
+      const NoCutDraw d = no_cut_draw(known, summary.lse_scaled, t);
+      if (!std::isfinite(d.mx)) return std::nullopt;
+      std::mt19937_64 rng = rng_;  // drawn for real only if it decides
+      const double u = uniform(rng) * d.total;
+      const auto at = size_t(std::upper_bound(d.cum.begin(), d.cum.end(), u) - d.cum.begin());
+      if (at >= known.size()) return std::nullopt;
+      rng_ = rng;
+      out.id = known[at].id;
+    } else {
+      std::sort(kept.begin(), kept.end(), [](const Known& a, const Known& b) { return a.id < b.id; });
+      float mx = kept[0].v;
+      for (const Known& c : kept) mx = std::max(mx, c.v);
+      std::vector<double> cum;
+      double total = 0.0;
+      for (const Known& c : kept) cum.push_back(total += std::exp(double(c.v) - double(mx)));
+      const double u = uniform(rng_) * total;
+      const size_t at = size_t(std::upper_bound(cum.begin(), cum.end(), u) - cum.begin());
+      if (at < kept.size()) {
+        out.id = kept[at].id;
+      } else {  // argmax, ties lowest id
+        out.id = std::find_if(kept.begin(), kept.end(), [&](const Known& c) { return c.v == mx; })->id;
+      }
     }
   }
   const auto raw = std::lower_bound(known.begin(), known.end(), Known{out.id, 0, 0},

@@ -41,8 +41,8 @@ struct SamplingParams {
 
 struct SampledToken {
   int32_t id = 0;
-  float logprob = 0.0f;                              // of the chosen token, raw distribution
-  std::vector<std::pair<int32_t, float>> top;        // top_logprobs best (id, logprob), ties lowest id
+  float logprob = 0.0f;                        // of the chosen token, raw distribution
+  std::vector<std::pair<int32_t, float>> top;  // top_logprobs best (id, logprob), ties lowest id
 };
 
 class Sampler {
@@ -51,22 +51,22 @@ class Sampler {
   // tokens, which stop generation unless ignore_eos.
   Sampler(SamplingParams params, std::span<const int32_t> prompt, std::vector<int32_t> eos_ids = {});
 
-  // Chooses the next token from logits[vocab] and records it as output. Greedy, top_k and top_p
-  // first try the row's summary (a partial sort instead of sorting the vocabulary; see
-  // docs/performance.md), which chooses exactly what sample_full_row would; otherwise, or when
-  // the summary cannot decide, sample_full_row.
+  // Chooses the next token from logits[vocab] and records it as output. First from the row's
+  // summary (its k largest and its normaliser: one pass instead of sorting or exponentiating the
+  // vocabulary; see docs/performance.md), which chooses exactly what sample_full_row would;
+  // when the summary cannot decide, sample_full_row.
   SampledToken sample(std::span<const float> logits);
-  // The reference: process() over the whole row, then the draw.
+  // The reference: process() over the whole row, then the draw. The draw takes tokens in id order,
+  // except with temperature and no cut, where the k largest (and the penalised ones) come first:
+  // those are what a summary holds, so most draws end among them.
   SampledToken sample_full_row(std::span<const float> logits);
-  // Whether sample_from can ever decide for these parameters (plain temperature sampling, with no
-  // cut, always needs the whole row).
-  bool can_decide_from_summary() const;
   // What this sampler needs of its next row of logits when the row stays on the device.
   LogitsRequest logits_request() const;
   // The token sample() would choose from the row that `summary` summarises (asked for with
   // `request`, made by logits_request() since the last token), when the summary decides it:
-  // greedy with a clear winner, or a top_k / top_p / min_p cut that stays among the known
-  // tokens. Otherwise nullopt, with nothing drawn or recorded: call sample() with the full row.
+  // greedy with a clear winner, a top_k / top_p / min_p cut that stays among the known tokens, or
+  // a draw without a cut that ends among them. Otherwise nullopt, with nothing drawn or recorded:
+  // call sample_full_row() with the full row.
   std::optional<SampledToken> sample_from(const LogitsRequest& request, const LogitsSummary& summary);
   // Records a token chosen elsewhere (e.g. forced) as output.
   void accept(int32_t id);
@@ -88,6 +88,17 @@ class Sampler {
   static double uniform(std::mt19937_64& rng);
 
  private:
+  // A token whose logit the summary holds: raw, and v after the penalties and the temperature.
+  struct Known {
+    int32_t id;
+    float raw, v;
+  };
+  // The summary's top k and watched tokens, by id, without repeats; nullopt for a malformed one.
+  std::optional<std::vector<Known>> known_tokens(const LogitsRequest& request, const LogitsSummary& summary) const;
+  // sample_full_row's draw without a cut (temperature alone): the known tokens first, then the
+  // others, as sample_from draws it. False (nothing drawn) where a cut applies or every token is
+  // known: there the draw is in id order.
+  bool draw_known_first(std::span<const float> logits, std::span<const float> x, int32_t& id);
   bool penalties_on() const;
   // The logit of `id` after the repetition and presence/frequency penalties.
   float penalised(int32_t id, float logit) const;

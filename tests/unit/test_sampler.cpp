@@ -61,6 +61,31 @@ TEST(Sampler, TemperatureOneMatchesTheDistribution) {
   }
 }
 
+TEST(Sampler, TemperatureWithATailPastTheSummaryMatchesTheDistribution) {
+  // 300 tokens: four hold ~70% of the mass, 296 share the rest, so draws past the summary's 64
+  // tokens (the full row's tail, in id order) are common. Each token's frequency and the tail's
+  // share match the softmax.
+  std::vector<float> row(300, 0.0f);
+  for (int32_t id : {7, 100, 205, 299}) row[size_t(id)] = 5.0f;
+  std::vector<double> p(row.size());
+  double z = 0;
+  for (size_t i = 0; i < row.size(); ++i) z += p[i] = std::exp(double(row[i]));
+  for (double& v : p) v /= z;
+  SamplingParams params;
+  params.seed = 3;
+  Sampler s(params, {});
+  const int n = 40000;
+  std::map<int32_t, int> h;
+  for (int i = 0; i < n; ++i) ++h[s.sample(row).id];
+  double tail = 0, tail_seen = 0;
+  for (size_t i = 0; i < row.size(); ++i) {
+    const double sd = std::sqrt(p[i] * (1 - p[i]) / n);
+    EXPECT_NEAR(double(h[int32_t(i)]) / n, p[i], 5 * sd + 1e-4) << "token " << i;
+    if (row[i] == 0.0f) tail += p[i], tail_seen += double(h[int32_t(i)]) / n;
+  }
+  EXPECT_NEAR(tail_seen, tail, 5 * std::sqrt(tail * (1 - tail) / n));
+}
+
 TEST(Sampler, LowTemperatureSharpensHighFlattens) {
   SamplingParams cold, hot;
   cold.temperature = 0.2;
@@ -251,7 +276,8 @@ TEST(Sampler, ReplayResumesExactlyWhereTheOriginalWas) {
 
 // sample_from on a summary of the row (what a GPU returns instead of the row) chooses exactly
 // what sample_full_row() chooses, or declines and leaves the sampler untouched; and it decides
-// the cases it should (greedy, top_k, top_p / min_p on a peaked row) by itself. (sample() takes
+// the cases it should (greedy, top_k, top_p / min_p, and temperature alone, on a peaked row) by
+// itself; on a flat row a draw without a cut mostly ends past its tokens and is declined. (sample() takes
 // the same path on the host, so this is also what makes it exact.)
 TEST(Sampler, SummaryDecidesLikeTheFullRow) {
   struct Case {
@@ -281,7 +307,8 @@ TEST(Sampler, SummaryDecidesLikeTheFullRow) {
       {"min_p", params(0.7, 0, 1, 0.1, 1, 0, 0, 0), 0.8},
       {"everything", params(0.9, 40, 0.95, 0.05, 1.2, 0.5, 0.3, 5), 1.0},
       {"top_p+penalties", params(1.0, 0, 0.8, 0, 1.1, -0.5, 0.2, 0), 0.8},
-      {"plain temperature", params(1.2, 0, 1, 0, 1, 0, 0, 0), 0.0},
+      {"plain temperature", params(1.2, 0, 1, 0, 1, 0, 0, 0), 0.8},
+      {"temperature+penalties", params(1.0, 0, 1, 0, 1.2, 0.3, 0.1, 2), 0.8},
   };
   const int64_t vocab = 300;
   const std::vector<int32_t> prompt{5, 17, 17, 42, 299, 0};
@@ -317,11 +344,7 @@ TEST(Sampler, SummaryDecidesLikeTheFullRow) {
         ASSERT_EQ(got->top, want.top) << c.name;
       }
       EXPECT_EQ(summarised.output(), full.output());
-      EXPECT_EQ(summarised.can_decide_from_summary(), c.min_decided > 0.0) << c.name;
       EXPECT_GE(peaked_decided, int(c.min_decided * peaked_steps)) << c.name << " seed " << seed;
-      if (c.min_decided == 0.0) {
-        EXPECT_EQ(declined, 30) << c.name << ": no cut, so every draw needs the full row";
-      }
       std::printf("%s seed %d: %d of %d peaked rows decided, %d declined\n", c.name, int(seed), peaked_decided,
                   peaked_steps, declined);
     }

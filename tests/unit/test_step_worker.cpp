@@ -239,7 +239,7 @@ TEST_P(MicroBatches, ANewRouterEpochReleasesTheOldRunsSequences) {
 
 // Sampling from the backend's logits summaries (what --logits-summaries does on a GPU) chooses the
 // tokens the full rows choose, for greedy, top_k, top_p with penalties and plain temperature
-// sampling (which always needs the full row).
+// sampling (whose draws end among the summary's tokens or fetch the full row).
 TEST_P(MicroBatches, SamplingFromSummariesChoosesTheSameTokens) {
   StepWorkerOptions with;
   with.sample_from_summaries = true;
@@ -287,8 +287,8 @@ TEST_P(MicroBatches, SamplingFromSummariesChoosesTheSameTokens) {
   EXPECT_EQ(rows.counts().sampled_from_summary, 0u);
   EXPECT_EQ(rows.counts().sampled_from_full_row, 40u);
   EXPECT_EQ(summaries.counts().sampled_from_summary + summaries.counts().sampled_from_full_row, 40u);
-  EXPECT_GE(summaries.counts().sampled_from_summary, 10u) << "greedy at least decides from the summary";
-  EXPECT_GE(summaries.counts().sampled_from_full_row, 10u) << "plain temperature needs the full row";
+  EXPECT_GE(summaries.counts().sampled_from_summary, 30u)
+      << "greedy, the cuts and most draws at temperature alone decide from the summary";
 }
 
 INSTANTIATE_TEST_SUITE_P(Archs, MicroBatches, ::testing::Values(Arch::Mixtral, Arch::DeepSeek),
