@@ -111,23 +111,25 @@ assert.equal(ended.choices[0].finish_reason, "stop", JSON.stringify(ended.choice
 assert.ok(!ended.choices[0].message.tool_calls);
 assert.equal(typeof ended.choices[0].message.content, "string");
 
-// A streamed forced call reassembles to the unstreamed one (same seed).
+// Streamed forced calls reassemble, call by call (deltas carry their call's index), to the
+// unstreamed ones (same seed); "required" lets the model make more than one.
 const req = { model, messages, tools, tool_choice: "required", seed: 5, max_tokens: 250, temperature: 1 };
-const whole = (await client.chat.completions.create(req)).choices[0].message.tool_calls[0];
-let name = "", args = "", finish = null;
+const whole = (await client.chat.completions.create(req)).choices[0].message.tool_calls;
+const streamed = [];
+let finish = null;
 for await (const chunk of await client.chat.completions.create({ ...req, stream: true })) {
   for (const c of chunk.choices) {
     for (const t of c.delta?.tool_calls ?? []) {
-      name += t.function?.name ?? "";
-      args += t.function?.arguments ?? "";
+      streamed[t.index] ??= { name: "", args: "" };
+      streamed[t.index].name += t.function?.name ?? "";
+      streamed[t.index].args += t.function?.arguments ?? "";
     }
     if (c.finish_reason) finish = c.finish_reason;
   }
 }
 assert.equal(finish, "tool_calls");
-assert.equal(name, whole.function.name);
-assert.equal(args, whole.function.arguments);
-console.log("streamed tool call reassembles:", name, args);
+assert.deepEqual(streamed, whole.map((t) => ({ name: t.function.name, args: t.function.arguments })));
+console.log(`streamed tool calls reassemble: ${streamed.length} call(s),`, streamed[0].name, streamed[0].args);
 
 // 4. The rest of the surface: token ids on stream chunks, logit_bias, and refusals by name.
 let ids = [];
