@@ -235,9 +235,6 @@ LogitsRequest Sampler::logits_request() const {
   return r;
 }
 
-// Mirrors process() and sample() step by step on the known tokens (the top k and the watched
-// ones). Every other token has a logit <= the k-th largest and no penalty, so after temperature
-// it is at most `bound`; each filter either provably removes all of them or gives up.
 std::optional<std::vector<Sampler::Known>> Sampler::known_tokens(const LogitsRequest& request,
                                                                  const LogitsSummary& summary) const {
   const size_t k = summary.top_ids.size();
@@ -263,6 +260,9 @@ std::optional<std::vector<Sampler::Known>> Sampler::known_tokens(const LogitsReq
   return known;
 }
 
+// Mirrors process() and sample() step by step on the known tokens (the top k and the watched
+// ones). Every other token has a logit <= the k-th largest and no penalty, so after temperature
+// it is at most `bound`; each filter either provably removes all of them or gives up.
 std::optional<SampledToken> Sampler::sample_from(const LogitsRequest& request, const LogitsSummary& summary) {
   const size_t k = summary.top_ids.size();
   const int64_t vocab = summary.vocab;
