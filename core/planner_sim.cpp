@@ -103,22 +103,12 @@ class Cores {
   explicit Cores(int n = 1) : s_(size_t(std::max(1, n))) {}
   double earliest(double ready, double dur, double now) {
     double start = 0;
-    for (size_t i = 0; i < s_.size(); ++i) {
-      const double e = s_[i].earliest(ready, dur, now);
-      if (i == 0 || e < start) start = e;
-      if (start <= ready) break;
-    }
+    first_free(ready, dur, now, start);
     return start;
   }
   double reserve(double ready, double dur, double now) {
-    size_t best = 0;
     double start = 0;
-    for (size_t i = 0; i < s_.size(); ++i) {
-      const double e = s_[i].earliest(ready, dur, now);
-      if (i == 0 || e < start) best = i, start = e;
-      if (start <= ready) break;
-    }
-    return s_[best].reserve(ready, dur, now);
+    return s_[first_free(ready, dur, now, start)].reserve(ready, dur, now);
   }
   double busy() const {
     double b = 0;
@@ -128,6 +118,16 @@ class Cores {
   size_t size() const { return s_.size(); }
 
  private:
+  // The core where an operation ready at `ready` starts first, and that start.
+  size_t first_free(double ready, double dur, double now, double& start) {
+    size_t best = 0;
+    for (size_t i = 0; i < s_.size(); ++i) {
+      const double e = s_[i].earliest(ready, dur, now);
+      if (i == 0 || e < start) best = i, start = e;
+      if (start <= ready) break;
+    }
+    return best;
+  }
   std::vector<Server> s_;
 };
 
