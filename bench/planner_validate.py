@@ -24,11 +24,11 @@ DEFAULT_CONFIGS = 6
 TRAFFIC = ["closed:1", "closed:16", "closed:64", "poisson:20"]
 
 
-def traffic_cell(spec):
+def traffic_cell(spec, requests):
     """plan's --traffic -> (bench flags, plan --traffic, requests as a multiple of --requests)."""
     kind, value = spec.split(":")
     if kind == "closed":  # at least 4 requests per client: a steady state, not one wave's start-up
-        return ["--concurrency", value], spec, max(1, 4 * int(value) // 64)
+        return ["--concurrency", value], spec, max(1, -(-4 * int(value) // requests))
     if kind == "poisson":  # more requests: 64 Poisson arrivals span +-12% of their mean
         return ["--rate", value], spec, 2
     raise SystemExit(f"--traffic {spec}: closed:N or poisson:RATE")
@@ -125,7 +125,7 @@ def main():
     configs, traffic = (CONFIGS[:2], TRAFFIC[:2]) if a.quick else (CONFIGS[:DEFAULT_CONFIGS], TRAFFIC)
     if a.traffic:
         traffic = a.traffic.split(",")
-    traffic = [traffic_cell(t) for t in traffic]
+    traffic = [traffic_cell(t, a.requests) for t in traffic]
     if a.configs:
         configs = [CONFIGS[int(i)] for i in a.configs.split(",")]
     seed = a.seed
