@@ -313,7 +313,8 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
         ++counts_.sampled_from_summary;
       } else {
         ++counts_.sampled_from_full_row;
-        chosen = outs[i].summary ? s.sampler.sample_full_row(engine_->full_logits(outs[i]))
+        // The summary the step made, not one computed again from the row.
+        chosen = outs[i].summary ? s.sampler.sample_full_row(engine_->full_logits(outs[i]), &*outs[i].summary)
                                  : s.sampler.sample(outs[i].logits);
       }
       const SampledToken& t = *chosen;

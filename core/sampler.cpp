@@ -157,18 +157,21 @@ SampledToken Sampler::sample(std::span<const float> logits) {
   // process() sorts the whole vocabulary for top_k and top_p, and the draw exponentiates all of
   // it: the summary is one pass, and most draws end among its tokens.
   const LogitsRequest request = logits_request();
-  if (auto t = sample_from(request, summarise_logits(logits, request))) return std::move(*t);
-  return sample_full_row(logits);
+  const LogitsSummary summary = summarise_logits(logits, request);
+  if (auto t = sample_from(request, summary)) return std::move(*t);
+  return sample_full_row(logits, &summary);
 }
 
-bool Sampler::draw_known_first(std::span<const float> logits, std::span<const float> x, int32_t& id) {
+bool Sampler::draw_known_first(std::span<const float> logits, std::span<const float> x, const LogitsSummary* summary,
+                               int32_t& id) {
   const auto vocab = int64_t(x.size());
   if ((params_.top_k > 0 && params_.top_k < vocab) || params_.top_p < 1.0 || params_.min_p > 0.0) return false;
   const LogitsRequest request = logits_request();
-  const LogitsSummary summary = summarise_logits(logits, request);
-  const auto known = known_tokens(request, summary);
+  std::optional<LogitsSummary> own;
+  if (!summary) summary = &own.emplace(summarise_logits(logits, request));
+  const auto known = known_tokens(request, *summary);
   if (!known || int64_t(known->size()) >= vocab) return false;
-  const NoCutDraw d = no_cut_draw(*known, summary.lse_scaled, params_.temperature);
+  const NoCutDraw d = no_cut_draw(*known, summary->lse_scaled, params_.temperature);
   if (!std::isfinite(d.mx)) return false;
   const double u = uniform(rng_) * d.total;
   const auto at = size_t(std::upper_bound(d.cum.begin(), d.cum.end(), u) - d.cum.begin());
@@ -190,13 +193,13 @@ bool Sampler::draw_known_first(std::span<const float> logits, std::span<const fl
   return true;
 }
 
-SampledToken Sampler::sample_full_row(std::span<const float> logits) {
+SampledToken Sampler::sample_full_row(std::span<const float> logits, const LogitsSummary* summary) {
   if (logits.empty()) throw Error("sampling: empty logits");
   const std::vector<float> x = process(logits);
   SampledToken out;
   if (params_.temperature == 0.0) {
     out.id = argmax(x);
-  } else if (!draw_known_first(logits, x, out.id)) {
+  } else if (!draw_known_first(logits, x, summary, out.id)) {
     const float mx = *std::max_element(x.begin(), x.end());
     std::vector<double> cum(x.size());
     double total = 0.0;

@@ -58,8 +58,10 @@ class Sampler {
   SampledToken sample(std::span<const float> logits);
   // The reference: process() over the whole row, then the draw. The draw takes tokens in id order,
   // except with temperature and no cut, where the k largest (and the penalised ones) come first:
-  // those are what a summary holds, so most draws end among them.
-  SampledToken sample_full_row(std::span<const float> logits);
+  // those are what a summary holds, so most draws end among them. `summary`, when the caller has
+  // it: the row's summary for logits_request() as it is now, which that draw would otherwise
+  // compute again.
+  SampledToken sample_full_row(std::span<const float> logits, const LogitsSummary* summary = nullptr);
   // What this sampler needs of its next row of logits when the row stays on the device.
   LogitsRequest logits_request() const;
   // The token sample() would choose from the row that `summary` summarises (asked for with
@@ -97,8 +99,9 @@ class Sampler {
   std::optional<std::vector<Known>> known_tokens(const LogitsRequest& request, const LogitsSummary& summary) const;
   // sample_full_row's draw without a cut (temperature alone): the known tokens first, then the
   // others, as sample_from draws it. False (nothing drawn) where a cut applies or every token is
-  // known: there the draw is in id order.
-  bool draw_known_first(std::span<const float> logits, std::span<const float> x, int32_t& id);
+  // known: there the draw is in id order. `summary`: as for sample_full_row.
+  bool draw_known_first(std::span<const float> logits, std::span<const float> x, const LogitsSummary* summary,
+                        int32_t& id);
   bool penalties_on() const;
   // The logit of `id` after the repetition and presence/frequency penalties.
   float penalised(int32_t id, float logit) const;

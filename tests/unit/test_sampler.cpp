@@ -278,7 +278,8 @@ TEST(Sampler, ReplayResumesExactlyWhereTheOriginalWas) {
 // what sample_full_row() chooses, or declines and leaves the sampler untouched; and it decides
 // the cases it should (greedy, top_k, top_p / min_p, and temperature alone, on a peaked row) by
 // itself; on a flat row a draw without a cut mostly ends past its tokens and is declined. (sample() takes
-// the same path on the host, so this is also what makes it exact.)
+// the same path on the host, so this is also what makes it exact.) A declined row goes to
+// sample_full_row with the summary already made, as the step worker passes it.
 TEST(Sampler, SummaryDecidesLikeTheFullRow) {
   struct Case {
     const char* name;
@@ -331,13 +332,14 @@ TEST(Sampler, SummaryDecidesLikeTheFullRow) {
         }
         const SampledToken want = full.sample_full_row(row);
         const LogitsRequest req = summarised.logits_request();
-        std::optional<SampledToken> got = summarised.sample_from(req, summarise_logits(row, req));
+        const LogitsSummary summary = summarise_logits(row, req);
+        std::optional<SampledToken> got = summarised.sample_from(req, summary);
         if (peaked) ++peaked_steps;
         if (got) {
           peaked_decided += peaked ? 1 : 0;
         } else {
           ++declined;
-          got = summarised.sample_full_row(row);
+          got = summarised.sample_full_row(row, &summary);  // as the step worker does: no second summary
         }
         ASSERT_EQ(got->id, want.id) << c.name << " seed " << seed << " step " << step;
         ASSERT_EQ(got->logprob, want.logprob) << c.name;
