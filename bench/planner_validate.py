@@ -2,12 +2,15 @@
 """The capacity planner against reality on this machine (issue #18's acceptance).
 
 For each configuration of `moemesh up` (attention workers, expert hosts, replicas, micro-batches)
-it starts the cluster, measures a profile in the same run (`moemesh plan profile`: the engine,
+it starts the cluster and measures a profile in the same run (`moemesh plan profile`: the engine,
 ZeroMQ, and the cluster's own costs calibrated on this cluster with fixed-length requests at
-concurrency 1 and 48), then for each traffic runs `moemesh bench --json` (--repeats times, each
-metric's median) and `moemesh plan --json` with the same shape, seed (so the same requests and
-arrival times), lengths and traffic, and prints predicted vs measured throughput and p50/p90
-TTFT and ITL with the relative error. Every compute process runs on `--cores` threads (default 1:
+concurrency 1 and 48). Then, --repeats rounds: each round runs the calibration's requests again
+and every traffic once (`moemesh bench --json`), so the machine's drift over minutes falls on
+calibration and measurements alike. The profile is fitted again on the calibration runs' medians
+over all rounds (`plan profile --refit`), and `moemesh plan --json` predicts each run with the
+same shape, seed (so the same requests and arrival times), lengths and traffic. It prints
+predicted vs measured throughput and p50/p90 TTFT and ITL (each the median over the rounds) with
+the relative error. Every compute process runs on `--cores` threads (default 1:
 one call at a time on one core, as the simulator models a machine whose processes share cores).
 
   bench/planner_validate.py --moemesh build/services/cli/moemesh --model /tmp/tiny [--quick]
@@ -129,6 +132,7 @@ def main():
     if a.configs:
         configs = [CONFIGS[int(i)] for i in a.configs.split(",")]
     seed = a.seed
+    cal_seed = 5000  # the extra calibration runs' prompts: apart from plan profile's (1000...) and the cells'
     tmp = a.out_dir or tempfile.mkdtemp(prefix="planner-validate-")
     os.makedirs(tmp, exist_ok=True)
     rows = []
@@ -143,28 +147,51 @@ def main():
             wait_ready(url, up)
             prof = os.path.join(tmp, f"profile-{att}-{exp}-{rep}-{mb}.json")
             subprocess.run([a.moemesh, "plan", "profile", "--model", a.model, "--out", prof, "--calibrate-url", url,
-                            "--cores", str(a.cores),
+                            "--cores", str(a.cores), "--calibrate-repeats", "1",
                             "--calibrate-attention", str(att), "--calibrate-experts", str(exp),
                             "--calibrate-replicas", str(rep), "--calibrate-micro-batches", str(mb)],
                            check=True, stdout=sys.stderr)
-            for bench_flags, plan_traffic, mult in traffic:
-                n = a.requests * mult
-                common = ["--requests", str(n), "--prompt-len", a.prompt_len, "--output-len", a.output_len]
-                cell = f"{att}-{exp}-{rep}-{mb}-{plan_traffic.replace(':', '')}"
-                config = f"{att}/{exp}/{rep}/{mb}"
-                runs, preds, seeds = [], [], []
-                for i in range(a.repeats):
-                    seeds.append(seed)
+            # Rounds, not cells one after the other: the machine's speed drifts over minutes, so each
+            # round measures every traffic once and the calibration's own runs again, and the
+            # profile is fitted again on the calibration runs' medians over all rounds.
+            cal = json.load(open(prof))["calibration"]
+            cal_runs = [[pt] for pt in cal["points"]]
+            runs = {t[1]: [] for t in traffic}
+            seeds = {t[1]: [] for t in traffic}
+            for i in range(a.repeats):
+                for k, pt in enumerate(cal["points"]):
+                    cal_runs[k].append(calibration_run(a, url, pt, tmp, cal_seed))
+                    cal_seed += 1
+                for bench_flags, plan_traffic, mult in traffic:
+                    cell = f"{att}-{exp}-{rep}-{mb}-{plan_traffic.replace(':', '')}"
                     bj = os.path.join(tmp, f"bench-{cell}-{i}.json")
                     subprocess.run([a.moemesh, "bench", "--url", url, "--vocab", "250", "--json", bj, "--seed",
-                                    str(seed)] + common + bench_flags, check=True, stdout=subprocess.DEVNULL)
-                    runs.append(bench_metrics(bj))
-                    preds.append(plan_metrics(run_plan(a, prof, config, plan_traffic, n, seed,
-                                                       os.path.join(tmp, f"plan-{cell}-{i}.json"))))
+                                    str(seed), "--requests", str(a.requests * mult), "--prompt-len", a.prompt_len,
+                                    "--output-len", a.output_len] + bench_flags, check=True, stdout=subprocess.DEVNULL)
+                    runs[plan_traffic].append(bench_metrics(bj))
+                    seeds[plan_traffic].append(seed)
                     seed += 1
-                row = {"config": config, "traffic": plan_traffic, "requests": n, "profile": prof, "seeds": seeds}
+            for k, pt in enumerate(cal["points"]):
+                for key in ("ttft_p50_s", "itl_p50_s", "itl_p90_s"):
+                    pt[key] = median([r[key] for r in cal_runs[k]])
+            recorded = json.load(open(prof))
+            recorded["calibration"] = cal
+            json.dump(recorded, open(prof.replace(".json", "-rounds.json"), "w"), indent=1)
+            prof = prof.replace(".json", "-fitted.json")
+            subprocess.run([a.moemesh, "plan", "profile", "--refit", prof.replace("-fitted.json", "-rounds.json"),
+                            "--out", prof], check=True, stdout=subprocess.DEVNULL)
+            config = f"{att}/{exp}/{rep}/{mb}"
+            for _, plan_traffic, mult in traffic:
+                cell = f"{att}-{exp}-{rep}-{mb}-{plan_traffic.replace(':', '')}"
+                n = a.requests * mult
+                preds = [plan_metrics(run_plan(a, prof, config, plan_traffic, n, s,
+                                               os.path.join(tmp, f"plan-{cell}-{i}.json")))
+                         for i, s in enumerate(seeds[plan_traffic])]
+                row = {"config": config, "traffic": plan_traffic, "requests": n, "profile": prof,
+                       "seeds": seeds[plan_traffic]}
                 for k in KEYS:
-                    row[k] = [median([p[k] for p in preds]), median([r[k] for r in runs]), [r[k] for r in runs]]
+                    row[k] = [median([p[k] for p in preds]), median([r[k] for r in runs[plan_traffic]]),
+                              [r[k] for r in runs[plan_traffic]]]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if a.json:  # as it goes: a long run cut short keeps what it measured
@@ -176,6 +203,19 @@ def main():
         json.dump(rows, open(a.json, "w"), indent=1)
     print_table(rows)
     return 0
+
+
+def calibration_run(a, url, pt, tmp, seed):
+    """One more run of a calibration point of `plan profile` (its lengths, concurrency and request
+    count; prompts of its own seed, none from the prefix cache): its p50/p90 in seconds."""
+    bj = os.path.join(tmp, "calibration.json")
+    subprocess.run([a.moemesh, "bench", "--url", url, "--vocab", "250", "--json", bj, "--seed", str(seed),
+                    "--concurrency", str(pt["concurrency"]), "--requests", str(pt["requests"]),
+                    "--prompt-len", str(pt["prompt"]), "--output-len", str(pt["output"])],
+                   check=True, stdout=subprocess.DEVNULL)
+    b = json.load(open(bj))
+    return {"ttft_p50_s": b["ttft_ms"]["p50"] * 1e-3, "itl_p50_s": b["itl_ms"]["p50"] * 1e-3,
+            "itl_p90_s": b["itl_ms"]["p90"] * 1e-3}
 
 
 def run_plan(a, prof, config, traffic, requests, seed, out):
