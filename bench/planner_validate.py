@@ -206,11 +206,13 @@ def main():
 
 
 def calibration_run(a, url, pt, tmp, seed):
-    """One more run of a calibration point of `plan profile` (its lengths, concurrency and request
-    count; prompts of its own seed, none from the prefix cache): its p50/p90 in seconds."""
+    """One more run of a calibration point of `plan profile` (its lengths, concurrency or Poisson
+    rate and request count; prompts of its own seed, none from the prefix cache): its p50/p90 in
+    seconds."""
     bj = os.path.join(tmp, "calibration.json")
-    subprocess.run([a.moemesh, "bench", "--url", url, "--vocab", "250", "--json", bj, "--seed", str(seed),
-                    "--concurrency", str(pt["concurrency"]), "--requests", str(pt["requests"]),
+    load = ["--rate", str(pt["rate"])] if pt.get("rate", 0) > 0 else ["--concurrency", str(pt["concurrency"])]
+    subprocess.run([a.moemesh, "bench", "--url", url, "--vocab", "250", "--json", bj, "--seed", str(seed)] + load +
+                   ["--requests", str(pt["requests"]),
                     "--prompt-len", str(pt["prompt"]), "--output-len", str(pt["output"])],
                    check=True, stdout=subprocess.DEVNULL)
     b = json.load(open(bj))

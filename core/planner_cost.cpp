@@ -103,6 +103,7 @@ nlohmann::json CostProfile::to_json() const {
        {{"per_token_s", router_per_token_s},
         {"per_request_s", router_per_request_s},
         {"request_cpu_share", router_request_cpu_share}}},
+      {"idle_wake", {{"seconds", idle_wake_s}, {"after_s", idle_after_s}}},
       {"step_jitter", step_jitter},
       {"links",
        {{"zmq_local", link_json(zmq_local)},
@@ -147,6 +148,11 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
       p.router_per_token_s = j["router"].value("per_token_s", 0.0);
       p.router_per_request_s = j["router"].value("per_request_s", 0.0);
       p.router_request_cpu_share = std::clamp(j["router"].value("request_cpu_share", 0.0), 0.0, 1.0);
+    }
+    if (j.contains("idle_wake")) {
+      p.idle_wake_s = j["idle_wake"].value("seconds", 0.0);
+      p.idle_after_s = j["idle_wake"].value("after_s", p.idle_after_s);
+      if (p.idle_wake_s < 0 || p.idle_after_s < 0) throw Error("profile: idle_wake values must not be negative");
     }
     p.step_jitter = j.value("step_jitter", 0.0);
     if (p.step_jitter < 0) throw Error("profile: step_jitter must not be negative");

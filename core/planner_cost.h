@@ -47,7 +47,8 @@ struct CostProfile {
   double dispatch_overhead_s = 0;
   // Router, per generated token (streaming it to the client: with shared node compute CPU on the
   // node's cores, where `plan profile --calibrate-url` fits it including the benchmark client's
-  // own CPU) and per request (HTTP, validation, tokenizing before admission; one request at a time).
+  // own CPU) and per request (the client's connection, HTTP, validation, tokenizing before
+  // admission; requests do not queue for it).
   double router_per_token_s = 0, router_per_request_s = 0;
   // With shared node compute: the share of the per-request work that is CPU on the node's cores,
   // behind whatever they are busy with (the streaming of other requests' tokens); the rest runs
@@ -58,6 +59,12 @@ struct CostProfile {
   // Fitted on the spread of a calibration's inter-token latency; relative, because what the
   // other jobs take grows with the time a step is exposed to them.
   double step_jitter = 0;
+  // Waking from idle: a worker's first step after it sat idle longer than idle_after_s takes
+  // idle_wake_s longer, the next ones less (kWakeDecay per step): threads and cores that went to
+  // sleep, cold caches. On this machine a pause of 20 ms or more costs the next request about
+  // 1.3 ms of TTFT and 0.5 ms of its first inter-token gap; one of 5 ms or less costs nothing
+  // (docs/planner.md). Fitted on a calibration run with pauses between requests.
+  double idle_wake_s = 0, idle_after_s = 0.01;
   // Links: same node, other node; ZeroMQ (TCP) and NCCL (GPU to GPU).
   LinkCost zmq_local, zmq_remote, nccl_local, nccl_remote;
   // Every process of a node computes on the node's shared cores (a CPU machine): their compute

@@ -165,7 +165,8 @@ void fit_engine_costs(const EngineMeasurements& m, CostProfile& p) {
 namespace {
 
 SimResult simulate_point(const CostProfile& p, const Deployment& d, const CalibrationPoint& c) {
-  TrafficSpec t = TrafficSpec::parse("closed:" + std::to_string(c.concurrency));
+  TrafficSpec t =
+      TrafficSpec::parse(c.rate > 0 ? "poisson:" + std::to_string(c.rate) : "closed:" + std::to_string(c.concurrency));
   t.prompt_len = bench::LengthDist::parse(std::to_string(c.prompt));
   t.output_len = bench::LengthDist::parse(std::to_string(c.output));
   t.requests = c.requests;
@@ -176,8 +177,13 @@ SimResult simulate_point(const CostProfile& p, const Deployment& d, const Calibr
 
 }  // namespace
 
+double idle_calibration_rate(double ttft_s, double itl_s, int64_t output) {
+  return 0.25 / std::max(1e-6, ttft_s + double(std::max<int64_t>(0, output - 1)) * itl_s);
+}
+
 std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment& d, const CalibrationPoint& one,
-                                                const CalibrationPoint& long_prompt, const CalibrationPoint& loaded) {
+                                                const CalibrationPoint& long_prompt, const CalibrationPoint& loaded,
+                                                const CalibrationPoint* idle) {
   if (long_prompt.prompt <= one.prompt) throw Error("calibration: the long prompts must be longer than the short");
   int64_t moe = 0;
   for (int64_t l = 0; l < p.model.num_hidden_layers; ++l) moe += p.model.is_moe_layer(l);
@@ -192,7 +198,8 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
   double cpu_share = 0, jitter = 0, hop = 0, per_request = p.router_per_request_s, per_prompt_row = 0,
          per_token = p.router_per_token_s;
   const double cores = double(std::max(1, p.node_cores));
-  std::vector<CalibrationPoint> fitted(3);
+  std::vector<CalibrationPoint> fitted(idle ? 4 : 3);
+  double wake = 0;
   // The parameters move together and each gap depends a little on all: half steps converge.
   const double damp = 0.5;
   for (int round = 0; round < 80; ++round) {
@@ -204,10 +211,15 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
     p.router_request_cpu_share = cpu_share;
     p.router_per_token_s = per_token;
     p.step_jitter = jitter;
+    p.idle_wake_s = wake;
     const SimResult a = simulate_point(p, d, one), b = simulate_point(p, d, long_prompt),
                     c = simulate_point(p, d, loaded);
+    const SimResult e = idle ? simulate_point(p, d, *idle) : SimResult{};
     fitted = {one, long_prompt, loaded};
-    for (auto [f, r] : {std::pair{&fitted[0], &a}, {&fitted[1], &b}, {&fitted[2], &c}}) {
+    if (idle) fitted.push_back(*idle);
+    for (auto [f, r] :
+         {std::pair{&fitted[0], &a}, {&fitted[1], &b}, {&fitted[2], &c}, {idle ? &fitted[3] : nullptr, &e}}) {
+      if (!f) continue;
       f->ttft_p50_s = r->ttft.p50;
       f->itl_p50_s = r->itl.p50;
       f->itl_p90_s = r->itl.p90;
@@ -230,6 +242,8 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
     // explains: that much of its work waits behind the cores' other work (about a step's worth).
     cpu_share =
         std::clamp(cpu_share + damp * (loaded.ttft_p50_s - c.ttft.p50) / std::max(1e-6, loaded.itl_p50_s), 0.0, 1.0);
+    // Requests that find the cluster idle: what their first token takes beyond a busy cluster's.
+    if (idle) wake = std::max(0.0, wake + damp * (idle->ttft_p50_s - e.ttft.p50));
     const double per_token_slope = double(loaded.concurrency) / cores;
     per_token = std::max(0.0, per_token + damp * (loaded.itl_p50_s - c.itl.p50) / per_token_slope);
   }

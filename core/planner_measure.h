@@ -40,6 +40,7 @@ void fit_engine_costs(const EngineMeasurements& m, CostProfile& p);
 // and what it measured.
 struct CalibrationPoint {
   int concurrency = 1;
+  double rate = 0;  // > 0: Poisson arrivals per second instead of `concurrency` clients
   int64_t prompt = 16, output = 32, requests = 8;
   double ttft_p50_s = 0, itl_p50_s = 0, itl_p90_s = 0;
 };
@@ -52,8 +53,16 @@ struct CalibrationPoint {
 // prompt row on the cluster), and several at once (`loaded`: its ITL the CPU each streamed token
 // costs beside the steps, the router's HTTP streaming and the client's; its TTFT the share of the
 // per-request work that waits behind the cores' other work). All are CPU on the node's
-// cores (p.shared_node_compute). Returns the simulator's values for the three, fitted.
+// cores (p.shared_node_compute). `idle`, when given, is a run whose requests arrive apart (a low
+// Poisson rate): its TTFT prices waking from idle (p.idle_wake_s). Returns the simulator's values
+// for the points, fitted.
+// The Poisson rate of the calibration run that prices waking from idle: requests four
+// lifetimes apart on average (a lifetime of `output` tokens from one request at a time's TTFT and
+// ITL), so most find the cluster idle.
+double idle_calibration_rate(double ttft_s, double itl_s, int64_t output);
+
 std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment& d, const CalibrationPoint& one,
-                                                const CalibrationPoint& long_prompt, const CalibrationPoint& loaded);
+                                                const CalibrationPoint& long_prompt, const CalibrationPoint& loaded,
+                                                const CalibrationPoint* idle = nullptr);
 
 }  // namespace moemesh::planner

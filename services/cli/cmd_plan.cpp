@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -26,8 +27,8 @@
 
 namespace moemesh::planner {
 // A calibration run as a profile records it (both directions, for --refit).
-NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(CalibrationPoint, concurrency, prompt, output, requests, ttft_p50_s, itl_p50_s,
-                                   itl_p90_s)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE_WITH_DEFAULT(CalibrationPoint, concurrency, rate, prompt, output, requests,
+                                                ttft_p50_s, itl_p50_s, itl_p90_s)
 }  // namespace moemesh::planner
 
 namespace moemesh::cli {
@@ -277,11 +278,12 @@ CalibrationPoint bench_point(const ProfileArgs& a, CalibrationPoint c, int64_t v
   static int run = 0;
   const std::string self = fs::read_symlink("/proc/self/exe").string();
   const fs::path out = fs::temp_directory_path() / ("moemesh-plan-cal-" + std::to_string(::getpid()) + ".json");
-  const std::string cmd = "'" + self + "' bench --url '" + a.calibrate_url + "' --concurrency " +
-                          std::to_string(c.concurrency) + " --requests " + std::to_string(c.requests) +
-                          " --prompt-len " + std::to_string(c.prompt) + " --output-len " + std::to_string(c.output) +
-                          " --vocab " + std::to_string(vocab) + " --seed " + std::to_string(a.cal_seed + run++) +
-                          " --json '" + out.string() + "' > /dev/null";
+  const std::string load =
+      c.rate > 0 ? " --rate " + std::to_string(c.rate) : " --concurrency " + std::to_string(c.concurrency);
+  const std::string cmd = "'" + self + "' bench --url '" + a.calibrate_url + "'" + load + " --requests " +
+                          std::to_string(c.requests) + " --prompt-len " + std::to_string(c.prompt) + " --output-len " +
+                          std::to_string(c.output) + " --vocab " + std::to_string(vocab) + " --seed " +
+                          std::to_string(a.cal_seed + run++) + " --json '" + out.string() + "' > /dev/null";
   if (std::system(cmd.c_str()) != 0) throw Error("plan profile: calibration bench failed: " + cmd);
   std::ifstream in(out);
   nlohmann::json j;
@@ -342,9 +344,10 @@ void refit_profile(const ProfileArgs& a) {
   d.micro_batches = c.at("micro_batches");
   d.processes_per_node = c.at("processes_per_node");
   const auto& pts = c.at("points");
-  if (pts.size() != 3) throw Error(a.refit + ": expected 3 calibration points");
+  if (pts.size() != 3 && pts.size() != 4) throw Error(a.refit + ": expected 3 or 4 calibration points");
+  const auto idle = pts.size() == 4 ? std::optional(pts[3].get<CalibrationPoint>()) : std::nullopt;
   calibrate_cluster(p, d, pts[0].get<CalibrationPoint>(), pts[1].get<CalibrationPoint>(),
-                    pts[2].get<CalibrationPoint>());
+                    pts[2].get<CalibrationPoint>(), idle ? &*idle : nullptr);
   p.save(a.out);
   std::cout << "wrote " << a.out << "\n";
 }
@@ -409,11 +412,19 @@ void run_profile(const ProfileArgs& a) {
     // A fresh cluster's first requests pay for its warm-up (page faults, allocator growth):
     // one run to absorb that, not recorded.
     bench_point(a, point(4, 32, 48, 32), vocab);
-    const CalibrationPoint one = bench_median(a, point(1, 16, 48, 16), vocab);
-    const CalibrationPoint long_prompt = bench_median(a, point(1, 16 + a.cal_long_prompt, 2, 8), vocab);
+    // Short prompts of two KV blocks: a prompt with a full block pays the worker's prefix-cache
+    // lookup in the KV store (a round trip, measured 0.5-0.8 ms on this machine) and one of 16
+    // tokens has none, so 16 would leave that cost to the per-row fit of the long prompts.
+    const int64_t short_prompt = 32;
+    const CalibrationPoint one = bench_median(a, point(1, short_prompt, 48, 16), vocab);
+    const CalibrationPoint long_prompt = bench_median(a, point(1, short_prompt + a.cal_long_prompt, 2, 8), vocab);
     const CalibrationPoint loaded =
         bench_median(a, point(a.cal_concurrency, 32, 48, 4 * int64_t(a.cal_concurrency)), vocab);
-    const std::vector<CalibrationPoint> meas = {one, long_prompt, loaded};
+    // Requests that mostly find the cluster idle: waking from it is priced.
+    CalibrationPoint idle = point(1, short_prompt, 8, 12);
+    idle.rate = idle_calibration_rate(one.ttft_p50_s, one.itl_p50_s, idle.output);
+    idle = bench_median(a, idle, vocab);
+    const std::vector<CalibrationPoint> meas = {one, long_prompt, loaded, idle};
     Deployment d;
     d.attention_workers = a.cal_attention;
     d.expert_hosts = a.cal_experts;
@@ -421,13 +432,17 @@ void run_profile(const ProfileArgs& a) {
     d.micro_batches = a.cal_micro_batches;
     d.processes_per_node = a.processes_per_node;
     p.calibration = calibration_record(p, d, meas);
-    const auto fitted = calibrate_cluster(p, d, one, long_prompt, loaded);
+    const auto fitted = calibrate_cluster(p, d, one, long_prompt, loaded, &idle);
     p.note += "; calibrated on " + a.calibrate_url + " (" + d.describe() + "), measured / fitted p50 ms:";
     for (size_t i = 0; i < meas.size(); ++i) {
-      const std::string line = " c" + std::to_string(meas[i].concurrency) + " prompt " +
-                               std::to_string(meas[i].prompt) + ": TTFT " + ms(meas[i].ttft_p50_s) + " / " +
-                               ms(fitted[i].ttft_p50_s) + ", ITL " + ms(meas[i].itl_p50_s) + " / " +
-                               ms(fitted[i].itl_p50_s);
+      char load[48];
+      if (meas[i].rate > 0)
+        std::snprintf(load, sizeof load, " rate %.2g/s", meas[i].rate);
+      else
+        std::snprintf(load, sizeof load, " c%d", meas[i].concurrency);
+      const std::string line = std::string(load) + " prompt " + std::to_string(meas[i].prompt) + ": TTFT " +
+                               ms(meas[i].ttft_p50_s) + " / " + ms(fitted[i].ttft_p50_s) + ", ITL " +
+                               ms(meas[i].itl_p50_s) + " / " + ms(fitted[i].itl_p50_s);
       p.note += line + (i + 1 < meas.size() ? ";" : "");
       std::cout << "plan profile:" << line << " (measured / fitted)\n";
     }
@@ -438,12 +453,13 @@ void run_profile(const ProfileArgs& a) {
       b, sizeof b,
       "wrote %s: attention/layer %.1f us + %.2f us/row + %.2f us/prefill row + %.4f us/ctx, expert batch "
       "%.1f us + %.1f us/expert + %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, dispatch overhead %.1f "
-      "us, step %.1f us + %.1f us/row, router %.1f us/request + %.1f us/token, step jitter %.0f%%, %d cores\n",
+      "us, step %.1f us + %.1f us/row, router %.1f us/request + %.1f us/token, step jitter %.0f%%, waking from "
+      "idle %.1f us, %d cores\n",
       a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_prefill_row_s * 1e6,
       p.attn_per_ctx_s * 1e6, p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
       p.zmq_local.latency_s * 1e6, p.zmq_local.bandwidth_Bps / 1e9, p.dispatch_overhead_s * 1e6, p.step_fixed_s * 1e6,
       p.step_per_row_s * 1e6, p.router_per_request_s * 1e6, p.router_per_token_s * 1e6, p.step_jitter * 100,
-      p.node_cores);
+      p.idle_wake_s * 1e6, p.node_cores);
   std::cout << b;
 }
 

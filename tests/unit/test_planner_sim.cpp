@@ -227,9 +227,31 @@ TEST(PlannerSim, PrefillRowsCostTimeToFirstTokenNotInterTokenLatency) {
   EXPECT_NEAR(heavy.itl.p50, base.itl.p50, 1e-6);
 }
 
+TEST(PlannerSim, RequestsThatFindTheWorkerIdlePayForWakingIt) {
+  // Requests seconds apart: each finds the worker idle, and its first step takes the wake-up
+  // cost longer, its second 0.4 of that (the first inter-token gap: the largest of a request's
+  // seven, so the p90). Back to back, none does.
+  CostProfile p = toy_profile();
+  Deployment d;
+  const TrafficSpec apart = fixed_traffic("poisson:0.1", 16, 8, 16),
+                    back_to_back = fixed_traffic("closed:1", 16, 8, 16);
+  const SimResult cold = simulate(p, d, apart, ExpertLoad::uniform(8));
+  const SimResult warm = simulate(p, d, back_to_back, ExpertLoad::uniform(8));
+  p.idle_wake_s = 3e-3;
+  const SimResult cold_woken = simulate(p, d, apart, ExpertLoad::uniform(8));
+  const SimResult warm_woken = simulate(p, d, back_to_back, ExpertLoad::uniform(8));
+  EXPECT_NEAR(cold_woken.ttft.p50 - cold.ttft.p50, 3e-3, 5e-5);  // quantiles are binned by 0.5%
+  EXPECT_NEAR(cold_woken.itl.p90 - cold.itl.p90, 0.4 * 3e-3, 1e-4);
+  EXPECT_NEAR(warm_woken.ttft.p50, warm.ttft.p50, 1e-5);  // only the very first request is cold
+  EXPECT_NEAR(warm_woken.itl.p90, warm.itl.p90, 1e-5);
+  const CostProfile q = CostProfile::from_json(p.to_json());
+  EXPECT_DOUBLE_EQ(q.idle_wake_s, 3e-3);
+  EXPECT_DOUBLE_EQ(q.idle_after_s, p.idle_after_s);
+}
+
 TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
-  // A "cluster" whose hand-offs, router work and streaming CPU are known: calibration from its
-  // three runs on a profile without them predicts a fourth traffic it was not fitted on.
+  // A "cluster" whose hand-offs, router work, streaming CPU and waking from idle are known:
+  // calibration from its four runs on a profile without them predicts traffic it was not fitted on.
   CostProfile truth = toy_profile();
   truth.shared_node_compute = true;
   truth.node_cores = 2;
@@ -240,11 +262,14 @@ TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
   truth.router_request_cpu_share = 0.5;
   truth.attn_per_prefill_row_s = 3e-5;
   truth.step_jitter = 0.2;
+  truth.idle_wake_s = 1.5e-3;
   Deployment d;
-  auto measure = [&](const CostProfile& p, int conc, int64_t prompt, int64_t output, int64_t requests) {
-    const SimResult r = simulate(p, d, fixed_traffic("closed:" + std::to_string(conc), prompt, output, requests),
-                                 ExpertLoad::uniform(8));
+  auto measure = [&](const CostProfile& p, int conc, int64_t prompt, int64_t output, int64_t requests,
+                     double rate = 0) {
+    const std::string kind = rate > 0 ? "poisson:" + std::to_string(rate) : "closed:" + std::to_string(conc);
+    const SimResult r = simulate(p, d, fixed_traffic(kind, prompt, output, requests), ExpertLoad::uniform(8));
     return CalibrationPoint{.concurrency = conc,
+                            .rate = rate,
                             .prompt = prompt,
                             .output = output,
                             .requests = requests,
@@ -254,14 +279,21 @@ TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
   };
   const CalibrationPoint one = measure(truth, 1, 16, 48, 8), long_prompt = measure(truth, 1, 128, 2, 8),
                          loaded = measure(truth, 8, 32, 48, 32);
+  // Requests four lifetimes apart on average, as plan profile spaces them.
+  const CalibrationPoint idle = measure(truth, 1, 16, 8, 12, idle_calibration_rate(one.ttft_p50_s, one.itl_p50_s, 8));
   CostProfile fitted = toy_profile();
   fitted.shared_node_compute = true;
   fitted.node_cores = 2;
-  const auto back = calibrate_cluster(fitted, d, one, long_prompt, loaded);
+  const auto back = calibrate_cluster(fitted, d, one, long_prompt, loaded, &idle);
   EXPECT_NEAR(back[0].itl_p50_s, one.itl_p50_s, 0.03 * one.itl_p50_s);
   EXPECT_NEAR(back[2].itl_p50_s, loaded.itl_p50_s, 0.05 * loaded.itl_p50_s);
   EXPECT_NEAR(fitted.router_per_token_s, truth.router_per_token_s, 0.3 * truth.router_per_token_s);
   EXPECT_NEAR(fitted.step_jitter, truth.step_jitter, 0.3 * truth.step_jitter);
+  EXPECT_NEAR(fitted.idle_wake_s, truth.idle_wake_s, 0.3 * truth.idle_wake_s);
+  const TrafficSpec poisson = fixed_traffic("poisson:20", 32, 32, 64);
+  const SimResult want_poisson = simulate(truth, d, poisson, ExpertLoad::uniform(8));
+  const SimResult got_poisson = simulate(fitted, d, poisson, ExpertLoad::uniform(8));
+  EXPECT_NEAR(got_poisson.ttft.p50, want_poisson.ttft.p50, 0.1 * want_poisson.ttft.p50);
   const TrafficSpec other = fixed_traffic("closed:24", 48, 32, 96);
   const SimResult want = simulate(truth, d, other, ExpertLoad::uniform(8));
   const SimResult got = simulate(fitted, d, other, ExpertLoad::uniform(8));
