@@ -61,9 +61,9 @@ struct CostProfile {
   double step_jitter = 0;
   // Waking from idle: a worker's first step after it sat idle longer than idle_after_s takes
   // idle_wake_s longer, the next ones less (kWakeDecay per step): threads and cores that went to
-  // sleep, cold caches. On this machine a pause of 20 ms or more costs the next request about
-  // 1.3 ms of TTFT and 0.5 ms of its first inter-token gap; one of 5 ms or less costs nothing
-  // (docs/planner.md). Fitted on a calibration run with pauses between requests.
+  // sleep, cold caches. On this machine a pause of 20 ms or more costs the next request 1.2-1.5
+  // ms of TTFT and 0.5-0.6 ms of its first inter-token gap; one of 2 ms nothing
+  // (bench/idle_wake.py, docs/planner.md). Fitted on a calibration run with pauses between requests.
   double idle_wake_s = 0, idle_after_s = 0.01;
   // Links: same node, other node; ZeroMQ (TCP) and NCCL (GPU to GPU).
   LinkCost zmq_local, zmq_remote, nccl_local, nccl_remote;
