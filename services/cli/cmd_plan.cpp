@@ -398,7 +398,7 @@ void run_profile(const ProfileArgs& a) {
            std::to_string(m.experts.size()) + "), ZeroMQ echo";
   if (!a.calibrate_url.empty()) {
     // The cluster's own costs (bridge, actor and pool hand-offs, the router's step round trip,
-    // HTTP and streaming, the client's CPU): fitted through the simulator on three traffics.
+    // HTTP and streaming, the client's CPU): fitted through the simulator on four traffics.
     std::cout << "plan profile: calibrating against " << a.calibrate_url << "..." << std::endl;
     const int64_t vocab = std::min<int64_t>(250, p.model.vocab_size);
     auto point = [](int concurrency, int64_t prompt, int64_t output, int64_t requests) {
