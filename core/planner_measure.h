@@ -56,13 +56,13 @@ struct CalibrationPoint {
 // cores (p.shared_node_compute). `idle`, when given, is a run whose requests arrive apart (a low
 // Poisson rate): its TTFT prices waking from idle (p.idle_wake_s). Returns the simulator's values
 // for the points, fitted.
+std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment& d, const CalibrationPoint& one,
+                                                const CalibrationPoint& long_prompt, const CalibrationPoint& loaded,
+                                                const CalibrationPoint* idle = nullptr);
+
 // The Poisson rate of the calibration run that prices waking from idle: requests four
 // lifetimes apart on average (a lifetime of `output` tokens from one request at a time's TTFT and
 // ITL), so most find the cluster idle.
 double idle_calibration_rate(double ttft_s, double itl_s, int64_t output);
-
-std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment& d, const CalibrationPoint& one,
-                                                const CalibrationPoint& long_prompt, const CalibrationPoint& loaded,
-                                                const CalibrationPoint* idle = nullptr);
 
 }  // namespace moemesh::planner
