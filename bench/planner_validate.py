@@ -176,10 +176,10 @@ def main():
                     pt[key] = median([r[key] for r in cal_runs[k]])
             recorded = json.load(open(prof))
             recorded["calibration"] = cal
-            json.dump(recorded, open(prof.replace(".json", "-rounds.json"), "w"), indent=1)
-            prof = prof.replace(".json", "-fitted.json")
-            subprocess.run([a.moemesh, "plan", "profile", "--refit", prof.replace("-fitted.json", "-rounds.json"),
-                            "--out", prof], check=True, stdout=subprocess.DEVNULL)
+            rounds, prof = prof.replace(".json", "-rounds.json"), prof.replace(".json", "-fitted.json")
+            json.dump(recorded, open(rounds, "w"), indent=1)
+            subprocess.run([a.moemesh, "plan", "profile", "--refit", rounds, "--out", prof], check=True,
+                           stdout=subprocess.DEVNULL)
             config = f"{att}/{exp}/{rep}/{mb}"
             for _, plan_traffic, mult in traffic:
                 cell = f"{att}-{exp}-{rep}-{mb}-{plan_traffic.replace(':', '')}"
@@ -215,9 +215,8 @@ def calibration_run(a, url, pt, tmp, seed):
                    ["--requests", str(pt["requests"]),
                     "--prompt-len", str(pt["prompt"]), "--output-len", str(pt["output"])],
                    check=True, stdout=subprocess.DEVNULL)
-    b = json.load(open(bj))
-    return {"ttft_p50_s": b["ttft_ms"]["p50"] * 1e-3, "itl_p50_s": b["itl_ms"]["p50"] * 1e-3,
-            "itl_p90_s": b["itl_ms"]["p90"] * 1e-3}
+    m = bench_metrics(bj)
+    return {f"{k}_s": m[k] * 1e-3 for k in ("ttft_p50", "itl_p50", "itl_p90")}
 
 
 def run_plan(a, prof, config, traffic, requests, seed, out):
