@@ -22,7 +22,9 @@ using Clock = std::chrono::steady_clock;
 // A store answers at most this many blocks per KvGet (and we put at most this many per KvPut).
 constexpr size_t kBlocksPerMessage = 16;
 
-int64_t now_ns() { return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count(); }
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
 
 struct Call {
   std::mutex mu;
@@ -91,8 +93,12 @@ KvClient::KvClient(caf::actor_system& sys, KvClientOptions opts)
   std::random_device rd;  // ids start at a random point: replies meant for an earlier process never match
   next_id_ = ((uint64_t(rd()) << 32) | rd()) | 1;
   // A bounded queue: while the store is away, puts beyond it are dropped (and counted by the bridge).
-  socket_ = bridge_.add({.name = "kvstore " + opts_.endpoint, .type = zmq::socket_type::dealer,
-                         .endpoint = opts_.endpoint, .identity = opts_.identity, .send_hwm = 64, .recv_hwm = 1000,
+  socket_ = bridge_.add({.name = "kvstore " + opts_.endpoint,
+                         .type = zmq::socket_type::dealer,
+                         .endpoint = opts_.endpoint,
+                         .identity = opts_.identity,
+                         .send_hwm = 64,
+                         .recv_hwm = 1000,
                          .heartbeats = kDataPlaneHeartbeats});
   // State as a spawn argument, not a capture: CAF 0.17 trips UBSan on argument-less function actors.
   receiver_ = sys.spawn(
@@ -119,82 +125,124 @@ void KvClient::failed(const std::string& why) {
   spdlog::warn("kvstore client: {} ({}); prefix cache off for {} ms", why, opts_.endpoint, opts_.backoff.count());
 }
 
+std::vector<std::vector<std::vector<float>>> PrefixStore::fetch_many(std::span<const PrefixQuery> queries,
+                                                                     size_t block_floats) {
+  std::vector<std::vector<std::vector<float>>> out;
+  out.reserve(queries.size());
+  for (const PrefixQuery& q : queries) out.push_back(fetch(q.keys, block_floats, q.trace));
+  return out;
+}
+
+namespace {
+
+// Appends the blocks of a KvGet reply for a chain of `asked` keys; returns how many it held.
+// Throws (Error, WireError) on an error reply or a malformed one.
+size_t take_reply(const Frames& frames, size_t asked, size_t block_floats, std::vector<std::vector<float>>& blocks) {
+  wire::Header r = wire::decode(frame_views(frames));
+  if (r.kind == wire::Kind::Error) {
+    pb::ErrorReply err;
+    err.ParseFromString(r.meta);
+    throw Error("KvGet refused: " + err.code() + ": " + err.message());
+  }
+  pb::KvGetReply meta;
+  if (r.kind != wire::Kind::KvGetReply || !meta.ParseFromString(r.meta))
+    throw Error(std::string("unexpected reply to KvGet: ") + wire::kind_name(r.kind));
+  if (!meta.error().empty()) throw Error("KvGet failed: " + meta.error());
+  if (meta.found() < 0 || size_t(meta.found()) > asked || size_t(meta.found()) != r.tensors.size())
+    throw Error("KvGetReply says " + std::to_string(meta.found()) + " blocks for a chain of " + std::to_string(asked) +
+                " with " + std::to_string(r.tensors.size()) + " tensors");
+  const size_t found = size_t(meta.found());
+  for (size_t i = 0; i < found; ++i) {
+    // A block of another shape (another model under the same id, another layout) is unusable.
+    const auto& d = r.tensors[i];
+    const zmq::message_t& f = frames[1 + i];
+    if (d.dtype != DType::F32 || f.size() != block_floats * sizeof(float))
+      throw Error("block " + std::to_string(blocks.size()) + " has " + std::to_string(f.size()) + " bytes, expected " +
+                  std::to_string(block_floats * sizeof(float)));
+    std::memcpy(blocks.emplace_back(block_floats).data(), f.data(), f.size());
+  }
+  return found;
+}
+
+}  // namespace
+
 std::vector<std::vector<float>> KvClient::fetch(std::span<const BlockKey> keys, size_t block_floats,
                                                 const TraceRef& trace) {
-  std::vector<std::vector<float>> blocks;
-  if (keys.empty()) return blocks;
-  if (backing_off()) {
-    ++stats_->skipped_fetches;
-    return blocks;
-  }
-  ++stats_->fetches;
-  // The chain is asked in rounds: each reply holds at most kBlocksPerMessage blocks, and a round
-  // that comes back short ends the chain.
-  while (blocks.size() < keys.size()) {
-    const auto chain = keys.subspan(blocks.size(), std::min(kBlocksPerMessage, keys.size() - blocks.size()));
-    pb::KvGet get;
-    get.set_model_id(opts_.model_id);
-    for (const BlockKey& k : chain) *get.add_keys() = k.to_bytes();
-    if (trace.valid()) trace_to_proto(trace, get.mutable_trace());
-    wire::Header h;
-    h.kind = wire::Kind::KvGet;
-    h.request_id = next_id_++;
-    h.meta = get.SerializeAsString();
-    auto call = std::make_shared<Call>();
-    {
-      std::lock_guard<std::mutex> lk(inflight_->mu);
-      inflight_->fetches[h.request_id] = call;
-    }
-    auto frames = std::make_shared<Frames>();
-    frames->push_back(frame_of(wire::encode_header(h)));
-    caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket_, std::move(frames));
+  const PrefixQuery q{{keys.begin(), keys.end()}, trace};
+  return std::move(fetch_many(std::span(&q, 1), block_floats)[0]);
+}
 
-    bool done;
-    {
-      std::unique_lock<std::mutex> lk(call->mu);
-      done = call->cv.wait_for(lk, opts_.deadline, [&] { return call->done; });
-    }
-    if (!done) {
-      std::lock_guard<std::mutex> lk(inflight_->mu);  // withdraw it: a late reply is only counted
-      inflight_->fetches.erase(h.request_id);
-      failed("no KvGet reply within " + std::to_string(opts_.deadline.count()) + " ms");
-      return blocks;
-    }
-    size_t found = 0;
-    try {
-      wire::Header r = wire::decode(frame_views(*call->frames));
-      if (r.kind == wire::Kind::Error) {
-        pb::ErrorReply err;
-        err.ParseFromString(r.meta);
-        throw Error("KvGet refused: " + err.code() + ": " + err.message());
-      }
-      pb::KvGetReply meta;
-      if (r.kind != wire::Kind::KvGetReply || !meta.ParseFromString(r.meta))
-        throw Error(std::string("unexpected reply to KvGet: ") + wire::kind_name(r.kind));
-      if (!meta.error().empty()) throw Error("KvGet failed: " + meta.error());
-      if (meta.found() < 0 || size_t(meta.found()) > chain.size() || size_t(meta.found()) != r.tensors.size())
-        throw Error("KvGetReply says " + std::to_string(meta.found()) + " blocks for a chain of " +
-                    std::to_string(chain.size()) + " with " + std::to_string(r.tensors.size()) + " tensors");
-      found = size_t(meta.found());
-      for (size_t i = 0; i < found; ++i) {
-        // A block of another shape (another model under the same id, another layout) is unusable.
-        const auto& d = r.tensors[i];
-        const zmq::message_t& f = (*call->frames)[1 + i];
-        if (d.dtype != DType::F32 || f.size() != block_floats * sizeof(float))
-          throw Error("block " + std::to_string(blocks.size()) + " has " + std::to_string(f.size()) +
-                      " bytes, expected " + std::to_string(block_floats * sizeof(float)));
-        std::vector<float>& b = blocks.emplace_back(block_floats);
-        std::memcpy(b.data(), f.data(), f.size());
-      }
-    } catch (const std::exception& e) {  // WireError or Error: keep the whole blocks before it
-      failed(e.what());
-      stats_->fetched_blocks += blocks.size();
-      return blocks;
-    }
-    if (found < chain.size()) break;
+std::vector<std::vector<std::vector<float>>> KvClient::fetch_many(std::span<const PrefixQuery> queries,
+                                                                  size_t block_floats) {
+  std::vector<std::vector<std::vector<float>>> found(queries.size());
+  std::vector<size_t> asking;  // the queries whose chain goes on
+  for (size_t q = 0; q < queries.size(); ++q)
+    if (!queries[q].keys.empty()) asking.push_back(q);
+  if (asking.empty()) return found;
+  if (backing_off()) {
+    stats_->skipped_fetches += asking.size();
+    return found;
   }
-  stats_->fetched_blocks += blocks.size();
-  return blocks;
+  stats_->fetches += asking.size();
+  // Chains are asked in rounds, all chains' requests of a round sent before waiting for any: each
+  // reply holds at most kBlocksPerMessage blocks, and a round that comes back short ends its chain.
+  bool failure = false;
+  while (!asking.empty() && !failure) {
+    struct Round {
+      size_t query, asked;
+      uint64_t id;
+      std::shared_ptr<Call> call;
+    };
+    std::vector<Round> round;
+    for (size_t q : asking) {
+      const auto& keys = queries[q].keys;
+      const size_t first = found[q].size(), n = std::min(kBlocksPerMessage, keys.size() - first);
+      pb::KvGet get;
+      get.set_model_id(opts_.model_id);
+      for (size_t i = first; i < first + n; ++i) *get.add_keys() = keys[i].to_bytes();
+      if (queries[q].trace.valid()) trace_to_proto(queries[q].trace, get.mutable_trace());
+      wire::Header h;
+      h.kind = wire::Kind::KvGet;
+      h.request_id = next_id_++;
+      h.meta = get.SerializeAsString();
+      auto call = std::make_shared<Call>();
+      {
+        std::lock_guard<std::mutex> lk(inflight_->mu);
+        inflight_->fetches[h.request_id] = call;
+      }
+      round.push_back({q, n, h.request_id, call});
+      auto frames = std::make_shared<Frames>();
+      frames->push_back(frame_of(wire::encode_header(h)));
+      caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket_, std::move(frames));
+    }
+    const auto deadline = Clock::now() + opts_.deadline;
+    asking.clear();
+    for (const Round& r : round) {
+      bool done;
+      {
+        std::unique_lock<std::mutex> lk(r.call->mu);
+        done = r.call->cv.wait_until(lk, deadline, [&] { return r.call->done; });
+      }
+      if (!done) {
+        std::lock_guard<std::mutex> lk(inflight_->mu);  // withdraw it: a late reply is only counted
+        inflight_->fetches.erase(r.id);
+        if (!failure) failed("no KvGet reply within " + std::to_string(opts_.deadline.count()) + " ms");
+        failure = true;
+        continue;
+      }
+      try {  // on a bad reply, keep the whole blocks before it
+        auto& blocks = found[r.query];
+        if (take_reply(*r.call->frames, r.asked, block_floats, blocks) == r.asked &&
+            blocks.size() < queries[r.query].keys.size())
+          asking.push_back(r.query);
+      } catch (const std::exception& e) {  // WireError or Error
+        if (!failure) failed(e.what());
+        failure = true;
+      }
+    }
+  }
+  for (const auto& blocks : found) stats_->fetched_blocks += blocks.size();
+  return found;
 }
 
 std::vector<int64_t> KvClient::shape_for(size_t floats) const {

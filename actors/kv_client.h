@@ -10,6 +10,10 @@
 // Like RemoteExpertExecutor, it has its own ZmqBridge with one DEALER socket; fetch() blocks the
 // calling (compute) thread on a condition variable fulfilled by a small actor that receives the
 // replies. Never call fetch() from inside an actor. Thread-safe.
+//
+// fetch_many() asks for several chains at once (a step's new sequences): their requests go out
+// together and are waited for together, so a step pays one round trip to the store, not one per
+// new sequence.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -27,6 +31,13 @@
 
 namespace moemesh::actors {
 
+// One chain to look up: its block keys, and the sequence's span (named in the request so the
+// store logs its span under it).
+struct PrefixQuery {
+  std::vector<BlockKey> keys;
+  TraceRef trace;
+};
+
 // What the attention worker needs from a KV store; an interface so tests can use a map.
 class PrefixStore {
  public:
@@ -36,29 +47,33 @@ class PrefixStore {
   // `trace`: the sequence's span, named in the request so the store logs its span under it.
   virtual std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats,
                                                 const TraceRef& trace = {}) = 0;
+  // fetch() of each query, in order. This default asks them one after the other; a store across
+  // a network asks them all at once. Never throws.
+  virtual std::vector<std::vector<std::vector<float>>> fetch_many(std::span<const PrefixQuery> queries,
+                                                                  size_t block_floats);
   // Offers blocks (keys[i] names blocks[i]); returns without waiting for the store. Never throws.
   virtual void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks,
                        const TraceRef& trace = {}) = 0;
 };
 
 struct KvClientOptions {
-  std::string endpoint;                        // the store's ROUTER, tcp://host:port
-  std::string model_id;                        // namespaces the keys in the store
-  std::chrono::milliseconds deadline{500};     // per fetch round trip
-  std::chrono::milliseconds backoff{5000};     // fetches skipped for this long after a failure
-  std::string identity;                        // DEALER routing id (empty: ZeroMQ picks)
-  std::vector<int64_t> block_shape;            // of the tensors put: [layers, 2, 16, kv_dim]
+  std::string endpoint;                     // the store's ROUTER, tcp://host:port
+  std::string model_id;                     // namespaces the keys in the store
+  std::chrono::milliseconds deadline{500};  // per fetch round trip
+  std::chrono::milliseconds backoff{5000};  // fetches skipped for this long after a failure
+  std::string identity;                     // DEALER routing id (empty: ZeroMQ picks)
+  std::vector<int64_t> block_shape;         // of the tensors put: [layers, 2, 16, kv_dim]
 };
 
 struct KvClientStats {
-  std::atomic<uint64_t> fetches{0};            // fetch() calls that asked the store
-  std::atomic<uint64_t> fetched_blocks{0};     // blocks received and returned
-  std::atomic<uint64_t> fetch_failures{0};     // timeouts, error replies, bad replies
-  std::atomic<uint64_t> skipped_fetches{0};    // not asked: backing off after a failure
-  std::atomic<uint64_t> published_blocks{0};   // blocks sent in KvPuts
-  std::atomic<uint64_t> acked_blocks{0};       // blocks the store said it holds
-  std::atomic<uint64_t> publish_failures{0};   // KvPuts answered with an error
-  std::atomic<uint64_t> late_replies{0};       // replies after their fetch gave up
+  std::atomic<uint64_t> fetches{0};           // chains looked up in the store
+  std::atomic<uint64_t> fetched_blocks{0};    // blocks received and returned
+  std::atomic<uint64_t> fetch_failures{0};    // timeouts, error replies, bad replies
+  std::atomic<uint64_t> skipped_fetches{0};   // not asked: backing off after a failure
+  std::atomic<uint64_t> published_blocks{0};  // blocks sent in KvPuts
+  std::atomic<uint64_t> acked_blocks{0};      // blocks the store said it holds
+  std::atomic<uint64_t> publish_failures{0};  // KvPuts answered with an error
+  std::atomic<uint64_t> late_replies{0};      // replies after their fetch gave up
 };
 
 class KvClient : public PrefixStore {
@@ -71,6 +86,8 @@ class KvClient : public PrefixStore {
 
   std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats,
                                         const TraceRef& trace = {}) override;
+  std::vector<std::vector<std::vector<float>>> fetch_many(std::span<const PrefixQuery> queries,
+                                                          size_t block_floats) override;
   void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks,
                const TraceRef& trace = {}) override;
 

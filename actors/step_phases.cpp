@@ -48,7 +48,7 @@ double blocked_seconds(const StepLanes& lanes, std::span<const ExpertWait> waits
 
 StepPhaseTimer::~StepPhaseTimer() {
   const double wall = std::chrono::duration<double>(Clock::now() - t0_).count();
-  phases_.attention = std::max(0.0, wall - phases_.expert_wait - phases_.sampling);
+  phases_.attention = std::max(0.0, wall - phases_.expert_wait - phases_.sampling - phases_.prefix_lookup);
 }
 
 }  // namespace moemesh::actors

@@ -3,9 +3,11 @@
 //                pass; two with micro-batches) was computing, each was waiting on its
 //                DispatchRequests' replies or had already finished;
 //   sampling     the sampler (penalties, softmax, top-k/p, the draw) after the forward passes;
+//   prefix_lookup  waiting on the KV store for the stored prefixes of the sequences the step
+//                starts (one round trip for all of them);
 //   attention    everything else in the step (embeddings, attention, routers, shared/dense MLPs,
 //                lm_head, prefix-cache restore and publish, frees).
-// The three add up to the step's wall time. The waits are recorded where the remote expert
+// The four add up to the step's wall time. The waits are recorded where the remote expert
 // executor blocks (actors/remote_experts.cpp), per thread, and matched to the engine's lanes.
 #pragma once
 #include <chrono>
@@ -39,11 +41,11 @@ class ExpertWaitLog {
 double blocked_seconds(const StepLanes& lanes, std::span<const ExpertWait> waits);
 
 struct StepPhases {
-  double attention = 0, expert_wait = 0, sampling = 0;
+  double attention = 0, expert_wait = 0, sampling = 0, prefix_lookup = 0;
 };
 
 // Times one step: on destruction `phases.attention` becomes the wall time since construction
-// minus the other two phases (which the step fills in meanwhile).
+// minus the other phases (which the step fills in meanwhile).
 class StepPhaseTimer {
  public:
   explicit StepPhaseTimer(StepPhases& phases) : phases_(phases), t0_(std::chrono::steady_clock::now()) { phases_ = {}; }

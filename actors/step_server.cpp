@@ -29,7 +29,8 @@ FramesPtr message_frames(const std::string& peer, wire::Kind kind, uint64_t requ
   return frames;
 }
 
-FramesPtr error_frames(const std::string& peer, uint64_t request_id, const std::string& code, const std::string& message) {
+FramesPtr error_frames(const std::string& peer, uint64_t request_id, const std::string& code,
+                       const std::string& message) {
   pb::ErrorReply e;
   e.set_code(code);
   e.set_message(message);
@@ -46,7 +47,8 @@ prometheus::Counter& counter(prometheus::Registry& r, const std::string& name, c
 prometheus::Histogram& phase_histogram(prometheus::Registry& r, const std::string& phase) {
   return metrics::histogram_family(r, "moemesh_attention_step_phase_seconds",
                                    "Wall time of one step by phase: expert_wait (no lane computing, awaiting expert "
-                                   "hosts), sampling, attention (the rest); the phases add up to the step.")
+                                   "hosts), sampling, prefix_lookup (awaiting the KV store for new sequences' "
+                                   "prefixes), attention (the rest); the phases add up to the step.")
       .Add({{"phase", phase}}, metrics::rpc_latency_buckets());
 }
 
@@ -101,12 +103,13 @@ StepServerMetrics::StepServerMetrics(prometheus::Registry& r, std::shared_ptr<co
       phase_attention_(phase_histogram(r, "attention")),
       phase_expert_wait_(phase_histogram(r, "expert_wait")),
       phase_sampling_(phase_histogram(r, "sampling")),
+      phase_prefix_lookup_(phase_histogram(r, "prefix_lookup")),
       kv_used_(metrics::gauge_family(r, "moemesh_attention_kv_blocks", "KV cache blocks, used and free.")
                    .Add({{"state", "used"}})),
       kv_free_(metrics::gauge_family(r, "moemesh_attention_kv_blocks", "KV cache blocks, used and free.")
                    .Add({{"state", "free"}})),
-      kv_usage_(metrics::gauge_family(r, "moemesh_attention_kv_usage_ratio", "Used / total KV cache blocks (0-1).")
-                    .Add({})),
+      kv_usage_(
+          metrics::gauge_family(r, "moemesh_attention_kv_usage_ratio", "Used / total KV cache blocks (0-1).").Add({})),
       lora_(r, "moemesh_attention") {}
 
 void StepServerMetrics::observe_step(double seconds, int64_t free_blocks, int64_t total_blocks) {
@@ -120,6 +123,7 @@ void StepServerMetrics::observe_phases(const StepPhases& p) {
   phase_attention_.Observe(p.attention);
   phase_expert_wait_.Observe(p.expert_wait);
   phase_sampling_.Observe(p.sampling);
+  phase_prefix_lookup_.Observe(p.prefix_lookup);
 }
 
 void StepServerMetrics::update(const StepWorkerCounts& c) {
@@ -204,8 +208,9 @@ caf::actor spawn_step_server(caf::actor_system& sys, ZmqBridge& bridge, int sock
         return {[=](zmq_recv_atom, int, FramesPtr frames) {
           // Compute off the actor threads; the reply goes straight to the bridge.
           if (auto p = weak_pool.lock())
-            p->submit(
-                [=] { caf::anon_send(out, zmq_send_atom::value, socket, handle(*frames, *worker, *stats, metrics.get())); });
+            p->submit([=] {
+              caf::anon_send(out, zmq_send_atom::value, socket, handle(*frames, *worker, *stats, metrics.get()));
+            });
         }};
       },
       out);

@@ -52,7 +52,7 @@ class StepServerMetrics {
   prometheus::Counter &mb_step_seconds_, &mb_overlap_seconds_;
   prometheus::Gauge& overlap_ratio_;
   prometheus::Histogram& step_seconds_;
-  prometheus::Histogram &phase_attention_, &phase_expert_wait_, &phase_sampling_;
+  prometheus::Histogram &phase_attention_, &phase_expert_wait_, &phase_sampling_, &phase_prefix_lookup_;
   prometheus::Gauge &kv_used_, &kv_free_, &kv_usage_;
   LoraCacheMetrics lora_;
   StepWorkerCounts seen_;  // what the counters already show
@@ -68,6 +68,7 @@ caf::actor spawn_step_server(caf::actor_system& sys, ZmqBridge& bridge, int sock
 // Frames of a data-plane message: [peer id if any], header, tensors (moved in, zero-copy).
 FramesPtr message_frames(const std::string& peer, wire::Kind kind, uint64_t request_id, const std::string& meta,
                          std::vector<std::vector<float>> tensors, const uint8_t* trace_id = nullptr);
-FramesPtr error_frames(const std::string& peer, uint64_t request_id, const std::string& code, const std::string& message);
+FramesPtr error_frames(const std::string& peer, uint64_t request_id, const std::string& code,
+                       const std::string& message);
 
 }  // namespace moemesh::actors

@@ -76,15 +76,32 @@ void StepWorker::release(uint64_t seq, bool publish, const char* end) {
   seqs_.erase(it);
 }
 
-void StepWorker::restore_prefix(Seq& s, int64_t max_blocks) {
-  // At least the last prompt token is computed: its logits are the first sample.
-  const int64_t want = std::min((s.prompt_len - 1) / kBlockTokens, max_blocks);
-  if (want <= 0) return;
-  const auto keys = prefix_block_keys(s.key_ns, std::span(s.tokens).first(size_t(want * kBlockTokens)));
+StepWorker::PrefixBlocks StepWorker::fetch_prefixes(const std::vector<const pb::SeqWork*>& work) {
+  PrefixBlocks found;
+  if (!opts_.prefix_store) return found;
+  std::vector<PrefixQuery> queries;
+  std::vector<uint64_t> of;
+  for (const pb::SeqWork* w : work) {
+    if (!w->is_first() || w->prompt_size() == 0) continue;
+    const Seq& s = seqs_.at(w->seq());
+    // At least the last prompt token is computed: its logits are the first sample.
+    const int64_t want = (s.prompt_len - 1) / kBlockTokens;
+    if (want <= 0) continue;
+    queries.push_back({prefix_block_keys(s.key_ns, std::span(s.tokens).first(size_t(want * kBlockTokens))), s.trace()});
+    of.push_back(w->seq());
+  }
+  if (queries.empty()) return found;
+  const auto t0 = std::chrono::steady_clock::now();
+  auto blocks = opts_.prefix_store->fetch_many(queries, size_t(engine_->kv_cache().block_floats()));
+  phases_.prefix_lookup = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (size_t i = 0; i < of.size(); ++i) found[of[i]] = std::move(blocks[i]);
+  return found;
+}
+
+void StepWorker::restore_prefix(Seq& s, int64_t max_blocks, const std::vector<std::vector<float>>& blocks) {
+  const int64_t n = std::min<int64_t>(int64_t(blocks.size()), max_blocks);
+  if (n <= 0) return;
   KvCache& kv = engine_->kv_cache();
-  const auto blocks = opts_.prefix_store->fetch(keys, size_t(kv.block_floats()), s.trace());
-  if (blocks.empty()) return;
-  const int64_t n = std::min<int64_t>(int64_t(blocks.size()), want);
   kv.reserve(s.id, n * kBlockTokens);
   for (int64_t b = 0; b < n; ++b) kv.write_block(s.id, b, blocks[size_t(b)].data());
   kv.set_length(s.id, n * kBlockTokens);
@@ -140,6 +157,9 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
     release(w.seq(), false, "failed");
   };
 
+  // First the work is checked and new sequences are made; then their prefix lookups go to the
+  // store together, one round trip for the step; then each sequence's chunk is taken in.
+  std::vector<const pb::SeqWork*> accepted;
   for (const pb::SeqWork& w : req.work()) {
     if (w.tokens().empty()) {
       fail(w, "sequence " + std::to_string(w.seq()) + ": no tokens in this step");
@@ -181,24 +201,33 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
         fail(w, e.what());
         continue;
       }
+    } else if (!seqs_.count(w.seq())) {
+      fail(w, "unknown sequence " + std::to_string(w.seq()) + " (not started on this worker)");
+      continue;
+    }
+    accepted.push_back(&w);
+  }
+  const PrefixBlocks prefixes = fetch_prefixes(accepted);
+
+  for (const pb::SeqWork* wp : accepted) {
+    const pb::SeqWork& w = *wp;
+    if (!seqs_.count(w.seq())) continue;  // failed earlier in this step
+    if (w.is_first() && opts_.prefix_store && w.prompt_size() > 0) {
       Seq& s = seqs_.at(w.seq());
-      if (opts_.prefix_store && w.prompt_size() > 0) {
-        counts_.prefix_query_tokens += uint64_t(s.prompt_len);
-        const int64_t free_before = kv.free_blocks();
+      counts_.prefix_query_tokens += uint64_t(s.prompt_len);
+      const int64_t free_before = kv.free_blocks();
+      if (auto p = prefixes.find(w.seq()); p != prefixes.end()) {
         try {
-          restore_prefix(s, blocks_left);
+          restore_prefix(s, blocks_left, p->second);
         } catch (const std::exception& e) {  // compute it all instead
           spdlog::warn("prefix cache: restoring sequence {} failed: {}", w.seq(), e.what());
           kv.set_length(s.id, 0);
           s.restored = 0;
         }
-        blocks_left -= free_before - kv.free_blocks();
-        counts_.prefix_hit_tokens += uint64_t(s.restored);
-        cached[w.seq()] = s.restored;
       }
-    } else if (!seqs_.count(w.seq())) {
-      fail(w, "unknown sequence " + std::to_string(w.seq()) + " (not started on this worker)");
-      continue;
+      blocks_left -= free_before - kv.free_blocks();
+      counts_.prefix_hit_tokens += uint64_t(s.restored);
+      cached[w.seq()] = s.restored;
     }
     Seq& s = seqs_.at(w.seq());
     ++s.steps;

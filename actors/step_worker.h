@@ -8,10 +8,10 @@
 // Prefix cache (when a PrefixStore is given): on a sequence's first chunk the whole prompt's
 // full 16-token blocks are keyed (core/prefix_hash.h) and the longest stored prefix is copied
 // into the sequence's KV cache, always leaving the last prompt token to compute so there are
-// logits to sample. Prompt positions already restored are skipped in every chunk that covers
-// them (the router sends the prompt in chunks and does not know). When the router frees a
-// sequence, its full blocks (prompt and generated tokens) not restored from the store are
-// offered to it.
+// logits to sample. The lookups of all the sequences a step starts go to the store together
+// (PrefixStore::fetch_many): one round trip per step. Prompt positions already restored are skipped in every chunk that
+// covers them (the router sends the prompt in chunks and does not know). When the router frees a sequence, its full
+// blocks (prompt and generated tokens) not restored from the store are offered to it.
 //
 // Requests carry a cache salt (the router gives each tenant its own): blocks are keyed under
 // model id + salt, so one tenant's prompts never hit another's cached blocks.
@@ -114,8 +114,11 @@ class StepWorker {
   // Frees the sequence; with `publish`, first offers its new full blocks to the store. `end`
   // says why, in its span.
   void release(uint64_t seq, bool publish = false, const char* end = "freed");
-  // Copies the longest stored prefix of the prompt into s's cache, taking at most max_blocks.
-  void restore_prefix(Seq& s, int64_t max_blocks);
+  // A step's new sequences' stored prefixes (by router sequence id), asked of the store at once.
+  using PrefixBlocks = std::map<uint64_t, std::vector<std::vector<float>>>;
+  PrefixBlocks fetch_prefixes(const std::vector<const pb::SeqWork*>& work);
+  // Copies the first of `blocks` (at most max_blocks) into the sequence's KV cache.
+  void restore_prefix(Seq& s, int64_t max_blocks, const std::vector<std::vector<float>>& blocks);
   void publish_blocks(const Seq& s);
   // The masks of a constraint spec, compiled once (throws what compile_constraint throws).
   std::shared_ptr<GrammarMasks> masks_for(const std::string& spec);

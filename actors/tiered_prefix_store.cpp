@@ -10,7 +10,10 @@ namespace {
 // A block as the memory tier holds it: the vector itself owns the bytes (no copy).
 StoredBlock stored(std::vector<float> block) {
   auto owned = std::make_shared<std::vector<float>>(std::move(block));
-  StoredBlock b{DType::F32, {int64_t(owned->size())}, nullptr, reinterpret_cast<const uint8_t*>(owned->data()),
+  StoredBlock b{DType::F32,
+                {int64_t(owned->size())},
+                nullptr,
+                reinterpret_cast<const uint8_t*>(owned->data()),
                 owned->size() * sizeof(float)};
   b.owner = std::move(owned);
   return b;
@@ -23,26 +26,42 @@ TieredPrefixStore::TieredPrefixStore(std::shared_ptr<PrefixStore> remote, uint64
 
 std::vector<std::vector<float>> TieredPrefixStore::fetch(std::span<const BlockKey> keys, size_t block_floats,
                                                          const TraceRef& trace) {
-  std::vector<std::vector<float>> out;
+  const PrefixQuery q{{keys.begin(), keys.end()}, trace};
+  return std::move(fetch_many(std::span(&q, 1), block_floats)[0]);
+}
+
+std::vector<std::vector<std::vector<float>>> TieredPrefixStore::fetch_many(std::span<const PrefixQuery> queries,
+                                                                           size_t block_floats) {
+  std::vector<std::vector<std::vector<float>>> out(queries.size());
+  std::vector<PrefixQuery> rests;  // what memory lacks, for the store
+  std::vector<size_t> rest_of;     // rests[i] continues queries[rest_of[i]]
   {
     std::lock_guard lock(mu_);
-    for (const BlockKey& k : keys) {
-      auto b = memory_.get(k);
-      if (!b || b->size != block_floats * sizeof(float)) break;
-      std::vector<float>& v = out.emplace_back(block_floats);
-      std::memcpy(v.data(), b->data, b->size);
+    for (size_t q = 0; q < queries.size(); ++q) {
+      const auto& keys = queries[q].keys;
+      for (const BlockKey& k : keys) {
+        auto b = memory_.get(k);
+        if (!b || b->size != block_floats * sizeof(float)) break;
+        std::memcpy(out[q].emplace_back(block_floats).data(), b->data, b->size);
+      }
+      local_hits_ += out[q].size();
+      if (remote_ && out[q].size() < keys.size()) {
+        rests.push_back({{keys.begin() + std::ptrdiff_t(out[q].size()), keys.end()}, queries[q].trace});
+        rest_of.push_back(q);
+      }
     }
-    local_hits_ += out.size();
   }
-  if (!remote_ || out.size() == keys.size()) return out;
+  if (rests.empty()) return out;
   // The store is asked without the lock: a fetch can wait for its deadline.
-  const size_t have = out.size();
-  auto more = remote_->fetch(keys.subspan(have), block_floats, trace);
+  auto more = remote_->fetch_many(rests, block_floats);
   std::lock_guard lock(mu_);
-  remote_hits_ += more.size();
-  for (size_t i = 0; i < more.size(); ++i) {
-    memory_.put(keys[have + i], stored(more[i]));
-    out.push_back(std::move(more[i]));
+  for (size_t i = 0; i < rests.size(); ++i) {
+    auto& blocks = out[rest_of[i]];
+    remote_hits_ += more[i].size();
+    for (size_t b = 0; b < more[i].size(); ++b) {
+      memory_.put(rests[i].keys[b], stored(more[i][b]));
+      blocks.push_back(std::move(more[i][b]));
+    }
   }
   return out;
 }

@@ -61,29 +61,36 @@ TEST(StepPhases, OneLaneIsBlockedExactlyWhileItWaits) {
 TEST(StepPhases, TwoLanesAreBlockedOnlyWhenNeitherComputes) {
   const auto a = std::this_thread::get_id(), b = other_thread_id();
   // a waits 10-40, b waits 30-60: both wait only in 30-40.
-  EXPECT_NEAR(blocked_seconds(lanes({{a, 100}, {b, 100}}), std::vector{wait(a, 10, 40), wait(b, 30, 60)}), 0.010,
-              1e-9);
+  EXPECT_NEAR(blocked_seconds(lanes({{a, 100}, {b, 100}}), std::vector{wait(a, 10, 40), wait(b, 30, 60)}), 0.010, 1e-9);
   // Disjoint waits: one half always computes (full overlap), nothing is blocked.
   EXPECT_NEAR(blocked_seconds(lanes({{a, 100}, {b, 100}}), std::vector{wait(a, 10, 20), wait(b, 50, 60)}), 0.0, 1e-9);
   // b finished at 50: from then on a's waits block the step (70-90), and before that both waited 20-30.
-  EXPECT_NEAR(blocked_seconds(lanes({{a, 100}, {b, 50}}), std::vector{wait(a, 20, 30), wait(b, 20, 30), wait(a, 70, 90)}),
-              0.030, 1e-9);
+  EXPECT_NEAR(
+      blocked_seconds(lanes({{a, 100}, {b, 50}}), std::vector{wait(a, 20, 30), wait(b, 20, 30), wait(a, 70, 90)}),
+      0.030, 1e-9);
   // The engine's own work after both lanes ended waits on nobody.
   EXPECT_NEAR(blocked_seconds(lanes({{a, 90}, {b, 80}}), std::vector{wait(a, 85, 95)}), 0.005, 1e-9);
 }
 
 TEST(StepPhases, TheTimerGivesAttentionWhatTheOtherPhasesLeave) {
-  StepPhases p{1, 2, 3};
+  StepPhases p{1, 2, 3, 4};
+  const auto t0 = Clock::now();
   {
     StepPhaseTimer t(p);
     EXPECT_EQ(p.attention, 0);  // reset at the start of a step
+    EXPECT_EQ(p.prefix_lookup, 0);
     p.expert_wait = 1e-3;
     p.sampling = 2e-3;
-    std::this_thread::sleep_for(milliseconds(5));
+    p.prefix_lookup = 1.5e-3;
+    std::this_thread::sleep_for(milliseconds(10));
   }
+  const double wall = std::chrono::duration<double>(Clock::now() - t0).count();
   EXPECT_GT(p.attention, 0);
+  EXPECT_LE(p.attention + 4.5e-3, wall) << "the other phases come out of the wall time";
+  EXPECT_GE(p.attention + 4.5e-3, 10e-3);
   EXPECT_EQ(p.expert_wait, 1e-3);
   EXPECT_EQ(p.sampling, 2e-3);
+  EXPECT_EQ(p.prefix_lookup, 1.5e-3);
 }
 
 TEST(StepPhases, TheWaitLogIsTakenOnce) {
@@ -103,7 +110,8 @@ namespace {
 // call as an expert wait (as the remote executor records its blocked time).
 class WatchingExperts : public ExpertExecutor {
  public:
-  WatchingExperts(ModelWeights w, std::shared_ptr<ExpertWaitLog> log) : weights_(std::move(w)), local_(weights_), log_(log) {}
+  WatchingExperts(ModelWeights w, std::shared_ptr<ExpertWaitLog> log)
+      : weights_(std::move(w)), local_(weights_), log_(log) {}
   void run(int64_t layer, const float* h, int64_t hidden, std::span<const ExpertGroup> groups,
            std::vector<std::vector<float>>& outputs) override {
     const auto t0 = Clock::now();

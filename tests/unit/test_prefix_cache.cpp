@@ -5,8 +5,10 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <atomic>
 #include <cmath>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <random>
@@ -15,6 +17,7 @@
 #include <vector>
 
 #include <caf/all.hpp>
+#include <zmq_addon.hpp>
 
 #include "actors/block_store.h"
 #include "actors/kv_client.h"
@@ -25,6 +28,8 @@
 #include "core/error.h"
 #include "core/kv_cache.h"
 #include "core/prefix_hash.h"
+#include "core/wire.h"
+#include "proto/dataplane.pb.h"
 #include "tests/support/actor_config.h"
 #include "tests/support/eventually.h"
 #include "tests/support/numeric.h"
@@ -54,11 +59,18 @@ class MapStore : public PrefixStore {
     }
     return out;
   }
+  std::vector<std::vector<std::vector<float>>> fetch_many(std::span<const PrefixQuery> queries,
+                                                          size_t block_floats) override {
+    ++batches;
+    if (delay.count() > 0) std::this_thread::sleep_for(delay);
+    return PrefixStore::fetch_many(queries, block_floats);
+  }
   void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> bs, const TraceRef& = {}) override {
     for (size_t i = 0; i < keys.size(); ++i) blocks[keys[i]] = std::move(bs[i]);
   }
   std::unordered_map<BlockKey, std::vector<float>> blocks;
-  int fetches = 0;
+  int fetches = 0, batches = 0;
+  std::chrono::milliseconds delay{0};  // each batch waits this long, as a round trip would
 };
 
 class PrefixCache : public ::testing::Test {
@@ -83,7 +95,7 @@ struct Generation {
 };
 
 Generation generate(StepWorker& w, uint64_t seq, const std::vector<int32_t>& prompt, const std::vector<size_t>& chunks,
-             int new_tokens) {
+                    int new_tokens) {
   Generation run;
   uint64_t step = 1;
   auto one = [&](pb::StepRequest& req) {
@@ -140,7 +152,8 @@ Generation generate(StepWorker& w, uint64_t seq, const std::vector<int32_t>& pro
 void expect_same_run(const Generation& got, const Generation& want) {
   EXPECT_EQ(got.tokens, want.tokens);
   ASSERT_EQ(got.logits.size(), want.logits.size());
-  for (size_t i = 0; i < got.logits.size(); ++i) EXPECT_LE(rel_diff(got.logits[i], want.logits[i]), 1e-5) << "token " << i;
+  for (size_t i = 0; i < got.logits.size(); ++i)
+    EXPECT_LE(rel_diff(got.logits[i], want.logits[i]), 1e-5) << "token " << i;
 }
 
 }  // namespace
@@ -160,7 +173,9 @@ TEST(KvCacheBlocks, ReadAndWriteWholeBlocksAcrossLayers) {
   EXPECT_EQ(kv.block_floats(), layers * 2 * bs * kv_dim);
   SeqId a = kv.create_sequence();
   kv.reserve(a, 2 * bs + 3);
-  auto value = [](int64_t l, int64_t kvsel, int64_t pos, int64_t d) { return float(l * 10000 + kvsel * 1000 + pos * 10 + d); };
+  auto value = [](int64_t l, int64_t kvsel, int64_t pos, int64_t d) {
+    return float(l * 10000 + kvsel * 1000 + pos * 10 + d);
+  };
   for (int64_t l = 0; l < layers; ++l)
     for (int64_t p = 0; p < 2 * bs + 3; ++p)
       for (int64_t d = 0; d < kv_dim; ++d) {
@@ -220,7 +235,9 @@ TEST_F(PrefixCache, RestoredBlocksThenDecodeEqualFullRecomputation) {
         << "position " << 96 + r;
 
   // Incremental decode on both agrees token by token.
-  auto argmax = [&](std::span<const float> row) { return int32_t(std::max_element(row.begin(), row.end()) - row.begin()); };
+  auto argmax = [&](std::span<const float> row) {
+    return int32_t(std::max_element(row.begin(), row.end()) - row.begin());
+  };
   int32_t ta = argmax(std::span(ref[0].logits).subspan(size_t(99 * V)));
   int32_t tb = argmax(std::span(got[0].logits).subspan(size_t(3 * V)));
   for (int i = 0; i < 8; ++i) {
@@ -289,6 +306,66 @@ TEST_F(PrefixCache, WorkerSkipsRestoredPromptPositionsInEveryChunk) {
   EXPECT_EQ(stranger.prompt_tokens_computed(), 100u);
 }
 
+TEST_F(PrefixCache, AStepAsksTheStoreOnceForAllTheSequencesItStarts) {
+  auto store = std::make_shared<MapStore>();
+  StepWorker w(engine(), {2}, one_batch(store, "tiny"));
+  const auto a = random_tokens(40, 31, vocab()), b = random_tokens(70, 32, vocab());
+  const auto c = random_tokens(50, 33, vocab()), tiny = random_tokens(10, 34, vocab());
+  generate(w, 1, a, {40}, 2);  // stores a's 2 blocks
+  generate(w, 2, b, {70}, 2);  // and b's 4
+  const int batches = store->batches, fetches = store->fetches;
+
+  pb::StepRequest req;
+  req.set_step(1);
+  uint64_t seq = 10;
+  for (const auto* prompt : {&a, &b, &c, &tiny}) {
+    auto* wk = req.add_work();
+    wk->set_seq(seq++);
+    wk->set_is_first(true);
+    wk->set_sample(true);
+    for (int32_t t : *prompt) {
+      wk->add_tokens(t);
+      wk->add_prompt(t);
+    }
+  }
+  std::vector<std::vector<float>> logits;
+  const pb::StepResponse resp = w.run(req, logits);
+  EXPECT_EQ(store->batches - batches, 1) << "one batch of lookups for the step";
+  EXPECT_EQ(store->fetches - fetches, 3) << "the three prompts of a block or more; the 10-token one asks nothing";
+  ASSERT_EQ(resp.results_size(), 4);
+  std::map<uint64_t, int32_t> cached;
+  for (const auto& r : resp.results()) {
+    EXPECT_TRUE(r.error().empty()) << r.error();
+    EXPECT_GE(r.token(), 0);
+    cached[r.seq()] = r.cached_tokens();
+  }
+  EXPECT_EQ(cached, (std::map<uint64_t, int32_t>{{10, 32}, {11, 64}, {12, 0}, {13, 0}}));
+  EXPECT_EQ(w.counts().prefix_hit_tokens, 96u);
+
+  // The wait for the store is the step's prefix_lookup phase; a step that starts nothing has none.
+  store->delay = std::chrono::milliseconds(20);
+  pb::StepRequest next;
+  next.set_step(2);
+  auto* wk = next.add_work();
+  wk->set_seq(20);
+  wk->set_is_first(true);
+  wk->set_sample(true);
+  for (int32_t t : c) {
+    wk->add_tokens(t);
+    wk->add_prompt(t);
+  }
+  w.run(next, logits);
+  EXPECT_GE(w.last_phases().prefix_lookup, 0.020);
+  pb::StepRequest decode;
+  decode.set_step(3);
+  wk = decode.add_work();
+  wk->set_seq(20);
+  wk->add_tokens(1);
+  wk->set_sample(true);
+  w.run(decode, logits);
+  EXPECT_EQ(w.last_phases().prefix_lookup, 0.0);
+}
+
 TEST_F(PrefixCache, APromptOfWholeBlocksKeepsItsLastTokenToCompute) {
   auto store = std::make_shared<MapStore>();
   StepWorker w(engine(), {2}, one_batch(store, "tiny"));
@@ -324,21 +401,40 @@ std::vector<float> block_of(size_t i, size_t floats) {
 // Up to 10 s for what another thread does.
 bool wait_for(const std::function<bool()>& ok) { return moemesh::testing::eventually(ok, std::chrono::seconds(10)); }
 
+constexpr size_t kFloats = 2 * 2 * 16 * 4;  // a block of 2 layers, kv_dim 4
+
+// The real block store actor behind a ROUTER on loopback, and a client of it.
+struct StoreOnLoopback {
+  caf::actor_system sys{two_thread_config()};
+  ZmqBridge bridge{sys};
+  int sock =
+      bridge.add({.name = "kv", .type = zmq::socket_type::router, .endpoint = "tcp://127.0.0.1:*", .bind = true});
+  caf::actor store = spawn_block_store(sys, bridge, sock, options());
+  KvClient client{sys,
+                  {bridge.endpoint(sock),
+                   "m",
+                   std::chrono::milliseconds(5000),
+                   std::chrono::milliseconds(5000),
+                   "",
+                   {2, 2, 16, 4}}};
+  StoreOnLoopback() { bridge.start(); }
+  static BlockStoreOptions options() {
+    BlockStoreOptions o;
+    o.budget_bytes = 1 << 20;
+    return o;
+  }
+  ~StoreOnLoopback() {
+    bridge.stop();
+    caf::anon_send_exit(store, caf::exit_reason::user_shutdown);
+  }
+};
+
 }  // namespace
 
 TEST(KvClientTest, PublishesAndFetchesChainsThroughTheBlockStore) {
-  caf::actor_system sys{two_thread_config()};
-  ZmqBridge bridge(sys);
-  const int sock = bridge.add({.name = "kv", .type = zmq::socket_type::router, .endpoint = "tcp://127.0.0.1:*", .bind = true});
-  BlockStoreOptions bo;
-  bo.budget_bytes = 1 << 20;
-  caf::actor store = spawn_block_store(sys, bridge, sock, bo);
-  bridge.start();
-
-  constexpr size_t kFloats = 2 * 2 * 16 * 4;
-  KvClient client(sys, {bridge.endpoint(sock), "m", std::chrono::milliseconds(5000), std::chrono::milliseconds(5000), "",
-                        {2, 2, 16, 4}});
-  const auto keys = chain(40, 1);  // more than one KvGet round
+  StoreOnLoopback kv;
+  KvClient& client = kv.client;
+  const auto keys = chain(40, 1);                    // more than one KvGet round
   EXPECT_TRUE(client.fetch(keys, kFloats).empty());  // nothing stored yet: a clean miss
   EXPECT_EQ(client.stats().fetch_failures.load(), 0u);
 
@@ -365,9 +461,74 @@ TEST(KvClientTest, PublishesAndFetchesChainsThroughTheBlockStore) {
   EXPECT_EQ(client.stats().fetch_failures.load(), 1u);
   EXPECT_TRUE(client.fetch(keys, kFloats).empty());
   EXPECT_EQ(client.stats().skipped_fetches.load(), 1u);
+}
 
-  bridge.stop();
-  caf::anon_send_exit(store, caf::exit_reason::user_shutdown);
+TEST(KvClientTest, ManyChainsAreFetchedTogetherThroughTheBlockStore) {
+  StoreOnLoopback kv;
+  KvClient& client = kv.client;
+  const auto stored = chain(40, 1), other = chain(25, 3);
+  std::vector<std::vector<float>> blocks;
+  for (size_t i = 0; i < stored.size(); ++i) blocks.push_back(block_of(i, kFloats));
+  client.publish(stored, blocks);
+  client.publish(std::span(other).first(18), std::vector(blocks.begin(), blocks.begin() + 18));
+  ASSERT_TRUE(wait_for([&] { return client.stats().acked_blocks.load() == 58; }));
+
+  auto mixed = stored;  // leaves the stored chain after 20 blocks
+  mixed.resize(20);
+  for (const auto& k : chain(5, 2)) mixed.push_back(k);
+  const std::vector<PrefixQuery> queries{{stored, {}}, {mixed, {}}, {chain(3, 9), {}}, {{}, {}}, {other, {}}};
+  const auto got = client.fetch_many(queries, kFloats);
+  ASSERT_EQ(got.size(), 5u);
+  EXPECT_EQ(got[0], blocks) << "a chain of three rounds, whole";
+  EXPECT_EQ(got[1], std::vector(blocks.begin(), blocks.begin() + 20));
+  EXPECT_TRUE(got[2].empty()) << "a clean miss";
+  EXPECT_TRUE(got[3].empty()) << "an empty chain";
+  EXPECT_EQ(got[4], std::vector(blocks.begin(), blocks.begin() + 18)) << "a second round that comes back short";
+  EXPECT_EQ(client.stats().fetches.load(), 4u);
+  EXPECT_EQ(client.stats().fetched_blocks.load(), 78u);
+  EXPECT_EQ(client.stats().fetch_failures.load(), 0u);
+}
+
+TEST(KvClientTest, AStepsLookupsAreInFlightTogether) {
+  // A store that answers nothing until it holds all three requests: a client that waited for
+  // one reply before sending the next request would run into its deadline.
+  zmq::context_t ctx;
+  zmq::socket_t router(ctx, zmq::socket_type::router);
+  router.set(zmq::sockopt::rcvtimeo, 10000);
+  router.bind("tcp://127.0.0.1:*");
+  const std::string endpoint = router.get(zmq::sockopt::last_endpoint);
+  std::atomic<int> held_at_first_reply{0};
+  std::thread fake([&] {
+    std::vector<std::pair<zmq::message_t, uint64_t>> held;  // (peer, request id)
+    while (held.size() < 3) {
+      std::vector<zmq::message_t> parts;
+      if (!zmq::recv_multipart(router, std::back_inserter(parts)) || parts.size() < 2) return;
+      const auto h = wire::decode_header({static_cast<const uint8_t*>(parts[1].data()), parts[1].size()});
+      held.emplace_back(std::move(parts[0]), h.request_id);
+    }
+    held_at_first_reply = int(held.size());
+    for (auto& [peer, id] : held) {
+      wire::Header r;
+      r.kind = wire::Kind::KvGetReply;
+      r.request_id = id;
+      pb::KvGetReply miss;
+      miss.set_found(0);
+      r.meta = miss.SerializeAsString();
+      const auto bytes = wire::encode_header(r);
+      router.send(peer, zmq::send_flags::sndmore);
+      router.send(zmq::buffer(bytes), zmq::send_flags::none);
+    }
+  });
+  {
+    caf::actor_system sys{two_thread_config()};
+    KvClient client(sys, {endpoint, "m", std::chrono::milliseconds(3000), std::chrono::milliseconds(60000), "", {}});
+    const std::vector<PrefixQuery> queries{{chain(2, 1), {}}, {chain(3, 2), {}}, {chain(1, 3), {}}};
+    const auto got = client.fetch_many(queries, 64);
+    EXPECT_EQ(got.size(), 3u);
+    EXPECT_EQ(client.stats().fetch_failures.load(), 0u) << "the lookups went out one after another";
+  }
+  fake.join();
+  EXPECT_EQ(held_at_first_reply.load(), 3);
 }
 
 TEST(KvClientTest, ADeadStoreCostsOneDeadlineThenIsSkipped) {

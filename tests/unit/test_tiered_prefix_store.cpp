@@ -17,7 +17,13 @@ constexpr size_t kFloats = 8;  // a tiny "block"
 struct MapStore : PrefixStore {
   std::map<std::string, std::vector<float>> blocks;
   std::vector<size_t> asked;  // chain lengths of each fetch
+  int batches = 0;            // fetch_many calls
   size_t published = 0;
+  std::vector<std::vector<std::vector<float>>> fetch_many(std::span<const PrefixQuery> queries,
+                                                          size_t floats) override {
+    ++batches;
+    return PrefixStore::fetch_many(queries, floats);
+  }
   std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t, const TraceRef&) override {
     asked.push_back(keys.size());
     std::vector<std::vector<float>> out;
@@ -77,12 +83,36 @@ TEST(TieredPrefixStore, TheStoreIsAskedOnlyForTheRestAndItsBlocksAreKept) {
   EXPECT_EQ(remote->asked.size(), 1u);
 }
 
+TEST(TieredPrefixStore, ManyChainsAskTheStoreOnceForWhatMemoryLacks) {
+  auto remote = std::make_shared<MapStore>();
+  const auto a = chain(100, 3), b = chain(200, 2), c = chain(300, 2);
+  remote->publish(a, blocks_of(3, 0), {});
+  remote->publish(std::span(b).first(1), blocks_of(1, 20), {});  // the store has b's first block only
+  TieredPrefixStore t(remote, 1 << 20);
+  t.publish(std::span(a).first(2), blocks_of(2, 0));  // memory has a's first two
+  t.publish(c, blocks_of(2, 30));                     // and all of c
+  const std::vector<PrefixQuery> queries{{a, {}}, {b, {}}, {c, {}}, {{}, {}}};
+  const auto got = t.fetch_many(queries, kFloats);
+  ASSERT_EQ(got.size(), 4u);
+  EXPECT_EQ(got[0].size(), 3u);
+  EXPECT_EQ(got[0][2][0], 2.0f);
+  ASSERT_EQ(got[1].size(), 1u);
+  EXPECT_EQ(got[1][0][0], 20.0f);
+  ASSERT_EQ(got[2].size(), 2u);
+  EXPECT_EQ(got[2][1][0], 31.0f);
+  EXPECT_TRUE(got[3].empty());
+  EXPECT_EQ(remote->batches, 1) << "the chains' rests go to the store in one batch";
+  EXPECT_EQ(remote->asked, (std::vector<size_t>{1, 2})) << "a's last block and all of b; c is all in memory";
+  EXPECT_EQ(t.stats().remote_hit_blocks, 2u);
+  EXPECT_EQ(t.stats().local_hit_blocks, 4u);
+}
+
 TEST(TieredPrefixStore, LeastRecentlyUsedBlocksGoFirstUnderTheBudget) {
   TieredPrefixStore t(nullptr, 3 * kFloats * sizeof(float));  // room for 3 blocks, no store
   const auto a = chain(100, 2), b = chain(200, 2);
   t.publish(a, blocks_of(2, 0));
   EXPECT_EQ(t.fetch(std::span(a).first(1), kFloats).size(), 1u);  // a[0] is now the most recent
-  t.publish(b, blocks_of(2, 5));  // 4 blocks for 3 places: a[1], the least recent, goes
+  t.publish(b, blocks_of(2, 5));                                  // 4 blocks for 3 places: a[1], the least recent, goes
   EXPECT_EQ(t.stats().evicted_blocks, 1u);
   EXPECT_EQ(t.fetch(a, kFloats).size(), 1u) << "a[0] kept, a[1] evicted";
   EXPECT_EQ(t.fetch(b, kFloats).size(), 2u);
