@@ -58,12 +58,14 @@ LocalCluster::LocalCluster(LocalClusterOptions opts) : opts_(std::move(opts)) {
 
 LocalCluster::~LocalCluster() { stop(); }
 
-std::string LocalCluster::binary(const std::string& service) const {
+std::string service_binary(const fs::path& bin_dir, const std::string& service) {
   const std::string name = "moemesh-" + service;
-  for (const fs::path& p : {opts_.bin_dir / name, opts_.bin_dir / ".." / service / name})  // installed / build tree
+  for (const fs::path& p : {bin_dir / name, bin_dir / ".." / service / name})  // installed / build tree
     if (fs::exists(p)) return fs::canonical(p).string();
-  throw Error("cannot find " + name + " next to " + opts_.bin_dir.string() + " (build it, or pass --bin-dir)");
+  throw Error("cannot find " + name + " next to " + bin_dir.string() + " (build it, or pass --bin-dir)");
 }
+
+std::string LocalCluster::binary(const std::string& service) const { return service_binary(opts_.bin_dir, service); }
 
 std::string LocalCluster::api_url() const { return fmt::format("http://{}:{}/v1", opts_.host, opts_.port); }
 std::string LocalCluster::control_endpoint() const {

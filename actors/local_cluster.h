@@ -85,4 +85,8 @@ class LocalCluster {
 // A TCP port on 127.0.0.1 that was free a moment ago.
 int pick_free_port();
 
+// The moemesh-<service> binary in bin_dir (installed) or in its service folder beside it (the
+// build tree); throws moemesh::Error when neither has it.
+std::string service_binary(const std::filesystem::path& bin_dir, const std::string& service);
+
 }  // namespace moemesh::actors

@@ -104,6 +104,7 @@ nlohmann::json CostProfile::to_json() const {
         {"per_request_s", router_per_request_s},
         {"request_cpu_share", router_request_cpu_share}}},
       {"idle_wake", {{"seconds", idle_wake_s}, {"after_s", idle_after_s}}},
+      {"kv_store", {{"lookup_s", prefix_lookup_s}}},
       {"step_jitter", step_jitter},
       {"links",
        {{"zmq_local", link_json(zmq_local)},
@@ -153,6 +154,10 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
       p.idle_wake_s = j["idle_wake"].value("seconds", 0.0);
       p.idle_after_s = j["idle_wake"].value("after_s", p.idle_after_s);
       if (p.idle_wake_s < 0 || p.idle_after_s < 0) throw Error("profile: idle_wake values must not be negative");
+    }
+    if (j.contains("kv_store")) {
+      p.prefix_lookup_s = j["kv_store"].value("lookup_s", 0.0);
+      if (p.prefix_lookup_s < 0) throw Error("profile: kv_store.lookup_s must not be negative");
     }
     p.step_jitter = j.value("step_jitter", 0.0);
     if (p.step_jitter < 0) throw Error("profile: step_jitter must not be negative");
@@ -250,6 +255,7 @@ CostProfile roofline_at(const ModelConfig& m, const Hardware& hw, double bw, dou
   p.zmq_remote = {40e-6, std::min(hw.network_Bps, 10e9), 15e-6};
   p.nccl_local = {6e-6, hw.nvlink_Bps, 4e-6};
   p.nccl_remote = {12e-6, hw.network_Bps, 4e-6};
+  p.prefix_lookup_s = 2 * p.zmq_remote.seconds(256) + 20e-6;  // a KV store on another node, a miss
   p.shared_node_compute = false;
   p.activation_bytes = 2;
   p.kv_bytes_per_token = int64_t(kv_per_token_layer * double(m.num_hidden_layers));

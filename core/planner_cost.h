@@ -43,7 +43,8 @@ struct CostProfile {
   double expert_fixed_s = 0, expert_per_expert_s = 0, expert_per_row_s = 0;
   // Per dispatch (one attention worker -> one expert host, one layer), beyond the link itself:
   // the hand-offs of the actors, the bridge and the compute pools on both sides. With shared
-  // node compute it is CPU work on the node's cores, else latency.
+  // node compute it is CPU of the worker, once per micro-batch and MoE layer whatever the hosts
+  // (the other micro-batch's turn waits for it), else latency per dispatch.
   double dispatch_overhead_s = 0;
   // Router, per generated token (streaming it to the client: with shared node compute CPU on the
   // node's cores, where `plan profile --calibrate-url` fits it including the benchmark client's
@@ -65,6 +66,10 @@ struct CostProfile {
   // ms of TTFT and 0.5-0.6 ms of its first inter-token gap; one of 2 ms nothing
   // (bench/idle_wake.py, docs/planner.md). Fitted on a calibration run with pauses between requests.
   double idle_wake_s = 0, idle_after_s = 0.01;
+  // The prefix-cache lookup: a step that starts sequences whose prompts have a full KV block
+  // waits this long for the KV store first (one round trip for all of them; a miss, as random
+  // prompts are). Measured against a moemesh-kvstore process (`plan profile`).
+  double prefix_lookup_s = 0;
   // Links: same node, other node; ZeroMQ (TCP) and NCCL (GPU to GPU).
   LinkCost zmq_local, zmq_remote, nccl_local, nccl_remote;
   // Every process of a node computes on the node's shared cores (a CPU machine): their compute

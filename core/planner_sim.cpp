@@ -503,6 +503,15 @@ class Simulator {
     if (w.work.empty()) return;
     w.inflight = true;
     w.step_start = now_;
+    // Sequences the step starts with a full prompt block: the worker asks the KV store for their
+    // prefixes first, all in one round trip. (Priced as an idle machine answers it; under load on
+    // shared cores the store's process also waits for a core: 1-25 ms at concurrency 16 here.)
+    double start = now_;
+    for (const Work& k : w.work)
+      if (const Seq& s = seqs_[k.seq]; s.prefilled == 0 && s.context_len() > kBlock) {
+        start += p_.prefix_lookup_s;
+        break;
+      }
     if (now_ - w.last_step_end > p_.idle_after_s) w.warm_steps = 0;
     ++steps_;
     // Lanes: two contiguous halves with rows as even as possible (core/engine.cpp).
@@ -534,12 +543,12 @@ class Simulator {
       w.sampled += !s.prefilling() || s.prefilled + wk.tokens >= s.context_len();
     }
     w.lanes_pending = w.lane_count;
-    w.lanes_done = now_;
+    w.lanes_done = start;
     if (fast_) {
-      finish_step_at(wi, now_ + analytic_lanes(w));
+      finish_step_at(wi, start + analytic_lanes(w));
       return;
     }
-    for (int l = 0; l < w.lane_count; ++l) push(now_, kLane, uint32_t(wi), uint32_t(l), 0);
+    for (int l = 0; l < w.lane_count; ++l) push(start, kLane, uint32_t(wi), uint32_t(l), 0);
   }
 
   // Rows per host for a lane's `assign` (row, expert) assignments: sampled as the gate would
@@ -596,6 +605,12 @@ class Simulator {
     attn_busy_ += attn;
     double done = a_end;
     if (p_.model.is_moe_layer(layer)) {
+      // On shared cores the lane's own hand-offs of this layer's dispatch (the bridge, waking on
+      // the replies) are CPU of its worker, once per lane and layer whatever the hosts: the
+      // other lane's turn waits for them. Measured: two lanes of one row each take 21-29% longer
+      // per token than one lane of two rows (docs/planner.md); as a per-dispatch cost on any core
+      // the simulator had them 8% faster.
+      const double sent = shared() ? run_on(w, a_end, p_.dispatch_overhead_s) : a_end;
       route(l.rows * double(top_k_), per_host_, active_);
       for (size_t k = 0; k < per_host_.size(); ++k) {
         const auto [hi, rows] = per_host_[k];
@@ -603,17 +618,14 @@ class Simulator {
         const bool same = h.node == w.node;
         const LinkCost& link = p_.link(d_.nccl, same);
         const double bytes = p_.dispatch_bytes(rows);
-        double arrive = a_end;
+        double arrive = sent;
         if (!same) {
-          arrive = nic_[size_t(w.node)].reserve(a_end, bytes / link.bandwidth_Bps, now_);
+          arrive = nic_[size_t(w.node)].reserve(sent, bytes / link.bandwidth_Bps, now_);
           arrive += link.latency_s + link.per_message_s;
         } else {
           arrive += link.seconds(bytes);
         }
-        // The hand-offs (bridge, actors, the pools' wake-ups) are CPU on the node's cores, not the
-        // worker's compute thread: they overlap the other micro-batch's attention.
-        arrive = shared() ? node_servers_[size_t(w.node)].reserve(arrive, p_.dispatch_overhead_s, now_)
-                          : arrive + p_.dispatch_overhead_s;
+        if (!shared()) arrive += p_.dispatch_overhead_s;
         double end;
         auto& open = h.open[layer];
         ++dispatches_;
@@ -688,8 +700,8 @@ class Simulator {
       const double wait_n = rho_nic_ / (2 * (1 - rho_nic_)) * nic_serial;
       // The first request of a batch waits the whole window, the later ones what is left of it.
       const double wait_w = window * (1 + (m - 1) / 2) / m;
-      const double d = 2 * link.seconds(p_.dispatch_bytes(r)) + p_.dispatch_overhead_s + wait_w + wait_e + merged +
-                       2 * (nic_serial + wait_n);
+      const double d = 2 * link.seconds(p_.dispatch_bytes(r)) + (shared() ? 0.0 : p_.dispatch_overhead_s) + wait_w +
+                       wait_e + merged + 2 * (nic_serial + wait_n);
       max_dispatch = std::max(max_dispatch, d);
       cycle_attn = std::max(cycle_attn, a);
       // Utilisation bookkeeping: the busiest host, all hosts (merged as the mean host), the NICs.
@@ -710,8 +722,11 @@ class Simulator {
     attn_busy_ += attn_sum * double(layers_);
     // Two lanes ping-pong: a layer takes the longer of both attentions back to back and one
     // attention plus its dispatch round trip.
+    // On shared cores each lane's hand-offs of a MoE layer are its worker's work (on_lane).
+    const double hand_off = shared() ? p_.dispatch_overhead_s : 0.0;
+    const double moe_attn = attn_sum + double(w.lane_count) * hand_off, moe_cycle = cycle_attn + hand_off;
     const double per_layer_moe =
-        w.lane_count == 2 ? std::max(attn_sum, cycle_attn + max_dispatch) : attn_sum + max_dispatch;
+        w.lane_count == 2 ? std::max(moe_attn, moe_cycle + max_dispatch) : moe_attn + max_dispatch;
     const double per_layer_dense = attn_sum;
     expert_wait_ += double(moe_layers_) * max_dispatch * double(w.lane_count);
     const double t =

@@ -10,7 +10,8 @@
 //     its worker, then dispatches its rows' top-k assignments to the expert hosts of the placement
 //     (core/placement.h, replicas, skewed expert load) over the links of the profile, the expert
 //     hosts batch what arrives for a layer (window, merge), compute, and answer;
-//   - prefix-cache hits skip restored prompt positions.
+//   - a step that starts sequences first waits for their prefix-cache lookup in the KV store (one
+//     round trip); prefix-cache hits skip restored prompt positions.
 // Compute resources (an attention worker, an expert host, or a whole node when its processes
 // share its cores) serve operations first-come first-served in the gaps of their timeline.
 #pragma once

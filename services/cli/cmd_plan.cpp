@@ -2,11 +2,16 @@
 //   moemesh plan            simulate one deployment under one traffic (core/planner_sim.h)
 //   moemesh plan profile    measure this machine's costs (or write a GPU roofline profile)
 //   moemesh plan search     the cheapest shape meeting an SLO, and its Helm values
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -14,9 +19,12 @@
 #include <sstream>
 #include <thread>
 
+#include <caf/all.hpp>
 #include <nlohmann/json.hpp>
 #include <zmq.hpp>
 
+#include "actors/kv_client.h"
+#include "actors/local_cluster.h"
 #include "core/error.h"
 #include "core/model_config.h"
 #include "core/planner_measure.h"
@@ -257,6 +265,65 @@ LinkCost measure_zmq(int rounds) {
   return {b[0] / 2, b[1] > 0 ? 2 / b[1] : 1e12, 0};
 }
 
+// A step's prefix-cache lookup (actors/kv_client.h): a KvClient round trip to a moemesh-kvstore
+// process on loopback for two-block chains the store does not hold (random prompts miss), the
+// median of `rounds`, 2 ms apart as steps are (the store sleeps between them, as in a cluster).
+double measure_kv_lookup(int rounds) {
+  const std::string bin = actors::service_binary(fs::read_symlink("/proc/self/exe").parent_path(), "kvstore");
+  const std::string ep = "tcp://127.0.0.1:" + std::to_string(actors::pick_free_port());
+  std::vector<std::string> args{
+      bin, "--listen",    ep,    "--admin-port", std::to_string(actors::pick_free_port()), "--threads",
+      "1", "--log-level", "warn"};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
+  posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
+  pid_t pid = -1;
+  const int rc = posix_spawn(&pid, bin.c_str(), &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) throw Error("plan profile: cannot start " + bin + ": " + std::strerror(rc));
+  struct Stop {
+    pid_t pid;
+    ~Stop() {
+      ::kill(pid, SIGTERM);
+      ::waitpid(pid, nullptr, 0);
+    }
+  } stop{pid};
+
+  caf::actor_system_config cfg;
+  cfg.set("scheduler.max-threads", 1);
+  caf::actor_system sys{cfg};
+  actors::KvClient client(sys,
+                          {ep, "plan-profile", std::chrono::milliseconds(1000), std::chrono::milliseconds(0), "", {}});
+  std::vector<int32_t> tokens(2 * kBlockTokens);
+  auto query = [&](int32_t salt) {
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = salt * 7919 + int32_t(i);
+    return std::vector<actors::PrefixQuery>{{prefix_block_keys("plan-profile", tokens), {}}};
+  };
+  const auto ready_by = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  for (int32_t salt = 0;; ++salt) {  // until the store answers
+    const uint64_t failures = client.stats().fetch_failures;
+    client.fetch_many(query(salt), 64);
+    if (client.stats().fetch_failures == failures) break;
+    if (std::chrono::steady_clock::now() > ready_by) throw Error("plan profile: " + bin + " does not answer on " + ep);
+  }
+  const uint64_t warm_failures = client.stats().fetch_failures;
+  std::vector<double> t;
+  for (int r = 0; r < rounds; ++r) {
+    const auto q = query(1000 + r);
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    const auto t0 = std::chrono::steady_clock::now();
+    client.fetch_many(q, 64);
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  if (client.stats().fetch_failures > warm_failures) throw Error("plan profile: KV store lookups failed against " + ep);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
 struct ProfileArgs {
   std::string model, out, hardware, name = "this-machine";
   std::vector<int64_t> batches = {1, 2, 4, 8, 16, 32, 64}, contexts = {32, 128, 256};
@@ -393,9 +460,11 @@ void run_profile(const ProfileArgs& a) {
   p.zmq_local = measure_zmq(a.zmq_rounds);
   p.zmq_remote = p.zmq_local;
   p.nccl_local = p.nccl_remote = p.zmq_local;  // no GPUs here: NCCL pairs fall back to ZeroMQ
+  std::cout << "plan profile: timing KV store lookups..." << std::endl;
+  p.prefix_lookup_s = measure_kv_lookup(a.zmq_rounds);
   p.note = "measured on this machine: engine steps (" + std::to_string(m.steps.size()) + " samples, " +
            std::to_string(cpu::compute_threads()) + " compute threads), expert calls (" +
-           std::to_string(m.experts.size()) + "), ZeroMQ echo";
+           std::to_string(m.experts.size()) + "), ZeroMQ echo, KV store lookups";
   if (!a.calibrate_url.empty()) {
     // The cluster's own costs (bridge, actor and pool hand-offs, the router's step round trip,
     // HTTP and streaming, the client's CPU): fitted through the simulator on four traffics.
@@ -413,8 +482,8 @@ void run_profile(const ProfileArgs& a) {
     // one run to absorb that, not recorded.
     bench_point(a, point(4, 32, 48, 32), vocab);
     // Short prompts of two KV blocks: a prompt with a full block pays the worker's prefix-cache
-    // lookup in the KV store (a round trip, measured 0.5-0.8 ms on this machine) and one of 16
-    // tokens has none, so 16 would leave that cost to the per-row fit of the long prompts.
+    // lookup in the KV store (a round trip, priced by the lookup measured above) and one of 16
+    // tokens has none, as most prompts served do.
     const int64_t short_prompt = 32;
     const CalibrationPoint one = bench_median(a, point(1, short_prompt, 48, 16), vocab);
     const CalibrationPoint long_prompt = bench_median(a, point(1, short_prompt + a.cal_long_prompt, 2, 8), vocab);
@@ -449,17 +518,16 @@ void run_profile(const ProfileArgs& a) {
   }
   p.save(a.out);
   char b[768];
-  std::snprintf(
-      b, sizeof b,
-      "wrote %s: attention/layer %.1f us + %.2f us/row + %.2f us/prefill row + %.4f us/ctx, expert batch "
-      "%.1f us + %.1f us/expert + %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, dispatch overhead %.1f "
-      "us, step %.1f us + %.1f us/row, router %.1f us/request + %.1f us/token, step jitter %.0f%%, waking from "
-      "idle %.1f us, %d cores\n",
-      a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_prefill_row_s * 1e6,
-      p.attn_per_ctx_s * 1e6, p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
-      p.zmq_local.latency_s * 1e6, p.zmq_local.bandwidth_Bps / 1e9, p.dispatch_overhead_s * 1e6, p.step_fixed_s * 1e6,
-      p.step_per_row_s * 1e6, p.router_per_request_s * 1e6, p.router_per_token_s * 1e6, p.step_jitter * 100,
-      p.idle_wake_s * 1e6, p.node_cores);
+  std::snprintf(b, sizeof b,
+                "wrote %s: attention/layer %.1f us + %.2f us/row + %.2f us/prefill row + %.4f us/ctx, expert batch "
+                "%.1f us + %.1f us/expert + %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, KV store lookup %.1f us, "
+                "dispatch overhead %.1f us, step %.1f us + %.1f us/row, router %.1f us/request + %.1f us/token, step "
+                "jitter %.0f%%, waking from idle %.1f us, %d cores\n",
+                a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_prefill_row_s * 1e6,
+                p.attn_per_ctx_s * 1e6, p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
+                p.zmq_local.latency_s * 1e6, p.zmq_local.bandwidth_Bps / 1e9, p.prefix_lookup_s * 1e6,
+                p.dispatch_overhead_s * 1e6, p.step_fixed_s * 1e6, p.step_per_row_s * 1e6, p.router_per_request_s * 1e6,
+                p.router_per_token_s * 1e6, p.step_jitter * 100, p.idle_wake_s * 1e6, p.node_cores);
   std::cout << b;
 }
 

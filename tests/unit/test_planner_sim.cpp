@@ -249,6 +249,25 @@ TEST(PlannerSim, RequestsThatFindTheWorkerIdlePayForWakingIt) {
   EXPECT_DOUBLE_EQ(q.idle_after_s, p.idle_after_s);
 }
 
+TEST(PlannerSim, AStepThatStartsSequencesWaitsOnceForTheirPrefixLookup) {
+  // Four requests at once with a full prompt block each: the first arrival's step starts it alone
+  // and waits for one KV store round trip; the three that came meanwhile start together in the
+  // next step, which waits for one more, not three. Later steps start nothing and wait for none.
+  // Prompts of one block have nothing to look up (the last token is always computed).
+  CostProfile p = toy_profile();
+  Deployment d;
+  const TrafficSpec four = fixed_traffic("closed:4", 32, 8, 4), short_prompts = fixed_traffic("closed:4", 16, 8, 4);
+  const SimResult base = simulate(p, d, four, ExpertLoad::uniform(8));
+  const SimResult base_short = simulate(p, d, short_prompts, ExpertLoad::uniform(8));
+  p.prefix_lookup_s = 2e-3;
+  const SimResult looked_up = simulate(p, d, four, ExpertLoad::uniform(8));
+  const SimResult looked_up_short = simulate(p, d, short_prompts, ExpertLoad::uniform(8));
+  EXPECT_NEAR(looked_up.ttft.p50 - base.ttft.p50, 2 * 2e-3, 1e-4);
+  EXPECT_NEAR(looked_up.itl.p90, base.itl.p90, 1e-6);
+  EXPECT_NEAR(looked_up_short.ttft.p50, base_short.ttft.p50, 1e-6);
+  EXPECT_DOUBLE_EQ(CostProfile::from_json(p.to_json()).prefix_lookup_s, 2e-3);
+}
+
 TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
   // A "cluster" whose hand-offs, router work, streaming CPU and waking from idle are known:
   // calibration from its four runs on a profile without them predicts traffic it was not fitted on.
@@ -263,6 +282,7 @@ TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
   truth.attn_per_prefill_row_s = 3e-5;
   truth.step_jitter = 0.2;
   truth.idle_wake_s = 1.5e-3;
+  truth.prefix_lookup_s = 5e-4;
   Deployment d;
   auto measure = [&](const CostProfile& p, int conc, int64_t prompt, int64_t output, int64_t requests,
                      double rate = 0) {
@@ -284,6 +304,7 @@ TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
   CostProfile fitted = toy_profile();
   fitted.shared_node_compute = true;
   fitted.node_cores = 2;
+  fitted.prefix_lookup_s = truth.prefix_lookup_s;  // measured by plan profile, not fitted
   const auto back = calibrate_cluster(fitted, d, one, long_prompt, loaded, &idle);
   EXPECT_NEAR(back[0].itl_p50_s, one.itl_p50_s, 0.03 * one.itl_p50_s);
   EXPECT_NEAR(back[2].itl_p50_s, loaded.itl_p50_s, 0.05 * loaded.itl_p50_s);
