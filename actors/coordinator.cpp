@@ -150,6 +150,7 @@ struct CoordinatorState {
   std::vector<AttentionWorker> last_workers;  // as last told to the listener
   LoadWindow load;
   bool suspect_armed = false;                   // a fast-removal check is scheduled
+  Clock::time_point last_drop{};                // the latest control connection drop
   uint64_t expired = 0;                         // members removed since start
   std::unique_ptr<CoordinatorMetrics> metrics;  // null without a registry
   static inline const char* name = "coordinator";
@@ -574,14 +575,25 @@ caf::behavior coordinator(Self* self, ZmqBridge* bridge, int control, int publis
         // A member's control connection dropped (it died, or its pings went unanswered): check
         // who is silent one grace later, rather than after the whole heartbeat timeout.
         if (e.kind != PeerEvent::Disconnected || self->state.cfg.suspect_grace.count() <= 0) return;
-        if (self->state.suspect_armed) return;
+        self->state.last_drop = Clock::now();
+        if (self->state.suspect_armed) return;  // that check arms the next one if it comes too early for this drop
         self->state.suspect_armed = true;
         self->delayed_send(self, self->state.cfg.suspect_grace, suspect_atom::value);
       },
       [=](suspect_atom) {
-        self->state.suspect_armed = false;
-        expire(self, self->state.cfg.suspect_grace, /*after_drop=*/true);
+        auto& st = self->state;
+        st.suspect_armed = false;
+        expire(self, st.cfg.suspect_grace, /*after_drop=*/true);
         publish_table(self);
+        // A drop while this check was pending (a second member died): its own check, one grace
+        // after it, or that member would wait for the whole heartbeat timeout.
+        const auto next = st.last_drop + st.cfg.suspect_grace;
+        if (const auto now = Clock::now(); next > now) {
+          st.suspect_armed = true;
+          self->delayed_send(
+              self, std::chrono::duration_cast<std::chrono::milliseconds>(next - now) + std::chrono::milliseconds(1),
+              suspect_atom::value);
+        }
       },
       [=](tick_atom) {
         expire(self, self->state.cfg.heartbeat_timeout);

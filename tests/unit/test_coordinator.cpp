@@ -357,6 +357,46 @@ TEST(Coordinator, AMemberWhoseConnectionDropsIsRemovedAfterTheGraceNotTheTimeout
   EXPECT_EQ(after.replicas(), 1);
 }
 
+// Two members die one after the other, the second while the check for the first is pending (it
+// sent heartbeats until then, so that check finds it silent for less than the grace): it gets a
+// check of its own one grace after its drop, not the whole heartbeat timeout.
+TEST(Coordinator, ASecondDropWhileACheckIsPendingGetsItsOwnCheck) {
+  caf::actor_system sys{two_thread_config()};
+  CoordinatorConfig cc = config(3, 1, /*heartbeat_timeout=*/60s);
+  cc.suspect_grace = 400ms;
+  cc.publish_interval = 1h;
+  LoopbackCoordinator coord(sys, cc);
+  FakeMember live(coord.control(), "exp-live"), first(coord.control(), "exp-first"),
+      second(coord.control(), "exp-second");
+  ASSERT_TRUE(live.register_as(pb::EXPERT, "tcp://127.0.0.1:7321").ok());
+  ASSERT_TRUE(first.register_as(pb::EXPERT, "tcp://127.0.0.1:7322").ok());
+  ASSERT_TRUE(second.register_as(pb::EXPERT, "tcp://127.0.0.1:7323").ok());
+
+  first.die();
+  const auto first_died = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - first_died < 200ms) {  // the second lives on a while
+    live.heartbeat(true);
+    second.heartbeat(true);
+    std::this_thread::sleep_for(20ms);
+  }
+  second.die();
+  const auto second_died = std::chrono::steady_clock::now();
+  bool first_gone = false, second_gone = false;
+  while (!second_gone && std::chrono::steady_clock::now() - second_died < 10s) {
+    live.heartbeat(true);
+    const auto st = live.status();
+    first_gone = service(st, "exp-first") == nullptr;
+    second_gone = service(st, "exp-second") == nullptr;
+    std::this_thread::sleep_for(50ms);
+  }
+  const auto took = std::chrono::steady_clock::now() - second_died;
+  EXPECT_TRUE(first_gone);
+  ASSERT_TRUE(second_gone) << "the second member whose connection dropped was never removed";
+  EXPECT_LT(took, 3s) << "the second was removed by the heartbeat timeout, not its drop";
+  EXPECT_GE(took, 400ms) << "removed before its grace";
+  EXPECT_NE(service(live.status(), "exp-live"), nullptr) << "a member that kept its heartbeats was removed";
+}
+
 // Scaling out: an expert host beyond the slots registers after the heartbeats reported skewed
 // load, and is assigned the hot experts (not a round-robin copy of a slot); the status counts them.
 TEST(Coordinator, AHostBeyondTheSlotsGetsTheHotExperts) {
