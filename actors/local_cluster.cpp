@@ -87,16 +87,16 @@ void LocalCluster::spawn(const std::string& name, const std::string& bin, std::v
   procs_.push_back(std::move(p));
 }
 
-void LocalCluster::launch(Proc& p, bool append_log) {
+pid_t spawn_service(std::vector<std::string> args, const fs::path& log, bool append_log,
+                    const std::vector<std::string>& env) {
   std::vector<char*> argv;
-  for (auto& a : p.argv) argv.push_back(a.data());
+  for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
-  // The environment, plus how often this instance was restarted (told to the coordinator).
   std::vector<std::string> env_store;
   for (char** e = environ; *e; ++e)
     if (std::strncmp(*e, "MOEMESH_RESTART_COUNT=", 22) != 0 && std::strncmp(*e, "MOEMESH_PARENT_PID=", 19) != 0)
       env_store.emplace_back(*e);
-  env_store.push_back("MOEMESH_RESTART_COUNT=" + std::to_string(p.restarts));
+  env_store.insert(env_store.end(), env.begin(), env.end());
   // The child stops when we die, even by SIGKILL (actors/service_runtime.cpp).
   env_store.push_back("MOEMESH_PARENT_PID=" + std::to_string(::getpid()));
   std::vector<char*> envp;
@@ -105,7 +105,7 @@ void LocalCluster::launch(Proc& p, bool append_log) {
 
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, p.log.c_str(),
+  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, log.c_str(),
                                    O_WRONLY | O_CREAT | (append_log ? O_APPEND : O_TRUNC), 0644);
   posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
   posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
@@ -113,16 +113,21 @@ void LocalCluster::launch(Proc& p, bool append_log) {
   posix_spawnattr_init(&attr);
   sigset_t none;
   sigemptyset(&none);
-  posix_spawnattr_setsigmask(&attr, &none);  // we block SIGINT/SIGTERM; the children must not
-  posix_spawnattr_setpgroup(&attr, 0);       // Ctrl-C reaches us only; we stop them in order
+  posix_spawnattr_setsigmask(&attr, &none);  // `moemesh up` blocks SIGINT/SIGTERM; the children must not
+  posix_spawnattr_setpgroup(&attr, 0);       // Ctrl-C reaches the parent only; it stops them in order
   posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETPGROUP);
-  int rc = posix_spawn(&p.pid, p.argv[0].c_str(), &fa, &attr, argv.data(), envp.data());
+  pid_t pid = -1;
+  const int rc = posix_spawn(&pid, args[0].c_str(), &fa, &attr, argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&attr);
-  if (rc != 0) {
-    p.pid = -1;
-    throw Error("cannot start " + p.argv[0] + ": " + std::strerror(rc));
-  }
+  if (rc != 0) throw Error("cannot start " + args[0] + ": " + std::strerror(rc));
+  return pid;
+}
+
+void LocalCluster::launch(Proc& p, bool append_log) {
+  p.pid = -1;
+  // How often this instance was restarted, told to the coordinator.
+  p.pid = spawn_service(p.argv, p.log, append_log, {"MOEMESH_RESTART_COUNT=" + std::to_string(p.restarts)});
   p.started = std::chrono::steady_clock::now();
   spdlog::debug("up: started {} (pid {}), log {}", p.name, p.pid, p.log.string());
 }

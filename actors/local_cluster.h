@@ -85,6 +85,12 @@ class LocalCluster {
 // A TCP port on 127.0.0.1 that was free a moment ago.
 int pick_free_port();
 
+// Starts `argv` (the binary first), stdout and stderr into `log`, stdin from /dev/null, in a
+// process group of its own, with this process's environment plus `env`; it stops when this
+// process dies, even by SIGKILL (MOEMESH_PARENT_PID). Throws moemesh::Error when it cannot start.
+pid_t spawn_service(std::vector<std::string> argv, const std::filesystem::path& log, bool append_log,
+                    const std::vector<std::string>& env = {});
+
 // The moemesh-<service> binary in bin_dir (installed) or in its service folder beside it (the
 // build tree); throws moemesh::Error when neither has it.
 std::string service_binary(const std::filesystem::path& bin_dir, const std::string& service);

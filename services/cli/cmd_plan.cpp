@@ -2,16 +2,13 @@
 //   moemesh plan            simulate one deployment under one traffic (core/planner_sim.h)
 //   moemesh plan profile    measure this machine's costs (or write a GPU roofline profile)
 //   moemesh plan search     the cheapest shape meeting an SLO, and its Helm values
-#include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -271,20 +268,10 @@ LinkCost measure_zmq(int rounds) {
 double measure_kv_lookup(int rounds) {
   const std::string bin = actors::service_binary(fs::read_symlink("/proc/self/exe").parent_path(), "kvstore");
   const std::string ep = "tcp://127.0.0.1:" + std::to_string(actors::pick_free_port());
-  std::vector<std::string> args{
+  const std::vector<std::string> args{
       bin, "--listen",    ep,    "--admin-port", std::to_string(actors::pick_free_port()), "--threads",
       "1", "--log-level", "warn"};
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, STDOUT_FILENO, "/dev/null", O_WRONLY, 0);
-  posix_spawn_file_actions_adddup2(&fa, STDOUT_FILENO, STDERR_FILENO);
-  pid_t pid = -1;
-  const int rc = posix_spawn(&pid, bin.c_str(), &fa, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&fa);
-  if (rc != 0) throw Error("plan profile: cannot start " + bin + ": " + std::strerror(rc));
+  const pid_t pid = actors::spawn_service(args, "/dev/null", /*append_log=*/true);
   struct Stop {
     pid_t pid;
     ~Stop() {
