@@ -176,7 +176,8 @@ struct Seq {
   int tenant = 0;
   int worker = -1;
   bool admitted = false, done = false;
-  int client = -1;  // closed loop: the client that sent it
+  int client = -1;          // closed loop: the client that sent it
+  std::vector<double> itl;  // with SimOptions::trace_requests
 
   int64_t context_len() const { return prompt + resumed; }
   bool prefilling() const { return prefilled < context_len(); }
@@ -795,11 +796,13 @@ class Simulator {
         ttft_.add(seen - s.arrival);
       } else {  // after a preemption the gap includes the wait to resume, as the router counts it
         itl_.add(seen - s.last_token);
+        if (o_.trace_requests) s.itl.push_back(seen - s.last_token);
       }
       s.last_token = seen;
       if (s.generated >= s.output) {
         s.done = true;
         e2e_.add(seen - s.arrival);
+        if (o_.trace_requests) trace(s, seen);
         ++completed_;
         out_tokens_ += s.generated;
         last_done_ = std::max(last_done_, seen);
@@ -853,8 +856,21 @@ class Simulator {
     merge_mean_ = merge_factor(rate_disp_all_ / double(hosts_.size()));
   }
 
+  void trace(Seq& s, double end) {
+    RequestTrace t;
+    t.start_s = s.arrival;
+    t.end_s = end;
+    t.ttft_s = s.first_token - s.arrival;
+    t.itl_s = std::move(s.itl);
+    t.prompt_tokens = s.prompt;
+    t.output_tokens = s.generated;
+    t.tenant = s.tenant;
+    traces_.push_back(std::move(t));
+  }
+
   SimResult result(double wall) {
     SimResult r;
+    r.traces = std::move(traces_);
     r.requests = int64_t(seqs_.size());
     r.completed = completed_;
     r.unfinished = live_;
@@ -915,6 +931,7 @@ class Simulator {
   Deployment d_;
   const TrafficSpec& t_;
   SimOptions o_;
+  std::vector<RequestTrace> traces_;
   std::mt19937_64 rng_;
   FairQueue fair_;
   int64_t layers_ = 0, moe_layers_ = 0, top_k_ = 2, kv_blocks_ = 0;
@@ -1030,6 +1047,16 @@ SimResult simulate(const CostProfile& profile, const Deployment& dep, const Traf
                    const ExpertLoad& load, const SimOptions& opts) {
   Simulator sim(profile, dep, traffic, load, opts);
   return sim.run();
+}
+
+nlohmann::json RequestTrace::to_json() const {
+  return {{"start_s", start_s},
+          {"end_s", end_s},
+          {"ttft_s", ttft_s >= 0 ? nlohmann::json(ttft_s) : nlohmann::json(nullptr)},
+          {"itl_s", itl_s},
+          {"prompt_tokens", prompt_tokens},
+          {"output_tokens", output_tokens},
+          {"tenant", tenant}};
 }
 
 nlohmann::json SimResult::to_json() const {

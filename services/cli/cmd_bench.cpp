@@ -45,6 +45,7 @@ struct BenchArgs {
   bool stream = true;
   bool ignore_eos = true;
   std::string json_path;
+  std::string per_request_path;
   double timeout_s = 600;
   double temperature = 0;
   int threads = 2;
@@ -65,7 +66,8 @@ Target parse_url(const std::string& url) {
   t.prefix = slash == std::string::npos ? "" : rest.substr(slash);
   while (!t.prefix.empty() && t.prefix.back() == '/') t.prefix.pop_back();
   // Both http://h:8000 and http://h:8000/v1 (how OpenAI clients spell a base URL) mean the same.
-  if (t.prefix.size() >= 3 && t.prefix.compare(t.prefix.size() - 3, 3, "/v1") == 0) t.prefix.resize(t.prefix.size() - 3);
+  if (t.prefix.size() >= 3 && t.prefix.compare(t.prefix.size() - 3, 3, "/v1") == 0)
+    t.prefix.resize(t.prefix.size() - 3);
   const size_t colon = authority.rfind(':');
   if (colon != std::string::npos && authority.find(']', colon) == std::string::npos) {
     t.host = authority.substr(0, colon);
@@ -102,8 +104,7 @@ struct Reply {
 // (connect included) must finish by `deadline`. Parameters are by value where a caller may pass a
 // temporary: a coroutine outlives its caller's full expression when co_spawned.
 net::awaitable<void> exchange(const tcp::resolver::results_type& endpoints, bhttp::request<bhttp::string_body> req,
-                              Clock::time_point deadline, Reply& reply,
-                              std::function<void(std::string_view)> on_body) {
+                              Clock::time_point deadline, Reply& reply, std::function<void(std::string_view)> on_body) {
   beast::tcp_stream stream(co_await net::this_coro::executor);
   beast::error_code ec;
   auto tok = net::redirect_error(net::use_awaitable, ec);
@@ -213,8 +214,10 @@ class StreamAccount {
       for (const auto& c : j["choices"]) text = text || has_text(c);
     if (!text) return;
     ++chunks_with_text;
-    if (!ttft_s) ttft_s = std::chrono::duration<double>(now - start_).count();
-    else itl_s.push_back(std::chrono::duration<double>(now - last_).count());
+    if (!ttft_s)
+      ttft_s = std::chrono::duration<double>(now - start_).count();
+    else
+      itl_s.push_back(std::chrono::duration<double>(now - last_).count());
     last_ = now;
   }
 
@@ -223,14 +226,16 @@ class StreamAccount {
 };
 
 // Words for --text-prompts (and chat): common, so most tokenizers make one token of each.
-constexpr const char* kWords[] = {"the", "of", "and", "to", "in", "is", "for", "on", "that", "with", "as", "it",
-                                  "was", "at", "by", "from", "this", "are", "be", "or", "an", "have", "not", "which",
-                                  "one", "all", "new", "more", "time", "year", "some", "about", "water", "city",
-                                  "light", "house", "world", "music", "table", "river", "green", "small", "great"};
+constexpr const char* kWords[] = {"the",   "of",    "and",   "to",    "in",    "is",    "for",  "on",    "that",
+                                  "with",  "as",    "it",    "was",   "at",    "by",    "from", "this",  "are",
+                                  "be",    "or",    "an",    "have",  "not",   "which", "one",  "all",   "new",
+                                  "more",  "time",  "year",  "some",  "about", "water", "city", "light", "house",
+                                  "world", "music", "table", "river", "green", "small", "great"};
 
 class Bench {
  public:
-  Bench(const BenchArgs& a, std::string model, tcp::resolver::results_type endpoints, std::vector<bench::TenantSpec> tenants)
+  Bench(const BenchArgs& a, std::string model, tcp::resolver::results_type endpoints,
+        std::vector<bench::TenantSpec> tenants)
       : a_(a),
         model_(std::move(model)),
         endpoints_(std::move(endpoints)),
@@ -299,8 +304,10 @@ class Bench {
       for (int64_t k = 0; k < p.prompt_tokens; ++k) prompt.push_back(id(rng));
     }
     p.body = {{"model", model_}, {"max_tokens", max_tokens}, {"temperature", a_.temperature}, {"stream", a_.stream}};
-    if (a_.chat) p.body["messages"] = json::array({{{"role", "user"}, {"content", prompt}}});
-    else p.body["prompt"] = prompt;
+    if (a_.chat)
+      p.body["messages"] = json::array({{{"role", "user"}, {"content", prompt}}});
+    else
+      p.body["prompt"] = prompt;
     if (a_.stream) p.body["stream_options"] = {{"include_usage", true}};
     if (a_.ignore_eos) p.body["ignore_eos"] = true;  // a vLLM extension: exact output lengths
     return p;
@@ -358,10 +365,13 @@ class Bench {
       Reply reply;
       StreamAccount sse(t0);
       std::string body;
-      const auto deadline = t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(a_.timeout_s));
+      const auto deadline =
+          t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(a_.timeout_s));
       co_await exchange(endpoints_, http_request(p), deadline, reply, [&](std::string_view piece) {
-        if (reply.status == 200 && reply.event_stream) sse.feed(piece, Clock::now());
-        else if (reply.status == 200 || body.size() < 65536) body.append(piece);
+        if (reply.status == 200 && reply.event_stream)
+          sse.feed(piece, Clock::now());
+        else if (reply.status == 200 || body.size() < 65536)
+          body.append(piece);
       });
       o.end_s = since_start(Clock::now());
       settle(o, reply, sse, body);
@@ -447,7 +457,8 @@ std::string first_model(const BenchArgs& a, const tcp::resolver::results_type& e
   net::io_context ioc;
   Reply reply;
   std::string body;
-  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(a.timeout_s));
+  const auto deadline =
+      Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(a.timeout_s));
   net::co_spawn(ioc, exchange(endpoints, req, deadline, reply, [&](std::string_view piece) { body.append(piece); }),
                 net::detached);
   ioc.run();
@@ -455,8 +466,8 @@ std::string first_model(const BenchArgs& a, const tcp::resolver::results_type& e
   if (!reply.failure.empty()) throw Error(where + ": " + reply.error);
   if (reply.status != 200) throw Error(where + ": HTTP " + std::to_string(reply.status) + ": " + error_message(body));
   const json j = json::parse(body, nullptr, false);
-  if (!j.is_object() || !j.contains("data") || !j["data"].is_array() || j["data"].empty() || !j["data"][0].is_object() ||
-      !j["data"][0].contains("id") || !j["data"][0]["id"].is_string())
+  if (!j.is_object() || !j.contains("data") || !j["data"].is_array() || j["data"].empty() ||
+      !j["data"][0].is_object() || !j["data"][0].contains("id") || !j["data"][0]["id"].is_string())
     throw Error(where + ": no model in the answer: " + body.substr(0, 200));
   return j["data"][0]["id"];
 }
@@ -479,6 +490,24 @@ void check(const BenchArgs& a) {
   if (a.temperature < 0) throw Error("--temperature must be >= 0");
 }
 
+// One JSON line per request, in the order they finished: what the summary's percentiles are
+// made of, for analyses the summary cannot answer (a gap's cause, latency over the run).
+void write_per_request(const std::string& path, const std::vector<bench::Outcome>& outcomes) {
+  std::ofstream f(path);
+  for (const auto& o : outcomes) {
+    json j = {{"start_s", o.start_s},
+              {"end_s", o.end_s},
+              {"tenant", o.tenant},  // the index of its --tenant (keys stay out of result files)
+              {"prompt_tokens", o.prompt_tokens},
+              {"output_tokens", o.output_tokens},
+              {"itl_s", o.itl_s}};
+    j["ttft_s"] = o.ttft_s ? json(*o.ttft_s) : json(nullptr);
+    if (!o.ok()) j["failure"] = o.failure + (o.error.empty() ? "" : ": " + o.error);
+    f << j.dump() << "\n";
+  }
+  if (!f) throw Error("--per-request: cannot write " + path);
+}
+
 void run_bench(BenchArgs a) {
   check(a);
   if (a.requests == 0 && a.duration_s == 0) a.requests = 100;
@@ -496,8 +525,7 @@ void run_bench(BenchArgs a) {
 
   Bench bench(a, model, endpoints, tenants);
   std::cerr << "moemesh bench: POST http://" << t.host << ":" << t.port << bench.path() << " model " << model << ", "
-            << (a.rate > 0 ? "rate " + number(a.rate) + "/s (Poisson)"
-                           : "concurrency " + std::to_string(a.concurrency))
+            << (a.rate > 0 ? "rate " + number(a.rate) + "/s (Poisson)" : "concurrency " + std::to_string(a.concurrency))
             << ", " << (a.requests ? std::to_string(a.requests) + " requests" : "no request limit")
             << (a.duration_s > 0 ? ", at most " + number(a.duration_s) + " s" : "") << "\n";
   const auto outcomes = bench.run();
@@ -526,6 +554,7 @@ void run_bench(BenchArgs a) {
     f << report.dump(2) << "\n";
     if (!f) throw Error("--json: cannot write " + a.json_path);
   }
+  if (!a.per_request_path.empty()) write_per_request(a.per_request_path, outcomes);
   if (report["requests"]["ok"] == 0) throw Error("every request failed");
 }
 
@@ -543,7 +572,8 @@ void add_bench(CLI::App& app) {
   auto* rate = cmd->add_option("--rate", a->rate, "open loop: Poisson arrivals per second");
   auto* conc = cmd->add_option("--concurrency", a->concurrency, "closed loop: requests in flight");
   rate->excludes(conc);
-  cmd->add_option("--prompt-len", a->prompt_len, "prompt tokens: N, uniform:A:B or normal:MEAN:SD")->capture_default_str();
+  cmd->add_option("--prompt-len", a->prompt_len, "prompt tokens: N, uniform:A:B or normal:MEAN:SD")
+      ->capture_default_str();
   cmd->add_option("--output-len", a->output_len, "max_tokens: N, uniform:A:B or normal:MEAN:SD")->capture_default_str();
   cmd->add_option("--vocab", a->vocab, "token ids in random prompts are below this")->capture_default_str();
   cmd->add_flag("--text-prompts", a->text_prompts, "send random words instead of token-id arrays");
@@ -553,6 +583,8 @@ void add_bench(CLI::App& app) {
   cmd->add_flag("--ignore-eos,!--no-ignore-eos", a->ignore_eos,
                 "send ignore_eos: true, the default (exact output lengths; a vLLM extension)");
   cmd->add_option("--json", a->json_path, "also write the report as JSON to this file");
+  cmd->add_option("--per-request", a->per_request_path,
+                  "also write one JSON line per request to this file: start, end, TTFT and inter-token gaps (seconds)");
   cmd->add_option("--timeout-s", a->timeout_s, "per-request deadline")->capture_default_str();
   cmd->add_option("--temperature", a->temperature, "sampling temperature")->capture_default_str();
   cmd->add_option("--threads", a->threads, "client I/O threads")->capture_default_str();

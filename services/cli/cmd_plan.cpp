@@ -56,7 +56,7 @@ struct PlanArgs {
   std::string transport = "zmq";
   int64_t layers_per_event = 0;
   double sample_every_s = 1.0;
-  std::string csv, plot, json;
+  std::string csv, plot, json, per_request;
 };
 
 void add_common(CLI::App* cmd, PlanArgs& a) {
@@ -94,6 +94,13 @@ void add_common(CLI::App* cmd, PlanArgs& a) {
       ->capture_default_str();
   cmd->add_option("--sample-every-s", a.sample_every_s, "queue timeline resolution")->capture_default_str();
   cmd->add_option("--json", a.json, "write the result as JSON to this file");
+}
+
+// `moemesh plan` only: a request-by-request record, the format of `moemesh bench --per-request`.
+void add_per_request(CLI::App* cmd, PlanArgs& a) {
+  cmd->add_option("--per-request", a.per_request,
+                  "also write one JSON line per simulated request: start, end, TTFT and inter-token gaps (seconds), "
+                  "as moemesh bench --per-request does");
 }
 
 CostProfile load_profile(const PlanArgs& a) {
@@ -199,8 +206,15 @@ void run_plan(PlanArgs a) {
   finish_deployment(a);
   const CostProfile p = load_profile(a);
   const TrafficSpec t = make_traffic(a);
-  const SimResult r = simulate(p, a.dep, t, make_load(a, p), make_options(a));
+  SimOptions o = make_options(a);
+  o.trace_requests = !a.per_request.empty();
+  const SimResult r = simulate(p, a.dep, t, make_load(a, p), o);
   print_result(r, p, a.dep, t);
+  if (!a.per_request.empty()) {
+    std::ofstream out(a.per_request);
+    for (const auto& tr : r.traces) out << tr.to_json().dump() << "\n";
+    if (!out) throw Error("--per-request: cannot write " + a.per_request);
+  }
   if (!a.json.empty()) {
     nlohmann::json j = r.to_json();
     j["profile"] = p.name;
@@ -568,6 +582,7 @@ void add_plan(CLI::App& app) {
       app.add_subcommand("plan", "Capacity planner: simulate a deployment under a traffic (docs/planner.md)");
   plan->require_subcommand(0, 1);
   add_common(plan, *a);
+  add_per_request(plan, *a);
   plan->add_option("--attention", a->dep.attention_workers, "attention workers")->capture_default_str();
   plan->add_option("--experts", a->dep.expert_hosts, "expert hosts")->capture_default_str();
   plan->add_option("--replicas", a->dep.replicas, "copies of every expert")->capture_default_str();

@@ -238,11 +238,21 @@ def main():
     for s in ("TTFT", "ITL", "E2E", "tenant limited", "429: "):
         check(s in p.stdout, f"the table shows {s!r}", p.stdout)
 
-    # Open loop, chat endpoint, an explicit model.
+    # Open loop, chat endpoint, an explicit model, a line per request.
     STATS.reset()
+    per_request = tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False).name
     p, r = bench(moemesh, url, "--rate", "40", "--requests", "12", "--chat", "--model", MODEL, "--output-len", "4",
-                 "--prompt-len", "uniform:2:5", "--tenant", "good")
+                 "--prompt-len", "uniform:2:5", "--tenant", "good", "--per-request", per_request)
     t = totals()
+    lines = [json.loads(l) for l in open(per_request)]
+    os.unlink(per_request)
+    check(len(lines) == 12, "one line per request", len(lines))
+    check(sum(len(l["itl_s"]) for l in lines) == r["itl_ms"]["count"], "the lines hold the report's gaps")
+    check(all(l["ttft_s"] >= FIRST_DELAY_S * 0.9 and l["output_tokens"] == 4 and "failure" not in l for l in lines),
+          "each line's TTFT and tokens", lines[0])
+    # A request's start, first token and gaps add up to its end (the stream's last chunk is usage).
+    check(all(l["start_s"] + l["ttft_s"] + sum(l["itl_s"]) <= l["end_s"] + 1e-6 for l in lines), "times add up")
+    check(sorted(l["start_s"] for l in lines)[-1] > 0.05, "starts spread by the arrivals")
     check(p.returncode == 0, "rate run succeeds", p.stdout, p.stderr)
     check(not STATS.problems and STATS.models_listed == 0, "chat requests well-formed", STATS.problems[:3])
     check(STATS.posts == {"/v1/chat/completions": 12}, "all went to the chat endpoint", STATS.posts)

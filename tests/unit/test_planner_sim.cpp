@@ -1,6 +1,7 @@
 // The capacity planner's simulator against what queueing theory and the scheduler's rules say.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/error.h"
@@ -266,6 +267,37 @@ TEST(PlannerSim, AStepThatStartsSequencesWaitsOnceForTheirPrefixLookup) {
   EXPECT_NEAR(looked_up.itl.p90, base.itl.p90, 1e-6);
   EXPECT_NEAR(looked_up_short.ttft.p50, base_short.ttft.p50, 1e-6);
   EXPECT_DOUBLE_EQ(CostProfile::from_json(p.to_json()).prefix_lookup_s, 2e-3);
+}
+
+TEST(PlannerSim, RequestTracesHoldWhatTheSummariesAreMadeOf) {
+  // Traces only when asked; then one per request, each with its TTFT and output - 1 gaps that add
+  // up to its end, and together the same samples as the summaries (binned by 0.5%).
+  CostProfile p = toy_profile();
+  Deployment d;
+  const TrafficSpec t = fixed_traffic("poisson:200", 24, 6, 40);
+  EXPECT_TRUE(simulate(p, d, t, ExpertLoad::uniform(8)).traces.empty());
+  SimOptions o;
+  o.trace_requests = true;
+  const SimResult r = simulate(p, d, t, ExpertLoad::uniform(8), o);
+  ASSERT_EQ(r.traces.size(), 40u);
+  std::vector<double> ttft, itl;
+  for (const RequestTrace& tr : r.traces) {
+    ASSERT_EQ(tr.itl_s.size(), 5u);
+    EXPECT_EQ(tr.prompt_tokens, 24);
+    EXPECT_EQ(tr.output_tokens, 6);
+    double end = tr.start_s + tr.ttft_s;
+    for (double g : tr.itl_s) end += g;
+    EXPECT_NEAR(end, tr.end_s, 1e-9);
+    ttft.push_back(tr.ttft_s);
+    itl.insert(itl.end(), tr.itl_s.begin(), tr.itl_s.end());
+  }
+  std::sort(ttft.begin(), ttft.end());
+  std::sort(itl.begin(), itl.end());
+  EXPECT_NEAR(ttft[ttft.size() / 2], r.ttft.p50, 0.01 * r.ttft.p50);
+  EXPECT_NEAR(itl[itl.size() * 9 / 10], r.itl.p90, 0.01 * r.itl.p90);
+  const nlohmann::json j = r.traces.front().to_json();
+  EXPECT_EQ(j.at("itl_s").size(), 5u);
+  EXPECT_DOUBLE_EQ(j.at("ttft_s").get<double>(), r.traces.front().ttft_s);
 }
 
 TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
