@@ -7,6 +7,7 @@
 #include <numeric>
 #include <queue>
 #include <sstream>
+#include <unordered_map>
 
 #include "core/error.h"
 #include "core/fair_queue.h"
@@ -176,8 +177,7 @@ struct Seq {
   int tenant = 0;
   int worker = -1;
   bool admitted = false, done = false;
-  int client = -1;          // closed loop: the client that sent it
-  std::vector<double> itl;  // with SimOptions::trace_requests
+  int client = -1;  // closed loop: the client that sent it
 
   int64_t context_len() const { return prompt + resumed; }
   bool prefilling() const { return prefilled < context_len(); }
@@ -796,13 +796,13 @@ class Simulator {
         ttft_.add(seen - s.arrival);
       } else {  // after a preemption the gap includes the wait to resume, as the router counts it
         itl_.add(seen - s.last_token);
-        if (o_.trace_requests) s.itl.push_back(seen - s.last_token);
+        if (o_.trace_requests) trace_itl_[k.seq].push_back(seen - s.last_token);
       }
       s.last_token = seen;
       if (s.generated >= s.output) {
         s.done = true;
         e2e_.add(seen - s.arrival);
-        if (o_.trace_requests) trace(s, seen);
+        if (o_.trace_requests) trace(k.seq, seen);
         ++completed_;
         out_tokens_ += s.generated;
         last_done_ = std::max(last_done_, seen);
@@ -856,12 +856,14 @@ class Simulator {
     merge_mean_ = merge_factor(rate_disp_all_ / double(hosts_.size()));
   }
 
-  void trace(Seq& s, double end) {
+  void trace(uint32_t id, double end) {
+    const Seq& s = seqs_[id];
     RequestTrace t;
     t.start_s = s.arrival;
     t.end_s = end;
     t.ttft_s = s.first_token - s.arrival;
-    t.itl_s = std::move(s.itl);
+    t.itl_s = std::move(trace_itl_[id]);
+    trace_itl_.erase(id);
     t.prompt_tokens = s.prompt;
     t.output_tokens = s.generated;
     t.tenant = s.tenant;
@@ -932,6 +934,7 @@ class Simulator {
   const TrafficSpec& t_;
   SimOptions o_;
   std::vector<RequestTrace> traces_;
+  std::unordered_map<uint32_t, std::vector<double>> trace_itl_;  // of unfinished requests, when tracing
   std::mt19937_64 rng_;
   FairQueue fair_;
   int64_t layers_ = 0, moe_layers_ = 0, top_k_ = 2, kv_blocks_ = 0;
