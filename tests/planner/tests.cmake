@@ -6,3 +6,7 @@ set_tests_properties(planner_search_helm_template PROPERTIES LABELS chart TIMEOU
 # `moemesh plan profile --refit`: a recorded calibration fitted again offline (round trip, refusal).
 add_test(NAME planner_profile_refit COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/plan_refit.py $<TARGET_FILE:moemesh>)
 set_tests_properties(planner_profile_refit PROPERTIES LABELS unit TIMEOUT 60)
+# bench/itl_breakdown.py: gaps classed as constructed, and every simulated gap in one class.
+add_test(NAME planner_itl_breakdown
+         COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/itl_breakdown_check.py $<TARGET_FILE:moemesh>)
+set_tests_properties(planner_itl_breakdown PROPERTIES LABELS unit TIMEOUT 60)
