@@ -126,7 +126,7 @@ void KvClient::failed(const std::string& why) {
 }
 
 std::vector<std::vector<std::vector<float>>> PrefixStore::fetch_many(std::span<const PrefixQuery> queries,
-                                                                     size_t block_floats) {
+                                                                     size_t block_floats, WaitUntil) {
   std::vector<std::vector<std::vector<float>>> out;
   out.reserve(queries.size());
   for (const PrefixQuery& q : queries) out.push_back(fetch(q.keys, block_floats, q.trace));
@@ -173,7 +173,7 @@ std::vector<std::vector<float>> KvClient::fetch(std::span<const BlockKey> keys, 
 }
 
 std::vector<std::vector<std::vector<float>>> KvClient::fetch_many(std::span<const PrefixQuery> queries,
-                                                                  size_t block_floats) {
+                                                                  size_t block_floats, WaitUntil give_up) {
   std::vector<std::vector<std::vector<float>>> found(queries.size());
   std::vector<size_t> asking;  // the queries whose chain goes on
   for (size_t q = 0; q < queries.size(); ++q)
@@ -188,6 +188,10 @@ std::vector<std::vector<std::vector<float>>> KvClient::fetch_many(std::span<cons
   // reply holds at most kBlocksPerMessage blocks, and a round that comes back short ends its chain.
   bool failure = false;
   while (!asking.empty() && !failure) {
+    if (Clock::now() >= give_up) {  // chains that go on past the budget: what came so far
+      stats_->cut_fetches += asking.size();
+      break;
+    }
     struct Round {
       size_t query, asked;
       uint64_t id;
@@ -216,16 +220,23 @@ std::vector<std::vector<std::vector<float>>> KvClient::fetch_many(std::span<cons
       caf::anon_send(bridge_.actor(), zmq_send_atom::value, socket_, std::move(frames));
     }
     const auto deadline = Clock::now() + opts_.deadline;
+    const bool budget_first = give_up < deadline;
     asking.clear();
     for (const Round& r : round) {
       bool done;
       {
         std::unique_lock<std::mutex> lk(r.call->mu);
-        done = r.call->cv.wait_until(lk, deadline, [&] { return r.call->done; });
+        done = r.call->cv.wait_until(lk, std::min(deadline, give_up), [&] { return r.call->done; });
       }
       if (!done) {
-        std::lock_guard<std::mutex> lk(inflight_->mu);  // withdraw it: a late reply is only counted
-        inflight_->fetches.erase(r.id);
+        {
+          std::lock_guard<std::mutex> lk(inflight_->mu);  // withdraw it: a late reply is only counted
+          inflight_->fetches.erase(r.id);
+        }
+        if (budget_first) {  // the caller stops waiting; the store is not at fault
+          ++stats_->cut_fetches;
+          continue;
+        }
         if (!failure) failed("no KvGet reply within " + std::to_string(opts_.deadline.count()) + " ms");
         failure = true;
         continue;

@@ -13,7 +13,9 @@
 //
 // fetch_many() asks for several chains at once (a step's new sequences): their requests go out
 // together and are waited for together, so a step pays one round trip to the store, not one per
-// new sequence.
+// new sequence. Its `give_up` is the caller's wait budget: what has not come by then is not
+// waited for (the caller computes those positions instead). Unlike the store's own deadline, that
+// is no failure and sets off no back-off: a store busy for a moment is still a store.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -31,6 +33,9 @@
 
 namespace moemesh::actors {
 
+using WaitUntil = std::chrono::steady_clock::time_point;
+constexpr WaitUntil kWaitForTheStore = WaitUntil::max();  // no budget: the store's deadline alone
+
 // One chain to look up: its block keys, and the sequence's span (named in the request so the
 // store logs its span under it).
 struct PrefixQuery {
@@ -47,10 +52,12 @@ class PrefixStore {
   // `trace`: the sequence's span, named in the request so the store logs its span under it.
   virtual std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats,
                                                 const TraceRef& trace = {}) = 0;
-  // fetch() of each query, in order. This default asks them one after the other; a store across
-  // a network asks them all at once. Never throws.
+  // fetch() of each query, in order: for each the blocks that came by `give_up`. This default
+  // asks them one after the other and has no budget; a store across a network asks them all at
+  // once. Never throws.
   virtual std::vector<std::vector<std::vector<float>>> fetch_many(std::span<const PrefixQuery> queries,
-                                                                  size_t block_floats);
+                                                                  size_t block_floats,
+                                                                  WaitUntil give_up = kWaitForTheStore);
   // Offers blocks (keys[i] names blocks[i]); returns without waiting for the store. Never throws.
   virtual void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks,
                        const TraceRef& trace = {}) = 0;
@@ -74,6 +81,7 @@ struct KvClientStats {
   std::atomic<uint64_t> acked_blocks{0};      // blocks the store said it holds
   std::atomic<uint64_t> publish_failures{0};  // KvPuts answered with an error
   std::atomic<uint64_t> late_replies{0};      // replies after their fetch gave up
+  std::atomic<uint64_t> cut_fetches{0};       // chains not waited for to their end: the caller's budget ran out
 };
 
 class KvClient : public PrefixStore {
@@ -86,8 +94,8 @@ class KvClient : public PrefixStore {
 
   std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats,
                                         const TraceRef& trace = {}) override;
-  std::vector<std::vector<std::vector<float>>> fetch_many(std::span<const PrefixQuery> queries,
-                                                          size_t block_floats) override;
+  std::vector<std::vector<std::vector<float>>> fetch_many(std::span<const PrefixQuery> queries, size_t block_floats,
+                                                          WaitUntil give_up = kWaitForTheStore) override;
   void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks,
                const TraceRef& trace = {}) override;
 

@@ -79,6 +79,9 @@ StepServerMetrics::StepServerMetrics(prometheus::Registry& r, std::shared_ptr<co
       publish_failures_(counter(r, "moemesh_attention_kvstore_failures_total",  // same family (registry merges)
                                 "KV store requests that failed (timeout, error or bad reply), by operation.",
                                 {{"op", "publish"}})),
+      cut_fetches_(counter(r, "moemesh_attention_prefix_cache_cut_lookups_total",
+                           "KV store lookups not waited for to their end: the step's wait budget (what computing "
+                           "those prompt positions takes here) ran out first; the positions were computed.")),
       sampled_summary_(counter(r, "moemesh_attention_sampled_tokens_total",
                                "Tokens sampled, by what the sampler read: a logits summary (top-k and normalisers "
                                "from the device) or the full logits row.",
@@ -151,6 +154,9 @@ void StepServerMetrics::update(const StepWorkerCounts& c) {
     publish_failures_.Increment(double(p - seen_publish_failures_));
     seen_fetch_failures_ = f;
     seen_publish_failures_ = p;
+    const uint64_t c = kv_->stats().cut_fetches.load();
+    cut_fetches_.Increment(double(c - seen_cut_fetches_));
+    seen_cut_fetches_ = c;
   }
 }
 

@@ -47,7 +47,7 @@ class StepServerMetrics {
   prometheus::Counter& tier_hits_;
   uint64_t seen_tier_hits_ = 0;
   prometheus::Counter &query_tokens_, &hit_tokens_, &computed_, &skipped_, &published_;
-  prometheus::Counter &fetch_failures_, &publish_failures_;
+  prometheus::Counter &fetch_failures_, &publish_failures_, &cut_fetches_;
   prometheus::Counter &sampled_summary_, &sampled_full_row_;
   prometheus::Counter &mb_step_seconds_, &mb_overlap_seconds_;
   prometheus::Gauge& overlap_ratio_;
@@ -56,7 +56,7 @@ class StepServerMetrics {
   prometheus::Gauge &kv_used_, &kv_free_, &kv_usage_;
   LoraCacheMetrics lora_;
   StepWorkerCounts seen_;  // what the counters already show
-  uint64_t seen_fetch_failures_ = 0, seen_publish_failures_ = 0;
+  uint64_t seen_fetch_failures_ = 0, seen_publish_failures_ = 0, seen_cut_fetches_ = 0;
 };
 
 // The caller keeps `pool` alive (the actor holds it weakly): destroy it after the actor is gone,

@@ -92,10 +92,29 @@ StepWorker::PrefixBlocks StepWorker::fetch_prefixes(const std::vector<const pb::
   }
   if (queries.empty()) return found;
   const auto t0 = std::chrono::steady_clock::now();
-  auto blocks = opts_.prefix_store->fetch_many(queries, size_t(engine_->kv_cache().block_floats()));
+  WaitUntil give_up = kWaitForTheStore;
+  if (opts_.prefix_wait_budget && prefill_s_per_token_ > 0) {
+    double positions = 0;  // what all hits together would spare
+    for (const PrefixQuery& q : queries) positions += double(q.keys.size() * size_t(kBlockTokens));
+    give_up = t0 + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                       std::chrono::duration<double>(positions * prefill_s_per_token_));
+  }
+  auto blocks = opts_.prefix_store->fetch_many(queries, size_t(engine_->kv_cache().block_floats()), give_up);
   phases_.prefix_lookup = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   for (size_t i = 0; i < of.size(); ++i) found[of[i]] = std::move(blocks[i]);
   return found;
+}
+
+void StepWorker::learn_prefill_speed(const std::vector<StepInput>& inputs, uint64_t prompt_computed_before,
+                                     double engine_seconds) {
+  size_t rows = 0;
+  for (const StepInput& in : inputs) rows += in.tokens.size();
+  const uint64_t prompt = counts_.prompt_tokens_computed - prompt_computed_before;
+  // Mostly prompt positions, at least a block's worth: decode rows cost more each (the step's
+  // fixed costs over few rows) and would overprice the budget.
+  if (rows == 0 || prompt < uint64_t(kBlockTokens) || 2 * prompt < rows) return;
+  const double sample = engine_seconds / double(rows);
+  prefill_s_per_token_ = prefill_s_per_token_ > 0 ? 0.8 * prefill_s_per_token_ + 0.2 * sample : sample;
 }
 
 void StepWorker::restore_prefix(Seq& s, int64_t max_blocks, const std::vector<std::vector<float>>& blocks) {
@@ -148,6 +167,7 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
   std::vector<const pb::SeqWork*> admitted;
   std::map<uint64_t, int64_t> cached;  // first chunks' restored tokens, for their results
   int64_t blocks_left = kv.free_blocks();
+  const uint64_t prompt_computed_before = counts_.prompt_tokens_computed;
   auto fail = [&](const pb::SeqWork& w, const std::string& why) {
     auto* r = resp.add_results();
     r->set_seq(w.seq());
@@ -284,6 +304,7 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
   if (inputs.empty()) return resp;
 
   std::vector<StepOutput> outs;
+  const auto engine_t0 = std::chrono::steady_clock::now();
   try {
     outs = engine_->step(inputs, {opts_.micro_batches});
   } catch (const Error& e) {  // checked above, so this is unexpected: fail the whole step
@@ -291,6 +312,8 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
     for (const auto* w : admitted) fail(*w, e.what());
     return resp;
   }
+  learn_prefill_speed(inputs, prompt_computed_before,
+                      std::chrono::duration<double>(std::chrono::steady_clock::now() - engine_t0).count());
   if (opts_.expert_waits) phases_.expert_wait = blocked_seconds(engine_->last_lanes(), opts_.expert_waits->take());
   if (const MicroBatchTiming& t = engine_->last_timing(); t.micro_batches == 2) {
     ++counts_.microbatch_steps;

@@ -57,6 +57,10 @@ struct StepWorkerOptions {
   // Where sequences' LoRA adapters are loaded (their attention-side modules); null: a sequence
   // with an adapter fails.
   std::shared_ptr<LoraCache> lora_cache;
+  // A step waits for the KV store at most as long as computing the positions it asked for would
+  // take (measured on this worker's prefill steps): the step's running sequences wait with it, and
+  // a hit can save no more than that. False: up to the store's own deadline.
+  bool prefix_wait_budget = true;
 };
 
 // Totals since start (read on the compute thread, or after it is done with a step).
@@ -114,9 +118,13 @@ class StepWorker {
   // Frees the sequence; with `publish`, first offers its new full blocks to the store. `end`
   // says why, in its span.
   void release(uint64_t seq, bool publish = false, const char* end = "freed");
-  // A step's new sequences' stored prefixes (by router sequence id), asked of the store at once.
+  // A step's new sequences' stored prefixes (by router sequence id), asked of the store at once,
+  // within the wait budget (StepWorkerOptions::prefix_wait_budget).
   using PrefixBlocks = std::map<uint64_t, std::vector<std::vector<float>>>;
   PrefixBlocks fetch_prefixes(const std::vector<const pb::SeqWork*>& work);
+  // After an engine step: its time per computed position, when mostly prompt positions.
+  void learn_prefill_speed(const std::vector<StepInput>& inputs, uint64_t prompt_computed_before,
+                           double engine_seconds);
   // Copies the first of `blocks` (at most max_blocks) into the sequence's KV cache.
   void restore_prefix(Seq& s, int64_t max_blocks, const std::vector<std::vector<float>>& blocks);
   void publish_blocks(const Seq& s);
@@ -126,6 +134,9 @@ class StepWorker {
   std::shared_ptr<Engine> engine_;
   std::vector<int32_t> eos_ids_;
   StepWorkerOptions opts_;
+  // Seconds this worker's engine takes per prompt position: an exponential average over steps
+  // that are mostly prefill (0 until one ran). Prices the KV store wait budget.
+  double prefill_s_per_token_ = 0;
   std::map<uint64_t, Seq> seqs_;                                // by the router's sequence id
   uint64_t router_epoch_ = 0;                                   // the run of the router they belong to
   std::map<std::string, std::shared_ptr<GrammarMasks>> masks_;  // by constraint spec

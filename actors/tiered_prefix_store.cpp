@@ -31,7 +31,7 @@ std::vector<std::vector<float>> TieredPrefixStore::fetch(std::span<const BlockKe
 }
 
 std::vector<std::vector<std::vector<float>>> TieredPrefixStore::fetch_many(std::span<const PrefixQuery> queries,
-                                                                           size_t block_floats) {
+                                                                           size_t block_floats, WaitUntil give_up) {
   std::vector<std::vector<std::vector<float>>> out(queries.size());
   std::vector<PrefixQuery> rests;  // what memory lacks, for the store
   std::vector<size_t> rest_of;     // rests[i] continues queries[rest_of[i]]
@@ -53,7 +53,7 @@ std::vector<std::vector<std::vector<float>>> TieredPrefixStore::fetch_many(std::
   }
   if (rests.empty()) return out;
   // The store is asked without the lock: a fetch can wait for its deadline.
-  auto more = remote_->fetch_many(rests, block_floats);
+  auto more = remote_->fetch_many(rests, block_floats, give_up);
   std::lock_guard lock(mu_);
   for (size_t i = 0; i < rests.size(); ++i) {
     auto& blocks = out[rest_of[i]];

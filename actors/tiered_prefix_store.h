@@ -29,8 +29,8 @@ class TieredPrefixStore : public PrefixStore {
 
   std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t block_floats,
                                         const TraceRef& trace = {}) override;
-  std::vector<std::vector<std::vector<float>>> fetch_many(std::span<const PrefixQuery> queries,
-                                                          size_t block_floats) override;
+  std::vector<std::vector<std::vector<float>>> fetch_many(std::span<const PrefixQuery> queries, size_t block_floats,
+                                                          WaitUntil give_up = kWaitForTheStore) override;
   void publish(std::span<const BlockKey> keys, std::vector<std::vector<float>> blocks,
                const TraceRef& trace = {}) override;
 

@@ -6,7 +6,8 @@ Prints the medians over rounds and B/A.
   bench/serve_ab.py --a OLD/moemesh --b build/services/cli/moemesh --model /tmp/tiny
   bench/serve_ab.py --a build/services/cli/moemesh --b-flags=--no-kvstore --model /tmp/tiny
 
-Both clusters are up for the whole run; the one not loaded sits idle.
+Both clusters are up for the whole run; the one not loaded sits idle. Every run has prompts of
+its own (a seed per round and traffic), so none comes from a prefix cache an earlier run filled.
 """
 import argparse, json, os, shlex, signal, subprocess, sys, tempfile
 
@@ -50,14 +51,17 @@ def main():
         traffic = a.traffic.split(",")
         got = {(name, t): [] for name in sides for t in traffic}
         for r in range(a.rounds):
-            for t in traffic:
+            for i, t in enumerate(traffic):
+                # A seed per round and traffic: fresh prompts every run, none restored from a
+                # prefix cache an earlier run filled (both sides get the same ones).
+                seed = r * len(traffic) + i
                 kind, value = t.split(":")
                 load = ["--concurrency", value] if kind == "closed" else ["--rate", value]
                 requests = max(a.requests, 4 * int(value)) if kind == "closed" else a.requests
                 for name, (binary, _) in sides.items():
                     out = os.path.join(tmp, f"{name}-{t.replace(':', '')}-{r}.json")
                     subprocess.run([binary, "bench", "--url", urls[name], "--requests", str(requests), "--seed",
-                                    str(r), "--prompt-len", a.prompt_len, "--output-len", a.output_len, "--json", out]
+                                    str(seed), "--prompt-len", a.prompt_len, "--output-len", a.output_len, "--json", out]
                                    + load, check=True, stdout=subprocess.DEVNULL)
                     got[(name, t)].append(bench_metrics(out))
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)

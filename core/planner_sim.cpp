@@ -242,6 +242,9 @@ class Simulator {
     layers_ = m.num_hidden_layers;
     for (int64_t l = 0; l < layers_; ++l) moe_layers_ += m.is_moe_layer(l) ? 1 : 0;
     top_k_ = m.num_experts_per_tok;
+    // A prompt position's compute, as the worker's wait budget prices it: its rows in every layer.
+    position_s_ =
+        double(layers_) * p_.attn_per_prefill_row_s + double(moe_layers_) * double(top_k_) * p_.expert_per_row_s;
     kv_blocks_ = std::max<int64_t>(
         1, (d_.kv_tokens_per_worker > 0 ? d_.kv_tokens_per_worker : p_.kv_tokens_per_worker) / kBlock);
     nodes_ = d_.nodes(p_);
@@ -505,14 +508,14 @@ class Simulator {
     w.inflight = true;
     w.step_start = now_;
     // Sequences the step starts with a full prompt block: the worker asks the KV store for their
-    // prefixes first, all in one round trip. (Priced as an idle machine answers it; under load on
-    // shared cores the store's process also waits for a core: 1-25 ms at concurrency 16 here.)
-    double start = now_;
+    // prefixes first, all in one round trip, and waits at most what computing the positions it
+    // asked for takes (its wait budget, actors/step_worker.h). The round trip is priced as an idle
+    // machine answers it.
+    double start = now_, asked = 0;
     for (const Work& k : w.work)
-      if (const Seq& s = seqs_[k.seq]; s.prefilled == 0 && s.context_len() > kBlock) {
-        start += p_.prefix_lookup_s;
-        break;
-      }
+      if (const Seq& s = seqs_[k.seq]; s.prefilled == 0 && s.context_len() > kBlock)
+        asked += double((s.context_len() - 1) / kBlock * kBlock);
+    if (asked > 0) start += std::min(p_.prefix_lookup_s, asked * position_s_);
     if (now_ - w.last_step_end > p_.idle_after_s) w.warm_steps = 0;
     ++steps_;
     // Lanes: two contiguous halves with rows as even as possible (core/engine.cpp).
@@ -938,6 +941,7 @@ class Simulator {
   std::mt19937_64 rng_;
   FairQueue fair_;
   int64_t layers_ = 0, moe_layers_ = 0, top_k_ = 2, kv_blocks_ = 0;
+  double position_s_ = 0;  // a prompt position's compute (the KV store wait budget)
   int nodes_ = 1;
   bool fast_ = false;
   std::vector<WorkerState> workers_;

@@ -115,6 +115,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   cli.add_option("--kvstore-timeout-ms", kvstore_timeout_ms, "deadline of one KV store fetch")
       ->check(CLI::Range(1, 60000));
+  bool wait_budget = true;
+  cli.add_flag("--kvstore-wait-budget,!--no-kvstore-wait-budget", wait_budget,
+               "a step waits for the KV store at most as long as computing the looked-up prompt positions takes "
+               "(measured here), the default; off: up to --kvstore-timeout-ms");
   cli.add_option("--model-id", model_id,
                  "names the model's KV blocks in the store (default: the checkpoint folder's name)");
   cli.add_option("--compute-threads", compute_threads,
@@ -215,6 +219,7 @@ int main(int argc, char** argv) {
       wo.prefix_store = tier;
       wo.model_id = model_id;
     }
+    wo.prefix_wait_budget = wait_budget;
     auto worker = std::make_shared<StepWorker>(engine, eos, wo);
     auto metrics = std::make_shared<StepServerMetrics>(rt.metrics(), kv, tier);
     auto pool = std::make_shared<ComputePool>(1);  // one step at a time: the worker owns the KV cache

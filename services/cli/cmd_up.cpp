@@ -82,15 +82,20 @@ void add_up(CLI::App& app) {
   auto router_bias = std::make_shared<std::string>();
   up->add_option("--router-bias", *router_bias,
                  "attention workers, for benchmarks: EXPERT=BIAS,... skews the expert load on purpose");
+  auto wait_budget = std::make_shared<bool>(true);
+  up->add_flag("--kvstore-wait-budget,!--no-kvstore-wait-budget", *wait_budget,
+               "attention workers wait for the KV store at most as long as computing the looked-up prompt "
+               "positions takes, the default; off: up to the store's deadline");
   auto tenants = std::make_shared<std::string>();
   up->add_option("--tenants", *tenants, "router tenants file (API keys and limits); none: open API")
       ->check(CLI::ExistingFile);
   auto lora_modules = std::make_shared<std::vector<std::string>>();
   up->add_option("--lora-modules", *lora_modules, "LoRA adapters to serve, as name=path (PEFT folders)");
   auto runtime_lora = std::make_shared<bool>(false);
-  up->add_flag("--allow-runtime-lora", *runtime_lora, "router: allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter");
+  up->add_flag("--allow-runtime-lora", *runtime_lora,
+               "router: allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter");
   up->callback([opts, model, tenants, kv_cache_mb, kv_dtype, step_budget, rebalance_s, router_bias, micro_batches,
-                lora_modules, runtime_lora] {
+                lora_modules, runtime_lora, wait_budget] {
     for (const std::string& spec : *lora_modules) {  // the children run elsewhere: absolute paths
       const auto [name, path] = parse_lora_module(spec);
       opts->router_args.insert(opts->router_args.end(), {"--lora-modules", name + "=" + fs::absolute(path).string()});
@@ -104,6 +109,7 @@ void add_up(CLI::App& app) {
     if (*kv_cache_mb > 0)
       opts->attention_args.insert(opts->attention_args.end(), {"--kv-cache-mb", std::to_string(*kv_cache_mb)});
     if (!kv_dtype->empty()) opts->attention_args.insert(opts->attention_args.end(), {"--kv-dtype", *kv_dtype});
+    if (!*wait_budget) opts->attention_args.push_back("--no-kvstore-wait-budget");
     if (*step_budget > 0)
       opts->router_args.insert(opts->router_args.end(), {"--step-token-budget", std::to_string(*step_budget)});
     if (!tenants->empty()) {

@@ -315,8 +315,12 @@ def kv_cache():
              (f"sum({rate('moemesh_kvstore_hits_total')})", "KV store")],
             unit="ops", must=False, description="Where restored prefix blocks came from. Prefix affinity in the "
                                                 "router keeps the memory share high.")
-    b.panel("KV store request failures", [(f"sum by (op) ({rate('moemesh_attention_kvstore_failures_total')})",
-                                           "{{op}}")], unit="ops")
+    b.panel("KV store request failures, and lookups cut by the wait budget",
+            [(f"sum by (op) ({rate('moemesh_attention_kvstore_failures_total')})", "failed {{op}}"),
+             (f"sum({rate('moemesh_attention_prefix_cache_cut_lookups_total')})", "cut by the wait budget")],
+            unit="ops", description="Failures back the worker off the store for a while; a cut lookup is one "
+                                    "the step stopped waiting for because computing its positions was quicker "
+                                    "(the store is slow, not down).")
     b.row("KV store")
     # The tiered series (memory; disk with --disk-budget-bytes) are kept apart: a block promoted
     # from disk is held by both tiers, so summing bytes or blocks over them would count it twice.

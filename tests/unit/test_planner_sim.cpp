@@ -251,13 +251,13 @@ TEST(PlannerSim, RequestsThatFindTheWorkerIdlePayForWakingIt) {
 }
 
 TEST(PlannerSim, AStepThatStartsSequencesWaitsOnceForTheirPrefixLookup) {
-  // Four requests at once with a full prompt block each: the first arrival's step starts it alone
-  // and waits for one KV store round trip; the three that came meanwhile start together in the
-  // next step, which waits for one more, not three. Later steps start nothing and wait for none.
-  // Prompts of one block have nothing to look up (the last token is always computed).
+  // Four requests at once with three full prompt blocks each: the first arrival's step starts it
+  // alone and waits for one KV store round trip; the three that came meanwhile start together in
+  // the next step, which waits for one more, not three. Later steps start nothing and wait for
+  // none. Prompts of one block have nothing to look up (the last token is always computed).
   CostProfile p = toy_profile();
   Deployment d;
-  const TrafficSpec four = fixed_traffic("closed:4", 32, 8, 4), short_prompts = fixed_traffic("closed:4", 16, 8, 4);
+  const TrafficSpec four = fixed_traffic("closed:4", 64, 8, 4), short_prompts = fixed_traffic("closed:4", 16, 8, 4);
   const SimResult base = simulate(p, d, four, ExpertLoad::uniform(8));
   const SimResult base_short = simulate(p, d, short_prompts, ExpertLoad::uniform(8));
   p.prefix_lookup_s = 2e-3;
@@ -267,6 +267,13 @@ TEST(PlannerSim, AStepThatStartsSequencesWaitsOnceForTheirPrefixLookup) {
   EXPECT_NEAR(looked_up.itl.p90, base.itl.p90, 1e-6);
   EXPECT_NEAR(looked_up_short.ttft.p50, base_short.ttft.p50, 1e-6);
   EXPECT_DOUBLE_EQ(CostProfile::from_json(p.to_json()).prefix_lookup_s, 2e-3);
+
+  // A store slower than computing: each step waits what its asked positions cost (48 positions a
+  // sequence, 1e-4 s each in the toy's two layers: 2 x 1e-5 attention + 2 x 2 x 2e-5 experts), the
+  // worker's wait budget: 4.8 ms for the first, 14.4 ms for the three together.
+  p.prefix_lookup_s = 0.5;
+  const SimResult slow_store = simulate(p, d, four, ExpertLoad::uniform(8));
+  EXPECT_NEAR(slow_store.ttft.p50 - base.ttft.p50, 4.8e-3 + 14.4e-3, 2e-4);
 }
 
 TEST(PlannerSim, RequestTracesHoldWhatTheSummariesAreMadeOf) {

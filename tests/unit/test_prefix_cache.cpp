@@ -59,9 +59,12 @@ class MapStore : public PrefixStore {
     }
     return out;
   }
-  std::vector<std::vector<std::vector<float>>> fetch_many(std::span<const PrefixQuery> queries,
-                                                          size_t block_floats) override {
+  std::vector<std::vector<std::vector<float>>> fetch_many(std::span<const PrefixQuery> queries, size_t block_floats,
+                                                          WaitUntil give_up = kWaitForTheStore) override {
     ++batches;
+    budgets.push_back(give_up == kWaitForTheStore
+                          ? -1.0
+                          : std::chrono::duration<double>(give_up - std::chrono::steady_clock::now()).count());
     if (delay.count() > 0) std::this_thread::sleep_for(delay);
     return PrefixStore::fetch_many(queries, block_floats);
   }
@@ -71,6 +74,7 @@ class MapStore : public PrefixStore {
   std::unordered_map<BlockKey, std::vector<float>> blocks;
   int fetches = 0, batches = 0;
   std::chrono::milliseconds delay{0};  // each batch waits this long, as a round trip would
+  std::vector<double> budgets;         // per batch: seconds it was given to answer (-1: no budget)
 };
 
 class PrefixCache : public ::testing::Test {
@@ -366,6 +370,31 @@ TEST_F(PrefixCache, AStepAsksTheStoreOnceForAllTheSequencesItStarts) {
   EXPECT_EQ(w.last_phases().prefix_lookup, 0.0);
 }
 
+TEST_F(PrefixCache, AStepWaitsForTheStoreNoLongerThanComputingThePositionsWouldTake) {
+  // Until the worker has run a prefill, it has no price for a position and waits for the store;
+  // after one, each lookup gets a budget (what the positions asked for cost to compute here),
+  // and a worker told not to budget never sets one.
+  auto store = std::make_shared<MapStore>();
+  StepWorker w(engine(), {2}, one_batch(store, "tiny"));
+  generate(w, 1, random_tokens(64, 41, vocab()), {64}, 2);
+  ASSERT_EQ(store->budgets.size(), 1u);
+  EXPECT_EQ(store->budgets[0], -1.0) << "nothing measured yet: no budget";
+  generate(w, 2, random_tokens(64, 42, vocab()), {64}, 2);
+  generate(w, 3, random_tokens(20, 43, vocab()), {20}, 2);
+  ASSERT_EQ(store->budgets.size(), 3u);
+  EXPECT_GT(store->budgets[1], 0.0) << "48 positions (3 blocks) priced";
+  EXPECT_GT(store->budgets[2], 0.0) << "16 positions (1 block) priced";
+  EXPECT_LT(store->budgets[1], 10.0);
+
+  auto unbudgeted = std::make_shared<MapStore>();
+  StepWorkerOptions o = one_batch(unbudgeted, "tiny");
+  o.prefix_wait_budget = false;
+  StepWorker plain(engine(), {2}, o);
+  generate(plain, 1, random_tokens(64, 44, vocab()), {64}, 2);
+  generate(plain, 2, random_tokens(64, 45, vocab()), {64}, 2);
+  EXPECT_EQ(unbudgeted->budgets, (std::vector<double>{-1.0, -1.0}));
+}
+
 TEST_F(PrefixCache, APromptOfWholeBlocksKeepsItsLastTokenToCompute) {
   auto store = std::make_shared<MapStore>();
   StepWorker w(engine(), {2}, one_batch(store, "tiny"));
@@ -489,39 +518,56 @@ TEST(KvClientTest, ManyChainsAreFetchedTogetherThroughTheBlockStore) {
   EXPECT_EQ(client.stats().fetch_failures.load(), 0u);
 }
 
+// A scripted KV store: a ROUTER on loopback whose test thread receives KvGets and answers them
+// as misses when the test says.
+struct FakeStore {
+  zmq::context_t ctx;
+  zmq::socket_t router{ctx, zmq::socket_type::router};
+  std::string endpoint;
+  FakeStore() {
+    router.set(zmq::sockopt::rcvtimeo, 10000);
+    router.bind("tcp://127.0.0.1:*");
+    endpoint = router.get(zmq::sockopt::last_endpoint);
+  }
+  // The next request's peer and id; false when none came within 10 s.
+  bool receive(zmq::message_t& peer, uint64_t& id) {
+    std::vector<zmq::message_t> parts;
+    if (!zmq::recv_multipart(router, std::back_inserter(parts)) || parts.size() < 2) return false;
+    id = wire::decode_header({static_cast<const uint8_t*>(parts[1].data()), parts[1].size()}).request_id;
+    peer = std::move(parts[0]);
+    return true;
+  }
+  void answer_miss(zmq::message_t& peer, uint64_t id) {
+    wire::Header r;
+    r.kind = wire::Kind::KvGetReply;
+    r.request_id = id;
+    pb::KvGetReply miss;
+    miss.set_found(0);
+    r.meta = miss.SerializeAsString();
+    const auto bytes = wire::encode_header(r);
+    router.send(peer, zmq::send_flags::sndmore);
+    router.send(zmq::buffer(bytes), zmq::send_flags::none);
+  }
+};
+
 TEST(KvClientTest, AStepsLookupsAreInFlightTogether) {
   // A store that answers nothing until it holds all three requests: a client that waited for
   // one reply before sending the next request would run into its deadline.
-  zmq::context_t ctx;
-  zmq::socket_t router(ctx, zmq::socket_type::router);
-  router.set(zmq::sockopt::rcvtimeo, 10000);
-  router.bind("tcp://127.0.0.1:*");
-  const std::string endpoint = router.get(zmq::sockopt::last_endpoint);
+  FakeStore store;
   std::atomic<int> held_at_first_reply{0};
   std::thread fake([&] {
     std::vector<std::pair<zmq::message_t, uint64_t>> held;  // (peer, request id)
     while (held.size() < 3) {
-      std::vector<zmq::message_t> parts;
-      if (!zmq::recv_multipart(router, std::back_inserter(parts)) || parts.size() < 2) return;
-      const auto h = wire::decode_header({static_cast<const uint8_t*>(parts[1].data()), parts[1].size()});
-      held.emplace_back(std::move(parts[0]), h.request_id);
+      auto& [peer, id] = held.emplace_back();
+      if (!store.receive(peer, id)) return;
     }
     held_at_first_reply = int(held.size());
-    for (auto& [peer, id] : held) {
-      wire::Header r;
-      r.kind = wire::Kind::KvGetReply;
-      r.request_id = id;
-      pb::KvGetReply miss;
-      miss.set_found(0);
-      r.meta = miss.SerializeAsString();
-      const auto bytes = wire::encode_header(r);
-      router.send(peer, zmq::send_flags::sndmore);
-      router.send(zmq::buffer(bytes), zmq::send_flags::none);
-    }
+    for (auto& [peer, id] : held) store.answer_miss(peer, id);
   });
   {
     caf::actor_system sys{two_thread_config()};
-    KvClient client(sys, {endpoint, "m", std::chrono::milliseconds(3000), std::chrono::milliseconds(60000), "", {}});
+    KvClient client(sys,
+                    {store.endpoint, "m", std::chrono::milliseconds(3000), std::chrono::milliseconds(60000), "", {}});
     const std::vector<PrefixQuery> queries{{chain(2, 1), {}}, {chain(3, 2), {}}, {chain(1, 3), {}}};
     const auto got = client.fetch_many(queries, 64);
     EXPECT_EQ(got.size(), 3u);
@@ -529,6 +575,41 @@ TEST(KvClientTest, AStepsLookupsAreInFlightTogether) {
   }
   fake.join();
   EXPECT_EQ(held_at_first_reply.load(), 3);
+}
+
+TEST(KvClientTest, AWaitBudgetGivesUpOnASlowStoreWithoutBackingOff) {
+  // A store that holds its first reply until the client has stopped waiting for it: the budgeted
+  // fetch returns without blocks, and nothing counts as a failure, so the next fetch is asked (and
+  // answered) instead of skipped.
+  FakeStore store;
+  std::atomic<bool> gave_up{false};
+  std::thread fake([&] {
+    for (int request = 0; request < 2; ++request) {
+      zmq::message_t peer;
+      uint64_t id = 0;
+      if (!store.receive(peer, id)) return;
+      if (request == 0 && !wait_for([&] { return gave_up.load(); })) return;
+      store.answer_miss(peer, id);
+    }
+  });
+  {
+    caf::actor_system sys{two_thread_config()};
+    KvClient client(sys,
+                    {store.endpoint, "m", std::chrono::milliseconds(20000), std::chrono::milliseconds(60000), "", {}});
+    const std::vector<PrefixQuery> queries{{chain(2, 1), {}}};
+    const auto got = client.fetch_many(queries, 64, std::chrono::steady_clock::now() + std::chrono::milliseconds(20));
+    gave_up = true;
+    ASSERT_EQ(got.size(), 1u);
+    EXPECT_TRUE(got[0].empty());
+    EXPECT_EQ(client.stats().cut_fetches.load(), 1u);
+    EXPECT_EQ(client.stats().fetch_failures.load(), 0u) << "a budget running out is not the store failing";
+    EXPECT_TRUE(wait_for([&] { return client.stats().late_replies.load() == 1; })) << "the held reply, counted";
+    client.fetch_many(queries, 64);  // no budget: waits for the answer
+    EXPECT_EQ(client.stats().fetches.load(), 2u);
+    EXPECT_EQ(client.stats().skipped_fetches.load(), 0u) << "no back-off after a budget cut";
+    EXPECT_EQ(client.stats().fetch_failures.load(), 0u);
+  }
+  fake.join();
 }
 
 TEST(KvClientTest, ADeadStoreCostsOneDeadlineThenIsSkipped) {

@@ -19,11 +19,13 @@ struct MapStore : PrefixStore {
   std::vector<size_t> asked;  // chain lengths of each fetch
   int batches = 0;            // fetch_many calls
   size_t published = 0;
-  std::vector<std::vector<std::vector<float>>> fetch_many(std::span<const PrefixQuery> queries,
-                                                          size_t floats) override {
+  std::vector<std::vector<std::vector<float>>> fetch_many(std::span<const PrefixQuery> queries, size_t floats,
+                                                          WaitUntil give_up = kWaitForTheStore) override {
     ++batches;
+    last_give_up = give_up;
     return PrefixStore::fetch_many(queries, floats);
   }
+  WaitUntil last_give_up{};
   std::vector<std::vector<float>> fetch(std::span<const BlockKey> keys, size_t, const TraceRef&) override {
     asked.push_back(keys.size());
     std::vector<std::vector<float>> out;
@@ -102,6 +104,7 @@ TEST(TieredPrefixStore, ManyChainsAskTheStoreOnceForWhatMemoryLacks) {
   EXPECT_EQ(got[2][1][0], 31.0f);
   EXPECT_TRUE(got[3].empty());
   EXPECT_EQ(remote->batches, 1) << "the chains' rests go to the store in one batch";
+  EXPECT_EQ(remote->last_give_up, kWaitForTheStore) << "no budget asked, none passed on";
   EXPECT_EQ(remote->asked, (std::vector<size_t>{1, 2})) << "a's last block and all of b; c is all in memory";
   EXPECT_EQ(t.stats().remote_hit_blocks, 2u);
   EXPECT_EQ(t.stats().local_hit_blocks, 4u);
@@ -120,4 +123,13 @@ TEST(TieredPrefixStore, LeastRecentlyUsedBlocksGoFirstUnderTheBudget) {
   TieredPrefixStore none(nullptr, 0);  // budget 0 keeps nothing
   none.publish(a, blocks_of(2, 0));
   EXPECT_TRUE(none.fetch(a, kFloats).empty());
+}
+
+TEST(TieredPrefixStore, TheCallersWaitBudgetGoesOnToTheStore) {
+  auto remote = std::make_shared<MapStore>();
+  TieredPrefixStore t(remote, 1 << 20);
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::milliseconds(3);
+  const std::vector<PrefixQuery> queries{{chain(100, 2), {}}};
+  t.fetch_many(queries, kFloats, give_up);
+  EXPECT_EQ(remote->last_give_up, give_up);
 }
