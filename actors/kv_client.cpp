@@ -38,6 +38,9 @@ struct Call {
 struct KvClient::Inflight {
   std::mutex mu;
   std::map<uint64_t, std::shared_ptr<Call>> fetches;
+  // Fetches the caller stopped waiting for (its budget ran out), by id: when the store's own
+  // deadline for them passes with no reply, the store has failed after all.
+  std::map<uint64_t, Clock::time_point> abandoned;
   std::map<uint64_t, size_t> puts;  // request id -> blocks sent, until acked or given up
   std::shared_ptr<KvClientStats> stats;
 
@@ -56,6 +59,11 @@ struct KvClient::Inflight {
       return;
     }
     std::unique_lock<std::mutex> lk(mu);
+    if (abandoned.erase(id) > 0) {  // its reply came, after its caller had moved on
+      fetches.erase(id);
+      ++stats->late_replies;
+      return;
+    }
     if (auto it = fetches.find(id); it != fetches.end()) {
       auto call = it->second;
       fetches.erase(it);
@@ -172,8 +180,27 @@ std::vector<std::vector<float>> KvClient::fetch(std::span<const BlockKey> keys, 
   return std::move(fetch_many(std::span(&q, 1), block_floats)[0]);
 }
 
+bool KvClient::abandoned_expired() {
+  std::lock_guard<std::mutex> lk(inflight_->mu);
+  bool expired = false;
+  const auto now = Clock::now();
+  for (auto it = inflight_->abandoned.begin(); it != inflight_->abandoned.end();) {
+    if (it->second > now) {
+      ++it;
+      continue;
+    }
+    inflight_->fetches.erase(it->first);
+    it = inflight_->abandoned.erase(it);
+    expired = true;
+  }
+  return expired;
+}
+
 std::vector<std::vector<std::vector<float>>> KvClient::fetch_many(std::span<const PrefixQuery> queries,
                                                                   size_t block_floats, WaitUntil give_up) {
+  // Lookups cut by a budget whose reply never came within the store's deadline: a store that
+  // answers nothing is a failed store, however short the waits for it were.
+  if (abandoned_expired()) failed("no KvGet reply within " + std::to_string(opts_.deadline.count()) + " ms");
   std::vector<std::vector<std::vector<float>>> found(queries.size());
   std::vector<size_t> asking;  // the queries whose chain goes on
   for (size_t q = 0; q < queries.size(); ++q)
@@ -229,14 +256,18 @@ std::vector<std::vector<std::vector<float>>> KvClient::fetch_many(std::span<cons
         done = r.call->cv.wait_until(lk, std::min(deadline, give_up), [&] { return r.call->done; });
       }
       if (!done) {
-        {
-          std::lock_guard<std::mutex> lk(inflight_->mu);  // withdraw it: a late reply is only counted
-          inflight_->fetches.erase(r.id);
-        }
-        if (budget_first) {  // the caller stops waiting; the store is not at fault
+        std::unique_lock<std::mutex> lk(inflight_->mu);
+        if (budget_first) {  // the caller stops waiting; the store is not at fault unless it never answers
+          if (inflight_->fetches.count(r.id)) {
+            inflight_->abandoned[r.id] = deadline;
+          } else {  // answered between the wait and the lock: late all the same
+            ++stats_->late_replies;
+          }
           ++stats_->cut_fetches;
           continue;
         }
+        inflight_->fetches.erase(r.id);  // withdraw it: a late reply is only counted
+        lk.unlock();
         if (!failure) failed("no KvGet reply within " + std::to_string(opts_.deadline.count()) + " ms");
         failure = true;
         continue;

@@ -106,6 +106,8 @@ class KvClient : public PrefixStore {
 
  private:
   bool backing_off();
+  // Forgets the cut lookups past the store's deadline; true if there were any (the store failed).
+  bool abandoned_expired();
   void failed(const std::string& why);
   std::vector<int64_t> shape_for(size_t floats) const;
 

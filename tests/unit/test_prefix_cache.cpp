@@ -612,17 +612,18 @@ TEST(KvClientTest, AWaitBudgetGivesUpOnASlowStoreWithoutBackingOff) {
   fake.join();
 }
 
+// A port nobody listens on (bound and closed again by a throwaway socket).
+std::string dead_endpoint() {
+  zmq::context_t ctx;
+  zmq::socket_t s(ctx, zmq::socket_type::router);
+  s.bind("tcp://127.0.0.1:*");
+  return s.get(zmq::sockopt::last_endpoint);
+}
+
 TEST(KvClientTest, ADeadStoreCostsOneDeadlineThenIsSkipped) {
   caf::actor_system sys{two_thread_config()};
-  // A port nobody listens on (bound and closed again by a throwaway socket).
-  std::string endpoint;
-  {
-    zmq::context_t ctx;
-    zmq::socket_t s(ctx, zmq::socket_type::router);
-    s.bind("tcp://127.0.0.1:*");
-    endpoint = s.get(zmq::sockopt::last_endpoint);
-  }
-  KvClient client(sys, {endpoint, "m", std::chrono::milliseconds(100), std::chrono::milliseconds(60000), "", {}});
+  KvClient client(sys,
+                  {dead_endpoint(), "m", std::chrono::milliseconds(100), std::chrono::milliseconds(60000), "", {}});
   const auto keys = chain(3, 1);
   EXPECT_TRUE(client.fetch(keys, 64).empty());
   EXPECT_EQ(client.stats().fetch_failures.load(), 1u);
@@ -631,4 +632,27 @@ TEST(KvClientTest, ADeadStoreCostsOneDeadlineThenIsSkipped) {
   EXPECT_EQ(client.stats().skipped_fetches.load(), 1u);
   client.publish(keys, {block_of(0, 64), block_of(1, 64), block_of(2, 64)});  // dropped while backing off
   EXPECT_EQ(client.stats().published_blocks.load(), 0u);
+}
+
+TEST(KvClientTest, ADeadStoreBehindAWaitBudgetIsStillFoundOut) {
+  // Budgeted lookups never wait long, but one the store has not answered by its own deadline
+  // makes the store failed all the same: the client backs off as it does without a budget.
+  caf::actor_system sys{two_thread_config()};
+  KvClient client(sys,
+                  {dead_endpoint(), "m", std::chrono::milliseconds(100), std::chrono::milliseconds(60000), "", {}});
+  const std::vector<PrefixQuery> queries{{chain(3, 1), {}}};
+  auto budgeted = [&] {
+    return client.fetch_many(queries, 64, std::chrono::steady_clock::now() + std::chrono::milliseconds(2));
+  };
+  EXPECT_TRUE(budgeted()[0].empty());
+  EXPECT_EQ(client.stats().cut_fetches.load(), 1u);
+  EXPECT_EQ(client.stats().fetch_failures.load(), 0u) << "not yet: the store's deadline has not passed";
+  ASSERT_TRUE(wait_for([&] {
+    budgeted();
+    return client.stats().fetch_failures.load() == 1;
+  })) << "a cut lookup unanswered past the deadline fails the store";
+  const uint64_t skipped = client.stats().skipped_fetches.load();
+  EXPECT_TRUE(budgeted()[0].empty());
+  EXPECT_EQ(client.stats().skipped_fetches.load(), skipped + 1) << "backing off";
+  EXPECT_EQ(client.stats().fetch_failures.load(), 1u);
 }
