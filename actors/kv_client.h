@@ -15,7 +15,9 @@
 // together and are waited for together, so a step pays one round trip to the store, not one per
 // new sequence. Its `give_up` is the caller's wait budget: what has not come by then is not
 // waited for (the caller computes those positions instead). Unlike the store's own deadline, that
-// is no failure and sets off no back-off: a store busy for a moment is still a store.
+// is no failure and sets off no back-off: a store busy for a moment is still a store. Only a cut
+// lookup whose reply has still not come when the store's deadline passes fails the store (seen at
+// the next fetch).
 #pragma once
 #include <atomic>
 #include <chrono>
