@@ -195,6 +195,18 @@ nlohmann::json section(const std::vector<const Outcome*>& outcomes, double durat
 
 }  // namespace
 
+nlohmann::json outcome_json(const Outcome& o) {
+  nlohmann::json j = {{"start_s", o.start_s},
+                      {"end_s", o.end_s},
+                      {"ttft_s", o.ttft_s ? nlohmann::json(*o.ttft_s) : nlohmann::json(nullptr)},
+                      {"itl_s", o.itl_s},
+                      {"prompt_tokens", o.prompt_tokens},
+                      {"output_tokens", o.output_tokens},
+                      {"tenant", o.tenant}};
+  if (!o.ok()) j["failure"] = o.failure + (o.error.empty() ? "" : ": " + o.error);
+  return j;
+}
+
 nlohmann::json make_report(const std::vector<Outcome>& outcomes, const std::vector<TenantSpec>& tenants) {
   double first = 0, last = 0;
   if (!outcomes.empty()) {

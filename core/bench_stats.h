@@ -67,6 +67,11 @@ struct Outcome {
 // at p50/p90/p99 over successful requests, failures by kind, and the same per tenant.
 nlohmann::json make_report(const std::vector<Outcome>& outcomes, const std::vector<TenantSpec>& tenants);
 
+// One request as a `--per-request` line holds it (`moemesh bench` measured, `moemesh plan`
+// simulated): times in seconds from the run's start, `ttft_s` null without a first token,
+// `tenant` the index of its tenant (keys stay out of result files), `failure` only on failed ones.
+nlohmann::json outcome_json(const Outcome& o);
+
 // The report as a table for the terminal.
 std::string format_report(const nlohmann::json& report);
 

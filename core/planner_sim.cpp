@@ -861,7 +861,7 @@ class Simulator {
 
   void trace(uint32_t id, double end) {
     const Seq& s = seqs_[id];
-    RequestTrace t;
+    bench::Outcome t;
     t.start_s = s.arrival;
     t.end_s = end;
     t.ttft_s = s.first_token - s.arrival;
@@ -936,7 +936,7 @@ class Simulator {
   Deployment d_;
   const TrafficSpec& t_;
   SimOptions o_;
-  std::vector<RequestTrace> traces_;
+  std::vector<bench::Outcome> traces_;
   std::unordered_map<uint32_t, std::vector<double>> trace_itl_;  // of unfinished requests, when tracing
   std::mt19937_64 rng_;
   FairQueue fair_;
@@ -1054,16 +1054,6 @@ SimResult simulate(const CostProfile& profile, const Deployment& dep, const Traf
                    const ExpertLoad& load, const SimOptions& opts) {
   Simulator sim(profile, dep, traffic, load, opts);
   return sim.run();
-}
-
-nlohmann::json RequestTrace::to_json() const {
-  return {{"start_s", start_s},
-          {"end_s", end_s},
-          {"ttft_s", ttft_s >= 0 ? nlohmann::json(ttft_s) : nlohmann::json(nullptr)},
-          {"itl_s", itl_s},
-          {"prompt_tokens", prompt_tokens},
-          {"output_tokens", output_tokens},
-          {"tenant", tenant}};
 }
 
 nlohmann::json SimResult::to_json() const {

@@ -58,19 +58,10 @@ struct SimOptions {
   // Layers simulated per event: 1 is exact per layer; the model's layer count runs a step's lanes
   // as one event each (for very large runs). 0: chosen from the run's size.
   int64_t layers_per_event = 0;
-  double max_sim_s = 0;         // stop even with requests unfinished (0: 4x the arrivals' span + 600 s)
-  bool trace_requests = false;  // keep every request's token times (SimResult::traces)
-};
-
-// One request as a client saw it (seconds from the run's start), as `moemesh bench --per-request`
-// writes it, so the two can be compared request by request.
-struct RequestTrace {
-  double start_s = 0, end_s = 0;
-  double ttft_s = -1;  // -1: no token
-  std::vector<double> itl_s;
-  int64_t prompt_tokens = 0, output_tokens = 0;
-  int tenant = 0;
-  nlohmann::json to_json() const;
+  double max_sim_s = 0;  // stop even with requests unfinished (0: 4x the arrivals' span + 600 s)
+  // Keep every request as a client saw it (SimResult::traces), in the form `moemesh bench`
+  // records measured ones, so a run and its prediction line up request by request.
+  bool trace_requests = false;
 };
 
 struct LatencySummary {
@@ -98,8 +89,8 @@ struct SimResult {
   std::vector<TimelineSample> timeline;
   int64_t events = 0;
   int64_t layers_per_event = 1;
-  double wall_s = 0;                 // the simulator's own run time
-  std::vector<RequestTrace> traces;  // with SimOptions::trace_requests, in completion order
+  double wall_s = 0;                   // the simulator's own run time
+  std::vector<bench::Outcome> traces;  // with SimOptions::trace_requests, in completion order
   nlohmann::json to_json() const;
 };
 

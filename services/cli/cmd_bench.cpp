@@ -494,17 +494,7 @@ void check(const BenchArgs& a) {
 // made of, for analyses the summary cannot answer (a gap's cause, latency over the run).
 void write_per_request(const std::string& path, const std::vector<bench::Outcome>& outcomes) {
   std::ofstream f(path);
-  for (const auto& o : outcomes) {
-    json j = {{"start_s", o.start_s},
-              {"end_s", o.end_s},
-              {"tenant", o.tenant},  // the index of its --tenant (keys stay out of result files)
-              {"prompt_tokens", o.prompt_tokens},
-              {"output_tokens", o.output_tokens},
-              {"itl_s", o.itl_s}};
-    j["ttft_s"] = o.ttft_s ? json(*o.ttft_s) : json(nullptr);
-    if (!o.ok()) j["failure"] = o.failure + (o.error.empty() ? "" : ": " + o.error);
-    f << j.dump() << "\n";
-  }
+  for (const auto& o : outcomes) f << bench::outcome_json(o).dump() << "\n";
   if (!f) throw Error("--per-request: cannot write " + path);
 }
 

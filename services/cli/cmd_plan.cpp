@@ -212,7 +212,7 @@ void run_plan(PlanArgs a) {
   print_result(r, p, a.dep, t);
   if (!a.per_request.empty()) {
     std::ofstream out(a.per_request);
-    for (const auto& tr : r.traces) out << tr.to_json().dump() << "\n";
+    for (const auto& tr : r.traces) out << bench::outcome_json(tr).dump() << "\n";
     if (!out) throw Error("--per-request: cannot write " + a.per_request);
   }
   if (!a.json.empty()) {

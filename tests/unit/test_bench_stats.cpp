@@ -228,3 +228,26 @@ TEST(Report, OutcomeForAnUnknownTenantIsAnError) {
   o.tenant = 3;
   EXPECT_THROW(make_report({o}, {{"", 1}}), Error);
 }
+
+TEST(Report, APerRequestLineHoldsTheOutcome) {
+  Outcome ok;
+  ok.tenant = 1;
+  ok.start_s = 0.5;
+  ok.end_s = 0.75;
+  ok.ttft_s = 0.1;
+  ok.itl_s = {0.02, 0.03};
+  ok.prompt_tokens = 7;
+  ok.output_tokens = 3;
+  const nlohmann::json j = outcome_json(ok);
+  EXPECT_EQ(j.at("tenant"), 1);
+  EXPECT_DOUBLE_EQ(j.at("ttft_s").get<double>(), 0.1);
+  EXPECT_EQ(j.at("itl_s"), nlohmann::json({0.02, 0.03}));
+  EXPECT_EQ(j.at("output_tokens"), 3);
+  EXPECT_FALSE(j.contains("failure"));
+  Outcome failed;
+  failed.failure = "429";
+  failed.error = "over quota";
+  const nlohmann::json f = outcome_json(failed);
+  EXPECT_TRUE(f.at("ttft_s").is_null());
+  EXPECT_EQ(f.at("failure"), "429: over quota");
+}

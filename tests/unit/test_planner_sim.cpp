@@ -288,23 +288,25 @@ TEST(PlannerSim, RequestTracesHoldWhatTheSummariesAreMadeOf) {
   const SimResult r = simulate(p, d, t, ExpertLoad::uniform(8), o);
   ASSERT_EQ(r.traces.size(), 40u);
   std::vector<double> ttft, itl;
-  for (const RequestTrace& tr : r.traces) {
+  for (const bench::Outcome& tr : r.traces) {
     ASSERT_EQ(tr.itl_s.size(), 5u);
     EXPECT_EQ(tr.prompt_tokens, 24);
     EXPECT_EQ(tr.output_tokens, 6);
-    double end = tr.start_s + tr.ttft_s;
+    ASSERT_TRUE(tr.ttft_s.has_value());
+    double end = tr.start_s + *tr.ttft_s;
     for (double g : tr.itl_s) end += g;
     EXPECT_NEAR(end, tr.end_s, 1e-9);
-    ttft.push_back(tr.ttft_s);
+    ttft.push_back(*tr.ttft_s);
     itl.insert(itl.end(), tr.itl_s.begin(), tr.itl_s.end());
   }
   std::sort(ttft.begin(), ttft.end());
   std::sort(itl.begin(), itl.end());
   EXPECT_NEAR(ttft[ttft.size() / 2], r.ttft.p50, 0.01 * r.ttft.p50);
   EXPECT_NEAR(itl[itl.size() * 9 / 10], r.itl.p90, 0.01 * r.itl.p90);
-  const nlohmann::json j = r.traces.front().to_json();
+  const nlohmann::json j = bench::outcome_json(r.traces.front());
   EXPECT_EQ(j.at("itl_s").size(), 5u);
-  EXPECT_DOUBLE_EQ(j.at("ttft_s").get<double>(), r.traces.front().ttft_s);
+  EXPECT_DOUBLE_EQ(j.at("ttft_s").get<double>(), *r.traces.front().ttft_s);
+  EXPECT_FALSE(j.contains("failure"));
 }
 
 TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
