@@ -176,6 +176,7 @@ def main():
                     pt[key] = median([r[key] for r in cal_runs[k]])
             recorded = json.load(open(prof))
             recorded["calibration"] = cal
+            recorded["calibration_rounds"] = cal_runs  # each point's runs, the first from plan profile
             rounds, prof = prof.replace(".json", "-rounds.json"), prof.replace(".json", "-fitted.json")
             json.dump(recorded, open(rounds, "w"), indent=1)
             subprocess.run([a.moemesh, "plan", "profile", "--refit", rounds, "--out", prof], check=True,

@@ -175,6 +175,24 @@ SimResult simulate_point(const CostProfile& p, const Deployment& d, const Calibr
   return simulate(p, d, t, ExpertLoad::uniform(std::max<int64_t>(1, p.model.num_experts)), o);
 }
 
+// The gain of one calibrated parameter's steps: halved each time its gap changes sign (it stepped
+// past its target), grown back towards 1 while the sign holds. A measurement that moves several
+// times faster per unit of its parameter than the step assumes (TTFT under load against the
+// per-request CPU share) then converges instead of swinging between both ends of its range.
+class StepGain {
+ public:
+  double operator()(double gap) {
+    const int sign = (gap > 0) - (gap < 0);
+    if (sign != 0 && last_ != 0) gain_ = sign != last_ ? gain_ * 0.5 : std::min(1.0, gain_ * 1.2);
+    if (sign != 0) last_ = sign;
+    return gain_ * gap;
+  }
+
+ private:
+  double gain_ = 1;
+  int last_ = 0;
+};
+
 }  // namespace
 
 double idle_calibration_rate(double ttft_s, double itl_s, int64_t output) {
@@ -200,6 +218,7 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
   const double cores = double(std::max(1, p.node_cores));
   std::vector<CalibrationPoint> fitted(idle ? 4 : 3);
   double wake = 0;
+  StepGain jitter_gain, hop_gain, request_gain, prompt_gain, share_gain, wake_gain, token_gain;
   // The parameters move together and each gap depends a little on all: half steps converge.
   const double damp = 0.5;
   for (int round = 0; round < 80; ++round) {
@@ -225,12 +244,12 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
       f->itl_p90_s = r->itl.p90;
     }
     // An exponential share of mean j puts p90 and p50 of a constant step ln(10/2) j = 1.61 j of it apart.
-    jitter = std::max(
-        0.0, jitter + damp * ((one.itl_p90_s - one.itl_p50_s) - (a.itl.p90 - a.itl.p50)) / (1.61 * one.itl_p50_s));
-    hop = std::max(0.0, hop + damp * (one.itl_p50_s - a.itl.p50) / hops);
+    jitter = std::max(0.0, jitter + damp * jitter_gain((one.itl_p90_s - one.itl_p50_s) - (a.itl.p90 - a.itl.p50)) /
+                                        (1.61 * one.itl_p50_s));
+    hop = std::max(0.0, hop + damp * hop_gain(one.itl_p50_s - a.itl.p50) / hops);
     const double ttft_gap = one.ttft_p50_s - a.ttft.p50;
-    per_request = std::max(0.0, per_request + damp * ttft_gap);
-    const double prompt_gap = (long_prompt.ttft_p50_s - b.ttft.p50) - ttft_gap;
+    per_request = std::max(0.0, per_request + damp * request_gain(ttft_gap));
+    const double prompt_gap = prompt_gain((long_prompt.ttft_p50_s - b.ttft.p50) - ttft_gap);
     // The prompt rows' cost on the cluster: the engine's prefill costs scaled (its kernels, other
     // threads beside them), or, where the engine saw none, a cost per row.
     if (engine_prompt > 0)
@@ -240,12 +259,12 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
           std::max(0.0, per_prompt_row + damp * prompt_gap / (layers * double(long_prompt.prompt - one.prompt)));
     // Under load a request's first token comes later than its share of the router's front
     // explains: that much of its work waits behind the cores' other work (about a step's worth).
-    cpu_share =
-        std::clamp(cpu_share + damp * (loaded.ttft_p50_s - c.ttft.p50) / std::max(1e-6, loaded.itl_p50_s), 0.0, 1.0);
+    cpu_share = std::clamp(
+        cpu_share + damp * share_gain(loaded.ttft_p50_s - c.ttft.p50) / std::max(1e-6, loaded.itl_p50_s), 0.0, 1.0);
     // Requests that find the cluster idle: what their first token takes beyond a busy cluster's.
-    if (idle) wake = std::max(0.0, wake + damp * (idle->ttft_p50_s - e.ttft.p50));
+    if (idle) wake = std::max(0.0, wake + damp * wake_gain(idle->ttft_p50_s - e.ttft.p50));
     const double per_token_slope = double(loaded.concurrency) / cores;
-    per_token = std::max(0.0, per_token + damp * (loaded.itl_p50_s - c.itl.p50) / per_token_slope);
+    per_token = std::max(0.0, per_token + damp * token_gain(loaded.itl_p50_s - c.itl.p50) / per_token_slope);
   }
   return fitted;
 }
