@@ -206,6 +206,8 @@ struct WorkerState {
   int lane_count = 0, lanes_pending = 0;
   int64_t sampled = 0;  // rows of the step in flight that sample a token
   double lanes_done = 0, step_start = 0;
+  double engine_start = 0;      // when the step in flight began computing (after its prefix lookup)
+  double position_s = 0;        // its price of a prompt position (wait budget), learnt as the worker learns it
   double last_step_end = -1e9;  // when its previous step ended
   int warm_steps = 0;           // steps since it was last idle long enough to go cold
   Cores server;                 // its own accelerator, or on shared cores its own timeline (one call at a time)
@@ -242,9 +244,6 @@ class Simulator {
     layers_ = m.num_hidden_layers;
     for (int64_t l = 0; l < layers_; ++l) moe_layers_ += m.is_moe_layer(l) ? 1 : 0;
     top_k_ = m.num_experts_per_tok;
-    // A prompt position's compute, as the worker's wait budget prices it: its rows in every layer.
-    position_s_ =
-        double(layers_) * p_.attn_per_prefill_row_s + double(moe_layers_) * double(top_k_) * p_.expert_per_row_s;
     kv_blocks_ = std::max<int64_t>(
         1, (d_.kv_tokens_per_worker > 0 ? d_.kv_tokens_per_worker : p_.kv_tokens_per_worker) / kBlock);
     nodes_ = d_.nodes(p_);
@@ -509,13 +508,14 @@ class Simulator {
     w.step_start = now_;
     // Sequences the step starts with a full prompt block: the worker asks the KV store for their
     // prefixes first, all in one round trip, and waits at most what computing the positions it
-    // asked for takes (its wait budget, actors/step_worker.h). The round trip is priced as an idle
-    // machine answers it.
+    // asked for takes (its wait budget, actors/step_worker.h), at the price its own prefill-heavy
+    // steps showed; before any, the whole round trip. That is priced as an idle machine answers it.
     double start = now_, asked = 0;
     for (const Work& k : w.work)
       if (const Seq& s = seqs_[k.seq]; s.prefilled == 0 && s.context_len() > kBlock)
         asked += double((s.context_len() - 1) / kBlock * kBlock);
-    if (asked > 0) start += std::min(p_.prefix_lookup_s, asked * position_s_);
+    if (asked > 0) start += w.position_s > 0 ? std::min(p_.prefix_lookup_s, asked * w.position_s) : p_.prefix_lookup_s;
+    w.engine_start = start;
     if (now_ - w.last_step_end > p_.idle_after_s) w.warm_steps = 0;
     ++steps_;
     // Lanes: two contiguous halves with rows as even as possible (core/engine.cpp).
@@ -763,6 +763,7 @@ class Simulator {
 
   void finish_step_at(int wi, double lanes_done) {
     WorkerState& w = workers_[size_t(wi)];
+    learn_prefill_speed(w, lanes_done - w.engine_start);
     const double dur = p_.step_s(double(w.sampled));
     attn_busy_ += dur;
     double end = fast_ ? lanes_done + dur : run_on(w, lanes_done, dur);
@@ -773,6 +774,20 @@ class Simulator {
     w.warm_steps = std::min(w.warm_steps + 1, kWakeSteps);
     w.last_step_end = end;
     push(end, kStepDone, uint32_t(wi));
+  }
+
+  // StepWorker::learn_prefill_speed's rule: a step of mostly prompt positions, at least a block's
+  // worth, gives its compute time per position, averaged exponentially.
+  void learn_prefill_speed(WorkerState& w, double engine_s) {
+    int64_t rows = 0, prompt = 0;
+    for (const Work& k : w.work) {
+      const int64_t r = std::max<int64_t>(k.rows, 1);
+      rows += r;
+      if (seqs_[k.seq].prefilling()) prompt += k.rows;
+    }
+    if (rows == 0 || prompt < kBlock || 2 * prompt < rows) return;
+    const double sample = engine_s / double(rows);
+    w.position_s = w.position_s > 0 ? 0.8 * w.position_s + 0.2 * sample : sample;
   }
 
   void on_step_done(uint32_t wi) {
@@ -941,7 +956,6 @@ class Simulator {
   std::mt19937_64 rng_;
   FairQueue fair_;
   int64_t layers_ = 0, moe_layers_ = 0, top_k_ = 2, kv_blocks_ = 0;
-  double position_s_ = 0;  // a prompt position's compute (the KV store wait budget)
   int nodes_ = 1;
   bool fast_ = false;
   std::vector<WorkerState> workers_;
