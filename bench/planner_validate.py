@@ -5,12 +5,11 @@ For each configuration of `moemesh up` (attention workers, expert hosts, replica
 it starts the cluster and measures a profile in the same run (`moemesh plan profile`: the engine,
 ZeroMQ, and the cluster's own costs calibrated on this cluster with fixed-length requests at
 concurrency 1 and 48). Then, --repeats rounds: each round runs the calibration's requests again
-and every traffic once (`moemesh bench --json`), so the machine's drift over minutes falls on
-calibration and measurements alike. The profile is fitted again on the calibration runs' medians
-over all rounds (`plan profile --refit`), and `moemesh plan --json` predicts each run with the
-same shape, seed (so the same requests and arrival times), lengths and traffic. It prints
-predicted vs measured throughput and p50/p90 TTFT and ITL (each the median over the rounds) with
-the relative error. Every compute process runs on `--cores` threads (default 1:
+and every traffic once (`moemesh bench --json`). The machine's speed drifts over tens of seconds,
+so each round's runs are predicted by a profile fitted on that round's own calibration runs
+(`plan profile --refit`, seconds before them): `moemesh plan --json` with the same shape, seed
+(so the same requests and arrival times), lengths and traffic. It prints predicted vs measured
+throughput and p50/p90 TTFT and ITL (each the median over the rounds) with the relative error. Every compute process runs on `--cores` threads (default 1:
 one call at a time on one core, as the simulator models a machine whose processes share cores).
 
   bench/planner_validate.py --moemesh build/services/cli/moemesh --model /tmp/tiny [--quick]
@@ -113,14 +112,17 @@ def main():
         rows = json.load(open(a.replan))
         refitted = {}
         for r in rows:
-            prof = r["profile"]
-            if prof not in refitted:
-                refitted[prof] = prof.replace(".json", "-refit.json")
-                subprocess.run([a.moemesh, "plan", "profile", "--refit", prof, "--out", refitted[prof]], check=True,
-                               stdout=subprocess.DEVNULL)
-            out = os.path.join(os.path.dirname(prof), "replan.json")
+            seeds = r.get("seeds", [a.seed])
+            # Rows of older runs hold one profile fitted on all rounds: it predicts every round.
+            profs = r.get("profiles") or [r["profile"]] * len(seeds)
+            for prof in profs:
+                if prof not in refitted:
+                    refitted[prof] = prof.replace(".json", "-refit.json")
+                    subprocess.run([a.moemesh, "plan", "profile", "--refit", prof, "--out", refitted[prof]],
+                                   check=True, stdout=subprocess.DEVNULL)
+            out = os.path.join(os.path.dirname(profs[0]), "replan.json")
             preds = [plan_metrics(run_plan(a, refitted[prof], r["config"], r["traffic"], r["requests"], s, out))
-                     for s in r.get("seeds", [a.seed])]
+                     for prof, s in zip(profs, seeds)]
             for k in KEYS:
                 r[k][0] = median([p[k] for p in preds])
         print_table(rows)
@@ -151,15 +153,14 @@ def main():
                             "--calibrate-attention", str(att), "--calibrate-experts", str(exp),
                             "--calibrate-replicas", str(rep), "--calibrate-micro-batches", str(mb)],
                            check=True, stdout=sys.stderr)
-            # Rounds, not cells one after the other: the machine's speed drifts over minutes, so each
-            # round measures every traffic once and the calibration's own runs again, and the
-            # profile is fitted again on the calibration runs' medians over all rounds.
-            cal = json.load(open(prof))["calibration"]
-            cal_runs = [[pt] for pt in cal["points"]]
+            # Rounds, not cells one after the other: each round measures the calibration's own runs
+            # again and then every traffic once, and its runs are predicted from its calibration.
+            recorded = json.load(open(prof))
+            cal_runs = [[] for _ in recorded["calibration"]["points"]]
             runs = {t[1]: [] for t in traffic}
             seeds = {t[1]: [] for t in traffic}
             for i in range(a.repeats):
-                for k, pt in enumerate(cal["points"]):
+                for k, pt in enumerate(recorded["calibration"]["points"]):
                     cal_runs[k].append(calibration_run(a, url, pt, tmp, cal_seed))
                     cal_seed += 1
                 for bench_flags, plan_traffic, mult in traffic:
@@ -171,24 +172,23 @@ def main():
                     runs[plan_traffic].append(bench_metrics(bj))
                     seeds[plan_traffic].append(seed)
                     seed += 1
-            for k, pt in enumerate(cal["points"]):
-                for key in ("ttft_p50_s", "itl_p50_s", "itl_p90_s"):
-                    pt[key] = median([r[key] for r in cal_runs[k]])
-            recorded = json.load(open(prof))
-            recorded["calibration"] = cal
-            recorded["calibration_rounds"] = cal_runs  # each point's runs, the first from plan profile
-            rounds, prof = prof.replace(".json", "-rounds.json"), prof.replace(".json", "-fitted.json")
-            json.dump(recorded, open(rounds, "w"), indent=1)
-            subprocess.run([a.moemesh, "plan", "profile", "--refit", rounds, "--out", prof], check=True,
-                           stdout=subprocess.DEVNULL)
+            profs = []
+            for i in range(a.repeats):
+                for k, pt in enumerate(recorded["calibration"]["points"]):
+                    pt.update(cal_runs[k][i])
+                measured, fitted = prof.replace(".json", f"-round{i}.json"), prof.replace(".json", f"-fitted{i}.json")
+                json.dump(recorded, open(measured, "w"), indent=1)
+                subprocess.run([a.moemesh, "plan", "profile", "--refit", measured, "--out", fitted], check=True,
+                               stdout=subprocess.DEVNULL)
+                profs.append(fitted)
             config = f"{att}/{exp}/{rep}/{mb}"
             for _, plan_traffic, mult in traffic:
                 cell = f"{att}-{exp}-{rep}-{mb}-{plan_traffic.replace(':', '')}"
                 n = a.requests * mult
-                preds = [plan_metrics(run_plan(a, prof, config, plan_traffic, n, s,
+                preds = [plan_metrics(run_plan(a, profs[i], config, plan_traffic, n, s,
                                                os.path.join(tmp, f"plan-{cell}-{i}.json")))
                          for i, s in enumerate(seeds[plan_traffic])]
-                row = {"config": config, "traffic": plan_traffic, "requests": n, "profile": prof,
+                row = {"config": config, "traffic": plan_traffic, "requests": n, "profiles": profs,
                        "seeds": seeds[plan_traffic]}
                 for k in KEYS:
                     row[k] = [median([p[k] for p in preds]), median([r[k] for r in runs[plan_traffic]]),
