@@ -115,6 +115,13 @@ class Cores {
     double start = 0;
     return s_[first_free(ready, dur, now, start)].reserve(ready, dur, now);
   }
+  // An operation the OS shares over every core (a process that runs beside all the others): a
+  // share of it on each, from where that core is free.
+  double reserve_each(double ready, double dur, double now) {
+    double end = ready;
+    for (auto& s : s_) end = std::max(end, s.reserve(ready, dur / double(s_.size()), now));
+    return end;
+  }
   double busy() const {
     double b = 0;
     for (const auto& s : s_) b += s.busy;
@@ -380,11 +387,14 @@ class Simulator {
     // A request's own work before the queue (the client's connection and HTTP, the router's
     // parsing, what the calibration finds beyond the engine's costs): a delay of its own, not a
     // queue: the router admits a burst within 0.2 ms of each request's arrival
-    // (moemesh_router_queue_time_seconds). On shared cores part of it is CPU behind their work.
+    // (moemesh_router_queue_time_seconds). On shared cores part of it is CPU, which the OS
+    // time-shares with whatever else runs: spread over every core, it slows a step beside it (the
+    // gaps of running streams in which a request arrived are 0.3-0.4 ms longer than the others,
+    // docs/performance.md "Request by request"), where booked whole on a free core it did not.
     if (p_.router_per_request_s > 0) {
       const double cpu = shared() ? p_.router_per_request_s * p_.router_request_cpu_share : 0.0;
       double at = now_ + p_.router_per_request_s - cpu;
-      if (cpu > 0) at = node_servers_[0].reserve(at, cpu, now_);
+      if (cpu > 0) at = std::max(at + cpu, node_servers_[0].reserve_each(at, cpu, now_));  // one thread's work
       push(at, kAdmit, id);
       return;
     }

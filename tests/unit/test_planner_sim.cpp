@@ -290,6 +290,34 @@ TEST(PlannerSim, AStepThatStartsSequencesWaitsOnceForTheirPrefixLookup) {
   }
 }
 
+TEST(PlannerSim, ARequestsCpuOnSharedCoresSlowsTheStepsBesideIt) {
+  // Two cores, one worker and one host taking turns: a core is mostly free. One stream decodes
+  // while another request arrives and finishes its first token. That request's CPU (router and
+  // client) is time-shared with the stream's steps: half of it on each core delays the stream,
+  // where booked whole on the free core it would not. The request's prefill delays the stream
+  // alike in both runs.
+  CostProfile p = toy_profile();
+  p.shared_node_compute = true;
+  p.node_cores = 2;
+  p.router_per_request_s = 20e-3;
+  Deployment d;
+  TrafficSpec t;
+  t.kind = TrafficSpec::Kind::trace;
+  t.trace = {{.arrival_s = 0, .prompt = 8, .output = 100}, {.arrival_s = 0.2, .prompt = 8, .output = 1}};
+  t.requests = 2;
+  SimOptions o;
+  o.trace_requests = true;
+  auto stream_end = [&](double cpu_share) {
+    p.router_request_cpu_share = cpu_share;
+    const SimResult r = simulate(p, d, t, ExpertLoad::uniform(8), o);
+    for (const bench::Outcome& tr : r.traces)
+      if (tr.output_tokens == 100) return tr.end_s;
+    ADD_FAILURE() << "the stream did not finish";
+    return 0.0;
+  };
+  EXPECT_NEAR(stream_end(1) - stream_end(0), 20e-3 / 2, 2e-3);
+}
+
 TEST(PlannerSim, RequestTracesHoldWhatTheSummariesAreMadeOf) {
   // Traces only when asked; then one per request, each with its TTFT and output - 1 gaps that add
   // up to its end, and together the same samples as the summaries (binned by 0.5%).
