@@ -9,8 +9,9 @@ and every traffic once (`moemesh bench --json`). The machine's speed drifts over
 so each round's runs are predicted by a profile fitted on that round's own calibration runs
 (`plan profile --refit`, seconds before them): `moemesh plan --json` with the same shape, seed
 (so the same requests and arrival times), lengths and traffic. It prints predicted vs measured
-throughput and p50/p90 TTFT and ITL (each the median over the rounds) with the relative error. Every compute process runs on `--cores` threads (default 1:
-one call at a time on one core, as the simulator models a machine whose processes share cores).
+throughput and p50/p90 TTFT and ITL (each the median over the rounds) with the relative error.
+Every compute process runs on `--cores` threads (default 1: one call at a time on one core, as the
+simulator models a machine whose processes share cores).
 
   bench/planner_validate.py --moemesh build/services/cli/moemesh --model /tmp/tiny [--quick]
 """
