@@ -93,11 +93,11 @@ StepWorker::PrefixBlocks StepWorker::fetch_prefixes(const std::vector<const pb::
   if (queries.empty()) return found;
   const auto t0 = std::chrono::steady_clock::now();
   WaitUntil give_up = kWaitForTheStore;
-  if (opts_.prefix_wait_budget && prefill_s_per_token_ > 0) {
+  if (opts_.prefix_wait_budget && prefill_speed_.per_position_s() > 0) {
     double positions = 0;  // what all hits together would spare
     for (const PrefixQuery& q : queries) positions += double(q.keys.size() * size_t(kBlockTokens));
     give_up = t0 + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                       std::chrono::duration<double>(positions * prefill_s_per_token_));
+                       std::chrono::duration<double>(positions * prefill_speed_.per_position_s()));
   }
   auto blocks = opts_.prefix_store->fetch_many(queries, size_t(engine_->kv_cache().block_floats()), give_up);
   phases_.prefix_lookup = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -110,11 +110,7 @@ void StepWorker::learn_prefill_speed(const std::vector<StepInput>& inputs, uint6
   size_t rows = 0;
   for (const StepInput& in : inputs) rows += in.tokens.size();
   const uint64_t prompt = counts_.prompt_tokens_computed - prompt_computed_before;
-  // Mostly prompt positions, at least a block's worth: decode rows cost more each (the step's
-  // fixed costs over few rows) and would overprice the budget.
-  if (rows == 0 || prompt < uint64_t(kBlockTokens) || 2 * prompt < rows) return;
-  const double sample = engine_seconds / double(rows);
-  prefill_s_per_token_ = prefill_s_per_token_ > 0 ? 0.8 * prefill_s_per_token_ + 0.2 * sample : sample;
+  prefill_speed_.add(int64_t(rows), int64_t(prompt), engine_seconds);
 }
 
 void StepWorker::restore_prefix(Seq& s, int64_t max_blocks, const std::vector<std::vector<float>>& blocks) {

@@ -36,6 +36,7 @@
 #include "core/constrained_decoding.h"
 #include "core/engine.h"
 #include "core/lora_cache.h"
+#include "core/prefill_speed.h"
 #include "core/sampler.h"
 #include "proto/dataplane.pb.h"
 
@@ -134,9 +135,9 @@ class StepWorker {
   std::shared_ptr<Engine> engine_;
   std::vector<int32_t> eos_ids_;
   StepWorkerOptions opts_;
-  // Seconds this worker's engine takes per prompt position: an exponential average over steps
-  // that are mostly prefill (0 until one ran). Prices the KV store wait budget.
-  double prefill_s_per_token_ = 0;
+  // Seconds this worker's engine takes per prompt position (0 until a mostly-prefill step ran).
+  // Prices the KV store wait budget.
+  PrefillSpeed prefill_speed_;
   std::map<uint64_t, Seq> seqs_;                                // by the router's sequence id
   uint64_t router_epoch_ = 0;                                   // the run of the router they belong to
   std::map<std::string, std::shared_ptr<GrammarMasks>> masks_;  // by constraint spec

@@ -13,6 +13,7 @@
 #include "core/fair_queue.h"
 #include "core/kv_cache.h"
 #include "core/placement.h"
+#include "core/prefill_speed.h"
 
 namespace moemesh::planner {
 namespace {
@@ -214,7 +215,7 @@ struct WorkerState {
   int64_t sampled = 0;  // rows of the step in flight that sample a token
   double lanes_done = 0, step_start = 0;
   double engine_start = 0;      // when the step in flight began computing (after its prefix lookup)
-  double position_s = 0;        // its price of a prompt position (wait budget), learnt as the worker learns it
+  PrefillSpeed prefill_speed;   // its price of a prompt position (wait budget), learnt as the worker learns it
   double last_step_end = -1e9;  // when its previous step ended
   int warm_steps = 0;           // steps since it was last idle long enough to go cold
   Cores server;                 // its own accelerator, or on shared cores its own timeline (one call at a time)
@@ -524,7 +525,8 @@ class Simulator {
     for (const Work& k : w.work)
       if (const Seq& s = seqs_[k.seq]; s.prefilled == 0 && s.context_len() > kBlock)
         asked += double((s.context_len() - 1) / kBlock * kBlock);
-    if (asked > 0) start += w.position_s > 0 ? std::min(p_.prefix_lookup_s, asked * w.position_s) : p_.prefix_lookup_s;
+    if (const double price = w.prefill_speed.per_position_s(); asked > 0)
+      start += price > 0 ? std::min(p_.prefix_lookup_s, asked * price) : p_.prefix_lookup_s;
     w.engine_start = start;
     if (now_ - w.last_step_end > p_.idle_after_s) w.warm_steps = 0;
     ++steps_;
@@ -786,18 +788,14 @@ class Simulator {
     push(end, kStepDone, uint32_t(wi));
   }
 
-  // StepWorker::learn_prefill_speed's rule: a step of mostly prompt positions, at least a block's
-  // worth, gives its compute time per position, averaged exponentially.
+  // What a worker learns of its prefill speed from a step: as StepWorker::learn_prefill_speed.
   void learn_prefill_speed(WorkerState& w, double engine_s) {
     int64_t rows = 0, prompt = 0;
     for (const Work& k : w.work) {
-      const int64_t r = std::max<int64_t>(k.rows, 1);
-      rows += r;
+      rows += std::max<int64_t>(k.rows, 1);
       if (seqs_[k.seq].prefilling()) prompt += k.rows;
     }
-    if (rows == 0 || prompt < kBlock || 2 * prompt < rows) return;
-    const double sample = engine_s / double(rows);
-    w.position_s = w.position_s > 0 ? 0.8 * w.position_s + 0.2 * sample : sample;
+    w.prefill_speed.add(rows, prompt, engine_s);
   }
 
   void on_step_done(uint32_t wi) {
