@@ -31,12 +31,19 @@ def gaps(path):
     arrivals = sorted(r["start_s"] for r in recs)
     firsts = sorted(t[0] for t in tokens)
     spans = sorted((t[0], t[-1]) for t in tokens)
+    # A step's tokens reach the client one after the other (streamed in turn: 0.1 ms apart here,
+    # and a step's dozens of tokens milliseconds apart under load), so a gap's window for first
+    # tokens is shifted a quarter of a typical gap later: a first token streamed just after this
+    # stream's token of the same step still falls in the gap that step ended. With no shift (0.1
+    # ms of slack) the simulator's first tokens, streamed after the step's decode tokens, fell in
+    # the gap after.
+    all_gaps = sorted(b - a for ts in tokens for a, b in zip(ts, ts[1:]))
+    late = all_gaps[len(all_gaps) // 2] / 4 if all_gaps else 0.0
     out = []
     for ts in tokens:
         for lo, hi in zip(ts, ts[1:]):
-            # Another request's first token strictly after this gap's start, up to its end (0.1 ms
-            # late still counts: a step's tokens reach the client one after the other).
-            prefill = bisect.bisect_right(firsts, hi + 1e-4) > bisect.bisect_right(firsts, lo + 1e-6)
+            # Another request's first token in (lo, hi], both ends `late` later.
+            prefill = bisect.bisect_right(firsts, hi + late) > bisect.bisect_right(firsts, lo + late)
             arrival = bisect.bisect_right(arrivals, hi) > bisect.bisect_left(arrivals, lo - 1e-3)
             decoding = sum(1 for a, b in spans[:bisect.bisect_right(spans, (lo, float("inf")))] if b >= hi)
             out.append(((hi - lo) * 1e3, prefill, arrival, decoding))

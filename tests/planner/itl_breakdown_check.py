@@ -26,22 +26,29 @@ def main():
     cli = sys.argv[1]
     with tempfile.TemporaryDirectory(prefix="moemesh-itl-") as work:
         # A runs alone 0-30 ms (tokens at 10, 20, 30); B arrives at 12 ms, its first token at 25 ms
-        # (inside A's second gap), then 35 ms. C arrives at 50 ms with nothing else running.
+        # (inside A's second gap), then 35 ms. C arrives at 50 ms with nothing else running. D
+        # decodes at 100, 110 and 120 ms; E's first token comes from D's second step, streamed
+        # 0.3 ms after D's token of it (110.3 ms), then 120.3 ms.
         hand = os.path.join(work, "hand.jsonl")
         with open(hand, "w") as f:
             for r in ({"start_s": 0.0, "ttft_s": 0.010, "itl_s": [0.010, 0.010]},
                       {"start_s": 0.012, "ttft_s": 0.013, "itl_s": [0.010]},
                       {"start_s": 0.050, "ttft_s": 0.005, "itl_s": [0.002, 0.002]},
-                      {"start_s": 0.060, "ttft_s": None, "itl_s": [], "failure": "500"}):
+                      {"start_s": 0.060, "ttft_s": None, "itl_s": [], "failure": "500"},
+                      {"start_s": 0.095, "ttft_s": 0.005, "itl_s": [0.010, 0.010]},
+                      {"start_s": 0.1005, "ttft_s": 0.0098, "itl_s": [0.010]}):
                 f.write(json.dumps(dict(r, end_s=0.1, prompt_tokens=4, output_tokens=len(r["itl_s"]) + 1)) + "\n")
         g = itl_breakdown.gaps(hand)
-        check(len(g) == 5, f"one gap per later token of the answered requests: {len(g)}")
+        check(len(g) == 8, f"one gap per later token of the answered requests: {len(g)}")
         a_first, a_second = g[0], g[1]
         check(a_first[2] and not a_first[1], f"A's first gap holds B's arrival only: {a_first}")
         check(a_second[1] and a_second[3] == 1, f"A's second gap holds B's first token, A alone decoding: {a_second}")
         b_gap = g[2]
         check(not b_gap[1] and not b_gap[2] and b_gap[3] == 1, f"B's gap: nothing else, B alone: {b_gap}")
-        check(all(x[3] == 1 and not x[1] and not x[2] for x in g[3:]), f"C decodes alone: {g[3:]}")
+        check(all(x[3] == 1 and not x[1] and not x[2] for x in g[3:5]), f"C decodes alone: {g[3:5]}")
+        d_first, d_second = g[5], g[6]
+        check(d_first[1], f"D's first gap holds E's first token, streamed just after D's own: {d_first}")
+        check(not d_second[1], f"D's second gap does not count E's first token again: {d_second}")
 
         # The simulator's records: every gap falls in exactly one class.
         sim = os.path.join(work, "sim.jsonl")

@@ -10,3 +10,6 @@ set_tests_properties(planner_profile_refit PROPERTIES LABELS unit TIMEOUT 60)
 add_test(NAME planner_itl_breakdown
          COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/itl_breakdown_check.py $<TARGET_FILE:moemesh>)
 set_tests_properties(planner_itl_breakdown PROPERTIES LABELS unit TIMEOUT 60)
+# bench/metrics_delta.py: what a page's histograms saw during a command (mean, count), refusals.
+add_test(NAME planner_metrics_delta COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/metrics_delta_check.py)
+set_tests_properties(planner_metrics_delta PROPERTIES LABELS unit TIMEOUT 60)
