@@ -12,22 +12,26 @@ step as the router times it against the same step as the attention worker times 
 `moemesh up` prints every process's /metrics URL. The means are in milliseconds.
 """
 import argparse
-import re
+import os
 import subprocess
 import sys
 import urllib.request
 
-SERIES = re.compile(r"^(\w+_seconds)_(sum|count)(\{[^}]*\})? (\S+)$")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "observability"))
+from prom_text import parse_metrics  # noqa: E402  (the Prometheus text format, as the tests read it)
 
 
 def scrape(url):
     """{(histogram, labels): [sum, count]} of every *_seconds histogram the page holds."""
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
     out = {}
-    for line in text.splitlines():
-        m = SERIES.match(line)
-        if m:
-            out.setdefault((m.group(1), m.group(3) or ""), [0.0, 0.0])[m.group(2) == "count"] = float(m.group(4))
+    for name, fam in parse_metrics(urllib.request.urlopen(url, timeout=10).read().decode()).items():
+        if fam["type"] != "histogram" or not name.endswith("_seconds"):
+            continue
+        for sample, labels, value in fam["samples"]:
+            part = sample[len(name):]
+            if part in ("_sum", "_count"):
+                shown = "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else ""
+                out.setdefault((name, shown), [0.0, 0.0])[part == "_count"] = value
     return out
 
 

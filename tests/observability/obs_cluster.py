@@ -1,6 +1,6 @@
 """Helpers of the observability tests: a real local cluster (one process per service), traffic,
-scrapes, span lines, the metric contract (docs/metrics.md), a Prometheus text-format parser and
-the scripts' common main. Stdlib only."""
+scrapes, span lines, the metric contract (docs/metrics.md), the Prometheus text format (from
+prom_text) and the scripts' common main. Stdlib only."""
 from __future__ import annotations
 
 import json
@@ -18,6 +18,7 @@ import urllib.request
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
 import harness as H  # noqa: E402  (process start-up, shared with the integration tests)
 from harness import TestFailure, free_port, log  # noqa: E402,F401
+from prom_text import parse_metrics, total  # noqa: E402,F401  (the text format; the bench tools use it alone)
 
 
 def http(url, body=None, timeout=30.0, headers=None, with_headers=False):
@@ -50,46 +51,6 @@ def load_contract(path):
     if not out:
         raise TestFailure(f"{path}: no metric table found")
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# the text format
-
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)')
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-def parse_metrics(text):
-    """{family: {"type": t, "samples": [(sample name, {labels}, value)]}}."""
-    fams = {}
-    types = {}
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, t = line.split(None, 3)
-            types[name] = t
-            fams.setdefault(name, {"type": t, "samples": []})
-            continue
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if not m:
-            continue
-        name, labels, value = m.group(1), dict(_LABEL.findall(m.group(3) or "")), float(m.group(4))
-        fam = name
-        for suffix in ("_bucket", "_sum", "_count"):
-            if name.endswith(suffix) and types.get(name[: -len(suffix)]) == "histogram":
-                fam = name[: -len(suffix)]
-        fams.setdefault(fam, {"type": types.get(fam, "untyped"), "samples": []})["samples"].append((name, labels, value))
-    return fams
-
-
-def total(fams, name, **match):
-    """Sum of a family's plain samples (the _count of a histogram) whose labels match."""
-    fam = fams.get(name)
-    if not fam:
-        return 0.0
-    want = name + "_count" if fam["type"] == "histogram" else name
-    return sum(v for n, l, v in fam["samples"] if n == want and all(l.get(k) == x for k, x in match.items()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,10 +19,12 @@ def page(step_sum, step_count, attention_sum, attention_count, requests):
 moemesh_step_seconds_bucket{{le="+Inf"}} {step_count}
 moemesh_step_seconds_sum {step_sum}
 moemesh_step_seconds_count {step_count}
+# TYPE moemesh_phase_seconds histogram
 moemesh_phase_seconds_sum{{phase="attention"}} {attention_sum}
 moemesh_phase_seconds_count{{phase="attention"}} {attention_count}
 moemesh_phase_seconds_sum{{phase="lookup"}} 0.25
 moemesh_phase_seconds_count{{phase="lookup"}} 5
+# TYPE moemesh_requests_total counter
 moemesh_requests_total {requests}
 """
 
