@@ -199,8 +199,10 @@ bool KvClient::abandoned_expired() {
 std::vector<std::vector<std::vector<float>>> KvClient::fetch_many(std::span<const PrefixQuery> queries,
                                                                   size_t block_floats, WaitUntil give_up) {
   // Lookups cut by a budget whose reply never came within the store's deadline: a store that
-  // answers nothing is a failed store, however short the waits for it were.
-  if (abandoned_expired()) failed("no KvGet reply within " + std::to_string(opts_.deadline.count()) + " ms");
+  // answers nothing is a failed store, however short the waits for it were. Other cut lookups of
+  // the same outage expire while the client backs off: the store is not found failed again.
+  if (abandoned_expired() && !backing_off())
+    failed("no KvGet reply within " + std::to_string(opts_.deadline.count()) + " ms");
   std::vector<std::vector<std::vector<float>>> found(queries.size());
   std::vector<size_t> asking;  // the queries whose chain goes on
   for (size_t q = 0; q < queries.size(); ++q)

@@ -656,3 +656,27 @@ TEST(KvClientTest, ADeadStoreBehindAWaitBudgetIsStillFoundOut) {
   EXPECT_EQ(client.stats().skipped_fetches.load(), skipped + 1) << "backing off";
   EXPECT_EQ(client.stats().fetch_failures.load(), 1u);
 }
+
+TEST(KvClientTest, CutLookupsOfOneOutageFailTheStoreOnce) {
+  // Two budgeted lookups to a dead store, 60 ms apart: the first's deadline passing fails the
+  // store; the second's, passing while the client backs off, is the same outage.
+  caf::actor_system sys{two_thread_config()};
+  KvClient client(sys,
+                  {dead_endpoint(), "m", std::chrono::milliseconds(100), std::chrono::milliseconds(60000), "", {}});
+  const std::vector<PrefixQuery> queries{{chain(3, 1), {}}};
+  using Clock = std::chrono::steady_clock;
+  auto budgeted = [&] { return client.fetch_many(queries, 64, Clock::now() + std::chrono::milliseconds(2)); };
+  const auto first = Clock::now();
+  budgeted();
+  ASSERT_TRUE(wait_for([&] { return Clock::now() >= first + std::chrono::milliseconds(60); }));
+  const auto second = Clock::now();
+  budgeted();
+  ASSERT_EQ(client.stats().cut_fetches.load(), 2u);
+  ASSERT_TRUE(wait_for([&] { return Clock::now() >= first + std::chrono::milliseconds(110); }));
+  budgeted();  // the first lookup's deadline has passed, the second's (most likely) not
+  EXPECT_EQ(client.stats().fetch_failures.load(), 1u);
+  ASSERT_TRUE(wait_for([&] { return Clock::now() >= second + std::chrono::milliseconds(110); }));
+  budgeted();  // now the second's has passed too
+  EXPECT_EQ(client.stats().fetch_failures.load(), 1u) << "one outage, one failure";
+  EXPECT_GE(client.stats().skipped_fetches.load(), 2u) << "backing off";
+}
