@@ -486,12 +486,17 @@ void run_profile(const ProfileArgs& a) {
     // lookup in the KV store (a round trip, priced by the lookup measured above) and one of 16
     // tokens has none, as most prompts served do.
     const int64_t short_prompt = 32;
-    const CalibrationPoint one = bench_median(a, point(1, short_prompt, 48, 16), vocab);
-    const CalibrationPoint long_prompt = bench_median(a, point(1, short_prompt + a.cal_long_prompt, 2, 8), vocab);
+    // One request at a time: 48 of them, because the fit takes differences of their first-token
+    // medians (the long prompts' minus the short ones' prices a prompt position), and with 8 and
+    // 16 requests that difference moved 1.2-5.1 ms between runs a minute apart (2026-12-06).
+    const int64_t one_at_a_time = 48;
+    const CalibrationPoint one = bench_median(a, point(1, short_prompt, 48, one_at_a_time), vocab);
+    const CalibrationPoint long_prompt =
+        bench_median(a, point(1, short_prompt + a.cal_long_prompt, 2, one_at_a_time), vocab);
     const CalibrationPoint loaded =
         bench_median(a, point(a.cal_concurrency, 32, 48, 4 * int64_t(a.cal_concurrency)), vocab);
     // Requests that mostly find the cluster idle: waking from it is priced.
-    CalibrationPoint idle = point(1, short_prompt, 8, 12);
+    CalibrationPoint idle = point(1, short_prompt, 8, 36);
     idle.rate = idle_calibration_rate(one.ttft_p50_s, one.itl_p50_s, idle.output);
     idle = bench_median(a, idle, vocab);
     const std::vector<CalibrationPoint> meas = {one, long_prompt, loaded, idle};
