@@ -488,7 +488,7 @@ void run_profile(const ProfileArgs& a) {
     const int64_t short_prompt = 32;
     // One request at a time: 48 of them, because the fit takes differences of their first-token
     // medians (the long prompts' minus the short ones' prices a prompt position), and with 8 and
-    // 16 requests that difference moved 1.2-5.1 ms between runs a minute apart (2026-12-06).
+    // 16 requests that difference moved 0.6-5.3 ms between runs a minute apart (2026-12-06).
     const int64_t one_at_a_time = 48;
     const CalibrationPoint one = bench_median(a, point(1, short_prompt, 48, one_at_a_time), vocab);
     const CalibrationPoint long_prompt =
