@@ -104,7 +104,7 @@ nlohmann::json CostProfile::to_json() const {
         {"per_request_s", router_per_request_s},
         {"request_cpu_share", router_request_cpu_share}}},
       {"idle_wake", {{"seconds", idle_wake_s}, {"after_s", idle_after_s}}},
-      {"kv_store", {{"lookup_s", prefix_lookup_s}}},
+      {"kv_store", {{"lookup_s", prefix_lookup_s}, {"put_s", kv_put_s}, {"put_per_block_s", kv_put_per_block_s}}},
       {"step_jitter", step_jitter},
       {"links",
        {{"zmq_local", link_json(zmq_local)},
@@ -157,7 +157,10 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
     }
     if (j.contains("kv_store")) {
       p.prefix_lookup_s = j["kv_store"].value("lookup_s", 0.0);
-      if (p.prefix_lookup_s < 0) throw Error("profile: kv_store.lookup_s must not be negative");
+      p.kv_put_s = j["kv_store"].value("put_s", 0.0);
+      p.kv_put_per_block_s = j["kv_store"].value("put_per_block_s", 0.0);
+      if (p.prefix_lookup_s < 0 || p.kv_put_s < 0 || p.kv_put_per_block_s < 0)
+        throw Error("profile: kv_store values must not be negative");
     }
     p.step_jitter = j.value("step_jitter", 0.0);
     if (p.step_jitter < 0) throw Error("profile: step_jitter must not be negative");

@@ -70,6 +70,10 @@ struct CostProfile {
   // waits this long for the KV store first (one round trip for all of them; a miss, as random
   // prompts are). Measured against a moemesh-kvstore process (`plan profile`).
   double prefix_lookup_s = 0;
+  // The store serves one message at a time, in order. The router frees a finished sequence in the
+  // worker's next step, which publishes its new full blocks first (actors/step_worker.cpp): they
+  // take the store kv_put_s + kv_put_per_block_s per block, and that step's lookup waits behind them.
+  double kv_put_s = 0, kv_put_per_block_s = 0;
   // Links: same node, other node; ZeroMQ (TCP) and NCCL (GPU to GPU).
   LinkCost zmq_local, zmq_remote, nccl_local, nccl_remote;
   // Every process of a node computes on the node's shared cores (a CPU machine): their compute

@@ -219,6 +219,7 @@ struct WorkerState {
   double last_step_end = -1e9;  // when its previous step ended
   int warm_steps = 0;           // steps since it was last idle long enough to go cold
   Cores server;                 // its own accelerator, or on shared cores its own timeline (one call at a time)
+  double unpublished_s = 0;     // the KV store's time for the blocks of the sequences its next step frees
 };
 
 struct HostState {
@@ -491,7 +492,7 @@ class Simulator {
     starting.swap(idle_with_work_);
     for (int i : starting) {
       WorkerState& w = workers_[size_t(i)];
-      if (!w.inflight && !w.running.empty()) send_step(i);
+      if (!w.inflight && (!w.running.empty() || w.unpublished_s > 0)) send_step(i);
     }
   }
 
@@ -514,19 +515,28 @@ class Simulator {
       w.work.push_back({id, n, rows, double(rows) * double(from + to + 1) / 2.0});
       budget -= n;
     }
+    // The sequences it frees publish their blocks first; with no work the router still sends the
+    // frees (a step of its own, actors/scheduler.cpp).
+    if (w.unpublished_s > 0) {
+      kv_store_.reserve(now_, w.unpublished_s, now_);
+      w.unpublished_s = 0;
+    }
     if (w.work.empty()) return;
     w.inflight = true;
     w.step_start = now_;
     // Sequences the step starts with a full prompt block: the worker asks the KV store for their
     // prefixes first, all in one round trip, and waits at most what computing the positions it
     // asked for takes (its wait budget, actors/step_worker.h), at the price its own prefill-heavy
-    // steps showed; before any, the whole round trip. That is priced as an idle machine answers it.
+    // steps showed; before any, the whole round trip, as an idle machine answers it, after the
+    // puts the store holds before it.
     double start = now_, asked = 0;
     for (const Work& k : w.work)
       if (const Seq& s = seqs_[k.seq]; s.prefilled == 0 && s.context_len() > kBlock)
         asked += double((s.context_len() - 1) / kBlock * kBlock);
-    if (const double price = w.prefill_speed.per_position_s(); asked > 0)
-      start += price > 0 ? std::min(p_.prefix_lookup_s, asked * price) : p_.prefix_lookup_s;
+    if (const double price = w.prefill_speed.per_position_s(); asked > 0) {
+      const double answer = kv_store_.earliest(now_, 1e-9, now_) - now_ + p_.prefix_lookup_s;
+      start += price > 0 ? std::min(answer, asked * price) : answer;
+    }
     w.engine_start = start;
     if (now_ - w.last_step_end > p_.idle_after_s) w.warm_steps = 0;
     ++steps_;
@@ -827,6 +837,7 @@ class Simulator {
       s.last_token = seen;
       if (s.generated >= s.output) {
         s.done = true;
+        w.unpublished_s += put_seconds(s);
         e2e_.add(seen - s.arrival);
         if (o_.trace_requests) trace(k.seq, seen);
         ++completed_;
@@ -843,6 +854,12 @@ class Simulator {
     charge_prompt_ = 0;
     recount_blocks(w);
     pump(int(wi));
+  }
+
+  // The store's time for a finished sequence's full blocks that it does not hold yet.
+  double put_seconds(const Seq& s) const {
+    const int64_t full = (s.context_len() + s.generated - s.resumed - 1) / kBlock, first = s.restored / kBlock;
+    return full > first ? p_.kv_put_s + p_.kv_put_per_block_s * double(full - first) : 0.0;
   }
 
   void sample() {
@@ -969,6 +986,7 @@ class Simulator {
   std::vector<WorkerState> workers_;
   std::vector<HostState> hosts_;
   std::vector<Cores> node_servers_;
+  Server kv_store_;  // one message at a time, in order
   std::vector<Server> nic_;
   std::vector<std::vector<int32_t>> expert_hosts_;
   std::vector<double> host_share_, expert_share_;

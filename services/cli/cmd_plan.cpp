@@ -276,10 +276,17 @@ LinkCost measure_zmq(int rounds) {
   return {b[0] / 2, b[1] > 0 ? 2 / b[1] : 1e12, 0};
 }
 
-// A step's prefix-cache lookup (actors/kv_client.h): a KvClient round trip to a moemesh-kvstore
-// process on loopback for two-block chains the store does not hold (random prompts miss), the
-// median of `rounds`, 2 ms apart as steps are (the store sleeps between them, as in a cluster).
-double measure_kv_lookup(int rounds) {
+// The KV store's costs (actors/kv_client.h) against a moemesh-kvstore process on loopback, each
+// the median of `rounds`, 2 ms apart as steps are (the store sleeps between them, as in a cluster):
+// a step's prefix-cache lookup, a KvClient round trip for two-block chains the store does not hold
+// (random prompts miss); and what a finished sequence's put of its blocks takes the store, from
+// how much later such a lookup is answered behind eight of them (the store serves its messages in
+// order), for puts of one block and of six, fitted fixed + per block.
+struct KvStoreCosts {
+  double lookup_s = 0, put_s = 0, put_per_block_s = 0;
+};
+
+KvStoreCosts measure_kv_store(int rounds, size_t block_floats) {
   const std::string bin = actors::service_binary(fs::read_symlink("/proc/self/exe").parent_path(), "kvstore");
   const std::string ep = "tcp://127.0.0.1:" + std::to_string(actors::pick_free_port());
   const std::vector<std::string> args{
@@ -299,11 +306,12 @@ double measure_kv_lookup(int rounds) {
   caf::actor_system sys{cfg};
   actors::KvClient client(sys,
                           {ep, "plan-profile", std::chrono::milliseconds(1000), std::chrono::milliseconds(0), "", {}});
-  std::vector<int32_t> tokens(2 * kBlockTokens);
-  auto query = [&](int32_t salt) {
+  auto keys = [](int32_t salt, int64_t blocks) {
+    std::vector<int32_t> tokens(size_t(blocks * kBlockTokens));
     for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = salt * 7919 + int32_t(i);
-    return std::vector<actors::PrefixQuery>{{prefix_block_keys("plan-profile", tokens), {}}};
+    return prefix_block_keys("plan-profile", tokens);
   };
+  auto query = [&](int32_t salt) { return std::vector<actors::PrefixQuery>{{keys(salt, 2), {}}}; };
   const auto ready_by = std::chrono::steady_clock::now() + std::chrono::seconds(20);
   for (int32_t salt = 0;; ++salt) {  // until the store answers
     const uint64_t failures = client.stats().fetch_failures;
@@ -312,17 +320,39 @@ double measure_kv_lookup(int rounds) {
     if (std::chrono::steady_clock::now() > ready_by) throw Error("plan profile: " + bin + " does not answer on " + ep);
   }
   const uint64_t warm_failures = client.stats().fetch_failures;
-  std::vector<double> t;
-  for (int r = 0; r < rounds; ++r) {
-    const auto q = query(1000 + r);
+  int32_t salt = 1000;
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  // One lookup, after `puts` puts of `blocks` blocks each: seconds until it is answered.
+  auto lookup_after = [&](int puts, int64_t blocks) {
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    const auto q = query(salt++);
     const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < puts; ++i) {
+      const auto k = keys(salt++, blocks);
+      client.publish(k, std::vector<std::vector<float>>(k.size(), std::vector<float>(block_floats, 1.0f)));
+    }
     client.fetch_many(q, 64);
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  KvStoreCosts c;
+  std::vector<double> t;
+  for (int r = 0; r < rounds; ++r) t.push_back(lookup_after(0, 0));
+  c.lookup_s = median(t);
+  constexpr int kPuts = 8;
+  std::vector<double> one, six;
+  for (int r = 0; r < rounds / 4; ++r) {
+    one.push_back(lookup_after(kPuts, 1));
+    six.push_back(lookup_after(kPuts, 6));
   }
+  const double put1 = std::max(0.0, (median(one) - c.lookup_s) / kPuts),
+               put6 = std::max(put1, (median(six) - c.lookup_s) / kPuts);
+  c.put_per_block_s = (put6 - put1) / 5;
+  c.put_s = std::max(0.0, put1 - c.put_per_block_s);
   if (client.stats().fetch_failures > warm_failures) throw Error("plan profile: KV store lookups failed against " + ep);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+  return c;
 }
 
 struct ProfileArgs {
@@ -462,7 +492,10 @@ void run_profile(const ProfileArgs& a) {
   p.zmq_remote = p.zmq_local;
   p.nccl_local = p.nccl_remote = p.zmq_local;  // no GPUs here: NCCL pairs fall back to ZeroMQ
   std::cout << "plan profile: timing KV store lookups..." << std::endl;
-  p.prefix_lookup_s = measure_kv_lookup(a.zmq_rounds);
+  const KvStoreCosts kv = measure_kv_store(a.zmq_rounds, size_t(p.kv_bytes_per_token) * kBlockTokens / sizeof(float));
+  p.prefix_lookup_s = kv.lookup_s;
+  p.kv_put_s = kv.put_s;
+  p.kv_put_per_block_s = kv.put_per_block_s;
   p.note = "measured on this machine: engine steps (" + std::to_string(m.steps.size()) + " samples, " +
            std::to_string(cpu::compute_threads()) + " compute threads), expert calls (" +
            std::to_string(m.experts.size()) + "), ZeroMQ echo, KV store lookups";
@@ -523,17 +556,18 @@ void run_profile(const ProfileArgs& a) {
     }
   }
   p.save(a.out);
-  char b[768];
+  char b[896];
   std::snprintf(b, sizeof b,
                 "wrote %s: attention/layer %.1f us + %.2f us/row + %.2f us/prefill row + %.4f us/ctx, expert batch "
-                "%.1f us + %.1f us/expert + %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, KV store lookup %.1f us, "
-                "dispatch overhead %.1f us, step %.1f us + %.1f us/row, router %.1f us/request + %.1f us/token, step "
-                "jitter %.0f%%, waking from idle %.1f us, %d cores\n",
+                "%.1f us + %.1f us/expert + %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, KV store lookup %.1f "
+                "us, put %.1f us + %.1f us/block, dispatch overhead %.1f us, step %.1f us + %.1f us/row, router %.1f "
+                "us/request + %.1f us/token, step jitter %.0f%%, waking from idle %.1f us, %d cores\n",
                 a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_prefill_row_s * 1e6,
                 p.attn_per_ctx_s * 1e6, p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
-                p.zmq_local.latency_s * 1e6, p.zmq_local.bandwidth_Bps / 1e9, p.prefix_lookup_s * 1e6,
-                p.dispatch_overhead_s * 1e6, p.step_fixed_s * 1e6, p.step_per_row_s * 1e6, p.router_per_request_s * 1e6,
-                p.router_per_token_s * 1e6, p.step_jitter * 100, p.idle_wake_s * 1e6, p.node_cores);
+                p.zmq_local.latency_s * 1e6, p.zmq_local.bandwidth_Bps / 1e9, p.prefix_lookup_s * 1e6, p.kv_put_s * 1e6,
+                p.kv_put_per_block_s * 1e6, p.dispatch_overhead_s * 1e6, p.step_fixed_s * 1e6, p.step_per_row_s * 1e6,
+                p.router_per_request_s * 1e6, p.router_per_token_s * 1e6, p.step_jitter * 100, p.idle_wake_s * 1e6,
+                p.node_cores);
   std::cout << b;
 }
 

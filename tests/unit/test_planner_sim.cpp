@@ -290,6 +290,39 @@ TEST(PlannerSim, AStepThatStartsSequencesWaitsOnceForTheirPrefixLookup) {
   }
 }
 
+TEST(PlannerSim, ALookupWaitsBehindThePutsOfTheSequencesItsStepFrees) {
+  // A (two full blocks, one token) finishes in its first step. B arrives during it: B's step
+  // frees A, whose two blocks the store takes 0.4 + 2 x 0.3 ms to put, and B's lookup is answered
+  // after them. C comes to an idle worker: B's frees went out alone as B finished, and C waits for
+  // none. A profile's put costs survive its JSON.
+  CostProfile p = toy_profile();
+  p.prefix_lookup_s = 0.2e-3;
+  Deployment d;
+  TrafficSpec t;
+  t.kind = TrafficSpec::Kind::trace;
+  t.trace = {{.arrival_s = 0, .prompt = 40, .output = 1},
+             {.arrival_s = 1e-3, .prompt = 40, .output = 1},
+             {.arrival_s = 0.5, .prompt = 40, .output = 1}};
+  t.requests = 3;
+  SimOptions o;
+  o.trace_requests = true;
+  auto first_tokens = [&](double put_s, double per_block_s) {
+    p.kv_put_s = put_s;
+    p.kv_put_per_block_s = per_block_s;
+    std::vector<double> v;
+    for (const bench::Outcome& r : simulate(p, d, t, ExpertLoad::uniform(8), o).traces) v.push_back(*r.ttft_s);
+    return v;
+  };
+  const std::vector<double> none = first_tokens(0, 0), puts = first_tokens(0.4e-3, 0.3e-3);
+  ASSERT_EQ(puts.size(), 3u);
+  EXPECT_NEAR(puts[0], none[0], 1e-9);
+  EXPECT_NEAR(puts[1] - none[1], 1.0e-3, 1e-9);
+  EXPECT_NEAR(puts[2], none[2], 1e-9);
+  const CostProfile back = CostProfile::from_json(p.to_json());
+  EXPECT_DOUBLE_EQ(back.kv_put_s, 0.4e-3);
+  EXPECT_DOUBLE_EQ(back.kv_put_per_block_s, 0.3e-3);
+}
+
 TEST(PlannerSim, ARequestsCpuOnSharedCoresSlowsTheStepsBesideIt) {
   // Two cores, one worker and one host taking turns: a core is mostly free. One stream decodes
   // while another request arrives and finishes its first token. That request's CPU (router and
