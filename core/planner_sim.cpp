@@ -534,6 +534,7 @@ class Simulator {
       if (const Seq& s = seqs_[k.seq]; s.prefilled == 0 && s.context_len() > kBlock)
         asked += double((s.context_len() - 1) / kBlock * kBlock);
     if (const double price = w.prefill_speed.per_position_s(); asked > 0) {
+      // (When the store is next free: a query of no length would fit before a put starting now.)
       const double answer = kv_store_.earliest(now_, 1e-9, now_) - now_ + p_.prefix_lookup_s;
       start += price > 0 ? std::min(answer, asked * price) : answer;
     }

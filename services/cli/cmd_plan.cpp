@@ -276,12 +276,13 @@ LinkCost measure_zmq(int rounds) {
   return {b[0] / 2, b[1] > 0 ? 2 / b[1] : 1e12, 0};
 }
 
-// The KV store's costs (actors/kv_client.h) against a moemesh-kvstore process on loopback, each
-// the median of `rounds`, 2 ms apart as steps are (the store sleeps between them, as in a cluster):
-// a step's prefix-cache lookup, a KvClient round trip for two-block chains the store does not hold
-// (random prompts miss); and what a finished sequence's put of its blocks takes the store, from
-// how much later such a lookup is answered behind eight of them (the store serves its messages in
-// order), for puts of one block and of six, fitted fixed + per block.
+// The KV store's costs (actors/kv_client.h) against a moemesh-kvstore process on loopback, rounds
+// 2 ms apart as steps are (the store sleeps between them, as in a cluster): a step's prefix-cache
+// lookup, a KvClient round trip for two-block chains the store does not hold (random prompts
+// miss), the median of `rounds`; and what a finished sequence's put of its blocks takes the store,
+// from how much later such a lookup is answered behind eight of them (the store serves its
+// messages in order), for puts of one block and of six (medians of `rounds` / 4), fitted fixed +
+// per block.
 struct KvStoreCosts {
   double lookup_s = 0, put_s = 0, put_per_block_s = 0;
 };
