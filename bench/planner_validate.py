@@ -254,25 +254,23 @@ def print_table(rows):
           f"{spread[int(0.9 * len(spread))]:.1f}%); {inside} of {len(errs)} predictions within 10% or inside their "
           "runs' range")
     # What a perfect predictor could score against medians this noisy: each cell's median taken as
-    # the truth, against the median of as many runs drawn again from the cell's runs (bootstrap).
+    # the truth, against medians of as many runs drawn again from the cell's runs (bootstrap).
     rng = random.Random(0)
     trials = 200
-    hits = sum(abs(median([rng.choice(r[k][2]) for _ in r[k][2]]) - r[k][1]) <= 0.1 * r[k][1]
-               for _ in range(trials) for r in rows for k in KEYS if r[k][1])
+    boot = {(n, k): [median([rng.choice(r[k][2]) for _ in r[k][2]]) for _ in range(trials)]
+            for n, r in enumerate(rows) for k in KEYS if r[k][1]}
+    hits = sum(abs(m - rows[n][k][1]) <= 0.1 * rows[n][k][1] for (n, k), meds in boot.items() for m in meds)
     print(f"noise floor: a prediction equal to each cell's median lands within 10% of a fresh median of as many runs "
           f"in {hits / trials:.0f} of {len(errs)} cells (bootstrap)")
     # Misses that noise does not explain: further from the cell's median than twice the spread of
-    # such medians (bootstrap), printed so the model's own errors stand apart from the machine's.
+    # those medians, printed so the model's own errors stand apart from the machine's.
     biased = []
-    for r in rows:
-        for k in KEYS:
-            runs, pr, me = r[k][2], r[k][0], r[k][1]
-            if not me or abs(err(pr, me)) <= 10:
-                continue
-            meds = [median([rng.choice(runs) for _ in runs]) for _ in range(trials)]
-            sd = (sum((m - me) ** 2 for m in meds) / trials) ** 0.5
-            if abs(pr - me) > 2 * sd:
-                biased.append(f"{r['config']} {r['traffic']} {k} {err(pr, me):+.0f}%")
+    for (n, k), meds in boot.items():
+        r = rows[n]
+        pr, me = r[k][0], r[k][1]
+        sd = (sum((m - me) ** 2 for m in meds) / trials) ** 0.5
+        if abs(err(pr, me)) > 10 and abs(pr - me) > 2 * sd:
+            biased.append(f"{r['config']} {r['traffic']} {k} {err(pr, me):+.0f}%")
     print(f"{len(biased)} misses beyond twice their median's spread: " + ("; ".join(biased) or "none"))
 
 

@@ -493,7 +493,7 @@ void run_profile(const ProfileArgs& a) {
   p.zmq_local = measure_zmq(a.zmq_rounds);
   p.zmq_remote = p.zmq_local;
   p.nccl_local = p.nccl_remote = p.zmq_local;  // no GPUs here: NCCL pairs fall back to ZeroMQ
-  std::cout << "plan profile: timing KV store lookups..." << std::endl;
+  std::cout << "plan profile: timing KV store lookups and puts..." << std::endl;
   const KvStoreCosts kv = measure_kv_store(a.zmq_rounds, size_t(p.kv_bytes_per_token) * kBlockTokens / sizeof(float));
   p.prefix_lookup_s = kv.lookup_s;
   p.kv_put_s = kv.put_s;
