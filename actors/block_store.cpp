@@ -9,6 +9,7 @@
 #include <prometheus/histogram.h>
 #include <spdlog/spdlog.h>
 
+#include "actors/block_pool.h"
 #include "actors/block_store_disk.h"
 #include "actors/trace_span.h"
 #include "core/error.h"
@@ -110,10 +111,6 @@ std::vector<StoredBlock> BlockStore::get_chain(std::span<const BlockKey> chain, 
 
 namespace {
 
-// Blocks this small are copied out of their frame: a small ZeroMQ message may share (and pin)
-// a whole receive buffer, which the byte budget would not see.
-constexpr size_t kZeroCopyMinBytes = 64 << 10;
-
 // A request that decoded but cannot be served; reason is the metric label.
 struct Rejected : std::runtime_error {
   Rejected(std::string reason, const std::string& what) : std::runtime_error(what), reason(std::move(reason)) {}
@@ -127,11 +124,10 @@ struct Metrics {
                          .Name("moemesh_kvstore_bytes")
                          .Help("Bytes of KV blocks held, by tier (disk: whole files).")
                          .Register(r)),
-        blocks_family(prometheus::BuildGauge().Name("moemesh_kvstore_blocks").Help("KV blocks held, by tier.").Register(r)),
-        budget_family(prometheus::BuildGauge()
-                          .Name("moemesh_kvstore_budget_bytes")
-                          .Help("Byte budget, by tier.")
-                          .Register(r)),
+        blocks_family(
+            prometheus::BuildGauge().Name("moemesh_kvstore_blocks").Help("KV blocks held, by tier.").Register(r)),
+        budget_family(
+            prometheus::BuildGauge().Name("moemesh_kvstore_budget_bytes").Help("Byte budget, by tier.").Register(r)),
         hits_family(prometheus::BuildCounter()
                         .Name("moemesh_kvstore_hits_total")
                         .Help("Blocks asked for and returned, by the tier that held them.")
@@ -159,6 +155,11 @@ struct Metrics {
                        .Name("moemesh_kvstore_bad_frames_total")
                        .Help("Messages answered with an error, by reason.")
                        .Register(r)),
+        pool_bytes(prometheus::BuildGauge()
+                       .Name("moemesh_kvstore_pool_bytes")
+                       .Help("Memory mapped in slabs for the blocks put (held ones and free slots for the next).")
+                       .Register(r)
+                       .Add({})),
         put_seconds(latency(r, "moemesh_kvstore_put_duration_seconds", "Time to store one KvPut message.")),
         get_seconds(latency(r, "moemesh_kvstore_get_duration_seconds", "Time to answer one KvGet message.")),
         stored(puts.Add({{"result", "stored"}})),
@@ -192,6 +193,7 @@ struct Metrics {
   prometheus::Counter& misses;
   prometheus::Family<prometheus::Counter>& puts;
   prometheus::Family<prometheus::Counter>& bad_frames;
+  prometheus::Gauge& pool_bytes;
   prometheus::Histogram &put_seconds, &get_seconds;
   prometheus::Counter &stored, &present, &too_large;
   Tier memory;
@@ -208,6 +210,7 @@ struct StoreState {
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
   std::shared_ptr<BlockStore> store;  // shared only to pass it in: CAF copies spawn arguments
+  std::shared_ptr<BlockPool> pool;    // the memory of the blocks put
   std::shared_ptr<prometheus::Registry> registry;  // outlives the metric references below
   std::unique_ptr<Metrics> metrics;
   std::shared_ptr<BlockStoreGauges> gauges;
@@ -235,6 +238,7 @@ void publish(StoreState& s) {
   m.too_large.Increment(double(now.too_large - s.published.too_large));
   m.memory.bytes->Set(double(now.bytes));
   m.memory.blocks->Set(double(now.blocks));
+  if (s.pool) m.pool_bytes.Set(double(s.pool->stats().slab_bytes));
   if (const BlockDiskTier* disk = s.store->disk(); disk && m.disk) {
     const auto& d = disk->stats();
     const auto& was = s.published_disk;
@@ -302,16 +306,12 @@ void handle_put(Self* self, zmq::message_t&& peer, const wire::Header& h, Frames
   pb::KvPut ack;
   ack.set_model_id(put.model_id());
   for (size_t i = 0; i < keys.size(); ++i) {
-    zmq::message_t& frame = frames[2 + i];  // [peer, header, tensors...]
+    const zmq::message_t& frame = frames[2 + i];  // [peer, header, tensors...]
     const auto& desc = h.tensors[i];
-    StoredBlock block;
-    if (frame.size() < kZeroCopyMinBytes) {
-      block = StoredBlock::copy_of(desc.dtype, desc.shape, {static_cast<const uint8_t*>(frame.data()), frame.size()});
-    } else {
-      auto owned = std::make_shared<zmq::message_t>(std::move(frame));
-      block = StoredBlock{desc.dtype, desc.shape, nullptr, static_cast<const uint8_t*>(owned->data()), owned->size()};
-      block.owner = std::move(owned);
-    }
+    // Copied into the pool (pages faulted in ahead), not kept in its frame: a frame is fresh
+    // heap whose pages fault in one by one, and a small one may pin a whole receive buffer.
+    StoredBlock block =
+        self->state.pool->copy_of(desc.dtype, desc.shape, {static_cast<const uint8_t*>(frame.data()), frame.size()});
     if (store.put(keys[i], std::move(block)) != BlockStore::Put::TooLarge) *ack.add_keys() = put.keys(int(i));
   }
   publish(self->state);
@@ -397,6 +397,7 @@ caf::behavior block_store(Self* self, BlockStoreOptions opts, caf::actor bridge,
   auto& s = self->state;
   const bool has_disk = store->disk() != nullptr;
   s.store = std::move(store);
+  s.pool = BlockPool::make(opts.budget_bytes);
   s.registry = std::move(opts.registry);
   s.metrics = std::make_unique<Metrics>(*s.registry, has_disk);
   s.metrics->memory.budget->Set(double(opts.budget_bytes));

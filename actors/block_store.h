@@ -34,8 +34,8 @@
 
 namespace moemesh::actors {
 
-// One block's tensor: its bytes stay with whoever owns them (a received frame, a vector),
-// shared, so a block being sent survives its own eviction.
+// One block's tensor: its bytes stay with whoever owns them (a slot of actors/block_pool.h, a
+// vector), shared, so a block being sent survives its own eviction.
 struct StoredBlock {
   DType dtype = DType::F32;
   std::vector<int64_t> shape;

@@ -1,7 +1,8 @@
 // BlockStore: byte budget, LRU eviction with gets refreshing recency, longest-prefix chain
 // lookups, counters, and blocks that outlive their eviction while someone still holds them;
 // the disk tier: spill on eviction, promotion on a hit, its own LRU and budget, re-indexing on
-// restart, corrupt and torn files detected and dropped.
+// restart, corrupt and torn files detected and dropped; the pool the store's blocks live in:
+// slots reused, slabs as needed, heap past its limit, blocks outliving it.
 #include <gtest/gtest.h>
 
 #include <unistd.h>
@@ -10,8 +11,11 @@
 #include <filesystem>
 #include <fstream>
 #include <numeric>
+#include <optional>
 #include <random>
+#include <thread>
 
+#include "actors/block_pool.h"
 #include "actors/block_store.h"
 #include "actors/block_store_disk.h"
 #include "core/error.h"
@@ -116,6 +120,76 @@ TEST(BlockStore, AHeldBlockOutlivesItsEviction) {
   s.put(k[1], block(100, 6));  // evicts k0
   EXPECT_FALSE(s.contains(k[0]));
   EXPECT_EQ(held->data[50], 5);  // still readable: the holder shares ownership
+}
+
+// ---- the pool the store's blocks live in -------------------------------------------------------
+
+TEST(BlockPool, AReleasedSlotIsReusedForTheNextBlockOfItsSize) {
+  auto pool = BlockPool::make(1 << 20, 64 << 10);
+  std::vector<uint8_t> bytes(8192, 3);
+  const uint8_t* first;
+  {
+    StoredBlock b = pool->copy_of(DType::F32, {2048}, bytes);
+    first = b.data;
+    EXPECT_EQ(b.size, 8192u);
+    EXPECT_EQ(b.data[8191], 3);
+    EXPECT_EQ(b.shape, std::vector<int64_t>{2048});
+  }
+  StoredBlock again = pool->copy_of(DType::F32, {2048}, bytes);
+  EXPECT_EQ(again.data, first);
+  EXPECT_EQ(pool->stats().slabs, 1u);
+  EXPECT_EQ(pool->stats().released, 1u);
+}
+
+TEST(BlockPool, BlocksHeldTogetherGetDistinctSlotsAndSlabsAsNeeded) {
+  auto pool = BlockPool::make(1 << 20, 32 << 10);  // four 8 KiB slots a slab
+  std::vector<StoredBlock> held;
+  for (int i = 0; i < 9; ++i) held.push_back(pool->copy_of(DType::F32, {2048}, std::vector<uint8_t>(8192, uint8_t(i))));
+  for (int i = 0; i < 9; ++i) {
+    EXPECT_EQ(held[size_t(i)].data[0], i);
+    EXPECT_EQ(held[size_t(i)].data[8191], i);
+  }
+  EXPECT_EQ(pool->stats().slabs, 3u);
+  // Another size takes a class of its own: none of the 8 KiB slots.
+  StoredBlock other = pool->copy_of(DType::F32, {25}, std::vector<uint8_t>(100, 9));
+  EXPECT_EQ(pool->stats().slabs, 4u);
+  EXPECT_EQ(other.data[99], 9);
+}
+
+TEST(BlockPool, PastItsLimitABlockGetsHeapMemoryAndStaysCorrect) {
+  auto pool = BlockPool::make(32 << 10, 32 << 10);  // room for one slab
+  std::vector<StoredBlock> held;
+  for (int i = 0; i < 6; ++i) held.push_back(pool->copy_of(DType::F32, {2048}, std::vector<uint8_t>(8192, uint8_t(i))));
+  EXPECT_EQ(pool->stats().slabs, 1u);
+  EXPECT_EQ(pool->stats().heap, 2u);
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(held[size_t(i)].data[4096], i);
+}
+
+TEST(BlockPool, ABlockKeepsItsMemoryAfterThePoolAndTheStoreAreGone) {
+  std::optional<StoredBlock> held;
+  {
+    auto pool = BlockPool::make(1 << 20);
+    BlockStore s(1 << 20);
+    auto k = chain(1);
+    s.put(k[0], pool->copy_of(DType::F32, {25}, std::vector<uint8_t>(100, 4)));
+    held = s.get(k[0]);
+  }
+  EXPECT_EQ(held->data[99], 4);  // the block holds the pool, and the pool its slab
+}
+
+TEST(BlockPool, BlocksReleasedOnOtherThreadsReturnTheirSlots) {
+  auto pool = BlockPool::make(1 << 20, 64 << 10);
+  std::vector<StoredBlock> blocks;
+  for (int i = 0; i < 8; ++i) blocks.push_back(pool->copy_of(DType::F32, {2048}, std::vector<uint8_t>(8192, 1)));
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([mine = std::vector<StoredBlock>(blocks.begin() + 2 * t,
+                                                          blocks.begin() + 2 * t + 2)]() mutable { mine.clear(); });
+  blocks.clear();
+  for (auto& t : threads) t.join();
+  for (int i = 0; i < 8; ++i) blocks.push_back(pool->copy_of(DType::F32, {2048}, std::vector<uint8_t>(8192, 2)));
+  EXPECT_EQ(pool->stats().released, 8u);
+  EXPECT_EQ(pool->stats().slabs, 1u);  // the eight slots again, no new slab
 }
 
 // ---- the disk tier --------------------------------------------------------------------------
