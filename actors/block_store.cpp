@@ -1,6 +1,8 @@
 #include "actors/block_store.h"
 
+#include <algorithm>
 #include <chrono>
+#include <deque>
 #include <cstring>
 #include <optional>
 
@@ -200,6 +202,17 @@ struct Metrics {
   std::optional<Tier> disk;
 };
 
+// A put parsed and checked on arrival (bad input is answered at once), stored when its turn comes.
+struct QueuedPut {
+  zmq::message_t peer;
+  wire::Header header;
+  pb::KvPut put;
+  std::vector<BlockKey> keys;
+  FramesPtr frames;  // [peer (moved out), header, tensors...]
+};
+
+using drain_atom = caf::atom_constant<caf::atom("kvdrain")>;
+
 struct StoreState {
   // CAF destroys the state when the actor exits: a graceful shutdown keeps the memory tier on disk.
   ~StoreState() {
@@ -218,6 +231,8 @@ struct StoreState {
   DiskTierStats published_disk;
   caf::actor bridge;
   int socket = -1;
+  std::deque<QueuedPut> queued;  // puts not stored yet, in arrival order
+  bool drain_sent = false;       // a drain_atom is on its way to the store
 };
 
 using Self = caf::stateful_actor<StoreState>;
@@ -292,21 +307,29 @@ std::vector<BlockKey> parse_keys(const google::protobuf::RepeatedPtrField<std::s
   return out;
 }
 
-void handle_put(Self* self, zmq::message_t&& peer, const wire::Header& h, Frames& frames) {
-  auto t0 = std::chrono::steady_clock::now();
+// Throws on bad input, leaving `peer` to answer it.
+QueuedPut parse_put(zmq::message_t& peer, wire::Header& h, FramesPtr frames) {
   pb::KvPut put;
   if (!put.ParseFromString(h.meta)) throw wire::WireError(wire::ErrorCode::BadMeta, "KvPut metadata does not parse");
   if (size_t(put.keys_size()) != h.tensors.size())
     throw Rejected("bad_request", "KvPut has " + std::to_string(put.keys_size()) + " keys but " +
                                       std::to_string(h.tensors.size()) + " tensor frames");
   auto keys = parse_keys(put.keys());
+  return QueuedPut{std::move(peer), std::move(h), std::move(put), std::move(keys), std::move(frames)};
+}
+
+void store_put(Self* self, QueuedPut& q) {
+  auto t0 = std::chrono::steady_clock::now();
+  const wire::Header& h = q.header;
+  const pb::KvPut& put = q.put;
+  const auto& keys = q.keys;
   std::optional<trace::OpenSpan> span;
   if (auto parent = trace_from_proto(put.trace())) span.emplace(trace::child_of(*parent));
   auto& store = *self->state.store;
   pb::KvPut ack;
   ack.set_model_id(put.model_id());
   for (size_t i = 0; i < keys.size(); ++i) {
-    const zmq::message_t& frame = frames[2 + i];  // [peer, header, tensors...]
+    const zmq::message_t& frame = (*q.frames)[2 + i];
     const auto& desc = h.tensors[i];
     // Copied into the pool (pages faulted in ahead), not kept in its frame: a frame is fresh
     // heap whose pages fault in one by one, and a small one may pin a whole receive buffer.
@@ -323,9 +346,27 @@ void handle_put(Self* self, zmq::message_t&& peer, const wire::Header& h, Frames
   // Observed before the reply leaves, so a client that scrapes after its answer sees it counted.
   self->state.metrics->put_seconds.Observe(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   if (span)
-    span->finish("kvstore", "kv_put", {{"peer", trace::peer_name(peer.to_string_view())}, {"model_id", put.model_id()},
-                                       {"blocks", keys.size()}, {"held", ack.keys_size()}});
-  reply(self, std::move(peer), out);
+    span->finish("kvstore", "kv_put",
+                 {{"peer", trace::peer_name(q.peer.to_string_view())},
+                  {"model_id", put.model_id()},
+                  {"blocks", keys.size()},
+                  {"held", ack.keys_size()}});
+  reply(self, std::move(q.peer), out);
+}
+
+// Stores the first `n` queued puts, in order.
+void store_queued(Self* self, size_t n) {
+  auto& queue = self->state.queued;
+  for (; n > 0 && !queue.empty(); --n) {
+    QueuedPut q = std::move(queue.front());
+    queue.pop_front();
+    try {
+      store_put(self, q);
+    } catch (const std::exception& e) {  // a bug, not bad input (that was refused on arrival)
+      spdlog::error("kvstore: put {} failed: {}", q.header.request_id, e.what());
+      reply_error(self, std::move(q.peer), q.header.request_id, "internal", e.what());
+    }
+  }
 }
 
 void handle_get(Self* self, zmq::message_t&& peer, const wire::Header& h) {
@@ -334,6 +375,14 @@ void handle_get(Self* self, zmq::message_t&& peer, const wire::Header& h) {
   if (!get.ParseFromString(h.meta)) throw wire::WireError(wire::ErrorCode::BadMeta, "KvGet metadata does not parse");
   if (!h.tensors.empty()) throw Rejected("bad_request", "KvGet carries no tensor frames");
   auto keys = parse_keys(get.keys());
+  // A get goes before the puts queued ahead of it, except those holding a block of its chain:
+  // what a client put, its next get finds.
+  const auto& queue = self->state.queued;
+  size_t needed = 0;
+  for (size_t i = 0; i < queue.size(); ++i)
+    for (const BlockKey& k : queue[i].keys)
+      if (std::find(keys.begin(), keys.end(), k) != keys.end()) needed = i + 1;
+  store_queued(self, needed);
   std::optional<trace::OpenSpan> span;
   if (auto parent = trace_from_proto(get.trace())) span.emplace(trace::child_of(*parent));
   auto blocks = self->state.store->get_chain(keys, wire::kMaxTensors);
@@ -362,7 +411,8 @@ void handle_get(Self* self, zmq::message_t&& peer, const wire::Header& h) {
   reply(self, std::move(peer), out, std::move(tensors));
 }
 
-void handle(Self* self, Frames& frames) {
+void handle(Self* self, const FramesPtr& framed) {
+  Frames& frames = *framed;
   if (frames.empty()) return;  // a ROUTER always gives the peer's id: nothing to answer
   zmq::message_t peer = std::move(frames[0]);
   if (frames.size() < 2) return reply_error(self, std::move(peer), 0, "truncated", "message has no header frame");
@@ -377,7 +427,17 @@ void handle(Self* self, Frames& frames) {
   try {
     wire::Header h = wire::decode(spans);
     switch (h.kind) {
-      case wire::Kind::KvPut: return handle_put(self, std::move(peer), h, frames);
+      case wire::Kind::KvPut: {
+        // Queued: the gets that come before it is stored are answered first (their callers wait on
+        // them; a put's caller does not), one put stored per turn of the mailbox.
+        auto& s = self->state;
+        s.queued.push_back(parse_put(peer, h, framed));
+        if (!s.drain_sent) {
+          s.drain_sent = true;
+          self->send(self, drain_atom::value);
+        }
+        return;
+      }
       case wire::Kind::KvGet: return handle_get(self, std::move(peer), h);
       default:
         throw Rejected("bad_request", std::string("the KV store serves KvPut and KvGet, not ") + wire::kind_name(h.kind));
@@ -408,14 +468,20 @@ caf::behavior block_store(Self* self, BlockStoreOptions opts, caf::actor bridge,
   s.socket = socket;
   return {
       [self](zmq_recv_atom, int, FramesPtr frames) {
-        if (frames) handle(self, *frames);
+        if (frames) handle(self, frames);
+      },
+      [self](drain_atom) {
+        auto& s = self->state;
+        store_queued(self, 1);
+        s.drain_sent = !s.queued.empty();
+        if (s.drain_sent) self->send(self, drain_atom::value);  // behind what came meanwhile
       },
   };
 }
 
 }  // namespace
 
-caf::actor spawn_block_store(caf::actor_system& sys, ZmqBridge& bridge, int socket, BlockStoreOptions opts) {
+caf::actor spawn_block_store(caf::actor_system& sys, caf::actor replies, int socket, BlockStoreOptions opts) {
   if (!opts.registry) opts.registry = std::make_shared<prometheus::Registry>();
   // Opened (and indexed) here, so an unusable directory fails the caller, not the actor.
   std::unique_ptr<BlockDiskTier> disk;
@@ -424,7 +490,11 @@ caf::actor spawn_block_store(caf::actor_system& sys, ZmqBridge& bridge, int sock
     disk = std::make_unique<BlockDiskTier>(opts.disk_dir, opts.disk_budget_bytes);
   }
   auto store = std::make_shared<BlockStore>(opts.budget_bytes, std::move(disk));
-  auto actor = sys.spawn(block_store, std::move(opts), bridge.actor(), socket, std::move(store));
+  return sys.spawn(block_store, std::move(opts), std::move(replies), socket, std::move(store));
+}
+
+caf::actor spawn_block_store(caf::actor_system& sys, ZmqBridge& bridge, int socket, BlockStoreOptions opts) {
+  auto actor = spawn_block_store(sys, bridge.actor(), socket, std::move(opts));
   bridge.route(socket, actor);
   return actor;
 }

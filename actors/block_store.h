@@ -14,6 +14,9 @@
 //   anything undecodable or unexpected
 //       -> Error + ErrorReply{code, message} (request_id 0 when the header was unreadable),
 //          counted in moemesh_kvstore_bad_frames_total{reason}; the store carries on.
+// A KvGet is answered before the KvPuts queued ahead of it (its caller waits for it, a put's
+// caller does not), except those holding a block of its chain: what a client put, its next get
+// finds. Puts are checked on arrival and stored in arrival order, one per turn of the mailbox.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -113,5 +116,8 @@ struct BlockStoreOptions {
 
 // Serves the protocol above on `socket` (a bound ROUTER of `bridge`) and routes it here.
 caf::actor spawn_block_store(caf::actor_system& sys, ZmqBridge& bridge, int socket, BlockStoreOptions opts);
+// The store's actor alone: it takes (zmq_recv_atom, socket, frames) and sends its replies to
+// `replies` as (zmq_send_atom, socket, frames), as a bridge would (tests drive it directly).
+caf::actor spawn_block_store(caf::actor_system& sys, caf::actor replies, int socket, BlockStoreOptions opts);
 
 }  // namespace moemesh::actors

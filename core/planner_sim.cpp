@@ -1,6 +1,7 @@
 #include "core/planner_sim.h"
 
 #include <algorithm>
+#include <deque>
 #include <chrono>
 #include <cmath>
 #include <fstream>
@@ -101,6 +102,26 @@ class Server {
  private:
   std::vector<std::pair<double, double>> iv_;  // sorted by start, disjoint
   size_t head_ = 0;
+};
+
+// The KV store's puts (actors/block_store.h): stored one at a time in arrival order, and a
+// lookup answered as soon as the put being stored is done, before the puts queued behind it.
+class StorePuts {
+ public:
+  void put(double now, double seconds) {
+    const double start = std::max(now, end_);
+    end_ = start + seconds;
+    q_.emplace_back(start, end_);
+  }
+  // (Puts sent with the lookup, just before it, are queued behind it: it overtakes them.)
+  double lookup_start(double now) {
+    while (!q_.empty() && q_.front().second <= now) q_.pop_front();
+    return !q_.empty() && q_.front().first < now ? q_.front().second : now;
+  }
+
+ private:
+  std::deque<std::pair<double, double>> q_;  // (start, end) of the puts not done, in order
+  double end_ = 0;
 };
 
 // Several identical servers (a node's cores): an operation takes the one where it starts first.
@@ -219,7 +240,7 @@ struct WorkerState {
   double last_step_end = -1e9;  // when its previous step ended
   int warm_steps = 0;           // steps since it was last idle long enough to go cold
   Cores server;                 // its own accelerator, or on shared cores its own timeline (one call at a time)
-  double unpublished_s = 0;     // the KV store's time for the blocks of the sequences its next step frees
+  std::vector<double> unpublished;  // the KV store's time for each put of the sequences its next step frees
 };
 
 struct HostState {
@@ -492,7 +513,7 @@ class Simulator {
     starting.swap(idle_with_work_);
     for (int i : starting) {
       WorkerState& w = workers_[size_t(i)];
-      if (!w.inflight && (!w.running.empty() || w.unpublished_s > 0)) send_step(i);
+      if (!w.inflight && (!w.running.empty() || !w.unpublished.empty())) send_step(i);
     }
   }
 
@@ -517,10 +538,8 @@ class Simulator {
     }
     // The sequences it frees publish their blocks first; with no work the router still sends the
     // frees (a step of its own, actors/scheduler.cpp).
-    if (w.unpublished_s > 0) {
-      kv_store_.reserve(now_, w.unpublished_s, now_);
-      w.unpublished_s = 0;
-    }
+    for (double put_s : w.unpublished) kv_puts_.put(now_, put_s);
+    w.unpublished.clear();
     if (w.work.empty()) return;
     w.inflight = true;
     w.step_start = now_;
@@ -528,14 +547,13 @@ class Simulator {
     // prefixes first, all in one round trip, and waits at most what computing the positions it
     // asked for takes (its wait budget, actors/step_worker.h), at the price its own prefill-heavy
     // steps showed; before any, the whole round trip, as an idle machine answers it, after the
-    // puts the store holds before it.
+    // put the store is storing (the store answers a get before the puts queued behind that one).
     double start = now_, asked = 0;
     for (const Work& k : w.work)
       if (const Seq& s = seqs_[k.seq]; s.prefilled == 0 && s.context_len() > kBlock)
         asked += double((s.context_len() - 1) / kBlock * kBlock);
     if (const double price = w.prefill_speed.per_position_s(); asked > 0) {
-      // (When the store is next free: a query of no length would fit before a put starting now.)
-      const double answer = kv_store_.earliest(now_, 1e-9, now_) - now_ + p_.prefix_lookup_s;
+      const double answer = kv_puts_.lookup_start(now_) - now_ + p_.prefix_lookup_s;
       start += price > 0 ? std::min(answer, asked * price) : answer;
     }
     w.engine_start = start;
@@ -838,7 +856,7 @@ class Simulator {
       s.last_token = seen;
       if (s.generated >= s.output) {
         s.done = true;
-        w.unpublished_s += put_seconds(s);
+        if (const double put_s = put_seconds(s); put_s > 0) w.unpublished.push_back(put_s);
         e2e_.add(seen - s.arrival);
         if (o_.trace_requests) trace(k.seq, seen);
         ++completed_;
@@ -987,7 +1005,7 @@ class Simulator {
   std::vector<WorkerState> workers_;
   std::vector<HostState> hosts_;
   std::vector<Cores> node_servers_;
-  Server kv_store_;  // one message at a time, in order
+  StorePuts kv_puts_;
   std::vector<Server> nic_;
   std::vector<std::vector<int32_t>> expert_hosts_;
   std::vector<double> host_share_, expert_share_;

@@ -2,7 +2,8 @@
 // lookups, counters, and blocks that outlive their eviction while someone still holds them;
 // the disk tier: spill on eviction, promotion on a hit, its own LRU and budget, re-indexing on
 // restart, corrupt and torn files detected and dropped; the pool the store's blocks live in:
-// slots reused, slabs as needed, heap past its limit, blocks outliving it.
+// slots reused, slabs as needed, heap past its limit, blocks outliving it; the store's actor
+// answering gets before the puts queued ahead of them unless they need one.
 #include <gtest/gtest.h>
 
 #include <unistd.h>
@@ -18,6 +19,9 @@
 #include "actors/block_pool.h"
 #include "actors/block_store.h"
 #include "actors/block_store_disk.h"
+#include "actors/dispatch_frames.h"
+#include "core/wire.h"
+#include "proto/dataplane.pb.h"
 #include "core/error.h"
 
 using namespace moemesh;
@@ -412,4 +416,109 @@ TEST(BlockStoreDisk, SpillAllKeepsTheMemoryTierForTheNextStart) {
   ASSERT_EQ(got.size(), 3u);
   for (int i = 0; i < 3; ++i) EXPECT_EQ(got[i].data[7], 30 + i);
   EXPECT_EQ(s.stats().disk_hits, 3u);
+}
+
+// ---- the store's actor: the order it answers in ------------------------------------------------
+
+namespace {
+
+// What the store sent back: (kind, request id, blocks found for a KvGetReply).
+struct Reply {
+  wire::Kind kind;
+  uint64_t id;
+  int found;
+};
+
+FramesPtr request(wire::Kind kind, uint64_t id, const std::vector<BlockKey>& keys, uint8_t fill) {
+  wire::Header h;
+  h.kind = kind;
+  h.request_id = id;
+  auto frames = std::make_shared<Frames>();
+  frames->emplace_back("client", 6);  // the peer id a ROUTER puts first
+  std::vector<zmq::message_t> tensors;
+  if (kind == wire::Kind::KvPut) {
+    pb::KvPut put;
+    put.set_model_id("m");
+    for (const auto& k : keys) {
+      *put.add_keys() = k.to_bytes();
+      h.tensors.push_back({DType::F32, {25}});
+      tensors.push_back(frame_of(std::vector<uint8_t>(100, fill)));
+    }
+    h.meta = put.SerializeAsString();
+  } else {
+    pb::KvGet get;
+    get.set_model_id("m");
+    for (const auto& k : keys) *get.add_keys() = k.to_bytes();
+    h.meta = get.SerializeAsString();
+  }
+  frames->push_back(frame_of(wire::encode_header(h)));
+  for (auto& t : tensors) frames->push_back(std::move(t));
+  return frames;
+}
+
+}  // namespace
+
+TEST(BlockStoreActor, AGetIsAnsweredBeforeThePutsQueuedAheadOfItUnlessItNeedsOne) {
+  caf::actor_system_config cfg;
+  cfg.set("scheduler.policy", caf::atom("testing"));
+  caf::actor_system sys{cfg};
+  auto& sched = dynamic_cast<caf::scheduler::test_coordinator&>(sys.scheduler());
+  auto replies = std::make_shared<std::vector<Reply>>();
+  auto recorder = sys.spawn(
+      [](caf::event_based_actor*, std::shared_ptr<std::vector<Reply>> out) -> caf::behavior {
+        return {[out](zmq_send_atom, int, FramesPtr f) {
+          wire::Header h = wire::decode_header(frame_views(*f)[1]);
+          pb::KvGetReply r;
+          const int found = h.kind == wire::Kind::KvGetReply && r.ParseFromString(h.meta) ? r.found() : -1;
+          out->push_back({h.kind, h.request_id, found});
+        }};
+      },
+      replies);
+  BlockStoreOptions o;
+  o.budget_bytes = 1 << 20;
+  auto store = spawn_block_store(sys, recorder, 0, o);
+  const auto a = chain(1, "a"), b = chain(4, "b"), c = chain(1, "c");
+  auto send = [&](FramesPtr f) { caf::anon_send(store, zmq_recv_atom::value, 0, std::move(f)); };
+
+  send(request(wire::Kind::KvPut, 1, a, 1));
+  sched.run();
+  ASSERT_EQ(replies->size(), 1u);
+
+  // Four puts, then a get of what was stored before them, all in the mailbox at once: the get is
+  // answered first, the puts after it in their order.
+  for (uint64_t i = 0; i < 4; ++i) send(request(wire::Kind::KvPut, 2 + i, {b[i]}, 2));
+  send(request(wire::Kind::KvGet, 6, a, 0));
+  sched.run();
+  ASSERT_EQ(replies->size(), 6u);
+  EXPECT_EQ((*replies)[1].kind, wire::Kind::KvGetReply);
+  EXPECT_EQ((*replies)[1].id, 6u);
+  EXPECT_EQ((*replies)[1].found, 1);
+  for (uint64_t i = 0; i < 4; ++i) {
+    EXPECT_EQ((*replies)[2 + i].kind, wire::Kind::KvPut);
+    EXPECT_EQ((*replies)[2 + i].id, 2 + i);
+  }
+
+  // A get that needs a queued put: that put (and the ones before it) first, then the get, which
+  // finds its block; the put queued after them waits.
+  send(request(wire::Kind::KvPut, 7, {b[0]}, 3));
+  send(request(wire::Kind::KvPut, 8, c, 3));
+  send(request(wire::Kind::KvPut, 9, {chain(1, "d")[0]}, 3));
+  send(request(wire::Kind::KvGet, 10, c, 0));
+  sched.run();
+  ASSERT_EQ(replies->size(), 10u);
+  const std::vector<uint64_t> order{(*replies)[6].id, (*replies)[7].id, (*replies)[8].id, (*replies)[9].id};
+  EXPECT_EQ(order, (std::vector<uint64_t>{7, 8, 10, 9}));
+  EXPECT_EQ((*replies)[8].found, 1);
+
+  // A put that does not parse is refused at once, ahead of nothing.
+  auto bad = request(wire::Kind::KvPut, 11, c, 4);
+  bad->pop_back();  // a tensor frame short of its header
+  send(bad);
+  sched.run();
+  ASSERT_EQ(replies->size(), 11u);
+  EXPECT_EQ((*replies)[10].kind, wire::Kind::Error);
+  EXPECT_EQ((*replies)[10].id, 11u);
+  caf::anon_send_exit(store, caf::exit_reason::user_shutdown);
+  caf::anon_send_exit(recorder, caf::exit_reason::user_shutdown);
+  sched.run();
 }

@@ -290,37 +290,44 @@ TEST(PlannerSim, AStepThatStartsSequencesWaitsOnceForTheirPrefixLookup) {
   }
 }
 
-TEST(PlannerSim, ALookupWaitsBehindThePutsOfTheSequencesItsStepFrees) {
-  // A (two full blocks, one token) finishes in its first step. B arrives during it: B's step
-  // frees A, whose two blocks the store takes 0.4 + 2 x 0.3 ms to put, and B's lookup is answered
-  // after them. C comes to an idle worker: B's frees went out alone as B finished, and C waits for
-  // none. A profile's put costs survive its JSON.
+TEST(PlannerSim, ALookupWaitsForThePutBeingStoredNotThoseQueuedBehindIt) {
+  // R decodes while A1-A3 (two full blocks, one token) arrive: they prefill in one step and
+  // finish, and the next step frees them, its puts stored one after the other (6 ms apiece). B
+  // (a long prompt: a wait budget that does not bind) arrives during that step: its lookup waits
+  // for the put being stored, not for those queued behind it. D comes to an idle store and waits
+  // for nothing. A profile's put costs survive its JSON.
   CostProfile p = toy_profile();
   p.prefix_lookup_s = 0.2e-3;
   Deployment d;
   TrafficSpec t;
   t.kind = TrafficSpec::Kind::trace;
-  t.trace = {{.arrival_s = 0, .prompt = 40, .output = 1},
-             {.arrival_s = 1e-3, .prompt = 40, .output = 1},
-             {.arrival_s = 0.5, .prompt = 40, .output = 1}};
-  t.requests = 3;
+  t.trace = {{.arrival_s = 0, .prompt = 8, .output = 4},       {.arrival_s = 1e-3, .prompt = 40, .output = 1},
+             {.arrival_s = 1e-3, .prompt = 40, .output = 1},   {.arrival_s = 1e-3, .prompt = 40, .output = 1},
+             {.arrival_s = 20e-3, .prompt = 400, .output = 1}, {.arrival_s = 2, .prompt = 40, .output = 1}};
+  t.requests = 6;
   SimOptions o;
   o.trace_requests = true;
+  // First tokens in arrival order (a trace's arrivals are its start times).
   auto first_tokens = [&](double put_s, double per_block_s) {
     p.kv_put_s = put_s;
     p.kv_put_per_block_s = per_block_s;
+    std::vector<std::pair<double, double>> by_start;
+    for (const bench::Outcome& r : simulate(p, d, t, ExpertLoad::uniform(8), o).traces)
+      by_start.emplace_back(r.start_s, *r.ttft_s);
+    std::sort(by_start.begin(), by_start.end());
     std::vector<double> v;
-    for (const bench::Outcome& r : simulate(p, d, t, ExpertLoad::uniform(8), o).traces) v.push_back(*r.ttft_s);
+    for (const auto& [start, ttft] : by_start) v.push_back(ttft);
     return v;
   };
-  const std::vector<double> none = first_tokens(0, 0), puts = first_tokens(0.4e-3, 0.3e-3);
-  ASSERT_EQ(puts.size(), 3u);
-  EXPECT_NEAR(puts[0], none[0], 1e-9);
-  EXPECT_NEAR(puts[1] - none[1], 1.0e-3, 1e-9);
-  EXPECT_NEAR(puts[2], none[2], 1e-9);
+  const std::vector<double> none = first_tokens(0, 0), puts = first_tokens(4e-3, 1e-3);
+  ASSERT_EQ(puts.size(), 6u);
+  for (size_t i = 0; i < 4; ++i) EXPECT_NEAR(puts[i], none[i], 1e-9) << i;
+  EXPECT_GT(puts[4] - none[4], 0.5e-3);  // some of A2's put
+  EXPECT_LT(puts[4] - none[4], 6e-3);    // and none of A3's
+  EXPECT_NEAR(puts[5], none[5], 1e-9);
   const CostProfile back = CostProfile::from_json(p.to_json());
-  EXPECT_DOUBLE_EQ(back.kv_put_s, 0.4e-3);
-  EXPECT_DOUBLE_EQ(back.kv_put_per_block_s, 0.3e-3);
+  EXPECT_DOUBLE_EQ(back.kv_put_s, 4e-3);
+  EXPECT_DOUBLE_EQ(back.kv_put_per_block_s, 1e-3);
 }
 
 TEST(PlannerSim, ARequestsCpuOnSharedCoresSlowsTheStepsBesideIt) {
