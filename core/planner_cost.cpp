@@ -103,7 +103,7 @@ nlohmann::json CostProfile::to_json() const {
        {{"per_token_s", router_per_token_s},
         {"per_request_s", router_per_request_s},
         {"request_cpu_share", router_request_cpu_share}}},
-      {"idle_wake", {{"seconds", idle_wake_s}, {"after_s", idle_after_s}}},
+      {"idle_wake", {{"seconds", idle_wake_s}, {"after_s", idle_after_s}, {"decay", idle_wake_decay}}},
       {"kv_store", {{"lookup_s", prefix_lookup_s}, {"put_s", kv_put_s}, {"put_per_block_s", kv_put_per_block_s}}},
       {"step_jitter", step_jitter},
       {"links",
@@ -153,7 +153,10 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
     if (j.contains("idle_wake")) {
       p.idle_wake_s = j["idle_wake"].value("seconds", 0.0);
       p.idle_after_s = j["idle_wake"].value("after_s", p.idle_after_s);
+      p.idle_wake_decay = j["idle_wake"].value("decay", p.idle_wake_decay);
       if (p.idle_wake_s < 0 || p.idle_after_s < 0) throw Error("profile: idle_wake values must not be negative");
+      if (!(p.idle_wake_decay >= 0 && p.idle_wake_decay < 1))
+        throw Error("profile: idle_wake.decay must be in [0, 1), not " + std::to_string(p.idle_wake_decay));
     }
     if (j.contains("kv_store")) {
       p.prefix_lookup_s = j["kv_store"].value("lookup_s", 0.0);

@@ -61,11 +61,12 @@ struct CostProfile {
   // other jobs take grows with the time a step is exposed to them.
   double step_jitter = 0;
   // Waking from idle: a worker's first step after it sat idle longer than idle_after_s takes
-  // idle_wake_s longer, the next ones less (kWakeDecay per step): threads and cores that went to
-  // sleep, cold caches. On this machine a pause of 20 ms or more costs the next request 1.2-1.5
-  // ms of TTFT and 0.5-0.6 ms of its first inter-token gap; one of 2 ms nothing
-  // (bench/idle_wake.py, docs/planner.md). Fitted on a calibration run with pauses between requests.
-  double idle_wake_s = 0, idle_after_s = 0.01;
+  // idle_wake_s longer, each next one idle_wake_decay of the one before's extra: threads and
+  // cores that went to sleep, cold caches. On this machine a pause of 20 ms or more costs the
+  // next request 1.2-1.5 ms of TTFT, 0.5-0.6 ms of its first inter-token gap and 0.1-0.3 ms of
+  // each of the next six; one of 2 ms nothing (bench/idle_wake.py, docs/planner.md). Both fitted
+  // on a calibration run with pauses between requests: its TTFT and its inter-token latency.
+  double idle_wake_s = 0, idle_after_s = 0.01, idle_wake_decay = 0.4;
   // The prefix-cache lookup: a step that starts sequences whose prompts have a full KV block
   // waits this long for the KV store first (one round trip for all of them; a miss, as random
   // prompts are). Measured against a moemesh-kvstore process (`plan profile`).

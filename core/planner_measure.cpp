@@ -217,8 +217,8 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
          per_token = p.router_per_token_s;
   const double cores = double(std::max(1, p.node_cores));
   std::vector<CalibrationPoint> fitted(idle ? 4 : 3);
-  double wake = 0;
-  StepGain jitter_gain, hop_gain, request_gain, prompt_gain, share_gain, wake_gain, token_gain;
+  double wake = 0, wake_decay = p.idle_wake_decay;
+  StepGain jitter_gain, hop_gain, request_gain, prompt_gain, share_gain, wake_gain, decay_gain, token_gain;
   // The parameters move together and each gap depends a little on all: half steps converge.
   const double damp = 0.5;
   for (int round = 0; round < 80; ++round) {
@@ -231,6 +231,7 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
     p.router_per_token_s = per_token;
     p.step_jitter = jitter;
     p.idle_wake_s = wake;
+    p.idle_wake_decay = wake_decay;
     const SimResult a = simulate_point(p, d, one), b = simulate_point(p, d, long_prompt),
                     c = simulate_point(p, d, loaded);
     const SimResult e = idle ? simulate_point(p, d, *idle) : SimResult{};
@@ -263,6 +264,9 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
         cpu_share + damp * share_gain(loaded.ttft_p50_s - c.ttft.p50) / std::max(1e-6, loaded.itl_p50_s), 0.0, 1.0);
     // Requests that find the cluster idle: what their first token takes beyond a busy cluster's.
     if (idle) wake = std::max(0.0, wake + damp * wake_gain(idle->ttft_p50_s - e.ttft.p50));
+    // Their inter-token gaps: how long the wake-up lasts (a gap in units of the wake-up cost).
+    if (idle && wake > 0)
+      wake_decay = std::clamp(wake_decay + damp * decay_gain(idle->itl_p50_s - e.itl.p50) / wake, 0.0, 0.9);
     const double per_token_slope = double(loaded.concurrency) / cores;
     per_token = std::max(0.0, per_token + damp * token_gain(loaded.itl_p50_s - c.itl.p50) / per_token_slope);
   }

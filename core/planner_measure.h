@@ -54,7 +54,8 @@ struct CalibrationPoint {
 // costs beside the steps, the router's HTTP streaming and the client's; its TTFT the share of the
 // per-request work that waits behind the cores' other work). All are CPU on the node's
 // cores (p.shared_node_compute). `idle`, when given, is a run whose requests arrive apart (a low
-// Poisson rate): its TTFT prices waking from idle (p.idle_wake_s). Returns the simulator's values
+// Poisson rate): its TTFT prices waking from idle (p.idle_wake_s), its inter-token latency how
+// long that lasts (p.idle_wake_decay). Returns the simulator's values
 // for the points, fitted.
 std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment& d, const CalibrationPoint& one,
                                                 const CalibrationPoint& long_prompt, const CalibrationPoint& loaded,

@@ -20,10 +20,9 @@ namespace moemesh::planner {
 namespace {
 
 constexpr int64_t kBlock = KvCache::kBlockSize;
-// Each step after waking from idle pays this share of the one before's wake-up cost (measured on
-// this machine: 1.4, 0.57, 0.15 ms for the first three steps after a 100 ms pause).
-constexpr double kWakeDecay = 0.4;
-constexpr int kWakeSteps = 4;  // the steps after a pause that pay part of it
+// The steps after a pause that may pay part of waking up (each the profile's idle_wake_decay of
+// the one before's share: past these, under 1% of the first's even at a decay of 0.85).
+constexpr int kWakeSteps = 32;
 
 // Latencies into geometric bins (0.5% wide): percentiles of billions of samples in fixed memory.
 class LatencyHistogram {
@@ -811,7 +810,8 @@ class Simulator {
     if (p_.step_jitter > 0)
       end += (end - w.step_start) * std::exponential_distribution<double>(1 / p_.step_jitter)(rng_);
     // Waking from idle: the first steps after a pause are slower, by a share that falls each step.
-    if (p_.idle_wake_s > 0 && w.warm_steps < kWakeSteps) end += p_.idle_wake_s * std::pow(kWakeDecay, w.warm_steps);
+    if (p_.idle_wake_s > 0 && w.warm_steps < kWakeSteps)
+      end += p_.idle_wake_s * std::pow(p_.idle_wake_decay, w.warm_steps);
     w.warm_steps = std::min(w.warm_steps + 1, kWakeSteps);
     w.last_step_end = end;
     push(end, kStepDone, uint32_t(wi));
