@@ -216,6 +216,7 @@ caf::actor spawn_step_server(caf::actor_system& sys, ZmqBridge& bridge, int sock
           if (auto p = weak_pool.lock())
             p->submit([=] {
               caf::anon_send(out, zmq_send_atom::value, socket, handle(*frames, *worker, *stats, metrics.get()));
+              worker->publish_freed();  // after the answer: not on the step's critical path
             });
         }};
       },

@@ -62,7 +62,7 @@ std::shared_ptr<GrammarMasks> StepWorker::masks_for(const std::string& spec) {
 void StepWorker::release(uint64_t seq, bool publish, const char* end) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;
-  if (publish && opts_.prefix_store) publish_blocks(it->second);
+  if (publish && opts_.prefix_store) gather_blocks(it->second);
   if (const Seq& s = it->second; s.span)
     s.span->finish("attention", "sequence",
                    {{"peer", "router"},
@@ -123,7 +123,7 @@ void StepWorker::restore_prefix(Seq& s, int64_t max_blocks, const std::vector<st
   s.restored = n * kBlockTokens;
 }
 
-void StepWorker::publish_blocks(const Seq& s) {
+void StepWorker::gather_blocks(const Seq& s) {
   KvCache& kv = engine_->kv_cache();
   const int64_t full = std::min<int64_t>(kv.length(s.id), int64_t(s.tokens.size())) / kBlockTokens;
   const int64_t first = s.restored / kBlockTokens;  // those came from the store
@@ -133,17 +133,26 @@ void StepWorker::publish_blocks(const Seq& s) {
   if (kv.first_held_block(s.id) > first) return;
   try {
     auto keys = prefix_block_keys(s.key_ns, std::span(s.tokens).first(size_t(full * kBlockTokens)));
-    std::vector<std::vector<float>> blocks;
+    Publication p{{keys.begin() + first, keys.end()}, {}, s.trace()};
     for (int64_t b = first; b < full; ++b)
-      kv.read_block(s.id, b, blocks.emplace_back(size_t(kv.block_floats())).data());
-    opts_.prefix_store->publish(std::span(keys).subspan(size_t(first)), std::move(blocks), s.trace());
-    counts_.published_blocks += uint64_t(full - first);
+      kv.read_block(s.id, b, p.blocks.emplace_back(size_t(kv.block_floats())).data());
+    freed_.push_back(std::move(p));
   } catch (const std::exception& e) {  // the store is an optimisation: never fail a step for it
-    spdlog::warn("prefix cache: publishing sequence {} failed: {}", s.id, e.what());
+    spdlog::warn("prefix cache: gathering sequence {}'s blocks failed: {}", s.id, e.what());
   }
 }
 
+void StepWorker::publish_freed() {
+  for (Publication& p : freed_) {
+    const size_t n = p.keys.size();
+    opts_.prefix_store->publish(p.keys, std::move(p.blocks), p.trace);  // never throws
+    counts_.published_blocks += n;
+  }
+  freed_.clear();
+}
+
 pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::vector<float>>& logits) {
+  publish_freed();  // what the caller left of the step before
   StepPhaseTimer phase_timer(phases_);
   pb::StepResponse resp;
   resp.set_step(req.step());

@@ -86,8 +86,14 @@ class StepWorker {
  public:
   StepWorker(std::shared_ptr<Engine> engine, std::vector<int32_t> eos_ids, StepWorkerOptions opts = {});
 
-  // logits: receives the logits rows asked for (SeqResult.logits_tensor indexes it).
+  // logits: receives the logits rows asked for (SeqResult.logits_tensor indexes it). The blocks
+  // of the sequences it frees are copied out then and offered to the prefix cache by
+  // publish_freed(), or at the start of the next run().
   pb::StepResponse run(const pb::StepRequest& req, std::vector<std::vector<float>>& logits);
+  // Offers the freed sequences' blocks to the prefix cache. The step server calls it once the
+  // step's answer is on its way: the offer (the memory tier's copy, the store's messages) is
+  // then off the step's critical path, in the time the router takes to send the next step.
+  void publish_freed();
 
   int64_t free_blocks() const { return engine_->kv_cache().free_blocks(); }
   int64_t num_blocks() const { return engine_->kv_cache().num_blocks(); }
@@ -116,7 +122,7 @@ class StepWorker {
     int64_t steps = 0, generated = 0;                  // span attributes
     TraceRef trace() const { return span ? trace::ref_of(span->ctx) : TraceRef{}; }
   };
-  // Frees the sequence; with `publish`, first offers its new full blocks to the store. `end`
+  // Frees the sequence; with `publish`, first gathers its new full blocks for the store. `end`
   // says why, in its span.
   void release(uint64_t seq, bool publish = false, const char* end = "freed");
   // A step's new sequences' stored prefixes (by router sequence id), asked of the store at once,
@@ -128,7 +134,8 @@ class StepWorker {
                            double engine_seconds);
   // Copies the first of `blocks` (at most max_blocks) into the sequence's KV cache.
   void restore_prefix(Seq& s, int64_t max_blocks, const std::vector<std::vector<float>>& blocks);
-  void publish_blocks(const Seq& s);
+  // Copies the sequence's new full blocks out of the KV cache for publish_freed().
+  void gather_blocks(const Seq& s);
   // The masks of a constraint spec, compiled once (throws what compile_constraint throws).
   std::shared_ptr<GrammarMasks> masks_for(const std::string& spec);
 
@@ -143,6 +150,12 @@ class StepWorker {
   std::map<std::string, std::shared_ptr<GrammarMasks>> masks_;  // by constraint spec
   mutable StepWorkerCounts counts_;
   StepPhases phases_;
+  struct Publication {
+    std::vector<BlockKey> keys;
+    std::vector<std::vector<float>> blocks;
+    TraceRef trace;
+  };
+  std::vector<Publication> freed_;  // blocks gathered from freed sequences, not offered yet
 };
 
 }  // namespace moemesh::actors

@@ -1,5 +1,6 @@
 #include "actors/tiered_prefix_store.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "actors/block_store_disk.h"  // BlockStore's optional tier, complete for its constructor
@@ -7,22 +8,20 @@
 namespace moemesh::actors {
 namespace {
 
-// A block as the memory tier holds it: the vector itself owns the bytes (no copy).
-StoredBlock stored(std::vector<float> block) {
-  auto owned = std::make_shared<std::vector<float>>(std::move(block));
-  StoredBlock b{DType::F32,
-                {int64_t(owned->size())},
-                nullptr,
-                reinterpret_cast<const uint8_t*>(owned->data()),
-                owned->size() * sizeof(float)};
-  b.owner = std::move(owned);
-  return b;
+std::span<const uint8_t> bytes_of(const std::vector<float>& block) {
+  return {reinterpret_cast<const uint8_t*>(block.data()), block.size() * sizeof(float)};
 }
 
 }  // namespace
 
 TieredPrefixStore::TieredPrefixStore(std::shared_ptr<PrefixStore> remote, uint64_t budget_bytes)
-    : remote_(std::move(remote)), memory_(budget_bytes) {}
+    : remote_(std::move(remote)),
+      memory_(budget_bytes),
+      pool_(BlockPool::make(budget_bytes, size_t(std::min<uint64_t>(budget_bytes, 8u << 20)))) {}
+
+StoredBlock TieredPrefixStore::stored(const std::vector<float>& block) {
+  return pool_->copy_of(DType::F32, {int64_t(block.size())}, bytes_of(block));
+}
 
 std::vector<std::vector<float>> TieredPrefixStore::fetch(std::span<const BlockKey> keys, size_t block_floats,
                                                          const TraceRef& trace) {

@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 
+#include "actors/block_pool.h"
 #include "actors/block_store.h"
 #include "actors/kv_client.h"
 
@@ -37,9 +38,13 @@ class TieredPrefixStore : public PrefixStore {
   TieredPrefixStats stats() const;
 
  private:
+  // A copy of `block` in the pool (its pages faulted in ahead, reused after an eviction).
+  StoredBlock stored(const std::vector<float>& block);
+
   std::shared_ptr<PrefixStore> remote_;
   mutable std::mutex mu_;
   BlockStore memory_;  // the same LRU-under-a-budget the KV store keeps (no disk tier)
+  std::shared_ptr<BlockPool> pool_;  // where memory_'s blocks live
   uint64_t local_hits_ = 0, remote_hits_ = 0;
 };
 

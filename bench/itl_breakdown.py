@@ -9,8 +9,9 @@ happened in it, from `--per-request` files of `moemesh bench` (measured) and `mo
   bench/itl_breakdown.py measured.jsonl simulated.jsonl
 
 Classes: a gap in which another request's first token came (a step that prefilled a prompt);
-one in which a request arrived but no first token came; otherwise by the requests decoding
-through the whole gap (1, 2, 3, 4 or more). Per class: its share of the gaps, p50 and p90, and
+one that began within a typical gap of another request's last token (its stream closing, its
+blocks going to the KV store); one in which a request arrived but no first token came; otherwise
+by the requests decoding through the whole gap (1, 2, 3, 4 or more). Per class: its share of the gaps, p50 and p90, and
 its share of the gaps beyond the run's own p90.
 """
 import bisect
@@ -19,7 +20,8 @@ import sys
 
 
 def gaps(path):
-    """(ms, prefill in gap, arrival in gap, requests decoding through it) per inter-token gap."""
+    """(ms, prefill in gap, arrival in gap, requests decoding through it, a request finished just
+    before it) per inter-token gap."""
     recs = [json.loads(line) for line in open(path)]
     recs = [r for r in recs if r.get("ttft_s") is not None]
     tokens = []
@@ -30,6 +32,7 @@ def gaps(path):
         tokens.append(t)
     arrivals = sorted(r["start_s"] for r in recs)
     firsts = sorted(t[0] for t in tokens)
+    lasts = sorted(t[-1] for t in tokens)
     spans = sorted((t[0], t[-1]) for t in tokens)
     # A step's tokens reach the client one after the other (streamed in turn: 0.1 ms apart here,
     # and a step's dozens of tokens milliseconds apart under load), so a gap's window for first
@@ -46,7 +49,10 @@ def gaps(path):
             prefill = bisect.bisect_right(firsts, hi + late) > bisect.bisect_right(firsts, lo + late)
             arrival = bisect.bisect_right(arrivals, hi) > bisect.bisect_left(arrivals, lo - 1e-3)
             decoding = sum(1 for a, b in spans[:bisect.bisect_right(spans, (lo, float("inf")))] if b >= hi)
-            out.append(((hi - lo) * 1e3, prefill, arrival, decoding))
+            # Another request's last token within a typical gap before this one began (or with
+            # this gap's first token): the work of its end lands in this gap.
+            finished = bisect.bisect_right(lasts, lo + late) > bisect.bisect_right(lasts, lo - 4 * late)
+            out.append(((hi - lo) * 1e3, prefill, arrival, decoding, finished))
     return out
 
 
@@ -55,9 +61,11 @@ def quantile(sorted_values, q):
 
 
 CLASSES = [("another request's first token", lambda g: g[1]),
-           ("an arrival, no first token", lambda g: g[2] and not g[1])]
+           ("another request just finished", lambda g: g[4] and not g[1]),
+           ("an arrival, no first token", lambda g: g[2] and not g[1] and not g[4])]
 CLASSES += [(f"decoding only, {n}{'+' if n == 4 else ''} running",
-             lambda g, n=n: not g[1] and not g[2] and (g[3] == n if n < 4 else g[3] >= 4)) for n in (1, 2, 3, 4)]
+             lambda g, n=n: not g[1] and not g[2] and not g[4] and (g[3] == n if n < 4 else g[3] >= 4))
+            for n in (1, 2, 3, 4)]
 
 
 def main():

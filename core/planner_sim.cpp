@@ -240,6 +240,7 @@ struct WorkerState {
   int warm_steps = 0;           // steps since it was last idle long enough to go cold
   Cores server;                 // its own accelerator, or on shared cores its own timeline (one call at a time)
   std::vector<double> unpublished;  // the KV store's time for each put of the sequences its next step frees
+  std::vector<double> publishing;   // those of the step in flight's frees: put when it ends
 };
 
 struct HostState {
@@ -535,11 +536,16 @@ class Simulator {
       w.work.push_back({id, n, rows, double(rows) * double(from + to + 1) / 2.0});
       budget -= n;
     }
-    // The sequences it frees publish their blocks first; with no work the router still sends the
-    // frees (a step of its own, actors/scheduler.cpp).
-    for (double put_s : w.unpublished) kv_puts_.put(now_, put_s);
+    // The sequences it frees offer their blocks once the step's answer is sent
+    // (StepWorker::publish_freed); with no work the router still sends the frees (a step of its
+    // own, actors/scheduler.cpp).
+    if (w.work.empty()) {
+      for (double put_s : w.unpublished) kv_puts_.put(now_, put_s);
+      w.unpublished.clear();
+      return;
+    }
+    w.publishing.swap(w.unpublished);
     w.unpublished.clear();
-    if (w.work.empty()) return;
     w.inflight = true;
     w.step_start = now_;
     // Sequences the step starts with a full prompt block: the worker asks the KV store for their
@@ -830,6 +836,8 @@ class Simulator {
   void on_step_done(uint32_t wi) {
     WorkerState& w = workers_[wi];
     w.inflight = false;
+    for (double put_s : w.publishing) kv_puts_.put(now_, put_s);
+    w.publishing.clear();
     int64_t tokens = 0;
     const size_t before = w.running.size();
     for (const Work& k : w.work) {

@@ -292,10 +292,10 @@ TEST(PlannerSim, AStepThatStartsSequencesWaitsOnceForTheirPrefixLookup) {
 
 TEST(PlannerSim, ALookupWaitsForThePutBeingStoredNotThoseQueuedBehindIt) {
   // R decodes while A1-A3 (two full blocks, one token) arrive: they prefill in one step and
-  // finish, and the next step frees them, its puts stored one after the other (6 ms apiece). B
-  // (a long prompt: a wait budget that does not bind) arrives during that step: its lookup waits
-  // for the put being stored, not for those queued behind it. D comes to an idle store and waits
-  // for nothing. A profile's put costs survive its JSON.
+  // finish; the next step frees them, and once it has answered their puts are stored one after
+  // the other (6 ms apiece). B (a long prompt: a wait budget that does not bind) arrives during
+  // the step after: its lookup waits for the put being stored, not for those queued behind it.
+  // D comes to an idle store and waits for nothing. A profile's put costs survive its JSON.
   CostProfile p = toy_profile();
   p.prefix_lookup_s = 0.2e-3;
   Deployment d;
@@ -303,7 +303,7 @@ TEST(PlannerSim, ALookupWaitsForThePutBeingStoredNotThoseQueuedBehindIt) {
   t.kind = TrafficSpec::Kind::trace;
   t.trace = {{.arrival_s = 0, .prompt = 8, .output = 4},       {.arrival_s = 1e-3, .prompt = 40, .output = 1},
              {.arrival_s = 1e-3, .prompt = 40, .output = 1},   {.arrival_s = 1e-3, .prompt = 40, .output = 1},
-             {.arrival_s = 20e-3, .prompt = 400, .output = 1}, {.arrival_s = 2, .prompt = 40, .output = 1}};
+             {.arrival_s = 30e-3, .prompt = 400, .output = 1}, {.arrival_s = 2, .prompt = 40, .output = 1}};
   t.requests = 6;
   SimOptions o;
   o.trace_requests = true;

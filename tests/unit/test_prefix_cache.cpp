@@ -150,6 +150,7 @@ Generation generate(StepWorker& w, uint64_t seq, const std::vector<int32_t>& pro
   free.add_free(seq);
   std::vector<std::vector<float>> none;
   w.run(free, none);
+  w.publish_freed();  // as the step server does once the step's answer is sent
   return run;
 }
 
@@ -409,6 +410,45 @@ TEST_F(PrefixCache, APromptOfWholeBlocksKeepsItsLastTokenToCompute) {
   const uint64_t fetches = uint64_t(store->fetches);
   generate(w, 3, random_tokens(16, 6, vocab()), {16}, 1);
   EXPECT_EQ(uint64_t(store->fetches), fetches);
+}
+
+TEST_F(PrefixCache, AFreedSequencesBlocksAreOfferedAfterItsStepNotWithinIt) {
+  // The step that frees a sequence copies its blocks out; they reach the store when the server
+  // calls publish_freed() after sending the step's answer, or else at the next step's start.
+  auto store = std::make_shared<MapStore>();
+  StepWorker w(engine(), {2}, one_batch(store, "tiny"));
+  auto start_and_free = [&](uint64_t seq, int32_t seed) {
+    const auto prompt = random_tokens(40, seed, vocab());
+    pb::StepRequest req;
+    auto* wk = req.add_work();
+    wk->set_seq(seq);
+    wk->set_is_first(true);
+    wk->set_sample(true);
+    for (int32_t t : prompt) {
+      wk->add_tokens(t);
+      wk->add_prompt(t);
+    }
+    std::vector<std::vector<float>> logits;
+    w.run(req, logits);
+    pb::StepRequest free;
+    free.add_free(seq);
+    w.run(free, logits);
+  };
+  start_and_free(1, 7);
+  EXPECT_EQ(store->blocks.size(), 0u);
+  EXPECT_EQ(w.counts().published_blocks, 0u);
+  w.publish_freed();
+  EXPECT_EQ(store->blocks.size(), 2u);  // 40 positions: two full blocks
+  EXPECT_EQ(w.counts().published_blocks, 2u);
+  w.publish_freed();  // nothing twice
+  EXPECT_EQ(w.counts().published_blocks, 2u);
+
+  start_and_free(2, 8);  // its blocks are left gathered...
+  EXPECT_EQ(store->blocks.size(), 2u);
+  pb::StepRequest empty;
+  std::vector<std::vector<float>> logits;
+  w.run(empty, logits);  // ...and offered before the next step
+  EXPECT_EQ(store->blocks.size(), 4u);
 }
 
 // ---- KvClient against the real block store actor ----------------------------------------------
