@@ -208,9 +208,10 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
   const double layers = double(p.model.num_hidden_layers), hops = double(moe + 1);
   const double step0 = p.step_fixed_s, dispatch0 = p.dispatch_overhead_s;
   const double row0 = p.attn_per_prefill_row_s, ctx0 = p.attn_per_prefill_ctx_s;
+  const double decode_row0 = p.attn_per_row_s, decode_ctx0 = p.attn_per_ctx_s, expert_row0 = p.expert_per_row_s;
   auto prompt_cost = [&](double n) { return layers * (row0 * n + ctx0 * n * (n + 1) / 2); };
   const double engine_prompt = prompt_cost(double(long_prompt.prompt)) - prompt_cost(double(one.prompt));
-  double prefill_scale = 1;
+  double prefill_scale = 1, decode_scale = 1;
   // Each parameter is moved by the gap of the measurement it dominates, divided by how much that
   // measurement grows per unit of it (an upper bound: the iteration approaches from one side).
   double cpu_share = 0, jitter = 0, hop = 0, per_request = p.router_per_request_s, per_prompt_row = 0,
@@ -226,6 +227,9 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
     p.dispatch_overhead_s = dispatch0 + hop;
     p.attn_per_prefill_row_s = row0 * prefill_scale + per_prompt_row;
     p.attn_per_prefill_ctx_s = ctx0 * prefill_scale;
+    p.attn_per_row_s = decode_row0 * decode_scale;
+    p.attn_per_ctx_s = decode_ctx0 * decode_scale;
+    p.expert_per_row_s = expert_row0 * decode_scale;
     p.router_per_request_s = per_request;
     p.router_request_cpu_share = cpu_share;
     p.router_per_token_s = per_token;
@@ -268,7 +272,16 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
     if (idle && wake > 0)
       wake_decay = std::clamp(wake_decay + damp * decay_gain(idle->itl_p50_s - e.itl.p50) / wake, 0.0, 0.9);
     const double per_token_slope = double(loaded.concurrency) / cores;
-    per_token = std::max(0.0, per_token + damp * token_gain(loaded.itl_p50_s - c.itl.p50) / per_token_slope);
+    const double token_step = damp * token_gain(loaded.itl_p50_s - c.itl.p50) / per_token_slope;
+    if (decode_scale < 1 || per_token + token_step < 0) {
+      // Faster than the engine's decode rows allow with no CPU per token: the engine was timed
+      // while the machine was slow (its speed moves by tens of percent), so its per-row costs
+      // are scaled down instead, as far as the loaded run asks (up to 1 again when it asks more).
+      per_token = 0;
+      decode_scale = std::clamp(decode_scale * (1 + damp * (loaded.itl_p50_s - c.itl.p50) / c.itl.p50), 0.3, 1.0);
+    } else {
+      per_token += token_step;
+    }
   }
   return fitted;
 }

@@ -51,7 +51,9 @@ struct CalibrationPoint {
 // the router's per-request work, the spread of its inter-token latency the machine's interference),
 // the same with long prompts (`long_prompt`: the cost of a
 // prompt row on the cluster), and several at once (`loaded`: its ITL the CPU each streamed token
-// costs beside the steps, the router's HTTP streaming and the client's; its TTFT the share of the
+// costs beside the steps, the router's HTTP streaming and the client's, or, when it is faster
+// than the engine's decode rows allow with none, a scale below 1 on their per-row costs (an engine
+// timed while the machine was slow); its TTFT the share of the
 // per-request work that waits behind the cores' other work). All are CPU on the node's
 // cores (p.shared_node_compute). `idle`, when given, is a run whose requests arrive apart (a low
 // Poisson rate): its TTFT prices waking from idle (p.idle_wake_s), its inter-token latency how

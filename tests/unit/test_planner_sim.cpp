@@ -478,6 +478,34 @@ TEST(PlannerCalibration, ConvergesWhereTheLoadedFirstTokenMovesManyStepsPerUnitO
   EXPECT_NEAR(fitted.router_request_cpu_share, truth.router_request_cpu_share, 0.15);
 }
 
+TEST(PlannerCalibration, AnEngineTimedWhileTheMachineWasSlowIsScaledDownByTheLoadedRun) {
+  // The engine's decode rows timed 1.8x too slow (the machine's speed moves): the loaded run is
+  // faster than they allow even with no CPU per streamed token. The calibration scales them down
+  // to what the loaded run shows, and predicts another concurrency from there.
+  CostProfile truth = toy_profile();
+  truth.shared_node_compute = true;
+  truth.node_cores = 2;
+  truth.attn_per_row_s = 5e-5;
+  truth.expert_per_row_s = 5e-5;
+  Deployment d;
+  d.micro_batches = 1;
+  const CalibrationPoint one = simulated_point(truth, d, 1, 16, 48, 8),
+                         long_prompt = simulated_point(truth, d, 1, 128, 2, 8),
+                         loaded = simulated_point(truth, d, 48, 32, 48, 192);
+  CostProfile fitted = truth;
+  fitted.attn_per_row_s *= 1.8;
+  fitted.attn_per_ctx_s *= 1.8;
+  fitted.expert_per_row_s *= 1.8;
+  const auto back = calibrate_cluster(fitted, d, one, long_prompt, loaded, nullptr);
+  EXPECT_NEAR(back[2].itl_p50_s, loaded.itl_p50_s, 0.05 * loaded.itl_p50_s);
+  EXPECT_EQ(fitted.router_per_token_s, 0.0);
+  EXPECT_NEAR(fitted.attn_per_row_s, truth.attn_per_row_s, 0.3 * truth.attn_per_row_s);
+  const TrafficSpec other = fixed_traffic("closed:32", 32, 32, 128);
+  const SimResult want = simulate(truth, d, other, ExpertLoad::uniform(8));
+  const SimResult got = simulate(fitted, d, other, ExpertLoad::uniform(8));
+  EXPECT_NEAR(got.output_tok_s, want.output_tok_s, 0.1 * want.output_tok_s);
+}
+
 TEST(PlannerSearch, ReturnsTheCheapestShapeMeetingTheSlo) {
   CostProfile p = toy_profile();
   p.gpus_per_node = 1;  // one process per node: every process costs
