@@ -406,6 +406,16 @@ CalibrationPoint simulated_point(const CostProfile& p, const Deployment& d, int 
                           .itl_p90_s = r.itl.p90};
 }
 
+// plan profile's three runs (one at a time, long prompts, 48 at once) as a cluster of `truth`
+// would measure them.
+struct ThreeRuns {
+  CalibrationPoint one, long_prompt, loaded;
+};
+ThreeRuns three_runs(const CostProfile& truth, const Deployment& d) {
+  return {simulated_point(truth, d, 1, 16, 48, 8), simulated_point(truth, d, 1, 128, 2, 8),
+          simulated_point(truth, d, 48, 32, 48, 192)};
+}
+
 TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
   // A "cluster" whose hand-offs, router work, streaming CPU and waking from idle are known:
   // calibration from its four runs on a profile without them predicts traffic it was not fitted on.
@@ -466,9 +476,7 @@ TEST(PlannerCalibration, ConvergesWhereTheLoadedFirstTokenMovesManyStepsPerUnitO
   truth.router_per_token_s = 4e-4;
   Deployment d;
   d.micro_batches = 1;
-  const CalibrationPoint one = simulated_point(truth, d, 1, 16, 48, 8),
-                         long_prompt = simulated_point(truth, d, 1, 128, 2, 8),
-                         loaded = simulated_point(truth, d, 48, 32, 48, 192);
+  const auto [one, long_prompt, loaded] = three_runs(truth, d);
   CostProfile fitted = toy_profile();
   fitted.shared_node_compute = true;
   fitted.node_cores = 2;
@@ -489,9 +497,7 @@ TEST(PlannerCalibration, AnEngineTimedWhileTheMachineWasSlowIsScaledDownByTheLoa
   truth.expert_per_row_s = 5e-5;
   Deployment d;
   d.micro_batches = 1;
-  const CalibrationPoint one = simulated_point(truth, d, 1, 16, 48, 8),
-                         long_prompt = simulated_point(truth, d, 1, 128, 2, 8),
-                         loaded = simulated_point(truth, d, 48, 32, 48, 192);
+  const auto [one, long_prompt, loaded] = three_runs(truth, d);
   CostProfile fitted = truth;
   fitted.attn_per_row_s *= 1.8;
   fitted.attn_per_ctx_s *= 1.8;
