@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 namespace moemesh::actors {
@@ -10,12 +11,14 @@ namespace moemesh::actors {
 namespace {
 
 constexpr size_t kSlotAlign = 64;
+constexpr uint64_t kDefaultSlabBytes = 8u << 20;
 
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
 }  // namespace
 
 std::shared_ptr<BlockPool> BlockPool::make(uint64_t limit_bytes, size_t slab_bytes) {
+  if (slab_bytes == 0) slab_bytes = size_t(std::min<uint64_t>(limit_bytes, kDefaultSlabBytes));
   return std::shared_ptr<BlockPool>(new BlockPool(limit_bytes, slab_bytes));
 }
 
@@ -31,7 +34,7 @@ BlockPoolStats BlockPool::stats() const {
 }
 
 uint8_t* BlockPool::take(size_t slot) {
-  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  static const size_t page = size_t(sysconf(_SC_PAGESIZE));
   const size_t per_slab = std::max<size_t>(1, slab_bytes_ / slot);
   const size_t len = round_up(per_slab * slot, page);
   {

@@ -33,8 +33,9 @@ struct BlockPoolStats {
 
 class BlockPool : public std::enable_shared_from_this<BlockPool> {
  public:
-  // Made shared: every block holds the pool, so its memory outlives the store.
-  static std::shared_ptr<BlockPool> make(uint64_t limit_bytes, size_t slab_bytes = size_t(8) << 20);
+  // Made shared: every block holds the pool, so its memory outlives the store. Slabs of
+  // `slab_bytes` (0: 8 MiB, or the limit when that is smaller, so a small store still has one).
+  static std::shared_ptr<BlockPool> make(uint64_t limit_bytes, size_t slab_bytes = 0);
   ~BlockPool();
   BlockPool(const BlockPool&) = delete;
   BlockPool& operator=(const BlockPool&) = delete;

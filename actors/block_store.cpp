@@ -457,8 +457,7 @@ caf::behavior block_store(Self* self, BlockStoreOptions opts, caf::actor bridge,
   auto& s = self->state;
   const bool has_disk = store->disk() != nullptr;
   s.store = std::move(store);
-  // Slabs no larger than the budget: a small store still gets its blocks from the pool.
-  s.pool = BlockPool::make(opts.budget_bytes, size_t(std::min<uint64_t>(opts.budget_bytes, 8u << 20)));
+  s.pool = BlockPool::make(opts.budget_bytes);
   s.registry = std::move(opts.registry);
   s.metrics = std::make_unique<Metrics>(*s.registry, has_disk);
   s.metrics->memory.budget->Set(double(opts.budget_bytes));

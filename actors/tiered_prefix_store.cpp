@@ -1,6 +1,5 @@
 #include "actors/tiered_prefix_store.h"
 
-#include <algorithm>
 #include <cstring>
 
 #include "actors/block_store_disk.h"  // BlockStore's optional tier, complete for its constructor
@@ -15,9 +14,7 @@ std::span<const uint8_t> bytes_of(const std::vector<float>& block) {
 }  // namespace
 
 TieredPrefixStore::TieredPrefixStore(std::shared_ptr<PrefixStore> remote, uint64_t budget_bytes)
-    : remote_(std::move(remote)),
-      memory_(budget_bytes),
-      pool_(BlockPool::make(budget_bytes, size_t(std::min<uint64_t>(budget_bytes, 8u << 20)))) {}
+    : remote_(std::move(remote)), memory_(budget_bytes), pool_(BlockPool::make(budget_bytes)) {}
 
 StoredBlock TieredPrefixStore::stored(const std::vector<float>& block) {
   return pool_->copy_of(DType::F32, {int64_t(block.size())}, bytes_of(block));
