@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""What a request's start and end cost the streams already running, measured and simulated.
+
+One long stream (one request, --stream-tokens output tokens) runs while short requests arrive
+beside it (Poisson, --rate, --inject-tokens output tokens each). Each gap of the long stream is
+classed by what an injected request did in the step that ended it: its first token (`start`: the
+router's admission, the prefix lookup, its prompt rows), a token of its decoding (`decode`), its
+last token (`end`), or nothing, but it ended the step before (`after end`: the router closing its
+stream, the worker freeing and publishing its blocks). A class's cost is the gap's excess over the
+median of the nearby gaps (six each side) in which no injected request did anything: a local
+comparison, so the machine's drift over seconds (tens of percent here) cancels, where totals of
+runs apart do not.
+
+The same trace (the long stream and the injected requests at their measured arrival times) runs
+through the capacity planner's simulator (`moemesh plan --traffic trace:...`) on a profile
+calibrated against the same cluster, and is classed the same way: what the simulator lacks per
+class (docs/planner.md, "Open points").
+
+  bench/request_cost.py --moemesh build/services/cli/moemesh --model /tmp/tiny [--config 1/1/1/1]
+"""
+import argparse, bisect, json, os, signal, statistics, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from planner_validate import wait_ready  # noqa: E402
+
+CLASSES = ["start", "decode", "end", "after end"]
+
+
+def token_times(rec):
+    t = [rec["start_s"] + rec["ttft_s"]]
+    for g in rec["itl_s"]:
+        t.append(t[-1] + g)
+    return t
+
+
+def align(stream, injected, slack=3e-4):
+    """The offset of the injected client's clock on the stream's: each injected first token comes
+    with one of the stream's tokens (the same step's reply), within `slack`. Two clients start
+    their clocks tens of milliseconds apart."""
+    best = (-1, 0.0)
+    for k in range(-4000, 10000):  # -200..500 ms in 50 us steps: either client may start first
+        d = k * 5e-5
+        hits = 0
+        for t in injected:
+            i = bisect.bisect_left(stream, t[0] + d)
+            hits += any(0 <= j < len(stream) and abs(stream[j] - t[0] - d) < slack for j in (i - 1, i))
+        if hits > best[0]:
+            best = (hits, d)
+    return best
+
+
+def excesses(stream, injected):
+    """Per class, the excess (ms) of each classed gap of `stream` over its unclassed neighbours."""
+    gaps = [b - a for a, b in zip(stream, stream[1:])]
+    cls = [set() for _ in gaps]
+
+    def gap_ending_with(t):  # the gap closed by the stream's token of the step that produced t
+        i = bisect.bisect_left(stream, t - 3e-4)
+        return i - 1 if 0 < i <= len(gaps) else None
+
+    for t in injected:
+        marks = [(t[0], "start")] + [(x, "decode") for x in t[1:-1]] + ([(t[-1], "end")] if len(t) > 1 else [])
+        for x, name in marks:
+            g = gap_ending_with(x)
+            if g is not None:
+                cls[g].add(name)
+        g = gap_ending_with(t[-1])
+        if g is not None and g + 1 < len(gaps):
+            cls[g + 1].add("after end")
+    out = {c: [] for c in CLASSES}
+    for i, c in enumerate(cls):
+        if len(c) != 1:  # one thing at a time: a gap with two is no class's alone
+            continue
+        ref = [gaps[j] for j in range(max(0, i - 6), min(len(gaps), i + 7)) if not cls[j]]
+        if len(ref) >= 4:
+            out[next(iter(c))].append((gaps[i] - statistics.median(ref)) * 1e3)
+    return out
+
+
+def bench(a, port, args, path):
+    subprocess.run([a.moemesh, "bench", "--url", f"http://127.0.0.1:{port}", "--vocab", "250", "--per-request", path]
+                   + args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return [json.loads(line) for line in open(path)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--moemesh", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--config", default="1/1/1/1", help="attention/experts/replicas/micro-batches of moemesh up")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=15, help="injected requests per second")
+    ap.add_argument("--inject", type=int, default=30, help="injected requests per round")
+    ap.add_argument("--inject-tokens", type=int, default=8)
+    ap.add_argument("--stream-tokens", type=int, default=2000)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--profile", help="simulate on this profile (default: calibrate one on the cluster)")
+    ap.add_argument("--cores", type=int, default=1)
+    ap.add_argument("--port", type=int, default=18300)
+    ap.add_argument("--out-dir", help="keep the per-request files and traces here")
+    a = ap.parse_args()
+    att, exp, rep, mb = a.config.split("/")
+    out = a.out_dir or tempfile.mkdtemp(prefix="request-cost-")
+    os.makedirs(out, exist_ok=True)
+    up = subprocess.Popen([a.moemesh, "up", "--model", a.model, "--attention", att, "--experts", exp, "--replicas", rep,
+                           "--micro-batches", mb, "--port", str(a.port), "--cores", str(a.cores),
+                           "--control-port", str(a.port + 10), "--admin-port", str(a.port + 20)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    measured = {c: [] for c in CLASSES}
+    traces = []
+    try:
+        wait_ready(f"http://127.0.0.1:{a.port}", up)
+        bench(a, a.port, ["--concurrency", "4", "--requests", "32", "--prompt-len", "32", "--output-len", "16"],
+              os.path.join(out, "warm.jsonl"))
+        prof = a.profile or os.path.join(out, "profile.json")
+        if not a.profile:
+            subprocess.run([a.moemesh, "plan", "profile", "--model", a.model, "--out", prof, "--calibrate-url",
+                            f"http://127.0.0.1:{a.port}", "--cores", str(a.cores), "--calibrate-repeats", "1",
+                            "--calibrate-attention", att, "--calibrate-experts", exp, "--calibrate-replicas", rep,
+                            "--calibrate-micro-batches", mb], check=True, stdout=subprocess.DEVNULL)
+        for r in range(a.rounds):
+            # The long stream in the background, the injected requests beside it (fresh prompts
+            # each round: every start misses the prefix cache, as the simulator assumes).
+            stream_file = os.path.join(out, f"stream{r}.jsonl")
+            bg = subprocess.Popen([a.moemesh, "bench", "--url", f"http://127.0.0.1:{a.port}", "--vocab", "250",
+                                   "--concurrency", "1", "--requests", "1", "--prompt-len", str(a.prompt_len),
+                                   "--output-len", str(a.stream_tokens), "--seed", str(1000 + r), "--per-request",
+                                   stream_file], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.3)  # the stream is running before the first injected request: all fall beside it
+            inj = bench(a, a.port, ["--rate", str(a.rate), "--requests", str(a.inject), "--prompt-len",
+                                    str(a.prompt_len), "--output-len", str(a.inject_tokens), "--seed", str(2000 + r)],
+                        os.path.join(out, f"inject{r}.jsonl"))
+            if bg.wait() != 0:
+                raise RuntimeError("the long stream's bench failed")
+            stream = json.loads(open(stream_file).readline())
+            hits, d = align(token_times(stream), [token_times(x) for x in inj])
+            print(f"round {r}: {hits} of {len(inj)} injected first tokens aligned at +{d * 1e3:.2f} ms", file=sys.stderr)
+            if hits < 0.8 * len(inj):  # the clocks were not matched: its classes would be noise
+                print(f"round {r}: skipped (fewer than 80% aligned)", file=sys.stderr)
+                continue
+            for c, v in excesses(token_times(stream), [[t + d for t in token_times(x)] for x in inj]).items():
+                measured[c] += v
+            traces.append([(stream["start_s"], a.prompt_len, a.stream_tokens)] +
+                          [(x["start_s"] + d, a.prompt_len, x["output_tokens"]) for x in inj])
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        up.wait()
+    simulated = {c: [] for c in CLASSES}
+    for r, rows in enumerate(traces):
+        csv, sim = os.path.join(out, f"trace{r}.csv"), os.path.join(out, f"sim{r}.jsonl")
+        t0 = min(t for t, _, _ in rows)  # the injected client may have started first
+        with open(csv, "w") as f:
+            f.write("arrival_s,prompt_len,output_len,tenant\n")
+            f.writelines(f"{t - t0:.6f},{p},{o},default\n" for t, p, o in sorted(rows))
+        subprocess.run([a.moemesh, "plan", "--profile", prof, "--attention", att, "--experts", exp, "--replicas", rep,
+                        "--micro-batches", mb, "--traffic", f"trace:{csv}", "--layers-per-event", "1", "--seed", str(r),
+                        "--per-request", sim], check=True, stdout=subprocess.DEVNULL)
+        recs = [json.loads(line) for line in open(sim)]
+        stream = max(recs, key=lambda x: x["output_tokens"])
+        for c, v in excesses(token_times(stream), [token_times(x) for x in recs if x is not stream]).items():
+            simulated[c] += v
+    print(f"\n{a.config}, {a.rounds} rounds of {a.inject} requests of {a.inject_tokens} tokens at {a.rate}/s beside "
+          f"a stream of {a.stream_tokens}; excess of a gap over its neighbours, median ms (gaps):")
+    print("| class | measured | simulated | simulator lacks |")
+    print("| --- | ---: | ---: | ---: |")
+    for c in CLASSES:
+        m, s = measured[c], simulated[c]
+        fm = statistics.median(m) if m else float("nan")
+        fs = statistics.median(s) if s else float("nan")
+        print(f"| {c} | {fm:+.2f} ({len(m)}) | {fs:+.2f} ({len(s)}) | {fm - fs:+.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
