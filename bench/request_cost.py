@@ -14,7 +14,8 @@ runs apart do not.
 The same trace (the long stream and the injected requests at their measured arrival times) runs
 through the capacity planner's simulator (`moemesh plan --traffic trace:...`) on a profile
 calibrated against the same cluster, and is classed the same way: what the simulator lacks per
-class (docs/planner.md, "Open points").
+class (docs/planner.md, "Open points"). `moemesh plan profile --calibrate-url` runs the same
+measurement and fits the start's cost on it (profile `step.start_s`, core/planner_measure.h).
 
   bench/request_cost.py --moemesh build/services/cli/moemesh --model /tmp/tiny [--config 1/1/1/1]
 """
@@ -37,16 +38,19 @@ def align(stream, injected, slack=3e-4):
     """The offset of the injected client's clock on the stream's: each injected first token comes
     with one of the stream's tokens (the same step's reply), within `slack`. Two clients start
     their clocks tens of milliseconds apart."""
-    best = (-1, 0.0)
+    best, first, last = -1, 0, 0
     for k in range(-4000, 10000):  # -200..500 ms in 50 us steps: either client may start first
         d = k * 5e-5
         hits = 0
         for t in injected:
             i = bisect.bisect_left(stream, t[0] + d)
             hits += any(0 <= j < len(stream) and abs(stream[j] - t[0] - d) < slack for j in (i - 1, i))
-        if hits > best[0]:
-            best = (hits, d)
-    return best
+        if hits > best:
+            best, first, last = hits, k, k
+        elif hits == best and last == k - 1:
+            last = k
+    # Every offset within the slack of the true one matches as many: the middle of the first run.
+    return best, (first + last) * 5e-5 / 2
 
 
 def excesses(stream, injected):

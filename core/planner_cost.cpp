@@ -96,7 +96,7 @@ nlohmann::json CostProfile::to_json() const {
         {"per_ctx_token_s", attn_per_ctx_s},
         {"per_prefill_row_s", attn_per_prefill_row_s},
         {"per_prefill_ctx_token_s", attn_per_prefill_ctx_s}}},
-      {"step", {{"fixed_s", step_fixed_s}, {"per_row_s", step_per_row_s}}},
+      {"step", {{"fixed_s", step_fixed_s}, {"per_row_s", step_per_row_s}, {"start_s", step_start_s}}},
       {"expert", {{"fixed_s", expert_fixed_s}, {"per_expert_s", expert_per_expert_s}, {"per_row_s", expert_per_row_s}}},
       {"dispatch_overhead_s", dispatch_overhead_s},
       {"router",
@@ -140,6 +140,7 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
     p.attn_per_prefill_ctx_s = a.value("per_prefill_ctx_token_s", p.attn_per_ctx_s);
     p.step_fixed_s = j.at("step").at("fixed_s");
     p.step_per_row_s = j.at("step").at("per_row_s");
+    p.step_start_s = j.at("step").value("start_s", 0.0);
     const auto& e = j.at("expert");
     p.expert_fixed_s = e.at("fixed_s");
     p.expert_per_expert_s = e.at("per_expert_s");

@@ -39,6 +39,12 @@ struct CostProfile {
   // Attention worker, per step (embedding, final norm, lm_head, sampling, the step's RPC); per
   // row: each sampled row.
   double step_fixed_s = 0, step_per_row_s = 0;
+  // A step that starts sequences takes this much longer on the worker (with shared node compute,
+  // CPU on its cores) than its rows and its prefix lookup: a new sequence's set-up in the worker
+  // and the router, the prompt's first pass. Measured apart by `plan profile --calibrate-url` (a
+  // stream with short requests arriving beside it: how much longer its gaps are in which one
+  // started, over their neighbours).
+  double step_start_s = 0;
   // Expert host, per layer batch: fixed + per expert with rows + per (row, expert) assignment.
   double expert_fixed_s = 0, expert_per_expert_s = 0, expert_per_row_s = 0;
   // Per dispatch (one attention worker -> one expert host, one layer), beyond the link itself:

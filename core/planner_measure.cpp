@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <optional>
 #include <memory>
 
 #include "core/checkpoint.h"
@@ -175,6 +176,110 @@ SimResult simulate_point(const CostProfile& p, const Deployment& d, const Calibr
   return simulate(p, d, t, ExpertLoad::uniform(std::max<int64_t>(1, p.model.num_experts)), o);
 }
 
+}  // namespace
+
+std::vector<double> token_times(const bench::Outcome& o) {
+  std::vector<double> t;
+  if (!o.ttft_s) return t;
+  t.push_back(o.start_s + *o.ttft_s);
+  for (double g : o.itl_s) t.push_back(t.back() + g);
+  return t;
+}
+
+namespace {
+constexpr double kSameStep = 3e-4;  // a step's tokens reach two clients this close together
+constexpr int kNeighbours = 6;
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+}  // namespace
+
+GapExcess gap_excess(const std::vector<double>& stream, const std::vector<std::vector<double>>& others) {
+  GapExcess out;
+  if (stream.size() < 2) return out;
+  const size_t gaps = stream.size() - 1;
+  enum Mark : unsigned { kStart = 1, kDecode = 2, kEnd = 4, kAfterEnd = 8 };
+  std::vector<unsigned> marks(gaps, 0);
+  // The gap closed by the stream's token of the step that produced t, if any.
+  auto gap_of = [&](double t) -> std::optional<size_t> {
+    const size_t i = size_t(std::lower_bound(stream.begin(), stream.end(), t - kSameStep) - stream.begin());
+    if (i == 0 || i > gaps) return std::nullopt;
+    return i - 1;
+  };
+  for (const auto& t : others) {
+    if (t.empty()) continue;
+    if (auto g = gap_of(t.front())) marks[*g] |= kStart;
+    for (size_t k = 1; k + 1 < t.size(); ++k)
+      if (auto g = gap_of(t[k])) marks[*g] |= kDecode;
+    if (auto g = gap_of(t.back())) {
+      if (t.size() > 1) marks[*g] |= kEnd;
+      if (*g + 1 < gaps) marks[*g + 1] |= kAfterEnd;
+    }
+  }
+  for (size_t i = 0; i < gaps; ++i) {
+    const unsigned m = marks[i];
+    if (m == 0 || (m & (m - 1)) != 0) continue;  // one thing at a time: a gap with two is no class's
+    std::vector<double> ref;
+    for (size_t j = i >= kNeighbours ? i - kNeighbours : 0; j < std::min(gaps, i + kNeighbours + 1); ++j)
+      if (marks[j] == 0) ref.push_back(stream[j + 1] - stream[j]);
+    if (ref.size() < 4) continue;
+    const double excess = (stream[i + 1] - stream[i]) - median_of(ref);
+    (m == kStart ? out.start : m == kDecode ? out.decode : m == kEnd ? out.end : out.after_end).push_back(excess);
+  }
+  return out;
+}
+
+std::pair<double, int> align_clocks(const std::vector<double>& stream, const std::vector<std::vector<double>>& others) {
+  // Every offset within the slack of the true one matches as many: the middle of the first run of
+  // best offsets puts the others' first tokens on the stream's.
+  int best = -1, first = 0, last = 0;
+  for (int k = -4000; k < 10000; ++k) {  // 50 us steps
+    const double d = k * 5e-5;
+    int hits = 0;
+    for (const auto& t : others) {
+      if (t.empty()) continue;
+      const auto it = std::lower_bound(stream.begin(), stream.end(), t.front() + d - kSameStep);
+      hits += it != stream.end() && *it <= t.front() + d + kSameStep;
+    }
+    if (hits > best) {
+      best = hits, first = last = k;
+    } else if (hits == best && last == k - 1) {
+      last = k;
+    }
+  }
+  return {(first + last) * 5e-5 / 2, best};
+}
+
+double simulated_start_excess(const CostProfile& p, const Deployment& d,
+                              const std::vector<std::vector<SimRequest>>& runs) {
+  std::vector<double> all;
+  for (const auto& run : runs) {
+    if (run.empty()) continue;
+    TrafficSpec t;
+    t.kind = TrafficSpec::Kind::trace;
+    t.trace = run;
+    SimOptions o;
+    o.layers_per_event = 1;
+    o.trace_requests = true;
+    const SimResult r = simulate(p, d, t, ExpertLoad::uniform(std::max<int64_t>(1, p.model.num_experts)), o);
+    // The stream is the run's longest request; the others are on its clock already.
+    const auto stream = std::max_element(r.traces.begin(), r.traces.end(), [](const auto& a, const auto& b) {
+      return a.output_tokens < b.output_tokens;
+    });
+    if (stream == r.traces.end()) continue;
+    std::vector<std::vector<double>> others;
+    for (auto it = r.traces.begin(); it != r.traces.end(); ++it)
+      if (it != stream) others.push_back(token_times(*it));
+    const GapExcess g = gap_excess(token_times(*stream), others);
+    all.insert(all.end(), g.start.begin(), g.start.end());
+  }
+  return median_of(all);
+}
+
+namespace {
+
 // The gain of one calibrated parameter's steps: halved each time its gap changes sign (it stepped
 // past its target), grown back towards 1 while the sign holds. A measurement that moves several
 // times faster per unit of its parameter than the step assumes (TTFT under load against the
@@ -201,7 +306,7 @@ double idle_calibration_rate(double ttft_s, double itl_s, int64_t output) {
 
 std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment& d, const CalibrationPoint& one,
                                                 const CalibrationPoint& long_prompt, const CalibrationPoint& loaded,
-                                                const CalibrationPoint* idle) {
+                                                const CalibrationPoint* idle, BesidePoint* beside) {
   if (long_prompt.prompt <= one.prompt) throw Error("calibration: the long prompts must be longer than the short");
   int64_t moe = 0;
   for (int64_t l = 0; l < p.model.num_hidden_layers; ++l) moe += p.model.is_moe_layer(l);
@@ -219,7 +324,8 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
   const double cores = double(std::max(1, p.node_cores));
   std::vector<CalibrationPoint> fitted(idle ? 4 : 3);
   double wake = 0, wake_decay = p.idle_wake_decay;
-  StepGain jitter_gain, hop_gain, request_gain, prompt_gain, share_gain, wake_gain, decay_gain, token_gain;
+  StepGain jitter_gain, hop_gain, request_gain, prompt_gain, share_gain, wake_gain, decay_gain, token_gain, start_gain;
+  double step_start = p.step_start_s;
   // The parameters move together and each gap depends a little on all: half steps converge.
   const double damp = 0.5;
   for (int round = 0; round < 80; ++round) {
@@ -236,6 +342,7 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
     p.step_jitter = jitter;
     p.idle_wake_s = wake;
     p.idle_wake_decay = wake_decay;
+    p.step_start_s = step_start;
     const SimResult a = simulate_point(p, d, one), b = simulate_point(p, d, long_prompt),
                     c = simulate_point(p, d, loaded);
     const SimResult e = idle ? simulate_point(p, d, *idle) : SimResult{};
@@ -271,6 +378,14 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
     // Their inter-token gaps: how long the wake-up lasts (a gap in units of the wake-up cost).
     if (idle && wake > 0)
       wake_decay = std::clamp(wake_decay + damp * decay_gain(idle->itl_p50_s - e.itl.p50) / wake, 0.0, 0.9);
+    // A step that starts a sequence, as the stream beside it saw it: the rest of that excess (the
+    // prefix lookup, the prompt rows) is priced already, so what the simulator lacks is the start's own.
+    // The runs are long (a stream of thousands of steps): every fourth round is enough.
+    if (beside && !beside->runs.empty() && round % 4 == 0) {
+      beside->fitted_start_excess_s = simulated_start_excess(p, d, beside->runs);
+      step_start =
+          std::max(0.0, step_start + damp * start_gain(beside->start_excess_s - beside->fitted_start_excess_s));
+    }
     const double per_token_slope = double(loaded.concurrency) / cores;
     const double token_step = damp * token_gain(loaded.itl_p50_s - c.itl.p50) / per_token_slope;
     if (decode_scale < 1 || per_token + token_step < 0) {
@@ -283,6 +398,7 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
       per_token += token_step;
     }
   }
+  if (beside && !beside->runs.empty()) beside->fitted_start_excess_s = simulated_start_excess(p, d, beside->runs);
   return fitted;
 }
 

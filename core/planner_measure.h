@@ -3,6 +3,7 @@
 // ExpertExecutor, so the attention side and the expert MLPs get costs of their own.
 #pragma once
 #include <filesystem>
+#include <utility>
 #include <vector>
 
 #include "core/planner_cost.h"
@@ -45,6 +46,39 @@ struct CalibrationPoint {
   double ttft_p50_s = 0, itl_p50_s = 0, itl_p90_s = 0;
 };
 
+// A request's start as the streams already running see it (`plan profile`'s "beside" runs,
+// bench/request_cost.py): one long stream while short requests arrive beside it. Each gap of the
+// stream is classed by what the others did in the step that ended it, and priced by its excess
+// over the median of its unclassed neighbours (six each side): a local comparison, so the
+// machine's drift over seconds cancels.
+struct GapExcess {
+  std::vector<double> start;      // a request's first token: its admission, prefix lookup, prompt rows
+  std::vector<double> decode;     // one of its other tokens
+  std::vector<double> end;        // its last token
+  std::vector<double> after_end;  // the gap after its last token
+};
+// Token times of one client's request (its start + TTFT, then each gap).
+std::vector<double> token_times(const bench::Outcome& o);
+// `others`' times are on the stream's clock; a token "ends" the stream's gap of the step that
+// produced it when it comes within 0.3 ms of the stream's token of that step.
+GapExcess gap_excess(const std::vector<double>& stream, const std::vector<std::vector<double>>& others);
+// The offset to add to `others`' clock to put it on the stream's: each of their first tokens
+// comes with one of the stream's (the same step's reply) within 0.3 ms. Searched from -0.2 to
+// +0.5 s in 50 µs steps; returns the middle of the offsets that match the most first tokens, and
+// how many they match.
+std::pair<double, int> align_clocks(const std::vector<double>& stream, const std::vector<std::vector<double>>& others);
+
+// What a calibration recorded of its "beside" runs: each run's requests (the stream first) on the
+// stream's clock, and the median start excess measured over all of them.
+struct BesidePoint {
+  std::vector<std::vector<SimRequest>> runs;
+  double start_excess_s = 0;
+  double fitted_start_excess_s = 0;  // what the fitted profile's simulator gives (set by calibrate_cluster)
+};
+// The median start excess of `runs` simulated with `p` on `d`.
+double simulated_start_excess(const CostProfile& p, const Deployment& d,
+                              const std::vector<std::vector<SimRequest>>& runs);
+
 // The cluster's own costs on a machine whose processes share its cores, fitted so that the
 // simulator of `d` reproduces three runs: one request at a time with short prompts (`one`: its
 // inter-token latency prices the hand-offs of a step and of each MoE layer's dispatch, its TTFT
@@ -57,11 +91,12 @@ struct CalibrationPoint {
 // per-request work that waits behind the cores' other work). All are CPU on the node's
 // cores (p.shared_node_compute). `idle`, when given, is a run whose requests arrive apart (a low
 // Poisson rate): its TTFT prices waking from idle (p.idle_wake_s), its inter-token latency how
-// long that lasts (p.idle_wake_decay). Returns the simulator's values
-// for the points, fitted.
+// long that lasts (p.idle_wake_decay). `beside`, when given, prices a step that starts sequences
+// (p.step_start_s) by its start excess; its fitted value is written back. Returns the simulator's
+// values for the points, fitted.
 std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment& d, const CalibrationPoint& one,
                                                 const CalibrationPoint& long_prompt, const CalibrationPoint& loaded,
-                                                const CalibrationPoint* idle = nullptr);
+                                                const CalibrationPoint* idle = nullptr, BesidePoint* beside = nullptr);
 
 // The Poisson rate of the calibration run that prices waking from idle: requests four
 // lifetimes apart on average (a lifetime of `output` tokens from one request at a time's TTFT and

@@ -561,6 +561,9 @@ class Simulator {
       const double answer = kv_puts_.lookup_start(now_) - now_ + p_.prefix_lookup_s;
       start += price > 0 ? std::min(answer, asked * price) : answer;
     }
+    if (p_.step_start_s > 0 &&
+        std::any_of(w.work.begin(), w.work.end(), [&](const Work& k) { return seqs_[k.seq].prefilled == 0; }))
+      start = shared() ? run_on(w, start, p_.step_start_s) : start + p_.step_start_s;
     w.engine_start = start;
     if (now_ - w.last_step_end > p_.idle_after_s) w.warm_steps = 0;
     ++steps_;

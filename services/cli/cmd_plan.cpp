@@ -420,6 +420,99 @@ CalibrationPoint bench_median(const ProfileArgs& a, const CalibrationPoint& c, i
   return out;
 }
 
+// The token times of each request of a `moemesh bench --per-request` file (on its client's clock).
+std::vector<std::vector<double>> per_request_times(const fs::path& file, std::vector<bench::Outcome>& outcomes) {
+  std::ifstream in(file);
+  std::vector<std::vector<double>> times;
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    bench::Outcome o;
+    o.start_s = j.at("start_s");
+    if (!j.at("ttft_s").is_null()) o.ttft_s = j.at("ttft_s").get<double>();
+    o.itl_s = j.at("itl_s").get<std::vector<double>>();
+    o.prompt_tokens = j.at("prompt_tokens");
+    o.output_tokens = j.at("output_tokens");
+    times.push_back(token_times(o));
+    outcomes.push_back(std::move(o));
+  }
+  return times;
+}
+
+// The "beside" runs: one long stream (2000 tokens) while 30 requests of 8 tokens arrive beside it
+// at 15/s, two `moemesh bench` clients at once, three times. The clients' clocks are matched on
+// the steps both saw; a run that does not match (fewer than 80% of the first tokens) is left out.
+BesidePoint beside_point(const ProfileArgs& a, int64_t vocab) {
+  static int run = 0;
+  const std::string self = fs::read_symlink("/proc/self/exe").string();
+  const std::string tag = std::to_string(::getpid());
+  const fs::path stream_file = fs::temp_directory_path() / ("moemesh-plan-stream-" + tag + ".jsonl"),
+                 beside_file = fs::temp_directory_path() / ("moemesh-plan-beside-" + tag + ".jsonl");
+  auto cmd = [&](const std::string& load, int64_t requests, int64_t output, const fs::path& file) {
+    return "'" + self + "' bench --url '" + a.calibrate_url + "'" + load + " --requests " + std::to_string(requests) +
+           " --prompt-len 32 --output-len " + std::to_string(output) + " --vocab " + std::to_string(vocab) +
+           " --seed " + std::to_string(a.cal_seed + 500 + run++) + " --per-request '" + file.string() + "' > /dev/null";
+  };
+  BesidePoint b;
+  std::vector<double> excess;
+  for (int r = 0; r < 3; ++r) {
+    const std::string stream_cmd = cmd(" --concurrency 1", 1, 2000, stream_file);
+    const std::string beside_cmd = cmd(" --rate 15", 30, 8, beside_file);
+    int stream_rc = 0;
+    std::thread stream([&] { stream_rc = std::system(stream_cmd.c_str()); });
+    // The stream is running before the first request beside it arrives.
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    const int beside_rc = std::system(beside_cmd.c_str());
+    stream.join();
+    if (stream_rc != 0 || beside_rc != 0) throw Error("plan profile: calibration bench failed: " + beside_cmd);
+    std::vector<bench::Outcome> so, bo;
+    const auto st = per_request_times(stream_file, so);
+    auto others = per_request_times(beside_file, bo);
+    fs::remove(stream_file);
+    fs::remove(beside_file);
+    if (st.size() != 1) throw Error("plan profile: the stream's bench answered no request");
+    const auto [offset, matched] = align_clocks(st[0], others);
+    if (matched < int(0.8 * double(others.size()))) {
+      std::cout << "plan profile: beside run " << r << " left out: " << matched << " of " << others.size()
+                << " first tokens matched the stream's steps" << std::endl;
+      continue;
+    }
+    for (auto& t : others)
+      for (double& x : t) x += offset;
+    const GapExcess g = gap_excess(st[0], others);
+    excess.insert(excess.end(), g.start.begin(), g.start.end());
+    std::vector<SimRequest> trace = {{so[0].start_s, so[0].prompt_tokens, so[0].output_tokens, 0}};
+    for (const auto& o : bo) trace.push_back({o.start_s + offset, o.prompt_tokens, o.output_tokens, 0});
+    std::sort(trace.begin(), trace.end(), [](const auto& x, const auto& y) { return x.arrival_s < y.arrival_s; });
+    const double t0 = trace.front().arrival_s;  // the clients may have started either way round
+    for (auto& q : trace) q.arrival_s -= t0;
+    b.runs.push_back(std::move(trace));
+  }
+  std::sort(excess.begin(), excess.end());
+  b.start_excess_s = excess.empty() ? 0.0 : excess[excess.size() / 2];
+  return b;
+}
+
+nlohmann::json beside_json(const BesidePoint& b) {
+  nlohmann::json runs = nlohmann::json::array();
+  for (const auto& run : b.runs) {
+    nlohmann::json r = nlohmann::json::array();
+    for (const SimRequest& q : run) r.push_back({q.arrival_s, q.prompt, q.output});
+    runs.push_back(std::move(r));
+  }
+  return {{"start_excess_s", b.start_excess_s}, {"runs", std::move(runs)}};
+}
+
+BesidePoint beside_from_json(const nlohmann::json& j) {
+  BesidePoint b;
+  b.start_excess_s = j.at("start_excess_s");
+  for (const auto& r : j.at("runs")) {
+    std::vector<SimRequest> run;
+    for (const auto& q : r) run.push_back({q.at(0).get<double>(), q.at(1).get<int64_t>(), q.at(2).get<int64_t>(), 0});
+    b.runs.push_back(std::move(run));
+  }
+  return b;
+}
+
 // The measurements and the profile before calibration: `--refit` starts again from them.
 nlohmann::json calibration_record(const CostProfile& p, const Deployment& d, const std::vector<CalibrationPoint>& pts) {
   nlohmann::json j = {{"attention", d.attention_workers},
@@ -450,8 +543,9 @@ void refit_profile(const ProfileArgs& a) {
   const auto& pts = c.at("points");
   if (pts.size() != 3 && pts.size() != 4) throw Error(a.refit + ": expected 3 or 4 calibration points");
   const auto idle = pts.size() == 4 ? std::optional(pts[3].get<CalibrationPoint>()) : std::nullopt;
+  auto beside = c.contains("beside") ? std::optional(beside_from_json(c.at("beside"))) : std::nullopt;
   calibrate_cluster(p, d, pts[0].get<CalibrationPoint>(), pts[1].get<CalibrationPoint>(),
-                    pts[2].get<CalibrationPoint>(), idle ? &*idle : nullptr);
+                    pts[2].get<CalibrationPoint>(), idle ? &*idle : nullptr, beside ? &*beside : nullptr);
   p.save(a.out);
   std::cout << "wrote " << a.out << "\n";
 }
@@ -538,6 +632,8 @@ void run_profile(const ProfileArgs& a) {
     CalibrationPoint idle = point(1, short_prompt, 8, 36);
     idle.rate = idle_calibration_rate(one.ttft_p50_s, one.itl_p50_s, idle.output);
     idle = bench_median(a, idle, vocab);
+    // A step that starts a request, as a stream beside it sees it.
+    BesidePoint beside = beside_point(a, vocab);
     const std::vector<CalibrationPoint> meas = {one, long_prompt, loaded, idle};
     Deployment d;
     d.attention_workers = a.cal_attention;
@@ -546,7 +642,8 @@ void run_profile(const ProfileArgs& a) {
     d.micro_batches = a.cal_micro_batches;
     d.processes_per_node = a.processes_per_node;
     p.calibration = calibration_record(p, d, meas);
-    const auto fitted = calibrate_cluster(p, d, one, long_prompt, loaded, &idle);
+    p.calibration["beside"] = beside_json(beside);
+    const auto fitted = calibrate_cluster(p, d, one, long_prompt, loaded, &idle, &beside);
     p.note += "; calibrated on " + a.calibrate_url + " (" + d.describe() + "), measured / fitted p50 ms:";
     for (size_t i = 0; i < meas.size(); ++i) {
       char load[48];
@@ -557,9 +654,13 @@ void run_profile(const ProfileArgs& a) {
       const std::string line = std::string(load) + " prompt " + std::to_string(meas[i].prompt) + ": TTFT " +
                                ms(meas[i].ttft_p50_s) + " / " + ms(fitted[i].ttft_p50_s) + ", ITL " +
                                ms(meas[i].itl_p50_s) + " / " + ms(fitted[i].itl_p50_s);
-      p.note += line + (i + 1 < meas.size() ? ";" : "");
+      p.note += line + ";";
       std::cout << "plan profile:" << line << " (measured / fitted)\n";
     }
+    const std::string line = " a step starting a request beside a stream: +" + ms(beside.start_excess_s) + " / +" +
+                             ms(beside.fitted_start_excess_s) + " (" + std::to_string(beside.runs.size()) + " runs)";
+    p.note += line;
+    std::cout << "plan profile:" << line << " (measured / fitted)\n";
   }
   p.save(a.out);
   char b[896];
@@ -567,13 +668,14 @@ void run_profile(const ProfileArgs& a) {
                 "wrote %s: attention/layer %.1f us + %.2f us/row + %.2f us/prefill row + %.4f us/ctx, expert batch "
                 "%.1f us + %.1f us/expert + %.2f us/row, ZeroMQ one-way %.1f us at %.2f GB/s, KV store lookup %.1f "
                 "us, put %.1f us + %.1f us/block, dispatch overhead %.1f us, step %.1f us + %.1f us/row, router %.1f "
-                "us/request + %.1f us/token, step jitter %.0f%%, waking from idle %.1f us, %d cores\n",
+                "us/request + %.1f us/token, step jitter %.0f%%, waking from idle %.1f us, starting sequences %.1f us, "
+                "%d cores\n",
                 a.out.c_str(), p.attn_fixed_s * 1e6, p.attn_per_row_s * 1e6, p.attn_per_prefill_row_s * 1e6,
                 p.attn_per_ctx_s * 1e6, p.expert_fixed_s * 1e6, p.expert_per_expert_s * 1e6, p.expert_per_row_s * 1e6,
                 p.zmq_local.latency_s * 1e6, p.zmq_local.bandwidth_Bps / 1e9, p.prefix_lookup_s * 1e6, p.kv_put_s * 1e6,
                 p.kv_put_per_block_s * 1e6, p.dispatch_overhead_s * 1e6, p.step_fixed_s * 1e6, p.step_per_row_s * 1e6,
                 p.router_per_request_s * 1e6, p.router_per_token_s * 1e6, p.step_jitter * 100, p.idle_wake_s * 1e6,
-                p.node_cores);
+                p.step_start_s * 1e6, p.node_cores);
   std::cout << b;
 }
 

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 
 #include "core/error.h"
 #include "core/planner_measure.h"
@@ -35,6 +36,14 @@ CostProfile toy_profile() {
   p.zmq_local = p.zmq_remote = p.nccl_local = p.nccl_remote = {1e-5, 1e10, 0};
   p.kv_tokens_per_worker = 1 << 20;
   p.gpus_per_node = 8;
+  return p;
+}
+
+// The toy model on a CPU machine: every process on the node's two shared cores.
+CostProfile shared_cores_profile() {
+  CostProfile p = toy_profile();
+  p.shared_node_compute = true;
+  p.node_cores = 2;
   return p;
 }
 
@@ -205,9 +214,7 @@ TEST(PlannerSim, AWorkersMicroBatchesTakeTurnsOnSharedCores) {
   // Two idle cores, one worker with two micro-batches of one row each: the worker hands its
   // compute pool one call at a time, so the two halves' attention runs one after the other,
   // not on a core each.
-  CostProfile p = toy_profile();
-  p.shared_node_compute = true;
-  p.node_cores = 2;
+  CostProfile p = shared_cores_profile();
   p.attn_fixed_s = 2e-3;  // per layer and call: the two halves' 2 x 2 calls dominate a step
   p.step_fixed_s = 0;
   Deployment d;
@@ -336,9 +343,7 @@ TEST(PlannerSim, ARequestsCpuOnSharedCoresSlowsTheStepsBesideIt) {
   // client) is time-shared with the stream's steps: half of it on each core delays the stream,
   // where booked whole on the free core it would not. The request's prefill delays the stream
   // alike in both runs.
-  CostProfile p = toy_profile();
-  p.shared_node_compute = true;
-  p.node_cores = 2;
+  CostProfile p = shared_cores_profile();
   p.router_per_request_s = 20e-3;
   Deployment d;
   TrafficSpec t;
@@ -419,9 +424,7 @@ ThreeRuns three_runs(const CostProfile& truth, const Deployment& d) {
 TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
   // A "cluster" whose hand-offs, router work, streaming CPU and waking from idle are known:
   // calibration from its four runs on a profile without them predicts traffic it was not fitted on.
-  CostProfile truth = toy_profile();
-  truth.shared_node_compute = true;
-  truth.node_cores = 2;
+  CostProfile truth = shared_cores_profile();
   truth.step_fixed_s += 4e-4;
   truth.dispatch_overhead_s = 4e-4;
   truth.router_per_request_s = 2e-3;
@@ -439,9 +442,7 @@ TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
                          loaded = measure(truth, 8, 32, 48, 32);
   // Requests four lifetimes apart on average, as plan profile spaces them.
   const CalibrationPoint idle = measure(truth, 1, 16, 8, 12, idle_calibration_rate(one.ttft_p50_s, one.itl_p50_s, 8));
-  CostProfile fitted = toy_profile();
-  fitted.shared_node_compute = true;
-  fitted.node_cores = 2;
+  CostProfile fitted = shared_cores_profile();
   fitted.prefix_lookup_s = truth.prefix_lookup_s;  // measured by plan profile, not fitted
   const auto back = calibrate_cluster(fitted, d, one, long_prompt, loaded, &idle);
   EXPECT_NEAR(back[0].itl_p50_s, one.itl_p50_s, 0.03 * one.itl_p50_s);
@@ -467,9 +468,7 @@ TEST(PlannerCalibration, ConvergesWhereTheLoadedFirstTokenMovesManyStepsPerUnitO
   // steps per unit of the CPU share, where its fitting step assumes one. Measured on this machine
   // (a 1/1/1/1 cluster, 2026-12-06), that swung the share between 0 and 1 and left the loaded TTFT
   // fitted at 17 ms against 37.5 measured.
-  CostProfile truth = toy_profile();
-  truth.shared_node_compute = true;
-  truth.node_cores = 2;
+  CostProfile truth = shared_cores_profile();
   truth.attn_per_prefill_row_s = 0;
   truth.router_per_request_s = 12e-3;
   truth.router_request_cpu_share = 0.45;
@@ -477,9 +476,7 @@ TEST(PlannerCalibration, ConvergesWhereTheLoadedFirstTokenMovesManyStepsPerUnitO
   Deployment d;
   d.micro_batches = 1;
   const auto [one, long_prompt, loaded] = three_runs(truth, d);
-  CostProfile fitted = toy_profile();
-  fitted.shared_node_compute = true;
-  fitted.node_cores = 2;
+  CostProfile fitted = shared_cores_profile();
   const auto back = calibrate_cluster(fitted, d, one, long_prompt, loaded, nullptr);
   EXPECT_NEAR(back[2].ttft_p50_s, loaded.ttft_p50_s, 0.05 * loaded.ttft_p50_s);
   EXPECT_NEAR(back[2].itl_p50_s, loaded.itl_p50_s, 0.05 * loaded.itl_p50_s);
@@ -490,9 +487,7 @@ TEST(PlannerCalibration, AnEngineTimedWhileTheMachineWasSlowIsScaledDownByTheLoa
   // The engine's decode rows timed 1.8x too slow (the machine's speed moves): the loaded run is
   // faster than they allow even with no CPU per streamed token. The calibration scales them down
   // to what the loaded run shows, and predicts another concurrency from there.
-  CostProfile truth = toy_profile();
-  truth.shared_node_compute = true;
-  truth.node_cores = 2;
+  CostProfile truth = shared_cores_profile();
   truth.attn_per_row_s = 5e-5;
   truth.expert_per_row_s = 5e-5;
   Deployment d;
@@ -510,6 +505,65 @@ TEST(PlannerCalibration, AnEngineTimedWhileTheMachineWasSlowIsScaledDownByTheLoa
   const SimResult want = simulate(truth, d, other, ExpertLoad::uniform(8));
   const SimResult got = simulate(fitted, d, other, ExpertLoad::uniform(8));
   EXPECT_NEAR(got.output_tok_s, want.output_tok_s, 0.1 * want.output_tok_s);
+}
+
+TEST(PlannerBeside, ClassesTheStreamsGapsByWhatTheOtherRequestDidInTheirStep) {
+  // A stream with a token every millisecond; another request starts in the step of token 20
+  // (that gap 0.8 ms longer), decodes through tokens 21-22 (0.1 ms longer each) and ends with
+  // token 23 (0.4 ms), whose next gap is 0.3 ms longer. Its tokens reach its client 0.1 ms after
+  // the stream's of the same step.
+  std::vector<double> stream = {0.0};
+  const std::map<int, double> extra = {{20, 8e-4}, {21, 1e-4}, {22, 1e-4}, {23, 4e-4}, {24, 3e-4}};
+  for (int k = 1; k <= 60; ++k) stream.push_back(stream.back() + 1e-3 + (extra.count(k) ? extra.at(k) : 0.0));
+  const std::vector<double> other = {stream[20] + 1e-4, stream[21] + 1e-4, stream[22] + 1e-4, stream[23] + 1e-4};
+  const GapExcess g = gap_excess(stream, {other});
+  ASSERT_EQ(g.start.size(), 1u);
+  EXPECT_NEAR(g.start[0], 8e-4, 1e-9);
+  ASSERT_EQ(g.decode.size(), 2u);
+  EXPECT_NEAR(g.decode[0], 1e-4, 1e-9);
+  ASSERT_EQ(g.end.size(), 1u);
+  EXPECT_NEAR(g.end[0], 4e-4, 1e-9);
+  ASSERT_EQ(g.after_end.size(), 1u);
+  EXPECT_NEAR(g.after_end[0], 3e-4, 1e-9);
+}
+
+TEST(PlannerBeside, MatchesTheClientsClocksOnTheStepsBothSaw) {
+  // Steps of uneven length, as a loaded machine runs them; the other client's clock started
+  // 123.4 ms later, so its times are that much smaller, and its first tokens come 0.05-0.15 ms
+  // after the stream's token of the same step.
+  std::vector<double> stream = {0.0};
+  for (int k = 1; k <= 400; ++k) stream.push_back(stream.back() + 1e-3 + 1e-4 * double((k * 37) % 11));
+  std::vector<std::vector<double>> others;
+  for (int k = 10; k < 390; k += 40) others.push_back({stream[size_t(k)] + 5e-5 + 1e-5 * (k % 10) - 0.1234});
+  const auto [offset, matched] = align_clocks(stream, others);
+  EXPECT_EQ(matched, int(others.size()));
+  EXPECT_NEAR(offset, 0.1234, 2e-4);
+}
+
+TEST(PlannerCalibration, AStepStartingARequestIsPricedByTheStreamBesideIt) {
+  // A cluster whose steps that start a sequence take 0.8 ms longer: the runs of one request at a
+  // time cannot tell that from the router's per-request work, the stream beside short requests
+  // can. Fitted from a profile without it, the simulator's start excess matches the measured one.
+  CostProfile truth = shared_cores_profile();
+  truth.router_per_request_s = 2e-3;
+  truth.router_request_cpu_share = 0.5;
+  truth.step_start_s = 8e-4;
+  Deployment d;
+  d.micro_batches = 1;
+  const auto [one, long_prompt, loaded] = three_runs(truth, d);
+  BesidePoint beside;
+  std::vector<SimRequest> run = {{0.0, 32, 600, 0}};
+  for (int k = 0; k < 12; ++k) run.push_back({0.05 + 0.07 * k, 32, 8, 0});
+  beside.runs = {run};
+  beside.start_excess_s = simulated_start_excess(truth, d, beside.runs);
+  CostProfile fitted = shared_cores_profile();
+  calibrate_cluster(fitted, d, one, long_prompt, loaded, nullptr, &beside);
+  EXPECT_NEAR(fitted.step_start_s, truth.step_start_s, 0.25 * truth.step_start_s);
+  EXPECT_NEAR(beside.fitted_start_excess_s, beside.start_excess_s, 0.15 * beside.start_excess_s);
+  // Without the stream beside it the start is left unpriced.
+  CostProfile blind = shared_cores_profile();
+  calibrate_cluster(blind, d, one, long_prompt, loaded, nullptr);
+  EXPECT_EQ(blind.step_start_s, 0.0);
 }
 
 TEST(PlannerSearch, ReturnsTheCheapestShapeMeetingTheSlo) {
