@@ -4,10 +4,10 @@
 For each configuration of `moemesh up` (attention workers, expert hosts, replicas, micro-batches)
 it starts the cluster and measures a profile in the same run (`moemesh plan profile`: the engine,
 ZeroMQ, and the cluster's own costs calibrated on this cluster with fixed-length requests at
-concurrency 1 and 48). Then, --repeats rounds: each round runs the calibration's requests again
+concurrency 1 and 48, and a stream with short requests beside it). Then, --repeats rounds: each round runs the calibration's requests again
 and every traffic once (`moemesh bench --json`). The machine's speed drifts over tens of seconds,
 so each round's runs are predicted by a profile fitted on that round's own calibration runs
-(`plan profile --refit`, seconds before them): `moemesh plan --json` with the same shape, seed
+(`plan profile --refit`, seconds before them; the beside runs, measured once, are kept): `moemesh plan --json` with the same shape, seed
 (so the same requests and arrival times), lengths and traffic. It prints predicted vs measured
 throughput and p50/p90 TTFT and ITL (each the median over the rounds) with the relative error.
 Every compute process runs on `--cores` threads (default 1: one call at a time on one core, as the

@@ -252,8 +252,8 @@ std::pair<double, int> align_clocks(const std::vector<double>& stream, const std
   return {(first + last) * 5e-5 / 2, best};
 }
 
-double simulated_start_excess(const CostProfile& p, const Deployment& d,
-                              const std::vector<std::vector<SimRequest>>& runs) {
+std::optional<double> simulated_start_excess(const CostProfile& p, const Deployment& d,
+                                             const std::vector<std::vector<SimRequest>>& runs) {
   std::vector<double> all;
   for (const auto& run : runs) {
     if (run.empty()) continue;
@@ -275,6 +275,7 @@ double simulated_start_excess(const CostProfile& p, const Deployment& d,
     const GapExcess g = gap_excess(token_times(*stream), others);
     all.insert(all.end(), g.start.begin(), g.start.end());
   }
+  if (all.empty()) return std::nullopt;
   return median_of(all);
 }
 
@@ -382,9 +383,13 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
     // prefix lookup, the prompt rows) is priced already, so what the simulator lacks is the start's own.
     // The runs are long (a stream of thousands of steps): every fourth round is enough.
     if (beside && !beside->runs.empty() && round % 4 == 0) {
-      beside->fitted_start_excess_s = simulated_start_excess(p, d, beside->runs);
-      step_start =
-          std::max(0.0, step_start + damp * start_gain(beside->start_excess_s - beside->fitted_start_excess_s));
+      // No gap where a start was alone (requests overlapping throughout): nothing to fit on.
+      if (const auto sim = simulated_start_excess(p, d, beside->runs)) {
+        beside->fitted_start_excess_s = *sim;
+        // At most the whole measured excess: the start's own share of it cannot be more.
+        step_start = std::clamp(step_start + damp * start_gain(beside->start_excess_s - *sim), 0.0,
+                                std::max(0.0, beside->start_excess_s));
+      }
     }
     const double per_token_slope = double(loaded.concurrency) / cores;
     const double token_step = damp * token_gain(loaded.itl_p50_s - c.itl.p50) / per_token_slope;
@@ -398,7 +403,8 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
       per_token += token_step;
     }
   }
-  if (beside && !beside->runs.empty()) beside->fitted_start_excess_s = simulated_start_excess(p, d, beside->runs);
+  if (beside && !beside->runs.empty())
+    beside->fitted_start_excess_s = simulated_start_excess(p, d, beside->runs).value_or(0.0);
   return fitted;
 }
 

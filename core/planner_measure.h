@@ -3,6 +3,7 @@
 // ExpertExecutor, so the attention side and the expert MLPs get costs of their own.
 #pragma once
 #include <filesystem>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -75,9 +76,10 @@ struct BesidePoint {
   double start_excess_s = 0;
   double fitted_start_excess_s = 0;  // what the fitted profile's simulator gives (set by calibrate_cluster)
 };
-// The median start excess of `runs` simulated with `p` on `d`.
-double simulated_start_excess(const CostProfile& p, const Deployment& d,
-                              const std::vector<std::vector<SimRequest>>& runs);
+// The median start excess of `runs` simulated with `p` on `d`; none when no start was alone in
+// a gap of the stream (the requests overlapped throughout).
+std::optional<double> simulated_start_excess(const CostProfile& p, const Deployment& d,
+                                             const std::vector<std::vector<SimRequest>>& runs);
 
 // The cluster's own costs on a machine whose processes share its cores, fitted so that the
 // simulator of `d` reproduces three runs: one request at a time with short prompts (`one`: its

@@ -502,13 +502,18 @@ nlohmann::json beside_json(const BesidePoint& b) {
   return {{"start_excess_s", b.start_excess_s}, {"runs", std::move(runs)}};
 }
 
-BesidePoint beside_from_json(const nlohmann::json& j) {
+// `where` names the record in the error a malformed one gets.
+BesidePoint beside_from_json(const nlohmann::json& j, const std::string& where) {
   BesidePoint b;
-  b.start_excess_s = j.at("start_excess_s");
-  for (const auto& r : j.at("runs")) {
-    std::vector<SimRequest> run;
-    for (const auto& q : r) run.push_back({q.at(0).get<double>(), q.at(1).get<int64_t>(), q.at(2).get<int64_t>(), 0});
-    b.runs.push_back(std::move(run));
+  try {
+    b.start_excess_s = j.at("start_excess_s");
+    for (const auto& r : j.at("runs")) {
+      std::vector<SimRequest> run;
+      for (const auto& q : r) run.push_back({q.at(0).get<double>(), q.at(1).get<int64_t>(), q.at(2).get<int64_t>(), 0});
+      b.runs.push_back(std::move(run));
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(where + ": " + e.what());
   }
   return b;
 }
@@ -543,7 +548,8 @@ void refit_profile(const ProfileArgs& a) {
   const auto& pts = c.at("points");
   if (pts.size() != 3 && pts.size() != 4) throw Error(a.refit + ": expected 3 or 4 calibration points");
   const auto idle = pts.size() == 4 ? std::optional(pts[3].get<CalibrationPoint>()) : std::nullopt;
-  auto beside = c.contains("beside") ? std::optional(beside_from_json(c.at("beside"))) : std::nullopt;
+  std::optional<BesidePoint> beside;
+  if (c.contains("beside")) beside = beside_from_json(c.at("beside"), a.refit + ": calibration.beside");
   calibrate_cluster(p, d, pts[0].get<CalibrationPoint>(), pts[1].get<CalibrationPoint>(),
                     pts[2].get<CalibrationPoint>(), idle ? &*idle : nullptr, beside ? &*beside : nullptr);
   p.save(a.out);

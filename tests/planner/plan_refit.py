@@ -58,6 +58,29 @@ def main():
         lines = r.stderr.strip().splitlines()
         check(r.returncode == 1 and len(lines) == 1 and "was not calibrated" in lines[0],
               "an uncalibrated profile is refused: rc %d %r" % (r.returncode, r.stderr))
+
+        # With beside runs (a stream and requests starting beside it) the start of a sequence is
+        # priced: fitted until the simulated start excess is the recorded one.
+        # (a stream of 4000 steps of ~13 ms as fitted; each request gone before the next arrives)
+        stream = [[0.0, 32, 4000]] + [[0.05 + 0.4 * k, 32, 8] for k in range(6)]
+        # Its steps that start a request measured 50 ms longer than their neighbours: more than the
+        # prompt's rows on this profile explain.
+        beside = dict(start_excess_s=0.05, runs=[stream])
+        with open(calibrated, "w") as f:
+            json.dump(dict(profile, calibration=dict(record, beside=beside)), f)
+        r = run(cli, "--refit", calibrated, "--out", refit)
+        check(r.returncode == 0, "refit with beside runs: " + (r.stderr.strip() or r.stdout.strip()))
+        with open(refit) as f:
+            out = json.load(f)
+        check(out["calibration"]["beside"] == beside, "the beside runs are recorded as they were")
+        check(0 < out["step"]["start_s"] < 0.05, "a step that starts sequences is priced, below the excess: %s"
+              % out["step"])
+        bad = dict(record, beside=dict(runs=[stream]))
+        with open(calibrated, "w") as f:
+            json.dump(dict(profile, calibration=bad), f)
+        r = run(cli, "--refit", calibrated, "--out", refit)
+        check(r.returncode == 1 and "calibration.beside" in r.stderr and "start_excess_s" in r.stderr,
+              "beside runs without their excess are refused by name: %r" % r.stderr)
     print("plan_refit: %s" % ("FAILED" if failures else "ok"))
     return 1 if failures else 0
 

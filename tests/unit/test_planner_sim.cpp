@@ -555,7 +555,7 @@ TEST(PlannerCalibration, AStepStartingARequestIsPricedByTheStreamBesideIt) {
   std::vector<SimRequest> run = {{0.0, 32, 600, 0}};
   for (int k = 0; k < 12; ++k) run.push_back({0.05 + 0.07 * k, 32, 8, 0});
   beside.runs = {run};
-  beside.start_excess_s = simulated_start_excess(truth, d, beside.runs);
+  beside.start_excess_s = simulated_start_excess(truth, d, beside.runs).value();
   CostProfile fitted = shared_cores_profile();
   calibrate_cluster(fitted, d, one, long_prompt, loaded, nullptr, &beside);
   EXPECT_NEAR(fitted.step_start_s, truth.step_start_s, 0.25 * truth.step_start_s);
