@@ -420,10 +420,10 @@ CalibrationPoint bench_median(const ProfileArgs& a, const CalibrationPoint& c, i
   return out;
 }
 
-// The token times of each request of a `moemesh bench --per-request` file (on its client's clock).
-std::vector<std::vector<double>> per_request_times(const fs::path& file, std::vector<bench::Outcome>& outcomes) {
+// The requests of a `moemesh bench --per-request` file (times on its client's clock).
+std::vector<bench::Outcome> per_request_outcomes(const fs::path& file) {
   std::ifstream in(file);
-  std::vector<std::vector<double>> times;
+  std::vector<bench::Outcome> outcomes;
   for (std::string line; std::getline(in, line);) {
     const auto j = nlohmann::json::parse(line);
     bench::Outcome o;
@@ -432,10 +432,9 @@ std::vector<std::vector<double>> per_request_times(const fs::path& file, std::ve
     o.itl_s = j.at("itl_s").get<std::vector<double>>();
     o.prompt_tokens = j.at("prompt_tokens");
     o.output_tokens = j.at("output_tokens");
-    times.push_back(token_times(o));
     outcomes.push_back(std::move(o));
   }
-  return times;
+  return outcomes;
 }
 
 // The "beside" runs: one long stream (2000 tokens) while 30 requests of 8 tokens arrive beside it
@@ -464,13 +463,14 @@ BesidePoint beside_point(const ProfileArgs& a, int64_t vocab) {
     const int beside_rc = std::system(beside_cmd.c_str());
     stream.join();
     if (stream_rc != 0 || beside_rc != 0) throw Error("plan profile: calibration bench failed: " + beside_cmd);
-    std::vector<bench::Outcome> so, bo;
-    const auto st = per_request_times(stream_file, so);
-    auto others = per_request_times(beside_file, bo);
+    const auto so = per_request_outcomes(stream_file), bo = per_request_outcomes(beside_file);
     fs::remove(stream_file);
     fs::remove(beside_file);
-    if (st.size() != 1) throw Error("plan profile: the stream's bench answered no request");
-    const auto [offset, matched] = align_clocks(st[0], others);
+    if (so.size() != 1) throw Error("plan profile: the stream's bench answered no request");
+    const std::vector<double> stream_times = token_times(so[0]);
+    std::vector<std::vector<double>> others;
+    for (const auto& o : bo) others.push_back(token_times(o));
+    const auto [offset, matched] = align_clocks(stream_times, others);
     if (matched < int(0.8 * double(others.size()))) {
       std::cout << "plan profile: beside run " << r << " left out: " << matched << " of " << others.size()
                 << " first tokens matched the stream's steps" << std::endl;
@@ -478,7 +478,7 @@ BesidePoint beside_point(const ProfileArgs& a, int64_t vocab) {
     }
     for (auto& t : others)
       for (double& x : t) x += offset;
-    const GapExcess g = gap_excess(st[0], others);
+    const GapExcess g = gap_excess(stream_times, others);
     excess.insert(excess.end(), g.start.begin(), g.start.end());
     std::vector<SimRequest> trace = {{so[0].start_s, so[0].prompt_tokens, so[0].output_tokens, 0}};
     for (const auto& o : bo) trace.push_back({o.start_s + offset, o.prompt_tokens, o.output_tokens, 0});
