@@ -14,77 +14,34 @@ runs apart do not.
 The same trace (the long stream and the injected requests at their measured arrival times) runs
 through the capacity planner's simulator (`moemesh plan --traffic trace:...`) on a profile
 calibrated against the same cluster, and is classed the same way: what the simulator lacks per
-class (docs/planner.md, "Open points"). `moemesh plan profile --calibrate-url` runs the same
-measurement and fits the start's cost on it (profile `step.start_s`, core/planner_measure.h).
+class (docs/planner.md, "Open points"). Both are classed by `moemesh plan gaps`, the code with
+which `moemesh plan profile --calibrate-url` runs the same measurement and fits the start's cost
+on it (profile `step.start_s`, core/planner_measure.h).
 
   bench/request_cost.py --moemesh build/services/cli/moemesh --model /tmp/tiny [--config 1/1/1/1]
 """
-import argparse, bisect, json, os, signal, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, signal, statistics, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from planner_validate import wait_ready  # noqa: E402
 
-CLASSES = ["start", "decode", "end", "after end"]
+CLASSES = ["start", "decode", "end", "after_end"]
 
 
-def token_times(rec):
-    t = [rec["start_s"] + rec["ttft_s"]]
-    for g in rec["itl_s"]:
-        t.append(t[-1] + g)
-    return t
-
-
-def align(stream, injected, slack=3e-4):
-    """The offset of the injected client's clock on the stream's: each injected first token comes
-    with one of the stream's tokens (the same step's reply), within `slack`. Two clients start
-    their clocks tens of milliseconds apart."""
-    best, first, last = -1, 0, 0
-    for k in range(-4000, 10000):  # -200..500 ms in 50 us steps: either client may start first
-        d = k * 5e-5
-        hits = 0
-        for t in injected:
-            i = bisect.bisect_left(stream, t[0] + d)
-            hits += any(0 <= j < len(stream) and abs(stream[j] - t[0] - d) < slack for j in (i - 1, i))
-        if hits > best:
-            best, first, last = hits, k, k
-        elif hits == best and last == k - 1:
-            last = k
-    # Every offset within the slack of the true one matches as many: the middle of the first run.
-    return best, (first + last) * 5e-5 / 2
-
-
-def excesses(stream, injected):
-    """Per class, the excess (ms) of each classed gap of `stream` over its unclassed neighbours."""
-    gaps = [b - a for a, b in zip(stream, stream[1:])]
-    cls = [set() for _ in gaps]
-
-    def gap_ending_with(t):  # the gap closed by the stream's token of the step that produced t
-        i = bisect.bisect_left(stream, t - 3e-4)
-        return i - 1 if 0 < i <= len(gaps) else None
-
-    for t in injected:
-        marks = [(t[0], "start")] + [(x, "decode") for x in t[1:-1]] + ([(t[-1], "end")] if len(t) > 1 else [])
-        for x, name in marks:
-            g = gap_ending_with(x)
-            if g is not None:
-                cls[g].add(name)
-        g = gap_ending_with(t[-1])
-        if g is not None and g + 1 < len(gaps):
-            cls[g + 1].add("after end")
-    out = {c: [] for c in CLASSES}
-    for i, c in enumerate(cls):
-        if len(c) != 1:  # one thing at a time: a gap with two is no class's alone
-            continue
-        ref = [gaps[j] for j in range(max(0, i - 6), min(len(gaps), i + 7)) if not cls[j]]
-        if len(ref) >= 4:
-            out[next(iter(c))].append((gaps[i] - statistics.median(ref)) * 1e3)
-    return out
+def gaps(a, stream_file, beside_file=None, trace_out=None):
+    """`moemesh plan gaps`: the stream's gaps classed and priced (the same code `plan profile` fits
+    the start's cost with); the beside client's clock is matched to the stream's."""
+    cmd = [a.moemesh, "plan", "gaps", "--stream", stream_file, "--json"]
+    if beside_file:
+        cmd += ["--beside", beside_file]
+    if trace_out:
+        cmd += ["--trace-out", trace_out]
+    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
 def bench(a, port, args, path):
     subprocess.run([a.moemesh, "bench", "--url", f"http://127.0.0.1:{port}", "--vocab", "250", "--per-request", path]
                    + args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return [json.loads(line) for line in open(path)]
 
 
 def main():
@@ -131,38 +88,31 @@ def main():
                                    "--output-len", str(a.stream_tokens), "--seed", str(1000 + r), "--per-request",
                                    stream_file], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.3)  # the stream is running before the first injected request: all fall beside it
-            inj = bench(a, a.port, ["--rate", str(a.rate), "--requests", str(a.inject), "--prompt-len",
+            bench(a, a.port, ["--rate", str(a.rate), "--requests", str(a.inject), "--prompt-len",
                                     str(a.prompt_len), "--output-len", str(a.inject_tokens), "--seed", str(2000 + r)],
                         os.path.join(out, f"inject{r}.jsonl"))
             if bg.wait() != 0:
                 raise RuntimeError("the long stream's bench failed")
-            stream = json.loads(open(stream_file).readline())
-            hits, d = align(token_times(stream), [token_times(x) for x in inj])
-            print(f"round {r}: {hits} of {len(inj)} injected first tokens aligned at +{d * 1e3:.2f} ms", file=sys.stderr)
-            if hits < 0.8 * len(inj):  # the clocks were not matched: its classes would be noise
+            g = gaps(a, stream_file, os.path.join(out, f"inject{r}.jsonl"), os.path.join(out, f"trace{r}.csv"))
+            print(f"round {r}: {g['matched']} of {g['others']} injected first tokens aligned at "
+                  f"+{g['offset_s'] * 1e3:.2f} ms", file=sys.stderr)
+            if g["matched"] < 0.8 * g["others"]:  # the clocks were not matched: its classes would be noise
                 print(f"round {r}: skipped (fewer than 80% aligned)", file=sys.stderr)
                 continue
-            for c, v in excesses(token_times(stream), [[t + d for t in token_times(x)] for x in inj]).items():
-                measured[c] += v
-            traces.append([(stream["start_s"], a.prompt_len, a.stream_tokens)] +
-                          [(x["start_s"] + d, a.prompt_len, x["output_tokens"]) for x in inj])
+            for c in CLASSES:
+                measured[c] += [x * 1e3 for x in g["excess_s"][c]]
+            traces.append(os.path.join(out, f"trace{r}.csv"))
     finally:
         os.killpg(up.pid, signal.SIGINT)
         up.wait()
     simulated = {c: [] for c in CLASSES}
-    for r, rows in enumerate(traces):
-        csv, sim = os.path.join(out, f"trace{r}.csv"), os.path.join(out, f"sim{r}.jsonl")
-        t0 = min(t for t, _, _ in rows)  # the injected client may have started first
-        with open(csv, "w") as f:
-            f.write("arrival_s,prompt_len,output_len,tenant\n")
-            f.writelines(f"{t - t0:.6f},{p},{o},default\n" for t, p, o in sorted(rows))
+    for r, csv in enumerate(traces):
+        sim = os.path.join(out, f"sim{r}.jsonl")
         subprocess.run([a.moemesh, "plan", "--profile", prof, "--attention", att, "--experts", exp, "--replicas", rep,
                         "--micro-batches", mb, "--traffic", f"trace:{csv}", "--layers-per-event", "1", "--seed", str(r),
                         "--per-request", sim], check=True, stdout=subprocess.DEVNULL)
-        recs = [json.loads(line) for line in open(sim)]
-        stream = max(recs, key=lambda x: x["output_tokens"])
-        for c, v in excesses(token_times(stream), [token_times(x) for x in recs if x is not stream]).items():
-            simulated[c] += v
+        for c, v in gaps(a, sim)["excess_s"].items():
+            simulated[c] += [x * 1e3 for x in v]
     print(f"\n{a.config}, {a.rounds} rounds of {a.inject} requests of {a.inject_tokens} tokens at {a.rate}/s beside "
           f"a stream of {a.stream_tokens}; excess of a gap over its neighbours, median ms (gaps):")
     print("| class | measured | simulated | simulator lacks |")

@@ -4,6 +4,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <map>
 #include <numeric>
 
@@ -205,6 +206,40 @@ nlohmann::json outcome_json(const Outcome& o) {
                       {"tenant", o.tenant}};
   if (!o.ok()) j["failure"] = o.failure + (o.error.empty() ? "" : ": " + o.error);
   return j;
+}
+
+Outcome outcome_from_json(const nlohmann::json& j) {
+  try {
+    Outcome o;
+    o.start_s = j.at("start_s");
+    o.end_s = j.at("end_s");
+    if (!j.at("ttft_s").is_null()) o.ttft_s = j.at("ttft_s").get<double>();
+    o.itl_s = j.at("itl_s").get<std::vector<double>>();
+    o.prompt_tokens = j.at("prompt_tokens");
+    o.output_tokens = j.at("output_tokens");
+    o.tenant = j.value("tenant", size_t(0));
+    if (j.contains("failure")) o.failure = j.at("failure").get<std::string>();
+    return o;
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(std::string("a per-request record: ") + e.what());
+  }
+}
+
+std::vector<Outcome> read_outcomes(const std::filesystem::path& file) {
+  std::ifstream in(file);
+  if (!in) throw Error(file.string() + ": cannot read");
+  std::vector<Outcome> out;
+  int line_no = 0;
+  for (std::string line; std::getline(in, line);) {
+    ++line_no;
+    if (line.empty()) continue;
+    try {
+      out.push_back(outcome_from_json(nlohmann::json::parse(line)));
+    } catch (const std::exception& e) {
+      throw Error(file.string() + ":" + std::to_string(line_no) + ": " + e.what());
+    }
+  }
+  return out;
 }
 
 nlohmann::json make_report(const std::vector<Outcome>& outcomes, const std::vector<TenantSpec>& tenants) {

@@ -1,8 +1,9 @@
 // `moemesh bench`'s pure parts: length distributions, tenant specs, percentiles and the report
-// built from per-request outcomes. No I/O here, so all of it is unit-tested.
+// built from per-request outcomes, and those outcomes as `--per-request` files hold them.
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <optional>
 #include <random>
 #include <string>
@@ -71,6 +72,10 @@ nlohmann::json make_report(const std::vector<Outcome>& outcomes, const std::vect
 // simulated): times in seconds from the run's start, `ttft_s` null without a first token,
 // `tenant` the index of its tenant (keys stay out of result files), `failure` only on failed ones.
 nlohmann::json outcome_json(const Outcome& o);
+// The request of one such line; throws moemesh::Error naming the missing or mistyped field.
+Outcome outcome_from_json(const nlohmann::json& j);
+// Every line of a `--per-request` file; throws moemesh::Error naming the file and line.
+std::vector<Outcome> read_outcomes(const std::filesystem::path& file);
 
 // The report as a table for the terminal.
 std::string format_report(const nlohmann::json& report);

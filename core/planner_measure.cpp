@@ -252,6 +252,30 @@ std::pair<double, int> align_clocks(const std::vector<double>& stream, const std
   return {(first + last) * 5e-5 / 2, best};
 }
 
+BesideRun beside_run(const std::vector<bench::Outcome>& stream_client, const std::vector<bench::Outcome>& beside) {
+  BesideRun r;
+  const auto stream = std::max_element(stream_client.begin(), stream_client.end(),
+                                       [](const auto& a, const auto& b) { return a.output_tokens < b.output_tokens; });
+  if (stream == stream_client.end()) return r;
+  r.stream = token_times(*stream);
+  r.trace.push_back({stream->start_s, stream->prompt_tokens, stream->output_tokens, 0});
+  const bool one_clock = beside.empty();
+  for (const auto& o : one_clock ? stream_client : beside)
+    if (&o != &*stream) r.others.push_back(token_times(o));
+  if (!one_clock) std::tie(r.offset_s, r.matched) = align_clocks(r.stream, r.others);
+  for (auto& t : r.others)
+    for (double& x : t) x += r.offset_s;
+  for (const auto& o : one_clock ? stream_client : beside)
+    if (&o != &*stream) r.trace.push_back({o.start_s + r.offset_s, o.prompt_tokens, o.output_tokens, 0});
+  if (one_clock)  // on one clock every first token is the step's own
+    r.matched = int(std::count_if(r.others.begin(), r.others.end(), [](const auto& t) { return !t.empty(); }));
+  std::stable_sort(r.trace.begin(), r.trace.end(),
+                   [](const auto& x, const auto& y) { return x.arrival_s < y.arrival_s; });
+  const double t0 = r.trace.front().arrival_s;  // the clients may have started either way round
+  for (auto& q : r.trace) q.arrival_s -= t0;
+  return r;
+}
+
 std::optional<double> simulated_start_excess(const CostProfile& p, const Deployment& d,
                                              const std::vector<std::vector<SimRequest>>& runs) {
   std::vector<double> all;
@@ -264,15 +288,9 @@ std::optional<double> simulated_start_excess(const CostProfile& p, const Deploym
     o.layers_per_event = 1;
     o.trace_requests = true;
     const SimResult r = simulate(p, d, t, ExpertLoad::uniform(std::max<int64_t>(1, p.model.num_experts)), o);
-    // The stream is the run's longest request; the others are on its clock already.
-    const auto stream = std::max_element(r.traces.begin(), r.traces.end(), [](const auto& a, const auto& b) {
-      return a.output_tokens < b.output_tokens;
-    });
-    if (stream == r.traces.end()) continue;
-    std::vector<std::vector<double>> others;
-    for (auto it = r.traces.begin(); it != r.traces.end(); ++it)
-      if (it != stream) others.push_back(token_times(*it));
-    const GapExcess g = gap_excess(token_times(*stream), others);
+    const BesideRun b = beside_run(r.traces);  // the stream is the run's longest request
+    if (b.stream.empty()) continue;
+    const GapExcess g = gap_excess(b.stream, b.others);
     all.insert(all.end(), g.start.begin(), g.start.end());
   }
   if (all.empty()) return std::nullopt;

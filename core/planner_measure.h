@@ -69,6 +69,20 @@ GapExcess gap_excess(const std::vector<double>& stream, const std::vector<std::v
 // how many they match.
 std::pair<double, int> align_clocks(const std::vector<double>& stream, const std::vector<std::vector<double>>& others);
 
+// One beside run from its clients' per-request records: the stream (`stream_client`'s longest
+// request), the other requests' token times on the stream's clock, and the run as a trace for the
+// simulator (arrivals from the first one, the stream's lengths first among equals). With `beside`
+// empty the others are `stream_client`'s other requests (one clock, as the simulator writes them);
+// else they are `beside`'s, put on the stream's clock by align_clocks.
+struct BesideRun {
+  std::vector<double> stream;
+  std::vector<std::vector<double>> others;
+  std::vector<SimRequest> trace;
+  int matched = 0;      // of the others' first tokens, those that came with one of the stream's
+  double offset_s = 0;  // added to `beside`'s clock
+};
+BesideRun beside_run(const std::vector<bench::Outcome>& stream_client, const std::vector<bench::Outcome>& beside = {});
+
 // What a calibration recorded of its "beside" runs: each run's requests (the stream first) on the
 // stream's clock, and the median start excess measured over all of them.
 struct BesidePoint {

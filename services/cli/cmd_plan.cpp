@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iomanip>
 #include <iostream>
 #include <optional>
 #include <sstream>
@@ -376,18 +377,25 @@ struct ProfileArgs {
   int cores = 0;  // compute threads of the engine timing, as `moemesh up --cores` (0: every core)
 };
 
-// One `moemesh bench` run against the cluster: the point with what it measured. Each run has
-// prompts of its own (its own seed): a prompt seen before would be served from the prefix cache.
-CalibrationPoint bench_point(const ProfileArgs& a, CalibrationPoint c, int64_t vocab) {
+// A `moemesh bench` command line against the cluster being calibrated (this binary, output to
+// /dev/null). Each run has prompts of its own (its own seed): a prompt seen before would be
+// served from the prefix cache.
+std::string bench_command(const ProfileArgs& a, const std::string& load, int64_t requests, int64_t prompt,
+                          int64_t output, int64_t vocab, const std::string& out_flags) {
   static int run = 0;
   const std::string self = fs::read_symlink("/proc/self/exe").string();
+  return "'" + self + "' bench --url '" + a.calibrate_url + "' " + load + " --requests " + std::to_string(requests) +
+         " --prompt-len " + std::to_string(prompt) + " --output-len " + std::to_string(output) + " --vocab " +
+         std::to_string(vocab) + " --seed " + std::to_string(a.cal_seed + run++) + " " + out_flags + " > /dev/null";
+}
+
+// One `moemesh bench` run against the cluster: the point with what it measured.
+CalibrationPoint bench_point(const ProfileArgs& a, CalibrationPoint c, int64_t vocab) {
   const fs::path out = fs::temp_directory_path() / ("moemesh-plan-cal-" + std::to_string(::getpid()) + ".json");
   const std::string load =
-      c.rate > 0 ? " --rate " + std::to_string(c.rate) : " --concurrency " + std::to_string(c.concurrency);
-  const std::string cmd = "'" + self + "' bench --url '" + a.calibrate_url + "'" + load + " --requests " +
-                          std::to_string(c.requests) + " --prompt-len " + std::to_string(c.prompt) + " --output-len " +
-                          std::to_string(c.output) + " --vocab " + std::to_string(vocab) + " --seed " +
-                          std::to_string(a.cal_seed + run++) + " --json '" + out.string() + "' > /dev/null";
+      c.rate > 0 ? "--rate " + std::to_string(c.rate) : "--concurrency " + std::to_string(c.concurrency);
+  const std::string cmd =
+      bench_command(a, load, c.requests, c.prompt, c.output, vocab, "--json '" + out.string() + "'");
   if (std::system(cmd.c_str()) != 0) throw Error("plan profile: calibration bench failed: " + cmd);
   std::ifstream in(out);
   nlohmann::json j;
@@ -420,42 +428,20 @@ CalibrationPoint bench_median(const ProfileArgs& a, const CalibrationPoint& c, i
   return out;
 }
 
-// The requests of a `moemesh bench --per-request` file (times on its client's clock).
-std::vector<bench::Outcome> per_request_outcomes(const fs::path& file) {
-  std::ifstream in(file);
-  std::vector<bench::Outcome> outcomes;
-  for (std::string line; std::getline(in, line);) {
-    const auto j = nlohmann::json::parse(line);
-    bench::Outcome o;
-    o.start_s = j.at("start_s");
-    if (!j.at("ttft_s").is_null()) o.ttft_s = j.at("ttft_s").get<double>();
-    o.itl_s = j.at("itl_s").get<std::vector<double>>();
-    o.prompt_tokens = j.at("prompt_tokens");
-    o.output_tokens = j.at("output_tokens");
-    outcomes.push_back(std::move(o));
-  }
-  return outcomes;
-}
-
 // The "beside" runs: one long stream (2000 tokens) while 30 requests of 8 tokens arrive beside it
 // at 15/s, two `moemesh bench` clients at once, three times. The clients' clocks are matched on
 // the steps both saw; a run that does not match (fewer than 80% of the first tokens) is left out.
 BesidePoint beside_point(const ProfileArgs& a, int64_t vocab) {
-  static int run = 0;
-  const std::string self = fs::read_symlink("/proc/self/exe").string();
   const std::string tag = std::to_string(::getpid());
   const fs::path stream_file = fs::temp_directory_path() / ("moemesh-plan-stream-" + tag + ".jsonl"),
                  beside_file = fs::temp_directory_path() / ("moemesh-plan-beside-" + tag + ".jsonl");
-  auto cmd = [&](const std::string& load, int64_t requests, int64_t output, const fs::path& file) {
-    return "'" + self + "' bench --url '" + a.calibrate_url + "'" + load + " --requests " + std::to_string(requests) +
-           " --prompt-len 32 --output-len " + std::to_string(output) + " --vocab " + std::to_string(vocab) +
-           " --seed " + std::to_string(a.cal_seed + 500 + run++) + " --per-request '" + file.string() + "' > /dev/null";
-  };
   BesidePoint b;
   std::vector<double> excess;
   for (int r = 0; r < 3; ++r) {
-    const std::string stream_cmd = cmd(" --concurrency 1", 1, 2000, stream_file);
-    const std::string beside_cmd = cmd(" --rate 15", 30, 8, beside_file);
+    const std::string stream_cmd =
+        bench_command(a, "--concurrency 1", 1, 32, 2000, vocab, "--per-request '" + stream_file.string() + "'");
+    const std::string beside_cmd =
+        bench_command(a, "--rate 15", 30, 32, 8, vocab, "--per-request '" + beside_file.string() + "'");
     int stream_rc = 0;
     std::thread stream([&] { stream_rc = std::system(stream_cmd.c_str()); });
     // The stream is running before the first request beside it arrives.
@@ -463,29 +449,19 @@ BesidePoint beside_point(const ProfileArgs& a, int64_t vocab) {
     const int beside_rc = std::system(beside_cmd.c_str());
     stream.join();
     if (stream_rc != 0 || beside_rc != 0) throw Error("plan profile: calibration bench failed: " + beside_cmd);
-    const auto so = per_request_outcomes(stream_file), bo = per_request_outcomes(beside_file);
+    const auto so = bench::read_outcomes(stream_file), bo = bench::read_outcomes(beside_file);
     fs::remove(stream_file);
     fs::remove(beside_file);
     if (so.size() != 1) throw Error("plan profile: the stream's bench answered no request");
-    const std::vector<double> stream_times = token_times(so[0]);
-    std::vector<std::vector<double>> others;
-    for (const auto& o : bo) others.push_back(token_times(o));
-    const auto [offset, matched] = align_clocks(stream_times, others);
-    if (matched < int(0.8 * double(others.size()))) {
-      std::cout << "plan profile: beside run " << r << " left out: " << matched << " of " << others.size()
+    BesideRun run = beside_run(so, bo);
+    if (run.matched < int(0.8 * double(run.others.size()))) {
+      std::cout << "plan profile: beside run " << r << " left out: " << run.matched << " of " << run.others.size()
                 << " first tokens matched the stream's steps" << std::endl;
       continue;
     }
-    for (auto& t : others)
-      for (double& x : t) x += offset;
-    const GapExcess g = gap_excess(stream_times, others);
+    const GapExcess g = gap_excess(run.stream, run.others);
     excess.insert(excess.end(), g.start.begin(), g.start.end());
-    std::vector<SimRequest> trace = {{so[0].start_s, so[0].prompt_tokens, so[0].output_tokens, 0}};
-    for (const auto& o : bo) trace.push_back({o.start_s + offset, o.prompt_tokens, o.output_tokens, 0});
-    std::sort(trace.begin(), trace.end(), [](const auto& x, const auto& y) { return x.arrival_s < y.arrival_s; });
-    const double t0 = trace.front().arrival_s;  // the clients may have started either way round
-    for (auto& q : trace) q.arrival_s -= t0;
-    b.runs.push_back(std::move(trace));
+    b.runs.push_back(std::move(run.trace));
   }
   std::sort(excess.begin(), excess.end());
   b.start_excess_s = excess.empty() ? 0.0 : excess[excess.size() / 2];
@@ -685,6 +661,51 @@ void run_profile(const ProfileArgs& a) {
   std::cout << b;
 }
 
+struct GapsArgs {
+  std::string stream, beside, trace_out;
+  bool json = false;
+};
+
+// `plan gaps`: a stream's gaps classed by what the requests beside it did in their step, and
+// priced against their neighbours (what `plan profile` measures of its own beside runs).
+void run_gaps(const GapsArgs& g) {
+  const auto so = bench::read_outcomes(g.stream);
+  const auto bo = g.beside.empty() ? std::vector<bench::Outcome>{} : bench::read_outcomes(g.beside);
+  if (so.empty()) throw Error(g.stream + ": no requests");
+  if (!g.beside.empty() && bo.empty()) throw Error(g.beside + ": no requests");
+  const BesideRun r = beside_run(so, bo);
+  if (r.stream.size() < 2) throw Error(g.stream + ": its longest request has no inter-token gaps (was it streamed?)");
+  const GapExcess e = gap_excess(r.stream, r.others);
+  if (!g.trace_out.empty()) {
+    std::ofstream out(g.trace_out);
+    if (!out) throw Error(g.trace_out + ": cannot write");
+    out << "arrival_s,prompt_len,output_len,tenant\n" << std::fixed << std::setprecision(6);
+    for (const SimRequest& q : r.trace) out << q.arrival_s << "," << q.prompt << "," << q.output << ",default\n";
+  }
+  const std::vector<std::pair<const char*, const std::vector<double>*>> classes = {
+      {"start", &e.start}, {"decode", &e.decode}, {"end", &e.end}, {"after_end", &e.after_end}};
+  if (g.json) {
+    nlohmann::json ex;
+    for (const auto& [name, v] : classes) ex[name] = *v;
+    std::cout << nlohmann::json{{"matched", r.matched},
+                                {"others", r.others.size()},
+                                {"offset_s", r.offset_s},
+                                {"excess_s", ex}}
+              << "\n";
+    return;
+  }
+  std::cout << r.matched << " of " << r.others.size() << " first tokens came with one of the stream's";
+  if (!g.beside.empty()) std::cout << " (the beside client's clock +" << ms(r.offset_s) << " ms)";
+  std::cout << "\nexcess of a gap over its unclassed neighbours, median ms (gaps):\n";
+  for (const auto& [name, v] : classes) {
+    std::vector<double> x = *v;
+    std::sort(x.begin(), x.end());
+    char median[32] = "-";
+    if (!x.empty()) std::snprintf(median, sizeof median, "%+.2f", x[x.size() / 2] * 1e3);
+    std::cout << "  " << name << ": " << median << " (" << x.size() << ")\n";
+  }
+}
+
 struct SearchArgs {
   std::string slo, values_out, model_path;
   int max_attention = 8, max_experts = 8, max_evaluations = 400;
@@ -785,6 +806,20 @@ void add_plan(CLI::App& app) {
   prof->add_option("--processes-per-node", pa->processes_per_node, "processes one machine holds")
       ->capture_default_str();
   prof->callback([pa] { run_profile(*pa); });
+
+  auto ga = std::make_shared<GapsArgs>();
+  CLI::App* gaps = plan->add_subcommand(
+      "gaps", "A stream's inter-token gaps classed by what the requests beside it did (moemesh bench --per-request)");
+  gaps->add_option("--stream", ga->stream, "per-request file whose longest request is the stream")
+      ->required()
+      ->check(CLI::ExistingFile);
+  gaps->add_option("--beside", ga->beside,
+                   "per-request file of the requests beside it, from another client (its clock is matched to the "
+                   "stream's); default: the stream file's other requests")
+      ->check(CLI::ExistingFile);
+  gaps->add_option("--trace-out", ga->trace_out, "write the run as a trace CSV (plan --traffic trace:FILE)");
+  gaps->add_flag("--json", ga->json, "one JSON object: every classed gap's excess in seconds");
+  gaps->callback([ga] { run_gaps(*ga); });
 
   auto sa = std::make_shared<PlanArgs>();
   auto ss = std::make_shared<SearchArgs>();

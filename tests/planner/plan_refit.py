@@ -13,6 +13,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checklist import Checks  # noqa: E402
+
 POINTS = [
     dict(concurrency=1, prompt=16, output=32, requests=8, ttft_p50_s=0.05, itl_p50_s=0.012, itl_p90_s=0.015),
     dict(concurrency=1, prompt=512, output=32, requests=8, ttft_p50_s=0.4, itl_p50_s=0.013, itl_p90_s=0.016),
@@ -26,12 +29,7 @@ def run(cli, *args):
 
 def main():
     cli = sys.argv[1]
-    failures = []
-
-    def check(ok, what):
-        print(("ok: " if ok else "FAIL: ") + what)
-        if not ok:
-            failures.append(what)
+    check = Checks("plan_refit")
 
     with tempfile.TemporaryDirectory(prefix="moemesh-refit-") as work:
         base, calibrated, refit = (os.path.join(work, n) for n in ("base.json", "calibrated.json", "refit.json"))
@@ -81,8 +79,7 @@ def main():
         r = run(cli, "--refit", calibrated, "--out", refit)
         check(r.returncode == 1 and "calibration.beside" in r.stderr and "start_excess_s" in r.stderr,
               "beside runs without their excess are refused by name: %r" % r.stderr)
-    print("plan_refit: %s" % ("FAILED" if failures else "ok"))
-    return 1 if failures else 0
+    return check.exit_code()
 
 
 if __name__ == "__main__":

@@ -13,3 +13,7 @@ set_tests_properties(planner_itl_breakdown PROPERTIES LABELS unit TIMEOUT 60)
 # bench/metrics_delta.py: what a page's histograms saw during a command (mean, count), refusals.
 add_test(NAME planner_metrics_delta COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/metrics_delta_check.py)
 set_tests_properties(planner_metrics_delta PROPERTIES LABELS unit TIMEOUT 60)
+# `moemesh plan gaps`: two clients' records matched and classed, one client's, a malformed line.
+add_test(NAME planner_plan_gaps
+         COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/plan_gaps_check.py $<TARGET_FILE:moemesh>)
+set_tests_properties(planner_plan_gaps PROPERTIES LABELS unit TIMEOUT 60)

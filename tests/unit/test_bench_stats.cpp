@@ -4,7 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <map>
+
+#include <unistd.h>
 
 #include "core/error.h"
 
@@ -229,7 +233,8 @@ TEST(Report, OutcomeForAnUnknownTenantIsAnError) {
   EXPECT_THROW(make_report({o}, {{"", 1}}), Error);
 }
 
-TEST(Report, APerRequestLineHoldsTheOutcome) {
+// A streamed request of tenant 1 with three tokens.
+Outcome answered() {
   Outcome ok;
   ok.tenant = 1;
   ok.start_s = 0.5;
@@ -238,6 +243,11 @@ TEST(Report, APerRequestLineHoldsTheOutcome) {
   ok.itl_s = {0.02, 0.03};
   ok.prompt_tokens = 7;
   ok.output_tokens = 3;
+  return ok;
+}
+
+TEST(Report, APerRequestLineHoldsTheOutcome) {
+  const Outcome ok = answered();
   const nlohmann::json j = outcome_json(ok);
   EXPECT_EQ(j.at("tenant"), 1);
   EXPECT_DOUBLE_EQ(j.at("ttft_s").get<double>(), 0.1);
@@ -250,4 +260,37 @@ TEST(Report, APerRequestLineHoldsTheOutcome) {
   const nlohmann::json f = outcome_json(failed);
   EXPECT_TRUE(f.at("ttft_s").is_null());
   EXPECT_EQ(f.at("failure"), "429: over quota");
+}
+
+TEST(Report, PerRequestLinesReadBackAsWritten) {
+  const Outcome ok = answered();
+  Outcome failed;
+  failed.failure = "429";
+  const auto file = std::filesystem::temp_directory_path() / ("moemesh-outcomes-" + std::to_string(::getpid()));
+  {
+    std::ofstream out(file);
+    out << outcome_json(ok) << "\n" << outcome_json(failed) << "\n";
+  }
+  const auto back = read_outcomes(file);
+  ASSERT_EQ(back.size(), 2u);
+  EXPECT_EQ(back[0].tenant, 1u);
+  EXPECT_DOUBLE_EQ(back[0].end_s, 0.75);
+  EXPECT_DOUBLE_EQ(back[0].ttft_s.value(), 0.1);
+  EXPECT_EQ(back[0].itl_s, ok.itl_s);
+  EXPECT_EQ(back[0].output_tokens, 3);
+  EXPECT_FALSE(back[1].ttft_s.has_value());
+  EXPECT_EQ(back[1].failure, "429");
+  {
+    std::ofstream out(file, std::ios::app);
+    out << R"({"start_s": 1.0, "end_s": 2.0})"
+        << "\n";
+  }
+  try {
+    read_outcomes(file);
+    ADD_FAILURE() << "a record without ttft_s was read";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(file.string() + ":3:"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("ttft_s"), std::string::npos) << e.what();
+  }
+  std::filesystem::remove(file);
 }

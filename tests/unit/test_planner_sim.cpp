@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <random>
 
 #include "core/error.h"
 #include "core/planner_measure.h"
@@ -538,6 +539,50 @@ TEST(PlannerBeside, MatchesTheClientsClocksOnTheStepsBothSaw) {
   const auto [offset, matched] = align_clocks(stream, others);
   EXPECT_EQ(matched, int(others.size()));
   EXPECT_NEAR(offset, 0.1234, 2e-4);
+}
+
+TEST(PlannerBeside, ReadsARunFromItsTwoClientsRecords) {
+  // The stream's client: one request of 300 tokens, steps of uneven length. The other client
+  // started its clock 40 ms later and sent twelve requests of 4 tokens, each arriving 2 ms before
+  // the step that gives its first token; their tokens reach it 0.1 ms after the stream's.
+  bench::Outcome stream;
+  stream.start_s = 0.01;
+  stream.ttft_s = 0.005;
+  stream.output_tokens = 300;
+  stream.prompt_tokens = 32;
+  std::mt19937 rng(7);  // not periodic: a period of steps would match the clocks a period apart too
+  for (int k = 1; k < 300; ++k) stream.itl_s.push_back(std::uniform_real_distribution<double>(1e-3, 2e-3)(rng));
+  const std::vector<double> st = token_times(stream);
+  std::vector<bench::Outcome> beside;
+  for (int first = 20; first <= 240; first += 20) {
+    bench::Outcome o;
+    o.start_s = st[size_t(first)] - 2e-3 - 0.04;
+    o.ttft_s = 2e-3 + 1e-4;
+    o.prompt_tokens = 16;
+    o.output_tokens = 4;
+    for (int k = first + 1; k < first + 4; ++k) o.itl_s.push_back(st[size_t(k)] - st[size_t(k - 1)]);
+    beside.push_back(o);
+  }
+  const BesideRun r = beside_run({stream}, beside);
+  EXPECT_EQ(r.matched, 12);
+  EXPECT_NEAR(r.offset_s, 0.04, 3e-4);
+  ASSERT_EQ(r.others.size(), 12u);
+  EXPECT_NEAR(r.others[5].front(), st[120] + 1e-4, 3e-4);
+  // The trace: arrivals from the first (the stream's), in order, with each request's lengths.
+  ASSERT_EQ(r.trace.size(), 13u);
+  EXPECT_EQ(r.trace[0].arrival_s, 0.0);
+  EXPECT_EQ(r.trace[0].output, 300);
+  EXPECT_NEAR(r.trace[6].arrival_s, st[120] - 2e-3 - 0.01, 3e-4);
+  EXPECT_EQ(r.trace[6].prompt, 16);
+  // The same requests on one clock (as the simulator writes them): the longest is the stream.
+  std::vector<bench::Outcome> one = beside;
+  for (auto& o : one) o.start_s += 0.04;
+  one.insert(one.begin() + 1, stream);
+  const BesideRun s = beside_run(one);
+  EXPECT_EQ(s.stream, st);
+  EXPECT_EQ(s.matched, 12);
+  EXPECT_EQ(s.offset_s, 0.0);
+  EXPECT_NEAR(s.others[11].front(), st[240] + 1e-4, 1e-9);
 }
 
 TEST(PlannerCalibration, AStepStartingARequestIsPricedByTheStreamBesideIt) {
