@@ -13,6 +13,11 @@ throughput and p50/p90 TTFT and ITL (each the median over the rounds) with the r
 Every compute process runs on `--cores` threads (default 1: one call at a time on one core, as the
 simulator models a machine whose processes share cores).
 
+Around each run (calibration or cell) it times how fast the machine wakes a blocked process
+(bench_wake_round_trip, a pipe round trip between two processes): the cluster's speed follows
+that latency's regimes, which last seconds (docs/planner.md). Each row records it, and a second
+score predicts each cell run with the round whose calibration met the nearest wake-up latency.
+
   bench/planner_validate.py --moemesh build/services/cli/moemesh --model /tmp/tiny [--quick]
 """
 import argparse, json, os, random, signal, subprocess, sys, tempfile, time, urllib.request
@@ -80,6 +85,31 @@ def plan_metrics(path):
     return out
 
 
+def wake_probe(a):
+    """The machine's wake-up round trip now (µs, the probe's median), or None without a probe."""
+    if not a.wake_probe:
+        return None
+    out = subprocess.run([a.wake_probe, "--seconds", "0.3"], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)["p50_us"]
+
+
+def probed(a, run):
+    """run() between two wake-up probes: (its result, their mean or None)."""
+    before = wake_probe(a)
+    result = run()
+    after = wake_probe(a)
+    return result, None if before is None else (before + after) / 2
+
+
+def matched_rounds(cal_wake, run_wake):
+    """For each run, the round whose calibration runs met the nearest wake-up latency (their
+    median; its own round on a tie). cal_wake: per round, per calibration point."""
+    if not cal_wake or not run_wake or None in run_wake or any(None in w for w in cal_wake):
+        return list(range(len(run_wake or [])))
+    rounds = [median(w) for w in cal_wake]
+    return [min(range(len(rounds)), key=lambda i: (abs(rounds[i] - w), i != j)) for j, w in enumerate(run_wake)]
+
+
 def median(v):
     v = sorted(v)
     return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
@@ -105,6 +135,10 @@ def main():
     ap.add_argument("--port", type=int, default=18000)
     ap.add_argument("--json", help="write the rows here (with the profiles' and measurements' paths)")
     ap.add_argument("--out-dir", help="keep the profiles and bench reports here (default: a temp folder)")
+    default_probe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "build", "bench",
+                                 "bench_wake_round_trip")
+    ap.add_argument("--wake-probe", default=default_probe if os.path.exists(default_probe) else None,
+                    help="bench_wake_round_trip's path (default: build/bench's, where built; none: no probes)")
     ap.add_argument("--replan", metavar="ROWS_JSON",
                     help="no cluster: refit the recorded profiles (plan profile --refit) and predict again "
                          "against the recorded measurements")
@@ -126,6 +160,11 @@ def main():
                      for prof, s in zip(profs, seeds)]
             for k in KEYS:
                 r[k][0] = median([p[k] for p in preds])
+            if r.get("wake_us"):
+                match = matched_rounds(r.get("calibration_wake_us"), r["wake_us"])
+                preds = [plan_metrics(run_plan(a, refitted[profs[i]], r["config"], r["traffic"], r["requests"], s, out))
+                         for i, s in zip(match, seeds)]
+                r["matched"] = {k: median([p[k] for p in preds]) for k in KEYS}
         print_table(rows)
         return 0
     configs, traffic = (CONFIGS[:2], TRAFFIC[:2]) if a.quick else (CONFIGS[:DEFAULT_CONFIGS], TRAFFIC)
@@ -160,17 +199,25 @@ def main():
             cal_runs = [[] for _ in recorded["calibration"]["points"]]
             runs = {t[1]: [] for t in traffic}
             seeds = {t[1]: [] for t in traffic}
+            wakes = {t[1]: [] for t in traffic}
+            cal_wake = []  # per round, per calibration point: the wake-up latency its run met
             for i in range(a.repeats):
+                round_wake = []
                 for k, pt in enumerate(recorded["calibration"]["points"]):
-                    cal_runs[k].append(calibration_run(a, url, pt, tmp, cal_seed))
+                    run, wake = probed(a, lambda: calibration_run(a, url, pt, tmp, cal_seed))
+                    cal_runs[k].append(run)
+                    round_wake.append(wake)
                     cal_seed += 1
+                cal_wake.append(round_wake)
                 for bench_flags, plan_traffic, mult in traffic:
                     cell = f"{att}-{exp}-{rep}-{mb}-{plan_traffic.replace(':', '')}"
                     bj = os.path.join(tmp, f"bench-{cell}-{i}.json")
-                    subprocess.run([a.moemesh, "bench", "--url", url, "--vocab", "250", "--json", bj, "--seed",
-                                    str(seed), "--requests", str(a.requests * mult), "--prompt-len", a.prompt_len,
-                                    "--output-len", a.output_len] + bench_flags, check=True, stdout=subprocess.DEVNULL)
+                    cmd = [a.moemesh, "bench", "--url", url, "--vocab", "250", "--json", bj, "--seed", str(seed),
+                           "--requests", str(a.requests * mult), "--prompt-len", a.prompt_len, "--output-len",
+                           a.output_len] + bench_flags
+                    _, wake = probed(a, lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL))
                     runs[plan_traffic].append(bench_metrics(bj))
+                    wakes[plan_traffic].append(wake)
                     seeds[plan_traffic].append(seed)
                     seed += 1
             profs = []
@@ -190,10 +237,16 @@ def main():
                                                os.path.join(tmp, f"plan-{cell}-{i}.json")))
                          for i, s in enumerate(seeds[plan_traffic])]
                 row = {"config": config, "traffic": plan_traffic, "requests": n, "profiles": profs,
-                       "seeds": seeds[plan_traffic]}
+                       "seeds": seeds[plan_traffic], "wake_us": wakes[plan_traffic], "calibration_wake_us": cal_wake}
                 for k in KEYS:
                     row[k] = [median([p[k] for p in preds]), median([r[k] for r in runs[plan_traffic]]),
                               [r[k] for r in runs[plan_traffic]]]
+                if a.wake_probe:  # each run predicted by the round whose calibration met its regime
+                    match = matched_rounds(cal_wake, wakes[plan_traffic])
+                    mpreds = [plan_metrics(run_plan(a, profs[m], config, plan_traffic, n, s,
+                                                    os.path.join(tmp, f"plan-{cell}-{i}-matched.json")))
+                              for i, (m, s) in enumerate(zip(match, seeds[plan_traffic]))]
+                    row["matched"] = {k: median([p[k] for p in mpreds]) for k in KEYS}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if a.json:  # as it goes: a long run cut short keeps what it measured
@@ -272,6 +325,13 @@ def print_table(rows):
         if abs(err(pr, me)) > 10 and abs(pr - me) > 2 * sd:
             biased.append(f"{r['config']} {r['traffic']} {k} {err(pr, me):+.0f}%")
     print(f"{len(biased)} misses beyond twice their median's spread: " + ("; ".join(biased) or "none"))
+    # The same runs, each predicted by the round whose calibration met the nearest wake-up latency.
+    matched = [r for r in rows if r.get("matched")]
+    if matched:
+        hits = sum(abs(err(r["matched"][k], r[k][1])) <= 10 for r in matched for k in KEYS)
+        wake = [w for r in matched for w in r["wake_us"]]
+        print(f"by wake-up regime: {hits} of {len(matched) * len(KEYS)} cells within 10% with each run predicted by "
+              f"the round whose calibration met the nearest wake-up round trip ({min(wake):.1f}-{max(wake):.1f} µs)")
 
 
 if __name__ == "__main__":
