@@ -4,23 +4,26 @@
 For each configuration of `moemesh up` (attention workers, expert hosts, replicas, micro-batches)
 it starts the cluster and measures a profile in the same run (`moemesh plan profile`: the engine,
 ZeroMQ, and the cluster's own costs calibrated on this cluster with fixed-length requests at
-concurrency 1 and 48, and a stream with short requests beside it). Then, --repeats rounds: each round runs the calibration's requests again
-and every traffic once (`moemesh bench --json`). The machine's speed drifts over tens of seconds,
-so each round's runs are predicted by a profile fitted on that round's own calibration runs
-(`plan profile --refit`, seconds before them; the beside runs, measured once, are kept): `moemesh plan --json` with the same shape, seed
-(so the same requests and arrival times), lengths and traffic. It prints predicted vs measured
-throughput and p50/p90 TTFT and ITL (each the median over the rounds) with the relative error.
-Every compute process runs on `--cores` threads (default 1: one call at a time on one core, as the
-simulator models a machine whose processes share cores).
+concurrency 1 and 48, and a stream with short requests beside it). Then, --repeats rounds: each
+round runs the calibration's requests again and every traffic once (`moemesh bench --json`). The
+cluster's speed drifts with the machine's wake-up latency (regimes lasting seconds,
+docs/planner.md), so each round's runs are predicted by a profile fitted on that round's own
+calibration runs (`plan profile --refit`, seconds before them; the beside runs, measured once,
+are kept): `moemesh plan --json` with the same shape, seed (so the same requests and arrival
+times), lengths and traffic. It prints predicted vs measured throughput and p50/p90 TTFT and ITL
+(each the median over the rounds) with the relative error. Every compute process runs on
+`--cores` threads (default 1: one call at a time on one core, as the simulator models a machine
+whose processes share cores).
 
 Around each run (calibration or cell) it times how fast the machine wakes a blocked process
 (bench_wake_round_trip, a pipe round trip between two processes): the cluster's speed follows
 that latency's regimes, which last seconds (docs/planner.md). Each row records it, and a second
-score predicts each cell run with the round whose calibration met the nearest wake-up latency.
+score predicts each cell run from the calibration runs of its regime: per calibration point, the
+median of the --wake-neighbours rounds' runs whose latency was nearest the cell run's.
 
   bench/planner_validate.py --moemesh build/services/cli/moemesh --model /tmp/tiny [--quick]
 """
-import argparse, json, os, random, signal, subprocess, sys, tempfile, time, urllib.request
+import argparse, json, os, random, re, signal, subprocess, sys, tempfile, time, urllib.request
 
 CONFIGS = [  # (attention, experts, replicas, micro_batches)
     (1, 1, 1, 2), (1, 2, 1, 2), (1, 2, 2, 2), (1, 1, 1, 1), (1, 2, 1, 1), (1, 2, 2, 1),
@@ -101,13 +104,43 @@ def probed(a, run):
     return result, None if before is None else (before + after) / 2
 
 
-def matched_rounds(cal_wake, run_wake):
-    """For each run, the round whose calibration runs met the nearest wake-up latency (their
-    median; its own round on a tie). cal_wake: per round, per calibration point."""
-    if not cal_wake or not run_wake or None in run_wake or any(None in w for w in cal_wake):
-        return list(range(len(run_wake or [])))
-    rounds = [median(w) for w in cal_wake]
-    return [min(range(len(rounds)), key=lambda i: (abs(rounds[i] - w), i != j)) for j, w in enumerate(run_wake)]
+def matched_points(cal_wake, run_wake, n):
+    """For each run j, per calibration point: the n rounds whose run of that point met the wake-up
+    latency nearest run j's (round j first on a tie), sorted; round j alone where a probe is
+    missing. cal_wake: per round, per calibration point."""
+    points = len(cal_wake[0])
+    out = []
+    for j, w in enumerate(run_wake):
+        if w is None or any(None in c for c in cal_wake):
+            out.append(tuple((j,) for _ in range(points)))
+            continue
+        near = lambda k: sorted(range(len(cal_wake)), key=lambda i: (abs(cal_wake[i][k] - w), i != j))[:n]
+        out.append(tuple(tuple(sorted(near(k))) for k in range(points)))
+    return out
+
+
+def predict_by_wake(a, r, cache):
+    """Row r's runs, each predicted by a profile fitted on its wake-up regime's calibration: each
+    point's p50/p90 the median of the --wake-neighbours rounds whose run of that point met the
+    latency nearest the run's (matched_points). The medians of the predictions, per metric."""
+    rounds = [re.sub(r"-fitted\d+\.json$", f"-round{i}.json", p) for i, p in enumerate(r["profiles"])]
+    points = [json.load(open(p))["calibration"]["points"] for p in rounds]
+    out = os.path.join(os.path.dirname(rounds[0]), "plan-wake.json")
+    preds = []
+    for pick, seed in zip(matched_points(r["calibration_wake_us"], r["wake_us"], a.wake_neighbours), r["seeds"]):
+        key = (rounds[0], pick)
+        if key not in cache:
+            profile = json.load(open(rounds[0]))
+            for k, pt in enumerate(profile["calibration"]["points"]):
+                for f in ("ttft_p50_s", "itl_p50_s", "itl_p90_s"):
+                    pt[f] = median([points[i][k][f] for i in pick[k]])
+            measured = rounds[0].replace("-round0.json", f"-wake{len(cache)}.json")
+            json.dump(profile, open(measured, "w"), indent=1)
+            cache[key] = measured.replace(".json", "-fitted.json")
+            subprocess.run([a.moemesh, "plan", "profile", "--refit", measured, "--out", cache[key]], check=True,
+                           stdout=subprocess.DEVNULL)
+        preds.append(plan_metrics(run_plan(a, cache[key], r["config"], r["traffic"], r["requests"], seed, out)))
+    return {k: median([p[k] for p in preds]) for k in KEYS}
 
 
 def median(v):
@@ -139,13 +172,16 @@ def main():
                                  "bench_wake_round_trip")
     ap.add_argument("--wake-probe", default=default_probe if os.path.exists(default_probe) else None,
                     help="bench_wake_round_trip's path (default: build/bench's, where built; none: no probes)")
+    ap.add_argument("--wake-neighbours", type=int, default=2,
+                    help="the second score's calibration: per point, the median of this many rounds' runs "
+                         "nearest each cell run's wake-up latency")
     ap.add_argument("--replan", metavar="ROWS_JSON",
                     help="no cluster: refit the recorded profiles (plan profile --refit) and predict again "
                          "against the recorded measurements")
     a = ap.parse_args()
     if a.replan:
         rows = json.load(open(a.replan))
-        refitted = {}
+        refitted, wake_cache = {}, {}
         for r in rows:
             seeds = r.get("seeds", [a.seed])
             # Rows of older runs hold one profile fitted on all rounds: it predicts every round.
@@ -161,10 +197,7 @@ def main():
             for k in KEYS:
                 r[k][0] = median([p[k] for p in preds])
             if r.get("wake_us"):
-                match = matched_rounds(r.get("calibration_wake_us"), r["wake_us"])
-                preds = [plan_metrics(run_plan(a, refitted[profs[i]], r["config"], r["traffic"], r["requests"], s, out))
-                         for i, s in zip(match, seeds)]
-                r["matched"] = {k: median([p[k] for p in preds]) for k in KEYS}
+                r["matched"] = predict_by_wake(a, r, wake_cache)
         print_table(rows)
         return 0
     configs, traffic = (CONFIGS[:2], TRAFFIC[:2]) if a.quick else (CONFIGS[:DEFAULT_CONFIGS], TRAFFIC)
@@ -177,7 +210,7 @@ def main():
     cal_seed = 5000  # the extra calibration runs' prompts: apart from plan profile's (1000...) and the cells'
     tmp = a.out_dir or tempfile.mkdtemp(prefix="planner-validate-")
     os.makedirs(tmp, exist_ok=True)
-    rows = []
+    rows, wake_cache = [], {}
     for (att, exp, rep, mb) in configs:
         port = a.port
         up = subprocess.Popen([a.moemesh, "up", "--model", a.model, "--attention", str(att), "--experts", str(exp),
@@ -241,12 +274,8 @@ def main():
                 for k in KEYS:
                     row[k] = [median([p[k] for p in preds]), median([r[k] for r in runs[plan_traffic]]),
                               [r[k] for r in runs[plan_traffic]]]
-                if a.wake_probe:  # each run predicted by the round whose calibration met its regime
-                    match = matched_rounds(cal_wake, wakes[plan_traffic])
-                    mpreds = [plan_metrics(run_plan(a, profs[m], config, plan_traffic, n, s,
-                                                    os.path.join(tmp, f"plan-{cell}-{i}-matched.json")))
-                              for i, (m, s) in enumerate(zip(match, seeds[plan_traffic]))]
-                    row["matched"] = {k: median([p[k] for p in mpreds]) for k in KEYS}
+                if a.wake_probe:  # each run predicted from the calibration runs of its wake-up regime
+                    row["matched"] = predict_by_wake(a, row, wake_cache)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if a.json:  # as it goes: a long run cut short keeps what it measured
@@ -325,13 +354,13 @@ def print_table(rows):
         if abs(err(pr, me)) > 10 and abs(pr - me) > 2 * sd:
             biased.append(f"{r['config']} {r['traffic']} {k} {err(pr, me):+.0f}%")
     print(f"{len(biased)} misses beyond twice their median's spread: " + ("; ".join(biased) or "none"))
-    # The same runs, each predicted by the round whose calibration met the nearest wake-up latency.
+    # The same runs, each predicted from the calibration runs that met its wake-up latency.
     matched = [r for r in rows if r.get("matched")]
     if matched:
         hits = sum(abs(err(r["matched"][k], r[k][1])) <= 10 for r in matched for k in KEYS)
         wake = [w for r in matched for w in r["wake_us"]]
-        print(f"by wake-up regime: {hits} of {len(matched) * len(KEYS)} cells within 10% with each run predicted by "
-              f"the round whose calibration met the nearest wake-up round trip ({min(wake):.1f}-{max(wake):.1f} µs)")
+        print(f"by wake-up regime: {hits} of {len(matched) * len(KEYS)} cells within 10% with each run predicted from "
+              f"the calibration runs that met the nearest wake-up round trips ({min(wake):.1f}-{max(wake):.1f} µs)")
 
 
 if __name__ == "__main__":

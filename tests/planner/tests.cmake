@@ -17,3 +17,7 @@ set_tests_properties(planner_metrics_delta PROPERTIES LABELS unit TIMEOUT 60)
 add_test(NAME planner_plan_gaps
          COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/plan_gaps_check.py $<TARGET_FILE:moemesh>)
 set_tests_properties(planner_plan_gaps PROPERTIES LABELS unit TIMEOUT 60)
+# bench/planner_validate.py's wake-up probe and the matching of runs to rounds by it.
+add_test(NAME planner_wake_match
+         COMMAND ${SYSTEM_PYTHON} ${CMAKE_CURRENT_LIST_DIR}/wake_match_check.py $<TARGET_FILE:bench_wake_round_trip>)
+set_tests_properties(planner_wake_match PROPERTIES LABELS unit TIMEOUT 60)
