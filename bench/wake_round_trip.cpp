@@ -1,8 +1,8 @@
 // How fast this machine wakes a blocked process: two processes pass one byte back and forth over
 // pipes for a while, each blocked in read() until the other writes, and the round trip's p10 /
 // p50 / p90 / mean are printed as one JSON line. On the shared 2-core machine of
-// docs/planner.md it moves between regimes (about 15, 21 and 24-26 µs, each lasting seconds)
-// while pure compute holds within 3%, and the cluster's inter-token latency, which wakes threads
+// docs/planner.md it moves between regimes (about 15, 21 and 23-26 µs, each lasting seconds)
+// while pure compute holds within 2-3%, and the cluster's inter-token latency, which wakes threads
 // at every hand-off of a step, moves with it. bench/planner_validate.py runs it around each
 // benchmark run to record which regime the run met.
 //
