@@ -109,9 +109,10 @@ def matched_points(cal_wake, run_wake, n):
     latency nearest run j's (round j first on a tie), sorted; round j alone where a probe is
     missing. cal_wake: per round, per calibration point."""
     points = len(cal_wake[0])
+    calibration_probed = not any(None in c for c in cal_wake)
     out = []
     for j, w in enumerate(run_wake):
-        if w is None or any(None in c for c in cal_wake):
+        if w is None or not calibration_probed:
             out.append(tuple((j,) for _ in range(points)))
             continue
         near = lambda k: sorted(range(len(cal_wake)), key=lambda i: (abs(cal_wake[i][k] - w), i != j))[:n]
