@@ -16,6 +16,7 @@
 #include <iostream>
 #include <thread>
 
+#include <prometheus/gauge.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
@@ -105,6 +106,11 @@ ServiceRuntime::ServiceRuntime(std::string service, int default_admin_port)
       ->capture_default_str();
   app_.add_option("--instance", flags_.instance, "this process's unique name (default: <service>-<host>-<pid>)")
       ->envname("MOEMESH_INSTANCE");
+  app_.add_option("--cpu-wake-latency-us", flags_.cpu_wake_latency_us,
+                  "hold this machine's idle CPUs to wake within this many µs while running (Linux PM QoS, "
+                  "/dev/cpu_dma_latency; needs root; 0: idle cores poll, the lowest latency)")
+      ->check(CLI::Range(0, 100000000))
+      ->envname("MOEMESH_CPU_WAKE_LATENCY_US");
 }
 
 ServiceRuntime::~ServiceRuntime() {
@@ -156,8 +162,27 @@ std::optional<int> ServiceRuntime::start(int argc, const char* const* argv) {
     std::cerr << "moemesh-" << service_ << ": " << e.what() << "\n";
     return 1;
   }
+  if (flags_.cpu_wake_latency_us >= 0) hold_cpu_wake_latency();
   spdlog::info("started: {} scheduler threads, admin on {}:{}", flags_.threads, flags_.admin_address, admin_->port());
   return std::nullopt;
+}
+
+// A tuning, not a requirement: without the permission the service runs, and says why it could not.
+void ServiceRuntime::hold_cpu_wake_latency() {
+  auto& gauge = prometheus::BuildGauge()
+                    .Name("moemesh_cpu_wake_latency_limit_microseconds")
+                    .Help(
+                        "The limit on idle CPUs' wake-up latency this process holds (--cpu-wake-latency-us); "
+                        "absent when it holds none")
+                    .Register(*registry_);
+  try {
+    wake_latency_hold_ = std::make_unique<CpuWakeLatencyHold>(flags_.cpu_wake_latency_us);
+    gauge.Add({}).Set(flags_.cpu_wake_latency_us);
+    spdlog::info("holding idle CPUs to wake within {} us", flags_.cpu_wake_latency_us);
+  } catch (const Error& e) {
+    spdlog::warn("--cpu-wake-latency-us {}: {}; running with the machine's idle states as they are",
+                 flags_.cpu_wake_latency_us, e.what());
+  }
 }
 
 int ServiceRuntime::wait_for_shutdown() {

@@ -1,7 +1,7 @@
 // What every service main needs, so that mains stay short wiring:
 //   - the common flags (CLI11): --config FILE (TOML/INI with the same option names),
 //     --log-level, --threads (CAF scheduler.max-threads), --admin-address, --admin-port,
-//     --instance; a service adds its own flags to cli() before start();
+//     --instance, --cpu-wake-latency-us; a service adds its own flags to cli() before start();
 //   - spdlog configured (stderr, level, service/instance in each line);
 //   - the caf::actor_system (caf::io is never loaded: ZeroMQ is the only wire);
 //   - the admin server (/metrics, /healthz, /readyz) on its own port;
@@ -29,6 +29,7 @@
 #include <prometheus/registry.h>
 
 #include "actors/admin_server.h"
+#include "core/cpu_wake_latency.h"
 
 namespace moemesh::actors {
 
@@ -39,6 +40,7 @@ struct CommonFlags {
   std::string admin_address = "0.0.0.0";
   int admin_port = 0;
   std::string instance;  // defaults to <service>-<hostname>-<pid>
+  int cpu_wake_latency_us = -1;  // >= 0: hold the CPUs' wake-up latency at most this (CpuWakeLatencyHold)
 };
 
 // Small on purpose: the node's cores belong to compute pools, not to the actor scheduler.
@@ -89,9 +91,12 @@ class ServiceRuntime {
   std::unique_ptr<caf::actor_system_config> cfg_;
   std::unique_ptr<caf::actor_system> system_;
   std::unique_ptr<AdminServer> admin_;
+  std::unique_ptr<CpuWakeLatencyHold> wake_latency_hold_;
   std::vector<caf::actor> owned_;
   std::function<void()> on_reload_;
   int signal_fd_ = -1;
+
+  void hold_cpu_wake_latency();
 };
 
 }  // namespace moemesh::actors

@@ -6,23 +6,9 @@ this effect (docs/planner.md, "Profiles").
 
   bench/idle_wake.py --moemesh build/services/cli/moemesh --model /tmp/tiny [--gaps-ms 0,2,5,20,100]
 """
-import argparse, http.client, json, os, random, signal, statistics, subprocess, sys, time, urllib.request
+import argparse, http.client, json, os, random, signal, statistics, subprocess, sys, time
 
-
-def wait_ready(port, proc, timeout=120):
-    body = json.dumps({"prompt": [1, 2, 3], "max_tokens": 1}).encode()
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError("moemesh up exited")
-        try:
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=5):
-                return
-        except Exception:
-            time.sleep(0.5)
-    raise RuntimeError("cluster not ready")
+from planner_validate import wait_ready  # same folder
 
 
 def one_request(port, rng, prompt_len, output_len):
@@ -62,7 +48,7 @@ def main():
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     rng = random.Random(5)
     try:
-        wait_ready(a.port, up)
+        wait_ready(f"http://127.0.0.1:{a.port}", up)
         for _ in range(5):  # warm-up, not recorded
             one_request(a.port, rng, a.prompt_len, a.output_len)
         res = {g: ([], []) for g in gaps}

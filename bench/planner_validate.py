@@ -21,6 +21,10 @@ that latency's regimes, which last seconds (docs/planner.md). Each row records i
 score predicts each cell run from the calibration runs of its regime: per calibration point, the
 median of the --wake-neighbours rounds' runs whose latency was nearest the cell run's.
 
+`--cpu-wake-latency-us 0` runs the cluster with the machine's idle cores polling instead of
+halting (`moemesh up --cpu-wake-latency-us`, Linux PM QoS): faster, but the regimes remain
+(docs/planner.md).
+
   bench/planner_validate.py --moemesh build/services/cli/moemesh --model /tmp/tiny [--quick]
 """
 import argparse, json, os, random, re, signal, subprocess, sys, tempfile, time, urllib.request
@@ -166,6 +170,9 @@ def main():
     ap.add_argument("--cores", type=int, default=1,
                     help="moemesh up --cores (each compute process's threads), and the profile's engine timing: "
                          "the simulator runs each process one call at a time on the machine's shared cores")
+    ap.add_argument("--cpu-wake-latency-us", type=int, default=-1,
+                    help="moemesh up --cpu-wake-latency-us: hold the machine's idle cores to wake within this many "
+                         "µs (0: they poll; needs root; default -1: leave them as they are)")
     ap.add_argument("--port", type=int, default=18000)
     ap.add_argument("--json", help="write the rows here (with the profiles' and measurements' paths)")
     ap.add_argument("--out-dir", help="keep the profiles and bench reports here (default: a temp folder)")
@@ -216,7 +223,9 @@ def main():
         port = a.port
         up = subprocess.Popen([a.moemesh, "up", "--model", a.model, "--attention", str(att), "--experts", str(exp),
                                "--replicas", str(rep), "--micro-batches", str(mb), "--port", str(port), "--cores", str(a.cores),
-                               "--control-port", str(port + 10), "--admin-port", str(port + 20)],
+                               "--control-port", str(port + 10), "--admin-port", str(port + 20)] +
+                              (["--cpu-wake-latency-us", str(a.cpu_wake_latency_us)] if a.cpu_wake_latency_us >= 0
+                               else []),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -271,7 +280,8 @@ def main():
                                                os.path.join(tmp, f"plan-{cell}-{i}.json")))
                          for i, s in enumerate(seeds[plan_traffic])]
                 row = {"config": config, "traffic": plan_traffic, "requests": n, "profiles": profs,
-                       "seeds": seeds[plan_traffic], "wake_us": wakes[plan_traffic], "calibration_wake_us": cal_wake}
+                       "seeds": seeds[plan_traffic], "wake_us": wakes[plan_traffic], "calibration_wake_us": cal_wake,
+                       "cpu_wake_latency_us": a.cpu_wake_latency_us}
                 for k in KEYS:
                     row[k] = [median([p[k] for p in preds]), median([r[k] for r in runs[plan_traffic]]),
                               [r[k] for r in runs[plan_traffic]]]

@@ -94,8 +94,16 @@ void add_up(CLI::App& app) {
   auto runtime_lora = std::make_shared<bool>(false);
   up->add_flag("--allow-runtime-lora", *runtime_lora,
                "router: allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter");
+  // One holder is enough for the whole machine: the router, which lives as long as the cluster.
+  auto wake_latency_us = std::make_shared<int>(-1);
+  up->add_option("--cpu-wake-latency-us", *wake_latency_us,
+                 "hold this machine's idle CPUs to wake within this many µs while the cluster runs (Linux PM QoS; "
+                 "needs root; 0: idle cores poll, the lowest latency; docs/operations.md)")
+      ->check(CLI::Range(0, 100000000));
   up->callback([opts, model, tenants, kv_cache_mb, kv_dtype, step_budget, rebalance_s, router_bias, micro_batches,
-                lora_modules, runtime_lora, wait_budget] {
+                lora_modules, runtime_lora, wait_budget, wake_latency_us] {
+    if (*wake_latency_us >= 0)
+      opts->router_args.insert(opts->router_args.end(), {"--cpu-wake-latency-us", std::to_string(*wake_latency_us)});
     for (const std::string& spec : *lora_modules) {  // the children run elsewhere: absolute paths
       const auto [name, path] = parse_lora_module(spec);
       opts->router_args.insert(opts->router_args.end(), {"--lora-modules", name + "=" + fs::absolute(path).string()});

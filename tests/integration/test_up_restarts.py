@@ -4,6 +4,8 @@ greedy streams run leaves its experts with no live host: the steps that need the
 moemesh_attention_dispatch_uncovered_waits_total) instead of failing, `moemesh up` restarts the
 process after its backoff, the replacement registers, and every stream finishes with exactly the
 reference engine's text (0 lost). `moemesh status` and the router's metrics show the restart.
+The cluster runs with `--cpu-wake-latency-us 0`: its router holds the limit (its metric says so)
+where the machine lets it (root), and runs with a warning in its log where not.
 """
 import json
 import os
@@ -32,7 +34,7 @@ def test(args, tmp):
     up = subprocess.Popen([args.cli, "up", "--model", model, "--attention", "1", "--experts", "2", "--replicas", "1",
                            "--no-kvstore", "--cores", "1", "--port", str(port), "--control-port", str(control),
                            "--admin-port", str(admin), "--log-dir", os.path.join(tmp, "logs"),
-                           "--startup-timeout", "90"],
+                           "--startup-timeout", "90", "--cpu-wake-latency-us", "0"],
                           stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                           env=dict(os.environ, OPENBLAS_NUM_THREADS="1"), preexec_fn=H._die_with_parent)
 
@@ -82,6 +84,15 @@ def test(args, tmp):
         st, body = H.http(admin, "/metrics")
         H.check(re.search(r'moemesh_coordinator_member_restarts\{[^}]*host="expert-0"[^}]*\} 1', body.decode()),
                 "moemesh_coordinator_member_restarts{host=expert-0} is not 1")
+        if os.access("/dev/cpu_dma_latency", os.W_OK):
+            H.check(re.search(r"^moemesh_cpu_wake_latency_limit_microseconds 0$", body.decode(), re.M),
+                    "moemesh up --cpu-wake-latency-us 0: the router does not show the limit held")
+        else:
+            logs = os.path.join(tmp, "logs")
+            router_log = "".join(open(os.path.join(logs, f), errors="replace").read()
+                                 for f in os.listdir(logs) if f.startswith("router"))
+            H.check("--cpu-wake-latency-us 0: cannot open /dev/cpu_dma_latency" in router_log,
+                    "without the permission the router's log does not say why it holds no limit")
         H.log(f"expert-0 killed with {in_flight}/{STREAMS} streams in flight: restarted by moemesh up, 0 lost, "
               f"every text equals the reference; longest stall {max(stalls) * 1000:.0f} ms (steps waited for the "
               f"replacement)")

@@ -1,6 +1,7 @@
 // ServiceRuntime and AdminServer: common flags from the command line and a config file, the
 // admin endpoints (/metrics, /healthz, /readyz) over real HTTP, and SIGTERM handling.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <csignal>
 #include <cstdlib>
@@ -73,10 +74,28 @@ TEST(ServiceRuntime, BadFlagsGiveAnExitCode) {
   }
   {
     ServiceRuntime rt("test", 0);
+    auto rc = start(rt, {"--cpu-wake-latency-us", "-5"});
+    ASSERT_TRUE(rc.has_value());
+    EXPECT_NE(*rc, 0);
+  }
+  {
+    ServiceRuntime rt("test", 0);
     auto rc = start(rt, {"--config", "/nonexistent/moemesh.toml"});
     ASSERT_TRUE(rc.has_value());
     EXPECT_NE(*rc, 0);
   }
+}
+
+// With the permission (root, as CI runs) the service holds the limit and says so in /metrics;
+// without it, it runs all the same and shows no limit.
+TEST(ServiceRuntime, HoldsTheCpuWakeLatencyWhenItMayAndRunsEitherWay) {
+  const bool may = ::access("/dev/cpu_dma_latency", W_OK) == 0;
+  ServiceRuntime rt("test", 0);
+  ASSERT_FALSE(start(rt, {"--admin-address", "127.0.0.1", "--cpu-wake-latency-us", "0"}).has_value());
+  EXPECT_EQ(rt.flags().cpu_wake_latency_us, 0);
+  const std::string body = get(rt.admin().port(), "/metrics").body();
+  EXPECT_EQ(body.find("moemesh_cpu_wake_latency_limit_microseconds 0\n") != std::string::npos, may)
+      << (may ? "the device is writable but no limit is shown" : "a limit is shown that could not be held") << body;
 }
 
 TEST(ServiceRuntime, AdminPortTakenIsAnExitCodeNotACrash) {
