@@ -5,27 +5,31 @@
 
 Each round starts the cluster one way, warms it up, times the machine's wake-up round trip
 (bench_wake_round_trip, when built) and runs each traffic once (`moemesh bench --json`), then the
-same the other way with the same seeds (the same requests and arrival times). It prints, per traffic and metric, the median over the rounds each way and
-their ratio (polling / halting). Needs root for the limit (the router warns and runs without it
-otherwise, and this script stops: there would be nothing to compare).
+same the other way with the same seeds (the same requests and arrival times). It prints, per
+traffic and metric, the median over the rounds each way and their ratio (polling / halting).
+Needs root for the limit (the router warns and runs without it otherwise, and this script stops:
+there would be nothing to compare).
 
   bench/cpu_wake_latency.py --moemesh build/services/cli/moemesh --model /tmp/tiny [--rounds 4]
 """
 import argparse, json, os, signal, statistics, subprocess, sys, tempfile, urllib.request
 
-from planner_validate import wait_ready  # same folder
+from planner_validate import wait_ready, wake_probe  # same folder
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "observability"))
+from prom_text import parse_metrics, total  # noqa: E402
 
 KEYS = [("tok/s", "output_tokens_per_s", None), ("TTFT p50", "ttft_ms", "p50"), ("TTFT p90", "ttft_ms", "p90"),
         ("ITL p50", "itl_ms", "p50"), ("ITL p90", "itl_ms", "p90")]
 MODES = [("halting", None), ("polling", 0)]
 
 
-def metric_value(admin_url, name):
+def limit_held(admin_url):
+    """The router's moemesh_cpu_wake_latency_limit_microseconds, or None where it holds none."""
+    name = "moemesh_cpu_wake_latency_limit_microseconds"
     with urllib.request.urlopen(admin_url + "/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return None
+        fams = parse_metrics(r.read().decode())
+    return total(fams, name) if name in fams else None
 
 
 def main():
@@ -66,16 +70,13 @@ def main():
             up = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             try:
                 wait_ready(url, up)
-                held = metric_value(admin, "moemesh_cpu_wake_latency_limit_microseconds")
-                if limit is not None and held != limit:
+                if limit is not None and limit_held(admin) != limit:
                     raise SystemExit("the router could not hold the limit (it needs root): see its log in " + tmp)
                 warm = [a.moemesh, "bench", "--url", url, "--vocab", "250", "--requests", "16", "--concurrency", "1",
                         "--output-len", "8", "--seed", "999"]
                 subprocess.run(warm, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 if a.wake_probe:
-                    out = subprocess.run([a.wake_probe, "--seconds", "0.5"], check=True, capture_output=True,
-                                         text=True).stdout
-                    wakes[mode].append(json.loads(out)["p50_us"])
+                    wakes[mode].append(wake_probe(a))
                 for t, (spec, flags) in enumerate(traffic):
                     seed = r * len(traffic) + t  # both ways the same requests and arrival times
                     bj = os.path.join(tmp, f"bench-{mode}-{spec.replace(':', '')}-{r}.json")
