@@ -180,9 +180,6 @@ struct BatcherState {
   const PeerTransports& transports() const { return deps.transports ? *deps.transports : zmq_only; }
   std::unique_ptr<BatchQueue> queue;
   std::map<ExpertKey, prometheus::Counter*> rows_counters;
-  // How each accepted request came (peer, request id): its reply goes back the same way, so a
-  // request sent before the pair switched is not answered over the new transport.
-  std::map<std::pair<std::string, uint64_t>, std::shared_ptr<Transport>> came_by;
   std::chrono::steady_clock::time_point busy_until{};  // the end of the busy time counted so far
   // One receiving thread per pair transport (a pool of one: FIFO), so the actor never blocks
   // in a receive and each pair's payloads are taken in the order their headers arrived.
@@ -220,23 +217,52 @@ void log_dispatch_span(const BatchJob& job, const PendingRequest& req) {
   req.span->finish("expert", "dispatch", std::move(attrs));
 }
 
-void reply(Self* self, FramesPtr frames) {
-  self->state.deps.metrics->sent_bytes.Increment(payload_bytes(*frames));
-  self->send(self->state.deps.bridge, zmq_send_atom::value, self->state.deps.socket, std::move(frames));
+// Where replies go: the bridge's ROUTER socket. Copied into the pool's completion callbacks, so
+// only what outlives the actor (deps.metrics does).
+struct ReplySink {
+  caf::actor bridge;
+  int socket = 0;
+  ExpertHostMetrics* metrics = nullptr;
+
+  void send(FramesPtr frames) const {
+    metrics->sent_bytes.Increment(payload_bytes(*frames));
+    caf::anon_send(bridge, zmq_send_atom::value, socket, std::move(frames));
+  }
+};
+
+ReplySink sink_of(Self* self) { return {self->state.deps.bridge, self->state.deps.socket, self->state.deps.metrics}; }
+
+// The replies of a finished batch, sent from the pool thread that finished it: every dispatch
+// round trip then crosses one thread hand-off fewer than through the actor, which does the
+// bookkeeping afterwards (on_done). Each goes back the way its request came (ZeroMQ frames, or
+// the pair transport it came by: send_message keeps headers and payloads in order per pair).
+void send_replies(const ReplySink& sink, BatchJob& job, int64_t hidden) {
+  static const std::shared_ptr<Transport> zmq = std::make_shared<ZmqTransport>();
+  for (size_t i = 0; i < job.requests.size(); ++i) {
+    const PendingRequest& req = job.requests[i];
+    Transport& via = req.via ? *req.via : *zmq;
+    dispatch::Message m = job.error.empty()
+                              ? dispatch::encode_response(req.request_id, job.layer, hidden, std::move(job.outputs[i]))
+                              : dispatch::encode_error(req.request_id, job.error_code, job.error);
+    send_message(std::move(m), via, req.peer, [&sink](FramesPtr frames) { sink.send(std::move(frames)); });
+  }
 }
 
 void start(Self* self, BatchJobPtr job) {
   auto& st = self->state;
   st.deps.metrics->queued_requests.Set(double(st.queue->queued_requests()));
-  caf::actor me = caf::actor_cast<caf::actor>(self);
   run_batch(*st.deps.experts, *st.deps.pool, std::move(job),
-            [me](BatchJobPtr done) { caf::anon_send(me, batch_done_atom::value, std::move(done)); });
+            [me = caf::actor_cast<caf::actor>(self), sink = sink_of(self),
+             hidden = st.deps.experts->hidden()](BatchJobPtr done) {
+              send_replies(sink, *done, hidden);
+              caf::anon_send(me, batch_done_atom::value, std::move(done));
+            });
 }
 
 void bad_request(Self* self, const std::string& peer, const dispatch::DecodeError& e) {
   self->state.deps.metrics->bad_request(e.code());
   spdlog::debug("expert: bad request {} ({}): {}", e.request_id(), e.code(), e.what());
-  reply(self, to_frames(dispatch::encode_error(e.request_id(), e.code(), e.what()), peer));
+  sink_of(self).send(to_frames(dispatch::encode_error(e.request_id(), e.code(), e.what()), peer));
 }
 
 // The request with its rows: checked against what this host serves, then queued for its batch.
@@ -248,7 +274,7 @@ void accept(Self* self, const std::string& peer, dispatch::Request&& r, std::vec
   check_servable(r, *st.deps.experts);
   p.peer = peer;
   p.request_id = r.request_id;
-  st.came_by[{peer, r.request_id}] = std::move(carrier);
+  p.via = std::move(carrier);
   p.groups = std::move(r.groups);
   if (!r.traces.empty()) p.span.emplace(trace::child_of(r.traces.front()));
   p.traces = std::move(r.traces);
@@ -326,16 +352,11 @@ void on_done(Self* self, BatchJobPtr job) {
   const auto from = std::max(job->started, st.busy_until);
   if (job->finished > from) m.busy_seconds.Increment(secs(job->finished - from).count());
   st.busy_until = std::max(st.busy_until, job->finished);
+  // The replies have gone already (send_replies, on the pool thread).
   int64_t total = 0;
-  const int64_t hidden = st.deps.experts->hidden();
-  for (size_t i = 0; i < job->requests.size(); ++i) {
-    PendingRequest& req = job->requests[i];
-    std::shared_ptr<Transport> via;
-    if (auto it = st.came_by.find({req.peer, req.request_id}); it != st.came_by.end())
-      via = std::move(it->second), st.came_by.erase(it);
+  for (const PendingRequest& req : job->requests) {
     if (!job->error.empty()) {
       m.bad_request(job->error_code);
-      reply(self, to_frames(dispatch::encode_error(req.request_id, job->error_code, job->error), req.peer));
       log_dispatch_span(*job, req);
       continue;
     }
@@ -349,9 +370,6 @@ void on_done(Self* self, BatchJobPtr job) {
       }
       if (st.deps.load) st.deps.load->add(job->layer, g.expert, uint64_t(g.rows));
     }
-    if (!via) via = st.transports().of(req.peer);
-    send_message(dispatch::encode_response(req.request_id, job->layer, hidden, std::move(job->outputs[i])), *via,
-                 req.peer, [self](FramesPtr frames) { reply(self, std::move(frames)); });
     log_dispatch_span(*job, req);
   }
   m.batch_rows.Observe(double(total));

@@ -25,21 +25,27 @@ ComputePool::ComputePool(int threads) {
     });
 }
 
-ComputePool::~ComputePool() {
+ComputePool::~ComputePool() { close(); }
+
+void ComputePool::close() {
   {
     std::lock_guard<std::mutex> lk(mu_);
     stop_ = true;
   }
   cv_.notify_all();
-  for (auto& t : threads_) t.join();
+  std::lock_guard<std::mutex> lk(join_mu_);
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
 }
 
-void ComputePool::submit(std::function<void()> task) {
+bool ComputePool::submit(std::function<void()> task) {
   {
     std::lock_guard<std::mutex> lk(mu_);
+    if (stop_) return false;
     tasks_.push_back(std::move(task));
   }
   cv_.notify_one();
+  return true;
 }
 
 HostedExperts::HostedExperts(std::shared_ptr<Checkpoint> ckpt, ExpertSet experts,

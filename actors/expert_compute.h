@@ -28,11 +28,15 @@ namespace moemesh::actors {
 class ComputePool {
  public:
   explicit ComputePool(int threads);
-  ~ComputePool();  // runs what is queued, then joins
+  ~ComputePool();  // close()
   ComputePool(const ComputePool&) = delete;
   ComputePool& operator=(const ComputePool&) = delete;
 
-  void submit(std::function<void()> task);
+  // Queues `task`; false (and the task dropped) once the pool is closed.
+  bool submit(std::function<void()> task);
+  // Runs what is queued, then joins the threads; later submits are refused. Idempotent, from any
+  // thread but the pool's own.
+  void close();
   int threads() const { return int(threads_.size()); }
 
  private:
@@ -40,6 +44,7 @@ class ComputePool {
   std::condition_variable cv_;
   std::deque<std::function<void()>> tasks_;
   bool stop_ = false;
+  std::mutex join_mu_;
   std::vector<std::thread> threads_;
 };
 
@@ -87,6 +92,8 @@ class HostedExperts {
   std::unique_ptr<LoraCache> lora_;
 };
 
+class Transport;  // actors/transport.h
+
 // One accepted request waiting in or running with a batch.
 struct PendingRequest {
   std::string peer;  // ROUTER routing id of the sender
@@ -94,6 +101,9 @@ struct PendingRequest {
   std::vector<dispatch::Group> groups;
   std::vector<LoraRef> adapters;  // what the groups' adapter indexes name
   std::vector<float> rows;        // [sum(groups.rows), hidden]
+  // How the request came: its reply goes back the same way, so a request sent before the pair
+  // switched is not answered over the new transport. Null: ZeroMQ frames.
+  std::shared_ptr<Transport> via;
   // When the request names traces: this host's span under the first, the others as links.
   std::optional<trace::OpenSpan> span;
   std::vector<TraceRef> traces;

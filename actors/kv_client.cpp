@@ -44,7 +44,8 @@ struct KvClient::Inflight {
   std::map<uint64_t, size_t> puts;  // request id -> blocks sent, until acked or given up
   std::shared_ptr<KvClientStats> stats;
 
-  // On the receiving actor: hand a KvGet reply to its waiting fetch, count a KvPut's ack.
+  // On the bridge's I/O thread (it never blocks): hand a KvGet reply to its waiting fetch, count a
+  // KvPut's ack. No actor between: a step's prefix lookup waits one thread hand-off less.
   void deliver(const FramesPtr& frames) {
     uint64_t id = 0;
     wire::Kind kind = wire::Kind::Error;
@@ -108,22 +109,13 @@ KvClient::KvClient(caf::actor_system& sys, KvClientOptions opts)
                          .send_hwm = 64,
                          .recv_hwm = 1000,
                          .heartbeats = kDataPlaneHeartbeats});
-  // State as a spawn argument, not a capture: CAF 0.17 trips UBSan on argument-less function actors.
-  receiver_ = sys.spawn(
-      [](caf::event_based_actor*, std::shared_ptr<Inflight> inflight) -> caf::behavior {
-        return {[inflight](zmq_recv_atom, int, FramesPtr frames) {
-          if (frames && !frames->empty()) inflight->deliver(frames);
-        }};
-      },
-      inflight_);
-  bridge_.route(socket_, receiver_);
+  bridge_.route(socket_, [inflight = inflight_](int, FramesPtr frames) {
+    if (frames && !frames->empty()) inflight->deliver(frames);
+  });
   bridge_.start();
 }
 
-KvClient::~KvClient() {
-  bridge_.stop();
-  caf::anon_send_exit(receiver_, caf::exit_reason::user_shutdown);
-}
+KvClient::~KvClient() { bridge_.stop(); }
 
 bool KvClient::backing_off() { return now_ns() < skip_until_ns_.load(); }
 

@@ -8,8 +8,8 @@
 // fire-and-forget (their acks and errors are only counted). Every failure is logged and counted.
 //
 // Like RemoteExpertExecutor, it has its own ZmqBridge with one DEALER socket; fetch() blocks the
-// calling (compute) thread on a condition variable fulfilled by a small actor that receives the
-// replies. Never call fetch() from inside an actor. Thread-safe.
+// calling (compute) thread on a condition variable fulfilled by the bridge's I/O thread as the
+// replies arrive. Never call fetch() from inside an actor. Thread-safe.
 //
 // fetch_many() asks for several chains at once (a step's new sequences): their requests go out
 // together and are waited for together, so a step pays one round trip to the store, not one per
@@ -104,7 +104,7 @@ class KvClient : public PrefixStore {
   const KvClientOptions& options() const { return opts_; }
   const KvClientStats& stats() const { return *stats_; }
 
-  struct Inflight;  // requests awaiting replies (shared with the receiving actor)
+  struct Inflight;  // requests awaiting replies (shared with the bridge's handler)
 
  private:
   bool backing_off();
@@ -118,7 +118,6 @@ class KvClient : public PrefixStore {
   std::shared_ptr<Inflight> inflight_;
   ZmqBridge bridge_;
   int socket_ = -1;
-  caf::actor receiver_;
   std::atomic<uint64_t> next_id_;
   std::atomic<int64_t> skip_until_ns_{0};  // steady_clock, fetches skipped before it
 };

@@ -160,20 +160,23 @@ struct RemoteExpertExecutor::Inflight {
   std::shared_ptr<RemoteExpertsStats> stats;
   std::shared_ptr<Metrics> metrics;  // may be null
 
-  // On the receiving actor (a thread of its own): decode the header (the payload's place
-  // depends on how the message came) and hand the reply to its waiting call. A payload on a pair
-  // transport is taken off here, in the order the headers arrive, whether or not anybody still
-  // waits for it (a late reply's payload must not be read as the next one's). The outcome is set
-  // under `mu`, so once run() has withdrawn a request no late reply can touch it.
-  void deliver(int socket, const FramesPtr& frames) {
+  // What carries the payload of a reply that came in `frames` frames on `socket`.
+  std::shared_ptr<Transport> carrier_of(int socket, size_t frames) {
+    std::lock_guard<std::mutex> lk(mu);
+    auto it = endpoints.find(socket);
+    return transports->carrying(it != endpoints.end() ? it->second : std::string(), frames);
+  }
+
+  // Decode the header (the payload's place depends on how the message came, `carrier`) and hand
+  // the reply to its waiting call. A reply with its payload in its frames is delivered on the
+  // bridge's I/O thread; one whose payload is on a pair transport on the receiving actor (a
+  // thread of its own: taking the payload blocks until it is here), in the order the headers
+  // arrive, whether or not anybody still waits for it (a late reply's payload must not be read
+  // as the next one's). The outcome is set under `mu`, so once run() has withdrawn a request no
+  // late reply can touch it.
+  void deliver(const FramesPtr& frames, std::shared_ptr<Transport> carrier) {
     auto views = frame_views(*frames);
     const auto arrived = Clock::now();
-    std::shared_ptr<Transport> carrier;
-    {
-      std::lock_guard<std::mutex> lk(mu);
-      auto it = endpoints.find(socket);
-      carrier = transports->carrying(it != endpoints.end() ? it->second : std::string(), frames->size());
-    }
     dispatch::Reply reply;
     std::string error, reason;
     uint64_t id = 0;
@@ -308,7 +311,8 @@ RemoteExpertExecutor::RemoteExpertExecutor(caf::actor_system& sys, RemoteExperts
   receiver_ = sys_.spawn<caf::detached>(
       [](caf::event_based_actor*, std::shared_ptr<Inflight> inflight) -> caf::behavior {
         return {[inflight](zmq_recv_atom, int socket, FramesPtr frames) {
-                  if (frames && !frames->empty()) inflight->deliver(socket, frames);
+                  if (frames && !frames->empty())
+                    inflight->deliver(frames, inflight->carrier_of(socket, frames->size()));
                 },
                 [inflight](zmq_event_atom, int socket, const PeerEvent& e) { inflight->on_event(socket, e); }};
       },
@@ -355,7 +359,16 @@ int RemoteExpertExecutor::socket_for(const std::string& endpoint) {
     std::lock_guard<std::mutex> ilk(inflight_->mu);
     inflight_->endpoints[s] = endpoint;
   }
-  bridge_.route(s, receiver_);
+  // Replies wake their waiting call from the bridge's thread (one thread hand-off fewer per round
+  // trip than through the receiving actor), unless their payload must be taken off a pair transport.
+  bridge_.route(s, [inflight = inflight_, receiver = receiver_](int socket, FramesPtr frames) {
+    if (!frames || frames->empty()) return;
+    auto carrier = inflight->carrier_of(socket, frames->size());
+    if (carrier->payload_in_frames())
+      inflight->deliver(frames, std::move(carrier));
+    else
+      caf::anon_send(receiver, zmq_recv_atom::value, socket, std::move(frames));
+  });
   bridge_.watch(s, receiver_);
   sockets_[endpoint] = s;
   return s;

@@ -24,8 +24,9 @@
 // expert host can log its span under theirs. The time run() spends blocked on replies is
 // recorded in `waits` (the step's expert_wait phase, actors/step_phases.h).
 //
-// run() blocks its calling (compute) thread on a condition variable, fulfilled by a small
-// actor that receives the replies from the bridge; never call it from inside an actor.
+// run() blocks its calling (compute) thread on a condition variable, fulfilled by the bridge's I/O
+// thread as a reply arrives (or, for a reply whose payload comes over a pair transport, by a small
+// actor that takes the payload off); never call it from inside an actor.
 // set_placement() may be called at any time from any thread.
 #pragma once
 #include <atomic>
@@ -113,7 +114,7 @@ class RemoteExpertExecutor : public ExpertExecutor {
   bool disconnected(const std::string& endpoint) const;
   PeerTransports& transports() { return *opts_.transports; }
 
-  struct Inflight;  // requests awaiting replies (shared with the receiving actor)
+  struct Inflight;  // requests awaiting replies (shared with the bridge's handler and the receiving actor)
   struct Metrics;   // per-host series, made on first use
 
  private:
@@ -125,7 +126,7 @@ class RemoteExpertExecutor : public ExpertExecutor {
   RemoteExpertsOptions opts_;
   std::shared_ptr<RemoteExpertsStats> stats_;
   std::shared_ptr<Inflight> inflight_;
-  std::shared_ptr<Metrics> metrics_;  // null without a registry; shared with the receiving actor
+  std::shared_ptr<Metrics> metrics_;  // null without a registry; shared with the receiving side
   ZmqBridge bridge_;
   caf::actor receiver_;
   std::atomic<uint64_t> next_id_;

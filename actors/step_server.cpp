@@ -201,28 +201,21 @@ FramesPtr handle(const Frames& in, StepWorker& worker, StepServerStats& stats, S
 
 }  // namespace
 
-caf::actor spawn_step_server(caf::actor_system& sys, ZmqBridge& bridge, int socket, std::shared_ptr<StepWorker> worker,
-                             std::shared_ptr<ComputePool> pool, std::shared_ptr<StepServerStats> stats,
-                             std::shared_ptr<StepServerMetrics> metrics) {
-  caf::actor out = bridge.actor();
-  // The actor must not own the pool: its destructor joins the step in flight, which awaits
-  // expert replies delivered by other actors — never block an actor thread on that.
+void serve_steps(ZmqBridge& bridge, int socket, std::shared_ptr<StepWorker> worker, std::shared_ptr<ComputePool> pool,
+                 std::shared_ptr<StepServerStats> stats, std::shared_ptr<StepServerMetrics> metrics) {
+  // The pool is held weakly: its last owner closes it, off the bridge's thread.
   std::weak_ptr<ComputePool> weak_pool = pool;
-  // `out` is a spawn argument: CAF 0.17 trips UBSan on argument-less function actors.
-  caf::actor a = sys.spawn(
-      [=](caf::event_based_actor*, caf::actor out) -> caf::behavior {
-        return {[=](zmq_recv_atom, int, FramesPtr frames) {
-          // Compute off the actor threads; the reply goes straight to the bridge.
-          if (auto p = weak_pool.lock())
-            p->submit([=] {
-              caf::anon_send(out, zmq_send_atom::value, socket, handle(*frames, *worker, *stats, metrics.get()));
-              worker->publish_freed();  // after the answer: not on the step's critical path
-            });
-        }};
-      },
-      out);
-  bridge.route(socket, a);
-  return a;
+  bridge.route(socket, [=, out = bridge.actor()](int, FramesPtr frames) {
+    auto p = weak_pool.lock();
+    if (!p) return;
+    // Compute off the bridge's thread; the reply goes straight back to the bridge.
+    p->submit([=] {
+      caf::anon_send(out, zmq_send_atom::value, socket, handle(*frames, *worker, *stats, metrics.get()));
+      worker->publish_freed();  // after the answer: not on the step's critical path
+    });
+  });
 }
+
+void stop_serving_steps(ZmqBridge& bridge, int socket) { bridge.route(socket, RecvHandler{}); }
 
 }  // namespace moemesh::actors

@@ -1,6 +1,8 @@
 // The attention worker's data-plane endpoint: StepRequests arrive on a bound ROUTER socket,
 // run on the compute pool (one step at a time: the StepWorker is not thread-safe), and the
-// StepResponse (or an Error reply for a bad frame) goes back to the sender.
+// StepResponse (or an Error reply for a bad frame) goes back to the sender. The bridge hands each
+// step to the pool itself: an actor between would only forward it, at the cost of one more thread
+// hand-off on every step.
 #pragma once
 #include <atomic>
 #include <memory>
@@ -59,11 +61,14 @@ class StepServerMetrics {
   uint64_t seen_fetch_failures_ = 0, seen_publish_failures_ = 0, seen_cut_fetches_ = 0;
 };
 
-// The caller keeps `pool` alive (the actor holds it weakly): destroy it after the actor is gone,
-// off the actor threads, to finish the step in flight.
-caf::actor spawn_step_server(caf::actor_system& sys, ZmqBridge& bridge, int socket, std::shared_ptr<StepWorker> worker,
-                             std::shared_ptr<ComputePool> pool, std::shared_ptr<StepServerStats> stats,
-                             std::shared_ptr<StepServerMetrics> metrics = nullptr);
+// Serves the steps that arrive on the bridge's `socket` on `pool` (give it one thread). To stop:
+// stop_serving_steps, then close the pool off the actor threads (it finishes the step in flight,
+// whose reply still goes out), then stop the bridge.
+void serve_steps(ZmqBridge& bridge, int socket, std::shared_ptr<StepWorker> worker, std::shared_ptr<ComputePool> pool,
+                 std::shared_ptr<StepServerStats> stats, std::shared_ptr<StepServerMetrics> metrics = nullptr);
+// No step is queued after this returns, but one the bridge is handing over right now (the pool
+// refuses it once closed).
+void stop_serving_steps(ZmqBridge& bridge, int socket);
 
 // Frames of a data-plane message: [peer id if any], header, tensors (moved in, zero-copy).
 FramesPtr message_frames(const std::string& peer, wire::Kind kind, uint64_t request_id, const std::string& meta,

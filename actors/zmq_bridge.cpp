@@ -97,6 +97,7 @@ int ZmqBridge::open_socket(const SocketSpec& spec) {
   std::lock_guard<std::mutex> lk(mu_);
   specs_.push_back(std::move(resolved));
   routes_.emplace_back();
+  handlers_.emplace_back();
   watchers_.emplace_back();
   items_dirty_ = true;
   return int(specs_.size()) - 1;
@@ -105,6 +106,13 @@ int ZmqBridge::open_socket(const SocketSpec& spec) {
 void ZmqBridge::route(int socket, caf::actor target) {
   std::lock_guard<std::mutex> lk(mu_);
   routes_.at(socket) = std::move(target);
+  handlers_.at(socket) = nullptr;
+}
+
+void ZmqBridge::route(int socket, RecvHandler handler) {
+  std::lock_guard<std::mutex> lk(mu_);
+  handlers_.at(socket) = handler ? std::make_shared<const RecvHandler>(std::move(handler)) : nullptr;
+  routes_.at(socket) = nullptr;
 }
 
 void ZmqBridge::watch(int socket, caf::actor target) {
@@ -254,11 +262,21 @@ void ZmqBridge::run() {
         }
         ++stats_.received;
         caf::actor target;
+        std::shared_ptr<const RecvHandler> handler;
         {
           std::lock_guard<std::mutex> lk(mu_);
           target = routes_[i];
+          handler = handlers_[i];
         }
-        if (target) caf::anon_send(target, zmq_recv_atom::value, int(i), std::move(frames));
+        if (handler) {
+          try {
+            (*handler)(int(i), std::move(frames));
+          } catch (const std::exception& e) {
+            spdlog::error("zmq bridge: socket {}: its handler failed, message dropped: {}", name_of(int(i)), e.what());
+          }
+        } else if (target) {
+          caf::anon_send(target, zmq_recv_atom::value, int(i), std::move(frames));
+        }
       }
     }
   }

@@ -4,7 +4,9 @@
 // the bridge through a CAF actor_companion: messages sent to bridge.actor() are queued and
 // an eventfd wakes the I/O thread, which runs the companion's behaviour there, so sends
 // happen on the owning thread. Inbound multipart messages are delivered to the socket's
-// route target as (zmq_recv_atom, socket index, FramesPtr).
+// route target as (zmq_recv_atom, socket index, FramesPtr), or handed to the socket's handler on
+// the I/O thread itself (route with a RecvHandler: one thread hand-off fewer, for a handler that
+// only wakes whoever waits for the message).
 //
 // Failure detection: a socket can carry ZeroMQ heartbeats (ZMQ_HEARTBEAT_IVL / _TIMEOUT / _TTL:
 // a peer that stops answering pings is disconnected, a partition included) and be watched by a
@@ -14,6 +16,7 @@
 #include <atomic>
 #include <chrono>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -64,6 +67,10 @@ struct SocketSpec {
   bool monitor = false;        // connection events go to the watcher (see watch())
 };
 
+// Called on the bridge's I/O thread with each inbound message of a socket. It must not block (every
+// socket of the process waits while it runs); what it throws is logged and the message dropped.
+using RecvHandler = std::function<void(int socket, FramesPtr frames)>;
+
 struct BridgeStats {
   std::atomic<uint64_t> sent{0}, received{0}, send_dropped{0}, disconnects{0};
 };
@@ -81,6 +88,8 @@ class ZmqBridge {
   int add(const SocketSpec& spec);
   // Inbound messages of `socket` go to `target` (may be set again later).
   void route(int socket, caf::actor target);
+  // Inbound messages of `socket` are handed to `handler` on the I/O thread (replaces an actor route).
+  void route(int socket, RecvHandler handler);
   // Connection events of `socket` (opened with monitor = true) go to `target` as
   // (zmq_event_atom, int socket, PeerEvent). Events before a watcher is set are dropped.
   void watch(int socket, caf::actor target);
@@ -110,6 +119,7 @@ class ZmqBridge {
   void read_monitor(int socket);
   std::vector<SocketSpec> specs_;     // endpoint resolved at open; guarded by mu_
   std::vector<caf::actor> routes_;    // guarded by mu_
+  std::vector<std::shared_ptr<const RecvHandler>> handlers_;  // guarded by mu_; set: used instead of routes_
   std::vector<caf::actor> watchers_;  // guarded by mu_
   mutable std::mutex mu_;
   bool items_dirty_ = true;

@@ -288,8 +288,7 @@ int main(int argc, char** argv) {
     caf::actor client = spawn_control_client(rt.system(), bridge, co, cb);
     link->attach(client);
     bridge.start();
-    caf::actor server = spawn_step_server(rt.system(), bridge, step_sock, worker, pool, stats, metrics);
-    rt.stop_on_shutdown(server);
+    serve_steps(bridge, step_sock, worker, pool, stats, metrics);
     rt.stop_on_shutdown(client);
     rt.admin().set_readiness([covered]() -> Readiness {
       return covered->load() ? Readiness{true, ""}
@@ -299,13 +298,10 @@ int main(int argc, char** argv) {
     rt.wait_for_shutdown();
     spdlog::info("attention: shutting down");
     rt.shutdown();
-    {
-      // Once the step server is gone, nothing else submits; finishing the step in flight here
-      // (not on an actor thread) leaves the actor threads free to deliver its expert replies.
-      caf::scoped_actor self{rt.system()};
-      self->wait_for(server);
-    }
-    pool.reset();  // finishes the step in flight
+    // No new steps; the step in flight finishes here, off the actor threads and the bridge's.
+    stop_serving_steps(bridge, step_sock);
+    pool->close();
+    pool.reset();
     bridge.stop();
     kv.reset();
   } catch (const std::exception& e) {

@@ -10,6 +10,7 @@
 #include <mutex>
 #include <span>
 #include <random>
+#include <thread>
 
 #include "actors/expert_batcher.h"
 #include "actors/expert_compute.h"
@@ -318,4 +319,25 @@ TEST_F(BatchedCompute, ExpertsComputeOnTheHostsBackend) {
     EXPECT_EQ(backend->grouped_calls.load(), concurrency == 1 ? 1 : 2) << "concurrency " << concurrency;
     EXPECT_EQ(&reference.backend(), cpu_backend().get());
   }
+}
+
+// close() finishes what was queued before it (the step in flight at shutdown) and refuses what
+// comes after; closing again, or destroying the closed pool, is harmless.
+TEST(ComputePoolClose, RunsWhatIsQueuedThenRefuses) {
+  ComputePool pool(1);
+  std::promise<void> release;
+  std::shared_future<void> go = release.get_future().share();
+  std::atomic<int> ran{0};
+  ASSERT_TRUE(pool.submit([go, &ran] {
+    go.wait();  // holds the one thread, so the next tasks queue behind it
+    ++ran;
+  }));
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(pool.submit([&ran] { ++ran; }));
+  std::thread closer([&pool] { pool.close(); });
+  release.set_value();
+  closer.join();
+  EXPECT_EQ(ran.load(), 4);
+  EXPECT_FALSE(pool.submit([&ran] { ++ran; }));
+  pool.close();
+  EXPECT_EQ(ran.load(), 4);
 }
