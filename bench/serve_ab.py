@@ -6,8 +6,11 @@ Prints the medians over rounds and B/A.
   bench/serve_ab.py --a OLD/moemesh --b build/services/cli/moemesh --model /tmp/tiny
   bench/serve_ab.py --a build/services/cli/moemesh --b-flags=--no-kvstore --model /tmp/tiny
 
-Both clusters are up for the whole run; the one not loaded sits idle. Every run has prompts of
-its own (a seed per round and traffic), so none comes from a prefix cache an earlier run filled.
+Both clusters are up for the whole run; the one not loaded sits idle. With --fresh, one cluster
+is up at a time instead: each round starts A, warms it up, runs every traffic, stops it, then the
+same with B (nothing idle beside the one measured, and each round a fresh cluster). Every run has
+prompts of its own (a seed per round and traffic), so none comes from a prefix cache an earlier run
+filled.
 """
 import argparse, json, os, shlex, signal, subprocess, sys, tempfile
 
@@ -37,35 +40,63 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--port", type=int, default=18300)
+    ap.add_argument("--fresh", action="store_true", help="one cluster up at a time, started afresh each round")
     a = ap.parse_args()
     sides = {"A": (a.a, a.a_flags), "B": (a.b or a.a, a.b_flags)}
     tmp = tempfile.mkdtemp(prefix="serve-ab-")
     procs, urls = {}, {}
-    try:
-        for i, (name, (binary, flags)) in enumerate(sides.items()):
-            port = a.port + 100 * i
+    traffic = a.traffic.split(",")
+    got = {(name, t): [] for name in sides for t in traffic}
+
+    def up(names):
+        for name in names:
+            binary, flags = sides[name]
+            port = a.port + 100 * list(sides).index(name)
             procs[name] = start(binary, a.model, port, shlex.split(a.up_flags) + shlex.split(flags), a.cores)
             urls[name] = f"http://127.0.0.1:{port}"
-        for name in sides:
+        for name in names:
             wait_ready(urls[name], procs[name])
-        traffic = a.traffic.split(",")
-        got = {(name, t): [] for name in sides for t in traffic}
+
+    def down():
+        for p in procs.values():
+            os.killpg(p.pid, signal.SIGINT)
+        for p in procs.values():
+            p.wait(timeout=60)
+        procs.clear()
+
+    def run(name, r, i, t):
+        # A seed per round and traffic: fresh prompts every run, none restored from a prefix
+        # cache an earlier run filled (both sides get the same ones).
+        seed = r * len(traffic) + i
+        kind, value = t.split(":")
+        load = ["--concurrency", value] if kind == "closed" else ["--rate", value]
+        requests = max(a.requests, 4 * int(value)) if kind == "closed" else a.requests
+        out = os.path.join(tmp, f"{name}-{t.replace(':', '')}-{r}.json")
+        subprocess.run([sides[name][0], "bench", "--url", urls[name], "--requests", str(requests), "--seed", str(seed),
+                        "--prompt-len", a.prompt_len, "--output-len", a.output_len, "--json", out] + load, check=True,
+                       stdout=subprocess.DEVNULL)
+        got[(name, t)].append(bench_metrics(out))
+
+    try:
+        if not a.fresh:
+            up(list(sides))
         for r in range(a.rounds):
-            for i, t in enumerate(traffic):
-                # A seed per round and traffic: fresh prompts every run, none restored from a
-                # prefix cache an earlier run filled (both sides get the same ones).
-                seed = r * len(traffic) + i
-                kind, value = t.split(":")
-                load = ["--concurrency", value] if kind == "closed" else ["--rate", value]
-                requests = max(a.requests, 4 * int(value)) if kind == "closed" else a.requests
-                for name, (binary, _) in sides.items():
-                    out = os.path.join(tmp, f"{name}-{t.replace(':', '')}-{r}.json")
-                    subprocess.run([binary, "bench", "--url", urls[name], "--requests", str(requests), "--seed",
-                                    str(seed), "--prompt-len", a.prompt_len, "--output-len", a.output_len, "--json", out]
-                                   + load, check=True, stdout=subprocess.DEVNULL)
-                    got[(name, t)].append(bench_metrics(out))
+            if a.fresh:
+                for name in sides:
+                    up([name])
+                    # A fresh cluster's first requests pay for its warm-up: not measured.
+                    subprocess.run([sides[name][0], "bench", "--url", urls[name], "--requests", "16", "--seed",
+                                    "999", "--output-len", "8", "--concurrency", "1"], check=True, stdout=subprocess.DEVNULL)
+                    for i, t in enumerate(traffic):
+                        run(name, r, i, t)
+                    down()
+            else:
+                for i, t in enumerate(traffic):
+                    for name in sides:
+                        run(name, r, i, t)
             print(f"round {r + 1}/{a.rounds} done", file=sys.stderr)
-        print(f"medians of {a.rounds} rounds; A = {a.a} {a.a_flags}, B = {a.b or a.a} {a.b_flags}")
+        how = "one cluster up at a time, fresh each round" if a.fresh else "both clusters up throughout"
+        print(f"medians of {a.rounds} rounds ({how}); A = {a.a} {a.a_flags}, B = {a.b or a.a} {a.b_flags}")
         print("| traffic | " + " | ".join(f"{k} A | B | B/A" for k in KEYS) + " |")
         print("| --- |" + " ---: |" * (3 * len(KEYS)))
         for t in traffic:
@@ -75,10 +106,7 @@ def main():
                 cells += [f"{va:.2f}", f"{vb:.2f}", f"{vb / va:.2f}"]
             print(f"| {t} | " + " | ".join(cells) + " |")
     finally:
-        for p in procs.values():
-            os.killpg(p.pid, signal.SIGINT)
-        for p in procs.values():
-            p.wait(timeout=60)
+        down()
     return 0
 
 
