@@ -149,7 +149,7 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
     if (j.contains("router")) {
       p.router_per_token_s = j["router"].value("per_token_s", 0.0);
       p.router_per_request_s = j["router"].value("per_request_s", 0.0);
-      p.router_request_cpu_share = std::clamp(j["router"].value("request_cpu_share", 0.0), 0.0, 1.0);
+      p.router_request_cpu_share = std::max(0.0, j["router"].value("request_cpu_share", 0.0));
     }
     if (j.contains("idle_wake")) {
       p.idle_wake_s = j["idle_wake"].value("seconds", 0.0);
@@ -176,6 +176,7 @@ CostProfile CostProfile::from_json(const nlohmann::json& j) {
     p.shared_node_compute = j.value("shared_node_compute", false);
     p.node_cores = j.value("node_cores", 1);
     if (p.node_cores < 1) throw Error("profile: node_cores must be at least 1");
+    p.router_request_cpu_share = std::min(p.router_request_cpu_share, double(p.node_cores));
     p.activation_bytes = j.value("activation_bytes", int64_t(4));
     p.kv_bytes_per_token = j.value("kv_bytes_per_token", int64_t(0));
     p.kv_tokens_per_worker = j.value("kv_tokens_per_worker", int64_t(16384));

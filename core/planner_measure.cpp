@@ -390,8 +390,10 @@ std::vector<CalibrationPoint> calibrate_cluster(CostProfile& p, const Deployment
           std::max(0.0, per_prompt_row + damp * prompt_gap / (layers * double(long_prompt.prompt - one.prompt)));
     // Under load a request's first token comes later than its share of the router's front
     // explains: that much of its work waits behind the cores' other work (about a step's worth).
+    // Up to one request's latency on every core: several threads work on a request at once (the
+    // router's HTTP thread and actors, the benchmark client), so its CPU can exceed its latency.
     cpu_share = std::clamp(
-        cpu_share + damp * share_gain(loaded.ttft_p50_s - c.ttft.p50) / std::max(1e-6, loaded.itl_p50_s), 0.0, 1.0);
+        cpu_share + damp * share_gain(loaded.ttft_p50_s - c.ttft.p50) / std::max(1e-6, loaded.itl_p50_s), 0.0, cores);
     // Requests that find the cluster idle: what their first token takes beyond a busy cluster's.
     if (idle) wake = std::max(0.0, wake + damp * wake_gain(idle->ttft_p50_s - e.ttft.p50));
     // Their inter-token gaps: how long the wake-up lasts (a gap in units of the wake-up cost).

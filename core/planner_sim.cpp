@@ -415,9 +415,13 @@ class Simulator {
     // gaps of running streams in which a request arrived are 0.3-0.4 ms longer than the others,
     // docs/performance.md "Request by request"), where booked whole on a free core it did not.
     if (p_.router_per_request_s > 0) {
+      // More CPU than latency (a share above 1) is work of several threads at once: it starts on
+      // arrival, and on idle cores still ends within the latency (the share is at most the cores).
       const double cpu = shared() ? p_.router_per_request_s * p_.router_request_cpu_share : 0.0;
-      double at = now_ + p_.router_per_request_s - cpu;
-      if (cpu > 0) at = std::max(at + cpu, node_servers_[0].reserve_each(at, cpu, now_));  // one thread's work
+      double at = now_ + p_.router_per_request_s;
+      if (cpu > 0)
+        at =
+            std::max(at, node_servers_[0].reserve_each(now_ + std::max(0.0, p_.router_per_request_s - cpu), cpu, now_));
       push(at, kAdmit, id);
       return;
     }

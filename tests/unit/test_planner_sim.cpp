@@ -362,6 +362,26 @@ TEST(PlannerSim, ARequestsCpuOnSharedCoresSlowsTheStepsBesideIt) {
     return 0.0;
   };
   EXPECT_NEAR(stream_end(1) - stream_end(0), 20e-3 / 2, 2e-3);
+  // A share above 1: threads working on the request at once, the whole latency on each core.
+  EXPECT_NEAR(stream_end(2) - stream_end(0), 20e-3, 3e-3);
+}
+
+TEST(PlannerSim, ARequestsCpuBeyondItsLatencyKeepsItsLatencyOnIdleCores) {
+  // Twice its latency of CPU on two idle cores (several threads at once) still admits the request
+  // after its latency, not later: the first token comes as with no CPU at all.
+  CostProfile p = shared_cores_profile();
+  p.router_per_request_s = 5e-3;
+  Deployment d;
+  TrafficSpec t;
+  t.kind = TrafficSpec::Kind::trace;
+  t.trace = {{.arrival_s = 0, .prompt = 8, .output = 2}};
+  t.requests = 1;
+  auto ttft = [&](double cpu_share) {
+    p.router_request_cpu_share = cpu_share;
+    return simulate(p, d, t, ExpertLoad::uniform(8)).ttft.p50;
+  };
+  EXPECT_NEAR(ttft(2), ttft(0), 1e-6);
+  EXPECT_GT(ttft(0), 5e-3);
 }
 
 TEST(PlannerSim, RequestTracesHoldWhatTheSummariesAreMadeOf) {
@@ -482,6 +502,24 @@ TEST(PlannerCalibration, ConvergesWhereTheLoadedFirstTokenMovesManyStepsPerUnitO
   EXPECT_NEAR(back[2].ttft_p50_s, loaded.ttft_p50_s, 0.05 * loaded.ttft_p50_s);
   EXPECT_NEAR(back[2].itl_p50_s, loaded.itl_p50_s, 0.05 * loaded.itl_p50_s);
   EXPECT_NEAR(fitted.router_request_cpu_share, truth.router_request_cpu_share, 0.15);
+}
+
+TEST(PlannerCalibration, FitsARequestCpuShareAboveOneUpToTheCores) {
+  // A request's CPU beyond its latency (the router's threads and the client at once): the loaded
+  // run's first tokens ask for a share above 1, and the fit may give it, up to the node's cores.
+  CostProfile truth = shared_cores_profile();
+  truth.attn_per_prefill_row_s = 0;
+  truth.router_per_request_s = 4e-3;
+  truth.router_request_cpu_share = 1.6;
+  truth.router_per_token_s = 4e-4;
+  Deployment d;
+  d.micro_batches = 1;
+  const auto [one, long_prompt, loaded] = three_runs(truth, d);
+  CostProfile fitted = shared_cores_profile();
+  const auto back = calibrate_cluster(fitted, d, one, long_prompt, loaded, nullptr);
+  EXPECT_NEAR(back[2].ttft_p50_s, loaded.ttft_p50_s, 0.05 * loaded.ttft_p50_s);
+  EXPECT_GT(fitted.router_request_cpu_share, 1.0);
+  EXPECT_LE(fitted.router_request_cpu_share, double(fitted.node_cores));
 }
 
 TEST(PlannerCalibration, AnEngineTimedWhileTheMachineWasSlowIsScaledDownByTheLoadedRun) {
