@@ -484,42 +484,46 @@ TEST(PlannerCalibration, RecoversTheClusterOverheadsThatPredictOtherTraffic) {
   EXPECT_NEAR(got.ttft.p50, want.ttft.p50, 0.1 * want.ttft.p50);
 }
 
+// A 1/1/1/1 cluster on two shared cores with per-request work, its CPU share and CPU per token,
+// fitted back from its three calibration runs.
+struct ShareFit {
+  CalibrationPoint loaded;
+  std::vector<CalibrationPoint> back;  // the fitted profile's own calibration points
+  CostProfile fitted = shared_cores_profile();
+};
+ShareFit fit_request_share(double per_request_s, double cpu_share) {
+  CostProfile truth = shared_cores_profile();
+  truth.attn_per_prefill_row_s = 0;
+  truth.router_per_request_s = per_request_s;
+  truth.router_request_cpu_share = cpu_share;
+  truth.router_per_token_s = 4e-4;
+  Deployment d;
+  d.micro_batches = 1;
+  const auto [one, long_prompt, loaded] = three_runs(truth, d);
+  ShareFit f;
+  f.loaded = loaded;
+  f.back = calibrate_cluster(f.fitted, d, one, long_prompt, loaded, nullptr);
+  return f;
+}
+
 TEST(PlannerCalibration, ConvergesWhereTheLoadedFirstTokenMovesManyStepsPerUnitOfItsParameter) {
   // Per-request work of several steps, under a deep closed loop: the loaded TTFT grows by many
   // steps per unit of the CPU share, where its fitting step assumes one. Measured on this machine
   // (a 1/1/1/1 cluster, 2026-12-06), that swung the share between 0 and 1 and left the loaded TTFT
   // fitted at 17 ms against 37.5 measured.
-  CostProfile truth = shared_cores_profile();
-  truth.attn_per_prefill_row_s = 0;
-  truth.router_per_request_s = 12e-3;
-  truth.router_request_cpu_share = 0.45;
-  truth.router_per_token_s = 4e-4;
-  Deployment d;
-  d.micro_batches = 1;
-  const auto [one, long_prompt, loaded] = three_runs(truth, d);
-  CostProfile fitted = shared_cores_profile();
-  const auto back = calibrate_cluster(fitted, d, one, long_prompt, loaded, nullptr);
-  EXPECT_NEAR(back[2].ttft_p50_s, loaded.ttft_p50_s, 0.05 * loaded.ttft_p50_s);
-  EXPECT_NEAR(back[2].itl_p50_s, loaded.itl_p50_s, 0.05 * loaded.itl_p50_s);
-  EXPECT_NEAR(fitted.router_request_cpu_share, truth.router_request_cpu_share, 0.15);
+  const ShareFit f = fit_request_share(12e-3, 0.45);
+  EXPECT_NEAR(f.back[2].ttft_p50_s, f.loaded.ttft_p50_s, 0.05 * f.loaded.ttft_p50_s);
+  EXPECT_NEAR(f.back[2].itl_p50_s, f.loaded.itl_p50_s, 0.05 * f.loaded.itl_p50_s);
+  EXPECT_NEAR(f.fitted.router_request_cpu_share, 0.45, 0.15);
 }
 
 TEST(PlannerCalibration, FitsARequestCpuShareAboveOneUpToTheCores) {
   // A request's CPU beyond its latency (the router's threads and the client at once): the loaded
   // run's first tokens ask for a share above 1, and the fit may give it, up to the node's cores.
-  CostProfile truth = shared_cores_profile();
-  truth.attn_per_prefill_row_s = 0;
-  truth.router_per_request_s = 4e-3;
-  truth.router_request_cpu_share = 1.6;
-  truth.router_per_token_s = 4e-4;
-  Deployment d;
-  d.micro_batches = 1;
-  const auto [one, long_prompt, loaded] = three_runs(truth, d);
-  CostProfile fitted = shared_cores_profile();
-  const auto back = calibrate_cluster(fitted, d, one, long_prompt, loaded, nullptr);
-  EXPECT_NEAR(back[2].ttft_p50_s, loaded.ttft_p50_s, 0.05 * loaded.ttft_p50_s);
-  EXPECT_GT(fitted.router_request_cpu_share, 1.0);
-  EXPECT_LE(fitted.router_request_cpu_share, double(fitted.node_cores));
+  const ShareFit f = fit_request_share(4e-3, 1.6);
+  EXPECT_NEAR(f.back[2].ttft_p50_s, f.loaded.ttft_p50_s, 0.05 * f.loaded.ttft_p50_s);
+  EXPECT_GT(f.fitted.router_request_cpu_share, 1.0);
+  EXPECT_LE(f.fitted.router_request_cpu_share, double(f.fitted.node_cores));
 }
 
 TEST(PlannerCalibration, AnEngineTimedWhileTheMachineWasSlowIsScaledDownByTheLoadedRun) {
