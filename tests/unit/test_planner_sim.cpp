@@ -56,6 +56,15 @@ TrafficSpec fixed_traffic(const std::string& kind, int64_t prompt, int64_t outpu
   return t;
 }
 
+// Exactly these requests (arrival time, prompt and output lengths).
+TrafficSpec trace_traffic(std::vector<SimRequest> requests) {
+  TrafficSpec t;
+  t.kind = TrafficSpec::Kind::trace;
+  t.requests = int64_t(requests.size());
+  t.trace = std::move(requests);
+  return t;
+}
+
 TEST(PlannerSim, OneAtATimeQueueMatchesPollaczekKhinchine) {
   // One sequence at a time, one step per request (1 output token): an M/D/1 queue whose
   // service is the step time. Mean wait = rho * S / (2 (1 - rho)).
@@ -307,12 +316,12 @@ TEST(PlannerSim, ALookupWaitsForThePutBeingStoredNotThoseQueuedBehindIt) {
   CostProfile p = toy_profile();
   p.prefix_lookup_s = 0.2e-3;
   Deployment d;
-  TrafficSpec t;
-  t.kind = TrafficSpec::Kind::trace;
-  t.trace = {{.arrival_s = 0, .prompt = 8, .output = 4},       {.arrival_s = 1e-3, .prompt = 40, .output = 1},
-             {.arrival_s = 1e-3, .prompt = 40, .output = 1},   {.arrival_s = 1e-3, .prompt = 40, .output = 1},
-             {.arrival_s = 30e-3, .prompt = 400, .output = 1}, {.arrival_s = 2, .prompt = 40, .output = 1}};
-  t.requests = 6;
+  const TrafficSpec t = trace_traffic({{.arrival_s = 0, .prompt = 8, .output = 4},
+                                       {.arrival_s = 1e-3, .prompt = 40, .output = 1},
+                                       {.arrival_s = 1e-3, .prompt = 40, .output = 1},
+                                       {.arrival_s = 1e-3, .prompt = 40, .output = 1},
+                                       {.arrival_s = 30e-3, .prompt = 400, .output = 1},
+                                       {.arrival_s = 2, .prompt = 40, .output = 1}});
   SimOptions o;
   o.trace_requests = true;
   // First tokens in arrival order (a trace's arrivals are its start times).
@@ -347,10 +356,8 @@ TEST(PlannerSim, ARequestsCpuOnSharedCoresSlowsTheStepsBesideIt) {
   CostProfile p = shared_cores_profile();
   p.router_per_request_s = 20e-3;
   Deployment d;
-  TrafficSpec t;
-  t.kind = TrafficSpec::Kind::trace;
-  t.trace = {{.arrival_s = 0, .prompt = 8, .output = 100}, {.arrival_s = 0.2, .prompt = 8, .output = 1}};
-  t.requests = 2;
+  const TrafficSpec t =
+      trace_traffic({{.arrival_s = 0, .prompt = 8, .output = 100}, {.arrival_s = 0.2, .prompt = 8, .output = 1}});
   SimOptions o;
   o.trace_requests = true;
   auto stream_end = [&](double cpu_share) {
@@ -372,10 +379,7 @@ TEST(PlannerSim, ARequestsCpuBeyondItsLatencyKeepsItsLatencyOnIdleCores) {
   CostProfile p = shared_cores_profile();
   p.router_per_request_s = 5e-3;
   Deployment d;
-  TrafficSpec t;
-  t.kind = TrafficSpec::Kind::trace;
-  t.trace = {{.arrival_s = 0, .prompt = 8, .output = 2}};
-  t.requests = 1;
+  const TrafficSpec t = trace_traffic({{.arrival_s = 0, .prompt = 8, .output = 2}});
   auto ttft = [&](double cpu_share) {
     p.router_request_cpu_share = cpu_share;
     return simulate(p, d, t, ExpertLoad::uniform(8)).ttft.p50;
