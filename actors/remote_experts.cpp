@@ -16,9 +16,23 @@
 
 namespace moemesh::actors {
 
+// A reply whose payload is on a pair transport, handed by the bridge's handler to the receiving
+// actor with the transport it decided on (decided once, where the header arrived).
+struct PairReply {
+  FramesPtr frames;
+  std::shared_ptr<Transport> carrier;
+};
+
+}  // namespace moemesh::actors
+
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(moemesh::actors::PairReply)
+
+namespace moemesh::actors {
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using pair_reply_atom = caf::atom_constant<caf::atom("pairreply")>;
 
 // One request to one host, as seen by the waiting run().
 struct Outcome {
@@ -310,10 +324,7 @@ RemoteExpertExecutor::RemoteExpertExecutor(caf::actor_system& sys, RemoteExperts
   // Detached: receiving from a pair transport blocks until the payload is here.
   receiver_ = sys_.spawn<caf::detached>(
       [](caf::event_based_actor*, std::shared_ptr<Inflight> inflight) -> caf::behavior {
-        return {[inflight](zmq_recv_atom, int socket, FramesPtr frames) {
-                  if (frames && !frames->empty())
-                    inflight->deliver(frames, inflight->carrier_of(socket, frames->size()));
-                },
+        return {[inflight](pair_reply_atom, const PairReply& r) { inflight->deliver(r.frames, r.carrier); },
                 [inflight](zmq_event_atom, int socket, const PeerEvent& e) { inflight->on_event(socket, e); }};
       },
       inflight_);
@@ -367,7 +378,7 @@ int RemoteExpertExecutor::socket_for(const std::string& endpoint) {
     if (carrier->payload_in_frames())
       inflight->deliver(frames, std::move(carrier));
     else
-      caf::anon_send(receiver, zmq_recv_atom::value, socket, std::move(frames));
+      caf::anon_send(receiver, pair_reply_atom::value, PairReply{std::move(frames), std::move(carrier)});
   });
   bridge_.watch(s, receiver_);
   sockets_[endpoint] = s;
