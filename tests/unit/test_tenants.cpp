@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/fair_queue.h"
 #include "core/tenants.h"
+#include "tests/support/temp_dir.h"
 
 using namespace moemesh;
 using namespace std::chrono_literals;
@@ -18,8 +19,9 @@ using namespace std::chrono_literals;
 namespace {
 
 std::filesystem::path write_file(const std::string& text) {
+  static const moemesh::testing::TempDir dir("moemesh-tenants");  // removed when the test program ends
   static int n = 0;
-  auto p = std::filesystem::temp_directory_path() / ("moemesh-tenants-" + std::to_string(getpid()) + "-" + std::to_string(n++) + ".json");
+  auto p = dir / (std::to_string(n++) + ".json");
   std::ofstream(p) << text;
   return p;
 }
