@@ -608,9 +608,12 @@ class Simulator {
     for (int l = 0; l < w.lane_count; ++l) push(start, kLane, uint32_t(wi), uint32_t(l), 0);
   }
 
-  // Rows per host for a lane's `assign` (row, expert) assignments: sampled as the gate would
-  // route them when few, else their expected values.
-  void route(double assign, std::vector<std::pair<int32_t, double>>& per_host, std::vector<double>& active) {
+  // Rows per host for a lane's `assign` (row, expert) assignments of one layer: sampled as the gate
+  // would route them when few (each row's top-k distinct), else their expected values. Sampled, they go as
+  // actors/remote_experts.cpp sends them: grouped by expert (in id order), each group to the replica
+  // given the fewest rows so far in this call, ties in a rotation fixed per layer, expert and worker.
+  void route(double assign, uint32_t layer, uint32_t worker, std::vector<std::pair<int32_t, double>>& per_host,
+             std::vector<double>& active) {
     per_host.clear();
     active.clear();
     const size_t hosts = hosts_.size();
@@ -619,19 +622,31 @@ class Simulator {
       scratch_active_.assign(hosts, 0.0);
       touched_.clear();
       seen_experts_.clear();
-      for (int64_t i = 0; i < int64_t(assign); ++i) {
-        const size_t e = alias_->sample(rng_);
+      // Each row's top-k are distinct experts (drawn by load until k differ).
+      const size_t k = size_t(std::min<int64_t>(top_k_, int64_t(expert_share_.size())));
+      for (int64_t row = 0; row < int64_t(assign) / std::max<int64_t>(1, top_k_); ++row) {
+        const size_t first = seen_experts_.size();
+        for (int tries = 0; seen_experts_.size() - first < k && tries < 64; ++tries)
+          if (const size_t e = alias_->sample(rng_);
+              std::find(seen_experts_.begin() + ptrdiff_t(first), seen_experts_.end(), e) == seen_experts_.end())
+            seen_experts_.push_back(e);
+      }
+      std::sort(seen_experts_.begin(), seen_experts_.end());
+      for (size_t i = 0; i < seen_experts_.size();) {
+        const size_t e = seen_experts_[i];
+        size_t rows = 0;
+        for (; i < seen_experts_.size() && seen_experts_[i] == e; ++i) ++rows;
         const auto& hs = expert_hosts_[e];
-        // Replicas: the one given the fewest rows in this call (actors/remote_experts.cpp).
-        int32_t h = hs[0];
-        for (int32_t c : hs)
-          if (scratch_rows_[size_t(c)] < scratch_rows_[size_t(h)]) h = c;
+        const size_t n = hs.size();
+        const size_t rot = size_t((uint64_t(layer) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(e) * 0xC2B2AE3D27D4EB4Full) ^
+                                  (uint64_t(worker + 1) * 0x165667B19E3779F9ull)) %
+                           n;
+        int32_t h = hs[rot];
+        for (size_t j = 1; j < n; ++j)
+          if (const int32_t c = hs[(rot + j) % n]; scratch_rows_[size_t(c)] < scratch_rows_[size_t(h)]) h = c;
         if (scratch_rows_[size_t(h)] == 0) touched_.push_back(h);
-        scratch_rows_[size_t(h)] += 1;
-        if (std::find(seen_experts_.begin(), seen_experts_.end(), e) == seen_experts_.end()) {
-          seen_experts_.push_back(e);
-          scratch_active_[size_t(h)] += 1;
-        }
+        scratch_rows_[size_t(h)] += double(rows);
+        scratch_active_[size_t(h)] += 1;
       }
       for (int32_t h : touched_) {
         per_host.emplace_back(h, scratch_rows_[size_t(h)]);
@@ -668,7 +683,8 @@ class Simulator {
       // per token than one lane of two rows (docs/planner.md); as a per-dispatch cost on any core
       // the simulator had them 8% faster.
       const double sent = shared() ? run_on(w, a_end, p_.dispatch_overhead_s) : a_end;
-      route(l.rows * double(top_k_), per_host_, active_);
+      route(l.rows * double(top_k_), layer, wi, per_host_, active_);
+      ++dispatch_rounds_;
       for (size_t k = 0; k < per_host_.size(); ++k) {
         const auto [hi, rows] = per_host_[k];
         HostState& h = hosts_[size_t(hi)];
@@ -773,6 +789,7 @@ class Simulator {
       disp_max += moe * touch;
       disp_all += moe * touched;
       dispatches_ += moe * touched;
+      dispatch_rounds_ += moe;
       batches_ += moe * touched / mm;
       nic_work += moe * 2 * nic_serial;
     }
@@ -982,6 +999,7 @@ class Simulator {
     r.kv_used_peak = kv_peak_;
     r.expert_wait_share = lane_time_ > 0 ? expert_wait_ / lane_time_ : 0;
     r.dispatches_per_batch = batches_ > 0 ? dispatches_ / batches_ : 0;
+    r.hosts_per_dispatch = dispatch_rounds_ > 0 ? dispatches_ / dispatch_rounds_ : 0;
     r.timeline = std::move(timeline_);
     r.events = events_;
     r.layers_per_event = fast_ ? layers_ : 1;
@@ -1044,7 +1062,8 @@ class Simulator {
   std::vector<size_t> seen_experts_;
   LatencyHistogram ttft_, itl_, e2e_, queue_hist_;
   double attn_busy_ = 0, expert_busy_ = 0, max_host_busy_ = 0, nic_busy_ = 0, expert_wait_ = 0, lane_time_ = 0;
-  double rho_expert_ = 0, rho_nic_ = 0, merge_max_ = 1, merge_mean_ = 1, dispatches_ = 0, batches_ = 0;
+  double rho_expert_ = 0, rho_nic_ = 0, merge_max_ = 1, merge_mean_ = 1, dispatches_ = 0, batches_ = 0,
+         dispatch_rounds_ = 0;
   double overload_ = 1, load_t_ = 0, step_avg_ = 0, rate_host_ = 0, rate_nic_ = 0, rate_disp_max_ = 0,
          rate_disp_all_ = 0;
   std::vector<double> touched_table_;
@@ -1159,6 +1178,7 @@ nlohmann::json SimResult::to_json() const {
           {"kv_used_peak", kv_used_peak},
           {"expert_wait_share", expert_wait_share},
           {"dispatches_per_batch", dispatches_per_batch},
+          {"hosts_per_dispatch", hosts_per_dispatch},
           {"bottleneck", bottleneck},
           {"events", events},
           {"layers_per_event", layers_per_event},

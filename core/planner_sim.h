@@ -85,6 +85,7 @@ struct SimResult {
   double kv_used_peak = 0;
   double expert_wait_share = 0;     // of the lanes' time, waiting on expert dispatch
   double dispatches_per_batch = 0;  // expert hosts' merging: requests per batch computed
+  double hosts_per_dispatch = 0;    // expert hosts one lane's MoE layer sends to (messages per layer)
   std::string bottleneck;
   std::vector<TimelineSample> timeline;
   int64_t events = 0;

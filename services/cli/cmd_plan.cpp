@@ -180,7 +180,8 @@ void print_result(const SimResult& r, const CostProfile& p, const Deployment& d,
       p.shared_node_compute ? (", node cores " + std::to_string(int(100 * r.node_util)) + "%").c_str() : "",
       100 * r.kv_used_peak);
   std::cout << b;
-  std::snprintf(b, sizeof b, "expert hosts merge %.2f dispatches per batch\n", r.dispatches_per_batch);
+  std::snprintf(b, sizeof b, "a lane's MoE layer goes to %.2f expert hosts; they merge %.2f dispatches per batch\n",
+                r.hosts_per_dispatch, r.dispatches_per_batch);
   std::cout << b;
   std::cout << "bottleneck  " << r.bottleneck << "\n";
   std::snprintf(b, sizeof b, "simulator   %lld events, %s, %.2f s of wall time\n", (long long)r.events,

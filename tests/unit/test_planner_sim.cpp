@@ -109,6 +109,22 @@ TEST(PlannerSim, SkewedLoadIsWorseWithoutReplicas) {
   EXPECT_LT(b.expert_util_max, a.expert_util_max);
 }
 
+TEST(PlannerSim, ReplicasTakeEachExpertsRowsAsOneGroupToTheLeastGivenHost) {
+  // One row at a time, top-2 of 8 experts, every expert on both hosts: the two distinct experts'
+  // groups go one to each host (the second to the host given no rows yet), every layer.
+  const CostProfile p = toy_profile();
+  Deployment d;
+  d.expert_hosts = 2;
+  d.replicas = 2;
+  d.micro_batches = 1;
+  const SimResult r = simulate(p, d, fixed_traffic("closed:1", 1, 16, 8), ExpertLoad::uniform(8));
+  EXPECT_DOUBLE_EQ(r.hosts_per_dispatch, 2.0);
+  // Without replicas the two experts share a host in 3 of 7 draws (4 experts each of 8).
+  d.replicas = 1;
+  const SimResult one = simulate(p, d, fixed_traffic("closed:1", 1, 64, 32), ExpertLoad::uniform(8));
+  EXPECT_NEAR(one.hosts_per_dispatch, 2 - 3.0 / 7, 0.03);  // 1.5 if a row could draw one expert twice
+}
+
 TEST(PlannerSim, KvExhaustionPreempts) {
   const CostProfile p = toy_profile();
   Deployment d;
