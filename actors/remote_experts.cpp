@@ -472,9 +472,7 @@ void RemoteExpertExecutor::run(int64_t layer, const float* h, int64_t hidden, st
       }
       // Least rows already given to it in this call; healthy before suspect; ties rotate.
       const size_t n = cands.size();
-      const size_t rot = size_t((uint64_t(layer) * 0x9E3779B97F4A7C15ull) ^
-                                (uint64_t(g.expert) * 0xC2B2AE3D27D4EB4Full) ^ opts_.salt) %
-                         n;
+      const size_t rot = replica_rotation(layer, g.expert, opts_.salt, n);
       const PlacementHost* best = nullptr;
       std::pair<int, int64_t> best_score{0, 0};
       for (size_t j = 0; j < n; ++j) {

@@ -5,6 +5,11 @@
 
 namespace moemesh {
 
+size_t replica_rotation(int64_t layer, int32_t expert, uint64_t salt, size_t n) {
+  if (n == 0) return 0;
+  return size_t((uint64_t(layer) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(expert) * 0xC2B2AE3D27D4EB4Full) ^ salt) % n;
+}
+
 std::vector<const PlacementHost*> PlacementTable::hosts_for(int32_t layer, int32_t expert) const {
   std::vector<const PlacementHost*> out;
   for (const auto& h : hosts)

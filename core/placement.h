@@ -35,6 +35,11 @@ struct PlacementTable {
   std::vector<const PlacementHost*> hosts_for(int32_t layer, int32_t expert) const;
 };
 
+// Which of an expert's n replicas a client tries first for (layer, expert): a rotation fixed per
+// layer, expert and client (salt), so replicas given equal rows share the load instead of the
+// first always winning the tie. The attention worker and the planner's simulator both use it.
+size_t replica_rotation(int64_t layer, int32_t expert, uint64_t salt, size_t n);
+
 class PlacementPlan {
  public:
   // moe_layers: the layers that have routed experts. Throws moemesh::Error on bad sizes.

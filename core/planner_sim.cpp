@@ -608,10 +608,11 @@ class Simulator {
     for (int l = 0; l < w.lane_count; ++l) push(start, kLane, uint32_t(wi), uint32_t(l), 0);
   }
 
-  // Rows per host for a lane's `assign` (row, expert) assignments of one layer: sampled as the gate
-  // would route them when few (each row's top-k distinct), else their expected values. Sampled, they go as
-  // actors/remote_experts.cpp sends them: grouped by expert (in id order), each group to the replica
-  // given the fewest rows so far in this call, ties in a rotation fixed per layer, expert and worker.
+  // Rows per host for a lane's `assign` (row, expert) assignments of one layer: sampled as the
+  // gate would route them when few (each row's top-k distinct), else their expected values.
+  // Sampled, they go as actors/remote_experts.cpp sends them: grouped by expert (in id order),
+  // each group to the replica given the fewest rows so far in this call, ties broken by
+  // replica_rotation (a salt per worker).
   void route(double assign, uint32_t layer, uint32_t worker, std::vector<std::pair<int32_t, double>>& per_host,
              std::vector<double>& active) {
     per_host.clear();
@@ -638,9 +639,7 @@ class Simulator {
         for (; i < seen_experts_.size() && seen_experts_[i] == e; ++i) ++rows;
         const auto& hs = expert_hosts_[e];
         const size_t n = hs.size();
-        const size_t rot = size_t((uint64_t(layer) * 0x9E3779B97F4A7C15ull) ^ (uint64_t(e) * 0xC2B2AE3D27D4EB4Full) ^
-                                  (uint64_t(worker + 1) * 0x165667B19E3779F9ull)) %
-                           n;
+        const size_t rot = replica_rotation(layer, int32_t(e), uint64_t(worker + 1) * 0x165667B19E3779F9ull, n);
         int32_t h = hs[rot];
         for (size_t j = 1; j < n; ++j)
           if (const int32_t c = hs[(rot + j) % n]; scratch_rows_[size_t(c)] < scratch_rows_[size_t(h)]) h = c;

@@ -29,6 +29,21 @@ TEST(Placement, EveryExpertOnExactlyRHosts) {
   EXPECT_THROW(plan(2, 3), Error);
 }
 
+TEST(Placement, ReplicaRotationIsFixedPerKeyAndSpreadsOverTheReplicas) {
+  std::vector<int> first(3, 0);
+  for (int32_t e = 0; e < 300; ++e) {
+    const size_t r = replica_rotation(1, e, 42, 3);
+    ASSERT_LT(r, 3u);
+    EXPECT_EQ(r, replica_rotation(1, e, 42, 3));  // the same client asks the same replica first
+    ++first[r];
+  }
+  for (int n : first) EXPECT_GT(n, 60);  // each of three replicas first for a fair share
+  int moved = 0;                         // another client (salt) starts elsewhere for some keys
+  for (int32_t e = 0; e < 300; ++e) moved += replica_rotation(1, e, 42, 3) != replica_rotation(1, e, 7, 3);
+  EXPECT_GT(moved, 60);
+  EXPECT_EQ(replica_rotation(5, 9, 1, 1), 0u);
+}
+
 TEST(Placement, HostsTakeSlotsAndReplacementsInheritThem) {
   Placement pl(plan(2, 1));
   auto t0 = Placement::Clock::now();
