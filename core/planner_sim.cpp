@@ -622,21 +622,21 @@ class Simulator {
       scratch_rows_.assign(hosts, 0.0);
       scratch_active_.assign(hosts, 0.0);
       touched_.clear();
-      seen_experts_.clear();
+      drawn_experts_.clear();
       // Each row's top-k are distinct experts (drawn by load until k differ).
       const size_t k = size_t(std::min<int64_t>(top_k_, int64_t(expert_share_.size())));
       for (int64_t row = 0; row < int64_t(assign) / std::max<int64_t>(1, top_k_); ++row) {
-        const size_t first = seen_experts_.size();
-        for (int tries = 0; seen_experts_.size() - first < k && tries < 64; ++tries)
+        const size_t first = drawn_experts_.size();
+        for (int tries = 0; drawn_experts_.size() - first < k && tries < 64; ++tries)
           if (const size_t e = alias_->sample(rng_);
-              std::find(seen_experts_.begin() + ptrdiff_t(first), seen_experts_.end(), e) == seen_experts_.end())
-            seen_experts_.push_back(e);
+              std::find(drawn_experts_.begin() + ptrdiff_t(first), drawn_experts_.end(), e) == drawn_experts_.end())
+            drawn_experts_.push_back(e);
       }
-      std::sort(seen_experts_.begin(), seen_experts_.end());
-      for (size_t i = 0; i < seen_experts_.size();) {
-        const size_t e = seen_experts_[i];
+      std::sort(drawn_experts_.begin(), drawn_experts_.end());
+      for (size_t i = 0; i < drawn_experts_.size();) {
+        const size_t e = drawn_experts_[i];
         size_t rows = 0;
-        for (; i < seen_experts_.size() && seen_experts_[i] == e; ++i) ++rows;
+        for (; i < drawn_experts_.size() && drawn_experts_[i] == e; ++i) ++rows;
         const auto& hs = expert_hosts_[e];
         const size_t n = hs.size();
         const size_t rot = replica_rotation(layer, int32_t(e), uint64_t(worker + 1) * 0x165667B19E3779F9ull, n);
@@ -1058,7 +1058,7 @@ class Simulator {
   std::vector<std::pair<int32_t, double>> per_host_;
   std::vector<double> active_, scratch_rows_, scratch_active_;
   std::vector<int32_t> touched_;
-  std::vector<size_t> seen_experts_;
+  std::vector<size_t> drawn_experts_;  // route(): each row's top-k draws, then sorted by expert
   LatencyHistogram ttft_, itl_, e2e_, queue_hist_;
   double attn_busy_ = 0, expert_busy_ = 0, max_host_busy_ = 0, nic_busy_ = 0, expert_wait_ = 0, lane_time_ = 0;
   double rho_expert_ = 0, rho_nic_ = 0, merge_max_ = 1, merge_mean_ = 1, dispatches_ = 0, batches_ = 0,
