@@ -365,8 +365,10 @@ class Simulator {
   bool closed_done() const { return t_.kind != TrafficSpec::Kind::closed || !more_closed(); }
   bool shared() const { return p_.shared_node_compute; }
   // A worker's or host's operation: on its own accelerator, or on shared cores where both its
-  // process and one of the node's cores are free (a process hands its compute pool one call at a
-  // time, so a worker's two micro-batches take turns even when both cores are idle).
+  // process and one of the node's cores are free. A process runs one call at a time, so a
+  // worker's two micro-batches take turns even when both cores are idle. The engine runs them on
+  // two threads that may compute at once, but simulated so the validation matched fewer cells
+  // (docs/planner.md, "Open points"): what else their overlap costs is not modelled.
   double run(Cores& own, int node, double ready, double dur) {
     if (!shared()) return own.reserve(ready, dur, now_);
     Cores& cores = node_servers_[size_t(node)];

@@ -237,9 +237,9 @@ TEST(PlannerSim, SharedCoresServeInParallel) {
 }
 
 TEST(PlannerSim, AWorkersMicroBatchesTakeTurnsOnSharedCores) {
-  // Two idle cores, one worker with two micro-batches of one row each: the worker hands its
-  // compute pool one call at a time, so the two halves' attention runs one after the other,
-  // not on a core each.
+  // Two idle cores, one worker with two micro-batches of one row each: the simulator runs a
+  // worker's calls one at a time, so the two halves' attention runs one after the other, not on
+  // a core each (docs/planner.md, "Open points", on why).
   CostProfile p = shared_cores_profile();
   p.attn_fixed_s = 2e-3;  // per layer and call: the two halves' 2 x 2 calls dominate a step
   p.step_fixed_s = 0;
