@@ -233,17 +233,11 @@ std::string LocalCluster::summary() const {
   return s;
 }
 
-int LocalCluster::run_until_signal() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  const timespec tick{0, 100'000'000};
+int LocalCluster::run_until_signal(SignalWaiter& signals) {
   using Clock = std::chrono::steady_clock;
   constexpr auto kMaxBackoff = std::chrono::seconds(30), kHealthyRun = std::chrono::seconds(60);
   while (true) {
-    int sig = sigtimedwait(&set, nullptr, &tick);
-    if (sig == SIGINT || sig == SIGTERM) return 0;
+    if (signals.wait(std::chrono::milliseconds(100)) != 0) return 0;
     const auto now = Clock::now();
     for (auto& p : procs_) {
       if (p.pid < 0) {  // exited earlier: start it again when its backoff is over

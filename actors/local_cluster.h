@@ -17,6 +17,8 @@
 #include <sys/types.h>
 #include <vector>
 
+#include "actors/signal_waiter.h"
+
 namespace moemesh::actors {
 
 struct LocalClusterOptions {
@@ -51,9 +53,9 @@ class LocalCluster {
   // Starts every process and waits until the cluster is ready; throws moemesh::Error naming
   // the process that failed (with the tail of its log).
   void start();
-  // Blocks until SIGINT/SIGTERM (returns 0). Restarts processes that exit (with `restart`; else
-  // returns 1 when the router exits and reports the others).
-  int run_until_signal();
+  // Blocks until one of `signals`' signals (returns 0). Restarts processes that exit (with
+  // `restart`; else returns 1 when the router exits and reports the others).
+  int run_until_signal(SignalWaiter& signals);
   void stop();
 
   std::string api_url() const;

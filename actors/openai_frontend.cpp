@@ -203,7 +203,7 @@ void serve_body(const http::Request& req, json body, http::Responder res, caf::a
   const FrontendConfig& cfg = fe->cfg;
   FrontendMetrics* m = fe->metrics.get();
   std::string tenant = metrics::kDefaultTenant;
-  RequestTrace tr{trace::from_header(req.header("traceparent")), req.peer};
+  RequestTrace tr{trace::from_header(req.header("traceparent"), cfg.trace_sample_ratio), req.peer};
   if (cfg.draining->load()) {
     if (m) m->rejected.Add({{"tenant", tenant}, {"reason", "draining"}}).Increment();
     return refuse(res, ApiError(503, "server_error", "the server is shutting down; retry on another replica"), m,
@@ -363,7 +363,7 @@ void serve_body(const http::Request& req, json body, http::Responder res, caf::a
 void serve_responses(const http::Request& req, http::Responder res, caf::actor_system& sys,
                      const std::shared_ptr<const Frontend>& fe) {
   const FrontendConfig& cfg = fe->cfg;
-  RequestTrace tr{trace::from_header(req.header("traceparent")), req.peer};
+  RequestTrace tr{trace::from_header(req.header("traceparent"), cfg.trace_sample_ratio), req.peer};
   const json body = json::parse(req.body, nullptr, false);
   ResponsesTurn turn;
   try {

@@ -40,6 +40,9 @@ struct FrontendConfig {
   // POST /v1/load_lora_adapter and /v1/unload_lora_adapter change them.
   std::shared_ptr<LoraRegistry> loras;
   bool allow_runtime_lora = false;
+  // The share of requests without a traceparent header whose spans are logged (0-1); a header's
+  // own sampled flag is kept.
+  double trace_sample_ratio = 1.0;
 };
 
 void install_openai_routes(http::HttpServer& server, caf::actor_system& sys, FrontendConfig cfg);

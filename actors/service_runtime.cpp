@@ -26,42 +26,6 @@
 namespace moemesh::actors {
 namespace {
 
-sigset_t shutdown_signals() {
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGTERM);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGHUP);  // reload, when the service asked for it (on_reload)
-  return set;
-}
-
-// Threads started before main (OpenBLAS starts its pool when the library loads) do not have
-// the signals blocked; if the kernel hands SIGTERM to one of them, this handler passes it on
-// through a pipe instead of the default action killing the process.
-int g_signal_pipe[2] = {-1, -1};
-
-void forward_signal(int sig) {
-  int saved = errno;
-  unsigned char b = static_cast<unsigned char>(sig);
-  [[maybe_unused]] auto n = ::write(g_signal_pipe[1], &b, 1);
-  errno = saved;
-}
-
-void install_forwarding_handler() {
-  static bool installed = [] {
-    if (pipe2(g_signal_pipe, O_CLOEXEC | O_NONBLOCK) != 0) return false;
-    struct sigaction sa {};
-    sa.sa_handler = forward_signal;
-    sa.sa_flags = SA_RESTART;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, nullptr);
-    sigaction(SIGINT, &sa, nullptr);
-    sigaction(SIGHUP, &sa, nullptr);
-    return true;
-  }();
-  (void)installed;
-}
-
 std::string hostname() {
   char buf[256] = {};
   if (gethostname(buf, sizeof buf - 1) != 0) return "localhost";
@@ -78,16 +42,14 @@ int default_threads() {
 ServiceRuntime::ServiceRuntime(std::string service, int default_admin_port)
     : service_(std::move(service)), app_("moemesh-" + service_), registry_(std::make_shared<prometheus::Registry>()) {
   keep_freed_memory();
-  sigset_t set = shutdown_signals();
-  pthread_sigmask(SIG_BLOCK, &set, nullptr);
-  signal_fd_ = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+  // SIGTERM/SIGINT shut down, SIGHUP reloads (on_reload): blocked before any thread of ours starts.
+  signals_ = std::make_unique<SignalWaiter>(std::initializer_list<int>{SIGTERM, SIGINT, SIGHUP});
   // Started by `moemesh up` (actors/local_cluster.cpp): shut down when it dies, however it dies,
-  // rather than live on as an orphan holding its ports. SIGTERM arrives through signal_fd_.
+  // rather than live on as an orphan holding its ports. SIGTERM arrives through signals_.
   if (const char* parent = std::getenv("MOEMESH_PARENT_PID")) {
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (std::to_string(getppid()) != parent) kill(getpid(), SIGTERM);  // it died before the prctl
   }
-  install_forwarding_handler();
   signal(SIGPIPE, SIG_IGN);  // a peer that hangs up must not kill the process
 
   flags_.admin_port = default_admin_port;
@@ -115,7 +77,6 @@ ServiceRuntime::ServiceRuntime(std::string service, int default_admin_port)
 
 ServiceRuntime::~ServiceRuntime() {
   shutdown();
-  if (signal_fd_ >= 0) ::close(signal_fd_);
   // The admin server's readiness check may hold actor handles: drop them first, or a detached
   // actor they point to could never be destroyed and the actor system would wait for it forever.
   admin_.reset();
@@ -186,8 +147,6 @@ void ServiceRuntime::hold_cpu_wake_latency() {
 }
 
 int ServiceRuntime::wait_for_shutdown() {
-  // Blocked signals queue on the signalfd; ones delivered to a thread that had them unblocked
-  // arrive through the handler's pipe.
   int sig = 0;
   while (sig == 0 || sig == SIGHUP) {
     if (sig == SIGHUP) {
@@ -203,21 +162,7 @@ int ServiceRuntime::wait_for_shutdown() {
       }
       sig = 0;
     }
-    pollfd fds[2] = {{signal_fd_, POLLIN, 0}, {g_signal_pipe[0], POLLIN, 0}};
-    if (poll(fds, 2, -1) < 0) {
-      if (errno == EINTR) continue;
-      throw Error(std::string("waiting for signals failed: ") + std::strerror(errno));
-    }
-    // Non-blocking reads: a signal seen pending here may still be taken by a thread that never
-    // blocked it (OpenBLAS's pool predates main) and then arrive through the pipe instead.
-    if (fds[0].revents & POLLIN) {
-      signalfd_siginfo info{};
-      if (::read(signal_fd_, &info, sizeof info) == sizeof info) sig = int(info.ssi_signo);
-    }
-    if (sig == 0 && (fds[1].revents & POLLIN)) {
-      unsigned char b = 0;
-      if (::read(g_signal_pipe[0], &b, 1) == 1) sig = b;
-    }
+    sig = signals_->wait();
   }
   spdlog::info("{} received, shutting down", sig == SIGTERM ? "SIGTERM" : "SIGINT");
   return sig;

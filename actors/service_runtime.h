@@ -5,9 +5,8 @@
 //   - spdlog configured (stderr, level, service/instance in each line);
 //   - the caf::actor_system (caf::io is never loaded: ZeroMQ is the only wire);
 //   - the admin server (/metrics, /healthz, /readyz) on its own port;
-//   - SIGTERM/SIGINT blocked in every thread and read from a signalfd by wait_for_shutdown()
-//     (threads that predate main, like OpenBLAS's pool, get a handler that forwards them), so
-//     a main finishes its in-flight work and returns 0.
+//   - SIGTERM/SIGINT taken by wait_for_shutdown() alone (actors/signal_waiter.h), so a main
+//     finishes its in-flight work and returns 0.
 //
 //   int main(int argc, char** argv) {
 //     moemesh::actors::ServiceRuntime rt("kvstore", 9400);
@@ -29,6 +28,7 @@
 #include <prometheus/registry.h>
 
 #include "actors/admin_server.h"
+#include "actors/signal_waiter.h"
 #include "core/cpu_wake_latency.h"
 
 namespace moemesh::actors {
@@ -94,7 +94,7 @@ class ServiceRuntime {
   std::unique_ptr<CpuWakeLatencyHold> wake_latency_hold_;
   std::vector<caf::actor> owned_;
   std::function<void()> on_reload_;
-  int signal_fd_ = -1;
+  std::unique_ptr<SignalWaiter> signals_;
 
   void hold_cpu_wake_latency();
 };

@@ -211,7 +211,8 @@ pb::StepResponse StepWorker::run(const pb::StepRequest& req, std::vector<std::ve
         const int64_t context_len = int64_t(context.size());
         std::string key_ns = w.cache_salt().empty() ? opts_.model_id : opts_.model_id + '\x1f' + w.cache_salt();
         Seq s{engine_->create_sequence(), std::move(sampler), std::move(context), context_len, 0, 0, std::move(key_ns)};
-        if (auto c = trace::parse_traceparent(w.traceparent())) s.span.emplace(*c);
+        // An unsampled request stays untraced here and on the hosts and the KV store it reaches.
+        if (auto c = trace::parse_traceparent(w.traceparent()); c && c->sampled()) s.span.emplace(*c);
         if (!w.constraint().empty()) {
           s.constraint = std::make_shared<ConstrainedDecoder>(masks_for(w.constraint()), w.max_tokens());
           for (int32_t t : w.generated()) s.constraint->accept(t);

@@ -62,17 +62,19 @@ std::optional<Context> parse_traceparent(std::string_view h) {
   return c;
 }
 
-Context new_trace() {
+Context new_trace(double sample_ratio) {
   Context c;
+  // The top 53 bits as a uniform double in [0, 1): below the ratio, sampled (1 always, 0 never).
+  c.flags = double(random_u64() >> 11) * 0x1.0p-53 < sample_ratio ? 1 : 0;
   const uint64_t hi = random_u64(), lo = random_u64();
   for (int i = 0; i < 8; ++i) c.trace_id[size_t(i)] = uint8_t(hi >> (56 - 8 * i)), c.trace_id[size_t(8 + i)] = uint8_t(lo >> (56 - 8 * i));
   c.span_id = random_u64();
   return c;
 }
 
-Context from_header(std::string_view header) {
+Context from_header(std::string_view header, double sample_ratio) {
   if (auto c = parse_traceparent(header)) return *c;
-  return new_trace();
+  return new_trace(sample_ratio);
 }
 
 std::string traceparent(const Context& c) {
@@ -102,6 +104,7 @@ nlohmann::json link(const TraceRef& r) {
 void log_span(const std::string& service, const std::string& name, const Context& c,
               std::chrono::system_clock::time_point start, std::chrono::steady_clock::duration duration,
               nlohmann::json attrs) {
+  if (!c.sampled()) return;
   nlohmann::json j = {
       {"span", name},
       {"service", service},

@@ -24,16 +24,21 @@ struct Context {
   std::array<uint8_t, 16> trace_id{};  // never all zero once made
   uint64_t span_id = 0;                // this hop's span
   uint64_t parent_span_id = 0;         // the caller's span; 0 at the root
-  uint8_t flags = 1;                   // sampled
+  uint8_t flags = 1;                   // bit 0: sampled
+
+  // Spans of an unsampled trace are not logged, and the hops after the router carry no trace for
+  // it: the caller (or the router's --trace-sample-ratio) chose not to record it.
+  bool sampled() const { return flags & 1; }
 };
 
 // "00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>"; nullopt when malformed or when an id
 // is all zeros (the spec's invalid values). The result has a fresh span_id.
 std::optional<Context> parse_traceparent(std::string_view header);
-// A new root trace.
-Context new_trace();
-// From the header when valid, else a new root.
-Context from_header(std::string_view header);
+// A new root trace, sampled with probability `sample_ratio` (0-1).
+Context new_trace(double sample_ratio = 1.0);
+// From the header when valid (its sampled flag kept: the caller's decision), else a new root
+// sampled with probability `sample_ratio`.
+Context from_header(std::string_view header, double sample_ratio = 1.0);
 // The header that names this span as the parent of the next hop.
 std::string traceparent(const Context& c);
 std::string hex(const uint8_t* bytes, size_t n);
@@ -48,6 +53,7 @@ std::string peer_name(std::string_view routing_id);
 nlohmann::json link(const TraceRef& r);
 
 // Logs one span line: the context's ids, start, duration, service, plus `attrs` (an object).
+// Nothing when the context is not sampled.
 void log_span(const std::string& service, const std::string& name, const Context& c,
               std::chrono::system_clock::time_point start, std::chrono::steady_clock::duration duration,
               nlohmann::json attrs = nlohmann::json::object());

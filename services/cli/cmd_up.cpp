@@ -75,6 +75,10 @@ void add_up(CLI::App& app) {
       ->check(CLI::IsMember({"f32", "int8"}));
   up->add_option("--step-token-budget", *step_budget, "router: prefill + decode tokens per worker step")
       ->check(CLI::PositiveNumber);
+  auto trace_ratio = std::make_shared<double>(-1);
+  up->add_option("--trace-sample-ratio", *trace_ratio,
+                 "router: share of requests without a traceparent header whose spans are logged (default 1)")
+      ->check(CLI::Range(0.0, 1.0));
   auto rebalance_s = std::make_shared<double>(0);
   up->add_option("--rebalance-interval-s", *rebalance_s,
                  "router: live load-driven expert re-placement every this many seconds (0: off)")
@@ -100,8 +104,8 @@ void add_up(CLI::App& app) {
                  "hold this machine's idle CPUs to wake within this many µs while the cluster runs (Linux PM QoS; "
                  "needs root; 0: idle cores poll, the lowest latency; docs/operations.md)")
       ->check(CLI::Range(0, 100000000));
-  up->callback([opts, model, tenants, kv_cache_mb, kv_dtype, step_budget, rebalance_s, router_bias, micro_batches,
-                lora_modules, runtime_lora, wait_budget, wake_latency_us] {
+  up->callback([opts, model, tenants, kv_cache_mb, kv_dtype, step_budget, trace_ratio, rebalance_s, router_bias,
+                micro_batches, lora_modules, runtime_lora, wait_budget, wake_latency_us] {
     if (*wake_latency_us >= 0)
       opts->router_args.insert(opts->router_args.end(), {"--cpu-wake-latency-us", std::to_string(*wake_latency_us)});
     for (const std::string& spec : *lora_modules) {  // the children run elsewhere: absolute paths
@@ -120,6 +124,8 @@ void add_up(CLI::App& app) {
     if (!*wait_budget) opts->attention_args.push_back("--no-kvstore-wait-budget");
     if (*step_budget > 0)
       opts->router_args.insert(opts->router_args.end(), {"--step-token-budget", std::to_string(*step_budget)});
+    if (*trace_ratio >= 0)
+      opts->router_args.insert(opts->router_args.end(), {"--trace-sample-ratio", std::to_string(*trace_ratio)});
     if (!tenants->empty()) {
       opts->router_args.push_back("--tenants");
       opts->router_args.push_back(fs::absolute(*tenants).string());
@@ -127,16 +133,12 @@ void add_up(CLI::App& app) {
     opts->model = model->empty() ? default_model() : fs::path(*model);
     if (!fs::exists(opts->model / "config.json"))
       throw Error(opts->model.string() + ": no config.json (not a checkpoint folder)");
-    // Block the signals before starting children: run_until_signal() takes them synchronously.
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    // Taken before starting children: run_until_signal() waits for them.
+    actors::SignalWaiter signals({SIGINT, SIGTERM});
     actors::LocalCluster cluster(*opts);
     cluster.start();
     std::cout << cluster.summary() << std::flush;
-    const int rc = cluster.run_until_signal();
+    const int rc = cluster.run_until_signal(signals);
     std::cout << "moemesh up: stopping the cluster" << std::endl;
     cluster.stop();
     if (rc != 0) throw Error("the router exited; cluster stopped");

@@ -31,6 +31,7 @@ int main(int argc, char** argv) {
   std::string tenants_file, responses_dir;
   int64_t responses_ttl_s = 30 * 24 * 3600;
   int keep_turns = 5;
+  double trace_sample_ratio = 1.0;
   auto& cli = rt.cli();
   cli.add_option("--model", model_dir, "checkpoint folder (config.json, tokenizer)")->required();
   cli.add_option("--served-model-name", served_name, "model name in the API (default: the folder's name)");
@@ -75,6 +76,11 @@ int main(int argc, char** argv) {
   cli.add_option("--responses-ttl-s", responses_ttl_s, "how long a stored response lives")->check(CLI::PositiveNumber);
   cli.add_option("--keep-turns", keep_turns, "turns of a conversation the model is given (0: all)")
       ->check(CLI::NonNegativeNumber);
+  cli.add_option("--trace-sample-ratio", trace_sample_ratio,
+                 "share of requests without a traceparent header whose spans every hop logs (a header's sampled "
+                 "flag is kept)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
   cli.add_option("--drain-timeout-s", drain_timeout_s, "on SIGTERM, how long requests in flight may finish");
   cli.add_option("--load-window-s", load_window_s,
                  "window of the measured expert load (imbalance gauge, placement by load)")
@@ -182,6 +188,7 @@ int main(int argc, char** argv) {
     }
     fc.loras = std::make_shared<LoraRegistry>(mc);
     fc.allow_runtime_lora = allow_runtime_lora;
+    fc.trace_sample_ratio = trace_sample_ratio;
     for (const std::string& spec : lora_modules) {
       const auto [name, path] = parse_lora_module(spec);
       const LoraRef ref = fc.loras->add(name, path, served_name);

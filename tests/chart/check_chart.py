@@ -65,6 +65,7 @@ BAD_VALUES = {
     "bad-quantity.yaml": "/kvstore/resources/limits/memory",
     "bad-experts.yaml": "/expert/pools/0/experts",
     "bad-disk-budget.yaml": "/kvstore/persistence/budgetBytes",
+    "bad-trace-ratio.yaml": "/router/traceSampleRatio",
 }
 
 # --set values that the templates themselves must refuse, with a part of the message.
@@ -279,6 +280,7 @@ def check_router(docs, hosts, tenants):
     c = main_container(r)
     ensure(flag(c["args"], "--expert-hosts") == str(hosts), f"--expert-hosts={flag(c['args'], '--expert-hosts')}, want {hosts}")
     ensure(flag(c["args"], "--port") == "8000", "API port 8000")
+    ensure(flag(c["args"], "--trace-sample-ratio") == "1", f"--trace-sample-ratio={flag(c['args'], '--trace-sample-ratio')}")
     api = [s for s in of_kind(docs, "Service") if matches(s["spec"]["selector"], r["spec"]["template"]["metadata"]["labels"])
            and any(p["name"] == "http" for p in s["spec"]["ports"])]
     ensure(api and all(p["name"] == "http" for p in api[0]["spec"]["ports"]), "the API Service exposes only http")

@@ -628,6 +628,16 @@ def moemesh_up(args, tmp, model, attention=1, experts=2, timeout=60, extra=()):
         raise
 
 
+def wait_up_ready(up, text, timeout=90.0):
+    """Waits for `moemesh up` (a Popen whose output `text()` returns) to print that its cluster is
+    ready; fails when it exits first or takes longer than `timeout`."""
+    deadline = time.monotonic() + timeout
+    while "moemesh cluster ready" not in text():
+        check(up.poll() is None, f"moemesh up exited ({up.returncode}):\n{text()}")
+        check(time.monotonic() < deadline, f"moemesh up not ready within {timeout:.0f} s:\n{text()}")
+        time.sleep(0.1)
+
+
 def run_in_threads(fn, items, max_workers=None):
     """Calls fn(item) for each item concurrently; returns results in order; re-raises the first error."""
     results = [None] * len(items)

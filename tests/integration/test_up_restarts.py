@@ -48,11 +48,7 @@ def test(args, tmp):
         return json.loads(cli.run("status", "--router", f"tcp://127.0.0.1:{control}", "--json"))
 
     try:
-        deadline = time.monotonic() + 120
-        while "moemesh cluster ready" not in up_text():
-            H.check(up.poll() is None, f"moemesh up exited ({up.returncode}):\n{up_text()}")
-            H.check(time.monotonic() < deadline, f"moemesh up not ready within 120 s:\n{up_text()}")
-            time.sleep(0.1)
+        H.wait_up_ready(up, up_text, timeout=120)
         victim_pid = int(re.search(r"expert-0\s+pid (\d+)", up_text()).group(1))
 
         bodies = [{"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0} for p in prompts]

@@ -39,5 +39,6 @@ moemesh_cluster_test(structured_outputs_deepseek test_structured_outputs.py 600 
                      --arch deepseek --requests 40)
 moemesh_cluster_test(chaos test_chaos.py 240)
 moemesh_cluster_test(up_restarts test_up_restarts.py 180)
+moemesh_cluster_test(up_stops_on_signal test_up_stops_on_signal.py 120)
 moemesh_cluster_test(rebalance test_rebalance.py 240)
 moemesh_cluster_test(busy_fraction test_busy_fraction.py 120)

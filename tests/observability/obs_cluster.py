@@ -83,10 +83,10 @@ class Cluster:
     .services = {name: admin "host:port"}; each process logs to .log_path(name).
 
     model: a checkpoint folder (default: a tiny f32 Mixtral written into tmp); tenants: a router
-    --tenants file; expert_extra: flags for every expert host."""
+    --tenants file; expert_extra: flags for every expert host; router_extra: flags for the router."""
 
     def __init__(self, cli, tmp, attention=1, experts=2, replicas=1, model=None, tenants=None, expert_extra=(),
-                 tag="obs", timeout=60.0):
+                 router_extra=(), tag="obs", timeout=60.0):
         self.cli, self.tmp = cli, tmp
         self.model = model or os.path.join(tmp, "tiny")
         env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
@@ -96,7 +96,7 @@ class Cluster:
         args = types.SimpleNamespace(cli=cli, **service_binaries(cli))
         self.h = H.Cluster(args, tmp, self.model, tag=tag)
         try:
-            self.h.start_router(experts, replicas, ("--tenants", tenants) if tenants else ())
+            self.h.start_router(experts, replicas, (("--tenants", tenants) if tenants else ()) + tuple(router_extra))
             kv = self.h.start_kvstore()
             for _ in range(experts):
                 self.h.start_expert(expert_extra)

@@ -49,6 +49,35 @@ TEST(TraceParent, AMissingOrBadHeaderStartsANewRootTrace) {
   EXPECT_TRUE(trace::parse_traceparent(trace::traceparent(a)));
 }
 
+TEST(TraceParent, AHeadersSampledFlagIsKeptAndNewRootsAreSampledAtTheRatio) {
+  EXPECT_TRUE(trace::from_header("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", 0.0).sampled());
+  const auto unsampled = trace::from_header("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", 1.0);
+  EXPECT_FALSE(unsampled.sampled());
+  EXPECT_EQ(trace::traceparent(unsampled).substr(52), "-00");  // the next hop is told too
+  int sampled_all = 0, sampled_none = 0, sampled_quarter = 0;
+  const int n = 4000;
+  for (int i = 0; i < n; ++i) {
+    sampled_all += trace::from_header("", 1.0).sampled();
+    sampled_none += trace::from_header("", 0.0).sampled();
+    sampled_quarter += trace::from_header("garbage", 0.25).sampled();
+  }
+  EXPECT_EQ(sampled_all, n);
+  EXPECT_EQ(sampled_none, 0);
+  EXPECT_NEAR(sampled_quarter, n / 4, 150);  // 5.5 standard deviations
+}
+
+TEST(TraceSpan, AnUnsampledSpanLogsNothing) {
+  trace::Context c = trace::new_trace(1.0);
+  const auto now = std::chrono::system_clock::now();
+  testing::internal::CaptureStderr();
+  trace::log_span("router", "completion", c, now, std::chrono::milliseconds(1));
+  EXPECT_NE(testing::internal::GetCapturedStderr().find("\"span\":\"completion\""), std::string::npos);
+  c.flags = 0;
+  testing::internal::CaptureStderr();
+  trace::log_span("router", "completion", c, now, std::chrono::milliseconds(1));
+  EXPECT_EQ(testing::internal::GetCapturedStderr(), "");
+}
+
 TEST(TraceRef, TheNextHopsSpanIsAChildOfThisOne) {
   auto c = trace::parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
   ASSERT_TRUE(c);

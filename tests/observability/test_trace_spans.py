@@ -7,6 +7,9 @@ every service's log as JSON span lines whose ids chain up:
   used) and KV store "kv_get" / "kv_put"
 
 (each child's parent_span_id is its parent's span_id), with the attributes each hop promises.
+The router runs with --trace-sample-ratio 0: a header's sampled flag still decides (the traced
+request above is followed in full), while a request sent with an unsampled traceparent and one
+without any header leave no span line in any log.
 
   test_trace_spans.py --cli build/services/cli/moemesh [--keep]
 """
@@ -19,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from obs_cluster import Cluster, http, log, run_main, span_lines  # noqa: E402
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+UNSAMPLED_ID = "5d3e1f7a9b2c4d6e8f0a1b2c3d4e5f60"
 CLIENT_SPAN = "b7ad6b7169203331"
 # 40+ tokens: two full 16-token blocks to look up in the KV store and to publish when freed.
 PROMPT = "A slow request can be followed across every process of the cluster by its trace id. " * 3
@@ -46,6 +50,14 @@ def traced(cluster, name):
 
 
 def check_trace(cluster, problems):
+    # First a request its client chose not to sample (flags 00), then the traced one.
+    # (Another prompt: the traced request's blocks must be new to the KV store, to be put.)
+    status, _, headers = http(cluster.api("/v1/completions"), {"prompt": PROMPT.upper(), "max_tokens": 6},
+                              headers={"traceparent": f"00-{UNSAMPLED_ID}-{CLIENT_SPAN}-00"}, with_headers=True)
+    tp = {k.lower(): v for k, v in headers.items()}.get("traceparent", "")
+    if status != 200 or not tp.startswith(f"00-{UNSAMPLED_ID}-") or not tp.endswith("-00"):
+        problems.append(f"the unsampled completion answered {status} with traceparent {tp!r} "
+                        "(expected its trace id, flags 00)")
     status, body, headers = http(cluster.api("/v1/completions"),
                                  {"prompt": PROMPT, "max_tokens": 6, "temperature": 0},
                                  headers={"traceparent": f"00-{TRACE_ID}-{CLIENT_SPAN}-01"}, with_headers=True)
@@ -101,6 +113,15 @@ def check_trace(cluster, problems):
             problems.append(f"kvstore-0: span {s} is not a child of the sequence span {seq['span_id']} with blocks")
     log(f"kvstore-0: {', '.join(sorted(map(str, ops)))} in the trace")
 
+    # By now the unsampled request (sent first) was served, freed and published everywhere, and the
+    # follow-up without a header was answered: at a sample ratio of 0 every span line logged is
+    # the traced request's.
+    for name in cluster.services:
+        others = [s for s in span_lines(cluster.log_path(name)) if s.get("trace_id") != TRACE_ID]
+        if others:
+            problems.append(f"{name}: logged spans of requests not sampled: {others[:2]}")
+    log("the unsampled trace and the header-less request: no span line in any log")
+
 
 def main():
     p = argparse.ArgumentParser()
@@ -109,7 +130,7 @@ def main():
     args = p.parse_args()
 
     def body(tmp, problems):
-        with Cluster(args.cli, tmp, attention=1, experts=2) as cluster:
+        with Cluster(args.cli, tmp, attention=1, experts=2, router_extra=("--trace-sample-ratio", "0")) as cluster:
             check_trace(cluster, problems)
 
     return run_main(body, "moemesh-obs-trace-", "one trace id followed through router, attention, expert hosts "
