@@ -27,7 +27,7 @@ halting (`moemesh up --cpu-wake-latency-us`, Linux PM QoS): faster, but the regi
 
   bench/planner_validate.py --moemesh build/services/cli/moemesh --model /tmp/tiny [--quick]
 """
-import argparse, json, os, random, re, signal, subprocess, sys, tempfile, time, urllib.request
+import argparse, json, os, random, re, shutil, signal, subprocess, sys, tempfile, time, urllib.request
 
 CONFIGS = [  # (attention, experts, replicas, micro_batches)
     (1, 1, 1, 2), (1, 2, 1, 2), (1, 2, 2, 2), (1, 1, 1, 1), (1, 2, 1, 1), (1, 2, 2, 1),
@@ -221,13 +221,17 @@ def main():
     rows, wake_cache = [], {}
     for (att, exp, rep, mb) in configs:
         port = a.port
+        # The cluster's logs (its span lines: hundreds of MB a configuration) are kept only when
+        # the configuration fails.
+        logs = os.path.join(tmp, f"logs-{att}-{exp}-{rep}-{mb}")
         up = subprocess.Popen([a.moemesh, "up", "--model", a.model, "--attention", str(att), "--experts", str(exp),
                                "--replicas", str(rep), "--micro-batches", str(mb), "--port", str(port), "--cores", str(a.cores),
-                               "--control-port", str(port + 10), "--admin-port", str(port + 20)] +
+                               "--control-port", str(port + 10), "--admin-port", str(port + 20), "--log-dir", logs] +
                               (["--cpu-wake-latency-us", str(a.cpu_wake_latency_us)] if a.cpu_wake_latency_us >= 0
                                else []),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
+        done = False
         try:
             wait_ready(url, up)
             prof = os.path.join(tmp, f"profile-{att}-{exp}-{rep}-{mb}.json")
@@ -291,9 +295,15 @@ def main():
                 print(json.dumps(row), flush=True)
                 if a.json:  # as it goes: a long run cut short keeps what it measured
                     json.dump(rows, open(a.json, "w"), indent=1)
+            done = True
         finally:
             os.killpg(up.pid, signal.SIGINT)
             up.wait(timeout=60)
+            if done:
+                shutil.rmtree(logs, ignore_errors=True)
+            else:
+                print(f"planner_validate: {att}/{exp}/{rep}/{mb} did not finish; its cluster's logs: {logs}",
+                      file=sys.stderr)
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)
     print_table(rows)
