@@ -1,17 +1,12 @@
 #include "actors/service_runtime.h"
 
-#include <fcntl.h>
-#include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
-#include <sys/signalfd.h>
 #include <unistd.h>
 
-#include <cerrno>
 #include <cstdlib>
 
 #include <algorithm>
-#include <cstring>
 #include <chrono>
 #include <iostream>
 #include <thread>
