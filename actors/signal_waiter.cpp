@@ -26,10 +26,11 @@ void forward_signal(int sig) {
 }  // namespace
 
 SignalWaiter::SignalWaiter(std::initializer_list<int> signals) {
-  sigemptyset(&set_);
-  for (int s : signals) sigaddset(&set_, s);
-  pthread_sigmask(SIG_BLOCK, &set_, nullptr);
-  fd_ = signalfd(-1, &set_, SFD_CLOEXEC | SFD_NONBLOCK);
+  sigset_t set;
+  sigemptyset(&set);
+  for (int s : signals) sigaddset(&set, s);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  fd_ = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
   if (fd_ < 0) throw Error(std::string("signalfd: ") + std::strerror(errno));
   if (g_pipe[0] < 0 && pipe2(g_pipe, O_CLOEXEC | O_NONBLOCK) != 0)
     throw Error(std::string("pipe for signals: ") + std::strerror(errno));

@@ -16,7 +16,7 @@ namespace moemesh::actors {
 
 class SignalWaiter {
  public:
-  // At most one waiter per process: the handler's pipe is the process's.
+  // One waiter at a time in a process: the handler's pipe is the process's.
   explicit SignalWaiter(std::initializer_list<int> signals);
   ~SignalWaiter();
   SignalWaiter(const SignalWaiter&) = delete;
@@ -27,7 +27,6 @@ class SignalWaiter {
   int wait(std::chrono::milliseconds timeout = std::chrono::milliseconds(-1));
 
  private:
-  sigset_t set_{};
   int fd_ = -1;
 };
 

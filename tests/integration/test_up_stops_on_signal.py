@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as H  # noqa: E402
 
 SYS_TGKILL = {"x86_64": 234, "aarch64": 131}
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def background_job():
@@ -45,7 +44,7 @@ def one_signal(args, tmp, model, sig):
         children = [int(p) for p in re.findall(r"pid (\d+)", text())]
         others = sorted(int(t) for t in os.listdir(f"/proc/{up.pid}/task") if int(t) != up.pid)
         H.check(others, "moemesh up has no thread besides main (OpenBLAS's pool): nothing to hand the signal to")
-        rc = _libc.syscall(SYS_TGKILL[platform.machine()], up.pid, others[0], int(sig))
+        rc = H._libc.syscall(SYS_TGKILL[platform.machine()], up.pid, others[0], int(sig))
         H.check(rc == 0, f"tgkill: errno {ctypes.get_errno()}")
         try:
             code = up.wait(30)
